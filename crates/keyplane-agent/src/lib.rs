@@ -1,0 +1,133 @@
+//! The keyplane edge agent: holds one Sync stream to `keyplaned`, journals the desired
+//! slot table locally, and reconciles each device through its driver.
+//!
+//! No database here. Tasks: [`run`] runs one task that owns the stream, the journal
+//! and the drivers; an mpsc channel carries its outbound messages (Hello, acks) into
+//! the gRPC request stream. It reconciles from the journal before connecting, so
+//! devices converge on the last known table even while `keyplaned` is unreachable.
+
+pub mod backoff;
+pub mod journal;
+mod reconcile;
+
+pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
+
+use backoff::Backoff;
+use keyplane_proto::v1 as pb;
+use keyplane_proto::v1::agent_service_client::AgentServiceClient;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+
+/// How the agent reaches keyplaned and where it keeps its state.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// keyplaned URL, e.g. `http://127.0.0.1:50051`.
+    pub server: String,
+    /// `sites/{site}`.
+    pub site: String,
+    /// Agent bearer token.
+    pub token: String,
+    /// Directory of the journal.
+    pub state_dir: PathBuf,
+    /// Re-check every device this often even without news.
+    pub reconcile_every: Duration,
+}
+
+impl AgentConfig {
+    /// A config with the default reconcile period.
+    pub fn new(
+        server: impl Into<String>,
+        site: impl Into<String>,
+        token: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
+        AgentConfig {
+            server: server.into(),
+            site: site.into(),
+            token: token.into(),
+            state_dir: state_dir.into(),
+            reconcile_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled: reconciles from the journal, then
+/// keeps a Sync stream open, reconnecting with jittered backoff when it drops.
+pub async fn run(
+    config: AgentConfig,
+    factory: Box<dyn DriverFactory>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut agent = Agent::open(&config.state_dir, factory)?;
+    agent.reconcile_all(None).await;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let mut healthy = false;
+        let result = session(&config, &mut agent, &shutdown, &mut healthy).await;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        match result {
+            Ok(()) => tracing::info!("keyplaned closed the stream; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, "sync stream failed; reconnecting"),
+        }
+        if healthy {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            // cancel-safe: a token.
+            _ = shutdown.cancelled() => return Ok(()),
+            // cancel-safe: a timer.
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One stream: Hello, then apply what the server sends until it ends.
+async fn session(
+    config: &AgentConfig,
+    agent: &mut Agent,
+    shutdown: &CancellationToken,
+    healthy: &mut bool,
+) -> anyhow::Result<()> {
+    let channel = Endpoint::from_shared(config.server.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(agent.hello(&config.site)).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {}", config.token))?,
+    );
+    let mut inbound = client.sync(request).await?.into_inner();
+    let mut tick = tokio::time::interval(config.reconcile_every);
+    tick.reset();
+    loop {
+        tokio::select! {
+            // cancel-safe: a token.
+            _ = shutdown.cancelled() => return Ok(()),
+            // cancel-safe: Streaming::message buffers partial frames internally.
+            msg = inbound.message() => match msg? {
+                Some(pb::ServerMessage { msg: Some(msg) }) => {
+                    *healthy = true;
+                    agent.apply(msg, &tx).await?;
+                }
+                Some(pb::ServerMessage { msg: None }) => tracing::warn!("empty server message ignored"),
+                None => return Ok(()),
+            },
+            // cancel-safe: interval ticks.
+            _ = tick.tick() => agent.reconcile_all(Some(&tx)).await,
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Applying the desired table to devices: journal first, then the planner's writes,
+//! one device at a time, acking each device once it holds its whole desired table.
+
+use crate::journal::{Code, DeviceJournal, Journal};
+use keyplane_core::DeviceModel;
+use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
+use keyplane_devices::{DeviceDriver, DeviceError};
+use keyplane_proto::v1 as pb;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// Opens drivers for the devices keyplaned lists.
+pub trait DriverFactory: Send + Sync {
+    /// A driver for `device` (a resource name) of `model`.
+    fn open(
+        &self,
+        device: &str,
+        model: &'static DeviceModel,
+    ) -> Result<Box<dyn DeviceDriver>, DeviceError>;
+}
+
+/// Drivers for simulated devices whose state lives in a directory.
+#[derive(Debug, Clone)]
+pub struct SimulatorFactory {
+    dir: PathBuf,
+}
+
+impl SimulatorFactory {
+    /// Simulators kept in `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SimulatorFactory { dir: dir.into() }
+    }
+}
+
+impl DriverFactory for SimulatorFactory {
+    fn open(
+        &self,
+        device: &str,
+        model: &'static DeviceModel,
+    ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+        keyplane_devices::open_driver(&self.dir, device, model)
+    }
+}
+
+/// The agent's state: journal and open drivers.
+pub struct Agent {
+    journal: Journal,
+    factory: Box<dyn DriverFactory>,
+    drivers: HashMap<String, Box<dyn DeviceDriver>>,
+}
+
+fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
+    (!slot.credential.is_empty()).then(|| Code {
+        credential: slot.credential.clone(),
+        pin: slot.pin.clone(),
+    })
+}
+
+fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
+    table
+        .iter()
+        .map(|(s, c)| (*s, DesiredCode::from(c)))
+        .collect()
+}
+
+impl Agent {
+    /// Opens the journal in `state_dir`.
+    pub fn open(state_dir: &Path, factory: Box<dyn DriverFactory>) -> anyhow::Result<Agent> {
+        Ok(Agent {
+            journal: Journal::open(state_dir)?,
+            factory,
+            drivers: HashMap::new(),
+        })
+    }
+
+    /// The journaled site revision.
+    pub fn revision(&self) -> i64 {
+        self.journal.revision
+    }
+
+    /// The Hello for `site`: journaled revision and known devices.
+    pub fn hello(&self, site: &str) -> pb::AgentMessage {
+        let inventory = self
+            .journal
+            .devices
+            .iter()
+            .filter(|(_, d)| d.present)
+            .map(|(name, d)| pb::InventoryDevice {
+                device: name.clone(),
+                kind: DeviceModel::find(&d.model)
+                    .map(|m| match m.kind {
+                        keyplane_core::DeviceKind::Panel => pb::DeviceKind::Panel,
+                        keyplane_core::DeviceKind::Lock => pb::DeviceKind::Lock,
+                        keyplane_core::DeviceKind::Door => pb::DeviceKind::Door,
+                    })
+                    .unwrap_or(pb::DeviceKind::Unspecified) as i32,
+                model: d.model.clone(),
+            })
+            .collect();
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                site: site.to_owned(),
+                applied_revision: self.journal.revision,
+                inventory,
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+        }
+    }
+
+    fn learn_devices(&mut self, devices: &[pb::SiteDevice], snapshot: bool) {
+        for d in self.journal.devices.values_mut() {
+            d.present = false;
+        }
+        for d in devices {
+            let entry = self.journal.devices.entry(d.name.clone()).or_default();
+            entry.model = d.model.clone();
+            entry.present = true;
+        }
+        for d in self.journal.devices.values_mut() {
+            if !d.present || snapshot {
+                // A snapshot replaces the whole table; a device keyplaned no longer
+                // lists keeps nothing keyplane wrote.
+                d.desired.clear();
+            }
+        }
+    }
+
+    /// Journals a server message, then reconciles every device, acking those done.
+    pub async fn apply(
+        &mut self,
+        msg: pb::server_message::Msg,
+        out: &mpsc::Sender<pb::AgentMessage>,
+    ) -> anyhow::Result<()> {
+        let (revision, slots) = match msg {
+            pb::server_message::Msg::Snapshot(s) => {
+                self.learn_devices(&s.devices, true);
+                (s.revision, s.slots)
+            }
+            pb::server_message::Msg::Changes(c) => {
+                self.learn_devices(&c.devices, false);
+                (c.revision, c.slots)
+            }
+        };
+        for slot in &slots {
+            let Ok(number) = u16::try_from(slot.slot) else {
+                tracing::warn!(device = %slot.device, slot = slot.slot, "slot number out of range ignored");
+                continue;
+            };
+            let Some(device) = self.journal.devices.get_mut(&slot.device) else {
+                tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
+                continue;
+            };
+            match code_of(slot) {
+                Some(code) => device.desired.insert(number, code),
+                None => device.desired.remove(&number),
+            };
+        }
+        self.journal.revision = revision;
+        self.journal.save()?;
+        tracing::debug!(revision, slots = slots.len(), "journaled desired changes");
+        self.reconcile_all(Some(out)).await;
+        Ok(())
+    }
+
+    /// Makes every device hold its desired table; acks devices that do (when
+    /// connected). Errors are logged and retried on the next pass.
+    pub async fn reconcile_all(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
+        let names: Vec<String> = self.journal.devices.keys().cloned().collect();
+        for name in names {
+            match self.reconcile_device(&name).await {
+                Ok(true) => {
+                    let revision = self.journal.revision;
+                    let Some(device) = self.journal.devices.get_mut(&name) else {
+                        continue;
+                    };
+                    if !device.present {
+                        self.journal.devices.remove(&name);
+                        self.drivers.remove(&name);
+                        if let Err(e) = self.journal.save() {
+                            tracing::error!(error = %e, "journal save failed");
+                        }
+                        continue;
+                    }
+                    if let Some(out) = out
+                        && device.acked < revision
+                    {
+                        let ack = pb::AgentMessage {
+                            msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
+                                device: name.clone(),
+                                revision,
+                            })),
+                        };
+                        if out.send(ack).await.is_ok() {
+                            device.acked = revision;
+                            if let Err(e) = self.journal.save() {
+                                tracing::error!(error = %e, "journal save failed");
+                            }
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(device = %name, error = %e, "device not reconciled; will retry")
+                }
+            }
+        }
+    }
+
+    /// Applies the planner's actions to one device; true when it is in sync.
+    async fn reconcile_device(&mut self, name: &str) -> anyhow::Result<bool> {
+        let Some(device) = self.journal.devices.get(name) else {
+            return Ok(true);
+        };
+        let actions = plan_device(
+            &desired_codes(&device.desired),
+            &desired_codes(&device.written),
+        );
+        if actions.is_empty() {
+            return Ok(true);
+        }
+        let model = DeviceModel::find(&device.model)
+            .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
+        if !self.drivers.contains_key(name) {
+            let driver = self.factory.open(name, model)?;
+            self.drivers.insert(name.to_owned(), driver);
+        }
+        for action in actions {
+            let driver = self
+                .drivers
+                .get_mut(name)
+                .ok_or_else(|| anyhow::anyhow!("driver for {name} vanished"))?;
+            match &action {
+                SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await?,
+                SlotAction::Clear { slot } => driver.clear_slot(*slot).await?,
+            }
+            let entry: &mut DeviceJournal = self
+                .journal
+                .devices
+                .get_mut(name)
+                .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
+            match action {
+                SlotAction::Set { slot, code } => {
+                    entry.written.insert(
+                        slot,
+                        Code {
+                            credential: code.credential,
+                            pin: code.pin,
+                        },
+                    );
+                }
+                SlotAction::Clear { slot } => {
+                    entry.written.remove(&slot);
+                }
+            }
+            // Journal each write as it lands: a restart never repeats it.
+            self.journal.save()?;
+        }
+        Ok(self
+            .journal
+            .devices
+            .get(name)
+            .is_none_or(DeviceJournal::in_sync))
+    }
+}

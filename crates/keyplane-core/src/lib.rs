@@ -1,0 +1,14 @@
+//! Domain types and rules of keyplane. Pure: no I/O, no async, no clock.
+//!
+//! Everything that decides what is allowed or what a device should hold lives here,
+//! so it can be tested with plain tables. This crate must not depend on any other
+//! keyplane crate, nor on tokio, a database or gRPC.
+
+pub mod allocation;
+pub mod model;
+pub mod names;
+pub mod pin;
+pub mod plan;
+
+pub use model::{DeviceKind, DeviceModel};
+pub use names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};

@@ -1,0 +1,239 @@
+//! Resource names (`sites/{site}/devices/{device}` …), parsed once at the edge.
+
+use std::fmt;
+use uuid::Uuid;
+
+/// Why a resource name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid resource name {name:?}: expected {expected}")]
+pub struct NameError {
+    /// The name as given (names never hold secrets).
+    pub name: String,
+    /// The pattern that was expected.
+    pub expected: &'static str,
+}
+
+fn segments<'a>(name: &'a str, pattern: &[&str]) -> Option<Vec<&'a str>> {
+    let parts: Vec<&str> = name.split('/').collect();
+    if parts.len() != pattern.len() * 2 {
+        return None;
+    }
+    let mut ids = Vec::new();
+    for (i, literal) in pattern.iter().enumerate() {
+        if parts[2 * i] != *literal || parts[2 * i + 1].is_empty() {
+            return None;
+        }
+        ids.push(parts[2 * i + 1]);
+    }
+    Some(ids)
+}
+
+fn parse_uuids<const N: usize>(
+    name: &str,
+    pattern: &[&str; N],
+    expected: &'static str,
+) -> Result<[Uuid; N], NameError> {
+    let err = || NameError {
+        name: name.to_owned(),
+        expected,
+    };
+    let ids = segments(name, pattern).ok_or_else(err)?;
+    let mut out = [Uuid::nil(); N];
+    for (slot, id) in out.iter_mut().zip(ids) {
+        *slot = Uuid::try_parse(id).map_err(|_| err())?;
+    }
+    Ok(out)
+}
+
+/// `sites/{site}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteName {
+    /// The site id.
+    pub site: Uuid,
+}
+
+impl SiteName {
+    /// Parses `sites/{uuid}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let [site] = parse_uuids(name, &["sites"], "sites/{site}")?;
+        Ok(SiteName { site })
+    }
+}
+
+impl fmt::Display for SiteName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}", self.site)
+    }
+}
+
+/// `sites/{site}/devices/{device}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceName {
+    /// The site id.
+    pub site: Uuid,
+    /// The device id.
+    pub device: Uuid,
+}
+
+impl DeviceName {
+    /// Parses `sites/{uuid}/devices/{uuid}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let [site, device] =
+            parse_uuids(name, &["sites", "devices"], "sites/{site}/devices/{device}")?;
+        Ok(DeviceName { site, device })
+    }
+}
+
+impl fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/devices/{}", self.site, self.device)
+    }
+}
+
+/// `sites/{site}/users/{user}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserName {
+    /// The site id.
+    pub site: Uuid,
+    /// The user id.
+    pub user: Uuid,
+}
+
+impl UserName {
+    /// Parses `sites/{uuid}/users/{uuid}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let [site, user] = parse_uuids(name, &["sites", "users"], "sites/{site}/users/{user}")?;
+        Ok(UserName { site, user })
+    }
+}
+
+impl fmt::Display for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/users/{}", self.site, self.user)
+    }
+}
+
+/// `sites/{site}/users/{user}/credentials/{credential}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CredentialName {
+    /// The site id.
+    pub site: Uuid,
+    /// The user id.
+    pub user: Uuid,
+    /// The credential id.
+    pub credential: Uuid,
+}
+
+impl CredentialName {
+    /// Parses `sites/{uuid}/users/{uuid}/credentials/{uuid}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let [site, user, credential] = parse_uuids(
+            name,
+            &["sites", "users", "credentials"],
+            "sites/{site}/users/{user}/credentials/{credential}",
+        )?;
+        Ok(CredentialName {
+            site,
+            user,
+            credential,
+        })
+    }
+}
+
+impl fmt::Display for CredentialName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sites/{}/users/{}/credentials/{}",
+            self.site, self.user, self.credential
+        )
+    }
+}
+
+/// `sites/{site}/partitions/{number}` with number 1..=8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionName {
+    /// The site id.
+    pub site: Uuid,
+    /// The partition number, 1..=8.
+    pub number: u8,
+}
+
+/// Highest partition number a site may have.
+pub const MAX_PARTITIONS: u8 = 8;
+
+impl PartitionName {
+    /// Parses `sites/{uuid}/partitions/{1..8}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        const EXPECTED: &str = "sites/{site}/partitions/{1..8}";
+        let err = || NameError {
+            name: name.to_owned(),
+            expected: EXPECTED,
+        };
+        let ids = segments(name, &["sites", "partitions"]).ok_or_else(err)?;
+        let site = Uuid::try_parse(ids[0]).map_err(|_| err())?;
+        let number: u8 = ids[1].parse().map_err(|_| err())?;
+        if !(1..=MAX_PARTITIONS).contains(&number) {
+            return Err(err());
+        }
+        Ok(PartitionName { site, number })
+    }
+}
+
+impl fmt::Display for PartitionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/partitions/{}", self.site, self.number)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: &str = "0b0e6c3e-8c1e-4a57-9a43-5f3f2a0c1d10";
+    const D: &str = "7f1d2c3b-4a59-4e6f-8071-92a3b4c5d6e7";
+
+    #[test]
+    fn names_round_trip() {
+        let site = format!("sites/{S}");
+        assert_eq!(SiteName::parse(&site).map(|n| n.to_string()), Ok(site));
+        let dev = format!("sites/{S}/devices/{D}");
+        assert_eq!(DeviceName::parse(&dev).map(|n| n.to_string()), Ok(dev));
+        let user = format!("sites/{S}/users/{D}");
+        assert_eq!(UserName::parse(&user).map(|n| n.to_string()), Ok(user));
+        let cred = format!("sites/{S}/users/{D}/credentials/{S}");
+        assert_eq!(
+            CredentialName::parse(&cred).map(|n| n.to_string()),
+            Ok(cred)
+        );
+        let part = format!("sites/{S}/partitions/3");
+        assert_eq!(PartitionName::parse(&part).map(|n| n.to_string()), Ok(part));
+    }
+
+    #[test]
+    fn malformed_names_are_refused() {
+        let bad_sites = [
+            String::new(),
+            "sites/".into(),
+            "sites/abc".into(),
+            format!("site/{S}"),
+            format!("sites/{S}/"),
+            format!("sites/{S}/devices/{D}"),
+        ];
+        for name in &bad_sites {
+            assert!(SiteName::parse(name).is_err(), "{name:?}");
+        }
+        let bad_devices = [
+            format!("sites/{S}/users/{D}"),
+            format!("sites/{S}/devices/"),
+            format!("sites/{S}/devices/{D}/x"),
+        ];
+        for name in &bad_devices {
+            assert!(DeviceName::parse(name).is_err(), "{name:?}");
+        }
+        for n in ["0", "9", "x", "-1", ""] {
+            let name = format!("sites/{S}/partitions/{n}");
+            assert!(PartitionName::parse(&name).is_err(), "{name:?}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The planner: what a device should hold versus what keyplane last wrote to it,
+//! turned into the writes that close the gap.
+
+use std::collections::BTreeMap;
+
+/// What keyplane wants in one slot.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DesiredCode {
+    /// The credential the slot belongs to (its resource name).
+    pub credential: String,
+    /// The code, digits only.
+    pub pin: String,
+}
+
+impl std::fmt::Debug for DesiredCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesiredCode")
+            .field("credential", &self.credential)
+            .field("pin", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One write to a device.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SlotAction {
+    /// Write `pin` into `slot`.
+    Set {
+        /// Target slot.
+        slot: u16,
+        /// What the slot should hold afterwards.
+        code: DesiredCode,
+    },
+    /// Clear `slot`, which keyplane wrote earlier.
+    Clear {
+        /// Target slot.
+        slot: u16,
+    },
+}
+
+impl std::fmt::Debug for SlotAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotAction::Set { slot, code } => write!(f, "Set(slot {slot}, {})", code.credential),
+            SlotAction::Clear { slot } => write!(f, "Clear(slot {slot})"),
+        }
+    }
+}
+
+/// Plans the writes that make a device hold `desired`, given what keyplane `written`
+/// to it before. Slots keyplane never wrote are not touched: codes programmed at the
+/// device are not ours to clear. Clears come first so a code moving between slots
+/// never collides with itself on devices that refuse duplicates.
+pub fn plan_device(
+    desired: &BTreeMap<u16, DesiredCode>,
+    written: &BTreeMap<u16, DesiredCode>,
+) -> Vec<SlotAction> {
+    let clears = written
+        .keys()
+        .filter(|slot| !desired.contains_key(slot))
+        .map(|slot| SlotAction::Clear { slot: *slot });
+    // A slot whose old code is wanted in another slot is cleared first, or the device
+    // would refuse the other slot's write as a duplicate.
+    let old_code_moves = |slot: &u16, code: &DesiredCode| {
+        written.get(slot).is_some_and(|w| {
+            w.pin != code.pin
+                && desired
+                    .iter()
+                    .any(|(other, d)| other != slot && d.pin == w.pin)
+        })
+    };
+    let clears_before_change = desired
+        .iter()
+        .filter(|(slot, code)| old_code_moves(slot, code))
+        .map(|(slot, _)| SlotAction::Clear { slot: *slot });
+    let sets = desired
+        .iter()
+        .filter(|(slot, code)| written.get(slot) != Some(code))
+        .map(|(slot, code)| SlotAction::Set {
+            slot: *slot,
+            code: code.clone(),
+        });
+    clears.chain(clears_before_change).chain(sets).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(cred: &str, pin: &str) -> DesiredCode {
+        DesiredCode {
+            credential: cred.into(),
+            pin: pin.into(),
+        }
+    }
+
+    type Table = BTreeMap<u16, DesiredCode>;
+
+    fn table(entries: &[(u16, &str, &str)]) -> Table {
+        entries.iter().map(|(s, c, p)| (*s, code(c, p))).collect()
+    }
+
+    #[test]
+    fn plan_table() {
+        let set = |slot, c: &str, p: &str| SlotAction::Set {
+            slot,
+            code: code(c, p),
+        };
+        let clear = |slot| SlotAction::Clear { slot };
+        type Case = (&'static str, Table, Table, Vec<SlotAction>);
+        let cases: Vec<Case> = vec![
+            ("nothing to do", table(&[]), table(&[]), vec![]),
+            (
+                "in sync",
+                table(&[(2, "a", "4821")]),
+                table(&[(2, "a", "4821")]),
+                vec![],
+            ),
+            (
+                "new code",
+                table(&[(2, "a", "4821")]),
+                table(&[]),
+                vec![set(2, "a", "4821")],
+            ),
+            (
+                "removed code",
+                table(&[]),
+                table(&[(2, "a", "4821")]),
+                vec![clear(2)],
+            ),
+            (
+                "changed pin is one write",
+                table(&[(2, "a", "1111")]),
+                table(&[(2, "a", "4821")]),
+                vec![set(2, "a", "1111")],
+            ),
+            (
+                "codes swapped between slots clear first",
+                table(&[(2, "a", "1111"), (3, "b", "4821")]),
+                table(&[(2, "a", "4821"), (3, "b", "1111")]),
+                vec![clear(2), clear(3), set(2, "a", "1111"), set(3, "b", "4821")],
+            ),
+            (
+                "slot handed to another credential",
+                table(&[(2, "b", "4821")]),
+                table(&[(2, "a", "4821")]),
+                vec![set(2, "b", "4821")],
+            ),
+            (
+                "code moves between slots",
+                table(&[(3, "b", "4821")]),
+                table(&[(2, "a", "4821")]),
+                vec![clear(2), set(3, "b", "4821")],
+            ),
+        ];
+        for (what, desired, written, want) in cases {
+            assert_eq!(plan_device(&desired, &written), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_pins() {
+        let action = SlotAction::Set {
+            slot: 2,
+            code: code("c", "9930"),
+        };
+        assert!(!format!("{action:?}").contains("9930"));
+        assert!(!format!("{:?}", code("c", "9930")).contains("9930"));
+    }
+}

@@ -1,0 +1,591 @@
+//! AdminService: the dealer back-office API. Each handler authenticates the dealer,
+//! converts the request into domain values (refusing bad input before touching the
+//! database), calls the store, and converts the result back.
+
+use crate::auth;
+use crate::convert::{self as cv, mask_paths, page, page_partitions, page_split};
+use crate::error::{name_status, store_status};
+use crate::hub::Hub;
+use keyplane_core::names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};
+use keyplane_proto::v1 as pb;
+use keyplane_proto::v1::admin_service_server::AdminService;
+use keyplane_store::{self as store, RequestKey, Store};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+/// The AdminService implementation.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    store: Store,
+    hub: Hub,
+}
+
+impl AdminApi {
+    /// Builds the service.
+    pub fn new(store: Store, hub: Hub) -> Self {
+        AdminApi { store, hub }
+    }
+
+    /// The idempotency key of a create request (body fingerprinted without request_id).
+    fn request_key<M: Message + Clone>(
+        &self,
+        method: &'static str,
+        request_id: &str,
+        body: &M,
+    ) -> Result<Option<RequestKey>, Status> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        if request_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "request_id must be at most 128 characters",
+            ));
+        }
+        Ok(Some(RequestKey {
+            request_id: request_id.to_owned(),
+            method,
+            fingerprint: self.store.key().fingerprint(method, &body.encode_to_vec()),
+        }))
+    }
+}
+
+fn site_name(field: &str, name: &str) -> Result<SiteName, Status> {
+    SiteName::parse(name).map_err(|e| name_status(field, e))
+}
+
+fn required<'a, T>(field: &str, value: Option<&'a T>) -> Result<&'a T, Status> {
+    value.ok_or_else(|| Status::invalid_argument(format!("{field} is required")))
+}
+
+type Res<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_site(&self, request: Request<pb::CreateSiteRequest>) -> Res<pb::Site> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let site = required("site", req.site.as_ref())?;
+        let new = store::NewSite {
+            display_name: cv::display_name("site.display_name", &site.display_name)?,
+            time_zone: cv::time_zone(&site.time_zone)?,
+            local_code_policy: cv::policy(site.local_code_policy)?,
+        };
+        let key = self.request_key("CreateSite", &req.request_id, site)?;
+        let created = self
+            .store
+            .site_create(&actor, &new, key.as_ref())
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::site_pb(&created)))
+    }
+
+    async fn get_site(&self, request: Request<pb::GetSiteRequest>) -> Res<pb::Site> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let name = site_name("name", &request.get_ref().name)?;
+        let site = self
+            .store
+            .site_get(actor.dealer, name.site)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::site_pb(&site)))
+    }
+
+    async fn list_sites(
+        &self,
+        request: Request<pb::ListSitesRequest>,
+    ) -> Res<pb::ListSitesResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let mut p = page(req.page_size, &req.page_token)?;
+        let limit = p.limit;
+        p.limit += 1;
+        let sites = self
+            .store
+            .site_list(actor.dealer, p)
+            .await
+            .map_err(store_status)?;
+        let (sites, next_page_token) = page_split(sites, limit, |s| s.id.to_string());
+        Ok(Response::new(pb::ListSitesResponse {
+            sites: sites.iter().map(cv::site_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_site(&self, request: Request<pb::UpdateSiteRequest>) -> Res<pb::Site> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let site = required("site", req.site.as_ref())?;
+        let name = site_name("site.name", &site.name)?;
+        let paths = mask_paths(
+            req.update_mask.as_ref(),
+            &["display_name", "time_zone", "local_code_policy"],
+            &[
+                ("display_name", !site.display_name.is_empty()),
+                ("time_zone", !site.time_zone.is_empty()),
+                ("local_code_policy", site.local_code_policy != 0),
+            ],
+        )?;
+        let mut patch = store::SitePatch::default();
+        for p in &paths {
+            match p.as_str() {
+                "display_name" => {
+                    patch.display_name =
+                        Some(cv::display_name("site.display_name", &site.display_name)?)
+                }
+                "time_zone" => patch.time_zone = Some(cv::time_zone(&site.time_zone)?),
+                _ => patch.local_code_policy = Some(cv::policy(site.local_code_policy)?),
+            }
+        }
+        let updated = self
+            .store
+            .site_update(&actor, name.site, &patch, &site.etag)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::site_pb(&updated)))
+    }
+
+    async fn delete_site(&self, request: Request<pb::DeleteSiteRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let name = site_name("name", &req.name)?;
+        self.store
+            .site_delete(&actor, name.site, &req.etag)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn create_partition(
+        &self,
+        request: Request<pb::CreatePartitionRequest>,
+    ) -> Res<pb::Partition> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let parent = site_name("parent", &req.parent)?;
+        let partition = required("partition", req.partition.as_ref())?;
+        let number = cv::partition("partition.number", partition.number)?;
+        let display_name = if partition.display_name.is_empty() {
+            format!("Partition {number}")
+        } else {
+            cv::display_name("partition.display_name", &partition.display_name)?
+        };
+        let key = self.request_key("CreatePartition", &req.request_id, &req)?;
+        let created = self
+            .store
+            .partition_create(&actor, parent.site, number, &display_name, key.as_ref())
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::partition_pb(&created)))
+    }
+
+    async fn get_partition(&self, request: Request<pb::GetPartitionRequest>) -> Res<pb::Partition> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let name =
+            PartitionName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
+        let p = self
+            .store
+            .partition_get(actor.dealer, name.site, name.number)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::partition_pb(&p)))
+    }
+
+    async fn list_partitions(
+        &self,
+        request: Request<pb::ListPartitionsRequest>,
+    ) -> Res<pb::ListPartitionsResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let parent = site_name("parent", &req.parent)?;
+        let (after, limit) = page_partitions(req.page_size, &req.page_token)?;
+        let items = self
+            .store
+            .partition_list(actor.dealer, parent.site, after, limit + 1)
+            .await
+            .map_err(store_status)?;
+        let (items, next_page_token) = page_split(items, limit, |p| p.number.to_string());
+        Ok(Response::new(pb::ListPartitionsResponse {
+            partitions: items.iter().map(cv::partition_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_partition(
+        &self,
+        request: Request<pb::UpdatePartitionRequest>,
+    ) -> Res<pb::Partition> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let partition = required("partition", req.partition.as_ref())?;
+        let name =
+            PartitionName::parse(&partition.name).map_err(|e| name_status("partition.name", e))?;
+        mask_paths(
+            req.update_mask.as_ref(),
+            &["display_name"],
+            &[("display_name", !partition.display_name.is_empty())],
+        )?;
+        let display_name = cv::display_name("partition.display_name", &partition.display_name)?;
+        let updated = self
+            .store
+            .partition_update(
+                &actor,
+                name.site,
+                name.number,
+                Some(&display_name),
+                &partition.etag,
+            )
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::partition_pb(&updated)))
+    }
+
+    async fn delete_partition(&self, request: Request<pb::DeletePartitionRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let name = PartitionName::parse(&req.name).map_err(|e| name_status("name", e))?;
+        self.store
+            .partition_delete(&actor, name.site, name.number, &req.etag)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn create_device(&self, request: Request<pb::CreateDeviceRequest>) -> Res<pb::Device> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let parent = site_name("parent", &req.parent)?;
+        let device = required("device", req.device.as_ref())?;
+        let new = store::NewDevice {
+            display_name: cv::display_name("device.display_name", &device.display_name)?,
+            model: cv::device_model(device.kind, &device.model)?,
+            partition: cv::partition_opt("device.partition", device.partition)?,
+            perimeter: device.perimeter,
+        };
+        let key = self.request_key("CreateDevice", &req.request_id, &req)?;
+        let created = self
+            .store
+            .device_create(&actor, parent.site, &new, key.as_ref())
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::device_pb(&created)))
+    }
+
+    async fn get_device(&self, request: Request<pb::GetDeviceRequest>) -> Res<pb::Device> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let name =
+            DeviceName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
+        let d = self
+            .store
+            .device_get(actor.dealer, name.site, name.device)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::device_pb(&d)))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<pb::ListDevicesRequest>,
+    ) -> Res<pb::ListDevicesResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let parent = site_name("parent", &req.parent)?;
+        let mut p = page(req.page_size, &req.page_token)?;
+        let limit = p.limit;
+        p.limit += 1;
+        let items = self
+            .store
+            .device_list(actor.dealer, parent.site, p)
+            .await
+            .map_err(store_status)?;
+        let (items, next_page_token) = page_split(items, limit, |d| d.id.to_string());
+        Ok(Response::new(pb::ListDevicesResponse {
+            devices: items.iter().map(cv::device_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_device(&self, request: Request<pb::UpdateDeviceRequest>) -> Res<pb::Device> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let device = required("device", req.device.as_ref())?;
+        let name = DeviceName::parse(&device.name).map_err(|e| name_status("device.name", e))?;
+        let paths = mask_paths(
+            req.update_mask.as_ref(),
+            &["display_name", "partition", "perimeter"],
+            &[
+                ("display_name", !device.display_name.is_empty()),
+                ("partition", device.partition != 0),
+                ("perimeter", device.perimeter),
+            ],
+        )?;
+        let mut patch = store::DevicePatch::default();
+        for p in &paths {
+            match p.as_str() {
+                "display_name" => {
+                    patch.display_name = Some(cv::display_name(
+                        "device.display_name",
+                        &device.display_name,
+                    )?)
+                }
+                "partition" => {
+                    patch.partition = Some(cv::partition_opt("device.partition", device.partition)?)
+                }
+                _ => patch.perimeter = Some(device.perimeter),
+            }
+        }
+        let updated = self
+            .store
+            .device_update(&actor, name.site, name.device, &patch, &device.etag)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::device_pb(&updated)))
+    }
+
+    async fn delete_device(&self, request: Request<pb::DeleteDeviceRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let name = DeviceName::parse(&req.name).map_err(|e| name_status("name", e))?;
+        self.store
+            .device_delete(&actor, name.site, name.device, &req.etag)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Res<pb::User> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let parent = site_name("parent", &req.parent)?;
+        let user = required("user", req.user.as_ref())?;
+        let display_name = cv::display_name("user.display_name", &user.display_name)?;
+        let key = self.request_key("CreateUser", &req.request_id, &req)?;
+        let created = self
+            .store
+            .user_create(&actor, parent.site, &display_name, key.as_ref())
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::user_pb(&created)))
+    }
+
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Res<pb::User> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let name = UserName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
+        let u = self
+            .store
+            .user_get(actor.dealer, name.site, name.user)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::user_pb(&u)))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Res<pb::ListUsersResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let parent = site_name("parent", &req.parent)?;
+        let mut p = page(req.page_size, &req.page_token)?;
+        let limit = p.limit;
+        p.limit += 1;
+        let items = self
+            .store
+            .user_list(actor.dealer, parent.site, p)
+            .await
+            .map_err(store_status)?;
+        let (items, next_page_token) = page_split(items, limit, |u| u.id.to_string());
+        Ok(Response::new(pb::ListUsersResponse {
+            users: items.iter().map(cv::user_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Res<pb::User> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let user = required("user", req.user.as_ref())?;
+        let name = UserName::parse(&user.name).map_err(|e| name_status("user.name", e))?;
+        mask_paths(
+            req.update_mask.as_ref(),
+            &["display_name"],
+            &[("display_name", !user.display_name.is_empty())],
+        )?;
+        let display_name = cv::display_name("user.display_name", &user.display_name)?;
+        let updated = self
+            .store
+            .user_update(
+                &actor,
+                name.site,
+                name.user,
+                Some(&display_name),
+                &user.etag,
+            )
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::user_pb(&updated)))
+    }
+
+    async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let name = UserName::parse(&req.name).map_err(|e| name_status("name", e))?;
+        self.store
+            .user_delete(&actor, name.site, name.user, &req.etag)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(name.site);
+        Ok(Response::new(()))
+    }
+
+    async fn create_credential(
+        &self,
+        request: Request<pb::CreateCredentialRequest>,
+    ) -> Res<pb::Credential> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let parent = UserName::parse(&req.parent).map_err(|e| name_status("parent", e))?;
+        let credential = required("credential", req.credential.as_ref())?;
+        let new = store::NewCredential {
+            display_name: if credential.display_name.is_empty() {
+                "PIN".to_owned()
+            } else {
+                cv::display_name("credential.display_name", &credential.display_name)?
+            },
+            pin: cv::pin("credential.pin", &credential.pin)?,
+            scope: cv::scope(parent.site, credential.scope.as_ref())?,
+        };
+        let key = self.request_key("CreateCredential", &req.request_id, &req)?;
+        let created = self
+            .store
+            .credential_create(&actor, parent.site, parent.user, &new, key.as_ref())
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(parent.site);
+        Ok(Response::new(cv::credential_pb(&created)))
+    }
+
+    async fn get_credential(
+        &self,
+        request: Request<pb::GetCredentialRequest>,
+    ) -> Res<pb::Credential> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let name =
+            CredentialName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
+        let c = self
+            .store
+            .credential_get(actor.dealer, name.site, name.user, name.credential)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::credential_pb(&c)))
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<pb::ListCredentialsRequest>,
+    ) -> Res<pb::ListCredentialsResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let parent = UserName::parse(&req.parent).map_err(|e| name_status("parent", e))?;
+        let mut p = page(req.page_size, &req.page_token)?;
+        let limit = p.limit;
+        p.limit += 1;
+        let items = self
+            .store
+            .credential_list(actor.dealer, parent.site, parent.user, p)
+            .await
+            .map_err(store_status)?;
+        let (items, next_page_token) = page_split(items, limit, |c| c.id.to_string());
+        Ok(Response::new(pb::ListCredentialsResponse {
+            credentials: items.iter().map(cv::credential_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_credential(
+        &self,
+        request: Request<pb::UpdateCredentialRequest>,
+    ) -> Res<pb::Credential> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let credential = required("credential", req.credential.as_ref())?;
+        let name = CredentialName::parse(&credential.name)
+            .map_err(|e| name_status("credential.name", e))?;
+        let paths = mask_paths(
+            req.update_mask.as_ref(),
+            &["display_name", "pin", "scope"],
+            &[
+                ("display_name", !credential.display_name.is_empty()),
+                ("pin", !credential.pin.is_empty()),
+                ("scope", credential.scope.is_some()),
+            ],
+        )?;
+        let mut patch = store::CredentialPatch::default();
+        for p in &paths {
+            match p.as_str() {
+                "display_name" => {
+                    patch.display_name = Some(cv::display_name(
+                        "credential.display_name",
+                        &credential.display_name,
+                    )?)
+                }
+                "pin" => patch.pin = Some(cv::pin("credential.pin", &credential.pin)?),
+                _ => patch.scope = Some(cv::scope(name.site, credential.scope.as_ref())?),
+            }
+        }
+        let updated = self
+            .store
+            .credential_update(
+                &actor,
+                name.site,
+                name.user,
+                name.credential,
+                &patch,
+                &credential.etag,
+            )
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(name.site);
+        Ok(Response::new(cv::credential_pb(&updated)))
+    }
+
+    async fn delete_credential(&self, request: Request<pb::DeleteCredentialRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let name = CredentialName::parse(&req.name).map_err(|e| name_status("name", e))?;
+        self.store
+            .credential_delete(&actor, name.site, name.user, name.credential, &req.etag)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(name.site);
+        Ok(Response::new(()))
+    }
+
+    async fn get_sync_status(
+        &self,
+        request: Request<pb::GetSyncStatusRequest>,
+    ) -> Res<pb::SyncStatus> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let raw = &request.get_ref().name;
+        let site = site_name("name", raw.strip_suffix("/syncStatus").unwrap_or(raw))?;
+        let status = self
+            .store
+            .sync_status(actor.dealer, site.site)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::sync_pb(&status)))
+    }
+
+    async fn issue_agent_token(
+        &self,
+        request: Request<pb::IssueAgentTokenRequest>,
+    ) -> Res<pb::IssueAgentTokenResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let site = site_name("site", &request.get_ref().site)?;
+        let token = self
+            .store
+            .agent_token_issue(&actor, site.site)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::IssueAgentTokenResponse { token }))
+    }
+}

@@ -1,0 +1,270 @@
+//! AgentService: one bidirectional Sync stream per site agent.
+//!
+//! Each stream runs one task: it answers Hello with a snapshot or the changes since
+//! the agent's revision, then sends live changes whenever the hub wakes it (or its
+//! periodic re-check fires), and records acks. Responses go through an mpsc channel;
+//! a failed send means the agent left.
+
+use crate::auth;
+use crate::error::store_status;
+use crate::hub::Hub;
+use keyplane_core::DeviceModel;
+use keyplane_core::names::{DeviceName, SiteName};
+use keyplane_proto::v1 as pb;
+use keyplane_proto::v1::agent_service_server::AgentService;
+use keyplane_store::{AgentUpdate, DesiredSlot, Store};
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+/// How long an agent has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Re-check the change log this often even without a wake-up.
+const RECHECK: Duration = Duration::from_secs(15);
+
+/// The AgentService implementation.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    store: Store,
+    hub: Hub,
+    shutdown: CancellationToken,
+}
+
+impl AgentApi {
+    /// Builds the service.
+    pub fn new(store: Store, hub: Hub, shutdown: CancellationToken) -> Self {
+        AgentApi {
+            store,
+            hub,
+            shutdown,
+        }
+    }
+}
+
+fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
+    let (credential, pin) = match &s.code {
+        Some((credential, user, pin)) => (
+            format!("sites/{site}/users/{user}/credentials/{credential}"),
+            pin.expose().to_owned(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    pb::DesiredSlot {
+        device: format!("sites/{site}/devices/{}", s.device),
+        slot: i32::from(s.slot),
+        credential,
+        pin,
+    }
+}
+
+fn devices_pb(site: Uuid, devices: &[(Uuid, &'static DeviceModel)]) -> Vec<pb::SiteDevice> {
+    devices
+        .iter()
+        .map(|(id, model)| pb::SiteDevice {
+            name: format!("sites/{site}/devices/{id}"),
+            kind: crate::convert::constraints_pb(model).kind,
+            model: model.id.to_owned(),
+        })
+        .collect()
+}
+
+fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
+    let (revision, msg) = match update {
+        AgentUpdate::Snapshot {
+            revision,
+            devices,
+            slots,
+        } => (
+            *revision,
+            pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+                revision: *revision,
+                devices: devices_pb(site, devices),
+                slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
+            }),
+        ),
+        AgentUpdate::Changes {
+            from,
+            revision,
+            devices,
+            slots,
+        } => (
+            *revision,
+            pb::server_message::Msg::Changes(pb::DesiredChanges {
+                from_revision: *from,
+                revision: *revision,
+                slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
+                devices: devices_pb(site, devices),
+            }),
+        ),
+    };
+    (revision, pb::ServerMessage { msg: Some(msg) })
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let site = auth::agent(&self.store, &request).await?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument("the first message must be Hello"));
+            }
+        };
+        let named = SiteName::parse(&hello.site)
+            .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
+        if named.site != site {
+            return Err(Status::permission_denied(format!(
+                "this agent token belongs to sites/{site}, not {}",
+                hello.site
+            )));
+        }
+        if hello.applied_revision < 0 {
+            return Err(Status::invalid_argument(
+                "hello.applied_revision must not be negative",
+            ));
+        }
+        let wake = self.hub.subscribe(site);
+        let first = self
+            .store
+            .agent_update(site, hello.applied_revision)
+            .await
+            .map_err(store_status)?;
+        self.store
+            .agent_session_mark(site, true)
+            .await
+            .map_err(store_status)?;
+        tracing::info!(%site, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
+
+        let (tx, rx) = mpsc::channel(16);
+        let session = Session {
+            site,
+            store: self.store.clone(),
+            tx,
+            sent: 0,
+        };
+        tokio::spawn(session.run(first, inbound, wake, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    site: Uuid,
+    store: Store,
+    tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+    sent: i64,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        first: AgentUpdate,
+        mut inbound: Streaming<pb::AgentMessage>,
+        mut wake: tokio::sync::watch::Receiver<i64>,
+        shutdown: CancellationToken,
+    ) {
+        let site = self.site;
+        if self.send(&first).await {
+            let mut recheck = tokio::time::interval(RECHECK);
+            recheck.reset();
+            loop {
+                tokio::select! {
+                    // cancel-safe: a token.
+                    _ = shutdown.cancelled() => break,
+                    // cancel-safe: Streaming::message keeps partial frames in the stream.
+                    msg = inbound.message() => match msg {
+                        Ok(Some(msg)) => {
+                            if let Err(status) = self.handle(msg).await {
+                                let _ = self.tx.send(Err(status)).await;
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%site, %status, "agent stream error");
+                            break;
+                        }
+                    },
+                    // cancel-safe: watch::changed.
+                    changed = wake.changed() => {
+                        if changed.is_err() || !self.catch_up().await { break; }
+                    }
+                    // cancel-safe: interval ticks.
+                    _ = recheck.tick() => {
+                        if !self.catch_up().await { break; }
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.store.agent_session_mark(site, false).await {
+            tracing::warn!(%site, error = %e, "marking agent disconnected failed");
+        }
+        tracing::info!(%site, "agent disconnected");
+    }
+
+    /// Sends what changed since the last message; false when the agent is gone.
+    async fn catch_up(&mut self) -> bool {
+        match self.store.agent_update(self.site, self.sent).await {
+            Ok(AgentUpdate::Changes { revision, .. }) if revision <= self.sent => true,
+            Ok(update) => self.send(&update).await,
+            Err(e) => {
+                tracing::warn!(site = %self.site, error = %e, "reading changes failed; will retry");
+                true
+            }
+        }
+    }
+
+    async fn send(&mut self, update: &AgentUpdate) -> bool {
+        let (revision, msg) = update_pb(self.site, update);
+        if self.tx.send(Ok(msg)).await.is_err() {
+            return false;
+        }
+        self.sent = revision;
+        true
+    }
+
+    async fn handle(&mut self, msg: pb::AgentMessage) -> Result<(), Status> {
+        match msg.msg {
+            Some(pb::agent_message::Msg::Ack(ack)) => {
+                let device = DeviceName::parse(&ack.device)
+                    .map_err(|e| Status::invalid_argument(format!("ack.device: {e}")))?;
+                if device.site != self.site {
+                    return Err(Status::permission_denied(format!(
+                        "ack.device {} is not a device of sites/{}",
+                        ack.device, self.site
+                    )));
+                }
+                let known = self
+                    .store
+                    .device_ack(self.site, device.device, ack.revision)
+                    .await
+                    .map_err(store_status)?;
+                if !known {
+                    tracing::debug!(site = %self.site, device = %ack.device, "ack for a device no longer at the site");
+                }
+                Ok(())
+            }
+            Some(pb::agent_message::Msg::Hello(_)) => {
+                Err(Status::invalid_argument("Hello may be sent only once"))
+            }
+            None => Err(Status::invalid_argument("empty agent message")),
+        }
+    }
+}

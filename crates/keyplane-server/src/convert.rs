@@ -1,0 +1,464 @@
+//! Protobuf <-> domain conversion. Protobuf is loose, domain types are strict: every
+//! field is checked here, once, and a bad one is a precise INVALID_ARGUMENT.
+
+use crate::error::{name_status, pin_status};
+use keyplane_core::names::{DeviceName, MAX_PARTITIONS};
+use keyplane_core::pin::Pin;
+use keyplane_core::{DeviceKind, DeviceModel};
+use keyplane_proto::v1 as pb;
+use keyplane_store as store;
+use std::time::SystemTime;
+use tonic::Status;
+use uuid::Uuid;
+
+/// Default and maximum page sizes of List calls.
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+/// Largest page a List call returns.
+pub const MAX_PAGE_SIZE: i64 = 500;
+
+fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(t))
+}
+
+/// Checks a display name: required, at most 200 characters, no control characters.
+pub fn display_name(field: &str, value: &str) -> Result<String, Status> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    if value.chars().count() > 200 || value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "{field} must be at most 200 printable characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// Checks an IANA time zone name's shape (`Area/Location` or `UTC`); empty means UTC.
+pub fn time_zone(value: &str) -> Result<String, Status> {
+    if value.is_empty() {
+        return Ok("UTC".into());
+    }
+    let ok = value.len() <= 64
+        && value.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '+'))
+        })
+        && value.starts_with(|c: char| c.is_ascii_uppercase());
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "site.time_zone {value:?} is not an IANA time zone name such as Europe/Paris or UTC"
+        )))
+    }
+}
+
+/// Converts the policy enum; unspecified means PRESERVE.
+pub fn policy(value: i32) -> Result<store::LocalCodePolicy, Status> {
+    match pb::LocalCodePolicy::try_from(value) {
+        Ok(pb::LocalCodePolicy::Unspecified | pb::LocalCodePolicy::Preserve) => {
+            Ok(store::LocalCodePolicy::Preserve)
+        }
+        Ok(pb::LocalCodePolicy::Authoritative) => Ok(store::LocalCodePolicy::Authoritative),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "site.local_code_policy {value} is not PRESERVE or AUTHORITATIVE"
+        ))),
+    }
+}
+
+/// Checks a partition number field (0 = none).
+pub fn partition_opt(field: &str, value: i32) -> Result<Option<u8>, Status> {
+    match value {
+        0 => Ok(None),
+        n => partition(field, n).map(Some),
+    }
+}
+
+/// Checks a partition number 1..=8.
+pub fn partition(field: &str, value: i32) -> Result<u8, Status> {
+    u8::try_from(value)
+        .ok()
+        .filter(|n| (1..=MAX_PARTITIONS).contains(n))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("{field} must be 1..{MAX_PARTITIONS}, got {value}"))
+        })
+}
+
+/// Resolves the model of a new device from `kind` and `model`.
+pub fn device_model(kind: i32, model: &str) -> Result<&'static DeviceModel, Status> {
+    let kind = match pb::DeviceKind::try_from(kind) {
+        Ok(pb::DeviceKind::Panel) => Some(DeviceKind::Panel),
+        Ok(pb::DeviceKind::Lock) => Some(DeviceKind::Lock),
+        Ok(pb::DeviceKind::Door) => Some(DeviceKind::Door),
+        Ok(pb::DeviceKind::Unspecified) => None,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "device.kind {kind} is not a device kind"
+            )));
+        }
+    };
+    let known = || {
+        DeviceModel::all()
+            .iter()
+            .map(|m| m.id)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (kind, model) {
+        (None, "") => Err(Status::invalid_argument(format!(
+            "device.kind or device.model is required (models: {})",
+            known()
+        ))),
+        (Some(kind), "") => Ok(DeviceModel::default_for(kind)),
+        (kind, id) => {
+            let m = DeviceModel::find(id).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "device.model {id:?} is unknown; known models: {}",
+                    known()
+                ))
+            })?;
+            match kind {
+                Some(k) if k != m.kind => Err(Status::invalid_argument(format!(
+                    "device.model {id} is a {}, but device.kind says {k}",
+                    m.kind
+                ))),
+                _ => Ok(m),
+            }
+        }
+    }
+}
+
+fn kind_pb(kind: DeviceKind) -> pb::DeviceKind {
+    match kind {
+        DeviceKind::Panel => pb::DeviceKind::Panel,
+        DeviceKind::Lock => pb::DeviceKind::Lock,
+        DeviceKind::Door => pb::DeviceKind::Door,
+    }
+}
+
+/// Parses a PIN field.
+pub fn pin(field: &str, value: &str) -> Result<Pin, Status> {
+    Pin::parse(value).map_err(|e| pin_status(field, e))
+}
+
+/// Converts a credential scope; devices must belong to `site`.
+pub fn scope(site: Uuid, scope: Option<&pb::CredentialScope>) -> Result<store::Scope, Status> {
+    let Some(scope) = scope else {
+        return Err(Status::invalid_argument(
+            "credential.scope is required: name panel partitions, locks or doors",
+        ));
+    };
+    let devices = |field: &str, names: &[String]| -> Result<Vec<Uuid>, Status> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let name = DeviceName::parse(n)
+                    .map_err(|e| name_status(&format!("credential.scope.{field}[{i}]"), e))?;
+                if name.site != site {
+                    return Err(Status::invalid_argument(format!(
+                        "credential.scope.{field}[{i}] names a device of another site"
+                    )));
+                }
+                Ok(name.device)
+            })
+            .collect()
+    };
+    Ok(store::Scope {
+        panel_partitions: scope
+            .panel_partitions
+            .iter()
+            .map(|p| partition("credential.scope.panel_partitions", *p))
+            .collect::<Result<_, _>>()?,
+        locks: devices("locks", &scope.locks)?,
+        doors: devices("doors", &scope.doors)?,
+    })
+}
+
+/// Page token encoding: opaque to clients, `p1:` + the last key, hex-encoded.
+pub fn page_token_encode(last_key: &str) -> String {
+    hex::encode(format!("p1:{last_key}"))
+}
+
+fn page_token_decode(token: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad =
+        || Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged");
+    let bytes = hex::decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    text.strip_prefix("p1:")
+        .map(|k| Some(k.to_owned()))
+        .ok_or_else(bad)
+}
+
+/// Checks page size and decodes a page token keyed by id.
+pub fn page(page_size: i32, page_token: &str) -> Result<store::PageRequest, Status> {
+    let limit = page_limit(page_size)?;
+    let after = match page_token_decode(page_token)? {
+        None => None,
+        Some(k) => Some(Uuid::try_parse(&k).map_err(|_| {
+            Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
+        })?),
+    };
+    Ok(store::PageRequest { after, limit })
+}
+
+/// Checks page size and decodes a page token keyed by partition number.
+pub fn page_partitions(page_size: i32, page_token: &str) -> Result<(u8, i64), Status> {
+    let limit = page_limit(page_size)?;
+    let after = match page_token_decode(page_token)? {
+        None => 0,
+        Some(k) => k.parse().map_err(|_| {
+            Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
+        })?,
+    };
+    Ok((after, limit))
+}
+
+fn page_limit(page_size: i32) -> Result<i64, Status> {
+    match i64::from(page_size) {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n < 0 => Err(Status::invalid_argument("page_size must not be negative")),
+        n => Ok(n.min(MAX_PAGE_SIZE)),
+    }
+}
+
+/// Splits a fetched page (fetched with limit + 1) into items and the next token.
+pub fn page_split<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    key: impl Fn(&T) -> String,
+) -> (Vec<T>, String) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if items.len() > limit {
+        items.truncate(limit);
+        let next = items
+            .last()
+            .map(|i| page_token_encode(&key(i)))
+            .unwrap_or_default();
+        (items, next)
+    } else {
+        (items, String::new())
+    }
+}
+
+/// The paths of an update mask; with no mask, the fields the client set.
+pub fn mask_paths(
+    mask: Option<&prost_types::FieldMask>,
+    allowed: &[&str],
+    set: &[(&str, bool)],
+) -> Result<Vec<String>, Status> {
+    let paths: Vec<String> = match mask {
+        Some(m) if !m.paths.is_empty() => m.paths.clone(),
+        _ => set
+            .iter()
+            .filter(|(_, s)| *s)
+            .map(|(p, _)| (*p).to_owned())
+            .collect(),
+    };
+    for p in &paths {
+        if !allowed.contains(&p.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "update_mask path {p:?} cannot be updated; allowed: {}",
+                allowed.join(", ")
+            )));
+        }
+    }
+    if paths.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "nothing to update: set update_mask to some of {}",
+            allowed.join(", ")
+        )));
+    }
+    Ok(paths)
+}
+
+/// Site to protobuf.
+pub fn site_pb(s: &store::Site) -> pb::Site {
+    pb::Site {
+        name: format!("sites/{}", s.id),
+        display_name: s.display_name.clone(),
+        time_zone: s.time_zone.clone(),
+        local_code_policy: match s.local_code_policy {
+            store::LocalCodePolicy::Preserve => pb::LocalCodePolicy::Preserve,
+            store::LocalCodePolicy::Authoritative => pb::LocalCodePolicy::Authoritative,
+        } as i32,
+        revision: s.revision,
+        create_time: ts(s.create_time),
+        update_time: ts(s.update_time),
+        etag: s.version.to_string(),
+    }
+}
+
+/// Partition to protobuf.
+pub fn partition_pb(p: &store::Partition) -> pb::Partition {
+    pb::Partition {
+        name: format!("sites/{}/partitions/{}", p.site, p.number),
+        number: i32::from(p.number),
+        display_name: p.display_name.clone(),
+        etag: p.version.to_string(),
+    }
+}
+
+/// Model constraints to protobuf.
+pub fn constraints_pb(m: &DeviceModel) -> pb::DeviceConstraints {
+    pb::DeviceConstraints {
+        kind: kind_pb(m.kind) as i32,
+        first_slot: i32::from(m.first_slot),
+        last_slot: i32::from(m.last_slot),
+        reserved_slots: m.reserved_slots.iter().map(|s| i32::from(*s)).collect(),
+        min_code_length: i32::from(m.min_code_length),
+        max_code_length: i32::from(m.max_code_length),
+        on_device_schedules: m.on_device_schedules,
+        max_partitions: i32::from(m.max_partitions),
+    }
+}
+
+/// Device to protobuf.
+pub fn device_pb(d: &store::Device) -> pb::Device {
+    pb::Device {
+        name: d.name(),
+        display_name: d.display_name.clone(),
+        kind: kind_pb(d.kind()) as i32,
+        model: d.model.id.to_owned(),
+        partition: d.partition.map(i32::from).unwrap_or(0),
+        perimeter: d.perimeter,
+        constraints: Some(constraints_pb(d.model)),
+        create_time: ts(d.create_time),
+        update_time: ts(d.update_time),
+        etag: d.version.to_string(),
+    }
+}
+
+/// User to protobuf.
+pub fn user_pb(u: &store::User) -> pb::User {
+    pb::User {
+        name: format!("sites/{}/users/{}", u.site, u.id),
+        display_name: u.display_name.clone(),
+        create_time: ts(u.create_time),
+        update_time: ts(u.update_time),
+        etag: u.version.to_string(),
+    }
+}
+
+/// Credential to protobuf; the PIN is never returned, only that one is set.
+pub fn credential_pb(c: &store::Credential) -> pb::Credential {
+    let device = |id: &Uuid| format!("sites/{}/devices/{id}", c.site);
+    pb::Credential {
+        name: format!("sites/{}/users/{}/credentials/{}", c.site, c.user, c.id),
+        display_name: c.display_name.clone(),
+        pin: String::new(),
+        pin_set: true,
+        scope: Some(pb::CredentialScope {
+            panel_partitions: c
+                .scope
+                .panel_partitions
+                .iter()
+                .map(|p| i32::from(*p))
+                .collect(),
+            locks: c.scope.locks.iter().map(device).collect(),
+            doors: c.scope.doors.iter().map(device).collect(),
+        }),
+        slots: c
+            .slots
+            .iter()
+            .map(|s| pb::SlotAssignment {
+                device: device(&s.device),
+                slot: i32::from(s.slot),
+                display_slot: s.display_slot.clone(),
+            })
+            .collect(),
+        create_time: ts(c.create_time),
+        update_time: ts(c.update_time),
+        etag: c.version.to_string(),
+    }
+}
+
+/// Sync status to protobuf.
+pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
+    pb::SyncStatus {
+        name: format!("sites/{}/syncStatus", s.site),
+        desired_revision: s.revision,
+        agent_connected: s.agent_connected,
+        agent_last_seen_time: s.agent_last_seen.and_then(ts),
+        devices: s
+            .devices
+            .iter()
+            .map(|d| pb::DeviceSyncStatus {
+                device: format!("sites/{}/devices/{}", s.site, d.device),
+                desired_revision: d.desired_revision,
+                applied_revision: d.applied_revision,
+                pending_changes: i32::try_from(d.pending_changes).unwrap_or(i32::MAX),
+                last_seen_time: d.last_seen.and_then(ts),
+                in_sync: d.pending_changes == 0 && d.applied_revision >= d.desired_revision,
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let id = Uuid::new_v4();
+        let token = page_token_encode(&id.to_string());
+        assert_eq!(page(10, &token).expect("valid").after, Some(id));
+        for bad in [
+            "zz",
+            "00",
+            &hex::encode("p2:x"),
+            &hex::encode("p1:not-a-uuid"),
+        ] {
+            assert_eq!(
+                page(10, bad).expect_err(bad).code(),
+                Code::InvalidArgument,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            page(-1, "").expect_err("negative").code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(page(0, "").expect("default").limit, DEFAULT_PAGE_SIZE);
+        assert_eq!(page(100_000, "").expect("capped").limit, MAX_PAGE_SIZE);
+    }
+
+    #[test]
+    fn time_zone_table() {
+        for (tz, ok) in [
+            ("", true),
+            ("UTC", true),
+            ("Europe/Paris", true),
+            ("America/Argentina/Buenos_Aires", true),
+            ("Etc/GMT+5", true),
+            ("europe/paris", false),
+            ("Europe//Paris", false),
+            ("Europe/Paris; DROP", false),
+        ] {
+            assert_eq!(time_zone(tz).is_ok(), ok, "{tz:?}");
+        }
+    }
+
+    #[test]
+    fn device_model_table() {
+        let lock = pb::DeviceKind::Lock as i32;
+        let panel = pb::DeviceKind::Panel as i32;
+        assert_eq!(device_model(lock, "").expect("default").id, "zwave-lock-30");
+        assert_eq!(
+            device_model(0, "vista-128bpt").expect("by model").kind,
+            DeviceKind::Panel
+        );
+        assert!(device_model(panel, "zwave-lock-30").is_err());
+        assert!(device_model(0, "").is_err());
+        assert!(device_model(0, "nope").is_err());
+        assert!(device_model(99, "").is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! Wake-ups for agent streams. A commit on this replica wakes its site's streams at
+//! once; a poller catches commits made by other replicas sharing the database. The
+//! change log stays the truth: a wake-up only says "look again", so a missed or
+//! duplicated one costs a query, never a change. Nothing here is in the write path.
+
+use keyplane_store::Store;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Per-site wake-up channels.
+#[derive(Debug, Default, Clone)]
+pub struct Hub {
+    sites: Arc<Mutex<HashMap<Uuid, watch::Sender<i64>>>>,
+}
+
+impl Hub {
+    /// Subscribes to wake-ups of `site`; the value is the last revision seen.
+    pub fn subscribe(&self, site: Uuid) -> watch::Receiver<i64> {
+        let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        sites
+            .entry(site)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Wakes the streams of `site` (after a local commit).
+    pub fn poke(&self, site: Uuid) {
+        let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = sites.get(&site) {
+            tx.send_modify(|_| {});
+        }
+    }
+
+    fn watched(&self) -> Vec<Uuid> {
+        let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        sites.retain(|_, tx| tx.receiver_count() > 0);
+        sites.keys().copied().collect()
+    }
+
+    fn observe(&self, site: Uuid, revision: i64) {
+        let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = sites.get(&site) {
+            tx.send_if_modified(|seen| {
+                let newer = revision > *seen;
+                if newer {
+                    *seen = revision;
+                }
+                newer
+            });
+        }
+    }
+
+    /// Polls the revisions of watched sites every `period` until cancelled, waking
+    /// streams whose site advanced (commits from other replicas).
+    pub async fn poll(self, store: Store, period: Duration, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // cancel-safe: only a token.
+                _ = cancel.cancelled() => return,
+                // cancel-safe: interval ticks.
+                _ = tick.tick() => {}
+            }
+            let sites = self.watched();
+            if sites.is_empty() {
+                continue;
+            }
+            match store.site_revisions(&sites).await {
+                Ok(revisions) => {
+                    for (site, revision) in revisions {
+                        self.observe(site, revision);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "polling site revisions failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The `keyplaned` gRPC service: AdminService for dealers, AgentService for site
+//! agents, plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
+//!
+//! No SQL here: persistence is `keyplane-store`. Tasks started by [`serve`]: the tonic
+//! server, one task per agent stream (see [`agent`]) and the revision poller of
+//! [`hub::Hub`]; all stop when the shutdown token is cancelled.
+
+pub mod admin;
+pub mod agent;
+pub mod auth;
+pub mod convert;
+pub mod demo;
+pub mod error;
+pub mod hub;
+
+use keyplane_proto::v1::admin_service_server::AdminServiceServer;
+use keyplane_proto::v1::agent_service_server::AgentServiceServer;
+use keyplane_store::{PinKey, Store};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL URL.
+    pub database_url: String,
+    /// Key sealing PINs at rest.
+    pub pin_key: PinKey,
+    /// Pool size.
+    pub max_connections: usize,
+    /// How often to look for commits made by other replicas.
+    pub poll_interval: Duration,
+}
+
+impl Config {
+    /// A config with defaults for everything but the database and key.
+    pub fn new(database_url: impl Into<String>, pin_key: PinKey) -> Config {
+        Config {
+            database_url: database_url.into(),
+            pin_key,
+            max_connections: 32,
+            poll_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Connects, migrates, and serves on `listener` until `shutdown` is cancelled; then
+/// closes agent streams, finishes in-flight calls and drains the pool.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?;
+    store.migrate().await?;
+    let hub = hub::Hub::default();
+    let poller = tokio::spawn(hub.clone().poll(
+        store.clone(),
+        config.poll_interval,
+        shutdown.clone(),
+    ));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<AgentServiceServer<agent::AgentApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(keyplane_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(keyplane_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "keyplaned listening");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AdminServiceServer::new(admin::AdminApi::new(
+            store.clone(),
+            hub.clone(),
+        )))
+        .add_service(AgentServiceServer::new(agent::AgentApi::new(
+            store.clone(),
+            hub,
+            shutdown.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await?;
+    poller.abort();
+    store.close();
+    tracing::info!("keyplaned stopped");
+    Ok(())
+}

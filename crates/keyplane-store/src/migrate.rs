@@ -1,0 +1,70 @@
+//! Embedded, versioned SQL migrations, applied in order under an advisory lock.
+
+use crate::StoreError;
+
+/// The migrations, in order: (version, name, SQL).
+pub static MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "foundation",
+    include_str!("../migrations/0001_foundation.sql"),
+)];
+
+/// Fingerprint of all migrations (changes whenever any SQL changes); test kits name
+/// their template databases after it.
+pub fn migrations_fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (v, name, sql) in MIGRATIONS {
+        h.update(v.to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(sql.as_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+// Arbitrary constant; serializes concurrent migrators (several keyplaned replicas).
+const MIGRATION_LOCK: i64 = 0x6b65_7970_6c61_6e65;
+
+/// Applies every migration not yet applied, each in its own transaction.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migration (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_time timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = apply_pending(client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    result
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
+    for (version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        let applied = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migration WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if !applied {
+            tracing::info!(version, name, "applying migration");
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO schema_migration (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! What agents read and report: desired slots since a revision, acks, sync status.
+
+use crate::site::{not_found_site, site_get_in_txn};
+use crate::{AgentUpdate, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
+use keyplane_core::DeviceModel;
+use tokio_postgres::{IsolationLevel, Row};
+use uuid::Uuid;
+
+/// An agent is shown as connected only if heard from within this many seconds.
+const AGENT_LIVENESS_SECS: f64 = 90.0;
+
+impl Store {
+    fn desired_from_row(&self, site: Uuid, row: &Row) -> Result<DesiredSlot, StoreError> {
+        let device: Uuid = row.get(0);
+        let slot = u16::try_from(row.get::<_, i32>(1))
+            .map_err(|_| StoreError::Internal("slot out of range".into()))?;
+        let credential: Option<Uuid> = row.get(2);
+        let code = match credential {
+            None => None,
+            Some(credential) => {
+                let user: Uuid = row.get(3);
+                let sealed: Vec<u8> = row.get(4);
+                let key_id: String = row.get(5);
+                Some((
+                    credential,
+                    user,
+                    self.key().open(site, credential, &key_id, &sealed)?,
+                ))
+            }
+        };
+        Ok(DesiredSlot { device, slot, code })
+    }
+
+    /// What the site's agent must apply after `from`: a snapshot when it has nothing
+    /// (0) or claims a revision the site never had, the changed slots otherwise. Read
+    /// in one repeatable-read snapshot so slots and revision agree.
+    pub async fn agent_update(&self, site: Uuid, from: i64) -> Result<AgentUpdate, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let revision: i64 = tx
+            .query_opt("SELECT revision FROM site WHERE id = $1", &[&site])
+            .await?
+            .ok_or_else(|| not_found_site(site))?
+            .get(0);
+        let devices = tx
+            .query(
+                "SELECT id, model FROM device WHERE site_id = $1 ORDER BY id",
+                &[&site],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let model: &str = r.get(1);
+                DeviceModel::find(model)
+                    .map(|m| (r.get(0), m))
+                    .ok_or_else(|| StoreError::Internal(format!("unknown model {model}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let update = if from <= 0 || from > revision {
+            let rows = tx
+                .query(
+                    "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id
+                     FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+                     WHERE sa.site_id = $1 ORDER BY sa.device_id, sa.slot",
+                    &[&site],
+                )
+                .await?;
+            let slots = rows
+                .iter()
+                .map(|r| self.desired_from_row(site, r))
+                .collect::<Result<_, _>>()?;
+            AgentUpdate::Snapshot {
+                revision,
+                devices,
+                slots,
+            }
+        } else {
+            let rows = tx
+                .query(
+                    "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id
+                     FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
+                     LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
+                     LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
+                     ORDER BY ch.device_id, ch.slot",
+                    &[&site, &from],
+                )
+                .await?;
+            let slots = rows
+                .iter()
+                .map(|r| self.desired_from_row(site, r))
+                .collect::<Result<_, _>>()?;
+            AgentUpdate::Changes {
+                from,
+                revision,
+                devices,
+                slots,
+            }
+        };
+        tx.commit().await?;
+        Ok(update)
+    }
+
+    /// The site's current revision (for wake-ups; no dealer scoping: agents only).
+    pub async fn site_revisions(&self, sites: &[Uuid]) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT id, revision FROM site WHERE id = ANY($1)",
+                &[&sites],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Records that the agent applied everything up to `revision` on `device`.
+    /// Revisions never go backwards, so a late duplicate ack changes nothing.
+    pub async fn device_ack(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        revision: i64,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE device SET applied_revision = GREATEST(applied_revision, LEAST($3, s.revision)),
+                    last_seen_time = now()
+                 FROM site s WHERE s.id = device.site_id AND device.site_id = $1 AND device.id = $2",
+                &[&site, &device, &revision],
+            )
+            .await?;
+        conn.execute(
+            "UPDATE site SET agent_last_seen = now() WHERE id = $1",
+            &[&site],
+        )
+        .await?;
+        Ok(n > 0)
+    }
+
+    /// Marks the site's agent stream as open (`true`) or closed.
+    pub async fn agent_session_mark(&self, site: Uuid, open: bool) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "UPDATE site SET agent_connected = $2, agent_last_seen = now() WHERE id = $1",
+            &[&site, &open],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sync state of a site and its devices.
+    pub async fn sync_status(&self, dealer: Uuid, site: Uuid) -> Result<SiteSync, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let s = site_get_in_txn(&tx, dealer, site).await?;
+        let row = tx
+            .query_one(
+                "SELECT agent_last_seen, agent_connected AND coalesce(extract(epoch FROM now() - agent_last_seen)::float8 < $2, false)
+                 FROM site WHERE id = $1",
+                &[&site, &AGENT_LIVENESS_SECS],
+            )
+            .await?;
+        let agent_last_seen = row.get(0);
+        let agent_connected = row.get(1);
+        let devices = tx
+            .query(
+                "SELECT d.id, d.applied_revision, d.last_seen_time,
+                    coalesce((SELECT max(revision) FROM site_change ch WHERE ch.site_id = d.site_id AND ch.device_id = d.id), 0),
+                    (SELECT count(DISTINCT slot) FROM site_change ch
+                      WHERE ch.site_id = d.site_id AND ch.device_id = d.id AND ch.revision > d.applied_revision)
+                 FROM device d WHERE d.site_id = $1 ORDER BY d.id",
+                &[&site],
+            )
+            .await?
+            .iter()
+            .map(|r| DeviceSync {
+                device: r.get(0),
+                applied_revision: r.get(1),
+                last_seen: r.get(2),
+                desired_revision: r.get(3),
+                pending_changes: r.get(4),
+            })
+            .collect();
+        tx.commit().await?;
+        Ok(SiteSync {
+            site,
+            revision: s.revision,
+            agent_connected,
+            agent_last_seen,
+            devices,
+        })
+    }
+}

@@ -1,0 +1,347 @@
+//! Rows the store returns and the inputs it takes.
+
+use keyplane_core::pin::Pin;
+use keyplane_core::{DeviceKind, DeviceModel};
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// What happens to codes found on a device that keyplane did not write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalCodePolicy {
+    /// Never overwrite or clear them (default).
+    Preserve,
+    /// Clear them, auditing each clearing.
+    Authoritative,
+}
+
+impl LocalCodePolicy {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            LocalCodePolicy::Preserve => "preserve",
+            LocalCodePolicy::Authoritative => "authoritative",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> LocalCodePolicy {
+        if s == "authoritative" {
+            LocalCodePolicy::Authoritative
+        } else {
+            LocalCodePolicy::Preserve
+        }
+    }
+}
+
+/// Who made a change and from where, for the audit log.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// The dealer acting.
+    pub dealer: Uuid,
+    /// Principal description, e.g. `dealer:<id>`.
+    pub principal: String,
+    /// Peer address, when known.
+    pub peer: Option<String>,
+}
+
+/// An idempotency key of a create request.
+#[derive(Debug, Clone)]
+pub struct RequestKey {
+    /// Client-chosen request id.
+    pub request_id: String,
+    /// RPC method name.
+    pub method: &'static str,
+    /// Keyed fingerprint of the request body.
+    pub fingerprint: Vec<u8>,
+}
+
+/// A page of a list: items after `after` (exclusive), at most `limit` of them.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    /// Last id of the previous page.
+    pub after: Option<Uuid>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// A site row.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Site id.
+    pub id: Uuid,
+    /// Display name.
+    pub display_name: String,
+    /// IANA time zone.
+    pub time_zone: String,
+    /// Local code policy.
+    pub local_code_policy: LocalCodePolicy,
+    /// Head revision of the change log.
+    pub revision: i64,
+    /// Row version (the etag).
+    pub version: i64,
+    /// Created at.
+    pub create_time: SystemTime,
+    /// Last updated at.
+    pub update_time: SystemTime,
+}
+
+/// Fields of a new site.
+#[derive(Debug, Clone)]
+pub struct NewSite {
+    /// Display name.
+    pub display_name: String,
+    /// IANA time zone.
+    pub time_zone: String,
+    /// Local code policy.
+    pub local_code_policy: LocalCodePolicy,
+}
+
+/// Changes to a site; `None` leaves a field as is.
+#[derive(Debug, Clone, Default)]
+pub struct SitePatch {
+    /// New display name.
+    pub display_name: Option<String>,
+    /// New time zone.
+    pub time_zone: Option<String>,
+    /// New policy.
+    pub local_code_policy: Option<LocalCodePolicy>,
+}
+
+/// A partition row.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    /// Site id.
+    pub site: Uuid,
+    /// 1..=8.
+    pub number: u8,
+    /// Display name.
+    pub display_name: String,
+    /// Row version.
+    pub version: i64,
+}
+
+/// A device row.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Site id.
+    pub site: Uuid,
+    /// Device id.
+    pub id: Uuid,
+    /// Display name.
+    pub display_name: String,
+    /// Model profile.
+    pub model: &'static DeviceModel,
+    /// Partition, if any.
+    pub partition: Option<u8>,
+    /// Secures a perimeter entrance.
+    pub perimeter: bool,
+    /// Row version.
+    pub version: i64,
+    /// Created at.
+    pub create_time: SystemTime,
+    /// Last updated at.
+    pub update_time: SystemTime,
+}
+
+impl Device {
+    /// The device kind.
+    pub fn kind(&self) -> DeviceKind {
+        self.model.kind
+    }
+
+    /// `sites/{site}/devices/{device}`.
+    pub fn name(&self) -> String {
+        format!("sites/{}/devices/{}", self.site, self.id)
+    }
+}
+
+/// Fields of a new device.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    /// Display name.
+    pub display_name: String,
+    /// Model profile.
+    pub model: &'static DeviceModel,
+    /// Partition, if any.
+    pub partition: Option<u8>,
+    /// Perimeter entrance.
+    pub perimeter: bool,
+}
+
+/// Changes to a device.
+#[derive(Debug, Clone, Default)]
+pub struct DevicePatch {
+    /// New display name.
+    pub display_name: Option<String>,
+    /// New partition (`Some(None)` clears it).
+    pub partition: Option<Option<u8>>,
+    /// New perimeter flag.
+    pub perimeter: Option<bool>,
+}
+
+/// A user row.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Site id.
+    pub site: Uuid,
+    /// User id.
+    pub id: Uuid,
+    /// Display name.
+    pub display_name: String,
+    /// Row version.
+    pub version: i64,
+    /// Created at.
+    pub create_time: SystemTime,
+    /// Last updated at.
+    pub update_time: SystemTime,
+}
+
+/// Where a credential is valid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Panel partitions.
+    pub panel_partitions: Vec<u8>,
+    /// Lock device ids.
+    pub locks: Vec<Uuid>,
+    /// Door device ids.
+    pub doors: Vec<Uuid>,
+}
+
+impl Scope {
+    /// Whether the scope names nothing.
+    pub fn is_empty(&self) -> bool {
+        self.panel_partitions.is_empty() && self.locks.is_empty() && self.doors.is_empty()
+    }
+}
+
+/// A credential's slot on one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// Device id.
+    pub device: Uuid,
+    /// Slot number.
+    pub slot: u16,
+    /// How people see it (`002` on panels).
+    pub display_slot: String,
+}
+
+/// A credential row (the PIN stays sealed).
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// Site id.
+    pub site: Uuid,
+    /// User id.
+    pub user: Uuid,
+    /// Credential id.
+    pub id: Uuid,
+    /// Display name.
+    pub display_name: String,
+    /// Scope.
+    pub scope: Scope,
+    /// Slots it occupies.
+    pub slots: Vec<Slot>,
+    /// Row version.
+    pub version: i64,
+    /// Created at.
+    pub create_time: SystemTime,
+    /// Last updated at.
+    pub update_time: SystemTime,
+}
+
+/// Fields of a new credential.
+#[derive(Debug, Clone)]
+pub struct NewCredential {
+    /// Display name.
+    pub display_name: String,
+    /// The code.
+    pub pin: Pin,
+    /// Scope.
+    pub scope: Scope,
+}
+
+/// Changes to a credential.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialPatch {
+    /// New display name.
+    pub display_name: Option<String>,
+    /// New code.
+    pub pin: Option<Pin>,
+    /// New scope.
+    pub scope: Option<Scope>,
+}
+
+/// Sync state of one device.
+#[derive(Debug, Clone)]
+pub struct DeviceSync {
+    /// Device id.
+    pub device: Uuid,
+    /// Highest revision that changed this device.
+    pub desired_revision: i64,
+    /// Revision the agent applied.
+    pub applied_revision: i64,
+    /// Slots changed after the applied revision.
+    pub pending_changes: i64,
+    /// Last report from the agent about this device.
+    pub last_seen: Option<SystemTime>,
+}
+
+/// Sync state of a site.
+#[derive(Debug, Clone)]
+pub struct SiteSync {
+    /// Site id.
+    pub site: Uuid,
+    /// Head revision.
+    pub revision: i64,
+    /// Whether an agent stream is open (and heard from recently).
+    pub agent_connected: bool,
+    /// Last time the agent was heard from.
+    pub agent_last_seen: Option<SystemTime>,
+    /// Per device.
+    pub devices: Vec<DeviceSync>,
+}
+
+/// What one slot of one device should hold (`pin` None: clear it).
+#[derive(Clone)]
+pub struct DesiredSlot {
+    /// Device id.
+    pub device: Uuid,
+    /// Slot.
+    pub slot: u16,
+    /// Credential and its PIN, or None when the slot must be cleared.
+    pub code: Option<(Uuid, Uuid, Pin)>,
+}
+
+impl std::fmt::Debug for DesiredSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DesiredSlot({}/{} {})",
+            self.device,
+            self.slot,
+            if self.code.is_some() { "set" } else { "clear" }
+        )
+    }
+}
+
+/// What an agent must apply to catch up.
+#[derive(Debug, Clone)]
+pub enum AgentUpdate {
+    /// The whole desired table at `revision`.
+    Snapshot {
+        /// Site revision.
+        revision: i64,
+        /// Every device of the site and its model.
+        devices: Vec<(Uuid, &'static DeviceModel)>,
+        /// Every assigned slot.
+        slots: Vec<DesiredSlot>,
+    },
+    /// Slots changed after `from` as of `revision`.
+    Changes {
+        /// The revision the agent had.
+        from: i64,
+        /// Site revision now.
+        revision: i64,
+        /// Every device of the site and its model.
+        devices: Vec<(Uuid, &'static DeviceModel)>,
+        /// Current desired value of every changed slot.
+        slots: Vec<DesiredSlot>,
+    },
+}

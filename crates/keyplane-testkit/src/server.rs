@@ -1,0 +1,227 @@
+//! `keyplaned` and `keyplane-agent` inside the test process, on real sockets: the
+//! server binds 127.0.0.1 port 0 against its own test database; agents run the same
+//! code as the binary, with simulated devices kept in a directory that outlives them.
+
+use crate::pg::{TestDatabase, test_database};
+use keyplane_agent::{AgentConfig, SimulatorFactory};
+use keyplane_proto::v1 as pb;
+use keyplane_proto::v1::admin_service_client::AdminServiceClient;
+use keyplane_store::{PinKey, Store};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An AdminService client that authenticates as a dealer.
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A running `keyplaned` on its own database.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    /// Its database.
+    pub db: TestDatabase,
+    /// A store on the same database with the same key, to inspect state directly.
+    pub store: Store,
+    key: PinKey,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh test database.
+    pub async fn start() -> anyhow::Result<TestServer> {
+        let db = test_database().await?;
+        Self::start_on(db, PinKey::generate()?).await
+    }
+
+    /// Starts another server (a replica) on the same database and key.
+    pub async fn replica(&self) -> anyhow::Result<TestServer> {
+        Self::start_on(self.db.clone(), self.key.clone()).await
+    }
+
+    async fn start_on(db: TestDatabase, key: PinKey) -> anyhow::Result<TestServer> {
+        keyplane_telemetry::init("keyplaned-test");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut config = keyplane_server::Config::new(db.url.clone(), key.clone());
+        config.max_connections = 8;
+        config.poll_interval = Duration::from_millis(100);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
+        let store = Store::connect(&db.url, 4, key.clone())?;
+        Ok(TestServer {
+            addr,
+            url: format!("http://{addr}"),
+            db,
+            store,
+            key,
+            shutdown,
+            handle,
+        })
+    }
+
+    /// Creates a dealer; returns its token.
+    pub async fn dealer(&self, name: &str) -> anyhow::Result<String> {
+        // The server migrates on start; wait until it answers before writing.
+        self.channel().await?;
+        Ok(self.store.dealer_create(name).await?.1)
+    }
+
+    /// A channel to the server, retried while it starts.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let mut last = None;
+        for _ in 0..100 {
+            match Channel::from_shared(self.url.clone())?.connect().await {
+                Ok(ch) => {
+                    // Ready once health answers (migrations done).
+                    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+                    if health
+                        .check(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                        .is_ok()
+                    {
+                        return Ok(ch);
+                    }
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("keyplaned at {} did not become ready: {last:?}", self.url)
+    }
+
+    /// An AdminService client with `token` (None: no authorization metadata).
+    pub async fn admin(&self, token: Option<&str>) -> anyhow::Result<Admin> {
+        let bearer = token
+            .map(|t| MetadataValue::try_from(format!("Bearer {t}")))
+            .transpose()?;
+        Ok(AdminServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(bearer),
+        ))
+    }
+
+    /// Issues an agent token for `site`.
+    pub async fn agent_token(&self, admin: &mut Admin, site: &str) -> anyhow::Result<String> {
+        Ok(admin
+            .issue_agent_token(pb::IssueAgentTokenRequest {
+                site: site.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .token)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await??;
+        Ok(())
+    }
+}
+
+/// A running agent with simulated devices.
+pub struct TestAgent {
+    /// Journal directory.
+    pub state_dir: PathBuf,
+    /// Simulated devices directory.
+    pub sim_dir: PathBuf,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestAgent {
+    /// Starts an agent for `site` with state in `dir/state` and devices in `dir/devices`.
+    pub fn start(server: &str, site: &str, token: &str, dir: &Path) -> TestAgent {
+        let state_dir = dir.join("state");
+        let sim_dir = dir.join("devices");
+        let mut config = AgentConfig::new(server, site, token, &state_dir);
+        config.reconcile_every = Duration::from_millis(500);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(keyplane_agent::run(
+            config,
+            Box::new(SimulatorFactory::new(&sim_dir)),
+            shutdown.clone(),
+        ));
+        TestAgent {
+            state_dir,
+            sim_dir,
+            shutdown,
+            handle,
+        }
+    }
+
+    /// Stops the agent and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await??;
+        Ok(())
+    }
+}
+
+/// A fresh scratch directory under the system temp dir, removed at drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates it.
+    pub fn new(label: &str) -> anyhow::Result<TempDir> {
+        let mut bytes = [0u8; 6];
+        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+        let dir = std::env::temp_dir().join(format!("keyplane-{label}-{}", hex::encode(bytes)));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

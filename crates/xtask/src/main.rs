@@ -1,0 +1,99 @@
+//! Developer tasks, run as `cargo xtask <task>`:
+//!
+//! - `dev`: provisions PostgreSQL, starts `keyplaned`, seeds a demo site, starts an
+//!   agent with simulated devices, prints grpcurl calls, and runs until Ctrl-C.
+//! - `test [ARGS…]`: provisions PostgreSQL, then runs fmt, clippy and the whole test
+//!   suite (extra arguments go to the test runner).
+//!
+//! Kept to std + anyhow so it builds in seconds on a clean machine.
+
+mod dev;
+mod pg;
+
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    match task.as_str() {
+        "dev" => dev::run(),
+        "test" => test(&rest),
+        _ => {
+            eprintln!("usage: cargo xtask dev | cargo xtask test [test-runner args]");
+            bail!("unknown task {task:?}")
+        }
+    }
+}
+
+/// The workspace root (the parent of `crates/xtask`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `cmd`, failing with its description when it does not exit 0.
+pub fn run_checked(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root())
+        .env("CARGO_BUILD_JOBS", "2");
+    cmd
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let db = pg::ensure_postgres()?;
+    let result = (|| {
+        run_checked(
+            cargo().args(["fmt", "--all", "--check"]),
+            "cargo fmt --all --check",
+        )?;
+        run_checked(
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            "cargo clippy --workspace --all-targets -- -D warnings",
+        )?;
+        db.drop_test_databases();
+        let mut runner = cargo();
+        if has_nextest() {
+            runner.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+        } else {
+            runner.args(["test", "--workspace", "--no-fail-fast"]);
+        }
+        runner.args(extra).env("DATABASE_URL", &db.url);
+        run_checked(&mut runner, "the test suite")
+    })();
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        db.stop();
+    }
+    result
+}

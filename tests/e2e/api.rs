@@ -1,0 +1,276 @@
+//! API conventions: health, reflection, pagination, idempotent creates, update masks,
+//! preconditions, and changes reaching agents through another replica.
+
+use crate::fixture::{Site, create_user, lock_scope, panel_scope, slot_on};
+use keyplane_proto::v1 as pb;
+use tonic::Code;
+
+#[tokio::test]
+async fn health_and_reflection_answer() -> anyhow::Result<()> {
+    let s = Site::new().await?;
+    let channel = s.server.channel().await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "keyplane.v1.AdminService".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        reply.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await?
+        .into_inner();
+    let reply = replies
+        .message()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no reflection reply"))?;
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        anyhow::bail!("unexpected reflection reply");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "keyplane.v1.AdminService",
+        "keyplane.v1.AgentService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    // v1alpha too, for older grpcurl.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut old = alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut replies = old
+        .server_reflection_info(tokio_stream::iter(vec![alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "keyplane.v1.AdminService".into(),
+                ),
+            ),
+        }]))
+        .await?
+        .into_inner();
+    let reply = replies
+        .message()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no v1alpha reply"))?;
+    assert!(matches!(
+        reply.message_response,
+        Some(alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn pages_walk_every_user_once() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    for i in 0..6 {
+        create_user(&mut s.admin, &site, &format!("User {i}")).await?;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = s
+            .admin
+            .list_users(pb::ListUsersRequest {
+                parent: site.clone(),
+                page_size: 3,
+                page_token: token.clone(),
+            })
+            .await?
+            .into_inner();
+        pages += 1;
+        assert!(page.users.len() <= 3);
+        seen.extend(page.users.into_iter().map(|u| u.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 7, "Alice and six more");
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 7);
+    assert_eq!(pages, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_ids_make_creates_idempotent() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let lock = s.lock.clone();
+    let create = |pin: &str| pb::CreateCredentialRequest {
+        parent: s.alice.clone(),
+        credential: Some(pb::Credential {
+            pin: pin.into(),
+            scope: Some(lock_scope(&[&lock])),
+            ..Default::default()
+        }),
+        request_id: "retry-7f3a".into(),
+    };
+    let (first_req, second_req, other_req) = (create("9930"), create("9930"), create("1357"));
+    let first = s.admin.create_credential(first_req).await?.into_inner();
+    let second = s.admin.create_credential(second_req).await?.into_inner();
+    assert_eq!(
+        first.name, second.name,
+        "a retried create returns the same credential"
+    );
+    assert_eq!(first.slots, second.slots);
+    let err = s
+        .admin
+        .create_credential(other_req)
+        .await
+        .expect_err("reused id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("request_id"));
+    let client = s.server.db.client().await?;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM credential", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 1);
+    let revision: i64 = client
+        .query_one("SELECT revision FROM site", &[])
+        .await?
+        .get(0);
+    assert_eq!(revision, 1, "the retry recorded no second change");
+    Ok(())
+}
+
+#[tokio::test]
+async fn update_masks_scope_changes_and_preconditions() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let alice = s.alice.clone();
+    let (lock, panel) = (s.lock.clone(), s.panel.clone());
+    let c = s.credential(&alice, "4821", panel_scope(&[1])).await?;
+    let panel_slot = slot_on(&c, &panel);
+    // Unknown mask path.
+    let err = s
+        .admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: c.name.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["slots".into()],
+            }),
+        })
+        .await
+        .expect_err("bad mask");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Widen the scope to the lock: the panel slot stays, the lock gets one.
+    let wide = s
+        .admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: c.name.clone(),
+                scope: Some(pb::CredentialScope {
+                    panel_partitions: vec![1],
+                    locks: vec![lock.name.clone()],
+                    doors: vec![],
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["scope".into()],
+            }),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(slot_on(&wide, &panel), panel_slot);
+    assert!(slot_on(&wide, &lock).is_some());
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    assert_eq!(
+        s.slots(&lock)?.values().cloned().collect::<Vec<_>>(),
+        vec!["4821".to_string()]
+    );
+    // Narrow it to the lock only: the panel slot is cleared on the panel.
+    let narrow = s
+        .admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: c.name.clone(),
+                scope: Some(lock_scope(&[&lock])),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["scope".into()],
+            }),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(slot_on(&narrow, &panel), None);
+    s.wait_synced().await?;
+    assert!(s.slots(&panel)?.is_empty());
+    assert_eq!(s.slots(&lock)?.len(), 1);
+    // A device still holding codes cannot be deleted.
+    let err = s
+        .admin
+        .delete_device(pb::DeleteDeviceRequest {
+            name: lock.name.clone(),
+            etag: String::new(),
+        })
+        .await
+        .expect_err("device in use");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Deleting the user clears their codes everywhere.
+    s.admin
+        .delete_user(pb::DeleteUserRequest {
+            name: alice.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    s.wait_synced().await?;
+    assert!(s.slots(&lock)?.is_empty());
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_change_on_one_replica_reaches_an_agent_on_another() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let replica = s.server.replica().await?;
+    let lock = s.lock.clone();
+    // The agent talks to the replica; the dealer writes through the first server.
+    let agent = keyplane_testkit::server::TestAgent::start(
+        &replica.url,
+        &s.site,
+        &s.agent_token,
+        s.dir.path(),
+    );
+    s.wait_synced().await?;
+    let alice = s.alice.clone();
+    let c = s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
+    s.wait_synced().await?;
+    assert_eq!(
+        s.slots(&lock)?
+            .get(&slot_on(&c, &lock).expect("slot"))
+            .map(String::as_str),
+        Some("9930")
+    );
+    assert!(s.sync_status().await?.agent_connected);
+    agent.stop().await?;
+    replica.stop().await?;
+    Ok(())
+}

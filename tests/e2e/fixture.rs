@@ -1,0 +1,210 @@
+//! A demo site built through the public API, and helpers to look at it.
+
+use keyplane_core::DeviceModel;
+use keyplane_devices::SimulatedDevice;
+use keyplane_proto::v1 as pb;
+use keyplane_testkit::server::{Admin, TempDir, TestAgent, TestServer, eventually};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How long a sync may take on a loaded 2-core CI machine.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A site with partition 1, a panel, a front-door lock and user Alice.
+pub struct Site {
+    pub server: TestServer,
+    pub admin: Admin,
+    pub site: String,
+    pub panel: pb::Device,
+    pub lock: pb::Device,
+    pub alice: String,
+    pub agent_token: String,
+    pub dir: TempDir,
+}
+
+impl Site {
+    pub async fn new() -> anyhow::Result<Site> {
+        Self::with_lock_model("zwave-lock-30").await
+    }
+
+    pub async fn with_lock_model(lock_model: &str) -> anyhow::Result<Site> {
+        let server = TestServer::start().await?;
+        let token = server.dealer("Dealer One").await?;
+        let mut admin = server.admin(Some(&token)).await?;
+        let site = admin
+            .create_site(pb::CreateSiteRequest {
+                site: Some(pb::Site {
+                    display_name: "Alice's house".into(),
+                    time_zone: "Europe/Paris".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .name;
+        admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 1,
+                    display_name: "House".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+        let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
+        let lock = create_device(&mut admin, &site, "Front door", lock_model).await?;
+        let alice = create_user(&mut admin, &site, "Alice").await?;
+        let agent_token = server.agent_token(&mut admin, &site).await?;
+        Ok(Site {
+            server,
+            admin,
+            site,
+            panel,
+            lock,
+            alice,
+            agent_token,
+            dir: TempDir::new("e2e")?,
+        })
+    }
+
+    pub fn start_agent(&self) -> TestAgent {
+        TestAgent::start(
+            &self.server.url,
+            &self.site,
+            &self.agent_token,
+            self.dir.path(),
+        )
+    }
+
+    /// The simulated device behind `device`, opened from disk.
+    pub fn sim(&self, device: &pb::Device) -> anyhow::Result<SimulatedDevice> {
+        let model = DeviceModel::find(&device.model)
+            .ok_or_else(|| anyhow::anyhow!("model {}", device.model))?;
+        Ok(SimulatedDevice::open(
+            &self.dir.path().join("devices"),
+            &device.name,
+            model,
+        )?)
+    }
+
+    /// What the simulated device holds, slot -> code.
+    pub fn slots(&self, device: &pb::Device) -> anyhow::Result<BTreeMap<u16, String>> {
+        Ok(self.sim(device)?.slots())
+    }
+
+    pub async fn credential(
+        &mut self,
+        user: &str,
+        pin: &str,
+        scope: pb::CredentialScope,
+    ) -> Result<pb::Credential, tonic::Status> {
+        self.admin
+            .create_credential(pb::CreateCredentialRequest {
+                parent: user.to_owned(),
+                credential: Some(pb::Credential {
+                    display_name: "code".into(),
+                    pin: pin.into(),
+                    scope: Some(scope),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn sync_status(&mut self) -> anyhow::Result<pb::SyncStatus> {
+        Ok(self
+            .admin
+            .get_sync_status(pb::GetSyncStatusRequest {
+                name: format!("{}/syncStatus", self.site),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until every device reports the site's head revision applied.
+    pub async fn wait_synced(&mut self) -> anyhow::Result<pb::SyncStatus> {
+        let admin = self.admin.clone();
+        let name = format!("{}/syncStatus", self.site);
+        eventually("all devices applied at head", SYNC_TIMEOUT, || {
+            let mut admin = admin.clone();
+            let name = name.clone();
+            async move {
+                let s = admin
+                    .get_sync_status(pb::GetSyncStatusRequest { name })
+                    .await?
+                    .into_inner();
+                let done = s
+                    .devices
+                    .iter()
+                    .all(|d| d.in_sync && d.applied_revision == s.desired_revision);
+                Ok(done.then_some(s))
+            }
+        })
+        .await
+    }
+}
+
+pub fn panel_scope(partitions: &[i32]) -> pb::CredentialScope {
+    pb::CredentialScope {
+        panel_partitions: partitions.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn lock_scope(locks: &[&pb::Device]) -> pb::CredentialScope {
+    pb::CredentialScope {
+        locks: locks.iter().map(|d| d.name.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn create_device(
+    admin: &mut Admin,
+    site: &str,
+    name: &str,
+    model: &str,
+) -> anyhow::Result<pb::Device> {
+    Ok(admin
+        .create_device(pb::CreateDeviceRequest {
+            parent: site.to_owned(),
+            device: Some(pb::Device {
+                display_name: name.into(),
+                model: model.into(),
+                partition: 1,
+                perimeter: true,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner())
+}
+
+pub async fn create_user(admin: &mut Admin, site: &str, name: &str) -> anyhow::Result<String> {
+    Ok(admin
+        .create_user(pb::CreateUserRequest {
+            parent: site.to_owned(),
+            user: Some(pb::User {
+                display_name: name.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner()
+        .name)
+}
+
+/// The slot a credential got on `device`.
+pub fn slot_on(credential: &pb::Credential, device: &pb::Device) -> Option<u16> {
+    credential
+        .slots
+        .iter()
+        .find(|s| s.device == device.name)
+        .and_then(|s| u16::try_from(s.slot).ok())
+}

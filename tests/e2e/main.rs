@@ -1,0 +1,10 @@
+//! End-to-end scenarios: a real PostgreSQL (one database per test), `keyplaned` on a
+//! real TCP socket, the real agent code, and simulated devices whose state lives on
+//! disk apart from the agent.
+
+mod api;
+mod bad_input;
+mod fixture;
+mod race;
+mod restart;
+mod seed000;
