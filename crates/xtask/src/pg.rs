@@ -191,6 +191,27 @@ fn chown(path: &Path, user: &Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the private cluster lives: `target/keyplane-pg`, unless it runs as another
+/// user who cannot reach the checkout (a clone under a private directory), then a
+/// directory under the system temp dir named after the checkout.
+fn cluster_root(other_owner: bool) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = workspace_root();
+    let reachable = root
+        .ancestors()
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if !other_owner || reachable {
+        return root.join("target/keyplane-pg");
+    }
+    let tag: u64 = root
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    std::env::temp_dir().join(format!("keyplane-pg-{tag:016x}"))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -210,11 +231,11 @@ pub fn ensure_postgres() -> anyhow::Result<Database> {
             find_bin_dir().context("PostgreSQL was installed but initdb is still not found")?
         }
     };
-    let root = workspace_root().join("target/keyplane-pg");
+    let user = owner()?;
+    let root = cluster_root(user.is_some());
     let data = root.join("data");
     let sock = root.join("sock");
     std::fs::create_dir_all(&sock)?;
-    let user = owner()?;
     let port_file = root.join("port");
     let mut cluster = Cluster {
         bin,
