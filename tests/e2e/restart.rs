@@ -1,7 +1,12 @@
 //! An agent restarted mid-way resumes from its journal: nothing is written twice.
 
-use crate::fixture::{Site, create_user, lock_scope, panel_scope, slot_on};
+use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope, panel_scope, slot_on};
+use keyplane_core::DeviceModel;
+use keyplane_devices::{DeviceDriver, DeviceError};
 use keyplane_proto::v1 as pb;
+use keyplane_testkit::server::{TestAgent, eventually};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 #[tokio::test]
 async fn restarted_agent_resumes_without_rewriting() -> anyhow::Result<()> {
@@ -101,6 +106,132 @@ async fn fresh_agent_gets_a_snapshot_and_devices_outlive_it() -> anyhow::Result<
             .map(String::as_str),
         Some("9930")
     );
+    agent.stop().await?;
+    Ok(())
+}
+
+/// Simulated devices that stop answering after a number of writes, as a lock does
+/// when its radio link drops in the middle of a batch.
+struct FlakyFactory {
+    inner: keyplane_agent::SimulatorFactory,
+    writes_left: Arc<AtomicU32>,
+}
+
+struct FlakyDriver {
+    inner: Box<dyn DeviceDriver>,
+    writes_left: Arc<AtomicU32>,
+}
+
+impl keyplane_agent::DriverFactory for FlakyFactory {
+    fn open(
+        &self,
+        device: &str,
+        model: &'static DeviceModel,
+    ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+        Ok(Box::new(FlakyDriver {
+            inner: self.inner.open(device, model)?,
+            writes_left: self.writes_left.clone(),
+        }))
+    }
+}
+
+impl FlakyDriver {
+    fn spend(&self) -> Result<(), DeviceError> {
+        self.writes_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .map(|_| ())
+            .map_err(|_| DeviceError::Unreachable("link lost".into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceDriver for FlakyDriver {
+    fn device(&self) -> &str {
+        self.inner.device()
+    }
+    fn model(&self) -> &'static DeviceModel {
+        self.inner.model()
+    }
+    async fn read_slots(&mut self) -> Result<Vec<keyplane_devices::ObservedSlot>, DeviceError> {
+        self.inner.read_slots().await
+    }
+    async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+        self.spend()?;
+        self.inner.set_slot(slot, code).await
+    }
+    async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+        self.spend()?;
+        self.inner.clear_slot(slot).await
+    }
+}
+
+#[tokio::test]
+async fn agent_stopped_in_the_middle_of_a_batch_resumes_where_it_left_off() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let lock = s.lock.clone();
+    let site = s.site.clone();
+    let tenants = create_user(&mut s.admin, &site, "Tenants").await?;
+    let mut creds = Vec::new();
+    for i in 0..10 {
+        creds.push(
+            s.credential(
+                &tenants,
+                &format!("{}", 3000 + i * 11),
+                lock_scope(&[&lock]),
+            )
+            .await?,
+        );
+    }
+    // The first agent gets through 4 writes, then the lock stops answering.
+    let writes_left = Arc::new(AtomicU32::new(4));
+    let flaky = FlakyFactory {
+        inner: keyplane_agent::SimulatorFactory::new(s.dir.path().join("devices")),
+        writes_left: writes_left.clone(),
+    };
+    let agent = TestAgent::start_with(
+        &s.server.url,
+        &site,
+        &s.agent_token,
+        s.dir.path(),
+        Box::new(flaky),
+    );
+    let sim_dir = s.dir.path().join("devices");
+    let model = DeviceModel::find(&lock.model).expect("model");
+    eventually("four slots written", SYNC_TIMEOUT, || {
+        let sim_dir = sim_dir.clone();
+        let name = lock.name.clone();
+        async move {
+            let sim = keyplane_devices::SimulatedDevice::open(&sim_dir, &name, model)?;
+            Ok((sim.total_writes() == 4).then_some(()))
+        }
+    })
+    .await?;
+    let status = s.sync_status().await?;
+    let lock_status = status
+        .devices
+        .iter()
+        .find(|d| d.device == lock.name)
+        .expect("lock status");
+    assert!(
+        !lock_status.in_sync,
+        "a half-programmed lock is not reported in sync"
+    );
+    agent.stop().await?;
+
+    // A healthy agent finishes the batch without touching the four written slots again.
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let sim = s.sim(&lock)?;
+    assert_eq!(sim.total_writes(), 10, "every slot written exactly once");
+    for c in &creds {
+        assert_eq!(
+            sim.writes(slot_on(c, &lock).expect("slot")),
+            1,
+            "{}",
+            c.name
+        );
+    }
+    assert_eq!(sim.slots().len(), 10);
     agent.stop().await?;
     Ok(())
 }

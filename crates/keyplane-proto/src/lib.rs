@@ -9,3 +9,61 @@ pub mod v1 {
 
 /// Encoded `FileDescriptorSet` of the API, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyplane_descriptor");
+
+// Hand-written Debug for messages holding a PIN: everything but the digits.
+impl std::fmt::Debug for v1::Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("name", &self.name)
+            .field("display_name", &self.display_name)
+            .field("pin", &redacted(&self.pin))
+            .field("pin_set", &self.pin_set)
+            .field("scope", &self.scope)
+            .field("slots", &self.slots)
+            .field("etag", &self.etag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for v1::DesiredSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesiredSlot")
+            .field("device", &self.device)
+            .field("slot", &self.slot)
+            .field("credential", &self.credential)
+            .field("pin", &redacted(&self.pin))
+            .finish()
+    }
+}
+
+fn redacted(pin: &str) -> &'static str {
+    if pin.is_empty() { "" } else { "<redacted>" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1;
+
+    #[test]
+    fn debug_never_shows_pins() {
+        let credential = v1::Credential {
+            pin: "48213".into(),
+            ..Default::default()
+        };
+        let request = v1::CreateCredentialRequest {
+            credential: Some(credential),
+            ..Default::default()
+        };
+        let slot = v1::DesiredSlot {
+            pin: "99301".into(),
+            ..Default::default()
+        };
+        let changes = v1::DesiredChanges {
+            slots: vec![slot],
+            ..Default::default()
+        };
+        let text = format!("{request:?} {changes:?}");
+        assert!(!text.contains("48213") && !text.contains("99301"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+}

@@ -3,7 +3,7 @@
 //! code as the binary, with simulated devices kept in a directory that outlives them.
 
 use crate::pg::{TestDatabase, test_database};
-use keyplane_agent::{AgentConfig, SimulatorFactory};
+use keyplane_agent::{AgentConfig, DriverFactory, SimulatorFactory};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::admin_service_client::AdminServiceClient;
 use keyplane_store::{PinKey, Store};
@@ -157,16 +157,24 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent for `site` with state in `dir/state` and devices in `dir/devices`.
     pub fn start(server: &str, site: &str, token: &str, dir: &Path) -> TestAgent {
+        let factory = Box::new(SimulatorFactory::new(dir.join("devices")));
+        Self::start_with(server, site, token, dir, factory)
+    }
+
+    /// Like [`TestAgent::start`], with drivers from `factory` (e.g. failing ones).
+    pub fn start_with(
+        server: &str,
+        site: &str,
+        token: &str,
+        dir: &Path,
+        factory: Box<dyn DriverFactory>,
+    ) -> TestAgent {
         let state_dir = dir.join("state");
         let sim_dir = dir.join("devices");
         let mut config = AgentConfig::new(server, site, token, &state_dir);
         config.reconcile_every = Duration::from_millis(500);
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(keyplane_agent::run(
-            config,
-            Box::new(SimulatorFactory::new(&sim_dir)),
-            shutdown.clone(),
-        ));
+        let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
         TestAgent {
             state_dir,
             sim_dir,

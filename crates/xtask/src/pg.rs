@@ -78,14 +78,19 @@ impl Cluster {
     /// A command for PostgreSQL binary `name`, run as the cluster's owner.
     fn command(&self, name: &str) -> Command {
         let bin = self.bin.join(name);
-        match &self.user {
+        let mut c = match &self.user {
             Some(user) => {
                 let mut c = Command::new("runuser");
                 c.args(["-u", user, "--"]).arg(bin);
                 c
             }
             None => Command::new(bin),
+        };
+        // The owner may not be able to enter the caller's directory.
+        if let Some(dir) = self.data.parent() {
+            c.current_dir(dir);
         }
+        c
     }
 }
 
