@@ -59,6 +59,25 @@ fn required<'a, T>(field: &str, value: Option<&'a T>) -> Result<&'a T, Status> {
 
 type Res<T> = Result<Response<T>, Status>;
 
+/// Fetches one page keyed by id: asks the store for one row more than the page
+/// size, so the next page token is only given when there is a next page.
+async fn list_page<T, F, Fut>(
+    page_size: i32,
+    page_token: &str,
+    key: impl Fn(&T) -> String,
+    fetch: F,
+) -> Result<(Vec<T>, String), Status>
+where
+    F: FnOnce(store::PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, store::StoreError>>,
+{
+    let mut p = page(page_size, page_token)?;
+    let limit = p.limit;
+    p.limit += 1;
+    let items = fetch(p).await.map_err(store_status)?;
+    Ok(page_split(items, limit, key))
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_site(&self, request: Request<pb::CreateSiteRequest>) -> Res<pb::Site> {
@@ -96,15 +115,13 @@ impl AdminService for AdminApi {
     ) -> Res<pb::ListSitesResponse> {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
-        let mut p = page(req.page_size, &req.page_token)?;
-        let limit = p.limit;
-        p.limit += 1;
-        let sites = self
-            .store
-            .site_list(actor.dealer, p)
-            .await
-            .map_err(store_status)?;
-        let (sites, next_page_token) = page_split(sites, limit, |s| s.id.to_string());
+        let (sites, next_page_token) = list_page(
+            req.page_size,
+            &req.page_token,
+            |s: &store::Site| s.id.to_string(),
+            |p| self.store.site_list(actor.dealer, p),
+        )
+        .await?;
         Ok(Response::new(pb::ListSitesResponse {
             sites: sites.iter().map(cv::site_pb).collect(),
             next_page_token,
@@ -289,15 +306,13 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
-        let mut p = page(req.page_size, &req.page_token)?;
-        let limit = p.limit;
-        p.limit += 1;
-        let items = self
-            .store
-            .device_list(actor.dealer, parent.site, p)
-            .await
-            .map_err(store_status)?;
-        let (items, next_page_token) = page_split(items, limit, |d| d.id.to_string());
+        let (items, next_page_token) = list_page(
+            req.page_size,
+            &req.page_token,
+            |d: &store::Device| d.id.to_string(),
+            |p| self.store.device_list(actor.dealer, parent.site, p),
+        )
+        .await?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: items.iter().map(cv::device_pb).collect(),
             next_page_token,
@@ -385,15 +400,13 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
-        let mut p = page(req.page_size, &req.page_token)?;
-        let limit = p.limit;
-        p.limit += 1;
-        let items = self
-            .store
-            .user_list(actor.dealer, parent.site, p)
-            .await
-            .map_err(store_status)?;
-        let (items, next_page_token) = page_split(items, limit, |u| u.id.to_string());
+        let (items, next_page_token) = list_page(
+            req.page_size,
+            &req.page_token,
+            |u: &store::User| u.id.to_string(),
+            |p| self.store.user_list(actor.dealer, parent.site, p),
+        )
+        .await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: items.iter().map(cv::user_pb).collect(),
             next_page_token,
@@ -486,15 +499,16 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
         let parent = UserName::parse(&req.parent).map_err(|e| name_status("parent", e))?;
-        let mut p = page(req.page_size, &req.page_token)?;
-        let limit = p.limit;
-        p.limit += 1;
-        let items = self
-            .store
-            .credential_list(actor.dealer, parent.site, parent.user, p)
-            .await
-            .map_err(store_status)?;
-        let (items, next_page_token) = page_split(items, limit, |c| c.id.to_string());
+        let (items, next_page_token) = list_page(
+            req.page_size,
+            &req.page_token,
+            |c: &store::Credential| c.id.to_string(),
+            |p| {
+                self.store
+                    .credential_list(actor.dealer, parent.site, parent.user, p)
+            },
+        )
+        .await?;
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: items.iter().map(cv::credential_pb).collect(),
             next_page_token,

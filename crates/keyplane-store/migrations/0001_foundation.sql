@@ -135,6 +135,8 @@ CREATE TABLE site_change (
     slot      integer NOT NULL,
     PRIMARY KEY (site_id, revision, device_id, slot)
 );
+-- Sync status reads per device: the latest change and the changes after an ack.
+CREATE INDEX site_change_by_device ON site_change (site_id, device_id, revision);
 
 CREATE TABLE idempotency_key (
     dealer_id     uuid NOT NULL REFERENCES dealer (id) ON DELETE CASCADE,

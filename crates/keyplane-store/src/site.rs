@@ -34,14 +34,7 @@ pub(crate) async fn site_get_in_txn(
     dealer: Uuid,
     site: Uuid,
 ) -> Result<Site, StoreError> {
-    let row = tx
-        .query_opt(
-            &format!("SELECT {SITE_COLUMNS} FROM site WHERE id = $1 AND dealer_id = $2"),
-            &[&site, &dealer],
-        )
-        .await?
-        .ok_or_else(|| not_found_site(site))?;
-    Ok(site_from_row(&row))
+    site_select_in_txn(tx, dealer, site, "").await
 }
 
 /// Locks a site of `dealer` for a write that may change desired slots.
@@ -50,11 +43,18 @@ pub(crate) async fn site_lock_in_txn(
     dealer: Uuid,
     site: Uuid,
 ) -> Result<Site, StoreError> {
+    site_select_in_txn(tx, dealer, site, "FOR NO KEY UPDATE").await
+}
+
+async fn site_select_in_txn(
+    tx: &Transaction<'_>,
+    dealer: Uuid,
+    site: Uuid,
+    lock: &str,
+) -> Result<Site, StoreError> {
     let row = tx
         .query_opt(
-            &format!(
-                "SELECT {SITE_COLUMNS} FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE"
-            ),
+            &format!("SELECT {SITE_COLUMNS} FROM site WHERE id = $1 AND dealer_id = $2 {lock}"),
             &[&site, &dealer],
         )
         .await?

@@ -20,6 +20,9 @@ struct Children(Vec<Child>);
 impl Drop for Children {
     fn drop(&mut self) {
         for child in &mut self.0 {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                continue;
+            }
             // SIGTERM lets both binaries shut down gracefully.
             let _ = Command::new("kill")
                 .arg("-TERM")
