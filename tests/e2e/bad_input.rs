@@ -62,15 +62,20 @@ async fn refused_requests_change_nothing() -> anyhow::Result<()> {
     let r = s.credential(&alice, "48a1", lock_scope(&[&lock])).await;
     assert_status(r, Code::InvalidArgument, &["digits"], "48a1");
     // Too long for a scoped device: names the device and its range.
-    let r = s.credential(&alice, "123456", lock_scope(&[&lock])).await;
+    let r = s.credential(&alice, "918273", lock_scope(&[&lock])).await;
     assert_status(
         r,
         Code::InvalidArgument,
         &["Front door", &lock.name, "4 digits"],
-        "123456",
+        "918273",
     );
-    let r = s.credential(&alice, "55555", panel_scope(&[1])).await;
-    assert_status(r, Code::InvalidArgument, &["Panel", "4 digits"], "55555");
+    let r = s.credential(&alice, "51273", panel_scope(&[1])).await;
+    assert_status(r, Code::InvalidArgument, &["Panel", "4 digits"], "51273");
+    // Guessable codes, and the installer's factory default.
+    for guessable in ["1111", "1234", "9876", "4140"] {
+        let r = s.credential(&alice, guessable, lock_scope(&[&lock])).await;
+        assert_status(r, Code::InvalidArgument, &["guess"], guessable);
+    }
     // Duplicate PIN on one device.
     let bob = create_user(&mut s.admin, &site, "Bob").await?;
     let before_bob = fingerprint(&mut s).await?;
@@ -154,12 +159,12 @@ async fn a_full_device_is_resource_exhausted() -> anyhow::Result<()> {
     s.wait_synced().await?;
     assert_eq!(s.slots(&lock)?.len(), 30);
     let before = fingerprint(&mut s).await?;
-    let r = s.credential(&user, "9999", lock_scope(&[&lock])).await;
+    let r = s.credential(&user, "9817", lock_scope(&[&lock])).await;
     assert_status(
         r,
         Code::ResourceExhausted,
         &["Front door", "no free slot"],
-        "9999",
+        "9817",
     );
     assert_eq!(fingerprint(&mut s).await?, before);
     agent.stop().await?;

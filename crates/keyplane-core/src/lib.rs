@@ -5,6 +5,7 @@
 //! keyplane crate, nor on tokio, a database or gRPC.
 
 pub mod allocation;
+pub mod authority;
 pub mod model;
 pub mod names;
 pub mod pin;

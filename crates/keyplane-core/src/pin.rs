@@ -7,6 +7,9 @@ use std::fmt;
 /// Longest PIN any supported device accepts; longer input is refused before anything else.
 pub const MAX_PIN_LENGTH: usize = 12;
 
+/// The factory-default installer code of VISTA-style panels, never a user code.
+pub const INSTALLER_DEFAULT: &str = "4140";
+
 /// A user code: digits only. Its digits are reachable only through [`Pin::expose`].
 #[derive(Clone, PartialEq, Eq)]
 pub struct Pin(String);
@@ -29,6 +32,9 @@ pub enum PinError {
     /// Longer than any device accepts.
     #[error("pin is longer than {MAX_PIN_LENGTH} digits")]
     TooLong,
+    /// Easy to guess: one repeated digit, a straight run, or the installer default.
+    #[error("pin is too easy to guess ({0}); choose another code")]
+    Guessable(&'static str),
     /// Length outside a scoped device's range.
     #[error("a {len}-digit pin does not fit device {device} ({model}): it accepts {range}")]
     Length {
@@ -56,6 +62,23 @@ impl Pin {
             return Err(PinError::TooLong);
         }
         Ok(Pin(raw.to_owned()))
+    }
+
+    /// Refuses codes anyone would try first: one digit repeated (`0000`), a straight
+    /// run up or down (`1234`, `4321`), and the panel's installer default `4140`.
+    pub fn check_not_guessable(&self) -> Result<(), PinError> {
+        let digits: Vec<i16> = self.0.bytes().map(|b| i16::from(b - b'0')).collect();
+        let steps: Vec<i16> = digits.windows(2).map(|w| w[1] - w[0]).collect();
+        if steps.iter().all(|s| *s == 0) {
+            return Err(PinError::Guessable("one digit repeated"));
+        }
+        if steps.iter().all(|s| *s == 1) || steps.iter().all(|s| *s == -1) {
+            return Err(PinError::Guessable("a straight run of digits"));
+        }
+        if self.0 == INSTALLER_DEFAULT {
+            return Err(PinError::Guessable("the installer's factory default"));
+        }
+        Ok(())
     }
 
     /// Number of digits.
@@ -139,6 +162,34 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("123456789"), "{msg}");
+    }
+
+    #[test]
+    fn guessable_table() {
+        let cases: &[(&str, bool)] = &[
+            ("4821", true),
+            ("0000", false),
+            ("99999999", false),
+            ("1234", false),
+            ("4321", false),
+            ("0123", false),
+            ("6789", false),
+            ("98765", false),
+            ("4140", false),
+            ("41400", true),
+            ("1357", true),
+            ("1233", true),
+            ("9012", true),
+            ("1", false),
+        ];
+        for (raw, ok) in cases {
+            let pin = Pin::parse(raw).expect("digits");
+            let result = pin.check_not_guessable();
+            assert_eq!(result.is_ok(), *ok, "{raw}");
+            if let Err(e) = result {
+                assert!(!e.to_string().contains(raw), "{e}");
+            }
+        }
     }
 
     #[test]

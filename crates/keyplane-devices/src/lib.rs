@@ -1,36 +1,48 @@
 //! Device drivers: the [`DeviceDriver`] trait through which the agent reaches every
-//! device, and simulators of each kind (panel, Z-Wave lock, access-control door).
+//! device, and a file-backed simulator for each kind (panel, Z-Wave lock,
+//! access-control door), chosen by the device's [`DeviceModel`].
 //!
-//! This crate talks to devices only: no network to keyplaned, no database. Nothing it
-//! prints (errors, `Debug`) contains a code.
+//! What this crate must not contain: any network connection to keyplaned, any
+//! database, any policy (who may hold which code, which slot a credential gets,
+//! retries). Drivers only read and write device slots and report refusals the way
+//! the device does; deciding what to write is the agent's and keyplane-core's job.
+//!
+//! Nothing this crate formats (errors, `Debug`) contains a code: [`DeviceError`] has
+//! no variant that holds one, and [`ObservedSlot`]'s `Debug` redacts it.
 
 mod sim;
 
-pub use sim::{SimulatedDevice, open_driver};
+pub use sim::{SimulatedDevice, SimulatedSite, open_driver};
 
 use keyplane_core::DeviceModel;
+use std::fmt;
 
 /// What a device reports for one occupied slot.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ObservedSlot {
     /// Slot (user number) on the device.
     pub slot: u16,
-    /// The code, when the device reports codes in clear.
+    /// The code, when the device reports codes in clear (`None` when it only says
+    /// the slot is occupied).
     pub code: Option<String>,
 }
 
-impl std::fmt::Debug for ObservedSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for ObservedSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let code = if self.code.is_some() {
             "Some(<redacted>)"
         } else {
             "None"
         };
-        write!(f, "ObservedSlot {{ slot: {}, code: {code} }}", self.slot)
+        f.debug_struct("ObservedSlot")
+            .field("slot", &self.slot)
+            .field("code", &format_args!("{code}"))
+            .finish()
     }
 }
 
-/// Why a device refused or failed an operation. Never holds a code.
+/// Why a device refused or failed an operation. No variant holds a code; drivers
+/// must not put one into the free-text variants either.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
     /// The code's length is outside what the device accepts.
@@ -45,7 +57,7 @@ pub enum DeviceError {
         /// Longest accepted.
         max: u8,
     },
-    /// The code holds something other than digits.
+    /// The code is empty or holds something other than the digits 0-9.
     #[error("slot {slot}: codes must be digits only")]
     NotDigits {
         /// Target slot.
@@ -69,29 +81,85 @@ pub enum DeviceError {
         /// Where the code already is.
         existing_slot: u16,
     },
-    /// The device's memory is full.
+    /// The device's code memory is full.
     #[error("the device's code memory is full")]
     Full,
-    /// The device cannot be reached.
+    /// The device cannot be reached (link down, no answer).
     #[error("device unreachable: {0}")]
     Unreachable(String),
-    /// Local I/O failed (the simulator's state file).
+    /// Local I/O failed (for the simulator: its state file).
     #[error("device state: {0}")]
     Io(String),
 }
 
 /// A device the agent can program. Implementations report refusals as the device
-/// would; they never retry on their own (the agent's reconcile loop does).
+/// would and never retry on their own (the agent's reconcile loop does).
 #[async_trait::async_trait]
 pub trait DeviceDriver: Send {
     /// The device's resource name, `sites/{site}/devices/{device}`.
     fn device(&self) -> &str;
     /// The device's model profile.
     fn model(&self) -> &'static DeviceModel;
-    /// Every occupied slot, sorted by slot.
+    /// Every occupied slot (and only those), sorted by slot.
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError>;
-    /// Writes `code` into `slot`.
+    /// Writes `code` into `slot`, replacing what is there.
     async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError>;
-    /// Clears `slot`.
+    /// Clears `slot` (clearing an empty slot succeeds).
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "73915";
+
+    #[test]
+    fn observed_slot_debug_redacts_the_code() {
+        let with = ObservedSlot {
+            slot: 7,
+            code: Some(PIN.to_owned()),
+        };
+        let without = ObservedSlot {
+            slot: 7,
+            code: None,
+        };
+        for (slot, want) in [
+            (&with, "ObservedSlot { slot: 7, code: Some(<redacted>) }"),
+            (&without, "ObservedSlot { slot: 7, code: None }"),
+        ] {
+            assert_eq!(format!("{slot:?}"), want);
+            assert!(!format!("{slot:#?}").contains(PIN));
+        }
+        assert!(!format!("{:?}", vec![with]).contains(PIN));
+    }
+
+    #[test]
+    fn errors_never_print_a_code() {
+        let errors = [
+            DeviceError::CodeLength {
+                slot: 2,
+                len: PIN.len(),
+                min: 4,
+                max: 4,
+            },
+            DeviceError::NotDigits { slot: 2 },
+            DeviceError::SlotOutOfRange {
+                slot: 31,
+                first: 1,
+                last: 30,
+            },
+            DeviceError::DuplicateCode {
+                slot: 2,
+                existing_slot: 1,
+            },
+            DeviceError::Full,
+            DeviceError::Unreachable("link lost".into()),
+            DeviceError::Io("state file missing".into()),
+        ];
+        for e in errors {
+            assert!(!e.to_string().contains(PIN), "{e}");
+            assert!(!format!("{e:?}").contains(PIN), "{e:?}");
+        }
+    }
 }

@@ -1,27 +1,55 @@
 //! Simulated devices whose state lives in a JSON file, so it outlives the agent
 //! process: a test can restart the agent, or program the device "at the keypad" while
-//! the agent is down, and find the device as a real one would be. Every operation
-//! takes an exclusive lock on a sidecar file, loads, changes and atomically rewrites
-//! the state, so separate processes can share a device safely.
+//! the agent is down, and find the device as a real one would be.
+//!
+//! A handle caches nothing. Every operation takes an exclusive OS lock on a sidecar
+//! `.lock` file, loads the state, changes it and atomically rewrites it (temporary
+//! file + rename), so several handles and processes can share one device safely.
+//! The file I/O is done inline, also inside the async driver methods: a few small
+//! local files, quick enough for the agent's executor in tests.
 
 use crate::{DeviceDriver, DeviceError, ObservedSlot};
 use keyplane_core::DeviceModel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What a simulated device holds, as stored in its JSON file. Holds codes: it has no
+/// `Debug` on purpose.
+#[derive(Default, Serialize, Deserialize)]
 struct State {
+    /// Model profile id the device was created as.
+    #[serde(default)]
+    model: String,
     /// slot -> code.
     slots: BTreeMap<u16, String>,
-    /// Writes made through the driver interface, per slot.
+    /// Writes (sets and clears) made through the driver interface, per slot.
     writes: BTreeMap<u16, u32>,
-    /// Writes made at the keypad, per slot.
+    /// Writes made by a person at the keypad, per slot.
     keypad_writes: BTreeMap<u16, u32>,
 }
 
-/// A simulated panel, lock or door (by model).
+/// Who changes a slot: the driver interface (the agent) or a person at the keypad.
+#[derive(Clone, Copy)]
+enum Writer {
+    Driver,
+    Keypad,
+}
+
+impl State {
+    fn count(&mut self, slot: u16, by: Writer) {
+        let log = match by {
+            Writer::Driver => &mut self.writes,
+            Writer::Keypad => &mut self.keypad_writes,
+        };
+        *log.entry(slot).or_default() += 1;
+    }
+}
+
+/// A simulated panel, lock or door (by model), kept in `<dir>/<device>.json`.
 #[derive(Debug)]
 pub struct SimulatedDevice {
     device: String,
@@ -30,74 +58,117 @@ pub struct SimulatedDevice {
     lock_path: PathBuf,
 }
 
-fn io(e: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Io(e.to_string())
+fn io_error(what: &str, path: &Path, e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Io(format!("{what} {}: {e}", path.display()))
 }
 
-fn file_name(device: &str) -> String {
-    device
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
+/// A file name stem for a device resource name, distinct for distinct names: ASCII
+/// letters, digits and `-` stay, `/` becomes `_`, any other byte becomes `%XX`.
+fn file_stem(device: &str) -> String {
+    let mut stem = String::with_capacity(device.len());
+    for b in device.bytes() {
+        match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => stem.push(char::from(b)),
+            b'/' => stem.push('_'),
+            _ => {
+                let _ = write!(stem, "%{b:02X}");
             }
-        })
-        .collect()
+        }
+    }
+    stem
 }
 
 impl SimulatedDevice {
-    /// Opens (creating if needed) the simulated `device` of `model` kept in `dir`.
+    /// Opens the simulated `device` of `model` kept in `dir`, creating the directory
+    /// and an empty device if needed. Refuses a device created as another model.
     pub fn open(
         dir: &Path,
         device: &str,
         model: &'static DeviceModel,
     ) -> Result<SimulatedDevice, DeviceError> {
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let base = file_name(device);
+        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+        let stem = file_stem(device);
         let sim = SimulatedDevice {
             device: device.to_owned(),
             model,
-            path: dir.join(format!("{base}.json")),
-            lock_path: dir.join(format!("{base}.lock")),
+            path: dir.join(format!("{stem}.json")),
+            lock_path: dir.join(format!("{stem}.lock")),
         };
         sim.with_state(|_| Ok(()))?;
         Ok(sim)
     }
 
+    /// Runs `f` on the state under the device's exclusive lock, writing the state
+    /// back (atomically) when `f` changed it.
     fn with_state<T>(
         &self,
         f: impl FnOnce(&mut State) -> Result<T, DeviceError>,
     ) -> Result<T, DeviceError> {
-        let lock = std::fs::OpenOptions::new()
+        let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&self.lock_path)
-            .map_err(io)?;
-        lock.lock().map_err(io)?;
-        let mut state: State = match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| io(format!("corrupt state: line {}", e.line())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(io(e)),
+            .map_err(|e| io_error("opening", &self.lock_path, e))?;
+        lock.lock()
+            .map_err(|e| io_error("locking", &self.lock_path, e))?;
+        let out = self.locked(f);
+        // Closing the file releases the lock too; unlocking first just says so.
+        let _ = lock.unlock();
+        out
+    }
+
+    fn locked<T>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, DeviceError>,
+    ) -> Result<T, DeviceError> {
+        let (mut state, existed) = match std::fs::read(&self.path) {
+            // The parse error's line is enough; its text could quote a code.
+            Ok(bytes) => (
+                serde_json::from_slice::<State>(&bytes).map_err(|e| {
+                    io_error("parsing", &self.path, format_args!("line {}", e.line()))
+                })?,
+                true,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), false),
+            Err(e) => return Err(io_error("reading", &self.path, e)),
         };
-        let before = serde_json::to_vec(&state).map_err(io)?;
-        let out = f(&mut state)?;
-        let after = serde_json::to_vec(&state).map_err(io)?;
-        if before != after || !self.path.exists() {
-            let tmp = self.path.with_extension("json.tmp");
-            let mut file = std::fs::File::create(&tmp).map_err(io)?;
-            file.write_all(&after).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if state.model.is_empty() {
+            state.model = self.model.id.to_owned();
+        } else if state.model != self.model.id {
+            return Err(DeviceError::Io(format!(
+                "{} is a simulated {} device, not {}",
+                self.device, state.model, self.model.id
+            )));
         }
-        drop(lock);
+        let before = serde_json::to_vec(&state).map_err(|e| io_error("encoding", &self.path, e))?;
+        let out = f(&mut state)?;
+        let after = serde_json::to_vec(&state).map_err(|e| io_error("encoding", &self.path, e))?;
+        if !existed || before != after {
+            self.store(&after)?;
+        }
         Ok(out)
     }
 
-    fn check(&self, state: &State, slot: u16, code: &str) -> Result<(), DeviceError> {
+    fn store(&self, bytes: &[u8]) -> Result<(), DeviceError> {
+        let tmp = self.path.with_extension("json.tmp");
+        let mut file = File::create(&tmp).map_err(|e| io_error("creating", &tmp, e))?;
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_error("writing", &tmp, e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| io_error("replacing", &self.path, e))
+    }
+
+    /// Reads the state for a test hook. Panics on an unreadable state file, so a test
+    /// fails on the cause rather than on a wrong count.
+    fn inspect<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        match self.with_state(|state| Ok(f(state))) {
+            Ok(v) => v,
+            Err(e) => panic!("simulated device {}: {e}", self.device),
+        }
+    }
+
+    fn check_slot(&self, slot: u16) -> Result<(), DeviceError> {
         let m = self.model;
         if slot < m.first_slot || slot > m.last_slot {
             return Err(DeviceError::SlotOutOfRange {
@@ -106,9 +177,17 @@ impl SimulatedDevice {
                 last: m.last_slot,
             });
         }
+        Ok(())
+    }
+
+    /// Refuses what the device refuses: a slot it does not have, a code that is not
+    /// digits or of a length the model does not take, a code another slot holds.
+    fn check_code(&self, state: &State, slot: u16, code: &str) -> Result<(), DeviceError> {
+        self.check_slot(slot)?;
         if code.is_empty() || !code.bytes().all(|b| b.is_ascii_digit()) {
             return Err(DeviceError::NotDigits { slot });
         }
+        let m = self.model;
         if !m.accepts_length(code.len()) {
             return Err(DeviceError::CodeLength {
                 slot,
@@ -117,76 +196,68 @@ impl SimulatedDevice {
                 max: m.max_code_length,
             });
         }
-        if let Some((existing, _)) = state
-            .slots
-            .iter()
-            .find(|(s, c)| **s != slot && c.as_str() == code)
-        {
-            return Err(DeviceError::DuplicateCode {
+        match state.slots.iter().find(|(s, c)| **s != slot && *c == code) {
+            Some((existing, _)) => Err(DeviceError::DuplicateCode {
                 slot,
                 existing_slot: *existing,
-            });
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    fn check_slot(&self, slot: u16) -> Result<(), DeviceError> {
-        if slot < self.model.first_slot || slot > self.model.last_slot {
-            return Err(DeviceError::SlotOutOfRange {
-                slot,
-                first: self.model.first_slot,
-                last: self.model.last_slot,
-            });
-        }
-        Ok(())
-    }
-
-    /// A person programs `code` into `slot` at the device (not a driver write).
-    pub fn program_at_keypad(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+    fn set(&self, slot: u16, code: &str, by: Writer) -> Result<(), DeviceError> {
         self.with_state(|state| {
-            self.check(state, slot, code)?;
+            self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
-            *state.keypad_writes.entry(slot).or_default() += 1;
+            state.count(slot, by);
             Ok(())
         })
     }
 
-    /// A person clears `slot` at the device.
-    pub fn clear_at_keypad(&mut self, slot: u16) -> Result<(), DeviceError> {
+    fn clear(&self, slot: u16, by: Writer) -> Result<(), DeviceError> {
         self.check_slot(slot)?;
         self.with_state(|state| {
             state.slots.remove(&slot);
-            *state.keypad_writes.entry(slot).or_default() += 1;
+            state.count(slot, by);
             Ok(())
         })
     }
 
-    /// What the device holds, slot -> code (for tests).
+    /// A person programs `code` into `slot` at the device: refused like a driver
+    /// write, counted as a keypad write, not in the driver write log.
+    pub fn program_at_keypad(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+        self.set(slot, code, Writer::Keypad)
+    }
+
+    /// A person clears `slot` at the device (a keypad write, not a driver write).
+    pub fn clear_at_keypad(&mut self, slot: u16) -> Result<(), DeviceError> {
+        self.clear(slot, Writer::Keypad)
+    }
+
+    /// What the device holds, slot -> code (test hook; panics if the state file is
+    /// unreadable).
     pub fn slots(&self) -> BTreeMap<u16, String> {
-        self.with_state(|s| Ok(s.slots.clone())).unwrap_or_default()
+        self.inspect(|s| s.slots.clone())
     }
 
-    /// The code in `slot` (for tests).
+    /// The code in `slot`, if any (test hook).
     pub fn code_in(&self, slot: u16) -> Option<String> {
-        self.slots().remove(&slot)
+        self.inspect(|s| s.slots.get(&slot).cloned())
     }
 
-    /// Driver writes (sets and clears) to `slot` so far.
+    /// Driver writes (sets and clears, refusals excluded) to `slot` so far (test hook).
     pub fn writes(&self, slot: u16) -> u32 {
-        self.with_state(|s| Ok(s.writes.get(&slot).copied().unwrap_or(0)))
-            .unwrap_or(0)
+        self.inspect(|s| s.writes.get(&slot).copied().unwrap_or(0))
     }
 
-    /// Driver writes to all slots so far.
+    /// Driver writes to all slots so far (test hook).
     pub fn total_writes(&self) -> u32 {
-        self.with_state(|s| Ok(s.writes.values().sum()))
-            .unwrap_or(0)
+        self.inspect(|s| s.writes.values().sum())
     }
 
-    /// Keypad writes to all slots so far.
+    /// Keypad writes (programs and clears) to all slots so far (test hook).
     pub fn keypad_writes(&self) -> u32 {
-        self.with_state(|s| Ok(s.keypad_writes.values().sum()))
-            .unwrap_or(0)
+        self.inspect(|s| s.keypad_writes.values().sum())
     }
 }
 
@@ -213,25 +284,52 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
-        self.with_state(|state| {
-            self.check(state, slot, code)?;
-            state.slots.insert(slot, code.to_owned());
-            *state.writes.entry(slot).or_default() += 1;
-            Ok(())
-        })
+        self.set(slot, code, Writer::Driver)
     }
 
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
-        self.check_slot(slot)?;
-        self.with_state(|state| {
-            state.slots.remove(&slot);
-            *state.writes.entry(slot).or_default() += 1;
-            Ok(())
-        })
+        self.clear(slot, Writer::Driver)
     }
 }
 
-/// A driver for the simulated `device` kept in `dir`.
+/// The simulated devices of one site, kept together in one directory.
+#[derive(Debug, Clone)]
+pub struct SimulatedSite {
+    dir: PathBuf,
+}
+
+impl SimulatedSite {
+    /// Simulated devices kept in `dir` (created on first use).
+    pub fn new(dir: impl Into<PathBuf>) -> SimulatedSite {
+        SimulatedSite { dir: dir.into() }
+    }
+
+    /// The directory holding the devices' state files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Opens (creating if needed) the simulated `device` of `model`.
+    pub fn device(
+        &self,
+        device: &str,
+        model: &'static DeviceModel,
+    ) -> Result<SimulatedDevice, DeviceError> {
+        SimulatedDevice::open(&self.dir, device, model)
+    }
+
+    /// A driver for the simulated `device` of `model`, as the agent uses it.
+    pub fn driver(
+        &self,
+        device: &str,
+        model: &'static DeviceModel,
+    ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+        open_driver(&self.dir, device, model)
+    }
+}
+
+/// A driver for the simulated `device` of `model` kept in `dir` (what the agent
+/// opens for each inventory device).
 pub fn open_driver(
     dir: &Path,
     device: &str,
@@ -243,30 +341,55 @@ pub fn open_driver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
-    fn dir(label: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("kp-sim-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+    /// A fresh directory, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("keyplane-devices-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
     }
 
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Runs a simulator future: it never awaits anything, so one poll completes it.
     fn block<F: std::future::Future>(f: F) -> F::Output {
-        // The simulator never awaits anything, so one poll completes it.
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        let mut f = std::pin::pin!(f);
-        match f.as_mut().poll(&mut cx) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(f).poll(&mut cx) {
             std::task::Poll::Ready(v) => v,
             std::task::Poll::Pending => panic!("simulator future was pending"),
         }
     }
 
+    fn model(id: &str) -> &'static DeviceModel {
+        DeviceModel::find(id).expect("model profile")
+    }
+
+    const LOCK: &str = "sites/s1/devices/front-door";
+    const PANEL: &str = "sites/s1/devices/panel";
+
     #[test]
     fn refuses_what_a_real_device_refuses() {
-        let d = dir("refuse");
-        let lock = DeviceModel::find("zwave-lock-30-fixed4").expect("model");
-        let mut sim = SimulatedDevice::open(&d, "sites/s/devices/lock", lock).expect("open");
+        let dir = TempDir::new();
+        let fixed = model("zwave-lock-30-fixed4");
+        let mut sim = SimulatedDevice::open(&dir.0, LOCK, fixed).expect("open");
         block(sim.set_slot(1, "4821")).expect("first code");
+        let out_of_range = |slot| DeviceError::SlotOutOfRange {
+            slot,
+            first: 1,
+            last: 30,
+        };
         let cases: &[(u16, &str, DeviceError)] = &[
             (
                 2,
@@ -278,26 +401,24 @@ mod tests {
                     max: 4,
                 },
             ),
+            (
+                2,
+                "482",
+                DeviceError::CodeLength {
+                    slot: 2,
+                    len: 3,
+                    min: 4,
+                    max: 4,
+                },
+            ),
             (2, "48a1", DeviceError::NotDigits { slot: 2 }),
+            (2, " 482", DeviceError::NotDigits { slot: 2 }),
+            (2, "-482", DeviceError::NotDigits { slot: 2 }),
+            (2, "٤٨٢١", DeviceError::NotDigits { slot: 2 }),
             (2, "", DeviceError::NotDigits { slot: 2 }),
-            (
-                31,
-                "1111",
-                DeviceError::SlotOutOfRange {
-                    slot: 31,
-                    first: 1,
-                    last: 30,
-                },
-            ),
-            (
-                0,
-                "1111",
-                DeviceError::SlotOutOfRange {
-                    slot: 0,
-                    first: 1,
-                    last: 30,
-                },
-            ),
+            (31, "1357", out_of_range(31)),
+            (0, "1357", out_of_range(0)),
+            (u16::MAX, "1357", out_of_range(u16::MAX)),
             (
                 2,
                 "4821",
@@ -311,49 +432,258 @@ mod tests {
             assert_eq!(
                 block(sim.set_slot(*slot, code)).as_ref(),
                 Err(want),
-                "{slot} {code:?}"
+                "set {slot}"
             );
-            let msg = want.to_string();
-            assert!(
-                code.is_empty() || !msg.contains(code),
-                "message leaks the code: {msg}"
+            assert_eq!(
+                sim.program_at_keypad(*slot, code).as_ref(),
+                Err(want),
+                "keypad {slot}"
             );
         }
-        // Rewriting the same code into its own slot is allowed (and counted).
-        block(sim.set_slot(1, "4821")).expect("same slot");
-        assert_eq!(sim.writes(1), 2);
-        assert_eq!(sim.slots().len(), 1);
-        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(
+            block(sim.clear_slot(31)),
+            Err(out_of_range(31)),
+            "clear out of range"
+        );
+        assert_eq!(sim.clear_at_keypad(0), Err(out_of_range(0)));
+        // Refusals change nothing and are not writes.
+        assert_eq!(
+            sim.slots(),
+            BTreeMap::from([(1, "4821".to_owned())]),
+            "only the first code"
+        );
+        assert_eq!((sim.total_writes(), sim.keypad_writes()), (1, 0));
     }
 
     #[test]
-    fn state_outlives_the_handle_and_keypad_is_not_a_driver_write() {
-        let d = dir("persist");
-        let panel = DeviceModel::find("vista-128bpt").expect("model");
-        let mut sim = SimulatedDevice::open(&d, "sites/s/devices/panel", panel).expect("open");
+    fn length_range_follows_the_model() {
+        let dir = TempDir::new();
+        let cases: &[(&str, &str, bool)] = &[
+            ("zwave-lock-30", "1234", true),
+            ("zwave-lock-30", "12345678", true),
+            ("zwave-lock-30", "123456789", false),
+            ("zwave-lock-30-fixed4", "12345", false),
+            ("vista-128bpt", "1234", true),
+            ("vista-128bpt", "12345", false),
+            ("door-1000", "12345678", true),
+        ];
+        for (i, (id, code, ok)) in cases.iter().enumerate() {
+            let mut sim =
+                SimulatedDevice::open(&dir.0, &format!("sites/s1/devices/d{i}"), model(id))
+                    .expect("open");
+            assert_eq!(block(sim.set_slot(2, code)).is_ok(), *ok, "{id} {code}");
+        }
+    }
+
+    #[test]
+    fn counts_every_driver_write() {
+        let dir = TempDir::new();
+        let mut sim = SimulatedDevice::open(&dir.0, LOCK, model("zwave-lock-30")).expect("open");
+        block(sim.set_slot(3, "4821")).expect("set");
+        // The same code into the same slot is still a write.
+        block(sim.set_slot(3, "4821")).expect("same again");
+        block(sim.set_slot(3, "55555")).expect("replace");
+        block(sim.clear_slot(3)).expect("clear");
+        // Clearing an empty slot is accepted and is a write.
+        block(sim.clear_slot(4)).expect("clear empty");
+        assert_eq!(
+            (sim.writes(3), sim.writes(4), sim.writes(5)),
+            (4, 1, 0),
+            "per slot"
+        );
+        assert_eq!(sim.total_writes(), 5);
+        assert!(sim.slots().is_empty());
+        // Moving a code: clear its old slot first, then it may go elsewhere.
+        block(sim.set_slot(1, "9930")).expect("set");
+        block(sim.clear_slot(1)).expect("clear");
+        block(sim.set_slot(2, "9930")).expect("moved");
+        assert_eq!(sim.code_in(2).as_deref(), Some("9930"));
+    }
+
+    #[test]
+    fn state_outlives_the_handle() {
+        let dir = TempDir::new();
+        let panel = model("vista-128bpt");
+        let mut sim = SimulatedDevice::open(&dir.0, PANEL, panel).expect("open");
         block(sim.set_slot(2, "4821")).expect("set");
         block(sim.set_slot(3, "1357")).expect("set");
         block(sim.clear_slot(3)).expect("clear");
+        sim.program_at_keypad(7, "9999").expect("keypad");
         drop(sim);
-        let mut again = SimulatedDevice::open(&d, "sites/s/devices/panel", panel).expect("reopen");
-        assert_eq!(again.code_in(2).as_deref(), Some("4821"));
+        let again = SimulatedDevice::open(&dir.0, PANEL, panel).expect("reopen");
+        assert_eq!(
+            again.slots(),
+            BTreeMap::from([(2, "4821".to_owned()), (7, "9999".to_owned())])
+        );
         assert_eq!(again.code_in(3), None);
         assert_eq!(
             (again.writes(2), again.writes(3), again.total_writes()),
             (1, 2, 3)
         );
-        again.program_at_keypad(7, "9999").expect("keypad");
-        assert_eq!(again.total_writes(), 3);
         assert_eq!(again.keypad_writes(), 1);
-        let observed = block(again.read_slots()).expect("read");
+    }
+
+    #[test]
+    fn handles_share_the_device() {
+        let dir = TempDir::new();
+        let lock = model("zwave-lock-30");
+        let mut agent = SimulatedDevice::open(&dir.0, LOCK, lock).expect("agent handle");
+        let mut person = SimulatedDevice::open(&dir.0, LOCK, lock).expect("keypad handle");
+        block(agent.set_slot(1, "4821")).expect("set");
+        assert_eq!(person.code_in(1).as_deref(), Some("4821"));
+        person.program_at_keypad(2, "1357").expect("keypad");
         assert_eq!(
-            observed.iter().map(|o| o.slot).collect::<Vec<_>>(),
-            vec![2, 7]
+            block(agent.set_slot(3, "1357")),
+            Err(DeviceError::DuplicateCode {
+                slot: 3,
+                existing_slot: 2
+            })
         );
-        assert!(!format!("{observed:?}").contains("9999"));
-        // Another device in the same directory is separate.
-        let other = SimulatedDevice::open(&d, "sites/s/devices/other", panel).expect("other");
-        assert!(other.slots().is_empty());
-        let _ = std::fs::remove_dir_all(&d);
+        // Concurrent writers through separate handles lose nothing.
+        let threads: Vec<_> = (0..4u16)
+            .map(|t| {
+                let dir = dir.0.clone();
+                std::thread::spawn(move || {
+                    let mut sim = SimulatedDevice::open(&dir, LOCK, lock).expect("open");
+                    for i in 0..5u16 {
+                        let slot = 10 + t * 5 + i;
+                        block(sim.set_slot(slot, &format!("{:04}", 1000 + slot))).expect("set");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("writer thread");
+        }
+        assert_eq!(agent.total_writes(), 21);
+        assert_eq!(agent.slots().len(), 22);
+    }
+
+    #[test]
+    fn keypad_programming_is_not_a_driver_write() {
+        let dir = TempDir::new();
+        let mut sim = SimulatedDevice::open(&dir.0, LOCK, model("zwave-lock-30")).expect("open");
+        block(sim.set_slot(1, "4821")).expect("set");
+        sim.program_at_keypad(20, "3141").expect("program");
+        sim.program_at_keypad(1, "2718")
+            .expect("overwrite at keypad");
+        sim.clear_at_keypad(20).expect("clear");
+        assert_eq!(
+            (sim.writes(1), sim.writes(20), sim.total_writes()),
+            (1, 0, 1)
+        );
+        assert_eq!(sim.keypad_writes(), 3);
+        assert_eq!(sim.code_in(1).as_deref(), Some("2718"));
+    }
+
+    #[test]
+    fn reads_only_occupied_slots_in_order() {
+        let dir = TempDir::new();
+        let site = SimulatedSite::new(&dir.0);
+        let mut driver = site.driver(LOCK, model("zwave-lock-30")).expect("driver");
+        assert_eq!(driver.device(), LOCK);
+        assert_eq!(driver.model().id, "zwave-lock-30");
+        assert_eq!(block(driver.read_slots()), Ok(vec![]));
+        for (slot, code) in [(9, "9999"), (2, "2222"), (5, "5555")] {
+            block(driver.set_slot(slot, code)).expect("set");
+        }
+        block(driver.clear_slot(5)).expect("clear");
+        let observed = block(driver.read_slots()).expect("read");
+        assert_eq!(
+            observed,
+            vec![
+                ObservedSlot {
+                    slot: 2,
+                    code: Some("2222".into())
+                },
+                ObservedSlot {
+                    slot: 9,
+                    code: Some("9999".into())
+                },
+            ]
+        );
+        assert_eq!(
+            site.device(LOCK, model("zwave-lock-30"))
+                .expect("open")
+                .total_writes(),
+            4
+        );
+    }
+
+    #[test]
+    fn devices_are_separate_and_keep_their_model() {
+        let dir = TempDir::new();
+        let site = SimulatedSite::new(&dir.0);
+        let lock = model("zwave-lock-30");
+        // Names that a lossy file name would merge.
+        let names = [
+            "sites/s1/devices/a_b",
+            "sites/s1/devices/a/b",
+            "sites/s1/devices/a.b",
+            "sites/s1/devices/a%2Fb",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            let mut sim = site.device(name, lock).expect("open");
+            assert!(sim.slots().is_empty(), "{name} starts empty");
+            let slot = u16::try_from(i + 1).expect("slot");
+            block(sim.set_slot(slot, "4821")).expect("set");
+        }
+        for (i, name) in names.iter().enumerate() {
+            let sim = site.device(name, lock).expect("reopen");
+            assert_eq!(sim.slots().len(), 1, "{name}");
+            assert_eq!(sim.total_writes(), 1, "{name}");
+            assert!(sim.code_in(u16::try_from(i + 1).expect("slot")).is_some());
+        }
+        assert_eq!(
+            site.device(names[0], model("door-1000")).map(|_| ()),
+            Err(DeviceError::Io(
+                "sites/s1/devices/a_b is a simulated zwave-lock-30 device, not door-1000".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn nothing_printed_contains_a_code() {
+        const PIN: &str = "86420";
+        let dir = TempDir::new();
+        let site = SimulatedSite::new(&dir.0);
+        let mut sim = site.device(LOCK, model("zwave-lock-30")).expect("open");
+        block(sim.set_slot(1, PIN)).expect("set");
+        let refusals = [
+            block(sim.set_slot(2, PIN)),
+            sim.program_at_keypad(2, PIN),
+            block(sim.set_slot(31, PIN)),
+        ];
+        let fixed = site
+            .device("sites/s1/devices/fixed", model("zwave-lock-30-fixed4"))
+            .expect("open");
+        let mut printed = vec![
+            format!("{sim:?}"),
+            format!("{site:?}"),
+            format!("{fixed:?}"),
+            format!("{:?}", block(sim.read_slots())),
+        ];
+        let mut fixed = fixed;
+        for result in refusals.into_iter().chain([
+            block(fixed.set_slot(2, PIN)),
+            block(fixed.set_slot(2, "8642a")),
+        ]) {
+            let e = result.expect_err("refused");
+            printed.push(e.to_string());
+            printed.push(format!("{e:?}"));
+        }
+        // A corrupt state file is reported without quoting it.
+        std::fs::write(
+            dir.0.join("sites_s1_devices_front-door.json"),
+            format!("{{\"slots\":{{\"1\":{PIN}}}}}"),
+        )
+        .expect("corrupt");
+        let corrupt = site
+            .device(LOCK, model("zwave-lock-30"))
+            .expect_err("corrupt");
+        printed.push(corrupt.to_string());
+        for text in printed {
+            assert!(!text.contains(PIN), "leaks the code: {text}");
+        }
     }
 }

@@ -139,9 +139,12 @@ fn kind_pb(kind: DeviceKind) -> pb::DeviceKind {
     }
 }
 
-/// Parses a PIN field.
+/// Parses a PIN field and applies the policy every code must meet.
 pub fn pin(field: &str, value: &str) -> Result<Pin, Status> {
-    Pin::parse(value).map_err(|e| pin_status(field, e))
+    let pin = Pin::parse(value).map_err(|e| pin_status(field, e))?;
+    pin.check_not_guessable()
+        .map_err(|e| pin_status(field, e))?;
+    Ok(pin)
 }
 
 /// Converts a credential scope; devices must belong to `site`.
