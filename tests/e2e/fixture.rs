@@ -56,7 +56,7 @@ impl Site {
             .await?;
         let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
         let lock = create_device(&mut admin, &site, "Front door", lock_model).await?;
-        let alice = create_user(&mut admin, &site, "Alice").await?;
+        let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::Master)]).await?;
         let agent_token = server.agent_token(&mut admin, &site).await?;
         Ok(Site {
             server,
@@ -185,12 +185,30 @@ pub async fn create_device(
         .into_inner())
 }
 
+/// A user who is operator A in partition 1.
 pub async fn create_user(admin: &mut Admin, site: &str, name: &str) -> anyhow::Result<String> {
+    create_user_with(admin, site, name, &[(1, pb::Level::OperatorA)]).await
+}
+
+/// A user with the given level per partition.
+pub async fn create_user_with(
+    admin: &mut Admin,
+    site: &str,
+    name: &str,
+    levels: &[(i32, pb::Level)],
+) -> anyhow::Result<String> {
     Ok(admin
         .create_user(pb::CreateUserRequest {
             parent: site.to_owned(),
             user: Some(pb::User {
                 display_name: name.into(),
+                authorities: levels
+                    .iter()
+                    .map(|(p, l)| pb::PartitionAuthority {
+                        partition: *p,
+                        level: *l as i32,
+                    })
+                    .collect(),
                 ..Default::default()
             }),
             request_id: String::new(),

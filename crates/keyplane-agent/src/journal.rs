@@ -4,6 +4,7 @@
 //! what is already on the devices and never writes it again. It holds PINs, so the
 //! file is private to the agent's user (mode 0600).
 
+use keyplane_core::authority::Level;
 use keyplane_core::plan::DesiredCode;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -11,12 +12,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One slot's code as journaled.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Code {
     /// Credential resource name.
     pub credential: String,
     /// The code.
     pub pin: String,
+    /// Panels: (partition, level number) of the user number.
+    #[serde(default)]
+    pub authorities: Vec<(u8, u8)>,
+    /// Panels: open/close reporting.
+    #[serde(default)]
+    pub open_close: bool,
 }
 
 impl std::fmt::Debug for Code {
@@ -30,6 +37,27 @@ impl From<&Code> for DesiredCode {
         DesiredCode {
             credential: c.credential.clone(),
             pin: c.pin.clone(),
+            authorities: c
+                .authorities
+                .iter()
+                .filter_map(|(p, l)| Some((*p, Level::from_number(i32::from(*l))?)))
+                .collect(),
+            open_close: c.open_close,
+        }
+    }
+}
+
+impl From<DesiredCode> for Code {
+    fn from(c: DesiredCode) -> Code {
+        Code {
+            credential: c.credential,
+            pin: c.pin,
+            authorities: c
+                .authorities
+                .iter()
+                .map(|(p, l)| (*p, u8::try_from(l.number()).unwrap_or(u8::MAX)))
+                .collect(),
+            open_close: c.open_close,
         }
     }
 }
@@ -47,6 +75,9 @@ pub struct DeviceJournal {
     pub written: BTreeMap<u16, Code>,
     /// Site revision last acked for this device.
     pub acked: i64,
+    /// Highest event sequence number keyplaned has stored for this device.
+    #[serde(default)]
+    pub events_acked: u64,
 }
 
 impl DeviceJournal {
@@ -158,6 +189,7 @@ mod tests {
         let code = Code {
             credential: "c".into(),
             pin: "9930".into(),
+            ..Code::default()
         };
         j.devices
             .entry("d".into())

@@ -18,7 +18,6 @@ use keyplane_proto::v1::agent_service_client::AgentServiceClient;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
@@ -36,6 +35,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Re-check every device this often even without news.
     pub reconcile_every: Duration,
+    /// Read panels' event logs this often.
+    pub event_poll: Duration,
 }
 
 impl AgentConfig {
@@ -52,6 +53,7 @@ impl AgentConfig {
             token: token.into(),
             state_dir: state_dir.into(),
             reconcile_every: Duration::from_secs(30),
+            event_poll: Duration::from_millis(200),
         }
     }
 }
@@ -103,9 +105,15 @@ async fn session(
         .connect()
         .await?;
     let mut client = AgentServiceClient::new(channel);
+    // Two queues into one stream: urgent (Hello, then duress) always goes first.
+    let (urgent, urgent_rx) = mpsc::channel(16);
     let (tx, rx) = mpsc::channel(64);
-    tx.send(agent.hello(&config.site)).await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    urgent.send(agent.hello(&config.site)).await?;
+    agent.stream_started();
+    let mut request = tonic::Request::new(Prioritized {
+        urgent: urgent_rx,
+        routine: rx,
+    });
     request.metadata_mut().insert(
         "authorization",
         MetadataValue::try_from(format!("Bearer {}", config.token))?,
@@ -113,6 +121,8 @@ async fn session(
     let mut inbound = client.sync(request).await?.into_inner();
     let mut tick = tokio::time::interval(config.reconcile_every);
     tick.reset();
+    let mut events = tokio::time::interval(config.event_poll);
+    events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             // cancel-safe: a token.
@@ -128,6 +138,69 @@ async fn session(
             },
             // cancel-safe: interval ticks.
             _ = tick.tick() => agent.reconcile_all(Some(&tx)).await,
+            // cancel-safe: interval ticks.
+            _ = events.tick() => agent.poll_events(&urgent, &tx).await,
         }
+    }
+}
+
+/// The outbound stream of a session: drains `urgent` before `routine`, so a duress
+/// event overtakes queued acks and routine events.
+struct Prioritized {
+    urgent: mpsc::Receiver<pb::AgentMessage>,
+    routine: mpsc::Receiver<pb::AgentMessage>,
+}
+
+impl tokio_stream::Stream for Prioritized {
+    type Item = pb::AgentMessage;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<pb::AgentMessage>> {
+        use std::task::Poll;
+        match self.urgent.poll_recv(cx) {
+            Poll::Ready(Some(msg)) => return Poll::Ready(Some(msg)),
+            Poll::Ready(None) | Poll::Pending => {}
+        }
+        self.routine.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn ack(revision: i64) -> pb::AgentMessage {
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
+                device: "d".into(),
+                revision,
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn urgent_messages_overtake_queued_routine_ones() {
+        let (urgent, urgent_rx) = mpsc::channel(4);
+        let (routine, routine_rx) = mpsc::channel(4);
+        for r in 1..=3 {
+            routine.send(ack(r)).await.expect("queued");
+        }
+        urgent.send(ack(100)).await.expect("queued");
+        let mut stream = Prioritized {
+            urgent: urgent_rx,
+            routine: routine_rx,
+        };
+        let mut order = Vec::new();
+        drop((urgent, routine));
+        while let Some(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Ack(a)),
+        }) = stream.next().await
+        {
+            order.push(a.revision);
+        }
+        assert_eq!(order, vec![100, 1, 2, 3]);
     }
 }

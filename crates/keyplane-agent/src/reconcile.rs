@@ -2,9 +2,9 @@
 //! one device at a time, acking each device once it holds its whole desired table.
 
 use crate::journal::{Code, DeviceJournal, Journal};
-use keyplane_core::DeviceModel;
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
-use keyplane_devices::{DeviceDriver, DeviceError};
+use keyplane_core::{DeviceKind, DeviceModel};
+use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent, EventKind};
 use keyplane_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -48,12 +48,24 @@ pub struct Agent {
     journal: Journal,
     factory: Box<dyn DriverFactory>,
     drivers: HashMap<String, Box<dyn DeviceDriver>>,
+    /// Highest event sequence sent per device on the current stream.
+    events_sent: HashMap<String, u64>,
 }
 
 fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
     (!slot.credential.is_empty()).then(|| Code {
         credential: slot.credential.clone(),
         pin: slot.pin.clone(),
+        authorities: slot
+            .authorities
+            .iter()
+            .filter_map(|a| {
+                // Level enum values are the panel level + 1 (0 is unspecified).
+                let level = u8::try_from(a.level.checked_sub(1)?).ok()?;
+                Some((u8::try_from(a.partition).ok()?, level))
+            })
+            .collect(),
+        open_close: slot.open_close_reporting,
     })
 }
 
@@ -71,6 +83,7 @@ impl Agent {
             journal: Journal::open(state_dir)?,
             factory,
             drivers: HashMap::new(),
+            events_sent: HashMap::new(),
         })
     }
 
@@ -90,9 +103,9 @@ impl Agent {
                 device: name.clone(),
                 kind: DeviceModel::find(&d.model)
                     .map(|m| match m.kind {
-                        keyplane_core::DeviceKind::Panel => pb::DeviceKind::Panel,
-                        keyplane_core::DeviceKind::Lock => pb::DeviceKind::Lock,
-                        keyplane_core::DeviceKind::Door => pb::DeviceKind::Door,
+                        DeviceKind::Panel => pb::DeviceKind::Panel,
+                        DeviceKind::Lock => pb::DeviceKind::Lock,
+                        DeviceKind::Door => pb::DeviceKind::Door,
                     })
                     .unwrap_or(pb::DeviceKind::Unspecified) as i32,
                 model: d.model.clone(),
@@ -133,6 +146,15 @@ impl Agent {
         out: &mpsc::Sender<pb::AgentMessage>,
     ) -> anyhow::Result<()> {
         let (revision, slots) = match msg {
+            pb::server_message::Msg::EventAck(ack) => {
+                if let Some(device) = self.journal.devices.get_mut(&ack.device)
+                    && ack.seq > device.events_acked
+                {
+                    device.events_acked = ack.seq;
+                    self.journal.save()?;
+                }
+                return Ok(());
+            }
             pb::server_message::Msg::Snapshot(s) => {
                 self.learn_devices(&s.devices, true);
                 (s.revision, s.slots)
@@ -161,6 +183,74 @@ impl Agent {
         tracing::debug!(revision, slots = slots.len(), "journaled desired changes");
         self.reconcile_all(Some(out)).await;
         Ok(())
+    }
+
+    /// Forgets what was sent on an earlier stream: events keyplaned has not acked are
+    /// sent again (it stores each once).
+    pub fn stream_started(&mut self) {
+        self.events_sent.clear();
+    }
+
+    fn driver(
+        &mut self,
+        name: &str,
+        model: &'static DeviceModel,
+    ) -> anyhow::Result<&mut Box<dyn DeviceDriver>> {
+        if !self.drivers.contains_key(name) {
+            let driver = self.factory.open(name, model)?;
+            self.drivers.insert(name.to_owned(), driver);
+        }
+        self.drivers
+            .get_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("driver for {name} vanished"))
+    }
+
+    /// Reads new events from every panel and sends them: duress on `urgent`, ahead
+    /// of everything else, the rest on `routine`.
+    pub async fn poll_events(
+        &mut self,
+        urgent: &mpsc::Sender<pb::AgentMessage>,
+        routine: &mpsc::Sender<pb::AgentMessage>,
+    ) {
+        let panels: Vec<(String, &'static DeviceModel, u64)> = self
+            .journal
+            .devices
+            .iter()
+            .filter(|(_, d)| d.present)
+            .filter_map(|(name, d)| {
+                let model = DeviceModel::find(&d.model)?;
+                (model.kind == DeviceKind::Panel).then(|| (name.clone(), model, d.events_acked))
+            })
+            .collect();
+        for (name, model, acked) in panels {
+            let after = self.events_sent.get(&name).copied().unwrap_or(0).max(acked);
+            let events = match self.driver(&name, model) {
+                Ok(driver) => driver.read_events(after).await,
+                Err(e) => {
+                    tracing::warn!(device = %name, error = %e, "cannot open device for events");
+                    continue;
+                }
+            };
+            let events = match events {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(device = %name, error = %e, "reading events failed; will retry");
+                    continue;
+                }
+            };
+            for event in events {
+                let duress = event.kind == EventKind::Duress;
+                let msg = event_pb(&name, &event);
+                let channel = if duress { urgent } else { routine };
+                if channel.send(msg).await.is_err() {
+                    return;
+                }
+                if duress {
+                    tracing::warn!(device = %name, seq = event.seq, "duress code used: silent alarm sent");
+                }
+                self.events_sent.insert(name.clone(), event.seq);
+            }
+        }
     }
 
     /// Makes every device hold its desired table; acks devices that do (when
@@ -221,16 +311,14 @@ impl Agent {
         }
         let model = DeviceModel::find(&device.model)
             .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
-        if !self.drivers.contains_key(name) {
-            let driver = self.factory.open(name, model)?;
-            self.drivers.insert(name.to_owned(), driver);
-        }
         for action in actions {
-            let driver = self
-                .drivers
-                .get_mut(name)
-                .ok_or_else(|| anyhow::anyhow!("driver for {name} vanished"))?;
+            let driver = self.driver(name, model)?;
             match &action {
+                SlotAction::Set { slot, code } if model.kind == DeviceKind::Panel => {
+                    driver
+                        .set_panel_user(*slot, &code.pin, &code.authorities, code.open_close)
+                        .await?
+                }
                 SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await?,
                 SlotAction::Clear { slot } => driver.clear_slot(*slot).await?,
             }
@@ -241,13 +329,7 @@ impl Agent {
                 .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
             match action {
                 SlotAction::Set { slot, code } => {
-                    entry.written.insert(
-                        slot,
-                        Code {
-                            credential: code.credential,
-                            pin: code.pin,
-                        },
-                    );
+                    entry.written.insert(slot, Code::from(code));
                 }
                 SlotAction::Clear { slot } => {
                     entry.written.remove(&slot);
@@ -261,5 +343,30 @@ impl Agent {
             .devices
             .get(name)
             .is_none_or(DeviceJournal::in_sync))
+    }
+}
+
+fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
+    let kind = match e.kind {
+        EventKind::Armed => pb::EventKind::Armed,
+        EventKind::Disarmed => pb::EventKind::Disarmed,
+        EventKind::ArmRefused => pb::EventKind::ArmRefused,
+        EventKind::DisarmRefused => pb::EventKind::DisarmRefused,
+        EventKind::Duress => pb::EventKind::Duress,
+    };
+    let secs = e.at_unix_ms.div_euclid(1000);
+    let nanos = i32::try_from(e.at_unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0);
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Event(pb::DeviceEvent {
+            device: device.to_owned(),
+            seq: e.seq,
+            kind: kind as i32,
+            partition: e.partition.map(i32::from).unwrap_or(0),
+            user_number: e.slot.map(i32::from).unwrap_or(0),
+            occur_time: Some(prost_types::Timestamp {
+                seconds: secs,
+                nanos,
+            }),
+        })),
     }
 }

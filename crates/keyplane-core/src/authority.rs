@@ -219,13 +219,43 @@ impl Actor {
     }
 
     /// May this actor add, change or delete a code of a user holding `target` levels
-    /// in `partitions`? `is_self` when the code is the actor's own.
+    /// in `partitions`? `is_self` when the code is the actor's own. With no partition
+    /// involved (a lock outside any partition), a user actor still needs a level that
+    /// could make the change somewhere.
     pub fn check_code_change(
         &self,
         target: &Authorities,
         partitions: &[u8],
         is_self: bool,
     ) -> Result<(), AuthorityError> {
+        if partitions.is_empty()
+            && let Actor::User { authorities, .. } = self
+        {
+            let allowed = |l: &Level| {
+                if is_self {
+                    l.may_change_own_code()
+                } else {
+                    l.manages_users()
+                }
+            };
+            if !authorities.values().any(allowed) {
+                let (&partition, &level) =
+                    authorities.iter().next().unwrap_or((&0, &Level::Duress));
+                return Err(if is_self {
+                    AuthorityError::OwnCodeLocked {
+                        actor: self.label(),
+                        level,
+                        partition,
+                    }
+                } else {
+                    AuthorityError::CannotManage {
+                        actor: self.label(),
+                        level,
+                        partition,
+                    }
+                });
+            }
+        }
         for &partition in partitions {
             let own = self.level_in(partition)?;
             if is_self {
@@ -257,6 +287,16 @@ impl Actor {
             }
         }
         Ok(())
+    }
+}
+
+/// At the panel: may a code of `level` disarm a partition, given whether that same
+/// code armed it? Master and lower codes are interchangeable, except operator C (the
+/// babysitter) and the installer, who disarm only what they armed themselves.
+pub fn may_disarm(level: Level, armed_by_this_code: bool) -> bool {
+    match level {
+        Level::Installer | Level::OperatorC => armed_by_this_code,
+        _ => true,
     }
 }
 
@@ -536,6 +576,28 @@ mod tests {
                     .is_ok(),
                 ok,
                 "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn disarm_table() {
+        let cases = [
+            (Master, false, true),
+            (Manager, false, true),
+            (OperatorA, false, true),
+            (OperatorB, false, true),
+            (OperatorC, false, false),
+            (OperatorC, true, true),
+            (Installer, false, false),
+            (Installer, true, true),
+            (Duress, false, true),
+        ];
+        for (level, same, ok) in cases {
+            assert_eq!(
+                may_disarm(level, same),
+                ok,
+                "{level} armed by same code: {same}"
             );
         }
     }

@@ -1,15 +1,20 @@
 //! The planner: what a device should hold versus what keyplane last wrote to it,
 //! turned into the writes that close the gap.
 
+use crate::authority::Level;
 use std::collections::BTreeMap;
 
 /// What keyplane wants in one slot.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct DesiredCode {
     /// The credential the slot belongs to (its resource name).
     pub credential: String,
     /// The code, digits only.
     pub pin: String,
+    /// Panels: the user's level per partition for this user number.
+    pub authorities: Vec<(u8, Level)>,
+    /// Panels: open/close reporting for this user number.
+    pub open_close: bool,
 }
 
 impl std::fmt::Debug for DesiredCode {
@@ -17,6 +22,8 @@ impl std::fmt::Debug for DesiredCode {
         f.debug_struct("DesiredCode")
             .field("credential", &self.credential)
             .field("pin", &"<redacted>")
+            .field("authorities", &self.authorities)
+            .field("open_close", &self.open_close)
             .finish()
     }
 }
@@ -91,6 +98,7 @@ mod tests {
         DesiredCode {
             credential: cred.into(),
             pin: pin.into(),
+            ..DesiredCode::default()
         }
     }
 
@@ -133,6 +141,30 @@ mod tests {
                 table(&[(2, "a", "1111")]),
                 table(&[(2, "a", "4821")]),
                 vec![set(2, "a", "1111")],
+            ),
+            (
+                "a changed level is rewritten",
+                BTreeMap::from([(
+                    2,
+                    DesiredCode {
+                        authorities: vec![(1, Level::Manager)],
+                        ..code("a", "4821")
+                    },
+                )]),
+                BTreeMap::from([(
+                    2,
+                    DesiredCode {
+                        authorities: vec![(1, Level::Master)],
+                        ..code("a", "4821")
+                    },
+                )]),
+                vec![SlotAction::Set {
+                    slot: 2,
+                    code: DesiredCode {
+                        authorities: vec![(1, Level::Manager)],
+                        ..code("a", "4821")
+                    },
+                }],
             ),
             (
                 "codes swapped between slots clear first",

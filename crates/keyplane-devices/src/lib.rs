@@ -12,9 +12,10 @@
 
 mod sim;
 
-pub use sim::{SimulatedDevice, SimulatedSite, open_driver};
+pub use sim::{PanelOutcome, SimulatedDevice, SimulatedSite, open_driver};
 
 use keyplane_core::DeviceModel;
+use keyplane_core::authority::Level;
 use std::fmt;
 
 /// What a device reports for one occupied slot.
@@ -106,6 +107,55 @@ pub trait DeviceDriver: Send {
     async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError>;
     /// Clears `slot` (clearing an empty slot succeeds).
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError>;
+
+    /// Panels: writes `code` into user number `slot` with the user's level in each
+    /// partition and their open/close reporting. Other devices only store the code.
+    async fn set_panel_user(
+        &mut self,
+        slot: u16,
+        code: &str,
+        authorities: &[(u8, Level)],
+        open_close_reporting: bool,
+    ) -> Result<(), DeviceError> {
+        let _ = (authorities, open_close_reporting);
+        self.set_slot(slot, code).await
+    }
+
+    /// Events the device logged after sequence number `after`, oldest first.
+    async fn read_events(&mut self, after: u64) -> Result<Vec<DeviceEvent>, DeviceError> {
+        let _ = after;
+        Ok(Vec::new())
+    }
+}
+
+/// What happened at a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum EventKind {
+    /// A partition was armed.
+    Armed,
+    /// A partition was disarmed.
+    Disarmed,
+    /// A code was refused for arming.
+    ArmRefused,
+    /// A code was refused for disarming (e.g. operator C, not the arming code).
+    DisarmRefused,
+    /// A duress code was used: a silent alarm.
+    Duress,
+}
+
+/// One event from a device's log. Never holds a code: only the user number.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceEvent {
+    /// Sequence number in the device's log, increasing from 1.
+    pub seq: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// Partition, when the event concerns one.
+    pub partition: Option<u8>,
+    /// User number (slot) of the code used, when known.
+    pub slot: Option<u16>,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_unix_ms: i64,
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@
 //! The file I/O is done inline, also inside the async driver methods: a few small
 //! local files, quick enough for the agent's executor in tests.
 
-use crate::{DeviceDriver, DeviceError, ObservedSlot};
+use crate::{DeviceDriver, DeviceError, DeviceEvent, EventKind, ObservedSlot};
 use keyplane_core::DeviceModel;
+use keyplane_core::authority::{Level, may_disarm};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +31,18 @@ struct State {
     writes: BTreeMap<u16, u32>,
     /// Writes made by a person at the keypad, per slot.
     keypad_writes: BTreeMap<u16, u32>,
+    /// Panels: level number per partition, per user number.
+    #[serde(default)]
+    levels: BTreeMap<u16, BTreeMap<u8, u8>>,
+    /// Panels: open/close reporting per user number.
+    #[serde(default)]
+    open_close: BTreeMap<u16, bool>,
+    /// Panels: armed partitions and the user number that armed each.
+    #[serde(default)]
+    armed: BTreeMap<u8, u16>,
+    /// The device's event log.
+    #[serde(default)]
+    events: Vec<DeviceEvent>,
 }
 
 /// Who changes a slot: the driver interface (the agent) or a person at the keypad.
@@ -40,6 +53,32 @@ enum Writer {
 }
 
 impl State {
+    fn log(&mut self, kind: EventKind, partition: u8, slot: Option<u16>) {
+        let seq = self.events.last().map_or(1, |e| e.seq + 1);
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        self.events.push(DeviceEvent {
+            seq,
+            kind,
+            partition: Some(partition),
+            slot,
+            at_unix_ms,
+        });
+    }
+
+    /// The level of user number `slot` in `partition`: user 001 is the installer.
+    fn level(&self, slot: u16, partition: u8) -> Option<Level> {
+        if slot == 1 {
+            return Some(Level::Installer);
+        }
+        self.levels
+            .get(&slot)
+            .and_then(|l| l.get(&partition))
+            .and_then(|n| Level::from_number(i32::from(*n)))
+    }
+
     fn count(&mut self, slot: u16, by: Writer) {
         let log = match by {
             Writer::Driver => &mut self.writes,
@@ -218,9 +257,84 @@ impl SimulatedDevice {
         self.check_slot(slot)?;
         self.with_state(|state| {
             state.slots.remove(&slot);
+            state.levels.remove(&slot);
+            state.open_close.remove(&slot);
             state.count(slot, by);
             Ok(())
         })
+    }
+
+    /// A person at the keypad of a panel enters `code` + ARM for `partition`.
+    pub fn arm(&mut self, partition: u8, code: &str) -> Result<PanelOutcome, DeviceError> {
+        self.with_state(|state| {
+            let slot = state
+                .slots
+                .iter()
+                .find(|(_, c)| c.as_str() == code)
+                .map(|(s, _)| *s);
+            let level = slot.and_then(|s| state.level(s, partition));
+            let Some((slot, level)) = slot.zip(level) else {
+                state.log(EventKind::ArmRefused, partition, slot);
+                return Ok(PanelOutcome::Refused("code not valid in this partition"));
+            };
+            if state.armed.contains_key(&partition) {
+                return Ok(PanelOutcome::Refused("partition already armed"));
+            }
+            state.armed.insert(partition, slot);
+            state.log(EventKind::Armed, partition, Some(slot));
+            if level == Level::Duress {
+                state.log(EventKind::Duress, partition, Some(slot));
+            }
+            Ok(PanelOutcome::Armed)
+        })
+    }
+
+    /// A person at the keypad of a panel enters `code` + OFF for `partition`. A duress
+    /// code disarms exactly like any other (the intruder sees nothing) and logs a
+    /// duress event.
+    pub fn disarm(&mut self, partition: u8, code: &str) -> Result<PanelOutcome, DeviceError> {
+        self.with_state(|state| {
+            let slot = state
+                .slots
+                .iter()
+                .find(|(_, c)| c.as_str() == code)
+                .map(|(s, _)| *s);
+            let level = slot.and_then(|s| state.level(s, partition));
+            let Some((slot, level)) = slot.zip(level) else {
+                state.log(EventKind::DisarmRefused, partition, slot);
+                return Ok(PanelOutcome::Refused("code not valid in this partition"));
+            };
+            if level == Level::Duress {
+                state.log(EventKind::Duress, partition, Some(slot));
+            }
+            let Some(&armed_by) = state.armed.get(&partition) else {
+                return Ok(PanelOutcome::Refused("partition is not armed"));
+            };
+            if !may_disarm(level, armed_by == slot) {
+                state.log(EventKind::DisarmRefused, partition, Some(slot));
+                return Ok(PanelOutcome::Refused(
+                    "this code may disarm only what it armed",
+                ));
+            }
+            state.armed.remove(&partition);
+            state.log(EventKind::Disarmed, partition, Some(slot));
+            Ok(PanelOutcome::Disarmed)
+        })
+    }
+
+    /// The user number that armed `partition`, if it is armed (test hook).
+    pub fn armed_by(&self, partition: u8) -> Option<u16> {
+        self.inspect(|s| s.armed.get(&partition).copied())
+    }
+
+    /// The level user number `slot` holds in `partition` (test hook).
+    pub fn level_of(&self, slot: u16, partition: u8) -> Option<Level> {
+        self.inspect(|s| s.level(slot, partition))
+    }
+
+    /// The device's whole event log (test hook).
+    pub fn events(&self) -> Vec<DeviceEvent> {
+        self.inspect(|s| s.events.clone())
     }
 
     /// A person programs `code` into `slot` at the device: refused like a driver
@@ -290,6 +404,42 @@ impl DeviceDriver for SimulatedDevice {
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
         self.clear(slot, Writer::Driver)
     }
+
+    async fn set_panel_user(
+        &mut self,
+        slot: u16,
+        code: &str,
+        authorities: &[(u8, Level)],
+        open_close_reporting: bool,
+    ) -> Result<(), DeviceError> {
+        self.with_state(|state| {
+            self.check_code(state, slot, code)?;
+            state.slots.insert(slot, code.to_owned());
+            let levels = authorities
+                .iter()
+                .map(|(p, l)| (*p, u8::try_from(l.number()).unwrap_or(u8::MAX)))
+                .collect();
+            state.levels.insert(slot, levels);
+            state.open_close.insert(slot, open_close_reporting);
+            state.count(slot, Writer::Driver);
+            Ok(())
+        })
+    }
+
+    async fn read_events(&mut self, after: u64) -> Result<Vec<DeviceEvent>, DeviceError> {
+        self.with_state(|s| Ok(s.events.iter().filter(|e| e.seq > after).cloned().collect()))
+    }
+}
+
+/// What the panel did with a code entered at its keypad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanelOutcome {
+    /// The partition is now armed.
+    Armed,
+    /// The partition is now disarmed.
+    Disarmed,
+    /// Nothing changed, and why.
+    Refused(&'static str),
 }
 
 /// The simulated devices of one site, kept together in one directory.

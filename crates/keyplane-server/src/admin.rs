@@ -5,12 +5,16 @@
 use crate::auth;
 use crate::convert::{self as cv, mask_paths, page, page_partitions, page_split};
 use crate::error::{name_status, store_status};
-use crate::hub::Hub;
+use crate::hub::{EventBell, Hub};
 use keyplane_core::names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::admin_service_server::AdminService;
 use keyplane_store::{self as store, RequestKey, Store};
 use prost::Message;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 /// The AdminService implementation.
@@ -18,12 +22,19 @@ use tonic::{Request, Response, Status};
 pub struct AdminApi {
     store: Store,
     hub: Hub,
+    bell: EventBell,
+    shutdown: CancellationToken,
 }
 
 impl AdminApi {
     /// Builds the service.
-    pub fn new(store: Store, hub: Hub) -> Self {
-        AdminApi { store, hub }
+    pub fn new(store: Store, hub: Hub, bell: EventBell, shutdown: CancellationToken) -> Self {
+        AdminApi {
+            store,
+            hub,
+            bell,
+            shutdown,
+        }
     }
 
     /// The idempotency key of a create request (body fingerprinted without request_id).
@@ -372,11 +383,15 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
         let user = required("user", req.user.as_ref())?;
-        let display_name = cv::display_name("user.display_name", &user.display_name)?;
+        let new = store::NewUser {
+            display_name: cv::display_name("user.display_name", &user.display_name)?,
+            authorities: cv::authorities("user.authorities", &user.authorities)?,
+            open_close_reporting: user.open_close_reporting,
+        };
         let key = self.request_key("CreateUser", &req.request_id, &req)?;
         let created = self
             .store
-            .user_create(&actor, parent.site, &display_name, key.as_ref())
+            .user_create(&actor, parent.site, &new, key.as_ref())
             .await
             .map_err(store_status)?;
         Ok(Response::new(cv::user_pb(&created)))
@@ -418,23 +433,35 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let user = required("user", req.user.as_ref())?;
         let name = UserName::parse(&user.name).map_err(|e| name_status("user.name", e))?;
-        mask_paths(
+        let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["display_name"],
-            &[("display_name", !user.display_name.is_empty())],
+            &["display_name", "authorities", "open_close_reporting"],
+            &[
+                ("display_name", !user.display_name.is_empty()),
+                ("authorities", !user.authorities.is_empty()),
+                ("open_close_reporting", user.open_close_reporting),
+            ],
         )?;
-        let display_name = cv::display_name("user.display_name", &user.display_name)?;
+        let mut patch = store::UserPatch::default();
+        for p in &paths {
+            match p.as_str() {
+                "display_name" => {
+                    patch.display_name =
+                        Some(cv::display_name("user.display_name", &user.display_name)?)
+                }
+                "authorities" => {
+                    patch.authorities =
+                        Some(cv::authorities("user.authorities", &user.authorities)?)
+                }
+                _ => patch.open_close_reporting = Some(user.open_close_reporting),
+            }
+        }
         let updated = self
             .store
-            .user_update(
-                &actor,
-                name.site,
-                name.user,
-                Some(&display_name),
-                &user.etag,
-            )
+            .user_update(&actor, name.site, name.user, &patch, &user.etag)
             .await
             .map_err(store_status)?;
+        self.hub.poke(name.site);
         Ok(Response::new(cv::user_pb(&updated)))
     }
 
@@ -601,5 +628,92 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::IssueAgentTokenResponse { token }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Res<pb::ListEventsResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let parent = site_name("parent", &req.parent)?;
+        let (after, limit) = cv::page_cursor(req.page_size, &req.page_token)?;
+        let events = self
+            .store
+            .event_list(actor.dealer, Some(parent.site), after, limit + 1)
+            .await
+            .map_err(store_status)?;
+        let (events, next_page_token) = page_split(events, limit, |e| e.id.to_string());
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events.iter().map(cv::event_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Res<Self::WatchEventsStream> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let site = if req.parent == "sites/-" {
+            None
+        } else {
+            Some(site_name("parent", &req.parent)?.site)
+        };
+        if req.after_cursor < 0 {
+            return Err(Status::invalid_argument(
+                "after_cursor must not be negative",
+            ));
+        }
+        // Check access (and the site) before the stream starts.
+        self.store
+            .event_list(actor.dealer, site, req.after_cursor, 1)
+            .await
+            .map_err(store_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let store = self.store.clone();
+        let mut bell = self.bell.subscribe();
+        let shutdown = self.shutdown.clone();
+        let mut cursor = req.after_cursor;
+        tokio::spawn(async move {
+            // Other replicas store events too: re-check on a timer as well as on the bell.
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                match store.event_list(actor.dealer, site, cursor, 100).await {
+                    Ok(events) => {
+                        let more = events.len() == 100;
+                        for e in &events {
+                            if tx.send(Ok(cv::event_pb(e))).await.is_err() {
+                                return;
+                            }
+                            cursor = e.id;
+                        }
+                        if more {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(store_status(e))).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    // cancel-safe: a token.
+                    _ = shutdown.cancelled() => return,
+                    // cancel-safe: resolves when the watcher hangs up.
+                    _ = tx.closed() => return,
+                    // cancel-safe: watch::changed.
+                    changed = bell.changed() => if changed.is_err() { return },
+                    // cancel-safe: interval ticks.
+                    _ = tick.tick() => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -7,12 +7,13 @@
 
 use crate::auth;
 use crate::error::store_status;
+use crate::hub::EventBell;
 use crate::hub::Hub;
 use keyplane_core::DeviceModel;
 use keyplane_core::names::{DeviceName, SiteName};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_server::AgentService;
-use keyplane_store::{AgentUpdate, DesiredSlot, Store};
+use keyplane_store::{AgentUpdate, DesiredSlot, EventKind, NewEvent, Store, StoreError};
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -32,34 +33,45 @@ const RECHECK: Duration = Duration::from_secs(15);
 pub struct AgentApi {
     store: Store,
     hub: Hub,
+    bell: EventBell,
     shutdown: CancellationToken,
 }
 
 impl AgentApi {
     /// Builds the service.
-    pub fn new(store: Store, hub: Hub, shutdown: CancellationToken) -> Self {
+    pub fn new(store: Store, hub: Hub, bell: EventBell, shutdown: CancellationToken) -> Self {
         AgentApi {
             store,
             hub,
+            bell,
             shutdown,
         }
     }
 }
 
 fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
-    let (credential, pin) = match &s.code {
-        Some((credential, user, pin)) => (
-            format!("sites/{site}/users/{user}/credentials/{credential}"),
-            pin.expose().to_owned(),
-        ),
-        None => (String::new(), String::new()),
-    };
-    pb::DesiredSlot {
+    let mut slot = pb::DesiredSlot {
         device: format!("sites/{site}/devices/{}", s.device),
         slot: i32::from(s.slot),
-        credential,
-        pin,
+        ..Default::default()
+    };
+    if let Some(code) = &s.code {
+        slot.credential = format!(
+            "sites/{site}/users/{}/credentials/{}",
+            code.user, code.credential
+        );
+        slot.pin = code.pin.expose().to_owned();
+        slot.authorities = code
+            .authorities
+            .iter()
+            .map(|(p, l)| pb::PartitionAuthority {
+                partition: i32::from(*p),
+                level: crate::convert::level_pb(*l) as i32,
+            })
+            .collect();
+        slot.open_close_reporting = code.open_close_reporting;
     }
+    slot
 }
 
 fn devices_pb(site: Uuid, devices: &[(Uuid, &'static DeviceModel)]) -> Vec<pb::SiteDevice> {
@@ -157,6 +169,7 @@ impl AgentService for AgentApi {
         let session = Session {
             site,
             store: self.store.clone(),
+            bell: self.bell.clone(),
             tx,
             sent: 0,
         };
@@ -168,6 +181,7 @@ impl AgentService for AgentApi {
 struct Session {
     site: Uuid,
     store: Store,
+    bell: EventBell,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     sent: i64,
 }
@@ -240,6 +254,55 @@ impl Session {
         true
     }
 
+    /// Stores an event once and acks it, so the agent stops re-sending it.
+    async fn record_event(&mut self, event: pb::DeviceEvent) -> Result<(), Status> {
+        let device = DeviceName::parse(&event.device)
+            .map_err(|e| Status::invalid_argument(format!("event.device: {e}")))?;
+        if device.site != self.site {
+            return Err(Status::permission_denied(format!(
+                "event.device {} is not a device of sites/{}",
+                event.device, self.site
+            )));
+        }
+        let new = NewEvent {
+            device: device.device,
+            seq: i64::try_from(event.seq)
+                .map_err(|_| Status::invalid_argument("event.seq is too large"))?,
+            kind: crate::convert::event_kind(event.kind)?,
+            partition: u8::try_from(event.partition).ok().filter(|p| *p > 0),
+            user_number: u16::try_from(event.user_number).ok().filter(|n| *n > 0),
+            occur_time: event
+                .occur_time
+                .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                .unwrap_or_else(std::time::SystemTime::now),
+        };
+        match self.store.event_record(self.site, &new).await {
+            Ok(true) => {
+                if new.kind == EventKind::Duress {
+                    tracing::warn!(site = %self.site, device = %event.device, "DURESS: silent alarm");
+                }
+                self.bell.ring();
+            }
+            Ok(false) => {
+                tracing::debug!(site = %self.site, seq = event.seq, "duplicate event ignored")
+            }
+            Err(StoreError::NotFound(what)) => {
+                tracing::warn!(site = %self.site, %what, "event for an unknown device dropped");
+            }
+            Err(e) => return Err(store_status(e)),
+        }
+        let ack = pb::ServerMessage {
+            msg: Some(pb::server_message::Msg::EventAck(pb::EventAck {
+                device: event.device,
+                seq: event.seq,
+            })),
+        };
+        if self.tx.send(Ok(ack)).await.is_err() {
+            return Err(Status::cancelled("agent left"));
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, msg: pb::AgentMessage) -> Result<(), Status> {
         match msg.msg {
             Some(pb::agent_message::Msg::Ack(ack)) => {
@@ -261,6 +324,7 @@ impl Session {
                 }
                 Ok(())
             }
+            Some(pb::agent_message::Msg::Event(event)) => self.record_event(event).await,
             Some(pb::agent_message::Msg::Hello(_)) => {
                 Err(Status::invalid_argument("Hello may be sent only once"))
             }

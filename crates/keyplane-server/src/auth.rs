@@ -1,6 +1,7 @@
 //! Bearer-token authentication of dealers and agents.
 
 use crate::error::store_status;
+use keyplane_core::names::{MAX_PARTITIONS, UserName};
 use keyplane_store::{Actor, Store};
 use tonic::{Request, Status};
 use uuid::Uuid;
@@ -33,11 +34,55 @@ pub async fn dealer<T>(store: &Store, request: &Request<T>) -> Result<Actor, Sta
         .await
         .map_err(store_status)?
         .ok_or_else(|| Status::unauthenticated("unknown or revoked dealer token"))?;
+    let acting_user = match header(request, ACTING_USER)? {
+        None => None,
+        Some(name) => {
+            let user = UserName::parse(&name)
+                .map_err(|e| Status::invalid_argument(format!("{ACTING_USER} header: {e}")))?;
+            Some((user.site, user.user))
+        }
+    };
+    let acting_partition = match header(request, ACTING_PARTITION)? {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u8>()
+                .ok()
+                .filter(|n| (1..=MAX_PARTITIONS).contains(n))
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{ACTING_PARTITION} header must be 1..{MAX_PARTITIONS}"
+                    ))
+                })?,
+        ),
+    };
+    let principal = match acting_user {
+        Some((site, user)) => format!("dealer:{dealer} as sites/{site}/users/{user}"),
+        None => format!("dealer:{dealer}"),
+    };
     Ok(Actor {
         dealer,
-        principal: format!("dealer:{dealer}"),
+        principal,
         peer: request.remote_addr().map(|a| a.to_string()),
+        acting_user,
+        acting_partition,
     })
+}
+
+/// Metadata naming the site user who acts through the back office.
+pub const ACTING_USER: &str = "keyplane-acting-user";
+/// Metadata naming the partition the actor acts from.
+pub const ACTING_PARTITION: &str = "keyplane-acting-partition";
+
+fn header<T>(request: &Request<T>, name: &str) -> Result<Option<String>, Status> {
+    request
+        .metadata()
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map(|s| s.trim().to_owned())
+                .map_err(|_| Status::invalid_argument(format!("{name} header is not valid text")))
+        })
+        .transpose()
 }
 
 /// Authenticates an agent; returns its site.

@@ -2,6 +2,7 @@
 //! field is checked here, once, and a bad one is a precise INVALID_ARGUMENT.
 
 use crate::error::{name_status, pin_status};
+use keyplane_core::authority::{Authorities, Level};
 use keyplane_core::names::{DeviceName, MAX_PARTITIONS};
 use keyplane_core::pin::Pin;
 use keyplane_core::{DeviceKind, DeviceModel};
@@ -223,6 +224,18 @@ pub fn page_partitions(page_size: i32, page_token: &str) -> Result<(u8, i64), St
     Ok((after, limit))
 }
 
+/// Checks page size and decodes a page token keyed by a numeric cursor.
+pub fn page_cursor(page_size: i32, page_token: &str) -> Result<(i64, i64), Status> {
+    let limit = page_limit(page_size)?;
+    let after = match page_token_decode(page_token)? {
+        None => 0,
+        Some(k) => k.parse().map_err(|_| {
+            Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
+        })?,
+    };
+    Ok((after, limit))
+}
+
 fn page_limit(page_size: i32) -> Result<i64, Status> {
     match i64::from(page_size) {
         0 => Ok(DEFAULT_PAGE_SIZE),
@@ -338,6 +351,42 @@ pub fn device_pb(d: &store::Device) -> pb::Device {
     }
 }
 
+/// Level to protobuf.
+pub fn level_pb(level: Level) -> pb::Level {
+    match level {
+        Level::Installer => pb::Level::Installer,
+        Level::Master => pb::Level::Master,
+        Level::Manager => pb::Level::Manager,
+        Level::OperatorA => pb::Level::OperatorA,
+        Level::OperatorB => pb::Level::OperatorB,
+        Level::OperatorC => pb::Level::OperatorC,
+        Level::Duress => pb::Level::Duress,
+    }
+}
+
+/// Converts a user's levels: one per partition, each partition 1..8, level set.
+pub fn authorities(field: &str, items: &[pb::PartitionAuthority]) -> Result<Authorities, Status> {
+    let mut out = Authorities::new();
+    for (i, a) in items.iter().enumerate() {
+        let partition = partition(&format!("{field}[{i}].partition"), a.partition)?;
+        let level = match pb::Level::try_from(a.level) {
+            Ok(pb::Level::Unspecified) | Err(_) => None,
+            Ok(l) => Level::from_number(l as i32 - 1),
+        }
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{field}[{i}].level must be set (LEVEL_MASTER .. LEVEL_DURESS)"
+            ))
+        })?;
+        if out.insert(partition, level).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "{field} lists partition {partition} twice; a user has one level per partition"
+            )));
+        }
+    }
+    Ok(out)
+}
+
 /// User to protobuf.
 pub fn user_pb(u: &store::User) -> pb::User {
     pb::User {
@@ -346,6 +395,15 @@ pub fn user_pb(u: &store::User) -> pb::User {
         create_time: ts(u.create_time),
         update_time: ts(u.update_time),
         etag: u.version.to_string(),
+        authorities: u
+            .authorities
+            .iter()
+            .map(|(p, l)| pb::PartitionAuthority {
+                partition: i32::from(*p),
+                level: level_pb(*l) as i32,
+            })
+            .collect(),
+        open_close_reporting: u.open_close_reporting,
     }
 }
 
@@ -379,6 +437,7 @@ pub fn credential_pb(c: &store::Credential) -> pb::Credential {
         create_time: ts(c.create_time),
         update_time: ts(c.update_time),
         etag: c.version.to_string(),
+        created_partition: c.created_partition.map(i32::from).unwrap_or(0),
     }
 }
 
@@ -389,6 +448,7 @@ pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
         desired_revision: s.revision,
         agent_connected: s.agent_connected,
         agent_last_seen_time: s.agent_last_seen.and_then(ts),
+        setup_issues: s.setup_issues.clone(),
         devices: s
             .devices
             .iter()
@@ -401,6 +461,51 @@ pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
                 in_sync: d.pending_changes == 0 && d.applied_revision >= d.desired_revision,
             })
             .collect(),
+    }
+}
+
+/// Event kind to protobuf.
+pub fn event_kind_pb(kind: store::EventKind) -> pb::EventKind {
+    match kind {
+        store::EventKind::Armed => pb::EventKind::Armed,
+        store::EventKind::Disarmed => pb::EventKind::Disarmed,
+        store::EventKind::ArmRefused => pb::EventKind::ArmRefused,
+        store::EventKind::DisarmRefused => pb::EventKind::DisarmRefused,
+        store::EventKind::Duress => pb::EventKind::Duress,
+    }
+}
+
+/// Event kind from protobuf.
+pub fn event_kind(kind: i32) -> Result<store::EventKind, Status> {
+    match pb::EventKind::try_from(kind) {
+        Ok(pb::EventKind::Armed) => Ok(store::EventKind::Armed),
+        Ok(pb::EventKind::Disarmed) => Ok(store::EventKind::Disarmed),
+        Ok(pb::EventKind::ArmRefused) => Ok(store::EventKind::ArmRefused),
+        Ok(pb::EventKind::DisarmRefused) => Ok(store::EventKind::DisarmRefused),
+        Ok(pb::EventKind::Duress) => Ok(store::EventKind::Duress),
+        _ => Err(Status::invalid_argument(format!(
+            "event.kind {kind} is not an event kind"
+        ))),
+    }
+}
+
+/// Event to protobuf.
+pub fn event_pb(e: &store::Event) -> pb::Event {
+    pb::Event {
+        name: format!("sites/{}/events/{}", e.site, e.id),
+        cursor: e.id,
+        device: format!("sites/{}/devices/{}", e.site, e.device),
+        kind: event_kind_pb(e.kind) as i32,
+        partition: e.partition.map(i32::from).unwrap_or(0),
+        user_number: e.user_number.map(i32::from).unwrap_or(0),
+        display_user_number: e.user_number.map(|n| format!("{n:03}")).unwrap_or_default(),
+        user: e
+            .user
+            .map(|u| format!("sites/{}/users/{u}", e.site))
+            .unwrap_or_default(),
+        silent_alarm: e.silent_alarm,
+        occur_time: ts(e.occur_time),
+        create_time: ts(e.create_time),
     }
 }
 

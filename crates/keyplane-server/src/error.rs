@@ -15,6 +15,7 @@ pub fn store_status(err: StoreError) -> Status {
         StoreError::FailedPrecondition(msg) => Status::failed_precondition(msg),
         StoreError::ResourceExhausted(msg) => Status::resource_exhausted(msg),
         StoreError::Aborted(msg) => Status::aborted(msg),
+        StoreError::PermissionDenied(msg) => Status::permission_denied(msg),
         StoreError::Pool(detail) => {
             tracing::error!(%detail, "database pool unavailable");
             Status::unavailable("the database is unavailable; retry shortly")
@@ -59,6 +60,10 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (StoreError::Aborted("etag".into()), Code::Aborted),
+            (
+                StoreError::PermissionDenied("level".into()),
+                Code::PermissionDenied,
+            ),
             (StoreError::Pool("down".into()), Code::Unavailable),
             (StoreError::Internal("secret detail".into()), Code::Internal),
         ];

@@ -81,3 +81,26 @@ impl Hub {
         }
     }
 }
+
+/// Rings whenever this replica stores a new event, waking event watchers at once;
+/// watchers also re-check on a timer, which catches events stored by other replicas.
+#[derive(Debug, Clone)]
+pub struct EventBell(Arc<watch::Sender<u64>>);
+
+impl Default for EventBell {
+    fn default() -> Self {
+        EventBell(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl EventBell {
+    /// Wakes every watcher.
+    pub fn ring(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes on every ring.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}

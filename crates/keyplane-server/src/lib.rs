@@ -56,6 +56,7 @@ pub async fn serve(
     let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?;
     store.migrate().await?;
     let hub = hub::Hub::default();
+    let bell = hub::EventBell::default();
     let poller = tokio::spawn(hub.clone().poll(
         store.clone(),
         config.poll_interval,
@@ -87,10 +88,13 @@ pub async fn serve(
         .add_service(AdminServiceServer::new(admin::AdminApi::new(
             store.clone(),
             hub.clone(),
+            bell.clone(),
+            shutdown.clone(),
         )))
         .add_service(AgentServiceServer::new(agent::AgentApi::new(
             store.clone(),
             hub,
+            bell,
             shutdown.clone(),
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())

@@ -1,5 +1,6 @@
 //! Credentials: sealed PINs, their scope, and their slots on each device.
 
+use crate::authority::{acting_partition, actor_resolve_in_txn, denied};
 use crate::device::device_get_in_txn;
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
@@ -12,13 +13,14 @@ use crate::{
 };
 use keyplane_core::DeviceKind;
 use keyplane_core::allocation::lowest_free_slot;
+use keyplane_core::authority::check_partition_of_origin;
 use keyplane_core::pin::Pin;
 use std::collections::BTreeSet;
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 const CREDENTIAL_COLUMNS: &str =
-    "site_id, user_id, id, display_name, version, create_time, update_time";
+    "site_id, user_id, id, display_name, version, create_time, update_time, created_partition";
 
 fn label(device: &Device) -> String {
     format!("{:?} ({})", device.display_name, device.name())
@@ -78,6 +80,65 @@ async fn scope_resolve_in_txn(
         }
     }
     Ok(targets)
+}
+
+/// Partitions a change touches: the panel partitions, and the partitions of the
+/// scoped locks and doors.
+fn involved_partitions(scopes: &[&Scope], targets: &[Device]) -> Vec<u8> {
+    let mut p: Vec<u8> = scopes
+        .iter()
+        .flat_map(|s| s.panel_partitions.iter().copied())
+        .chain(targets.iter().filter_map(|d| d.partition))
+        .collect();
+    p.sort_unstable();
+    p.dedup();
+    p
+}
+
+/// Checks the actor may touch `user`'s codes in these partitions, and that the user
+/// holds a level in every panel partition of `scope`.
+async fn authority_check_in_txn(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    user: Uuid,
+    scopes: &[&Scope],
+    new_scope: Option<&Scope>,
+    targets: &[Device],
+) -> Result<keyplane_core::authority::Actor, StoreError> {
+    let (who, acting) = actor_resolve_in_txn(tx, actor, site).await?;
+    let target = user_get_in_txn(tx, site, user).await?;
+    if let Some(scope) = new_scope {
+        for p in &scope.panel_partitions {
+            if !target.authorities.contains_key(p) {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "user sites/{site}/users/{user} has no authority level in partition {p}; grant one before giving them a panel code there"
+                )));
+            }
+        }
+    }
+    let is_self = acting.is_some_and(|a| a.id == user);
+    who.check_code_change(
+        &target.authorities,
+        &involved_partitions(scopes, targets),
+        is_self,
+    )
+    .map_err(denied)?;
+    Ok(who)
+}
+
+/// A code is changed or deleted only from the partition it was created in.
+fn origin_check(
+    actor: &Actor,
+    who: &keyplane_core::authority::Actor,
+    credential: &Credential,
+) -> Result<(), StoreError> {
+    if let (Some(created), Some(acting)) =
+        (credential.created_partition, acting_partition(actor, who)?)
+    {
+        check_partition_of_origin(created, acting).map_err(denied)?;
+    }
+    Ok(())
 }
 
 /// Checks the PIN fits every target and is not already on any of them.
@@ -253,6 +314,9 @@ async fn credential_from_row_in_txn(
         version: row.get(4),
         create_time: row.get(5),
         update_time: row.get(6),
+        created_partition: row
+            .get::<_, Option<i16>>(7)
+            .and_then(|p| u8::try_from(p).ok()),
     })
 }
 
@@ -327,14 +391,32 @@ impl Store {
                 return credential_get_in_txn(&tx, site, user, replayed_id(&name)?).await;
             }
             let targets = scope_resolve_in_txn(&tx, site, &new.scope).await?;
+            authority_check_in_txn(
+                &tx,
+                actor,
+                site,
+                user,
+                &[&new.scope],
+                Some(&new.scope),
+                &targets,
+            )
+            .await?;
             let pin_hash = self.key().pin_hash(site, &new.pin);
             pin_check_in_txn(&tx, site, &targets, &new.pin, &pin_hash, None).await?;
             let id = Uuid::new_v4();
             let sealed = self.key().seal(site, id, &new.pin)?;
+            let created_partition = actor
+                .acting_partition
+                .or_else(|| {
+                    involved_partitions(&[&new.scope], &targets)
+                        .first()
+                        .copied()
+                })
+                .map(i16::from);
             tx.execute(
-                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash],
+                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition],
             )
             .await?;
             scope_write_in_txn(&tx, site, id, &new.scope).await?;
@@ -415,6 +497,19 @@ impl Store {
             etag_check(&format!("credential {name}"), etag, current.version)?;
             let scope = patch.scope.clone().unwrap_or_else(|| current.scope.clone());
             let targets = scope_resolve_in_txn(&tx, site, &scope).await?;
+            let mut touched = scope_resolve_in_txn(&tx, site, &current.scope).await?;
+            touched.extend(targets.iter().cloned());
+            let who = authority_check_in_txn(
+                &tx,
+                actor,
+                site,
+                user,
+                &[&current.scope, &scope],
+                Some(&scope),
+                &touched,
+            )
+            .await?;
+            origin_check(actor, &who, &current)?;
             let pin = match &patch.pin {
                 Some(pin) => pin.clone(),
                 None => {
@@ -516,6 +611,11 @@ impl Store {
                 etag,
                 current.version,
             )?;
+            let targets = scope_resolve_in_txn(&tx, site, &current.scope).await?;
+            let who =
+                authority_check_in_txn(&tx, actor, site, user, &[&current.scope], None, &targets)
+                    .await?;
+            origin_check(actor, &who, &current)?;
             credential_delete_in_txn(&tx, actor, site, user, credential).await
         })
     }

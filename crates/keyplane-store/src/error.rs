@@ -20,6 +20,9 @@ pub enum StoreError {
     /// A device or table has no room left.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The acting user's authority does not allow the change.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// An etag did not match: the resource changed since it was read.
     #[error("{0}")]
     Aborted(String),

@@ -13,10 +13,12 @@
 //! again at the bottom.
 
 mod auth;
+mod authority;
 mod credential;
 mod crypto;
 mod device;
 mod error;
+mod event;
 mod migrate;
 mod partition;
 mod site;
@@ -26,6 +28,7 @@ mod user;
 
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
+pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use types::*;
 

@@ -3,11 +3,19 @@
 use crate::StoreError;
 
 /// The migrations, in order: (version, name, SQL).
-pub static MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "foundation",
-    include_str!("../migrations/0001_foundation.sql"),
-)];
+pub static MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "foundation",
+        include_str!("../migrations/0001_foundation.sql"),
+    ),
+    (
+        2,
+        "authority",
+        include_str!("../migrations/0002_authority.sql"),
+    ),
+    (3, "events", include_str!("../migrations/0003_events.sql")),
+];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name
 /// their template databases after it.

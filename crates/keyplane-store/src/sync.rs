@@ -1,8 +1,10 @@
 //! What agents read and report: desired slots since a revision, acks, sync status.
 
 use crate::site::{not_found_site, site_get_in_txn};
-use crate::{AgentUpdate, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
+use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
 use keyplane_core::DeviceModel;
+use keyplane_core::authority::Level;
+use std::collections::HashMap;
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
 
@@ -10,7 +12,12 @@ use uuid::Uuid;
 const AGENT_LIVENESS_SECS: f64 = 90.0;
 
 impl Store {
-    fn desired_from_row(&self, site: Uuid, row: &Row) -> Result<DesiredSlot, StoreError> {
+    fn desired_from_row(
+        &self,
+        site: Uuid,
+        row: &Row,
+        levels: &HashMap<Uuid, Vec<(u8, Level)>>,
+    ) -> Result<DesiredSlot, StoreError> {
         let device: Uuid = row.get(0);
         let slot = u16::try_from(row.get::<_, i32>(1))
             .map_err(|_| StoreError::Internal("slot out of range".into()))?;
@@ -18,14 +25,20 @@ impl Store {
         let code = match credential {
             None => None,
             Some(credential) => {
-                let user: Uuid = row.get(3);
                 let sealed: Vec<u8> = row.get(4);
                 let key_id: String = row.get(5);
-                Some((
+                let panel = row.get::<_, Option<&str>>(7) == Some("panel");
+                Some(DesiredCode {
                     credential,
-                    user,
-                    self.key().open(site, credential, &key_id, &sealed)?,
-                ))
+                    user: row.get(3),
+                    pin: self.key().open(site, credential, &key_id, &sealed)?,
+                    authorities: if panel {
+                        levels.get(&credential).cloned().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
+                    open_close_reporting: panel && row.get::<_, Option<bool>>(6).unwrap_or(false),
+                })
             }
         };
         Ok(DesiredSlot { device, slot, code })
@@ -61,18 +74,40 @@ impl Store {
                     .ok_or_else(|| StoreError::Internal(format!("unknown model {model}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Each panel code carries its user's level in the partitions it is scoped to.
+        let mut levels: HashMap<Uuid, Vec<(u8, Level)>> = HashMap::new();
+        for r in tx
+            .query(
+                "SELECT cp.credential_id, cp.partition, ua.level FROM credential_partition cp
+                 JOIN credential c ON c.site_id = cp.site_id AND c.id = cp.credential_id
+                 JOIN user_authority ua ON ua.site_id = cp.site_id AND ua.user_id = c.user_id
+                                        AND ua.partition = cp.partition
+                 WHERE cp.site_id = $1 ORDER BY cp.partition",
+                &[&site],
+            )
+            .await?
+        {
+            let partition = u8::try_from(r.get::<_, i16>(1)).ok();
+            let level = Level::from_number(i32::from(r.get::<_, i16>(2)));
+            if let (Some(p), Some(l)) = (partition, level) {
+                levels.entry(r.get(0)).or_default().push((p, l));
+            }
+        }
         let update = if from <= 0 || from > revision {
             let rows = tx
                 .query(
-                    "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id
+                    "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                        u.open_close_reporting, d.kind
                      FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+                     JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
+                     JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
                      WHERE sa.site_id = $1 ORDER BY sa.device_id, sa.slot",
                     &[&site],
                 )
                 .await?;
             let slots = rows
                 .iter()
-                .map(|r| self.desired_from_row(site, r))
+                .map(|r| self.desired_from_row(site, r, &levels))
                 .collect::<Result<_, _>>()?;
             AgentUpdate::Snapshot {
                 revision,
@@ -82,17 +117,20 @@ impl Store {
         } else {
             let rows = tx
                 .query(
-                    "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id
+                    "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                        u.open_close_reporting, d.kind
                      FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
                      LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
                      LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
+                     LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
+                     LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
                      ORDER BY ch.device_id, ch.slot",
                     &[&site, &from],
                 )
                 .await?;
             let slots = rows
                 .iter()
-                .map(|r| self.desired_from_row(site, r))
+                .map(|r| self.desired_from_row(site, r, &levels))
                 .collect::<Result<_, _>>()?;
             AgentUpdate::Changes {
                 from,
@@ -191,8 +229,24 @@ impl Store {
                 pending_changes: r.get(4),
             })
             .collect();
+        let mut setup_issues = Vec::new();
+        let row = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND kind = 'panel'),
+                        EXISTS (SELECT 1 FROM user_authority WHERE site_id = $1 AND level = 1)",
+                &[&site],
+            )
+            .await?;
+        let (has_panel, has_master): (bool, bool) = (row.get(0), row.get(1));
+        if has_panel && !has_master {
+            setup_issues.push(
+                "no master code yet: the installer must add at least one master (level 1) user"
+                    .to_owned(),
+            );
+        }
         tx.commit().await?;
         Ok(SiteSync {
+            setup_issues,
             site,
             revision: s.revision,
             agent_connected,

@@ -1,5 +1,6 @@
 //! Rows the store returns and the inputs it takes.
 
+use keyplane_core::authority::{Authorities, Level};
 use keyplane_core::pin::Pin;
 use keyplane_core::{DeviceKind, DeviceModel};
 use std::time::SystemTime;
@@ -31,15 +32,19 @@ impl LocalCodePolicy {
     }
 }
 
-/// Who made a change and from where, for the audit log.
+/// Who made a change and from where, for the audit log and authority checks.
 #[derive(Debug, Clone)]
 pub struct Actor {
-    /// The dealer acting.
+    /// The dealer whose token authenticated the call.
     pub dealer: Uuid,
     /// Principal description, e.g. `dealer:<id>`.
     pub principal: String,
     /// Peer address, when known.
     pub peer: Option<String>,
+    /// A site user acting through the back office (site, user); None: the dealer.
+    pub acting_user: Option<(Uuid, Uuid)>,
+    /// The partition the actor acts from, when named.
+    pub acting_partition: Option<u8>,
 }
 
 /// An idempotency key of a create request.
@@ -186,12 +191,38 @@ pub struct User {
     pub id: Uuid,
     /// Display name.
     pub display_name: String,
+    /// Level per partition.
+    pub authorities: Authorities,
+    /// Open/close reporting.
+    pub open_close_reporting: bool,
     /// Row version.
     pub version: i64,
     /// Created at.
     pub create_time: SystemTime,
     /// Last updated at.
     pub update_time: SystemTime,
+}
+
+/// Fields of a new user.
+#[derive(Debug, Clone, Default)]
+pub struct NewUser {
+    /// Display name.
+    pub display_name: String,
+    /// Level per partition.
+    pub authorities: Authorities,
+    /// Requested open/close reporting (a master or manager adder's own setting wins).
+    pub open_close_reporting: bool,
+}
+
+/// Changes to a user.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    /// New display name.
+    pub display_name: Option<String>,
+    /// New levels (replacing all).
+    pub authorities: Option<Authorities>,
+    /// New open/close reporting (installer only).
+    pub open_close_reporting: Option<bool>,
 }
 
 /// Where a credential is valid.
@@ -238,6 +269,8 @@ pub struct Credential {
     pub scope: Scope,
     /// Slots it occupies.
     pub slots: Vec<Slot>,
+    /// Partition it was created in.
+    pub created_partition: Option<u8>,
     /// Row version.
     pub version: i64,
     /// Created at.
@@ -296,17 +329,34 @@ pub struct SiteSync {
     pub agent_last_seen: Option<SystemTime>,
     /// Per device.
     pub devices: Vec<DeviceSync>,
+    /// Why set-up is incomplete.
+    pub setup_issues: Vec<String>,
 }
 
-/// What one slot of one device should hold (`pin` None: clear it).
+/// The code one slot should hold.
+#[derive(Clone)]
+pub struct DesiredCode {
+    /// Credential id.
+    pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
+    /// The PIN.
+    pub pin: Pin,
+    /// Panels: the user's level in each partition the code is scoped to.
+    pub authorities: Vec<(u8, Level)>,
+    /// Panels: open/close reporting.
+    pub open_close_reporting: bool,
+}
+
+/// What one slot of one device should hold (`code` None: clear it).
 #[derive(Clone)]
 pub struct DesiredSlot {
     /// Device id.
     pub device: Uuid,
     /// Slot.
     pub slot: u16,
-    /// Credential and its PIN, or None when the slot must be cleared.
-    pub code: Option<(Uuid, Uuid, Pin)>,
+    /// The code, or None when the slot must be cleared.
+    pub code: Option<DesiredCode>,
 }
 
 impl std::fmt::Debug for DesiredSlot {

@@ -1,25 +1,34 @@
-//! Users of a site.
+//! Users of a site and their authority levels.
 
+use crate::authority::{
+    actor_resolve_in_txn, denied, user_authorities_in_txn, user_authorities_write_in_txn,
+};
 use crate::credential::credential_delete_in_txn;
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_get_in_txn, site_lock_in_txn,
+    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
 };
-use crate::{Actor, PageRequest, RequestKey, Store, StoreError, User, in_txn};
+use crate::{Actor, NewUser, PageRequest, RequestKey, Store, StoreError, User, UserPatch, in_txn};
+use keyplane_core::authority::{self as rules, Authorities, open_close_for_new_user};
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
-const USER_COLUMNS: &str = "site_id, id, display_name, version, create_time, update_time";
+const USER_COLUMNS: &str =
+    "site_id, id, display_name, version, create_time, update_time, open_close_reporting";
 
-fn user_from_row(row: &Row) -> User {
-    User {
-        site: row.get(0),
-        id: row.get(1),
+async fn user_from_row_in_txn(tx: &Transaction<'_>, row: &Row) -> Result<User, StoreError> {
+    let site = row.get(0);
+    let id = row.get(1);
+    Ok(User {
+        site,
+        id,
         display_name: row.get(2),
         version: row.get(3),
         create_time: row.get(4),
         update_time: row.get(5),
-    }
+        open_close_reporting: row.get(6),
+        authorities: user_authorities_in_txn(tx, site, id).await?,
+    })
 }
 
 pub(crate) async fn user_get_in_txn(
@@ -34,16 +43,48 @@ pub(crate) async fn user_get_in_txn(
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
-    Ok(user_from_row(&row))
+    user_from_row_in_txn(tx, &row).await
+}
+
+/// Records a change of every panel slot `user` holds: their levels are programmed
+/// into the panel with the code.
+async fn user_panel_slots_changed_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    user: Uuid,
+) -> Result<(), StoreError> {
+    let slots: Vec<(Uuid, u16)> = tx
+        .query(
+            "SELECT sa.device_id, sa.slot FROM slot_assignment sa
+             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = 'panel'",
+            &[&site, &user],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
+        .collect();
+    if !slots.is_empty() {
+        site_change_record_in_txn(tx, site, &slots).await?;
+    }
+    Ok(())
+}
+
+fn all_partitions(a: &Authorities, b: &Authorities) -> Vec<u8> {
+    let mut p: Vec<u8> = a.keys().chain(b.keys()).copied().collect();
+    p.sort_unstable();
+    p.dedup();
+    p
 }
 
 impl Store {
-    /// Creates a user.
+    /// Creates a user with levels the actor may grant.
     pub async fn user_create(
         &self,
         actor: &Actor,
         site: Uuid,
-        display_name: &str,
+        new: &NewUser,
         key: Option<&RequestKey>,
     ) -> Result<User, StoreError> {
         in_txn!(self, "user_create", |tx| {
@@ -51,25 +92,37 @@ impl Store {
             if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
                 return user_get_in_txn(&tx, site, replayed_id(&name)?).await;
             }
+            let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
+            who.check_grant(&new.authorities).map_err(denied)?;
+            let open_close = open_close_for_new_user(
+                acting.as_ref().map(|a| a.open_close_reporting),
+                new.open_close_reporting,
+            );
             let row = tx
                 .query_one(
-                    &format!("INSERT INTO site_user (site_id, display_name) VALUES ($1, $2) RETURNING {USER_COLUMNS}"),
-                    &[&site, &display_name],
+                    "INSERT INTO site_user (site_id, display_name, open_close_reporting) VALUES ($1, $2, $3) RETURNING id",
+                    &[&site, &new.display_name, &open_close],
                 )
                 .await?;
-            let user = user_from_row(&row);
-            let name = format!("sites/{site}/users/{}", user.id);
+            let id: Uuid = row.get(0);
+            user_authorities_write_in_txn(&tx, site, id, &new.authorities).await?;
+            let name = format!("sites/{site}/users/{id}");
             request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
+            let levels: Vec<(u8, i32)> = new
+                .authorities
+                .iter()
+                .map(|(p, l)| (*p, l.number()))
+                .collect();
             audit_in_txn(
                 &tx,
                 actor,
                 Some(site),
                 "user.create",
                 &name,
-                serde_json::json!({}),
+                serde_json::json!({ "levels": levels }),
             )
             .await?;
-            Ok(user)
+            user_get_in_txn(&tx, site, id).await
         })
     }
 
@@ -99,17 +152,21 @@ impl Store {
                     &[&site, &page.after, &page.limit],
                 )
                 .await?;
-            Ok(rows.iter().map(user_from_row).collect())
+            let mut users = Vec::with_capacity(rows.len());
+            for row in &rows {
+                users.push(user_from_row_in_txn(&tx, row).await?);
+            }
+            Ok(users)
         })
     }
 
-    /// Renames a user.
+    /// Renames a user, changes their levels, or their open/close reporting.
     pub async fn user_update(
         &self,
         actor: &Actor,
         site: Uuid,
         user: Uuid,
-        display_name: Option<&str>,
+        patch: &UserPatch,
         etag: &str,
     ) -> Result<User, StoreError> {
         in_txn!(self, "user_update", |tx| {
@@ -117,25 +174,53 @@ impl Store {
             let current = user_get_in_txn(&tx, site, user).await?;
             let name = format!("sites/{site}/users/{user}");
             etag_check(&format!("user {name}"), etag, current.version)?;
-            let row = tx
-                .query_one(
-                    &format!(
-                        "UPDATE site_user SET display_name = COALESCE($3, display_name), version = version + 1,
-                            update_time = now() WHERE site_id = $1 AND id = $2 RETURNING {USER_COLUMNS}"
-                    ),
-                    &[&site, &user, &display_name],
+            let (who, _) = actor_resolve_in_txn(&tx, actor, site).await?;
+            if let Some(authorities) = &patch.authorities {
+                // Nobody re-grants their own levels: the target must be strictly below.
+                who.check_code_change(
+                    &current.authorities,
+                    &all_partitions(&current.authorities, authorities),
+                    false,
                 )
-                .await?;
+                .map_err(denied)?;
+                who.check_grant(authorities).map_err(denied)?;
+                user_authorities_write_in_txn(&tx, site, user, authorities).await?;
+            }
+            if patch.open_close_reporting.is_some() && who != rules::Actor::Dealer {
+                return Err(StoreError::PermissionDenied(
+                    "only the installer (the dealer) sets open/close reporting; users added by a master or manager inherit it".into(),
+                ));
+            }
+            tx.execute(
+                "UPDATE site_user SET display_name = COALESCE($3, display_name),
+                    open_close_reporting = COALESCE($4, open_close_reporting),
+                    version = version + 1, update_time = now()
+                 WHERE site_id = $1 AND id = $2",
+                &[
+                    &site,
+                    &user,
+                    &patch.display_name,
+                    &patch.open_close_reporting,
+                ],
+            )
+            .await?;
+            if patch.authorities.is_some() || patch.open_close_reporting.is_some() {
+                user_panel_slots_changed_in_txn(&tx, site, user).await?;
+            }
             audit_in_txn(
                 &tx,
                 actor,
                 Some(site),
                 "user.update",
                 &name,
-                serde_json::json!({}),
+                serde_json::json!({
+                    "display_name": patch.display_name.is_some(),
+                    "levels": patch.authorities.as_ref().map(|a| a.iter().map(|(p, l)| (*p, l.number())).collect::<Vec<_>>()),
+                    "open_close_reporting": patch.open_close_reporting,
+                }),
             )
             .await?;
-            Ok(user_from_row(&row))
+            user_get_in_txn(&tx, site, user).await
         })
     }
 
@@ -152,6 +237,16 @@ impl Store {
             let current = user_get_in_txn(&tx, site, user).await?;
             let name = format!("sites/{site}/users/{user}");
             etag_check(&format!("user {name}"), etag, current.version)?;
+            let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
+            let is_self = acting.is_some_and(|a| a.id == user);
+            if is_self {
+                return Err(StoreError::PermissionDenied(format!(
+                    "user {name} cannot delete themselves"
+                )));
+            }
+            let partitions: Vec<u8> = current.authorities.keys().copied().collect();
+            who.check_code_change(&current.authorities, &partitions, false)
+                .map_err(denied)?;
             let creds = tx
                 .query(
                     "SELECT id FROM credential WHERE site_id = $1 AND user_id = $2",

@@ -1,0 +1,183 @@
+//! Device events: stored once per (device, sequence number), read by cursor.
+
+use crate::site::site_get_in_txn;
+use crate::{Store, StoreError, in_txn};
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// What happened at a device (stored as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Armed.
+    Armed,
+    /// Disarmed.
+    Disarmed,
+    /// Arming refused.
+    ArmRefused,
+    /// Disarming refused.
+    DisarmRefused,
+    /// Duress: a silent alarm.
+    Duress,
+}
+
+impl EventKind {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Armed => "armed",
+            EventKind::Disarmed => "disarmed",
+            EventKind::ArmRefused => "arm_refused",
+            EventKind::DisarmRefused => "disarm_refused",
+            EventKind::Duress => "duress",
+        }
+    }
+
+    fn parse(s: &str) -> Option<EventKind> {
+        Some(match s {
+            "armed" => EventKind::Armed,
+            "disarmed" => EventKind::Disarmed,
+            "arm_refused" => EventKind::ArmRefused,
+            "disarm_refused" => EventKind::DisarmRefused,
+            "duress" => EventKind::Duress,
+            _ => return None,
+        })
+    }
+}
+
+/// An event as reported by an agent.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Device id.
+    pub device: Uuid,
+    /// Sequence number in the device's log.
+    pub seq: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// Partition.
+    pub partition: Option<u8>,
+    /// User number.
+    pub user_number: Option<u16>,
+    /// When it happened.
+    pub occur_time: SystemTime,
+}
+
+/// A stored event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Cursor (global, increasing).
+    pub id: i64,
+    /// Site id.
+    pub site: Uuid,
+    /// Device id.
+    pub device: Uuid,
+    /// What happened.
+    pub kind: EventKind,
+    /// Partition.
+    pub partition: Option<u8>,
+    /// User number.
+    pub user_number: Option<u16>,
+    /// The user holding that user number, when keyplane manages it.
+    pub user: Option<Uuid>,
+    /// Duress.
+    pub silent_alarm: bool,
+    /// When it happened.
+    pub occur_time: SystemTime,
+    /// When it was stored.
+    pub create_time: SystemTime,
+}
+
+const EVENT_COLUMNS: &str =
+    "e.id, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
+    e.silent_alarm, e.occur_time, e.create_time";
+
+fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
+    Some(Event {
+        id: row.get(0),
+        site: row.get(1),
+        device: row.get(2),
+        kind: EventKind::parse(row.get(3))?,
+        partition: row
+            .get::<_, Option<i16>>(4)
+            .and_then(|p| u8::try_from(p).ok()),
+        user_number: row
+            .get::<_, Option<i32>>(5)
+            .and_then(|n| u16::try_from(n).ok()),
+        user: row.get(6),
+        silent_alarm: row.get(7),
+        occur_time: row.get(8),
+        create_time: row.get(9),
+    })
+}
+
+impl Store {
+    /// Stores an event from the site's agent; a re-sent one (same device and
+    /// sequence number) is not stored again. Returns whether it was new.
+    pub async fn event_record(&self, site: Uuid, event: &NewEvent) -> Result<bool, StoreError> {
+        in_txn!(self, "event_record", |tx| {
+            let known = tx
+                .query_opt(
+                    "SELECT 1 FROM device WHERE site_id = $1 AND id = $2",
+                    &[&site, &event.device],
+                )
+                .await?
+                .is_some();
+            if !known {
+                return Err(StoreError::NotFound(format!(
+                    "device sites/{site}/devices/{}",
+                    event.device
+                )));
+            }
+            let user_number = event.user_number.map(i32::from);
+            let n = tx
+                .execute(
+                    "INSERT INTO device_event (site_id, device_id, source_seq, kind, partition, user_number,
+                        user_id, silent_alarm, occur_time)
+                     SELECT $1, $2, $3, $4, $5, $6,
+                        (SELECT c.user_id FROM slot_assignment sa JOIN credential c
+                           ON c.site_id = sa.site_id AND c.id = sa.credential_id
+                         WHERE sa.site_id = $1 AND sa.device_id = $2 AND sa.slot = $6),
+                        $7, $8
+                     ON CONFLICT (site_id, device_id, source_seq) DO NOTHING",
+                    &[
+                        &site,
+                        &event.device,
+                        &event.seq,
+                        &event.kind.as_str(),
+                        &event.partition.map(i16::from),
+                        &user_number,
+                        &(event.kind == EventKind::Duress),
+                        &event.occur_time,
+                    ],
+                )
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Events after cursor `after`, oldest first: of one site of `dealer`, or of all
+    /// its sites when `site` is None.
+    pub async fn event_list(
+        &self,
+        dealer: Uuid,
+        site: Option<Uuid>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        in_txn!(self, "event_list", |tx| {
+            if let Some(site) = site {
+                site_get_in_txn(&tx, dealer, site).await?;
+            }
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM device_event e JOIN site s ON s.id = e.site_id
+                         WHERE s.dealer_id = $1 AND ($2::uuid IS NULL OR e.site_id = $2) AND e.id > $3
+                         ORDER BY e.id LIMIT $4"
+                    ),
+                    &[&dealer, &site, &after, &limit],
+                )
+                .await?;
+            Ok(rows.iter().filter_map(event_from_row).collect())
+        })
+    }
+}
