@@ -19,6 +19,7 @@ pub struct Site {
     pub lock: pb::Device,
     pub alice: String,
     pub agent_token: String,
+    pub token: String,
     pub dir: TempDir,
 }
 
@@ -66,6 +67,7 @@ impl Site {
             lock,
             alice,
             agent_token,
+            token,
             dir: TempDir::new("e2e")?,
         })
     }

@@ -3,8 +3,10 @@
 //! disk apart from the agent.
 
 mod api;
+mod authority;
 mod bad_input;
 mod fixture;
+mod panel;
 mod race;
 mod restart;
 mod seed000;

@@ -17,17 +17,17 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// Adds `authorization: Bearer <token>` to every call.
+/// Adds `authorization: Bearer <token>` (and acting-user headers) to every call.
 #[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer(Vec<(&'static str, MetadataValue<tonic::metadata::Ascii>)>);
 
 impl Interceptor for Bearer {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
+        for (k, v) in &self.0 {
+            request.metadata_mut().insert(*k, v.clone());
         }
         Ok(request)
     }
@@ -116,12 +116,43 @@ impl TestServer {
 
     /// An AdminService client with `token` (None: no authorization metadata).
     pub async fn admin(&self, token: Option<&str>) -> anyhow::Result<Admin> {
-        let bearer = token
-            .map(|t| MetadataValue::try_from(format!("Bearer {t}")))
-            .transpose()?;
+        let mut headers = Vec::new();
+        if let Some(t) = token {
+            headers.push((
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {t}"))?,
+            ));
+        }
         Ok(AdminServiceClient::with_interceptor(
             self.channel().await?,
-            Bearer(bearer),
+            Bearer(headers),
+        ))
+    }
+
+    /// An AdminService client for the dealer `token`, acting as site user `user`
+    /// (from `partition`, when given).
+    pub async fn admin_as(
+        &self,
+        token: &str,
+        user: &str,
+        partition: Option<u8>,
+    ) -> anyhow::Result<Admin> {
+        let mut headers = vec![
+            (
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {token}"))?,
+            ),
+            ("keyplane-acting-user", MetadataValue::try_from(user)?),
+        ];
+        if let Some(p) = partition {
+            headers.push((
+                "keyplane-acting-partition",
+                MetadataValue::try_from(p.to_string())?,
+            ));
+        }
+        Ok(AdminServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(headers),
         ))
     }
 
@@ -173,6 +204,7 @@ impl TestAgent {
         let sim_dir = dir.join("devices");
         let mut config = AgentConfig::new(server, site, token, &state_dir);
         config.reconcile_every = Duration::from_millis(500);
+        config.event_poll = Duration::from_millis(50);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
         TestAgent {

@@ -1,0 +1,218 @@
+//! The panel side of seed 002: arming and disarming by code at the simulated panel,
+//! the babysitter rule, and duress raising a silent alarm on WatchEvents.
+
+use crate::fixture::{SYNC_TIMEOUT, Site, create_user_with, panel_scope, slot_on};
+use keyplane_devices::PanelOutcome;
+use keyplane_proto::v1 as pb;
+use keyplane_testkit::server::eventually;
+use std::time::{Duration, Instant};
+
+async fn code(s: &mut Site, user: &str, pin: &str) -> anyhow::Result<pb::Credential> {
+    Ok(s.credential(user, pin, panel_scope(&[1])).await?)
+}
+
+async fn events(s: &mut Site) -> anyhow::Result<Vec<pb::Event>> {
+    Ok(s.admin
+        .list_events(pb::ListEventsRequest {
+            parent: s.site.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events)
+}
+
+#[tokio::test]
+async fn babysitter_disarms_only_what_she_armed() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let alice = s.alice.clone();
+    let master = code(&mut s, &alice, "4821").await?;
+    let bella =
+        create_user_with(&mut s.admin, &site, "Bella", &[(1, pb::Level::OperatorC)]).await?;
+    let sitter = code(&mut s, &bella, "5927").await?;
+    let tom = create_user_with(&mut s.admin, &site, "Tom", &[(1, pb::Level::OperatorA)]).await?;
+    let temp = code(&mut s, &tom, "6138").await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let panel = s.panel.clone();
+    let mut sim = s.sim(&panel)?;
+    let sitter_slot = slot_on(&sitter, &panel).expect("slot");
+    let master_slot = slot_on(&master, &panel).expect("slot");
+    assert_eq!(
+        sim.level_of(sitter_slot, 1),
+        Some(keyplane_core::authority::Level::OperatorC)
+    );
+
+    // The babysitter arms and disarms her own arming.
+    assert_eq!(sim.arm(1, "5927")?, PanelOutcome::Armed);
+    assert_eq!(sim.disarm(1, "5927")?, PanelOutcome::Disarmed);
+    // Armed by the master: the babysitter may not disarm (reported), the master may.
+    assert_eq!(sim.arm(1, "4821")?, PanelOutcome::Armed);
+    assert!(matches!(sim.disarm(1, "5927")?, PanelOutcome::Refused(_)));
+    assert_eq!(sim.armed_by(1), Some(master_slot));
+    assert_eq!(sim.disarm(1, "4821")?, PanelOutcome::Disarmed);
+    // Armed with a temporary (operator) code: the master's code disarms it.
+    assert_eq!(sim.arm(1, "6138")?, PanelOutcome::Armed);
+    assert_eq!(sim.disarm(1, "4821")?, PanelOutcome::Disarmed);
+    let _ = temp;
+
+    // The agent reports every one of them, once, with user numbers.
+    let stored = eventually("seven panel events stored", SYNC_TIMEOUT, || {
+        let mut admin = s.admin.clone();
+        let parent = site.clone();
+        async move {
+            let events = admin
+                .list_events(pb::ListEventsRequest {
+                    parent,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .events;
+            Ok((events.len() >= 7).then_some(events))
+        }
+    })
+    .await?;
+    let kinds: Vec<i32> = stored.iter().map(|e| e.kind).collect();
+    use pb::EventKind::*;
+    assert_eq!(
+        kinds,
+        [
+            Armed,
+            Disarmed,
+            Armed,
+            DisarmRefused,
+            Disarmed,
+            Armed,
+            Disarmed
+        ]
+        .map(|k| k as i32)
+    );
+    let refused = &stored[3];
+    assert_eq!(refused.user_number, i32::from(sitter_slot));
+    assert_eq!(refused.display_user_number, format!("{sitter_slot:03}"));
+    assert_eq!(refused.user, bella);
+    assert!(stored.iter().all(|e| !e.silent_alarm));
+    // Nothing is stored twice, even after the agent restarts and re-reads the log.
+    agent.stop().await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(events(&mut s).await?.len(), 7);
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn duress_disarms_silently_and_alarms_within_a_second() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let alice = s.alice.clone();
+    code(&mut s, &alice, "4821").await?;
+    let dora = create_user_with(&mut s.admin, &site, "Dora", &[(1, pb::Level::Duress)]).await?;
+    let duress = code(&mut s, &dora, "7043").await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let panel = s.panel.clone();
+    let mut sim = s.sim(&panel)?;
+    assert_eq!(sim.arm(1, "4821")?, PanelOutcome::Armed);
+
+    // The central station watches every site of the dealer, from now on.
+    let cursor = events(&mut s).await?.last().map_or(0, |e| e.cursor);
+    let mut watch = s
+        .admin
+        .watch_events(pb::WatchEventsRequest {
+            parent: "sites/-".into(),
+            after_cursor: cursor,
+        })
+        .await?
+        .into_inner();
+
+    // Under threat: the duress code disarms like any code; the intruder sees nothing.
+    let entered = Instant::now();
+    assert_eq!(sim.disarm(1, "7043")?, PanelOutcome::Disarmed);
+    assert_eq!(sim.armed_by(1), None);
+    let alarm = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.message().await? {
+                Some(e) if e.kind == pb::EventKind::Duress as i32 => return anyhow::Ok(e),
+                Some(_) => continue,
+                None => anyhow::bail!("watch ended"),
+            }
+        }
+    })
+    .await??;
+    let latency = entered.elapsed();
+    assert!(
+        latency < Duration::from_secs(1),
+        "duress took {latency:?} to reach the watcher"
+    );
+    assert!(alarm.silent_alarm);
+    assert_eq!(alarm.user, dora);
+    assert_eq!(
+        alarm.user_number,
+        i32::from(slot_on(&duress, &panel).expect("slot"))
+    );
+    assert_eq!(alarm.partition, 1);
+    assert!(alarm.name.starts_with(&format!("{site}/events/")));
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resent_event_is_stored_once_and_watch_resumes_from_a_cursor() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let panel = s.panel.clone();
+    let device = uuid_of(&panel.name)?;
+    let site = uuid_of(&s.site)?;
+    let event = keyplane_store::NewEvent {
+        device,
+        seq: 1,
+        kind: keyplane_store::EventKind::Armed,
+        partition: Some(1),
+        user_number: Some(2),
+        occur_time: std::time::SystemTime::now(),
+    };
+    assert!(s.server.store.event_record(site, &event).await?);
+    assert!(
+        !s.server.store.event_record(site, &event).await?,
+        "same device and seq: not stored again"
+    );
+    let second = keyplane_store::NewEvent { seq: 2, ..event };
+    assert!(s.server.store.event_record(site, &second).await?);
+    let all = events(&mut s).await?;
+    assert_eq!(all.len(), 2);
+    // Resuming after the first event's cursor yields only the second.
+    let mut watch = s
+        .admin
+        .watch_events(pb::WatchEventsRequest {
+            parent: s.site.clone(),
+            after_cursor: all[0].cursor,
+        })
+        .await?
+        .into_inner();
+    let next = watch
+        .message()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no event"))?;
+    assert_eq!(next.cursor, all[1].cursor);
+    // Another dealer cannot watch this site.
+    let other = s.server.dealer("Dealer Two").await?;
+    let mut other = s.server.admin(Some(&other)).await?;
+    let err = other
+        .watch_events(pb::WatchEventsRequest {
+            parent: s.site.clone(),
+            after_cursor: 0,
+        })
+        .await
+        .expect_err("not theirs");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    Ok(())
+}
+
+fn uuid_of(name: &str) -> anyhow::Result<uuid::Uuid> {
+    Ok(uuid::Uuid::try_parse(
+        name.rsplit('/').next().unwrap_or_default(),
+    )?)
+}
