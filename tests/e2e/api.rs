@@ -274,3 +274,48 @@ async fn a_change_on_one_replica_reaches_an_agent_on_another() -> anyhow::Result
     replica.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_dev_demo_seeds_a_site_an_agent_can_sync() -> anyhow::Result<()> {
+    let server = keyplane_testkit::server::TestServer::start().await?;
+    let token = server.dealer("Demo Dealer").await?;
+    let demo = keyplane_server::demo::seed(&server.url, &token).await?;
+    assert_eq!(demo.devices.len(), 3);
+    let dir = keyplane_testkit::server::TempDir::new("demo")?;
+    let agent = keyplane_testkit::server::TestAgent::start(
+        &server.url,
+        &demo.site,
+        &demo.agent_token,
+        dir.path(),
+    );
+    let mut admin = server.admin(Some(&token)).await?;
+    let name = format!("{}/syncStatus", demo.site);
+    let status =
+        keyplane_testkit::server::eventually("demo synced", crate::fixture::SYNC_TIMEOUT, || {
+            let mut admin = admin.clone();
+            let name = name.clone();
+            async move {
+                let s = admin
+                    .get_sync_status(pb::GetSyncStatusRequest { name })
+                    .await?
+                    .into_inner();
+                Ok(s.devices
+                    .iter()
+                    .all(|d| d.in_sync && d.applied_revision == s.desired_revision)
+                    .then_some(s))
+            }
+        })
+        .await?;
+    assert!(status.setup_issues.is_empty(), "{:?}", status.setup_issues);
+    let creds = admin
+        .list_credentials(pb::ListCredentialsRequest {
+            parent: demo.user.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .credentials;
+    assert_eq!(creds.len(), 2);
+    agent.stop().await?;
+    Ok(())
+}

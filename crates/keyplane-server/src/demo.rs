@@ -94,6 +94,10 @@ pub async fn seed(server: &str, token: &str) -> anyhow::Result<Demo> {
                 parent: site.name.clone(),
                 user: Some(pb::User {
                     display_name: "Alice".into(),
+                    authorities: vec![pb::PartitionAuthority {
+                        partition: 1,
+                        level: pb::Level::Master as i32,
+                    }],
                     ..Default::default()
                 }),
                 request_id: String::new(),
