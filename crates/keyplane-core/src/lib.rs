@@ -10,6 +10,7 @@ pub mod model;
 pub mod names;
 pub mod pin;
 pub mod plan;
+pub mod schedule;
 
 pub use model::{DeviceKind, DeviceModel};
 pub use names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};
