@@ -9,4 +9,5 @@ mod fixture;
 mod panel;
 mod race;
 mod restart;
+mod schedules;
 mod seed000;

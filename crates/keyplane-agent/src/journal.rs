@@ -6,6 +6,7 @@
 
 use keyplane_core::authority::Level;
 use keyplane_core::plan::DesiredCode;
+use keyplane_core::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,6 +25,9 @@ pub struct Code {
     /// Panels: open/close reporting.
     #[serde(default)]
     pub open_close: bool,
+    /// When the code belongs on the device (None: always).
+    #[serde(default)]
+    pub schedule: Option<Schedule>,
 }
 
 impl std::fmt::Debug for Code {
@@ -58,6 +62,7 @@ impl From<DesiredCode> for Code {
                 .map(|(p, l)| (*p, u8::try_from(l.number()).unwrap_or(u8::MAX)))
                 .collect(),
             open_close: c.open_close,
+            schedule: None,
         }
     }
 }
@@ -80,18 +85,14 @@ pub struct DeviceJournal {
     pub events_acked: u64,
 }
 
-impl DeviceJournal {
-    /// Whether the device holds what keyplaned wants.
-    pub fn in_sync(&self) -> bool {
-        self.desired == self.written
-    }
-}
-
 /// The whole journal.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Journal {
     /// Site revision whose desired table this journal holds.
     pub revision: i64,
+    /// The site's IANA time zone, for schedules.
+    #[serde(default)]
+    pub time_zone: String,
     /// Per device resource name.
     pub devices: BTreeMap<String, DeviceJournal>,
     #[serde(skip)]

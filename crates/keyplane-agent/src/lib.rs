@@ -7,15 +7,18 @@
 //! devices converge on the last known table even while `keyplaned` is unreachable.
 
 pub mod backoff;
+pub mod clock;
 pub mod journal;
 mod reconcile;
 
 pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 
 use backoff::Backoff;
+use clock::{Clock, SystemClock};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_client::AgentServiceClient;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +40,8 @@ pub struct AgentConfig {
     pub reconcile_every: Duration,
     /// Read panels' event logs this often.
     pub event_poll: Duration,
+    /// Where schedules read the time.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl AgentConfig {
@@ -52,8 +57,10 @@ impl AgentConfig {
             site: site.into(),
             token: token.into(),
             state_dir: state_dir.into(),
-            reconcile_every: Duration::from_secs(30),
+            // Cheap when nothing changed; also how schedules open and close on time.
+            reconcile_every: Duration::from_secs(1),
             event_poll: Duration::from_millis(200),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -65,7 +72,7 @@ pub async fn run(
     factory: Box<dyn DriverFactory>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut agent = Agent::open(&config.state_dir, factory)?;
+    let mut agent = Agent::open(&config.state_dir, factory, config.clock.clone())?;
     agent.reconcile_all(None).await;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
@@ -81,12 +88,18 @@ pub async fn run(
         if healthy {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
-        tokio::select! {
-            // cancel-safe: a token.
-            _ = shutdown.cancelled() => return Ok(()),
-            // cancel-safe: a timer.
-            _ = tokio::time::sleep(delay) => {}
+        // Offline, the journal still rules: schedules open and close on time.
+        let wake = tokio::time::Instant::now() + backoff.next_delay();
+        let mut tick = tokio::time::interval(config.reconcile_every);
+        loop {
+            tokio::select! {
+                // cancel-safe: a token.
+                _ = shutdown.cancelled() => return Ok(()),
+                // cancel-safe: a timer.
+                _ = tokio::time::sleep_until(wake) => break,
+                // cancel-safe: interval ticks.
+                _ = tick.tick() => agent.reconcile_all(None).await,
+            }
         }
     }
 }

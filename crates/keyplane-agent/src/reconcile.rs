@@ -1,13 +1,18 @@
 //! Applying the desired table to devices: journal first, then the planner's writes,
 //! one device at a time, acking each device once it holds its whole desired table.
 
+use crate::clock::Clock;
 use crate::journal::{Code, DeviceJournal, Journal};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
+use keyplane_core::schedule::{Schedule, Window, day_bit, parse_time, parse_time_zone};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent, EventKind};
 use keyplane_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Opens drivers for the devices keyplaned lists.
@@ -50,6 +55,7 @@ pub struct Agent {
     drivers: HashMap<String, Box<dyn DeviceDriver>>,
     /// Highest event sequence sent per device on the current stream.
     events_sent: HashMap<String, u64>,
+    clock: Arc<dyn Clock>,
 }
 
 fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
@@ -66,7 +72,51 @@ fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
             })
             .collect(),
         open_close: slot.open_close_reporting,
+        schedule: if slot.scheduled {
+            // An unreadable schedule fails closed: never open.
+            Some(
+                slot.schedule
+                    .as_ref()
+                    .and_then(schedule_of)
+                    .unwrap_or_default(),
+            )
+        } else {
+            None
+        },
     })
+}
+
+fn schedule_of(s: &pb::Schedule) -> Option<Schedule> {
+    let mut windows = Vec::new();
+    for w in &s.windows {
+        let mut days = 0u8;
+        for d in &w.days {
+            // DayOfWeek: MONDAY = 1 .. SUNDAY = 7.
+            let n = u32::try_from(*d).ok()?.checked_sub(1)?;
+            days |= day_bit(chrono::Weekday::try_from(u8::try_from(n).ok()?).ok()?);
+        }
+        windows.push(Window {
+            days,
+            start: parse_time(&w.start_time).ok()?,
+            end: parse_time(&w.end_time).ok()?,
+        });
+    }
+    let date = |v: &str| {
+        if v.is_empty() {
+            Some(None)
+        } else {
+            chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                .ok()
+                .map(Some)
+        }
+    };
+    let schedule = Schedule {
+        windows,
+        valid_from: date(&s.valid_from)?,
+        valid_until: date(&s.valid_until)?,
+    };
+    schedule.validate().ok()?;
+    Some(schedule)
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -76,14 +126,36 @@ fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
         .collect()
 }
 
+/// The codes that belong on the device at `now`: scheduled ones only while open.
+/// An unknown time zone fails closed (scheduled codes stay off the device).
+fn effective_codes(
+    table: &BTreeMap<u16, Code>,
+    tz: Option<Tz>,
+    now: DateTime<Utc>,
+) -> BTreeMap<u16, DesiredCode> {
+    table
+        .iter()
+        .filter(|(_, c)| match &c.schedule {
+            None => true,
+            Some(s) => tz.is_some_and(|tz| s.is_open(tz, now)),
+        })
+        .map(|(s, c)| (*s, DesiredCode::from(c)))
+        .collect()
+}
+
 impl Agent {
     /// Opens the journal in `state_dir`.
-    pub fn open(state_dir: &Path, factory: Box<dyn DriverFactory>) -> anyhow::Result<Agent> {
+    pub fn open(
+        state_dir: &Path,
+        factory: Box<dyn DriverFactory>,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Agent> {
         Ok(Agent {
             journal: Journal::open(state_dir)?,
             factory,
             drivers: HashMap::new(),
             events_sent: HashMap::new(),
+            clock,
         })
     }
 
@@ -157,10 +229,12 @@ impl Agent {
             }
             pb::server_message::Msg::Snapshot(s) => {
                 self.learn_devices(&s.devices, true);
+                self.journal.time_zone = s.time_zone;
                 (s.revision, s.slots)
             }
             pb::server_message::Msg::Changes(c) => {
                 self.learn_devices(&c.devices, false);
+                self.journal.time_zone = c.time_zone;
                 (c.revision, c.slots)
             }
         };
@@ -302,8 +376,14 @@ impl Agent {
         let Some(device) = self.journal.devices.get(name) else {
             return Ok(true);
         };
+        let tz = parse_time_zone(if self.journal.time_zone.is_empty() {
+            "UTC"
+        } else {
+            &self.journal.time_zone
+        })
+        .ok();
         let actions = plan_device(
-            &desired_codes(&device.desired),
+            &effective_codes(&device.desired, tz, self.clock.now()),
             &desired_codes(&device.written),
         );
         if actions.is_empty() {
@@ -338,11 +418,7 @@ impl Agent {
             // Journal each write as it lands: a restart never repeats it.
             self.journal.save()?;
         }
-        Ok(self
-            .journal
-            .devices
-            .get(name)
-            .is_none_or(DeviceJournal::in_sync))
+        Ok(true)
     }
 }
 

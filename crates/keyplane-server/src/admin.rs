@@ -716,4 +716,96 @@ impl AdminService for AdminApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    async fn get_personal_access_plan(
+        &self,
+        request: Request<pb::GetPersonalAccessPlanRequest>,
+    ) -> Res<pb::PersonalAccessPlan> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let user = plan_name("name", &request.get_ref().name)?;
+        let plan = self
+            .store
+            .personal_plan_get(actor.dealer, user.site, user.user)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::plan_pb(&plan)))
+    }
+
+    async fn update_personal_access_plan(
+        &self,
+        request: Request<pb::UpdatePersonalAccessPlanRequest>,
+    ) -> Res<pb::PersonalAccessPlan> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let plan = required("plan", req.plan.as_ref())?;
+        let user = plan_name("plan.name", &plan.name)?;
+        let paths = mask_paths(
+            req.update_mask.as_ref(),
+            &["access_points", "schedule"],
+            &[
+                ("access_points", !plan.access_points.is_empty()),
+                ("schedule", plan.schedule.is_some()),
+            ],
+        )?;
+        let mut patch = store::PlanPatch::default();
+        for p in &paths {
+            match p.as_str() {
+                "access_points" => {
+                    let mut ids = Vec::new();
+                    for (i, n) in plan.access_points.iter().enumerate() {
+                        let d = DeviceName::parse(n)
+                            .map_err(|e| name_status(&format!("plan.access_points[{i}]"), e))?;
+                        if d.site != user.site {
+                            return Err(Status::invalid_argument(format!(
+                                "plan.access_points[{i}] names a device of another site"
+                            )));
+                        }
+                        ids.push(d.device);
+                    }
+                    patch.access_points = Some(ids);
+                }
+                _ => {
+                    patch.schedule = Some(
+                        plan.schedule
+                            .as_ref()
+                            .map(|s| cv::schedule("plan.schedule", s))
+                            .transpose()?,
+                    )
+                }
+            }
+        }
+        let updated = self
+            .store
+            .personal_plan_update(&actor, user.site, user.user, &patch, &plan.etag)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(user.site);
+        Ok(Response::new(cv::plan_pb(&updated)))
+    }
+
+    async fn clear_personal_access_plan(
+        &self,
+        request: Request<pb::ClearPersonalAccessPlanRequest>,
+    ) -> Res<pb::PersonalAccessPlan> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let user = plan_name("name", &req.name)?;
+        let cleared = self
+            .store
+            .personal_plan_clear(&actor, user.site, user.user, &req.etag)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(user.site);
+        Ok(Response::new(cv::plan_pb(&cleared)))
+    }
+}
+
+/// Parses `sites/{site}/users/{user}/personalAccessPlan`.
+fn plan_name(field: &str, name: &str) -> Result<UserName, Status> {
+    let user = name.strip_suffix("/personalAccessPlan").ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "{field}: expected sites/{{site}}/users/{{user}}/personalAccessPlan, got {name:?}"
+        ))
+    })?;
+    UserName::parse(user).map_err(|e| name_status(field, e))
 }

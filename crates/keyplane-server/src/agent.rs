@@ -70,6 +70,10 @@ fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
             })
             .collect();
         slot.open_close_reporting = code.open_close_reporting;
+        if let Some(schedule) = &code.schedule {
+            slot.scheduled = true;
+            slot.schedule = Some(crate::convert::schedule_pb(schedule));
+        }
     }
     slot
 }
@@ -90,6 +94,7 @@ fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
         AgentUpdate::Snapshot {
             revision,
             devices,
+            time_zone,
             slots,
         } => (
             *revision,
@@ -97,12 +102,14 @@ fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
                 revision: *revision,
                 devices: devices_pb(site, devices),
                 slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
+                time_zone: time_zone.clone(),
             }),
         ),
         AgentUpdate::Changes {
             from,
             revision,
             devices,
+            time_zone,
             slots,
         } => (
             *revision,
@@ -111,6 +118,7 @@ fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
                 revision: *revision,
                 slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
                 devices: devices_pb(site, devices),
+                time_zone: time_zone.clone(),
             }),
         ),
     };

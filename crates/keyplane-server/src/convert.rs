@@ -2,9 +2,13 @@
 //! field is checked here, once, and a bad one is a precise INVALID_ARGUMENT.
 
 use crate::error::{name_status, pin_status};
+use chrono::{NaiveDate, Weekday};
 use keyplane_core::authority::{Authorities, Level};
 use keyplane_core::names::{DeviceName, MAX_PARTITIONS};
 use keyplane_core::pin::Pin;
+use keyplane_core::schedule::{
+    Schedule, ScheduleError, Window, day_bit, format_time, parse_time, parse_time_zone,
+};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_proto::v1 as pb;
 use keyplane_store as store;
@@ -35,25 +39,111 @@ pub fn display_name(field: &str, value: &str) -> Result<String, Status> {
     Ok(value.to_owned())
 }
 
-/// Checks an IANA time zone name's shape (`Area/Location` or `UTC`); empty means UTC.
+/// Checks an IANA time zone name (`Europe/Paris`, `UTC`); empty means UTC.
 pub fn time_zone(value: &str) -> Result<String, Status> {
     if value.is_empty() {
         return Ok("UTC".into());
     }
-    let ok = value.len() <= 64
-        && value.split('/').all(|part| {
-            !part.is_empty()
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '+'))
+    parse_time_zone(value)
+        .map(|_| value.to_owned())
+        .map_err(|_| {
+            Status::invalid_argument(format!(
+                "site.time_zone {value:?} is not an IANA time zone name such as Europe/Paris or UTC"
+            ))
         })
-        && value.starts_with(|c: char| c.is_ascii_uppercase());
-    if ok {
-        Ok(value.to_owned())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "site.time_zone {value:?} is not an IANA time zone name such as Europe/Paris or UTC"
-        )))
+}
+
+/// Converts a schedule, checking every window.
+pub fn schedule(field: &str, s: &pb::Schedule) -> Result<Schedule, Status> {
+    let bad = |e: ScheduleError| Status::invalid_argument(format!("{field}: {e}"));
+    let date = |name: &str, v: &str| -> Result<Option<NaiveDate>, Status> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        NaiveDate::parse_from_str(v, "%Y-%m-%d")
+            .map(Some)
+            .map_err(|_| {
+                Status::invalid_argument(format!("{field}.{name} {v:?} is not a date YYYY-MM-DD"))
+            })
+    };
+    let mut windows = Vec::new();
+    for (i, w) in s.windows.iter().enumerate() {
+        let mut days = 0u8;
+        for d in &w.days {
+            let day = match pb::DayOfWeek::try_from(*d) {
+                Ok(pb::DayOfWeek::Monday) => Weekday::Mon,
+                Ok(pb::DayOfWeek::Tuesday) => Weekday::Tue,
+                Ok(pb::DayOfWeek::Wednesday) => Weekday::Wed,
+                Ok(pb::DayOfWeek::Thursday) => Weekday::Thu,
+                Ok(pb::DayOfWeek::Friday) => Weekday::Fri,
+                Ok(pb::DayOfWeek::Saturday) => Weekday::Sat,
+                Ok(pb::DayOfWeek::Sunday) => Weekday::Sun,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "{field}.windows[{i}].days has an unknown day"
+                    )));
+                }
+            };
+            days |= day_bit(day);
+        }
+        windows.push(Window {
+            days,
+            start: parse_time(&w.start_time).map_err(bad)?,
+            end: parse_time(&w.end_time).map_err(bad)?,
+        });
+    }
+    let out = Schedule {
+        windows,
+        valid_from: date("valid_from", &s.valid_from)?,
+        valid_until: date("valid_until", &s.valid_until)?,
+    };
+    out.validate().map_err(bad)?;
+    Ok(out)
+}
+
+/// Schedule to protobuf.
+pub fn schedule_pb(s: &Schedule) -> pb::Schedule {
+    let all = [
+        (Weekday::Mon, pb::DayOfWeek::Monday),
+        (Weekday::Tue, pb::DayOfWeek::Tuesday),
+        (Weekday::Wed, pb::DayOfWeek::Wednesday),
+        (Weekday::Thu, pb::DayOfWeek::Thursday),
+        (Weekday::Fri, pb::DayOfWeek::Friday),
+        (Weekday::Sat, pb::DayOfWeek::Saturday),
+        (Weekday::Sun, pb::DayOfWeek::Sunday),
+    ];
+    pb::Schedule {
+        windows: s
+            .windows
+            .iter()
+            .map(|w| pb::TimeWindow {
+                days: all
+                    .iter()
+                    .filter(|(d, _)| w.days & day_bit(*d) != 0)
+                    .map(|(_, p)| *p as i32)
+                    .collect(),
+                start_time: format_time(w.start),
+                end_time: format_time(w.end),
+            })
+            .collect(),
+        valid_from: s.valid_from.map(|d| d.to_string()).unwrap_or_default(),
+        valid_until: s.valid_until.map(|d| d.to_string()).unwrap_or_default(),
+    }
+}
+
+/// Personal access plan to protobuf.
+pub fn plan_pb(p: &store::PersonalPlan) -> pb::PersonalAccessPlan {
+    pb::PersonalAccessPlan {
+        name: format!("sites/{}/users/{}/personalAccessPlan", p.site, p.user),
+        configured: p.configured,
+        access_points: p
+            .access_points
+            .iter()
+            .map(|d| format!("sites/{}/devices/{d}", p.site))
+            .collect(),
+        schedule: p.schedule.as_ref().map(schedule_pb),
+        etag: p.version.to_string(),
+        update_time: ts(p.update_time),
     }
 }
 
@@ -547,7 +637,7 @@ mod tests {
             ("Europe/Paris", true),
             ("America/Argentina/Buenos_Aires", true),
             ("Etc/GMT+5", true),
-            ("europe/paris", false),
+            ("Mars/Olympus", false),
             ("Europe//Paris", false),
             ("Europe/Paris; DROP", false),
         ] {

@@ -220,7 +220,8 @@ impl Store {
             let used: i64 = tx
                 .query_one(
                     "SELECT (SELECT count(*) FROM slot_assignment WHERE site_id = $1 AND device_id = $2)
-                          + (SELECT count(*) FROM credential_device WHERE site_id = $1 AND device_id = $2)",
+                          + (SELECT count(*) FROM credential_device WHERE site_id = $1 AND device_id = $2)
+                          + (SELECT count(*) FROM personal_access_point WHERE site_id = $1 AND device_id = $2)",
                     &[&site, &device],
                 )
                 .await?

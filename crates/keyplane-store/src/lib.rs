@@ -21,6 +21,7 @@ mod error;
 mod event;
 mod migrate;
 mod partition;
+mod plan;
 mod site;
 mod sync;
 mod types;
@@ -30,6 +31,7 @@ pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
+pub use plan::{PersonalPlan, PlanPatch};
 pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

@@ -15,6 +15,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0002_authority.sql"),
     ),
     (3, "events", include_str!("../migrations/0003_events.sql")),
+    (
+        4,
+        "access_plans",
+        include_str!("../migrations/0004_access_plans.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

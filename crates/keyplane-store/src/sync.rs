@@ -4,6 +4,10 @@ use crate::site::{not_found_site, site_get_in_txn};
 use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
+use keyplane_core::schedule::Schedule;
+use std::collections::BTreeSet;
+
+type Plans = HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>;
 use std::collections::HashMap;
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
@@ -17,6 +21,7 @@ impl Store {
         site: Uuid,
         row: &Row,
         levels: &HashMap<Uuid, Vec<(u8, Level)>>,
+        plans: &Plans,
     ) -> Result<DesiredSlot, StoreError> {
         let device: Uuid = row.get(0);
         let slot = u16::try_from(row.get::<_, i32>(1))
@@ -27,10 +32,25 @@ impl Store {
             Some(credential) => {
                 let sealed: Vec<u8> = row.get(4);
                 let key_id: String = row.get(5);
-                let panel = row.get::<_, Option<&str>>(7) == Some("panel");
+                let kind = row.get::<_, Option<&str>>(7);
+                let panel = kind == Some("panel");
+                let user: Uuid = row.get(3);
+                // A configured personal plan governs locks and panels: its schedule on
+                // its access points, never elsewhere.
+                let schedule = match (kind, plans.get(&user)) {
+                    (Some("panel" | "lock"), Some((points, schedule))) => {
+                        if points.contains(&device) {
+                            schedule.clone()
+                        } else {
+                            Some(Schedule::default())
+                        }
+                    }
+                    _ => None,
+                };
                 Some(DesiredCode {
                     credential,
-                    user: row.get(3),
+                    user,
+                    schedule,
                     pin: self.key().open(site, credential, &key_id, &sealed)?,
                     authorities: if panel {
                         levels.get(&credential).cloned().unwrap_or_default()
@@ -55,11 +75,15 @@ impl Store {
             .read_only(true)
             .start()
             .await?;
-        let revision: i64 = tx
-            .query_opt("SELECT revision FROM site WHERE id = $1", &[&site])
+        let site_row = tx
+            .query_opt(
+                "SELECT revision, time_zone FROM site WHERE id = $1",
+                &[&site],
+            )
             .await?
-            .ok_or_else(|| not_found_site(site))?
-            .get(0);
+            .ok_or_else(|| not_found_site(site))?;
+        let revision: i64 = site_row.get(0);
+        let time_zone: String = site_row.get(1);
         let devices = tx
             .query(
                 "SELECT id, model FROM device WHERE site_id = $1 ORDER BY id",
@@ -93,6 +117,7 @@ impl Store {
                 levels.entry(r.get(0)).or_default().push((p, l));
             }
         }
+        let plans = crate::plan::plan_schedules_in_txn(&tx, site).await?;
         let update = if from <= 0 || from > revision {
             let rows = tx
                 .query(
@@ -107,11 +132,12 @@ impl Store {
                 .await?;
             let slots = rows
                 .iter()
-                .map(|r| self.desired_from_row(site, r, &levels))
+                .map(|r| self.desired_from_row(site, r, &levels, &plans))
                 .collect::<Result<_, _>>()?;
             AgentUpdate::Snapshot {
                 revision,
                 devices,
+                time_zone,
                 slots,
             }
         } else {
@@ -130,12 +156,13 @@ impl Store {
                 .await?;
             let slots = rows
                 .iter()
-                .map(|r| self.desired_from_row(site, r, &levels))
+                .map(|r| self.desired_from_row(site, r, &levels, &plans))
                 .collect::<Result<_, _>>()?;
             AgentUpdate::Changes {
                 from,
                 revision,
                 devices,
+                time_zone,
                 slots,
             }
         };

@@ -346,6 +346,8 @@ pub struct DesiredCode {
     pub authorities: Vec<(u8, Level)>,
     /// Panels: open/close reporting.
     pub open_close_reporting: bool,
+    /// When the code belongs on the device: None always, else while open.
+    pub schedule: Option<keyplane_core::schedule::Schedule>,
 }
 
 /// What one slot of one device should hold (`code` None: clear it).
@@ -380,6 +382,8 @@ pub enum AgentUpdate {
         revision: i64,
         /// Every device of the site and its model.
         devices: Vec<(Uuid, &'static DeviceModel)>,
+        /// The site's time zone.
+        time_zone: String,
         /// Every assigned slot.
         slots: Vec<DesiredSlot>,
     },
@@ -391,6 +395,8 @@ pub enum AgentUpdate {
         revision: i64,
         /// Every device of the site and its model.
         devices: Vec<(Uuid, &'static DeviceModel)>,
+        /// The site's time zone.
+        time_zone: String,
         /// Current desired value of every changed slot.
         slots: Vec<DesiredSlot>,
     },

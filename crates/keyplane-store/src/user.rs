@@ -106,6 +106,7 @@ impl Store {
                 .await?;
             let id: Uuid = row.get(0);
             user_authorities_write_in_txn(&tx, site, id, &new.authorities).await?;
+            crate::plan::plan_create_in_txn(&tx, site, id).await?;
             let name = format!("sites/{site}/users/{id}");
             request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
             let levels: Vec<(u8, i32)> = new

@@ -3,12 +3,14 @@
 //! code as the binary, with simulated devices kept in a directory that outlives them.
 
 use crate::pg::{TestDatabase, test_database};
+use keyplane_agent::clock::{Clock, SystemClock};
 use keyplane_agent::{AgentConfig, DriverFactory, SimulatorFactory};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::admin_service_client::AdminServiceClient;
 use keyplane_store::{PinKey, Store};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -167,6 +169,12 @@ impl TestServer {
             .token)
     }
 
+    /// Stops serving without giving up the handle (the database stays), e.g. to cut
+    /// agents off.
+    pub fn pause(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -200,11 +208,35 @@ impl TestAgent {
         dir: &Path,
         factory: Box<dyn DriverFactory>,
     ) -> TestAgent {
+        Self::start_full(server, site, token, dir, factory, Arc::new(SystemClock))
+    }
+
+    /// Like [`TestAgent::start`], reading time from `clock`.
+    pub fn start_with_clock(
+        server: &str,
+        site: &str,
+        token: &str,
+        dir: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> TestAgent {
+        let factory = Box::new(SimulatorFactory::new(dir.join("devices")));
+        Self::start_full(server, site, token, dir, factory, clock)
+    }
+
+    fn start_full(
+        server: &str,
+        site: &str,
+        token: &str,
+        dir: &Path,
+        factory: Box<dyn DriverFactory>,
+        clock: Arc<dyn Clock>,
+    ) -> TestAgent {
         let state_dir = dir.join("state");
         let sim_dir = dir.join("devices");
         let mut config = AgentConfig::new(server, site, token, &state_dir);
-        config.reconcile_every = Duration::from_millis(500);
+        config.reconcile_every = Duration::from_millis(100);
         config.event_poll = Duration::from_millis(50);
+        config.clock = clock;
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
         TestAgent {
