@@ -4,6 +4,7 @@
 //! what is already on the devices and never writes it again. It holds PINs, so the
 //! file is private to the agent's user (mode 0600).
 
+use chrono::{DateTime, Utc};
 use keyplane_core::authority::Level;
 use keyplane_core::plan::DesiredCode;
 use keyplane_core::schedule::Schedule;
@@ -25,9 +26,15 @@ pub struct Code {
     /// Panels: open/close reporting.
     #[serde(default)]
     pub open_close: bool,
-    /// When the code belongs on the device (None: always).
+    /// When the code opens: while any of these is open (None: always).
     #[serde(default)]
-    pub schedule: Option<Schedule>,
+    pub schedules: Option<Vec<Schedule>>,
+    /// Temporary codes: on the device only from this instant.
+    #[serde(default)]
+    pub valid_from: Option<DateTime<Utc>>,
+    /// Temporary codes: on the device only until this instant.
+    #[serde(default)]
+    pub valid_until: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for Code {
@@ -47,6 +54,7 @@ impl From<&Code> for DesiredCode {
                 .filter_map(|(p, l)| Some((*p, Level::from_number(i32::from(*l))?)))
                 .collect(),
             open_close: c.open_close,
+            schedules: c.schedules.clone(),
         }
     }
 }
@@ -62,7 +70,9 @@ impl From<DesiredCode> for Code {
                 .map(|(p, l)| (*p, u8::try_from(l.number()).unwrap_or(u8::MAX)))
                 .collect(),
             open_close: c.open_close,
-            schedule: None,
+            schedules: c.schedules,
+            valid_from: None,
+            valid_until: None,
         }
     }
 }
@@ -83,6 +93,9 @@ pub struct DeviceJournal {
     /// Highest event sequence number keyplaned has stored for this device.
     #[serde(default)]
     pub events_acked: u64,
+    /// Doors: whether the device was put in lockdown.
+    #[serde(default)]
+    pub lockdown_applied: bool,
 }
 
 /// The whole journal.
@@ -93,6 +106,9 @@ pub struct Journal {
     /// The site's IANA time zone, for schedules.
     #[serde(default)]
     pub time_zone: String,
+    /// Doors locked down.
+    #[serde(default)]
+    pub lockdown: bool,
     /// Per device resource name.
     pub devices: BTreeMap<String, DeviceJournal>,
     #[serde(skip)]

@@ -6,7 +6,7 @@ use crate::journal::{Code, DeviceJournal, Journal};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
-use keyplane_core::schedule::{Schedule, Window, day_bit, parse_time, parse_time_zone};
+use keyplane_core::schedule::{Schedule, Window, any_open, day_bit, parse_time, parse_time_zone};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent, EventKind};
 use keyplane_proto::v1 as pb;
@@ -72,18 +72,17 @@ fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
             })
             .collect(),
         open_close: slot.open_close_reporting,
-        schedule: if slot.scheduled {
-            // An unreadable schedule fails closed: never open.
-            Some(
-                slot.schedule
-                    .as_ref()
-                    .and_then(schedule_of)
-                    .unwrap_or_default(),
-            )
-        } else {
-            None
-        },
+        schedules: slot.scheduled.then(|| {
+            // An unreadable schedule fails closed: it never opens.
+            slot.schedules.iter().filter_map(schedule_of).collect()
+        }),
+        valid_from: slot.valid_from_time.as_ref().and_then(instant),
+        valid_until: slot.valid_until_time.as_ref().and_then(instant),
     })
+}
+
+fn instant(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
 }
 
 fn schedule_of(s: &pb::Schedule) -> Option<Schedule> {
@@ -114,6 +113,11 @@ fn schedule_of(s: &pb::Schedule) -> Option<Schedule> {
         windows,
         valid_from: date(&s.valid_from)?,
         valid_until: date(&s.valid_until)?,
+        paused_dates: s
+            .paused_dates
+            .iter()
+            .map(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+            .collect::<Option<_>>()?,
     };
     schedule.validate().ok()?;
     Some(schedule)
@@ -126,20 +130,32 @@ fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
         .collect()
 }
 
-/// The codes that belong on the device at `now`: scheduled ones only while open.
-/// An unknown time zone fails closed (scheduled codes stay off the device).
+/// The codes that belong on the device at `now`: temporary codes only within their
+/// validity; scheduled codes only while open, unless the device keeps schedules
+/// itself (then it gets them with the code). An unknown time zone fails closed.
 fn effective_codes(
     table: &BTreeMap<u16, Code>,
     tz: Option<Tz>,
     now: DateTime<Utc>,
+    device_keeps_schedules: bool,
 ) -> BTreeMap<u16, DesiredCode> {
     table
         .iter()
-        .filter(|(_, c)| match &c.schedule {
-            None => true,
-            Some(s) => tz.is_some_and(|tz| s.is_open(tz, now)),
+        .filter(|(_, c)| {
+            c.valid_from.is_none_or(|f| now >= f) && c.valid_until.is_none_or(|u| now < u)
         })
-        .map(|(s, c)| (*s, DesiredCode::from(c)))
+        .filter(|(_, c)| match &c.schedules {
+            None => true,
+            Some(_) if device_keeps_schedules => true,
+            Some(s) => tz.is_some_and(|tz| any_open(s, tz, now)),
+        })
+        .map(|(s, c)| {
+            let mut code = DesiredCode::from(c);
+            if !device_keeps_schedules {
+                code.schedules = None;
+            }
+            (*s, code)
+        })
         .collect()
 }
 
@@ -230,11 +246,13 @@ impl Agent {
             pb::server_message::Msg::Snapshot(s) => {
                 self.learn_devices(&s.devices, true);
                 self.journal.time_zone = s.time_zone;
+                self.journal.lockdown = s.lockdown;
                 (s.revision, s.slots)
             }
             pb::server_message::Msg::Changes(c) => {
                 self.learn_devices(&c.devices, false);
                 self.journal.time_zone = c.time_zone;
+                self.journal.lockdown = c.lockdown;
                 (c.revision, c.slots)
             }
         };
@@ -293,7 +311,7 @@ impl Agent {
             .filter(|(_, d)| d.present)
             .filter_map(|(name, d)| {
                 let model = DeviceModel::find(&d.model)?;
-                (model.kind == DeviceKind::Panel).then(|| (name.clone(), model, d.events_acked))
+                Some((name.clone(), model, d.events_acked))
             })
             .collect();
         for (name, model, acked) in panels {
@@ -382,21 +400,39 @@ impl Agent {
             &self.journal.time_zone
         })
         .ok();
+        let model = DeviceModel::find(&device.model)
+            .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
+        let door = model.kind == DeviceKind::Door;
+        let keeps_schedules = door && model.on_device_schedules;
+        let lockdown = door && device.present && self.journal.lockdown;
+        let lockdown_change = (lockdown != device.lockdown_applied).then_some(lockdown);
         let actions = plan_device(
-            &effective_codes(&device.desired, tz, self.clock.now()),
+            &effective_codes(&device.desired, tz, self.clock.now(), keeps_schedules),
             &desired_codes(&device.written),
         );
+        if let Some(on) = lockdown_change {
+            self.driver(name, model)?.set_lockdown(on).await?;
+            if let Some(entry) = self.journal.devices.get_mut(name) {
+                entry.lockdown_applied = on;
+            }
+            self.journal.save()?;
+            tracing::info!(device = %name, lockdown = on, "door lockdown applied");
+        }
         if actions.is_empty() {
             return Ok(true);
         }
-        let model = DeviceModel::find(&device.model)
-            .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
+        let time_zone = self.journal.time_zone.clone();
         for action in actions {
             let driver = self.driver(name, model)?;
             match &action {
                 SlotAction::Set { slot, code } if model.kind == DeviceKind::Panel => {
                     driver
                         .set_panel_user(*slot, &code.pin, &code.authorities, code.open_close)
+                        .await?
+                }
+                SlotAction::Set { slot, code } if keeps_schedules => {
+                    driver
+                        .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &time_zone)
                         .await?
                 }
                 SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await?,
@@ -429,6 +465,8 @@ fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
         EventKind::ArmRefused => pb::EventKind::ArmRefused,
         EventKind::DisarmRefused => pb::EventKind::DisarmRefused,
         EventKind::Duress => pb::EventKind::Duress,
+        EventKind::AccessGranted => pb::EventKind::AccessGranted,
+        EventKind::AccessDenied => pb::EventKind::AccessDenied,
     };
     let secs = e.at_unix_ms.div_euclid(1000);
     let nanos = i32::try_from(e.at_unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0);

@@ -15,6 +15,8 @@ pub struct DesiredCode {
     pub authorities: Vec<(u8, Level)>,
     /// Panels: open/close reporting for this user number.
     pub open_close: bool,
+    /// Devices that keep schedules: when the code opens (None: always).
+    pub schedules: Option<Vec<crate::schedule::Schedule>>,
 }
 
 impl std::fmt::Debug for DesiredCode {
@@ -24,6 +26,7 @@ impl std::fmt::Debug for DesiredCode {
             .field("pin", &"<redacted>")
             .field("authorities", &self.authorities)
             .field("open_close", &self.open_close)
+            .field("schedules", &self.schedules)
             .finish()
     }
 }

@@ -33,6 +33,9 @@ pub struct Schedule {
     pub valid_from: Option<NaiveDate>,
     /// Last local date a window may start on.
     pub valid_until: Option<NaiveDate>,
+    /// Local dates on which no window starts (holidays pausing the plan).
+    #[serde(default)]
+    pub paused_dates: Vec<NaiveDate>,
 }
 
 /// Why a schedule was refused.
@@ -112,7 +115,9 @@ impl Schedule {
     }
 
     fn in_range(&self, day: NaiveDate) -> bool {
-        self.valid_from.is_none_or(|f| day >= f) && self.valid_until.is_none_or(|u| day <= u)
+        self.valid_from.is_none_or(|f| day >= f)
+            && self.valid_until.is_none_or(|u| day <= u)
+            && !self.paused_dates.contains(&day)
     }
 
     /// Whether access is open at local wall-clock time `local`.
@@ -140,6 +145,11 @@ impl Schedule {
     pub fn is_open(&self, tz: Tz, at: DateTime<Utc>) -> bool {
         self.is_open_local(at.with_timezone(&tz).naive_local())
     }
+}
+
+/// Access granted by several plans is their union: open while any is open.
+pub fn any_open(schedules: &[Schedule], tz: Tz, at: DateTime<Utc>) -> bool {
+    schedules.iter().any(|s| s.is_open(tz, at))
 }
 
 #[cfg(test)]
@@ -278,6 +288,7 @@ mod tests {
             ],
             valid_from: Some(d("2026-11-27")),
             valid_until: Some(d("2026-11-29")),
+            paused_dates: vec![],
         };
         let at = |s: &str| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").expect("datetime");
         let cases = [
@@ -291,6 +302,41 @@ mod tests {
         for (t, open) in cases {
             assert_eq!(weekend.is_open_local(at(t)), open, "{t}");
         }
+    }
+
+    #[test]
+    fn holidays_pause_and_plans_unite() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date");
+        let paris: Tz = parse_time_zone("Europe/Paris").expect("tz");
+        let office = Schedule {
+            windows: vec![window(WEEKDAYS, "08:00", "18:00")],
+            paused_dates: vec![d("2026-12-25")],
+            ..Schedule::default()
+        };
+        let evenings = Schedule {
+            windows: vec![window(0x7f, "18:00", "22:00")],
+            ..Schedule::default()
+        };
+        // Friday 2026-12-25 is a holiday: the office plan does not open.
+        assert!(!office.is_open(paris, utc("2026-12-25T09:00:00Z")));
+        assert!(office.is_open(paris, utc("2026-12-24T09:00:00Z")));
+        let both = [office.clone(), evenings];
+        assert!(
+            any_open(&both, paris, utc("2026-12-24T09:00:00Z")),
+            "office"
+        );
+        assert!(
+            any_open(&both, paris, utc("2026-12-25T18:30:00Z")),
+            "evenings, not paused"
+        );
+        assert!(
+            !any_open(&both, paris, utc("2026-12-25T09:00:00Z")),
+            "paused office only"
+        );
+        assert!(
+            !any_open(&[], paris, utc("2026-12-24T09:00:00Z")),
+            "no plan: never"
+        );
     }
 
     #[test]

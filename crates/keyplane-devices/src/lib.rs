@@ -12,10 +12,11 @@
 
 mod sim;
 
-pub use sim::{PanelOutcome, SimulatedDevice, SimulatedSite, open_driver};
+pub use sim::{AccessOutcome, PanelOutcome, SimulatedDevice, SimulatedSite, open_driver};
 
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
+use keyplane_core::schedule::Schedule;
 use std::fmt;
 
 /// What a device reports for one occupied slot.
@@ -121,6 +122,25 @@ pub trait DeviceDriver: Send {
         self.set_slot(slot, code).await
     }
 
+    /// Devices that keep schedules: writes `code` into `slot`, valid only while one
+    /// of `schedules` is open in time zone `time_zone` (None: always).
+    async fn set_scheduled_code(
+        &mut self,
+        slot: u16,
+        code: &str,
+        schedules: Option<&[Schedule]>,
+        time_zone: &str,
+    ) -> Result<(), DeviceError> {
+        let _ = (schedules, time_zone);
+        self.set_slot(slot, code).await
+    }
+
+    /// Access-control doors: refuse every credential while `on`.
+    async fn set_lockdown(&mut self, on: bool) -> Result<(), DeviceError> {
+        let _ = on;
+        Ok(())
+    }
+
     /// Events the device logged after sequence number `after`, oldest first.
     async fn read_events(&mut self, after: u64) -> Result<Vec<DeviceEvent>, DeviceError> {
         let _ = after;
@@ -141,6 +161,10 @@ pub enum EventKind {
     DisarmRefused,
     /// A duress code was used: a silent alarm.
     Duress,
+    /// A credential was let in.
+    AccessGranted,
+    /// A credential was refused.
+    AccessDenied,
 }
 
 /// One event from a device's log. Never holds a code: only the user number.

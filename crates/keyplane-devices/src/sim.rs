@@ -11,6 +11,7 @@
 use crate::{DeviceDriver, DeviceError, DeviceEvent, EventKind, ObservedSlot};
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::{Level, may_disarm};
+use keyplane_core::schedule::{Schedule, any_open, parse_time_zone};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -43,6 +44,15 @@ struct State {
     /// The device's event log.
     #[serde(default)]
     events: Vec<DeviceEvent>,
+    /// Devices that keep schedules: per slot, when its code opens (absent: always).
+    #[serde(default)]
+    schedules: BTreeMap<u16, Vec<Schedule>>,
+    /// Time zone the schedules are in.
+    #[serde(default)]
+    time_zone: String,
+    /// Doors: refusing everyone.
+    #[serde(default)]
+    lockdown: bool,
 }
 
 /// Who changes a slot: the driver interface (the agent) or a person at the keypad.
@@ -54,6 +64,10 @@ enum Writer {
 
 impl State {
     fn log(&mut self, kind: EventKind, partition: u8, slot: Option<u16>) {
+        self.log_at(kind, (partition > 0).then_some(partition), slot);
+    }
+
+    fn log_at(&mut self, kind: EventKind, partition: Option<u8>, slot: Option<u16>) {
         let seq = self.events.last().map_or(1, |e| e.seq + 1);
         let at_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -62,7 +76,7 @@ impl State {
         self.events.push(DeviceEvent {
             seq,
             kind,
-            partition: Some(partition),
+            partition,
             slot,
             at_unix_ms,
         });
@@ -257,6 +271,7 @@ impl SimulatedDevice {
         self.check_slot(slot)?;
         self.with_state(|state| {
             state.slots.remove(&slot);
+            state.schedules.remove(&slot);
             state.levels.remove(&slot);
             state.open_close.remove(&slot);
             state.count(slot, by);
@@ -320,6 +335,49 @@ impl SimulatedDevice {
             state.log(EventKind::Disarmed, partition, Some(slot));
             Ok(PanelOutcome::Disarmed)
         })
+    }
+
+    /// A person presents `code` at a lock or door at instant `at`: the device grants
+    /// or refuses from what it holds (its lockdown, the slot's schedules) and logs it.
+    pub fn present(
+        &mut self,
+        code: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<AccessOutcome, DeviceError> {
+        self.with_state(|state| {
+            let slot = state
+                .slots
+                .iter()
+                .find(|(_, c)| c.as_str() == code)
+                .map(|(s, _)| *s);
+            let outcome = match slot {
+                None => AccessOutcome::Denied("unknown code"),
+                Some(_) if state.lockdown => AccessOutcome::Denied("lockdown"),
+                Some(s) => match state.schedules.get(&s) {
+                    None => AccessOutcome::Granted,
+                    Some(schedules) => {
+                        let open = parse_time_zone(&state.time_zone)
+                            .is_ok_and(|tz| any_open(schedules, tz, at));
+                        if open {
+                            AccessOutcome::Granted
+                        } else {
+                            AccessOutcome::Denied("outside its schedule")
+                        }
+                    }
+                },
+            };
+            let kind = match outcome {
+                AccessOutcome::Granted => EventKind::AccessGranted,
+                AccessOutcome::Denied(_) => EventKind::AccessDenied,
+            };
+            state.log_at(kind, None, slot);
+            Ok(outcome)
+        })
+    }
+
+    /// Whether a door is locked down (test hook).
+    pub fn locked_down(&self) -> bool {
+        self.inspect(|s| s.lockdown)
     }
 
     /// The user number that armed `partition`, if it is armed (test hook).
@@ -426,9 +484,45 @@ impl DeviceDriver for SimulatedDevice {
         })
     }
 
+    async fn set_scheduled_code(
+        &mut self,
+        slot: u16,
+        code: &str,
+        schedules: Option<&[Schedule]>,
+        time_zone: &str,
+    ) -> Result<(), DeviceError> {
+        self.with_state(|state| {
+            self.check_code(state, slot, code)?;
+            state.slots.insert(slot, code.to_owned());
+            match schedules {
+                Some(s) => state.schedules.insert(slot, s.to_vec()),
+                None => state.schedules.remove(&slot),
+            };
+            state.time_zone = time_zone.to_owned();
+            state.count(slot, Writer::Driver);
+            Ok(())
+        })
+    }
+
+    async fn set_lockdown(&mut self, on: bool) -> Result<(), DeviceError> {
+        self.with_state(|state| {
+            state.lockdown = on;
+            Ok(())
+        })
+    }
+
     async fn read_events(&mut self, after: u64) -> Result<Vec<DeviceEvent>, DeviceError> {
         self.with_state(|s| Ok(s.events.iter().filter(|e| e.seq > after).cloned().collect()))
     }
+}
+
+/// What a lock or door did with a presented code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessOutcome {
+    /// Let in.
+    Granted,
+    /// Refused, and why.
+    Denied(&'static str),
 }
 
 /// What the panel did with a code entered at its keypad.

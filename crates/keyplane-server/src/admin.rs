@@ -493,6 +493,25 @@ impl AdminService for AdminApi {
             },
             pin: cv::pin("credential.pin", &credential.pin)?,
             scope: cv::scope(parent.site, credential.scope.as_ref())?,
+            valid_from: credential
+                .valid_from_time
+                .as_ref()
+                .map(|t| cv::timestamp("credential.valid_from_time", t))
+                .transpose()?,
+            valid_until: credential
+                .valid_until_time
+                .as_ref()
+                .map(|t| cv::timestamp("credential.valid_until_time", t))
+                .transpose()?,
+            max_uses: match credential.max_uses {
+                0 => None,
+                n if n < 0 => {
+                    return Err(Status::invalid_argument(
+                        "credential.max_uses must not be negative",
+                    ));
+                }
+                n => Some(n),
+            },
         };
         let key = self.request_key("CreateCredential", &req.request_id, &req)?;
         let created = self
@@ -798,6 +817,192 @@ impl AdminService for AdminApi {
         self.hub.poke(user.site);
         Ok(Response::new(cv::plan_pb(&cleared)))
     }
+
+    async fn create_access_plan(
+        &self,
+        request: Request<pb::CreateAccessPlanRequest>,
+    ) -> Res<pb::StandardAccessPlan> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let parent = site_name("parent", &req.parent)?;
+        let plan = required("plan", req.plan.as_ref())?;
+        let mut fields = access_plan_fields(
+            parent.site,
+            plan,
+            &["display_name", "devices", "members", "schedule"],
+        )?;
+        fields.display_name = Some(cv::display_name("plan.display_name", &plan.display_name)?);
+        let key = self.request_key("CreateAccessPlan", &req.request_id, &req)?;
+        let created = self
+            .store
+            .access_plan_create(&actor, parent.site, &fields, key.as_ref())
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(parent.site);
+        Ok(Response::new(cv::access_plan_pb(&created)))
+    }
+
+    async fn get_access_plan(
+        &self,
+        request: Request<pb::GetAccessPlanRequest>,
+    ) -> Res<pb::StandardAccessPlan> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let (site, id) = access_plan_name("name", &request.get_ref().name)?;
+        let plan = self
+            .store
+            .access_plan_get(actor.dealer, site, id)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(cv::access_plan_pb(&plan)))
+    }
+
+    async fn list_access_plans(
+        &self,
+        request: Request<pb::ListAccessPlansRequest>,
+    ) -> Res<pb::ListAccessPlansResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let parent = site_name("parent", &req.parent)?;
+        let (plans, next_page_token) = list_page(
+            req.page_size,
+            &req.page_token,
+            |p: &store::AccessPlan| p.id.to_string(),
+            |p| self.store.access_plan_list(actor.dealer, parent.site, p),
+        )
+        .await?;
+        Ok(Response::new(pb::ListAccessPlansResponse {
+            plans: plans.iter().map(cv::access_plan_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_access_plan(
+        &self,
+        request: Request<pb::UpdateAccessPlanRequest>,
+    ) -> Res<pb::StandardAccessPlan> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let plan = required("plan", req.plan.as_ref())?;
+        let (site, id) = access_plan_name("plan.name", &plan.name)?;
+        let paths = mask_paths(
+            req.update_mask.as_ref(),
+            &["display_name", "devices", "members", "schedule"],
+            &[
+                ("display_name", !plan.display_name.is_empty()),
+                ("devices", !plan.devices.is_empty()),
+                ("members", !plan.members.is_empty()),
+                ("schedule", plan.schedule.is_some()),
+            ],
+        )?;
+        let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let fields = access_plan_fields(site, plan, &paths)?;
+        let updated = self
+            .store
+            .access_plan_update(&actor, site, id, &fields, &plan.etag)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(site);
+        Ok(Response::new(cv::access_plan_pb(&updated)))
+    }
+
+    async fn delete_access_plan(&self, request: Request<pb::DeleteAccessPlanRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let (site, id) = access_plan_name("name", &req.name)?;
+        self.store
+            .access_plan_delete(&actor, site, id, &req.etag)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(site);
+        Ok(Response::new(()))
+    }
+
+    async fn put_holiday(&self, request: Request<pb::PutHolidayRequest>) -> Res<pb::Holiday> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.into_inner();
+        let holiday = required("holiday", req.holiday.as_ref())?;
+        let (site, day) = holiday_name("holiday.name", &holiday.name)?;
+        let mut plans = Vec::new();
+        for (i, p) in holiday.plans.iter().enumerate() {
+            let (plan_site, id) = access_plan_name(&format!("holiday.plans[{i}]"), p)?;
+            if plan_site != site {
+                return Err(Status::invalid_argument(format!(
+                    "holiday.plans[{i}] is a plan of another site"
+                )));
+            }
+            plans.push(id);
+        }
+        let put = self
+            .store
+            .holiday_put(
+                &actor,
+                &store::Holiday {
+                    site,
+                    day,
+                    display_name: if holiday.display_name.is_empty() {
+                        "Holiday".into()
+                    } else {
+                        cv::display_name("holiday.display_name", &holiday.display_name)?
+                    },
+                    plans,
+                },
+            )
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(site);
+        Ok(Response::new(cv::holiday_pb(&put)))
+    }
+
+    async fn list_holidays(
+        &self,
+        request: Request<pb::ListHolidaysRequest>,
+    ) -> Res<pb::ListHolidaysResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let parent = site_name("parent", &request.get_ref().parent)?;
+        let holidays = self
+            .store
+            .holiday_list(actor.dealer, parent.site)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListHolidaysResponse {
+            holidays: holidays.iter().map(cv::holiday_pb).collect(),
+        }))
+    }
+
+    async fn delete_holiday(&self, request: Request<pb::DeleteHolidayRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let (site, day) = holiday_name("name", &request.get_ref().name)?;
+        self.store
+            .holiday_delete(&actor, site, day)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(site);
+        Ok(Response::new(()))
+    }
+
+    async fn lockdown_doors(&self, request: Request<pb::LockdownDoorsRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let site = site_name("site", &request.get_ref().site)?;
+        self.store
+            .site_lockdown_set(&actor, site.site, true)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(site.site);
+        self.bell.ring();
+        Ok(Response::new(()))
+    }
+
+    async fn release_lockdown(&self, request: Request<pb::ReleaseLockdownRequest>) -> Res<()> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let site = site_name("site", &request.get_ref().site)?;
+        self.store
+            .site_lockdown_set(&actor, site.site, false)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(site.site);
+        self.bell.ring();
+        Ok(Response::new(()))
+    }
 }
 
 /// Parses `sites/{site}/users/{user}/personalAccessPlan`.
@@ -808,4 +1013,84 @@ fn plan_name(field: &str, name: &str) -> Result<UserName, Status> {
         ))
     })?;
     UserName::parse(user).map_err(|e| name_status(field, e))
+}
+
+/// Parses `sites/{site}/accessPlans/{plan}`.
+fn access_plan_name(field: &str, name: &str) -> Result<(uuid::Uuid, uuid::Uuid), Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{field}: expected sites/{{site}}/accessPlans/{{plan}}, got {name:?}"
+        ))
+    };
+    let (site, plan) = name.split_once("/accessPlans/").ok_or_else(bad)?;
+    let site = SiteName::parse(site).map_err(|_| bad())?;
+    let plan = uuid::Uuid::try_parse(plan).map_err(|_| bad())?;
+    Ok((site.site, plan))
+}
+
+/// Parses `sites/{site}/holidays/{YYYY-MM-DD}`.
+fn holiday_name(field: &str, name: &str) -> Result<(uuid::Uuid, chrono::NaiveDate), Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{field}: expected sites/{{site}}/holidays/{{YYYY-MM-DD}}, got {name:?}"
+        ))
+    };
+    let (site, day) = name.split_once("/holidays/").ok_or_else(bad)?;
+    let site = SiteName::parse(site).map_err(|_| bad())?;
+    let day = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| bad())?;
+    Ok((site.site, day))
+}
+
+/// The fields of `paths` from a plan message.
+fn access_plan_fields(
+    site: uuid::Uuid,
+    plan: &pb::StandardAccessPlan,
+    paths: &[&str],
+) -> Result<store::AccessPlanFields, Status> {
+    let mut fields = store::AccessPlanFields::default();
+    for p in paths {
+        match *p {
+            "display_name" => {
+                fields.display_name =
+                    Some(cv::display_name("plan.display_name", &plan.display_name)?)
+            }
+            "devices" => {
+                let mut ids = Vec::new();
+                for (i, n) in plan.devices.iter().enumerate() {
+                    let d = DeviceName::parse(n)
+                        .map_err(|e| name_status(&format!("plan.devices[{i}]"), e))?;
+                    if d.site != site {
+                        return Err(Status::invalid_argument(format!(
+                            "plan.devices[{i}] is a device of another site"
+                        )));
+                    }
+                    ids.push(d.device);
+                }
+                fields.devices = Some(ids);
+            }
+            "members" => {
+                let mut ids = Vec::new();
+                for (i, n) in plan.members.iter().enumerate() {
+                    let u = UserName::parse(n)
+                        .map_err(|e| name_status(&format!("plan.members[{i}]"), e))?;
+                    if u.site != site {
+                        return Err(Status::invalid_argument(format!(
+                            "plan.members[{i}] is a user of another site"
+                        )));
+                    }
+                    ids.push(u.user);
+                }
+                fields.members = Some(ids);
+            }
+            _ => {
+                fields.schedule = Some(
+                    plan.schedule
+                        .as_ref()
+                        .map(|s| cv::schedule("plan.schedule", s))
+                        .transpose()?,
+                )
+            }
+        }
+    }
+    Ok(fields)
 }

@@ -70,10 +70,12 @@ fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
             })
             .collect();
         slot.open_close_reporting = code.open_close_reporting;
-        if let Some(schedule) = &code.schedule {
+        if let Some(schedules) = &code.schedules {
             slot.scheduled = true;
-            slot.schedule = Some(crate::convert::schedule_pb(schedule));
+            slot.schedules = schedules.iter().map(crate::convert::schedule_pb).collect();
         }
+        slot.valid_from_time = code.valid_from.map(crate::convert::timestamp_pb);
+        slot.valid_until_time = code.valid_until.map(crate::convert::timestamp_pb);
     }
     slot
 }
@@ -95,10 +97,12 @@ fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
             revision,
             devices,
             time_zone,
+            lockdown,
             slots,
         } => (
             *revision,
             pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+                lockdown: *lockdown,
                 revision: *revision,
                 devices: devices_pb(site, devices),
                 slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
@@ -110,10 +114,12 @@ fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
             revision,
             devices,
             time_zone,
+            lockdown,
             slots,
         } => (
             *revision,
             pb::server_message::Msg::Changes(pb::DesiredChanges {
+                lockdown: *lockdown,
                 from_revision: *from,
                 revision: *revision,
                 slots: slots.iter().map(|s| slot_pb(site, s)).collect(),

@@ -2,7 +2,7 @@
 //! field is checked here, once, and a bad one is a precise INVALID_ARGUMENT.
 
 use crate::error::{name_status, pin_status};
-use chrono::{NaiveDate, Weekday};
+use chrono::{DateTime, NaiveDate, Utc, Weekday};
 use keyplane_core::authority::{Authorities, Level};
 use keyplane_core::names::{DeviceName, MAX_PARTITIONS};
 use keyplane_core::pin::Pin;
@@ -96,6 +96,8 @@ pub fn schedule(field: &str, s: &pb::Schedule) -> Result<Schedule, Status> {
         windows,
         valid_from: date("valid_from", &s.valid_from)?,
         valid_until: date("valid_until", &s.valid_until)?,
+        // Holidays are managed with PutHoliday, not per plan.
+        paused_dates: Vec::new(),
     };
     out.validate().map_err(bad)?;
     Ok(out)
@@ -128,6 +130,7 @@ pub fn schedule_pb(s: &Schedule) -> pb::Schedule {
             .collect(),
         valid_from: s.valid_from.map(|d| d.to_string()).unwrap_or_default(),
         valid_until: s.valid_until.map(|d| d.to_string()).unwrap_or_default(),
+        paused_dates: s.paused_dates.iter().map(|d| d.to_string()).collect(),
     }
 }
 
@@ -528,6 +531,10 @@ pub fn credential_pb(c: &store::Credential) -> pb::Credential {
         update_time: ts(c.update_time),
         etag: c.version.to_string(),
         created_partition: c.created_partition.map(i32::from).unwrap_or(0),
+        valid_from_time: c.valid_from.map(timestamp_pb),
+        valid_until_time: c.valid_until.map(timestamp_pb),
+        max_uses: c.max_uses.unwrap_or(0),
+        uses: c.uses,
     }
 }
 
@@ -554,6 +561,22 @@ pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
     }
 }
 
+/// A chrono instant as a protobuf timestamp.
+pub fn timestamp_pb(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A protobuf timestamp as a chrono instant.
+pub fn timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, Status> {
+    let nanos = u32::try_from(t.nanos)
+        .map_err(|_| Status::invalid_argument(format!("{field} has negative nanos")))?;
+    DateTime::from_timestamp(t.seconds, nanos)
+        .ok_or_else(|| Status::invalid_argument(format!("{field} is out of range")))
+}
+
 /// Event kind to protobuf.
 pub fn event_kind_pb(kind: store::EventKind) -> pb::EventKind {
     match kind {
@@ -562,6 +585,10 @@ pub fn event_kind_pb(kind: store::EventKind) -> pb::EventKind {
         store::EventKind::ArmRefused => pb::EventKind::ArmRefused,
         store::EventKind::DisarmRefused => pb::EventKind::DisarmRefused,
         store::EventKind::Duress => pb::EventKind::Duress,
+        store::EventKind::AccessGranted => pb::EventKind::AccessGranted,
+        store::EventKind::AccessDenied => pb::EventKind::AccessDenied,
+        store::EventKind::Lockdown => pb::EventKind::Lockdown,
+        store::EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
     }
 }
 
@@ -573,6 +600,8 @@ pub fn event_kind(kind: i32) -> Result<store::EventKind, Status> {
         Ok(pb::EventKind::ArmRefused) => Ok(store::EventKind::ArmRefused),
         Ok(pb::EventKind::DisarmRefused) => Ok(store::EventKind::DisarmRefused),
         Ok(pb::EventKind::Duress) => Ok(store::EventKind::Duress),
+        Ok(pb::EventKind::AccessGranted) => Ok(store::EventKind::AccessGranted),
+        Ok(pb::EventKind::AccessDenied) => Ok(store::EventKind::AccessDenied),
         _ => Err(Status::invalid_argument(format!(
             "event.kind {kind} is not an event kind"
         ))),
@@ -584,7 +613,10 @@ pub fn event_pb(e: &store::Event) -> pb::Event {
     pb::Event {
         name: format!("sites/{}/events/{}", e.site, e.id),
         cursor: e.id,
-        device: format!("sites/{}/devices/{}", e.site, e.device),
+        device: e
+            .device
+            .map(|d| format!("sites/{}/devices/{d}", e.site))
+            .unwrap_or_default(),
         kind: event_kind_pb(e.kind) as i32,
         partition: e.partition.map(i32::from).unwrap_or(0),
         user_number: e.user_number.map(i32::from).unwrap_or(0),
@@ -596,6 +628,41 @@ pub fn event_pb(e: &store::Event) -> pb::Event {
         silent_alarm: e.silent_alarm,
         occur_time: ts(e.occur_time),
         create_time: ts(e.create_time),
+        actor: e.actor.clone().unwrap_or_default(),
+    }
+}
+
+/// Standard access plan to protobuf.
+pub fn access_plan_pb(p: &store::AccessPlan) -> pb::StandardAccessPlan {
+    pb::StandardAccessPlan {
+        name: format!("sites/{}/accessPlans/{}", p.site, p.id),
+        display_name: p.display_name.clone(),
+        devices: p
+            .devices
+            .iter()
+            .map(|d| format!("sites/{}/devices/{d}", p.site))
+            .collect(),
+        members: p
+            .members
+            .iter()
+            .map(|u| format!("sites/{}/users/{u}", p.site))
+            .collect(),
+        schedule: p.schedule.as_ref().map(schedule_pb),
+        etag: p.version.to_string(),
+        update_time: ts(p.update_time),
+    }
+}
+
+/// Holiday to protobuf.
+pub fn holiday_pb(h: &store::Holiday) -> pb::Holiday {
+    pb::Holiday {
+        name: format!("sites/{}/holidays/{}", h.site, h.day),
+        display_name: h.display_name.clone(),
+        plans: h
+            .plans
+            .iter()
+            .map(|p| format!("sites/{}/accessPlans/{p}", h.site))
+            .collect(),
     }
 }
 

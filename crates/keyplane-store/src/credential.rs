@@ -20,7 +20,8 @@ use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 const CREDENTIAL_COLUMNS: &str =
-    "site_id, user_id, id, display_name, version, create_time, update_time, created_partition";
+    "site_id, user_id, id, display_name, version, create_time, update_time, created_partition,
+     valid_from, valid_until, max_uses, uses";
 
 fn label(device: &Device) -> String {
     format!("{:?} ({})", device.display_name, device.name())
@@ -317,6 +318,10 @@ async fn credential_from_row_in_txn(
         created_partition: row
             .get::<_, Option<i16>>(7)
             .and_then(|p| u8::try_from(p).ok()),
+        valid_from: row.get(8),
+        valid_until: row.get(9),
+        max_uses: row.get(10),
+        uses: row.get(11),
     })
 }
 
@@ -414,9 +419,10 @@ impl Store {
                 })
                 .map(i16::from);
             tx.execute(
-                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition],
+                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
+                    created_partition, valid_from, valid_until, max_uses)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses],
             )
             .await?;
             scope_write_in_txn(&tx, site, id, &new.scope).await?;

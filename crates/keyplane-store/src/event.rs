@@ -18,6 +18,14 @@ pub enum EventKind {
     DisarmRefused,
     /// Duress: a silent alarm.
     Duress,
+    /// A door or lock let a credential in.
+    AccessGranted,
+    /// A door or lock refused a credential.
+    AccessDenied,
+    /// Doors locked down (by a person, through the API).
+    Lockdown,
+    /// Lockdown released.
+    LockdownReleased,
 }
 
 impl EventKind {
@@ -29,6 +37,10 @@ impl EventKind {
             EventKind::ArmRefused => "arm_refused",
             EventKind::DisarmRefused => "disarm_refused",
             EventKind::Duress => "duress",
+            EventKind::AccessGranted => "access_granted",
+            EventKind::AccessDenied => "access_denied",
+            EventKind::Lockdown => "lockdown",
+            EventKind::LockdownReleased => "lockdown_released",
         }
     }
 
@@ -39,6 +51,10 @@ impl EventKind {
             "arm_refused" => EventKind::ArmRefused,
             "disarm_refused" => EventKind::DisarmRefused,
             "duress" => EventKind::Duress,
+            "access_granted" => EventKind::AccessGranted,
+            "access_denied" => EventKind::AccessDenied,
+            "lockdown" => EventKind::Lockdown,
+            "lockdown_released" => EventKind::LockdownReleased,
             _ => return None,
         })
     }
@@ -68,14 +84,16 @@ pub struct Event {
     pub id: i64,
     /// Site id.
     pub site: Uuid,
-    /// Device id.
-    pub device: Uuid,
+    /// Device id (None for events raised through the API, like lockdown).
+    pub device: Option<Uuid>,
     /// What happened.
     pub kind: EventKind,
     /// Partition.
     pub partition: Option<u8>,
     /// User number.
     pub user_number: Option<u16>,
+    /// Who raised it through the API, for lockdown and release.
+    pub actor: Option<String>,
     /// The user holding that user number, when keyplane manages it.
     pub user: Option<Uuid>,
     /// Duress.
@@ -88,7 +106,7 @@ pub struct Event {
 
 const EVENT_COLUMNS: &str =
     "e.id, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
-    e.silent_alarm, e.occur_time, e.create_time";
+    e.silent_alarm, e.occur_time, e.create_time, e.actor";
 
 fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
     Some(Event {
@@ -106,7 +124,50 @@ fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
         silent_alarm: row.get(7),
         occur_time: row.get(8),
         create_time: row.get(9),
+        actor: row.get(10),
     })
+}
+
+/// Counts a use of the credential in `slot` of `device`; a limited-use credential
+/// that reaches its limit is removed (its slots are cleared on every device).
+async fn credential_use_in_txn(
+    tx: &tokio_postgres::Transaction<'_>,
+    site: Uuid,
+    device: Uuid,
+    slot: Option<i32>,
+) -> Result<(), StoreError> {
+    let Some(slot) = slot else { return Ok(()) };
+    // Removal changes desired slots: take the site lock first, as every such write does.
+    let dealer: Uuid = tx
+        .query_one(
+            "SELECT dealer_id FROM site WHERE id = $1 FOR NO KEY UPDATE",
+            &[&site],
+        )
+        .await?
+        .get(0);
+    let row = tx
+        .query_opt(
+            "UPDATE credential c SET uses = uses + 1 FROM slot_assignment sa
+             WHERE sa.site_id = $1 AND sa.device_id = $2 AND sa.slot = $3
+               AND c.site_id = sa.site_id AND c.id = sa.credential_id
+             RETURNING c.id, c.user_id, c.uses, c.max_uses",
+            &[&site, &device, &slot],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let (credential, user, uses, max_uses): (Uuid, Uuid, i32, Option<i32>) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if max_uses.is_some_and(|max| uses >= max) {
+        let actor = crate::Actor {
+            dealer,
+            principal: "keyplane: use limit reached".into(),
+            peer: None,
+            acting_user: None,
+            acting_partition: None,
+        };
+        crate::credential::credential_delete_in_txn(tx, &actor, site, user, credential).await?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -150,6 +211,9 @@ impl Store {
                     ],
                 )
                 .await?;
+            if n > 0 && event.kind == EventKind::AccessGranted {
+                credential_use_in_txn(&tx, site, event.device, user_number).await?;
+            }
             Ok(n > 0)
         })
     }

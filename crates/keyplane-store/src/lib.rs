@@ -12,6 +12,7 @@
 //! for the last free slot cannot both win; the keys of `slot_assignment` enforce it
 //! again at the bottom.
 
+mod access_plan;
 mod auth;
 mod authority;
 mod credential;
@@ -27,6 +28,7 @@ mod sync;
 mod types;
 mod user;
 
+pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};

@@ -20,6 +20,7 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "access_plans",
         include_str!("../migrations/0004_access_plans.sql"),
     ),
+    (5, "doors", include_str!("../migrations/0005_doors.sql")),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

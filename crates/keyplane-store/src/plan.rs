@@ -1,14 +1,16 @@
 //! Personal access plans (seed 001): one per user, created with the user, never
 //! deleted, only cleared.
 
+use crate::access_plan::schedule_from_json;
 use crate::authority::{actor_resolve_in_txn, denied};
 use crate::site::{
     audit_in_txn, etag_check, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
 };
 use crate::user::user_get_in_txn;
 use crate::{Actor, Store, StoreError, in_txn};
+use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
-use keyplane_core::schedule::Schedule;
+use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
 use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 use tokio_postgres::Transaction;
@@ -40,13 +42,6 @@ pub struct PlanPatch {
     pub access_points: Option<Vec<Uuid>>,
     /// New schedule (`Some(None)`: always).
     pub schedule: Option<Option<Schedule>>,
-}
-
-fn schedule_from_json(value: Option<serde_json::Value>) -> Result<Option<Schedule>, StoreError> {
-    value
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| StoreError::Internal(format!("stored schedule: {e}")))
 }
 
 pub(crate) async fn plan_create_in_txn(
@@ -95,14 +90,83 @@ async fn plan_get_in_txn(
     })
 }
 
-/// The schedule each (user, device) of a site's locks and panels follows, for users
-/// whose plan is configured: `Some(schedule)` on an access point (None inside:
-/// always), and a never-open schedule elsewhere.
-pub(crate) async fn plan_schedules_in_txn(
+/// Who may open what, when, at a site: personal plans (locks and panels), standard
+/// plans (doors and locks) and holidays.
+#[derive(Debug, Default)]
+pub(crate) struct AccessRules {
+    /// Configured personal plans: user -> (access points, schedule).
+    personal: HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>,
+    /// Standard plans: (user, device) -> the schedules of plans granting it.
+    standard: HashMap<(Uuid, Uuid), Vec<Option<Schedule>>>,
+}
+
+/// Applies holidays: a paused plan that had no schedule becomes 24/7 but for them.
+fn paused(schedule: Option<Schedule>, days: &[NaiveDate]) -> Option<Schedule> {
+    if days.is_empty() {
+        return schedule;
+    }
+    let mut s = schedule.unwrap_or_else(|| Schedule {
+        windows: vec![Window {
+            days: 0x7f,
+            start: 0,
+            end: DAY_MINUTES,
+        }],
+        ..Schedule::default()
+    });
+    s.paused_dates.extend_from_slice(days);
+    Some(s)
+}
+
+impl AccessRules {
+    /// The schedules under which `user`'s code belongs on `device`: None always, an
+    /// empty list never. A configured personal plan governs locks and panels; other
+    /// devices follow the standard plans granting them, if any.
+    pub(crate) fn schedules_for(
+        &self,
+        user: Uuid,
+        device: Uuid,
+        kind: Option<&str>,
+    ) -> Option<Vec<Schedule>> {
+        if let (Some("panel" | "lock"), Some((points, schedule))) = (kind, self.personal.get(&user))
+        {
+            return Some(if points.contains(&device) {
+                match schedule {
+                    None => return None,
+                    Some(s) => vec![s.clone()],
+                }
+            } else {
+                Vec::new()
+            });
+        }
+        let plans = self.standard.get(&(user, device))?;
+        if plans.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(plans.iter().flatten().cloned().collect())
+    }
+}
+
+pub(crate) async fn access_rules_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
-) -> Result<HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>, StoreError> {
-    let mut plans = HashMap::new();
+) -> Result<AccessRules, StoreError> {
+    let holidays: Vec<(NaiveDate, Vec<Uuid>)> = tx
+        .query(
+            "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
+            &[&site],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
+        holidays
+            .iter()
+            .filter(|(_, plans)| plans.is_empty() || plan.is_some_and(|p| plans.contains(&p)))
+            .map(|(d, _)| *d)
+            .collect()
+    };
+    let mut rules = AccessRules::default();
     for row in tx
         .query(
             "SELECT user_id, schedule FROM personal_access_plan WHERE site_id = $1 AND configured",
@@ -110,10 +174,10 @@ pub(crate) async fn plan_schedules_in_txn(
         )
         .await?
     {
-        plans.insert(
-            row.get::<_, Uuid>(0),
-            (BTreeSet::new(), schedule_from_json(row.get(1))?),
-        );
+        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(None));
+        rules
+            .personal
+            .insert(row.get::<_, Uuid>(0), (BTreeSet::new(), schedule));
     }
     for row in tx
         .query(
@@ -122,11 +186,28 @@ pub(crate) async fn plan_schedules_in_txn(
         )
         .await?
     {
-        if let Some((points, _)) = plans.get_mut(&row.get::<_, Uuid>(0)) {
+        if let Some((points, _)) = rules.personal.get_mut(&row.get::<_, Uuid>(0)) {
             points.insert(row.get(1));
         }
     }
-    Ok(plans)
+    for row in tx
+        .query(
+            "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
+             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
+             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
+             WHERE p.site_id = $1",
+            &[&site],
+        )
+        .await?
+    {
+        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(Some(row.get(0))));
+        rules
+            .standard
+            .entry((row.get(2), row.get(3)))
+            .or_default()
+            .push(schedule);
+    }
+    Ok(rules)
 }
 
 /// Records a change of every lock and panel slot `user` holds.

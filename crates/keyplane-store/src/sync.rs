@@ -4,10 +4,8 @@ use crate::site::{not_found_site, site_get_in_txn};
 use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
-use keyplane_core::schedule::Schedule;
-use std::collections::BTreeSet;
 
-type Plans = HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>;
+use crate::plan::AccessRules;
 use std::collections::HashMap;
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
@@ -21,7 +19,7 @@ impl Store {
         site: Uuid,
         row: &Row,
         levels: &HashMap<Uuid, Vec<(u8, Level)>>,
-        plans: &Plans,
+        rules: &AccessRules,
     ) -> Result<DesiredSlot, StoreError> {
         let device: Uuid = row.get(0);
         let slot = u16::try_from(row.get::<_, i32>(1))
@@ -35,22 +33,13 @@ impl Store {
                 let kind = row.get::<_, Option<&str>>(7);
                 let panel = kind == Some("panel");
                 let user: Uuid = row.get(3);
-                // A configured personal plan governs locks and panels: its schedule on
-                // its access points, never elsewhere.
-                let schedule = match (kind, plans.get(&user)) {
-                    (Some("panel" | "lock"), Some((points, schedule))) => {
-                        if points.contains(&device) {
-                            schedule.clone()
-                        } else {
-                            Some(Schedule::default())
-                        }
-                    }
-                    _ => None,
-                };
+                let schedules = rules.schedules_for(user, device, kind);
                 Some(DesiredCode {
                     credential,
                     user,
-                    schedule,
+                    schedules,
+                    valid_from: row.get(8),
+                    valid_until: row.get(9),
                     pin: self.key().open(site, credential, &key_id, &sealed)?,
                     authorities: if panel {
                         levels.get(&credential).cloned().unwrap_or_default()
@@ -77,13 +66,14 @@ impl Store {
             .await?;
         let site_row = tx
             .query_opt(
-                "SELECT revision, time_zone FROM site WHERE id = $1",
+                "SELECT revision, time_zone, lockdown FROM site WHERE id = $1",
                 &[&site],
             )
             .await?
             .ok_or_else(|| not_found_site(site))?;
         let revision: i64 = site_row.get(0);
         let time_zone: String = site_row.get(1);
+        let lockdown: bool = site_row.get(2);
         let devices = tx
             .query(
                 "SELECT id, model FROM device WHERE site_id = $1 ORDER BY id",
@@ -117,12 +107,12 @@ impl Store {
                 levels.entry(r.get(0)).or_default().push((p, l));
             }
         }
-        let plans = crate::plan::plan_schedules_in_txn(&tx, site).await?;
+        let rules = crate::plan::access_rules_in_txn(&tx, site).await?;
         let update = if from <= 0 || from > revision {
             let rows = tx
                 .query(
                     "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                        u.open_close_reporting, d.kind
+                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until
                      FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
                      JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
                      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
@@ -132,19 +122,20 @@ impl Store {
                 .await?;
             let slots = rows
                 .iter()
-                .map(|r| self.desired_from_row(site, r, &levels, &plans))
+                .map(|r| self.desired_from_row(site, r, &levels, &rules))
                 .collect::<Result<_, _>>()?;
             AgentUpdate::Snapshot {
                 revision,
                 devices,
                 time_zone,
+                lockdown,
                 slots,
             }
         } else {
             let rows = tx
                 .query(
                     "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                        u.open_close_reporting, d.kind
+                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until
                      FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
                      LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
                      LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
@@ -156,13 +147,14 @@ impl Store {
                 .await?;
             let slots = rows
                 .iter()
-                .map(|r| self.desired_from_row(site, r, &levels, &plans))
+                .map(|r| self.desired_from_row(site, r, &levels, &rules))
                 .collect::<Result<_, _>>()?;
             AgentUpdate::Changes {
                 from,
                 revision,
                 devices,
                 time_zone,
+                lockdown,
                 slots,
             }
         };

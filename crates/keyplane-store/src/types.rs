@@ -271,6 +271,14 @@ pub struct Credential {
     pub slots: Vec<Slot>,
     /// Partition it was created in.
     pub created_partition: Option<u8>,
+    /// Temporary code: valid from.
+    pub valid_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Temporary code: valid until.
+    pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Limited-use code: removed after this many granted uses.
+    pub max_uses: Option<i32>,
+    /// Granted uses counted so far.
+    pub uses: i32,
     /// Row version.
     pub version: i64,
     /// Created at.
@@ -288,6 +296,12 @@ pub struct NewCredential {
     pub pin: Pin,
     /// Scope.
     pub scope: Scope,
+    /// Temporary code: valid from.
+    pub valid_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Temporary code: valid until.
+    pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Limited-use code: removed after this many granted uses.
+    pub max_uses: Option<i32>,
 }
 
 /// Changes to a credential.
@@ -346,8 +360,12 @@ pub struct DesiredCode {
     pub authorities: Vec<(u8, Level)>,
     /// Panels: open/close reporting.
     pub open_close_reporting: bool,
-    /// When the code belongs on the device: None always, else while open.
-    pub schedule: Option<keyplane_core::schedule::Schedule>,
+    /// When the code belongs on the device: None always, else while any is open.
+    pub schedules: Option<Vec<keyplane_core::schedule::Schedule>>,
+    /// Temporary codes: valid from.
+    pub valid_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Temporary codes: valid until.
+    pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What one slot of one device should hold (`code` None: clear it).
@@ -384,6 +402,8 @@ pub enum AgentUpdate {
         devices: Vec<(Uuid, &'static DeviceModel)>,
         /// The site's time zone.
         time_zone: String,
+        /// Doors locked down.
+        lockdown: bool,
         /// Every assigned slot.
         slots: Vec<DesiredSlot>,
     },
@@ -397,6 +417,8 @@ pub enum AgentUpdate {
         devices: Vec<(Uuid, &'static DeviceModel)>,
         /// The site's time zone.
         time_zone: String,
+        /// Doors locked down.
+        lockdown: bool,
         /// Current desired value of every changed slot.
         slots: Vec<DesiredSlot>,
     },
