@@ -5,6 +5,7 @@
 mod api;
 mod authority;
 mod bad_input;
+mod doors;
 mod fixture;
 mod panel;
 mod race;
