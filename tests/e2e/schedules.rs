@@ -3,6 +3,7 @@
 use crate::fixture::{SYNC_TIMEOUT, Site, create_device, create_user, lock_scope, panel_scope};
 use chrono::{DateTime, Utc};
 use keyplane_agent::clock::ManualClock;
+use keyplane_devices::AccessOutcome;
 use keyplane_proto::v1 as pb;
 use keyplane_testkit::server::{TestAgent, eventually};
 use std::sync::Arc;
@@ -148,18 +149,24 @@ async fn refused_where_doors_guard_every_perimeter_entrance() -> anyhow::Result<
     Ok(())
 }
 
-async fn office_site() -> anyhow::Result<(Site, pb::Device)> {
+async fn office_site() -> anyhow::Result<(Site, pb::Device, pb::Device)> {
     let mut s = Site::new().await?; // Europe/Paris
-    let lock = s.lock.clone();
+    let (lock, panel) = (s.lock.clone(), s.panel.clone());
     let alice = s.alice.clone();
     s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
-    configure(&mut s, &alice, &[&lock], Some(office_hours())).await?;
-    Ok((s, lock))
+    s.credential(&alice, "4821", panel_scope(&[1])).await?;
+    configure(&mut s, &alice, &[&lock, &panel], Some(office_hours())).await?;
+    Ok((s, lock, panel))
+}
+
+/// The lock keeps the schedule itself: it decides when the code is presented.
+fn lock_opens(s: &Site, lock: &pb::Device, at: &str) -> anyhow::Result<bool> {
+    Ok(s.sim(lock)?.present("9930", utc(at))? == AccessOutcome::Granted)
 }
 
 #[tokio::test]
 async fn office_hours_open_and_close_the_front_lock() -> anyhow::Result<()> {
-    let (mut s, lock) = office_site().await?;
+    let (mut s, lock, panel) = office_site().await?;
     // Monday 2026-11-23, 07:59 in Paris (UTC+1).
     let clock = ManualClock::new(utc("2026-11-23T06:59:00Z"));
     let agent = TestAgent::start_with_clock(
@@ -170,18 +177,32 @@ async fn office_hours_open_and_close_the_front_lock() -> anyhow::Result<()> {
         Arc::new(clock.clone()),
     );
     s.wait_synced().await?;
-    lock_holds(&s, &lock, "9930", false).await?;
-    clock.set(utc("2026-11-23T07:00:00Z")); // 08:00
-    lock_holds(&s, &lock, "9930", true).await?;
-    clock.set(utc("2026-11-23T17:00:00Z")); // 18:00
-    lock_holds(&s, &lock, "9930", false).await?;
+    // The lock was given the schedule (Schedule Entry Lock style) and enforces it.
+    assert!(
+        !lock_opens(&s, &lock, "2026-11-23T06:59:00Z")?,
+        "07:59: refused"
+    );
+    assert!(
+        lock_opens(&s, &lock, "2026-11-23T07:00:00Z")?,
+        "08:00: opens"
+    );
+    assert!(
+        !lock_opens(&s, &lock, "2026-11-23T17:00:00Z")?,
+        "18:00: refused"
+    );
+    // The panel keeps no schedules: the agent installs the code at 08:00, removes it at 18:00.
+    lock_holds(&s, &panel, "4821", false).await?;
+    clock.set(utc("2026-11-23T07:00:00Z"));
+    lock_holds(&s, &panel, "4821", true).await?;
+    clock.set(utc("2026-11-23T17:00:00Z"));
+    lock_holds(&s, &panel, "4821", false).await?;
     agent.stop().await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn schedules_hold_with_the_agent_cut_off_all_day() -> anyhow::Result<()> {
-    let (mut s, lock) = office_site().await?;
+    let (mut s, lock, panel) = office_site().await?;
     let clock = ManualClock::new(utc("2026-11-23T06:59:00Z"));
     let agent = TestAgent::start_with_clock(
         &s.server.url,
@@ -191,33 +212,31 @@ async fn schedules_hold_with_the_agent_cut_off_all_day() -> anyhow::Result<()> {
         Arc::new(clock.clone()),
     );
     s.wait_synced().await?;
-    lock_holds(&s, &lock, "9930", false).await?;
+    lock_holds(&s, &panel, "4821", false).await?;
     // keyplaned goes away for the whole day.
     s.server.pause();
     clock.set(utc("2026-11-23T07:00:00Z"));
-    lock_holds(&s, &lock, "9930", true).await?;
+    lock_holds(&s, &panel, "4821", true).await?;
+    assert!(lock_opens(&s, &lock, "2026-11-23T07:00:00Z")?);
     clock.set(utc("2026-11-23T16:59:00Z"));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
-        s.slots(&lock)?.values().any(|c| c == "9930"),
+        s.slots(&panel)?.values().any(|c| c == "4821"),
         "still open at 17:59"
     );
     clock.set(utc("2026-11-23T17:00:00Z"));
-    lock_holds(&s, &lock, "9930", false).await?;
+    lock_holds(&s, &panel, "4821", false).await?;
+    assert!(!lock_opens(&s, &lock, "2026-11-23T17:00:00Z")?);
     agent.stop().await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn clearing_the_plan_removes_access_within_one_sync() -> anyhow::Result<()> {
-    let mut s = Site::new().await?;
-    let (lock, panel) = (s.lock.clone(), s.panel.clone());
+    let (mut s, lock, panel) = office_site().await?;
     let alice = s.alice.clone();
-    s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
-    s.credential(&alice, "4821", panel_scope(&[1])).await?;
     // Within office hours, with access to both.
     let clock = ManualClock::new(utc("2026-11-23T09:00:00Z"));
-    let plan = configure(&mut s, &alice, &[&lock, &panel], Some(office_hours())).await?;
     let agent = TestAgent::start_with_clock(
         &s.server.url,
         &s.site,
@@ -226,16 +245,19 @@ async fn clearing_the_plan_removes_access_within_one_sync() -> anyhow::Result<()
         Arc::new(clock.clone()),
     );
     s.wait_synced().await?;
-    assert!(s.slots(&lock)?.values().any(|c| c == "9930"));
+    assert!(lock_opens(&s, &lock, "2026-11-23T09:00:00Z")?);
     assert!(s.slots(&panel)?.values().any(|c| c == "4821"));
     s.admin
         .clear_personal_access_plan(pb::ClearPersonalAccessPlanRequest {
-            name: plan.name.clone(),
+            name: format!("{alice}/personalAccessPlan"),
             etag: String::new(),
         })
         .await?;
     s.wait_synced().await?;
-    assert!(s.slots(&lock)?.is_empty(), "lock access removed");
+    assert!(
+        !lock_opens(&s, &lock, "2026-11-23T09:00:00Z")?,
+        "lock access removed"
+    );
     assert!(s.slots(&panel)?.is_empty(), "panel access removed");
     // The credentials themselves stay: the plan is about access, not codes.
     let creds = s
@@ -248,6 +270,16 @@ async fn clearing_the_plan_removes_access_within_one_sync() -> anyhow::Result<()
         .into_inner()
         .credentials;
     assert_eq!(creds.len(), 2);
+    // And the plan cannot be deleted.
+    let err = s
+        .admin
+        .delete_access_plan(pb::DeleteAccessPlanRequest {
+            name: format!("{alice}/personalAccessPlan"),
+            etag: String::new(),
+        })
+        .await
+        .expect_err("never deleted");
+    assert_eq!(err.code(), Code::FailedPrecondition);
     agent.stop().await?;
     Ok(())
 }

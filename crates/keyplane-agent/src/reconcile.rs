@@ -403,7 +403,9 @@ impl Agent {
         let model = DeviceModel::find(&device.model)
             .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
         let door = model.kind == DeviceKind::Door;
-        let keeps_schedules = door && model.on_device_schedules;
+        // Locks and doors that keep schedules enforce them; for the others (panels)
+        // the agent installs and removes codes on time.
+        let keeps_schedules = model.on_device_schedules;
         let lockdown = door && device.present && self.journal.lockdown;
         let lockdown_change = (lockdown != device.lockdown_applied).then_some(lockdown);
         let actions = plan_device(

@@ -908,6 +908,11 @@ impl AdminService for AdminApi {
     async fn delete_access_plan(&self, request: Request<pb::DeleteAccessPlanRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
+        if req.name.ends_with("/personalAccessPlan") {
+            return Err(Status::failed_precondition(
+                "a personal access plan cannot be deleted; clear it with ClearPersonalAccessPlan",
+            ));
+        }
         let (site, id) = access_plan_name("name", &req.name)?;
         self.store
             .access_plan_delete(&actor, site, id, &req.etag)
