@@ -35,6 +35,9 @@ pub struct Code {
     /// Temporary codes: on the device only until this instant.
     #[serde(default)]
     pub valid_until: Option<DateTime<Utc>>,
+    /// Bumped by keyplaned to have the code written again.
+    #[serde(default)]
+    pub generation: i64,
 }
 
 impl std::fmt::Debug for Code {
@@ -55,6 +58,7 @@ impl From<&Code> for DesiredCode {
                 .collect(),
             open_close: c.open_close,
             schedules: c.schedules.clone(),
+            generation: c.generation,
         }
     }
 }
@@ -73,6 +77,7 @@ impl From<DesiredCode> for Code {
             schedules: c.schedules,
             valid_from: None,
             valid_until: None,
+            generation: c.generation,
         }
     }
 }
@@ -96,6 +101,12 @@ pub struct DeviceJournal {
     /// Doors: whether the device was put in lockdown.
     #[serde(default)]
     pub lockdown_applied: bool,
+    /// What the device held when last read (slot -> code, None when masked).
+    #[serde(default)]
+    pub observed: Option<BTreeMap<u16, Option<String>>>,
+    /// Slots keyplaned asked to clear although keyplane did not write them.
+    #[serde(default)]
+    pub remove_local: std::collections::BTreeSet<u16>,
 }
 
 /// The whole journal.

@@ -42,6 +42,9 @@ pub struct AgentConfig {
     pub event_poll: Duration,
     /// Where schedules read the time.
     pub clock: Arc<dyn Clock>,
+    /// Read every device's slot table back at least this often (battery locks
+    /// drain when polled: keep it long; writes trigger a read anyway).
+    pub observe_every: Duration,
 }
 
 impl AgentConfig {
@@ -61,6 +64,7 @@ impl AgentConfig {
             reconcile_every: Duration::from_secs(1),
             event_poll: Duration::from_millis(200),
             clock: Arc::new(SystemClock),
+            observe_every: Duration::from_secs(60),
         }
     }
 }
@@ -73,6 +77,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut agent = Agent::open(&config.state_dir, factory, config.clock.clone())?;
+    agent.observe_every = config.observe_every;
     agent.reconcile_all(None).await;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {

@@ -56,6 +56,13 @@ pub struct Agent {
     /// Highest event sequence sent per device on the current stream.
     events_sent: HashMap<String, u64>,
     clock: Arc<dyn Clock>,
+    /// Devices to read back on the next pass (written to, or new stream).
+    observe_due: std::collections::HashSet<String>,
+    /// When each device was last read back, and what was last reported.
+    observed_at: HashMap<String, std::time::Instant>,
+    reported: HashMap<String, Vec<pb::ObservedSlot>>,
+    /// Read every device back at least this often.
+    pub observe_every: std::time::Duration,
 }
 
 fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
@@ -78,6 +85,7 @@ fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
         }),
         valid_from: slot.valid_from_time.as_ref().and_then(instant),
         valid_until: slot.valid_until_time.as_ref().and_then(instant),
+        generation: slot.write_generation,
     })
 }
 
@@ -172,6 +180,10 @@ impl Agent {
             drivers: HashMap::new(),
             events_sent: HashMap::new(),
             clock,
+            observe_due: std::collections::HashSet::new(),
+            observed_at: HashMap::new(),
+            reported: HashMap::new(),
+            observe_every: std::time::Duration::from_secs(60),
         })
     }
 
@@ -269,6 +281,11 @@ impl Agent {
                 Some(code) => device.desired.insert(number, code),
                 None => device.desired.remove(&number),
             };
+            if slot.remove_local {
+                device.remove_local.insert(number);
+            } else {
+                device.remove_local.remove(&number);
+            }
         }
         self.journal.revision = revision;
         self.journal.save()?;
@@ -281,6 +298,50 @@ impl Agent {
     /// sent again (it stores each once).
     pub fn stream_started(&mut self) {
         self.events_sent.clear();
+        // A new stream (maybe a new server) hears every device's table again.
+        self.reported.clear();
+        self.observe_due
+            .extend(self.journal.devices.keys().cloned());
+    }
+
+    /// Reads a device's slot table back and reports it when it changed since the
+    /// last report. Codes programmed at the device are never touched here.
+    async fn observe(
+        &mut self,
+        name: &str,
+        out: &mpsc::Sender<pb::AgentMessage>,
+    ) -> anyhow::Result<()> {
+        let Some(model) = self
+            .journal
+            .devices
+            .get(name)
+            .and_then(|d| DeviceModel::find(&d.model))
+        else {
+            return Ok(());
+        };
+        let slots = self.driver(name, model)?.read_slots().await?;
+        let table: BTreeMap<u16, Option<String>> =
+            slots.into_iter().map(|o| (o.slot, o.code)).collect();
+        let Some(device) = self.journal.devices.get_mut(name) else {
+            return Ok(());
+        };
+        device.observed = Some(table.clone());
+        let report = classify(device, &table);
+        self.journal.save()?;
+        self.observed_at
+            .insert(name.to_owned(), std::time::Instant::now());
+        if self.reported.get(name) != Some(&report) {
+            let msg = pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Observed(pb::ObservedSlots {
+                    device: name.to_owned(),
+                    slots: report.clone(),
+                })),
+            };
+            if out.send(msg).await.is_ok() {
+                self.reported.insert(name.to_owned(), report);
+            }
+        }
+        Ok(())
     }
 
     fn driver(
@@ -350,7 +411,21 @@ impl Agent {
     pub async fn reconcile_all(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
         let names: Vec<String> = self.journal.devices.keys().cloned().collect();
         for name in names {
-            match self.reconcile_device(&name).await {
+            let result = self.reconcile_device(&name).await;
+            if let Some(out) = out {
+                let stale = self
+                    .observed_at
+                    .get(&name)
+                    .is_none_or(|t| t.elapsed() >= self.observe_every);
+                let present = self.journal.devices.get(&name).is_some_and(|d| d.present);
+                if present
+                    && (self.observe_due.remove(&name) || stale)
+                    && let Err(e) = self.observe(&name, out).await
+                {
+                    tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
+                }
+            }
+            match result {
                 Ok(true) => {
                     let revision = self.journal.revision;
                     let Some(device) = self.journal.devices.get_mut(&name) else {
@@ -412,6 +487,13 @@ impl Agent {
             &effective_codes(&device.desired, tz, self.clock.now(), keeps_schedules),
             &desired_codes(&device.written),
         );
+        let removals: Vec<u16> = device
+            .remove_local
+            .iter()
+            .copied()
+            .filter(|s| !device.written.contains_key(s))
+            .collect();
+        let observed = device.observed.clone().unwrap_or_default();
         if let Some(on) = lockdown_change {
             self.driver(name, model)?.set_lockdown(on).await?;
             if let Some(entry) = self.journal.devices.get_mut(name) {
@@ -420,11 +502,42 @@ impl Agent {
             self.journal.save()?;
             tracing::info!(device = %name, lockdown = on, "door lockdown applied");
         }
+        for slot in removals {
+            // A code programmed at the device that the dealer removed (or the
+            // AUTHORITATIVE policy clears): the only slots keyplane clears unwritten.
+            if observed.contains_key(&slot)
+                || device_observed_unknown(self.journal.devices.get(name))
+            {
+                self.driver(name, model)?.clear_slot(slot).await?;
+                tracing::info!(device = %name, slot, "local code cleared");
+            }
+            if let Some(entry) = self.journal.devices.get_mut(name) {
+                entry.remove_local.remove(&slot);
+                if let Some(o) = entry.observed.as_mut() {
+                    o.remove(&slot);
+                }
+            }
+            self.journal.save()?;
+            self.observe_due.insert(name.to_owned());
+        }
         if actions.is_empty() {
             return Ok(true);
         }
+        self.observe_due.insert(name.to_owned());
         let time_zone = self.journal.time_zone.clone();
         for action in actions {
+            // A claimed local code (or an adopted drift) is already on the device: no write.
+            if let SlotAction::Set { slot, code } = &action
+                && model.kind != DeviceKind::Panel
+                && code.schedules.is_none()
+                && observed.get(slot) == Some(&Some(code.pin.clone()))
+            {
+                if let Some(entry) = self.journal.devices.get_mut(name) {
+                    entry.written.insert(*slot, Code::from(code.clone()));
+                }
+                self.journal.save()?;
+                continue;
+            }
             let driver = self.driver(name, model)?;
             match &action {
                 SlotAction::Set { slot, code } if model.kind == DeviceKind::Panel => {
@@ -447,9 +560,15 @@ impl Agent {
                 .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
             match action {
                 SlotAction::Set { slot, code } => {
+                    if let Some(o) = entry.observed.as_mut() {
+                        o.insert(slot, Some(code.pin.clone()));
+                    }
                     entry.written.insert(slot, Code::from(code));
                 }
                 SlotAction::Clear { slot } => {
+                    if let Some(o) = entry.observed.as_mut() {
+                        o.remove(&slot);
+                    }
                     entry.written.remove(&slot);
                 }
             }
@@ -458,6 +577,45 @@ impl Agent {
         }
         Ok(true)
     }
+}
+
+fn device_observed_unknown(device: Option<&DeviceJournal>) -> bool {
+    device.is_none_or(|d| d.observed.is_none())
+}
+
+/// Compares what a device holds with what keyplane wrote and wants there.
+fn classify(
+    device: &DeviceJournal,
+    observed: &BTreeMap<u16, Option<String>>,
+) -> Vec<pb::ObservedSlot> {
+    let wanted: Vec<&str> = device.desired.values().map(|c| c.pin.as_str()).collect();
+    let mut out = Vec::new();
+    for (slot, code) in observed {
+        let (state, pin) = match (device.written.get(slot), code) {
+            (Some(_), None) => (pb::ObservedState::Unverifiable, String::new()),
+            (Some(w), Some(c)) if *c == w.pin => (pb::ObservedState::Managed, String::new()),
+            (Some(_), Some(c)) => (pb::ObservedState::Drifted, c.clone()),
+            (None, Some(c)) if wanted.contains(&c.as_str()) => {
+                (pb::ObservedState::Conflict, c.clone())
+            }
+            (None, Some(c)) => (pb::ObservedState::Foreign, c.clone()),
+            (None, None) => (pb::ObservedState::Foreign, String::new()),
+        };
+        out.push(pb::ObservedSlot {
+            slot: i32::from(*slot),
+            state: state as i32,
+            pin,
+        });
+    }
+    for slot in device.written.keys().filter(|s| !observed.contains_key(s)) {
+        out.push(pb::ObservedSlot {
+            slot: i32::from(*slot),
+            state: pb::ObservedState::Missing as i32,
+            pin: String::new(),
+        });
+    }
+    out.sort_by_key(|o| o.slot);
+    out
 }
 
 fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {

@@ -17,6 +17,8 @@ pub struct DesiredCode {
     pub open_close: bool,
     /// Devices that keep schedules: when the code opens (None: always).
     pub schedules: Option<Vec<crate::schedule::Schedule>>,
+    /// Bumped by keyplaned to have the code written again (drift re-applied).
+    pub generation: i64,
 }
 
 impl std::fmt::Debug for DesiredCode {

@@ -53,6 +53,9 @@ struct State {
     /// Doors: refusing everyone.
     #[serde(default)]
     lockdown: bool,
+    /// Reads back occupied slots without their codes (masked), as many locks do.
+    #[serde(default)]
+    masked: bool,
 }
 
 /// Who changes a slot: the driver interface (the agent) or a person at the keypad.
@@ -375,6 +378,14 @@ impl SimulatedDevice {
         })
     }
 
+    /// Makes the device report slots masked (occupied, code unknown) or in clear.
+    pub fn set_masked(&mut self, masked: bool) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.masked = masked;
+            Ok(())
+        })
+    }
+
     /// Whether a door is locked down (test hook).
     pub fn locked_down(&self) -> bool {
         self.inspect(|s| s.lockdown)
@@ -449,7 +460,7 @@ impl DeviceDriver for SimulatedDevice {
                 .iter()
                 .map(|(slot, code)| ObservedSlot {
                     slot: *slot,
-                    code: Some(code.clone()),
+                    code: (!s.masked).then(|| code.clone()),
                 })
                 .collect())
         })

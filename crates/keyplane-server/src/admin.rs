@@ -1008,6 +1008,110 @@ impl AdminService for AdminApi {
         self.bell.ring();
         Ok(Response::new(()))
     }
+
+    async fn list_local_codes(
+        &self,
+        request: Request<pb::ListLocalCodesRequest>,
+    ) -> Res<pb::ListLocalCodesResponse> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let parent = site_name("parent", &request.get_ref().parent)?;
+        let codes = self
+            .store
+            .local_code_list(actor.dealer, parent.site)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListLocalCodesResponse {
+            local_codes: codes.iter().map(cv::local_code_pb).collect(),
+        }))
+    }
+
+    async fn claim_local_code(
+        &self,
+        request: Request<pb::ClaimLocalCodeRequest>,
+    ) -> Res<pb::Credential> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let (device, slot) = local_code_name("name", &req.name)?;
+        let user = UserName::parse(&req.user).map_err(|e| name_status("user", e))?;
+        if user.site != device.site {
+            return Err(Status::invalid_argument(
+                "user is not a user of the local code's site",
+            ));
+        }
+        let partitions = req
+            .panel_partitions
+            .iter()
+            .map(|p| cv::partition("panel_partitions", *p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let credential = self
+            .store
+            .local_code_claim(
+                &actor,
+                device.site,
+                device.device,
+                slot,
+                user.user,
+                &partitions,
+            )
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(device.site);
+        Ok(Response::new(cv::credential_pb(&credential)))
+    }
+
+    async fn remove_local_code(
+        &self,
+        request: Request<pb::RemoveLocalCodeRequest>,
+    ) -> Res<pb::LocalCode> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let (device, slot) = local_code_name("name", &request.get_ref().name)?;
+        let local = self
+            .store
+            .local_code_remove(&actor, device.site, device.device, slot)
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(device.site);
+        Ok(Response::new(cv::local_code_pb(&local)))
+    }
+
+    async fn resolve_drift(
+        &self,
+        request: Request<pb::ResolveDriftRequest>,
+    ) -> Res<pb::Credential> {
+        let actor = auth::dealer(&self.store, &request).await?;
+        let req = request.get_ref();
+        let credential =
+            CredentialName::parse(&req.credential).map_err(|e| name_status("credential", e))?;
+        let device = DeviceName::parse(&req.device).map_err(|e| name_status("device", e))?;
+        if device.site != credential.site {
+            return Err(Status::invalid_argument(
+                "device is not a device of the credential's site",
+            ));
+        }
+        let adopt = match pb::resolve_drift_request::Resolution::try_from(req.resolution) {
+            Ok(pb::resolve_drift_request::Resolution::Reapply) => false,
+            Ok(pb::resolve_drift_request::Resolution::Adopt) => true,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "resolution must be REAPPLY or ADOPT",
+                ));
+            }
+        };
+        let updated = self
+            .store
+            .drift_resolve(
+                &actor,
+                credential.site,
+                credential.user,
+                credential.credential,
+                device.device,
+                adopt,
+            )
+            .await
+            .map_err(store_status)?;
+        self.hub.poke(credential.site);
+        Ok(Response::new(cv::credential_pb(&updated)))
+    }
 }
 
 /// Parses `sites/{site}/users/{user}/personalAccessPlan`.
@@ -1098,4 +1202,17 @@ fn access_plan_fields(
         }
     }
     Ok(fields)
+}
+
+/// Parses `sites/{site}/devices/{device}/localCodes/{slot}`.
+fn local_code_name(field: &str, name: &str) -> Result<(DeviceName, u16), Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{field}: expected sites/{{site}}/devices/{{device}}/localCodes/{{slot}}, got {name:?}"
+        ))
+    };
+    let (device, slot) = name.split_once("/localCodes/").ok_or_else(bad)?;
+    let device = DeviceName::parse(device).map_err(|_| bad())?;
+    let slot = slot.parse::<u16>().map_err(|_| bad())?;
+    Ok((device, slot))
 }

@@ -11,9 +11,12 @@ use crate::hub::EventBell;
 use crate::hub::Hub;
 use keyplane_core::DeviceModel;
 use keyplane_core::names::{DeviceName, SiteName};
+
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_server::AgentService;
-use keyplane_store::{AgentUpdate, DesiredSlot, EventKind, NewEvent, Store, StoreError};
+use keyplane_store::{
+    AgentUpdate, DesiredSlot, EventKind, NewEvent, Observed, ObservedState, Store, StoreError,
+};
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -55,6 +58,7 @@ fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
         slot: i32::from(s.slot),
         ..Default::default()
     };
+    slot.remove_local = s.remove_local;
     if let Some(code) = &s.code {
         slot.credential = format!(
             "sites/{site}/users/{}/credentials/{}",
@@ -74,6 +78,7 @@ fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
             slot.scheduled = true;
             slot.schedules = schedules.iter().map(crate::convert::schedule_pb).collect();
         }
+        slot.write_generation = code.write_generation;
         slot.valid_from_time = code.valid_from.map(crate::convert::timestamp_pb);
         slot.valid_until_time = code.valid_until.map(crate::convert::timestamp_pb);
     }
@@ -184,6 +189,7 @@ impl AgentService for AgentApi {
             site,
             store: self.store.clone(),
             bell: self.bell.clone(),
+            hub: self.hub.clone(),
             tx,
             sent: 0,
         };
@@ -196,6 +202,7 @@ struct Session {
     site: Uuid,
     store: Store,
     bell: EventBell,
+    hub: Hub,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     sent: i64,
 }
@@ -266,6 +273,56 @@ impl Session {
         }
         self.sent = revision;
         true
+    }
+
+    /// Stores what the agent saw on a device; wakes agents when policy acted on it.
+    async fn record_observed(&mut self, observed: pb::ObservedSlots) -> Result<(), Status> {
+        let device = DeviceName::parse(&observed.device)
+            .map_err(|e| Status::invalid_argument(format!("observed.device: {e}")))?;
+        if device.site != self.site {
+            return Err(Status::permission_denied(format!(
+                "observed.device {} is not a device of sites/{}",
+                observed.device, self.site
+            )));
+        }
+        let mut slots = Vec::with_capacity(observed.slots.len());
+        for o in &observed.slots {
+            let state = match pb::ObservedState::try_from(o.state) {
+                Ok(pb::ObservedState::Managed) => ObservedState::Managed,
+                Ok(pb::ObservedState::Drifted) => ObservedState::Drifted,
+                Ok(pb::ObservedState::Missing) => ObservedState::Missing,
+                Ok(pb::ObservedState::Foreign) => ObservedState::Foreign,
+                Ok(pb::ObservedState::Conflict) => ObservedState::Conflict,
+                Ok(pb::ObservedState::Unverifiable) => ObservedState::Unverifiable,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "observed.slots[].state is not set",
+                    ));
+                }
+            };
+            let slot = u16::try_from(o.slot)
+                .map_err(|_| Status::invalid_argument("observed slot out of range"))?;
+            // A code the device holds need not follow keyplane's policy: keep what parses.
+            let pin = if o.pin.is_empty() {
+                None
+            } else {
+                keyplane_core::pin::Pin::parse(&o.pin).ok()
+            };
+            slots.push(Observed { slot, state, pin });
+        }
+        match self
+            .store
+            .observed_record(self.site, device.device, &slots)
+            .await
+        {
+            Ok(true) => self.hub.poke(self.site),
+            Ok(false) => {}
+            Err(StoreError::NotFound(what)) => {
+                tracing::debug!(site = %self.site, %what, "observation of an unknown device")
+            }
+            Err(e) => return Err(store_status(e)),
+        }
+        Ok(())
     }
 
     /// Stores an event once and acks it, so the agent stops re-sending it.
@@ -339,6 +396,9 @@ impl Session {
                 Ok(())
             }
             Some(pb::agent_message::Msg::Event(event)) => self.record_event(event).await,
+            Some(pb::agent_message::Msg::Observed(observed)) => {
+                self.record_observed(observed).await
+            }
             Some(pb::agent_message::Msg::Hello(_)) => {
                 Err(Status::invalid_argument("Hello may be sent only once"))
             }

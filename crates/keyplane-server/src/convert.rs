@@ -538,6 +538,26 @@ pub fn credential_pb(c: &store::Credential) -> pb::Credential {
     }
 }
 
+fn count(n: i64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Local code to protobuf.
+pub fn local_code_pb(l: &store::LocalCode) -> pb::LocalCode {
+    pb::LocalCode {
+        name: format!(
+            "sites/{}/devices/{}/localCodes/{}",
+            l.site, l.device, l.slot
+        ),
+        device: format!("sites/{}/devices/{}", l.site, l.device),
+        slot: i32::from(l.slot),
+        display_slot: l.model.display_slot(l.slot),
+        pin_known: l.pin_known,
+        removing: l.removing,
+        observe_time: ts(l.observe_time),
+    }
+}
+
 /// Sync status to protobuf.
 pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
     pb::SyncStatus {
@@ -556,6 +576,11 @@ pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
                 pending_changes: i32::try_from(d.pending_changes).unwrap_or(i32::MAX),
                 last_seen_time: d.last_seen.and_then(ts),
                 in_sync: d.pending_changes == 0 && d.applied_revision >= d.desired_revision,
+                managed_slots: count(d.managed_slots),
+                local_slots: count(d.local_slots),
+                drifted_slots: count(d.drifted_slots),
+                conflicts: count(d.conflicts),
+                unverifiable_slots: count(d.unverifiable_slots),
             })
             .collect(),
     }
@@ -589,6 +614,8 @@ pub fn event_kind_pb(kind: store::EventKind) -> pb::EventKind {
         store::EventKind::AccessDenied => pb::EventKind::AccessDenied,
         store::EventKind::Lockdown => pb::EventKind::Lockdown,
         store::EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
+        store::EventKind::Drift => pb::EventKind::Drift,
+        store::EventKind::LocalCodeCleared => pb::EventKind::LocalCodeCleared,
     }
 }
 

@@ -161,6 +161,9 @@ async fn pin_check_in_txn(
             "SELECT device_id FROM slot_assignment
              WHERE site_id = $1 AND device_id = ANY($2) AND pin_hash = $3
                AND ($4::uuid IS NULL OR credential_id <> $4)
+             UNION ALL
+             SELECT device_id FROM observed_slot
+             WHERE site_id = $1 AND device_id = ANY($2) AND pin_hash = $3 AND state IN ('foreign', 'conflict')
              LIMIT 1",
             &[&site, &ids, &pin_hash, &exclude],
         )
@@ -191,7 +194,10 @@ async fn slots_allocate_in_txn(
     for device in devices {
         let occupied: BTreeSet<u16> = tx
             .query(
-                "SELECT slot FROM slot_assignment WHERE site_id = $1 AND device_id = $2",
+                // Slots of codes programmed at the device (LOCAL) are reserved too.
+                "SELECT slot FROM slot_assignment WHERE site_id = $1 AND device_id = $2
+                 UNION SELECT slot FROM observed_slot
+                 WHERE site_id = $1 AND device_id = $2 AND state IN ('foreign', 'conflict')",
                 &[&site, &device.id],
             )
             .await?
@@ -625,4 +631,99 @@ impl Store {
             credential_delete_in_txn(&tx, actor, site, user, credential).await
         })
     }
+}
+
+/// Inserts a credential for `user` with `pin` and `scope`; with `fixed`, its slot on
+/// that device is the given one (a claimed local code) instead of a free one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn credential_insert_in_txn(
+    store: &Store,
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    user: Uuid,
+    display_name: &str,
+    pin: &Pin,
+    scope: &Scope,
+    fixed: Option<(Uuid, u16)>,
+) -> Result<Uuid, StoreError> {
+    let targets = scope_resolve_in_txn(tx, site, scope).await?;
+    authority_check_in_txn(tx, actor, site, user, &[scope], Some(scope), &targets).await?;
+    let pin_hash = store.key().pin_hash(site, pin);
+    pin_check_in_txn(tx, site, &targets, pin, &pin_hash, None).await?;
+    let id = Uuid::new_v4();
+    let sealed = store.key().seal(site, id, pin)?;
+    let created_partition = actor
+        .acting_partition
+        .or_else(|| involved_partitions(&[scope], &targets).first().copied())
+        .map(i16::from);
+    tx.execute(
+        "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[&site, &id, &user, &display_name, &sealed, &store.key().id(), &pin_hash, &created_partition],
+    )
+    .await?;
+    scope_write_in_txn(tx, site, id, scope).await?;
+    let mut changed = Vec::new();
+    for device in &targets {
+        match fixed {
+            Some((d, slot)) if d == device.id => {
+                tx.execute(
+                    "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES ($1, $2, $3, $4, $5)",
+                    &[&site, &device.id, &i32::from(slot), &id, &pin_hash],
+                )
+                .await?;
+                changed.push((device.id, slot));
+            }
+            _ => changed.extend(
+                slots_allocate_in_txn(tx, site, id, std::slice::from_ref(device), &pin_hash)
+                    .await?,
+            ),
+        }
+    }
+    site_change_record_in_txn(tx, site, &changed).await?;
+    Ok(id)
+}
+
+/// Gives a credential a new PIN everywhere it sits (drift adopted).
+pub(crate) async fn credential_pin_set_in_txn(
+    store: &Store,
+    tx: &Transaction<'_>,
+    site: Uuid,
+    credential: Uuid,
+    pin: &Pin,
+) -> Result<(), StoreError> {
+    let device_ids: Vec<Uuid> = tx
+        .query(
+            "SELECT device_id FROM slot_assignment WHERE site_id = $1 AND credential_id = $2",
+            &[&site, &credential],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut targets = Vec::new();
+    for d in device_ids {
+        targets.push(device_get_in_txn(tx, site, d).await?);
+    }
+    let pin_hash = store.key().pin_hash(site, pin);
+    pin_check_in_txn(tx, site, &targets, pin, &pin_hash, Some(credential)).await?;
+    let sealed = store.key().seal(site, credential, pin)?;
+    tx.execute(
+        "UPDATE credential SET pin_sealed = $3, pin_key_id = $4, pin_hash = $5, version = version + 1, update_time = now()
+         WHERE site_id = $1 AND id = $2",
+        &[&site, &credential, &sealed, &store.key().id(), &pin_hash],
+    )
+    .await?;
+    let changed: Vec<(Uuid, u16)> = tx
+        .query(
+            "UPDATE slot_assignment SET pin_hash = $3 WHERE site_id = $1 AND credential_id = $2 RETURNING device_id, slot",
+            &[&site, &credential, &pin_hash],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
+        .collect();
+    site_change_record_in_txn(tx, site, &changed).await?;
+    Ok(())
 }

@@ -26,6 +26,10 @@ pub enum EventKind {
     Lockdown,
     /// Lockdown released.
     LockdownReleased,
+    /// A managed slot was changed or cleared at the device.
+    Drift,
+    /// A local code was cleared under the AUTHORITATIVE policy.
+    LocalCodeCleared,
 }
 
 impl EventKind {
@@ -41,6 +45,8 @@ impl EventKind {
             EventKind::AccessDenied => "access_denied",
             EventKind::Lockdown => "lockdown",
             EventKind::LockdownReleased => "lockdown_released",
+            EventKind::Drift => "drift",
+            EventKind::LocalCodeCleared => "local_code_cleared",
         }
     }
 
@@ -55,6 +61,8 @@ impl EventKind {
             "access_denied" => EventKind::AccessDenied,
             "lockdown" => EventKind::Lockdown,
             "lockdown_released" => EventKind::LockdownReleased,
+            "drift" => EventKind::Drift,
+            "local_code_cleared" => EventKind::LocalCodeCleared,
             _ => return None,
         })
     }
@@ -198,7 +206,7 @@ impl Store {
                            ON c.site_id = sa.site_id AND c.id = sa.credential_id
                          WHERE sa.site_id = $1 AND sa.device_id = $2 AND sa.slot = $6),
                         $7, $8
-                     ON CONFLICT (site_id, device_id, source_seq) DO NOTHING",
+                     ON CONFLICT (site_id, device_id, source_seq) WHERE source_seq > 0 DO NOTHING",
                     &[
                         &site,
                         &event.device,

@@ -21,6 +21,7 @@ mod device;
 mod error;
 mod event;
 mod migrate;
+mod observed;
 mod partition;
 mod plan;
 mod site;
@@ -33,6 +34,7 @@ pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
+pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
 pub use types::*;
 

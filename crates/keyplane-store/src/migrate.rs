@@ -21,6 +21,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0004_access_plans.sql"),
     ),
     (5, "doors", include_str!("../migrations/0005_doors.sql")),
+    (
+        6,
+        "observed",
+        include_str!("../migrations/0006_observed.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -40,6 +40,7 @@ impl Store {
                     schedules,
                     valid_from: row.get(8),
                     valid_until: row.get(9),
+                    write_generation: row.get::<_, Option<i64>>(10).unwrap_or(0),
                     pin: self.key().open(site, credential, &key_id, &sealed)?,
                     authorities: if panel {
                         levels.get(&credential).cloned().unwrap_or_default()
@@ -50,7 +51,12 @@ impl Store {
                 })
             }
         };
-        Ok(DesiredSlot { device, slot, code })
+        Ok(DesiredSlot {
+            device,
+            slot,
+            code,
+            remove_local: row.get(11),
+        })
     }
 
     /// What the site's agent must apply after `from`: a snapshot when it has nothing
@@ -112,11 +118,16 @@ impl Store {
             let rows = tx
                 .query(
                     "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until
+                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                        sa.write_generation, false
                      FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
                      JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
                      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-                     WHERE sa.site_id = $1 ORDER BY sa.device_id, sa.slot",
+                     WHERE sa.site_id = $1
+                     UNION ALL
+                     SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+                     FROM observed_slot o WHERE o.site_id = $1 AND o.removing
+                     ORDER BY 1, 2",
                     &[&site],
                 )
                 .await?;
@@ -135,12 +146,15 @@ impl Store {
             let rows = tx
                 .query(
                     "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until
+                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                        sa.write_generation, coalesce(o.removing, false)
                      FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
                      LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
                      LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
                      LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
                      LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
+                     LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
+                                             AND o.slot = ch.slot AND o.removing
                      ORDER BY ch.device_id, ch.slot",
                     &[&site, &from],
                 )
@@ -234,7 +248,16 @@ impl Store {
                 "SELECT d.id, d.applied_revision, d.last_seen_time,
                     coalesce((SELECT max(revision) FROM site_change ch WHERE ch.site_id = d.site_id AND ch.device_id = d.id), 0),
                     (SELECT count(DISTINCT slot) FROM site_change ch
-                      WHERE ch.site_id = d.site_id AND ch.device_id = d.id AND ch.revision > d.applied_revision)
+                      WHERE ch.site_id = d.site_id AND ch.device_id = d.id AND ch.revision > d.applied_revision),
+                    (SELECT count(*) FROM slot_assignment sa WHERE sa.site_id = d.site_id AND sa.device_id = d.id),
+                    (SELECT count(*) FROM observed_slot o WHERE o.site_id = d.site_id AND o.device_id = d.id
+                       AND o.state IN ('foreign', 'conflict')),
+                    (SELECT count(*) FROM observed_slot o WHERE o.site_id = d.site_id AND o.device_id = d.id
+                       AND o.state IN ('drifted', 'missing')),
+                    (SELECT count(*) FROM observed_slot o WHERE o.site_id = d.site_id AND o.device_id = d.id
+                       AND o.state = 'conflict'),
+                    (SELECT count(*) FROM observed_slot o WHERE o.site_id = d.site_id AND o.device_id = d.id
+                       AND o.state = 'unverifiable')
                  FROM device d WHERE d.site_id = $1 ORDER BY d.id",
                 &[&site],
             )
@@ -246,6 +269,11 @@ impl Store {
                 last_seen: r.get(2),
                 desired_revision: r.get(3),
                 pending_changes: r.get(4),
+                managed_slots: r.get(5),
+                local_slots: r.get(6),
+                drifted_slots: r.get(7),
+                conflicts: r.get(8),
+                unverifiable_slots: r.get(9),
             })
             .collect();
         let mut setup_issues = Vec::new();

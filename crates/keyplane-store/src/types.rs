@@ -328,6 +328,16 @@ pub struct DeviceSync {
     pub pending_changes: i64,
     /// Last report from the agent about this device.
     pub last_seen: Option<SystemTime>,
+    /// Slots keyplane manages.
+    pub managed_slots: i64,
+    /// Codes programmed at the device.
+    pub local_slots: i64,
+    /// Managed slots changed or cleared by hand.
+    pub drifted_slots: i64,
+    /// Hand-programmed codes equal to managed ones.
+    pub conflicts: i64,
+    /// Managed slots the device masks.
+    pub unverifiable_slots: i64,
 }
 
 /// Sync state of a site.
@@ -366,6 +376,8 @@ pub struct DesiredCode {
     pub valid_from: Option<chrono::DateTime<chrono::Utc>>,
     /// Temporary codes: valid until.
     pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Bumped to have the agent write the code again (drift re-applied).
+    pub write_generation: i64,
 }
 
 /// What one slot of one device should hold (`code` None: clear it).
@@ -377,6 +389,8 @@ pub struct DesiredSlot {
     pub slot: u16,
     /// The code, or None when the slot must be cleared.
     pub code: Option<DesiredCode>,
+    /// Clear the slot although keyplane did not write it (a local code removed).
+    pub remove_local: bool,
 }
 
 impl std::fmt::Debug for DesiredSlot {

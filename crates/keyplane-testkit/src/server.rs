@@ -237,6 +237,7 @@ impl TestAgent {
         config.reconcile_every = Duration::from_millis(100);
         config.event_poll = Duration::from_millis(50);
         config.clock = clock;
+        config.observe_every = Duration::from_millis(300);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
         TestAgent {
