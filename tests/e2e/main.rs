@@ -7,6 +7,7 @@ mod authority;
 mod bad_input;
 mod doors;
 mod fixture;
+mod local;
 mod panel;
 mod race;
 mod restart;

@@ -104,6 +104,9 @@ pub struct DeviceJournal {
     /// What the device held when last read (slot -> code, None when masked).
     #[serde(default)]
     pub observed: Option<BTreeMap<u16, Option<String>>>,
+    /// The device's code checksum when `observed` was read (devices that offer one).
+    #[serde(default)]
+    pub observed_checksum: Option<u64>,
     /// Slots keyplaned asked to clear although keyplane did not write them.
     #[serde(default)]
     pub remove_local: std::collections::BTreeSet<u16>,

@@ -319,13 +319,25 @@ impl Agent {
         else {
             return Ok(());
         };
-        let slots = self.driver(name, model)?.read_slots().await?;
-        let table: BTreeMap<u16, Option<String>> =
-            slots.into_iter().map(|o| (o.slot, o.code)).collect();
+        let checksum = self.driver(name, model)?.read_checksum().await?;
+        let known = self.journal.devices.get(name).and_then(|d| {
+            // Same checksum as at the last full read: the table has not changed.
+            d.observed
+                .clone()
+                .filter(|_| checksum.is_some() && d.observed_checksum == checksum)
+        });
+        let table: BTreeMap<u16, Option<String>> = match known {
+            Some(table) => table,
+            None => {
+                let slots = self.driver(name, model)?.read_slots().await?;
+                slots.into_iter().map(|o| (o.slot, o.code)).collect()
+            }
+        };
         let Some(device) = self.journal.devices.get_mut(name) else {
             return Ok(());
         };
         device.observed = Some(table.clone());
+        device.observed_checksum = checksum;
         let report = classify(device, &table);
         self.journal.save()?;
         self.observed_at

@@ -135,6 +135,12 @@ pub trait DeviceDriver: Send {
         self.set_slot(slot, code).await
     }
 
+    /// A checksum of all user codes, on devices that offer one (None otherwise):
+    /// reading it is cheap, reading every slot drains a battery lock.
+    async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {
+        Ok(None)
+    }
+
     /// Access-control doors: refuse every credential while `on`.
     async fn set_lockdown(&mut self, on: bool) -> Result<(), DeviceError> {
         let _ = on;

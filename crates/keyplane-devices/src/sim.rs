@@ -56,6 +56,12 @@ struct State {
     /// Reads back occupied slots without their codes (masked), as many locks do.
     #[serde(default)]
     masked: bool,
+    /// Offers a checksum of all user codes.
+    #[serde(default)]
+    checksum: bool,
+    /// Full slot-table reads through the driver (each costs battery on a real lock).
+    #[serde(default)]
+    table_reads: u32,
 }
 
 /// Who changes a slot: the driver interface (the agent) or a person at the keypad.
@@ -386,6 +392,19 @@ impl SimulatedDevice {
         })
     }
 
+    /// Makes the device offer a checksum of its user codes.
+    pub fn set_checksum(&mut self, on: bool) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.checksum = on;
+            Ok(())
+        })
+    }
+
+    /// Full slot-table reads made through the driver so far (test hook).
+    pub fn table_reads(&self) -> u32 {
+        self.inspect(|s| s.table_reads)
+    }
+
     /// Whether a door is locked down (test hook).
     pub fn locked_down(&self) -> bool {
         self.inspect(|s| s.lockdown)
@@ -454,8 +473,25 @@ impl DeviceDriver for SimulatedDevice {
         self.model
     }
 
+    async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {
+        self.with_state(|s| {
+            Ok(s.checksum.then(|| {
+                // FNV-1a over slot and code: any change of any code changes it.
+                s.slots
+                    .iter()
+                    .fold(0xcbf2_9ce4_8422_2325u64, |h, (slot, code)| {
+                        slot.to_le_bytes()
+                            .iter()
+                            .chain(code.as_bytes())
+                            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+                    })
+            }))
+        })
+    }
+
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
         self.with_state(|s| {
+            s.table_reads += 1;
             Ok(s.slots
                 .iter()
                 .map(|(slot, code)| ObservedSlot {
