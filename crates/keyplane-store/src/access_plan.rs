@@ -87,7 +87,7 @@ pub(crate) async fn site_all_slots_changed_in_txn(
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
+        .map(crate::site::device_slot)
         .collect();
     site_change_record_in_txn(tx, site, &slots).await?;
     Ok(())

@@ -363,7 +363,7 @@ pub(crate) async fn credential_delete_in_txn(
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
+        .map(crate::site::device_slot)
         .collect();
     tx.execute(
         "DELETE FROM credential WHERE site_id = $1 AND id = $2",
@@ -722,7 +722,7 @@ pub(crate) async fn credential_pin_set_in_txn(
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
+        .map(crate::site::device_slot)
         .collect();
     site_change_record_in_txn(tx, site, &changed).await?;
     Ok(())

@@ -4,7 +4,7 @@
 use crate::access_plan::schedule_from_json;
 use crate::authority::{actor_resolve_in_txn, denied};
 use crate::site::{
-    audit_in_txn, etag_check, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+    audit_in_txn, etag_check, site_get_in_txn, site_lock_in_txn, user_slots_changed_in_txn,
 };
 use crate::user::user_get_in_txn;
 use crate::{Actor, Store, StoreError, in_txn};
@@ -210,30 +210,6 @@ pub(crate) async fn access_rules_in_txn(
     Ok(rules)
 }
 
-/// Records a change of every lock and panel slot `user` holds.
-async fn plan_slots_changed_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-) -> Result<(), StoreError> {
-    let slots: Vec<(Uuid, u16)> = tx
-        .query(
-            "SELECT sa.device_id, sa.slot FROM slot_assignment sa
-             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind IN ('panel', 'lock')",
-            &[&site, &user],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
-        .collect();
-    if !slots.is_empty() {
-        site_change_record_in_txn(tx, site, &slots).await?;
-    }
-    Ok(())
-}
-
 async fn plan_write_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
@@ -262,7 +238,7 @@ async fn plan_write_in_txn(
         &[&site, &user, &access_points],
     )
     .await?;
-    plan_slots_changed_in_txn(tx, site, user).await
+    user_slots_changed_in_txn(tx, site, user, &["panel", "lock"]).await
 }
 
 impl Store {

@@ -62,6 +62,37 @@ async fn site_select_in_txn(
     Ok(site_from_row(&row))
 }
 
+/// A `(device_id, slot)` row as a changed slot; slots are 1..=1000 by the profiles.
+pub(crate) fn device_slot(row: &tokio_postgres::Row) -> (Uuid, u16) {
+    (row.get(0), u16::try_from(row.get::<_, i32>(1)).unwrap_or(0))
+}
+
+/// Records a change of every slot `user` holds on devices of `kinds` (their levels
+/// or access rules changed, so what those devices hold must be sent again).
+pub(crate) async fn user_slots_changed_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    user: Uuid,
+    kinds: &[&str],
+) -> Result<(), StoreError> {
+    let slots: Vec<(Uuid, u16)> = tx
+        .query(
+            "SELECT sa.device_id, sa.slot FROM slot_assignment sa
+             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = ANY($3)",
+            &[&site, &user, &kinds],
+        )
+        .await?
+        .iter()
+        .map(device_slot)
+        .collect();
+    if !slots.is_empty() {
+        site_change_record_in_txn(tx, site, &slots).await?;
+    }
+    Ok(())
+}
+
 /// Advances the site revision (the site row must be locked) and records the changed
 /// slots under it. Returns the new revision.
 pub(crate) async fn site_change_record_in_txn(

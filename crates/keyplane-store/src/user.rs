@@ -6,7 +6,7 @@ use crate::authority::{
 use crate::credential::credential_delete_in_txn;
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+    site_get_in_txn, site_lock_in_txn, user_slots_changed_in_txn,
 };
 use crate::{Actor, NewUser, PageRequest, RequestKey, Store, StoreError, User, UserPatch, in_txn};
 use keyplane_core::authority::{self as rules, Authorities, open_close_for_new_user};
@@ -44,31 +44,6 @@ pub(crate) async fn user_get_in_txn(
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
     user_from_row_in_txn(tx, &row).await
-}
-
-/// Records a change of every panel slot `user` holds: their levels are programmed
-/// into the panel with the code.
-async fn user_panel_slots_changed_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-) -> Result<(), StoreError> {
-    let slots: Vec<(Uuid, u16)> = tx
-        .query(
-            "SELECT sa.device_id, sa.slot FROM slot_assignment sa
-             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = 'panel'",
-            &[&site, &user],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), u16::try_from(r.get::<_, i32>(1)).unwrap_or(0)))
-        .collect();
-    if !slots.is_empty() {
-        site_change_record_in_txn(tx, site, &slots).await?;
-    }
-    Ok(())
 }
 
 fn all_partitions(a: &Authorities, b: &Authorities) -> Vec<u8> {
@@ -206,7 +181,8 @@ impl Store {
             )
             .await?;
             if patch.authorities.is_some() || patch.open_close_reporting.is_some() {
-                user_panel_slots_changed_in_txn(&tx, site, user).await?;
+                // Levels are programmed into the panel with each user number.
+                user_slots_changed_in_txn(&tx, site, user, &["panel"]).await?;
             }
             audit_in_txn(
                 &tx,
