@@ -21,7 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("keyplane_descriptor.bin"))
         // Messages that carry a PIN get a redacting Debug, written in lib.rs.
-        .skip_debug([".keyplane.v1.Credential", ".keyplane.v1.DesiredSlot"])
+        .skip_debug([
+            ".keyplane.v1.Credential",
+            ".keyplane.v1.DesiredSlot",
+            ".keyplane.v1.ObservedSlot",
+        ])
         .compile_protos(&files, &[root, include])?;
     Ok(())
 }

@@ -235,6 +235,7 @@ impl Agent {
                 // A snapshot replaces the whole table; a device keyplaned no longer
                 // lists keeps nothing keyplane wrote.
                 d.desired.clear();
+                d.remove_local.clear();
             }
         }
     }

@@ -36,6 +36,16 @@ impl std::fmt::Debug for v1::DesiredSlot {
     }
 }
 
+impl std::fmt::Debug for v1::ObservedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedSlot")
+            .field("slot", &self.slot)
+            .field("state", &self.state)
+            .field("pin", &redacted(&self.pin))
+            .finish()
+    }
+}
+
 fn redacted(pin: &str) -> &'static str {
     if pin.is_empty() { "" } else { "<redacted>" }
 }
@@ -62,8 +72,18 @@ mod tests {
             slots: vec![slot],
             ..Default::default()
         };
-        let text = format!("{request:?} {changes:?}");
-        assert!(!text.contains("48213") && !text.contains("99301"), "{text}");
+        let observed = v1::ObservedSlots {
+            slots: vec![v1::ObservedSlot {
+                pin: "73125".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = format!("{request:?} {changes:?} {observed:?}");
+        assert!(
+            !text.contains("48213") && !text.contains("99301") && !text.contains("73125"),
+            "{text}"
+        );
         assert!(text.contains("<redacted>"));
     }
 }
