@@ -13,3 +13,4 @@ mod race;
 mod restart;
 mod schedules;
 mod seed000;
+mod site_changes;

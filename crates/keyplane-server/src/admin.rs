@@ -169,6 +169,7 @@ impl AdminService for AdminApi {
             .site_update(&actor, name.site, &patch, &site.etag)
             .await
             .map_err(store_status)?;
+        self.hub.poke(name.site);
         Ok(Response::new(cv::site_pb(&updated)))
     }
 
@@ -295,6 +296,7 @@ impl AdminService for AdminApi {
             .device_create(&actor, parent.site, &new, key.as_ref())
             .await
             .map_err(store_status)?;
+        self.hub.poke(parent.site);
         Ok(Response::new(cv::device_pb(&created)))
     }
 
@@ -375,6 +377,7 @@ impl AdminService for AdminApi {
             .device_delete(&actor, name.site, name.device, &req.etag)
             .await
             .map_err(store_status)?;
+        self.hub.poke(name.site);
         Ok(Response::new(()))
     }
 

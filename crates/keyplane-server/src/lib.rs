@@ -55,6 +55,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?;
     store.migrate().await?;
+    store.key_check().await?;
     let hub = hub::Hub::default();
     let bell = hub::EventBell::default();
     let poller = tokio::spawn(hub.clone().poll(

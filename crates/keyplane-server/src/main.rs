@@ -26,16 +26,18 @@ enum Command {
         /// PIN sealing key as 64 hex digits (takes precedence over --pin-key-file).
         #[arg(long, env = "KEYPLANE_PIN_KEY", hide_env_values = true)]
         pin_key: Option<String>,
-        /// File holding the PIN sealing key; created with a random key if missing.
-        #[arg(
-            long,
-            env = "KEYPLANE_PIN_KEY_FILE",
-            default_value = "keyplane-pin.key"
-        )]
-        pin_key_file: PathBuf,
+        /// File holding the PIN sealing key (create it with `keyplaned keygen`).
+        #[arg(long, env = "KEYPLANE_PIN_KEY_FILE")]
+        pin_key_file: Option<PathBuf>,
         /// Database connection pool size.
         #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS", default_value_t = 32)]
         max_connections: usize,
+    },
+    /// Create a new PIN sealing key file (mode 0600) and print its key id.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -63,17 +65,41 @@ fn database_url(cli: &Cli) -> anyhow::Result<String> {
         .context("set --database-url, KEYPLANE_DATABASE_URL or DATABASE_URL")
 }
 
-fn load_or_create_key(path: &Path) -> anyhow::Result<PinKey> {
-    if path.exists() {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        return PinKey::from_hex(&text).with_context(|| format!("PIN key in {}", path.display()));
+/// The key `serve` must use. There is no default and nothing is created here: a
+/// replica that made up its own key would seal PINs no other replica can open.
+fn load_key(pin_key: Option<&str>, pin_key_file: Option<&Path>) -> anyhow::Result<PinKey> {
+    if let Some(hex_key) = pin_key {
+        return PinKey::from_hex(hex_key).context("KEYPLANE_PIN_KEY / --pin-key");
+    }
+    let Some(path) = pin_key_file else {
+        anyhow::bail!(
+            "no PIN sealing key configured: create one with `keyplaned keygen --out /etc/keyplane/pin.key` \
+             (back it up), then pass --pin-key-file /etc/keyplane/pin.key or set KEYPLANE_PIN_KEY_FILE"
+        );
+    };
+    if !path.exists() {
+        anyhow::bail!(
+            "PIN key file {} does not exist: create it with `keyplaned keygen --out {}` for a new \
+             installation, or copy the key file the other replicas use (every replica needs the same key)",
+            path.display(),
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    PinKey::from_hex(&text).with_context(|| format!("PIN key in {}", path.display()))
+}
+
+fn keygen(out: &Path) -> anyhow::Result<PinKey> {
+    if out.exists() {
+        anyhow::bail!(
+            "{} already exists: a key file is never overwritten (PINs sealed with it would be lost)",
+            out.display()
+        );
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
-    let text = hex::encode(bytes);
-    write_private(path, &text)?;
-    tracing::warn!(path = %path.display(), "generated a new PIN sealing key; back it up: PINs sealed with it cannot be read without it");
+    write_private(out, &hex::encode(bytes))?;
     Ok(PinKey::from_bytes(bytes))
 }
 
@@ -117,10 +143,7 @@ async fn main() -> anyhow::Result<()> {
             pin_key_file,
             max_connections,
         } => {
-            let key = match pin_key {
-                Some(hex_key) => PinKey::from_hex(hex_key)?,
-                None => load_or_create_key(pin_key_file)?,
-            };
+            let key = load_key(pin_key.as_deref(), pin_key_file.as_deref())?;
             let mut config = keyplane_server::Config::new(database_url(&cli)?, key);
             config.max_connections = *max_connections;
             let listener = tokio::net::TcpListener::bind(listen)
@@ -129,6 +152,15 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(shutdown_signal(shutdown.clone()));
             keyplane_server::serve(config, listener, shutdown).await
+        }
+        Command::Keygen { out } => {
+            let key = keygen(out)?;
+            println!("key_id: {}", key.id());
+            println!(
+                "wrote {} (mode 0600): back it up apart from the database; every replica needs this same key",
+                out.display()
+            );
+            Ok(())
         }
         Command::Migrate => {
             // Migrations need no PIN key; a throwaway one satisfies the pool's type.

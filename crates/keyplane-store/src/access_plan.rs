@@ -1,5 +1,6 @@
 //! Standard access plans (doors shared by many users), holidays and lockdown.
 
+use crate::plan::{AccessRules, access_rules_in_txn};
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
     site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
@@ -75,21 +76,36 @@ pub(crate) fn schedule_from_json(
         .map_err(|e| StoreError::Internal(format!("stored schedule: {e}")))
 }
 
-/// Records a change of every slot of the site: access rules changed site-wide.
-pub(crate) async fn site_all_slots_changed_in_txn(
+/// Records a change of every slot whose schedules differ from what `before` (the
+/// site's access rules before this transaction's writes) gave it: a rename or a plan
+/// whose members hold no codes changes nothing an agent must hear of.
+pub(crate) async fn access_rules_changed_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
+    before: &AccessRules,
 ) -> Result<(), StoreError> {
-    let slots: Vec<(Uuid, u16)> = tx
+    let after = access_rules_in_txn(tx, site).await?;
+    let mut changed = Vec::new();
+    for r in tx
         .query(
-            "SELECT device_id, slot FROM slot_assignment WHERE site_id = $1",
+            "SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
+             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             WHERE sa.site_id = $1",
             &[&site],
         )
         .await?
-        .iter()
-        .map(crate::site::device_slot)
-        .collect();
-    site_change_record_in_txn(tx, site, &slots).await?;
+    {
+        let (device, slot) = crate::site::device_slot(&r);
+        let user: Uuid = r.get(2);
+        let kind: Option<&str> = r.get(3);
+        if before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind) {
+            changed.push((device, slot));
+        }
+    }
+    if !changed.is_empty() {
+        site_change_record_in_txn(tx, site, &changed).await?;
+    }
     Ok(())
 }
 
@@ -140,6 +156,7 @@ async fn access_plan_write_in_txn(
     site: Uuid,
     id: Uuid,
     fields: &AccessPlanFields,
+    before: &AccessRules,
 ) -> Result<(), StoreError> {
     if let Some(devices) = &fields.devices {
         for d in devices {
@@ -195,7 +212,7 @@ async fn access_plan_write_in_txn(
         ],
     )
     .await?;
-    site_all_slots_changed_in_txn(tx, site).await
+    access_rules_changed_in_txn(tx, site, before).await
 }
 
 impl Store {
@@ -209,6 +226,7 @@ impl Store {
     ) -> Result<AccessPlan, StoreError> {
         in_txn!(self, "access_plan_create", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
+            let before = access_rules_in_txn(&tx, site).await?;
             if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
                 return access_plan_get_in_txn(&tx, site, replayed_id(&name)?).await;
             }
@@ -219,7 +237,7 @@ impl Store {
                 )
                 .await?
                 .get(0);
-            access_plan_write_in_txn(&tx, site, id, fields).await?;
+            access_plan_write_in_txn(&tx, site, id, fields, &before).await?;
             let name = format!("sites/{site}/accessPlans/{id}");
             request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
             audit_in_txn(
@@ -285,10 +303,11 @@ impl Store {
     ) -> Result<AccessPlan, StoreError> {
         in_txn!(self, "access_plan_update", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
+            let before = access_rules_in_txn(&tx, site).await?;
             let current = access_plan_get_in_txn(&tx, site, id).await?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
-            access_plan_write_in_txn(&tx, site, id, fields).await?;
+            access_plan_write_in_txn(&tx, site, id, fields, &before).await?;
             audit_in_txn(
                 &tx,
                 actor,
@@ -312,6 +331,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         in_txn!(self, "access_plan_delete", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
+            let before = access_rules_in_txn(&tx, site).await?;
             let current = access_plan_get_in_txn(&tx, site, id).await?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
@@ -320,7 +340,7 @@ impl Store {
                 &[&site, &id],
             )
             .await?;
-            site_all_slots_changed_in_txn(&tx, site).await?;
+            access_rules_changed_in_txn(&tx, site, &before).await?;
             audit_in_txn(
                 &tx,
                 actor,
@@ -343,6 +363,7 @@ impl Store {
         in_txn!(self, "holiday_put", |tx| {
             let site = holiday.site;
             site_lock_in_txn(&tx, actor.dealer, site).await?;
+            let before = access_rules_in_txn(&tx, site).await?;
             for plan in &holiday.plans {
                 access_plan_get_in_txn(&tx, site, *plan).await?;
             }
@@ -352,7 +373,7 @@ impl Store {
                 &[&site, &holiday.day, &holiday.display_name, &holiday.plans],
             )
             .await?;
-            site_all_slots_changed_in_txn(&tx, site).await?;
+            access_rules_changed_in_txn(&tx, site, &before).await?;
             let name = format!("sites/{site}/holidays/{}", holiday.day);
             audit_in_txn(
                 &tx,
@@ -398,6 +419,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         in_txn!(self, "holiday_delete", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
+            let before = access_rules_in_txn(&tx, site).await?;
             let n = tx
                 .execute(
                     "DELETE FROM holiday WHERE site_id = $1 AND day = $2",
@@ -408,7 +430,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("holiday {name}")));
             }
-            site_all_slots_changed_in_txn(&tx, site).await?;
+            access_rules_changed_in_txn(&tx, site, &before).await?;
             audit_in_txn(
                 &tx,
                 actor,

@@ -2,7 +2,7 @@
 
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_get_in_txn, site_lock_in_txn,
+    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
 };
 use crate::{
     Actor, Device, DevicePatch, NewDevice, PageRequest, RequestKey, Store, StoreError, in_txn,
@@ -118,6 +118,8 @@ impl Store {
                 )
                 .await?;
             let device = device_from_row(&row)?;
+            // Every agent message lists the site's devices: the agent must learn of it.
+            site_change_record_in_txn(&tx, site, &[]).await?;
             request_remember_in_txn(&tx, actor.dealer, key, &device.name()).await?;
             audit_in_txn(
                 &tx,
@@ -217,19 +219,46 @@ impl Store {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
             let current = device_get_in_txn(&tx, site, device).await?;
             etag_check(&format!("device {}", current.name()), etag, current.version)?;
-            let used: i64 = tx
+            let row = tx
                 .query_one(
-                    "SELECT (SELECT count(*) FROM slot_assignment WHERE site_id = $1 AND device_id = $2)
-                          + (SELECT count(*) FROM credential_device WHERE site_id = $1 AND device_id = $2)
-                          + (SELECT count(*) FROM personal_access_point WHERE site_id = $1 AND device_id = $2)",
+                    "SELECT (SELECT count(DISTINCT credential_id) FROM (
+                                SELECT credential_id FROM slot_assignment WHERE site_id = $1 AND device_id = $2
+                                UNION SELECT credential_id FROM credential_device WHERE site_id = $1 AND device_id = $2) c),
+                            (SELECT count(*) FROM personal_access_point WHERE site_id = $1 AND device_id = $2),
+                            ARRAY(SELECT plan_id FROM access_plan_device WHERE site_id = $1 AND device_id = $2 ORDER BY plan_id)",
                     &[&site, &device],
                 )
-                .await?
-                .get(0);
-            if used > 0 {
+                .await?;
+            let (credentials, personal, plans): (i64, i64, Vec<Uuid>) =
+                (row.get(0), row.get(1), row.get(2));
+            // Nothing that names the device is removed behind the dealer's back: a shared
+            // plan names its doors on purpose, and a code must leave the device first.
+            let mut blockers = Vec::new();
+            if credentials > 0 {
+                blockers.push(format!(
+                    "{credentials} credential(s) are scoped to it: delete them or change their scope (UpdateCredential)"
+                ));
+            }
+            if personal > 0 {
+                blockers.push(format!(
+                    "it is an access point of {personal} personal access plan(s): remove it from their access_points (UpdatePersonalAccessPlan)"
+                ));
+            }
+            if !plans.is_empty() {
+                let names: Vec<String> = plans
+                    .iter()
+                    .map(|p| format!("sites/{site}/accessPlans/{p}"))
+                    .collect();
+                blockers.push(format!(
+                    "it is an access point of access plan(s) {}: remove it from their devices (UpdateAccessPlan) or delete those plans",
+                    names.join(", ")
+                ));
+            }
+            if !blockers.is_empty() {
                 return Err(StoreError::FailedPrecondition(format!(
-                    "device {} still holds or is scoped by credentials; delete them or change their scope first",
-                    current.name()
+                    "device {} cannot be deleted yet: {}",
+                    current.name(),
+                    blockers.join("; ")
                 )));
             }
             tx.execute(
@@ -237,6 +266,7 @@ impl Store {
                 &[&site, &device],
             )
             .await?;
+            site_change_record_in_txn(&tx, site, &[]).await?;
             audit_in_txn(
                 &tx,
                 actor,

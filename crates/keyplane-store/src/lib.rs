@@ -110,6 +110,43 @@ impl Store {
         migrate(&mut conn).await
     }
 
+    /// Key ids of PINs sealed in the database that the configured key cannot open,
+    /// with how many rows each holds. Empty when every sealed PIN is readable by key id.
+    pub async fn unknown_key_ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT key_id, sum(n)::int8 FROM (
+                    SELECT pin_key_id AS key_id, count(*) AS n FROM credential GROUP BY pin_key_id
+                    UNION ALL
+                    SELECT pin_key_id, count(*) FROM observed_slot
+                     WHERE pin_key_id IS NOT NULL GROUP BY pin_key_id
+                 ) k WHERE key_id <> $1 GROUP BY key_id ORDER BY key_id",
+                &[&self.key.id()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Refuses to serve with a key that cannot open what the database holds: PINs it
+    /// wrote would never reach agents, and uniqueness (keyed hashes) would not hold.
+    pub async fn key_check(&self) -> Result<(), StoreError> {
+        let unknown = self.unknown_key_ids().await?;
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|(id, n)| format!("{id} ({n} sealed PIN(s))"))
+            .collect();
+        Err(StoreError::FailedPrecondition(format!(
+            "the database holds PINs sealed under key id(s) {} but the configured PIN key is {}: start keyplaned with the key file that holds {} (every replica must use the same key; `keyplaned keygen` prints a key file's id)",
+            list.join(", "),
+            self.key.id(),
+            unknown[0].0,
+        )))
+    }
+
     /// The PIN key in use.
     pub fn key(&self) -> &PinKey {
         &self.key

@@ -327,6 +327,21 @@ impl Store {
                     ],
                 )
                 .await?;
+            let updated = site_from_row(&row);
+            // The agent runs schedules in the site's time zone, and the policy decides
+            // what happens to codes programmed at the devices: both must reach it now,
+            // not with the next unrelated change.
+            let mut changed = Vec::new();
+            if current.local_code_policy != LocalCodePolicy::Authoritative
+                && updated.local_code_policy == LocalCodePolicy::Authoritative
+            {
+                changed =
+                    crate::observed::authoritative_enforce_in_txn(&tx, actor.dealer, site).await?;
+            }
+            let mut updated = updated;
+            if updated.time_zone != current.time_zone || !changed.is_empty() {
+                updated.revision = site_change_record_in_txn(&tx, site, &changed).await?;
+            }
             audit_in_txn(
                 &tx,
                 actor,
@@ -340,7 +355,7 @@ impl Store {
                 }),
             )
             .await?;
-            Ok(site_from_row(&row))
+            Ok(updated)
         })
     }
 

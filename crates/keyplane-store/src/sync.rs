@@ -59,6 +59,32 @@ impl Store {
         })
     }
 
+    /// The rows as desired slots. A row that cannot be read (a sealed PIN that does not
+    /// open) is reported and left out, so one bad row never stops a site's sync; in a
+    /// snapshot that clears the slot, which fails closed.
+    fn desired_slots(
+        &self,
+        site: Uuid,
+        rows: &[Row],
+        levels: &HashMap<Uuid, Vec<(u8, Level)>>,
+        rules: &AccessRules,
+    ) -> Vec<DesiredSlot> {
+        rows.iter()
+            .filter_map(|r| match self.desired_from_row(site, r, levels, rules) {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    let device: Uuid = r.get(0);
+                    let slot: i32 = r.get(1);
+                    tracing::error!(
+                        %site, %device, slot, error = %e,
+                        "a desired slot cannot be read and is not sent to the agent; the rest of the site is"
+                    );
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// What the site's agent must apply after `from`: a snapshot when it has nothing
     /// (0) or claims a revision the site never had, the changed slots otherwise. Read
     /// in one repeatable-read snapshot so slots and revision agree.
@@ -131,10 +157,7 @@ impl Store {
                     &[&site],
                 )
                 .await?;
-            let slots = rows
-                .iter()
-                .map(|r| self.desired_from_row(site, r, &levels, &rules))
-                .collect::<Result<_, _>>()?;
+            let slots = self.desired_slots(site, &rows, &levels, &rules);
             AgentUpdate::Snapshot {
                 revision,
                 devices,
@@ -159,10 +182,7 @@ impl Store {
                     &[&site, &from],
                 )
                 .await?;
-            let slots = rows
-                .iter()
-                .map(|r| self.desired_from_row(site, r, &levels, &rules))
-                .collect::<Result<_, _>>()?;
+            let slots = self.desired_slots(site, &rows, &levels, &rules);
             AgentUpdate::Changes {
                 from,
                 revision,

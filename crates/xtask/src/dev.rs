@@ -68,11 +68,22 @@ pub fn run() -> anyhow::Result<()> {
         .remove("token")
         .context("bootstrap-dealer printed no token")?;
 
+    let pin_key = dev.join("pin.key");
+    if !pin_key.exists() {
+        run_checked(
+            Command::new(bin.join("keyplaned"))
+                .arg("keygen")
+                .arg("--out")
+                .arg(&pin_key)
+                .stdout(Stdio::null()),
+            "creating the development PIN key (.dev/pin.key)",
+        )?;
+    }
     let mut children = Children(Vec::new());
     children.0.push(
         Command::new(bin.join("keyplaned"))
             .args(["serve", "--listen", LISTEN, "--pin-key-file"])
-            .arg(dev.join("pin.key"))
+            .arg(&pin_key)
             .env("DATABASE_URL", &db.url)
             .spawn()
             .context("starting keyplaned")?,
