@@ -304,6 +304,41 @@ async fn the_revision_advances_exactly_when_what_an_agent_receives_changes() -> 
         )),
     )
     .await?;
+    p.check(
+        "UpdateUser level in a partition none of the codes is scoped to",
+        false,
+        a().update_user(user_update(
+            pb::User {
+                name: bob.clone(),
+                authorities: vec![
+                    pb::PartitionAuthority {
+                        partition: 1,
+                        level: pb::Level::Manager as i32,
+                    },
+                    pb::PartitionAuthority {
+                        partition: 2,
+                        level: pb::Level::OperatorA as i32,
+                    },
+                ],
+                ..Default::default()
+            },
+            &["authorities"],
+        )),
+    )
+    .await?;
+    p.check(
+        "UpdateDevice perimeter",
+        false,
+        a().update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                name: door.name.clone(),
+                perimeter: true,
+                ..Default::default()
+            }),
+            update_mask: mask(&["perimeter"]),
+        }),
+    )
+    .await?;
     let bob_lock = p
         .check(
             "CreateCredential (lock)",

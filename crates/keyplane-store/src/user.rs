@@ -53,6 +53,32 @@ fn all_partitions(a: &Authorities, b: &Authorities) -> Vec<u8> {
     p
 }
 
+/// Records a change of the panel slots of `user`'s codes scoped to any of `partitions`.
+async fn panel_slots_in_partitions_changed_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    user: Uuid,
+    partitions: &[i16],
+) -> Result<(), StoreError> {
+    let slots: Vec<(Uuid, u16)> = tx
+        .query(
+            "SELECT DISTINCT sa.device_id, sa.slot FROM slot_assignment sa
+             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             JOIN credential_partition cp ON cp.site_id = c.site_id AND cp.credential_id = c.id
+             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = 'panel' AND cp.partition = ANY($3)",
+            &[&site, &user, &partitions],
+        )
+        .await?
+        .iter()
+        .map(crate::site::device_slot)
+        .collect();
+    if !slots.is_empty() {
+        crate::site::site_change_record_in_txn(tx, site, &slots).await?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Creates a user with levels the actor may grant.
     pub async fn user_create(
@@ -180,9 +206,27 @@ impl Store {
                 ],
             )
             .await?;
-            if patch.authorities.is_some() || patch.open_close_reporting.is_some() {
-                // Levels are programmed into the panel with each user number.
+            // Levels and open/close reporting are programmed into the panel with each
+            // user number; a level in a partition none of the codes is scoped to, or a
+            // value set to what it was, changes nothing there.
+            let reporting_changed = patch
+                .open_close_reporting
+                .is_some_and(|v| v != current.open_close_reporting);
+            let levels_changed: Vec<i16> = patch
+                .authorities
+                .as_ref()
+                .map(|new| {
+                    all_partitions(&current.authorities, new)
+                        .into_iter()
+                        .filter(|p| current.authorities.get(p) != new.get(p))
+                        .map(i16::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if reporting_changed {
                 user_slots_changed_in_txn(&tx, site, user, &["panel"]).await?;
+            } else if !levels_changed.is_empty() {
+                panel_slots_in_partitions_changed_in_txn(&tx, site, user, &levels_changed).await?;
             }
             audit_in_txn(
                 &tx,
