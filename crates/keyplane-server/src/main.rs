@@ -189,3 +189,32 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_never_makes_up_a_key() {
+        let none = load_key(None, None).expect_err("no key configured");
+        assert!(format!("{none:#}").contains("keyplaned keygen"), "{none:#}");
+        let dir = std::env::temp_dir().join(format!("keyplane-keytest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("pin.key");
+        let missing = load_key(None, Some(&path)).expect_err("missing file");
+        assert!(
+            format!("{missing:#}").contains("keygen --out"),
+            "{missing:#}"
+        );
+        assert!(!path.exists(), "a missing key file is not created");
+
+        let made = keygen(&path).expect("keygen");
+        assert_eq!(load_key(None, Some(&path)).expect("load").id(), made.id());
+        assert!(
+            keygen(&path).is_err(),
+            "an existing key file is never overwritten"
+        );
+        assert_eq!(load_key(None, Some(&path)).expect("load").id(), made.id());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
