@@ -525,7 +525,11 @@ async fn updates_without_a_mask_change_the_fields_set_and_keep_the_rest() -> any
         .await?
         .into_inner();
     assert_eq!(
-        (device.display_name.as_str(), device.partition, device.perimeter),
+        (
+            device.display_name.as_str(),
+            device.partition,
+            device.perimeter
+        ),
         ("Front", 1, true)
     );
 

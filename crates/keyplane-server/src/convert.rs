@@ -779,7 +779,8 @@ mod tests {
         let mask = |p: &[&str]| prost_types::FieldMask {
             paths: p.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let cases: &[(Option<prost_types::FieldMask>, Result<&[&str], &str>)] = &[
+        type Want<'a> = Result<&'a [&'a str], &'a str>;
+        let cases: &[(Option<prost_types::FieldMask>, Want)] = &[
             // No mask, or an empty one: the fields set.
             (None, Ok(&["display_name", "scope"])),
             (Some(mask(&[])), Ok(&["display_name", "scope"])),
