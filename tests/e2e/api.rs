@@ -327,3 +327,251 @@ async fn the_dev_demo_seeds_a_site_an_agent_can_sync() -> anyhow::Result<()> {
     agent.stop().await?;
     Ok(())
 }
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
+}
+
+fn weekdays() -> pb::Schedule {
+    pb::Schedule {
+        windows: vec![pb::TimeWindow {
+            days: vec![pb::DayOfWeek::Monday as i32, pb::DayOfWeek::Friday as i32],
+            start_time: "08:00".into(),
+            end_time: "18:00".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// AIP-134: without `update_mask` every Update* RPC changes the fields the request
+/// sets and keeps the others; clearing a field takes a mask naming it.
+#[tokio::test]
+async fn updates_without_a_mask_change_the_fields_set_and_keep_the_rest() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let alice = s.alice.clone();
+    let (lock, panel) = (s.lock.clone(), s.panel.clone());
+    let door = s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+
+    // A PIN alone, no mask: the PIN changes (on the lock too), name and scope stay.
+    let changed = s
+        .admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: door.name.clone(),
+                pin: "1357".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(changed.display_name, door.display_name);
+    assert_eq!(changed.scope, door.scope);
+    assert_eq!(slot_on(&changed, &lock), slot_on(&door, &lock));
+    s.wait_synced().await?;
+    assert_eq!(
+        s.slots(&lock)?.values().cloned().collect::<Vec<_>>(),
+        vec!["1357".to_string()]
+    );
+    // A mask naming only the display name leaves the PIN alone, though one is sent.
+    s.admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: door.name.clone(),
+                display_name: "Front".into(),
+                pin: "2468".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    s.wait_synced().await?;
+    assert_eq!(
+        s.slots(&lock)?.values().cloned().collect::<Vec<_>>(),
+        vec!["1357".to_string()]
+    );
+
+    // A display name alone does not clear the user's levels.
+    let user = s
+        .admin
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                name: alice.clone(),
+                display_name: "Alice B".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(user.display_name, "Alice B");
+    assert_eq!(
+        user.authorities,
+        vec![pb::PartitionAuthority {
+            partition: 1,
+            level: pb::Level::Master as i32
+        }]
+    );
+    // Nothing set and no mask: refused, and nothing changed.
+    let err = s
+        .admin
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                name: alice.clone(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .expect_err("nothing to update");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("nothing to update"), "{err:?}");
+    let again = s
+        .admin
+        .get_user(pb::GetUserRequest {
+            name: alice.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(again.etag, user.etag);
+
+    // Personal plan: access points and schedule set, no mask: both taken.
+    let plan_name = format!("{alice}/personalAccessPlan");
+    let plan = s
+        .admin
+        .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+            plan: Some(pb::PersonalAccessPlan {
+                name: plan_name.clone(),
+                access_points: vec![panel.name.clone(), lock.name.clone()],
+                schedule: Some(weekdays()),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(plan.access_points.len(), 2);
+    assert!(plan.schedule.is_some());
+    // Access points alone keep the schedule.
+    let plan = s
+        .admin
+        .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+            plan: Some(pb::PersonalAccessPlan {
+                name: plan_name.clone(),
+                access_points: vec![lock.name.clone()],
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(plan.access_points, vec![lock.name.clone()]);
+    assert_eq!(
+        plan.schedule.as_ref().map(|s| s.windows.len()),
+        Some(1),
+        "the schedule stays"
+    );
+    // Removing the schedule takes a mask naming it.
+    let plan = s
+        .admin
+        .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+            plan: Some(pb::PersonalAccessPlan {
+                name: plan_name.clone(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["schedule"]),
+        })
+        .await?
+        .into_inner();
+    assert!(plan.schedule.is_none());
+    assert_eq!(plan.access_points, vec![lock.name.clone()]);
+
+    // Site, partition, device: a display name alone keeps everything else.
+    let site = s
+        .admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: s.site.clone(),
+                display_name: "Renamed".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (site.display_name.as_str(), site.time_zone.as_str()),
+        ("Renamed", "Europe/Paris")
+    );
+    let partition = s
+        .admin
+        .update_partition(pb::UpdatePartitionRequest {
+            partition: Some(pb::Partition {
+                name: format!("{}/partitions/1", s.site),
+                display_name: "Ground floor".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(partition.display_name, "Ground floor");
+    let device = s
+        .admin
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                name: lock.name.clone(),
+                display_name: "Front".into(),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (
+            device.display_name.as_str(),
+            device.partition,
+            device.perimeter
+        ),
+        ("Front", 1, true)
+    );
+
+    // Standard plan: a new schedule alone keeps devices and members.
+    let created = s
+        .admin
+        .create_access_plan(pb::CreateAccessPlanRequest {
+            parent: s.site.clone(),
+            plan: Some(pb::StandardAccessPlan {
+                display_name: "Cleaners".into(),
+                devices: vec![lock.name.clone()],
+                members: vec![alice.clone()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    let updated = s
+        .admin
+        .update_access_plan(pb::UpdateAccessPlanRequest {
+            plan: Some(pb::StandardAccessPlan {
+                name: created.name.clone(),
+                schedule: Some(weekdays()),
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(updated.display_name, "Cleaners");
+    assert_eq!(updated.devices, vec![lock.name.clone()]);
+    assert_eq!(updated.members, vec![alice.clone()]);
+    assert!(updated.schedule.is_some());
+    agent.stop().await?;
+    Ok(())
+}

@@ -10,6 +10,7 @@ mod fixture;
 mod local;
 mod panel;
 mod race;
+mod readme;
 mod restart;
 mod schedules;
 mod seed000;

@@ -146,7 +146,6 @@ impl AdminService for AdminApi {
         let name = site_name("site.name", &site.name)?;
         let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["display_name", "time_zone", "local_code_policy"],
             &[
                 ("display_name", !site.display_name.is_empty()),
                 ("time_zone", !site.time_zone.is_empty()),
@@ -250,7 +249,6 @@ impl AdminService for AdminApi {
             PartitionName::parse(&partition.name).map_err(|e| name_status("partition.name", e))?;
         mask_paths(
             req.update_mask.as_ref(),
-            &["display_name"],
             &[("display_name", !partition.display_name.is_empty())],
         )?;
         let display_name = cv::display_name("partition.display_name", &partition.display_name)?;
@@ -339,7 +337,6 @@ impl AdminService for AdminApi {
         let name = DeviceName::parse(&device.name).map_err(|e| name_status("device.name", e))?;
         let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["display_name", "partition", "perimeter"],
             &[
                 ("display_name", !device.display_name.is_empty()),
                 ("partition", device.partition != 0),
@@ -438,7 +435,6 @@ impl AdminService for AdminApi {
         let name = UserName::parse(&user.name).map_err(|e| name_status("user.name", e))?;
         let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["display_name", "authorities", "open_close_reporting"],
             &[
                 ("display_name", !user.display_name.is_empty()),
                 ("authorities", !user.authorities.is_empty()),
@@ -575,7 +571,6 @@ impl AdminService for AdminApi {
             .map_err(|e| name_status("credential.name", e))?;
         let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["display_name", "pin", "scope"],
             &[
                 ("display_name", !credential.display_name.is_empty()),
                 ("pin", !credential.pin.is_empty()),
@@ -763,7 +758,6 @@ impl AdminService for AdminApi {
         let user = plan_name("plan.name", &plan.name)?;
         let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["access_points", "schedule"],
             &[
                 ("access_points", !plan.access_points.is_empty()),
                 ("schedule", plan.schedule.is_some()),
@@ -889,7 +883,6 @@ impl AdminService for AdminApi {
         let (site, id) = access_plan_name("plan.name", &plan.name)?;
         let paths = mask_paths(
             req.update_mask.as_ref(),
-            &["display_name", "devices", "members", "schedule"],
             &[
                 ("display_name", !plan.display_name.is_empty()),
                 ("devices", !plan.devices.is_empty()),

@@ -64,9 +64,11 @@ pub fn run() -> anyhow::Result<()> {
     if !out.status.success() {
         bail!("keyplaned bootstrap-dealer failed");
     }
-    let token = lines_to_map(&String::from_utf8_lossy(&out.stdout))
+    let mut bootstrap = lines_to_map(&String::from_utf8_lossy(&out.stdout));
+    let token = bootstrap
         .remove("token")
         .context("bootstrap-dealer printed no token")?;
+    let dealer = bootstrap.remove("dealer").unwrap_or_default();
 
     let pin_key = dev.join("pin.key");
     if !pin_key.exists() {
@@ -141,20 +143,105 @@ pub fn run() -> anyhow::Result<()> {
             .spawn()
             .context("starting keyplane-agent")?,
     );
-    let kp = format!("grpcurl -plaintext -H 'authorization: Bearer {token}' {LISTEN}");
     println!(
-        "\nkeyplane is running (Ctrl-C stops it).\n\n{seeded}\
-         simulated devices: {devices}\n\nTry:\n\
-         grpcurl -plaintext {LISTEN} list\n\
-         {kp} keyplane.v1.AdminService/ListSites\n\
-         {kp} -d '{{\"parent\":\"{site}\"}}' keyplane.v1.AdminService/ListDevices\n\
-         {kp} -d '{{\"parent\":\"{site}\"}}' keyplane.v1.AdminService/ListUsers\n\
-         {kp} -d '{{\"parent\":\"{user}\"}}' keyplane.v1.AdminService/ListCredentials\n\
-         {kp} -d '{{\"name\":\"{site}/syncStatus\"}}' keyplane.v1.AdminService/GetSyncStatus\n\
-         cat {devices}/*.json    # what each simulated device holds\n",
-        devices = site_dir.join("devices").display(),
+        "{}",
+        banner(&Banner {
+            url: &db.url,
+            keyplaned: &bin.join("keyplaned").display().to_string(),
+            dealer: &dealer,
+            token: &token,
+            seeded: &seeded,
+            site: &site,
+            user: &user,
+            devices: &site_dir.join("devices").display().to_string(),
+        })
     );
     let status = children.0[0].wait()?;
     eprintln!("xtask: keyplaned exited ({status})");
     Ok(())
+}
+
+/// What `cargo xtask dev` started, for the banner it prints.
+struct Banner<'a> {
+    url: &'a str,
+    keyplaned: &'a str,
+    dealer: &'a str,
+    token: &'a str,
+    seeded: &'a str,
+    site: &'a str,
+    user: &'a str,
+    devices: &'a str,
+}
+
+/// The text printed once everything runs: where the database is, whose token it is,
+/// and grpcurl calls that work when pasted.
+fn banner(b: &Banner) -> String {
+    let admin = "keyplane.v1.AdminService";
+    let mut out = format!(
+        "\nkeyplane is running (Ctrl-C stops it).\n\n\
+         database: {url}\n  \
+         (for psql, and for `DATABASE_URL={url} {keyplaned} bootstrap-dealer --display-name NAME`)\n\n\
+         Created the demo dealer \"Demo Dealer\" ({dealer}); TOKEN below is its API token.\n\
+         Its demo site:\n{seeded}simulated devices: {devices}\n\n\
+         Paste into a shell:\n\
+         export TOKEN={token}\n\
+         alias kp='grpcurl -plaintext -H \"authorization: Bearer $TOKEN\"'\n\n\
+         Try (grpcurl takes its flags before the address):\n\
+         grpcurl -plaintext {LISTEN} list\n\
+         kp {LISTEN} {admin}/ListSites\n",
+        url = b.url,
+        keyplaned = b.keyplaned,
+        dealer = b.dealer,
+        seeded = b.seeded,
+        devices = b.devices,
+        token = b.token,
+    );
+    for (field, value, method) in [
+        ("parent", b.site, "ListDevices"),
+        ("parent", b.site, "ListUsers"),
+        ("parent", b.user, "ListCredentials"),
+        ("name", &format!("{}/syncStatus", b.site), "GetSyncStatus"),
+    ] {
+        out.push_str(&format!(
+            "kp -d '{{\"{field}\":\"{value}\"}}' {LISTEN} {admin}/{method}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "cat {}/*.json    # what each simulated device holds\n",
+        b.devices
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banner_calls_put_every_flag_before_the_address() {
+        let text = banner(&Banner {
+            url: "postgres://postgres@127.0.0.1:5432/postgres",
+            keyplaned: "target/debug/keyplaned",
+            dealer: "dealers/d1",
+            token: "kpd_t",
+            seeded: "site: sites/s1\n",
+            site: "sites/s1",
+            user: "sites/s1/users/u1",
+            devices: ".dev/devices",
+        });
+        assert!(text.contains("database: postgres://postgres@127.0.0.1:5432/postgres"));
+        assert!(text.contains("dealers/d1"));
+        assert!(text.contains("export TOKEN=kpd_t"));
+        let calls: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("kp ") || l.starts_with("grpcurl "))
+            .collect();
+        assert_eq!(calls.len(), 6, "{text}");
+        for call in calls {
+            // grpcurl reads `ADDRESS [METHOD]` last; anything after them is "Too many arguments".
+            let words: Vec<&str> = call.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == LISTEN).expect(call);
+            assert!(words.len() - at <= 2, "flags after the address: {call}");
+        }
+    }
 }

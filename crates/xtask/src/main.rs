@@ -2,12 +2,14 @@
 //!
 //! - `dev`: provisions PostgreSQL, starts `keyplaned`, seeds a demo site, starts an
 //!   agent with simulated devices, prints grpcurl calls, and runs until Ctrl-C.
-//! - `test [ARGS…]`: provisions PostgreSQL, then runs fmt, clippy and the whole test
-//!   suite (extra arguments go to the test runner).
+//! - `test [ARGS…]`: provisions PostgreSQL and grpcurl (for the README walk-through
+//!   test), then runs fmt, clippy and the whole test suite (extra arguments go to the
+//!   test runner).
 //!
 //! Kept to std + anyhow so it builds in seconds on a clean machine.
 
 mod dev;
+mod grpcurl;
 mod pg;
 
 use anyhow::{Context, bail};
@@ -66,6 +68,15 @@ fn has_nextest() -> bool {
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
     let db = pg::ensure_postgres()?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let grpcurl = match grpcurl::ensure() {
+        Ok(found) => found,
+        Err(e) if ci => return Err(e.context("grpcurl (for the README walk-through test)")),
+        Err(e) => {
+            eprintln!("xtask: no grpcurl, the README walk-through test will be skipped: {e:#}");
+            None
+        }
+    };
     let result = (|| {
         run_checked(
             cargo().args(["fmt", "--all", "--check"]),
@@ -90,9 +101,12 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             runner.args(["test", "--workspace", "--no-fail-fast"]);
         }
         runner.args(extra).env("DATABASE_URL", &db.url);
+        if let Some(bin) = &grpcurl {
+            runner.env("KEYPLANE_GRPCURL", bin);
+        }
         run_checked(&mut runner, "the test suite")
     })();
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    if ci {
         db.stop();
     }
     result

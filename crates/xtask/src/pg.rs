@@ -94,7 +94,8 @@ impl Cluster {
     }
 }
 
-fn is_root() -> bool {
+/// Whether xtask runs as root.
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -131,6 +132,11 @@ fn install_postgres() -> anyhow::Result<()> {
              or set DATABASE_URL to a server you can create databases on."
         );
     }
+    apt_install("postgresql")
+}
+
+/// Installs a Debian package (as root, or through sudo on CI).
+pub fn apt_install(package: &str) -> anyhow::Result<()> {
     let sudo = if is_root() {
         vec![]
     } else {
@@ -146,14 +152,8 @@ fn install_postgres() -> anyhow::Result<()> {
     };
     run_checked(&mut apt(&["update", "-q"]), "apt-get update")?;
     run_checked(
-        &mut apt(&[
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "postgresql",
-        ]),
-        "apt-get install postgresql",
+        &mut apt(&["install", "-y", "-q", "--no-install-recommends", package]),
+        &format!("apt-get install {package}"),
     )
 }
 
