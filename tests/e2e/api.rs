@@ -575,3 +575,209 @@ async fn updates_without_a_mask_change_the_fields_set_and_keep_the_rest() -> any
     agent.stop().await?;
     Ok(())
 }
+
+/// Every paged List call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListCall {
+    Sites,
+    Partitions,
+    Devices,
+    Users,
+    Credentials,
+    Events,
+    AccessPlans,
+}
+
+/// One page of `call` under `parent`: (items, next_page_token).
+async fn list(
+    admin: &mut keyplane_testkit::server::Admin,
+    call: ListCall,
+    parent: &str,
+    page_token: &str,
+) -> Result<(usize, String), tonic::Status> {
+    let (parent, page_token, page_size) = (parent.to_owned(), page_token.to_owned(), 1);
+    Ok(match call {
+        ListCall::Sites => {
+            let r = admin
+                .list_sites(pb::ListSitesRequest {
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.sites.len(), r.next_page_token)
+        }
+        ListCall::Partitions => {
+            let r = admin
+                .list_partitions(pb::ListPartitionsRequest {
+                    parent,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.partitions.len(), r.next_page_token)
+        }
+        ListCall::Devices => {
+            let r = admin
+                .list_devices(pb::ListDevicesRequest {
+                    parent,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.devices.len(), r.next_page_token)
+        }
+        ListCall::Users => {
+            let r = admin
+                .list_users(pb::ListUsersRequest {
+                    parent,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.users.len(), r.next_page_token)
+        }
+        ListCall::Credentials => {
+            let r = admin
+                .list_credentials(pb::ListCredentialsRequest {
+                    parent,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.credentials.len(), r.next_page_token)
+        }
+        ListCall::Events => {
+            let r = admin
+                .list_events(pb::ListEventsRequest {
+                    parent,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.events.len(), r.next_page_token)
+        }
+        ListCall::AccessPlans => {
+            let r = admin
+                .list_access_plans(pb::ListAccessPlansRequest {
+                    parent,
+                    page_size,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            (r.plans.len(), r.next_page_token)
+        }
+    })
+}
+
+#[tokio::test]
+async fn page_tokens_are_refused_by_every_other_list() -> anyhow::Result<()> {
+    use ListCall::*;
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let alice = s.alice.clone();
+    let lock = s.lock.clone();
+    // Two of everything, on this site; a second site and user as other parents.
+    s.admin
+        .create_partition(pb::CreatePartitionRequest {
+            parent: site.clone(),
+            partition: Some(pb::Partition {
+                number: 2,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let bob = create_user(&mut s.admin, &site, "Bob").await?;
+    s.credential(&alice, "4821", panel_scope(&[1])).await?;
+    s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
+    for name in ["Staff", "Cleaners"] {
+        s.admin
+            .create_access_plan(pb::CreateAccessPlanRequest {
+                parent: site.clone(),
+                plan: Some(pb::StandardAccessPlan {
+                    display_name: name.into(),
+                    devices: vec![lock.name.clone()],
+                    members: vec![bob.clone()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+    }
+    // Lockdown and its release are two events.
+    s.admin
+        .lockdown_doors(pb::LockdownDoorsRequest { site: site.clone() })
+        .await?;
+    s.admin
+        .release_lockdown(pb::ReleaseLockdownRequest { site: site.clone() })
+        .await?;
+    let other_site = s
+        .admin
+        .create_site(pb::CreateSiteRequest {
+            site: Some(pb::Site {
+                display_name: "Second site".into(),
+                time_zone: "UTC".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner()
+        .name;
+    // (call, its parent, another parent of the same collection)
+    let calls = [
+        (Sites, String::new(), None),
+        (Partitions, site.clone(), Some(other_site.clone())),
+        (Devices, site.clone(), Some(other_site.clone())),
+        (Users, site.clone(), Some(other_site.clone())),
+        (Credentials, alice.clone(), Some(bob.clone())),
+        (Events, site.clone(), Some(other_site.clone())),
+        (AccessPlans, site.clone(), Some(other_site.clone())),
+    ];
+    for (issuer, parent, other_parent) in &calls {
+        let (n, token) = list(&mut s.admin, *issuer, parent, "").await?;
+        assert_eq!(n, 1, "{issuer:?}: first page");
+        assert!(!token.is_empty(), "{issuer:?}: a next page exists");
+        // The call that issued it takes it back.
+        let (n, _) = list(&mut s.admin, *issuer, parent, &token).await?;
+        assert_eq!(n, 1, "{issuer:?}: second page");
+        let refused = |status: tonic::Status, by: String| {
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{issuer:?} token given to {by}: {}",
+                status.message()
+            );
+            assert!(
+                status.message().contains("another list call"),
+                "{issuer:?} token given to {by}: {}",
+                status.message()
+            );
+        };
+        for (call, call_parent, _) in &calls {
+            if call == issuer {
+                continue;
+            }
+            let r = list(&mut s.admin, *call, call_parent, &token).await;
+            refused(
+                r.expect_err("another collection's token"),
+                format!("{call:?}"),
+            );
+        }
+        if let Some(other) = other_parent {
+            let r = list(&mut s.admin, *issuer, other, &token).await;
+            refused(
+                r.expect_err("another parent's token"),
+                format!("{issuer:?} of {other}"),
+            );
+        }
+    }
+    Ok(())
+}

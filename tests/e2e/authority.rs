@@ -378,3 +378,522 @@ async fn sync_status_says_setup_needs_a_master() -> anyhow::Result<()> {
     assert!(issues[0].contains("master"), "{issues:?}");
     Ok(())
 }
+
+/// A lock in partition 2.
+async fn lock_in_partition_2(s: &mut Site) -> anyhow::Result<pb::Device> {
+    Ok(s.admin
+        .create_device(pb::CreateDeviceRequest {
+            parent: s.site.clone(),
+            device: Some(pb::Device {
+                display_name: "Office door".into(),
+                model: "zwave-lock-30".into(),
+                partition: 2,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Calls that change or delete an existing code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CodeCall {
+    UpdateCredential,
+    DeleteCredential,
+    DeleteUser,
+}
+
+async fn code_call(
+    admin: &mut Admin,
+    call: CodeCall,
+    user: &str,
+    credential: &str,
+) -> Result<(), tonic::Status> {
+    match call {
+        CodeCall::UpdateCredential => change_pin(admin, credential, "6284").await.map(drop),
+        CodeCall::DeleteCredential => admin
+            .delete_credential(pb::DeleteCredentialRequest {
+                name: credential.to_owned(),
+                etag: String::new(),
+            })
+            .await
+            .map(drop),
+        CodeCall::DeleteUser => admin
+            .delete_user(pb::DeleteUserRequest {
+                name: user.to_owned(),
+                etag: String::new(),
+            })
+            .await
+            .map(drop),
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_user_passes_every_rule_deleting_their_codes() -> anyhow::Result<()> {
+    use CodeCall::*;
+    let mut s = Site::new().await?;
+    add_partition(&mut s, 2).await?;
+    let lock2 = lock_in_partition_2(&mut s).await?;
+    let site = s.site.clone();
+    let token = s.token.clone();
+    let bea = create_user_with(
+        &mut s.admin,
+        &site,
+        "Bea",
+        &[(1, pb::Level::Master), (2, pb::Level::Master)],
+    )
+    .await?;
+    let alice = s.alice.clone(); // master in partition 1 only
+    // Pat's code was created in partition 1; Quinn (partition 1 only) has a code on a
+    // lock of partition 2; Rex holds both partitions; Otto is an operator.
+    let pat = add_user(
+        &mut s.admin,
+        &site,
+        "Pat",
+        &[(1, pb::Level::OperatorA), (2, pb::Level::OperatorA)],
+    )
+    .await?
+    .name;
+    let mut bea_in_1 = s.server.admin_as(&token, &bea, Some(1)).await?;
+    let pat_code = add_code(&mut bea_in_1, &pat, "3862", panel_scope(&[1])).await?;
+    assert_eq!(pat_code.created_partition, 1);
+    let quinn = add_user(&mut s.admin, &site, "Quinn", &[(1, pb::Level::OperatorA)])
+        .await?
+        .name;
+    let quinn_code = add_code(&mut s.admin, &quinn, "5917", lock_scope(&[&lock2])).await?;
+    let rex = add_user(
+        &mut s.admin,
+        &site,
+        "Rex",
+        &[(1, pb::Level::OperatorB), (2, pb::Level::OperatorB)],
+    )
+    .await?
+    .name;
+    let rex_code = add_code(&mut s.admin, &rex, "7305", panel_scope(&[1])).await?;
+    let otto = add_user(&mut s.admin, &site, "Otto", &[(1, pb::Level::OperatorA)])
+        .await?
+        .name;
+
+    let bea_in_2 = s.server.admin_as(&token, &bea, Some(2)).await?;
+    let dealer_in_2 = s.server.admin_in_partition(&token, 2).await?;
+    let as_alice = s.server.admin_as(&token, &alice, None).await?;
+    let as_otto = s.server.admin_as(&token, &otto, None).await?;
+
+    // (actor, call, target user, target code, message needles, words it must not use)
+    type Row<'a> = (
+        &'a str,
+        Admin,
+        CodeCall,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        &'a [&'a str],
+    );
+    let origin: &[&str] = &["partition 1", "keyplane-acting-partition: 1"];
+    let names_quinn_code: &[&str] = &["partition 2", "delete", &quinn_code.name];
+    let rows: Vec<Row> = vec![
+        // The partition of origin, from a partition the actor does hold.
+        (
+            "master of 1,2 acting from 2",
+            bea_in_2.clone(),
+            UpdateCredential,
+            &pat,
+            &pat_code.name,
+            origin,
+            &[],
+        ),
+        (
+            "master of 1,2 acting from 2",
+            bea_in_2.clone(),
+            DeleteCredential,
+            &pat,
+            &pat_code.name,
+            origin,
+            &[],
+        ),
+        (
+            "master of 1,2 acting from 2",
+            bea_in_2.clone(),
+            DeleteUser,
+            &pat,
+            &pat_code.name,
+            origin,
+            &[],
+        ),
+        (
+            "dealer acting from 2",
+            dealer_in_2.clone(),
+            UpdateCredential,
+            &pat,
+            &pat_code.name,
+            origin,
+            &[],
+        ),
+        (
+            "dealer acting from 2",
+            dealer_in_2.clone(),
+            DeleteCredential,
+            &pat,
+            &pat_code.name,
+            origin,
+            &[],
+        ),
+        (
+            "dealer acting from 2",
+            dealer_in_2.clone(),
+            DeleteUser,
+            &pat,
+            &pat_code.name,
+            origin,
+            &[],
+        ),
+        // A code on a device of a partition the actor lacks, owned by a user in reach.
+        (
+            "master of 1",
+            as_alice.clone(),
+            UpdateCredential,
+            &quinn,
+            &quinn_code.name,
+            &["partition 2"],
+            &["grant"],
+        ),
+        (
+            "master of 1",
+            as_alice.clone(),
+            DeleteCredential,
+            &quinn,
+            &quinn_code.name,
+            &["partition 2", "delete"],
+            &["grant"],
+        ),
+        (
+            "master of 1",
+            as_alice.clone(),
+            DeleteUser,
+            &quinn,
+            &quinn_code.name,
+            names_quinn_code,
+            &["grant"],
+        ),
+        // A user holding a partition the actor lacks.
+        (
+            "master of 1",
+            as_alice.clone(),
+            DeleteUser,
+            &rex,
+            &rex_code.name,
+            &["partition 2", "delete"],
+            &["grant"],
+        ),
+        // Operators delete nothing, and are told so.
+        (
+            "operator",
+            as_otto.clone(),
+            DeleteCredential,
+            &rex,
+            &rex_code.name,
+            &["operator A", "delete"],
+            &[],
+        ),
+        (
+            "operator",
+            as_otto.clone(),
+            DeleteUser,
+            &rex,
+            &rex_code.name,
+            &["operator A", "delete"],
+            &[],
+        ),
+        (
+            "operator",
+            as_otto.clone(),
+            DeleteUser,
+            &quinn,
+            &quinn_code.name,
+            &["operator A", "delete"],
+            &[],
+        ),
+    ];
+    for (who, mut admin, call, user, code, needles, never) in rows {
+        let status = code_call(&mut admin, call, user, code)
+            .await
+            .expect_err(&format!("{who}: {call:?} on {user} must be refused"));
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{who}: {call:?}: {}",
+            status.message()
+        );
+        for n in needles {
+            assert!(
+                status.message().contains(n),
+                "{who}: {call:?}: {:?} should mention {n:?}",
+                status.message()
+            );
+        }
+        for n in never {
+            assert!(
+                !status.message().contains(n),
+                "{who}: {call:?}: {:?} must not speak of {n:?}",
+                status.message()
+            );
+        }
+        // Nothing was deleted.
+        s.admin
+            .get_user(pb::GetUserRequest {
+                name: user.to_owned(),
+            })
+            .await?;
+        s.admin
+            .get_credential(pb::GetCredentialRequest {
+                name: code.to_owned(),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{who}: {call:?} deleted {code}: {e}"))?;
+    }
+
+    // From the partition of origin, or as the dealer with no partition named, it works.
+    code_call(&mut bea_in_1, DeleteUser, &pat, &pat_code.name).await?;
+    code_call(&mut s.admin, DeleteUser, &quinn, &quinn_code.name).await?;
+    for gone in [&pat_code.name, &quinn_code.name] {
+        let err = s
+            .admin
+            .get_credential(pb::GetCredentialRequest {
+                name: gone.to_string(),
+            })
+            .await
+            .expect_err("deleted with its user");
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    Ok(())
+}
+
+/// Every call that takes an actor, aimed at real targets.
+#[derive(Debug, Clone, Copy)]
+enum AnyCall {
+    GetSite,
+    ListUsers,
+    CreateUser,
+    UpdateUser,
+    DeleteUser,
+    CreateCredential,
+    UpdateCredential,
+    DeleteCredential,
+    UpdatePersonalAccessPlan,
+    ClearPersonalAccessPlan,
+    ClaimLocalCode,
+    RemoveLocalCode,
+    ResolveDrift,
+}
+
+struct Targets {
+    site: String,
+    user: String,
+    code: String,
+    lock: String,
+}
+
+async fn any_call(admin: &mut Admin, call: AnyCall, t: &Targets) -> Result<(), tonic::Status> {
+    use AnyCall::*;
+    let plan = format!("{}/personalAccessPlan", t.user);
+    let local = format!("{}/localCodes/7", t.lock);
+    match call {
+        GetSite => admin
+            .get_site(pb::GetSiteRequest {
+                name: t.site.clone(),
+            })
+            .await
+            .map(drop),
+        ListUsers => admin
+            .list_users(pb::ListUsersRequest {
+                parent: t.site.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        CreateUser => add_user(admin, &t.site, "Nina", &[(1, pb::Level::OperatorA)])
+            .await
+            .map(drop),
+        UpdateUser => admin
+            .update_user(pb::UpdateUserRequest {
+                user: Some(pb::User {
+                    name: t.user.clone(),
+                    authorities: levels(&[(1, pb::Level::OperatorB)]),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["authorities".into()],
+                }),
+            })
+            .await
+            .map(drop),
+        DeleteUser => code_call(admin, CodeCall::DeleteUser, &t.user, &t.code).await,
+        CreateCredential => add_code(admin, &t.user, "8163", panel_scope(&[1]))
+            .await
+            .map(drop),
+        UpdateCredential => code_call(admin, CodeCall::UpdateCredential, &t.user, &t.code).await,
+        DeleteCredential => code_call(admin, CodeCall::DeleteCredential, &t.user, &t.code).await,
+        UpdatePersonalAccessPlan => admin
+            .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+                plan: Some(pb::PersonalAccessPlan {
+                    name: plan,
+                    access_points: vec![t.lock.clone()],
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["access_points".into()],
+                }),
+            })
+            .await
+            .map(drop),
+        ClearPersonalAccessPlan => admin
+            .clear_personal_access_plan(pb::ClearPersonalAccessPlanRequest {
+                name: plan,
+                etag: String::new(),
+            })
+            .await
+            .map(drop),
+        ClaimLocalCode => admin
+            .claim_local_code(pb::ClaimLocalCodeRequest {
+                name: local,
+                user: t.user.clone(),
+                panel_partitions: Vec::new(),
+            })
+            .await
+            .map(drop),
+        RemoveLocalCode => admin
+            .remove_local_code(pb::RemoveLocalCodeRequest { name: local })
+            .await
+            .map(drop),
+        ResolveDrift => admin
+            .resolve_drift(pb::ResolveDriftRequest {
+                credential: t.code.clone(),
+                device: t.lock.clone(),
+                resolution: pb::resolve_drift_request::Resolution::Reapply as i32,
+            })
+            .await
+            .map(drop),
+    }
+}
+
+#[tokio::test]
+async fn users_act_only_from_partitions_they_hold() -> anyhow::Result<()> {
+    use AnyCall::*;
+    let mut s = Site::new().await?;
+    add_partition(&mut s, 2).await?;
+    let site = s.site.clone();
+    let token = s.token.clone();
+    let lock = s.lock.clone();
+    let alice = s.alice.clone(); // master in partition 1 only
+    let mia = add_user(&mut s.admin, &site, "Mia", &[(1, pb::Level::Manager)])
+        .await?
+        .name;
+    let otto = add_user(&mut s.admin, &site, "Otto", &[(1, pb::Level::OperatorA)])
+        .await?
+        .name;
+    // A code the dealer created from partition 2, on Otto's partition-1 panel code.
+    let mut dealer_in_2 = s.server.admin_in_partition(&token, 2).await?;
+    let code = add_code(&mut dealer_in_2, &otto, "4729", panel_scope(&[1])).await?;
+    assert_eq!(code.created_partition, 2);
+    add_code(&mut s.admin, &otto, "5830", lock_scope(&[&lock])).await?;
+    let targets = Targets {
+        site: site.clone(),
+        user: otto.clone(),
+        code: code.name.clone(),
+        lock: lock.name.clone(),
+    };
+    let snapshot = |admin: Admin| {
+        let otto = otto.clone();
+        let site = site.clone();
+        async move {
+            let mut admin = admin;
+            let users = admin
+                .list_users(pb::ListUsersRequest {
+                    parent: site,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .users;
+            let codes = admin
+                .list_credentials(pb::ListCredentialsRequest {
+                    parent: otto.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .credentials;
+            let plan = admin
+                .get_personal_access_plan(pb::GetPersonalAccessPlanRequest {
+                    name: format!("{otto}/personalAccessPlan"),
+                })
+                .await?
+                .into_inner();
+            anyhow::Ok(format!("{users:?} {codes:?} {plan:?}"))
+        }
+    };
+    let before = snapshot(s.admin.clone()).await?;
+    let calls = [
+        GetSite,
+        ListUsers,
+        CreateUser,
+        UpdateUser,
+        DeleteUser,
+        CreateCredential,
+        UpdateCredential,
+        DeleteCredential,
+        UpdatePersonalAccessPlan,
+        ClearPersonalAccessPlan,
+        ClaimLocalCode,
+        RemoveLocalCode,
+        ResolveDrift,
+    ];
+    for (who, user) in [("manager of 1", &mia), ("master of 1", &alice)] {
+        let mut admin = s.server.admin_as(&token, user, Some(2)).await?;
+        for call in calls {
+            let status = any_call(&mut admin, call, &targets)
+                .await
+                .expect_err(&format!("{who} acting from 2: {call:?} must be refused"));
+            assert_eq!(
+                status.code(),
+                Code::PermissionDenied,
+                "{who}: {call:?}: {}",
+                status.message()
+            );
+            for needle in ["keyplane-acting-partition", "partition 2", "hold: 1"] {
+                assert!(
+                    status.message().contains(needle),
+                    "{who}: {call:?}: {:?} should mention {needle:?}",
+                    status.message()
+                );
+            }
+        }
+    }
+    assert_eq!(
+        snapshot(s.admin.clone()).await?,
+        before,
+        "refused calls changed something"
+    );
+
+    // From the partition they hold, a master's code is recorded as created there.
+    let mut alice_in_1 = s.server.admin_as(&token, &alice, Some(1)).await?;
+    let made = add_code(&mut alice_in_1, &otto, "6941", panel_scope(&[1])).await?;
+    assert_eq!(made.created_partition, 1);
+    // With no header, a user holding one partition acts from it.
+    let mut as_alice = s.server.admin_as(&token, &alice, None).await?;
+    let made = add_code(&mut as_alice, &mia, "7052", lock_scope(&[&lock])).await?;
+    assert_eq!(made.created_partition, 1);
+    // The dealer names only partitions the site has.
+    let mut dealer_in_3 = s.server.admin_in_partition(&token, 3).await?;
+    let err = add_code(&mut dealer_in_3, &otto, "8274", panel_scope(&[1]))
+        .await
+        .expect_err("no partition 3");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("keyplane-acting-partition"),
+        "{}",
+        err.message()
+    );
+    Ok(())
+}

@@ -283,3 +283,94 @@ async fn clearing_the_plan_removes_access_within_one_sync() -> anyhow::Result<()
     agent.stop().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn only_a_configured_plan_is_cleared_and_clearing_never_widens() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let lock = s.lock.clone();
+    let bob = create_user(&mut s.admin, &site, "Bob").await?;
+    let plan_name = format!("{bob}/personalAccessPlan");
+    let clear = |admin: &mut keyplane_testkit::server::Admin| {
+        let name = plan_name.clone();
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .clear_personal_access_plan(pb::ClearPersonalAccessPlanRequest {
+                    name,
+                    etag: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let get = |admin: &mut keyplane_testkit::server::Admin| {
+        let name = plan_name.clone();
+        let mut admin = admin.clone();
+        async move {
+            anyhow::Ok(
+                admin
+                    .get_personal_access_plan(pb::GetPersonalAccessPlanRequest { name })
+                    .await?
+                    .into_inner(),
+            )
+        }
+    };
+    // No PIN: there is no plan to clear yet, and the message says what to do.
+    let err = clear(&mut s.admin).await.expect_err("not configured");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains("add a PIN first"),
+        "{}",
+        err.message()
+    );
+    assert!(!get(&mut s.admin).await?.configured, "still not configured");
+    // With a PIN but never configured: nothing to clear either.
+    s.credential(&bob, "5927", lock_scope(&[&lock])).await?;
+    let err = clear(&mut s.admin).await.expect_err("not configured");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains("not configured"),
+        "{}",
+        err.message()
+    );
+    assert!(!get(&mut s.admin).await?.configured);
+    // So the PIN added after those refusals opens the lock at any hour.
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let opens = |s: &Site, at: &str| -> anyhow::Result<bool> {
+        Ok(s.sim(&lock)?.present("5927", utc(at))? == AccessOutcome::Granted)
+    };
+    assert!(opens(&s, "2026-11-22T02:00:00Z")?, "Sunday 03:00: opens");
+
+    // A standard plan also names the lock, always; the personal plan limits it to
+    // office hours, then is cleared.
+    s.admin
+        .create_access_plan(pb::CreateAccessPlanRequest {
+            parent: site.clone(),
+            plan: Some(pb::StandardAccessPlan {
+                display_name: "Everyone, always".into(),
+                devices: vec![lock.name.clone()],
+                members: vec![bob.clone()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    configure(&mut s, &bob, &[&lock], Some(office_hours())).await?;
+    s.wait_synced().await?;
+    assert!(opens(&s, "2026-11-23T09:00:00Z")?, "Monday 10:00: opens");
+    assert!(!opens(&s, "2026-11-22T02:00:00Z")?, "Sunday 03:00: refused");
+    let cleared = clear(&mut s.admin).await?;
+    assert!(cleared.configured && cleared.access_points.is_empty() && cleared.schedule.is_none());
+    s.wait_synced().await?;
+    // Cleared grants nothing: neither the plan's own hours, nor the standard plan's
+    // "always", nor any hour outside the old window.
+    for at in ["2026-11-23T09:00:00Z", "2026-11-22T02:00:00Z"] {
+        assert!(!opens(&s, at)?, "{at}: a cleared plan grants nothing");
+    }
+    // Clearing again is allowed (the plan is configured) and changes nothing.
+    clear(&mut s.admin).await?;
+    agent.stop().await?;
+    Ok(())
+}

@@ -88,22 +88,64 @@ pub enum Actor {
     },
 }
 
+/// The metadata header naming the partition a user acts from.
+pub const ACTING_PARTITION_HEADER: &str = "keyplane-acting-partition";
+
+/// What an actor attempts, so refusals name it rather than some other act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Granting levels to a new or existing user.
+    Grant,
+    /// Adding, changing or deleting a code.
+    ChangeCode,
+    /// Deleting a user (and with them every code they hold).
+    DeleteUser,
+}
+
+impl Action {
+    fn partitions_rule(self) -> &'static str {
+        match self {
+            Action::Grant => "users can only grant partitions they hold",
+            Action::ChangeCode => "users add, change or delete codes only in partitions they hold",
+            Action::DeleteUser => "users delete only users whose every partition they hold",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Grant | Action::ChangeCode => "change or delete the code of",
+            Action::DeleteUser => "delete",
+        }
+    }
+}
+
+/// The partitions a user holds, for messages.
+fn held_list(held: &[u8]) -> String {
+    if held.is_empty() {
+        return "none".into();
+    }
+    held.iter()
+        .map(u8::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Why an actor may not do something. Messages name the rule, partition and levels.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorityError {
     /// The actor has no authority in a partition involved.
-    #[error(
-        "{actor} has no authority in partition {partition}; users can only grant partitions they hold"
-    )]
+    #[error("{actor} has no authority in partition {partition}; {}", action.partitions_rule())]
     PartitionNotHeld {
         /// Who acts.
         actor: String,
         /// The partition.
         partition: u8,
+        /// What they attempted.
+        action: Action,
     },
     /// Operators and duress users add nobody and change no code.
     #[error(
-        "{actor} is {level} in partition {partition}: only installer, master and manager codes may add users or change codes"
+        "{actor} is {level} in partition {partition}: only installer, master and manager codes may add or delete users, or add, change or delete codes"
     )]
     CannotManage {
         /// Who acts.
@@ -127,9 +169,9 @@ pub enum AuthorityError {
         /// The partition.
         partition: u8,
     },
-    /// Codes of the same or higher level are out of reach.
+    /// Codes (and users) of the same or higher level are out of reach.
     #[error(
-        "{actor} is {level} in partition {partition} and may not change or delete the code of a user who is {target}"
+        "{actor} is {level} in partition {partition} and may not {} a user who is {target}", action.verb()
     )]
     TargetNotLower {
         /// Who acts.
@@ -140,6 +182,8 @@ pub enum AuthorityError {
         target: Level,
         /// The partition.
         partition: u8,
+        /// What they attempted.
+        action: Action,
     },
     /// Operators may not change even their own code.
     #[error(
@@ -158,7 +202,7 @@ pub enum AuthorityError {
     InstallerNotGrantable,
     /// A code is changed only from the partition it was created in.
     #[error(
-        "this code was created in partition {created}; it can be changed or deleted only from partition {created}, not {acting}"
+        "this code was created in partition {created}; it can be changed or deleted only from partition {created}, not {acting}: send `{ACTING_PARTITION_HEADER}: {created}`"
     )]
     WrongPartition {
         /// Where it was created.
@@ -166,6 +210,67 @@ pub enum AuthorityError {
         /// Where the actor acts from.
         acting: u8,
     },
+    /// A user acts only from a partition in which they hold a level.
+    #[error(
+        "{actor} holds no level in partition {partition}, so cannot act from it: the {ACTING_PARTITION_HEADER} header must name a partition they hold (they hold: {})",
+        held_list(held)
+    )]
+    ActingPartitionNotHeld {
+        /// Who acts.
+        actor: String,
+        /// The partition named in the header.
+        partition: u8,
+        /// The partitions they hold.
+        held: Vec<u8>,
+    },
+    /// A user holding several partitions must say which one they act from.
+    #[error(
+        "{actor} holds several partitions ({}): name the one you act from with the {ACTING_PARTITION_HEADER} header",
+        held_list(held)
+    )]
+    ActingPartitionNeeded {
+        /// Who acts.
+        actor: String,
+        /// The partitions they hold.
+        held: Vec<u8>,
+    },
+    /// Nobody deletes themselves.
+    #[error("{actor} cannot delete themselves")]
+    SelfDelete {
+        /// Who acts.
+        actor: String,
+    },
+    /// Deleting a user deletes their codes, so each code must be deletable too.
+    #[error("deleting this user deletes their code {code}, and {reason}")]
+    UserCode {
+        /// The code's resource name.
+        code: String,
+        /// Why that code may not be deleted.
+        reason: Box<AuthorityError>,
+    },
+}
+
+impl AuthorityError {
+    /// Whether the request lacks something the caller can add (the acting-partition
+    /// header) rather than being forbidden outright.
+    pub fn is_precondition(&self) -> bool {
+        match self {
+            AuthorityError::ActingPartitionNeeded { .. } => true,
+            AuthorityError::UserCode { reason, .. } => reason.is_precondition(),
+            _ => false,
+        }
+    }
+}
+
+/// What the rules need to know of one existing code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeFacts {
+    /// Its resource name (for messages).
+    pub name: String,
+    /// The partitions it involves: its panel partitions and those of its devices.
+    pub partitions: Vec<u8>,
+    /// The partition it was created in, if recorded.
+    pub created: Option<u8>,
 }
 
 impl Actor {
@@ -184,12 +289,65 @@ impl Actor {
         }
     }
 
-    fn level_in(&self, partition: u8) -> Result<Level, AuthorityError> {
+    fn level_in(&self, partition: u8, action: Action) -> Result<Level, AuthorityError> {
         self.level(partition)
             .ok_or_else(|| AuthorityError::PartitionNotHeld {
                 actor: self.label(),
                 partition,
+                action,
             })
+    }
+
+    fn held(&self) -> Vec<u8> {
+        match self {
+            Actor::Dealer => Vec::new(),
+            Actor::User { authorities, .. } => authorities.keys().copied().collect(),
+        }
+    }
+
+    /// May this actor act from the partition named in the acting-partition header?
+    /// A user only from one where they hold a level; the dealer (installer) from any.
+    pub fn check_acting_partition(&self, header: Option<u8>) -> Result<(), AuthorityError> {
+        match (self, header) {
+            (Actor::User { .. }, Some(partition)) if self.level(partition).is_none() => {
+                Err(AuthorityError::ActingPartitionNotHeld {
+                    actor: self.label(),
+                    partition,
+                    held: self.held(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The partition the actor acts from when one is needed: the header, else a
+    /// user's only partition; None for the dealer (or a user holding none) without
+    /// the header. A user holding several must name one.
+    pub fn acting_partition(&self, header: Option<u8>) -> Result<Option<u8>, AuthorityError> {
+        self.check_acting_partition(header)?;
+        if header.is_some() {
+            return Ok(header);
+        }
+        match self.held().as_slice() {
+            [] => Ok(None),
+            [only] => Ok(Some(*only)),
+            held => Err(AuthorityError::ActingPartitionNeeded {
+                actor: self.label(),
+                held: held.to_vec(),
+            }),
+        }
+    }
+
+    /// The partition a new code is recorded as created in: where the actor acts
+    /// from, else the first partition the code involves.
+    pub fn creation_partition(
+        &self,
+        header: Option<u8>,
+        involved: &[u8],
+    ) -> Result<Option<u8>, AuthorityError> {
+        self.check_acting_partition(header)?;
+        let acting = self.acting_partition(header).unwrap_or(None);
+        Ok(acting.or_else(|| involved.first().copied()))
     }
 
     /// May this actor create (or re-grant) a user with `requested` levels?
@@ -198,7 +356,7 @@ impl Actor {
             if level == Level::Installer {
                 return Err(AuthorityError::InstallerNotGrantable);
             }
-            let own = self.level_in(partition)?;
+            let own = self.level_in(partition, Action::Grant)?;
             if !own.manages_users() {
                 return Err(AuthorityError::CannotManage {
                     actor: self.label(),
@@ -227,6 +385,16 @@ impl Actor {
         target: &Authorities,
         partitions: &[u8],
         is_self: bool,
+    ) -> Result<(), AuthorityError> {
+        self.check_levels(target, partitions, is_self, Action::ChangeCode)
+    }
+
+    fn check_levels(
+        &self,
+        target: &Authorities,
+        partitions: &[u8],
+        is_self: bool,
+        action: Action,
     ) -> Result<(), AuthorityError> {
         if partitions.is_empty()
             && let Actor::User { authorities, .. } = self
@@ -257,7 +425,7 @@ impl Actor {
             }
         }
         for &partition in partitions {
-            let own = self.level_in(partition)?;
+            let own = self.level_in(partition, action)?;
             if is_self {
                 if !own.may_change_own_code() {
                     return Err(AuthorityError::OwnCodeLocked {
@@ -283,8 +451,58 @@ impl Actor {
                     level: own,
                     target: theirs,
                     partition,
+                    action,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// May this actor change or delete an existing `code` of a user holding `target`
+    /// levels, acting from the partition in `header`? The levels rule over every
+    /// partition the code involves, then the partition-of-origin rule. The dealer
+    /// without the header acts as installer from anywhere.
+    pub fn check_code_existing(
+        &self,
+        target: &Authorities,
+        code: &CodeFacts,
+        header: Option<u8>,
+        is_self: bool,
+    ) -> Result<(), AuthorityError> {
+        self.check_acting_partition(header)?;
+        self.check_code_change(target, &code.partitions, is_self)?;
+        if let Some(created) = code.created
+            && let Some(acting) = self.acting_partition(header)?
+        {
+            check_partition_of_origin(created, acting)?;
+        }
+        Ok(())
+    }
+
+    /// May this actor delete a user holding `target` levels and `codes`? Deleting a
+    /// user deletes their codes, so each code must pass every rule deleting it alone
+    /// would (`check_code_existing`), on top of the user's own levels being in reach.
+    pub fn check_user_delete(
+        &self,
+        target: &Authorities,
+        codes: &[CodeFacts],
+        header: Option<u8>,
+        is_self: bool,
+    ) -> Result<(), AuthorityError> {
+        self.check_acting_partition(header)?;
+        if is_self {
+            return Err(AuthorityError::SelfDelete {
+                actor: self.label(),
+            });
+        }
+        let partitions: Vec<u8> = target.keys().copied().collect();
+        self.check_levels(target, &partitions, false, Action::DeleteUser)?;
+        for code in codes {
+            self.check_code_existing(target, code, header, false)
+                .map_err(|e| AuthorityError::UserCode {
+                    code: code.name.clone(),
+                    reason: Box::new(e),
+                })?;
         }
         Ok(())
     }
@@ -614,6 +832,365 @@ mod tests {
             "inherits the master's setting"
         );
         assert!(!open_close_for_new_user(Some(false), true));
+    }
+
+    #[test]
+    fn acting_partition_table() {
+        let multi = user(&[(1, Master), (2, Manager)]);
+        // (what, actor, header, acting partition or None when refused)
+        type Case = (&'static str, Actor, Option<u8>, Option<Option<u8>>);
+        let cases: Vec<Case> = vec![
+            ("dealer, no header", Actor::Dealer, None, Some(None)),
+            (
+                "dealer from any partition",
+                Actor::Dealer,
+                Some(7),
+                Some(Some(7)),
+            ),
+            (
+                "user from a held partition",
+                multi.clone(),
+                Some(2),
+                Some(Some(2)),
+            ),
+            (
+                "user from a partition not held",
+                user(&[(1, Manager)]),
+                Some(2),
+                None,
+            ),
+            (
+                "operator from a partition not held",
+                user(&[(1, OperatorA)]),
+                Some(3),
+                None,
+            ),
+            ("user with no level, any header", user(&[]), Some(1), None),
+            (
+                "single partition, no header",
+                user(&[(3, Master)]),
+                None,
+                Some(Some(3)),
+            ),
+            ("several partitions, no header", multi.clone(), None, None),
+            ("no partition, no header", user(&[]), None, Some(None)),
+        ];
+        for (what, actor, header, want) in cases {
+            assert_eq!(actor.acting_partition(header).ok(), want, "{what}");
+            let held_ok = !matches!(
+                actor.check_acting_partition(header),
+                Err(AuthorityError::ActingPartitionNotHeld { .. })
+            );
+            let not_held = header.is_some() && want.is_none();
+            assert_eq!(held_ok, !not_held, "{what}: header check");
+        }
+        let err = user(&[(1, Manager), (4, Master)])
+            .check_acting_partition(Some(2))
+            .expect_err("not held");
+        let msg = err.to_string();
+        for needle in ["keyplane-acting-partition", "partition 2", "hold: 1, 4"] {
+            assert!(msg.contains(needle), "{msg} should mention {needle}");
+        }
+        assert!(!err.is_precondition());
+        let err = multi.acting_partition(None).expect_err("several");
+        assert!(err.is_precondition(), "the caller can add the header");
+        assert!(
+            err.to_string().contains("keyplane-acting-partition"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn creation_partition_table() {
+        // (what, actor, header, involved partitions, recorded partition; None: refused)
+        type Case = (
+            &'static str,
+            Actor,
+            Option<u8>,
+            &'static [u8],
+            Option<Option<u8>>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "dealer names one",
+                Actor::Dealer,
+                Some(2),
+                &[1],
+                Some(Some(2)),
+            ),
+            (
+                "dealer names none",
+                Actor::Dealer,
+                None,
+                &[3, 4],
+                Some(Some(3)),
+            ),
+            (
+                "dealer, nothing involved",
+                Actor::Dealer,
+                None,
+                &[],
+                Some(None),
+            ),
+            (
+                "user's only partition",
+                user(&[(1, Master)]),
+                None,
+                &[],
+                Some(Some(1)),
+            ),
+            (
+                "user's header",
+                user(&[(1, Master), (2, Master)]),
+                Some(2),
+                &[1],
+                Some(Some(2)),
+            ),
+            (
+                "several, no header",
+                user(&[(1, Master), (2, Master)]),
+                None,
+                &[2],
+                Some(Some(2)),
+            ),
+            ("header not held", user(&[(1, Master)]), Some(2), &[1], None),
+        ];
+        for (what, actor, header, involved, want) in cases {
+            assert_eq!(
+                actor.creation_partition(header, involved).ok(),
+                want,
+                "{what}"
+            );
+        }
+    }
+
+    fn code(partitions: &[u8], created: Option<u8>) -> CodeFacts {
+        CodeFacts {
+            name: "sites/s/users/u/credentials/c".into(),
+            partitions: partitions.to_vec(),
+            created,
+        }
+    }
+
+    #[test]
+    fn existing_codes_and_deleting_users_table() {
+        let both = user(&[(1, Master), (2, Master)]);
+        let master1 = user(&[(1, Master)]);
+        let op = auth(&[(1, OperatorA)]);
+        let op12 = auth(&[(1, OperatorA), (2, OperatorA)]);
+        // (what, actor, target, their codes, header, every code changeable, user deletable)
+        type Case = (
+            &'static str,
+            Actor,
+            Authorities,
+            Vec<CodeFacts>,
+            Option<u8>,
+            bool,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "from the partition of origin",
+                both.clone(),
+                op12.clone(),
+                vec![code(&[1], Some(1))],
+                Some(1),
+                true,
+                true,
+            ),
+            (
+                "from another partition",
+                both.clone(),
+                op12.clone(),
+                vec![code(&[1], Some(1))],
+                Some(2),
+                false,
+                false,
+            ),
+            (
+                "dealer from another partition",
+                Actor::Dealer,
+                op12.clone(),
+                vec![code(&[1], Some(1))],
+                Some(2),
+                false,
+                false,
+            ),
+            (
+                "dealer with no header",
+                Actor::Dealer,
+                op12.clone(),
+                vec![code(&[1], Some(1))],
+                None,
+                true,
+                true,
+            ),
+            (
+                "only partition is the origin",
+                master1.clone(),
+                op.clone(),
+                vec![code(&[1], Some(1))],
+                None,
+                true,
+                true,
+            ),
+            (
+                "several partitions, no header",
+                both.clone(),
+                op12.clone(),
+                vec![code(&[1], Some(1))],
+                None,
+                false,
+                false,
+            ),
+            (
+                "code without recorded origin",
+                both.clone(),
+                op12.clone(),
+                vec![code(&[1], None)],
+                Some(2),
+                true,
+                true,
+            ),
+            (
+                "code on a partition not held",
+                master1.clone(),
+                op.clone(),
+                vec![code(&[2], Some(2))],
+                None,
+                false,
+                false,
+            ),
+            (
+                "code on a lock outside partitions",
+                master1.clone(),
+                op.clone(),
+                vec![code(&[], None)],
+                None,
+                true,
+                true,
+            ),
+            (
+                "one code of several out of reach",
+                master1.clone(),
+                op.clone(),
+                vec![code(&[1], Some(1)), code(&[2], Some(1))],
+                None,
+                false,
+                false,
+            ),
+            (
+                "user with no codes",
+                master1.clone(),
+                op.clone(),
+                vec![],
+                None,
+                true,
+                true,
+            ),
+            (
+                "user holding a partition not held",
+                master1.clone(),
+                op12.clone(),
+                vec![],
+                None,
+                true,
+                false,
+            ),
+            (
+                "user at the same level",
+                master1.clone(),
+                auth(&[(1, Master)]),
+                vec![],
+                None,
+                true,
+                false,
+            ),
+            (
+                "operator deletes nobody",
+                user(&[(1, OperatorA)]),
+                auth(&[(1, OperatorC)]),
+                vec![],
+                None,
+                true,
+                false,
+            ),
+            (
+                "header not held",
+                master1.clone(),
+                op.clone(),
+                vec![code(&[1], Some(1))],
+                Some(2),
+                false,
+                false,
+            ),
+        ];
+        for (what, actor, target, codes, header, change_ok, delete_ok) in cases {
+            assert_eq!(
+                codes
+                    .iter()
+                    .all(|c| actor.check_code_existing(&target, c, header, false).is_ok()),
+                change_ok,
+                "{what}: codes"
+            );
+            assert_eq!(
+                actor
+                    .check_user_delete(&target, &codes, header, false)
+                    .is_ok(),
+                delete_ok,
+                "{what}: user delete"
+            );
+        }
+        assert!(matches!(
+            master1.check_user_delete(&op, &[], None, true),
+            Err(AuthorityError::SelfDelete { .. })
+        ));
+    }
+
+    #[test]
+    fn refusals_name_what_was_attempted() {
+        let master1 = user(&[(1, Master)]);
+        // Deleting a user over a partition one lacks is not about granting.
+        let msg = master1
+            .check_user_delete(&auth(&[(1, OperatorA), (2, OperatorA)]), &[], None, false)
+            .expect_err("partition 2")
+            .to_string();
+        assert!(
+            msg.contains("partition 2") && msg.contains("delete"),
+            "{msg}"
+        );
+        assert!(!msg.contains("grant"), "{msg}");
+        let msg = master1
+            .check_user_delete(&auth(&[(1, Master)]), &[], None, false)
+            .expect_err("same level")
+            .to_string();
+        assert!(msg.contains("may not delete a user who is master"), "{msg}");
+        // A code out of reach names the code and the rule.
+        let msg = master1
+            .check_user_delete(&auth(&[(1, OperatorA)]), &[code(&[2], None)], None, false)
+            .expect_err("code in partition 2")
+            .to_string();
+        assert!(
+            msg.contains("sites/s/users/u/credentials/c") && !msg.contains("grant"),
+            "{msg}"
+        );
+        // Granting still speaks of granting.
+        let msg = master1
+            .check_grant(&auth(&[(2, OperatorA)]))
+            .expect_err("grant")
+            .to_string();
+        assert!(msg.contains("grant"), "{msg}");
+        // Operators are told they may not delete either.
+        let msg = user(&[(1, OperatorB)])
+            .check_user_delete(&auth(&[(1, OperatorC)]), &[], None, false)
+            .expect_err("operator")
+            .to_string();
+        assert!(msg.contains("delete"), "{msg}");
+        // The partition of origin names the header to send.
+        let msg = check_partition_of_origin(1, 2)
+            .expect_err("origin")
+            .to_string();
+        assert!(msg.contains("keyplane-acting-partition: 1"), "{msg}");
     }
 
     #[test]

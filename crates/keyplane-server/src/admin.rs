@@ -71,8 +71,10 @@ fn required<'a, T>(field: &str, value: Option<&'a T>) -> Result<&'a T, Status> {
 type Res<T> = Result<Response<T>, Status>;
 
 /// Fetches one page keyed by id: asks the store for one row more than the page
-/// size, so the next page token is only given when there is a next page.
+/// size, so the next page token is only given when there is a next page. `list`
+/// names the call and its parent: its tokens are refused by any other.
 async fn list_page<T, F, Fut>(
+    list: &str,
     page_size: i32,
     page_token: &str,
     key: impl Fn(&T) -> String,
@@ -82,11 +84,11 @@ where
     F: FnOnce(store::PageRequest) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<T>, store::StoreError>>,
 {
-    let mut p = page(page_size, page_token)?;
+    let mut p = page(list, page_size, page_token)?;
     let limit = p.limit;
     p.limit += 1;
     let items = fetch(p).await.map_err(store_status)?;
-    Ok(page_split(items, limit, key))
+    Ok(page_split(list, items, limit, key))
 }
 
 #[tonic::async_trait]
@@ -127,6 +129,7 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
         let (sites, next_page_token) = list_page(
+            "ListSites",
             req.page_size,
             &req.page_token,
             |s: &store::Site| s.id.to_string(),
@@ -225,13 +228,14 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
-        let (after, limit) = page_partitions(req.page_size, &req.page_token)?;
+        let list = format!("ListPartitions sites/{}", parent.site);
+        let (after, limit) = page_partitions(&list, req.page_size, &req.page_token)?;
         let items = self
             .store
             .partition_list(actor.dealer, parent.site, after, limit + 1)
             .await
             .map_err(store_status)?;
-        let (items, next_page_token) = page_split(items, limit, |p| p.number.to_string());
+        let (items, next_page_token) = page_split(&list, items, limit, |p| p.number.to_string());
         Ok(Response::new(pb::ListPartitionsResponse {
             partitions: items.iter().map(cv::partition_pb).collect(),
             next_page_token,
@@ -318,6 +322,7 @@ impl AdminService for AdminApi {
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let (items, next_page_token) = list_page(
+            &format!("ListDevices sites/{}", parent.site),
             req.page_size,
             &req.page_token,
             |d: &store::Device| d.id.to_string(),
@@ -416,6 +421,7 @@ impl AdminService for AdminApi {
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let (items, next_page_token) = list_page(
+            &format!("ListUsers sites/{}", parent.site),
             req.page_size,
             &req.page_token,
             |u: &store::User| u.id.to_string(),
@@ -545,6 +551,10 @@ impl AdminService for AdminApi {
         let req = request.get_ref();
         let parent = UserName::parse(&req.parent).map_err(|e| name_status("parent", e))?;
         let (items, next_page_token) = list_page(
+            &format!(
+                "ListCredentials sites/{}/users/{}",
+                parent.site, parent.user
+            ),
             req.page_size,
             &req.page_token,
             |c: &store::Credential| c.id.to_string(),
@@ -654,13 +664,14 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
-        let (after, limit) = cv::page_cursor(req.page_size, &req.page_token)?;
+        let list = format!("ListEvents sites/{}", parent.site);
+        let (after, limit) = cv::page_cursor(&list, req.page_size, &req.page_token)?;
         let events = self
             .store
             .event_list(actor.dealer, Some(parent.site), after, limit + 1)
             .await
             .map_err(store_status)?;
-        let (events, next_page_token) = page_split(events, limit, |e| e.id.to_string());
+        let (events, next_page_token) = page_split(&list, events, limit, |e| e.id.to_string());
         Ok(Response::new(pb::ListEventsResponse {
             events: events.iter().map(cv::event_pb).collect(),
             next_page_token,
@@ -861,6 +872,7 @@ impl AdminService for AdminApi {
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let (plans, next_page_token) = list_page(
+            &format!("ListAccessPlans sites/{}", parent.site),
             req.page_size,
             &req.page_token,
             |p: &store::AccessPlan| p.id.to_string(),

@@ -59,19 +59,23 @@ pub async fn dealer<T>(store: &Store, request: &Request<T>) -> Result<Actor, Sta
         Some((site, user)) => format!("dealer:{dealer} as sites/{site}/users/{user}"),
         None => format!("dealer:{dealer}"),
     };
-    Ok(Actor {
+    let actor = Actor {
         dealer,
         principal,
         peer: request.remote_addr().map(|a| a.to_string()),
         acting_user,
         acting_partition,
-    })
+    };
+    // Every call, whether or not it uses the acting user's levels, refuses a user
+    // claiming to act from a partition they do not hold.
+    store.actor_check(&actor).await.map_err(store_status)?;
+    Ok(actor)
 }
 
 /// Metadata naming the site user who acts through the back office.
 pub const ACTING_USER: &str = "keyplane-acting-user";
 /// Metadata naming the partition the actor acts from.
-pub const ACTING_PARTITION: &str = "keyplane-acting-partition";
+pub const ACTING_PARTITION: &str = keyplane_core::authority::ACTING_PARTITION_HEADER;
 
 fn header<T>(request: &Request<T>, name: &str) -> Result<Option<String>, Status> {
     request

@@ -275,56 +275,62 @@ pub fn scope(site: Uuid, scope: Option<&pb::CredentialScope>) -> Result<store::S
     })
 }
 
-/// Page token encoding: opaque to clients, `p1:` + the last key, hex-encoded.
-pub fn page_token_encode(last_key: &str) -> String {
-    hex::encode(format!("p1:{last_key}"))
+/// Page token encoding: opaque to clients, hex of `p2`, the list call it was issued
+/// by (method and parent, e.g. `ListUsers sites/…`) and the last key returned, so a
+/// token is only ever accepted by the call that issued it.
+pub fn page_token_encode(list: &str, last_key: &str) -> String {
+    hex::encode(format!("p2\n{list}\n{last_key}"))
 }
 
-fn page_token_decode(token: &str) -> Result<Option<String>, Status> {
+fn malformed() -> Status {
+    Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
+}
+
+fn page_token_decode(list: &str, token: &str) -> Result<Option<String>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bad =
-        || Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged");
-    let bytes = hex::decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    text.strip_prefix("p1:")
-        .map(|k| Some(k.to_owned()))
-        .ok_or_else(bad)
+    let bytes = hex::decode(token).map_err(|_| malformed())?;
+    let text = String::from_utf8(bytes).map_err(|_| malformed())?;
+    let mut parts = text.splitn(3, '\n');
+    let (Some("p2"), Some(issuer), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(malformed());
+    };
+    if issuer != list {
+        return Err(Status::invalid_argument(
+            "page_token belongs to another list call (another collection or parent): pass back \
+             the next_page_token of this same call, with the same parent, unchanged",
+        ));
+    }
+    Ok(Some(key.to_owned()))
 }
 
-/// Checks page size and decodes a page token keyed by id.
-pub fn page(page_size: i32, page_token: &str) -> Result<store::PageRequest, Status> {
+/// Checks page size and decodes a page token keyed by id, issued by `list`.
+pub fn page(list: &str, page_size: i32, page_token: &str) -> Result<store::PageRequest, Status> {
     let limit = page_limit(page_size)?;
-    let after = match page_token_decode(page_token)? {
+    let after = match page_token_decode(list, page_token)? {
         None => None,
-        Some(k) => Some(Uuid::try_parse(&k).map_err(|_| {
-            Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
-        })?),
+        Some(k) => Some(Uuid::try_parse(&k).map_err(|_| malformed())?),
     };
     Ok(store::PageRequest { after, limit })
 }
 
 /// Checks page size and decodes a page token keyed by partition number.
-pub fn page_partitions(page_size: i32, page_token: &str) -> Result<(u8, i64), Status> {
+pub fn page_partitions(list: &str, page_size: i32, page_token: &str) -> Result<(u8, i64), Status> {
     let limit = page_limit(page_size)?;
-    let after = match page_token_decode(page_token)? {
+    let after = match page_token_decode(list, page_token)? {
         None => 0,
-        Some(k) => k.parse().map_err(|_| {
-            Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
-        })?,
+        Some(k) => k.parse().map_err(|_| malformed())?,
     };
     Ok((after, limit))
 }
 
 /// Checks page size and decodes a page token keyed by a numeric cursor.
-pub fn page_cursor(page_size: i32, page_token: &str) -> Result<(i64, i64), Status> {
+pub fn page_cursor(list: &str, page_size: i32, page_token: &str) -> Result<(i64, i64), Status> {
     let limit = page_limit(page_size)?;
-    let after = match page_token_decode(page_token)? {
+    let after = match page_token_decode(list, page_token)? {
         None => 0,
-        Some(k) => k.parse().map_err(|_| {
-            Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
-        })?,
+        Some(k) => k.parse().map_err(|_| malformed())?,
     };
     Ok((after, limit))
 }
@@ -337,8 +343,10 @@ fn page_limit(page_size: i32) -> Result<i64, Status> {
     }
 }
 
-/// Splits a fetched page (fetched with limit + 1) into items and the next token.
+/// Splits a fetched page (fetched with limit + 1) into items and the next token,
+/// issued for `list`.
 pub fn page_split<T>(
+    list: &str,
     mut items: Vec<T>,
     limit: i64,
     key: impl Fn(&T) -> String,
@@ -348,7 +356,7 @@ pub fn page_split<T>(
         items.truncate(limit);
         let next = items
             .last()
-            .map(|i| page_token_encode(&key(i)))
+            .map(|i| page_token_encode(list, &key(i)))
             .unwrap_or_default();
         (items, next)
     } else {
@@ -719,27 +727,65 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
+        let list = "ListUsers sites/a";
         let id = Uuid::new_v4();
-        let token = page_token_encode(&id.to_string());
-        assert_eq!(page(10, &token).expect("valid").after, Some(id));
+        let token = page_token_encode(list, &id.to_string());
+        assert_eq!(page(list, 10, &token).expect("valid").after, Some(id));
         for bad in [
             "zz",
             "00",
-            &hex::encode("p2:x"),
-            &hex::encode("p1:not-a-uuid"),
+            &hex::encode("p1:x"),
+            &hex::encode("p2\nListUsers sites/a"),
+            &hex::encode("p2\nListUsers sites/a\nnot-a-uuid"),
         ] {
-            assert_eq!(
-                page(10, bad).expect_err(bad).code(),
-                Code::InvalidArgument,
-                "{bad}"
+            let err = page(list, 10, bad).expect_err(bad);
+            assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+            assert!(
+                err.message().contains("malformed"),
+                "{bad}: {}",
+                err.message()
             );
         }
         assert_eq!(
-            page(-1, "").expect_err("negative").code(),
+            page(list, -1, "").expect_err("negative").code(),
             Code::InvalidArgument
         );
-        assert_eq!(page(0, "").expect("default").limit, DEFAULT_PAGE_SIZE);
-        assert_eq!(page(100_000, "").expect("capped").limit, MAX_PAGE_SIZE);
+        assert_eq!(page(list, 0, "").expect("default").limit, DEFAULT_PAGE_SIZE);
+        assert_eq!(
+            page(list, 100_000, "").expect("capped").limit,
+            MAX_PAGE_SIZE
+        );
+    }
+
+    #[test]
+    fn page_tokens_are_accepted_only_by_the_call_that_issued_them() {
+        let issuer = "ListUsers sites/a";
+        let token = page_token_encode(issuer, &Uuid::new_v4().to_string());
+        let cursor = page_token_encode(issuer, "7");
+        for other in [
+            "ListSites",
+            "ListUsers sites/b",
+            "ListDevices sites/a",
+            "ListUsers",
+        ] {
+            for err in [
+                page(other, 10, &token).expect_err(other),
+                page_partitions(other, 10, &cursor).expect_err(other),
+                page_cursor(other, 10, &cursor).expect_err(other),
+            ] {
+                assert_eq!(err.code(), Code::InvalidArgument, "{other}");
+                assert!(
+                    err.message().contains("another list call"),
+                    "{other}: {}",
+                    err.message()
+                );
+            }
+        }
+        assert_eq!(page_cursor(issuer, 10, &cursor).expect("same call").0, 7);
+        let (items, next) = page_split(issuer, vec![1, 2, 3], 2, |i| i.to_string());
+        assert_eq!(items, vec![1, 2]);
+        assert_eq!(page_cursor(issuer, 10, &next).expect("own token").0, 2);
+        assert!(page_cursor("ListEvents sites/a", 10, &next).is_err());
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! `keyplane_core::authority`. Checks run inside the write's transaction, so the
 //! levels they see are the ones the write commits against.
 
-use crate::{Actor, StoreError};
-use keyplane_core::authority::{self as rules, Authorities, AuthorityError, Level};
+use crate::{Actor, Store, StoreError, in_txn};
+use keyplane_core::authority::{
+    self as rules, ACTING_PARTITION_HEADER, Authorities, AuthorityError, Level,
+};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
@@ -15,7 +17,11 @@ pub(crate) struct ActingUser {
 }
 
 pub(crate) fn denied(e: AuthorityError) -> StoreError {
-    StoreError::PermissionDenied(e.to_string())
+    if e.is_precondition() {
+        StoreError::FailedPrecondition(e.to_string())
+    } else {
+        StoreError::PermissionDenied(e.to_string())
+    }
 }
 
 /// Levels of `user` per partition.
@@ -64,13 +70,26 @@ pub(crate) async fn user_authorities_write_in_txn(
     Ok(())
 }
 
-/// Who acts on `site`: the dealer, or a user of that site with their levels.
+/// Who acts on `site`: the dealer, or a user of that site with their levels. The
+/// partition named in `keyplane-acting-partition` is checked here, for every call
+/// that resolves its actor: a user acts only from a partition they hold, the dealer
+/// only from one the site has.
 pub(crate) async fn actor_resolve_in_txn(
     tx: &Transaction<'_>,
     actor: &Actor,
     site: Uuid,
 ) -> Result<(rules::Actor, Option<ActingUser>), StoreError> {
     let Some((user_site, user)) = actor.acting_user else {
+        if let Some(p) = actor.acting_partition {
+            crate::partition::partition_get_in_txn(tx, site, p)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound(_) => StoreError::InvalidArgument(format!(
+                        "{ACTING_PARTITION_HEADER} names partition {p}, which sites/{site} does not have"
+                    )),
+                    e => e,
+                })?;
+        }
         return Ok((rules::Actor::Dealer, None));
     };
     let name = format!("sites/{user_site}/users/{user}");
@@ -89,8 +108,11 @@ pub(crate) async fn actor_resolve_in_txn(
             StoreError::PermissionDenied(format!("acting user {name} does not exist"))
         })?;
     let authorities = user_authorities_in_txn(tx, site, user).await?;
+    let who = rules::Actor::User { name, authorities };
+    who.check_acting_partition(actor.acting_partition)
+        .map_err(denied)?;
     Ok((
-        rules::Actor::User { name, authorities },
+        who,
         Some(ActingUser {
             id: user,
             open_close_reporting: row.get(0),
@@ -98,22 +120,20 @@ pub(crate) async fn actor_resolve_in_txn(
     ))
 }
 
-/// The partition the actor changes a code from: the one named in the request, else
-/// a user's only partition; None for the dealer when none is named.
-pub(crate) fn acting_partition(
-    actor: &Actor,
-    resolved: &rules::Actor,
-) -> Result<Option<u8>, StoreError> {
-    if let Some(p) = actor.acting_partition {
-        return Ok(Some(p));
-    }
-    match resolved {
-        rules::Actor::Dealer => Ok(None),
-        rules::Actor::User { authorities, .. } if authorities.len() == 1 => {
-            Ok(authorities.keys().next().copied())
+impl Store {
+    /// Checks the acting user and partition a call names, before any call runs: a
+    /// user of one of the dealer's sites, acting from a partition in which they hold
+    /// a level. Calls that resolve their actor check again inside their transaction.
+    pub async fn actor_check(&self, actor: &Actor) -> Result<(), StoreError> {
+        if actor.acting_user.is_none() {
+            return Ok(());
         }
-        rules::Actor::User { name, .. } => Err(StoreError::FailedPrecondition(format!(
-            "user {name} holds several partitions: name the one you act from with the keyplane-acting-partition header"
-        ))),
+        in_txn!(self, "actor_check", |tx| {
+            if let Some((site, _)) = actor.acting_user {
+                crate::site::site_get_in_txn(&tx, actor.dealer, site).await?;
+                actor_resolve_in_txn(&tx, actor, site).await?;
+            }
+            Ok(())
+        })
     }
 }

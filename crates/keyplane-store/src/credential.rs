@@ -1,6 +1,6 @@
 //! Credentials: sealed PINs, their scope, and their slots on each device.
 
-use crate::authority::{acting_partition, actor_resolve_in_txn, denied};
+use crate::authority::{actor_resolve_in_txn, denied};
 use crate::device::device_get_in_txn;
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
@@ -13,7 +13,7 @@ use crate::{
 };
 use keyplane_core::DeviceKind;
 use keyplane_core::allocation::lowest_free_slot;
-use keyplane_core::authority::check_partition_of_origin;
+use keyplane_core::authority::CodeFacts;
 use keyplane_core::pin::Pin;
 use std::collections::BTreeSet;
 use tokio_postgres::{Row, Transaction};
@@ -128,18 +128,53 @@ async fn authority_check_in_txn(
     Ok(who)
 }
 
-/// A code is changed or deleted only from the partition it was created in.
-fn origin_check(
+/// What the authority rules need of an existing code: the partitions it involves
+/// (its panel partitions, the partition of the site's panels when it has any, and
+/// those of its locks and doors) and where it was created. Unlike resolving a scope
+/// for writing, this never fails on a scope whose devices are gone.
+pub(crate) fn code_facts(credential: &Credential, devices: &[Device]) -> CodeFacts {
+    let mut targets: Vec<Device> = Vec::new();
+    if !credential.scope.panel_partitions.is_empty() {
+        targets.extend(
+            devices
+                .iter()
+                .filter(|d| d.kind() == DeviceKind::Panel)
+                .cloned(),
+        );
+    }
+    let scoped: BTreeSet<Uuid> = credential
+        .scope
+        .locks
+        .iter()
+        .chain(&credential.scope.doors)
+        .copied()
+        .collect();
+    targets.extend(devices.iter().filter(|d| scoped.contains(&d.id)).cloned());
+    CodeFacts {
+        name: format!(
+            "sites/{}/users/{}/credentials/{}",
+            credential.site, credential.user, credential.id
+        ),
+        partitions: involved_partitions(&[&credential.scope], &targets),
+        created: credential.created_partition,
+    }
+}
+
+/// Checks the actor may change or delete an existing code: the levels rule over
+/// every partition it involves, and the partition it was created in.
+async fn existing_check_in_txn(
+    tx: &Transaction<'_>,
     actor: &Actor,
-    who: &keyplane_core::authority::Actor,
+    site: Uuid,
     credential: &Credential,
 ) -> Result<(), StoreError> {
-    if let (Some(created), Some(acting)) =
-        (credential.created_partition, acting_partition(actor, who)?)
-    {
-        check_partition_of_origin(created, acting).map_err(denied)?;
-    }
-    Ok(())
+    let (who, acting) = actor_resolve_in_txn(tx, actor, site).await?;
+    let target = user_get_in_txn(tx, site, credential.user).await?;
+    let devices = crate::device::device_list_for_site_in_txn(tx, site).await?;
+    let facts = code_facts(credential, &devices);
+    let is_self = acting.is_some_and(|a| a.id == credential.user);
+    who.check_code_existing(&target.authorities, &facts, actor.acting_partition, is_self)
+        .map_err(denied)
 }
 
 /// Checks the PIN fits every target and is not already on any of them.
@@ -402,7 +437,7 @@ impl Store {
                 return credential_get_in_txn(&tx, site, user, replayed_id(&name)?).await;
             }
             let targets = scope_resolve_in_txn(&tx, site, &new.scope).await?;
-            authority_check_in_txn(
+            let who = authority_check_in_txn(
                 &tx,
                 actor,
                 site,
@@ -416,13 +451,12 @@ impl Store {
             pin_check_in_txn(&tx, site, &targets, &new.pin, &pin_hash, None).await?;
             let id = Uuid::new_v4();
             let sealed = self.key().seal(site, id, &new.pin)?;
-            let created_partition = actor
-                .acting_partition
-                .or_else(|| {
-                    involved_partitions(&[&new.scope], &targets)
-                        .first()
-                        .copied()
-                })
+            let created_partition = who
+                .creation_partition(
+                    actor.acting_partition,
+                    &involved_partitions(&[&new.scope], &targets),
+                )
+                .map_err(denied)?
                 .map(i16::from);
             tx.execute(
                 "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
@@ -511,7 +545,7 @@ impl Store {
             let targets = scope_resolve_in_txn(&tx, site, &scope).await?;
             let mut touched = scope_resolve_in_txn(&tx, site, &current.scope).await?;
             touched.extend(targets.iter().cloned());
-            let who = authority_check_in_txn(
+            authority_check_in_txn(
                 &tx,
                 actor,
                 site,
@@ -521,7 +555,7 @@ impl Store {
                 &touched,
             )
             .await?;
-            origin_check(actor, &who, &current)?;
+            existing_check_in_txn(&tx, actor, site, &current).await?;
             let pin = match &patch.pin {
                 Some(pin) => pin.clone(),
                 None => {
@@ -623,11 +657,7 @@ impl Store {
                 etag,
                 current.version,
             )?;
-            let targets = scope_resolve_in_txn(&tx, site, &current.scope).await?;
-            let who =
-                authority_check_in_txn(&tx, actor, site, user, &[&current.scope], None, &targets)
-                    .await?;
-            origin_check(actor, &who, &current)?;
+            existing_check_in_txn(&tx, actor, site, &current).await?;
             credential_delete_in_txn(&tx, actor, site, user, credential).await
         })
     }
@@ -648,14 +678,18 @@ pub(crate) async fn credential_insert_in_txn(
     fixed: Option<(Uuid, u16)>,
 ) -> Result<Uuid, StoreError> {
     let targets = scope_resolve_in_txn(tx, site, scope).await?;
-    authority_check_in_txn(tx, actor, site, user, &[scope], Some(scope), &targets).await?;
+    let who =
+        authority_check_in_txn(tx, actor, site, user, &[scope], Some(scope), &targets).await?;
     let pin_hash = store.key().pin_hash(site, pin);
     pin_check_in_txn(tx, site, &targets, pin, &pin_hash, None).await?;
     let id = Uuid::new_v4();
     let sealed = store.key().seal(site, id, pin)?;
-    let created_partition = actor
-        .acting_partition
-        .or_else(|| involved_partitions(&[scope], &targets).first().copied())
+    let created_partition = who
+        .creation_partition(
+            actor.acting_partition,
+            &involved_partitions(&[scope], &targets),
+        )
+        .map_err(denied)?
         .map(i16::from);
     tx.execute(
         "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition)

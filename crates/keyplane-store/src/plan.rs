@@ -10,6 +10,7 @@ use crate::user::user_get_in_txn;
 use crate::{Actor, Store, StoreError, in_txn};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
+use keyplane_core::personal;
 use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
 use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
@@ -210,6 +211,20 @@ pub(crate) async fn access_rules_in_txn(
     Ok(rules)
 }
 
+async fn has_pin_in_txn(tx: &Transaction<'_>, site: Uuid, user: Uuid) -> Result<bool, StoreError> {
+    Ok(tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM credential WHERE site_id = $1 AND user_id = $2)",
+            &[&site, &user],
+        )
+        .await?
+        .get(0))
+}
+
+fn refused(e: personal::PersonalPlanError) -> StoreError {
+    StoreError::FailedPrecondition(e.to_string())
+}
+
 async fn plan_write_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
@@ -271,18 +286,11 @@ impl Store {
             let current = plan_get_in_txn(&tx, site, user).await?;
             let name = format!("sites/{site}/users/{user}/personalAccessPlan");
             etag_check(&format!("plan {name}"), etag, current.version)?;
-            let pins: i64 = tx
-                .query_one(
-                    "SELECT count(*) FROM credential WHERE site_id = $1 AND user_id = $2",
-                    &[&site, &user],
-                )
-                .await?
-                .get(0);
-            if pins == 0 {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "user sites/{site}/users/{user} has no PIN: add a PIN first, then configure the personal access plan"
-                )));
-            }
+            personal::check_configure(
+                &format!("sites/{site}/users/{user}"),
+                has_pin_in_txn(&tx, site, user).await?,
+            )
+            .map_err(refused)?;
             let devices = crate::device::device_list_for_site_in_txn(&tx, site).await?;
             let perimeter: Vec<_> = devices.iter().filter(|d| d.perimeter).collect();
             if !perimeter.is_empty() && perimeter.iter().all(|d| d.kind() == DeviceKind::Door) {
@@ -332,7 +340,8 @@ impl Store {
         })
     }
 
-    /// Clears a plan: no access points, no schedule (no lock or panel access).
+    /// Clears a configured plan: it stays configured with no access points and no
+    /// schedule, so it grants no lock or panel access.
     pub async fn personal_plan_clear(
         &self,
         actor: &Actor,
@@ -351,6 +360,12 @@ impl Store {
             let partitions: Vec<u8> = target.authorities.keys().copied().collect();
             who.check_code_change(&target.authorities, &partitions, is_self)
                 .map_err(denied)?;
+            personal::check_clear(
+                &format!("sites/{site}/users/{user}"),
+                current.configured,
+                has_pin_in_txn(&tx, site, user).await?,
+            )
+            .map_err(refused)?;
             plan_write_in_txn(&tx, site, user, &[], &None).await?;
             audit_in_txn(
                 &tx,

@@ -3,7 +3,7 @@
 use crate::authority::{
     actor_resolve_in_txn, denied, user_authorities_in_txn, user_authorities_write_in_txn,
 };
-use crate::credential::credential_delete_in_txn;
+use crate::credential::{code_facts, credential_delete_in_txn, credential_get_in_txn};
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
     site_get_in_txn, site_lock_in_txn, user_slots_changed_in_txn,
@@ -260,21 +260,26 @@ impl Store {
             etag_check(&format!("user {name}"), etag, current.version)?;
             let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
             let is_self = acting.is_some_and(|a| a.id == user);
-            if is_self {
-                return Err(StoreError::PermissionDenied(format!(
-                    "user {name} cannot delete themselves"
-                )));
-            }
-            let partitions: Vec<u8> = current.authorities.keys().copied().collect();
-            who.check_code_change(&current.authorities, &partitions, false)
-                .map_err(denied)?;
-            let creds = tx
+            let rows = tx
                 .query(
-                    "SELECT id FROM credential WHERE site_id = $1 AND user_id = $2",
+                    "SELECT id FROM credential WHERE site_id = $1 AND user_id = $2 ORDER BY id",
                     &[&site, &user],
                 )
                 .await?;
-            for row in creds {
+            let devices = crate::device::device_list_for_site_in_txn(&tx, site).await?;
+            let mut codes = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let credential = credential_get_in_txn(&tx, site, user, row.get(0)).await?;
+                codes.push(code_facts(&credential, &devices));
+            }
+            who.check_user_delete(
+                &current.authorities,
+                &codes,
+                actor.acting_partition,
+                is_self,
+            )
+            .map_err(denied)?;
+            for row in rows {
                 credential_delete_in_txn(&tx, actor, site, user, row.get(0)).await?;
             }
             tx.execute(

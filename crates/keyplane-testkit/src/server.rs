@@ -158,6 +158,24 @@ impl TestServer {
         ))
     }
 
+    /// An AdminService client for the dealer `token` itself, acting from `partition`.
+    pub async fn admin_in_partition(&self, token: &str, partition: u8) -> anyhow::Result<Admin> {
+        let headers = vec![
+            (
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {token}"))?,
+            ),
+            (
+                "keyplane-acting-partition",
+                MetadataValue::try_from(partition.to_string())?,
+            ),
+        ];
+        Ok(AdminServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(headers),
+        ))
+    }
+
     /// Issues an agent token for `site`.
     pub async fn agent_token(&self, admin: &mut Admin, site: &str) -> anyhow::Result<String> {
         Ok(admin
