@@ -283,17 +283,30 @@ impl Store {
     ) -> Result<Vec<LocalCode>, StoreError> {
         in_txn!(self, "local_code_list", |tx| {
             site_get_in_txn(&tx, dealer, site).await?;
+            // One statement: the agent replaces a device's observed table at any time,
+            // so a row listed by one statement may be gone by the next.
             let rows = tx
                 .query(
-                    "SELECT device_id, slot FROM observed_slot WHERE site_id = $1 AND state IN ('foreign', 'conflict')
-                     ORDER BY device_id, slot",
+                    "SELECT o.device_id, o.slot, d.model, o.pin_sealed IS NOT NULL, o.removing, o.observe_time
+                     FROM observed_slot o JOIN device d ON d.site_id = o.site_id AND d.id = o.device_id
+                     WHERE o.site_id = $1 AND o.state IN ('foreign', 'conflict')
+                     ORDER BY o.device_id, o.slot",
                     &[&site],
                 )
                 .await?;
-            let mut out = Vec::new();
+            let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let slot = u16::try_from(r.get::<_, i32>(1)).unwrap_or(0);
-                out.push(local_code_get_in_txn(&tx, site, r.get(0), slot).await?);
+                let model: &str = r.get(2);
+                out.push(LocalCode {
+                    site,
+                    device: r.get(0),
+                    slot: u16::try_from(r.get::<_, i32>(1)).unwrap_or(0),
+                    model: keyplane_core::DeviceModel::find(model)
+                        .ok_or_else(|| StoreError::Internal(format!("unknown model {model}")))?,
+                    pin_known: r.get(3),
+                    removing: r.get(4),
+                    observe_time: r.get(5),
+                });
             }
             Ok(out)
         })
