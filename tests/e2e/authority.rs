@@ -897,3 +897,86 @@ async fn users_act_only_from_partitions_they_hold() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Codes programmed at the device and drift are reached through RemoveLocalCode and
+/// ResolveDrift: both pass the same rules as deleting and changing a code.
+#[tokio::test]
+async fn local_codes_and_drift_follow_the_same_rules() -> anyhow::Result<()> {
+    use keyplane_store::{Observed, ObservedState};
+    let mut s = Site::new().await?;
+    let (site, alice) = (s.site.clone(), s.alice.clone());
+    let (panel, lock) = (s.panel.clone(), s.lock.clone());
+    let bob = add_user(&mut s.admin, &site, "Bob", &[(1, pb::Level::Manager)])
+        .await?
+        .name;
+    let olga = add_user(&mut s.admin, &site, "Olga", &[(1, pb::Level::OperatorA)])
+        .await?
+        .name;
+    let alices = add_code(&mut s.admin, &alice, "5827", lock_scope(&[&lock])).await?;
+    let alice_slot = slot_on(&alices, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    // What the agent reported: a hand-programmed code on each device, and Alice's
+    // lock slot changed by hand.
+    let id = |name: &str| uuid::Uuid::parse_str(name.rsplit('/').next().unwrap_or_default());
+    let site_id = id(&site)?;
+    let observe = |slot, state, pin: &str| Observed {
+        slot,
+        state,
+        pin: Pin::parse(pin).ok(),
+    };
+    s.server
+        .store
+        .observed_record(
+            site_id,
+            id(&panel.name)?,
+            &[observe(20, ObservedState::Foreign, "3916")],
+        )
+        .await?;
+    s.server
+        .store
+        .observed_record(
+            site_id,
+            id(&lock.name)?,
+            &[
+                observe(20, ObservedState::Foreign, "8452"),
+                observe(alice_slot, ObservedState::Drifted, "6071"),
+            ],
+        )
+        .await?;
+    let token = s.token.clone();
+    let mut as_olga = s.server.admin_as(&token, &olga, Some(1)).await?;
+    let mut as_bob = s.server.admin_as(&token, &bob, Some(1)).await?;
+    let mut as_alice = s.server.admin_as(&token, &alice, Some(1)).await?;
+    let remove = |device: &pb::Device| pb::RemoveLocalCodeRequest {
+        name: format!("{}/localCodes/20", device.name),
+    };
+    let reapply = pb::ResolveDriftRequest {
+        credential: alices.name.clone(),
+        device: lock.name.clone(),
+        resolution: pb::resolve_drift_request::Resolution::Reapply as i32,
+    };
+    let revision = |s: &Site| {
+        let store = s.server.store.clone();
+        async move { Ok::<_, anyhow::Error>(store.site_revisions(&[site_id]).await?[0].1) }
+    };
+    let before = revision(&s).await?;
+
+    denied(
+        as_olga.remove_local_code(remove(&lock)).await,
+        "only installer, master and manager codes",
+    );
+    denied(
+        as_alice.remove_local_code(remove(&panel)).await,
+        "installer",
+    );
+    denied(as_bob.remove_local_code(remove(&panel)).await, "installer");
+    denied(as_olga.resolve_drift(reapply.clone()).await, "operator");
+    denied(as_bob.resolve_drift(reapply.clone()).await, "master");
+    assert_eq!(revision(&s).await?, before, "refusals change nothing");
+
+    // Within their levels they may.
+    as_bob.remove_local_code(remove(&lock)).await?;
+    as_alice.resolve_drift(reapply.clone()).await?;
+    s.admin.remove_local_code(remove(&panel)).await?;
+    assert!(revision(&s).await? > before);
+    Ok(())
+}

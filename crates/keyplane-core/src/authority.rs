@@ -234,6 +234,14 @@ pub enum AuthorityError {
         /// The partitions they hold.
         held: Vec<u8>,
     },
+    /// A code programmed at the panel has a level keyplane cannot know.
+    #[error(
+        "{actor} cannot remove a code programmed at the panel: its authority level is unknown and may be the same as or higher than theirs; the installer (the dealer, calling without keyplane-acting-user) removes it, or a user claims it first"
+    )]
+    LocalPanelCode {
+        /// Who acts.
+        actor: String,
+    },
     /// Nobody deletes themselves.
     #[error("{actor} cannot delete themselves")]
     SelfDelete {
@@ -479,6 +487,30 @@ impl Actor {
         Ok(())
     }
 
+    /// May this actor remove a code programmed at a device (a LOCAL code)? Nobody
+    /// knows whose it is: on a panel it may be a master's or the installer's, so only
+    /// the installer removes it; on a lock or door (no levels there) it takes a level
+    /// that may delete others' codes in the device's partition, or anywhere when the
+    /// device has none.
+    pub fn check_local_code_remove(
+        &self,
+        panel: bool,
+        device_partition: Option<u8>,
+        header: Option<u8>,
+    ) -> Result<(), AuthorityError> {
+        self.check_acting_partition(header)?;
+        if *self == Actor::Dealer {
+            return Ok(());
+        }
+        if panel {
+            return Err(AuthorityError::LocalPanelCode {
+                actor: self.label(),
+            });
+        }
+        let partitions: Vec<u8> = device_partition.into_iter().collect();
+        self.check_code_change(&Authorities::new(), &partitions, false)
+    }
+
     /// May this actor delete a user holding `target` levels and `codes`? Deleting a
     /// user deletes their codes, so each code must pass every rule deleting it alone
     /// would (`check_code_existing`), on top of the user's own levels being in reach.
@@ -547,6 +579,96 @@ mod tests {
 
     fn auth(levels: &[(u8, Level)]) -> Authorities {
         levels.iter().copied().collect()
+    }
+
+    #[test]
+    fn removing_local_codes_table() {
+        // (what, actor, panel?, device partition, header, allowed)
+        type Case = (&'static str, Actor, bool, Option<u8>, Option<u8>, bool);
+        let cases: Vec<Case> = vec![
+            ("dealer, panel", Actor::Dealer, true, Some(1), None, true),
+            ("dealer, lock", Actor::Dealer, false, Some(1), None, true),
+            (
+                "master, panel",
+                user(&[(1, Master)]),
+                true,
+                Some(1),
+                Some(1),
+                false,
+            ),
+            (
+                "master, lock of 1",
+                user(&[(1, Master)]),
+                false,
+                Some(1),
+                Some(1),
+                true,
+            ),
+            (
+                "manager, lock of 1",
+                user(&[(1, Manager)]),
+                false,
+                Some(1),
+                None,
+                true,
+            ),
+            (
+                "operator A, lock",
+                user(&[(1, OperatorA)]),
+                false,
+                Some(1),
+                None,
+                false,
+            ),
+            (
+                "duress, lock",
+                user(&[(1, Duress)]),
+                false,
+                Some(1),
+                None,
+                false,
+            ),
+            (
+                "master of 2, lock of 1",
+                user(&[(2, Master)]),
+                false,
+                Some(1),
+                None,
+                false,
+            ),
+            (
+                "master, lock in no partition",
+                user(&[(2, Master)]),
+                false,
+                None,
+                None,
+                true,
+            ),
+            (
+                "operator, lock in no partition",
+                user(&[(2, OperatorB)]),
+                false,
+                None,
+                None,
+                false,
+            ),
+            (
+                "master, header not held",
+                user(&[(1, Master)]),
+                false,
+                Some(1),
+                Some(2),
+                false,
+            ),
+        ];
+        for (what, actor, panel, partition, header, allowed) in cases {
+            let got = actor.check_local_code_remove(panel, partition, header);
+            assert_eq!(got.is_ok(), allowed, "{what}: {got:?}");
+        }
+        let panel = user(&[(1, Master)])
+            .check_local_code_remove(true, Some(1), None)
+            .expect_err("panel");
+        assert!(panel.to_string().contains("installer"), "{panel}");
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub(crate) fn code_facts(credential: &Credential, devices: &[Device]) -> CodeFac
 
 /// Checks the actor may change or delete an existing code: the levels rule over
 /// every partition it involves, and the partition it was created in.
-async fn existing_check_in_txn(
+pub(crate) async fn existing_check_in_txn(
     tx: &Transaction<'_>,
     actor: &Actor,
     site: Uuid,

@@ -1,6 +1,7 @@
 //! What agents observe on devices: drift, and codes programmed at the device (LOCAL),
 //! which are kept, their slots reserved, and may be claimed for a user or removed.
 
+use crate::authority::{actor_resolve_in_txn, denied};
 use crate::credential::credential_get_in_txn;
 use crate::site::{audit_in_txn, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn};
 use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, in_txn};
@@ -323,6 +324,14 @@ impl Store {
         in_txn!(self, "local_code_remove", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
             local_code_get_in_txn(&tx, site, device, slot).await?;
+            let (who, _) = actor_resolve_in_txn(&tx, actor, site).await?;
+            let d = crate::device::device_get_in_txn(&tx, site, device).await?;
+            who.check_local_code_remove(
+                d.kind() == DeviceKind::Panel,
+                d.partition,
+                actor.acting_partition,
+            )
+            .map_err(denied)?;
             tx.execute(
                 "UPDATE observed_slot SET removing = true WHERE site_id = $1 AND device_id = $2 AND slot = $3",
                 &[&site, &device, &i32::from(slot)],
@@ -435,6 +444,9 @@ impl Store {
         in_txn!(self, "drift_resolve", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
             let current = credential_get_in_txn(&tx, site, user, credential).await?;
+            // Re-applying or adopting changes this code on the device: the same rules as
+            // changing it through UpdateCredential.
+            crate::credential::existing_check_in_txn(&tx, actor, site, &current).await?;
             let slot = current
                 .slots
                 .iter()
