@@ -63,6 +63,11 @@ pub struct Agent {
     reported: HashMap<String, Vec<pb::ObservedSlot>>,
     /// Read every device back at least this often.
     pub observe_every: std::time::Duration,
+    /// Codes a driver refused as unsupported, per (device, slot): not tried again
+    /// (nor reported again) until keyplaned sends another code for the slot.
+    refused: HashMap<(String, u16), DesiredCode>,
+    /// Doors whose driver refused a lockdown (reported once).
+    lockdown_refused: std::collections::HashSet<String>,
 }
 
 fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
@@ -184,6 +189,8 @@ impl Agent {
             observed_at: HashMap::new(),
             reported: HashMap::new(),
             observe_every: std::time::Duration::from_secs(60),
+            refused: HashMap::new(),
+            lockdown_refused: std::collections::HashSet::new(),
         })
     }
 
@@ -507,13 +514,38 @@ impl Agent {
             .filter(|s| !device.written.contains_key(s))
             .collect();
         let observed = device.observed.clone().unwrap_or_default();
+        // False once anything keyplaned wants could not be done: no ack then, so
+        // the device shows as not applied in GetSyncStatus.
+        let mut in_sync = true;
+        // A door that should be locked down but cannot be gets no new code.
+        let mut adding_allowed = true;
         if let Some(on) = lockdown_change {
-            self.driver(name, model)?.set_lockdown(on).await?;
-            if let Some(entry) = self.journal.devices.get_mut(name) {
-                entry.lockdown_applied = on;
+            match self.driver(name, model)?.set_lockdown(on).await {
+                Ok(()) => {
+                    if let Some(entry) = self.journal.devices.get_mut(name) {
+                        entry.lockdown_applied = on;
+                    }
+                    self.journal.save()?;
+                    self.lockdown_refused.remove(name);
+                    tracing::info!(device = %name, lockdown = on, "door lockdown applied");
+                }
+                Err(e) if e.is_unsupported() => {
+                    if self.lockdown_refused.insert(name.to_owned()) {
+                        tracing::error!(
+                            device = %name,
+                            lockdown = on,
+                            error = %e,
+                            "the door cannot be locked down and still accepts its codes; \
+                             no new code is written to it until the lockdown is released"
+                        );
+                    }
+                    in_sync = false;
+                    adding_allowed = !on;
+                }
+                Err(e) => return Err(e.into()),
             }
-            self.journal.save()?;
-            tracing::info!(device = %name, lockdown = on, "door lockdown applied");
+        } else if !lockdown {
+            self.lockdown_refused.remove(name);
         }
         for slot in removals {
             // A code programmed at the device that the dealer removed (or the
@@ -534,11 +566,17 @@ impl Agent {
             self.observe_due.insert(name.to_owned());
         }
         if actions.is_empty() {
-            return Ok(true);
+            return Ok(in_sync);
         }
         self.observe_due.insert(name.to_owned());
         let time_zone = self.journal.time_zone.clone();
         for action in actions {
+            if let SlotAction::Set { slot, code } = &action
+                && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
+            {
+                in_sync = false;
+                continue;
+            }
             // A claimed local code (or an adopted drift) is already on the device: no write.
             if let SlotAction::Set { slot, code } = &action
                 && model.kind != DeviceKind::Panel
@@ -552,19 +590,28 @@ impl Agent {
                 continue;
             }
             let driver = self.driver(name, model)?;
-            match &action {
+            let done = match &action {
                 SlotAction::Set { slot, code } if model.kind == DeviceKind::Panel => {
                     driver
                         .set_panel_user(*slot, &code.pin, &code.authorities, code.open_close)
-                        .await?
+                        .await
                 }
                 SlotAction::Set { slot, code } if keeps_schedules => {
                     driver
                         .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &time_zone)
-                        .await?
+                        .await
                 }
-                SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await?,
-                SlotAction::Clear { slot } => driver.clear_slot(*slot).await?,
+                SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
+                SlotAction::Clear { slot } => driver.clear_slot(*slot).await,
+            };
+            match (done, &action) {
+                (Ok(()), _) => {}
+                (Err(e), SlotAction::Set { slot, code }) if e.is_unsupported() => {
+                    self.refuse(name, model, *slot, code, &e).await?;
+                    in_sync = false;
+                    continue;
+                }
+                (Err(e), _) => return Err(e.into()),
             }
             let entry: &mut DeviceJournal = self
                 .journal
@@ -588,7 +635,50 @@ impl Agent {
             // Journal each write as it lands: a restart never repeats it.
             self.journal.save()?;
         }
-        Ok(true)
+        Ok(in_sync)
+    }
+
+    /// A code the device's driver cannot write as asked: whatever keyplane wrote in
+    /// that slot before is cleared (it must not outlive the change, e.g. stay open
+    /// around the clock once a schedule was added), and the refusal is reported
+    /// once. The code is tried again only when keyplaned sends another one.
+    async fn refuse(
+        &mut self,
+        name: &str,
+        model: &'static DeviceModel,
+        slot: u16,
+        code: &DesiredCode,
+        why: &DeviceError,
+    ) -> anyhow::Result<()> {
+        let was_written = self
+            .journal
+            .devices
+            .get(name)
+            .is_some_and(|d| d.written.contains_key(&slot));
+        if was_written {
+            self.driver(name, model)?.clear_slot(slot).await?;
+            if let Some(entry) = self.journal.devices.get_mut(name) {
+                entry.written.remove(&slot);
+                if let Some(o) = entry.observed.as_mut() {
+                    o.remove(&slot);
+                }
+            }
+            self.journal.save()?;
+        }
+        let key = (name.to_owned(), slot);
+        if self.refused.get(&key) != Some(code) {
+            tracing::warn!(
+                device = %name,
+                slot = %model.display_slot(slot),
+                credential = %code.credential,
+                error = %why,
+                cleared_previous = was_written,
+                "code not written: the device refuses it as asked; the device stays \
+                 out of sync until the code or the driver changes"
+            );
+            self.refused.insert(key, code.clone());
+        }
+        Ok(())
     }
 }
 
@@ -655,5 +745,268 @@ fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
                 nanos,
             }),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use keyplane_devices::ObservedSlot;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory, removed when dropped.
+    pub(crate) struct TempDir(pub(crate) PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new() -> TempDir {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("keyplane-agent-unit-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    type Slots = Arc<Mutex<BTreeMap<u16, String>>>;
+
+    /// A driver implementing only what the trait requires (no schedules, no
+    /// lockdown, no panel levels), over slots the test can see.
+    struct Bare {
+        device: String,
+        model: &'static DeviceModel,
+        slots: Slots,
+    }
+
+    #[async_trait::async_trait]
+    impl DeviceDriver for Bare {
+        fn device(&self) -> &str {
+            &self.device
+        }
+        fn model(&self) -> &'static DeviceModel {
+            self.model
+        }
+        async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
+            let slots = self
+                .slots
+                .lock()
+                .map_err(|e| DeviceError::Io(e.to_string()))?;
+            Ok(slots
+                .iter()
+                .map(|(slot, code)| ObservedSlot {
+                    slot: *slot,
+                    code: Some(code.clone()),
+                })
+                .collect())
+        }
+        async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|e| DeviceError::Io(e.to_string()))?;
+            slots.insert(slot, code.to_owned());
+            Ok(())
+        }
+        async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|e| DeviceError::Io(e.to_string()))?;
+            slots.remove(&slot);
+            Ok(())
+        }
+    }
+
+    struct BareFactory(Slots);
+
+    impl DriverFactory for BareFactory {
+        fn open(
+            &self,
+            device: &str,
+            model: &'static DeviceModel,
+        ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+            Ok(Box::new(Bare {
+                device: device.to_owned(),
+                model,
+                slots: self.0.clone(),
+            }))
+        }
+    }
+
+    pub(crate) const DOOR: &str = "sites/s/devices/door";
+
+    pub(crate) fn snapshot(
+        revision: i64,
+        lockdown: bool,
+        devices: &[(&str, &str)],
+        slots: Vec<pb::DesiredSlot>,
+    ) -> pb::server_message::Msg {
+        pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+            revision,
+            devices: devices
+                .iter()
+                .map(|(name, model)| pb::SiteDevice {
+                    name: (*name).to_owned(),
+                    kind: 0,
+                    model: (*model).to_owned(),
+                })
+                .collect(),
+            slots,
+            time_zone: "Europe/Paris".into(),
+            lockdown,
+        })
+    }
+
+    /// A code for `slot` of `device`; scheduled ones open on weekdays 08:00-18:00.
+    pub(crate) fn code(device: &str, slot: i32, pin: &str, scheduled: bool) -> pb::DesiredSlot {
+        pb::DesiredSlot {
+            device: device.to_owned(),
+            slot,
+            credential: format!("sites/s/users/u/credentials/c{slot}"),
+            pin: pin.to_owned(),
+            scheduled,
+            schedules: if scheduled {
+                vec![pb::Schedule {
+                    windows: vec![pb::TimeWindow {
+                        days: (1..=5).collect(),
+                        start_time: "08:00".into(),
+                        end_time: "18:00".into(),
+                    }],
+                    ..Default::default()
+                }]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Revisions acked so far for `device` (drains the channel).
+    pub(crate) fn acks(rx: &mut mpsc::Receiver<pb::AgentMessage>, device: &str) -> Vec<i64> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Ack(a)) = msg.msg
+                && a.device == device
+            {
+                out.push(a.revision);
+            }
+        }
+        out
+    }
+
+    fn bare_agent(dir: &TempDir) -> (Agent, Slots) {
+        let slots = Slots::default();
+        let agent = Agent::open(
+            &dir.0,
+            Box::new(BareFactory(slots.clone())),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        (agent, slots)
+    }
+
+    fn held(slots: &Slots) -> BTreeMap<u16, String> {
+        slots.lock().expect("slots").clone()
+    }
+
+    #[tokio::test]
+    async fn a_driver_without_schedules_refuses_a_scheduled_code_never_writes_it_always_on() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        agent
+            .apply(
+                snapshot(
+                    1,
+                    false,
+                    &devices,
+                    vec![code(DOOR, 3, "4821", true), code(DOOR, 4, "5931", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(4, "5931".to_owned())]),
+            "only the unscheduled code"
+        );
+        assert_eq!(
+            acks(&mut rx, DOOR),
+            Vec::<i64>::new(),
+            "not in sync: no ack"
+        );
+        // The written code gets a schedule: it is cleared, not left open around the clock.
+        agent
+            .apply(
+                snapshot(2, false, &devices, vec![code(DOOR, 4, "5931", true)]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        // Passes later neither write it nor ack.
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        // The schedule removed again: the code is written and the door acked.
+        agent
+            .apply(
+                snapshot(3, false, &devices, vec![code(DOOR, 4, "5931", false)]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::from([(4, "5931".to_owned())]));
+        assert_eq!(acks(&mut rx, DOOR), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_door_that_cannot_lock_down_is_not_acked_and_gets_no_new_code() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        let one = || vec![code(DOOR, 3, "4821", false)];
+        let two = || vec![code(DOOR, 3, "4821", false), code(DOOR, 4, "5931", false)];
+        agent
+            .apply(snapshot(1, false, &devices, one()), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, DOOR), vec![1]);
+        agent
+            .apply(snapshot(2, true, &devices, two()), &tx)
+            .await
+            .expect("apply");
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(3, "4821".to_owned())]),
+            "no new code while the lockdown is refused"
+        );
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new(), "refused: no ack");
+        // A removal still lands.
+        agent
+            .apply(snapshot(3, true, &devices, vec![]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        agent
+            .apply(snapshot(4, false, &devices, two()), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots).len(), 2);
+        assert_eq!(acks(&mut rx, DOOR), vec![4]);
     }
 }
