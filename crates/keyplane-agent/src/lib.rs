@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod clock;
+pub mod intake;
 pub mod journal;
 mod reconcile;
 

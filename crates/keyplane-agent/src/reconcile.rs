@@ -2,11 +2,12 @@
 //! one device at a time, acking each device once it holds its whole desired table.
 
 use crate::clock::Clock;
+use crate::intake::read_slot;
 use crate::journal::{Code, DeviceJournal, Journal};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
-use keyplane_core::schedule::{Schedule, Window, any_open, day_bit, parse_time, parse_time_zone};
+use keyplane_core::schedule::{any_open, parse_time_zone};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent, EventKind};
 use keyplane_proto::v1 as pb;
@@ -68,72 +69,6 @@ pub struct Agent {
     refused: HashMap<(String, u16), DesiredCode>,
     /// Doors whose driver refused a lockdown (reported once).
     lockdown_refused: std::collections::HashSet<String>,
-}
-
-fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
-    (!slot.credential.is_empty()).then(|| Code {
-        credential: slot.credential.clone(),
-        pin: slot.pin.clone(),
-        authorities: slot
-            .authorities
-            .iter()
-            .filter_map(|a| {
-                // Level enum values are the panel level + 1 (0 is unspecified).
-                let level = u8::try_from(a.level.checked_sub(1)?).ok()?;
-                Some((u8::try_from(a.partition).ok()?, level))
-            })
-            .collect(),
-        open_close: slot.open_close_reporting,
-        schedules: slot.scheduled.then(|| {
-            // An unreadable schedule fails closed: it never opens.
-            slot.schedules.iter().filter_map(schedule_of).collect()
-        }),
-        valid_from: slot.valid_from_time.as_ref().and_then(instant),
-        valid_until: slot.valid_until_time.as_ref().and_then(instant),
-        generation: slot.write_generation,
-    })
-}
-
-fn instant(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-}
-
-fn schedule_of(s: &pb::Schedule) -> Option<Schedule> {
-    let mut windows = Vec::new();
-    for w in &s.windows {
-        let mut days = 0u8;
-        for d in &w.days {
-            // DayOfWeek: MONDAY = 1 .. SUNDAY = 7.
-            let n = u32::try_from(*d).ok()?.checked_sub(1)?;
-            days |= day_bit(chrono::Weekday::try_from(u8::try_from(n).ok()?).ok()?);
-        }
-        windows.push(Window {
-            days,
-            start: parse_time(&w.start_time).ok()?,
-            end: parse_time(&w.end_time).ok()?,
-        });
-    }
-    let date = |v: &str| {
-        if v.is_empty() {
-            Some(None)
-        } else {
-            chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
-                .ok()
-                .map(Some)
-        }
-    };
-    let schedule = Schedule {
-        windows,
-        valid_from: date(&s.valid_from)?,
-        valid_until: date(&s.valid_until)?,
-        paused_dates: s
-            .paused_dates
-            .iter()
-            .map(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-            .collect::<Option<_>>()?,
-    };
-    schedule.validate().ok()?;
-    Some(schedule)
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -243,6 +178,7 @@ impl Agent {
                 // lists keeps nothing keyplane wrote.
                 d.desired.clear();
                 d.remove_local.clear();
+                d.refused.clear();
             }
         }
     }
@@ -285,10 +221,32 @@ impl Agent {
                 tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
                 continue;
             };
-            match code_of(slot) {
-                Some(code) => device.desired.insert(number, code),
-                None => device.desired.remove(&number),
-            };
+            match read_slot(slot) {
+                Ok(code) => {
+                    device.refused.remove(&number);
+                    match code {
+                        Some(code) => device.desired.insert(number, code),
+                        None => device.desired.remove(&number),
+                    };
+                }
+                Err(why) => {
+                    // Not desired as far as the device goes: never written, and
+                    // cleared if an earlier version of it was.
+                    device.desired.remove(&number);
+                    let kind = DeviceModel::find(&device.model).map(|m| m.kind);
+                    let shown = kind.map_or_else(|| number.to_string(), |k| k.display_slot(number));
+                    tracing::warn!(
+                        device = %slot.device,
+                        slot = %shown,
+                        credential = %slot.credential,
+                        reason = %why,
+                        "code refused: a value in it cannot be read by this agent, so it is \
+                         kept off the device (never widened); the device stays out of sync \
+                         until keyplaned sends a code it can read (upgrade the agent?)"
+                    );
+                    device.refused.insert(number, why.to_string());
+                }
+            }
             if slot.remove_local {
                 device.remove_local.insert(number);
             } else {
@@ -516,7 +474,7 @@ impl Agent {
         let observed = device.observed.clone().unwrap_or_default();
         // False once anything keyplaned wants could not be done: no ack then, so
         // the device shows as not applied in GetSyncStatus.
-        let mut in_sync = true;
+        let mut in_sync = device.refused.is_empty();
         // A door that should be locked down but cannot be gets no new code.
         let mut adding_allowed = true;
         if let Some(on) = lockdown_change {
@@ -1008,5 +966,125 @@ mod tests {
             .expect("apply");
         assert_eq!(held(&slots).len(), 2);
         assert_eq!(acks(&mut rx, DOOR), vec![4]);
+    }
+
+    fn changes(
+        revision: i64,
+        devices: &[(&str, &str)],
+        slots: Vec<pb::DesiredSlot>,
+    ) -> pb::server_message::Msg {
+        let pb::server_message::Msg::Snapshot(snap) = snapshot(revision, false, devices, slots)
+        else {
+            unreachable!("snapshot() builds snapshots")
+        };
+        pb::server_message::Msg::Changes(pb::DesiredChanges {
+            from_revision: revision - 1,
+            revision,
+            slots: snap.slots,
+            devices: snap.devices,
+            time_zone: snap.time_zone,
+            lockdown: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_code_with_an_unreadable_value_is_kept_off_the_device_and_not_acked() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        const LOCK: &str = "sites/s/devices/lock";
+        let devices = [(LOCK, "zwave-lock-30")];
+        let unreadable_end = |slot, pin| {
+            let mut c = code(LOCK, slot, pin, false);
+            c.valid_until_time = Some(prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            });
+            c
+        };
+        // Never written when first sent unreadable (read as "no end", it would be
+        // on the lock for ever).
+        agent
+            .apply(
+                snapshot(
+                    1,
+                    false,
+                    &devices,
+                    vec![unreadable_end(3, "4821"), code(LOCK, 4, "5931", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::from([(4, "5931".to_owned())]));
+        assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new(), "refused: no ack");
+        // A written code that changes into an unreadable one is removed.
+        agent
+            .apply(changes(2, &devices, vec![unreadable_end(4, "5931")]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new());
+        // A restarted agent still knows the device is not in sync.
+        drop(agent);
+        let (mut agent, _) = bare_agent(&dir);
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new());
+        // Readable again: written and acked.
+        agent
+            .apply(
+                changes(
+                    3,
+                    &devices,
+                    vec![code(LOCK, 3, "4821", false), code(LOCK, 4, "5931", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, LOCK), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_panel_code_with_an_unknown_level_is_not_written_without_it() {
+        let dir = TempDir::new();
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(dir.0.join("devices"))),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        const PANEL: &str = "sites/s/devices/panel";
+        let mut unknown = code(PANEL, 3, "4821", false);
+        unknown.authorities = vec![
+            pb::PartitionAuthority {
+                partition: 1,
+                level: pb::Level::OperatorA as i32,
+            },
+            pb::PartitionAuthority {
+                partition: 2,
+                level: 99,
+            },
+        ];
+        agent
+            .apply(
+                snapshot(1, false, &[(PANEL, "vista-128bpt")], vec![unknown]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        let sim = keyplane_devices::SimulatedDevice::open(
+            &dir.0.join("devices"),
+            PANEL,
+            DeviceModel::find("vista-128bpt").expect("panel model"),
+        )
+        .expect("sim");
+        assert_eq!(
+            sim.slots(),
+            BTreeMap::new(),
+            "not written with fewer levels"
+        );
+        assert_eq!(acks(&mut rx, PANEL), Vec::<i64>::new());
     }
 }
