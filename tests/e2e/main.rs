@@ -2,6 +2,7 @@
 //! real TCP socket, the real agent code, and simulated devices whose state lives on
 //! disk apart from the agent.
 
+mod agent;
 mod api;
 mod authority;
 mod bad_input;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "keyplane-agent", version, about = "keyplane edge agent")]
 struct Cli {
-    /// keyplaned URL.
+    /// keyplaned URL; `host:port` means `http://host:port`.
     #[arg(
         long,
         env = "KEYPLANE_SERVER",
@@ -37,6 +37,12 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     keyplane_telemetry::init("keyplane-agent");
     let cli = Cli::parse();
+    let mut config = AgentConfig::new(cli.server, cli.site, cli.token, cli.state_dir);
+    if let Err(e) = config.check() {
+        // Arguments that can never work: say so and stop, like clap does.
+        eprintln!("keyplane-agent: error: {e}");
+        std::process::exit(2);
+    }
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -53,7 +59,6 @@ async fn main() -> anyhow::Result<()> {
             signals.cancel();
         }
     });
-    let config = AgentConfig::new(cli.server, cli.site, cli.token, cli.state_dir);
     keyplane_agent::run(
         config,
         Box::new(SimulatorFactory::new(cli.sim_dir)),

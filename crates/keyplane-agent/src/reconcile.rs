@@ -69,6 +69,8 @@ pub struct Agent {
     refused: HashMap<(String, u16), DesiredCode>,
     /// Doors whose driver refused a lockdown (reported once).
     lockdown_refused: std::collections::HashSet<String>,
+    /// Per device, the (slot, state) of the findings already logged.
+    findings_logged: HashMap<String, std::collections::BTreeSet<(i32, i32)>>,
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -126,6 +128,7 @@ impl Agent {
             observe_every: std::time::Duration::from_secs(60),
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
+            findings_logged: HashMap::new(),
         })
     }
 
@@ -189,7 +192,7 @@ impl Agent {
         msg: pb::server_message::Msg,
         out: &mpsc::Sender<pb::AgentMessage>,
     ) -> anyhow::Result<()> {
-        let (revision, slots) = match msg {
+        let (revision, slots, what, from) = match msg {
             pb::server_message::Msg::EventAck(ack) => {
                 if let Some(device) = self.journal.devices.get_mut(&ack.device)
                     && ack.seq > device.events_acked
@@ -203,13 +206,13 @@ impl Agent {
                 self.learn_devices(&s.devices, true);
                 self.journal.time_zone = s.time_zone;
                 self.journal.lockdown = s.lockdown;
-                (s.revision, s.slots)
+                (s.revision, s.slots, "snapshot", None)
             }
             pb::server_message::Msg::Changes(c) => {
                 self.learn_devices(&c.devices, false);
                 self.journal.time_zone = c.time_zone;
                 self.journal.lockdown = c.lockdown;
-                (c.revision, c.slots)
+                (c.revision, c.slots, "changes", Some(c.from_revision))
             }
         };
         for slot in &slots {
@@ -255,8 +258,22 @@ impl Agent {
         }
         self.journal.revision = revision;
         self.journal.save()?;
-        tracing::debug!(revision, slots = slots.len(), "journaled desired changes");
         self.reconcile_all(Some(out)).await;
+        let devices = self.journal.devices.values().filter(|d| d.present);
+        let (total, in_sync) = devices.fold((0, 0), |(t, n), d| {
+            (t + 1, n + usize::from(d.acked >= revision))
+        });
+        let refused: usize = self.journal.devices.values().map(|d| d.refused.len()).sum();
+        tracing::info!(
+            revision,
+            from_revision = from,
+            slots = slots.len(),
+            devices = total,
+            devices_in_sync = in_sync,
+            codes_refused = refused,
+            lockdown = self.journal.lockdown,
+            "applied {what} from keyplaned"
+        );
         Ok(())
     }
 
@@ -306,6 +323,7 @@ impl Agent {
         device.observed_checksum = checksum;
         let report = classify(device, &table);
         self.journal.save()?;
+        self.log_findings(name, model, &report);
         self.observed_at
             .insert(name.to_owned(), std::time::Instant::now());
         if self.reported.get(name) != Some(&report) {
@@ -320,6 +338,41 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Logs each drifted, missing or hand-programmed slot once, when first found
+    /// (also across reconnects, which report every device again).
+    fn log_findings(&mut self, name: &str, model: &DeviceModel, report: &[pb::ObservedSlot]) {
+        let found: std::collections::BTreeSet<(i32, i32)> = report
+            .iter()
+            .filter(|o| o.state != pb::ObservedState::Managed as i32)
+            .map(|o| (o.slot, o.state))
+            .collect();
+        let logged = self.findings_logged.entry(name.to_owned()).or_default();
+        for &(slot, state) in found.difference(logged) {
+            let shown =
+                u16::try_from(slot).map_or_else(|_| slot.to_string(), |s| model.display_slot(s));
+            let what = match pb::ObservedState::try_from(state) {
+                Ok(pb::ObservedState::Drifted) => {
+                    "drift: the code keyplane wrote was changed at the device; left alone until the dealer re-applies or adopts it (ResolveDrift)"
+                }
+                Ok(pb::ObservedState::Missing) => {
+                    "drift: the code keyplane wrote was cleared at the device; left alone until the dealer re-applies it (ResolveDrift)"
+                }
+                Ok(pb::ObservedState::Foreign) => {
+                    "a code programmed at the device was found (a LOCAL code: ListLocalCodes)"
+                }
+                Ok(pb::ObservedState::Conflict) => {
+                    "a code programmed at the device repeats a code keyplane manages on it (a LOCAL code in conflict)"
+                }
+                Ok(pb::ObservedState::Unverifiable) => {
+                    "the device masks this slot's code: whether it holds keyplane's code cannot be checked"
+                }
+                _ => continue,
+            };
+            tracing::info!(device = %name, slot = %shown, "{what}");
+        }
+        *logged = found;
     }
 
     fn driver(
