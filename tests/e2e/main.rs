@@ -6,6 +6,7 @@ mod agent;
 mod api;
 mod authority;
 mod bad_input;
+mod by_hand;
 mod doors;
 mod fixture;
 mod local;

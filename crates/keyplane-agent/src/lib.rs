@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod hand;
 pub mod intake;
 pub mod journal;
 mod reconcile;

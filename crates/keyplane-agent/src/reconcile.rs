@@ -760,7 +760,7 @@ fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::clock::SystemClock;
     use keyplane_devices::ObservedSlot;

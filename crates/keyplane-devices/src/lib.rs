@@ -12,7 +12,10 @@
 
 mod sim;
 
-pub use sim::{AccessOutcome, PanelOutcome, SimulatedDevice, SimulatedSite, open_driver};
+pub use sim::{
+    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimulatedDevice, SimulatedSite,
+    open_driver,
+};
 
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
@@ -92,6 +95,9 @@ pub enum DeviceError {
     /// Local I/O failed (for the simulator: its state file).
     #[error("device state: {0}")]
     Io(String),
+    /// No such device (the simulator directory holds no state file for it).
+    #[error("{0}")]
+    NotFound(String),
     /// The driver cannot do this; nothing was changed on the device. What a driver
     /// does not implement is refused, never approximated by something that grants
     /// more access (a code without its schedule, a door left open in lockdown).
@@ -341,6 +347,7 @@ mod tests {
             DeviceError::Full,
             DeviceError::Unreachable("link lost".into()),
             DeviceError::Io("state file missing".into()),
+            DeviceError::NotFound("no simulated device x".into()),
             DeviceError::Unsupported {
                 operation: "lockdown",
             },
