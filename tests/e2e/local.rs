@@ -280,7 +280,7 @@ async fn drift_is_reported_and_left_alone_until_the_dealer_chooses() -> anyhow::
     // Under PRESERVE it is not silently overwritten.
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     assert_eq!(s.slots(&lock)?.get(&slot).map(String::as_str), Some("5555"));
-    let drift_events = s
+    let drift_events: Vec<pb::Event> = s
         .admin
         .list_events(pb::ListEventsRequest {
             parent: s.site.clone(),
@@ -291,8 +291,16 @@ async fn drift_is_reported_and_left_alone_until_the_dealer_chooses() -> anyhow::
         .events
         .into_iter()
         .filter(|e| e.kind == pb::EventKind::Drift as i32)
-        .count();
-    assert_eq!(drift_events, 1);
+        .collect();
+    assert_eq!(drift_events.len(), 1);
+    // A lock's slot reads the same in the event as in the credential: plain `3`.
+    let shown = code
+        .slots
+        .iter()
+        .find(|s| s.device == lock.name)
+        .map(|s| s.display_slot.clone());
+    assert_eq!(Some(drift_events[0].display_user_number.clone()), shown);
+    assert_eq!(drift_events[0].display_user_number, slot.to_string());
     // The dealer re-applies keyplane's code.
     s.admin
         .resolve_drift(pb::ResolveDriftRequest {

@@ -2,9 +2,11 @@
 //! real TCP socket, the real agent code, and simulated devices whose state lives on
 //! disk apart from the agent.
 
+mod agent;
 mod api;
 mod authority;
 mod bad_input;
+mod by_hand;
 mod doors;
 mod fixture;
 mod local;

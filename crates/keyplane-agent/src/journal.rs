@@ -110,6 +110,10 @@ pub struct DeviceJournal {
     /// Slots keyplaned asked to clear although keyplane did not write them.
     #[serde(default)]
     pub remove_local: std::collections::BTreeSet<u16>,
+    /// Slots whose desired code this agent could not read, and why: kept off the
+    /// device, and the device is not acked while any remain.
+    #[serde(default)]
+    pub refused: BTreeMap<u16, String>,
 }
 
 /// The whole journal.

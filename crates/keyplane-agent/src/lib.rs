@@ -8,6 +8,9 @@
 
 pub mod backoff;
 pub mod clock;
+pub mod config;
+pub mod hand;
+pub mod intake;
 pub mod journal;
 mod reconcile;
 
@@ -48,6 +51,14 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Refuses arguments that can never work (naming what to pass instead) and
+    /// normalizes the rest: a `host:port` server becomes `http://host:port`.
+    pub fn check(&mut self) -> Result<(), config::ConfigError> {
+        self.server = config::server_url(&self.server)?;
+        self.site = config::site_name(&self.site)?;
+        config::token(&self.token)
+    }
+
     /// A config with the default reconcile period.
     pub fn new(
         server: impl Into<String>,
@@ -71,11 +82,18 @@ impl AgentConfig {
 
 /// Runs the agent until `shutdown` is cancelled: reconciles from the journal, then
 /// keeps a Sync stream open, reconnecting with jittered backoff when it drops.
+///
+/// Arguments that can never work (see [`AgentConfig::check`]) end it at once with an
+/// error. A refused token is not one of them: it keeps retrying (and says so at
+/// ERROR each time), because the devices must keep following the journal (schedules
+/// open and close on time) until someone fixes the token, and a dealer may restore
+/// one (e.g. keyplaned pointed back at the right database) without touching the site.
 pub async fn run(
-    config: AgentConfig,
+    mut config: AgentConfig,
     factory: Box<dyn DriverFactory>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.check()?;
     let mut agent = Agent::open(&config.state_dir, factory, config.clock.clone())?;
     agent.observe_every = config.observe_every;
     agent.reconcile_all(None).await;
@@ -86,15 +104,28 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        match result {
-            Ok(()) => tracing::info!("keyplaned closed the stream; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "sync stream failed; reconnecting"),
-        }
         if healthy {
             backoff.reset();
         }
+        let delay = backoff.next_delay();
+        match result {
+            Ok(()) => tracing::info!(
+                retry_in = ?delay,
+                "keyplaned at {} closed the stream; reconnecting in {}",
+                config.server,
+                seconds(delay)
+            ),
+            Err(e) => {
+                let (error, text) = describe(&e, &config, delay);
+                if error {
+                    tracing::error!("{text}");
+                } else {
+                    tracing::warn!("{text}");
+                }
+            }
+        }
         // Offline, the journal still rules: schedules open and close on time.
-        let wake = tokio::time::Instant::now() + backoff.next_delay();
+        let wake = tokio::time::Instant::now() + delay;
         let mut tick = tokio::time::interval(config.reconcile_every);
         loop {
             tokio::select! {
@@ -109,13 +140,134 @@ pub async fn run(
     }
 }
 
+/// Why a session ended, sorted by what the operator has to do about it.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// No connection to keyplaned.
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// keyplaned answered with an error status (refused, or ended the stream).
+    #[error("keyplaned: {0}")]
+    Status(#[from] tonic::Status),
+    /// Something local (the journal, the outbound queue).
+    #[error(transparent)]
+    Local(#[from] anyhow::Error),
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// The innermost I/O error of a connection failure, said the way people say it.
+fn io_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return Some(match io.kind() {
+                K::ConnectionRefused => "connection refused".to_owned(),
+                K::TimedOut => "connection timed out".to_owned(),
+                K::ConnectionReset => "connection reset".to_owned(),
+                K::HostUnreachable => "host unreachable".to_owned(),
+                K::NetworkUnreachable => "network unreachable".to_owned(),
+                _ => io.to_string(),
+            });
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Every message of an error's chain, outermost first.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cause = c.source();
+    }
+    parts.join(": ")
+}
+
+/// The log line for a failed session, and whether it needs a person (ERROR) rather
+/// than time (WARN). Names the server, the cause and what to do; never a PIN.
+fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, String) {
+    let server = &config.server;
+    let site = &config.site;
+    let retry = seconds(retry);
+    match e {
+        SessionError::Connect(e) => {
+            let cause = io_cause(e).unwrap_or_else(|| chain(e));
+            (
+                false,
+                format!("cannot reach keyplaned at {server}: {cause}, retrying in {retry}"),
+            )
+        }
+        SessionError::Status(s) => match s.code() {
+            tonic::Code::Unauthenticated => (
+                true,
+                format!(
+                    "the server refused the agent token (UNAUTHENTICATED: {}): issue a new one \
+                     for {site} with AdminService/IssueAgentToken and restart the agent with it \
+                     (--token or KEYPLANE_AGENT_TOKEN); retrying in {retry}",
+                    s.message()
+                ),
+            ),
+            tonic::Code::PermissionDenied => (
+                true,
+                format!(
+                    "the server refused this agent for {site} (PERMISSION_DENIED: {}): the token \
+                     was issued for another site; pass that site as --site, or issue a token for \
+                     {site} with AdminService/IssueAgentToken; retrying in {retry}",
+                    s.message()
+                ),
+            ),
+            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => (
+                true,
+                format!(
+                    "the server refused the agent's request ({:?}: {}); check --site and that \
+                     agent and keyplaned versions match; retrying in {retry}",
+                    s.code(),
+                    s.message()
+                ),
+            ),
+            tonic::Code::Unimplemented => (
+                true,
+                format!(
+                    "{server} does not serve keyplane.v1.AgentService ({}); is --server the \
+                     keyplaned gRPC address?; retrying in {retry}",
+                    s.message()
+                ),
+            ),
+            code => {
+                let cause = io_cause(s).map(|c| format!(" ({c})")).unwrap_or_default();
+                (
+                    false,
+                    format!(
+                        "sync stream with keyplaned at {server} ended: {code:?}: {}{cause}; \
+                         retrying in {retry}",
+                        s.message()
+                    ),
+                )
+            }
+        },
+        SessionError::Local(e) => (
+            true,
+            format!("agent error: {e:#}; reconnecting to {server} in {retry}"),
+        ),
+    }
+}
+
 /// One stream: Hello, then apply what the server sends until it ends.
 async fn session(
     config: &AgentConfig,
     agent: &mut Agent,
     shutdown: &CancellationToken,
     healthy: &mut bool,
-) -> anyhow::Result<()> {
+) -> Result<(), SessionError> {
     let channel = Endpoint::from_shared(config.server.clone())?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -126,7 +278,10 @@ async fn session(
     // Two queues into one stream: urgent (Hello, then duress) always goes first.
     let (urgent, urgent_rx) = mpsc::channel(16);
     let (tx, rx) = mpsc::channel(64);
-    urgent.send(agent.hello(&config.site)).await?;
+    urgent
+        .send(agent.hello(&config.site))
+        .await
+        .map_err(|_| anyhow::anyhow!("outbound queue closed"))?;
     agent.stream_started();
     let mut request = tonic::Request::new(Prioritized {
         urgent: urgent_rx,
@@ -134,9 +289,16 @@ async fn session(
     });
     request.metadata_mut().insert(
         "authorization",
-        MetadataValue::try_from(format!("Bearer {}", config.token))?,
+        MetadataValue::try_from(format!("Bearer {}", config.token))
+            .map_err(|_| anyhow::anyhow!("the agent token is not valid header text"))?,
     );
     let mut inbound = client.sync(request).await?.into_inner();
+    tracing::info!(
+        server = %config.server,
+        site = %config.site,
+        journal_revision = agent.revision(),
+        "connected to keyplaned"
+    );
     let mut tick = tokio::time::interval(config.reconcile_every);
     tick.reset();
     let mut events = tokio::time::interval(config.event_poll);
@@ -197,6 +359,120 @@ mod tests {
                 revision,
             })),
         }
+    }
+
+    fn config() -> AgentConfig {
+        AgentConfig::new(
+            "127.0.0.1:50051",
+            "sites/6f1c2b9e-2d4a-4b8e-9a57-1f0d3c5e7a21",
+            "kpa_token",
+            "/nonexistent",
+        )
+    }
+
+    #[test]
+    fn check_accepts_host_port_and_refuses_what_never_works() {
+        let mut c = config();
+        assert_eq!(c.check(), Ok(()));
+        assert_eq!(c.server, "http://127.0.0.1:50051");
+        let mut bare_site = config();
+        bare_site.site = "6f1c2b9e-2d4a-4b8e-9a57-1f0d3c5e7a21".into();
+        let mut dealer_token = config();
+        dealer_token.token = "kpd_token".into();
+        let mut https = config();
+        https.server = "https://127.0.0.1:50051".into();
+        for mut c in [bare_site, dealer_token, https] {
+            assert!(c.check().is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn run_ends_at_once_on_arguments_that_never_work() {
+        let mut c = config();
+        c.site = "site-1".into();
+        let e = run(
+            c,
+            Box::new(SimulatorFactory::new("/nonexistent")),
+            CancellationToken::new(),
+        )
+        .await
+        .expect_err("malformed site");
+        assert!(e.to_string().contains("is not a site name"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_down_is_named_with_the_cause() {
+        // A port nobody listens on: bind one, then free it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let mut c = config();
+        c.server = format!("127.0.0.1:{port}");
+        c.check().expect("valid");
+        let e = Endpoint::from_shared(c.server.clone())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect_err("nobody listens");
+        let (error, text) = describe(&SessionError::Connect(e), &c, Duration::from_millis(2500));
+        assert!(!error, "waiting is enough: WARN");
+        assert_eq!(
+            text,
+            format!(
+                "cannot reach keyplaned at http://127.0.0.1:{port}: connection refused, retrying in 2.5s"
+            )
+        );
+    }
+
+    #[test]
+    fn refusals_say_what_to_do() {
+        let c = config();
+        let cases = [
+            (
+                tonic::Status::unauthenticated("unknown or revoked agent token"),
+                true,
+                "the server refused the agent token (UNAUTHENTICATED: unknown or revoked agent token): issue a new one",
+            ),
+            (
+                tonic::Status::permission_denied(
+                    "this agent token belongs to sites/x, not sites/y",
+                ),
+                true,
+                "(PERMISSION_DENIED: this agent token belongs to sites/x, not sites/y): the token was issued for another site",
+            ),
+            (
+                tonic::Status::invalid_argument("hello.site: bad"),
+                true,
+                "check --site",
+            ),
+            (
+                tonic::Status::unimplemented(""),
+                true,
+                "does not serve keyplane.v1.AgentService",
+            ),
+            (
+                tonic::Status::unavailable("shutting down"),
+                false,
+                "sync stream with keyplaned at 127.0.0.1:50051 ended: Unavailable: shutting down",
+            ),
+        ];
+        for (status, error, want) in cases {
+            let (is_error, text) =
+                describe(&SessionError::Status(status), &c, Duration::from_secs(3));
+            assert_eq!(is_error, error, "{text}");
+            assert!(text.contains(want), "{text}");
+            assert!(text.ends_with("retrying in 3.0s"), "{text}");
+        }
+        let (is_error, text) = describe(
+            &SessionError::Status(tonic::Status::unauthenticated("x")),
+            &c,
+            Duration::from_secs(1),
+        );
+        assert!(
+            is_error && text.contains("AdminService/IssueAgentToken"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -1,14 +1,23 @@
 //! `keyplane-agent`: the keyplane edge agent for one site.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use keyplane_agent::hand::{self, HandAction};
 use keyplane_agent::{AgentConfig, SimulatorFactory};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "keyplane-agent", version, about = "keyplane edge agent")]
+#[command(
+    name = "keyplane-agent",
+    version,
+    about = "keyplane edge agent",
+    // `sim` needs none of the agent's own arguments.
+    subcommand_negates_reqs = true
+)]
 struct Cli {
-    /// keyplaned URL.
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// keyplaned URL; `host:port` means `http://host:port`.
     #[arg(
         long,
         env = "KEYPLANE_SERVER",
@@ -16,11 +25,16 @@ struct Cli {
     )]
     server: String,
     /// The site, `sites/{id}`.
-    #[arg(long, env = "KEYPLANE_SITE")]
-    site: String,
+    #[arg(long, env = "KEYPLANE_SITE", required = true)]
+    site: Option<String>,
     /// Agent token (from AdminService.IssueAgentToken).
-    #[arg(long, env = "KEYPLANE_AGENT_TOKEN", hide_env_values = true)]
-    token: String,
+    #[arg(
+        long,
+        env = "KEYPLANE_AGENT_TOKEN",
+        hide_env_values = true,
+        required = true
+    )]
+    token: Option<String>,
     /// Directory for the agent's journal.
     #[arg(
         long,
@@ -29,14 +43,121 @@ struct Cli {
     )]
     state_dir: PathBuf,
     /// Directory of simulated devices (the only drivers so far).
-    #[arg(long, env = "KEYPLANE_SIM_DIR")]
-    sim_dir: PathBuf,
+    #[arg(long, env = "KEYPLANE_SIM_DIR", required = true)]
+    sim_dir: Option<PathBuf>,
+    /// Read every device's slots back at least this often, in seconds (codes
+    /// programmed at a device show up as LOCAL within this time).
+    #[arg(long, env = "KEYPLANE_READ_BACK_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    read_back_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Act as a person at a simulated device (works while the agent runs).
+    ///
+    /// Prints what the device did, never a code. Exit status 0 when the device did
+    /// what was asked, 1 when it refused (the line says why), 2 when the command
+    /// could not act (no such device, wrong kind of device).
+    Sim {
+        /// Directory of simulated devices (the agent's --sim-dir).
+        #[arg(long, env = "KEYPLANE_SIM_DIR")]
+        sim_dir: Option<PathBuf>,
+        /// The device: its resource name (sites/…/devices/…), its state file, or
+        /// just its device id.
+        device: String,
+        #[command(subcommand)]
+        action: SimAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimAction {
+    /// Program CODE into slot (panel: user number) N at the keypad.
+    ProgramSlot {
+        /// Slot or user number.
+        slot: u16,
+        /// The code (digits).
+        code: String,
+    },
+    /// Clear slot (panel: user number) N at the keypad.
+    ClearSlot {
+        /// Slot or user number.
+        slot: u16,
+    },
+    /// Panels: enter CODE + ARM for PARTITION.
+    Arm {
+        /// Partition number.
+        partition: u8,
+        /// The code.
+        code: String,
+    },
+    /// Panels: enter CODE + OFF for PARTITION.
+    Disarm {
+        /// Partition number.
+        partition: u8,
+        /// The code.
+        code: String,
+    },
+    /// Locks and doors: present CODE.
+    Present {
+        /// The code.
+        code: String,
+    },
+    /// Show which slots hold a code (never the codes), armed partitions, lockdown.
+    Show,
+}
+
+impl From<SimAction> for HandAction {
+    fn from(a: SimAction) -> HandAction {
+        match a {
+            SimAction::ProgramSlot { slot, code } => HandAction::ProgramSlot { slot, code },
+            SimAction::ClearSlot { slot } => HandAction::ClearSlot { slot },
+            SimAction::Arm { partition, code } => HandAction::Arm { partition, code },
+            SimAction::Disarm { partition, code } => HandAction::Disarm { partition, code },
+            SimAction::Present { code } => HandAction::Present { code },
+            SimAction::Show => HandAction::Show,
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    keyplane_telemetry::init("keyplane-agent");
     let cli = Cli::parse();
+    if let Some(Command::Sim {
+        sim_dir,
+        device,
+        action,
+    }) = cli.command
+    {
+        let Some(sim_dir) = sim_dir.or(cli.sim_dir) else {
+            eprintln!("keyplane-agent sim: error: --sim-dir (or KEYPLANE_SIM_DIR) is required");
+            std::process::exit(2);
+        };
+        match hand::act(&sim_dir, &device, &action.into()) {
+            Ok(result) => {
+                println!("{}", result.message);
+                std::process::exit(if result.done { 0 } else { 1 });
+            }
+            Err(e) => {
+                eprintln!("keyplane-agent sim: error: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    keyplane_telemetry::init("keyplane-agent");
+    let (Some(site), Some(token), Some(sim_dir)) = (cli.site, cli.token, cli.sim_dir) else {
+        // clap requires them without a subcommand; this is only a safety net.
+        eprintln!("keyplane-agent: error: --site, --token and --sim-dir are required");
+        std::process::exit(2);
+    };
+    let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
+    config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
+    if let Err(e) = config.check() {
+        // Arguments that can never work: say so and stop, like clap does.
+        eprintln!("keyplane-agent: error: {e}");
+        std::process::exit(2);
+    }
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -53,11 +174,5 @@ async fn main() -> anyhow::Result<()> {
             signals.cancel();
         }
     });
-    let config = AgentConfig::new(cli.server, cli.site, cli.token, cli.state_dir);
-    keyplane_agent::run(
-        config,
-        Box::new(SimulatorFactory::new(cli.sim_dir)),
-        shutdown,
-    )
-    .await
+    keyplane_agent::run(config, Box::new(SimulatorFactory::new(sim_dir)), shutdown).await
 }

@@ -2,11 +2,12 @@
 //! one device at a time, acking each device once it holds its whole desired table.
 
 use crate::clock::Clock;
+use crate::intake::read_slot;
 use crate::journal::{Code, DeviceJournal, Journal};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
-use keyplane_core::schedule::{Schedule, Window, any_open, day_bit, parse_time, parse_time_zone};
+use keyplane_core::schedule::{any_open, parse_time_zone};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent, EventKind};
 use keyplane_proto::v1 as pb;
@@ -63,72 +64,13 @@ pub struct Agent {
     reported: HashMap<String, Vec<pb::ObservedSlot>>,
     /// Read every device back at least this often.
     pub observe_every: std::time::Duration,
-}
-
-fn code_of(slot: &pb::DesiredSlot) -> Option<Code> {
-    (!slot.credential.is_empty()).then(|| Code {
-        credential: slot.credential.clone(),
-        pin: slot.pin.clone(),
-        authorities: slot
-            .authorities
-            .iter()
-            .filter_map(|a| {
-                // Level enum values are the panel level + 1 (0 is unspecified).
-                let level = u8::try_from(a.level.checked_sub(1)?).ok()?;
-                Some((u8::try_from(a.partition).ok()?, level))
-            })
-            .collect(),
-        open_close: slot.open_close_reporting,
-        schedules: slot.scheduled.then(|| {
-            // An unreadable schedule fails closed: it never opens.
-            slot.schedules.iter().filter_map(schedule_of).collect()
-        }),
-        valid_from: slot.valid_from_time.as_ref().and_then(instant),
-        valid_until: slot.valid_until_time.as_ref().and_then(instant),
-        generation: slot.write_generation,
-    })
-}
-
-fn instant(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-}
-
-fn schedule_of(s: &pb::Schedule) -> Option<Schedule> {
-    let mut windows = Vec::new();
-    for w in &s.windows {
-        let mut days = 0u8;
-        for d in &w.days {
-            // DayOfWeek: MONDAY = 1 .. SUNDAY = 7.
-            let n = u32::try_from(*d).ok()?.checked_sub(1)?;
-            days |= day_bit(chrono::Weekday::try_from(u8::try_from(n).ok()?).ok()?);
-        }
-        windows.push(Window {
-            days,
-            start: parse_time(&w.start_time).ok()?,
-            end: parse_time(&w.end_time).ok()?,
-        });
-    }
-    let date = |v: &str| {
-        if v.is_empty() {
-            Some(None)
-        } else {
-            chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
-                .ok()
-                .map(Some)
-        }
-    };
-    let schedule = Schedule {
-        windows,
-        valid_from: date(&s.valid_from)?,
-        valid_until: date(&s.valid_until)?,
-        paused_dates: s
-            .paused_dates
-            .iter()
-            .map(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-            .collect::<Option<_>>()?,
-    };
-    schedule.validate().ok()?;
-    Some(schedule)
+    /// Codes a driver refused as unsupported, per (device, slot): not tried again
+    /// (nor reported again) until keyplaned sends another code for the slot.
+    refused: HashMap<(String, u16), DesiredCode>,
+    /// Doors whose driver refused a lockdown (reported once).
+    lockdown_refused: std::collections::HashSet<String>,
+    /// Per device, the (slot, state) of the findings already logged.
+    findings_logged: HashMap<String, std::collections::BTreeSet<(i32, i32)>>,
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -184,6 +126,9 @@ impl Agent {
             observed_at: HashMap::new(),
             reported: HashMap::new(),
             observe_every: std::time::Duration::from_secs(60),
+            refused: HashMap::new(),
+            lockdown_refused: std::collections::HashSet::new(),
+            findings_logged: HashMap::new(),
         })
     }
 
@@ -236,6 +181,7 @@ impl Agent {
                 // lists keeps nothing keyplane wrote.
                 d.desired.clear();
                 d.remove_local.clear();
+                d.refused.clear();
             }
         }
     }
@@ -246,7 +192,7 @@ impl Agent {
         msg: pb::server_message::Msg,
         out: &mpsc::Sender<pb::AgentMessage>,
     ) -> anyhow::Result<()> {
-        let (revision, slots) = match msg {
+        let (revision, slots, what, from) = match msg {
             pb::server_message::Msg::EventAck(ack) => {
                 if let Some(device) = self.journal.devices.get_mut(&ack.device)
                     && ack.seq > device.events_acked
@@ -260,13 +206,13 @@ impl Agent {
                 self.learn_devices(&s.devices, true);
                 self.journal.time_zone = s.time_zone;
                 self.journal.lockdown = s.lockdown;
-                (s.revision, s.slots)
+                (s.revision, s.slots, "snapshot", None)
             }
             pb::server_message::Msg::Changes(c) => {
                 self.learn_devices(&c.devices, false);
                 self.journal.time_zone = c.time_zone;
                 self.journal.lockdown = c.lockdown;
-                (c.revision, c.slots)
+                (c.revision, c.slots, "changes", Some(c.from_revision))
             }
         };
         for slot in &slots {
@@ -278,10 +224,32 @@ impl Agent {
                 tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
                 continue;
             };
-            match code_of(slot) {
-                Some(code) => device.desired.insert(number, code),
-                None => device.desired.remove(&number),
-            };
+            match read_slot(slot) {
+                Ok(code) => {
+                    device.refused.remove(&number);
+                    match code {
+                        Some(code) => device.desired.insert(number, code),
+                        None => device.desired.remove(&number),
+                    };
+                }
+                Err(why) => {
+                    // Not desired as far as the device goes: never written, and
+                    // cleared if an earlier version of it was.
+                    device.desired.remove(&number);
+                    let kind = DeviceModel::find(&device.model).map(|m| m.kind);
+                    let shown = kind.map_or_else(|| number.to_string(), |k| k.display_slot(number));
+                    tracing::warn!(
+                        device = %slot.device,
+                        slot = %shown,
+                        credential = %slot.credential,
+                        reason = %why,
+                        "code refused: a value in it cannot be read by this agent, so it is \
+                         kept off the device (never widened); the device stays out of sync \
+                         until keyplaned sends a code it can read (upgrade the agent?)"
+                    );
+                    device.refused.insert(number, why.to_string());
+                }
+            }
             if slot.remove_local {
                 device.remove_local.insert(number);
             } else {
@@ -290,8 +258,22 @@ impl Agent {
         }
         self.journal.revision = revision;
         self.journal.save()?;
-        tracing::debug!(revision, slots = slots.len(), "journaled desired changes");
         self.reconcile_all(Some(out)).await;
+        let devices = self.journal.devices.values().filter(|d| d.present);
+        let (total, in_sync) = devices.fold((0, 0), |(t, n), d| {
+            (t + 1, n + usize::from(d.acked >= revision))
+        });
+        let refused: usize = self.journal.devices.values().map(|d| d.refused.len()).sum();
+        tracing::info!(
+            revision,
+            from_revision = from,
+            slots = slots.len(),
+            devices = total,
+            devices_in_sync = in_sync,
+            codes_refused = refused,
+            lockdown = self.journal.lockdown,
+            "applied {what} from keyplaned"
+        );
         Ok(())
     }
 
@@ -341,6 +323,7 @@ impl Agent {
         device.observed_checksum = checksum;
         let report = classify(device, &table);
         self.journal.save()?;
+        self.log_findings(name, model, &report);
         self.observed_at
             .insert(name.to_owned(), std::time::Instant::now());
         if self.reported.get(name) != Some(&report) {
@@ -355,6 +338,41 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Logs each drifted, missing or hand-programmed slot once, when first found
+    /// (also across reconnects, which report every device again).
+    fn log_findings(&mut self, name: &str, model: &DeviceModel, report: &[pb::ObservedSlot]) {
+        let found: std::collections::BTreeSet<(i32, i32)> = report
+            .iter()
+            .filter(|o| o.state != pb::ObservedState::Managed as i32)
+            .map(|o| (o.slot, o.state))
+            .collect();
+        let logged = self.findings_logged.entry(name.to_owned()).or_default();
+        for &(slot, state) in found.difference(logged) {
+            let shown =
+                u16::try_from(slot).map_or_else(|_| slot.to_string(), |s| model.display_slot(s));
+            let what = match pb::ObservedState::try_from(state) {
+                Ok(pb::ObservedState::Drifted) => {
+                    "drift: the code keyplane wrote was changed at the device; left alone until the dealer re-applies or adopts it (ResolveDrift)"
+                }
+                Ok(pb::ObservedState::Missing) => {
+                    "drift: the code keyplane wrote was cleared at the device; left alone until the dealer re-applies it (ResolveDrift)"
+                }
+                Ok(pb::ObservedState::Foreign) => {
+                    "a code programmed at the device was found (a LOCAL code: ListLocalCodes)"
+                }
+                Ok(pb::ObservedState::Conflict) => {
+                    "a code programmed at the device repeats a code keyplane manages on it (a LOCAL code in conflict)"
+                }
+                Ok(pb::ObservedState::Unverifiable) => {
+                    "the device masks this slot's code: whether it holds keyplane's code cannot be checked"
+                }
+                _ => continue,
+            };
+            tracing::info!(device = %name, slot = %shown, "{what}");
+        }
+        *logged = found;
     }
 
     fn driver(
@@ -507,13 +525,38 @@ impl Agent {
             .filter(|s| !device.written.contains_key(s))
             .collect();
         let observed = device.observed.clone().unwrap_or_default();
+        // False once anything keyplaned wants could not be done: no ack then, so
+        // the device shows as not applied in GetSyncStatus.
+        let mut in_sync = device.refused.is_empty();
+        // A door that should be locked down but cannot be gets no new code.
+        let mut adding_allowed = true;
         if let Some(on) = lockdown_change {
-            self.driver(name, model)?.set_lockdown(on).await?;
-            if let Some(entry) = self.journal.devices.get_mut(name) {
-                entry.lockdown_applied = on;
+            match self.driver(name, model)?.set_lockdown(on).await {
+                Ok(()) => {
+                    if let Some(entry) = self.journal.devices.get_mut(name) {
+                        entry.lockdown_applied = on;
+                    }
+                    self.journal.save()?;
+                    self.lockdown_refused.remove(name);
+                    tracing::info!(device = %name, lockdown = on, "door lockdown applied");
+                }
+                Err(e) if e.is_unsupported() => {
+                    if self.lockdown_refused.insert(name.to_owned()) {
+                        tracing::error!(
+                            device = %name,
+                            lockdown = on,
+                            error = %e,
+                            "the door cannot be locked down and still accepts its codes; \
+                             no new code is written to it until the lockdown is released"
+                        );
+                    }
+                    in_sync = false;
+                    adding_allowed = !on;
+                }
+                Err(e) => return Err(e.into()),
             }
-            self.journal.save()?;
-            tracing::info!(device = %name, lockdown = on, "door lockdown applied");
+        } else if !lockdown {
+            self.lockdown_refused.remove(name);
         }
         for slot in removals {
             // A code programmed at the device that the dealer removed (or the
@@ -534,11 +577,17 @@ impl Agent {
             self.observe_due.insert(name.to_owned());
         }
         if actions.is_empty() {
-            return Ok(true);
+            return Ok(in_sync);
         }
         self.observe_due.insert(name.to_owned());
         let time_zone = self.journal.time_zone.clone();
         for action in actions {
+            if let SlotAction::Set { slot, code } = &action
+                && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
+            {
+                in_sync = false;
+                continue;
+            }
             // A claimed local code (or an adopted drift) is already on the device: no write.
             if let SlotAction::Set { slot, code } = &action
                 && model.kind != DeviceKind::Panel
@@ -552,19 +601,28 @@ impl Agent {
                 continue;
             }
             let driver = self.driver(name, model)?;
-            match &action {
+            let done = match &action {
                 SlotAction::Set { slot, code } if model.kind == DeviceKind::Panel => {
                     driver
                         .set_panel_user(*slot, &code.pin, &code.authorities, code.open_close)
-                        .await?
+                        .await
                 }
                 SlotAction::Set { slot, code } if keeps_schedules => {
                     driver
                         .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &time_zone)
-                        .await?
+                        .await
                 }
-                SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await?,
-                SlotAction::Clear { slot } => driver.clear_slot(*slot).await?,
+                SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
+                SlotAction::Clear { slot } => driver.clear_slot(*slot).await,
+            };
+            match (done, &action) {
+                (Ok(()), _) => {}
+                (Err(e), SlotAction::Set { slot, code }) if e.is_unsupported() => {
+                    self.refuse(name, model, *slot, code, &e).await?;
+                    in_sync = false;
+                    continue;
+                }
+                (Err(e), _) => return Err(e.into()),
             }
             let entry: &mut DeviceJournal = self
                 .journal
@@ -588,7 +646,50 @@ impl Agent {
             // Journal each write as it lands: a restart never repeats it.
             self.journal.save()?;
         }
-        Ok(true)
+        Ok(in_sync)
+    }
+
+    /// A code the device's driver cannot write as asked: whatever keyplane wrote in
+    /// that slot before is cleared (it must not outlive the change, e.g. stay open
+    /// around the clock once a schedule was added), and the refusal is reported
+    /// once. The code is tried again only when keyplaned sends another one.
+    async fn refuse(
+        &mut self,
+        name: &str,
+        model: &'static DeviceModel,
+        slot: u16,
+        code: &DesiredCode,
+        why: &DeviceError,
+    ) -> anyhow::Result<()> {
+        let was_written = self
+            .journal
+            .devices
+            .get(name)
+            .is_some_and(|d| d.written.contains_key(&slot));
+        if was_written {
+            self.driver(name, model)?.clear_slot(slot).await?;
+            if let Some(entry) = self.journal.devices.get_mut(name) {
+                entry.written.remove(&slot);
+                if let Some(o) = entry.observed.as_mut() {
+                    o.remove(&slot);
+                }
+            }
+            self.journal.save()?;
+        }
+        let key = (name.to_owned(), slot);
+        if self.refused.get(&key) != Some(code) {
+            tracing::warn!(
+                device = %name,
+                slot = %model.display_slot(slot),
+                credential = %code.credential,
+                error = %why,
+                cleared_previous = was_written,
+                "code not written: the device refuses it as asked; the device stays \
+                 out of sync until the code or the driver changes"
+            );
+            self.refused.insert(key, code.clone());
+        }
+        Ok(())
     }
 }
 
@@ -655,5 +756,388 @@ fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
                 nanos,
             }),
         })),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use keyplane_devices::ObservedSlot;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory, removed when dropped.
+    pub(crate) struct TempDir(pub(crate) PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new() -> TempDir {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir()
+                .join(format!("keyplane-agent-unit-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    type Slots = Arc<Mutex<BTreeMap<u16, String>>>;
+
+    /// A driver implementing only what the trait requires (no schedules, no
+    /// lockdown, no panel levels), over slots the test can see.
+    struct Bare {
+        device: String,
+        model: &'static DeviceModel,
+        slots: Slots,
+    }
+
+    #[async_trait::async_trait]
+    impl DeviceDriver for Bare {
+        fn device(&self) -> &str {
+            &self.device
+        }
+        fn model(&self) -> &'static DeviceModel {
+            self.model
+        }
+        async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
+            let slots = self
+                .slots
+                .lock()
+                .map_err(|e| DeviceError::Io(e.to_string()))?;
+            Ok(slots
+                .iter()
+                .map(|(slot, code)| ObservedSlot {
+                    slot: *slot,
+                    code: Some(code.clone()),
+                })
+                .collect())
+        }
+        async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|e| DeviceError::Io(e.to_string()))?;
+            slots.insert(slot, code.to_owned());
+            Ok(())
+        }
+        async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|e| DeviceError::Io(e.to_string()))?;
+            slots.remove(&slot);
+            Ok(())
+        }
+    }
+
+    struct BareFactory(Slots);
+
+    impl DriverFactory for BareFactory {
+        fn open(
+            &self,
+            device: &str,
+            model: &'static DeviceModel,
+        ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+            Ok(Box::new(Bare {
+                device: device.to_owned(),
+                model,
+                slots: self.0.clone(),
+            }))
+        }
+    }
+
+    pub(crate) const DOOR: &str = "sites/s/devices/door";
+
+    pub(crate) fn snapshot(
+        revision: i64,
+        lockdown: bool,
+        devices: &[(&str, &str)],
+        slots: Vec<pb::DesiredSlot>,
+    ) -> pb::server_message::Msg {
+        pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+            revision,
+            devices: devices
+                .iter()
+                .map(|(name, model)| pb::SiteDevice {
+                    name: (*name).to_owned(),
+                    kind: 0,
+                    model: (*model).to_owned(),
+                })
+                .collect(),
+            slots,
+            time_zone: "Europe/Paris".into(),
+            lockdown,
+        })
+    }
+
+    /// A code for `slot` of `device`; scheduled ones open on weekdays 08:00-18:00.
+    pub(crate) fn code(device: &str, slot: i32, pin: &str, scheduled: bool) -> pb::DesiredSlot {
+        pb::DesiredSlot {
+            device: device.to_owned(),
+            slot,
+            credential: format!("sites/s/users/u/credentials/c{slot}"),
+            pin: pin.to_owned(),
+            scheduled,
+            schedules: if scheduled {
+                vec![pb::Schedule {
+                    windows: vec![pb::TimeWindow {
+                        days: (1..=5).collect(),
+                        start_time: "08:00".into(),
+                        end_time: "18:00".into(),
+                    }],
+                    ..Default::default()
+                }]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Revisions acked so far for `device` (drains the channel).
+    pub(crate) fn acks(rx: &mut mpsc::Receiver<pb::AgentMessage>, device: &str) -> Vec<i64> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Ack(a)) = msg.msg
+                && a.device == device
+            {
+                out.push(a.revision);
+            }
+        }
+        out
+    }
+
+    fn bare_agent(dir: &TempDir) -> (Agent, Slots) {
+        let slots = Slots::default();
+        let agent = Agent::open(
+            &dir.0,
+            Box::new(BareFactory(slots.clone())),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        (agent, slots)
+    }
+
+    fn held(slots: &Slots) -> BTreeMap<u16, String> {
+        slots.lock().expect("slots").clone()
+    }
+
+    #[tokio::test]
+    async fn a_driver_without_schedules_refuses_a_scheduled_code_never_writes_it_always_on() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        agent
+            .apply(
+                snapshot(
+                    1,
+                    false,
+                    &devices,
+                    vec![code(DOOR, 3, "4821", true), code(DOOR, 4, "5931", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(4, "5931".to_owned())]),
+            "only the unscheduled code"
+        );
+        assert_eq!(
+            acks(&mut rx, DOOR),
+            Vec::<i64>::new(),
+            "not in sync: no ack"
+        );
+        // The written code gets a schedule: it is cleared, not left open around the clock.
+        agent
+            .apply(
+                snapshot(2, false, &devices, vec![code(DOOR, 4, "5931", true)]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        // Passes later neither write it nor ack.
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        // The schedule removed again: the code is written and the door acked.
+        agent
+            .apply(
+                snapshot(3, false, &devices, vec![code(DOOR, 4, "5931", false)]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::from([(4, "5931".to_owned())]));
+        assert_eq!(acks(&mut rx, DOOR), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_door_that_cannot_lock_down_is_not_acked_and_gets_no_new_code() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        let one = || vec![code(DOOR, 3, "4821", false)];
+        let two = || vec![code(DOOR, 3, "4821", false), code(DOOR, 4, "5931", false)];
+        agent
+            .apply(snapshot(1, false, &devices, one()), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, DOOR), vec![1]);
+        agent
+            .apply(snapshot(2, true, &devices, two()), &tx)
+            .await
+            .expect("apply");
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(3, "4821".to_owned())]),
+            "no new code while the lockdown is refused"
+        );
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new(), "refused: no ack");
+        // A removal still lands.
+        agent
+            .apply(snapshot(3, true, &devices, vec![]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        agent
+            .apply(snapshot(4, false, &devices, two()), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots).len(), 2);
+        assert_eq!(acks(&mut rx, DOOR), vec![4]);
+    }
+
+    fn changes(
+        revision: i64,
+        devices: &[(&str, &str)],
+        slots: Vec<pb::DesiredSlot>,
+    ) -> pb::server_message::Msg {
+        let pb::server_message::Msg::Snapshot(snap) = snapshot(revision, false, devices, slots)
+        else {
+            unreachable!("snapshot() builds snapshots")
+        };
+        pb::server_message::Msg::Changes(pb::DesiredChanges {
+            from_revision: revision - 1,
+            revision,
+            slots: snap.slots,
+            devices: snap.devices,
+            time_zone: snap.time_zone,
+            lockdown: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_code_with_an_unreadable_value_is_kept_off_the_device_and_not_acked() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        const LOCK: &str = "sites/s/devices/lock";
+        let devices = [(LOCK, "zwave-lock-30")];
+        let unreadable_end = |slot, pin| {
+            let mut c = code(LOCK, slot, pin, false);
+            c.valid_until_time = Some(prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            });
+            c
+        };
+        // Never written when first sent unreadable (read as "no end", it would be
+        // on the lock for ever).
+        agent
+            .apply(
+                snapshot(
+                    1,
+                    false,
+                    &devices,
+                    vec![unreadable_end(3, "4821"), code(LOCK, 4, "5931", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::from([(4, "5931".to_owned())]));
+        assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new(), "refused: no ack");
+        // A written code that changes into an unreadable one is removed.
+        agent
+            .apply(changes(2, &devices, vec![unreadable_end(4, "5931")]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(held(&slots), BTreeMap::new());
+        assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new());
+        // A restarted agent still knows the device is not in sync.
+        drop(agent);
+        let (mut agent, _) = bare_agent(&dir);
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new());
+        // Readable again: written and acked.
+        agent
+            .apply(
+                changes(
+                    3,
+                    &devices,
+                    vec![code(LOCK, 3, "4821", false), code(LOCK, 4, "5931", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, LOCK), vec![3]);
+    }
+
+    #[tokio::test]
+    async fn a_panel_code_with_an_unknown_level_is_not_written_without_it() {
+        let dir = TempDir::new();
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(dir.0.join("devices"))),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        const PANEL: &str = "sites/s/devices/panel";
+        let mut unknown = code(PANEL, 3, "4821", false);
+        unknown.authorities = vec![
+            pb::PartitionAuthority {
+                partition: 1,
+                level: pb::Level::OperatorA as i32,
+            },
+            pb::PartitionAuthority {
+                partition: 2,
+                level: 99,
+            },
+        ];
+        agent
+            .apply(
+                snapshot(1, false, &[(PANEL, "vista-128bpt")], vec![unknown]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        let sim = keyplane_devices::SimulatedDevice::open(
+            &dir.0.join("devices"),
+            PANEL,
+            DeviceModel::find("vista-128bpt").expect("panel model"),
+        )
+        .expect("sim");
+        assert_eq!(
+            sim.slots(),
+            BTreeMap::new(),
+            "not written with fewer levels"
+        );
+        assert_eq!(acks(&mut rx, PANEL), Vec::<i64>::new());
     }
 }

@@ -32,6 +32,16 @@ impl DeviceKind {
             _ => None,
         }
     }
+
+    /// A slot as shown to people, one way per kind everywhere (API, events, logs):
+    /// panel user numbers always have 3 digits (`003`), lock and door slots are plain
+    /// numbers (`3`).
+    pub fn display_slot(self, slot: u16) -> String {
+        match self {
+            DeviceKind::Panel => format!("{slot:03}"),
+            DeviceKind::Lock | DeviceKind::Door => slot.to_string(),
+        }
+    }
 }
 
 impl fmt::Display for DeviceKind {
@@ -94,10 +104,7 @@ impl DeviceModel {
 
     /// The slot as shown to people: panel user numbers are always 3 digits (`002`).
     pub fn display_slot(&self, slot: u16) -> String {
-        match self.kind {
-            DeviceKind::Panel => format!("{slot:03}"),
-            DeviceKind::Lock | DeviceKind::Door => slot.to_string(),
-        }
+        self.kind.display_slot(slot)
     }
 
     /// Looks a profile up by id.
@@ -190,6 +197,24 @@ mod tests {
         for kind in [DeviceKind::Panel, DeviceKind::Lock, DeviceKind::Door] {
             assert_eq!(DeviceModel::default_for(kind).kind, kind);
             assert_eq!(DeviceKind::parse(kind.as_str()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn slots_show_one_way_per_kind() {
+        let cases = [
+            (DeviceKind::Panel, 3, "003"),
+            (DeviceKind::Panel, 150, "150"),
+            (DeviceKind::Lock, 3, "3"),
+            (DeviceKind::Lock, 30, "30"),
+            (DeviceKind::Door, 7, "7"),
+            (DeviceKind::Door, 1000, "1000"),
+        ];
+        for (kind, slot, want) in cases {
+            assert_eq!(kind.display_slot(slot), want, "{kind} {slot}");
+        }
+        for m in DeviceModel::all() {
+            assert_eq!(m.display_slot(3), m.kind.display_slot(3), "{}", m.id);
         }
     }
 

@@ -12,7 +12,10 @@
 
 mod sim;
 
-pub use sim::{AccessOutcome, PanelOutcome, SimulatedDevice, SimulatedSite, open_driver};
+pub use sim::{
+    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimulatedDevice, SimulatedSite,
+    open_driver,
+};
 
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
@@ -92,6 +95,24 @@ pub enum DeviceError {
     /// Local I/O failed (for the simulator: its state file).
     #[error("device state: {0}")]
     Io(String),
+    /// No such device (the simulator directory holds no state file for it).
+    #[error("{0}")]
+    NotFound(String),
+    /// The driver cannot do this; nothing was changed on the device. What a driver
+    /// does not implement is refused, never approximated by something that grants
+    /// more access (a code without its schedule, a door left open in lockdown).
+    #[error("the device's driver does not support {operation}; nothing was written")]
+    Unsupported {
+        /// What was asked, e.g. `on-device schedules`.
+        operation: &'static str,
+    },
+}
+
+impl DeviceError {
+    /// Whether retrying the same request can never succeed (the driver lacks it).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, DeviceError::Unsupported { .. })
+    }
 }
 
 /// A device the agent can program. Implementations report refusals as the device
@@ -110,7 +131,8 @@ pub trait DeviceDriver: Send {
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError>;
 
     /// Panels: writes `code` into user number `slot` with the user's level in each
-    /// partition and their open/close reporting. Other devices only store the code.
+    /// partition and their open/close reporting. The default refuses: a code written
+    /// without its levels would get whatever the panel gives by default.
     async fn set_panel_user(
         &mut self,
         slot: u16,
@@ -118,12 +140,16 @@ pub trait DeviceDriver: Send {
         authorities: &[(u8, Level)],
         open_close_reporting: bool,
     ) -> Result<(), DeviceError> {
-        let _ = (authorities, open_close_reporting);
-        self.set_slot(slot, code).await
+        let _ = (slot, code, authorities, open_close_reporting);
+        Err(DeviceError::Unsupported {
+            operation: "panel user levels",
+        })
     }
 
     /// Devices that keep schedules: writes `code` into `slot`, valid only while one
-    /// of `schedules` is open in time zone `time_zone` (None: always).
+    /// of `schedules` is open in time zone `time_zone` (None: always). The default
+    /// writes unscheduled codes and refuses scheduled ones, which it could only
+    /// write open around the clock.
     async fn set_scheduled_code(
         &mut self,
         slot: u16,
@@ -131,8 +157,13 @@ pub trait DeviceDriver: Send {
         schedules: Option<&[Schedule]>,
         time_zone: &str,
     ) -> Result<(), DeviceError> {
-        let _ = (schedules, time_zone);
-        self.set_slot(slot, code).await
+        let _ = time_zone;
+        match schedules {
+            None => self.set_slot(slot, code).await,
+            Some(_) => Err(DeviceError::Unsupported {
+                operation: "on-device schedules",
+            }),
+        }
     }
 
     /// A checksum of all user codes, on devices that offer one (None otherwise):
@@ -141,10 +172,13 @@ pub trait DeviceDriver: Send {
         Ok(None)
     }
 
-    /// Access-control doors: refuse every credential while `on`.
+    /// Access-control doors: refuse every credential while `on`. The default
+    /// refuses: a driver that cannot lock a door down must say so, not pretend.
     async fn set_lockdown(&mut self, on: bool) -> Result<(), DeviceError> {
         let _ = on;
-        Ok(())
+        Err(DeviceError::Unsupported {
+            operation: "lockdown",
+        })
     }
 
     /// Events the device logged after sequence number `after`, oldest first.
@@ -214,6 +248,83 @@ mod tests {
         assert!(!format!("{:?}", vec![with]).contains(PIN));
     }
 
+    /// A driver that implements only what the trait requires: a bare slot store.
+    struct Minimal {
+        slots: std::collections::BTreeMap<u16, String>,
+    }
+
+    #[async_trait::async_trait]
+    impl DeviceDriver for Minimal {
+        fn device(&self) -> &str {
+            "sites/s/devices/d"
+        }
+        fn model(&self) -> &'static DeviceModel {
+            DeviceModel::find("door-1000").expect("door model")
+        }
+        async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
+            Ok(self
+                .slots
+                .iter()
+                .map(|(slot, code)| ObservedSlot {
+                    slot: *slot,
+                    code: Some(code.clone()),
+                })
+                .collect())
+        }
+        async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+            self.slots.insert(slot, code.to_owned());
+            Ok(())
+        }
+        async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+            self.slots.remove(&slot);
+            Ok(())
+        }
+    }
+
+    /// Runs a future that never waits (the minimal driver does no I/O).
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("future was pending"),
+        }
+    }
+
+    #[test]
+    fn defaults_refuse_what_they_cannot_do_and_write_nothing() {
+        let schedule = keyplane_core::schedule::Schedule {
+            windows: vec![],
+            valid_from: None,
+            valid_until: None,
+            paused_dates: vec![],
+        };
+        let mut d = Minimal {
+            slots: Default::default(),
+        };
+        let unsupported = |operation| Err(DeviceError::Unsupported { operation });
+        // A scheduled code is refused, not written open around the clock.
+        assert_eq!(
+            block(d.set_scheduled_code(3, PIN, Some(&[schedule]), "Europe/Paris")),
+            unsupported("on-device schedules")
+        );
+        assert!(d.slots.is_empty(), "nothing written");
+        // A panel code is refused rather than written without its levels.
+        assert_eq!(
+            block(d.set_panel_user(3, PIN, &[(1, Level::Master)], false)),
+            unsupported("panel user levels")
+        );
+        assert!(d.slots.is_empty(), "nothing written");
+        // Lockdown is refused, in both directions, rather than ignored.
+        for on in [true, false] {
+            let refused = block(d.set_lockdown(on));
+            assert_eq!(refused, unsupported("lockdown"));
+            assert!(refused.is_err_and(|e| e.is_unsupported()));
+        }
+        // An unscheduled code needs nothing the driver lacks.
+        assert_eq!(block(d.set_scheduled_code(3, PIN, None, "UTC")), Ok(()));
+        assert_eq!(d.slots.get(&3).map(String::as_str), Some(PIN));
+    }
+
     #[test]
     fn errors_never_print_a_code() {
         let errors = [
@@ -236,6 +347,10 @@ mod tests {
             DeviceError::Full,
             DeviceError::Unreachable("link lost".into()),
             DeviceError::Io("state file missing".into()),
+            DeviceError::NotFound("no simulated device x".into()),
+            DeviceError::Unsupported {
+                operation: "lockdown",
+            },
         ];
         for e in errors {
             assert!(!e.to_string().contains(PIN), "{e}");

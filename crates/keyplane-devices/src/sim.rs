@@ -140,6 +140,35 @@ fn file_stem(device: &str) -> String {
     stem
 }
 
+/// The device resource name a file name stem stands for (the inverse of
+/// [`file_stem`]); None for a stem [`file_stem`] never makes.
+fn name_of_stem(stem: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(stem.len());
+    let mut rest = stem.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        match b {
+            b'_' => bytes.push(b'/'),
+            b'%' => {
+                let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                rest = tail.get(2..)?;
+                continue;
+            }
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => bytes.push(b),
+            _ => return None,
+        }
+        rest = tail;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Just the model id of a state file.
+#[derive(Deserialize)]
+struct ModelOnly {
+    #[serde(default)]
+    model: String,
+}
+
 impl SimulatedDevice {
     /// Opens the simulated `device` of `model` kept in `dir`, creating the directory
     /// and an empty device if needed. Refuses a device created as another model.
@@ -290,6 +319,16 @@ impl SimulatedDevice {
 
     /// A person at the keypad of a panel enters `code` + ARM for `partition`.
     pub fn arm(&mut self, partition: u8, code: &str) -> Result<PanelOutcome, DeviceError> {
+        self.arm_by(partition, code).map(|(outcome, _)| outcome)
+    }
+
+    /// Like [`SimulatedDevice::arm`], also returning the user number the code is
+    /// in (None for a code the panel does not hold).
+    pub fn arm_by(
+        &mut self,
+        partition: u8,
+        code: &str,
+    ) -> Result<(PanelOutcome, Option<u16>), DeviceError> {
         self.with_state(|state| {
             let slot = state
                 .slots
@@ -299,17 +338,20 @@ impl SimulatedDevice {
             let level = slot.and_then(|s| state.level(s, partition));
             let Some((slot, level)) = slot.zip(level) else {
                 state.log(EventKind::ArmRefused, partition, slot);
-                return Ok(PanelOutcome::Refused("code not valid in this partition"));
+                return Ok((
+                    PanelOutcome::Refused("code not valid in this partition"),
+                    slot,
+                ));
             };
             if state.armed.contains_key(&partition) {
-                return Ok(PanelOutcome::Refused("partition already armed"));
+                return Ok((PanelOutcome::Refused("partition already armed"), Some(slot)));
             }
             state.armed.insert(partition, slot);
             state.log(EventKind::Armed, partition, Some(slot));
             if level == Level::Duress {
                 state.log(EventKind::Duress, partition, Some(slot));
             }
-            Ok(PanelOutcome::Armed)
+            Ok((PanelOutcome::Armed, Some(slot)))
         })
     }
 
@@ -317,6 +359,16 @@ impl SimulatedDevice {
     /// code disarms exactly like any other (the intruder sees nothing) and logs a
     /// duress event.
     pub fn disarm(&mut self, partition: u8, code: &str) -> Result<PanelOutcome, DeviceError> {
+        self.disarm_by(partition, code).map(|(outcome, _)| outcome)
+    }
+
+    /// Like [`SimulatedDevice::disarm`], also returning the user number the code is
+    /// in (None for a code the panel does not hold).
+    pub fn disarm_by(
+        &mut self,
+        partition: u8,
+        code: &str,
+    ) -> Result<(PanelOutcome, Option<u16>), DeviceError> {
         self.with_state(|state| {
             let slot = state
                 .slots
@@ -326,23 +378,27 @@ impl SimulatedDevice {
             let level = slot.and_then(|s| state.level(s, partition));
             let Some((slot, level)) = slot.zip(level) else {
                 state.log(EventKind::DisarmRefused, partition, slot);
-                return Ok(PanelOutcome::Refused("code not valid in this partition"));
+                return Ok((
+                    PanelOutcome::Refused("code not valid in this partition"),
+                    slot,
+                ));
             };
             if level == Level::Duress {
                 state.log(EventKind::Duress, partition, Some(slot));
             }
             let Some(&armed_by) = state.armed.get(&partition) else {
-                return Ok(PanelOutcome::Refused("partition is not armed"));
+                return Ok((PanelOutcome::Refused("partition is not armed"), Some(slot)));
             };
             if !may_disarm(level, armed_by == slot) {
                 state.log(EventKind::DisarmRefused, partition, Some(slot));
-                return Ok(PanelOutcome::Refused(
-                    "this code may disarm only what it armed",
+                return Ok((
+                    PanelOutcome::Refused("this code may disarm only what it armed"),
+                    Some(slot),
                 ));
             }
             state.armed.remove(&partition);
             state.log(EventKind::Disarmed, partition, Some(slot));
-            Ok(PanelOutcome::Disarmed)
+            Ok((PanelOutcome::Disarmed, Some(slot)))
         })
     }
 
@@ -353,6 +409,16 @@ impl SimulatedDevice {
         code: &str,
         at: chrono::DateTime<chrono::Utc>,
     ) -> Result<AccessOutcome, DeviceError> {
+        self.present_by(code, at).map(|(outcome, _)| outcome)
+    }
+
+    /// Like [`SimulatedDevice::present`], also returning the slot the code is in
+    /// (None for a code the device does not hold).
+    pub fn present_by(
+        &mut self,
+        code: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(AccessOutcome, Option<u16>), DeviceError> {
         self.with_state(|state| {
             let slot = state
                 .slots
@@ -380,7 +446,28 @@ impl SimulatedDevice {
                 AccessOutcome::Denied(_) => EventKind::AccessDenied,
             };
             state.log_at(kind, None, slot);
-            Ok(outcome)
+            Ok((outcome, slot))
+        })
+    }
+
+    /// The device's resource name.
+    pub fn name(&self) -> &str {
+        &self.device
+    }
+
+    /// The device's model profile.
+    pub fn device_model(&self) -> &'static DeviceModel {
+        self.model
+    }
+
+    /// What a person can see at the device, without any code.
+    pub fn summary(&self) -> Result<DeviceSummary, DeviceError> {
+        self.with_state(|s| {
+            Ok(DeviceSummary {
+                occupied: s.slots.keys().copied().collect(),
+                armed: s.armed.clone(),
+                lockdown: s.lockdown,
+            })
         })
     }
 
@@ -609,6 +696,99 @@ impl SimulatedSite {
         SimulatedDevice::open(&self.dir, device, model)
     }
 
+    /// Every simulated device kept in the directory, sorted by resource name.
+    pub fn list(&self) -> Result<Vec<FoundDevice>, DeviceError> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("listing", &self.dir, e)),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| io_error("listing", &self.dir, e))?.path();
+            let Some(stem) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let Some(device) = name_of_stem(stem) else {
+                continue;
+            };
+            let bytes = std::fs::read(&path).map_err(|e| io_error("reading", &path, e))?;
+            // The parse error's line is enough; its text could quote a code.
+            let state: ModelOnly = serde_json::from_slice(&bytes)
+                .map_err(|e| io_error("parsing", &path, format_args!("line {}", e.line())))?;
+            let model = DeviceModel::find(&state.model).ok_or_else(|| {
+                DeviceError::Io(format!(
+                    "{} records no known model ({:?})",
+                    path.display(),
+                    state.model
+                ))
+            })?;
+            found.push(FoundDevice {
+                device,
+                model,
+                file: path,
+            });
+        }
+        found.sort_by(|a, b| a.device.cmp(&b.device));
+        Ok(found)
+    }
+
+    /// Opens a simulated device that exists, with the model its file records. `name`
+    /// is its resource name, its state file (name with or without `.json`, or a
+    /// path), or the id at the end of its resource name when only one device has it.
+    pub fn find(&self, name: &str) -> Result<SimulatedDevice, DeviceError> {
+        let devices = self.list()?;
+        let file_name = Path::new(name)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(name);
+        let stem = file_name.strip_suffix(".json").unwrap_or(file_name);
+        let by_name: Vec<&FoundDevice> = devices
+            .iter()
+            .filter(|d| d.device == name || file_stem(&d.device) == stem)
+            .collect();
+        let matches = if by_name.is_empty() {
+            devices
+                .iter()
+                .filter(|d| d.device.rsplit('/').next() == Some(name))
+                .collect()
+        } else {
+            by_name
+        };
+        match matches.as_slice() {
+            [one] => SimulatedDevice::open(&self.dir, &one.device, one.model),
+            [] => {
+                let known: Vec<&str> = devices.iter().map(|d| d.device.as_str()).collect();
+                Err(DeviceError::NotFound(if known.is_empty() {
+                    format!(
+                        "no simulated device {name:?} in {}: it holds no device yet; the agent \
+                         creates each device of its site there once it has connected",
+                        self.dir.display()
+                    )
+                } else {
+                    format!(
+                        "no simulated device {name:?} in {}; it holds: {}",
+                        self.dir.display(),
+                        known.join(", ")
+                    )
+                }))
+            }
+            many => Err(DeviceError::NotFound(format!(
+                "{name:?} names {} simulated devices in {}; give the whole resource name: {}",
+                many.len(),
+                self.dir.display(),
+                many.iter()
+                    .map(|d| d.device.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
     /// A driver for the simulated `device` of `model`, as the agent uses it.
     pub fn driver(
         &self,
@@ -617,6 +797,28 @@ impl SimulatedSite {
     ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
         open_driver(&self.dir, device, model)
     }
+}
+
+/// What a simulated device shows, without any code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    /// Slots holding a code, in order.
+    pub occupied: Vec<u16>,
+    /// Panels: armed partitions and the user number that armed each.
+    pub armed: BTreeMap<u8, u16>,
+    /// Doors: locked down.
+    pub lockdown: bool,
+}
+
+/// A simulated device found in a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundDevice {
+    /// Its resource name, `sites/{site}/devices/{device}`.
+    pub device: String,
+    /// The model its state file records.
+    pub model: &'static DeviceModel,
+    /// Its state file.
+    pub file: PathBuf,
 }
 
 /// A driver for the simulated `device` of `model` kept in `dir` (what the agent
@@ -930,6 +1132,114 @@ mod tests {
             Err(DeviceError::Io(
                 "sites/s1/devices/a_b is a simulated zwave-lock-30 device, not door-1000".into()
             ))
+        );
+    }
+
+    #[test]
+    fn file_stems_map_back_to_names() {
+        for name in [
+            LOCK,
+            PANEL,
+            "sites/s1/devices/a_b",
+            "sites/s1/devices/a.b",
+            "sites/s1/devices/a%2Fb",
+            "sites/s1/devices/é",
+        ] {
+            assert_eq!(name_of_stem(&file_stem(name)).as_deref(), Some(name));
+        }
+        for stem in ["a.b", "a%2", "a%zz", "a b"] {
+            assert_eq!(name_of_stem(stem), None, "{stem}");
+        }
+    }
+
+    #[test]
+    fn devices_are_found_by_name_file_or_id_with_their_model() {
+        let dir = TempDir::new();
+        let site = SimulatedSite::new(&dir.0);
+        let err = site.find(LOCK).expect_err("empty directory");
+        assert!(err.to_string().contains("holds no device yet"), "{err}");
+        site.device(LOCK, model("zwave-lock-30")).expect("lock");
+        site.device(PANEL, model("vista-128bpt")).expect("panel");
+        site.device("sites/s2/devices/panel", model("vista-128bpt"))
+            .expect("other site's panel");
+        let listed: Vec<(String, &str)> = site
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|d| (d.device, d.model.id))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (LOCK.to_owned(), "zwave-lock-30"),
+                (PANEL.to_owned(), "vista-128bpt"),
+                ("sites/s2/devices/panel".to_owned(), "vista-128bpt"),
+            ]
+        );
+        let file = dir.0.join("sites_s1_devices_front-door.json");
+        for name in [
+            LOCK.to_owned(),
+            "front-door".to_owned(),
+            "sites_s1_devices_front-door".to_owned(),
+            "sites_s1_devices_front-door.json".to_owned(),
+            file.display().to_string(),
+        ] {
+            let sim = site.find(&name).expect(&name);
+            assert_eq!(sim.name(), LOCK, "{name}");
+            assert_eq!(sim.device_model().id, "zwave-lock-30", "{name}");
+        }
+        let ambiguous = site.find("panel").expect_err("two panels");
+        assert!(
+            ambiguous.to_string().contains("names 2 simulated devices"),
+            "{ambiguous}"
+        );
+        let unknown = site.find("back-door").expect_err("unknown");
+        assert!(
+            unknown.to_string().contains(LOCK),
+            "lists what exists: {unknown}"
+        );
+    }
+
+    #[test]
+    fn keypad_outcomes_name_the_user_number() {
+        let dir = TempDir::new();
+        let mut panel = SimulatedDevice::open(&dir.0, PANEL, model("vista-128bpt")).expect("open");
+        block(panel.set_panel_user(2, "4821", &[(1, Level::Master)], false)).expect("set");
+        assert_eq!(panel.arm_by(1, "4821"), Ok((PanelOutcome::Armed, Some(2))));
+        assert_eq!(
+            panel.arm_by(1, "4821"),
+            Ok((PanelOutcome::Refused("partition already armed"), Some(2)))
+        );
+        assert_eq!(
+            panel.disarm_by(1, "0000"),
+            Ok((
+                PanelOutcome::Refused("code not valid in this partition"),
+                None
+            ))
+        );
+        assert_eq!(
+            panel.disarm_by(1, "4821"),
+            Ok((PanelOutcome::Disarmed, Some(2)))
+        );
+        let mut lock = SimulatedDevice::open(&dir.0, LOCK, model("zwave-lock-30")).expect("open");
+        lock.program_at_keypad(7, "3141").expect("program");
+        let now = chrono::Utc::now();
+        assert_eq!(
+            lock.present_by("3141", now),
+            Ok((AccessOutcome::Granted, Some(7)))
+        );
+        assert_eq!(
+            lock.present_by("2718", now),
+            Ok((AccessOutcome::Denied("unknown code"), None))
+        );
+        assert_eq!(
+            lock.summary(),
+            Ok(DeviceSummary {
+                occupied: vec![7],
+                armed: BTreeMap::new(),
+                lockdown: false
+            }),
+            "slots without codes"
         );
     }
 

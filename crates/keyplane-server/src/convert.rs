@@ -674,7 +674,13 @@ pub fn event_pb(e: &store::Event) -> pb::Event {
         kind: event_kind_pb(e.kind) as i32,
         partition: e.partition.map(i32::from).unwrap_or(0),
         user_number: e.user_number.map(i32::from).unwrap_or(0),
-        display_user_number: e.user_number.map(|n| format!("{n:03}")).unwrap_or_default(),
+        display_user_number: e
+            .user_number
+            .map(|n| match e.device_kind {
+                Some(kind) => kind.display_slot(n),
+                None => n.to_string(),
+            })
+            .unwrap_or_default(),
         user: e
             .user
             .map(|u| format!("sites/{}/users/{u}", e.site))

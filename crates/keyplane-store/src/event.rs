@@ -2,6 +2,7 @@
 
 use crate::site::site_get_in_txn;
 use crate::{Store, StoreError, in_txn};
+use keyplane_core::DeviceKind;
 use std::time::SystemTime;
 use uuid::Uuid;
 
@@ -100,6 +101,9 @@ pub struct Event {
     pub partition: Option<u8>,
     /// User number.
     pub user_number: Option<u16>,
+    /// Kind of the device, so its user number is shown the way that kind shows
+    /// slots (None when the device is gone and the event does not tell).
+    pub device_kind: Option<DeviceKind>,
     /// Who raised it through the API, for lockdown and release.
     pub actor: Option<String>,
     /// The user holding that user number, when keyplane manages it.
@@ -114,14 +118,38 @@ pub struct Event {
 
 const EVENT_COLUMNS: &str =
     "e.id, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
-    e.silent_alarm, e.occur_time, e.create_time, e.actor";
+    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind";
+
+/// Joins each event's device (events outlive deleted devices, hence LEFT).
+const EVENT_DEVICE_JOIN: &str =
+    "LEFT JOIN device d ON d.site_id = e.site_id AND d.id = e.device_id";
+
+impl EventKind {
+    /// Events only a panel logs: their device is a panel even once it is deleted.
+    fn panel_only(self) -> bool {
+        matches!(
+            self,
+            EventKind::Armed
+                | EventKind::Disarmed
+                | EventKind::ArmRefused
+                | EventKind::DisarmRefused
+                | EventKind::Duress
+        )
+    }
+}
 
 fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
+    let kind = EventKind::parse(row.get(3))?;
+    let device_kind = row
+        .get::<_, Option<&str>>(11)
+        .and_then(DeviceKind::parse)
+        .or_else(|| kind.panel_only().then_some(DeviceKind::Panel));
     Some(Event {
         id: row.get(0),
         site: row.get(1),
         device: row.get(2),
-        kind: EventKind::parse(row.get(3))?,
+        kind,
+        device_kind,
         partition: row
             .get::<_, Option<i16>>(4)
             .and_then(|p| u8::try_from(p).ok()),
@@ -243,6 +271,7 @@ impl Store {
                 .query(
                     &format!(
                         "SELECT {EVENT_COLUMNS} FROM device_event e JOIN site s ON s.id = e.site_id
+                         {EVENT_DEVICE_JOIN}
                          WHERE s.dealer_id = $1 AND ($2::uuid IS NULL OR e.site_id = $2) AND e.id > $3
                          ORDER BY e.id LIMIT $4"
                     ),

@@ -1,0 +1,191 @@
+//! Start-up checks of the agent's arguments: a value that can never work is refused
+//! before the agent starts, with what to pass instead, rather than retried for ever.
+
+use keyplane_core::names::SiteName;
+
+/// An argument the agent cannot start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `--server` is not a URL the agent can connect to.
+    #[error(
+        "--server {given:?} {why}; pass a URL like http://127.0.0.1:50051 (or just 127.0.0.1:50051)"
+    )]
+    Server {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// `--site` is not `sites/{uuid}`.
+    #[error(
+        "--site {given:?} is not a site name: pass sites/{{site id}}, as CreateSite returned it{hint}"
+    )]
+    Site {
+        /// What was given.
+        given: String,
+        /// A suggestion, when one is obvious.
+        hint: String,
+    },
+    /// `--token` cannot be an agent token.
+    #[error("--token {why}; issue an agent token (kpa_…) with AdminService/IssueAgentToken")]
+    Token {
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// The keyplaned URL to connect to: `host:port` is read as `http://host:port`.
+pub fn server_url(given: &str) -> Result<String, ConfigError> {
+    let err = |why| ConfigError::Server {
+        given: given.to_owned(),
+        why,
+    };
+    let trimmed = given.trim();
+    if trimmed.is_empty() {
+        return Err(err("is empty"));
+    }
+    let url = if trimmed.contains("://") {
+        trimmed.to_owned()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| err("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        // This build has no TLS; an https URL would fail on every attempt.
+        Some("https") => {
+            return Err(err(
+                "uses https, which this build of keyplane-agent does not support (terminate TLS in front of it)",
+            ));
+        }
+        _ => return Err(err("has a scheme other than http")),
+    }
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Err(err("names no host"));
+    };
+    // The parser keeps a malformed port and only drops it when asked for a number.
+    let after_host = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, rest)| rest);
+    if after_host.contains(':') && authority.port_u16().is_none() {
+        return Err(err("has a port that is not a number from 1 to 65535"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(err("has a path; keyplaned is reached at the root"));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// Checks that `given` is `sites/{uuid}`.
+pub fn site_name(given: &str) -> Result<String, ConfigError> {
+    match SiteName::parse(given) {
+        Ok(site) => Ok(site.to_string()),
+        Err(_) => {
+            let bare = given.trim().trim_matches('/');
+            let hint = if SiteName::parse(&format!("sites/{bare}")).is_ok() {
+                format!(" (did you mean sites/{bare}?)")
+            } else {
+                String::new()
+            };
+            Err(ConfigError::Site {
+                given: given.to_owned(),
+                hint,
+            })
+        }
+    }
+}
+
+/// Checks that `token` can be sent as an agent token.
+pub fn token(token: &str) -> Result<(), ConfigError> {
+    let err = |why| Err(ConfigError::Token { why });
+    if token.trim().is_empty() {
+        return err("is empty");
+    }
+    if token.starts_with("kpd_") {
+        return err("is a dealer token (kpd_…), not an agent token");
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return err("holds spaces or characters a token never has");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SITE: &str = "sites/6f1c2b9e-2d4a-4b8e-9a57-1f0d3c5e7a21";
+
+    #[test]
+    fn server_urls() {
+        let ok: &[(&str, &str)] = &[
+            ("http://127.0.0.1:50051", "http://127.0.0.1:50051"),
+            ("127.0.0.1:50051", "http://127.0.0.1:50051"),
+            ("localhost:50051", "http://localhost:50051"),
+            (" keyplaned.example:443 ", "http://keyplaned.example:443"),
+            ("http://[::1]:50051/", "http://[::1]:50051"),
+            ("http://keyplaned", "http://keyplaned"),
+        ];
+        for (given, want) in ok {
+            assert_eq!(server_url(given).as_deref(), Ok(*want), "{given}");
+        }
+        let refused: &[(&str, &str)] = &[
+            ("", "is empty"),
+            ("   ", "is empty"),
+            ("https://keyplaned:443", "uses https"),
+            ("grpc://127.0.0.1:50051", "scheme other than http"),
+            ("http://127.0.0.1:50051/keyplane", "has a path"),
+            ("127.0.0.1:50051/x?y", "has a path"),
+            ("http://", "not a URL"),
+            ("127.0.0.1:port", "port that is not a number"),
+            ("http://127.0.0.1:99999", "not a number from 1 to 65535"),
+            ("http://bad host:1", "not a URL"),
+        ];
+        for (given, want) in refused {
+            let e = server_url(given).expect_err(given).to_string();
+            assert!(e.contains(want), "{given}: {e}");
+            assert!(
+                e.contains("http://127.0.0.1:50051"),
+                "says what to pass: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn site_names() {
+        assert_eq!(site_name(SITE).as_deref(), Ok(SITE));
+        let bare = SITE.trim_start_matches("sites/");
+        let cases: &[(&str, Option<&str>)] = &[
+            (bare, Some(SITE)),
+            ("", None),
+            ("sites/", None),
+            ("sites/not-a-uuid", None),
+            ("site/6f1c2b9e-2d4a-4b8e-9a57-1f0d3c5e7a21", None),
+            (&format!("{SITE}/devices/x"), None),
+        ];
+        for (given, suggestion) in cases {
+            let e = site_name(given).expect_err(given).to_string();
+            assert!(e.contains("pass sites/{site id}"), "{given}: {e}");
+            match suggestion {
+                Some(s) => assert!(e.contains(&format!("did you mean {s}?")), "{e}"),
+                None => assert!(!e.contains("did you mean"), "{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tokens() {
+        assert_eq!(token("kpa_0123abcd"), Ok(()));
+        for (given, want) in [
+            ("", "is empty"),
+            ("kpd_0123abcd", "dealer token"),
+            ("kpa_01 23", "characters"),
+            ("kpa_0123\n", "characters"),
+        ] {
+            let e = token(given).expect_err(given).to_string();
+            assert!(e.contains(want), "{given:?}: {e}");
+            assert!(e.contains("IssueAgentToken"), "{e}");
+        }
+    }
+}
