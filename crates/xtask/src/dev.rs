@@ -140,6 +140,8 @@ pub fn run() -> anyhow::Result<()> {
             .arg(site_dir.join("agent-state"))
             .arg("--sim-dir")
             .arg(site_dir.join("devices"))
+            // Codes typed in with `keyplane-agent sim` show up within seconds.
+            .args(["--read-back-secs", "2"])
             .spawn()
             .context("starting keyplane-agent")?,
     );
@@ -148,6 +150,7 @@ pub fn run() -> anyhow::Result<()> {
         banner(&Banner {
             url: &db.url,
             keyplaned: &bin.join("keyplaned").display().to_string(),
+            agent: &bin.join("keyplane-agent").display().to_string(),
             dealer: &dealer,
             token: &token,
             seeded: &seeded,
@@ -165,6 +168,7 @@ pub fn run() -> anyhow::Result<()> {
 struct Banner<'a> {
     url: &'a str,
     keyplaned: &'a str,
+    agent: &'a str,
     dealer: &'a str,
     token: &'a str,
     seeded: &'a str,
@@ -206,10 +210,21 @@ fn banner(b: &Banner) -> String {
             "kp -d '{{\"{field}\":\"{value}\"}}' {LISTEN} {admin}/{method}\n"
         ));
     }
-    out.push_str(&format!(
-        "cat {}/*.json    # what each simulated device holds\n",
-        b.devices
-    ));
+    // What each simulated device holds (user numbers and slots, never a code), and
+    // how to act at it as a person would.
+    let devices: Vec<&str> = b
+        .seeded
+        .lines()
+        .filter_map(|l| l.strip_prefix("device: "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    out.push_str("\nAt the simulated devices (see \"Trying things by hand\" in README.md):\n");
+    for device in devices {
+        out.push_str(&format!(
+            "{} sim --sim-dir {} {device} show\n",
+            b.agent, b.devices
+        ));
+    }
     out
 }
 
@@ -222,9 +237,10 @@ mod tests {
         let text = banner(&Banner {
             url: "postgres://postgres@127.0.0.1:5432/postgres",
             keyplaned: "target/debug/keyplaned",
+            agent: "target/debug/keyplane-agent",
             dealer: "dealers/d1",
             token: "kpd_t",
-            seeded: "site: sites/s1\n",
+            seeded: "site: sites/s1\ndevice: sites/s1/devices/d1 zwave-lock-30\n",
             site: "sites/s1",
             user: "sites/s1/users/u1",
             devices: ".dev/devices",
@@ -237,6 +253,14 @@ mod tests {
             .filter(|l| l.starts_with("kp ") || l.starts_with("grpcurl "))
             .collect();
         assert_eq!(calls.len(), 6, "{text}");
+        // Device state files hold codes: the banner shows devices through `sim show`.
+        assert!(!text.contains(".json"), "{text}");
+        assert!(
+            text.contains(
+                "target/debug/keyplane-agent sim --sim-dir .dev/devices sites/s1/devices/d1 show"
+            ),
+            "{text}"
+        );
         for call in calls {
             // grpcurl reads `ADDRESS [METHOD]` last; anything after them is "Too many arguments".
             let words: Vec<&str> = call.split_whitespace().collect();
