@@ -980,3 +980,187 @@ async fn local_codes_and_drift_follow_the_same_rules() -> anyhow::Result<()> {
     assert!(revision(&s).await? > before);
     Ok(())
 }
+
+/// Configuring the site is installer work: a site user acting through the back office
+/// is refused on every call that does it, and nothing changes.
+#[tokio::test]
+async fn site_users_do_not_configure_the_site() -> anyhow::Result<()> {
+    let s = Site::new().await?;
+    let (site, alice, lock) = (s.site.clone(), s.alice.clone(), s.lock.clone());
+    let token = s.token.clone();
+    let mut a = s.server.admin_as(&token, &alice, Some(1)).await?;
+    let client = s.server.db.client().await?;
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { Ok::<i64, anyhow::Error>(client.query_one(sql, &[]).await?.get(0)) }
+    };
+    let before = (
+        count("SELECT revision FROM site").await?,
+        count("SELECT count(*) FROM audit_log").await?,
+    );
+    let site_pb = || pb::Site {
+        name: site.clone(),
+        time_zone: "UTC".into(),
+        ..Default::default()
+    };
+    let device_pb = || pb::Device {
+        name: lock.name.clone(),
+        display_name: "Back door".into(),
+        model: "zwave-lock-30".into(),
+        partition: 1,
+        ..Default::default()
+    };
+    let refusals: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "CreateSite",
+            a.create_site(pb::CreateSiteRequest {
+                site: Some(site_pb()),
+                request_id: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "UpdateSite",
+            a.update_site(pb::UpdateSiteRequest {
+                site: Some(site_pb()),
+                update_mask: None,
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "DeleteSite",
+            a.delete_site(pb::DeleteSiteRequest {
+                name: site.clone(),
+                etag: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "CreatePartition",
+            a.create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 2,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "UpdatePartition",
+            a.update_partition(pb::UpdatePartitionRequest {
+                partition: Some(pb::Partition {
+                    name: format!("{site}/partitions/1"),
+                    display_name: "Upstairs".into(),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "DeletePartition",
+            a.delete_partition(pb::DeletePartitionRequest {
+                name: format!("{site}/partitions/1"),
+                etag: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "CreateDevice",
+            a.create_device(pb::CreateDeviceRequest {
+                parent: site.clone(),
+                device: Some(device_pb()),
+                request_id: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "UpdateDevice",
+            a.update_device(pb::UpdateDeviceRequest {
+                device: Some(device_pb()),
+                update_mask: None,
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "DeleteDevice",
+            a.delete_device(pb::DeleteDeviceRequest {
+                name: lock.name.clone(),
+                etag: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "IssueAgentToken",
+            a.issue_agent_token(pb::IssueAgentTokenRequest { site: site.clone() })
+                .await
+                .map(drop),
+        ),
+        (
+            "CreateAccessPlan",
+            a.create_access_plan(pb::CreateAccessPlanRequest {
+                parent: site.clone(),
+                plan: Some(pb::StandardAccessPlan {
+                    display_name: "Staff".into(),
+                    devices: vec![lock.name.clone()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "PutHoliday",
+            a.put_holiday(pb::PutHolidayRequest {
+                holiday: Some(pb::Holiday {
+                    name: format!("{site}/holidays/2026-12-25"),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "LockdownDoors",
+            a.lockdown_doors(pb::LockdownDoorsRequest { site: site.clone() })
+                .await
+                .map(drop),
+        ),
+        (
+            "ReleaseLockdown",
+            a.release_lockdown(pb::ReleaseLockdownRequest { site: site.clone() })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (call, result) in refusals {
+        let status = result.expect_err(call);
+        assert_eq!(status.code(), Code::PermissionDenied, "{call}: {status:?}");
+        assert!(
+            status.message().contains("installer work"),
+            "{call}: {}",
+            status.message()
+        );
+    }
+    let after = (
+        count("SELECT revision FROM site").await?,
+        count("SELECT count(*) FROM audit_log").await?,
+    );
+    assert_eq!(before, after, "a refused call changes nothing");
+    // Reading is not configuring.
+    a.get_site(pb::GetSiteRequest { name: site.clone() })
+        .await?;
+    Ok(())
+}

@@ -242,6 +242,16 @@ pub enum AuthorityError {
         /// Who acts.
         actor: String,
     },
+    /// Configuring the site is installer work (program mode).
+    #[error(
+        "{what} is installer work: a site user acting through the back office (keyplane-acting-user {user}) may not do it; the dealer calls without keyplane-acting-user"
+    )]
+    InstallerOnly {
+        /// The act, e.g. "adding a device".
+        what: String,
+        /// The acting user named in the header.
+        user: String,
+    },
     /// Nobody deletes themselves.
     #[error("{actor} cannot delete themselves")]
     SelfDelete {
@@ -540,6 +550,20 @@ impl Actor {
     }
 }
 
+/// Site configuration (partitions, devices, plans of doors, holidays, lockdown, agent
+/// tokens) is what only the installer does at a panel (program mode): the dealer may,
+/// a site user acting through the back office (`acting_user`) may not. Reads are not
+/// configuration.
+pub fn check_installer_only(acting_user: Option<&str>, what: &str) -> Result<(), AuthorityError> {
+    match acting_user {
+        None => Ok(()),
+        Some(user) => Err(AuthorityError::InstallerOnly {
+            what: what.to_owned(),
+            user: user.to_owned(),
+        }),
+    }
+}
+
 /// At the panel: may a code of `level` disarm a partition, given whether that same
 /// code armed it? Master and lower codes are interchangeable, except operator C (the
 /// babysitter) and the installer, who disarm only what they armed themselves.
@@ -579,6 +603,18 @@ mod tests {
 
     fn auth(levels: &[(u8, Level)]) -> Authorities {
         levels.iter().copied().collect()
+    }
+
+    #[test]
+    fn configuration_is_installer_work() {
+        assert!(check_installer_only(None, "adding a device").is_ok());
+        let e = check_installer_only(Some("sites/s/users/u"), "adding a device")
+            .expect_err("a site user configures nothing");
+        let text = e.to_string();
+        assert!(
+            text.contains("adding a device") && text.contains("installer"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -60,6 +60,15 @@ impl AdminApi {
     }
 }
 
+/// Refuses a site user acting through the back office on calls that configure the site.
+fn installer_only(actor: &store::Actor, what: &str) -> Result<(), Status> {
+    let user = actor
+        .acting_user
+        .map(|(site, user)| format!("sites/{site}/users/{user}"));
+    keyplane_core::authority::check_installer_only(user.as_deref(), what)
+        .map_err(crate::error::authority_status)
+}
+
 fn site_name(field: &str, name: &str) -> Result<SiteName, Status> {
     SiteName::parse(name).map_err(|e| name_status(field, e))
 }
@@ -95,6 +104,7 @@ where
 impl AdminService for AdminApi {
     async fn create_site(&self, request: Request<pb::CreateSiteRequest>) -> Res<pb::Site> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "creating a site")?;
         let req = request.into_inner();
         let site = required("site", req.site.as_ref())?;
         let new = store::NewSite {
@@ -144,6 +154,7 @@ impl AdminService for AdminApi {
 
     async fn update_site(&self, request: Request<pb::UpdateSiteRequest>) -> Res<pb::Site> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "changing a site")?;
         let req = request.into_inner();
         let site = required("site", req.site.as_ref())?;
         let name = site_name("site.name", &site.name)?;
@@ -177,6 +188,7 @@ impl AdminService for AdminApi {
 
     async fn delete_site(&self, request: Request<pb::DeleteSiteRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "deleting a site")?;
         let req = request.get_ref();
         let name = site_name("name", &req.name)?;
         self.store
@@ -191,6 +203,7 @@ impl AdminService for AdminApi {
         request: Request<pb::CreatePartitionRequest>,
     ) -> Res<pb::Partition> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "adding a partition")?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
         let partition = required("partition", req.partition.as_ref())?;
@@ -247,6 +260,7 @@ impl AdminService for AdminApi {
         request: Request<pb::UpdatePartitionRequest>,
     ) -> Res<pb::Partition> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "renaming a partition")?;
         let req = request.into_inner();
         let partition = required("partition", req.partition.as_ref())?;
         let name =
@@ -272,6 +286,7 @@ impl AdminService for AdminApi {
 
     async fn delete_partition(&self, request: Request<pb::DeletePartitionRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "deleting a partition")?;
         let req = request.get_ref();
         let name = PartitionName::parse(&req.name).map_err(|e| name_status("name", e))?;
         self.store
@@ -283,6 +298,7 @@ impl AdminService for AdminApi {
 
     async fn create_device(&self, request: Request<pb::CreateDeviceRequest>) -> Res<pb::Device> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "adding a device")?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
         let device = required("device", req.device.as_ref())?;
@@ -337,6 +353,7 @@ impl AdminService for AdminApi {
 
     async fn update_device(&self, request: Request<pb::UpdateDeviceRequest>) -> Res<pb::Device> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "changing a device")?;
         let req = request.into_inner();
         let device = required("device", req.device.as_ref())?;
         let name = DeviceName::parse(&device.name).map_err(|e| name_status("device.name", e))?;
@@ -373,6 +390,7 @@ impl AdminService for AdminApi {
 
     async fn delete_device(&self, request: Request<pb::DeleteDeviceRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "deleting a device")?;
         let req = request.get_ref();
         let name = DeviceName::parse(&req.name).map_err(|e| name_status("name", e))?;
         self.store
@@ -648,6 +666,7 @@ impl AdminService for AdminApi {
         request: Request<pb::IssueAgentTokenRequest>,
     ) -> Res<pb::IssueAgentTokenResponse> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "issuing an agent token")?;
         let site = site_name("site", &request.get_ref().site)?;
         let token = self
             .store
@@ -831,6 +850,7 @@ impl AdminService for AdminApi {
         request: Request<pb::CreateAccessPlanRequest>,
     ) -> Res<pb::StandardAccessPlan> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "creating an access plan")?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
         let plan = required("plan", req.plan.as_ref())?;
@@ -890,6 +910,7 @@ impl AdminService for AdminApi {
         request: Request<pb::UpdateAccessPlanRequest>,
     ) -> Res<pb::StandardAccessPlan> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "changing an access plan")?;
         let req = request.into_inner();
         let plan = required("plan", req.plan.as_ref())?;
         let (site, id) = access_plan_name("plan.name", &plan.name)?;
@@ -915,6 +936,7 @@ impl AdminService for AdminApi {
 
     async fn delete_access_plan(&self, request: Request<pb::DeleteAccessPlanRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "deleting an access plan")?;
         let req = request.get_ref();
         if req.name.ends_with("/personalAccessPlan") {
             return Err(Status::failed_precondition(
@@ -932,6 +954,7 @@ impl AdminService for AdminApi {
 
     async fn put_holiday(&self, request: Request<pb::PutHolidayRequest>) -> Res<pb::Holiday> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "setting a holiday")?;
         let req = request.into_inner();
         let holiday = required("holiday", req.holiday.as_ref())?;
         let (site, day) = holiday_name("holiday.name", &holiday.name)?;
@@ -984,6 +1007,7 @@ impl AdminService for AdminApi {
 
     async fn delete_holiday(&self, request: Request<pb::DeleteHolidayRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "deleting a holiday")?;
         let (site, day) = holiday_name("name", &request.get_ref().name)?;
         self.store
             .holiday_delete(&actor, site, day)
@@ -995,6 +1019,7 @@ impl AdminService for AdminApi {
 
     async fn lockdown_doors(&self, request: Request<pb::LockdownDoorsRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "locking down doors")?;
         let site = site_name("site", &request.get_ref().site)?;
         self.store
             .site_lockdown_set(&actor, site.site, true)
@@ -1007,6 +1032,7 @@ impl AdminService for AdminApi {
 
     async fn release_lockdown(&self, request: Request<pb::ReleaseLockdownRequest>) -> Res<()> {
         let actor = auth::dealer(&self.store, &request).await?;
+        installer_only(&actor, "releasing a lockdown")?;
         let site = site_name("site", &request.get_ref().site)?;
         self.store
             .site_lockdown_set(&actor, site.site, false)

@@ -27,6 +27,15 @@ pub fn store_status(err: StoreError) -> Status {
     }
 }
 
+/// An authority refusal decided before the store is reached.
+pub fn authority_status(err: keyplane_core::authority::AuthorityError) -> Status {
+    if err.is_precondition() {
+        Status::failed_precondition(err.to_string())
+    } else {
+        Status::permission_denied(err.to_string())
+    }
+}
+
 /// A malformed resource name in field `field`.
 pub fn name_status(field: &str, err: NameError) -> Status {
     Status::invalid_argument(format!("{field}: {err}"))
