@@ -177,7 +177,14 @@ pub async fn create_device(
             device: Some(pb::Device {
                 display_name: name.into(),
                 model: model.into(),
-                partition: 1,
+                // A panel spans partitions; locks and doors belong to one.
+                partition: if DeviceModel::find(model)
+                    .is_some_and(|m| m.kind == keyplane_core::DeviceKind::Panel)
+                {
+                    0
+                } else {
+                    1
+                },
                 perimeter: true,
                 ..Default::default()
             }),

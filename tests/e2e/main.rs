@@ -8,6 +8,7 @@ mod authority;
 mod bad_input;
 mod by_hand;
 mod doors;
+mod edges;
 mod fixture;
 mod local;
 mod panel;

@@ -234,6 +234,14 @@ pub enum AuthorityError {
         /// The partitions they hold.
         held: Vec<u8>,
     },
+    /// A user with no level anywhere may change nothing.
+    #[error(
+        "{actor} holds no authority level in any partition: only installer, master and manager codes may add users or change codes"
+    )]
+    NoLevel {
+        /// Who acts.
+        actor: String,
+    },
     /// A code programmed at the panel has a level keyplane cannot know.
     #[error(
         "{actor} cannot remove a code programmed at the panel: its authority level is unknown and may be the same as or higher than theirs; the installer (the dealer, calling without keyplane-acting-user) removes it, or a user claims it first"
@@ -363,13 +371,36 @@ impl Actor {
         header: Option<u8>,
         involved: &[u8],
     ) -> Result<Option<u8>, AuthorityError> {
-        self.check_acting_partition(header)?;
-        let acting = self.acting_partition(header).unwrap_or(None);
+        // A user holding several partitions names the one they act from, as they must
+        // to change the code later; only the dealer falls back to the code's own.
+        let acting = self.acting_partition(header)?;
         Ok(acting.or_else(|| involved.first().copied()))
+    }
+
+    /// A user actor must hold a level that manages users (0-2) somewhere at all.
+    fn check_manages_somewhere(&self) -> Result<(), AuthorityError> {
+        let Actor::User { authorities, .. } = self else {
+            return Ok(());
+        };
+        if authorities.values().any(|l| l.manages_users()) {
+            return Ok(());
+        }
+        Err(match authorities.iter().next() {
+            Some((&partition, &level)) => AuthorityError::CannotManage {
+                actor: self.label(),
+                level,
+                partition,
+            },
+            None => AuthorityError::NoLevel {
+                actor: self.label(),
+            },
+        })
     }
 
     /// May this actor create (or re-grant) a user with `requested` levels?
     pub fn check_grant(&self, requested: &Authorities) -> Result<(), AuthorityError> {
+        // Asking for no level at all is still adding or changing a user.
+        self.check_manages_somewhere()?;
         for (&partition, &level) in requested {
             if level == Level::Installer {
                 return Err(AuthorityError::InstallerNotGrantable);
@@ -425,8 +456,11 @@ impl Actor {
                 }
             };
             if !authorities.values().any(allowed) {
-                let (&partition, &level) =
-                    authorities.iter().next().unwrap_or((&0, &Level::Duress));
+                let Some((&partition, &level)) = authorities.iter().next() else {
+                    return Err(AuthorityError::NoLevel {
+                        actor: self.label(),
+                    });
+                };
                 return Err(if is_self {
                     AuthorityError::OwnCodeLocked {
                         actor: self.label(),
@@ -744,6 +778,30 @@ mod tests {
                 master1.clone(),
                 auth(&[(1, Manager)]),
                 true,
+            ),
+            (
+                "master adds a user with no level yet",
+                master1.clone(),
+                auth(&[]),
+                true,
+            ),
+            (
+                "duress adds a user with no level",
+                user(&[(1, Duress)]),
+                auth(&[]),
+                false,
+            ),
+            (
+                "operator A adds a user with no level",
+                user(&[(1, OperatorA)]),
+                auth(&[]),
+                false,
+            ),
+            (
+                "a user with no level adds a user with no level",
+                user(&[]),
+                auth(&[]),
+                false,
             ),
             (
                 "master adds operator C",
@@ -1109,7 +1167,7 @@ mod tests {
                 user(&[(1, Master), (2, Master)]),
                 None,
                 &[2],
-                Some(Some(2)),
+                None,
             ),
             ("header not held", user(&[(1, Master)]), Some(2), &[1], None),
         ];

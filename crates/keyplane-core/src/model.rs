@@ -33,6 +33,12 @@ impl DeviceKind {
         }
     }
 
+    /// Whether a device of this kind belongs to one partition. A panel spans the
+    /// site's partitions (each code names its own), so it has none.
+    pub fn has_partition(self) -> bool {
+        self != DeviceKind::Panel
+    }
+
     /// A slot as shown to people, one way per kind everywhere (API, events, logs):
     /// panel user numbers always have 3 digits (`003`), lock and door slots are plain
     /// numbers (`3`).

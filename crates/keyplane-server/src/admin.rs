@@ -806,7 +806,10 @@ impl AdminService for AdminApi {
                                 "plan.access_points[{i}] names a device of another site"
                             )));
                         }
-                        ids.push(d.device);
+                        // A repeated name means the same device once.
+                        if !ids.contains(&d.device) {
+                            ids.push(d.device);
+                        }
                     }
                     patch.access_points = Some(ids);
                 }
@@ -1207,7 +1210,9 @@ fn access_plan_fields(
                             "plan.devices[{i}] is a device of another site"
                         )));
                     }
-                    ids.push(d.device);
+                    if !ids.contains(&d.device) {
+                        ids.push(d.device);
+                    }
                 }
                 fields.devices = Some(ids);
             }
@@ -1221,7 +1226,9 @@ fn access_plan_fields(
                             "plan.members[{i}] is a user of another site"
                         )));
                     }
-                    ids.push(u.user);
+                    if !ids.contains(&u.user) {
+                        ids.push(u.user);
+                    }
                 }
                 fields.members = Some(ids);
             }

@@ -173,13 +173,15 @@ impl AgentService for AgentApi {
             ));
         }
         let wake = self.hub.subscribe(site);
+        // Identifies this stream, so only the newest one marks the site disconnected.
+        let session = Uuid::new_v4();
         let first = self
             .store
             .agent_update(site, hello.applied_revision)
             .await
             .map_err(store_status)?;
         self.store
-            .agent_session_mark(site, true)
+            .agent_session_open(site, session)
             .await
             .map_err(store_status)?;
         tracing::info!(%site, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
@@ -187,6 +189,7 @@ impl AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(16);
         let session = Session {
             site,
+            session,
             store: self.store.clone(),
             bell: self.bell.clone(),
             hub: self.hub.clone(),
@@ -200,6 +203,7 @@ impl AgentService for AgentApi {
 
 struct Session {
     site: Uuid,
+    session: Uuid,
     store: Store,
     bell: EventBell,
     hub: Hub,
@@ -248,7 +252,7 @@ impl Session {
                 }
             }
         }
-        if let Err(e) = self.store.agent_session_mark(site, false).await {
+        if let Err(e) = self.store.agent_session_close(site, self.session).await {
             tracing::warn!(%site, error = %e, "marking agent disconnected failed");
         }
         tracing::info!(%site, "agent disconnected");

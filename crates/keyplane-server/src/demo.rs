@@ -29,7 +29,7 @@ fn authed<T>(token: &str, msg: T) -> anyhow::Result<Request<T>> {
     Ok(req)
 }
 
-/// Seeds a site with a panel (partition 1), a lock, a door and user Alice holding one
+/// Seeds a site with a panel, a lock and a door (partition 1) and user Alice holding one
 /// code for the panel and another for the lock.
 pub async fn seed(server: &str, token: &str) -> anyhow::Result<Demo> {
     let mut admin =
@@ -76,7 +76,8 @@ pub async fn seed(server: &str, token: &str) -> anyhow::Result<Demo> {
                     device: Some(pb::Device {
                         display_name: name.into(),
                         model: model.into(),
-                        partition: 1,
+                        // A panel spans partitions; locks and doors belong to one.
+                        partition: if model.starts_with("vista") { 0 } else { 1 },
                         perimeter: true,
                         ..Default::default()
                     }),

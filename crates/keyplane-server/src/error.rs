@@ -20,7 +20,24 @@ pub fn store_status(err: StoreError) -> Status {
             tracing::error!(%detail, "database pool unavailable");
             Status::unavailable("the database is unavailable; retry shortly")
         }
-        err @ (StoreError::Db(_) | StoreError::Internal(_)) => {
+        StoreError::Db(e) => {
+            // tokio-postgres prints only "db error"; the server's own words are in
+            // the source (never a PIN: PINs are bound as sealed bytes, not text).
+            let detail = e
+                .as_db_error()
+                .map(|d| {
+                    format!(
+                        "{}: {} ({})",
+                        d.code().code(),
+                        d.message(),
+                        d.detail().unwrap_or("")
+                    )
+                })
+                .unwrap_or_else(|| e.to_string());
+            tracing::error!(error = %detail, "internal error: database");
+            Status::internal("internal error; the server logged the details")
+        }
+        err @ StoreError::Internal(_) => {
             tracing::error!(error = %err, "internal error");
             Status::internal("internal error; the server logged the details")
         }

@@ -39,6 +39,12 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the key id of a PIN key file (what the database records and errors name).
+    KeyId {
+        /// The key file.
+        #[arg(long, env = "KEYPLANE_PIN_KEY_FILE")]
+        pin_key_file: PathBuf,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Create a dealer and print its first API token.
@@ -85,9 +91,24 @@ fn load_key(pin_key: Option<&str>, pin_key_file: Option<&Path>) -> anyhow::Resul
             path.display()
         );
     }
+    warn_if_readable_by_others(path);
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     PinKey::from_hex(&text).with_context(|| format!("PIN key in {}", path.display()))
+}
+
+/// The key opens every PIN: say so when anyone but its owner may read it.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the PIN key file is readable by other users: chmod 600 it"
+        );
+    }
 }
 
 fn keygen(out: &Path) -> anyhow::Result<PinKey> {
@@ -96,6 +117,17 @@ fn keygen(out: &Path) -> anyhow::Result<PinKey> {
             "{} already exists: a key file is never overwritten (PINs sealed with it would be lost)",
             out.display()
         );
+    }
+    if let Some(dir) = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
@@ -162,6 +194,11 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::KeyId { pin_key_file } => {
+            let key = load_key(None, Some(pin_key_file))?;
+            println!("key_id: {}", key.id());
+            Ok(())
+        }
         Command::Migrate => {
             // Migrations need no PIN key; a throwaway one satisfies the pool's type.
             let store = Store::connect(&database_url(&cli)?, 2, PinKey::generate()?)?;
@@ -200,7 +237,7 @@ mod tests {
         assert!(format!("{none:#}").contains("keyplaned keygen"), "{none:#}");
         let dir = std::env::temp_dir().join(format!("keyplane-keytest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("pin.key");
+        let path = dir.join("etc/keyplane/pin.key");
         let missing = load_key(None, Some(&path)).expect_err("missing file");
         assert!(
             format!("{missing:#}").contains("keygen --out"),

@@ -64,8 +64,14 @@ pub(crate) async fn device_list_for_site_in_txn(
 async fn partition_check_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
+    kind: DeviceKind,
     partition: Option<u8>,
 ) -> Result<(), StoreError> {
+    if partition.is_some() && !kind.has_partition() {
+        return Err(StoreError::InvalidArgument(
+            "device.partition: a panel spans partitions (each code names its own in scope.panel_partitions), so it takes no partition: leave partition unset".into(),
+        ));
+    }
     if let Some(p) = partition {
         crate::partition::partition_get_in_txn(tx, site, p).await?;
     }
@@ -86,7 +92,7 @@ impl Store {
             if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
                 return device_get_in_txn(&tx, site, replayed_id(&name)?).await;
             }
-            partition_check_in_txn(&tx, site, new.partition).await?;
+            partition_check_in_txn(&tx, site, new.model.kind, new.partition).await?;
             if new.model.kind == DeviceKind::Panel {
                 let panels: i64 = tx
                     .query_one(
@@ -183,7 +189,7 @@ impl Store {
             let current = device_get_in_txn(&tx, site, device).await?;
             etag_check(&format!("device {}", current.name()), etag, current.version)?;
             let partition = patch.partition.unwrap_or(current.partition);
-            partition_check_in_txn(&tx, site, partition).await?;
+            partition_check_in_txn(&tx, site, current.kind(), partition).await?;
             let row = tx
                 .query_one(
                     &format!(

@@ -212,7 +212,9 @@ impl Store {
             let dealer: Uuid = row.get(0);
             let authoritative =
                 LocalCodePolicy::parse(row.get(1)) == LocalCodePolicy::Authoritative;
-            crate::device::device_get_in_txn(&tx, site, device).await?;
+            let model = crate::device::device_get_in_txn(&tx, site, device)
+                .await?
+                .model;
             let before: Vec<(i32, String, bool)> = tx
                 .query(
                     "SELECT slot, state, removing FROM observed_slot WHERE site_id = $1 AND device_id = $2",
@@ -229,7 +231,10 @@ impl Store {
             .await?;
             let system = policy_actor(dealer);
             let mut changed = Vec::new();
-            for o in slots {
+            // Reserved slots (a panel's installer code, user 001) belong to the device,
+            // not to anyone keyplane manages: never a local code, never cleared or
+            // claimed, whatever an agent reports.
+            for o in slots.iter().filter(|o| model.is_assignable(o.slot)) {
                 let slot = i32::from(o.slot);
                 let was = before.iter().find(|(s, _, _)| *s == slot);
                 let (sealed, key_id, hash) = match &o.pin {

@@ -233,12 +233,25 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Marks the site's agent stream as open (`true`) or closed.
-    pub async fn agent_session_mark(&self, site: Uuid, open: bool) -> Result<(), StoreError> {
+    /// Marks the site's agent stream `session` as the open one.
+    pub async fn agent_session_open(&self, site: Uuid, session: Uuid) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         conn.execute(
-            "UPDATE site SET agent_connected = $2, agent_last_seen = now() WHERE id = $1",
-            &[&site, &open],
+            "UPDATE site SET agent_connected = true, agent_session = $2, agent_last_seen = now() WHERE id = $1",
+            &[&site, &session],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the site's agent disconnected, unless another stream opened since
+    /// `session` did (a duplicate or a reconnect that overtook it).
+    pub async fn agent_session_close(&self, site: Uuid, session: Uuid) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "UPDATE site SET agent_connected = false, agent_last_seen = now()
+             WHERE id = $1 AND agent_session = $2",
+            &[&site, &session],
         )
         .await?;
         Ok(())
@@ -305,6 +318,19 @@ impl Store {
             )
             .await?;
         let (has_panel, has_master): (bool, bool) = (row.get(0), row.get(1));
+        let other_key: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM credential WHERE site_id = $1 AND pin_key_id <> $2",
+                &[&site, &self.key().id()],
+            )
+            .await?
+            .get(0);
+        if other_key > 0 {
+            setup_issues.push(format!(
+                "{other_key} code(s) are sealed under another PIN key than this server's ({}) and cannot reach the devices: start every replica with the same key file",
+                self.key().id()
+            ));
+        }
         if has_panel && !has_master {
             setup_issues.push(
                 "no master code yet: the installer must add at least one master (level 1) user"

@@ -1,0 +1,258 @@
+//! Edges of rules found by trying keyplane as a dealer would: reserved slots, a
+//! panel's partition, users without a level, one PIN key per database, agent
+//! sessions, repeated names in plans.
+
+use crate::fixture::{Site, create_user_with, lock_scope, panel_scope};
+use keyplane_core::pin::Pin;
+use keyplane_proto::v1 as pb;
+use keyplane_store::{Observed, ObservedState};
+use tonic::Code;
+use uuid::Uuid;
+
+fn id(name: &str) -> anyhow::Result<Uuid> {
+    Ok(Uuid::parse_str(
+        name.rsplit('/').next().unwrap_or_default(),
+    )?)
+}
+
+async fn set_policy(s: &mut Site, policy: pb::LocalCodePolicy) -> anyhow::Result<()> {
+    s.admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: s.site.clone(),
+                local_code_policy: policy as i32,
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?;
+    Ok(())
+}
+
+/// A panel's user 001 (the installer code, a reserved slot) belongs to the panel: an
+/// agent reporting it does not make it a LOCAL code, so it is never listed, claimed or
+/// cleared, not even under AUTHORITATIVE.
+#[tokio::test]
+async fn reserved_slots_are_never_local_codes() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    set_policy(&mut s, pb::LocalCodePolicy::Authoritative).await?;
+    let (site, panel) = (id(&s.site)?, id(&s.panel.name)?);
+    let observe = |slot, pin: &str| Observed {
+        slot,
+        state: ObservedState::Foreign,
+        pin: Pin::parse(pin).ok(),
+    };
+    s.server
+        .store
+        .observed_record(site, panel, &[observe(1, "2591"), observe(20, "3916")])
+        .await?;
+    let codes = s
+        .admin
+        .list_local_codes(pb::ListLocalCodesRequest {
+            parent: s.site.clone(),
+        })
+        .await?
+        .into_inner()
+        .local_codes;
+    let slots: Vec<i32> = codes.iter().map(|c| c.slot).collect();
+    assert_eq!(slots, vec![20], "only the assignable slot is a local code");
+    let claim = s
+        .admin
+        .claim_local_code(pb::ClaimLocalCodeRequest {
+            name: format!("{}/localCodes/1", s.panel.name),
+            user: s.alice.clone(),
+            panel_partitions: vec![1],
+        })
+        .await
+        .expect_err("the installer code is not claimable");
+    assert_eq!(claim.code(), Code::NotFound, "{claim:?}");
+    let cleared: i64 = s
+        .server
+        .db
+        .client()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE action = 'local_code.clear' AND resource LIKE '%/localCodes/1'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(cleared, 0, "the installer code is never cleared");
+    Ok(())
+}
+
+/// A panel spans partitions: it takes none of its own, so a master of partition 2
+/// alone manages panel codes of partition 2.
+#[tokio::test]
+async fn a_panel_has_no_partition_of_its_own() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let refused = s
+        .admin
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                name: s.panel.name.clone(),
+                partition: 1,
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await
+        .expect_err("a panel takes no partition");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("panel"), "{}", refused.message());
+    s.admin
+        .create_partition(pb::CreatePartitionRequest {
+            parent: site.clone(),
+            partition: Some(pb::Partition {
+                number: 2,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let m2 = create_user_with(&mut s.admin, &site, "M2", &[(2, pb::Level::Master)]).await?;
+    let op2 = create_user_with(&mut s.admin, &site, "Op2", &[(2, pb::Level::OperatorB)]).await?;
+    let token = s.token.clone();
+    let mut as_m2 = s.server.admin_as(&token, &m2, Some(2)).await?;
+    let created = as_m2
+        .create_credential(pb::CreateCredentialRequest {
+            parent: op2,
+            credential: Some(pb::Credential {
+                pin: "5173".into(),
+                scope: Some(panel_scope(&[2])),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(created.created_partition, 2);
+    Ok(())
+}
+
+/// Only levels 0-2 add users, also when the new user gets no level yet.
+#[tokio::test]
+async fn users_without_a_managing_level_add_nobody() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let nobody = create_user_with(&mut s.admin, &site, "Nobody", &[]).await?;
+    let duress = create_user_with(&mut s.admin, &site, "Duress", &[(1, pb::Level::Duress)]).await?;
+    let token = s.token.clone();
+    for (who, actor) in [("no level", nobody), ("duress", duress)] {
+        let mut a = s.server.admin_as(&token, &actor, None).await?;
+        let status = a
+            .create_user(pb::CreateUserRequest {
+                parent: site.clone(),
+                user: Some(pb::User {
+                    display_name: "Spawned".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect_err(who);
+        assert_eq!(status.code(), Code::PermissionDenied, "{who}: {status:?}");
+        assert!(
+            !status.message().contains("partition 0"),
+            "{who}: {}",
+            status.message()
+        );
+    }
+    let users = s
+        .admin
+        .list_users(pb::ListUsersRequest {
+            parent: site.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .users;
+    assert!(users.iter().all(|u| u.display_name != "Spawned"));
+    Ok(())
+}
+
+/// The first replica records its PIN key; a replica with another key is refused even
+/// on a database that holds no PIN yet, so the same PIN can never be accepted twice
+/// on one lock through two keys.
+#[tokio::test]
+async fn a_database_keeps_one_pin_key_from_the_start() -> anyhow::Result<()> {
+    let s = Site::new().await?;
+    let needed = s.server.store.key().id().to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let config =
+        keyplane_server::Config::new(s.server.db.url.clone(), keyplane_store::PinKey::generate()?);
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        keyplane_server::serve(config, listener, tokio_util::sync::CancellationToken::new()),
+    )
+    .await?;
+    let text = format!("{:#}", result.expect_err("another key is refused"));
+    assert!(text.contains(&needed), "{text}");
+    Ok(())
+}
+
+/// Only the newest stream of a site marks it disconnected when it ends.
+#[tokio::test]
+async fn a_replaced_agent_stream_does_not_mark_the_site_disconnected() -> anyhow::Result<()> {
+    let s = Site::new().await?;
+    let store = &s.server.store;
+    let site = id(&s.site)?;
+    let dealer: Uuid = s
+        .server
+        .db
+        .client()
+        .await?
+        .query_one("SELECT dealer_id FROM site WHERE id = $1", &[&site])
+        .await?
+        .get(0);
+    let (old, new) = (Uuid::new_v4(), Uuid::new_v4());
+    store.agent_session_open(site, old).await?;
+    store.agent_session_open(site, new).await?;
+    store.agent_session_close(site, old).await?;
+    assert!(
+        store.sync_status(dealer, site).await?.agent_connected,
+        "the newer stream is still open"
+    );
+    store.agent_session_close(site, new).await?;
+    assert!(!store.sync_status(dealer, site).await?.agent_connected);
+    Ok(())
+}
+
+/// A device or member named twice in a plan means it once, not INTERNAL.
+#[tokio::test]
+async fn repeated_names_in_plans_mean_them_once() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (site, alice, lock) = (s.site.clone(), s.alice.clone(), s.lock.clone());
+    s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
+    let plan = s
+        .admin
+        .create_access_plan(pb::CreateAccessPlanRequest {
+            parent: site.clone(),
+            plan: Some(pb::StandardAccessPlan {
+                display_name: "Twice".into(),
+                devices: vec![lock.name.clone(), lock.name.clone()],
+                members: vec![alice.clone(), alice.clone()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(plan.devices, vec![lock.name.clone()]);
+    assert_eq!(plan.members, vec![alice.clone()]);
+    let personal = s
+        .admin
+        .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+            plan: Some(pb::PersonalAccessPlan {
+                name: format!("{alice}/personalAccessPlan"),
+                access_points: vec![lock.name.clone(), lock.name.clone()],
+                ..Default::default()
+            }),
+            update_mask: None,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(personal.access_points, vec![lock.name.clone()]);
+    Ok(())
+}
