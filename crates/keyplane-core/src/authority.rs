@@ -100,6 +100,8 @@ pub enum Action {
     ChangeCode,
     /// Deleting a user (and with them every code they hold).
     DeleteUser,
+    /// Changing a user's levels.
+    ChangeLevels,
 }
 
 impl Action {
@@ -108,6 +110,7 @@ impl Action {
             Action::Grant => "users can only grant partitions they hold",
             Action::ChangeCode => "users add, change or delete codes only in partitions they hold",
             Action::DeleteUser => "users delete only users whose every partition they hold",
+            Action::ChangeLevels => "users change levels only in partitions they hold",
         }
     }
 
@@ -115,6 +118,7 @@ impl Action {
         match self {
             Action::Grant | Action::ChangeCode => "change or delete the code of",
             Action::DeleteUser => "delete",
+            Action::ChangeLevels => "change the levels of",
         }
     }
 }
@@ -438,6 +442,17 @@ impl Actor {
         self.check_levels(target, partitions, is_self, Action::ChangeCode)
     }
 
+    /// May this actor change the levels of a user holding `target` levels, in
+    /// `partitions` (the user's partitions before and after)? Nobody re-grants their
+    /// own levels: the target must be strictly below, as for their codes.
+    pub fn check_level_change(
+        &self,
+        target: &Authorities,
+        partitions: &[u8],
+    ) -> Result<(), AuthorityError> {
+        self.check_levels(target, partitions, false, Action::ChangeLevels)
+    }
+
     fn check_levels(
         &self,
         target: &Authorities,
@@ -637,6 +652,23 @@ mod tests {
 
     fn auth(levels: &[(u8, Level)]) -> Authorities {
         levels.iter().copied().collect()
+    }
+
+    #[test]
+    fn level_changes_speak_of_levels() {
+        let e = user(&[(1, Manager)])
+            .check_level_change(&auth(&[(1, Manager)]), &[1])
+            .expect_err("own level");
+        assert!(e.to_string().contains("change the levels of"), "{e}");
+        let e = user(&[(1, Master)])
+            .check_level_change(&auth(&[(1, Manager)]), &[1, 2])
+            .expect_err("partition 2 not held");
+        assert!(e.to_string().contains("change levels only"), "{e}");
+        assert!(
+            user(&[(1, Master)])
+                .check_level_change(&auth(&[(1, Manager)]), &[1])
+                .is_ok()
+        );
     }
 
     #[test]

@@ -215,7 +215,15 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::DemoSeed { server, token } => {
-            let demo = keyplane_server::demo::seed(server, token).await?;
+            // host:port as the agent takes it; plaintext until TLS exists.
+            let server = if server.contains("://") {
+                server.clone()
+            } else {
+                format!("http://{server}")
+            };
+            let demo = keyplane_server::demo::seed(&server, token)
+                .await
+                .with_context(|| format!("seeding through keyplaned at {server}"))?;
             println!("site: {}", demo.site);
             for d in &demo.devices {
                 println!("device: {} {}", d.name, d.model);

@@ -230,12 +230,12 @@ impl Store {
                     "SELECT (SELECT count(DISTINCT credential_id) FROM (
                                 SELECT credential_id FROM slot_assignment WHERE site_id = $1 AND device_id = $2
                                 UNION SELECT credential_id FROM credential_device WHERE site_id = $1 AND device_id = $2) c),
-                            (SELECT count(*) FROM personal_access_point WHERE site_id = $1 AND device_id = $2),
+                            ARRAY(SELECT user_id FROM personal_access_point WHERE site_id = $1 AND device_id = $2 ORDER BY user_id),
                             ARRAY(SELECT plan_id FROM access_plan_device WHERE site_id = $1 AND device_id = $2 ORDER BY plan_id)",
                     &[&site, &device],
                 )
                 .await?;
-            let (credentials, personal, plans): (i64, i64, Vec<Uuid>) =
+            let (credentials, personal, plans): (i64, Vec<Uuid>, Vec<Uuid>) =
                 (row.get(0), row.get(1), row.get(2));
             // Nothing that names the device is removed behind the dealer's back: a shared
             // plan names its doors on purpose, and a code must leave the device first.
@@ -245,9 +245,14 @@ impl Store {
                     "{credentials} credential(s) are scoped to it: delete them or change their scope (UpdateCredential)"
                 ));
             }
-            if personal > 0 {
+            if !personal.is_empty() {
+                let names: Vec<String> = personal
+                    .iter()
+                    .map(|u| format!("sites/{site}/users/{u}/personalAccessPlan"))
+                    .collect();
                 blockers.push(format!(
-                    "it is an access point of {personal} personal access plan(s): remove it from their access_points (UpdatePersonalAccessPlan)"
+                    "it is an access point of personal access plan(s) {}: remove it from their access_points (UpdatePersonalAccessPlan)",
+                    names.join(", ")
                 ));
             }
             if !plans.is_empty() {

@@ -178,11 +178,9 @@ impl Store {
             etag_check(&format!("user {name}"), etag, current.version)?;
             let (who, _) = actor_resolve_in_txn(&tx, actor, site).await?;
             if let Some(authorities) = &patch.authorities {
-                // Nobody re-grants their own levels: the target must be strictly below.
-                who.check_code_change(
+                who.check_level_change(
                     &current.authorities,
                     &all_partitions(&current.authorities, authorities),
-                    false,
                 )
                 .map_err(denied)?;
                 who.check_grant(authorities).map_err(denied)?;
