@@ -82,13 +82,15 @@ fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
 
 /// The codes that belong on the device at `now`: temporary codes only within their
 /// validity; scheduled codes only while open, unless the device keeps schedules
-/// itself (then it gets them with the code). An unknown time zone fails closed.
+/// itself (then it gets them with the code, and with `zone`, the site's zone, so a
+/// new zone is a change to write). An unknown time zone fails closed.
 fn effective_codes(
     table: &BTreeMap<u16, Code>,
-    tz: Option<Tz>,
+    zone: &str,
     now: DateTime<Utc>,
     device_keeps_schedules: bool,
 ) -> BTreeMap<u16, DesiredCode> {
+    let tz: Option<Tz> = parse_time_zone(zone).ok();
     table
         .iter()
         .filter(|(_, c)| {
@@ -104,6 +106,11 @@ fn effective_codes(
             if !device_keeps_schedules {
                 code.schedules = None;
             }
+            code.time_zone = if code.schedules.is_some() {
+                zone.to_owned()
+            } else {
+                String::new()
+            };
             (*s, code)
         })
         .collect()
@@ -500,12 +507,11 @@ impl Agent {
         let Some(device) = self.journal.devices.get(name) else {
             return Ok(true);
         };
-        let tz = parse_time_zone(if self.journal.time_zone.is_empty() {
-            "UTC"
+        let zone = if self.journal.time_zone.is_empty() {
+            "UTC".to_owned()
         } else {
-            &self.journal.time_zone
-        })
-        .ok();
+            self.journal.time_zone.clone()
+        };
         let model = DeviceModel::find(&device.model)
             .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
         let door = model.kind == DeviceKind::Door;
@@ -515,7 +521,7 @@ impl Agent {
         let lockdown = door && device.present && self.journal.lockdown;
         let lockdown_change = (lockdown != device.lockdown_applied).then_some(lockdown);
         let actions = plan_device(
-            &effective_codes(&device.desired, tz, self.clock.now(), keeps_schedules),
+            &effective_codes(&device.desired, &zone, self.clock.now(), keeps_schedules),
             &desired_codes(&device.written),
         );
         let removals: Vec<u16> = device
@@ -580,7 +586,6 @@ impl Agent {
             return Ok(in_sync);
         }
         self.observe_due.insert(name.to_owned());
-        let time_zone = self.journal.time_zone.clone();
         for action in actions {
             if let SlotAction::Set { slot, code } = &action
                 && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
@@ -609,7 +614,7 @@ impl Agent {
                 }
                 SlotAction::Set { slot, code } if keeps_schedules => {
                     driver
-                        .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &time_zone)
+                        .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &zone)
                         .await
                 }
                 SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
@@ -1139,5 +1144,115 @@ pub(crate) mod tests {
             "not written with fewer levels"
         );
         assert_eq!(acks(&mut rx, PANEL), Vec::<i64>::new());
+    }
+
+    /// Devices acked so far (drains the channel).
+    fn acked_devices(rx: &mut mpsc::Receiver<pb::AgentMessage>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Ack(a)) = msg.msg {
+                out.push(a.device);
+            }
+        }
+        out
+    }
+
+    /// A snapshot of `devices` in time zone `zone`.
+    fn snapshot_in(
+        zone: &str,
+        revision: i64,
+        devices: &[(&str, &str)],
+        slots: Vec<pb::DesiredSlot>,
+    ) -> pb::server_message::Msg {
+        let pb::server_message::Msg::Snapshot(snap) = snapshot(revision, false, devices, slots)
+        else {
+            unreachable!("snapshot() builds snapshots")
+        };
+        pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+            time_zone: zone.to_owned(),
+            ..snap
+        })
+    }
+
+    #[tokio::test]
+    async fn a_time_zone_change_re_times_every_scheduled_code_before_the_ack() {
+        let dir = TempDir::new();
+        // Wednesday 10:00 UTC is 19:00 in Tokyo: inside 08:00-18:00 in UTC only.
+        let now = chrono::DateTime::parse_from_rfc3339("2024-01-10T10:00:00Z")
+            .expect("instant")
+            .with_timezone(&Utc);
+        let clock = crate::clock::ManualClock::new(now);
+        let sims = dir.0.join("devices");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(clock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        const LOCK: &str = "sites/s/devices/lock";
+        const PANEL: &str = "sites/s/devices/panel";
+        let devices = [
+            (LOCK, "zwave-lock-30"),
+            (DOOR, "door-1000"),
+            (PANEL, "vista-128bpt"),
+        ];
+        let slots = || {
+            vec![
+                code(LOCK, 3, "4821", true),
+                code(DOOR, 3, "5931", true),
+                code(PANEL, 3, "6042", true),
+            ]
+        };
+        let sim = |device: &str, model: &str| {
+            keyplane_devices::SimulatedDevice::open(
+                &sims,
+                device,
+                DeviceModel::find(model).expect("model"),
+            )
+            .expect("sim")
+        };
+        agent
+            .apply(snapshot_in("UTC", 1, &devices, slots()), &tx)
+            .await
+            .expect("apply");
+        let acked = acked_devices(&mut rx);
+        for (device, pin, model) in [(LOCK, "4821", devices[0].1), (DOOR, "5931", devices[1].1)] {
+            assert_eq!(
+                sim(device, model).present(pin, now).expect("present"),
+                keyplane_devices::AccessOutcome::Granted,
+                "{device}: open at 10:00 UTC"
+            );
+            assert!(acked.iter().any(|a| a == device), "{device} acked");
+        }
+        assert_eq!(sim(PANEL, "vista-128bpt").slots().len(), 1, "panel: open");
+        // Only the zone changes.
+        agent
+            .apply(snapshot_in("Asia/Tokyo", 2, &devices, slots()), &tx)
+            .await
+            .expect("apply");
+        let acked = acked_devices(&mut rx);
+        for (device, pin, model) in [(LOCK, "4821", devices[0].1), (DOOR, "5931", devices[1].1)] {
+            let mut device_sim = sim(device, model);
+            assert_eq!(
+                device_sim.present(pin, now).expect("present"),
+                keyplane_devices::AccessOutcome::Denied("outside its schedule"),
+                "{device}: 19:00 in Tokyo is outside 08:00-18:00"
+            );
+            assert_eq!(device_sim.writes(3), 2, "{device}: re-timed by a write");
+            assert!(
+                acked.iter().any(|a| a == device),
+                "{device} acked once re-timed"
+            );
+        }
+        assert_eq!(
+            sim(PANEL, "vista-128bpt").slots().len(),
+            0,
+            "panel: the agent-timed code is removed at once"
+        );
+        assert!(acked.iter().any(|a| a == PANEL));
+        // Nothing further to write in the same zone.
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(sim(LOCK, devices[0].1).writes(3), 2);
     }
 }
