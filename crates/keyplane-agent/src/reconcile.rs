@@ -6,6 +6,7 @@ use crate::intake::read_slot;
 use crate::journal::{Code, DeviceJournal, Journal};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use keyplane_core::observed::{SlotFinding, classify_slot};
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
 use keyplane_core::schedule::{any_open, parse_time_zone};
 use keyplane_core::{DeviceKind, DeviceModel};
@@ -231,6 +232,36 @@ impl Agent {
                 tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
                 continue;
             };
+            let model = DeviceModel::find(&device.model);
+            if let Some(model) = model.filter(|m| m.is_reserved(number)) {
+                // The installer's user 001 belongs to the device: whatever keyplaned
+                // sends for it, the agent neither writes nor clears it.
+                device.desired.remove(&number);
+                device.remove_local.remove(&number);
+                if slot.remove_local {
+                    tracing::warn!(
+                        device = %slot.device,
+                        slot = %model.display_slot(number),
+                        "request to clear a reserved slot (the installer's) refused: \
+                         it is never cleared by keyplane"
+                    );
+                } else if slot.credential.is_empty() {
+                    device.refused.remove(&number);
+                } else {
+                    tracing::warn!(
+                        device = %slot.device,
+                        slot = %model.display_slot(number),
+                        credential = %slot.credential,
+                        "code refused: the slot is reserved on this model (the installer's) \
+                         and never written by keyplane; the device stays out of sync until \
+                         keyplaned moves the code to another slot"
+                    );
+                    device
+                        .refused
+                        .insert(number, "the slot is reserved on this model".to_owned());
+                }
+                continue;
+            }
             match read_slot(slot) {
                 Ok(code) => {
                     device.refused.remove(&number);
@@ -243,7 +274,7 @@ impl Agent {
                     // Not desired as far as the device goes: never written, and
                     // cleared if an earlier version of it was.
                     device.desired.remove(&number);
-                    let kind = DeviceModel::find(&device.model).map(|m| m.kind);
+                    let kind = model.map(|m| m.kind);
                     let shown = kind.map_or_else(|| number.to_string(), |k| k.display_slot(number));
                     tracing::warn!(
                         device = %slot.device,
@@ -328,7 +359,7 @@ impl Agent {
         };
         device.observed = Some(table.clone());
         device.observed_checksum = checksum;
-        let report = classify(device, &table);
+        let report = classify(model, device, &table);
         self.journal.save()?;
         self.log_findings(name, model, &report);
         self.observed_at
@@ -520,15 +551,29 @@ impl Agent {
         let keeps_schedules = model.on_device_schedules;
         let lockdown = door && device.present && self.journal.lockdown;
         let lockdown_change = (lockdown != device.lockdown_applied).then_some(lockdown);
+        // Reserved slots never reach the planner (a journal from an older agent may
+        // still name one): keyplane neither writes nor clears them.
+        let usable = |table: &BTreeMap<u16, Code>| -> BTreeMap<u16, Code> {
+            table
+                .iter()
+                .filter(|(s, _)| !model.is_reserved(**s))
+                .map(|(s, c)| (*s, c.clone()))
+                .collect()
+        };
         let actions = plan_device(
-            &effective_codes(&device.desired, &zone, self.clock.now(), keeps_schedules),
-            &desired_codes(&device.written),
+            &effective_codes(
+                &usable(&device.desired),
+                &zone,
+                self.clock.now(),
+                keeps_schedules,
+            ),
+            &desired_codes(&usable(&device.written)),
         );
         let removals: Vec<u16> = device
             .remove_local
             .iter()
             .copied()
-            .filter(|s| !device.written.contains_key(s))
+            .filter(|s| !device.written.contains_key(s) && !model.is_reserved(*s))
             .collect();
         let observed = device.observed.clone().unwrap_or_default();
         // False once anything keyplaned wants could not be done: no ack then, so
@@ -702,39 +747,52 @@ fn device_observed_unknown(device: Option<&DeviceJournal>) -> bool {
     device.is_none_or(|d| d.observed.is_none())
 }
 
-/// Compares what a device holds with what keyplane wrote and wants there.
+/// Compares what a device holds with what keyplane wrote and wants there (the rule
+/// is keyplane-core's; reserved slots are never reported).
 fn classify(
+    model: &DeviceModel,
     device: &DeviceJournal,
     observed: &BTreeMap<u16, Option<String>>,
 ) -> Vec<pb::ObservedSlot> {
     let wanted: Vec<&str> = device.desired.values().map(|c| c.pin.as_str()).collect();
-    let mut out = Vec::new();
-    for (slot, code) in observed {
-        let (state, pin) = match (device.written.get(slot), code) {
-            (Some(_), None) => (pb::ObservedState::Unverifiable, String::new()),
-            (Some(w), Some(c)) if *c == w.pin => (pb::ObservedState::Managed, String::new()),
-            (Some(_), Some(c)) => (pb::ObservedState::Drifted, c.clone()),
-            (None, Some(c)) if wanted.contains(&c.as_str()) => {
-                (pb::ObservedState::Conflict, c.clone())
-            }
-            (None, Some(c)) => (pb::ObservedState::Foreign, c.clone()),
-            (None, None) => (pb::ObservedState::Foreign, String::new()),
-        };
-        out.push(pb::ObservedSlot {
-            slot: i32::from(*slot),
-            state: state as i32,
-            pin,
-        });
-    }
-    for slot in device.written.keys().filter(|s| !observed.contains_key(s)) {
-        out.push(pb::ObservedSlot {
-            slot: i32::from(*slot),
-            state: pb::ObservedState::Missing as i32,
-            pin: String::new(),
-        });
-    }
-    out.sort_by_key(|o| o.slot);
-    out
+    let slots: std::collections::BTreeSet<u16> = observed
+        .keys()
+        .chain(device.written.keys())
+        .copied()
+        .collect();
+    slots
+        .into_iter()
+        .filter_map(|slot| {
+            let code = observed.get(&slot);
+            let finding = classify_slot(
+                model,
+                slot,
+                device.written.get(&slot).map(|w| w.pin.as_str()),
+                code.map(Option::as_deref),
+                &wanted,
+            )?;
+            let state = match finding {
+                SlotFinding::Managed => pb::ObservedState::Managed,
+                SlotFinding::Unverifiable => pb::ObservedState::Unverifiable,
+                SlotFinding::Drifted => pb::ObservedState::Drifted,
+                SlotFinding::Missing => pb::ObservedState::Missing,
+                SlotFinding::Foreign => pb::ObservedState::Foreign,
+                SlotFinding::Conflict => pb::ObservedState::Conflict,
+            };
+            // keyplaned is told the code only where it is not keyplane's own.
+            let pin = match finding {
+                SlotFinding::Drifted | SlotFinding::Foreign | SlotFinding::Conflict => {
+                    code.cloned().flatten().unwrap_or_default()
+                }
+                _ => String::new(),
+            };
+            Some(pb::ObservedSlot {
+                slot: i32::from(slot),
+                state: state as i32,
+                pin,
+            })
+        })
+        .collect()
 }
 
 fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
@@ -1254,5 +1312,96 @@ pub(crate) mod tests {
         // Nothing further to write in the same zone.
         agent.reconcile_all(Some(&tx)).await;
         assert_eq!(sim(LOCK, devices[0].1).writes(3), 2);
+    }
+
+    /// Slots reported in the Observed messages so far, per device (drains the channel).
+    fn reported(rx: &mut mpsc::Receiver<pb::AgentMessage>) -> Vec<(String, Vec<i32>)> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Observed(o)) = msg.msg {
+                out.push((o.device, o.slots.iter().map(|s| s.slot).collect()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_installer_slot_is_never_reported_written_nor_cleared() {
+        let dir = TempDir::new();
+        let sims = dir.0.join("devices");
+        const PANEL: &str = "sites/s/devices/panel";
+        let model = DeviceModel::find("vista-128bpt").expect("panel model");
+        let mut panel = keyplane_devices::SimulatedDevice::open(&sims, PANEL, model).expect("sim");
+        // Set at installation, at the keypad, and a user code programmed by hand.
+        panel.program_at_keypad(1, "4140").expect("installer code");
+        panel.program_at_keypad(5, "7777").expect("hand code");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(PANEL, "vista-128bpt")];
+        agent
+            .apply(
+                snapshot(
+                    1,
+                    false,
+                    &devices,
+                    vec![code(PANEL, 1, "5555", false), code(PANEL, 3, "4821", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(1).as_deref(), Some("4140"), "never written");
+        assert_eq!(panel.code_in(3).as_deref(), Some("4821"));
+        let msgs = reported(&mut rx);
+        assert!(!msgs.is_empty(), "the panel was read back");
+        for (_, slots) in &msgs {
+            assert!(!slots.contains(&1), "user 001 reported: {slots:?}");
+            assert!(slots.contains(&5), "the hand code is reported");
+        }
+        // Asked to clear it (as AUTHORITATIVE would clear a LOCAL code): refused.
+        let clear = |slot| pb::DesiredSlot {
+            device: PANEL.to_owned(),
+            slot,
+            remove_local: true,
+            ..Default::default()
+        };
+        agent
+            .apply(changes(2, &devices, vec![clear(1), clear(5)]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(1).as_deref(), Some("4140"), "never cleared");
+        assert_eq!(panel.code_in(5), None, "a LOCAL code is cleared");
+        assert_eq!(
+            acks(&mut rx, PANEL),
+            Vec::<i64>::new(),
+            "a code keyplaned wants in a reserved slot keeps the panel out of sync"
+        );
+        // keyplaned moves the code away from 001: in sync, 001 untouched.
+        agent
+            .apply(
+                changes(
+                    3,
+                    &devices,
+                    vec![
+                        pb::DesiredSlot {
+                            device: PANEL.to_owned(),
+                            slot: 1,
+                            ..Default::default()
+                        },
+                        code(PANEL, 2, "5555", false),
+                    ],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(1).as_deref(), Some("4140"));
+        assert_eq!(panel.code_in(2).as_deref(), Some("5555"));
+        assert_eq!(acks(&mut rx, PANEL), vec![3]);
     }
 }
