@@ -616,7 +616,7 @@ impl Agent {
                 || device_observed_unknown(self.journal.devices.get(name))
             {
                 self.driver(name, model)?.clear_slot(slot).await?;
-                tracing::info!(device = %name, slot, "local code cleared");
+                tracing::info!(device = %name, slot = %model.display_slot(slot), "local code cleared");
             }
             if let Some(entry) = self.journal.devices.get_mut(name) {
                 entry.remove_local.remove(&slot);
@@ -1403,5 +1403,71 @@ pub(crate) mod tests {
         assert_eq!(panel.code_in(1).as_deref(), Some("4140"));
         assert_eq!(panel.code_in(2).as_deref(), Some("5555"));
         assert_eq!(acks(&mut rx, PANEL), vec![3]);
+    }
+
+    /// Log lines written while the returned guard lives (this thread only).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        #[derive(Clone)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log sink").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn a_panel_user_number_is_logged_one_way() {
+        let (logs, _guard) = capture_logs();
+        let dir = TempDir::new();
+        let sims = dir.0.join("devices");
+        const PANEL: &str = "sites/s/devices/panel";
+        let model = DeviceModel::find("vista-128bpt").expect("panel model");
+        let mut panel = keyplane_devices::SimulatedDevice::open(&sims, PANEL, model).expect("sim");
+        panel.program_at_keypad(5, "7777").expect("hand code");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, _rx) = mpsc::channel(64);
+        let devices = [(PANEL, "vista-128bpt")];
+        agent
+            .apply(snapshot(1, false, &devices, vec![]), &tx)
+            .await
+            .expect("apply");
+        let remove = pb::DesiredSlot {
+            device: PANEL.to_owned(),
+            slot: 5,
+            remove_local: true,
+            ..Default::default()
+        };
+        agent
+            .apply(changes(2, &devices, vec![remove]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(5), None);
+        let logs = String::from_utf8(logs.lock().expect("logs").clone()).expect("utf-8");
+        let slots: Vec<&str> = logs
+            .lines()
+            .filter(|l| {
+                l.contains("code programmed at the device") || l.contains("local code cleared")
+            })
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("slot=")))
+            .collect();
+        assert_eq!(slots, ["slot=005", "slot=005"], "{logs}");
+        assert!(!logs.contains("7777"), "no code in the logs");
     }
 }
