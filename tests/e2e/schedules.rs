@@ -231,6 +231,49 @@ async fn schedules_hold_with_the_agent_cut_off_all_day() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A new site time zone reaches the devices that keep schedules before they are
+/// reported in sync, and the agent-timed panel at once.
+#[tokio::test]
+async fn a_new_time_zone_re_times_the_lock_before_it_is_in_sync() -> anyhow::Result<()> {
+    let (mut s, lock, panel) = office_site().await?;
+    // Monday 10:00 UTC: 11:00 in Paris (open), 19:00 in Tokyo (closed).
+    const AT: &str = "2026-11-23T10:00:00Z";
+    let clock = ManualClock::new(utc(AT));
+    let agent = TestAgent::start_with_clock(
+        &s.server.url,
+        &s.site,
+        &s.agent_token,
+        s.dir.path(),
+        Arc::new(clock.clone()),
+    );
+    let before = s.wait_synced().await?;
+    assert!(lock_opens(&s, &lock, AT)?, "11:00 in Paris: opens");
+    lock_holds(&s, &panel, "4821", true).await?;
+    s.admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: s.site.clone(),
+                time_zone: "Asia/Tokyo".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["time_zone".into()],
+            }),
+        })
+        .await?;
+    let after = s.wait_synced().await?;
+    assert!(after.desired_revision > before.desired_revision);
+    // In sync means re-timed: the lock already reads its windows in Tokyo time.
+    assert!(!lock_opens(&s, &lock, AT)?, "19:00 in Tokyo: refused");
+    assert!(
+        lock_opens(&s, &lock, "2026-11-23T00:00:00Z")?,
+        "09:00 in Tokyo: opens"
+    );
+    lock_holds(&s, &panel, "4821", false).await?;
+    agent.stop().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn clearing_the_plan_removes_access_within_one_sync() -> anyhow::Result<()> {
     let (mut s, lock, panel) = office_site().await?;

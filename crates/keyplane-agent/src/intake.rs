@@ -104,6 +104,8 @@ pub fn read_slot(slot: &pb::DesiredSlot) -> Result<Option<Code>, Unreadable> {
         authorities,
         open_close: slot.open_close_reporting,
         schedules,
+        // The site's zone, not the slot's: set where the code is written.
+        time_zone: String::new(),
         valid_from: instant(slot.valid_from_time.as_ref(), "valid_from_time")?,
         valid_until: instant(slot.valid_until_time.as_ref(), "valid_until_time")?,
         generation: slot.write_generation,

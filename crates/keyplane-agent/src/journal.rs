@@ -29,6 +29,11 @@ pub struct Code {
     /// When the code opens: while any of these is open (None: always).
     #[serde(default)]
     pub schedules: Option<Vec<Schedule>>,
+    /// Written codes on devices that keep schedules: the zone the schedules were
+    /// written in (empty otherwise, and in journals older than this field, which
+    /// has their scheduled codes written once more).
+    #[serde(default)]
+    pub time_zone: String,
     /// Temporary codes: on the device only from this instant.
     #[serde(default)]
     pub valid_from: Option<DateTime<Utc>>,
@@ -58,6 +63,7 @@ impl From<&Code> for DesiredCode {
                 .collect(),
             open_close: c.open_close,
             schedules: c.schedules.clone(),
+            time_zone: c.time_zone.clone(),
             generation: c.generation,
         }
     }
@@ -75,6 +81,7 @@ impl From<DesiredCode> for Code {
                 .collect(),
             open_close: c.open_close,
             schedules: c.schedules,
+            time_zone: c.time_zone,
             valid_from: None,
             valid_until: None,
             generation: c.generation,

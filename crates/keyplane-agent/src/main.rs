@@ -121,6 +121,18 @@ impl From<SimAction> for HandAction {
     }
 }
 
+/// Prints a line on stdout; a reader that went away (`| head`) is no reason to panic.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Prints a line on stderr, like [`say`].
+fn complain(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -131,16 +143,16 @@ async fn main() -> anyhow::Result<()> {
     }) = cli.command
     {
         let Some(sim_dir) = sim_dir.or(cli.sim_dir) else {
-            eprintln!("keyplane-agent sim: error: --sim-dir (or KEYPLANE_SIM_DIR) is required");
+            complain("keyplane-agent sim: error: --sim-dir (or KEYPLANE_SIM_DIR) is required");
             std::process::exit(2);
         };
         match hand::act(&sim_dir, &device, &action.into()) {
             Ok(result) => {
-                println!("{}", result.message);
+                say(&result.message);
                 std::process::exit(if result.done { 0 } else { 1 });
             }
             Err(e) => {
-                eprintln!("keyplane-agent sim: error: {e}");
+                complain(&format!("keyplane-agent sim: error: {e}"));
                 std::process::exit(2);
             }
         }
@@ -148,14 +160,14 @@ async fn main() -> anyhow::Result<()> {
     keyplane_telemetry::init("keyplane-agent");
     let (Some(site), Some(token), Some(sim_dir)) = (cli.site, cli.token, cli.sim_dir) else {
         // clap requires them without a subcommand; this is only a safety net.
-        eprintln!("keyplane-agent: error: --site, --token and --sim-dir are required");
+        complain("keyplane-agent: error: --site, --token and --sim-dir are required");
         std::process::exit(2);
     };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
     if let Err(e) = config.check() {
         // Arguments that can never work: say so and stop, like clap does.
-        eprintln!("keyplane-agent: error: {e}");
+        complain(&format!("keyplane-agent: error: {e}"));
         std::process::exit(2);
     }
     let shutdown = CancellationToken::new();

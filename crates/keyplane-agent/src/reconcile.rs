@@ -6,6 +6,7 @@ use crate::intake::read_slot;
 use crate::journal::{Code, DeviceJournal, Journal};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
+use keyplane_core::observed::{SlotFinding, classify_slot};
 use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
 use keyplane_core::schedule::{any_open, parse_time_zone};
 use keyplane_core::{DeviceKind, DeviceModel};
@@ -82,13 +83,15 @@ fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
 
 /// The codes that belong on the device at `now`: temporary codes only within their
 /// validity; scheduled codes only while open, unless the device keeps schedules
-/// itself (then it gets them with the code). An unknown time zone fails closed.
+/// itself (then it gets them with the code, and with `zone`, the site's zone, so a
+/// new zone is a change to write). An unknown time zone fails closed.
 fn effective_codes(
     table: &BTreeMap<u16, Code>,
-    tz: Option<Tz>,
+    zone: &str,
     now: DateTime<Utc>,
     device_keeps_schedules: bool,
 ) -> BTreeMap<u16, DesiredCode> {
+    let tz: Option<Tz> = parse_time_zone(zone).ok();
     table
         .iter()
         .filter(|(_, c)| {
@@ -104,6 +107,11 @@ fn effective_codes(
             if !device_keeps_schedules {
                 code.schedules = None;
             }
+            code.time_zone = if code.schedules.is_some() {
+                zone.to_owned()
+            } else {
+                String::new()
+            };
             (*s, code)
         })
         .collect()
@@ -224,6 +232,36 @@ impl Agent {
                 tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
                 continue;
             };
+            let model = DeviceModel::find(&device.model);
+            if let Some(model) = model.filter(|m| m.is_reserved(number)) {
+                // The installer's user 001 belongs to the device: whatever keyplaned
+                // sends for it, the agent neither writes nor clears it.
+                device.desired.remove(&number);
+                device.remove_local.remove(&number);
+                if slot.remove_local {
+                    tracing::warn!(
+                        device = %slot.device,
+                        slot = %model.display_slot(number),
+                        "request to clear a reserved slot (the installer's) refused: \
+                         it is never cleared by keyplane"
+                    );
+                } else if slot.credential.is_empty() {
+                    device.refused.remove(&number);
+                } else {
+                    tracing::warn!(
+                        device = %slot.device,
+                        slot = %model.display_slot(number),
+                        credential = %slot.credential,
+                        "code refused: the slot is reserved on this model (the installer's) \
+                         and never written by keyplane; the device stays out of sync until \
+                         keyplaned moves the code to another slot"
+                    );
+                    device
+                        .refused
+                        .insert(number, "the slot is reserved on this model".to_owned());
+                }
+                continue;
+            }
             match read_slot(slot) {
                 Ok(code) => {
                     device.refused.remove(&number);
@@ -236,7 +274,7 @@ impl Agent {
                     // Not desired as far as the device goes: never written, and
                     // cleared if an earlier version of it was.
                     device.desired.remove(&number);
-                    let kind = DeviceModel::find(&device.model).map(|m| m.kind);
+                    let kind = model.map(|m| m.kind);
                     let shown = kind.map_or_else(|| number.to_string(), |k| k.display_slot(number));
                     tracing::warn!(
                         device = %slot.device,
@@ -321,7 +359,7 @@ impl Agent {
         };
         device.observed = Some(table.clone());
         device.observed_checksum = checksum;
-        let report = classify(device, &table);
+        let report = classify(model, device, &table);
         self.journal.save()?;
         self.log_findings(name, model, &report);
         self.observed_at
@@ -500,12 +538,11 @@ impl Agent {
         let Some(device) = self.journal.devices.get(name) else {
             return Ok(true);
         };
-        let tz = parse_time_zone(if self.journal.time_zone.is_empty() {
-            "UTC"
+        let zone = if self.journal.time_zone.is_empty() {
+            "UTC".to_owned()
         } else {
-            &self.journal.time_zone
-        })
-        .ok();
+            self.journal.time_zone.clone()
+        };
         let model = DeviceModel::find(&device.model)
             .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
         let door = model.kind == DeviceKind::Door;
@@ -514,15 +551,29 @@ impl Agent {
         let keeps_schedules = model.on_device_schedules;
         let lockdown = door && device.present && self.journal.lockdown;
         let lockdown_change = (lockdown != device.lockdown_applied).then_some(lockdown);
+        // Reserved slots never reach the planner (a journal from an older agent may
+        // still name one): keyplane neither writes nor clears them.
+        let usable = |table: &BTreeMap<u16, Code>| -> BTreeMap<u16, Code> {
+            table
+                .iter()
+                .filter(|(s, _)| !model.is_reserved(**s))
+                .map(|(s, c)| (*s, c.clone()))
+                .collect()
+        };
         let actions = plan_device(
-            &effective_codes(&device.desired, tz, self.clock.now(), keeps_schedules),
-            &desired_codes(&device.written),
+            &effective_codes(
+                &usable(&device.desired),
+                &zone,
+                self.clock.now(),
+                keeps_schedules,
+            ),
+            &desired_codes(&usable(&device.written)),
         );
         let removals: Vec<u16> = device
             .remove_local
             .iter()
             .copied()
-            .filter(|s| !device.written.contains_key(s))
+            .filter(|s| !device.written.contains_key(s) && !model.is_reserved(*s))
             .collect();
         let observed = device.observed.clone().unwrap_or_default();
         // False once anything keyplaned wants could not be done: no ack then, so
@@ -565,7 +616,7 @@ impl Agent {
                 || device_observed_unknown(self.journal.devices.get(name))
             {
                 self.driver(name, model)?.clear_slot(slot).await?;
-                tracing::info!(device = %name, slot, "local code cleared");
+                tracing::info!(device = %name, slot = %model.display_slot(slot), "local code cleared");
             }
             if let Some(entry) = self.journal.devices.get_mut(name) {
                 entry.remove_local.remove(&slot);
@@ -580,7 +631,6 @@ impl Agent {
             return Ok(in_sync);
         }
         self.observe_due.insert(name.to_owned());
-        let time_zone = self.journal.time_zone.clone();
         for action in actions {
             if let SlotAction::Set { slot, code } = &action
                 && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
@@ -609,7 +659,7 @@ impl Agent {
                 }
                 SlotAction::Set { slot, code } if keeps_schedules => {
                     driver
-                        .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &time_zone)
+                        .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &zone)
                         .await
                 }
                 SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
@@ -697,39 +747,52 @@ fn device_observed_unknown(device: Option<&DeviceJournal>) -> bool {
     device.is_none_or(|d| d.observed.is_none())
 }
 
-/// Compares what a device holds with what keyplane wrote and wants there.
+/// Compares what a device holds with what keyplane wrote and wants there (the rule
+/// is keyplane-core's; reserved slots are never reported).
 fn classify(
+    model: &DeviceModel,
     device: &DeviceJournal,
     observed: &BTreeMap<u16, Option<String>>,
 ) -> Vec<pb::ObservedSlot> {
     let wanted: Vec<&str> = device.desired.values().map(|c| c.pin.as_str()).collect();
-    let mut out = Vec::new();
-    for (slot, code) in observed {
-        let (state, pin) = match (device.written.get(slot), code) {
-            (Some(_), None) => (pb::ObservedState::Unverifiable, String::new()),
-            (Some(w), Some(c)) if *c == w.pin => (pb::ObservedState::Managed, String::new()),
-            (Some(_), Some(c)) => (pb::ObservedState::Drifted, c.clone()),
-            (None, Some(c)) if wanted.contains(&c.as_str()) => {
-                (pb::ObservedState::Conflict, c.clone())
-            }
-            (None, Some(c)) => (pb::ObservedState::Foreign, c.clone()),
-            (None, None) => (pb::ObservedState::Foreign, String::new()),
-        };
-        out.push(pb::ObservedSlot {
-            slot: i32::from(*slot),
-            state: state as i32,
-            pin,
-        });
-    }
-    for slot in device.written.keys().filter(|s| !observed.contains_key(s)) {
-        out.push(pb::ObservedSlot {
-            slot: i32::from(*slot),
-            state: pb::ObservedState::Missing as i32,
-            pin: String::new(),
-        });
-    }
-    out.sort_by_key(|o| o.slot);
-    out
+    let slots: std::collections::BTreeSet<u16> = observed
+        .keys()
+        .chain(device.written.keys())
+        .copied()
+        .collect();
+    slots
+        .into_iter()
+        .filter_map(|slot| {
+            let code = observed.get(&slot);
+            let finding = classify_slot(
+                model,
+                slot,
+                device.written.get(&slot).map(|w| w.pin.as_str()),
+                code.map(Option::as_deref),
+                &wanted,
+            )?;
+            let state = match finding {
+                SlotFinding::Managed => pb::ObservedState::Managed,
+                SlotFinding::Unverifiable => pb::ObservedState::Unverifiable,
+                SlotFinding::Drifted => pb::ObservedState::Drifted,
+                SlotFinding::Missing => pb::ObservedState::Missing,
+                SlotFinding::Foreign => pb::ObservedState::Foreign,
+                SlotFinding::Conflict => pb::ObservedState::Conflict,
+            };
+            // keyplaned is told the code only where it is not keyplane's own.
+            let pin = match finding {
+                SlotFinding::Drifted | SlotFinding::Foreign | SlotFinding::Conflict => {
+                    code.cloned().flatten().unwrap_or_default()
+                }
+                _ => String::new(),
+            };
+            Some(pb::ObservedSlot {
+                slot: i32::from(slot),
+                state: state as i32,
+                pin,
+            })
+        })
+        .collect()
 }
 
 fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
@@ -1139,5 +1202,272 @@ pub(crate) mod tests {
             "not written with fewer levels"
         );
         assert_eq!(acks(&mut rx, PANEL), Vec::<i64>::new());
+    }
+
+    /// Devices acked so far (drains the channel).
+    fn acked_devices(rx: &mut mpsc::Receiver<pb::AgentMessage>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Ack(a)) = msg.msg {
+                out.push(a.device);
+            }
+        }
+        out
+    }
+
+    /// A snapshot of `devices` in time zone `zone`.
+    fn snapshot_in(
+        zone: &str,
+        revision: i64,
+        devices: &[(&str, &str)],
+        slots: Vec<pb::DesiredSlot>,
+    ) -> pb::server_message::Msg {
+        let pb::server_message::Msg::Snapshot(snap) = snapshot(revision, false, devices, slots)
+        else {
+            unreachable!("snapshot() builds snapshots")
+        };
+        pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+            time_zone: zone.to_owned(),
+            ..snap
+        })
+    }
+
+    #[tokio::test]
+    async fn a_time_zone_change_re_times_every_scheduled_code_before_the_ack() {
+        let dir = TempDir::new();
+        // Wednesday 10:00 UTC is 19:00 in Tokyo: inside 08:00-18:00 in UTC only.
+        let now = chrono::DateTime::parse_from_rfc3339("2024-01-10T10:00:00Z")
+            .expect("instant")
+            .with_timezone(&Utc);
+        let clock = crate::clock::ManualClock::new(now);
+        let sims = dir.0.join("devices");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(clock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        const LOCK: &str = "sites/s/devices/lock";
+        const PANEL: &str = "sites/s/devices/panel";
+        let devices = [
+            (LOCK, "zwave-lock-30"),
+            (DOOR, "door-1000"),
+            (PANEL, "vista-128bpt"),
+        ];
+        let slots = || {
+            vec![
+                code(LOCK, 3, "4821", true),
+                code(DOOR, 3, "5931", true),
+                code(PANEL, 3, "6042", true),
+            ]
+        };
+        let sim = |device: &str, model: &str| {
+            keyplane_devices::SimulatedDevice::open(
+                &sims,
+                device,
+                DeviceModel::find(model).expect("model"),
+            )
+            .expect("sim")
+        };
+        agent
+            .apply(snapshot_in("UTC", 1, &devices, slots()), &tx)
+            .await
+            .expect("apply");
+        let acked = acked_devices(&mut rx);
+        for (device, pin, model) in [(LOCK, "4821", devices[0].1), (DOOR, "5931", devices[1].1)] {
+            assert_eq!(
+                sim(device, model).present(pin, now).expect("present"),
+                keyplane_devices::AccessOutcome::Granted,
+                "{device}: open at 10:00 UTC"
+            );
+            assert!(acked.iter().any(|a| a == device), "{device} acked");
+        }
+        assert_eq!(sim(PANEL, "vista-128bpt").slots().len(), 1, "panel: open");
+        // Only the zone changes.
+        agent
+            .apply(snapshot_in("Asia/Tokyo", 2, &devices, slots()), &tx)
+            .await
+            .expect("apply");
+        let acked = acked_devices(&mut rx);
+        for (device, pin, model) in [(LOCK, "4821", devices[0].1), (DOOR, "5931", devices[1].1)] {
+            let mut device_sim = sim(device, model);
+            assert_eq!(
+                device_sim.present(pin, now).expect("present"),
+                keyplane_devices::AccessOutcome::Denied("outside its schedule"),
+                "{device}: 19:00 in Tokyo is outside 08:00-18:00"
+            );
+            assert_eq!(device_sim.writes(3), 2, "{device}: re-timed by a write");
+            assert!(
+                acked.iter().any(|a| a == device),
+                "{device} acked once re-timed"
+            );
+        }
+        assert_eq!(
+            sim(PANEL, "vista-128bpt").slots().len(),
+            0,
+            "panel: the agent-timed code is removed at once"
+        );
+        assert!(acked.iter().any(|a| a == PANEL));
+        // Nothing further to write in the same zone.
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(sim(LOCK, devices[0].1).writes(3), 2);
+    }
+
+    /// Slots reported in the Observed messages so far, per device (drains the channel).
+    fn reported(rx: &mut mpsc::Receiver<pb::AgentMessage>) -> Vec<(String, Vec<i32>)> {
+        let mut out = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Observed(o)) = msg.msg {
+                out.push((o.device, o.slots.iter().map(|s| s.slot).collect()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_installer_slot_is_never_reported_written_nor_cleared() {
+        let dir = TempDir::new();
+        let sims = dir.0.join("devices");
+        const PANEL: &str = "sites/s/devices/panel";
+        let model = DeviceModel::find("vista-128bpt").expect("panel model");
+        let mut panel = keyplane_devices::SimulatedDevice::open(&sims, PANEL, model).expect("sim");
+        // Set at installation, at the keypad, and a user code programmed by hand.
+        panel.program_at_keypad(1, "4140").expect("installer code");
+        panel.program_at_keypad(5, "7777").expect("hand code");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(PANEL, "vista-128bpt")];
+        agent
+            .apply(
+                snapshot(
+                    1,
+                    false,
+                    &devices,
+                    vec![code(PANEL, 1, "5555", false), code(PANEL, 3, "4821", false)],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(1).as_deref(), Some("4140"), "never written");
+        assert_eq!(panel.code_in(3).as_deref(), Some("4821"));
+        let msgs = reported(&mut rx);
+        assert!(!msgs.is_empty(), "the panel was read back");
+        for (_, slots) in &msgs {
+            assert!(!slots.contains(&1), "user 001 reported: {slots:?}");
+            assert!(slots.contains(&5), "the hand code is reported");
+        }
+        // Asked to clear it (as AUTHORITATIVE would clear a LOCAL code): refused.
+        let clear = |slot| pb::DesiredSlot {
+            device: PANEL.to_owned(),
+            slot,
+            remove_local: true,
+            ..Default::default()
+        };
+        agent
+            .apply(changes(2, &devices, vec![clear(1), clear(5)]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(1).as_deref(), Some("4140"), "never cleared");
+        assert_eq!(panel.code_in(5), None, "a LOCAL code is cleared");
+        assert_eq!(
+            acks(&mut rx, PANEL),
+            Vec::<i64>::new(),
+            "a code keyplaned wants in a reserved slot keeps the panel out of sync"
+        );
+        // keyplaned moves the code away from 001: in sync, 001 untouched.
+        agent
+            .apply(
+                changes(
+                    3,
+                    &devices,
+                    vec![
+                        pb::DesiredSlot {
+                            device: PANEL.to_owned(),
+                            slot: 1,
+                            ..Default::default()
+                        },
+                        code(PANEL, 2, "5555", false),
+                    ],
+                ),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(1).as_deref(), Some("4140"));
+        assert_eq!(panel.code_in(2).as_deref(), Some("5555"));
+        assert_eq!(acks(&mut rx, PANEL), vec![3]);
+    }
+
+    /// Log lines written while the returned guard lives (this thread only).
+    fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+        #[derive(Clone)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log sink").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(buf.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn a_panel_user_number_is_logged_one_way() {
+        let (logs, _guard) = capture_logs();
+        let dir = TempDir::new();
+        let sims = dir.0.join("devices");
+        const PANEL: &str = "sites/s/devices/panel";
+        let model = DeviceModel::find("vista-128bpt").expect("panel model");
+        let mut panel = keyplane_devices::SimulatedDevice::open(&sims, PANEL, model).expect("sim");
+        panel.program_at_keypad(5, "7777").expect("hand code");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, _rx) = mpsc::channel(64);
+        let devices = [(PANEL, "vista-128bpt")];
+        agent
+            .apply(snapshot(1, false, &devices, vec![]), &tx)
+            .await
+            .expect("apply");
+        let remove = pb::DesiredSlot {
+            device: PANEL.to_owned(),
+            slot: 5,
+            remove_local: true,
+            ..Default::default()
+        };
+        agent
+            .apply(changes(2, &devices, vec![remove]), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(panel.code_in(5), None);
+        let logs = String::from_utf8(logs.lock().expect("logs").clone()).expect("utf-8");
+        let slots: Vec<&str> = logs
+            .lines()
+            .filter(|l| {
+                l.contains("code programmed at the device") || l.contains("local code cleared")
+            })
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("slot=")))
+            .collect();
+        assert_eq!(slots, ["slot=005", "slot=005"], "{logs}");
+        assert!(!logs.contains("7777"), "no code in the logs");
     }
 }

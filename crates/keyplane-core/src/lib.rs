@@ -8,6 +8,7 @@ pub mod allocation;
 pub mod authority;
 pub mod model;
 pub mod names;
+pub mod observed;
 pub mod personal;
 pub mod pin;
 pub mod plan;

@@ -101,6 +101,12 @@ impl DeviceModel {
         slot >= self.first_slot && slot <= self.last_slot && !self.reserved_slots.contains(&slot)
     }
 
+    /// Whether `slot` is reserved (user 001, the panel installer): keyplane never
+    /// writes, clears nor reports it as a code of its own or a LOCAL one.
+    pub fn is_reserved(&self, slot: u16) -> bool {
+        self.reserved_slots.contains(&slot)
+    }
+
     /// Number of slots keyplane may assign.
     pub fn assignable_count(&self) -> usize {
         (self.first_slot..=self.last_slot)

@@ -17,6 +17,10 @@ pub struct DesiredCode {
     pub open_close: bool,
     /// Devices that keep schedules: when the code opens (None: always).
     pub schedules: Option<Vec<crate::schedule::Schedule>>,
+    /// Devices that keep schedules: the IANA zone `schedules` are read in (empty
+    /// for a code without one). Part of what is written, so a new site zone
+    /// re-times every scheduled code.
+    pub time_zone: String,
     /// Bumped by keyplaned to have the code written again (drift re-applied).
     pub generation: i64,
 }
@@ -29,6 +33,7 @@ impl std::fmt::Debug for DesiredCode {
             .field("authorities", &self.authorities)
             .field("open_close", &self.open_close)
             .field("schedules", &self.schedules)
+            .field("time_zone", &self.time_zone)
             .finish()
     }
 }
@@ -109,6 +114,24 @@ mod tests {
 
     type Table = BTreeMap<u16, DesiredCode>;
 
+    /// A code open on weekday mornings, in `zone`.
+    fn in_zone(zone: &str) -> DesiredCode {
+        DesiredCode {
+            schedules: Some(vec![crate::schedule::Schedule {
+                windows: vec![crate::schedule::Window {
+                    days: 0b0011111,
+                    start: 8 * 60,
+                    end: 12 * 60,
+                }],
+                valid_from: None,
+                valid_until: None,
+                paused_dates: vec![],
+            }]),
+            time_zone: zone.into(),
+            ..code("a", "4821")
+        }
+    }
+
     fn table(entries: &[(u16, &str, &str)]) -> Table {
         entries.iter().map(|(s, c, p)| (*s, code(c, p))).collect()
     }
@@ -170,6 +193,21 @@ mod tests {
                         ..code("a", "4821")
                     },
                 }],
+            ),
+            (
+                "a scheduled code in a new time zone is rewritten",
+                BTreeMap::from([(2, in_zone("Asia/Tokyo"))]),
+                BTreeMap::from([(2, in_zone("UTC"))]),
+                vec![SlotAction::Set {
+                    slot: 2,
+                    code: in_zone("Asia/Tokyo"),
+                }],
+            ),
+            (
+                "same schedule, same zone: in sync",
+                BTreeMap::from([(2, in_zone("Asia/Tokyo"))]),
+                BTreeMap::from([(2, in_zone("Asia/Tokyo"))]),
+                vec![],
             ),
             (
                 "codes swapped between slots clear first",
