@@ -449,14 +449,13 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn settle(&self, site: usize, p: &Pending) {
+    fn settle(&self, p: &Pending) {
         if let (Some(a), Some(r)) = (p.answered, p.received) {
             let from_answer = r.saturating_duration_since(a);
             self.propagation
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((ms(from_answer), ms(r - p.sent)));
-            let _ = site;
         }
     }
 
@@ -466,10 +465,10 @@ impl Shared {
             && p.received.is_none()
         {
             p.received = Some(at);
-            if p.answered.is_some() {
-                if let Some(p) = pending.remove(&site) {
-                    self.settle(site, &p);
-                }
+            if p.answered.is_some()
+                && let Some(p) = pending.remove(&site)
+            {
+                self.settle(&p);
             }
         }
     }
@@ -478,10 +477,10 @@ impl Shared {
         let mut pending = self.lock_pending();
         if let Some(p) = pending.get_mut(&site) {
             p.answered = Some(at);
-            if p.received.is_some() {
-                if let Some(p) = pending.remove(&site) {
-                    self.settle(site, &p);
-                }
+            if p.received.is_some()
+                && let Some(p) = pending.remove(&site)
+            {
+                self.settle(&p);
             }
         }
     }
@@ -1152,12 +1151,10 @@ async fn storm(
         .collect();
     let killed = Instant::now();
     println!("restart");
-    loop {
-        match lines.recv().await.as_deref() {
-            Some("restarted") => break,
-            Some(other) => bail!("expected \"restarted\", got {other:?}"),
-            None => bail!("stdin closed during the storm"),
-        }
+    match lines.recv().await.as_deref() {
+        Some("restarted") => {}
+        Some(other) => bail!("expected \"restarted\", got {other:?}"),
+        None => bail!("stdin closed during the storm"),
     }
     let up = Instant::now();
     let deadline = up + Duration::from_secs(300);

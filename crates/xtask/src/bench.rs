@@ -469,10 +469,12 @@ impl Pgbench {
             dir,
             secs,
         };
+        std::fs::write(p.dir.join("setup.sql"), SETUP_SQL)?;
         run_checked(
             Command::new(&p.psql)
                 .arg(&p.url)
-                .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", SETUP_SQL])
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-f"])
+                .arg(p.dir.join("setup.sql"))
                 .stdout(Stdio::null()),
             "creating the pgbench tables",
         )?;
