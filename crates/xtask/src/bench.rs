@@ -707,8 +707,34 @@ fn keyplane(
     for mode in ["many", "busy"] {
         for c in [1, 8, 32] {
             let id = format!("G1.{mode}.c{c}");
+            // KEYPLANE_BENCH_PERF=1: profile keyplaned under this load (for
+            // docs/BENCHMARKS.md; it slows the run down, so not by default).
+            let perf = (id == "G1.many.c8" && std::env::var_os("KEYPLANE_BENCH_PERF").is_some())
+                .then(|| {
+                    Command::new("perf")
+                        .args([
+                            "record",
+                            "-g",
+                            "-F",
+                            "499",
+                            "-p",
+                            &a.pid().to_string(),
+                            "-o",
+                        ])
+                        .arg(out.join("perf.data"))
+                        .stderr(Stdio::null())
+                        .spawn()
+                })
+                .and_then(Result::ok);
             if let Err(e) = drive.run(&format!("write {c} {secs} {mode} {id}"), results) {
                 results.missing(&id, &e);
+            }
+            if let Some(mut p) = perf {
+                let _ = Command::new("kill")
+                    .arg("-INT")
+                    .arg(p.id().to_string())
+                    .status();
+                let _ = p.wait();
             }
         }
     }
