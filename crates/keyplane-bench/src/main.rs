@@ -221,6 +221,15 @@ impl Rng {
     }
 }
 
+/// A `figure` line, or `missing` when the run produced no sample for it.
+fn figure(id: &str, value: f64) {
+    if value.is_finite() {
+        println!("figure {id} {value:.3}");
+    } else {
+        println!("missing {id} no samples: nothing completed in the measured window");
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -748,9 +757,9 @@ async fn run_writers(
 
 fn print_writes(prefix: &str, stats: &WriteStats, secs: f64) {
     let mut lat: Vec<f64> = stats.ops.iter().map(|(_, l)| *l).collect();
-    println!("figure {prefix}.tps {:.2}", lat.len() as f64 / secs);
-    println!("figure {prefix}.p50_ms {:.3}", pct(&mut lat, 0.5));
-    println!("figure {prefix}.p99_ms {:.3}", pct(&mut lat, 0.99));
+    figure(&format!("{prefix}.tps"), lat.len() as f64 / secs);
+    figure(&format!("{prefix}.p50_ms"), pct(&mut lat, 0.5));
+    figure(&format!("{prefix}.p99_ms"), pct(&mut lat, 0.99));
     println!("info {prefix}.ops {}", lat.len());
     println!("info {prefix}.errors {}", stats.errors);
 }
@@ -863,9 +872,9 @@ async fn connect(shared: &Arc<Shared>, n: usize, prefix: &str) -> anyhow::Result
         if up == agents.len() || Instant::now() > deadline {
             let secs = started.elapsed().as_secs_f64();
             println!("figure {prefix}.connect_s {secs:.3}");
-            println!(
-                "figure {prefix}.accept_per_s {:.1}",
-                (n - have.min(n)) as f64 / secs
+            figure(
+                &format!("{prefix}.accept_per_s"),
+                (n - have.min(n)) as f64 / secs,
             );
             println!("info {prefix}.connected {up}");
             if up < agents.len() {
@@ -1011,8 +1020,8 @@ async fn propagate(
         std::mem::take(&mut *shared.propagation.lock().unwrap_or_else(|e| e.into_inner()));
     let mut from_answer: Vec<f64> = samples.iter().map(|s| s.0).collect();
     let mut from_send: Vec<f64> = samples.iter().map(|s| s.1).collect();
-    println!("figure {prefix}.p50_ms {:.3}", pct(&mut from_answer, 0.5));
-    println!("figure {prefix}.p99_ms {:.3}", pct(&mut from_answer, 0.99));
+    figure(&format!("{prefix}.p50_ms"), pct(&mut from_answer, 0.5));
+    figure(&format!("{prefix}.p99_ms"), pct(&mut from_answer, 0.99));
     println!(
         "info {prefix}.from_send_p50_ms {:.3}",
         pct(&mut from_send, 0.5)
@@ -1117,9 +1126,9 @@ async fn ingest(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let events = acked.load(Ordering::Relaxed);
-    println!("figure {prefix}.per_s {:.1}", 2.0 * events as f64 / elapsed);
-    println!("figure {prefix}.rtt_p50_ms {:.3}", pct(&mut rtts, 0.5));
-    println!("figure {prefix}.rtt_p99_ms {:.3}", pct(&mut rtts, 0.99));
+    figure(&format!("{prefix}.per_s"), 2.0 * events as f64 / elapsed);
+    figure(&format!("{prefix}.rtt_p50_ms"), pct(&mut rtts, 0.5));
+    figure(&format!("{prefix}.rtt_p99_ms"), pct(&mut rtts, 0.99));
     println!("info {prefix}.events {events}");
     if let Some(w) = write_task {
         let stats = w.await??;
@@ -1188,22 +1197,16 @@ async fn storm(
         .collect();
     println!("figure {prefix}.agents {}", agents.len());
     println!("figure {prefix}.resynced {resynced}");
-    println!(
-        "figure {prefix}.resync_s {:.3}",
-        (all - killed).as_secs_f64()
-    );
-    println!(
-        "figure {prefix}.reconnect_per_s {:.1}",
-        resynced as f64 / (all - up).as_secs_f64().max(0.001)
+    figure(&format!("{prefix}.resync_s"), (all - killed).as_secs_f64());
+    figure(
+        &format!("{prefix}.reconnect_per_s"),
+        resynced as f64 / (all - up).as_secs_f64().max(0.001),
     );
     println!("info {prefix}.down_s {:.3}", (up - killed).as_secs_f64());
-    println!(
-        "figure {prefix}.write_p99_idle_ms {:.3}",
-        pct(&mut idle, 0.99)
-    );
-    println!(
-        "figure {prefix}.write_p99_storm_ms {:.3}",
-        pct(&mut during, 0.99)
+    figure(&format!("{prefix}.write_p99_idle_ms"), pct(&mut idle, 0.99));
+    figure(
+        &format!("{prefix}.write_p99_storm_ms"),
+        pct(&mut during, 0.99),
     );
     println!("info {prefix}.writes_idle {}", idle.len());
     println!("info {prefix}.writes_storm {}", during.len());

@@ -513,9 +513,20 @@ fn baseline_samples(results: &Results, baseline: &str) -> Vec<f64> {
 pub fn build(rows: &[Row], results: &Results) -> Result<Value, ReportError> {
     let mut out = Vec::new();
     for r in rows {
-        let measured = results
+        let mut measured = results
             .measured(r.figure)
             .ok_or_else(|| ReportError::NoFigure(r.figure.to_owned()))?;
+        // A figure judged against another figure of the run that has no value
+        // (nothing completed in its window) cannot be judged.
+        if let (Measured::Value(_), Some(base)) = (&measured, r.baseline.strip_prefix("figure:"))
+            && !results.figures.contains_key(base)
+        {
+            let why = match results.measured(base) {
+                Some(Measured::NotMeasured(why)) => why,
+                _ => "no value recorded".into(),
+            };
+            measured = Measured::NotMeasured(format!("its baseline {base} is not measured: {why}"));
+        }
         let mut entry = json!({
             "goal": r.goal,
             "figure": r.figure,
@@ -771,6 +782,19 @@ mod tests {
         validate(ROWS, &report).expect("valid");
         assert!(markdown(&report).contains("not measured: the storm phase failed"));
         assert!(Results::parse("figure G1.x fast\n").is_err());
+
+        // Judged against another figure that has no value: not measured, and why.
+        let text: String = synthetic()
+            .lines()
+            .filter(|l| !l.contains("G4.write_p99_idle_ms"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = format!("{text}missing G4.write_p99_idle_ms no samples\n");
+        let report = build(ROWS, &Results::parse(&text).expect("parse")).expect("build");
+        validate(ROWS, &report).expect("valid");
+        assert!(markdown(&report).contains(
+            "not measured: its baseline G4.write_p99_idle_ms is not measured: no samples"
+        ));
     }
 
     #[test]
