@@ -5,9 +5,12 @@
 //! - `test [ARGS…]`: provisions PostgreSQL and grpcurl (for the README walk-through
 //!   test), then runs fmt, clippy and the whole test suite (extra arguments go to the
 //!   test runner).
+//! - `bench [--quick]`: the benchmark suite (see `bench.rs`); writes
+//!   `target/bench/report.json` and `report.md`. Not part of `test`.
 //!
 //! Kept to std + anyhow so it builds in seconds on a clean machine.
 
+mod bench;
 mod dev;
 mod grpcurl;
 mod pg;
@@ -23,8 +26,11 @@ fn main() -> anyhow::Result<()> {
     match task.as_str() {
         "dev" => dev::run(),
         "test" => test(&rest),
+        "bench" => bench::run(&rest),
         _ => {
-            eprintln!("usage: cargo xtask dev | cargo xtask test [test-runner args]");
+            eprintln!(
+                "usage: cargo xtask dev | cargo xtask test [test-runner args] | cargo xtask bench [--quick]"
+            );
             bail!("unknown task {task:?}")
         }
     }

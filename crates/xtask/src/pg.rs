@@ -61,6 +61,11 @@ impl Database {
         }
     }
 
+    /// The directory of the cluster's PostgreSQL binaries (pgbench, psql), if private.
+    pub fn bin_dir(&self) -> Option<&Path> {
+        self.cluster.as_ref().map(|c| c.bin.as_path())
+    }
+
     /// Stops the private cluster, if we started one.
     pub fn stop(&self) {
         if let Some(c) = &self.cluster {
@@ -199,14 +204,14 @@ fn chown(path: &Path, user: &Option<String>) -> anyhow::Result<()> {
 /// Where the private cluster lives: `target/keyplane-pg`, unless it runs as another
 /// user who cannot reach the checkout (a clone under a private directory), then a
 /// directory under the system temp dir named after the checkout.
-fn cluster_root(other_owner: bool) -> PathBuf {
+fn cluster_root(other_owner: bool, name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let root = workspace_root();
     let reachable = root
         .ancestors()
         .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
     if !other_owner || reachable {
-        return root.join("target/keyplane-pg");
+        return root.join("target").join(name);
     }
     let tag: u64 = root
         .to_string_lossy()
@@ -214,7 +219,7 @@ fn cluster_root(other_owner: bool) -> PathBuf {
         .fold(0xcbf2_9ce4_8422_2325, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
-    std::env::temp_dir().join(format!("keyplane-pg-{tag:016x}"))
+    std::env::temp_dir().join(format!("{name}-{tag:016x}"))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -237,7 +242,57 @@ pub fn ensure_postgres() -> anyhow::Result<Database> {
         }
     };
     let user = owner()?;
-    let root = cluster_root(user.is_some());
+    let root = cluster_root(user.is_some(), "keyplane-pg");
+    start_cluster(bin, user, root, Durability::Fast)
+}
+
+/// How a private cluster commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync and synchronous commit off: the test cluster, where speed matters.
+    Fast,
+    /// fsync and synchronous commit on, as in production: the bench cluster.
+    Durable,
+}
+
+/// A fresh private cluster under `target/<name>` (or the temp-dir fallback), for
+/// `cargo xtask bench`: whatever an earlier run left there is removed first.
+pub fn fresh_cluster(name: &str, durability: Durability) -> anyhow::Result<Database> {
+    let bin = match find_bin_dir() {
+        Some(b) => b,
+        None => {
+            install_postgres()?;
+            find_bin_dir().context("PostgreSQL was installed but initdb is still not found")?
+        }
+    };
+    let user = owner()?;
+    let root = cluster_root(user.is_some(), name);
+    let data = root.join("data");
+    if data.join("postmaster.pid").exists() {
+        let stale = Database {
+            url: String::new(),
+            cluster: Some(Cluster {
+                bin: bin.clone(),
+                data: data.clone(),
+                user: user.clone(),
+                port: 0,
+            }),
+        };
+        stale.stop();
+    }
+    if root.exists() {
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("removing the old cluster {}", root.display()))?;
+    }
+    start_cluster(bin, user, root, durability)
+}
+
+fn start_cluster(
+    bin: PathBuf,
+    user: Option<String>,
+    root: PathBuf,
+    durability: Durability,
+) -> anyhow::Result<Database> {
     let data = root.join("data");
     let sock = root.join("sock");
     std::fs::create_dir_all(&sock)?;
@@ -279,9 +334,12 @@ pub fn ensure_postgres() -> anyhow::Result<Database> {
         }
         chown(&root, &user)?;
         cluster.port = free_port()?;
+        let commit = match durability {
+            Durability::Fast => "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            Durability::Durable => "-c fsync=on -c synchronous_commit=on -c full_page_writes=on",
+        };
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=300",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {commit} -c max_connections=300",
             cluster.port,
             sock.display()
         );

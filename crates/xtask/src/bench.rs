@@ -1,0 +1,885 @@
+//! `cargo xtask bench [--quick]`: every figure beside a baseline taken in the same run.
+//!
+//! Builds in release, starts a fresh durable PostgreSQL (fsync and synchronous commit
+//! on) under `target/bench/pg`, takes the baselines (pgbench; the plain tonic echo
+//! harness of `keyplane-load`), runs keyplaned (one replica, then a second for the
+//! cross-replica figure) under a `keyplane-load drive` process holding the agent
+//! streams, takes the baselines again, and has `keyplane-load report` write
+//! `target/bench/report.json` and `report.md`. Every line of results is appended to
+//! `target/bench/results.txt` as it comes, so a failed phase loses only its figures
+//! (they appear as "not measured" with the error).
+
+use crate::pg::{self, Durability};
+use crate::{run_checked, workspace_root};
+use anyhow::{Context, bail};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Sizes of one run.
+struct Plan {
+    quick: bool,
+    /// Seconds of each pgbench run.
+    pgbench_secs: u32,
+    /// Seconds of each write run.
+    write_secs: u32,
+    /// Sites that take writes (a door and a user each).
+    full_sites: usize,
+    /// The small idle fleet and the full one.
+    small_fleet: usize,
+    fleet: usize,
+    /// Agents sending events for G5.
+    ingest_agents: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                pgbench_secs: 2,
+                write_secs: 2,
+                full_sites: 40,
+                small_fleet: 100,
+                fleet: 500,
+                ingest_agents: 20,
+            }
+        } else {
+            Plan {
+                quick,
+                pgbench_secs: 8,
+                write_secs: 8,
+                full_sites: 200,
+                small_fleet: 1_000,
+                fleet: 10_000,
+                ingest_agents: 100,
+            }
+        }
+    }
+}
+
+/// The results file, appended line by line.
+struct Results {
+    path: PathBuf,
+    figures: HashMap<String, f64>,
+}
+
+impl Results {
+    fn new(path: PathBuf) -> anyhow::Result<Results> {
+        std::fs::write(&path, "")?;
+        Ok(Results {
+            path,
+            figures: HashMap::new(),
+        })
+    }
+
+    fn line(&mut self, line: &str) {
+        eprintln!("bench: {line}");
+        let mut words = line.splitn(3, ' ');
+        if let (Some("figure"), Some(id), Some(v)) = (words.next(), words.next(), words.next())
+            && let Ok(v) = v.trim().parse()
+        {
+            self.figures.insert(id.to_owned(), v);
+        }
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    fn missing(&mut self, prefix: &str, why: &anyhow::Error) {
+        let why = format!("{why:#}").replace('\n', " ");
+        self.line(&format!("missing {prefix} {why}"));
+    }
+}
+
+/// A child process stopped with SIGTERM (then waited for) when dropped.
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("bench: {} did not stop on SIGTERM; killing it", self.what);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `bin args…` with the open-files limit raised for 10k+ connections.
+fn many_files(bin: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("ulimit -n 200000 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec \"$0\" \"$@\"")
+        .arg(bin);
+    c
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{what} did not listen on {port} within 60 s")
+}
+
+/// Resident set size of `pid` in KiB (VmRSS of /proc/<pid>/status).
+fn rss_kb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// A `keyplane-load drive` process: commands in, result lines out.
+struct Driver {
+    proc: Proc,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Driver {
+    fn start(load: &Path, args: &[&str]) -> anyhow::Result<Driver> {
+        let mut child = many_files(load)
+            .arg("drive")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting keyplane-load drive")?;
+        let stdin = child.stdin.take().context("drive stdin")?;
+        let stdout = child.stdout.take().context("drive stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Driver {
+            proc: Proc {
+                child,
+                what: "keyplane-load drive".into(),
+            },
+            stdin,
+            lines,
+        };
+        d.until(|l| l == "ready", Duration::from_secs(60))?;
+        Ok(d)
+    }
+
+    fn send(&mut self, command: &str) -> anyhow::Result<()> {
+        eprintln!("bench: > {command}");
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    /// Lines until one satisfies `stop` (which is not returned).
+    fn until(
+        &mut self,
+        stop: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|_| anyhow::anyhow!("keyplane-load drive went quiet or exited"))?;
+            if stop(&line) {
+                return Ok(out);
+            }
+            out.push(line);
+        }
+    }
+
+    /// Runs a command; its `figure`/`info` lines go to `results`.
+    fn run(&mut self, command: &str, results: &mut Results) -> anyhow::Result<()> {
+        self.send(command)?;
+        let lines = self.until(|l| l == "done", Duration::from_secs(900))?;
+        let mut error = None;
+        for l in lines {
+            if let Some(e) = l.strip_prefix("error ") {
+                error = Some(e.to_owned());
+            } else if l.starts_with("figure ")
+                || l.starts_with("info ")
+                || l.starts_with("missing ")
+            {
+                results.line(&l);
+            }
+        }
+        match error {
+            Some(e) => bail!("{command}: {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs the suite.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Some(other) = args.iter().find(|a| *a != "--quick") {
+        bail!("unknown bench argument {other:?} (only --quick)");
+    }
+    let plan = Plan::new(quick);
+    let root = workspace_root();
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    run_checked(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .env("CARGO_BUILD_JOBS", "2")
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "keyplane-server",
+                "-p",
+                "keyplane-bench",
+                "-p",
+                "keyplane-agent",
+            ]),
+        "building keyplaned, keyplane-agent and keyplane-load in release",
+    )?;
+    let started = Instant::now();
+    let bin = root.join("target/release");
+    let mut results = Results::new(out.join("results.txt"))?;
+    machine_info(&mut results, &bin, quick);
+
+    let db = pg::fresh_cluster("bench/pg", Durability::Durable)?;
+    let outcome = suite(&plan, &db, &bin, &out, &mut results);
+    db.stop();
+    if let Err(e) = &outcome {
+        eprintln!("bench: the suite stopped early: {e:#}");
+    }
+    for (id, why) in [
+        (
+            "X.snapshot_1000_ms",
+            "not implemented: needs a timing hook in the agent's apply path",
+        ),
+        (
+            "X.sites_scaling",
+            "not implemented: 50k sites through the API exceed the run's time budget; needs a SQL seeding path",
+        ),
+        ("X.codes_scaling", "not implemented yet"),
+    ] {
+        results.line(&format!("missing {id} {why}"));
+    }
+    // Whatever a failed phase left unrecorded is reported as such, never made up.
+    for goal in ["G1", "G2", "G3", "G4", "G5", "X"] {
+        results.line(&format!(
+            "missing {goal} no result recorded: its phase failed or did not run (see the bench log)"
+        ));
+    }
+    results.line(&format!(
+        "info duration_s {:.0}",
+        started.elapsed().as_secs_f64()
+    ));
+    run_checked(
+        Command::new(bin.join("keyplane-load"))
+            .arg("report")
+            .arg("--results")
+            .arg(out.join("results.txt"))
+            .arg("--out-dir")
+            .arg(&out),
+        "writing target/bench/report.json and report.md",
+    )?;
+    eprintln!(
+        "bench: done in {:.0} s (release build not counted): target/bench/report.md",
+        started.elapsed().as_secs_f64()
+    );
+    outcome
+}
+
+fn machine_info(results: &mut Results, bin: &Path, quick: bool) {
+    let sh = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace('\n', " "))
+            .unwrap_or_default()
+    };
+    results.line(&format!(
+        "info mode {}",
+        if quick { "quick" } else { "full" }
+    ));
+    results.line(&format!("info date {}", sh("date -u +%Y-%m-%dT%H:%M:%SZ")));
+    results.line(&format!("info nproc {}", sh("nproc")));
+    results.line(&format!(
+        "info cpu {}",
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
+    ));
+    results.line(&format!(
+        "info memory {}",
+        sh("grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-3")
+    ));
+    results.line(&format!("info kernel {}", sh("uname -r")));
+    for (name, id) in [
+        ("keyplaned", "X.keyplaned_bin_mb"),
+        ("keyplane-agent", "X.agent_bin_mb"),
+    ] {
+        if let Ok(m) = std::fs::metadata(bin.join(name)) {
+            results.line(&format!("figure {id} {:.2}", m.len() as f64 / 1e6));
+        }
+    }
+}
+
+fn suite(
+    plan: &Plan,
+    db: &pg::Database,
+    bin: &Path,
+    out: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let pgbin = db.bin_dir().context("the bench cluster is private")?;
+    let version = Command::new(pgbin.join("postgres"))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    results.line(&format!("info postgres {version}"));
+    run_checked(
+        Command::new(bin.join("keyplaned"))
+            .arg("migrate")
+            .env("DATABASE_URL", &db.url),
+        "keyplaned migrate",
+    )?;
+    let pgb = Pgbench::prepare(db, pgbin, out, plan.pgbench_secs)?;
+
+    pgb.baselines(results)?;
+    if let Err(e) = harness(plan, bin, results) {
+        eprintln!("bench: the echo harness failed: {e:#}");
+    }
+
+    if let Err(e) = keyplane(plan, db, bin, out, results) {
+        eprintln!("bench: the keyplane phases stopped: {e:#}");
+        results.missing("G", &e);
+    }
+
+    pgb.baselines(results)?;
+    if let Err(e) = harness(plan, bin, results) {
+        eprintln!("bench: the echo harness failed: {e:#}");
+    }
+    Ok(())
+}
+
+/// pgbench runs against the bench cluster.
+struct Pgbench {
+    pgbench: PathBuf,
+    psql: PathBuf,
+    url: String,
+    dir: PathBuf,
+    secs: u32,
+}
+
+/// What one CreateCredential (one door in scope) writes, in one transaction, on
+/// copies of keyplane's tables (same columns and indexes, no foreign keys): the site
+/// row lock, the credential, its scope, its slot, the revision, the change record
+/// and the audit entry. Reads keyplane makes to decide are not in it: they are
+/// keyplane's own overhead.
+const TXN_SCRIPT: &str = r#"\set s random(1, 1000)
+\set c random(1, 9000000000000000000)
+\set slot random(1, 2000000000)
+BEGIN;
+SELECT revision FROM bench.site WHERE id = md5(:s::text)::uuid FOR NO KEY UPDATE;
+INSERT INTO bench.credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition) VALUES (md5(:s::text)::uuid, md5(:c::text)::uuid, md5((:s * 7)::text)::uuid, 'bench', decode(md5(:c::text) || md5(:s::text), 'hex'), 'k0123456789abcdef', decode(md5((:c + 1)::text), 'hex'), 1);
+INSERT INTO bench.credential_device (site_id, credential_id, device_id) VALUES (md5(:s::text)::uuid, md5(:c::text)::uuid, md5((:s * 3)::text)::uuid);
+INSERT INTO bench.slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES (md5(:s::text)::uuid, md5((:s * 3)::text)::uuid, :slot, md5(:c::text)::uuid, decode(md5((:c + 1)::text), 'hex'));
+UPDATE bench.site SET revision = revision + 1 WHERE id = md5(:s::text)::uuid RETURNING revision;
+INSERT INTO bench.site_change (site_id, revision, device_id, slot) VALUES (md5(:s::text)::uuid, :c, md5((:s * 3)::text)::uuid, :slot);
+INSERT INTO bench.audit_log (dealer_id, site_id, actor, action, resource, peer, detail) VALUES (md5('dealer')::uuid, md5(:s::text)::uuid, 'dealer', 'credential.create', 'sites/' || md5(:s::text)::uuid || '/users/' || md5((:s * 7)::text)::uuid || '/credentials/' || md5(:c::text)::uuid, '127.0.0.1:50000', '{"revision": 1, "slots": 1}');
+COMMIT;
+"#;
+
+const SETUP_SQL: &str = r#"
+DROP SCHEMA IF EXISTS bench CASCADE;
+CREATE SCHEMA bench;
+CREATE TABLE bench.ins (id bigserial PRIMARY KEY, v integer NOT NULL, t timestamptz NOT NULL DEFAULT now());
+CREATE TABLE bench.sel (id integer PRIMARY KEY, v text NOT NULL);
+INSERT INTO bench.sel SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
+CREATE TABLE bench.site (LIKE public.site INCLUDING ALL);
+CREATE TABLE bench.credential (LIKE public.credential INCLUDING ALL);
+CREATE TABLE bench.credential_device (LIKE public.credential_device INCLUDING ALL);
+CREATE TABLE bench.slot_assignment (LIKE public.slot_assignment INCLUDING ALL);
+CREATE TABLE bench.site_change (LIKE public.site_change INCLUDING ALL);
+CREATE TABLE bench.audit_log (LIKE public.audit_log INCLUDING ALL);
+INSERT INTO bench.site (id, dealer_id, display_name, time_zone)
+    SELECT md5(g::text)::uuid, md5('dealer')::uuid, 'site ' || g, 'Europe/Paris' FROM generate_series(1, 1000) g;
+VACUUM ANALYZE;
+"#;
+
+impl Pgbench {
+    fn prepare(db: &pg::Database, pgbin: &Path, out: &Path, secs: u32) -> anyhow::Result<Pgbench> {
+        let dir = out.join("pgbench");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("ins.sql"),
+            "\\set v random(1, 1000000)\nINSERT INTO bench.ins (v) VALUES (:v);\n",
+        )?;
+        std::fs::write(dir.join("txn.sql"), TXN_SCRIPT)?;
+        std::fs::write(
+            dir.join("sel.sql"),
+            "\\set id random(1, 100000)\nSELECT v FROM bench.sel WHERE id = :id;\n",
+        )?;
+        let p = Pgbench {
+            pgbench: pgbin.join("pgbench"),
+            psql: pgbin.join("psql"),
+            url: db.url.clone(),
+            dir,
+            secs,
+        };
+        std::fs::write(p.dir.join("setup.sql"), SETUP_SQL)?;
+        run_checked(
+            Command::new(&p.psql)
+                .arg(&p.url)
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-f"])
+                .arg(p.dir.join("setup.sql"))
+                .stdout(Stdio::null()),
+            "creating the pgbench tables",
+        )?;
+        Ok(p)
+    }
+
+    /// One run: TPS, p50 and p99 (ms) from the per-transaction log.
+    fn one(&self, script: &str, clients: u32) -> anyhow::Result<(f64, f64, f64)> {
+        let prefix = self.dir.join(format!("log_{script}_{clients}"));
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("log_{script}_{clients}."))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let output = Command::new(&self.pgbench)
+            .arg("-n")
+            .arg("-c")
+            .arg(clients.to_string())
+            .arg("-j")
+            .arg(clients.min(4).to_string())
+            .arg("-T")
+            .arg(self.secs.to_string())
+            .arg("-f")
+            .arg(self.dir.join(format!("{script}.sql")))
+            .arg("--log")
+            .arg("--log-prefix")
+            .arg(&prefix)
+            .arg(&self.url)
+            .current_dir(&self.dir)
+            .output()
+            .context("running pgbench")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "pgbench {script} -c {clients} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let tps = text
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse().ok())
+            .context("no tps in pgbench output")?;
+        let mut lat = Vec::new();
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("log_{script}_{clients}."))
+            {
+                for line in std::fs::read_to_string(e.path())?.lines() {
+                    // client_id transaction_no time(us) script_no epoch epoch_us
+                    if let Some(us) = line
+                        .split_whitespace()
+                        .nth(2)
+                        .and_then(|v| v.parse::<f64>().ok())
+                    {
+                        lat.push(us / 1000.0);
+                    }
+                }
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        if lat.is_empty() {
+            bail!("pgbench {script} -c {clients} logged no transactions");
+        }
+        let q = |q: f64| lat[((q * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1];
+        Ok((tps, q(0.5), q(0.99)))
+    }
+
+    fn baselines(&self, results: &mut Results) -> anyhow::Result<()> {
+        for (name, script, clients) in [
+            ("B_ins", "ins", &[1u32, 8, 32][..]),
+            ("B_txn", "txn", &[1, 8, 32][..]),
+            ("B_sel", "sel", &[8][..]),
+        ] {
+            for &c in clients {
+                let (tps, p50, p99) = self.one(script, c)?;
+                results.line(&format!("baseline {name}.c{c}.tps {tps:.1}"));
+                results.line(&format!("baseline {name}.c{c}.p50_ms {p50:.3}"));
+                results.line(&format!("baseline {name}.c{c}.p99_ms {p99:.3}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The plain tonic echo harness: accept rate, memory per connection, round trip.
+fn harness(plan: &Plan, bin: &Path, results: &mut Results) -> anyhow::Result<()> {
+    let port = free_port()?;
+    let mut server = Proc {
+        child: many_files(&bin.join("keyplane-load"))
+            .args(["echo-serve", "--listen", &format!("127.0.0.1:{port}")])
+            .spawn()
+            .context("starting the echo harness")?,
+        what: "echo harness".into(),
+    };
+    wait_port(port, "the echo harness")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss0 = rss_kb(server.pid())?;
+    let mut drive = Driver::start(
+        &bin.join("keyplane-load"),
+        &["--agents", &format!("http://127.0.0.1:{port}")],
+    )?;
+    let mut scratch = Results {
+        path: PathBuf::from("/dev/null"),
+        figures: HashMap::new(),
+    };
+    drive.run(&format!("connect {} H", plan.fleet), &mut scratch)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss1 = rss_kb(server.pid())?;
+    drive.run(
+        &format!("ingest {} {} 0 H", plan.ingest_agents, plan.write_secs),
+        &mut scratch,
+    )?;
+    drive.send("quit")?;
+    drive.proc.stop();
+    server.stop();
+    let f = &scratch.figures;
+    let get = |k: &str| {
+        f.get(k)
+            .copied()
+            .with_context(|| format!("harness gave no {k}"))
+    };
+    results.line(&format!(
+        "baseline H.accept_per_s {:.1}",
+        get("H.accept_per_s")?
+    ));
+    results.line(&format!("baseline H.connect_s {:.3}", get("H.connect_s")?));
+    results.line(&format!(
+        "baseline H.rss_per_conn_kb {:.3}",
+        (rss1 - rss0) / plan.fleet as f64
+    ));
+    results.line(&format!(
+        "baseline H.rtt_p50_ms {:.3}",
+        get("H.rtt_p50_ms")?
+    ));
+    results.line(&format!(
+        "baseline H.rtt_p99_ms {:.3}",
+        get("H.rtt_p99_ms")?
+    ));
+    Ok(())
+}
+
+fn keyplaned(bin: &Path, db: &pg::Database, key: &Path, port: u16) -> anyhow::Result<Proc> {
+    let child = many_files(&bin.join("keyplaned"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pin-key-file",
+        ])
+        .arg(key)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .context("starting keyplaned")?;
+    let p = Proc {
+        child,
+        what: format!("keyplaned :{port}"),
+    };
+    wait_port(port, "keyplaned")?;
+    Ok(p)
+}
+
+fn keyplane(
+    plan: &Plan,
+    db: &pg::Database,
+    bin: &Path,
+    out: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let key = out.join("pin.key");
+    let _ = std::fs::remove_file(&key);
+    run_checked(
+        Command::new(bin.join("keyplaned"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(&key)
+            .stdout(Stdio::null()),
+        "keyplaned keygen",
+    )?;
+    let boot = Command::new(bin.join("keyplaned"))
+        .args(["bootstrap-dealer", "--display-name", "Bench dealer"])
+        .env("DATABASE_URL", &db.url)
+        .output()?;
+    let token = String::from_utf8_lossy(&boot.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("token: ").map(str::to_owned))
+        .context("bootstrap-dealer printed no token")?;
+
+    let port_a = free_port()?;
+    let mut a = keyplaned(bin, db, &key, port_a)?;
+    let url_a = format!("http://127.0.0.1:{port_a}");
+    let sites = out.join("sites.txt");
+    let seed_started = Instant::now();
+    let seeded = Command::new(bin.join("keyplane-load"))
+        .args(["seed", "--server", &url_a, "--token", &token])
+        .args(["--full", &plan.full_sites.to_string()])
+        .args(["--bare", &(plan.fleet - plan.full_sites).to_string()])
+        .arg("--out")
+        .arg(&sites)
+        .output()?;
+    if !seeded.status.success() {
+        bail!(
+            "seeding sites failed: {}",
+            String::from_utf8_lossy(&seeded.stderr)
+        );
+    }
+    for l in String::from_utf8_lossy(&seeded.stdout).lines() {
+        results.line(l);
+    }
+    results.line(&format!(
+        "info seed_s {:.1}",
+        seed_started.elapsed().as_secs_f64()
+    ));
+    let sites_arg = sites.display().to_string();
+    let mut drive = Driver::start(
+        &bin.join("keyplane-load"),
+        &[
+            "--agents", &url_a, "--admin", &url_a, "--token", &token, "--sites", &sites_arg,
+        ],
+    )?;
+    let secs = plan.write_secs;
+
+    // G1 without agents.
+    for mode in ["many", "busy"] {
+        for c in [1, 8, 32] {
+            let id = format!("G1.{mode}.c{c}");
+            // KEYPLANE_BENCH_PERF=1: profile keyplaned under this load (for
+            // docs/BENCHMARKS.md; it slows the run down, so not by default).
+            let perf = (id == "G1.many.c8" && std::env::var_os("KEYPLANE_BENCH_PERF").is_some())
+                .then(|| {
+                    Command::new("perf")
+                        .args([
+                            "record",
+                            "-g",
+                            "-F",
+                            "499",
+                            "-p",
+                            &a.pid().to_string(),
+                            "-o",
+                        ])
+                        .arg(out.join("perf.data"))
+                        .stderr(Stdio::null())
+                        .spawn()
+                })
+                .and_then(Result::ok);
+            if let Err(e) = drive.run(&format!("write {c} {secs} {mode} {id}"), results) {
+                results.missing(&id, &e);
+            }
+            if let Some(mut p) = perf {
+                let _ = Command::new("kill")
+                    .arg("-INT")
+                    .arg(p.id().to_string())
+                    .status();
+                let _ = p.wait();
+            }
+        }
+    }
+
+    // G1 with idle fleets; G3 from keyplaned's RSS before and after the full fleet.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = rss_kb(a.pid())?;
+    drive.run(
+        &format!("connect {} G1.agents_small", plan.small_fleet),
+        results,
+    )?;
+    if let Err(e) = drive.run(&format!("write 8 {secs} many G1.agents_small.c8"), results) {
+        results.missing("G1.agents_small", &e);
+    }
+    // G5: acks + events, alone and during 8-client writes, with the small fleet
+    // connected (the full fleet alone saturates keyplaned today, see BENCHMARKS.md).
+    let n = plan.ingest_agents;
+    if let Err(e) = drive.run(&format!("ingest {n} {secs} 0 G5.alone"), results) {
+        results.missing("G5.alone", &e);
+    }
+    if let Err(e) = drive.run(&format!("ingest {n} {secs} 8 G5.during_g1"), results) {
+        results.missing("G5.during_g1", &e);
+    }
+
+    drive.run(&format!("connect {} G1.agents_full", plan.fleet), results)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kb(a.pid())?;
+    results.line(&format!("info G3.keyplaned_rss_idle_kb {rss_before:.0}"));
+    results.line(&format!("info G3.keyplaned_rss_fleet_kb {rss_after:.0}"));
+    results.line(&format!(
+        "figure G3.rss_per_agent_kb {:.3}",
+        (rss_after - rss_before) / plan.fleet as f64
+    ));
+    if let Err(e) = drive.run(&format!("write 8 {secs} many G1.agents_full.c8"), results) {
+        results.missing("G1.agents_full", &e);
+    }
+
+    // G2: half the peak G1 write rate, with the whole fleet connected.
+    let peak = results
+        .figures
+        .get("G1.many.c8.tps")
+        .copied()
+        .unwrap_or(100.0);
+    let rate = (peak / 2.0).max(1.0);
+    let prop_secs = if plan.quick { 3 } else { 15 };
+    if let Err(e) = drive.run(
+        &format!("prop {rate:.1} {prop_secs} {url_a} G2.one"),
+        results,
+    ) {
+        results.missing("G2.one", &e);
+    }
+
+    // Agent RSS: the real agent on one site, with its simulated door.
+    if let Err(e) = agent_rss(bin, &url_a, &sites, out, results) {
+        results.missing("X.agent_rss", &e);
+    }
+
+    // G4: restart keyplaned under the whole fleet.
+    if let Err(e) = storm(&mut drive, &mut a, bin, db, &key, port_a, secs, results) {
+        results.missing("G4", &e);
+    }
+
+    // G2 across replicas: agents on A, writes through B.
+    let port_b = free_port()?;
+    let b = keyplaned(bin, db, &key, port_b);
+    match b {
+        Ok(_b) => {
+            let url_b = format!("http://127.0.0.1:{port_b}");
+            if let Err(e) = drive.run(
+                &format!("prop {rate:.1} {prop_secs} {url_b} G2.cross"),
+                results,
+            ) {
+                results.missing("G2.cross", &e);
+            }
+        }
+        Err(e) => results.missing("G2.cross", &e),
+    }
+    drive.send("quit")?;
+    drive.proc.stop();
+    a.stop();
+    Ok(())
+}
+
+// The restart needs everything keyplaned was started with.
+#[allow(clippy::too_many_arguments)]
+fn storm(
+    drive: &mut Driver,
+    a: &mut Proc,
+    bin: &Path,
+    db: &pg::Database,
+    key: &Path,
+    port: u16,
+    idle_secs: u32,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    drive.send(&format!("storm {idle_secs} G4"))?;
+    drive.until(|l| l == "restart", Duration::from_secs(60))?;
+    a.stop();
+    *a = keyplaned(bin, db, key, port)?;
+    drive.send("restarted")?;
+    let lines = drive.until(|l| l == "done", Duration::from_secs(900))?;
+    let mut error = None;
+    for l in lines {
+        if let Some(e) = l.strip_prefix("error ") {
+            error = Some(e.to_owned());
+        } else if l.starts_with("figure ") || l.starts_with("info ") || l.starts_with("missing ") {
+            results.line(&l);
+        }
+    }
+    match error {
+        Some(e) => bail!("storm: {e}"),
+        None => Ok(()),
+    }
+}
+
+fn agent_rss(
+    bin: &Path,
+    url: &str,
+    sites: &Path,
+    out: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(sites)?;
+    let first = text.lines().nth(1).context("no site")?;
+    let words: Vec<&str> = first.split(' ').collect();
+    let dir = out.join("agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut agent = Proc {
+        child: Command::new(bin.join("keyplane-agent"))
+            .args(["--server", url, "--site", words[0], "--token", words[1]])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--sim-dir")
+            .arg(dir.join("devices"))
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .context("starting keyplane-agent")?,
+        what: "keyplane-agent".into(),
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = rss_kb(agent.pid())?;
+    agent.stop();
+    results.line(&format!("figure X.agent_rss_kb {rss:.0}"));
+    Ok(())
+}
