@@ -3,6 +3,11 @@
 //! - `echo-serve`: the plain tonic bidirectional-streaming harness (default settings,
 //!   no keyplane logic) that the agent figures are compared with.
 //! - `seed`: creates sites (and agent tokens) through AdminService.
+//! - `seed-sql`: bulk sites for the site-count figures, inserted straight into
+//!   PostgreSQL (bypassing the API: for volume only; measured writes still go
+//!   through the gRPC API).
+//! - `codes`: one site whose door holds N codes (through AdminService); optionally
+//!   times the real agent applying that snapshot to a simulated door.
 //! - `drive`: holds agent streams (each on its own connection) and runs the commands
 //!   it reads on stdin, printing `figure`/`info` lines for the results file.
 //! - `report`: turns a results file into report.json and report.md.
@@ -63,6 +68,39 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Insert dealer-owned sites (a partition, a door-1000, an agent token each)
+    /// straight into PostgreSQL until the database holds --total sites. This
+    /// bypasses the API and exists only to give the database volume.
+    SeedSql {
+        /// keyplaned's database.
+        #[arg(long)]
+        database_url: String,
+        /// Sites the database must hold afterwards.
+        #[arg(long)]
+        total: i64,
+    },
+    /// Create one site whose door holds --codes codes (through AdminService).
+    Codes {
+        /// keyplaned URL.
+        #[arg(long)]
+        server: String,
+        /// Dealer token.
+        #[arg(long)]
+        token: String,
+        /// Codes to create on the door.
+        #[arg(long)]
+        codes: usize,
+        /// Figure id: time the real agent (empty journal, simulated door) until
+        /// GetSyncStatus shows the door applied at the head revision.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Then delete codes until this many remain.
+        #[arg(long)]
+        hold: Option<usize>,
+        /// Output sites file (one line).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Hold agent streams and run the commands read on stdin.
     Drive {
         /// Where agents connect.
@@ -104,6 +142,18 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             out,
         } => rt.block_on(seed(server, token, full, bare, concurrency, out)),
+        Cmd::SeedSql {
+            database_url,
+            total,
+        } => rt.block_on(seed_sql(database_url, total)),
+        Cmd::Codes {
+            server,
+            token,
+            codes,
+            snapshot,
+            hold,
+            out,
+        } => rt.block_on(codes_site(server, token, codes, snapshot, hold, out)),
         Cmd::Drive {
             agents,
             admin,
@@ -385,19 +435,218 @@ async fn seed(
     }
     let mut text = String::new();
     for s in sites.into_iter().flatten() {
-        text.push_str(&format!(
-            "{} {} {} {}\n",
-            s.name,
-            s.token,
-            s.device.as_deref().unwrap_or("-"),
-            s.user.as_deref().unwrap_or("-")
-        ));
+        text.push_str(&site_line(&s));
     }
     std::fs::write(&out, text)?;
     println!(
         "info seed.sites_per_s {:.1}",
         (full + bare) as f64 / started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn site_line(s: &Site) -> String {
+    format!(
+        "{} {} {} {}\n",
+        s.name,
+        s.token,
+        s.device.as_deref().unwrap_or("-"),
+        s.user.as_deref().unwrap_or("-")
+    )
+}
+
+/// Bulk sites for volume, in one transaction: a site of the (first) dealer, its
+/// partition 1, a door-1000 and an agent token (`kpa_bulk_<site id>`, stored hashed
+/// as keyplane stores tokens). Nothing in keyplaned's write path runs: this is only
+/// for giving the database as many sites as a fleet would.
+const SEED_SQL: &str = r#"
+WITH d AS (SELECT id FROM dealer ORDER BY create_time, id LIMIT 1),
+s AS (
+    INSERT INTO site (dealer_id, display_name, time_zone)
+    SELECT d.id, 'bulk site ' || g, 'Europe/Paris'
+    FROM d, generate_series(1, $1::bigint) AS g
+    RETURNING id
+),
+p AS (
+    INSERT INTO partition (site_id, number, display_name)
+    SELECT id, 1, 'Building' FROM s
+    RETURNING site_id
+),
+dev AS (
+    INSERT INTO device (site_id, display_name, kind, model, partition, perimeter)
+    SELECT site_id, 'Main door', 'door', 'door-1000', 1, true FROM p
+)
+INSERT INTO agent_token (token_hash, site_id)
+SELECT sha256(convert_to('kpa_bulk_' || id::text, 'UTF8')), id FROM s
+"#;
+
+async fn seed_sql(url: String, total: i64) -> anyhow::Result<()> {
+    let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let have: i64 = client
+        .query_one("SELECT count(*) FROM site", &[])
+        .await?
+        .get(0);
+    let add = (total - have).max(0);
+    let started = Instant::now();
+    if add > 0 {
+        let tx = client.transaction().await?;
+        let dealers: i64 = tx
+            .query_one("SELECT count(*) FROM dealer", &[])
+            .await?
+            .get(0);
+        if dealers == 0 {
+            bail!("no dealer to own the sites: run keyplaned bootstrap-dealer first");
+        }
+        tx.execute(SEED_SQL, &[&add]).await?;
+        tx.commit().await?;
+        // The planner must see the new volume, as it would after autovacuum.
+        client
+            .batch_execute("ANALYZE site, partition, device, agent_token")
+            .await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("info seed_sql.added {add}");
+    println!("info seed_sql.total {}", have + add);
+    if add > 0 {
+        println!("info seed_sql.sites_per_s {:.0}", add as f64 / secs);
+    }
+    Ok(())
+}
+
+/// One site whose door holds `codes` codes, created through AdminService; with
+/// `snapshot`, the real agent's time to apply them; with `hold`, codes are then
+/// deleted until `hold` remain.
+async fn codes_site(
+    server: String,
+    token: String,
+    codes: usize,
+    snapshot: Option<String>,
+    hold: Option<usize>,
+    out: PathBuf,
+) -> anyhow::Result<()> {
+    let ch = channel(&server).await?;
+    let site = seed_one(AdminServiceClient::new(ch.clone()), token.clone(), 0, true).await?;
+    let (Some(device), Some(user)) = (site.device.clone(), site.user.clone()) else {
+        bail!("the codes site has no door");
+    };
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(8));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..codes {
+        let permit = limit.clone().acquire_owned().await?;
+        let mut admin = AdminServiceClient::new(ch.clone());
+        let (token, device, user) = (token.clone(), device.clone(), user.clone());
+        tasks.spawn(async move {
+            // Eight digits, distinct, never guessable (no run, no repeated digit),
+            // and never equal to the bench writers' seven-digit PINs.
+            let pin = (20_000_000 + i * 37).to_string();
+            let r = admin
+                .create_credential(authed(
+                    &token,
+                    pb::CreateCredentialRequest {
+                        parent: user,
+                        credential: Some(pb::Credential {
+                            display_name: format!("held {i}"),
+                            pin,
+                            scope: Some(pb::CredentialScope {
+                                doors: vec![device],
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        request_id: String::new(),
+                    },
+                )?)
+                .await;
+            drop(permit);
+            let c = r?.into_inner();
+            anyhow::Ok((c.name, c.etag))
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        held.push(r?.context("creating a held code")?);
+    }
+    println!(
+        "info codes_{codes}.create_per_s {:.1}",
+        codes as f64 / started.elapsed().as_secs_f64()
+    );
+    if let Some(id) = snapshot {
+        snapshot_apply(&server, &token, &site, &id).await?;
+    }
+    if let Some(h) = hold {
+        let mut admin = AdminServiceClient::new(ch.clone());
+        for (name, etag) in held.drain(h.min(codes)..) {
+            admin
+                .delete_credential(authed(&token, pb::DeleteCredentialRequest { name, etag })?)
+                .await?;
+        }
+    }
+    std::fs::write(&out, site_line(&site))?;
+    Ok(())
+}
+
+/// Starts the real agent (empty journal, simulated devices in a scratch directory)
+/// on `site` and reports the time until GetSyncStatus shows every device applied
+/// at the head revision: connect, Hello, snapshot, writes to the simulated door,
+/// ack, and the ack stored.
+async fn snapshot_apply(server: &str, token: &str, site: &Site, id: &str) -> anyhow::Result<()> {
+    let mut admin = AdminServiceClient::new(channel(server).await?);
+    let status = |admin: &mut AdminServiceClient<Channel>| {
+        let req = authed(
+            token,
+            pb::GetSyncStatusRequest {
+                name: site.name.clone(),
+            },
+        );
+        let mut admin = admin.clone();
+        async move { anyhow::Ok(admin.get_sync_status(req?).await?.into_inner()) }
+    };
+    let head = status(&mut admin).await?.desired_revision;
+    let mut bytes = [0u8; 6];
+    let _ = getrandom::fill(&mut bytes);
+    let dir = std::env::temp_dir().join(format!(
+        "keyplane-bench-snapshot-{}",
+        u64::from_le_bytes([
+            bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], 0, 0
+        ])
+    ));
+    std::fs::create_dir_all(&dir)?;
+    // The real agent's default settings, as `keyplane-agent` runs with.
+    let config =
+        keyplane_agent::AgentConfig::new(server, &site.name, &site.token, dir.join("state"));
+    let factory = Box::new(keyplane_agent::SimulatorFactory::new(dir.join("devices")));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
+    let deadline = started + Duration::from_secs(120);
+    let result = loop {
+        let s = status(&mut admin).await?;
+        if !s.devices.is_empty()
+            && s.devices
+                .iter()
+                .all(|d| d.in_sync && d.applied_revision >= head)
+        {
+            break Ok(started.elapsed());
+        }
+        if handle.is_finished() {
+            break Err(anyhow::anyhow!(
+                "the agent stopped before applying the snapshot"
+            ));
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!("the snapshot was not applied within 120 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    shutdown.cancel();
+    let stopped = handle.await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let took = result?;
+    stopped??;
+    println!("figure {id} {:.3}", ms(took));
+    println!("info {id}.head_revision {head}");
     Ok(())
 }
 

@@ -326,6 +326,146 @@ pub const ROWS: &[Row] = &[
         "H.rtt_p99_ms",
         None,
     ),
+    // G1/G2 against the number of sites in the database (1k/10k/50k; quick
+    // 1k/2.5k/5k): the bulk sites are inserted by SQL, the writes go through the API.
+    row(
+        "G1",
+        "G1.sites_small.c8.tps",
+        "writes/s, 8 clients, 1k sites in the database, vs B_ins",
+        "ops/s",
+        "B_ins.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_mid.c8.tps",
+        "writes/s, 8 clients, 10k sites (quick: 2.5k), vs B_ins",
+        "ops/s",
+        "B_ins.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_mid.c8.tps",
+        "writes/s, 8 clients, 10k sites (quick: 2.5k), vs 1k sites",
+        "ops/s",
+        "figure:G1.sites_small.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_large.c8.tps",
+        "writes/s, 8 clients, 50k sites (quick: 5k), vs B_ins",
+        "ops/s",
+        "B_ins.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_large.c8.tps",
+        "writes/s, 8 clients, 50k sites (quick: 5k), vs 1k sites",
+        "ops/s",
+        "figure:G1.sites_small.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_small.c8.p99_ms",
+        "write p99, 8 clients, 1k sites in the database",
+        "ms",
+        "B_ins.c8.p99_ms",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_mid.c8.p99_ms",
+        "write p99, 8 clients, 10k sites (quick: 2.5k), vs 1k sites",
+        "ms",
+        "figure:G1.sites_small.c8.p99_ms",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.sites_large.c8.p99_ms",
+        "write p99, 8 clients, 50k sites (quick: 5k), vs 1k sites",
+        "ms",
+        "figure:G1.sites_small.c8.p99_ms",
+        None,
+    ),
+    row(
+        "G2",
+        "G2.sites_small.p50_ms",
+        "propagation p50, 1k sites in the database",
+        "ms",
+        "B_ins.c8.p50_ms",
+        None,
+    ),
+    row(
+        "G2",
+        "G2.sites_small.p99_ms",
+        "propagation p99, 1k sites in the database",
+        "ms",
+        "B_ins.c8.p99_ms",
+        None,
+    ),
+    row(
+        "G2",
+        "G2.sites_mid.p50_ms",
+        "propagation p50, 10k sites (quick: 2.5k), vs 1k sites",
+        "ms",
+        "figure:G2.sites_small.p50_ms",
+        None,
+    ),
+    row(
+        "G2",
+        "G2.sites_mid.p99_ms",
+        "propagation p99, 10k sites (quick: 2.5k), vs 1k sites",
+        "ms",
+        "figure:G2.sites_small.p99_ms",
+        None,
+    ),
+    row(
+        "G2",
+        "G2.sites_large.p50_ms",
+        "propagation p50, 50k sites (quick: 5k), vs 1k sites",
+        "ms",
+        "figure:G2.sites_small.p50_ms",
+        None,
+    ),
+    row(
+        "G2",
+        "G2.sites_large.p99_ms",
+        "propagation p99, 50k sites (quick: 5k), vs 1k sites",
+        "ms",
+        "figure:G2.sites_small.p99_ms",
+        None,
+    ),
+    // G1 on one site against the codes its door holds: 10, and 992 so that each of
+    // the 8 clients still finds a free slot (1,000 with every write in flight).
+    row(
+        "G1",
+        "G1.codes_10.c8.tps",
+        "writes/s, 8 clients, one site, 10 codes on its door, vs B_ins",
+        "ops/s",
+        "B_ins.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.codes_1000.c8.tps",
+        "writes/s, 8 clients, one site, 1,000 codes on its door (992 + 8 in flight), vs 10",
+        "ops/s",
+        "figure:G1.codes_10.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.codes_1000.c8.p99_ms",
+        "write p99, 8 clients, one site, 1,000 codes on its door (992 + 8 in flight), vs 10",
+        "ms",
+        "figure:G1.codes_10.c8.p99_ms",
+        None,
+    ),
     // Extras.
     row(
         "X",
@@ -354,24 +494,8 @@ pub const ROWS: &[Row] = &[
     row(
         "X",
         "X.snapshot_1000_ms",
-        "agent applies a 1,000-slot snapshot to a simulated door",
+        "real agent applies a 1,000-code snapshot to a simulated door (start -> applied at head)",
         "ms",
-        "",
-        None,
-    ),
-    row(
-        "X",
-        "X.sites_scaling",
-        "G1/G2 with 1k, 10k and 50k sites in the database",
-        "",
-        "",
-        None,
-    ),
-    row(
-        "X",
-        "X.codes_scaling",
-        "G1/G2 with 10 vs 1,000 codes on a device",
-        "",
         "",
         None,
     ),
@@ -794,6 +918,97 @@ mod tests {
         validate(ROWS, &report).expect("valid");
         assert!(markdown(&report).contains(
             "not measured: its baseline G4.write_p99_idle_ms is not measured: no samples"
+        ));
+    }
+
+    /// The row of `figure` judged against `baseline`.
+    fn row_of<'a>(report: &'a Value, figure: &str, baseline: &str) -> &'a Value {
+        report["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| {
+                r["figure"] == figure
+                    && (r["baseline"]["id"] == baseline
+                        || baseline.is_empty() && r["baseline"].is_null())
+            })
+            .unwrap_or_else(|| panic!("no row {figure} vs {baseline}"))
+    }
+
+    #[test]
+    fn site_counts_and_codes_are_ratios_to_the_smallest_case() {
+        let text = format!(
+            "{}figure G1.sites_small.c8.tps 200\nfigure G1.sites_large.c8.tps 150\n\
+             figure G2.sites_small.p99_ms 40\nfigure G2.sites_large.p99_ms 60\n\
+             figure G1.codes_10.c8.tps 80\nfigure G1.codes_1000.c8.tps 60\n\
+             figure X.snapshot_1000_ms 900\n",
+            synthetic()
+        );
+        let report = build(ROWS, &Results::parse(&text).expect("parse")).expect("build");
+        validate(ROWS, &report).expect("valid");
+        let large = row_of(
+            &report,
+            "G1.sites_large.c8.tps",
+            "figure:G1.sites_small.c8.tps",
+        );
+        assert_eq!(large["ratio"], 0.75);
+        assert_eq!(large["status"], "no target");
+        // Also against B_ins (median 25), as every other G1 figure.
+        assert_eq!(
+            row_of(&report, "G1.sites_large.c8.tps", "B_ins.c8.tps")["ratio"],
+            6.0
+        );
+        assert_eq!(
+            row_of(
+                &report,
+                "G2.sites_large.p99_ms",
+                "figure:G2.sites_small.p99_ms"
+            )["ratio"],
+            1.5
+        );
+        assert_eq!(
+            row_of(&report, "G1.codes_1000.c8.tps", "figure:G1.codes_10.c8.tps")["ratio"],
+            0.75
+        );
+        let snapshot = row_of(&report, "X.snapshot_1000_ms", "");
+        assert_eq!(snapshot["status"], "info");
+        assert_eq!(snapshot["value"], 900.0);
+        for figure in [
+            "G1.sites_small.c8.tps",
+            "G1.sites_mid.c8.tps",
+            "G1.sites_large.c8.p99_ms",
+            "G2.sites_mid.p50_ms",
+            "G2.sites_large.p99_ms",
+            "G1.codes_10.c8.tps",
+            "G1.codes_1000.c8.p99_ms",
+        ] {
+            assert!(
+                ROWS.iter().any(|r| r.figure == figure),
+                "{figure} has no row"
+            );
+        }
+        assert!(
+            !ROWS.iter().any(|r| r.figure.ends_with("_scaling")),
+            "the placeholder rows are gone"
+        );
+
+        // The smallest size not measured: the larger ones cannot be judged, and say why.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains("G1.sites_small"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = format!("{text}missing G1.sites_small seed-sql failed\n");
+        let report = build(ROWS, &Results::parse(&text).expect("parse")).expect("build");
+        validate(ROWS, &report).expect("valid");
+        let large = row_of(
+            &report,
+            "G1.sites_large.c8.tps",
+            "figure:G1.sites_small.c8.tps",
+        );
+        assert_eq!(large["status"], "not measured");
+        assert!(markdown(&report).contains(
+            "not measured: its baseline G1.sites_small.c8.tps is not measured: seed-sql failed"
         ));
     }
 

@@ -33,6 +33,11 @@ struct Plan {
     fleet: usize,
     /// Agents sending events for G5.
     ingest_agents: usize,
+    /// Sites (door and user) that take the writes and hold agents in the
+    /// site-count phase.
+    scale_full: usize,
+    /// Sites in the database for the site-count figures, smallest first.
+    site_counts: [(&'static str, i64); 3],
 }
 
 impl Plan {
@@ -46,6 +51,12 @@ impl Plan {
                 small_fleet: 100,
                 fleet: 500,
                 ingest_agents: 20,
+                scale_full: 20,
+                site_counts: [
+                    ("sites_small", 1_000),
+                    ("sites_mid", 2_500),
+                    ("sites_large", 5_000),
+                ],
             }
         } else {
             Plan {
@@ -56,6 +67,12 @@ impl Plan {
                 small_fleet: 1_000,
                 fleet: 10_000,
                 ingest_agents: 100,
+                scale_full: 100,
+                site_counts: [
+                    ("sites_small", 1_000),
+                    ("sites_mid", 10_000),
+                    ("sites_large", 50_000),
+                ],
             }
         }
     }
@@ -295,19 +312,6 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if let Err(e) = &outcome {
         eprintln!("bench: the suite stopped early: {e:#}");
     }
-    for (id, why) in [
-        (
-            "X.snapshot_1000_ms",
-            "not implemented: needs a timing hook in the agent's apply path",
-        ),
-        (
-            "X.sites_scaling",
-            "not implemented: 50k sites through the API exceed the run's time budget; needs a SQL seeding path",
-        ),
-        ("X.codes_scaling", "not implemented yet"),
-    ] {
-        results.line(&format!("missing {id} {why}"));
-    }
     // Whatever a failed phase left unrecorded is reported as such, never made up.
     for goal in ["G1", "G2", "G3", "G4", "G5", "X"] {
         results.line(&format!(
@@ -397,6 +401,13 @@ fn suite(
     if let Err(e) = keyplane(plan, db, bin, out, results) {
         eprintln!("bench: the keyplane phases stopped: {e:#}");
         results.missing("G", &e);
+    }
+    if let Err(e) = scale(plan, db, bin, out, results) {
+        eprintln!("bench: the site-count and codes phase stopped: {e:#}");
+        results.missing("G1.sites", &e);
+        results.missing("G2.sites", &e);
+        results.missing("G1.codes", &e);
+        results.missing("X.snapshot", &e);
     }
 
     pgb.baselines(results)?;
@@ -625,7 +636,7 @@ fn harness(plan: &Plan, bin: &Path, results: &mut Results) -> anyhow::Result<()>
     Ok(())
 }
 
-fn keyplaned(bin: &Path, db: &pg::Database, key: &Path, port: u16) -> anyhow::Result<Proc> {
+fn keyplaned(bin: &Path, url: &str, key: &Path, port: u16) -> anyhow::Result<Proc> {
     let child = many_files(&bin.join("keyplaned"))
         .args([
             "serve",
@@ -634,7 +645,7 @@ fn keyplaned(bin: &Path, db: &pg::Database, key: &Path, port: u16) -> anyhow::Re
             "--pin-key-file",
         ])
         .arg(key)
-        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting keyplaned")?;
@@ -673,7 +684,7 @@ fn keyplane(
         .context("bootstrap-dealer printed no token")?;
 
     let port_a = free_port()?;
-    let mut a = keyplaned(bin, db, &key, port_a)?;
+    let mut a = keyplaned(bin, &db.url, &key, port_a)?;
     let url_a = format!("http://127.0.0.1:{port_a}");
     let sites = out.join("sites.txt");
     let seed_started = Instant::now();
@@ -802,7 +813,7 @@ fn keyplane(
 
     // G2 across replicas: agents on A, writes through B.
     let port_b = free_port()?;
-    let b = keyplaned(bin, db, &key, port_b);
+    let b = keyplaned(bin, &db.url, &key, port_b);
     match b {
         Ok(_b) => {
             let url_b = format!("http://127.0.0.1:{port_b}");
@@ -836,7 +847,7 @@ fn storm(
     drive.send(&format!("storm {idle_secs} G4"))?;
     drive.until(|l| l == "restart", Duration::from_secs(60))?;
     a.stop();
-    *a = keyplaned(bin, db, key, port)?;
+    *a = keyplaned(bin, &db.url, key, port)?;
     drive.send("restarted")?;
     let lines = drive.until(|l| l == "done", Duration::from_secs(900))?;
     let mut error = None;
@@ -881,5 +892,184 @@ fn agent_rss(
     let rss = rss_kb(agent.pid())?;
     agent.stop();
     results.line(&format!("figure X.agent_rss_kb {rss:.0}"));
+    Ok(())
+}
+
+/// The site-count and codes figures, on their own database of the bench cluster
+/// (so the database holds exactly the sites counted) and their own keyplaned:
+/// - the real agent applying a 1,000-code snapshot to a simulated door;
+/// - 8-client writes on one site whose door holds 10, then 1,000 codes;
+/// - G1 (8 clients) and G2 with 1k, 10k and 50k sites in the database (quick: 1k,
+///   2.5k, 5k). The bulk sites are inserted by `keyplane-load seed-sql` straight
+///   into PostgreSQL (volume only); every measured write goes through the API.
+fn scale(
+    plan: &Plan,
+    db: &pg::Database,
+    bin: &Path,
+    out: &Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let pgbin = db.bin_dir().context("the bench cluster is private")?;
+    let (server, _) = db
+        .url
+        .rsplit_once('/')
+        .context("the bench database URL has no database name")?;
+    let url = format!("{server}/keyplane_scale");
+    for sql in [
+        "DROP DATABASE IF EXISTS keyplane_scale",
+        "CREATE DATABASE keyplane_scale",
+    ] {
+        run_checked(
+            Command::new(pgbin.join("psql"))
+                .arg(&db.url)
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .stdout(Stdio::null()),
+            "creating the site-count database",
+        )?;
+    }
+    run_checked(
+        Command::new(bin.join("keyplaned"))
+            .arg("migrate")
+            .env("DATABASE_URL", &url),
+        "keyplaned migrate (site-count database)",
+    )?;
+    let boot = Command::new(bin.join("keyplaned"))
+        .args(["bootstrap-dealer", "--display-name", "Bench dealer"])
+        .env("DATABASE_URL", &url)
+        .output()?;
+    let token = String::from_utf8_lossy(&boot.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("token: ").map(str::to_owned))
+        .context("bootstrap-dealer printed no token")?;
+    let port = free_port()?;
+    let mut server = keyplaned(bin, &url, &out.join("pin.key"), port)?;
+    let api = format!("http://127.0.0.1:{port}");
+    let load = bin.join("keyplane-load");
+    let secs = plan.write_secs;
+
+    // One site per code count, through the API. The 1,000-code door is first
+    // applied by the real agent (timed); then it keeps 992 codes, so that each of
+    // the 8 write clients finds a free slot (a full door refuses the create) and
+    // the door holds 1,000 codes with every write in flight.
+    for (codes, hold, snapshot) in [(10usize, 10usize, false), (1_000, 992, true)] {
+        let id = format!("G1.codes_{codes}");
+        let file = out.join(format!("codes_{codes}.txt"));
+        let mut cmd = Command::new(&load);
+        cmd.args(["codes", "--server", &api, "--token", &token])
+            .args(["--codes", &codes.to_string()])
+            .args(["--hold", &hold.to_string()])
+            .arg("--out")
+            .arg(&file);
+        if snapshot {
+            cmd.args(["--snapshot", "X.snapshot_1000_ms"]);
+        }
+        let made = cmd.output()?;
+        for l in String::from_utf8_lossy(&made.stdout).lines() {
+            results.line(l);
+        }
+        if !made.status.success() {
+            let e = anyhow::anyhow!(
+                "creating the {codes}-code site failed: {}",
+                String::from_utf8_lossy(&made.stderr).trim()
+            );
+            results.missing(&id, &e);
+            if snapshot {
+                results.missing("X.snapshot_1000_ms", &e);
+            }
+            continue;
+        }
+        let file_arg = file.display().to_string();
+        let writes = Driver::start(
+            &load,
+            &[
+                "--agents", &api, "--admin", &api, "--token", &token, "--sites", &file_arg,
+            ],
+        )
+        .and_then(|mut d| {
+            let r = d.run(&format!("write 8 {secs} busy {id}.c8"), results);
+            let _ = d.send("quit");
+            d.proc.stop();
+            r
+        });
+        if let Err(e) = writes {
+            results.missing(&id, &e);
+        }
+    }
+
+    // Sites that take the writes and hold the agents, through the API.
+    let sites = out.join("scale_sites.txt");
+    let seeded = Command::new(&load)
+        .args(["seed", "--server", &api, "--token", &token])
+        .args(["--full", &plan.scale_full.to_string(), "--bare", "0"])
+        .arg("--out")
+        .arg(&sites)
+        .output()?;
+    if !seeded.status.success() {
+        bail!(
+            "seeding the site-count sites failed: {}",
+            String::from_utf8_lossy(&seeded.stderr)
+        );
+    }
+    let sites_arg = sites.display().to_string();
+    let mut drive = Driver::start(
+        &load,
+        &[
+            "--agents", &api, "--admin", &api, "--token", &token, "--sites", &sites_arg,
+        ],
+    )?;
+    drive.run(&format!("connect {} S.agents", plan.scale_full), results)?;
+    let prop_secs = if plan.quick { 3 } else { 15 };
+    // One propagation write rate for every size (half the smallest size's G1), so
+    // the sizes differ only in the sites the database holds.
+    let mut rate = None;
+    for (name, total) in plan.site_counts {
+        let started = Instant::now();
+        let bulk = Command::new(&load)
+            .args([
+                "seed-sql",
+                "--database-url",
+                &url,
+                "--total",
+                &total.to_string(),
+            ])
+            .output()?;
+        if !bulk.status.success() {
+            let e = anyhow::anyhow!(
+                "seed-sql to {total} sites failed: {}",
+                String::from_utf8_lossy(&bulk.stderr).trim()
+            );
+            results.missing(&format!("G1.{name}"), &e);
+            results.missing(&format!("G2.{name}"), &e);
+            continue;
+        }
+        for l in String::from_utf8_lossy(&bulk.stdout).lines() {
+            results.line(&l.replace("info seed_sql.", &format!("info seed_sql.{name}.")));
+        }
+        results.line(&format!("info {name}.sites {total}"));
+        results.line(&format!(
+            "info {name}.seed_s {:.1}",
+            started.elapsed().as_secs_f64()
+        ));
+        let id = format!("G1.{name}.c8");
+        if let Err(e) = drive.run(&format!("write 8 {secs} many {id}"), results) {
+            results.missing(&id, &e);
+        }
+        let r = *rate.get_or_insert_with(|| {
+            (results
+                .figures
+                .get(&format!("{id}.tps"))
+                .copied()
+                .unwrap_or(100.0)
+                / 2.0)
+                .max(1.0)
+        });
+        let id = format!("G2.{name}");
+        if let Err(e) = drive.run(&format!("prop {r:.1} {prop_secs} {api} {id}"), results) {
+            results.missing(&id, &e);
+        }
+    }
+    drive.send("quit")?;
+    drive.proc.stop();
+    server.stop();
     Ok(())
 }
