@@ -4,7 +4,8 @@
 //! on) under `target/bench/pg`, takes the baselines (pgbench; the plain tonic echo
 //! harness of `keyplane-load`), runs keyplaned (one replica, then a second for the
 //! cross-replica figure) under a `keyplane-load drive` process holding the agent
-//! streams, takes the baselines again, and has `keyplane-load report` write
+//! streams, then the site-count, codes-per-door and snapshot figures on a second
+//! database (see [`scale`]), takes the baselines again, and has `keyplane-load report` write
 //! `target/bench/report.json` and `report.md`. Every line of results is appended to
 //! `target/bench/results.txt` as it comes, so a failed phase loses only its figures
 //! (they appear as "not measured" with the error).
