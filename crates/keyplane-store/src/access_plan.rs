@@ -6,11 +6,12 @@ use crate::site::{
     site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
 };
 use crate::{Actor, PageRequest, RequestKey, Store, StoreError, in_txn};
+use crate::{Cached, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
 use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
-use tokio_postgres::Transaction;
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 /// A standard access plan.
@@ -109,6 +110,27 @@ pub(crate) async fn access_rules_changed_in_txn(
     Ok(())
 }
 
+/// A whole plan from `access_plan p`: its row, devices and members, so a page of
+/// plans is one query.
+const ACCESS_PLAN_FIELDS: &str = "p.id, p.display_name, p.schedule, p.version, p.update_time,
+    ARRAY(SELECT device_id FROM access_plan_device d
+          WHERE d.site_id = p.site_id AND d.plan_id = p.id ORDER BY device_id),
+    ARRAY(SELECT user_id FROM access_plan_member m
+          WHERE m.site_id = p.site_id AND m.plan_id = p.id ORDER BY user_id)";
+
+fn access_plan_from_row(site: Uuid, row: &Row) -> Result<AccessPlan, StoreError> {
+    Ok(AccessPlan {
+        site,
+        id: row.get(0),
+        display_name: row.get(1),
+        schedule: schedule_from_json(row.get(2))?,
+        version: row.get(3),
+        update_time: row.get(4),
+        devices: row.get(5),
+        members: row.get(6),
+    })
+}
+
 async fn access_plan_get_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
@@ -116,39 +138,16 @@ async fn access_plan_get_in_txn(
 ) -> Result<AccessPlan, StoreError> {
     let row = tx
         .query_opt(
-            "SELECT display_name, schedule, version, update_time FROM access_plan WHERE site_id = $1 AND id = $2",
+            &format!(
+                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+            ),
             &[&site, &id],
         )
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}")))?;
-    let devices = tx
-        .query(
-            "SELECT device_id FROM access_plan_device WHERE site_id = $1 AND plan_id = $2 ORDER BY device_id",
-            &[&site, &id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let members = tx
-        .query(
-            "SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $2 ORDER BY user_id",
-            &[&site, &id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(AccessPlan {
-        site,
-        id,
-        display_name: row.get(0),
-        schedule: schedule_from_json(row.get(1))?,
-        version: row.get(2),
-        update_time: row.get(3),
-        devices,
-        members,
-    })
+        .ok_or_else(|| {
+            StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
+        })?;
+    access_plan_from_row(site, &row)
 }
 
 async fn access_plan_write_in_txn(
@@ -275,20 +274,17 @@ impl Store {
     ) -> Result<Vec<AccessPlan>, StoreError> {
         in_txn!(self, "access_plan_list", |tx| {
             site_get_in_txn(&tx, dealer, site).await?;
-            let ids: Vec<Uuid> = tx
-                .query(
-                    "SELECT id FROM access_plan WHERE site_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3",
-                    &[&site, &page.after, &page.limit],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let mut plans = Vec::with_capacity(ids.len());
-            for id in ids {
-                plans.push(access_plan_get_in_txn(&tx, site, id).await?);
-            }
-            Ok(plans)
+            tx.query(
+                &format!(
+                    "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p
+                     WHERE p.site_id = $1 AND ($2::uuid IS NULL OR p.id > $2) ORDER BY p.id LIMIT $3"
+                ),
+                &[&site, &page.after, &page.limit],
+            )
+            .await?
+            .iter()
+            .map(|r| access_plan_from_row(site, r))
+            .collect()
         })
     }
 

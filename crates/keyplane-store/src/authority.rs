@@ -3,10 +3,11 @@
 //! levels they see are the ones the write commits against.
 
 use crate::{Actor, Store, StoreError, in_txn};
+use crate::{Cached, Transaction};
 use keyplane_core::authority::{
     self as rules, ACTING_PARTITION_HEADER, Authorities, AuthorityError, Level,
 };
-use tokio_postgres::Transaction;
+use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 /// The acting site user, when one acts.
@@ -136,4 +137,87 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// A site user as the rules see them.
+#[derive(Debug, Clone)]
+pub(crate) struct UserFacts {
+    pub open_close_reporting: bool,
+    pub authorities: Authorities,
+}
+
+/// Users (site, ids) with their levels, one row each: id, open/close reporting,
+/// partitions, levels.
+pub(crate) const USER_FACTS_SQL: &str = "SELECT u.id, u.open_close_reporting,
+        COALESCE(array_agg(a.partition) FILTER (WHERE a.partition IS NOT NULL), '{}'),
+        COALESCE(array_agg(a.level) FILTER (WHERE a.partition IS NOT NULL), '{}')
+     FROM site_user u LEFT JOIN user_authority a ON a.site_id = u.site_id AND a.user_id = u.id
+     WHERE u.site_id = $1 AND u.id = ANY($2)
+     GROUP BY u.id, u.open_close_reporting";
+
+/// Rows of [`USER_FACTS_SQL`] by user id.
+pub(crate) fn user_facts(rows: &[tokio_postgres::Row]) -> HashMap<Uuid, UserFacts> {
+    rows.iter()
+        .map(|r| {
+            let partitions: Vec<i16> = r.get(2);
+            let levels: Vec<i16> = r.get(3);
+            let authorities = partitions
+                .iter()
+                .zip(&levels)
+                .filter_map(|(p, l)| {
+                    Some((u8::try_from(*p).ok()?, Level::from_number(i32::from(*l))?))
+                })
+                .collect();
+            (
+                r.get(0),
+                UserFacts {
+                    open_close_reporting: r.get(1),
+                    authorities,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Who acts on `site`, decided from loaded rows with the same rules and messages as
+/// [`actor_resolve_in_txn`]: `partitions` are the site's, `users` hold the acting user
+/// when one acts.
+pub(crate) fn actor_from_loaded(
+    actor: &Actor,
+    site: Uuid,
+    partitions: &BTreeSet<u8>,
+    users: &HashMap<Uuid, UserFacts>,
+) -> Result<(rules::Actor, Option<ActingUser>), StoreError> {
+    let Some((user_site, user)) = actor.acting_user else {
+        if let Some(p) = actor.acting_partition
+            && !partitions.contains(&p)
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "{ACTING_PARTITION_HEADER} names partition {p}, which sites/{site} does not have"
+            )));
+        }
+        return Ok((rules::Actor::Dealer, None));
+    };
+    let name = format!("sites/{user_site}/users/{user}");
+    if user_site != site {
+        return Err(StoreError::PermissionDenied(format!(
+            "acting user {name} is not a user of sites/{site}"
+        )));
+    }
+    let facts = users.get(&user).ok_or_else(|| {
+        StoreError::PermissionDenied(format!("acting user {name} does not exist"))
+    })?;
+    let who = rules::Actor::User {
+        name,
+        authorities: facts.authorities.clone(),
+    };
+    who.check_acting_partition(actor.acting_partition)
+        .map_err(denied)?;
+    Ok((
+        who,
+        Some(ActingUser {
+            id: user,
+            open_close_reporting: facts.open_close_reporting,
+        }),
+    ))
 }

@@ -30,6 +30,7 @@ mod types;
 mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
+pub use auth::DEALER_TOKEN_TTL;
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
@@ -40,6 +41,88 @@ pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::str::FromStr;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+/// The transaction type every `_in_txn` function takes: deadpool's, which holds the
+/// connection's statement cache.
+pub(crate) type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+
+/// Statements run through the connection's statement cache: each SQL text is parsed
+/// once per connection and afterwards only bound and executed, one round trip instead
+/// of two. The names shadow tokio-postgres's own, so store code with this trait in
+/// scope is cached without a second spelling; SQL texts must therefore be fixed
+/// (values always go in parameters), or the cache would grow without bound.
+pub(crate) trait Cached {
+    /// Rows of `sql`.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error>;
+    /// Exactly one row of `sql`.
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error>;
+    /// At most one row of `sql`.
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error>;
+    /// Rows affected by `sql`.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error>;
+}
+
+macro_rules! cached_impl {
+    ($ty:ty, $inner:ty) => {
+        impl Cached for $ty {
+            async fn query(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Vec<Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::query(self, &statement, params).await
+            }
+            async fn query_one(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Row, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::query_one(self, &statement, params).await
+            }
+            async fn query_opt(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Option<Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::query_opt(self, &statement, params).await
+            }
+            async fn execute(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<u64, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::execute(self, &statement, params).await
+            }
+        }
+    };
+}
+cached_impl!(
+    deadpool_postgres::Transaction<'_>,
+    tokio_postgres::Transaction<'_>
+);
+cached_impl!(deadpool_postgres::ClientWrapper, tokio_postgres::Client);
 
 /// Runs `$body` in a transaction on `$store`, committing on success and retrying the
 /// whole body (up to 5 attempts) when PostgreSQL reports a serialization failure or
@@ -77,6 +160,7 @@ pub(crate) use in_txn;
 pub struct Store {
     pool: Pool,
     key: PinKey,
+    tokens: std::sync::Arc<auth::TokenCache>,
 }
 
 impl std::fmt::Debug for Store {
@@ -101,7 +185,17 @@ impl Store {
             .max_size(max_connections)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Store { pool, key })
+        Ok(Store {
+            pool,
+            key,
+            tokens: Default::default(),
+        })
+    }
+
+    /// Trusts a verified dealer token for `ttl` instead of [`DEALER_TOKEN_TTL`].
+    pub fn with_dealer_token_ttl(mut self, ttl: std::time::Duration) -> Store {
+        self.tokens = std::sync::Arc::new(auth::TokenCache::new(ttl));
+        self
     }
 
     /// Applies pending migrations.

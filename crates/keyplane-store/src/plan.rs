@@ -8,13 +8,13 @@ use crate::site::{
 };
 use crate::user::user_get_in_txn;
 use crate::{Actor, Store, StoreError, in_txn};
+use crate::{Cached, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
 use keyplane_core::personal;
 use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
 use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 /// A personal access plan.

@@ -5,13 +5,14 @@ use crate::{
     Actor, LocalCodePolicy, NewSite, PageRequest, RequestKey, Site, SitePatch, Store, StoreError,
     in_txn,
 };
-use tokio_postgres::{Row, Transaction};
+use crate::{Cached, Transaction};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
-const SITE_COLUMNS: &str =
+pub(crate) const SITE_COLUMNS: &str =
     "id, display_name, time_zone, local_code_policy, revision, version, create_time, update_time";
 
-fn site_from_row(row: &Row) -> Site {
+pub(crate) fn site_from_row(row: &Row) -> Site {
     Site {
         id: row.get(0),
         display_name: row.get(1),
@@ -154,18 +155,28 @@ pub(crate) async fn request_replay_in_txn(
 ) -> Result<Option<String>, StoreError> {
     let Some(key) = key else { return Ok(None) };
     // Serialize concurrent retries of one request id: the second waits for the first.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1::text || $2::text, 0))",
-        &[&dealer.to_string(), &key.request_id],
-    )
-    .await?;
-    let row = tx
-        .query_opt(
-            "SELECT method, fingerprint, resource_name FROM idempotency_key
-             WHERE dealer_id = $1 AND request_id = $2",
-            &[&dealer, &key.request_id],
-        )
+    tx.execute(REPLAY_LOCK_SQL, &[&dealer.to_string(), &key.request_id])
         .await?;
+    let row = tx
+        .query_opt(REPLAY_LOOKUP_SQL, &[&dealer, &key.request_id])
+        .await?;
+    replay_decide(key, row)
+}
+
+/// Waits for other requests with the same idempotency key (dealer, request id) to end.
+pub(crate) const REPLAY_LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended($1::text || $2::text, 0))";
+/// What an idempotency key already produced (dealer, request id).
+pub(crate) const REPLAY_LOOKUP_SQL: &str =
+    "SELECT method, fingerprint, resource_name FROM idempotency_key
+     WHERE dealer_id = $1 AND request_id = $2";
+
+/// `Some(resource name)` when the key's request already ran; refuses a reused request
+/// id with another method or body.
+pub(crate) fn replay_decide(
+    key: &RequestKey,
+    row: Option<Row>,
+) -> Result<Option<String>, StoreError> {
     match row {
         None => Ok(None),
         Some(row) => {
@@ -182,7 +193,6 @@ pub(crate) async fn request_replay_in_txn(
     }
 }
 
-/// Remembers that `key` created `resource`.
 pub(crate) async fn request_remember_in_txn(
     tx: &Transaction<'_>,
     dealer: Uuid,

@@ -1,5 +1,6 @@
 //! What agents read and report: desired slots since a revision, acks, sync status.
 
+use crate::Cached;
 use crate::site::{not_found_site, site_get_in_txn};
 use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
 use keyplane_core::DeviceModel;

@@ -1,0 +1,398 @@
+//! Database round trips per mutating RPC, counted on the wire between `keyplaned` and
+//! PostgreSQL: each RPC stays under its ceiling, and costs the same round trips,
+//! parses and result rows whether a door holds 10 codes or 990 and whether the
+//! database holds 1k sites or 50k (seeded with SQL, not through the API).
+
+use crate::fixture::{create_device, create_user_with};
+use keyplane_proto::v1 as pb;
+use keyplane_testkit::proxy::{CountingProxy, WireCounts};
+use keyplane_testkit::server::{Admin, TestServer};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// Most round trips each RPC may take, authentication included (a dealer token
+/// verified within the last second costs none; BEGIN and COMMIT are one each). The
+/// credential writes load in one pipelined round trip and write in one; the others
+/// still run a statement at a time.
+const CEILINGS: &[(&str, u64)] = &[
+    ("CreateCredential", 4),
+    ("UpdateCredential", 4),
+    ("DeleteCredential", 4),
+    ("CreateUser", 10),
+    ("UpdateUser", 7),
+    ("DeleteUser", 8),
+    ("UpdatePersonalAccessPlan", 17),
+    ("CreateAccessPlan", 23),
+    ("UpdateAccessPlan", 19),
+    ("DeleteAccessPlan", 15),
+];
+
+/// RPCs whose result rows still grow with the codes at the site: a standard plan's
+/// change compares every slot's schedules before and after (round trips stay flat).
+const ROWS_GROW: &[&str] = &["CreateAccessPlan", "UpdateAccessPlan", "DeleteAccessPlan"];
+
+struct Bench {
+    server: TestServer,
+    proxy: CountingProxy,
+    admin: Admin,
+    site: String,
+    site_id: Uuid,
+    panel: pb::Device,
+    door: pb::Device,
+    alice: String,
+    seeded: i32,
+}
+
+fn id_of(name: &str) -> anyhow::Result<Uuid> {
+    let last = name.rsplit('/').next().unwrap_or_default();
+    Ok(Uuid::parse_str(last)?)
+}
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
+}
+
+impl Bench {
+    async fn new() -> anyhow::Result<Bench> {
+        let (server, proxy) = TestServer::start_counted().await?;
+        let token = server.dealer("Dealer One").await?;
+        let mut admin = server.admin(Some(&token)).await?;
+        let site = admin
+            .create_site(pb::CreateSiteRequest {
+                site: Some(pb::Site {
+                    display_name: "Office".into(),
+                    time_zone: "Europe/Paris".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .name;
+        admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 1,
+                    display_name: "Office".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+        let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
+        let door = create_device(&mut admin, &site, "Main door", "door-1000").await?;
+        let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::Master)]).await?;
+        Ok(Bench {
+            site_id: id_of(&site)?,
+            server,
+            proxy,
+            admin,
+            site,
+            panel,
+            door,
+            alice,
+            seeded: 0,
+        })
+    }
+
+    /// Puts codes of a seeded user on the door until it holds `codes`, in the lowest
+    /// slots, so a new code's free slot lies above all of them.
+    async fn seed_codes(&mut self, codes: i32) -> anyhow::Result<()> {
+        let db = self.server.db.client().await?;
+        let user: Uuid = match db
+            .query_opt(
+                "SELECT id FROM site_user WHERE site_id = $1 AND display_name = 'Seeded'",
+                &[&self.site_id],
+            )
+            .await?
+        {
+            Some(row) => row.get(0),
+            None => id_of(
+                &create_user_with(
+                    &mut self.admin,
+                    &self.site,
+                    "Seeded",
+                    &[(1, pb::Level::OperatorA)],
+                )
+                .await?,
+            )?,
+        };
+        let door = id_of(&self.door.name)?;
+        db.execute(
+            "WITH c AS (
+                INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash)
+                SELECT $1, gen_random_uuid(), $2, 'seed ' || i, '\\x00'::bytea, $4, decode(md5('seed' || i), 'hex')
+                FROM generate_series($5::int, $6::int) i
+                RETURNING id, pin_hash, display_name
+             ), d AS (
+                INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, id, $3 FROM c
+             )
+             INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+             SELECT $1, $3, substr(display_name, 6)::int, id, pin_hash FROM c",
+            &[
+                &self.site_id,
+                &user,
+                &door,
+                &self.server.store.key().id(),
+                &(self.seeded + 1),
+                &codes,
+            ],
+        )
+        .await?;
+        self.seeded = codes;
+        Ok(())
+    }
+
+    /// Adds sites of other dealers until the database holds `sites`.
+    async fn seed_sites(&self, sites: i64) -> anyhow::Result<()> {
+        let db = self.server.db.client().await?;
+        let have: i64 = db.query_one("SELECT count(*) FROM site", &[]).await?.get(0);
+        db.execute(
+            "WITH d AS (INSERT INTO dealer (display_name) VALUES ('Seeded dealer') RETURNING id)
+             INSERT INTO site (dealer_id, display_name, time_zone, revision)
+             SELECT d.id, 'seed ' || i, 'UTC', i FROM d, generate_series(1, $1::int8) i",
+            &[&(sites - have)],
+        )
+        .await?;
+        db.batch_execute("ANALYZE").await?;
+        Ok(())
+    }
+
+    /// Runs every measured RPC once (`round` keeps PINs and names apart) and returns
+    /// what each cost on the wire.
+    async fn round(&mut self, round: usize) -> anyhow::Result<BTreeMap<&'static str, WireCounts>> {
+        let mut out = BTreeMap::new();
+        let pins = [("5821", "6932"), ("7043", "8154"), ("9265", "3076")];
+        let (pin, pin2) = pins[round % pins.len()];
+        let site = self.site.clone();
+
+        let before = self.proxy.counts();
+        let bob = self
+            .admin
+            .create_user(pb::CreateUserRequest {
+                parent: site.clone(),
+                user: Some(pb::User {
+                    display_name: format!("Bob {round}"),
+                    authorities: vec![pb::PartitionAuthority {
+                        partition: 1,
+                        level: pb::Level::OperatorA as i32,
+                    }],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .name;
+        out.insert("CreateUser", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_user(pb::UpdateUserRequest {
+                user: Some(pb::User {
+                    name: bob.clone(),
+                    display_name: format!("Robert {round}"),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await?;
+        out.insert("UpdateUser", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let credential = self
+            .admin
+            .create_credential(pb::CreateCredentialRequest {
+                parent: self.alice.clone(),
+                credential: Some(pb::Credential {
+                    display_name: "Badge".into(),
+                    pin: pin.into(),
+                    scope: Some(pb::CredentialScope {
+                        panel_partitions: vec![1],
+                        locks: vec![],
+                        doors: vec![self.door.name.clone()],
+                    }),
+                    ..Default::default()
+                }),
+                request_id: format!("round-{round}"),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateCredential", self.proxy.counts() - before);
+        let door_slot = credential
+            .slots
+            .iter()
+            .find(|s| s.device == self.door.name)
+            .map(|s| s.slot);
+        assert_eq!(
+            door_slot,
+            Some(self.seeded + 1),
+            "the lowest free slot on the door"
+        );
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_credential(pb::UpdateCredentialRequest {
+                credential: Some(pb::Credential {
+                    name: credential.name.clone(),
+                    display_name: "Badge 2".into(),
+                    pin: pin2.into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name", "pin"]),
+            })
+            .await?;
+        out.insert("UpdateCredential", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+                plan: Some(pb::PersonalAccessPlan {
+                    name: format!("{}/personalAccessPlan", self.alice),
+                    access_points: vec![self.panel.name.clone()],
+                    ..Default::default()
+                }),
+                update_mask: mask(&["access_points"]),
+            })
+            .await?;
+        out.insert("UpdatePersonalAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let plan = self
+            .admin
+            .create_access_plan(pb::CreateAccessPlanRequest {
+                parent: site.clone(),
+                plan: Some(pb::StandardAccessPlan {
+                    display_name: format!("Staff {round}"),
+                    devices: vec![self.door.name.clone()],
+                    members: vec![self.alice.clone(), bob.clone()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_access_plan(pb::UpdateAccessPlanRequest {
+                plan: Some(pb::StandardAccessPlan {
+                    name: plan.name.clone(),
+                    members: vec![self.alice.clone()],
+                    ..Default::default()
+                }),
+                update_mask: mask(&["members"]),
+            })
+            .await?;
+        out.insert("UpdateAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_access_plan(pb::DeleteAccessPlanRequest {
+                name: plan.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_credential(pb::DeleteCredentialRequest {
+                name: credential.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteCredential", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_user(pb::DeleteUserRequest {
+                name: bob,
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteUser", self.proxy.counts() - before);
+        Ok(out)
+    }
+}
+
+fn table(label: &str, counts: &BTreeMap<&'static str, WireCounts>) {
+    eprintln!("{label}:");
+    for (rpc, c) in counts {
+        eprintln!(
+            "  {rpc:<26} round trips {:>3}  parses {:>3}  rows {:>5}",
+            c.round_trips, c.parses, c.rows
+        );
+    }
+}
+
+#[tokio::test]
+async fn round_trips_per_rpc_stay_under_their_ceilings_and_flat_as_sites_and_codes_grow()
+-> anyhow::Result<()> {
+    let mut b = Bench::new().await?;
+    b.seed_codes(10).await?;
+    b.seed_sites(1_000).await?;
+    // The first round fills the connection's statement cache.
+    let first = b.round(0).await?;
+    table("first use (statements prepared)", &first);
+    let small = b.round(1).await?;
+    table("10 codes on the door, 1k sites", &small);
+
+    b.seed_codes(990).await?;
+    b.seed_sites(50_000).await?;
+    let large = b.round(2).await?;
+    table("990 codes on the door, 50k sites", &large);
+
+    for (rpc, ceiling) in CEILINGS {
+        let c = small[rpc];
+        assert!(
+            c.round_trips <= *ceiling,
+            "{rpc} took {} round trips; its ceiling is {ceiling}",
+            c.round_trips
+        );
+        let (mut small, mut large) = (small[rpc], large[rpc]);
+        if ROWS_GROW.contains(rpc) {
+            (small.rows, large.rows) = (0, 0);
+        }
+        assert_eq!(
+            small, large,
+            "{rpc} must cost the same with 990 codes and 50k sites as with 10 codes and 1k sites"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_removed_dealer_token_stops_working_within_a_second() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let token = server.dealer("Dealer One").await?;
+    let mut admin = server.admin(Some(&token)).await?;
+    // Verified once: now in the server's token cache.
+    admin.list_sites(pb::ListSitesRequest::default()).await?;
+    server
+        .db
+        .client()
+        .await?
+        .execute("DELETE FROM dealer_token", &[])
+        .await?;
+    let removed = std::time::Instant::now();
+    loop {
+        match admin.list_sites(pb::ListSitesRequest::default()).await {
+            Err(e) if e.code() == tonic::Code::Unauthenticated => break,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        assert!(
+            removed.elapsed()
+                < keyplane_store::DEALER_TOKEN_TTL + std::time::Duration::from_millis(500),
+            "a removed dealer token still works after {:?}",
+            removed.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
