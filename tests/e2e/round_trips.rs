@@ -5,6 +5,7 @@
 
 use crate::fixture::{create_device, create_user_with};
 use keyplane_proto::v1 as pb;
+use keyplane_store::Store;
 use keyplane_testkit::proxy::{CountingProxy, WireCounts};
 use keyplane_testkit::server::{Admin, TestServer};
 use std::collections::BTreeMap;
@@ -143,6 +144,81 @@ impl Bench {
         )
         .await?;
         self.seeded = codes;
+        Ok(())
+    }
+
+    /// Adds users until `users` of them hold a code on the door (from slot 1 up), a
+    /// level in partition 1 and a configured personal plan: what a catch-up must not
+    /// read whole.
+    async fn seed_users(&mut self, users: i32) -> anyhow::Result<()> {
+        let db = self.server.db.client().await?;
+        let door = id_of(&self.door.name)?;
+        let panel = id_of(&self.panel.name)?;
+        db.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS seed (i int, user_id uuid, credential_id uuid)",
+        )
+        .await?;
+        db.execute(
+            "INSERT INTO seed SELECT i, gen_random_uuid(), gen_random_uuid() FROM generate_series($1::int, $2::int) i",
+            &[&(self.seeded + 1), &users],
+        )
+        .await?;
+        let key_id = self.server.store.key().id().to_owned();
+        for (sql, params) in [
+            (
+                "INSERT INTO site_user (site_id, id, display_name)
+                 SELECT $1, user_id, 'seed ' || i FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO user_authority (site_id, user_id, partition, level)
+                 SELECT $1, user_id, 1, 3 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO personal_access_plan (site_id, user_id, configured)
+                 SELECT $1, user_id, true FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO personal_access_point (site_id, user_id, device_id)
+                 SELECT $1, user_id, $4 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![panel],
+            ),
+            (
+                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash)
+                 SELECT $1, credential_id, user_id, 'seed ' || i, '\\x00'::bytea, $4, decode(md5('seed' || i), 'hex')
+                 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO credential_partition (site_id, credential_id, partition)
+                 SELECT $1, credential_id, 1 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO credential_device (site_id, credential_id, device_id)
+                 SELECT $1, credential_id, $4 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![door],
+            ),
+            (
+                "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+                 SELECT $1, $4, i, credential_id, decode(md5('seed' || i), 'hex') FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![door],
+            ),
+        ] {
+            let first = self.seeded + 1;
+            let mut p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                vec![&self.site_id, &first, &users];
+            for d in &params {
+                p.push(d);
+            }
+            if sql.contains("pin_key_id") {
+                p.push(&key_id);
+            }
+            db.execute(sql, &p).await?;
+        }
+        self.seeded = users;
         Ok(())
     }
 
@@ -320,6 +396,57 @@ impl Bench {
     }
 }
 
+/// What an agent's catch-up after one new panel code reads.
+async fn catch_up_cost(b: &mut Bench, store: &Store, pin: &str) -> anyhow::Result<WireCounts> {
+    let db = b.server.db.client().await?;
+    let revision: i64 = db
+        .query_one("SELECT revision FROM site WHERE id = $1", &[&b.site_id])
+        .await?
+        .get(0);
+    b.admin
+        .create_credential(pb::CreateCredentialRequest {
+            parent: b.alice.clone(),
+            credential: Some(pb::Credential {
+                display_name: "Panel".into(),
+                pin: pin.into(),
+                scope: Some(pb::CredentialScope {
+                    panel_partitions: vec![1],
+                    locks: vec![],
+                    doors: vec![],
+                }),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let before = b.proxy.counts();
+    let update = store.agent_update(b.site_id, revision).await?;
+    let cost = b.proxy.counts() - before;
+    match update {
+        keyplane_store::AgentUpdate::Changes { slots, .. } => assert_eq!(slots.len(), 1),
+        _ => anyhow::bail!("expected changes, got a snapshot"),
+    }
+    Ok(cost)
+}
+
+#[tokio::test]
+async fn an_agent_catch_up_reads_what_changed_not_the_whole_site() -> anyhow::Result<()> {
+    let mut b = Bench::new().await?;
+    // A store reaching PostgreSQL through the proxy, to count what agent_update reads.
+    let store = Store::connect(&b.proxy.database_url, 1, b.server.store.key().clone())?;
+    b.seed_users(10).await?;
+    catch_up_cost(&mut b, &store, "5821").await?;
+    let small = catch_up_cost(&mut b, &store, "6932").await?;
+    b.seed_users(990).await?;
+    let large = catch_up_cost(&mut b, &store, "7043").await?;
+    eprintln!("catch-up after one change: 10 users {small:?}, 990 users {large:?}");
+    assert_eq!(
+        small, large,
+        "a catch-up after one change must read the same with 990 users and codes as with 10"
+    );
+    Ok(())
+}
+
 fn table(label: &str, counts: &BTreeMap<&'static str, WireCounts>) {
     eprintln!("{label}:");
     for (rpc, c) in counts {
@@ -393,6 +520,68 @@ async fn a_removed_dealer_token_stops_working_within_a_second() -> anyhow::Resul
             removed.elapsed()
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_wake_up_poller_reads_the_same_whatever_the_number_of_sites_held() -> anyhow::Result<()>
+{
+    let b = Bench::new().await?;
+    b.seed_sites(1_000).await?;
+    let db = b.server.db.client().await?;
+    // Nothing changed lately: a poll has no site to report.
+    db.execute(
+        "UPDATE site SET change_time = now() - interval '1 hour'",
+        &[],
+    )
+    .await?;
+    let store = Store::connect(&b.proxy.database_url, 1, b.server.store.key().clone())?;
+    let ids: Vec<Uuid> = b
+        .server
+        .db
+        .client()
+        .await?
+        .query("SELECT id FROM site", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut per_poll = Vec::new();
+    for held in [1, ids.len()] {
+        let hub = keyplane_server::hub::Hub::default();
+        // Streams of `held` sites, as if that many agents were connected here.
+        let receivers: Vec<_> = ids[..held].iter().map(|id| hub.subscribe(*id)).collect();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let start = b.proxy.counts();
+        let poller = tokio::spawn(hub.poll(
+            store.clone(),
+            std::time::Duration::from_millis(20),
+            cancel.clone(),
+        ));
+        // Progress, not time: wait for five polls to cross the wire.
+        keyplane_testkit::server::eventually(
+            "five polls",
+            std::time::Duration::from_secs(20),
+            || {
+                let polled = (b.proxy.counts() - start).round_trips;
+                async move { Ok((polled >= 5).then_some(())) }
+            },
+        )
+        .await?;
+        cancel.cancel();
+        poller.await?;
+        let cost = b.proxy.counts() - start;
+        per_poll.push((cost.rows as f64 / cost.round_trips as f64, held));
+        drop(receivers);
+    }
+    eprintln!("rows per poll (rows, sites held): {per_poll:?}");
+    for (rows, held) in per_poll {
+        // One row: the database clock, which the next poll starts from.
+        assert!(
+            rows <= 1.0,
+            "a poll holding {held} sites read {rows} rows; it must read the sites that changed, not the sites held"
+        );
     }
     Ok(())
 }

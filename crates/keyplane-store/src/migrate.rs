@@ -26,6 +26,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "observed",
         include_str!("../migrations/0006_observed.sql"),
     ),
+    (
+        7,
+        "change_time",
+        include_str!("../migrations/0007_change_time.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

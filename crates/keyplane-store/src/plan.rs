@@ -147,9 +147,20 @@ impl AccessRules {
     }
 }
 
+/// The site's access rules, for every user.
 pub(crate) async fn access_rules_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
+) -> Result<AccessRules, StoreError> {
+    access_rules_for_in_txn(tx, site, None).await
+}
+
+/// The site's access rules as they apply to `users` (None: every user): an agent's
+/// catch-up reads the rules of the users whose codes changed, not the whole site's.
+pub(crate) async fn access_rules_for_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    users: Option<&[Uuid]>,
 ) -> Result<AccessRules, StoreError> {
     let holidays: Vec<(NaiveDate, Vec<Uuid>)> = tx
         .query(
@@ -170,8 +181,9 @@ pub(crate) async fn access_rules_in_txn(
     let mut rules = AccessRules::default();
     for row in tx
         .query(
-            "SELECT user_id, schedule FROM personal_access_plan WHERE site_id = $1 AND configured",
-            &[&site],
+            "SELECT user_id, schedule FROM personal_access_plan
+             WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
+            &[&site, &users],
         )
         .await?
     {
@@ -182,8 +194,9 @@ pub(crate) async fn access_rules_in_txn(
     }
     for row in tx
         .query(
-            "SELECT user_id, device_id FROM personal_access_point WHERE site_id = $1",
-            &[&site],
+            "SELECT user_id, device_id FROM personal_access_point
+             WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
+            &[&site, &users],
         )
         .await?
     {
@@ -196,8 +209,8 @@ pub(crate) async fn access_rules_in_txn(
             "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
              JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
              JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
-             WHERE p.site_id = $1",
-            &[&site],
+             WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2))",
+            &[&site, &users],
         )
         .await?
     {

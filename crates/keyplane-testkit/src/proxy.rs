@@ -46,6 +46,8 @@ struct Counters {
 pub struct CountingProxy {
     /// Where it listens.
     pub port: u16,
+    /// A database URL through the proxy, when a test kit set one.
+    pub database_url: String,
     counters: Arc<Counters>,
     handle: JoinHandle<()>,
 }
@@ -76,6 +78,7 @@ impl CountingProxy {
         });
         Ok(CountingProxy {
             port,
+            database_url: String::new(),
             counters,
             handle,
         })

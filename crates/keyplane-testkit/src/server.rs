@@ -80,7 +80,7 @@ impl TestServer {
             _ => anyhow::bail!("the counting proxy needs a TCP DATABASE_URL"),
         };
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        let proxy = CountingProxy::start(format!("{host}:{port}")).await?;
+        let mut proxy = CountingProxy::start(format!("{host}:{port}")).await?;
         let user = config.get_user().unwrap_or("postgres");
         let password = config
             .get_password()
@@ -90,6 +90,7 @@ impl TestServer {
             "postgres://{user}{password}@127.0.0.1:{}/{}?sslmode=disable",
             proxy.port, db.name
         );
+        proxy.database_url = url.clone();
         let server = Self::start_with(db, PinKey::generate()?, Some(url), 1).await?;
         Ok((server, proxy))
     }
