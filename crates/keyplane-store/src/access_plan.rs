@@ -1,6 +1,6 @@
 //! Standard access plans (doors shared by many users), holidays and lockdown.
 
-use crate::plan::{AccessRules, access_rules_in_txn};
+use crate::rules::{AccessRules, access_rules_in_txn, schedule_from_json, schedule_json};
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
     site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
@@ -59,22 +59,6 @@ pub struct Holiday {
     pub display_name: String,
     /// Standard plans paused; empty: every plan, personal ones included.
     pub plans: Vec<Uuid>,
-}
-
-pub(crate) fn schedule_json(s: &Option<Schedule>) -> Result<Option<serde_json::Value>, StoreError> {
-    s.as_ref()
-        .map(serde_json::to_value)
-        .transpose()
-        .map_err(|e| StoreError::Internal(e.to_string()))
-}
-
-pub(crate) fn schedule_from_json(
-    value: Option<serde_json::Value>,
-) -> Result<Option<Schedule>, StoreError> {
-    value
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| StoreError::Internal(format!("stored schedule: {e}")))
 }
 
 /// Records a change of every slot whose schedules differ from what `before` (the
@@ -180,7 +164,7 @@ async fn access_plan_write_in_txn(
     }
     if let Some(members) = &fields.members {
         for u in members {
-            crate::user::user_get_in_txn(tx, site, *u).await?;
+            crate::authority::user_get_in_txn(tx, site, *u).await?;
         }
         tx.execute(
             "DELETE FROM access_plan_member WHERE site_id = $1 AND plan_id = $2",

@@ -2,12 +2,13 @@
 //! `keyplane_core::authority`. Checks run inside the write's transaction, so the
 //! levels they see are the ones the write commits against.
 
-use crate::{Actor, Store, StoreError, in_txn};
+use crate::{Actor, Store, StoreError, User, in_txn};
 use crate::{Cached, Transaction};
 use keyplane_core::authority::{
     self as rules, ACTING_PARTITION_HEADER, Authorities, AuthorityError, Level,
 };
 use std::collections::{BTreeSet, HashMap};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 /// The acting site user, when one acts.
@@ -119,6 +120,51 @@ pub(crate) async fn actor_resolve_in_txn(
             open_close_reporting: row.get(0),
         }),
     ))
+}
+
+/// A user with their levels (from `site_user u`), so a page of users is one query.
+pub(crate) const USER_COLUMNS: &str = "u.site_id, u.id, u.display_name, u.version, u.create_time, u.update_time,
+    u.open_close_reporting,
+    ARRAY(SELECT a.partition FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition),
+    ARRAY(SELECT a.level FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition)";
+
+pub(crate) fn user_from_row(row: &Row) -> User {
+    let partitions: Vec<i16> = row.get(7);
+    let levels: Vec<i16> = row.get(8);
+    User {
+        site: row.get(0),
+        id: row.get(1),
+        display_name: row.get(2),
+        version: row.get(3),
+        create_time: row.get(4),
+        update_time: row.get(5),
+        open_close_reporting: row.get(6),
+        authorities: partitions
+            .iter()
+            .zip(&levels)
+            .filter_map(|(p, l)| {
+                Some((
+                    u8::try_from(*p).ok()?,
+                    keyplane_core::authority::Level::from_number(i32::from(*l))?,
+                ))
+            })
+            .collect(),
+    }
+}
+
+pub(crate) async fn user_get_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    user: Uuid,
+) -> Result<User, StoreError> {
+    let row = tx
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM site_user u WHERE u.site_id = $1 AND u.id = $2"),
+            &[&site, &user],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
+    Ok(user_from_row(&row))
 }
 
 impl Store {

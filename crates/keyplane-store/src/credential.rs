@@ -2,13 +2,13 @@
 
 use crate::authority::{
     USER_FACTS_SQL, UserFacts, actor_from_loaded, actor_resolve_in_txn, denied, user_facts,
+    user_get_in_txn,
 };
 use crate::device::{DEVICE_COLUMNS, device_from_row, device_get_in_txn};
 use crate::site::{
     REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check, not_found_site,
     replay_decide, replayed_id, site_change_record_in_txn, site_from_row, site_get_in_txn,
 };
-use crate::user::user_get_in_txn;
 use crate::{
     Actor, Credential, CredentialPatch, Device, NewCredential, PageRequest, RequestKey, Scope,
     Site, Slot, Store, StoreError, in_txn,

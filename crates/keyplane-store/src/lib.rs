@@ -24,6 +24,7 @@ mod migrate;
 mod observed;
 mod partition;
 mod plan;
+mod rules;
 mod site;
 mod sync;
 mod types;

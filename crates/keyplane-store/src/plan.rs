@@ -1,19 +1,17 @@
 //! Personal access plans (seed 001): one per user, created with the user, never
 //! deleted, only cleared.
 
-use crate::access_plan::schedule_from_json;
+use crate::authority::user_get_in_txn;
 use crate::authority::{actor_resolve_in_txn, denied};
+use crate::rules::schedule_from_json;
 use crate::site::{
     audit_in_txn, etag_check, site_get_in_txn, site_lock_in_txn, user_slots_changed_in_txn,
 };
-use crate::user::user_get_in_txn;
 use crate::{Actor, Store, StoreError, in_txn};
 use crate::{Cached, Transaction};
-use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
 use keyplane_core::personal;
-use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
-use std::collections::{BTreeSet, HashMap};
+use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
 use uuid::Uuid;
 
@@ -89,139 +87,6 @@ async fn plan_get_in_txn(
         version: row.get(2),
         update_time: row.get(3),
     })
-}
-
-/// Who may open what, when, at a site: personal plans (locks and panels), standard
-/// plans (doors and locks) and holidays.
-#[derive(Debug, Default)]
-pub(crate) struct AccessRules {
-    /// Configured personal plans: user -> (access points, schedule).
-    personal: HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>,
-    /// Standard plans: (user, device) -> the schedules of plans granting it.
-    standard: HashMap<(Uuid, Uuid), Vec<Option<Schedule>>>,
-}
-
-/// Applies holidays: a paused plan that had no schedule becomes 24/7 but for them.
-fn paused(schedule: Option<Schedule>, days: &[NaiveDate]) -> Option<Schedule> {
-    if days.is_empty() {
-        return schedule;
-    }
-    let mut s = schedule.unwrap_or_else(|| Schedule {
-        windows: vec![Window {
-            days: 0x7f,
-            start: 0,
-            end: DAY_MINUTES,
-        }],
-        ..Schedule::default()
-    });
-    s.paused_dates.extend_from_slice(days);
-    Some(s)
-}
-
-impl AccessRules {
-    /// The schedules under which `user`'s code belongs on `device`: None always, an
-    /// empty list never. A configured personal plan governs locks and panels; other
-    /// devices follow the standard plans granting them, if any.
-    pub(crate) fn schedules_for(
-        &self,
-        user: Uuid,
-        device: Uuid,
-        kind: Option<&str>,
-    ) -> Option<Vec<Schedule>> {
-        if let (Some("panel" | "lock"), Some((points, schedule))) = (kind, self.personal.get(&user))
-        {
-            return Some(if points.contains(&device) {
-                match schedule {
-                    None => return None,
-                    Some(s) => vec![s.clone()],
-                }
-            } else {
-                Vec::new()
-            });
-        }
-        let plans = self.standard.get(&(user, device))?;
-        if plans.iter().any(Option::is_none) {
-            return None;
-        }
-        Some(plans.iter().flatten().cloned().collect())
-    }
-}
-
-/// The site's access rules, for every user.
-pub(crate) async fn access_rules_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-) -> Result<AccessRules, StoreError> {
-    access_rules_for_in_txn(tx, site, None).await
-}
-
-/// The site's access rules as they apply to `users` (None: every user): an agent's
-/// catch-up reads the rules of the users whose codes changed, not the whole site's.
-pub(crate) async fn access_rules_for_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    users: Option<&[Uuid]>,
-) -> Result<AccessRules, StoreError> {
-    let holidays: Vec<(NaiveDate, Vec<Uuid>)> = tx
-        .query(
-            "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
-            &[&site],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
-        holidays
-            .iter()
-            .filter(|(_, plans)| plans.is_empty() || plan.is_some_and(|p| plans.contains(&p)))
-            .map(|(d, _)| *d)
-            .collect()
-    };
-    let mut rules = AccessRules::default();
-    for row in tx
-        .query(
-            "SELECT user_id, schedule FROM personal_access_plan
-             WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
-        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(None));
-        rules
-            .personal
-            .insert(row.get::<_, Uuid>(0), (BTreeSet::new(), schedule));
-    }
-    for row in tx
-        .query(
-            "SELECT user_id, device_id FROM personal_access_point
-             WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
-        if let Some((points, _)) = rules.personal.get_mut(&row.get::<_, Uuid>(0)) {
-            points.insert(row.get(1));
-        }
-    }
-    for row in tx
-        .query(
-            "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
-             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
-             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
-             WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
-        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(Some(row.get(0))));
-        rules
-            .standard
-            .entry((row.get(2), row.get(3)))
-            .or_default()
-            .push(schedule);
-    }
-    Ok(rules)
 }
 
 async fn has_pin_in_txn(tx: &Transaction<'_>, site: Uuid, user: Uuid) -> Result<bool, StoreError> {

@@ -6,7 +6,7 @@ use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, 
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
 
-use crate::plan::AccessRules;
+use crate::rules::AccessRules;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 use tokio_postgres::{IsolationLevel, Row};
@@ -208,7 +208,7 @@ impl Store {
                 levels.entry(r.get(0)).or_default().push((p, l));
             }
         }
-        let rules = crate::plan::access_rules_for_in_txn(&tx, site, users.as_deref()).await?;
+        let rules = crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()).await?;
         let slots = self.desired_slots(site, &rows, &levels, &rules);
         let update = if snapshot {
             AgentUpdate::Snapshot {

@@ -1,6 +1,9 @@
 //! Users of a site and their authority levels.
 
-use crate::authority::{actor_resolve_in_txn, denied, user_authorities_write_in_txn};
+use crate::authority::{
+    USER_COLUMNS, actor_resolve_in_txn, denied, user_authorities_write_in_txn, user_from_row,
+    user_get_in_txn,
+};
 use crate::credential::{code_facts, credential_delete_in_txn, credential_get_in_txn};
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
@@ -9,53 +12,7 @@ use crate::site::{
 use crate::{Actor, NewUser, PageRequest, RequestKey, Store, StoreError, User, UserPatch, in_txn};
 use crate::{Cached, Transaction};
 use keyplane_core::authority::{self as rules, Authorities, open_close_for_new_user};
-use tokio_postgres::Row;
 use uuid::Uuid;
-
-/// A user with their levels (from `site_user u`), so a page of users is one query.
-const USER_COLUMNS: &str = "u.site_id, u.id, u.display_name, u.version, u.create_time, u.update_time,
-    u.open_close_reporting,
-    ARRAY(SELECT a.partition FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition),
-    ARRAY(SELECT a.level FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition)";
-
-fn user_from_row(row: &Row) -> User {
-    let partitions: Vec<i16> = row.get(7);
-    let levels: Vec<i16> = row.get(8);
-    User {
-        site: row.get(0),
-        id: row.get(1),
-        display_name: row.get(2),
-        version: row.get(3),
-        create_time: row.get(4),
-        update_time: row.get(5),
-        open_close_reporting: row.get(6),
-        authorities: partitions
-            .iter()
-            .zip(&levels)
-            .filter_map(|(p, l)| {
-                Some((
-                    u8::try_from(*p).ok()?,
-                    keyplane_core::authority::Level::from_number(i32::from(*l))?,
-                ))
-            })
-            .collect(),
-    }
-}
-
-pub(crate) async fn user_get_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-) -> Result<User, StoreError> {
-    let row = tx
-        .query_opt(
-            &format!("SELECT {USER_COLUMNS} FROM site_user u WHERE u.site_id = $1 AND u.id = $2"),
-            &[&site, &user],
-        )
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
-    Ok(user_from_row(&row))
-}
 
 fn all_partitions(a: &Authorities, b: &Authorities) -> Vec<u8> {
     let mut p: Vec<u8> = a.keys().chain(b.keys()).copied().collect();
