@@ -1,6 +1,8 @@
 //! Standard access plans (doors shared by many users), holidays and lockdown.
 
-use crate::rules::{AccessRules, access_rules_in_txn, schedule_from_json, schedule_json};
+use crate::rules::{
+    AccessRules, access_rules_for_in_txn, access_rules_in_txn, schedule_from_json, schedule_json,
+};
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
     site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
@@ -64,20 +66,23 @@ pub struct Holiday {
 /// Records a change of every slot whose schedules differ from what `before` (the
 /// site's access rules before this transaction's writes) gave it: a rename or a plan
 /// whose members hold no codes changes nothing an agent must hear of.
+/// With `users`, only their codes are compared (`before` must hold their rules): a
+/// standard plan's change touches its members' codes only, however large the site.
 pub(crate) async fn access_rules_changed_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
     before: &AccessRules,
+    users: Option<&[Uuid]>,
 ) -> Result<(), StoreError> {
-    let after = access_rules_in_txn(tx, site).await?;
+    let after = access_rules_for_in_txn(tx, site, users).await?;
     let mut changed = Vec::new();
     for r in tx
         .query(
             "SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
              JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
              JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1",
-            &[&site],
+             WHERE sa.site_id = $1 AND ($2::uuid[] IS NULL OR c.user_id = ANY($2))",
+            &[&site, &users],
         )
         .await?
     {
@@ -140,6 +145,7 @@ async fn access_plan_write_in_txn(
     id: Uuid,
     fields: &AccessPlanFields,
     before: &AccessRules,
+    users: &[Uuid],
 ) -> Result<(), StoreError> {
     if let Some(devices) = &fields.devices {
         for d in devices {
@@ -195,7 +201,19 @@ async fn access_plan_write_in_txn(
         ],
     )
     .await?;
-    access_rules_changed_in_txn(tx, site, before).await
+    access_rules_changed_in_txn(tx, site, before, Some(users)).await
+}
+
+/// The users a plan change can touch: its members before and after.
+fn plan_users(before: &[Uuid], after: Option<&Vec<Uuid>>) -> Vec<Uuid> {
+    let mut users: Vec<Uuid> = before
+        .iter()
+        .chain(after.into_iter().flatten())
+        .copied()
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    users
 }
 
 impl Store {
@@ -209,7 +227,8 @@ impl Store {
     ) -> Result<AccessPlan, StoreError> {
         in_txn!(self, "access_plan_create", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
+            let users = plan_users(&[], fields.members.as_ref());
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
             if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
                 return access_plan_get_in_txn(&tx, site, replayed_id(&name)?).await;
             }
@@ -220,7 +239,7 @@ impl Store {
                 )
                 .await?
                 .get(0);
-            access_plan_write_in_txn(&tx, site, id, fields, &before).await?;
+            access_plan_write_in_txn(&tx, site, id, fields, &before, &users).await?;
             let name = format!("sites/{site}/accessPlans/{id}");
             request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
             audit_in_txn(
@@ -283,11 +302,12 @@ impl Store {
     ) -> Result<AccessPlan, StoreError> {
         in_txn!(self, "access_plan_update", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
             let current = access_plan_get_in_txn(&tx, site, id).await?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
-            access_plan_write_in_txn(&tx, site, id, fields, &before).await?;
+            let users = plan_users(&current.members, fields.members.as_ref());
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
+            access_plan_write_in_txn(&tx, site, id, fields, &before, &users).await?;
             audit_in_txn(
                 &tx,
                 actor,
@@ -311,16 +331,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         in_txn!(self, "access_plan_delete", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
             let current = access_plan_get_in_txn(&tx, site, id).await?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
+            let users = plan_users(&current.members, None);
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
             tx.execute(
                 "DELETE FROM access_plan WHERE site_id = $1 AND id = $2",
                 &[&site, &id],
             )
             .await?;
-            access_rules_changed_in_txn(&tx, site, &before).await?;
+            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
             audit_in_txn(
                 &tx,
                 actor,
@@ -353,7 +374,7 @@ impl Store {
                 &[&site, &holiday.day, &holiday.display_name, &holiday.plans],
             )
             .await?;
-            access_rules_changed_in_txn(&tx, site, &before).await?;
+            access_rules_changed_in_txn(&tx, site, &before, None).await?;
             let name = format!("sites/{site}/holidays/{}", holiday.day);
             audit_in_txn(
                 &tx,
@@ -410,7 +431,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("holiday {name}")));
             }
-            access_rules_changed_in_txn(&tx, site, &before).await?;
+            access_rules_changed_in_txn(&tx, site, &before, None).await?;
             audit_in_txn(
                 &tx,
                 actor,
