@@ -48,30 +48,6 @@ pub(crate) async fn user_authorities_in_txn(
         .collect())
 }
 
-/// Replaces the levels of `user`.
-pub(crate) async fn user_authorities_write_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-    authorities: &Authorities,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "DELETE FROM user_authority WHERE site_id = $1 AND user_id = $2",
-        &[&site, &user],
-    )
-    .await?;
-    for (&partition, &level) in authorities {
-        crate::partition::partition_get_in_txn(tx, site, partition).await?;
-        let level = i16::try_from(level.number()).unwrap_or(i16::MAX);
-        tx.execute(
-            "INSERT INTO user_authority (site_id, user_id, partition, level) VALUES ($1, $2, $3, $4)",
-            &[&site, &user, &i16::from(partition), &level],
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 /// Who acts on `site`: the dealer, or a user of that site with their levels. The
 /// partition named in `keyplane-acting-partition` is checked here, for every call
 /// that resolves its actor: a user acts only from a partition they hold, the dealer

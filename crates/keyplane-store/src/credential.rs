@@ -1,8 +1,8 @@
 //! Credentials: sealed PINs, their scope, and their slots on each device.
 
 use crate::authority::{
-    USER_FACTS_SQL, UserFacts, actor_from_loaded, actor_resolve_in_txn, denied, user_facts,
-    user_get_in_txn,
+    USER_COLUMNS, USER_FACTS_SQL, UserFacts, actor_from_loaded, actor_resolve_in_txn, denied,
+    user_facts, user_from_row, user_get_in_txn,
 };
 use crate::device::{DEVICE_COLUMNS, device_from_row, device_get_in_txn};
 use crate::site::{
@@ -11,7 +11,7 @@ use crate::site::{
 };
 use crate::{
     Actor, Credential, CredentialPatch, Device, NewCredential, PageRequest, RequestKey, Scope,
-    Site, Slot, Store, StoreError, in_txn,
+    Site, Slot, Store, StoreError, User, in_txn,
 };
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
@@ -427,19 +427,24 @@ pub(crate) async fn credential_delete_in_txn(
     .await
 }
 
-/// What one credential write asks the load step for.
-struct LoadRequest<'a> {
-    /// The credential's user.
-    user: Uuid,
+/// What one write asks the load step for.
+#[derive(Default)]
+pub(crate) struct LoadRequest<'a> {
+    /// The user whose codes or levels are written.
+    pub user: Uuid,
     /// The PIN to check for clashes; None: the current credential's.
-    pin_hash: Option<&'a [u8]>,
+    pub pin_hash: Option<&'a [u8]>,
     /// Locks and doors the write may land on, and whether it names panel partitions.
-    devices: Vec<Uuid>,
-    panels: bool,
+    pub devices: Vec<Uuid>,
+    pub panels: bool,
     /// The credential changed or deleted.
-    credential: Option<Uuid>,
+    pub credential: Option<Uuid>,
     /// The create's idempotency key.
-    key: Option<&'a RequestKey>,
+    pub key: Option<&'a RequestKey>,
+    /// Read the user's row too.
+    pub user_row: bool,
+    /// Read every credential of the user too.
+    pub codes: bool,
 }
 
 /// The credential as it stands, with its sealed PIN.
@@ -449,21 +454,25 @@ struct Current {
     key_id: String,
 }
 
-/// Everything a credential write decides on.
-struct Loaded {
-    site: Site,
-    devices: Vec<Device>,
-    partitions: BTreeSet<u8>,
-    users: HashMap<Uuid, UserFacts>,
+/// Everything a write decides on.
+pub(crate) struct Loaded {
+    pub site: Site,
+    pub devices: Vec<Device>,
+    pub partitions: BTreeSet<u8>,
+    pub users: HashMap<Uuid, UserFacts>,
     /// Devices where the PIN is held by another credential or a local code.
     clashes: BTreeSet<Uuid>,
     current: Option<Current>,
     /// The resource an earlier run of this request created.
-    replayed: Option<String>,
+    pub replayed: Option<String>,
+    /// The user's row, when asked for.
+    pub user_row: Option<User>,
+    /// The user's credentials, when asked for.
+    pub codes: Vec<Credential>,
 }
 
 impl Loaded {
-    fn facts(&self) -> Vec<DeviceFacts> {
+    pub(crate) fn facts(&self) -> Vec<DeviceFacts> {
         self.devices
             .iter()
             .map(|d| DeviceFacts {
@@ -525,16 +534,16 @@ impl Loaded {
     }
 
     /// The user whose code is written, or not found.
-    fn user(&self, site: Uuid, user: Uuid) -> Result<&UserFacts, StoreError> {
+    pub(crate) fn user(&self, site: Uuid, user: Uuid) -> Result<&UserFacts, StoreError> {
         self.users
             .get(&user)
             .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))
     }
 }
 
-/// Locks the site row and reads what a credential write decides on, in one pipelined
-/// round trip: statements are sent in order, so every read runs under the lock.
-async fn load_in_txn(
+/// Locks the site row and reads what a write decides on, in one pipelined round trip:
+/// statements are sent in order, so every read runs under the lock.
+pub(crate) async fn load_in_txn(
     tx: &Transaction<'_>,
     actor: &Actor,
     site: Uuid,
@@ -554,6 +563,13 @@ async fn load_in_txn(
         "SELECT {CREDENTIAL_FIELDS}, c.pin_sealed, c.pin_key_id FROM credential c
          WHERE c.site_id = $1 AND c.user_id = $2 AND c.id = $3"
     );
+    let user_sql =
+        format!("SELECT {USER_COLUMNS} FROM site_user u WHERE u.site_id = $1 AND u.id = $2");
+    let codes_sql = format!(
+        "SELECT {CREDENTIAL_FIELDS} FROM credential c WHERE c.site_id = $1 AND c.user_id = $2 ORDER BY c.id"
+    );
+    let (s_user, s_codes) =
+        tokio::try_join!(tx.prepare_cached(&user_sql), tx.prepare_cached(&codes_sql))?;
     let (s_site, s_devices, s_partitions, s_users, s_clash, s_current, s_lock, s_lookup) = tokio::try_join!(
         tx.prepare_cached(&site_sql),
         tx.prepare_cached(&devices_sql),
@@ -582,7 +598,7 @@ async fn load_in_txn(
     )?;
     let dealer = actor.dealer.to_string();
     let credential = req.credential.unwrap_or_default();
-    let (site_row, devices, partitions, user_rows, clashes, current, lock, lookup) = tokio::join!(
+    let (site_row, devices, partitions, user_rows, clashes, current, lock, lookup, user_row, codes) = tokio::join!(
         biased;
         async { Pg::query_opt(tx, &s_site, &[&site, &actor.dealer]).await },
         async { Pg::query(tx, &s_devices, &[&site]).await },
@@ -617,6 +633,18 @@ async fn load_in_txn(
                 Some(key) => Pg::query_opt(tx, &s_lookup, &[&actor.dealer, &key.request_id]).await,
             }
         },
+        async {
+            if !req.user_row {
+                return Ok(None);
+            }
+            Pg::query_opt(tx, &s_user, &[&site, &req.user]).await
+        },
+        async {
+            if !req.codes {
+                return Ok(Vec::new());
+            }
+            Pg::query(tx, &s_codes, &[&site, &req.user]).await
+        },
     );
     // In the order sent: after a failed statement the rest only say "aborted".
     let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
@@ -640,6 +668,8 @@ async fn load_in_txn(
         Some(key) => replay_decide(key, lookup?)?,
         None => None,
     };
+    let user_row = user_row?.as_ref().map(user_from_row);
+    let codes = codes?.iter().map(credential_from_row).collect();
     Ok(Loaded {
         site: site_from_row(&site_row),
         devices,
@@ -648,6 +678,8 @@ async fn load_in_txn(
         clashes,
         current,
         replayed,
+        user_row,
+        codes,
     })
 }
 
@@ -749,7 +781,7 @@ impl SlotsWrite {
     }
 }
 
-const AUDIT_SQL: &str =
+pub(crate) const AUDIT_SQL: &str =
     "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
@@ -789,6 +821,7 @@ impl Store {
                     panels: !new.scope.panel_partitions.is_empty(),
                     credential: None,
                     key,
+                    ..LoadRequest::default()
                 },
             )
             .await?;
@@ -929,6 +962,7 @@ impl Store {
                     panels: true,
                     credential: Some(credential),
                     key: None,
+                    ..LoadRequest::default()
                 },
             )
             .await?;
@@ -1064,6 +1098,7 @@ impl Store {
                     panels: false,
                     credential: Some(credential),
                     key: None,
+                    ..LoadRequest::default()
                 },
             )
             .await?;

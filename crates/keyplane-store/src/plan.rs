@@ -43,19 +43,6 @@ pub struct PlanPatch {
     pub schedule: Option<Option<Schedule>>,
 }
 
-pub(crate) async fn plan_create_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO personal_access_plan (site_id, user_id) VALUES ($1, $2)",
-        &[&site, &user],
-    )
-    .await?;
-    Ok(())
-}
-
 async fn plan_get_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,

@@ -95,15 +95,35 @@ pub(crate) async fn access_rules_for_in_txn(
     site: Uuid,
     users: Option<&[Uuid]>,
 ) -> Result<AccessRules, StoreError> {
-    let holidays: Vec<(NaiveDate, Vec<Uuid>)> = tx
-        .query(
+    // Independent reads, pipelined: one round trip.
+    let by_site: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site];
+    let by_users: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &users];
+    let (holidays, personal, points, standard) = tokio::join!(
+        tx.query(
             "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
-            &[&site],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+            by_site,
+        ),
+        tx.query(
+            "SELECT user_id, schedule FROM personal_access_plan
+             WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
+            by_users,
+        ),
+        tx.query(
+            "SELECT user_id, device_id FROM personal_access_point
+             WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
+            by_users,
+        ),
+        tx.query(
+            "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
+             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
+             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
+             WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2))",
+            by_users,
+        ),
+    );
+    let holidays: Vec<(NaiveDate, Vec<Uuid>)> =
+        holidays?.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let (personal, points, standard) = (personal?, points?, standard?);
     let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
         holidays
             .iter()
@@ -112,41 +132,18 @@ pub(crate) async fn access_rules_for_in_txn(
             .collect()
     };
     let mut rules = AccessRules::default();
-    for row in tx
-        .query(
-            "SELECT user_id, schedule FROM personal_access_plan
-             WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
+    for row in personal {
         let schedule = paused(schedule_from_json(row.get(1))?, &days_for(None));
         rules
             .personal
             .insert(row.get::<_, Uuid>(0), (BTreeSet::new(), schedule));
     }
-    for row in tx
-        .query(
-            "SELECT user_id, device_id FROM personal_access_point
-             WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
+    for row in points {
         if let Some((points, _)) = rules.personal.get_mut(&row.get::<_, Uuid>(0)) {
             points.insert(row.get(1));
         }
     }
-    for row in tx
-        .query(
-            "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
-             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
-             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
-             WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
+    for row in standard {
         let schedule = paused(schedule_from_json(row.get(1))?, &days_for(Some(row.get(0))));
         rules
             .standard

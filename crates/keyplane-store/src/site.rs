@@ -76,48 +76,59 @@ pub(crate) async fn user_slots_changed_in_txn(
     user: Uuid,
     kinds: &[&str],
 ) -> Result<(), StoreError> {
-    let slots: Vec<(Uuid, u16)> = tx
-        .query(
-            "SELECT sa.device_id, sa.slot FROM slot_assignment sa
-             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = ANY($3)",
-            &[&site, &user, &kinds],
-        )
-        .await?
-        .iter()
-        .map(device_slot)
-        .collect();
-    if !slots.is_empty() {
-        site_change_record_in_txn(tx, site, &slots).await?;
-    }
+    tx.execute(&user_slots_changed_sql(), &[&site, &user, &kinds])
+        .await?;
     Ok(())
 }
 
+/// [`user_slots_changed_in_txn`] as one statement: site `$1`, user `$2`, kinds `$3`.
+pub(crate) fn user_slots_changed_sql() -> String {
+    changes_record_sql(
+        "SELECT sa.device_id, sa.slot FROM slot_assignment sa
+         JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+         JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+         WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = ANY($3)",
+    )
+}
+
+/// One statement that records the (device, slot) rows `changed` selects (site id in
+/// `$1`) under a new revision, advancing the revision only when there are any.
+pub(crate) fn changes_record_sql(changed: &str) -> String {
+    format!(
+        "WITH changed AS ({changed}),
+         head AS (
+            UPDATE site SET revision = revision + 1
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM changed) RETURNING revision
+         )
+         INSERT INTO site_change (site_id, revision, device_id, slot)
+         SELECT DISTINCT $1, head.revision, changed.device_id, changed.slot FROM head, changed
+         ON CONFLICT DO NOTHING"
+    )
+}
+
 /// Advances the site revision (the site row must be locked) and records the changed
-/// slots under it. Returns the new revision.
+/// slots under it, in one statement. Returns the new revision.
 pub(crate) async fn site_change_record_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
     changed: &[(Uuid, u16)],
 ) -> Result<i64, StoreError> {
-    let row = tx
-        .query_one(
-            "UPDATE site SET revision = revision + 1 WHERE id = $1 RETURNING revision",
-            &[&site],
-        )
-        .await?;
-    let revision: i64 = row.get(0);
     let devices: Vec<Uuid> = changed.iter().map(|(d, _)| *d).collect();
     let slots: Vec<i32> = changed.iter().map(|(_, s)| i32::from(*s)).collect();
-    tx.execute(
-        "INSERT INTO site_change (site_id, revision, device_id, slot)
-         SELECT $1, $2, d, s FROM unnest($3::uuid[], $4::int[]) AS c(d, s)
-         ON CONFLICT DO NOTHING",
-        &[&site, &revision, &devices, &slots],
-    )
-    .await?;
-    Ok(revision)
+    let row = tx
+        .query_one(
+            "WITH head AS (
+                UPDATE site SET revision = revision + 1 WHERE id = $1 RETURNING revision
+             ), logged AS (
+                INSERT INTO site_change (site_id, revision, device_id, slot)
+                SELECT $1, head.revision, c.d, c.s FROM head, unnest($2::uuid[], $3::int[]) AS c(d, s)
+                ON CONFLICT DO NOTHING
+             )
+             SELECT revision FROM head",
+            &[&site, &devices, &slots],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Appends to the audit log.
