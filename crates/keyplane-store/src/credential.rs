@@ -15,7 +15,6 @@ use crate::{
 };
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
-use keyplane_core::allocation::lowest_free_slot;
 use keyplane_core::authority::CodeFacts;
 use keyplane_core::credential::{
     DeviceFacts, ScopeError, SlotPlan, involved_partitions as involved_partitions_core,
@@ -222,7 +221,8 @@ async fn pin_check_in_txn(
     Ok(())
 }
 
-/// Gives the credential the lowest free slot on each device.
+/// Gives the credential the lowest free slot on each device, in one statement that
+/// probes the slot keys rather than reading every occupied slot.
 async fn slots_allocate_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
@@ -230,37 +230,52 @@ async fn slots_allocate_in_txn(
     devices: &[Device],
     pin_hash: &[u8],
 ) -> Result<Vec<(Uuid, u16)>, StoreError> {
-    let mut changed = Vec::new();
-    for device in devices {
-        let occupied: BTreeSet<u16> = tx
-            .query(
-                // Slots of codes programmed at the device (LOCAL) are reserved too.
-                "SELECT slot FROM slot_assignment WHERE site_id = $1 AND device_id = $2
-                 UNION SELECT slot FROM observed_slot
-                 WHERE site_id = $1 AND device_id = $2 AND state IN ('foreign', 'conflict')",
-                &[&site, &device.id],
-            )
-            .await?
-            .iter()
-            .filter_map(|r| u16::try_from(r.get::<_, i32>(0)).ok())
-            .collect();
-        let slot = lowest_free_slot(device.model, &occupied).ok_or_else(|| {
-            StoreError::ResourceExhausted(format!(
-                "device {} has no free slot: all {} assignable slots of model {} are in use",
-                label(device),
-                device.model.assignable_count(),
-                device.model.id
-            ))
-        })?;
-        tx.execute(
-            "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES ($1, $2, $3, $4, $5)",
-            &[&site, &device.id, &i32::from(slot), &credential, &pin_hash],
+    let plan = SlotPlan {
+        allocate: devices.iter().map(|d| d.id).collect(),
+        ..SlotPlan::default()
+    };
+    let w = SlotsWrite::new(&plan, devices);
+    let rows = tx
+        .query(
+            &format!(
+                "WITH allocated AS ({ALLOCATE_SQL}) SELECT device_id, slot FROM allocated ORDER BY device_id"
+            ),
+            &[
+                &site,
+                &credential,
+                &pin_hash,
+                &w.allocate,
+                &w.first,
+                &w.last,
+                &w.reserved_devices,
+                &w.reserved_slots,
+            ],
         )
         .await?;
-        changed.push((device.id, slot));
-    }
+    let changed: Vec<(Uuid, u16)> = rows.iter().map(crate::site::device_slot).collect();
+    let got: Vec<Uuid> = changed.iter().map(|(d, _)| *d).collect();
+    w.check(&got, devices)?;
     Ok(changed)
 }
+
+/// Inserts a slot for credential `$2` (PIN hash `$3`) on each device of `$4`: the
+/// lowest slot in `$5..=$6` that is not reserved (`$7`, `$8` pairs), not assigned and
+/// not held by a local code. Returns (device_id, slot).
+const ALLOCATE_SQL: &str = "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+        SELECT $1, t.device, free.slot, $2, $3
+          FROM unnest($4::uuid[], $5::int[], $6::int[]) AS t(device, first, last)
+          CROSS JOIN LATERAL (
+            SELECT g AS slot FROM generate_series(t.first, t.last) AS g
+             WHERE NOT EXISTS (SELECT 1 FROM unnest($7::uuid[], $8::int[]) AS r(device, slot)
+                               WHERE r.device = t.device AND r.slot = g)
+               AND NOT EXISTS (SELECT 1 FROM slot_assignment sa
+                               WHERE sa.site_id = $1 AND sa.device_id = t.device AND sa.slot = g)
+               AND NOT EXISTS (SELECT 1 FROM observed_slot o
+                               WHERE o.site_id = $1 AND o.device_id = t.device AND o.slot = g
+                                 AND o.state IN ('foreign', 'conflict'))
+             ORDER BY g LIMIT 1
+          ) AS free
+        RETURNING device_id, slot";
 
 async fn scope_write_in_txn(
     tx: &Transaction<'_>,
