@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 /// Most round trips each RPC may take, authentication included (a dealer token
 /// verified within the last second costs none; BEGIN and COMMIT are one each). The
-/// credential and user writes load in one pipelined round trip and write in one; the
-/// plan writes still run most statements one at a time.
+/// credential, user and personal plan writes load in one pipelined round trip and
+/// write in one; the standard plan writes still run most statements one at a time.
 const CEILINGS: &[(&str, u64)] = &[
     ("CreateCredential", 4),
     ("UpdateCredential", 4),
@@ -22,7 +22,7 @@ const CEILINGS: &[(&str, u64)] = &[
     ("CreateUser", 4),
     ("UpdateUser", 4),
     ("DeleteUser", 4),
-    ("UpdatePersonalAccessPlan", 15),
+    ("UpdatePersonalAccessPlan", 4),
     ("CreateAccessPlan", 17),
     ("UpdateAccessPlan", 13),
     ("DeleteAccessPlan", 9),

@@ -261,7 +261,8 @@ async fn slots_allocate_in_txn(
 /// Inserts a slot for credential `$2` (PIN hash `$3`) on each device of `$4`: the
 /// lowest slot in `$5..=$6` that is not reserved (`$7`, `$8` pairs), not assigned and
 /// not held by a local code. Returns (device_id, slot).
-const ALLOCATE_SQL: &str = "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+const ALLOCATE_SQL: &str =
+    "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
         SELECT $1, t.device, free.slot, $2, $3
           FROM unnest($4::uuid[], $5::int[], $6::int[]) AS t(device, first, last)
           CROSS JOIN LATERAL (
@@ -460,6 +461,8 @@ pub(crate) struct LoadRequest<'a> {
     pub user_row: bool,
     /// Read every credential of the user too.
     pub codes: bool,
+    /// More reads of the caller's, sent after the others in the same round trip.
+    pub extra: &'a [(&'a str, &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)])],
 }
 
 /// The credential as it stands, with its sealed PIN.
@@ -484,6 +487,8 @@ pub(crate) struct Loaded {
     pub user_row: Option<User>,
     /// The user's credentials, when asked for.
     pub codes: Vec<Credential>,
+    /// The rows of each of the request's `extra` reads.
+    pub extra: Vec<Vec<Row>>,
 }
 
 impl Loaded {
@@ -583,8 +588,11 @@ pub(crate) async fn load_in_txn(
     let codes_sql = format!(
         "SELECT {CREDENTIAL_FIELDS} FROM credential c WHERE c.site_id = $1 AND c.user_id = $2 ORDER BY c.id"
     );
-    let (s_user, s_codes) =
-        tokio::try_join!(tx.prepare_cached(&user_sql), tx.prepare_cached(&codes_sql))?;
+    let (s_user, s_codes, s_extra) = tokio::try_join!(
+        tx.prepare_cached(&user_sql),
+        tx.prepare_cached(&codes_sql),
+        futures_util::future::try_join_all(req.extra.iter().map(|(sql, _)| tx.prepare_cached(sql))),
+    )?;
     let (s_site, s_devices, s_partitions, s_users, s_clash, s_current, s_lock, s_lookup) = tokio::try_join!(
         tx.prepare_cached(&site_sql),
         tx.prepare_cached(&devices_sql),
@@ -613,7 +621,19 @@ pub(crate) async fn load_in_txn(
     )?;
     let dealer = actor.dealer.to_string();
     let credential = req.credential.unwrap_or_default();
-    let (site_row, devices, partitions, user_rows, clashes, current, lock, lookup, user_row, codes) = tokio::join!(
+    let (
+        site_row,
+        devices,
+        partitions,
+        user_rows,
+        clashes,
+        current,
+        lock,
+        lookup,
+        user_row,
+        codes,
+        extra,
+    ) = tokio::join!(
         biased;
         async { Pg::query_opt(tx, &s_site, &[&site, &actor.dealer]).await },
         async { Pg::query(tx, &s_devices, &[&site]).await },
@@ -660,6 +680,13 @@ pub(crate) async fn load_in_txn(
             }
             Pg::query(tx, &s_codes, &[&site, &req.user]).await
         },
+        // join_all polls in order, so these are sent in order, after the rest.
+        futures_util::future::join_all(
+            req.extra
+                .iter()
+                .zip(&s_extra)
+                .map(|((_, params), statement)| Pg::query(tx, statement, params)),
+        ),
     );
     // In the order sent: after a failed statement the rest only say "aborted".
     let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
@@ -685,6 +712,7 @@ pub(crate) async fn load_in_txn(
     };
     let user_row = user_row?.as_ref().map(user_from_row);
     let codes = codes?.iter().map(credential_from_row).collect();
+    let extra = extra.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok(Loaded {
         site: site_from_row(&site_row),
         devices,
@@ -695,6 +723,7 @@ pub(crate) async fn load_in_txn(
         replayed,
         user_row,
         codes,
+        extra,
     })
 }
 

@@ -1,18 +1,18 @@
 //! Personal access plans (seed 001): one per user, created with the user, never
 //! deleted, only cleared.
 
-use crate::authority::user_get_in_txn;
-use crate::authority::{actor_resolve_in_txn, denied};
+use crate::authority::{actor_from_loaded, denied, user_get_in_txn};
+use crate::credential::{AUDIT_SQL, LoadRequest, Loaded, load_in_txn};
 use crate::rules::schedule_from_json;
-use crate::site::{
-    audit_in_txn, etag_check, site_get_in_txn, site_lock_in_txn, user_slots_changed_in_txn,
-};
+use crate::site::{etag_check, site_get_in_txn, user_slots_changed_sql};
 use crate::{Actor, Store, StoreError, in_txn};
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
 use keyplane_core::personal;
 use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
+use tokio_postgres::Row;
+use tokio_postgres::Transaction as Pg;
 use uuid::Uuid;
 
 /// A personal access plan.
@@ -43,82 +43,129 @@ pub struct PlanPatch {
     pub schedule: Option<Option<Schedule>>,
 }
 
-async fn plan_get_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-) -> Result<PersonalPlan, StoreError> {
-    let row = tx
-        .query_opt(
-            "SELECT configured, schedule, version, update_time FROM personal_access_plan
-             WHERE site_id = $1 AND user_id = $2",
-            &[&site, &user],
-        )
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
-    let access_points = tx
-        .query(
-            "SELECT device_id FROM personal_access_point WHERE site_id = $1 AND user_id = $2 ORDER BY device_id",
-            &[&site, &user],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+/// A user's plan with its access points, as one row (site `$1`, user `$2`).
+const PLAN_SQL: &str = "SELECT configured, schedule, version, update_time,
+        ARRAY(SELECT device_id FROM personal_access_point pp
+              WHERE pp.site_id = p.site_id AND pp.user_id = p.user_id ORDER BY device_id)
+     FROM personal_access_plan p WHERE site_id = $1 AND user_id = $2";
+
+/// Whether user `$2` of site `$1` holds a code.
+const HAS_PIN_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM credential WHERE site_id = $1 AND user_id = $2)";
+
+fn plan_from_row(site: Uuid, user: Uuid, row: &Row) -> Result<PersonalPlan, StoreError> {
     Ok(PersonalPlan {
         site,
         user,
         configured: row.get(0),
-        access_points,
+        access_points: row.get(4),
         schedule: schedule_from_json(row.get(1))?,
         version: row.get(2),
         update_time: row.get(3),
     })
 }
 
-async fn has_pin_in_txn(tx: &Transaction<'_>, site: Uuid, user: Uuid) -> Result<bool, StoreError> {
-    Ok(tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM credential WHERE site_id = $1 AND user_id = $2)",
-            &[&site, &user],
-        )
+async fn plan_get_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    user: Uuid,
+) -> Result<PersonalPlan, StoreError> {
+    let row = tx
+        .query_opt(PLAN_SQL, &[&site, &user])
         .await?
-        .get(0))
+        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
+    plan_from_row(site, user, &row)
+}
+
+/// Locks the site and loads what a plan write decides on: the user, the plan and
+/// whether the user holds a code, with the site's devices and partitions.
+async fn plan_load_in_txn(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    user: Uuid,
+) -> Result<(Loaded, PersonalPlan, bool), StoreError> {
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &user];
+    let extra = [(PLAN_SQL, params), (HAS_PIN_SQL, params)];
+    let loaded = load_in_txn(
+        tx,
+        actor,
+        site,
+        LoadRequest {
+            user,
+            user_row: true,
+            extra: &extra,
+            ..LoadRequest::default()
+        },
+    )
+    .await?;
+    if loaded.user_row.is_none() {
+        return Err(StoreError::NotFound(format!(
+            "user sites/{site}/users/{user}"
+        )));
+    }
+    let plan = loaded.extra[0]
+        .first()
+        .map(|row| plan_from_row(site, user, row))
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
+    let has_pin = loaded.extra[1].first().is_some_and(|r| r.get(0));
+    Ok((loaded, plan, has_pin))
 }
 
 fn refused(e: personal::PersonalPlanError) -> StoreError {
     StoreError::FailedPrecondition(e.to_string())
 }
 
+/// Writes the plan, records its user's panel and lock slots as changed, audits and
+/// reads the plan back: one pipelined round trip.
+#[allow(clippy::too_many_arguments)]
 async fn plan_write_in_txn(
     tx: &Transaction<'_>,
+    actor: &Actor,
     site: Uuid,
     user: Uuid,
     access_points: &[Uuid],
     schedule: &Option<Schedule>,
-) -> Result<(), StoreError> {
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<PersonalPlan, StoreError> {
     let schedule = schedule
         .as_ref()
         .map(serde_json::to_value)
         .transpose()
         .map_err(|e| StoreError::Internal(e.to_string()))?;
-    tx.execute(
-        "UPDATE personal_access_plan SET configured = true, schedule = $3, version = version + 1, update_time = now()
-         WHERE site_id = $1 AND user_id = $2",
-        &[&site, &user, &schedule],
-    )
-    .await?;
-    tx.execute(
-        "DELETE FROM personal_access_point WHERE site_id = $1 AND user_id = $2",
-        &[&site, &user],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO personal_access_point (site_id, user_id, device_id) SELECT $1, $2, unnest($3::uuid[])",
-        &[&site, &user, &access_points],
-    )
-    .await?;
-    user_slots_changed_in_txn(tx, site, user, &["panel", "lock"]).await
+    let name = format!("sites/{site}/users/{user}/personalAccessPlan");
+    let changed_sql = user_slots_changed_sql();
+    let (s_update, s_delete, s_insert, s_changed, s_audit, s_get) = tokio::try_join!(
+        tx.prepare_cached(
+            "UPDATE personal_access_plan SET configured = true, schedule = $3, version = version + 1, update_time = now()
+             WHERE site_id = $1 AND user_id = $2"
+        ),
+        tx.prepare_cached("DELETE FROM personal_access_point WHERE site_id = $1 AND user_id = $2"),
+        tx.prepare_cached(
+            "INSERT INTO personal_access_point (site_id, user_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
+        ),
+        tx.prepare_cached(&changed_sql),
+        tx.prepare_cached(AUDIT_SQL),
+        tx.prepare_cached(PLAN_SQL),
+    )?;
+    let kinds: &[&str] = &["panel", "lock"];
+    let (updated, deleted, inserted, changed, audited, read) = tokio::join!(
+        biased;
+        async { Pg::execute(tx, &s_update, &[&site, &user, &schedule]).await },
+        async { Pg::execute(tx, &s_delete, &[&site, &user]).await },
+        async { Pg::execute(tx, &s_insert, &[&site, &user, &access_points]).await },
+        async { Pg::execute(tx, &s_changed, &[&site, &user, &kinds]).await },
+        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail]).await },
+        async { Pg::query_one(tx, &s_get, &[&site, &user]).await },
+    );
+    updated?;
+    deleted?;
+    inserted?;
+    changed?;
+    audited?;
+    plan_from_row(site, user, &read?)
 }
 
 impl Store {
@@ -146,17 +193,13 @@ impl Store {
         etag: &str,
     ) -> Result<PersonalPlan, StoreError> {
         in_txn!(self, "personal_plan_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let target = user_get_in_txn(&tx, site, user).await?;
-            let current = plan_get_in_txn(&tx, site, user).await?;
+            let (loaded, current, has_pin) = plan_load_in_txn(&tx, actor, site, user).await?;
+            let target = loaded.user(site, user)?;
             let name = format!("sites/{site}/users/{user}/personalAccessPlan");
             etag_check(&format!("plan {name}"), etag, current.version)?;
-            personal::check_configure(
-                &format!("sites/{site}/users/{user}"),
-                has_pin_in_txn(&tx, site, user).await?,
-            )
-            .map_err(refused)?;
-            let devices = crate::device::device_list_for_site_in_txn(&tx, site).await?;
+            personal::check_configure(&format!("sites/{site}/users/{user}"), has_pin)
+                .map_err(refused)?;
+            let devices = &loaded.devices;
             let perimeter: Vec<_> = devices.iter().filter(|d| d.perimeter).collect();
             if !perimeter.is_empty() && perimeter.iter().all(|d| d.kind() == DeviceKind::Door) {
                 return Err(StoreError::FailedPrecondition(
@@ -183,7 +226,7 @@ impl Store {
                 }
                 partitions.extend(device.partition);
             }
-            let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
             let is_self = acting.is_some_and(|a| a.id == user);
             who.check_code_change(&target.authorities, &partitions, is_self)
                 .map_err(denied)?;
@@ -191,17 +234,18 @@ impl Store {
                 .schedule
                 .clone()
                 .unwrap_or_else(|| current.schedule.clone());
-            plan_write_in_txn(&tx, site, user, &access_points, &schedule).await?;
-            audit_in_txn(
+            let detail = serde_json::json!({ "access_points": access_points.len(), "scheduled": schedule.is_some() });
+            plan_write_in_txn(
                 &tx,
                 actor,
-                Some(site),
+                site,
+                user,
+                &access_points,
+                &schedule,
                 "personal_plan.update",
-                &name,
-                serde_json::json!({ "access_points": access_points.len(), "scheduled": schedule.is_some() }),
+                detail,
             )
-            .await?;
-            plan_get_in_txn(&tx, site, user).await
+            .await
         })
     }
 
@@ -215,12 +259,11 @@ impl Store {
         etag: &str,
     ) -> Result<PersonalPlan, StoreError> {
         in_txn!(self, "personal_plan_clear", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let target = user_get_in_txn(&tx, site, user).await?;
-            let current = plan_get_in_txn(&tx, site, user).await?;
+            let (loaded, current, has_pin) = plan_load_in_txn(&tx, actor, site, user).await?;
+            let target = loaded.user(site, user)?;
             let name = format!("sites/{site}/users/{user}/personalAccessPlan");
             etag_check(&format!("plan {name}"), etag, current.version)?;
-            let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
             let is_self = acting.is_some_and(|a| a.id == user);
             let partitions: Vec<u8> = target.authorities.keys().copied().collect();
             who.check_code_change(&target.authorities, &partitions, is_self)
@@ -228,20 +271,20 @@ impl Store {
             personal::check_clear(
                 &format!("sites/{site}/users/{user}"),
                 current.configured,
-                has_pin_in_txn(&tx, site, user).await?,
+                has_pin,
             )
             .map_err(refused)?;
-            plan_write_in_txn(&tx, site, user, &[], &None).await?;
-            audit_in_txn(
+            plan_write_in_txn(
                 &tx,
                 actor,
-                Some(site),
+                site,
+                user,
+                &[],
+                &None,
                 "personal_plan.clear",
-                &name,
                 serde_json::json!({}),
             )
-            .await?;
-            plan_get_in_txn(&tx, site, user).await
+            .await
         })
     }
 }

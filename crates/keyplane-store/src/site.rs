@@ -68,20 +68,9 @@ pub(crate) fn device_slot(row: &tokio_postgres::Row) -> (Uuid, u16) {
     (row.get(0), u16::try_from(row.get::<_, i32>(1)).unwrap_or(0))
 }
 
-/// Records a change of every slot `user` holds on devices of `kinds` (their levels
-/// or access rules changed, so what those devices hold must be sent again).
-pub(crate) async fn user_slots_changed_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-    kinds: &[&str],
-) -> Result<(), StoreError> {
-    tx.execute(&user_slots_changed_sql(), &[&site, &user, &kinds])
-        .await?;
-    Ok(())
-}
-
-/// [`user_slots_changed_in_txn`] as one statement: site `$1`, user `$2`, kinds `$3`.
+/// Records a change of every slot user `$2` holds on devices of kinds `$3` (their
+/// levels or access rules changed, so what those devices hold must be sent again), as
+/// one statement; site `$1`.
 pub(crate) fn user_slots_changed_sql() -> String {
     changes_record_sql(
         "SELECT sa.device_id, sa.slot FROM slot_assignment sa
