@@ -1,19 +1,24 @@
 //! Standard access plans (doors shared by many users), holidays and lockdown.
 
+use crate::credential::{LoadRequest, Loaded, load_in_txn};
 use crate::rules::{
-    AccessRules, access_rules_for_in_txn, access_rules_in_txn, schedule_from_json, schedule_json,
+    AccessRules, RULES_SQL, access_rules_for_in_txn, access_rules_in_txn, rules_from_rows,
+    schedule_from_json, schedule_json,
 };
 use crate::site::{
-    audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+    audit_in_txn, etag_check, replayed_id, site_change_record_in_txn, site_get_in_txn,
+    site_lock_in_txn,
 };
-use crate::{Actor, PageRequest, RequestKey, Store, StoreError, in_txn};
+use crate::{
+    Actor, PageRequest, RequestKey, Step, Store, StoreError, batch_in_txn, in_txn, params,
+};
 use crate::{Cached, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
 use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// A standard access plan.
@@ -75,28 +80,33 @@ pub(crate) async fn access_rules_changed_in_txn(
     users: Option<&[Uuid]>,
 ) -> Result<(), StoreError> {
     let after = access_rules_for_in_txn(tx, site, users).await?;
-    let mut changed = Vec::new();
-    for r in tx
-        .query(
-            "SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
-             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1 AND ($2::uuid[] IS NULL OR c.user_id = ANY($2))",
-            &[&site, &users],
-        )
-        .await?
-    {
-        let (device, slot) = crate::site::device_slot(&r);
-        let user: Uuid = r.get(2);
-        let kind: Option<&str> = r.get(3);
-        if before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind) {
-            changed.push((device, slot));
-        }
-    }
+    let rows = tx.query(USER_SLOTS_SQL, &[&site, &users]).await?;
+    let changed = schedules_changed(&rows, before, &after);
     if !changed.is_empty() {
         site_change_record_in_txn(tx, site, &changed).await?;
     }
     Ok(())
+}
+
+/// The slots of the codes of users `$2` (NULL: every user) of site `$1`, with their
+/// user and device kind.
+const USER_SLOTS_SQL: &str =
+    "SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
+     JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+     JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+     WHERE sa.site_id = $1 AND ($2::uuid[] IS NULL OR c.user_id = ANY($2))";
+
+/// The slots (rows of [`USER_SLOTS_SQL`]) whose schedules differ between the rules.
+fn schedules_changed(rows: &[Row], before: &AccessRules, after: &AccessRules) -> Vec<(Uuid, u16)> {
+    rows.iter()
+        .filter(|r| {
+            let device: Uuid = r.get(0);
+            let user: Uuid = r.get(2);
+            let kind: Option<&str> = r.get(3);
+            before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind)
+        })
+        .map(crate::site::device_slot)
+        .collect()
 }
 
 /// A whole plan from `access_plan p`: its row, devices and members, so a page of
@@ -139,17 +149,84 @@ async fn access_plan_get_in_txn(
     access_plan_from_row(site, &row)
 }
 
-async fn access_plan_write_in_txn(
+/// What a plan change works from: the site locked and its devices, the plan as it
+/// stands, which of the named members exist, and the access rules of every member
+/// before and after the change, as they are now. One round trip.
+struct PlanLoaded {
+    loaded: Loaded,
+    current: Option<AccessPlan>,
+    existing_members: Vec<Uuid>,
+    before: AccessRules,
+}
+
+async fn plan_load_in_txn(
     tx: &Transaction<'_>,
+    actor: &Actor,
     site: Uuid,
-    id: Uuid,
-    fields: &AccessPlanFields,
-    before: &AccessRules,
-    users: &[Uuid],
-) -> Result<(), StoreError> {
-    if let Some(devices) = &fields.devices {
-        for d in devices {
-            let device = crate::device::device_get_in_txn(tx, site, *d).await?;
+    plan: Option<Uuid>,
+    members: &[Uuid],
+    key: Option<&RequestKey>,
+) -> Result<PlanLoaded, StoreError> {
+    let members = members.to_vec();
+    let plan_sql = format!(
+        "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+    );
+    let by_site: &[&(dyn ToSql + Sync)] = &[&site];
+    let by_plan: &[&(dyn ToSql + Sync)] = &[&site, &plan];
+    let by_members: &[&(dyn ToSql + Sync)] = &[&site, &members];
+    // Members named now, and members of the plan as it stands.
+    let by_users: &[&(dyn ToSql + Sync)] = &[&site, &members, &plan];
+    let extra = [
+        (plan_sql.as_str(), by_plan),
+        (
+            "SELECT id FROM site_user WHERE site_id = $1 AND id = ANY($2)",
+            by_members,
+        ),
+        (RULES_SQL[0], by_site),
+        (RULES_SQL[1], by_users),
+        (RULES_SQL[2], by_users),
+        (RULES_SQL[3], by_users),
+    ];
+    let loaded = load_in_txn(
+        tx,
+        actor,
+        site,
+        LoadRequest {
+            key,
+            extra: &extra,
+            ..LoadRequest::default()
+        },
+    )
+    .await?;
+    let current = loaded.extra[0]
+        .first()
+        .map(|r| access_plan_from_row(site, r))
+        .transpose()?;
+    let existing_members = loaded.extra[1].iter().map(|r| r.get(0)).collect();
+    let before = rules_from_rows(
+        &loaded.extra[2],
+        &loaded.extra[3],
+        &loaded.extra[4],
+        &loaded.extra[5],
+    )?;
+    Ok(PlanLoaded {
+        loaded,
+        current,
+        existing_members,
+        before,
+    })
+}
+
+impl PlanLoaded {
+    /// Checks the devices and members a change names, in that order.
+    fn check(&self, site: Uuid, fields: &AccessPlanFields) -> Result<(), StoreError> {
+        for d in fields.devices.iter().flatten() {
+            let device = self
+                .loaded
+                .devices
+                .iter()
+                .find(|x| x.id == *d)
+                .ok_or_else(|| StoreError::NotFound(format!("device sites/{site}/devices/{d}")))?;
             if !matches!(device.kind(), DeviceKind::Door | DeviceKind::Lock) {
                 return Err(StoreError::InvalidArgument(format!(
                     "device {} is a panel: standard access plans schedule doors (and locks); the panel follows personal access plans",
@@ -157,51 +234,84 @@ async fn access_plan_write_in_txn(
                 )));
             }
         }
-        tx.execute(
+        if let Some(u) = fields
+            .members
+            .iter()
+            .flatten()
+            .find(|u| !self.existing_members.contains(u))
+        {
+            return Err(StoreError::NotFound(format!("user sites/{site}/users/{u}")));
+        }
+        Ok(())
+    }
+}
+
+/// Writes `steps` (a plan change), then reads the access rules and code slots of
+/// `users` in the same round trip, records the slots whose schedules changed and
+/// returns the rows of `steps`.
+async fn plan_change_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    steps: Vec<Step<'_>>,
+    users: &[Uuid],
+    before: &AccessRules,
+) -> Result<Vec<Vec<Row>>, StoreError> {
+    let users = Some(users.to_vec());
+    let plan: Option<Uuid> = None;
+    let n = steps.len();
+    let mut steps = steps;
+    steps.push((RULES_SQL[0], params![&site]));
+    for sql in &RULES_SQL[1..] {
+        steps.push((sql, params![&site, &users, &plan]));
+    }
+    steps.push((USER_SLOTS_SQL, params![&site, &users]));
+    let mut rows = batch_in_txn(tx, &steps).await?;
+    let after = rules_from_rows(&rows[n], &rows[n + 1], &rows[n + 2], &rows[n + 3])?;
+    let changed = schedules_changed(&rows[n + 4], before, &after);
+    if !changed.is_empty() {
+        site_change_record_in_txn(tx, site, &changed).await?;
+    }
+    rows.truncate(n);
+    Ok(rows)
+}
+
+/// The statements that apply `fields` to plan `id`: devices, members, then the row.
+fn plan_steps<'a>(
+    site: &'a Uuid,
+    id: &'a Uuid,
+    fields: &'a AccessPlanFields,
+    has_schedule: &'a bool,
+    flat_schedule: &'a Option<serde_json::Value>,
+) -> Vec<Step<'a>> {
+    let mut steps: Vec<Step<'a>> = Vec::new();
+    if let Some(devices) = &fields.devices {
+        steps.push((
             "DELETE FROM access_plan_device WHERE site_id = $1 AND plan_id = $2",
-            &[&site, &id],
-        )
-        .await?;
-        tx.execute(
+            vec![site, id],
+        ));
+        steps.push((
             "INSERT INTO access_plan_device (site_id, plan_id, device_id) SELECT $1, $2, unnest($3::uuid[])",
-            &[&site, &id, devices],
-        )
-        .await?;
+            vec![site, id, devices],
+        ));
     }
     if let Some(members) = &fields.members {
-        for u in members {
-            crate::authority::user_get_in_txn(tx, site, *u).await?;
-        }
-        tx.execute(
+        steps.push((
             "DELETE FROM access_plan_member WHERE site_id = $1 AND plan_id = $2",
-            &[&site, &id],
-        )
-        .await?;
-        tx.execute(
+            vec![site, id],
+        ));
+        steps.push((
             "INSERT INTO access_plan_member (site_id, plan_id, user_id) SELECT $1, $2, unnest($3::uuid[])",
-            &[&site, &id, members],
-        )
-        .await?;
+            vec![site, id, members],
+        ));
     }
-    let schedule = match &fields.schedule {
-        Some(s) => Some(schedule_json(s)?),
-        None => None,
-    };
-    tx.execute(
+    steps.push((
         "UPDATE access_plan SET display_name = COALESCE($3, display_name),
             schedule = CASE WHEN $4 THEN $5 ELSE schedule END,
             version = version + 1, update_time = now()
          WHERE site_id = $1 AND id = $2",
-        &[
-            &site,
-            &id,
-            &fields.display_name,
-            &schedule.is_some(),
-            &schedule.flatten(),
-        ],
-    )
-    .await?;
-    access_rules_changed_in_txn(tx, site, before, Some(users)).await
+        vec![site, id, &fields.display_name, has_schedule, flat_schedule],
+    ));
+    steps
 }
 
 /// The users a plan change can touch: its members before and after.
@@ -216,6 +326,10 @@ fn plan_users(before: &[Uuid], after: Option<&Vec<Uuid>>) -> Vec<Uuid> {
     users
 }
 
+const AUDIT_EMPTY_SQL: &str =
+    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
+     VALUES ($1, $2, $3, $4, $5, $6, '{}'::jsonb)";
+
 impl Store {
     /// Creates a standard access plan.
     pub async fn access_plan_create(
@@ -225,33 +339,64 @@ impl Store {
         fields: &AccessPlanFields,
         key: Option<&RequestKey>,
     ) -> Result<AccessPlan, StoreError> {
+        let schedule = match &fields.schedule {
+            Some(sch) => Some(schedule_json(sch)?),
+            None => None,
+        };
+        let has_schedule = schedule.is_some();
+        let flat_schedule = schedule.clone().flatten();
+        let display_name = fields.display_name.clone().unwrap_or_default();
         in_txn!(self, "access_plan_create", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let users = plan_users(&[], fields.members.as_ref());
-            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
-            if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
-                return access_plan_get_in_txn(&tx, site, replayed_id(&name)?).await;
+            let members = fields.members.clone().unwrap_or_default();
+            let l = plan_load_in_txn(&tx, actor, site, None, &members, key).await?;
+            if let Some(name) = &l.loaded.replayed {
+                return access_plan_get_in_txn(&tx, site, replayed_id(name)?).await;
             }
-            let id: Uuid = tx
-                .query_one(
-                    "INSERT INTO access_plan (site_id, display_name) VALUES ($1, $2) RETURNING id",
-                    &[&site, &fields.display_name.clone().unwrap_or_default()],
-                )
-                .await?
-                .get(0);
-            access_plan_write_in_txn(&tx, site, id, fields, &before, &users).await?;
+            l.check(site, fields)?;
+            let id = Uuid::new_v4();
             let name = format!("sites/{site}/accessPlans/{id}");
-            request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "access_plan.create",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
-            access_plan_get_in_txn(&tx, site, id).await
+            let users = plan_users(&[], fields.members.as_ref());
+            let action = "access_plan.create";
+            let mut steps: Vec<Step<'_>> = vec![(
+                "INSERT INTO access_plan (site_id, id, display_name) VALUES ($1, $2, $3)",
+                params![&site, &id, &display_name],
+            )];
+            steps.extend(plan_steps(
+                &site,
+                &id,
+                fields,
+                &has_schedule,
+                &flat_schedule,
+            ));
+            if let Some(k) = key {
+                steps.push((
+                    "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    params![&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name],
+                ));
+            }
+            let read_sql = format!(
+                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+            );
+            let site_opt = Some(site);
+            steps.push((
+                AUDIT_EMPTY_SQL,
+                params![
+                    &actor.dealer,
+                    &site_opt,
+                    &actor.principal,
+                    &action,
+                    &name,
+                    &actor.peer,
+                ],
+            ));
+            steps.push((read_sql.as_str(), params![&site, &id]));
+            let rows = plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
+            let row = rows
+                .last()
+                .and_then(|r| r.first())
+                .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
+            access_plan_from_row(site, row)
         })
     }
 
@@ -300,24 +445,46 @@ impl Store {
         fields: &AccessPlanFields,
         etag: &str,
     ) -> Result<AccessPlan, StoreError> {
+        let schedule = match &fields.schedule {
+            Some(sch) => Some(schedule_json(sch)?),
+            None => None,
+        };
+        let has_schedule = schedule.is_some();
+        let flat_schedule = schedule.clone().flatten();
         in_txn!(self, "access_plan_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = access_plan_get_in_txn(&tx, site, id).await?;
+            let members = fields.members.clone().unwrap_or_default();
+            let l = plan_load_in_txn(&tx, actor, site, Some(id), &members, None).await?;
+            let current = l.current.as_ref().ok_or_else(|| {
+                StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
+            })?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
+            l.check(site, fields)?;
             let users = plan_users(&current.members, fields.members.as_ref());
-            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
-            access_plan_write_in_txn(&tx, site, id, fields, &before, &users).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "access_plan.update",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
-            access_plan_get_in_txn(&tx, site, id).await
+            let action = "access_plan.update";
+            let mut steps = plan_steps(&site, &id, fields, &has_schedule, &flat_schedule);
+            let read_sql = format!(
+                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+            );
+            let site_opt = Some(site);
+            steps.push((
+                AUDIT_EMPTY_SQL,
+                params![
+                    &actor.dealer,
+                    &site_opt,
+                    &actor.principal,
+                    &action,
+                    &name,
+                    &actor.peer,
+                ],
+            ));
+            steps.push((read_sql.as_str(), params![&site, &id]));
+            let rows = plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
+            let row = rows
+                .last()
+                .and_then(|r| r.first())
+                .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
+            access_plan_from_row(site, row)
         })
     }
 
@@ -330,27 +497,33 @@ impl Store {
         etag: &str,
     ) -> Result<(), StoreError> {
         in_txn!(self, "access_plan_delete", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = access_plan_get_in_txn(&tx, site, id).await?;
+            let l = plan_load_in_txn(&tx, actor, site, Some(id), &[], None).await?;
+            let current = l.current.as_ref().ok_or_else(|| {
+                StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
+            })?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
             let users = plan_users(&current.members, None);
-            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
-            tx.execute(
-                "DELETE FROM access_plan WHERE site_id = $1 AND id = $2",
-                &[&site, &id],
-            )
-            .await?;
-            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "access_plan.delete",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
+            let action = "access_plan.delete";
+            let site_opt = Some(site);
+            let steps: Vec<Step<'_>> = vec![
+                (
+                    "DELETE FROM access_plan WHERE site_id = $1 AND id = $2",
+                    params![&site, &id],
+                ),
+                (
+                    AUDIT_EMPTY_SQL,
+                    params![
+                        &actor.dealer,
+                        &site_opt,
+                        &actor.principal,
+                        &action,
+                        &name,
+                        &actor.peer,
+                    ],
+                ),
+            ];
+            plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
             Ok(())
         })
     }

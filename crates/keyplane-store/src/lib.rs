@@ -125,6 +125,39 @@ cached_impl!(
 );
 cached_impl!(deadpool_postgres::ClientWrapper, tokio_postgres::Client);
 
+/// A statement and its parameters, for [`batch_in_txn`].
+pub(crate) type Step<'a> = (&'a str, Vec<&'a (dyn ToSql + Sync)>);
+
+/// Parameters of a [`Step`].
+macro_rules! params {
+    ($($p:expr),* $(,)?) => {
+        vec![$($p as &(dyn tokio_postgres::types::ToSql + Sync)),*]
+    };
+}
+pub(crate) use params;
+
+/// Runs `steps` in order in one round trip (pipelined, through the statement cache)
+/// and returns each one's rows. Later steps see what earlier ones wrote; the first
+/// error is returned, not the "transaction aborted" of the steps after it.
+pub(crate) async fn batch_in_txn(
+    tx: &Transaction<'_>,
+    steps: &[Step<'_>],
+) -> Result<Vec<Vec<Row>>, StoreError> {
+    let statements =
+        futures_util::future::try_join_all(steps.iter().map(|(sql, _)| tx.prepare_cached(sql)))
+            .await?;
+    // join_all polls in order on its first poll, so the steps are sent in order.
+    let results =
+        futures_util::future::join_all(steps.iter().zip(&statements).map(
+            |((_, params), statement)| tokio_postgres::Transaction::query(tx, statement, params),
+        ))
+        .await;
+    results
+        .into_iter()
+        .map(|r| r.map_err(StoreError::from))
+        .collect()
+}
+
 /// Runs `$body` in a transaction on `$store`, committing on success and retrying the
 /// whole body (up to 5 attempts) when PostgreSQL reports a serialization failure or
 /// deadlock. `$tx` names the transaction inside the body.

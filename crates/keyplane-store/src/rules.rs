@@ -6,6 +6,7 @@ use crate::{Cached, StoreError, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
 use std::collections::{BTreeSet, HashMap};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 pub(crate) fn schedule_json(s: &Option<Schedule>) -> Result<Option<serde_json::Value>, StoreError> {
@@ -88,6 +89,24 @@ pub(crate) async fn access_rules_in_txn(
     access_rules_for_in_txn(tx, site, None).await
 }
 
+/// The reads of the access rules: holidays (site `$1` only), then the personal plans,
+/// their access points and the standard plans (site `$1`) of users `$2` (NULL: every
+/// user) and of the members of plan `$3`.
+pub(crate) const RULES_SQL: [&str; 4] = [
+    "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
+    "SELECT user_id, schedule FROM personal_access_plan
+     WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2)
+        OR user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
+    "SELECT user_id, device_id FROM personal_access_point
+     WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2)
+        OR user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
+    "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
+     JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
+     JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
+     WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2)
+        OR m.user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
+];
+
 /// The site's access rules as they apply to `users` (None: every user): an agent's
 /// catch-up reads the rules of the users whose codes changed, not the whole site's.
 pub(crate) async fn access_rules_for_in_txn(
@@ -96,34 +115,27 @@ pub(crate) async fn access_rules_for_in_txn(
     users: Option<&[Uuid]>,
 ) -> Result<AccessRules, StoreError> {
     // Independent reads, pipelined: one round trip.
+    let plan: Option<Uuid> = None;
     let by_site: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site];
-    let by_users: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &users];
+    let by_users: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &users, &plan];
     let (holidays, personal, points, standard) = tokio::join!(
-        tx.query(
-            "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
-            by_site,
-        ),
-        tx.query(
-            "SELECT user_id, schedule FROM personal_access_plan
-             WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
-            by_users,
-        ),
-        tx.query(
-            "SELECT user_id, device_id FROM personal_access_point
-             WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2))",
-            by_users,
-        ),
-        tx.query(
-            "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
-             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
-             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
-             WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2))",
-            by_users,
-        ),
+        tx.query(RULES_SQL[0], by_site),
+        tx.query(RULES_SQL[1], by_users),
+        tx.query(RULES_SQL[2], by_users),
+        tx.query(RULES_SQL[3], by_users),
     );
+    rules_from_rows(&holidays?, &personal?, &points?, &standard?)
+}
+
+/// Access rules from the rows of [`RULES_SQL`], in its order.
+pub(crate) fn rules_from_rows(
+    holidays: &[Row],
+    personal: &[Row],
+    points: &[Row],
+    standard: &[Row],
+) -> Result<AccessRules, StoreError> {
     let holidays: Vec<(NaiveDate, Vec<Uuid>)> =
-        holidays?.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let (personal, points, standard) = (personal?, points?, standard?);
+        holidays.iter().map(|r| (r.get(0), r.get(1))).collect();
     let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
         holidays
             .iter()
