@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Most round trips each RPC may take, authentication included (a dealer token
-/// verified within the last second costs none; BEGIN and COMMIT are one each): every
-/// write loads in one pipelined round trip and writes in one. A standard plan change
-/// that alters some code's schedule takes one more, to record the changed slots.
+/// verified within the last second costs none; BEGIN and COMMIT are one each). The
+/// code, user and plan writes load in one pipelined round trip and write in one (a
+/// standard plan change that alters some code's schedule takes one more, to record
+/// the changed slots); the site configuration calls still run a statement at a time.
 const CEILINGS: &[(&str, u64)] = &[
     ("CreateCredential", 4),
     ("UpdateCredential", 4),
@@ -26,6 +27,21 @@ const CEILINGS: &[(&str, u64)] = &[
     ("CreateAccessPlan", 4),
     ("UpdateAccessPlan", 4),
     ("DeleteAccessPlan", 4),
+    ("ClearPersonalAccessPlan", 4),
+    ("CreatePartition", 6),
+    ("UpdatePartition", 6),
+    ("DeletePartition", 7),
+    ("CreateDevice", 7),
+    ("UpdateDevice", 7),
+    ("DeleteDevice", 8),
+    ("PutHoliday", 9),
+    ("DeleteHoliday", 9),
+    ("LockdownDoors", 7),
+    ("ReleaseLockdown", 7),
+    ("IssueAgentToken", 6),
+    ("CreateSite", 4),
+    ("UpdateSite", 5),
+    ("DeleteSite", 6),
 ];
 
 struct Bench {
@@ -333,6 +349,15 @@ impl Bench {
         out.insert("UpdatePersonalAccessPlan", self.proxy.counts() - before);
 
         let before = self.proxy.counts();
+        self.admin
+            .clear_personal_access_plan(pb::ClearPersonalAccessPlanRequest {
+                name: format!("{}/personalAccessPlan", self.alice),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("ClearPersonalAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
         let plan = self
             .admin
             .create_access_plan(pb::CreateAccessPlanRequest {
@@ -388,7 +413,169 @@ impl Bench {
             })
             .await?;
         out.insert("DeleteUser", self.proxy.counts() - before);
+        self.site_config_round(round, &mut out).await?;
         Ok(out)
+    }
+
+    /// The configuration calls: partitions, devices, holidays, lockdown, agent token,
+    /// and a site of its own.
+    async fn site_config_round(
+        &mut self,
+        round: usize,
+        out: &mut BTreeMap<&'static str, WireCounts>,
+    ) -> anyhow::Result<()> {
+        let site = self.site.clone();
+        let before = self.proxy.counts();
+        let partition = self
+            .admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 2,
+                    display_name: format!("Annex {round}"),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreatePartition", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_partition(pb::UpdatePartitionRequest {
+                partition: Some(pb::Partition {
+                    name: partition.name.clone(),
+                    display_name: "Annex B".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name"]),
+            })
+            .await?;
+        out.insert("UpdatePartition", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let lock = self
+            .admin
+            .create_device(pb::CreateDeviceRequest {
+                parent: site.clone(),
+                device: Some(pb::Device {
+                    display_name: format!("Annex lock {round}"),
+                    model: "zwave-lock-30".into(),
+                    partition: 2,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateDevice", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_device(pb::UpdateDeviceRequest {
+                device: Some(pb::Device {
+                    name: lock.name.clone(),
+                    display_name: "Annex back door".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name"]),
+            })
+            .await?;
+        out.insert("UpdateDevice", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_device(pb::DeleteDeviceRequest {
+                name: lock.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteDevice", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_partition(pb::DeletePartitionRequest {
+                name: partition.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeletePartition", self.proxy.counts() - before);
+
+        let holiday = format!("{site}/holidays/2030-01-0{}", round + 1);
+        let before = self.proxy.counts();
+        self.admin
+            .put_holiday(pb::PutHolidayRequest {
+                holiday: Some(pb::Holiday {
+                    name: holiday.clone(),
+                    display_name: "Closed".into(),
+                    plans: vec![],
+                }),
+            })
+            .await?;
+        out.insert("PutHoliday", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_holiday(pb::DeleteHolidayRequest { name: holiday })
+            .await?;
+        out.insert("DeleteHoliday", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .lockdown_doors(pb::LockdownDoorsRequest { site: site.clone() })
+            .await?;
+        out.insert("LockdownDoors", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .release_lockdown(pb::ReleaseLockdownRequest { site: site.clone() })
+            .await?;
+        out.insert("ReleaseLockdown", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .issue_agent_token(pb::IssueAgentTokenRequest { site: site.clone() })
+            .await?;
+        out.insert("IssueAgentToken", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let other = self
+            .admin
+            .create_site(pb::CreateSiteRequest {
+                site: Some(pb::Site {
+                    display_name: format!("Kiosk {round}"),
+                    time_zone: "Europe/Paris".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateSite", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_site(pb::UpdateSiteRequest {
+                site: Some(pb::Site {
+                    name: other.name.clone(),
+                    display_name: "Kiosk B".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name"]),
+            })
+            .await?;
+        out.insert("UpdateSite", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_site(pb::DeleteSiteRequest {
+                name: other.name,
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteSite", self.proxy.counts() - before);
+        Ok(())
     }
 }
 

@@ -2,8 +2,8 @@
 
 use crate::credential::{LoadRequest, Loaded, load_in_txn};
 use crate::rules::{
-    AccessRules, RULES_SQL, access_rules_for_in_txn, access_rules_in_txn, rules_from_rows,
-    schedule_from_json, schedule_json,
+    AccessRules, RULES_SQL, access_rules_for_in_txn, rules_from_rows, schedule_from_json,
+    schedule_json,
 };
 use crate::site::{
     audit_in_txn, etag_check, replayed_id, site_change_record_in_txn, site_get_in_txn,
@@ -147,6 +147,39 @@ async fn access_plan_get_in_txn(
             StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
         })?;
     access_plan_from_row(site, &row)
+}
+
+/// The users whose access a holiday on `day` can change, as it is and as it will be
+/// with `plans` (None: removed): members of the plans it pauses, and when it pauses
+/// every plan (an empty list), every member and every user with a configured
+/// personal plan. Users under no plan have access at any time, holiday or not.
+async fn holiday_users_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    day: NaiveDate,
+    plans: Option<&[Uuid]>,
+) -> Result<Vec<Uuid>, StoreError> {
+    let plans = plans.map(<[Uuid]>::to_vec);
+    Ok(tx
+        .query(
+            "WITH h AS (
+                SELECT plan_ids FROM holiday WHERE site_id = $1 AND day = $2
+                UNION ALL SELECT $3::uuid[] WHERE $3::uuid[] IS NOT NULL
+             ), every AS (
+                SELECT coalesce(bool_or(cardinality(plan_ids) = 0), false) AS all_plans FROM h
+             )
+             SELECT m.user_id FROM access_plan_member m, every
+              WHERE m.site_id = $1
+                AND (every.all_plans OR m.plan_id IN (SELECT unnest(plan_ids) FROM h))
+             UNION
+             SELECT p.user_id FROM personal_access_plan p, every
+              WHERE p.site_id = $1 AND p.configured AND every.all_plans",
+            &[&site, &day, &plans],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// What a plan change works from: the site locked and its devices, the plan as it
@@ -537,7 +570,8 @@ impl Store {
         in_txn!(self, "holiday_put", |tx| {
             let site = holiday.site;
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
+            let users = holiday_users_in_txn(&tx, site, holiday.day, Some(&holiday.plans)).await?;
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
             for plan in &holiday.plans {
                 access_plan_get_in_txn(&tx, site, *plan).await?;
             }
@@ -547,7 +581,7 @@ impl Store {
                 &[&site, &holiday.day, &holiday.display_name, &holiday.plans],
             )
             .await?;
-            access_rules_changed_in_txn(&tx, site, &before, None).await?;
+            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
             let name = format!("sites/{site}/holidays/{}", holiday.day);
             audit_in_txn(
                 &tx,
@@ -593,7 +627,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         in_txn!(self, "holiday_delete", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
+            let users = holiday_users_in_txn(&tx, site, day, None).await?;
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
             let n = tx
                 .execute(
                     "DELETE FROM holiday WHERE site_id = $1 AND day = $2",
@@ -604,7 +639,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("holiday {name}")));
             }
-            access_rules_changed_in_txn(&tx, site, &before, None).await?;
+            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
             audit_in_txn(
                 &tx,
                 actor,

@@ -81,14 +81,6 @@ impl AccessRules {
     }
 }
 
-/// The site's access rules, for every user.
-pub(crate) async fn access_rules_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-) -> Result<AccessRules, StoreError> {
-    access_rules_for_in_txn(tx, site, None).await
-}
-
 /// The reads of the access rules: holidays (site `$1` only), then the personal plans,
 /// their access points and the standard plans (site `$1`) of users `$2` (NULL: every
 /// user) and of the members of plan `$3`.
