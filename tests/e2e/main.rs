@@ -15,6 +15,7 @@ mod panel;
 mod race;
 mod readme;
 mod restart;
+mod round_trips;
 mod schedules;
 mod seed000;
 mod site_changes;

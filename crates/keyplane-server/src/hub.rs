@@ -54,11 +54,14 @@ impl Hub {
         }
     }
 
-    /// Polls the revisions of watched sites every `period` until cancelled, waking
-    /// streams whose site advanced (commits from other replicas).
+    /// Polls for sites whose revision advanced every `period` until cancelled, waking
+    /// streams whose site advanced (commits from other replicas). One query per tick,
+    /// whatever the number of agents held: it reads the sites changed since the last
+    /// tick (see [`Store::sites_changed`]), not every held site.
     pub async fn poll(self, store: Store, period: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since = None;
         loop {
             tokio::select! {
                 // cancel-safe: only a token.
@@ -66,21 +69,29 @@ impl Hub {
                 // cancel-safe: interval ticks.
                 _ = tick.tick() => {}
             }
-            let sites = self.watched();
-            if sites.is_empty() {
+            if self.watched().is_empty() {
+                // A stream reads the change log when it starts, so what changed while
+                // nobody watched needs no wake-up.
+                since = None;
                 continue;
             }
-            match store.site_revisions(&sites).await {
-                Ok(revisions) => {
-                    for (site, revision) in revisions {
+            match store.sites_changed(since, POLL_SLACK).await {
+                Ok((changed, now)) => {
+                    for (site, revision) in changed {
                         self.observe(site, revision);
                     }
+                    since = Some(now);
                 }
+                // `since` stays, so the next poll covers the gap.
                 Err(e) => tracing::warn!(error = %e, "polling site revisions failed"),
             }
         }
     }
 }
+
+/// How far before the last poll each poll looks again: longer than a write takes from
+/// advancing a site's revision to committing.
+const POLL_SLACK: Duration = Duration::from_secs(2);
 
 /// Rings whenever this replica stores a new event, waking event watchers at once;
 /// watchers also re-check on a timer, which catches events stored by other replicas.

@@ -32,6 +32,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How often to look for commits made by other replicas.
     pub poll_interval: Duration,
+    /// How long a verified dealer token is trusted without the database; a removed
+    /// token keeps working this long at most. 1 s unless a test needs otherwise.
+    pub dealer_token_ttl: Duration,
 }
 
 impl Config {
@@ -42,6 +45,7 @@ impl Config {
             pin_key,
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
+            dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
         }
     }
 }
@@ -53,7 +57,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?;
+    let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?
+        .with_dealer_token_ttl(config.dealer_token_ttl);
     store.migrate().await?;
     store.key_check().await?;
     let hub = hub::Hub::default();

@@ -1,16 +1,24 @@
 //! Standard access plans (doors shared by many users), holidays and lockdown.
 
-use crate::plan::{AccessRules, access_rules_in_txn};
-use crate::site::{
-    audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+use crate::credential::{LoadRequest, Loaded, load_in_txn};
+use crate::rules::{
+    AccessRules, RULES_SQL, access_rules_for_in_txn, rules_from_rows, schedule_from_json,
+    schedule_json,
 };
-use crate::{Actor, PageRequest, RequestKey, Store, StoreError, in_txn};
+use crate::site::{
+    audit_in_txn, etag_check, replayed_id, site_change_record_in_txn, site_get_in_txn,
+    site_lock_in_txn,
+};
+use crate::{
+    Actor, PageRequest, RequestKey, Step, Store, StoreError, batch_in_txn, in_txn, params,
+};
+use crate::{Cached, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
 use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
-use tokio_postgres::Transaction;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// A standard access plan.
@@ -60,53 +68,66 @@ pub struct Holiday {
     pub plans: Vec<Uuid>,
 }
 
-pub(crate) fn schedule_json(s: &Option<Schedule>) -> Result<Option<serde_json::Value>, StoreError> {
-    s.as_ref()
-        .map(serde_json::to_value)
-        .transpose()
-        .map_err(|e| StoreError::Internal(e.to_string()))
-}
-
-pub(crate) fn schedule_from_json(
-    value: Option<serde_json::Value>,
-) -> Result<Option<Schedule>, StoreError> {
-    value
-        .map(serde_json::from_value)
-        .transpose()
-        .map_err(|e| StoreError::Internal(format!("stored schedule: {e}")))
-}
-
 /// Records a change of every slot whose schedules differ from what `before` (the
 /// site's access rules before this transaction's writes) gave it: a rename or a plan
 /// whose members hold no codes changes nothing an agent must hear of.
+/// With `users`, only their codes are compared (`before` must hold their rules): a
+/// standard plan's change touches its members' codes only, however large the site.
 pub(crate) async fn access_rules_changed_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
     before: &AccessRules,
+    users: Option<&[Uuid]>,
 ) -> Result<(), StoreError> {
-    let after = access_rules_in_txn(tx, site).await?;
-    let mut changed = Vec::new();
-    for r in tx
-        .query(
-            "SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
-             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1",
-            &[&site],
-        )
-        .await?
-    {
-        let (device, slot) = crate::site::device_slot(&r);
-        let user: Uuid = r.get(2);
-        let kind: Option<&str> = r.get(3);
-        if before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind) {
-            changed.push((device, slot));
-        }
-    }
+    let after = access_rules_for_in_txn(tx, site, users).await?;
+    let rows = tx.query(USER_SLOTS_SQL, &[&site, &users]).await?;
+    let changed = schedules_changed(&rows, before, &after);
     if !changed.is_empty() {
         site_change_record_in_txn(tx, site, &changed).await?;
     }
     Ok(())
+}
+
+/// The slots of the codes of users `$2` (NULL: every user) of site `$1`, with their
+/// user and device kind.
+const USER_SLOTS_SQL: &str =
+    "SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
+     JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+     JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+     WHERE sa.site_id = $1 AND ($2::uuid[] IS NULL OR c.user_id = ANY($2))";
+
+/// The slots (rows of [`USER_SLOTS_SQL`]) whose schedules differ between the rules.
+fn schedules_changed(rows: &[Row], before: &AccessRules, after: &AccessRules) -> Vec<(Uuid, u16)> {
+    rows.iter()
+        .filter(|r| {
+            let device: Uuid = r.get(0);
+            let user: Uuid = r.get(2);
+            let kind: Option<&str> = r.get(3);
+            before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind)
+        })
+        .map(crate::site::device_slot)
+        .collect()
+}
+
+/// A whole plan from `access_plan p`: its row, devices and members, so a page of
+/// plans is one query.
+const ACCESS_PLAN_FIELDS: &str = "p.id, p.display_name, p.schedule, p.version, p.update_time,
+    ARRAY(SELECT device_id FROM access_plan_device d
+          WHERE d.site_id = p.site_id AND d.plan_id = p.id ORDER BY device_id),
+    ARRAY(SELECT user_id FROM access_plan_member m
+          WHERE m.site_id = p.site_id AND m.plan_id = p.id ORDER BY user_id)";
+
+fn access_plan_from_row(site: Uuid, row: &Row) -> Result<AccessPlan, StoreError> {
+    Ok(AccessPlan {
+        site,
+        id: row.get(0),
+        display_name: row.get(1),
+        schedule: schedule_from_json(row.get(2))?,
+        version: row.get(3),
+        update_time: row.get(4),
+        devices: row.get(5),
+        members: row.get(6),
+    })
 }
 
 async fn access_plan_get_in_txn(
@@ -116,51 +137,129 @@ async fn access_plan_get_in_txn(
 ) -> Result<AccessPlan, StoreError> {
     let row = tx
         .query_opt(
-            "SELECT display_name, schedule, version, update_time FROM access_plan WHERE site_id = $1 AND id = $2",
+            &format!(
+                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+            ),
             &[&site, &id],
         )
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}")))?;
-    let devices = tx
+        .ok_or_else(|| {
+            StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
+        })?;
+    access_plan_from_row(site, &row)
+}
+
+/// The users whose access a holiday on `day` can change, as it is and as it will be
+/// with `plans` (None: removed): members of the plans it pauses, and when it pauses
+/// every plan (an empty list), every member and every user with a configured
+/// personal plan. Users under no plan have access at any time, holiday or not.
+async fn holiday_users_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    day: NaiveDate,
+    plans: Option<&[Uuid]>,
+) -> Result<Vec<Uuid>, StoreError> {
+    let plans = plans.map(<[Uuid]>::to_vec);
+    Ok(tx
         .query(
-            "SELECT device_id FROM access_plan_device WHERE site_id = $1 AND plan_id = $2 ORDER BY device_id",
-            &[&site, &id],
+            "WITH h AS (
+                SELECT plan_ids FROM holiday WHERE site_id = $1 AND day = $2
+                UNION ALL SELECT $3::uuid[] WHERE $3::uuid[] IS NOT NULL
+             ), every AS (
+                SELECT coalesce(bool_or(cardinality(plan_ids) = 0), false) AS all_plans FROM h
+             )
+             SELECT m.user_id FROM access_plan_member m, every
+              WHERE m.site_id = $1
+                AND (every.all_plans OR m.plan_id IN (SELECT unnest(plan_ids) FROM h))
+             UNION
+             SELECT p.user_id FROM personal_access_plan p, every
+              WHERE p.site_id = $1 AND p.configured AND every.all_plans",
+            &[&site, &day, &plans],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
-        .collect();
-    let members = tx
-        .query(
-            "SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $2 ORDER BY user_id",
-            &[&site, &id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(AccessPlan {
+        .collect())
+}
+
+/// What a plan change works from: the site locked and its devices, the plan as it
+/// stands, which of the named members exist, and the access rules of every member
+/// before and after the change, as they are now. One round trip.
+struct PlanLoaded {
+    loaded: Loaded,
+    current: Option<AccessPlan>,
+    existing_members: Vec<Uuid>,
+    before: AccessRules,
+}
+
+async fn plan_load_in_txn(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    plan: Option<Uuid>,
+    members: &[Uuid],
+    key: Option<&RequestKey>,
+) -> Result<PlanLoaded, StoreError> {
+    let members = members.to_vec();
+    let plan_sql = format!(
+        "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+    );
+    let by_site: &[&(dyn ToSql + Sync)] = &[&site];
+    let by_plan: &[&(dyn ToSql + Sync)] = &[&site, &plan];
+    let by_members: &[&(dyn ToSql + Sync)] = &[&site, &members];
+    // Members named now, and members of the plan as it stands.
+    let by_users: &[&(dyn ToSql + Sync)] = &[&site, &members, &plan];
+    let extra = [
+        (plan_sql.as_str(), by_plan),
+        (
+            "SELECT id FROM site_user WHERE site_id = $1 AND id = ANY($2)",
+            by_members,
+        ),
+        (RULES_SQL[0], by_site),
+        (RULES_SQL[1], by_users),
+        (RULES_SQL[2], by_users),
+        (RULES_SQL[3], by_users),
+    ];
+    let loaded = load_in_txn(
+        tx,
+        actor,
         site,
-        id,
-        display_name: row.get(0),
-        schedule: schedule_from_json(row.get(1))?,
-        version: row.get(2),
-        update_time: row.get(3),
-        devices,
-        members,
+        LoadRequest {
+            key,
+            extra: &extra,
+            ..LoadRequest::default()
+        },
+    )
+    .await?;
+    let current = loaded.extra[0]
+        .first()
+        .map(|r| access_plan_from_row(site, r))
+        .transpose()?;
+    let existing_members = loaded.extra[1].iter().map(|r| r.get(0)).collect();
+    let before = rules_from_rows(
+        &loaded.extra[2],
+        &loaded.extra[3],
+        &loaded.extra[4],
+        &loaded.extra[5],
+    )?;
+    Ok(PlanLoaded {
+        loaded,
+        current,
+        existing_members,
+        before,
     })
 }
 
-async fn access_plan_write_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    id: Uuid,
-    fields: &AccessPlanFields,
-    before: &AccessRules,
-) -> Result<(), StoreError> {
-    if let Some(devices) = &fields.devices {
-        for d in devices {
-            let device = crate::device::device_get_in_txn(tx, site, *d).await?;
+impl PlanLoaded {
+    /// Checks the devices and members a change names, in that order.
+    fn check(&self, site: Uuid, fields: &AccessPlanFields) -> Result<(), StoreError> {
+        for d in fields.devices.iter().flatten() {
+            let device = self
+                .loaded
+                .devices
+                .iter()
+                .find(|x| x.id == *d)
+                .ok_or_else(|| StoreError::NotFound(format!("device sites/{site}/devices/{d}")))?;
             if !matches!(device.kind(), DeviceKind::Door | DeviceKind::Lock) {
                 return Err(StoreError::InvalidArgument(format!(
                     "device {} is a panel: standard access plans schedule doors (and locks); the panel follows personal access plans",
@@ -168,52 +267,101 @@ async fn access_plan_write_in_txn(
                 )));
             }
         }
-        tx.execute(
+        if let Some(u) = fields
+            .members
+            .iter()
+            .flatten()
+            .find(|u| !self.existing_members.contains(u))
+        {
+            return Err(StoreError::NotFound(format!("user sites/{site}/users/{u}")));
+        }
+        Ok(())
+    }
+}
+
+/// Writes `steps` (a plan change), then reads the access rules and code slots of
+/// `users` in the same round trip, records the slots whose schedules changed and
+/// returns the rows of `steps`.
+async fn plan_change_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    steps: Vec<Step<'_>>,
+    users: &[Uuid],
+    before: &AccessRules,
+) -> Result<Vec<Vec<Row>>, StoreError> {
+    let users = Some(users.to_vec());
+    let plan: Option<Uuid> = None;
+    let n = steps.len();
+    let mut steps = steps;
+    steps.push((RULES_SQL[0], params![&site]));
+    for sql in &RULES_SQL[1..] {
+        steps.push((sql, params![&site, &users, &plan]));
+    }
+    steps.push((USER_SLOTS_SQL, params![&site, &users]));
+    let mut rows = batch_in_txn(tx, &steps).await?;
+    let after = rules_from_rows(&rows[n], &rows[n + 1], &rows[n + 2], &rows[n + 3])?;
+    let changed = schedules_changed(&rows[n + 4], before, &after);
+    if !changed.is_empty() {
+        site_change_record_in_txn(tx, site, &changed).await?;
+    }
+    rows.truncate(n);
+    Ok(rows)
+}
+
+/// The statements that apply `fields` to plan `id`: devices, members, then the row.
+fn plan_steps<'a>(
+    site: &'a Uuid,
+    id: &'a Uuid,
+    fields: &'a AccessPlanFields,
+    has_schedule: &'a bool,
+    flat_schedule: &'a Option<serde_json::Value>,
+) -> Vec<Step<'a>> {
+    let mut steps: Vec<Step<'a>> = Vec::new();
+    if let Some(devices) = &fields.devices {
+        steps.push((
             "DELETE FROM access_plan_device WHERE site_id = $1 AND plan_id = $2",
-            &[&site, &id],
-        )
-        .await?;
-        tx.execute(
+            vec![site, id],
+        ));
+        steps.push((
             "INSERT INTO access_plan_device (site_id, plan_id, device_id) SELECT $1, $2, unnest($3::uuid[])",
-            &[&site, &id, devices],
-        )
-        .await?;
+            vec![site, id, devices],
+        ));
     }
     if let Some(members) = &fields.members {
-        for u in members {
-            crate::user::user_get_in_txn(tx, site, *u).await?;
-        }
-        tx.execute(
+        steps.push((
             "DELETE FROM access_plan_member WHERE site_id = $1 AND plan_id = $2",
-            &[&site, &id],
-        )
-        .await?;
-        tx.execute(
+            vec![site, id],
+        ));
+        steps.push((
             "INSERT INTO access_plan_member (site_id, plan_id, user_id) SELECT $1, $2, unnest($3::uuid[])",
-            &[&site, &id, members],
-        )
-        .await?;
+            vec![site, id, members],
+        ));
     }
-    let schedule = match &fields.schedule {
-        Some(s) => Some(schedule_json(s)?),
-        None => None,
-    };
-    tx.execute(
+    steps.push((
         "UPDATE access_plan SET display_name = COALESCE($3, display_name),
             schedule = CASE WHEN $4 THEN $5 ELSE schedule END,
             version = version + 1, update_time = now()
          WHERE site_id = $1 AND id = $2",
-        &[
-            &site,
-            &id,
-            &fields.display_name,
-            &schedule.is_some(),
-            &schedule.flatten(),
-        ],
-    )
-    .await?;
-    access_rules_changed_in_txn(tx, site, before).await
+        vec![site, id, &fields.display_name, has_schedule, flat_schedule],
+    ));
+    steps
 }
+
+/// The users a plan change can touch: its members before and after.
+fn plan_users(before: &[Uuid], after: Option<&Vec<Uuid>>) -> Vec<Uuid> {
+    let mut users: Vec<Uuid> = before
+        .iter()
+        .chain(after.into_iter().flatten())
+        .copied()
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+const AUDIT_EMPTY_SQL: &str =
+    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
+     VALUES ($1, $2, $3, $4, $5, $6, '{}'::jsonb)";
 
 impl Store {
     /// Creates a standard access plan.
@@ -224,32 +372,64 @@ impl Store {
         fields: &AccessPlanFields,
         key: Option<&RequestKey>,
     ) -> Result<AccessPlan, StoreError> {
+        let schedule = match &fields.schedule {
+            Some(sch) => Some(schedule_json(sch)?),
+            None => None,
+        };
+        let has_schedule = schedule.is_some();
+        let flat_schedule = schedule.clone().flatten();
+        let display_name = fields.display_name.clone().unwrap_or_default();
         in_txn!(self, "access_plan_create", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
-            if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
-                return access_plan_get_in_txn(&tx, site, replayed_id(&name)?).await;
+            let members = fields.members.clone().unwrap_or_default();
+            let l = plan_load_in_txn(&tx, actor, site, None, &members, key).await?;
+            if let Some(name) = &l.loaded.replayed {
+                return access_plan_get_in_txn(&tx, site, replayed_id(name)?).await;
             }
-            let id: Uuid = tx
-                .query_one(
-                    "INSERT INTO access_plan (site_id, display_name) VALUES ($1, $2) RETURNING id",
-                    &[&site, &fields.display_name.clone().unwrap_or_default()],
-                )
-                .await?
-                .get(0);
-            access_plan_write_in_txn(&tx, site, id, fields, &before).await?;
+            l.check(site, fields)?;
+            let id = Uuid::new_v4();
             let name = format!("sites/{site}/accessPlans/{id}");
-            request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "access_plan.create",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
-            access_plan_get_in_txn(&tx, site, id).await
+            let users = plan_users(&[], fields.members.as_ref());
+            let action = "access_plan.create";
+            let mut steps: Vec<Step<'_>> = vec![(
+                "INSERT INTO access_plan (site_id, id, display_name) VALUES ($1, $2, $3)",
+                params![&site, &id, &display_name],
+            )];
+            steps.extend(plan_steps(
+                &site,
+                &id,
+                fields,
+                &has_schedule,
+                &flat_schedule,
+            ));
+            if let Some(k) = key {
+                steps.push((
+                    "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    params![&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name],
+                ));
+            }
+            let read_sql = format!(
+                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+            );
+            let site_opt = Some(site);
+            steps.push((
+                AUDIT_EMPTY_SQL,
+                params![
+                    &actor.dealer,
+                    &site_opt,
+                    &actor.principal,
+                    &action,
+                    &name,
+                    &actor.peer,
+                ],
+            ));
+            steps.push((read_sql.as_str(), params![&site, &id]));
+            let rows = plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
+            let row = rows
+                .last()
+                .and_then(|r| r.first())
+                .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
+            access_plan_from_row(site, row)
         })
     }
 
@@ -275,20 +455,17 @@ impl Store {
     ) -> Result<Vec<AccessPlan>, StoreError> {
         in_txn!(self, "access_plan_list", |tx| {
             site_get_in_txn(&tx, dealer, site).await?;
-            let ids: Vec<Uuid> = tx
-                .query(
-                    "SELECT id FROM access_plan WHERE site_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3",
-                    &[&site, &page.after, &page.limit],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let mut plans = Vec::with_capacity(ids.len());
-            for id in ids {
-                plans.push(access_plan_get_in_txn(&tx, site, id).await?);
-            }
-            Ok(plans)
+            tx.query(
+                &format!(
+                    "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p
+                     WHERE p.site_id = $1 AND ($2::uuid IS NULL OR p.id > $2) ORDER BY p.id LIMIT $3"
+                ),
+                &[&site, &page.after, &page.limit],
+            )
+            .await?
+            .iter()
+            .map(|r| access_plan_from_row(site, r))
+            .collect()
         })
     }
 
@@ -301,23 +478,46 @@ impl Store {
         fields: &AccessPlanFields,
         etag: &str,
     ) -> Result<AccessPlan, StoreError> {
+        let schedule = match &fields.schedule {
+            Some(sch) => Some(schedule_json(sch)?),
+            None => None,
+        };
+        let has_schedule = schedule.is_some();
+        let flat_schedule = schedule.clone().flatten();
         in_txn!(self, "access_plan_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
-            let current = access_plan_get_in_txn(&tx, site, id).await?;
+            let members = fields.members.clone().unwrap_or_default();
+            let l = plan_load_in_txn(&tx, actor, site, Some(id), &members, None).await?;
+            let current = l.current.as_ref().ok_or_else(|| {
+                StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
+            })?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
-            access_plan_write_in_txn(&tx, site, id, fields, &before).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "access_plan.update",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
-            access_plan_get_in_txn(&tx, site, id).await
+            l.check(site, fields)?;
+            let users = plan_users(&current.members, fields.members.as_ref());
+            let action = "access_plan.update";
+            let mut steps = plan_steps(&site, &id, fields, &has_schedule, &flat_schedule);
+            let read_sql = format!(
+                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+            );
+            let site_opt = Some(site);
+            steps.push((
+                AUDIT_EMPTY_SQL,
+                params![
+                    &actor.dealer,
+                    &site_opt,
+                    &actor.principal,
+                    &action,
+                    &name,
+                    &actor.peer,
+                ],
+            ));
+            steps.push((read_sql.as_str(), params![&site, &id]));
+            let rows = plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
+            let row = rows
+                .last()
+                .and_then(|r| r.first())
+                .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
+            access_plan_from_row(site, row)
         })
     }
 
@@ -330,26 +530,33 @@ impl Store {
         etag: &str,
     ) -> Result<(), StoreError> {
         in_txn!(self, "access_plan_delete", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
-            let current = access_plan_get_in_txn(&tx, site, id).await?;
+            let l = plan_load_in_txn(&tx, actor, site, Some(id), &[], None).await?;
+            let current = l.current.as_ref().ok_or_else(|| {
+                StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{id}"))
+            })?;
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
-            tx.execute(
-                "DELETE FROM access_plan WHERE site_id = $1 AND id = $2",
-                &[&site, &id],
-            )
-            .await?;
-            access_rules_changed_in_txn(&tx, site, &before).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "access_plan.delete",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
+            let users = plan_users(&current.members, None);
+            let action = "access_plan.delete";
+            let site_opt = Some(site);
+            let steps: Vec<Step<'_>> = vec![
+                (
+                    "DELETE FROM access_plan WHERE site_id = $1 AND id = $2",
+                    params![&site, &id],
+                ),
+                (
+                    AUDIT_EMPTY_SQL,
+                    params![
+                        &actor.dealer,
+                        &site_opt,
+                        &actor.principal,
+                        &action,
+                        &name,
+                        &actor.peer,
+                    ],
+                ),
+            ];
+            plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
             Ok(())
         })
     }
@@ -363,7 +570,8 @@ impl Store {
         in_txn!(self, "holiday_put", |tx| {
             let site = holiday.site;
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
+            let users = holiday_users_in_txn(&tx, site, holiday.day, Some(&holiday.plans)).await?;
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
             for plan in &holiday.plans {
                 access_plan_get_in_txn(&tx, site, *plan).await?;
             }
@@ -373,7 +581,7 @@ impl Store {
                 &[&site, &holiday.day, &holiday.display_name, &holiday.plans],
             )
             .await?;
-            access_rules_changed_in_txn(&tx, site, &before).await?;
+            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
             let name = format!("sites/{site}/holidays/{}", holiday.day);
             audit_in_txn(
                 &tx,
@@ -419,7 +627,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         in_txn!(self, "holiday_delete", |tx| {
             site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let before = access_rules_in_txn(&tx, site).await?;
+            let users = holiday_users_in_txn(&tx, site, day, None).await?;
+            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
             let n = tx
                 .execute(
                     "DELETE FROM holiday WHERE site_id = $1 AND day = $2",
@@ -430,7 +639,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("holiday {name}")));
             }
-            access_rules_changed_in_txn(&tx, site, &before).await?;
+            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
             audit_in_txn(
                 &tx,
                 actor,

@@ -1,9 +1,63 @@
 //! Dealers, dealer tokens and agent tokens.
 
+use crate::Cached;
 use crate::crypto::{new_token, token_hash};
 use crate::site::site_get_in_txn;
 use crate::{Actor, Store, StoreError, in_txn};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+/// How long a dealer token, once found in the database, is trusted without asking it
+/// again: a token removed from `dealer_token` stops working on every replica within
+/// this bound.
+pub const DEALER_TOKEN_TTL: Duration = Duration::from_secs(1);
+
+/// Most tokens remembered; past it the cache starts over (only valid tokens are kept,
+/// so guessing cannot fill it).
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+/// Dealer tokens verified in the last `ttl`, by token hash.
+#[derive(Debug)]
+pub(crate) struct TokenCache {
+    ttl: Duration,
+    map: Mutex<HashMap<Vec<u8>, (Uuid, Instant)>>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache::new(DEALER_TOKEN_TTL)
+    }
+}
+
+impl TokenCache {
+    pub(crate) fn new(ttl: Duration) -> TokenCache {
+        TokenCache {
+            ttl,
+            map: Mutex::default(),
+        }
+    }
+
+    fn get(&self, hash: &[u8]) -> Option<Uuid> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(hash)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(dealer, _)| *dealer)
+    }
+
+    fn put(&self, hash: Vec<u8>, dealer: Uuid) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= TOKEN_CACHE_MAX {
+            let ttl = self.ttl;
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= TOKEN_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert(hash, (dealer, Instant::now()));
+    }
+}
 
 impl Store {
     /// Creates a dealer and its first bearer token (returned once, stored hashed).
@@ -33,16 +87,26 @@ impl Store {
         Ok((id, token))
     }
 
-    /// The dealer a bearer token belongs to, if any.
+    /// The dealer a bearer token belongs to, if any. A token found in the database is
+    /// trusted for [`DEALER_TOKEN_TTL`] without asking again; an unknown one is asked
+    /// about every time.
     pub async fn dealer_token_authenticate(&self, token: &str) -> Result<Option<Uuid>, StoreError> {
+        let hash = token_hash(token);
+        if let Some(dealer) = self.tokens.get(&hash) {
+            return Ok(Some(dealer));
+        }
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
                 "SELECT dealer_id FROM dealer_token WHERE token_hash = $1",
-                &[&token_hash(token)],
+                &[&hash],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        let dealer: Option<Uuid> = row.map(|r| r.get(0));
+        if let Some(dealer) = dealer {
+            self.tokens.put(hash, dealer);
+        }
+        Ok(dealer)
     }
 
     /// Issues a new agent token for a site, revoking the earlier ones.

@@ -1,27 +1,31 @@
 //! Credentials: sealed PINs, their scope, and their slots on each device.
 
-use crate::authority::{actor_resolve_in_txn, denied};
-use crate::device::device_get_in_txn;
-use crate::site::{
-    audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+use crate::authority::{
+    USER_COLUMNS, USER_FACTS_SQL, UserFacts, actor_from_loaded, actor_resolve_in_txn, denied,
+    user_facts, user_from_row, user_get_in_txn,
 };
-use crate::user::user_get_in_txn;
+use crate::device::{DEVICE_COLUMNS, device_from_row, device_get_in_txn};
+use crate::site::{
+    REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check, not_found_site,
+    replay_decide, replayed_id, site_change_record_in_txn, site_from_row, site_get_in_txn,
+};
 use crate::{
     Actor, Credential, CredentialPatch, Device, NewCredential, PageRequest, RequestKey, Scope,
-    Slot, Store, StoreError, in_txn,
+    Site, Slot, Store, StoreError, User, in_txn,
 };
+use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
-use keyplane_core::allocation::lowest_free_slot;
 use keyplane_core::authority::CodeFacts;
+use keyplane_core::credential::{
+    DeviceFacts, ScopeError, SlotPlan, involved_partitions as involved_partitions_core,
+    resolve_targets, slot_plan,
+};
 use keyplane_core::pin::Pin;
 use std::collections::BTreeSet;
-use tokio_postgres::{Row, Transaction};
+use std::collections::HashMap;
+use tokio_postgres::Row;
+use tokio_postgres::Transaction as Pg;
 use uuid::Uuid;
-
-const CREDENTIAL_COLUMNS: &str =
-    "site_id, user_id, id, display_name, version, create_time, update_time, created_partition,
-     valid_from, valid_until, max_uses, uses";
 
 fn label(device: &Device) -> String {
     format!("{:?} ({})", device.display_name, device.name())
@@ -217,7 +221,8 @@ async fn pin_check_in_txn(
     Ok(())
 }
 
-/// Gives the credential the lowest free slot on each device.
+/// Gives the credential the lowest free slot on each device, in one statement that
+/// probes the slot keys rather than reading every occupied slot.
 async fn slots_allocate_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
@@ -225,37 +230,53 @@ async fn slots_allocate_in_txn(
     devices: &[Device],
     pin_hash: &[u8],
 ) -> Result<Vec<(Uuid, u16)>, StoreError> {
-    let mut changed = Vec::new();
-    for device in devices {
-        let occupied: BTreeSet<u16> = tx
-            .query(
-                // Slots of codes programmed at the device (LOCAL) are reserved too.
-                "SELECT slot FROM slot_assignment WHERE site_id = $1 AND device_id = $2
-                 UNION SELECT slot FROM observed_slot
-                 WHERE site_id = $1 AND device_id = $2 AND state IN ('foreign', 'conflict')",
-                &[&site, &device.id],
-            )
-            .await?
-            .iter()
-            .filter_map(|r| u16::try_from(r.get::<_, i32>(0)).ok())
-            .collect();
-        let slot = lowest_free_slot(device.model, &occupied).ok_or_else(|| {
-            StoreError::ResourceExhausted(format!(
-                "device {} has no free slot: all {} assignable slots of model {} are in use",
-                label(device),
-                device.model.assignable_count(),
-                device.model.id
-            ))
-        })?;
-        tx.execute(
-            "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES ($1, $2, $3, $4, $5)",
-            &[&site, &device.id, &i32::from(slot), &credential, &pin_hash],
+    let plan = SlotPlan {
+        allocate: devices.iter().map(|d| d.id).collect(),
+        ..SlotPlan::default()
+    };
+    let w = SlotsWrite::new(&plan, devices);
+    let rows = tx
+        .query(
+            &format!(
+                "WITH allocated AS ({ALLOCATE_SQL}) SELECT device_id, slot FROM allocated ORDER BY device_id"
+            ),
+            &[
+                &site,
+                &credential,
+                &pin_hash,
+                &w.allocate,
+                &w.first,
+                &w.last,
+                &w.reserved_devices,
+                &w.reserved_slots,
+            ],
         )
         .await?;
-        changed.push((device.id, slot));
-    }
+    let changed: Vec<(Uuid, u16)> = rows.iter().map(crate::site::device_slot).collect();
+    let got: Vec<Uuid> = changed.iter().map(|(d, _)| *d).collect();
+    w.check(&got, devices)?;
     Ok(changed)
 }
+
+/// Inserts a slot for credential `$2` (PIN hash `$3`) on each device of `$4`: the
+/// lowest slot in `$5..=$6` that is not reserved (`$7`, `$8` pairs), not assigned and
+/// not held by a local code. Returns (device_id, slot).
+const ALLOCATE_SQL: &str =
+    "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+        SELECT $1, t.device, free.slot, $2, $3
+          FROM unnest($4::uuid[], $5::int[], $6::int[]) AS t(device, first, last)
+          CROSS JOIN LATERAL (
+            SELECT g AS slot FROM generate_series(t.first, t.last) AS g
+             WHERE NOT EXISTS (SELECT 1 FROM unnest($7::uuid[], $8::int[]) AS r(device, slot)
+                               WHERE r.device = t.device AND r.slot = g)
+               AND NOT EXISTS (SELECT 1 FROM slot_assignment sa
+                               WHERE sa.site_id = $1 AND sa.device_id = t.device AND sa.slot = g)
+               AND NOT EXISTS (SELECT 1 FROM observed_slot o
+                               WHERE o.site_id = $1 AND o.device_id = t.device AND o.slot = g
+                                 AND o.state IN ('foreign', 'conflict'))
+             ORDER BY g LIMIT 1
+          ) AS free
+        RETURNING device_id, slot";
 
 async fn scope_write_in_txn(
     tx: &Transaction<'_>,
@@ -291,67 +312,61 @@ async fn scope_write_in_txn(
     Ok(())
 }
 
-async fn credential_from_row_in_txn(
-    tx: &Transaction<'_>,
-    row: &Row,
-) -> Result<Credential, StoreError> {
-    let site: Uuid = row.get(0);
-    let id: Uuid = row.get(2);
-    let partitions = tx
-        .query(
-            "SELECT partition FROM credential_partition WHERE site_id = $1 AND credential_id = $2 ORDER BY partition",
-            &[&site, &id],
-        )
-        .await?
-        .iter()
-        .filter_map(|r| u8::try_from(r.get::<_, i16>(0)).ok())
+/// The columns of a whole credential (row, scope and slots) from `credential c`, so
+/// one query reads it and a page of them is one query too. The three slot arrays
+/// share one order.
+const CREDENTIAL_FIELDS: &str = "c.site_id, c.user_id, c.id, c.display_name, c.version, c.create_time,
+    c.update_time, c.created_partition, c.valid_from, c.valid_until, c.max_uses, c.uses,
+    ARRAY(SELECT p.partition FROM credential_partition p
+          WHERE p.site_id = c.site_id AND p.credential_id = c.id ORDER BY p.partition),
+    ARRAY(SELECT cd.device_id FROM credential_device cd
+          JOIN device d ON d.site_id = cd.site_id AND d.id = cd.device_id
+          WHERE cd.site_id = c.site_id AND cd.credential_id = c.id AND d.kind <> 'door' ORDER BY cd.device_id),
+    ARRAY(SELECT cd.device_id FROM credential_device cd
+          JOIN device d ON d.site_id = cd.site_id AND d.id = cd.device_id
+          WHERE cd.site_id = c.site_id AND cd.credential_id = c.id AND d.kind = 'door' ORDER BY cd.device_id),
+    ARRAY(SELECT sa.device_id FROM slot_assignment sa
+          WHERE sa.site_id = c.site_id AND sa.credential_id = c.id ORDER BY sa.device_id),
+    ARRAY(SELECT sa.slot FROM slot_assignment sa
+          WHERE sa.site_id = c.site_id AND sa.credential_id = c.id ORDER BY sa.device_id),
+    ARRAY(SELECT d.model FROM slot_assignment sa JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+          WHERE sa.site_id = c.site_id AND sa.credential_id = c.id ORDER BY sa.device_id)";
+
+/// Reads a credential selected with [`CREDENTIAL_FIELDS`].
+fn credential_from_row(row: &Row) -> Credential {
+    let partitions: Vec<i16> = row.get(12);
+    let devices: Vec<Uuid> = row.get(15);
+    let numbers: Vec<i32> = row.get(16);
+    let models: Vec<String> = row.get(17);
+    let slots = devices
+        .into_iter()
+        .zip(numbers)
+        .zip(models)
+        .map(|((device, slot), model)| {
+            let slot = u16::try_from(slot).unwrap_or(0);
+            let display_slot = keyplane_core::DeviceModel::find(&model)
+                .map(|m| m.display_slot(slot))
+                .unwrap_or_else(|| slot.to_string());
+            Slot {
+                device,
+                slot,
+                display_slot,
+            }
+        })
         .collect();
-    let mut scope = Scope {
-        panel_partitions: partitions,
-        ..Scope::default()
-    };
-    for r in tx
-        .query(
-            "SELECT cd.device_id, d.kind FROM credential_device cd JOIN device d ON d.site_id = cd.site_id AND d.id = cd.device_id
-             WHERE cd.site_id = $1 AND cd.credential_id = $2 ORDER BY cd.device_id",
-            &[&site, &id],
-        )
-        .await?
-    {
-        let kind: &str = r.get(1);
-        if kind == "door" {
-            scope.doors.push(r.get(0));
-        } else {
-            scope.locks.push(r.get(0));
-        }
-    }
-    let mut slots = Vec::new();
-    for r in tx
-        .query(
-            "SELECT sa.device_id, sa.slot, d.model FROM slot_assignment sa
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1 AND sa.credential_id = $2 ORDER BY sa.device_id",
-            &[&site, &id],
-        )
-        .await?
-    {
-        let slot = u16::try_from(r.get::<_, i32>(1)).unwrap_or(0);
-        let model: &str = r.get(2);
-        let display_slot = keyplane_core::DeviceModel::find(model)
-            .map(|m| m.display_slot(slot))
-            .unwrap_or_else(|| slot.to_string());
-        slots.push(Slot {
-            device: r.get(0),
-            slot,
-            display_slot,
-        });
-    }
-    Ok(Credential {
-        site,
+    Credential {
+        site: row.get(0),
         user: row.get(1),
-        id,
+        id: row.get(2),
         display_name: row.get(3),
-        scope,
+        scope: Scope {
+            panel_partitions: partitions
+                .into_iter()
+                .filter_map(|p| u8::try_from(p).ok())
+                .collect(),
+            locks: row.get(13),
+            doors: row.get(14),
+        },
         slots,
         version: row.get(4),
         create_time: row.get(5),
@@ -363,7 +378,19 @@ async fn credential_from_row_in_txn(
         valid_until: row.get(9),
         max_uses: row.get(10),
         uses: row.get(11),
-    })
+    }
+}
+
+fn credential_get_sql() -> String {
+    format!(
+        "SELECT {CREDENTIAL_FIELDS} FROM credential c WHERE c.site_id = $1 AND c.user_id = $2 AND c.id = $3"
+    )
+}
+
+fn not_found(site: Uuid, user: Uuid, credential: Uuid) -> StoreError {
+    StoreError::NotFound(format!(
+        "credential sites/{site}/users/{user}/credentials/{credential}"
+    ))
 }
 
 pub(crate) async fn credential_get_in_txn(
@@ -373,13 +400,10 @@ pub(crate) async fn credential_get_in_txn(
     credential: Uuid,
 ) -> Result<Credential, StoreError> {
     let row = tx
-        .query_opt(
-            &format!("SELECT {CREDENTIAL_COLUMNS} FROM credential WHERE site_id = $1 AND user_id = $2 AND id = $3"),
-            &[&site, &user, &credential],
-        )
+        .query_opt(&credential_get_sql(), &[&site, &user, &credential])
         .await?
-        .ok_or_else(|| StoreError::NotFound(format!("credential sites/{site}/users/{user}/credentials/{credential}")))?;
-    credential_from_row_in_txn(tx, &row).await
+        .ok_or_else(|| not_found(site, user, credential))?;
+    Ok(credential_from_row(&row))
 }
 
 /// Deletes a credential and frees its slots (recording the clears). The site row must
@@ -419,9 +443,407 @@ pub(crate) async fn credential_delete_in_txn(
     .await
 }
 
+/// What one write asks the load step for.
+#[derive(Default)]
+pub(crate) struct LoadRequest<'a> {
+    /// The user whose codes or levels are written.
+    pub user: Uuid,
+    /// The PIN to check for clashes; None: the current credential's.
+    pub pin_hash: Option<&'a [u8]>,
+    /// Locks and doors the write may land on, and whether it names panel partitions.
+    pub devices: Vec<Uuid>,
+    pub panels: bool,
+    /// The credential changed or deleted.
+    pub credential: Option<Uuid>,
+    /// The create's idempotency key.
+    pub key: Option<&'a RequestKey>,
+    /// Read the user's row too.
+    pub user_row: bool,
+    /// Read every credential of the user too.
+    pub codes: bool,
+    /// More reads of the caller's, sent after the others in the same round trip.
+    pub extra: &'a [(&'a str, &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)])],
+}
+
+/// The credential as it stands, with its sealed PIN.
+struct Current {
+    credential: Credential,
+    sealed: Vec<u8>,
+    key_id: String,
+}
+
+/// Everything a write decides on.
+pub(crate) struct Loaded {
+    pub site: Site,
+    pub devices: Vec<Device>,
+    pub partitions: BTreeSet<u8>,
+    pub users: HashMap<Uuid, UserFacts>,
+    /// Devices where the PIN is held by another credential or a local code.
+    clashes: BTreeSet<Uuid>,
+    current: Option<Current>,
+    /// The resource an earlier run of this request created.
+    pub replayed: Option<String>,
+    /// The user's row, when asked for.
+    pub user_row: Option<User>,
+    /// The user's credentials, when asked for.
+    pub codes: Vec<Credential>,
+    /// The rows of each of the request's `extra` reads.
+    pub extra: Vec<Vec<Row>>,
+}
+
+impl Loaded {
+    pub(crate) fn facts(&self) -> Vec<DeviceFacts> {
+        self.devices
+            .iter()
+            .map(|d| DeviceFacts {
+                id: d.id,
+                model: d.model,
+                partition: d.partition,
+            })
+            .collect()
+    }
+
+    fn label(&self, id: Uuid) -> String {
+        self.devices
+            .iter()
+            .find(|d| d.id == id)
+            .map(label)
+            .unwrap_or_default()
+    }
+
+    /// The devices `scope` lands on, with the store's messages.
+    fn targets(&self, site: Uuid, scope: &Scope) -> Result<Vec<DeviceFacts>, StoreError> {
+        resolve_targets(scope, &self.partitions, &self.facts()).map_err(|e| match e {
+            ScopeError::Empty => StoreError::InvalidArgument(
+                "credential.scope must name at least one panel partition, lock or door".into(),
+            ),
+            ScopeError::NoPartition(p) => {
+                StoreError::NotFound(format!("partition sites/{site}/partitions/{p}"))
+            }
+            ScopeError::NoPanel => StoreError::FailedPrecondition(format!(
+                "site sites/{site} has no panel: add the panel device before scoping codes to partitions"
+            )),
+            ScopeError::NoDevice(id) => {
+                StoreError::NotFound(format!("device sites/{site}/devices/{id}"))
+            }
+            ScopeError::WrongKind {
+                field,
+                device,
+                is,
+                want,
+            } => StoreError::InvalidArgument(format!(
+                "scope.{field} lists device {} which is a {is}, not a {want}",
+                self.label(device),
+            )),
+        })
+    }
+
+    /// Checks the PIN fits every target and is on none of them yet.
+    fn pin_check(&self, targets: &[DeviceFacts], pin: &Pin) -> Result<(), StoreError> {
+        for t in targets {
+            pin.check_fits(&self.label(t.id), t.model)
+                .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        }
+        if let Some(t) = targets.iter().find(|t| self.clashes.contains(&t.id)) {
+            return Err(StoreError::AlreadyExists(format!(
+                "this code is already in use on device {}; choose another code",
+                self.label(t.id)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The user whose code is written, or not found.
+    pub(crate) fn user(&self, site: Uuid, user: Uuid) -> Result<&UserFacts, StoreError> {
+        self.users
+            .get(&user)
+            .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))
+    }
+}
+
+/// Locks the site row and reads what a write decides on, in one pipelined round trip:
+/// statements are sent in order, so every read runs under the lock.
+pub(crate) async fn load_in_txn(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    req: LoadRequest<'_>,
+) -> Result<Loaded, StoreError> {
+    let mut users = vec![req.user];
+    if let Some((s, u)) = actor.acting_user
+        && s == site
+    {
+        users.push(u);
+    }
+    let site_sql = format!(
+        "SELECT {SITE_COLUMNS} FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE"
+    );
+    let devices_sql = format!("SELECT {DEVICE_COLUMNS} FROM device WHERE site_id = $1 ORDER BY id");
+    let current_sql = format!(
+        "SELECT {CREDENTIAL_FIELDS}, c.pin_sealed, c.pin_key_id FROM credential c
+         WHERE c.site_id = $1 AND c.user_id = $2 AND c.id = $3"
+    );
+    let user_sql =
+        format!("SELECT {USER_COLUMNS} FROM site_user u WHERE u.site_id = $1 AND u.id = $2");
+    let codes_sql = format!(
+        "SELECT {CREDENTIAL_FIELDS} FROM credential c WHERE c.site_id = $1 AND c.user_id = $2 ORDER BY c.id"
+    );
+    let (s_user, s_codes, s_extra) = tokio::try_join!(
+        tx.prepare_cached(&user_sql),
+        tx.prepare_cached(&codes_sql),
+        futures_util::future::try_join_all(req.extra.iter().map(|(sql, _)| tx.prepare_cached(sql))),
+    )?;
+    let (s_site, s_devices, s_partitions, s_users, s_clash, s_current, s_lock, s_lookup) = tokio::try_join!(
+        tx.prepare_cached(&site_sql),
+        tx.prepare_cached(&devices_sql),
+        tx.prepare_cached("SELECT number FROM partition WHERE site_id = $1"),
+        tx.prepare_cached(USER_FACTS_SQL),
+        tx.prepare_cached(
+            // Only the devices the write may land on; the keys make it an index probe
+            // per device, whatever the number of codes.
+            "SELECT sa.device_id FROM slot_assignment sa
+              JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             WHERE sa.site_id = $1 AND (d.id = ANY($2) OR ($3 AND d.kind = 'panel') OR d.id IN
+                   (SELECT device_id FROM credential_device WHERE site_id = $1 AND credential_id = $5))
+               AND sa.pin_hash = COALESCE($4, (SELECT pin_hash FROM credential WHERE site_id = $1 AND id = $5))
+               AND ($5::uuid IS NULL OR sa.credential_id <> $5)
+             UNION ALL
+             SELECT o.device_id FROM observed_slot o
+              JOIN device d ON d.site_id = o.site_id AND d.id = o.device_id
+             WHERE o.site_id = $1 AND (d.id = ANY($2) OR ($3 AND d.kind = 'panel') OR d.id IN
+                   (SELECT device_id FROM credential_device WHERE site_id = $1 AND credential_id = $5))
+               AND o.pin_hash = COALESCE($4, (SELECT pin_hash FROM credential WHERE site_id = $1 AND id = $5))
+               AND o.state IN ('foreign', 'conflict')"
+        ),
+        tx.prepare_cached(&current_sql),
+        tx.prepare_cached(REPLAY_LOCK_SQL),
+        tx.prepare_cached(REPLAY_LOOKUP_SQL),
+    )?;
+    let dealer = actor.dealer.to_string();
+    let credential = req.credential.unwrap_or_default();
+    let (
+        site_row,
+        devices,
+        partitions,
+        user_rows,
+        clashes,
+        current,
+        lock,
+        lookup,
+        user_row,
+        codes,
+        extra,
+    ) = tokio::join!(
+        biased;
+        async { Pg::query_opt(tx, &s_site, &[&site, &actor.dealer]).await },
+        async { Pg::query(tx, &s_devices, &[&site]).await },
+        async { Pg::query(tx, &s_partitions, &[&site]).await },
+        async { Pg::query(tx, &s_users, &[&site, &users]).await },
+        async {
+            if req.pin_hash.is_none() && req.credential.is_none() {
+                return Ok(Vec::new());
+            }
+            Pg::query(
+                tx,
+                &s_clash,
+                &[&site, &req.devices, &req.panels, &req.pin_hash, &req.credential],
+            )
+            .await
+        },
+        async {
+            match req.credential {
+                None => Ok(None),
+                Some(_) => Pg::query_opt(tx, &s_current, &[&site, &req.user, &credential]).await,
+            }
+        },
+        async {
+            match req.key {
+                None => Ok(0),
+                Some(key) => Pg::execute(tx, &s_lock, &[&dealer, &key.request_id]).await,
+            }
+        },
+        async {
+            match req.key {
+                None => Ok(None),
+                Some(key) => Pg::query_opt(tx, &s_lookup, &[&actor.dealer, &key.request_id]).await,
+            }
+        },
+        async {
+            if !req.user_row {
+                return Ok(None);
+            }
+            Pg::query_opt(tx, &s_user, &[&site, &req.user]).await
+        },
+        async {
+            if !req.codes {
+                return Ok(Vec::new());
+            }
+            Pg::query(tx, &s_codes, &[&site, &req.user]).await
+        },
+        // join_all polls in order, so these are sent in order, after the rest.
+        futures_util::future::join_all(
+            req.extra
+                .iter()
+                .zip(&s_extra)
+                .map(|((_, params), statement)| Pg::query(tx, statement, params)),
+        ),
+    );
+    // In the order sent: after a failed statement the rest only say "aborted".
+    let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
+    let devices = devices?
+        .iter()
+        .map(device_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let partitions = partitions?
+        .iter()
+        .filter_map(|r| u8::try_from(r.get::<_, i16>(0)).ok())
+        .collect();
+    let users = user_facts(&user_rows?);
+    let clashes = clashes?.iter().map(|r| r.get(0)).collect();
+    let current = current?.map(|row| Current {
+        credential: credential_from_row(&row),
+        sealed: row.get(18),
+        key_id: row.get(19),
+    });
+    lock?;
+    let replayed = match req.key {
+        Some(key) => replay_decide(key, lookup?)?,
+        None => None,
+    };
+    let user_row = user_row?.as_ref().map(user_from_row);
+    let codes = codes?.iter().map(credential_from_row).collect();
+    let extra = extra.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded {
+        site: site_from_row(&site_row),
+        devices,
+        partitions,
+        users,
+        clashes,
+        current,
+        replayed,
+        user_row,
+        codes,
+        extra,
+    })
+}
+
+/// Frees, re-keys and allocates a credential's slots as planned, advances the site's
+/// revision when anything changed (or always, with `force`) and logs the changed slots
+/// under it: one statement. A new slot is the lowest assignable one not held by a
+/// credential or a local code, found by probing the keys upwards from the first slot,
+/// so no list of occupied slots is read; the site row lock serializes allocation.
+/// Returns the devices that got a slot.
+const SLOTS_WRITE_SQL: &str = "WITH freed AS (
+        DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = $2 AND device_id = ANY($3::uuid[])
+        RETURNING device_id, slot
+     ), rekeyed AS (
+        UPDATE slot_assignment SET pin_hash = $4
+         WHERE site_id = $1 AND credential_id = $2 AND device_id = ANY($5::uuid[])
+        RETURNING device_id, slot
+     ), allocated AS (
+        INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+        SELECT $1, t.device, free.slot, $2, $4
+          FROM unnest($6::uuid[], $7::int[], $8::int[]) AS t(device, first, last)
+          CROSS JOIN LATERAL (
+            SELECT g AS slot FROM generate_series(t.first, t.last) AS g
+             WHERE NOT EXISTS (SELECT 1 FROM unnest($9::uuid[], $10::int[]) AS r(device, slot)
+                               WHERE r.device = t.device AND r.slot = g)
+               AND NOT EXISTS (SELECT 1 FROM slot_assignment sa
+                               WHERE sa.site_id = $1 AND sa.device_id = t.device AND sa.slot = g)
+               AND NOT EXISTS (SELECT 1 FROM observed_slot o
+                               WHERE o.site_id = $1 AND o.device_id = t.device AND o.slot = g
+                                 AND o.state IN ('foreign', 'conflict'))
+             ORDER BY g LIMIT 1
+          ) AS free
+        RETURNING device_id, slot
+     ), changed AS (
+        SELECT * FROM freed UNION ALL SELECT * FROM rekeyed UNION ALL SELECT * FROM allocated
+     ), head AS (
+        UPDATE site SET revision = revision + 1
+         WHERE id = $1 AND ($11 OR EXISTS (SELECT 1 FROM changed))
+        RETURNING revision
+     ), logged AS (
+        INSERT INTO site_change (site_id, revision, device_id, slot)
+        SELECT $1, head.revision, changed.device_id, changed.slot FROM head, changed
+        ON CONFLICT DO NOTHING
+     )
+     SELECT ARRAY(SELECT device_id FROM allocated)";
+
+/// The parameters of [`SLOTS_WRITE_SQL`] for a plan.
+struct SlotsWrite {
+    freed: Vec<Uuid>,
+    rekeyed: Vec<Uuid>,
+    allocate: Vec<Uuid>,
+    first: Vec<i32>,
+    last: Vec<i32>,
+    reserved_devices: Vec<Uuid>,
+    reserved_slots: Vec<i32>,
+}
+
+impl SlotsWrite {
+    fn new(plan: &SlotPlan, devices: &[Device]) -> SlotsWrite {
+        let mut w = SlotsWrite {
+            freed: plan.freed.iter().map(|(d, _)| *d).collect(),
+            rekeyed: plan.rekeyed.iter().map(|(d, _)| *d).collect(),
+            allocate: Vec::new(),
+            first: Vec::new(),
+            last: Vec::new(),
+            reserved_devices: Vec::new(),
+            reserved_slots: Vec::new(),
+        };
+        for id in &plan.allocate {
+            let Some(device) = devices.iter().find(|d| d.id == *id) else {
+                continue;
+            };
+            w.allocate.push(*id);
+            w.first.push(i32::from(device.model.first_slot));
+            w.last.push(i32::from(device.model.last_slot));
+            for s in device.model.reserved_slots {
+                w.reserved_devices.push(*id);
+                w.reserved_slots.push(i32::from(*s));
+            }
+        }
+        w
+    }
+
+    /// Checks every planned device got a slot.
+    fn check(&self, got: &[Uuid], devices: &[Device]) -> Result<(), StoreError> {
+        match self
+            .allocate
+            .iter()
+            .find(|d| !got.contains(d))
+            .and_then(|id| devices.iter().find(|d| d.id == *id))
+        {
+            None => Ok(()),
+            Some(device) => Err(StoreError::ResourceExhausted(format!(
+                "device {} has no free slot: all {} assignable slots of model {} are in use",
+                label(device),
+                device.model.assignable_count(),
+                device.model.id
+            ))),
+        }
+    }
+}
+
+pub(crate) const AUDIT_SQL: &str =
+    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+fn partitions_param(scope: &Scope) -> Vec<i16> {
+    dedup(&scope.panel_partitions)
+        .into_iter()
+        .map(i16::from)
+        .collect()
+}
+
+fn devices_param(scope: &Scope) -> Vec<Uuid> {
+    dedup(&[scope.locks.as_slice(), &scope.doors].concat())
+}
+
 impl Store {
     /// Creates a credential: checks its PIN against every scoped device, gives it a slot
-    /// on each, and records the change for the site's agent.
+    /// on each, and records the change for the site's agent. One round trip loads what
+    /// the rules need, one writes the result.
     pub async fn credential_create(
         &self,
         actor: &Actor,
@@ -430,56 +852,93 @@ impl Store {
         new: &NewCredential,
         key: Option<&RequestKey>,
     ) -> Result<Credential, StoreError> {
+        let pin_hash = self.key().pin_hash(site, &new.pin);
         in_txn!(self, "credential_create", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            user_get_in_txn(&tx, site, user).await?;
-            if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
-                return credential_get_in_txn(&tx, site, user, replayed_id(&name)?).await;
-            }
-            let targets = scope_resolve_in_txn(&tx, site, &new.scope).await?;
-            let who = authority_check_in_txn(
+            let loaded = load_in_txn(
                 &tx,
                 actor,
                 site,
-                user,
-                &[&new.scope],
-                Some(&new.scope),
-                &targets,
+                LoadRequest {
+                    user,
+                    pin_hash: Some(&pin_hash),
+                    devices: devices_param(&new.scope),
+                    panels: !new.scope.panel_partitions.is_empty(),
+                    credential: None,
+                    key,
+                    ..LoadRequest::default()
+                },
             )
             .await?;
-            let pin_hash = self.key().pin_hash(site, &new.pin);
-            pin_check_in_txn(&tx, site, &targets, &new.pin, &pin_hash, None).await?;
+            let target = loaded.user(site, user)?;
+            if let Some(name) = &loaded.replayed {
+                return credential_get_in_txn(&tx, site, user, replayed_id(name)?).await;
+            }
+            let targets = loaded.targets(site, &new.scope)?;
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
+            new_scope_check(site, user, &target.authorities, &new.scope)?;
+            let involved = involved_partitions_core(&[&new.scope], &targets);
+            let is_self = acting.is_some_and(|a| a.id == user);
+            who.check_code_change(&target.authorities, &involved, is_self)
+                .map_err(denied)?;
+            loaded.pin_check(&targets, &new.pin)?;
             let id = Uuid::new_v4();
             let sealed = self.key().seal(site, id, &new.pin)?;
             let created_partition = who
-                .creation_partition(
-                    actor.acting_partition,
-                    &involved_partitions(&[&new.scope], &targets),
-                )
+                .creation_partition(actor.acting_partition, &involved)
                 .map_err(denied)?
                 .map(i16::from);
-            tx.execute(
-                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
-                    created_partition, valid_from, valid_until, max_uses)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses],
-            )
-            .await?;
-            scope_write_in_txn(&tx, site, id, &new.scope).await?;
-            let changed = slots_allocate_in_txn(&tx, site, id, &targets, &pin_hash).await?;
-            let revision = site_change_record_in_txn(&tx, site, &changed).await?;
+            let target_ids: Vec<Uuid> = targets.iter().map(|t| t.id).collect();
+            let plan = slot_plan(&[], &target_ids, false);
+            let slots = SlotsWrite::new(&plan, &loaded.devices);
             let name = format!("sites/{site}/users/{user}/credentials/{id}");
-            request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "credential.create",
-                &name,
-                serde_json::json!({ "revision": revision, "slots": changed.len() }),
-            )
-            .await?;
-            credential_get_in_txn(&tx, site, user, id).await
+            let revision = loaded.site.revision + 1;
+            let detail = serde_json::json!({ "revision": revision, "slots": plan.allocate.len() });
+            let get_sql = credential_get_sql();
+            let (s_insert, s_part, s_dev, s_slots, s_remember, s_audit, s_get) = tokio::try_join!(
+                tx.prepare_cached(
+                    "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
+                        created_partition, valid_from, valid_until, max_uses)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                ),
+                tx.prepare_cached(
+                    "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])"
+                ),
+                tx.prepare_cached(
+                    "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
+                ),
+                tx.prepare_cached(SLOTS_WRITE_SQL),
+                tx.prepare_cached(
+                    "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
+                     VALUES ($1, $2, $3, $4, $5)"
+                ),
+                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(&get_sql),
+            )?;
+            let empty: Vec<Uuid> = Vec::new();
+            let force = true;
+            let (inserted, parts, devs, allocated, remembered, audited, read) = tokio::join!(
+                biased;
+                async { Pg::execute(&tx, &s_insert, &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses]).await },
+                async { Pg::execute(&tx, &s_part, &[&site, &id, &partitions_param(&new.scope)]).await },
+                async { Pg::execute(&tx, &s_dev, &[&site, &id, &devices_param(&new.scope)]).await },
+                async { Pg::query_one(&tx, &s_slots, &[&site, &id, &empty, &pin_hash, &empty, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
+                async {
+                    match key {
+                        None => Ok(0),
+                        Some(k) => Pg::execute(&tx, &s_remember, &[&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name]).await,
+                    }
+                },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail]).await },
+                async { Pg::query_one(&tx, &s_get, &[&site, &user, &id]).await },
+            );
+            inserted?;
+            parts?;
+            devs?;
+            let got: Vec<Uuid> = allocated?.get(0);
+            slots.check(&got, &loaded.devices)?;
+            remembered?;
+            audited?;
+            Ok(credential_from_row(&read?))
         })
     }
 
@@ -497,7 +956,7 @@ impl Store {
         })
     }
 
-    /// Lists a user's credentials by id.
+    /// Lists a user's credentials by id: one query for the page, whatever its size.
     pub async fn credential_list(
         &self,
         dealer: Uuid,
@@ -511,17 +970,13 @@ impl Store {
             let rows = tx
                 .query(
                     &format!(
-                        "SELECT {CREDENTIAL_COLUMNS} FROM credential WHERE site_id = $1 AND user_id = $2
-                           AND ($3::uuid IS NULL OR id > $3) ORDER BY id LIMIT $4"
+                        "SELECT {CREDENTIAL_FIELDS} FROM credential c WHERE c.site_id = $1 AND c.user_id = $2
+                           AND ($3::uuid IS NULL OR c.id > $3) ORDER BY c.id LIMIT $4"
                     ),
                     &[&site, &user, &page.after, &page.limit],
                 )
                 .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in &rows {
-                out.push(credential_from_row_in_txn(&tx, row).await?);
-            }
-            Ok(out)
+            Ok(rows.iter().map(credential_from_row).collect())
         })
     }
 
@@ -536,107 +991,133 @@ impl Store {
         patch: &CredentialPatch,
         etag: &str,
     ) -> Result<Credential, StoreError> {
+        let new_hash = patch.pin.as_ref().map(|pin| self.key().pin_hash(site, pin));
+        // The load adds the devices the credential is scoped to now.
+        let devices = patch.scope.as_ref().map(devices_param).unwrap_or_default();
         in_txn!(self, "credential_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = credential_get_in_txn(&tx, site, user, credential).await?;
-            let name = format!("sites/{site}/users/{user}/credentials/{credential}");
-            etag_check(&format!("credential {name}"), etag, current.version)?;
-            let scope = patch.scope.clone().unwrap_or_else(|| current.scope.clone());
-            let targets = scope_resolve_in_txn(&tx, site, &scope).await?;
-            let mut touched = scope_resolve_in_txn(&tx, site, &current.scope).await?;
-            touched.extend(targets.iter().cloned());
-            authority_check_in_txn(
+            let loaded = load_in_txn(
                 &tx,
                 actor,
                 site,
-                user,
-                &[&current.scope, &scope],
-                Some(&scope),
-                &touched,
+                LoadRequest {
+                    user,
+                    pin_hash: new_hash.as_deref(),
+                    devices: devices.clone(),
+                    panels: true,
+                    credential: Some(credential),
+                    key: None,
+                    ..LoadRequest::default()
+                },
             )
             .await?;
-            existing_check_in_txn(&tx, actor, site, &current).await?;
+            let current = loaded
+                .current
+                .as_ref()
+                .ok_or_else(|| not_found(site, user, credential))?;
+            let name = format!("sites/{site}/users/{user}/credentials/{credential}");
+            etag_check(
+                &format!("credential {name}"),
+                etag,
+                current.credential.version,
+            )?;
+            let scope = patch
+                .scope
+                .clone()
+                .unwrap_or_else(|| current.credential.scope.clone());
+            let targets = loaded.targets(site, &scope)?;
+            let mut touched = loaded.targets(site, &current.credential.scope)?;
+            touched.extend(targets.iter().copied());
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
+            let target = loaded.user(site, user)?;
+            new_scope_check(site, user, &target.authorities, &scope)?;
+            let is_self = acting.as_ref().is_some_and(|a| a.id == user);
+            who.check_code_change(
+                &target.authorities,
+                &involved_partitions_core(&[&current.credential.scope, &scope], &touched),
+                is_self,
+            )
+            .map_err(denied)?;
+            let facts = code_facts(&current.credential, &loaded.devices);
+            who.check_code_existing(&target.authorities, &facts, actor.acting_partition, is_self)
+                .map_err(denied)?;
             let pin = match &patch.pin {
                 Some(pin) => pin.clone(),
-                None => {
-                    let row = tx
-                        .query_one(
-                            "SELECT pin_sealed, pin_key_id FROM credential WHERE site_id = $1 AND id = $2",
-                            &[&site, &credential],
-                        )
-                        .await?;
-                    self.key().open(site, credential, row.get(1), row.get(0))?
-                }
+                None => self
+                    .key()
+                    .open(site, credential, &current.key_id, &current.sealed)?,
             };
-            let pin_hash = self.key().pin_hash(site, &pin);
-            pin_check_in_txn(&tx, site, &targets, &pin, &pin_hash, Some(credential)).await?;
+            let pin_hash = match &new_hash {
+                Some(h) => h.clone(),
+                None => self.key().pin_hash(site, &pin),
+            };
+            loaded.pin_check(&targets, &pin)?;
 
-            let target_ids: BTreeSet<Uuid> = targets.iter().map(|d| d.id).collect();
-            let mut changed: Vec<(Uuid, u16)> = Vec::new();
-            for slot in &current.slots {
-                if !target_ids.contains(&slot.device) {
-                    tx.execute(
-                        "DELETE FROM slot_assignment WHERE site_id = $1 AND device_id = $2 AND slot = $3",
-                        &[&site, &slot.device, &i32::from(slot.slot)],
-                    )
-                    .await?;
-                    changed.push((slot.device, slot.slot));
-                } else if patch.pin.is_some() {
-                    tx.execute(
-                        "UPDATE slot_assignment SET pin_hash = $4 WHERE site_id = $1 AND device_id = $2 AND slot = $3",
-                        &[&site, &slot.device, &i32::from(slot.slot), &pin_hash],
-                    )
-                    .await?;
-                    changed.push((slot.device, slot.slot));
-                }
-            }
-            let held: BTreeSet<Uuid> = current.slots.iter().map(|s| s.device).collect();
-            let added: Vec<Device> = targets
-                .into_iter()
-                .filter(|d| !held.contains(&d.id))
+            let held: Vec<(Uuid, u16)> = current
+                .credential
+                .slots
+                .iter()
+                .map(|s| (s.device, s.slot))
                 .collect();
-            changed.extend(slots_allocate_in_txn(&tx, site, credential, &added, &pin_hash).await?);
-
+            let target_ids: Vec<Uuid> = targets.iter().map(|t| t.id).collect();
+            let plan = slot_plan(&held, &target_ids, patch.pin.is_some());
+            let slots = SlotsWrite::new(&plan, &loaded.devices);
+            let slots_changed = plan.freed.len() + plan.rekeyed.len() + plan.allocate.len();
             let sealed = match &patch.pin {
                 Some(pin) => Some(self.key().seal(site, credential, pin)?),
                 None => None,
             };
-            tx.execute(
-                "UPDATE credential SET display_name = COALESCE($3, display_name),
-                    pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
-                    version = version + 1, update_time = now()
-                 WHERE site_id = $1 AND id = $2",
-                &[
-                    &site,
-                    &credential,
-                    &patch.display_name,
-                    &sealed,
-                    &self.key().id(),
-                    &pin_hash,
-                ],
-            )
-            .await?;
-            if patch.scope.is_some() {
-                scope_write_in_txn(&tx, site, credential, &scope).await?;
-            }
-            if !changed.is_empty() {
-                site_change_record_in_txn(&tx, site, &changed).await?;
-            }
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site),
-                "credential.update",
-                &name,
-                serde_json::json!({
-                    "display_name": patch.display_name.is_some(),
-                    "pin": patch.pin.is_some(),
-                    "scope": patch.scope.is_some(),
-                    "slots_changed": changed.len(),
-                }),
-            )
-            .await?;
-            credential_get_in_txn(&tx, site, user, credential).await
+            let detail = serde_json::json!({
+                "display_name": patch.display_name.is_some(),
+                "pin": patch.pin.is_some(),
+                "scope": patch.scope.is_some(),
+                "slots_changed": slots_changed,
+            });
+            let get_sql = credential_get_sql();
+            let (s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit, s_get) = tokio::try_join!(
+                tx.prepare_cached(
+                    "UPDATE credential SET display_name = COALESCE($3, display_name),
+                        pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
+                        version = version + 1, update_time = now()
+                     WHERE site_id = $1 AND id = $2"
+                ),
+                tx.prepare_cached(
+                    "DELETE FROM credential_partition WHERE site_id = $1 AND credential_id = $2"
+                ),
+                tx.prepare_cached(
+                    "DELETE FROM credential_device WHERE site_id = $1 AND credential_id = $2"
+                ),
+                tx.prepare_cached(
+                    "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])"
+                ),
+                tx.prepare_cached(
+                    "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
+                ),
+                tx.prepare_cached(SLOTS_WRITE_SQL),
+                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(&get_sql),
+            )?;
+            let new_scope = patch.scope.is_some();
+            let force = false;
+            let (updated, part_del, dev_del, parts, devs, allocated, audited, read) = tokio::join!(
+                biased;
+                async { Pg::execute(&tx, &s_update, &[&site, &credential, &patch.display_name, &sealed, &self.key().id(), &pin_hash]).await },
+                async { if new_scope { Pg::execute(&tx, &s_part_del, &[&site, &credential]).await } else { Ok(0) } },
+                async { if new_scope { Pg::execute(&tx, &s_dev_del, &[&site, &credential]).await } else { Ok(0) } },
+                async { if new_scope { Pg::execute(&tx, &s_part, &[&site, &credential, &partitions_param(&scope)]).await } else { Ok(0) } },
+                async { if new_scope { Pg::execute(&tx, &s_dev, &[&site, &credential, &devices_param(&scope)]).await } else { Ok(0) } },
+                async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &pin_hash, &slots.rekeyed, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail]).await },
+                async { Pg::query_one(&tx, &s_get, &[&site, &user, &credential]).await },
+            );
+            updated?;
+            part_del?;
+            dev_del?;
+            parts?;
+            devs?;
+            let got: Vec<Uuid> = allocated?.get(0);
+            slots.check(&got, &loaded.devices)?;
+            audited?;
+            Ok(credential_from_row(&read?))
         })
     }
 
@@ -650,17 +1131,84 @@ impl Store {
         etag: &str,
     ) -> Result<(), StoreError> {
         in_txn!(self, "credential_delete", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = credential_get_in_txn(&tx, site, user, credential).await?;
+            let loaded = load_in_txn(
+                &tx,
+                actor,
+                site,
+                LoadRequest {
+                    user,
+                    pin_hash: None,
+                    devices: Vec::new(),
+                    panels: false,
+                    credential: Some(credential),
+                    key: None,
+                    ..LoadRequest::default()
+                },
+            )
+            .await?;
+            let current = loaded
+                .current
+                .as_ref()
+                .ok_or_else(|| not_found(site, user, credential))?;
+            let name = format!("sites/{site}/users/{user}/credentials/{credential}");
             etag_check(
-                &format!("credential sites/{site}/users/{user}/credentials/{credential}"),
+                &format!("credential {name}"),
                 etag,
-                current.version,
+                current.credential.version,
             )?;
-            existing_check_in_txn(&tx, actor, site, &current).await?;
-            credential_delete_in_txn(&tx, actor, site, user, credential).await
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
+            let target = loaded.user(site, user)?;
+            let is_self = acting.is_some_and(|a| a.id == user);
+            let facts = code_facts(&current.credential, &loaded.devices);
+            who.check_code_existing(&target.authorities, &facts, actor.acting_partition, is_self)
+                .map_err(denied)?;
+            let held: Vec<(Uuid, u16)> = current
+                .credential
+                .slots
+                .iter()
+                .map(|s| (s.device, s.slot))
+                .collect();
+            let plan = slot_plan(&held, &[], false);
+            let slots = SlotsWrite::new(&plan, &loaded.devices);
+            let detail = serde_json::json!({ "slots_freed": plan.freed.len() });
+            let (s_slots, s_delete, s_audit) = tokio::try_join!(
+                tx.prepare_cached(SLOTS_WRITE_SQL),
+                tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
+                tx.prepare_cached(AUDIT_SQL),
+            )?;
+            let empty: Vec<Uuid> = Vec::new();
+            let no_ints: Vec<i32> = Vec::new();
+            let no_hash: Vec<u8> = Vec::new();
+            let force = false;
+            let (freed, deleted, audited) = tokio::join!(
+                biased;
+                async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints, &no_ints, &empty, &no_ints, &force]).await },
+                async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail]).await },
+            );
+            freed?;
+            deleted?;
+            audited?;
+            Ok(())
         })
     }
+}
+
+/// The user must hold a level in every panel partition the code is scoped to.
+fn new_scope_check(
+    site: Uuid,
+    user: Uuid,
+    authorities: &keyplane_core::authority::Authorities,
+    scope: &Scope,
+) -> Result<(), StoreError> {
+    for p in &scope.panel_partitions {
+        if !authorities.contains_key(p) {
+            return Err(StoreError::FailedPrecondition(format!(
+                "user sites/{site}/users/{user} has no authority level in partition {p}; grant one before giving them a panel code there"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Inserts a credential for `user` with `pin` and `scope`; with `fixed`, its slot on

@@ -7,8 +7,9 @@ use crate::site::{
 use crate::{
     Actor, Device, DevicePatch, NewDevice, PageRequest, RequestKey, Store, StoreError, in_txn,
 };
+use crate::{Cached, Transaction};
 use keyplane_core::{DeviceKind, DeviceModel};
-use tokio_postgres::{Row, Transaction};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 pub(crate) const DEVICE_COLUMNS: &str =

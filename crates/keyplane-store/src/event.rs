@@ -1,5 +1,6 @@
 //! Device events: stored once per (device, sequence number), read by cursor.
 
+use crate::Cached;
 use crate::site::site_get_in_txn;
 use crate::{Store, StoreError, in_txn};
 use keyplane_core::DeviceKind;
@@ -167,7 +168,7 @@ fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
 /// Counts a use of the credential in `slot` of `device`; a limited-use credential
 /// that reaches its limit is removed (its slots are cleared on every device).
 async fn credential_use_in_txn(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &crate::Transaction<'_>,
     site: Uuid,
     device: Uuid,
     slot: Option<i32>,

@@ -24,12 +24,14 @@ mod migrate;
 mod observed;
 mod partition;
 mod plan;
+mod rules;
 mod site;
 mod sync;
 mod types;
 mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
+pub use auth::DEALER_TOKEN_TTL;
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
@@ -40,6 +42,121 @@ pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::str::FromStr;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+/// The transaction type every `_in_txn` function takes: deadpool's, which holds the
+/// connection's statement cache.
+pub(crate) type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+
+/// Statements run through the connection's statement cache: each SQL text is parsed
+/// once per connection and afterwards only bound and executed, one round trip instead
+/// of two. The names shadow tokio-postgres's own, so store code with this trait in
+/// scope is cached without a second spelling; SQL texts must therefore be fixed
+/// (values always go in parameters), or the cache would grow without bound.
+pub(crate) trait Cached {
+    /// Rows of `sql`.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error>;
+    /// Exactly one row of `sql`.
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, tokio_postgres::Error>;
+    /// At most one row of `sql`.
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error>;
+    /// Rows affected by `sql`.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error>;
+}
+
+macro_rules! cached_impl {
+    ($ty:ty, $inner:ty) => {
+        impl Cached for $ty {
+            async fn query(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Vec<Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::query(self, &statement, params).await
+            }
+            async fn query_one(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Row, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::query_one(self, &statement, params).await
+            }
+            async fn query_opt(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Option<Row>, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::query_opt(self, &statement, params).await
+            }
+            async fn execute(
+                &self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<u64, tokio_postgres::Error> {
+                let statement = self.prepare_cached(sql).await?;
+                <$inner>::execute(self, &statement, params).await
+            }
+        }
+    };
+}
+cached_impl!(
+    deadpool_postgres::Transaction<'_>,
+    tokio_postgres::Transaction<'_>
+);
+cached_impl!(deadpool_postgres::ClientWrapper, tokio_postgres::Client);
+
+/// A statement and its parameters, for [`batch_in_txn`].
+pub(crate) type Step<'a> = (&'a str, Vec<&'a (dyn ToSql + Sync)>);
+
+/// Parameters of a [`Step`].
+macro_rules! params {
+    ($($p:expr),* $(,)?) => {
+        vec![$($p as &(dyn tokio_postgres::types::ToSql + Sync)),*]
+    };
+}
+pub(crate) use params;
+
+/// Runs `steps` in order in one round trip (pipelined, through the statement cache)
+/// and returns each one's rows. Later steps see what earlier ones wrote; the first
+/// error is returned, not the "transaction aborted" of the steps after it.
+pub(crate) async fn batch_in_txn(
+    tx: &Transaction<'_>,
+    steps: &[Step<'_>],
+) -> Result<Vec<Vec<Row>>, StoreError> {
+    let statements =
+        futures_util::future::try_join_all(steps.iter().map(|(sql, _)| tx.prepare_cached(sql)))
+            .await?;
+    // join_all polls in order on its first poll, so the steps are sent in order.
+    let results =
+        futures_util::future::join_all(steps.iter().zip(&statements).map(
+            |((_, params), statement)| tokio_postgres::Transaction::query(tx, statement, params),
+        ))
+        .await;
+    results
+        .into_iter()
+        .map(|r| r.map_err(StoreError::from))
+        .collect()
+}
 
 /// Runs `$body` in a transaction on `$store`, committing on success and retrying the
 /// whole body (up to 5 attempts) when PostgreSQL reports a serialization failure or
@@ -77,6 +194,7 @@ pub(crate) use in_txn;
 pub struct Store {
     pool: Pool,
     key: PinKey,
+    tokens: std::sync::Arc<auth::TokenCache>,
 }
 
 impl std::fmt::Debug for Store {
@@ -101,7 +219,17 @@ impl Store {
             .max_size(max_connections)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Store { pool, key })
+        Ok(Store {
+            pool,
+            key,
+            tokens: Default::default(),
+        })
+    }
+
+    /// Trusts a verified dealer token for `ttl` instead of [`DEALER_TOKEN_TTL`].
+    pub fn with_dealer_token_ttl(mut self, ttl: std::time::Duration) -> Store {
+        self.tokens = std::sync::Arc::new(auth::TokenCache::new(ttl));
+        self
     }
 
     /// Applies pending migrations.

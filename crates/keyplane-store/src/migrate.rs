@@ -31,6 +31,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "keys_sessions",
         include_str!("../migrations/0007_keys_sessions.sql"),
     ),
+    (
+        8,
+        "change_time",
+        include_str!("../migrations/0008_change_time.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

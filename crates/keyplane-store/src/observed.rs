@@ -5,10 +5,10 @@ use crate::authority::{actor_resolve_in_txn, denied};
 use crate::credential::credential_get_in_txn;
 use crate::site::{audit_in_txn, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn};
 use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, in_txn};
+use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
 use keyplane_core::pin::Pin;
 use std::time::SystemTime;
-use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 /// How an observed slot compares with what keyplane wrote.

@@ -5,7 +5,8 @@ use crate::site::{
     site_lock_in_txn,
 };
 use crate::{Actor, Partition, RequestKey, Store, StoreError, in_txn};
-use tokio_postgres::{Row, Transaction};
+use crate::{Cached, Transaction};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 fn partition_from_row(row: &Row) -> Partition {

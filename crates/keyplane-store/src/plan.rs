@@ -1,20 +1,18 @@
 //! Personal access plans (seed 001): one per user, created with the user, never
 //! deleted, only cleared.
 
-use crate::access_plan::schedule_from_json;
-use crate::authority::{actor_resolve_in_txn, denied};
-use crate::site::{
-    audit_in_txn, etag_check, site_get_in_txn, site_lock_in_txn, user_slots_changed_in_txn,
-};
-use crate::user::user_get_in_txn;
+use crate::authority::{actor_from_loaded, denied, user_get_in_txn};
+use crate::credential::{AUDIT_SQL, LoadRequest, Loaded, load_in_txn};
+use crate::rules::schedule_from_json;
+use crate::site::{etag_check, site_get_in_txn, user_slots_changed_sql};
 use crate::{Actor, Store, StoreError, in_txn};
-use chrono::NaiveDate;
+use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
 use keyplane_core::personal;
-use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
-use std::collections::{BTreeSet, HashMap};
+use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
-use tokio_postgres::Transaction;
+use tokio_postgres::Row;
+use tokio_postgres::Transaction as Pg;
 use uuid::Uuid;
 
 /// A personal access plan.
@@ -45,17 +43,26 @@ pub struct PlanPatch {
     pub schedule: Option<Option<Schedule>>,
 }
 
-pub(crate) async fn plan_create_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO personal_access_plan (site_id, user_id) VALUES ($1, $2)",
-        &[&site, &user],
-    )
-    .await?;
-    Ok(())
+/// A user's plan with its access points, as one row (site `$1`, user `$2`).
+const PLAN_SQL: &str = "SELECT configured, schedule, version, update_time,
+        ARRAY(SELECT device_id FROM personal_access_point pp
+              WHERE pp.site_id = p.site_id AND pp.user_id = p.user_id ORDER BY device_id)
+     FROM personal_access_plan p WHERE site_id = $1 AND user_id = $2";
+
+/// Whether user `$2` of site `$1` holds a code.
+const HAS_PIN_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM credential WHERE site_id = $1 AND user_id = $2)";
+
+fn plan_from_row(site: Uuid, user: Uuid, row: &Row) -> Result<PersonalPlan, StoreError> {
+    Ok(PersonalPlan {
+        site,
+        user,
+        configured: row.get(0),
+        access_points: row.get(4),
+        schedule: schedule_from_json(row.get(1))?,
+        version: row.get(2),
+        update_time: row.get(3),
+    })
 }
 
 async fn plan_get_in_txn(
@@ -64,196 +71,101 @@ async fn plan_get_in_txn(
     user: Uuid,
 ) -> Result<PersonalPlan, StoreError> {
     let row = tx
-        .query_opt(
-            "SELECT configured, schedule, version, update_time FROM personal_access_plan
-             WHERE site_id = $1 AND user_id = $2",
-            &[&site, &user],
-        )
+        .query_opt(PLAN_SQL, &[&site, &user])
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
-    let access_points = tx
-        .query(
-            "SELECT device_id FROM personal_access_point WHERE site_id = $1 AND user_id = $2 ORDER BY device_id",
-            &[&site, &user],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(PersonalPlan {
-        site,
-        user,
-        configured: row.get(0),
-        access_points,
-        schedule: schedule_from_json(row.get(1))?,
-        version: row.get(2),
-        update_time: row.get(3),
-    })
+    plan_from_row(site, user, &row)
 }
 
-/// Who may open what, when, at a site: personal plans (locks and panels), standard
-/// plans (doors and locks) and holidays.
-#[derive(Debug, Default)]
-pub(crate) struct AccessRules {
-    /// Configured personal plans: user -> (access points, schedule).
-    personal: HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>,
-    /// Standard plans: (user, device) -> the schedules of plans granting it.
-    standard: HashMap<(Uuid, Uuid), Vec<Option<Schedule>>>,
-}
-
-/// Applies holidays: a paused plan that had no schedule becomes 24/7 but for them.
-fn paused(schedule: Option<Schedule>, days: &[NaiveDate]) -> Option<Schedule> {
-    if days.is_empty() {
-        return schedule;
-    }
-    let mut s = schedule.unwrap_or_else(|| Schedule {
-        windows: vec![Window {
-            days: 0x7f,
-            start: 0,
-            end: DAY_MINUTES,
-        }],
-        ..Schedule::default()
-    });
-    s.paused_dates.extend_from_slice(days);
-    Some(s)
-}
-
-impl AccessRules {
-    /// The schedules under which `user`'s code belongs on `device`: None always, an
-    /// empty list never. A configured personal plan governs locks and panels; other
-    /// devices follow the standard plans granting them, if any.
-    pub(crate) fn schedules_for(
-        &self,
-        user: Uuid,
-        device: Uuid,
-        kind: Option<&str>,
-    ) -> Option<Vec<Schedule>> {
-        if let (Some("panel" | "lock"), Some((points, schedule))) = (kind, self.personal.get(&user))
-        {
-            return Some(if points.contains(&device) {
-                match schedule {
-                    None => return None,
-                    Some(s) => vec![s.clone()],
-                }
-            } else {
-                Vec::new()
-            });
-        }
-        let plans = self.standard.get(&(user, device))?;
-        if plans.iter().any(Option::is_none) {
-            return None;
-        }
-        Some(plans.iter().flatten().cloned().collect())
-    }
-}
-
-pub(crate) async fn access_rules_in_txn(
+/// Locks the site and loads what a plan write decides on: the user, the plan and
+/// whether the user holds a code, with the site's devices and partitions.
+async fn plan_load_in_txn(
     tx: &Transaction<'_>,
+    actor: &Actor,
     site: Uuid,
-) -> Result<AccessRules, StoreError> {
-    let holidays: Vec<(NaiveDate, Vec<Uuid>)> = tx
-        .query(
-            "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
-            &[&site],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
-        holidays
-            .iter()
-            .filter(|(_, plans)| plans.is_empty() || plan.is_some_and(|p| plans.contains(&p)))
-            .map(|(d, _)| *d)
-            .collect()
-    };
-    let mut rules = AccessRules::default();
-    for row in tx
-        .query(
-            "SELECT user_id, schedule FROM personal_access_plan WHERE site_id = $1 AND configured",
-            &[&site],
-        )
-        .await?
-    {
-        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(None));
-        rules
-            .personal
-            .insert(row.get::<_, Uuid>(0), (BTreeSet::new(), schedule));
+    user: Uuid,
+) -> Result<(Loaded, PersonalPlan, bool), StoreError> {
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &user];
+    let extra = [(PLAN_SQL, params), (HAS_PIN_SQL, params)];
+    let loaded = load_in_txn(
+        tx,
+        actor,
+        site,
+        LoadRequest {
+            user,
+            user_row: true,
+            extra: &extra,
+            ..LoadRequest::default()
+        },
+    )
+    .await?;
+    if loaded.user_row.is_none() {
+        return Err(StoreError::NotFound(format!(
+            "user sites/{site}/users/{user}"
+        )));
     }
-    for row in tx
-        .query(
-            "SELECT user_id, device_id FROM personal_access_point WHERE site_id = $1",
-            &[&site],
-        )
-        .await?
-    {
-        if let Some((points, _)) = rules.personal.get_mut(&row.get::<_, Uuid>(0)) {
-            points.insert(row.get(1));
-        }
-    }
-    for row in tx
-        .query(
-            "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
-             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
-             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
-             WHERE p.site_id = $1",
-            &[&site],
-        )
-        .await?
-    {
-        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(Some(row.get(0))));
-        rules
-            .standard
-            .entry((row.get(2), row.get(3)))
-            .or_default()
-            .push(schedule);
-    }
-    Ok(rules)
-}
-
-async fn has_pin_in_txn(tx: &Transaction<'_>, site: Uuid, user: Uuid) -> Result<bool, StoreError> {
-    Ok(tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM credential WHERE site_id = $1 AND user_id = $2)",
-            &[&site, &user],
-        )
-        .await?
-        .get(0))
+    let plan = loaded.extra[0]
+        .first()
+        .map(|row| plan_from_row(site, user, row))
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
+    let has_pin = loaded.extra[1].first().is_some_and(|r| r.get(0));
+    Ok((loaded, plan, has_pin))
 }
 
 fn refused(e: personal::PersonalPlanError) -> StoreError {
     StoreError::FailedPrecondition(e.to_string())
 }
 
+/// Writes the plan, records its user's panel and lock slots as changed, audits and
+/// reads the plan back: one pipelined round trip.
+#[allow(clippy::too_many_arguments)]
 async fn plan_write_in_txn(
     tx: &Transaction<'_>,
+    actor: &Actor,
     site: Uuid,
     user: Uuid,
     access_points: &[Uuid],
     schedule: &Option<Schedule>,
-) -> Result<(), StoreError> {
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<PersonalPlan, StoreError> {
     let schedule = schedule
         .as_ref()
         .map(serde_json::to_value)
         .transpose()
         .map_err(|e| StoreError::Internal(e.to_string()))?;
-    tx.execute(
-        "UPDATE personal_access_plan SET configured = true, schedule = $3, version = version + 1, update_time = now()
-         WHERE site_id = $1 AND user_id = $2",
-        &[&site, &user, &schedule],
-    )
-    .await?;
-    tx.execute(
-        "DELETE FROM personal_access_point WHERE site_id = $1 AND user_id = $2",
-        &[&site, &user],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO personal_access_point (site_id, user_id, device_id) SELECT $1, $2, unnest($3::uuid[])",
-        &[&site, &user, &access_points],
-    )
-    .await?;
-    user_slots_changed_in_txn(tx, site, user, &["panel", "lock"]).await
+    let name = format!("sites/{site}/users/{user}/personalAccessPlan");
+    let changed_sql = user_slots_changed_sql();
+    let (s_update, s_delete, s_insert, s_changed, s_audit, s_get) = tokio::try_join!(
+        tx.prepare_cached(
+            "UPDATE personal_access_plan SET configured = true, schedule = $3, version = version + 1, update_time = now()
+             WHERE site_id = $1 AND user_id = $2"
+        ),
+        tx.prepare_cached("DELETE FROM personal_access_point WHERE site_id = $1 AND user_id = $2"),
+        tx.prepare_cached(
+            "INSERT INTO personal_access_point (site_id, user_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
+        ),
+        tx.prepare_cached(&changed_sql),
+        tx.prepare_cached(AUDIT_SQL),
+        tx.prepare_cached(PLAN_SQL),
+    )?;
+    let kinds: &[&str] = &["panel", "lock"];
+    let (updated, deleted, inserted, changed, audited, read) = tokio::join!(
+        biased;
+        async { Pg::execute(tx, &s_update, &[&site, &user, &schedule]).await },
+        async { Pg::execute(tx, &s_delete, &[&site, &user]).await },
+        async { Pg::execute(tx, &s_insert, &[&site, &user, &access_points]).await },
+        async { Pg::execute(tx, &s_changed, &[&site, &user, &kinds]).await },
+        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail]).await },
+        async { Pg::query_one(tx, &s_get, &[&site, &user]).await },
+    );
+    updated?;
+    deleted?;
+    inserted?;
+    changed?;
+    audited?;
+    plan_from_row(site, user, &read?)
 }
 
 impl Store {
@@ -281,17 +193,13 @@ impl Store {
         etag: &str,
     ) -> Result<PersonalPlan, StoreError> {
         in_txn!(self, "personal_plan_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let target = user_get_in_txn(&tx, site, user).await?;
-            let current = plan_get_in_txn(&tx, site, user).await?;
+            let (loaded, current, has_pin) = plan_load_in_txn(&tx, actor, site, user).await?;
+            let target = loaded.user(site, user)?;
             let name = format!("sites/{site}/users/{user}/personalAccessPlan");
             etag_check(&format!("plan {name}"), etag, current.version)?;
-            personal::check_configure(
-                &format!("sites/{site}/users/{user}"),
-                has_pin_in_txn(&tx, site, user).await?,
-            )
-            .map_err(refused)?;
-            let devices = crate::device::device_list_for_site_in_txn(&tx, site).await?;
+            personal::check_configure(&format!("sites/{site}/users/{user}"), has_pin)
+                .map_err(refused)?;
+            let devices = &loaded.devices;
             let perimeter: Vec<_> = devices.iter().filter(|d| d.perimeter).collect();
             if !perimeter.is_empty() && perimeter.iter().all(|d| d.kind() == DeviceKind::Door) {
                 return Err(StoreError::FailedPrecondition(
@@ -318,7 +226,7 @@ impl Store {
                 }
                 partitions.extend(device.partition);
             }
-            let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
             let is_self = acting.is_some_and(|a| a.id == user);
             who.check_code_change(&target.authorities, &partitions, is_self)
                 .map_err(denied)?;
@@ -326,17 +234,18 @@ impl Store {
                 .schedule
                 .clone()
                 .unwrap_or_else(|| current.schedule.clone());
-            plan_write_in_txn(&tx, site, user, &access_points, &schedule).await?;
-            audit_in_txn(
+            let detail = serde_json::json!({ "access_points": access_points.len(), "scheduled": schedule.is_some() });
+            plan_write_in_txn(
                 &tx,
                 actor,
-                Some(site),
+                site,
+                user,
+                &access_points,
+                &schedule,
                 "personal_plan.update",
-                &name,
-                serde_json::json!({ "access_points": access_points.len(), "scheduled": schedule.is_some() }),
+                detail,
             )
-            .await?;
-            plan_get_in_txn(&tx, site, user).await
+            .await
         })
     }
 
@@ -350,12 +259,11 @@ impl Store {
         etag: &str,
     ) -> Result<PersonalPlan, StoreError> {
         in_txn!(self, "personal_plan_clear", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let target = user_get_in_txn(&tx, site, user).await?;
-            let current = plan_get_in_txn(&tx, site, user).await?;
+            let (loaded, current, has_pin) = plan_load_in_txn(&tx, actor, site, user).await?;
+            let target = loaded.user(site, user)?;
             let name = format!("sites/{site}/users/{user}/personalAccessPlan");
             etag_check(&format!("plan {name}"), etag, current.version)?;
-            let (who, acting) = actor_resolve_in_txn(&tx, actor, site).await?;
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
             let is_self = acting.is_some_and(|a| a.id == user);
             let partitions: Vec<u8> = target.authorities.keys().copied().collect();
             who.check_code_change(&target.authorities, &partitions, is_self)
@@ -363,20 +271,20 @@ impl Store {
             personal::check_clear(
                 &format!("sites/{site}/users/{user}"),
                 current.configured,
-                has_pin_in_txn(&tx, site, user).await?,
+                has_pin,
             )
             .map_err(refused)?;
-            plan_write_in_txn(&tx, site, user, &[], &None).await?;
-            audit_in_txn(
+            plan_write_in_txn(
                 &tx,
                 actor,
-                Some(site),
+                site,
+                user,
+                &[],
+                &None,
                 "personal_plan.clear",
-                &name,
                 serde_json::json!({}),
             )
-            .await?;
-            plan_get_in_txn(&tx, site, user).await
+            .await
         })
     }
 }

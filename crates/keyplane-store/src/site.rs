@@ -5,13 +5,14 @@ use crate::{
     Actor, LocalCodePolicy, NewSite, PageRequest, RequestKey, Site, SitePatch, Store, StoreError,
     in_txn,
 };
-use tokio_postgres::{Row, Transaction};
+use crate::{Cached, Transaction};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
-const SITE_COLUMNS: &str =
+pub(crate) const SITE_COLUMNS: &str =
     "id, display_name, time_zone, local_code_policy, revision, version, create_time, update_time";
 
-fn site_from_row(row: &Row) -> Site {
+pub(crate) fn site_from_row(row: &Row) -> Site {
     Site {
         id: row.get(0),
         display_name: row.get(1),
@@ -67,56 +68,56 @@ pub(crate) fn device_slot(row: &tokio_postgres::Row) -> (Uuid, u16) {
     (row.get(0), u16::try_from(row.get::<_, i32>(1)).unwrap_or(0))
 }
 
-/// Records a change of every slot `user` holds on devices of `kinds` (their levels
-/// or access rules changed, so what those devices hold must be sent again).
-pub(crate) async fn user_slots_changed_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    user: Uuid,
-    kinds: &[&str],
-) -> Result<(), StoreError> {
-    let slots: Vec<(Uuid, u16)> = tx
-        .query(
-            "SELECT sa.device_id, sa.slot FROM slot_assignment sa
-             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-             WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = ANY($3)",
-            &[&site, &user, &kinds],
-        )
-        .await?
-        .iter()
-        .map(device_slot)
-        .collect();
-    if !slots.is_empty() {
-        site_change_record_in_txn(tx, site, &slots).await?;
-    }
-    Ok(())
+/// Records a change of every slot user `$2` holds on devices of kinds `$3` (their
+/// levels or access rules changed, so what those devices hold must be sent again), as
+/// one statement; site `$1`.
+pub(crate) fn user_slots_changed_sql() -> String {
+    changes_record_sql(
+        "SELECT sa.device_id, sa.slot FROM slot_assignment sa
+         JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+         JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+         WHERE sa.site_id = $1 AND c.user_id = $2 AND d.kind = ANY($3)",
+    )
+}
+
+/// One statement that records the (device, slot) rows `changed` selects (site id in
+/// `$1`) under a new revision, advancing the revision only when there are any.
+pub(crate) fn changes_record_sql(changed: &str) -> String {
+    format!(
+        "WITH changed AS ({changed}),
+         head AS (
+            UPDATE site SET revision = revision + 1
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM changed) RETURNING revision
+         )
+         INSERT INTO site_change (site_id, revision, device_id, slot)
+         SELECT DISTINCT $1, head.revision, changed.device_id, changed.slot FROM head, changed
+         ON CONFLICT DO NOTHING"
+    )
 }
 
 /// Advances the site revision (the site row must be locked) and records the changed
-/// slots under it. Returns the new revision.
+/// slots under it, in one statement. Returns the new revision.
 pub(crate) async fn site_change_record_in_txn(
     tx: &Transaction<'_>,
     site: Uuid,
     changed: &[(Uuid, u16)],
 ) -> Result<i64, StoreError> {
-    let row = tx
-        .query_one(
-            "UPDATE site SET revision = revision + 1 WHERE id = $1 RETURNING revision",
-            &[&site],
-        )
-        .await?;
-    let revision: i64 = row.get(0);
     let devices: Vec<Uuid> = changed.iter().map(|(d, _)| *d).collect();
     let slots: Vec<i32> = changed.iter().map(|(_, s)| i32::from(*s)).collect();
-    tx.execute(
-        "INSERT INTO site_change (site_id, revision, device_id, slot)
-         SELECT $1, $2, d, s FROM unnest($3::uuid[], $4::int[]) AS c(d, s)
-         ON CONFLICT DO NOTHING",
-        &[&site, &revision, &devices, &slots],
-    )
-    .await?;
-    Ok(revision)
+    let row = tx
+        .query_one(
+            "WITH head AS (
+                UPDATE site SET revision = revision + 1 WHERE id = $1 RETURNING revision
+             ), logged AS (
+                INSERT INTO site_change (site_id, revision, device_id, slot)
+                SELECT $1, head.revision, c.d, c.s FROM head, unnest($2::uuid[], $3::int[]) AS c(d, s)
+                ON CONFLICT DO NOTHING
+             )
+             SELECT revision FROM head",
+            &[&site, &devices, &slots],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Appends to the audit log.
@@ -154,18 +155,28 @@ pub(crate) async fn request_replay_in_txn(
 ) -> Result<Option<String>, StoreError> {
     let Some(key) = key else { return Ok(None) };
     // Serialize concurrent retries of one request id: the second waits for the first.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1::text || $2::text, 0))",
-        &[&dealer.to_string(), &key.request_id],
-    )
-    .await?;
-    let row = tx
-        .query_opt(
-            "SELECT method, fingerprint, resource_name FROM idempotency_key
-             WHERE dealer_id = $1 AND request_id = $2",
-            &[&dealer, &key.request_id],
-        )
+    tx.execute(REPLAY_LOCK_SQL, &[&dealer.to_string(), &key.request_id])
         .await?;
+    let row = tx
+        .query_opt(REPLAY_LOOKUP_SQL, &[&dealer, &key.request_id])
+        .await?;
+    replay_decide(key, row)
+}
+
+/// Waits for other requests with the same idempotency key (dealer, request id) to end.
+pub(crate) const REPLAY_LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended($1::text || $2::text, 0))";
+/// What an idempotency key already produced (dealer, request id).
+pub(crate) const REPLAY_LOOKUP_SQL: &str =
+    "SELECT method, fingerprint, resource_name FROM idempotency_key
+     WHERE dealer_id = $1 AND request_id = $2";
+
+/// `Some(resource name)` when the key's request already ran; refuses a reused request
+/// id with another method or body.
+pub(crate) fn replay_decide(
+    key: &RequestKey,
+    row: Option<Row>,
+) -> Result<Option<String>, StoreError> {
     match row {
         None => Ok(None),
         Some(row) => {
@@ -182,7 +193,6 @@ pub(crate) async fn request_replay_in_txn(
     }
 }
 
-/// Remembers that `key` created `resource`.
 pub(crate) async fn request_remember_in_txn(
     tx: &Transaction<'_>,
     dealer: Uuid,

@@ -1,12 +1,14 @@
 //! What agents read and report: desired slots since a revision, acks, sync status.
 
+use crate::Cached;
 use crate::site::{not_found_site, site_get_in_txn};
 use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
 use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
 
-use crate::plan::AccessRules;
+use crate::rules::AccessRules;
 use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
 
@@ -120,6 +122,72 @@ impl Store {
                     .ok_or_else(|| StoreError::Internal(format!("unknown model {model}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if from > 0 && from == revision {
+            // Nothing committed since: every change an agent must hear of advances the
+            // revision, so there is nothing to read.
+            tx.commit().await?;
+            return Ok(AgentUpdate::Changes {
+                from,
+                revision,
+                devices,
+                time_zone,
+                lockdown,
+                slots: Vec::new(),
+            });
+        }
+        let snapshot = from <= 0 || from > revision;
+        let rows = if snapshot {
+            tx.query(
+                "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                    sa.write_generation, false
+                 FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+                 JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
+                 JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+                 WHERE sa.site_id = $1
+                 UNION ALL
+                 SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+                 FROM observed_slot o WHERE o.site_id = $1 AND o.removing
+                 ORDER BY 1, 2",
+                &[&site],
+            )
+            .await?
+        } else {
+            tx.query(
+                "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                    sa.write_generation, coalesce(o.removing, false)
+                 FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
+                 LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
+                 LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
+                 LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
+                 LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
+                 LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
+                                         AND o.slot = ch.slot AND o.removing
+                 ORDER BY ch.device_id, ch.slot",
+                &[&site, &from],
+            )
+            .await?
+        };
+        // Levels and access rules only of the codes about to be sent: a catch-up after
+        // one change reads a few rows, however large the site.
+        let (credentials, users): (Option<Vec<Uuid>>, Option<Vec<Uuid>>) = if snapshot {
+            (None, None)
+        } else {
+            let mut credentials: Vec<Uuid> = rows
+                .iter()
+                .filter_map(|r| r.get::<_, Option<Uuid>>(2))
+                .collect();
+            let mut users: Vec<Uuid> = rows
+                .iter()
+                .filter_map(|r| r.get::<_, Option<Uuid>>(3))
+                .collect();
+            credentials.sort_unstable();
+            credentials.dedup();
+            users.sort_unstable();
+            users.dedup();
+            (Some(credentials), Some(users))
+        };
         // Each panel code carries its user's level in the partitions it is scoped to.
         let mut levels: HashMap<Uuid, Vec<(u8, Level)>> = HashMap::new();
         for r in tx
@@ -128,8 +196,9 @@ impl Store {
                  JOIN credential c ON c.site_id = cp.site_id AND c.id = cp.credential_id
                  JOIN user_authority ua ON ua.site_id = cp.site_id AND ua.user_id = c.user_id
                                         AND ua.partition = cp.partition
-                 WHERE cp.site_id = $1 ORDER BY cp.partition",
-                &[&site],
+                 WHERE cp.site_id = $1 AND ($2::uuid[] IS NULL OR cp.credential_id = ANY($2))
+                 ORDER BY cp.partition",
+                &[&site, &credentials],
             )
             .await?
         {
@@ -139,25 +208,9 @@ impl Store {
                 levels.entry(r.get(0)).or_default().push((p, l));
             }
         }
-        let rules = crate::plan::access_rules_in_txn(&tx, site).await?;
-        let update = if from <= 0 || from > revision {
-            let rows = tx
-                .query(
-                    "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
-                        sa.write_generation, false
-                     FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-                     JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
-                     JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-                     WHERE sa.site_id = $1
-                     UNION ALL
-                     SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-                     FROM observed_slot o WHERE o.site_id = $1 AND o.removing
-                     ORDER BY 1, 2",
-                    &[&site],
-                )
-                .await?;
-            let slots = self.desired_slots(site, &rows, &levels, &rules);
+        let rules = crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()).await?;
+        let slots = self.desired_slots(site, &rows, &levels, &rules);
+        let update = if snapshot {
             AgentUpdate::Snapshot {
                 revision,
                 devices,
@@ -166,23 +219,6 @@ impl Store {
                 slots,
             }
         } else {
-            let rows = tx
-                .query(
-                    "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                        u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
-                        sa.write_generation, coalesce(o.removing, false)
-                     FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
-                     LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
-                     LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
-                     LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
-                     LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
-                     LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
-                                             AND o.slot = ch.slot AND o.removing
-                     ORDER BY ch.device_id, ch.slot",
-                    &[&site, &from],
-                )
-                .await?;
-            let slots = self.desired_slots(site, &rows, &levels, &rules);
             AgentUpdate::Changes {
                 from,
                 revision,
@@ -196,7 +232,7 @@ impl Store {
         Ok(update)
     }
 
-    /// The site's current revision (for wake-ups; no dealer scoping: agents only).
+    /// The current revisions of `sites` (no dealer scoping: agents and tests only).
     pub async fn site_revisions(&self, sites: &[Uuid]) -> Result<Vec<(Uuid, i64)>, StoreError> {
         let conn = self.conn().await?;
         let rows = conn
@@ -206,6 +242,37 @@ impl Store {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Sites whose revision advanced after `since - slack` (None: after `now - slack`),
+    /// with their revisions, and the database's `now` to pass as the next `since`. One
+    /// indexed query, whatever the number of sites or agents: the wake-up poller's
+    /// read. `slack` covers transactions that advanced a revision before `since` but
+    /// committed after it; re-reading a site costs nothing, since wake-ups only say
+    /// "look again". No dealer scoping: agents only.
+    pub async fn sites_changed(
+        &self,
+        since: Option<SystemTime>,
+        slack: Duration,
+    ) -> Result<(Vec<(Uuid, i64)>, SystemTime), StoreError> {
+        let conn = self.conn().await?;
+        // Always one row at least (the clock), then one per changed site.
+        let rows = conn
+            .query(
+                "SELECT n.now, s.id, s.revision FROM (SELECT now() AS now) n
+                 LEFT JOIN site s ON s.change_time > COALESCE($1, n.now) - make_interval(secs => $2)",
+                &[&since, &slack.as_secs_f64()],
+            )
+            .await?;
+        let now = rows
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| StoreError::Internal("no clock row".into()))?;
+        let changed = rows
+            .iter()
+            .filter_map(|r| Some((r.get::<_, Option<Uuid>>(1)?, r.get::<_, Option<i64>>(2)?)))
+            .collect();
+        Ok((changed, now))
     }
 
     /// Records that the agent applied everything up to `revision` on `device`.

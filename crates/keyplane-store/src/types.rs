@@ -225,23 +225,7 @@ pub struct UserPatch {
     pub open_close_reporting: Option<bool>,
 }
 
-/// Where a credential is valid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Scope {
-    /// Panel partitions.
-    pub panel_partitions: Vec<u8>,
-    /// Lock device ids.
-    pub locks: Vec<Uuid>,
-    /// Door device ids.
-    pub doors: Vec<Uuid>,
-}
-
-impl Scope {
-    /// Whether the scope names nothing.
-    pub fn is_empty(&self) -> bool {
-        self.panel_partitions.is_empty() && self.locks.is_empty() && self.doors.is_empty()
-    }
-}
+pub use keyplane_core::credential::Scope;
 
 /// A credential's slot on one device.
 #[derive(Debug, Clone, PartialEq, Eq)]

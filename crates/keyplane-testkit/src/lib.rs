@@ -3,4 +3,5 @@
 //! the test process.
 
 pub mod pg;
+pub mod proxy;
 pub mod server;

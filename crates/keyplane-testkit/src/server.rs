@@ -3,6 +3,7 @@
 //! code as the binary, with simulated devices kept in a directory that outlives them.
 
 use crate::pg::{TestDatabase, test_database};
+use crate::proxy::CountingProxy;
 use keyplane_agent::clock::{Clock, SystemClock};
 use keyplane_agent::{AgentConfig, DriverFactory, SimulatorFactory};
 use keyplane_proto::v1 as pb;
@@ -10,6 +11,7 @@ use keyplane_proto::v1::admin_service_client::AdminServiceClient;
 use keyplane_store::{PinKey, Store};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -65,12 +67,55 @@ impl TestServer {
         Self::start_on(self.db.clone(), self.key.clone()).await
     }
 
+    /// Starts a server on a fresh test database that reaches PostgreSQL through a
+    /// [`CountingProxy`], with one pooled connection so counts do not depend on which
+    /// connection served a call, and dealer tokens trusted once verified (so counts do
+    /// not depend on when the 1 s token cache expires). `store` and `db` bypass the
+    /// proxy.
+    pub async fn start_counted() -> anyhow::Result<(TestServer, CountingProxy)> {
+        let db = test_database().await?;
+        let config = tokio_postgres::Config::from_str(&db.url)?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => anyhow::bail!("the counting proxy needs a TCP DATABASE_URL"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let mut proxy = CountingProxy::start(format!("{host}:{port}")).await?;
+        let user = config.get_user().unwrap_or("postgres");
+        let password = config
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        let url = format!(
+            "postgres://{user}{password}@127.0.0.1:{}/{}?sslmode=disable",
+            proxy.port, db.name
+        );
+        proxy.database_url = url.clone();
+        let server = Self::start_with(db, PinKey::generate()?, Some(url), 1).await?;
+        Ok((server, proxy))
+    }
+
     async fn start_on(db: TestDatabase, key: PinKey) -> anyhow::Result<TestServer> {
+        Self::start_with(db, key, None, 8).await
+    }
+
+    async fn start_with(
+        db: TestDatabase,
+        key: PinKey,
+        via: Option<String>,
+        max_connections: usize,
+    ) -> anyhow::Result<TestServer> {
         keyplane_telemetry::init("keyplaned-test");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let mut config = keyplane_server::Config::new(db.url.clone(), key.clone());
-        config.max_connections = 8;
+        let counted = via.is_some();
+        let mut config =
+            keyplane_server::Config::new(via.unwrap_or_else(|| db.url.clone()), key.clone());
+        config.max_connections = max_connections;
+        if counted {
+            // Counted servers: counts must not depend on when the token cache expires.
+            config.dealer_token_ttl = Duration::from_secs(3600);
+        }
         config.poll_interval = Duration::from_millis(100);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));

@@ -1,0 +1,159 @@
+//! Who may open what, when, at a site: personal plans, standard plans and holidays,
+//! loaded for the desired state of codes (the agent's sync) and for finding the slots
+//! a plan change touches.
+
+use crate::{Cached, StoreError, Transaction};
+use chrono::NaiveDate;
+use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
+use std::collections::{BTreeSet, HashMap};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+pub(crate) fn schedule_json(s: &Option<Schedule>) -> Result<Option<serde_json::Value>, StoreError> {
+    s.as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+pub(crate) fn schedule_from_json(
+    value: Option<serde_json::Value>,
+) -> Result<Option<Schedule>, StoreError> {
+    value
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| StoreError::Internal(format!("stored schedule: {e}")))
+}
+
+/// Who may open what, when, at a site: personal plans (locks and panels), standard
+/// plans (doors and locks) and holidays.
+#[derive(Debug, Default)]
+pub(crate) struct AccessRules {
+    /// Configured personal plans: user -> (access points, schedule).
+    personal: HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>,
+    /// Standard plans: (user, device) -> the schedules of plans granting it.
+    standard: HashMap<(Uuid, Uuid), Vec<Option<Schedule>>>,
+}
+
+/// Applies holidays: a paused plan that had no schedule becomes 24/7 but for them.
+fn paused(schedule: Option<Schedule>, days: &[NaiveDate]) -> Option<Schedule> {
+    if days.is_empty() {
+        return schedule;
+    }
+    let mut s = schedule.unwrap_or_else(|| Schedule {
+        windows: vec![Window {
+            days: 0x7f,
+            start: 0,
+            end: DAY_MINUTES,
+        }],
+        ..Schedule::default()
+    });
+    s.paused_dates.extend_from_slice(days);
+    Some(s)
+}
+
+impl AccessRules {
+    /// The schedules under which `user`'s code belongs on `device`: None always, an
+    /// empty list never. A configured personal plan governs locks and panels; other
+    /// devices follow the standard plans granting them, if any.
+    pub(crate) fn schedules_for(
+        &self,
+        user: Uuid,
+        device: Uuid,
+        kind: Option<&str>,
+    ) -> Option<Vec<Schedule>> {
+        if let (Some("panel" | "lock"), Some((points, schedule))) = (kind, self.personal.get(&user))
+        {
+            return Some(if points.contains(&device) {
+                match schedule {
+                    None => return None,
+                    Some(s) => vec![s.clone()],
+                }
+            } else {
+                Vec::new()
+            });
+        }
+        let plans = self.standard.get(&(user, device))?;
+        if plans.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(plans.iter().flatten().cloned().collect())
+    }
+}
+
+/// The reads of the access rules: holidays (site `$1` only), then the personal plans,
+/// their access points and the standard plans (site `$1`) of users `$2` (NULL: every
+/// user) and of the members of plan `$3`.
+pub(crate) const RULES_SQL: [&str; 4] = [
+    "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
+    "SELECT user_id, schedule FROM personal_access_plan
+     WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2)
+        OR user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
+    "SELECT user_id, device_id FROM personal_access_point
+     WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2)
+        OR user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
+    "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
+     JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
+     JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
+     WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2)
+        OR m.user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
+];
+
+/// The site's access rules as they apply to `users` (None: every user): an agent's
+/// catch-up reads the rules of the users whose codes changed, not the whole site's.
+pub(crate) async fn access_rules_for_in_txn(
+    tx: &Transaction<'_>,
+    site: Uuid,
+    users: Option<&[Uuid]>,
+) -> Result<AccessRules, StoreError> {
+    // Independent reads, pipelined: one round trip.
+    let plan: Option<Uuid> = None;
+    let by_site: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site];
+    let by_users: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &users, &plan];
+    let (holidays, personal, points, standard) = tokio::join!(
+        tx.query(RULES_SQL[0], by_site),
+        tx.query(RULES_SQL[1], by_users),
+        tx.query(RULES_SQL[2], by_users),
+        tx.query(RULES_SQL[3], by_users),
+    );
+    rules_from_rows(&holidays?, &personal?, &points?, &standard?)
+}
+
+/// Access rules from the rows of [`RULES_SQL`], in its order.
+pub(crate) fn rules_from_rows(
+    holidays: &[Row],
+    personal: &[Row],
+    points: &[Row],
+    standard: &[Row],
+) -> Result<AccessRules, StoreError> {
+    let holidays: Vec<(NaiveDate, Vec<Uuid>)> =
+        holidays.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
+        holidays
+            .iter()
+            .filter(|(_, plans)| plans.is_empty() || plan.is_some_and(|p| plans.contains(&p)))
+            .map(|(d, _)| *d)
+            .collect()
+    };
+    let mut rules = AccessRules::default();
+    for row in personal {
+        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(None));
+        rules
+            .personal
+            .insert(row.get::<_, Uuid>(0), (BTreeSet::new(), schedule));
+    }
+    for row in points {
+        if let Some((points, _)) = rules.personal.get_mut(&row.get::<_, Uuid>(0)) {
+            points.insert(row.get(1));
+        }
+    }
+    for row in standard {
+        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(Some(row.get(0))));
+        rules
+            .standard
+            .entry((row.get(2), row.get(3)))
+            .or_default()
+            .push(schedule);
+    }
+    Ok(rules)
+}

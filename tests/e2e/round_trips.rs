@@ -1,0 +1,766 @@
+//! Database round trips per mutating RPC, counted on the wire between `keyplaned` and
+//! PostgreSQL: each RPC stays under its ceiling, and costs the same round trips,
+//! parses and result rows whether a door holds 10 codes or 990 and whether the
+//! database holds 1k sites or 50k (seeded with SQL, not through the API).
+
+use crate::fixture::{create_device, create_user_with};
+use keyplane_proto::v1 as pb;
+use keyplane_store::Store;
+use keyplane_testkit::proxy::{CountingProxy, WireCounts};
+use keyplane_testkit::server::{Admin, TestServer};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// Most round trips each RPC may take, authentication included (a dealer token
+/// verified within the last second costs none; BEGIN and COMMIT are one each). The
+/// code, user and plan writes load in one pipelined round trip and write in one (a
+/// standard plan change that alters some code's schedule takes one more, to record
+/// the changed slots); the site configuration calls still run a statement at a time.
+const CEILINGS: &[(&str, u64)] = &[
+    ("CreateCredential", 4),
+    ("UpdateCredential", 4),
+    ("DeleteCredential", 4),
+    ("CreateUser", 4),
+    ("UpdateUser", 4),
+    ("DeleteUser", 4),
+    ("UpdatePersonalAccessPlan", 4),
+    ("CreateAccessPlan", 4),
+    ("UpdateAccessPlan", 4),
+    ("DeleteAccessPlan", 4),
+    ("ClearPersonalAccessPlan", 4),
+    ("CreatePartition", 6),
+    ("UpdatePartition", 6),
+    ("DeletePartition", 7),
+    ("CreateDevice", 7),
+    ("UpdateDevice", 7),
+    ("DeleteDevice", 8),
+    ("PutHoliday", 9),
+    ("DeleteHoliday", 9),
+    ("LockdownDoors", 7),
+    ("ReleaseLockdown", 7),
+    ("IssueAgentToken", 6),
+    ("CreateSite", 4),
+    ("UpdateSite", 5),
+    ("DeleteSite", 6),
+];
+
+struct Bench {
+    server: TestServer,
+    proxy: CountingProxy,
+    admin: Admin,
+    site: String,
+    site_id: Uuid,
+    panel: pb::Device,
+    door: pb::Device,
+    alice: String,
+    seeded: i32,
+}
+
+fn id_of(name: &str) -> anyhow::Result<Uuid> {
+    let last = name.rsplit('/').next().unwrap_or_default();
+    Ok(Uuid::parse_str(last)?)
+}
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
+}
+
+impl Bench {
+    async fn new() -> anyhow::Result<Bench> {
+        let (server, proxy) = TestServer::start_counted().await?;
+        let token = server.dealer("Dealer One").await?;
+        let mut admin = server.admin(Some(&token)).await?;
+        let site = admin
+            .create_site(pb::CreateSiteRequest {
+                site: Some(pb::Site {
+                    display_name: "Office".into(),
+                    time_zone: "Europe/Paris".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .name;
+        admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 1,
+                    display_name: "Office".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+        let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
+        let door = create_device(&mut admin, &site, "Main door", "door-1000").await?;
+        let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::Master)]).await?;
+        Ok(Bench {
+            site_id: id_of(&site)?,
+            server,
+            proxy,
+            admin,
+            site,
+            panel,
+            door,
+            alice,
+            seeded: 0,
+        })
+    }
+
+    /// Puts codes of a seeded user on the door until it holds `codes`, in the lowest
+    /// slots, so a new code's free slot lies above all of them.
+    async fn seed_codes(&mut self, codes: i32) -> anyhow::Result<()> {
+        let db = self.server.db.client().await?;
+        let user: Uuid = match db
+            .query_opt(
+                "SELECT id FROM site_user WHERE site_id = $1 AND display_name = 'Seeded'",
+                &[&self.site_id],
+            )
+            .await?
+        {
+            Some(row) => row.get(0),
+            None => id_of(
+                &create_user_with(
+                    &mut self.admin,
+                    &self.site,
+                    "Seeded",
+                    &[(1, pb::Level::OperatorA)],
+                )
+                .await?,
+            )?,
+        };
+        let door = id_of(&self.door.name)?;
+        db.execute(
+            "WITH c AS (
+                INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash)
+                SELECT $1, gen_random_uuid(), $2, 'seed ' || i, '\\x00'::bytea, $4, decode(md5('seed' || i), 'hex')
+                FROM generate_series($5::int, $6::int) i
+                RETURNING id, pin_hash, display_name
+             ), d AS (
+                INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, id, $3 FROM c
+             )
+             INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+             SELECT $1, $3, substr(display_name, 6)::int, id, pin_hash FROM c",
+            &[
+                &self.site_id,
+                &user,
+                &door,
+                &self.server.store.key().id(),
+                &(self.seeded + 1),
+                &codes,
+            ],
+        )
+        .await?;
+        self.seeded = codes;
+        Ok(())
+    }
+
+    /// Adds users until `users` of them hold a code on the door (from slot 1 up), a
+    /// level in partition 1 and a configured personal plan: what a catch-up must not
+    /// read whole.
+    async fn seed_users(&mut self, users: i32) -> anyhow::Result<()> {
+        let db = self.server.db.client().await?;
+        let door = id_of(&self.door.name)?;
+        let panel = id_of(&self.panel.name)?;
+        db.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS seed (i int, user_id uuid, credential_id uuid)",
+        )
+        .await?;
+        db.execute(
+            "INSERT INTO seed SELECT i, gen_random_uuid(), gen_random_uuid() FROM generate_series($1::int, $2::int) i",
+            &[&(self.seeded + 1), &users],
+        )
+        .await?;
+        let key_id = self.server.store.key().id().to_owned();
+        for (sql, params) in [
+            (
+                "INSERT INTO site_user (site_id, id, display_name)
+                 SELECT $1, user_id, 'seed ' || i FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO user_authority (site_id, user_id, partition, level)
+                 SELECT $1, user_id, 1, 3 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO personal_access_plan (site_id, user_id, configured)
+                 SELECT $1, user_id, true FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO personal_access_point (site_id, user_id, device_id)
+                 SELECT $1, user_id, $4 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![panel],
+            ),
+            (
+                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash)
+                 SELECT $1, credential_id, user_id, 'seed ' || i, '\\x00'::bytea, $4, decode(md5('seed' || i), 'hex')
+                 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO credential_partition (site_id, credential_id, partition)
+                 SELECT $1, credential_id, 1 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![],
+            ),
+            (
+                "INSERT INTO credential_device (site_id, credential_id, device_id)
+                 SELECT $1, credential_id, $4 FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![door],
+            ),
+            (
+                "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+                 SELECT $1, $4, i, credential_id, decode(md5('seed' || i), 'hex') FROM seed WHERE i BETWEEN $2 AND $3",
+                vec![door],
+            ),
+        ] {
+            let first = self.seeded + 1;
+            let mut p: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                vec![&self.site_id, &first, &users];
+            for d in &params {
+                p.push(d);
+            }
+            if sql.contains("pin_key_id") {
+                p.push(&key_id);
+            }
+            db.execute(sql, &p).await?;
+        }
+        self.seeded = users;
+        Ok(())
+    }
+
+    /// Adds sites of other dealers until the database holds `sites`.
+    async fn seed_sites(&self, sites: i64) -> anyhow::Result<()> {
+        let db = self.server.db.client().await?;
+        let have: i64 = db.query_one("SELECT count(*) FROM site", &[]).await?.get(0);
+        db.execute(
+            "WITH d AS (INSERT INTO dealer (display_name) VALUES ('Seeded dealer') RETURNING id)
+             INSERT INTO site (dealer_id, display_name, time_zone, revision)
+             SELECT d.id, 'seed ' || i, 'UTC', i FROM d, generate_series(1, $1::int8) i",
+            &[&(sites - have)],
+        )
+        .await?;
+        db.batch_execute("ANALYZE").await?;
+        Ok(())
+    }
+
+    /// Runs every measured RPC once (`round` keeps PINs and names apart) and returns
+    /// what each cost on the wire.
+    async fn round(&mut self, round: usize) -> anyhow::Result<BTreeMap<&'static str, WireCounts>> {
+        let mut out = BTreeMap::new();
+        let pins = [("5821", "6932"), ("7043", "8154"), ("9265", "3076")];
+        let (pin, pin2) = pins[round % pins.len()];
+        let site = self.site.clone();
+
+        let before = self.proxy.counts();
+        let bob = self
+            .admin
+            .create_user(pb::CreateUserRequest {
+                parent: site.clone(),
+                user: Some(pb::User {
+                    display_name: format!("Bob {round}"),
+                    authorities: vec![pb::PartitionAuthority {
+                        partition: 1,
+                        level: pb::Level::OperatorA as i32,
+                    }],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .name;
+        out.insert("CreateUser", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_user(pb::UpdateUserRequest {
+                user: Some(pb::User {
+                    name: bob.clone(),
+                    display_name: format!("Robert {round}"),
+                    ..Default::default()
+                }),
+                update_mask: None,
+            })
+            .await?;
+        out.insert("UpdateUser", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let credential = self
+            .admin
+            .create_credential(pb::CreateCredentialRequest {
+                parent: self.alice.clone(),
+                credential: Some(pb::Credential {
+                    display_name: "Badge".into(),
+                    pin: pin.into(),
+                    scope: Some(pb::CredentialScope {
+                        panel_partitions: vec![1],
+                        locks: vec![],
+                        doors: vec![self.door.name.clone()],
+                    }),
+                    ..Default::default()
+                }),
+                request_id: format!("round-{round}"),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateCredential", self.proxy.counts() - before);
+        let door_slot = credential
+            .slots
+            .iter()
+            .find(|s| s.device == self.door.name)
+            .map(|s| s.slot);
+        assert_eq!(
+            door_slot,
+            Some(self.seeded + 1),
+            "the lowest free slot on the door"
+        );
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_credential(pb::UpdateCredentialRequest {
+                credential: Some(pb::Credential {
+                    name: credential.name.clone(),
+                    display_name: "Badge 2".into(),
+                    pin: pin2.into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name", "pin"]),
+            })
+            .await?;
+        out.insert("UpdateCredential", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+                plan: Some(pb::PersonalAccessPlan {
+                    name: format!("{}/personalAccessPlan", self.alice),
+                    access_points: vec![self.panel.name.clone()],
+                    ..Default::default()
+                }),
+                update_mask: mask(&["access_points"]),
+            })
+            .await?;
+        out.insert("UpdatePersonalAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .clear_personal_access_plan(pb::ClearPersonalAccessPlanRequest {
+                name: format!("{}/personalAccessPlan", self.alice),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("ClearPersonalAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let plan = self
+            .admin
+            .create_access_plan(pb::CreateAccessPlanRequest {
+                parent: site.clone(),
+                plan: Some(pb::StandardAccessPlan {
+                    display_name: format!("Staff {round}"),
+                    devices: vec![self.door.name.clone()],
+                    members: vec![self.alice.clone(), bob.clone()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_access_plan(pb::UpdateAccessPlanRequest {
+                plan: Some(pb::StandardAccessPlan {
+                    name: plan.name.clone(),
+                    members: vec![self.alice.clone()],
+                    ..Default::default()
+                }),
+                update_mask: mask(&["members"]),
+            })
+            .await?;
+        out.insert("UpdateAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_access_plan(pb::DeleteAccessPlanRequest {
+                name: plan.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteAccessPlan", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_credential(pb::DeleteCredentialRequest {
+                name: credential.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteCredential", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_user(pb::DeleteUserRequest {
+                name: bob,
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteUser", self.proxy.counts() - before);
+        self.site_config_round(round, &mut out).await?;
+        Ok(out)
+    }
+
+    /// The configuration calls: partitions, devices, holidays, lockdown, agent token,
+    /// and a site of its own.
+    async fn site_config_round(
+        &mut self,
+        round: usize,
+        out: &mut BTreeMap<&'static str, WireCounts>,
+    ) -> anyhow::Result<()> {
+        let site = self.site.clone();
+        let before = self.proxy.counts();
+        let partition = self
+            .admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 2,
+                    display_name: format!("Annex {round}"),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreatePartition", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_partition(pb::UpdatePartitionRequest {
+                partition: Some(pb::Partition {
+                    name: partition.name.clone(),
+                    display_name: "Annex B".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name"]),
+            })
+            .await?;
+        out.insert("UpdatePartition", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let lock = self
+            .admin
+            .create_device(pb::CreateDeviceRequest {
+                parent: site.clone(),
+                device: Some(pb::Device {
+                    display_name: format!("Annex lock {round}"),
+                    model: "zwave-lock-30".into(),
+                    partition: 2,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateDevice", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_device(pb::UpdateDeviceRequest {
+                device: Some(pb::Device {
+                    name: lock.name.clone(),
+                    display_name: "Annex back door".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name"]),
+            })
+            .await?;
+        out.insert("UpdateDevice", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_device(pb::DeleteDeviceRequest {
+                name: lock.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteDevice", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_partition(pb::DeletePartitionRequest {
+                name: partition.name.clone(),
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeletePartition", self.proxy.counts() - before);
+
+        let holiday = format!("{site}/holidays/2030-01-0{}", round + 1);
+        let before = self.proxy.counts();
+        self.admin
+            .put_holiday(pb::PutHolidayRequest {
+                holiday: Some(pb::Holiday {
+                    name: holiday.clone(),
+                    display_name: "Closed".into(),
+                    plans: vec![],
+                }),
+            })
+            .await?;
+        out.insert("PutHoliday", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_holiday(pb::DeleteHolidayRequest { name: holiday })
+            .await?;
+        out.insert("DeleteHoliday", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .lockdown_doors(pb::LockdownDoorsRequest { site: site.clone() })
+            .await?;
+        out.insert("LockdownDoors", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .release_lockdown(pb::ReleaseLockdownRequest { site: site.clone() })
+            .await?;
+        out.insert("ReleaseLockdown", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .issue_agent_token(pb::IssueAgentTokenRequest { site: site.clone() })
+            .await?;
+        out.insert("IssueAgentToken", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let other = self
+            .admin
+            .create_site(pb::CreateSiteRequest {
+                site: Some(pb::Site {
+                    display_name: format!("Kiosk {round}"),
+                    time_zone: "Europe/Paris".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert("CreateSite", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_site(pb::UpdateSiteRequest {
+                site: Some(pb::Site {
+                    name: other.name.clone(),
+                    display_name: "Kiosk B".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["display_name"]),
+            })
+            .await?;
+        out.insert("UpdateSite", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .delete_site(pb::DeleteSiteRequest {
+                name: other.name,
+                etag: String::new(),
+            })
+            .await?;
+        out.insert("DeleteSite", self.proxy.counts() - before);
+        Ok(())
+    }
+}
+
+/// What an agent's catch-up after one new panel code reads.
+async fn catch_up_cost(b: &mut Bench, store: &Store, pin: &str) -> anyhow::Result<WireCounts> {
+    let db = b.server.db.client().await?;
+    let revision: i64 = db
+        .query_one("SELECT revision FROM site WHERE id = $1", &[&b.site_id])
+        .await?
+        .get(0);
+    b.admin
+        .create_credential(pb::CreateCredentialRequest {
+            parent: b.alice.clone(),
+            credential: Some(pb::Credential {
+                display_name: "Panel".into(),
+                pin: pin.into(),
+                scope: Some(pb::CredentialScope {
+                    panel_partitions: vec![1],
+                    locks: vec![],
+                    doors: vec![],
+                }),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let before = b.proxy.counts();
+    let update = store.agent_update(b.site_id, revision).await?;
+    let cost = b.proxy.counts() - before;
+    match update {
+        keyplane_store::AgentUpdate::Changes { slots, .. } => assert_eq!(slots.len(), 1),
+        _ => anyhow::bail!("expected changes, got a snapshot"),
+    }
+    Ok(cost)
+}
+
+#[tokio::test]
+async fn an_agent_catch_up_reads_what_changed_not_the_whole_site() -> anyhow::Result<()> {
+    let mut b = Bench::new().await?;
+    // A store reaching PostgreSQL through the proxy, to count what agent_update reads.
+    let store = Store::connect(&b.proxy.database_url, 1, b.server.store.key().clone())?;
+    b.seed_users(10).await?;
+    catch_up_cost(&mut b, &store, "5821").await?;
+    let small = catch_up_cost(&mut b, &store, "6932").await?;
+    b.seed_users(990).await?;
+    let large = catch_up_cost(&mut b, &store, "7043").await?;
+    eprintln!("catch-up after one change: 10 users {small:?}, 990 users {large:?}");
+    assert_eq!(
+        small, large,
+        "a catch-up after one change must read the same with 990 users and codes as with 10"
+    );
+    Ok(())
+}
+
+fn table(label: &str, counts: &BTreeMap<&'static str, WireCounts>) {
+    eprintln!("{label}:");
+    for (rpc, c) in counts {
+        eprintln!(
+            "  {rpc:<26} round trips {:>3}  parses {:>3}  rows {:>5}",
+            c.round_trips, c.parses, c.rows
+        );
+    }
+}
+
+#[tokio::test]
+async fn round_trips_per_rpc_stay_under_their_ceilings_and_flat_as_sites_and_codes_grow()
+-> anyhow::Result<()> {
+    let mut b = Bench::new().await?;
+    b.seed_codes(10).await?;
+    b.seed_sites(1_000).await?;
+    // The first round fills the connection's statement cache.
+    let first = b.round(0).await?;
+    table("first use (statements prepared)", &first);
+    let small = b.round(1).await?;
+    table("10 codes on the door, 1k sites", &small);
+
+    b.seed_codes(990).await?;
+    b.seed_sites(50_000).await?;
+    let large = b.round(2).await?;
+    table("990 codes on the door, 50k sites", &large);
+
+    for (rpc, ceiling) in CEILINGS {
+        let c = small[rpc];
+        assert!(
+            c.round_trips <= *ceiling,
+            "{rpc} took {} round trips; its ceiling is {ceiling}",
+            c.round_trips
+        );
+        assert_eq!(
+            small[rpc], large[rpc],
+            "{rpc} must cost the same with 990 codes and 50k sites as with 10 codes and 1k sites"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_removed_dealer_token_stops_working_within_a_second() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let token = server.dealer("Dealer One").await?;
+    let mut admin = server.admin(Some(&token)).await?;
+    // Verified once: now in the server's token cache.
+    admin.list_sites(pb::ListSitesRequest::default()).await?;
+    server
+        .db
+        .client()
+        .await?
+        .execute("DELETE FROM dealer_token", &[])
+        .await?;
+    let removed = std::time::Instant::now();
+    loop {
+        match admin.list_sites(pb::ListSitesRequest::default()).await {
+            Err(e) if e.code() == tonic::Code::Unauthenticated => break,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        assert!(
+            removed.elapsed()
+                < keyplane_store::DEALER_TOKEN_TTL + std::time::Duration::from_millis(500),
+            "a removed dealer token still works after {:?}",
+            removed.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_wake_up_poller_reads_the_same_whatever_the_number_of_sites_held() -> anyhow::Result<()>
+{
+    let b = Bench::new().await?;
+    b.seed_sites(1_000).await?;
+    let db = b.server.db.client().await?;
+    // Nothing changed lately: a poll has no site to report.
+    db.execute(
+        "UPDATE site SET change_time = now() - interval '1 hour'",
+        &[],
+    )
+    .await?;
+    let store = Store::connect(&b.proxy.database_url, 1, b.server.store.key().clone())?;
+    let ids: Vec<Uuid> = b
+        .server
+        .db
+        .client()
+        .await?
+        .query("SELECT id FROM site", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut per_poll = Vec::new();
+    for held in [1, ids.len()] {
+        let hub = keyplane_server::hub::Hub::default();
+        // Streams of `held` sites, as if that many agents were connected here.
+        let receivers: Vec<_> = ids[..held].iter().map(|id| hub.subscribe(*id)).collect();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let start = b.proxy.counts();
+        let poller = tokio::spawn(hub.poll(
+            store.clone(),
+            std::time::Duration::from_millis(20),
+            cancel.clone(),
+        ));
+        // Progress, not time: wait for five polls to cross the wire.
+        keyplane_testkit::server::eventually(
+            "five polls",
+            std::time::Duration::from_secs(20),
+            || {
+                let polled = (b.proxy.counts() - start).round_trips;
+                async move { Ok((polled >= 5).then_some(())) }
+            },
+        )
+        .await?;
+        cancel.cancel();
+        poller.await?;
+        let cost = b.proxy.counts() - start;
+        per_poll.push((cost.rows as f64 / cost.round_trips as f64, held));
+        drop(receivers);
+    }
+    eprintln!("rows per poll (rows, sites held): {per_poll:?}");
+    for (rows, held) in per_poll {
+        // One row: the database clock, which the next poll starts from.
+        assert!(
+            rows <= 1.0,
+            "a poll holding {held} sites read {rows} rows; it must read the sites that changed, not the sites held"
+        );
+    }
+    Ok(())
+}
