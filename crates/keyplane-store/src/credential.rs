@@ -258,16 +258,21 @@ async fn slots_allocate_in_txn(
     Ok(changed)
 }
 
-/// Inserts a slot for credential `$2` (PIN hash `$3`) on each device of `$4`: the
-/// lowest slot in `$5..=$6` that is not reserved (`$7`, `$8` pairs), not assigned and
-/// not held by a local code. Returns (device_id, slot).
-const ALLOCATE_SQL: &str =
-    "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
-        SELECT $1, t.device, free.slot, $2, $3
-          FROM unnest($4::uuid[], $5::int[], $6::int[]) AS t(device, first, last)
+/// The `INSERT INTO slot_assignment` that gives each device of `$devices` (with its
+/// `$first`..`$last` range) its lowest slot not reserved (`$reserved_devices`,
+/// `$reserved_slots` pairs), not assigned and not held by a local code, for credential
+/// `$2` with PIN hash `$pin_hash` on site `$1`; returns (device_id, slot). One text for
+/// every statement that allocates, with its own parameter numbers.
+macro_rules! allocate_sql {
+    ($pin_hash:literal, $devices:literal, $first:literal, $last:literal,
+     $reserved_devices:literal, $reserved_slots:literal) => {
+        concat!(
+            "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
+        SELECT $1, t.device, free.slot, $2, ", $pin_hash, "
+          FROM unnest(", $devices, "::uuid[], ", $first, "::int[], ", $last, "::int[]) AS t(device, first, last)
           CROSS JOIN LATERAL (
             SELECT g AS slot FROM generate_series(t.first, t.last) AS g
-             WHERE NOT EXISTS (SELECT 1 FROM unnest($7::uuid[], $8::int[]) AS r(device, slot)
+             WHERE NOT EXISTS (SELECT 1 FROM unnest(", $reserved_devices, "::uuid[], ", $reserved_slots, "::int[]) AS r(device, slot)
                                WHERE r.device = t.device AND r.slot = g)
                AND NOT EXISTS (SELECT 1 FROM slot_assignment sa
                                WHERE sa.site_id = $1 AND sa.device_id = t.device AND sa.slot = g)
@@ -276,7 +281,14 @@ const ALLOCATE_SQL: &str =
                                  AND o.state IN ('foreign', 'conflict'))
              ORDER BY g LIMIT 1
           ) AS free
-        RETURNING device_id, slot";
+        RETURNING device_id, slot"
+        )
+    };
+}
+
+/// Allocates for credential `$2` (PIN hash `$3`) on each device of `$4` (ranges `$5`,
+/// `$6`; reserved pairs `$7`, `$8`).
+const ALLOCATE_SQL: &str = allocate_sql!("$3", "$4", "$5", "$6", "$7", "$8");
 
 async fn scope_write_in_txn(
     tx: &Transaction<'_>,
@@ -733,29 +745,17 @@ pub(crate) async fn load_in_txn(
 /// credential or a local code, found by probing the keys upwards from the first slot,
 /// so no list of occupied slots is read; the site row lock serializes allocation.
 /// Returns the devices that got a slot.
-const SLOTS_WRITE_SQL: &str = "WITH freed AS (
+const SLOTS_WRITE_SQL: &str = concat!(
+    "WITH freed AS (
         DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = $2 AND device_id = ANY($3::uuid[])
         RETURNING device_id, slot
      ), rekeyed AS (
         UPDATE slot_assignment SET pin_hash = $4
          WHERE site_id = $1 AND credential_id = $2 AND device_id = ANY($5::uuid[])
         RETURNING device_id, slot
-     ), allocated AS (
-        INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash)
-        SELECT $1, t.device, free.slot, $2, $4
-          FROM unnest($6::uuid[], $7::int[], $8::int[]) AS t(device, first, last)
-          CROSS JOIN LATERAL (
-            SELECT g AS slot FROM generate_series(t.first, t.last) AS g
-             WHERE NOT EXISTS (SELECT 1 FROM unnest($9::uuid[], $10::int[]) AS r(device, slot)
-                               WHERE r.device = t.device AND r.slot = g)
-               AND NOT EXISTS (SELECT 1 FROM slot_assignment sa
-                               WHERE sa.site_id = $1 AND sa.device_id = t.device AND sa.slot = g)
-               AND NOT EXISTS (SELECT 1 FROM observed_slot o
-                               WHERE o.site_id = $1 AND o.device_id = t.device AND o.slot = g
-                                 AND o.state IN ('foreign', 'conflict'))
-             ORDER BY g LIMIT 1
-          ) AS free
-        RETURNING device_id, slot
+     ), allocated AS (",
+    allocate_sql!("$4", "$6", "$7", "$8", "$9", "$10"),
+    "
      ), changed AS (
         SELECT * FROM freed UNION ALL SELECT * FROM rekeyed UNION ALL SELECT * FROM allocated
      ), head AS (
@@ -767,7 +767,8 @@ const SLOTS_WRITE_SQL: &str = "WITH freed AS (
         SELECT $1, head.revision, changed.device_id, changed.slot FROM head, changed
         ON CONFLICT DO NOTHING
      )
-     SELECT ARRAY(SELECT device_id FROM allocated)";
+     SELECT ARRAY(SELECT device_id FROM allocated)"
+);
 
 /// The parameters of [`SLOTS_WRITE_SQL`] for a plan.
 struct SlotsWrite {
