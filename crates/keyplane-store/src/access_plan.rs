@@ -359,6 +359,45 @@ fn plan_users(before: &[Uuid], after: Option<&Vec<Uuid>>) -> Vec<Uuid> {
     users
 }
 
+/// Runs a plan's write `steps`, then its audit entry and the read-back of the plan, in
+/// the same round trip (create and update end alike).
+#[allow(clippy::too_many_arguments)]
+async fn plan_write_audited_in_txn(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    id: Uuid,
+    action: &str,
+    name: &str,
+    steps: Vec<Step<'_>>,
+    users: &[Uuid],
+    before: &AccessRules,
+) -> Result<AccessPlan, StoreError> {
+    let read_sql = format!(
+        "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
+    );
+    let site_opt = Some(site);
+    let mut steps: Vec<Step<'_>> = steps;
+    steps.push((
+        AUDIT_EMPTY_SQL,
+        params![
+            &actor.dealer,
+            &site_opt,
+            &actor.principal,
+            &action,
+            &name,
+            &actor.peer,
+        ],
+    ));
+    steps.push((read_sql.as_str(), params![&site, &id]));
+    let rows = plan_change_in_txn(tx, site, steps, users, before).await?;
+    let row = rows
+        .last()
+        .and_then(|r| r.first())
+        .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
+    access_plan_from_row(site, row)
+}
+
 const AUDIT_EMPTY_SQL: &str =
     "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
      VALUES ($1, $2, $3, $4, $5, $6, '{}'::jsonb)";
@@ -408,28 +447,10 @@ impl Store {
                     params![&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name],
                 ));
             }
-            let read_sql = format!(
-                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
-            );
-            let site_opt = Some(site);
-            steps.push((
-                AUDIT_EMPTY_SQL,
-                params![
-                    &actor.dealer,
-                    &site_opt,
-                    &actor.principal,
-                    &action,
-                    &name,
-                    &actor.peer,
-                ],
-            ));
-            steps.push((read_sql.as_str(), params![&site, &id]));
-            let rows = plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
-            let row = rows
-                .last()
-                .and_then(|r| r.first())
-                .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
-            access_plan_from_row(site, row)
+            plan_write_audited_in_txn(
+                &tx, actor, site, id, action, &name, steps, &users, &l.before,
+            )
+            .await
         })
     }
 
@@ -495,29 +516,11 @@ impl Store {
             l.check(site, fields)?;
             let users = plan_users(&current.members, fields.members.as_ref());
             let action = "access_plan.update";
-            let mut steps = plan_steps(&site, &id, fields, &has_schedule, &flat_schedule);
-            let read_sql = format!(
-                "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
-            );
-            let site_opt = Some(site);
-            steps.push((
-                AUDIT_EMPTY_SQL,
-                params![
-                    &actor.dealer,
-                    &site_opt,
-                    &actor.principal,
-                    &action,
-                    &name,
-                    &actor.peer,
-                ],
-            ));
-            steps.push((read_sql.as_str(), params![&site, &id]));
-            let rows = plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
-            let row = rows
-                .last()
-                .and_then(|r| r.first())
-                .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
-            access_plan_from_row(site, row)
+            let steps = plan_steps(&site, &id, fields, &has_schedule, &flat_schedule);
+            plan_write_audited_in_txn(
+                &tx, actor, site, id, action, &name, steps, &users, &l.before,
+            )
+            .await
         })
     }
 
