@@ -11,8 +11,8 @@ use keyplane_core::DeviceKind;
 use keyplane_devices::{AccessOutcome, DeviceError, PanelOutcome, SimulatedSite};
 use std::path::Path;
 
-/// What the person does.
-#[derive(Clone, PartialEq, Eq)]
+/// What the person does (also the `keyplane-agent sim` subcommands).
+#[derive(Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum HandAction {
     /// Program `code` into `slot` at the keypad.
     ProgramSlot {

@@ -67,58 +67,8 @@ enum Command {
         /// just its device id.
         device: String,
         #[command(subcommand)]
-        action: SimAction,
+        action: HandAction,
     },
-}
-
-#[derive(Subcommand)]
-enum SimAction {
-    /// Program CODE into slot (panel: user number) N at the keypad.
-    ProgramSlot {
-        /// Slot or user number.
-        slot: u16,
-        /// The code (digits).
-        code: String,
-    },
-    /// Clear slot (panel: user number) N at the keypad.
-    ClearSlot {
-        /// Slot or user number.
-        slot: u16,
-    },
-    /// Panels: enter CODE + ARM for PARTITION.
-    Arm {
-        /// Partition number.
-        partition: u8,
-        /// The code.
-        code: String,
-    },
-    /// Panels: enter CODE + OFF for PARTITION.
-    Disarm {
-        /// Partition number.
-        partition: u8,
-        /// The code.
-        code: String,
-    },
-    /// Locks and doors: present CODE.
-    Present {
-        /// The code.
-        code: String,
-    },
-    /// Show which slots hold a code (never the codes), armed partitions, lockdown.
-    Show,
-}
-
-impl From<SimAction> for HandAction {
-    fn from(a: SimAction) -> HandAction {
-        match a {
-            SimAction::ProgramSlot { slot, code } => HandAction::ProgramSlot { slot, code },
-            SimAction::ClearSlot { slot } => HandAction::ClearSlot { slot },
-            SimAction::Arm { partition, code } => HandAction::Arm { partition, code },
-            SimAction::Disarm { partition, code } => HandAction::Disarm { partition, code },
-            SimAction::Present { code } => HandAction::Present { code },
-            SimAction::Show => HandAction::Show,
-        }
-    }
 }
 
 /// Prints a line on stdout; a reader that went away (`| head`) is no reason to panic.
@@ -146,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
             complain("keyplane-agent sim: error: --sim-dir (or KEYPLANE_SIM_DIR) is required");
             std::process::exit(2);
         };
-        match hand::act(&sim_dir, &device, &action.into()) {
+        match hand::act(&sim_dir, &device, &action) {
             Ok(result) => {
                 say(&result.message);
                 std::process::exit(if result.done { 0 } else { 1 });
