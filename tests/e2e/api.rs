@@ -1,7 +1,7 @@
 //! API conventions: health, reflection, pagination, idempotent creates, update masks,
 //! preconditions, and changes reaching agents through another replica.
 
-use crate::fixture::{Site, create_user, lock_scope, panel_scope, slot_on};
+use crate::fixture::{Site, create_user, lock_scope, mask, panel_scope, slot_on};
 use keyplane_proto::v1 as pb;
 use tonic::Code;
 
@@ -326,12 +326,6 @@ async fn the_dev_demo_seeds_a_site_an_agent_can_sync() -> anyhow::Result<()> {
     assert_eq!(creds.len(), 2);
     agent.stop().await?;
     Ok(())
-}
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
 }
 
 fn weekdays() -> pb::Schedule {

@@ -2,32 +2,12 @@
 //! panel's partition, users without a level, one PIN key per database, agent
 //! sessions, repeated names in plans.
 
-use crate::fixture::{Site, create_user_with, lock_scope, panel_scope};
+use crate::fixture::{Site, create_user_with, id_of, lock_scope, panel_scope};
 use keyplane_core::pin::Pin;
 use keyplane_proto::v1 as pb;
 use keyplane_store::{Observed, ObservedState};
 use tonic::Code;
 use uuid::Uuid;
-
-fn id(name: &str) -> anyhow::Result<Uuid> {
-    Ok(Uuid::parse_str(
-        name.rsplit('/').next().unwrap_or_default(),
-    )?)
-}
-
-async fn set_policy(s: &mut Site, policy: pb::LocalCodePolicy) -> anyhow::Result<()> {
-    s.admin
-        .update_site(pb::UpdateSiteRequest {
-            site: Some(pb::Site {
-                name: s.site.clone(),
-                local_code_policy: policy as i32,
-                ..Default::default()
-            }),
-            update_mask: None,
-        })
-        .await?;
-    Ok(())
-}
 
 /// A panel's user 001 (the installer code, a reserved slot) belongs to the panel: an
 /// agent reporting it does not make it a LOCAL code, so it is never listed, claimed or
@@ -35,8 +15,8 @@ async fn set_policy(s: &mut Site, policy: pb::LocalCodePolicy) -> anyhow::Result
 #[tokio::test]
 async fn reserved_slots_are_never_local_codes() -> anyhow::Result<()> {
     let mut s = Site::new().await?;
-    set_policy(&mut s, pb::LocalCodePolicy::Authoritative).await?;
-    let (site, panel) = (id(&s.site)?, id(&s.panel.name)?);
+    s.set_policy(pb::LocalCodePolicy::Authoritative).await?;
+    let (site, panel) = (id_of(&s.site)?, id_of(&s.panel.name)?);
     let observe = |slot, pin: &str| Observed {
         slot,
         state: ObservedState::Foreign,
@@ -197,7 +177,7 @@ async fn a_database_keeps_one_pin_key_from_the_start() -> anyhow::Result<()> {
 async fn a_replaced_agent_stream_does_not_mark_the_site_disconnected() -> anyhow::Result<()> {
     let s = Site::new().await?;
     let store = &s.server.store;
-    let site = id(&s.site)?;
+    let site = id_of(&s.site)?;
     let dealer: Uuid = s
         .server
         .db

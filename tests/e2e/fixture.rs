@@ -118,6 +118,23 @@ impl Site {
             .map(|r| r.into_inner())
     }
 
+    /// Sets the site's local-code policy.
+    pub async fn set_policy(&mut self, policy: pb::LocalCodePolicy) -> anyhow::Result<()> {
+        self.admin
+            .update_site(pb::UpdateSiteRequest {
+                site: Some(pb::Site {
+                    name: self.site.clone(),
+                    local_code_policy: policy as i32,
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["local_code_policy".into()],
+                }),
+            })
+            .await?;
+        Ok(())
+    }
+
     pub async fn sync_status(&mut self) -> anyhow::Result<pb::SyncStatus> {
         Ok(self
             .admin
@@ -234,4 +251,18 @@ pub fn slot_on(credential: &pb::Credential, device: &pb::Device) -> Option<u16> 
         .iter()
         .find(|s| s.device == device.name)
         .and_then(|s| u16::try_from(s.slot).ok())
+}
+
+/// An update mask naming `paths`.
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
+}
+
+/// The id at the end of a resource name (`sites/{id}`, `…/devices/{id}`, …).
+pub fn id_of(name: &str) -> anyhow::Result<uuid::Uuid> {
+    Ok(uuid::Uuid::parse_str(
+        name.rsplit('/').next().unwrap_or_default(),
+    )?)
 }

@@ -48,22 +48,6 @@ async fn device_status(
     .await
 }
 
-async fn set_policy(s: &mut Site, policy: pb::LocalCodePolicy) -> anyhow::Result<()> {
-    s.admin
-        .update_site(pb::UpdateSiteRequest {
-            site: Some(pb::Site {
-                name: s.site.clone(),
-                local_code_policy: policy as i32,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["local_code_policy".into()],
-            }),
-        })
-        .await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn a_code_programmed_while_the_agent_was_down_is_kept_as_local() -> anyhow::Result<()> {
     let mut s = Site::new().await?;
@@ -221,7 +205,7 @@ async fn authoritative_sites_clear_foreign_codes_preserve_sites_never_do() -> an
 
     // AUTHORITATIVE: keyplane's table wins; the clearing is logged.
     let mut s = Site::new().await?;
-    set_policy(&mut s, pb::LocalCodePolicy::Authoritative).await?;
+    s.set_policy(pb::LocalCodePolicy::Authoritative).await?;
     let lock = s.lock.clone();
     s.sim(&lock)?.program_at_keypad(5, "9514")?;
     let agent = s.start_agent();

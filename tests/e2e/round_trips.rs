@@ -3,7 +3,7 @@
 //! parses and result rows whether a door holds 10 codes or 990 and whether the
 //! database holds 1k sites or 50k (seeded with SQL, not through the API).
 
-use crate::fixture::{create_device, create_user_with};
+use crate::fixture::{create_device, create_user_with, id_of, mask};
 use keyplane_proto::v1 as pb;
 use keyplane_store::Store;
 use keyplane_testkit::proxy::{CountingProxy, WireCounts};
@@ -54,17 +54,6 @@ struct Bench {
     door: pb::Device,
     alice: String,
     seeded: i32,
-}
-
-fn id_of(name: &str) -> anyhow::Result<Uuid> {
-    let last = name.rsplit('/').next().unwrap_or_default();
-    Ok(Uuid::parse_str(last)?)
-}
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
 }
 
 impl Bench {

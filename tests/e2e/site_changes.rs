@@ -3,7 +3,7 @@
 //! would receive (a snapshot read over a real Sync stream) is compared before and after.
 //! Also: the AUTHORITATIVE switch, DeleteDevice on a plan's door, and the PIN key.
 
-use crate::fixture::{Site, create_device, create_user_with, lock_scope, panel_scope};
+use crate::fixture::{Site, create_device, create_user_with, id_of, lock_scope, mask, panel_scope};
 use keyplane_core::pin::Pin;
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_client::AgentServiceClient;
@@ -12,21 +12,6 @@ use keyplane_testkit::server::{TestServer, eventually};
 use std::future::Future;
 use std::time::Duration;
 use tonic::Code;
-use uuid::Uuid;
-
-fn id_after(name: &str, marker: &str) -> anyhow::Result<Uuid> {
-    let tail = name
-        .rsplit_once(marker)
-        .map(|(_, t)| t)
-        .ok_or_else(|| anyhow::anyhow!("{name} has no {marker}"))?;
-    Ok(Uuid::parse_str(tail.split('/').next().unwrap_or(tail))?)
-}
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
-}
 
 /// What a new agent of the site would be sent, read over a real Sync stream.
 pub async fn agent_snapshot(
@@ -103,8 +88,8 @@ impl Probe<'_> {
 
     /// Records what an agent would report for `device` (its whole observed table).
     async fn observe(&self, device: &pb::Device, slots: &[(u16, ObservedState, &str)]) {
-        let site = id_after(&self.site.site, "sites/").expect("site id");
-        let device = id_after(&device.name, "/devices/").expect("device id");
+        let site = id_of(&self.site.site).expect("site id");
+        let device = id_of(&device.name).expect("device id");
         let slots: Vec<Observed> = slots
             .iter()
             .map(|(slot, state, pin)| Observed {
@@ -722,16 +707,7 @@ async fn switching_to_authoritative_clears_local_codes_at_once() -> anyhow::Resu
     )
     .await?;
     assert_eq!(s.slots(&s.lock)?.get(&9).map(String::as_str), Some("3916"));
-    s.admin
-        .update_site(pb::UpdateSiteRequest {
-            site: Some(pb::Site {
-                name: s.site.clone(),
-                local_code_policy: pb::LocalCodePolicy::Authoritative as i32,
-                ..Default::default()
-            }),
-            update_mask: mask(&["local_code_policy"]),
-        })
-        .await?;
+    s.set_policy(pb::LocalCodePolicy::Authoritative).await?;
     let lock = s.lock.clone();
     let dir = s.dir.path().to_owned();
     eventually(
@@ -808,7 +784,7 @@ async fn an_unreadable_row_does_not_stop_a_sites_sync() -> anyhow::Result<()> {
     let good = s.credential(&alice, "4821", panel_scope(&[1])).await?;
     let lock = s.lock.clone();
     let bad = s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
-    let bad_id = id_after(&bad.name, "/credentials/")?;
+    let bad_id = id_of(&bad.name)?;
     let client = s.server.db.client().await?;
     client
         .execute(
