@@ -189,6 +189,24 @@ macro_rules! in_txn {
 }
 pub(crate) use in_txn;
 
+/// Key ids of PINs sealed in the database, with how many rows each holds.
+async fn sealed_key_ids(
+    conn: &deadpool_postgres::Object,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = conn
+        .query(
+            "SELECT key_id, sum(n)::int8 FROM (
+                SELECT pin_key_id AS key_id, count(*) AS n FROM credential GROUP BY pin_key_id
+                UNION ALL
+                SELECT pin_key_id, count(*) FROM observed_slot
+                 WHERE pin_key_id IS NOT NULL GROUP BY pin_key_id
+             ) k GROUP BY key_id ORDER BY key_id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Handle to the database: a connection pool and the PIN key.
 #[derive(Clone)]
 pub struct Store {
@@ -238,63 +256,59 @@ impl Store {
         migrate(&mut conn).await
     }
 
-    /// Key ids of PINs sealed in the database, with how many rows each holds.
-    pub async fn sealed_key_ids(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let conn = self.conn().await?;
-        let rows = conn
-            .query(
-                "SELECT key_id, sum(n)::int8 FROM (
-                    SELECT pin_key_id AS key_id, count(*) AS n FROM credential GROUP BY pin_key_id
-                    UNION ALL
-                    SELECT pin_key_id, count(*) FROM observed_slot
-                     WHERE pin_key_id IS NOT NULL GROUP BY pin_key_id
-                 ) k GROUP BY key_id ORDER BY key_id",
-                &[],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
     /// Refuses to serve with a key other than the database's: PINs it sealed would
     /// never reach agents, and uniqueness (keyed hashes) would not hold. The first
     /// replica to start records its key id; every later one must match it, even
     /// before any PIN is sealed.
     pub async fn key_check(&self) -> Result<(), StoreError> {
-        let sealed = self.sealed_key_ids().await?;
         let mine = self.key.id();
-        let list = |ids: &[(String, i64)]| {
-            ids.iter()
-                .map(|(id, n)| format!("{id} ({n} sealed PIN(s))"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if sealed.len() > 1 {
-            return Err(StoreError::FailedPrecondition(format!(
-                "the database holds PINs sealed under several keys: {}; every replica must use the same key. Restore the key that sealed most of them and re-create the others' codes",
-                list(&sealed)
-            )));
-        }
-        if let Some((theirs, _)) = sealed.first()
-            && theirs != mine
-        {
-            return Err(StoreError::FailedPrecondition(format!(
-                "the database holds PINs sealed under key id {} but the configured PIN key is {mine}: start keyplaned with the key file that holds {theirs} (every replica must use the same key; `keyplaned key-id --pin-key-file FILE` prints a key file's id)",
-                list(&sealed),
-                theirs = theirs,
-            )));
-        }
+        // One connection for all of it: a pool of one must not wait on itself.
         let conn = self.conn().await?;
-        // Two statements: a replica starting at the same moment may have inserted
-        // first, and only a fresh statement sees its row.
-        conn.execute(
-            "INSERT INTO pin_key_in_use (key_id) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&mine],
-        )
-        .await?;
-        let recorded: String = conn
-            .query_one("SELECT key_id FROM pin_key_in_use", &[])
+        let recorded: Option<String> = conn
+            .query_opt("SELECT key_id FROM pin_key_in_use", &[])
             .await?
-            .get(0);
+            .map(|r| r.get(0));
+        // Once a key is recorded every replica is checked against it, so only a
+        // database without the record (new, or sealed before it existed) needs the
+        // scan of every sealed PIN.
+        if recorded.is_none() {
+            let sealed = sealed_key_ids(&conn).await?;
+            let list = |ids: &[(String, i64)]| {
+                ids.iter()
+                    .map(|(id, n)| format!("{id} ({n} sealed PIN(s))"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if sealed.len() > 1 {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "the database holds PINs sealed under several keys: {}; every replica must use the same key. Restore the key that sealed most of them and re-create the others' codes",
+                    list(&sealed)
+                )));
+            }
+            if let Some((theirs, _)) = sealed.first()
+                && theirs != mine
+            {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "the database holds PINs sealed under key id {} but the configured PIN key is {mine}: start keyplaned with the key file that holds {theirs} (every replica must use the same key; `keyplaned key-id --pin-key-file FILE` prints a key file's id)",
+                    list(&sealed),
+                    theirs = theirs,
+                )));
+            }
+            // Two statements: a replica starting at the same moment may have inserted
+            // first, and only a fresh statement sees its row.
+            conn.execute(
+                "INSERT INTO pin_key_in_use (key_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&mine],
+            )
+            .await?;
+        }
+        let recorded: String = match recorded {
+            Some(id) => id,
+            None => conn
+                .query_one("SELECT key_id FROM pin_key_in_use", &[])
+                .await?
+                .get(0),
+        };
         if recorded != mine {
             return Err(StoreError::FailedPrecondition(format!(
                 "this database is keyed to PIN key id {recorded} (recorded when the first replica started) but the configured PIN key is {mine}: start keyplaned with the key file that holds {recorded} (`keyplaned key-id --pin-key-file FILE` prints a key file's id)"
