@@ -804,6 +804,10 @@ fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
         EventKind::Duress => pb::EventKind::Duress,
         EventKind::AccessGranted => pb::EventKind::AccessGranted,
         EventKind::AccessDenied => pb::EventKind::AccessDenied,
+        EventKind::Lockdown => pb::EventKind::Lockdown,
+        EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
+        EventKind::Drift => pb::EventKind::Drift,
+        EventKind::LocalCodeCleared => pb::EventKind::LocalCodeCleared,
     };
     let secs = e.at_unix_ms.div_euclid(1000);
     let nanos = i32::try_from(e.at_unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0);

@@ -7,6 +7,7 @@
 pub mod allocation;
 pub mod authority;
 pub mod credential;
+pub mod event;
 pub mod model;
 pub mod names;
 pub mod observed;
@@ -15,5 +16,9 @@ pub mod pin;
 pub mod plan;
 pub mod schedule;
 
+pub use event::EventKind;
 pub use model::{DeviceKind, DeviceModel};
-pub use names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};
+pub use names::{
+    AccessPlanName, CredentialName, DeviceName, EventName, HolidayName, LocalCodeName,
+    PartitionName, PersonalPlanName, SiteName, SyncStatusName, UserName,
+};

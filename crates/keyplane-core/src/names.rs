@@ -1,5 +1,6 @@
 //! Resource names (`sites/{site}/devices/{device}` …), parsed once at the edge.
 
+use chrono::NaiveDate;
 use std::fmt;
 use uuid::Uuid;
 
@@ -186,6 +187,177 @@ impl fmt::Display for PartitionName {
     }
 }
 
+/// `sites/{site}/users/{user}/personalAccessPlan`: the one plan every user has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PersonalPlanName {
+    /// The site id.
+    pub site: Uuid,
+    /// The user id.
+    pub user: Uuid,
+}
+
+/// The last segment of a personal access plan's name.
+const PERSONAL_PLAN: &str = "/personalAccessPlan";
+
+impl PersonalPlanName {
+    /// Parses `sites/{uuid}/users/{uuid}/personalAccessPlan`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        const EXPECTED: &str = "sites/{site}/users/{user}/personalAccessPlan";
+        let user = name
+            .strip_suffix(PERSONAL_PLAN)
+            .and_then(|user| UserName::parse(user).ok())
+            .ok_or_else(|| NameError {
+                name: name.to_owned(),
+                expected: EXPECTED,
+            })?;
+        Ok(PersonalPlanName {
+            site: user.site,
+            user: user.user,
+        })
+    }
+
+    /// Whether `name` ends like a personal plan's name, well-formed or not.
+    pub fn looks_like(name: &str) -> bool {
+        name.ends_with(PERSONAL_PLAN)
+    }
+}
+
+impl fmt::Display for PersonalPlanName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/users/{}{PERSONAL_PLAN}", self.site, self.user)
+    }
+}
+
+/// `sites/{site}/accessPlans/{plan}`: a standard access plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccessPlanName {
+    /// The site id.
+    pub site: Uuid,
+    /// The plan id.
+    pub plan: Uuid,
+}
+
+impl AccessPlanName {
+    /// Parses `sites/{uuid}/accessPlans/{uuid}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let [site, plan] = parse_uuids(
+            name,
+            &["sites", "accessPlans"],
+            "sites/{site}/accessPlans/{plan}",
+        )?;
+        Ok(AccessPlanName { site, plan })
+    }
+}
+
+impl fmt::Display for AccessPlanName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/accessPlans/{}", self.site, self.plan)
+    }
+}
+
+/// `sites/{site}/holidays/{YYYY-MM-DD}`: a site holiday, named by its local date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HolidayName {
+    /// The site id.
+    pub site: Uuid,
+    /// The local date.
+    pub day: NaiveDate,
+}
+
+impl HolidayName {
+    /// Parses `sites/{uuid}/holidays/{YYYY-MM-DD}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let err = || NameError {
+            name: name.to_owned(),
+            expected: "sites/{site}/holidays/{YYYY-MM-DD}",
+        };
+        let ids = segments(name, &["sites", "holidays"]).ok_or_else(err)?;
+        let site = Uuid::try_parse(ids[0]).map_err(|_| err())?;
+        let day = NaiveDate::parse_from_str(ids[1], "%Y-%m-%d").map_err(|_| err())?;
+        Ok(HolidayName { site, day })
+    }
+}
+
+impl fmt::Display for HolidayName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/holidays/{}", self.site, self.day)
+    }
+}
+
+/// `sites/{site}/devices/{device}/localCodes/{slot}`: a code set at the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalCodeName {
+    /// The device holding it.
+    pub device: DeviceName,
+    /// The slot (user number) it is in.
+    pub slot: u16,
+}
+
+impl LocalCodeName {
+    /// Parses `sites/{uuid}/devices/{uuid}/localCodes/{slot}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let err = || NameError {
+            name: name.to_owned(),
+            expected: "sites/{site}/devices/{device}/localCodes/{slot}",
+        };
+        let ids = segments(name, &["sites", "devices", "localCodes"]).ok_or_else(err)?;
+        let site = Uuid::try_parse(ids[0]).map_err(|_| err())?;
+        let device = Uuid::try_parse(ids[1]).map_err(|_| err())?;
+        let slot = ids[2].parse::<u16>().map_err(|_| err())?;
+        Ok(LocalCodeName {
+            device: DeviceName { site, device },
+            slot,
+        })
+    }
+}
+
+impl fmt::Display for LocalCodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/localCodes/{}", self.device, self.slot)
+    }
+}
+
+/// `sites/{site}/syncStatus`: how far a site's devices are from what keyplane wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SyncStatusName {
+    /// The site id.
+    pub site: Uuid,
+}
+
+impl SyncStatusName {
+    /// Parses `sites/{uuid}/syncStatus`; the site's own name `sites/{uuid}` is
+    /// accepted too, as GetSyncStatus always has.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let site = name.strip_suffix("/syncStatus").unwrap_or(name);
+        let site = SiteName::parse(site).map_err(|_| NameError {
+            name: name.to_owned(),
+            expected: "sites/{site}/syncStatus",
+        })?;
+        Ok(SyncStatusName { site: site.site })
+    }
+}
+
+impl fmt::Display for SyncStatusName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/syncStatus", self.site)
+    }
+}
+
+/// `sites/{site}/events/{cursor}`: an event, named by its cursor (output only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventName {
+    /// The site id.
+    pub site: Uuid,
+    /// The event's cursor.
+    pub cursor: i64,
+}
+
+impl fmt::Display for EventName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/events/{}", self.site, self.cursor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +407,87 @@ mod tests {
             let name = format!("sites/{S}/partitions/{n}");
             assert!(PartitionName::parse(&name).is_err(), "{name:?}");
         }
+    }
+
+    #[test]
+    fn resource_names_table() {
+        let plan = format!("sites/{S}/users/{D}/personalAccessPlan");
+        let access = format!("sites/{S}/accessPlans/{D}");
+        let holiday = format!("sites/{S}/holidays/2026-12-25");
+        let local = format!("sites/{S}/devices/{D}/localCodes/7");
+        let sync = format!("sites/{S}/syncStatus");
+        // (name, parses, round trips to itself)
+        let table: Vec<(&str, String, bool)> = vec![
+            ("personal plan", plan.clone(), true),
+            (
+                "personal plan of a credential",
+                format!("sites/{S}/users/{D}/credentials/{S}/personalAccessPlan"),
+                false,
+            ),
+            (
+                "personal plan without user",
+                format!("sites/{S}/personalAccessPlan"),
+                false,
+            ),
+            ("access plan", access.clone(), true),
+            (
+                "access plan not a uuid",
+                format!("sites/{S}/accessPlans/x"),
+                false,
+            ),
+            ("holiday", holiday.clone(), true),
+            (
+                "holiday not a date",
+                format!("sites/{S}/holidays/2026-13-01"),
+                false,
+            ),
+            (
+                "holiday other format",
+                format!("sites/{S}/holidays/25-12-2026"),
+                false,
+            ),
+            ("local code", local.clone(), true),
+            (
+                "local code slot too big",
+                format!("sites/{S}/devices/{D}/localCodes/70000"),
+                false,
+            ),
+            (
+                "local code negative",
+                format!("sites/{S}/devices/{D}/localCodes/-1"),
+                false,
+            ),
+            ("sync status", sync.clone(), true),
+        ];
+        for (what, name, ok) in &table {
+            let got = match *what {
+                w if w.starts_with("personal") => {
+                    PersonalPlanName::parse(name).map(|n| n.to_string())
+                }
+                w if w.starts_with("access") => AccessPlanName::parse(name).map(|n| n.to_string()),
+                w if w.starts_with("holiday") => HolidayName::parse(name).map(|n| n.to_string()),
+                w if w.starts_with("local") => LocalCodeName::parse(name).map(|n| n.to_string()),
+                _ => SyncStatusName::parse(name).map(|n| n.to_string()),
+            };
+            assert_eq!(got.is_ok(), *ok, "{what}: {got:?}");
+            if *ok {
+                assert_eq!(got.as_ref(), Ok(name), "{what}");
+            } else {
+                let err = got.expect_err(what);
+                assert_eq!(&err.name, name, "{what}: the error names what was given");
+            }
+        }
+        // GetSyncStatus takes the site's own name too.
+        assert_eq!(
+            SyncStatusName::parse(&format!("sites/{S}")).map(|n| n.to_string()),
+            Ok(sync)
+        );
+        assert!(PersonalPlanName::looks_like(&plan));
+        assert!(!PersonalPlanName::looks_like(&access));
+        let l = LocalCodeName::parse(&local).expect("local code");
+        assert_eq!(
+            (l.device.to_string(), l.slot),
+            (format!("sites/{S}/devices/{D}"), 7)
+        );
     }
 }

@@ -188,24 +188,9 @@ pub trait DeviceDriver: Send {
     }
 }
 
-/// What happened at a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum EventKind {
-    /// A partition was armed.
-    Armed,
-    /// A partition was disarmed.
-    Disarmed,
-    /// A code was refused for arming.
-    ArmRefused,
-    /// A code was refused for disarming (e.g. operator C, not the arming code).
-    DisarmRefused,
-    /// A duress code was used: a silent alarm.
-    Duress,
-    /// A credential was let in.
-    AccessGranted,
-    /// A credential was refused.
-    AccessDenied,
-}
+/// What happened at a device: the one list, from keyplane-core (devices log the
+/// first seven kinds).
+pub use keyplane_core::EventKind;
 
 /// One event from a device's log. Never holds a code: only the user number.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

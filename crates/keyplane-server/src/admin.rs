@@ -6,7 +6,10 @@ use crate::auth;
 use crate::convert::{self as cv, mask_paths, page, page_partitions, page_split};
 use crate::error::{name_status, store_status};
 use crate::hub::{EventBell, Hub};
-use keyplane_core::names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};
+use keyplane_core::names::{
+    AccessPlanName, CredentialName, DeviceName, HolidayName, LocalCodeName, PartitionName,
+    PersonalPlanName, SiteName, SyncStatusName, UserName,
+};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::admin_service_server::AdminService;
 use keyplane_store::{self as store, RequestKey, Store};
@@ -71,6 +74,25 @@ fn installer_only(actor: &store::Actor, what: &str) -> Result<(), Status> {
 
 fn site_name(field: &str, name: &str) -> Result<SiteName, Status> {
     SiteName::parse(name).map_err(|e| name_status(field, e))
+}
+
+fn plan_name(field: &str, name: &str) -> Result<PersonalPlanName, Status> {
+    PersonalPlanName::parse(name).map_err(|e| name_status(field, e))
+}
+
+fn access_plan_name(field: &str, name: &str) -> Result<(uuid::Uuid, uuid::Uuid), Status> {
+    let name = AccessPlanName::parse(name).map_err(|e| name_status(field, e))?;
+    Ok((name.site, name.plan))
+}
+
+fn holiday_name(field: &str, name: &str) -> Result<(uuid::Uuid, chrono::NaiveDate), Status> {
+    let name = HolidayName::parse(name).map_err(|e| name_status(field, e))?;
+    Ok((name.site, name.day))
+}
+
+fn local_code_name(field: &str, name: &str) -> Result<(DeviceName, u16), Status> {
+    let name = LocalCodeName::parse(name).map_err(|e| name_status(field, e))?;
+    Ok((name.device, name.slot))
 }
 
 fn required<'a, T>(field: &str, value: Option<&'a T>) -> Result<&'a T, Status> {
@@ -651,8 +673,8 @@ impl AdminService for AdminApi {
         request: Request<pb::GetSyncStatusRequest>,
     ) -> Res<pb::SyncStatus> {
         let actor = auth::dealer(&self.store, &request).await?;
-        let raw = &request.get_ref().name;
-        let site = site_name("name", raw.strip_suffix("/syncStatus").unwrap_or(raw))?;
+        let site =
+            SyncStatusName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
         let status = self
             .store
             .sync_status(actor.dealer, site.site)
@@ -941,7 +963,7 @@ impl AdminService for AdminApi {
         let actor = auth::dealer(&self.store, &request).await?;
         installer_only(&actor, "deleting an access plan")?;
         let req = request.get_ref();
-        if req.name.ends_with("/personalAccessPlan") {
+        if PersonalPlanName::looks_like(&req.name) {
             return Err(Status::failed_precondition(
                 "a personal access plan cannot be deleted; clear it with ClearPersonalAccessPlan",
             ));
@@ -1151,42 +1173,6 @@ impl AdminService for AdminApi {
     }
 }
 
-/// Parses `sites/{site}/users/{user}/personalAccessPlan`.
-fn plan_name(field: &str, name: &str) -> Result<UserName, Status> {
-    let user = name.strip_suffix("/personalAccessPlan").ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "{field}: expected sites/{{site}}/users/{{user}}/personalAccessPlan, got {name:?}"
-        ))
-    })?;
-    UserName::parse(user).map_err(|e| name_status(field, e))
-}
-
-/// Parses `sites/{site}/accessPlans/{plan}`.
-fn access_plan_name(field: &str, name: &str) -> Result<(uuid::Uuid, uuid::Uuid), Status> {
-    let bad = || {
-        Status::invalid_argument(format!(
-            "{field}: expected sites/{{site}}/accessPlans/{{plan}}, got {name:?}"
-        ))
-    };
-    let (site, plan) = name.split_once("/accessPlans/").ok_or_else(bad)?;
-    let site = SiteName::parse(site).map_err(|_| bad())?;
-    let plan = uuid::Uuid::try_parse(plan).map_err(|_| bad())?;
-    Ok((site.site, plan))
-}
-
-/// Parses `sites/{site}/holidays/{YYYY-MM-DD}`.
-fn holiday_name(field: &str, name: &str) -> Result<(uuid::Uuid, chrono::NaiveDate), Status> {
-    let bad = || {
-        Status::invalid_argument(format!(
-            "{field}: expected sites/{{site}}/holidays/{{YYYY-MM-DD}}, got {name:?}"
-        ))
-    };
-    let (site, day) = name.split_once("/holidays/").ok_or_else(bad)?;
-    let site = SiteName::parse(site).map_err(|_| bad())?;
-    let day = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").map_err(|_| bad())?;
-    Ok((site.site, day))
-}
-
 /// The fields of `paths` from a plan message.
 fn access_plan_fields(
     site: uuid::Uuid,
@@ -1243,17 +1229,4 @@ fn access_plan_fields(
         }
     }
     Ok(fields)
-}
-
-/// Parses `sites/{site}/devices/{device}/localCodes/{slot}`.
-fn local_code_name(field: &str, name: &str) -> Result<(DeviceName, u16), Status> {
-    let bad = || {
-        Status::invalid_argument(format!(
-            "{field}: expected sites/{{site}}/devices/{{device}}/localCodes/{{slot}}, got {name:?}"
-        ))
-    };
-    let (device, slot) = name.split_once("/localCodes/").ok_or_else(bad)?;
-    let device = DeviceName::parse(device).map_err(|_| bad())?;
-    let slot = slot.parse::<u16>().map_err(|_| bad())?;
-    Ok((device, slot))
 }

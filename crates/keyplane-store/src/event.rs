@@ -7,68 +7,8 @@ use keyplane_core::DeviceKind;
 use std::time::SystemTime;
 use uuid::Uuid;
 
-/// What happened at a device (stored as text).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    /// Armed.
-    Armed,
-    /// Disarmed.
-    Disarmed,
-    /// Arming refused.
-    ArmRefused,
-    /// Disarming refused.
-    DisarmRefused,
-    /// Duress: a silent alarm.
-    Duress,
-    /// A door or lock let a credential in.
-    AccessGranted,
-    /// A door or lock refused a credential.
-    AccessDenied,
-    /// Doors locked down (by a person, through the API).
-    Lockdown,
-    /// Lockdown released.
-    LockdownReleased,
-    /// A managed slot was changed or cleared at the device.
-    Drift,
-    /// A local code was cleared under the AUTHORITATIVE policy.
-    LocalCodeCleared,
-}
-
-impl EventKind {
-    /// Stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Armed => "armed",
-            EventKind::Disarmed => "disarmed",
-            EventKind::ArmRefused => "arm_refused",
-            EventKind::DisarmRefused => "disarm_refused",
-            EventKind::Duress => "duress",
-            EventKind::AccessGranted => "access_granted",
-            EventKind::AccessDenied => "access_denied",
-            EventKind::Lockdown => "lockdown",
-            EventKind::LockdownReleased => "lockdown_released",
-            EventKind::Drift => "drift",
-            EventKind::LocalCodeCleared => "local_code_cleared",
-        }
-    }
-
-    fn parse(s: &str) -> Option<EventKind> {
-        Some(match s {
-            "armed" => EventKind::Armed,
-            "disarmed" => EventKind::Disarmed,
-            "arm_refused" => EventKind::ArmRefused,
-            "disarm_refused" => EventKind::DisarmRefused,
-            "duress" => EventKind::Duress,
-            "access_granted" => EventKind::AccessGranted,
-            "access_denied" => EventKind::AccessDenied,
-            "lockdown" => EventKind::Lockdown,
-            "lockdown_released" => EventKind::LockdownReleased,
-            "drift" => EventKind::Drift,
-            "local_code_cleared" => EventKind::LocalCodeCleared,
-            _ => return None,
-        })
-    }
-}
+/// What happened (stored as text: [`EventKind::as_str`]); defined in keyplane-core.
+pub use keyplane_core::EventKind;
 
 /// An event as reported by an agent.
 #[derive(Debug, Clone)]
@@ -124,20 +64,6 @@ const EVENT_COLUMNS: &str =
 /// Joins each event's device (events outlive deleted devices, hence LEFT).
 const EVENT_DEVICE_JOIN: &str =
     "LEFT JOIN device d ON d.site_id = e.site_id AND d.id = e.device_id";
-
-impl EventKind {
-    /// Events only a panel logs: their device is a panel even once it is deleted.
-    fn panel_only(self) -> bool {
-        matches!(
-            self,
-            EventKind::Armed
-                | EventKind::Disarmed
-                | EventKind::ArmRefused
-                | EventKind::DisarmRefused
-                | EventKind::Duress
-        )
-    }
-}
 
 fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
     let kind = EventKind::parse(row.get(3))?;

@@ -1,0 +1,179 @@
+//! What happened at a device or a site: the one list of event kinds, shared by the
+//! device drivers, the agent, the store and the API.
+
+use std::fmt;
+
+/// What happened. Devices log the first seven; keyplaned raises the rest itself.
+///
+/// Serialized (agent journal) by variant name; stored (database) by [`EventKind::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum EventKind {
+    /// A partition was armed.
+    Armed,
+    /// A partition was disarmed.
+    Disarmed,
+    /// A code was refused for arming.
+    ArmRefused,
+    /// A code was refused for disarming (e.g. operator C, not the arming code).
+    DisarmRefused,
+    /// A duress code was used: a silent alarm.
+    Duress,
+    /// A door or lock let a credential in.
+    AccessGranted,
+    /// A door or lock refused a credential.
+    AccessDenied,
+    /// Doors locked down (by a person, through the API).
+    Lockdown,
+    /// Lockdown released.
+    LockdownReleased,
+    /// A managed slot was changed or cleared at the device.
+    Drift,
+    /// A local code was cleared under the AUTHORITATIVE policy.
+    LocalCodeCleared,
+}
+
+impl EventKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Armed,
+        EventKind::Disarmed,
+        EventKind::ArmRefused,
+        EventKind::DisarmRefused,
+        EventKind::Duress,
+        EventKind::AccessGranted,
+        EventKind::AccessDenied,
+        EventKind::Lockdown,
+        EventKind::LockdownReleased,
+        EventKind::Drift,
+        EventKind::LocalCodeCleared,
+    ];
+
+    /// Stable lower-case name, as stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Armed => "armed",
+            EventKind::Disarmed => "disarmed",
+            EventKind::ArmRefused => "arm_refused",
+            EventKind::DisarmRefused => "disarm_refused",
+            EventKind::Duress => "duress",
+            EventKind::AccessGranted => "access_granted",
+            EventKind::AccessDenied => "access_denied",
+            EventKind::Lockdown => "lockdown",
+            EventKind::LockdownReleased => "lockdown_released",
+            EventKind::Drift => "drift",
+            EventKind::LocalCodeCleared => "local_code_cleared",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Whether a device logs this kind (and so an agent may report it); the others
+    /// are raised by keyplaned and never accepted from an agent.
+    pub fn device_logged(self) -> bool {
+        matches!(
+            self,
+            EventKind::Armed
+                | EventKind::Disarmed
+                | EventKind::ArmRefused
+                | EventKind::DisarmRefused
+                | EventKind::Duress
+                | EventKind::AccessGranted
+                | EventKind::AccessDenied
+        )
+    }
+
+    /// Events only a panel logs: their device is a panel even once it is deleted.
+    pub fn panel_only(self) -> bool {
+        matches!(
+            self,
+            EventKind::Armed
+                | EventKind::Disarmed
+                | EventKind::ArmRefused
+                | EventKind::DisarmRefused
+                | EventKind::Duress
+        )
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_kind_table() {
+        use EventKind as K;
+        // kind, stored name, logged by a device, panel only, journal (serde) name
+        let table = [
+            (K::Armed, "armed", true, true, "Armed"),
+            (K::Disarmed, "disarmed", true, true, "Disarmed"),
+            (K::ArmRefused, "arm_refused", true, true, "ArmRefused"),
+            (
+                K::DisarmRefused,
+                "disarm_refused",
+                true,
+                true,
+                "DisarmRefused",
+            ),
+            (K::Duress, "duress", true, true, "Duress"),
+            (
+                K::AccessGranted,
+                "access_granted",
+                true,
+                false,
+                "AccessGranted",
+            ),
+            (
+                K::AccessDenied,
+                "access_denied",
+                true,
+                false,
+                "AccessDenied",
+            ),
+            (K::Lockdown, "lockdown", false, false, "Lockdown"),
+            (
+                K::LockdownReleased,
+                "lockdown_released",
+                false,
+                false,
+                "LockdownReleased",
+            ),
+            (K::Drift, "drift", false, false, "Drift"),
+            (
+                K::LocalCodeCleared,
+                "local_code_cleared",
+                false,
+                false,
+                "LocalCodeCleared",
+            ),
+        ];
+        assert_eq!(
+            table.len(),
+            EventKind::ALL.len(),
+            "every kind is in the table"
+        );
+        for (kind, stored, device, panel, journal) in table {
+            assert_eq!(kind.as_str(), stored);
+            assert_eq!(EventKind::parse(stored), Some(kind), "{stored}");
+            assert_eq!(kind.device_logged(), device, "{stored}");
+            assert_eq!(kind.panel_only(), panel, "{stored}");
+            let json = serde_json::to_string(&kind).expect("serializes");
+            assert_eq!(json, format!("\"{journal}\""));
+            assert_eq!(
+                serde_json::from_str::<EventKind>(&json).expect("deserializes"),
+                kind
+            );
+        }
+        for unknown in ["", "Armed", "ARMED", "armed ", "unlocked"] {
+            assert_eq!(EventKind::parse(unknown), None, "{unknown:?}");
+        }
+    }
+}
