@@ -1,15 +1,16 @@
 //! Reading a desired slot from keyplaned into a journal [`Code`], or refusing it.
 //!
 //! Pure. Every field that limits access (validity instants, schedules, panel levels)
-//! must be read exactly; a value this agent cannot read refuses the code on that
-//! device. Guessing would widen access: an unreadable end read as "no end" never
+//! must be read exactly, by the same rules keyplaned reads them
+//! (`keyplane_proto::convert`); a value this agent cannot read refuses the code on
+//! that device. Guessing would widen access: an unreadable end read as "no end" never
 //! expires, a dropped level writes a panel code with whatever the panel defaults to.
 
 use crate::journal::Code;
 use chrono::{DateTime, Utc};
-use keyplane_core::authority::Level;
 use keyplane_core::names::MAX_PARTITIONS;
-use keyplane_core::schedule::{Schedule, Window, day_bit, parse_time};
+use keyplane_core::schedule::Schedule;
+use keyplane_proto::convert::{self as wire, AuthorityWireError};
 use keyplane_proto::v1 as pb;
 
 /// Why a desired code cannot be read. Names fields and positions, never the code.
@@ -40,6 +41,12 @@ pub enum Unreadable {
         /// The number received.
         partition: i32,
     },
+    /// A partition listed twice: which level applies cannot be told.
+    #[error("authorities: partition {partition} is listed twice")]
+    DuplicatePartition {
+        /// The partition.
+        partition: u8,
+    },
     /// A schedule this agent cannot read.
     #[error("schedules[{index}]: {reason}")]
     Schedule {
@@ -59,39 +66,31 @@ pub fn read_slot(slot: &pb::DesiredSlot) -> Result<Option<Code>, Unreadable> {
     if slot.pin.is_empty() {
         return Err(Unreadable::NoPin);
     }
-    let authorities =
-        slot.authorities
-            .iter()
-            .enumerate()
-            .map(|(index, a)| {
-                let partition = u8::try_from(a.partition)
-                    .ok()
-                    .filter(|p| (1..=MAX_PARTITIONS).contains(p))
-                    .ok_or(Unreadable::Partition {
-                        index,
-                        partition: a.partition,
-                    })?;
-                // Level enum values are the panel level + 1 (0 is unspecified).
-                let level = a.level.checked_sub(1).and_then(Level::from_number).ok_or(
-                    Unreadable::Level {
-                        index,
-                        level: a.level,
-                    },
-                )?;
-                let number = u8::try_from(level.number()).map_err(|_| Unreadable::Level {
+    let authorities = wire::authorities(&slot.authorities)
+        .map_err(Unreadable::from)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, (partition, level))| {
+            u8::try_from(level.number())
+                .map(|number| (partition, number))
+                .map_err(|_| Unreadable::Level {
                     index,
-                    level: a.level,
-                })?;
-                Ok((partition, number))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                    level: pb::Level::from(level) as i32,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Scheduled with no schedule is never open; a schedule that cannot be read
+    // refuses the code on this device: it is never written without its restriction.
     let schedules = if slot.scheduled {
         Some(
             slot.schedules
                 .iter()
                 .enumerate()
                 .map(|(index, s)| {
-                    schedule_of(s).map_err(|reason| Unreadable::Schedule { index, reason })
+                    Schedule::try_from(s).map_err(|e| Unreadable::Schedule {
+                        index,
+                        reason: e.to_string(),
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         )
@@ -112,69 +111,37 @@ pub fn read_slot(slot: &pb::DesiredSlot) -> Result<Option<Code>, Unreadable> {
     }))
 }
 
+impl From<AuthorityWireError> for Unreadable {
+    fn from(e: AuthorityWireError) -> Self {
+        match e {
+            AuthorityWireError::Partition { index, value } => Unreadable::Partition {
+                index,
+                partition: value,
+            },
+            AuthorityWireError::Level { index, value } => Unreadable::Level {
+                index,
+                level: value,
+            },
+            AuthorityWireError::Duplicate { partition } => {
+                Unreadable::DuplicatePartition { partition }
+            }
+        }
+    }
+}
+
 /// An optional instant: absent is `None` (no bound), unreadable is an error.
 fn instant(
     t: Option<&prost_types::Timestamp>,
     field: &'static str,
 ) -> Result<Option<DateTime<Utc>>, Unreadable> {
-    let Some(t) = t else { return Ok(None) };
-    u32::try_from(t.nanos)
-        .ok()
-        .filter(|n| *n < 1_000_000_000)
-        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
-        .map(Some)
-        .ok_or(Unreadable::Instant { field })
-}
-
-fn schedule_of(s: &pb::Schedule) -> Result<Schedule, String> {
-    let mut windows = Vec::new();
-    for (i, w) in s.windows.iter().enumerate() {
-        let mut days = 0u8;
-        for d in &w.days {
-            // DayOfWeek: MONDAY = 1 .. SUNDAY = 7.
-            let day = u8::try_from(*d)
-                .ok()
-                .and_then(|n| n.checked_sub(1))
-                .and_then(|n| chrono::Weekday::try_from(n).ok())
-                .ok_or_else(|| format!("window {i}: day {d} is not a day of the week"))?;
-            days |= day_bit(day);
-        }
-        let time = |v: &str, field: &str| {
-            parse_time(v).map_err(|_| format!("window {i}: {field} is not HH:MM"))
-        };
-        windows.push(Window {
-            days,
-            start: time(&w.start_time, "start_time")?,
-            end: time(&w.end_time, "end_time")?,
-        });
-    }
-    let date = |v: &str, field: &str| {
-        if v.is_empty() {
-            Ok(None)
-        } else {
-            chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
-                .map(Some)
-                .map_err(|_| format!("{field} is not YYYY-MM-DD"))
-        }
-    };
-    let schedule = Schedule {
-        windows,
-        valid_from: date(&s.valid_from, "valid_from")?,
-        valid_until: date(&s.valid_until, "valid_until")?,
-        paused_dates: s
-            .paused_dates
-            .iter()
-            .map(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d"))
-            .collect::<Result<_, _>>()
-            .map_err(|_| "paused_dates holds a date that is not YYYY-MM-DD".to_owned())?,
-    };
-    schedule.validate().map_err(|e| e.to_string())?;
-    Ok(schedule)
+    t.map(|t| wire::instant(t).map_err(|_| Unreadable::Instant { field }))
+        .transpose()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyplane_core::authority::Level;
 
     const PIN: &str = "73915";
 
@@ -288,6 +255,16 @@ mod tests {
                 },
             ),
             (
+                "partition twice",
+                with(|s| {
+                    s.authorities.push(pb::PartitionAuthority {
+                        partition: 1,
+                        level: pb::Level::OperatorA as i32,
+                    })
+                }),
+                Unreadable::DuplicatePartition { partition: 1 },
+            ),
+            (
                 "partition 0",
                 with(|s| s.authorities[0].partition = 0),
                 Unreadable::Partition {
@@ -319,7 +296,7 @@ mod tests {
                 }))),
                 Unreadable::Schedule {
                     index: 1,
-                    reason: "window 0: day 8 is not a day of the week".into(),
+                    reason: "windows[0].days has an unknown day (8)".into(),
                 },
             ),
             (
@@ -330,7 +307,7 @@ mod tests {
                 }))),
                 Unreadable::Schedule {
                     index: 1,
-                    reason: "window 0: day 0 is not a day of the week".into(),
+                    reason: "windows[0].days has an unknown day (0)".into(),
                 },
             ),
             (
@@ -341,7 +318,7 @@ mod tests {
                 }))),
                 Unreadable::Schedule {
                     index: 1,
-                    reason: "window 0: end_time is not HH:MM".into(),
+                    reason: "windows[0].end_time: \"6pm\" is not a time of day HH:MM".into(),
                 },
             ),
             (
@@ -352,7 +329,7 @@ mod tests {
                 })),
                 Unreadable::Schedule {
                     index: 1,
-                    reason: "valid_until is not YYYY-MM-DD".into(),
+                    reason: "valid_until \"31/12/2026\" is not a date YYYY-MM-DD".into(),
                 },
             ),
             (
@@ -363,7 +340,7 @@ mod tests {
                 })),
                 Unreadable::Schedule {
                     index: 1,
-                    reason: "paused_dates holds a date that is not YYYY-MM-DD".into(),
+                    reason: "paused_dates[1] \"Christmas\" is not a date YYYY-MM-DD".into(),
                 },
             ),
         ];

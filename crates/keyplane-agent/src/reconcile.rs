@@ -155,11 +155,7 @@ impl Agent {
             .map(|(name, d)| pb::InventoryDevice {
                 device: name.clone(),
                 kind: DeviceModel::find(&d.model)
-                    .map(|m| match m.kind {
-                        DeviceKind::Panel => pb::DeviceKind::Panel,
-                        DeviceKind::Lock => pb::DeviceKind::Lock,
-                        DeviceKind::Door => pb::DeviceKind::Door,
-                    })
+                    .map(|m| pb::DeviceKind::from(m.kind))
                     .unwrap_or(pb::DeviceKind::Unspecified) as i32,
                 model: d.model.clone(),
             })
@@ -771,14 +767,7 @@ fn classify(
                 code.map(Option::as_deref),
                 &wanted,
             )?;
-            let state = match finding {
-                SlotFinding::Managed => pb::ObservedState::Managed,
-                SlotFinding::Unverifiable => pb::ObservedState::Unverifiable,
-                SlotFinding::Drifted => pb::ObservedState::Drifted,
-                SlotFinding::Missing => pb::ObservedState::Missing,
-                SlotFinding::Foreign => pb::ObservedState::Foreign,
-                SlotFinding::Conflict => pb::ObservedState::Conflict,
-            };
+            let state = pb::ObservedState::from(finding);
             // keyplaned is told the code only where it is not keyplane's own.
             let pin = match finding {
                 SlotFinding::Drifted | SlotFinding::Foreign | SlotFinding::Conflict => {
@@ -796,19 +785,7 @@ fn classify(
 }
 
 fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
-    let kind = match e.kind {
-        EventKind::Armed => pb::EventKind::Armed,
-        EventKind::Disarmed => pb::EventKind::Disarmed,
-        EventKind::ArmRefused => pb::EventKind::ArmRefused,
-        EventKind::DisarmRefused => pb::EventKind::DisarmRefused,
-        EventKind::Duress => pb::EventKind::Duress,
-        EventKind::AccessGranted => pb::EventKind::AccessGranted,
-        EventKind::AccessDenied => pb::EventKind::AccessDenied,
-        EventKind::Lockdown => pb::EventKind::Lockdown,
-        EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
-        EventKind::Drift => pb::EventKind::Drift,
-        EventKind::LocalCodeCleared => pb::EventKind::LocalCodeCleared,
-    };
+    let kind = pb::EventKind::from(e.kind);
     let secs = e.at_unix_ms.div_euclid(1000);
     let nanos = i32::try_from(e.at_unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0);
     pb::AgentMessage {

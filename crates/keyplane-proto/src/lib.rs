@@ -1,5 +1,8 @@
-//! Generated gRPC code for `keyplane.v1` and its encoded descriptor set (for reflection).
-//! No logic lives here.
+//! Generated gRPC code for `keyplane.v1`, its encoded descriptor set (for reflection),
+//! and [`convert`]: the one conversion between wire values and keyplane-core values,
+//! shared by keyplaned and the agent. No other logic lives here.
+
+pub mod convert;
 
 /// The `keyplane.v1` package.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -3,9 +3,12 @@
 //! database), calls the store, and converts the result back.
 
 use crate::auth;
-use crate::convert::{self as cv, mask_paths, page, page_partitions, page_split};
 use crate::error::{name_status, store_status};
+use crate::fields;
 use crate::hub::{EventBell, Hub};
+use crate::mask::mask_paths;
+use crate::page::{list_page, page_cursor, page_partitions, page_split};
+use crate::resources as res;
 use keyplane_core::names::{
     AccessPlanName, CredentialName, DeviceName, HolidayName, LocalCodeName, PartitionName,
     PersonalPlanName, SiteName, SyncStatusName, UserName,
@@ -101,27 +104,6 @@ fn required<'a, T>(field: &str, value: Option<&'a T>) -> Result<&'a T, Status> {
 
 type Res<T> = Result<Response<T>, Status>;
 
-/// Fetches one page keyed by id: asks the store for one row more than the page
-/// size, so the next page token is only given when there is a next page. `list`
-/// names the call and its parent: its tokens are refused by any other.
-async fn list_page<T, F, Fut>(
-    list: &str,
-    page_size: i32,
-    page_token: &str,
-    key: impl Fn(&T) -> String,
-    fetch: F,
-) -> Result<(Vec<T>, String), Status>
-where
-    F: FnOnce(store::PageRequest) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<T>, store::StoreError>>,
-{
-    let mut p = page(list, page_size, page_token)?;
-    let limit = p.limit;
-    p.limit += 1;
-    let items = fetch(p).await.map_err(store_status)?;
-    Ok(page_split(list, items, limit, key))
-}
-
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_site(&self, request: Request<pb::CreateSiteRequest>) -> Res<pb::Site> {
@@ -130,9 +112,9 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let site = required("site", req.site.as_ref())?;
         let new = store::NewSite {
-            display_name: cv::display_name("site.display_name", &site.display_name)?,
-            time_zone: cv::time_zone(&site.time_zone)?,
-            local_code_policy: cv::policy(site.local_code_policy)?,
+            display_name: fields::display_name("site.display_name", &site.display_name)?,
+            time_zone: fields::time_zone(&site.time_zone)?,
+            local_code_policy: fields::policy(site.local_code_policy)?,
         };
         let key = self.request_key("CreateSite", &req.request_id, site)?;
         let created = self
@@ -140,7 +122,7 @@ impl AdminService for AdminApi {
             .site_create(&actor, &new, key.as_ref())
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::site_pb(&created)))
+        Ok(Response::new(res::site_pb(&created)))
     }
 
     async fn get_site(&self, request: Request<pb::GetSiteRequest>) -> Res<pb::Site> {
@@ -151,7 +133,7 @@ impl AdminService for AdminApi {
             .site_get(actor.dealer, name.site)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::site_pb(&site)))
+        Ok(Response::new(res::site_pb(&site)))
     }
 
     async fn list_sites(
@@ -169,7 +151,7 @@ impl AdminService for AdminApi {
         )
         .await?;
         Ok(Response::new(pb::ListSitesResponse {
-            sites: sites.iter().map(cv::site_pb).collect(),
+            sites: sites.iter().map(res::site_pb).collect(),
             next_page_token,
         }))
     }
@@ -192,11 +174,13 @@ impl AdminService for AdminApi {
         for p in &paths {
             match p.as_str() {
                 "display_name" => {
-                    patch.display_name =
-                        Some(cv::display_name("site.display_name", &site.display_name)?)
+                    patch.display_name = Some(fields::display_name(
+                        "site.display_name",
+                        &site.display_name,
+                    )?)
                 }
-                "time_zone" => patch.time_zone = Some(cv::time_zone(&site.time_zone)?),
-                _ => patch.local_code_policy = Some(cv::policy(site.local_code_policy)?),
+                "time_zone" => patch.time_zone = Some(fields::time_zone(&site.time_zone)?),
+                _ => patch.local_code_policy = Some(fields::policy(site.local_code_policy)?),
             }
         }
         let updated = self
@@ -205,7 +189,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(name.site);
-        Ok(Response::new(cv::site_pb(&updated)))
+        Ok(Response::new(res::site_pb(&updated)))
     }
 
     async fn delete_site(&self, request: Request<pb::DeleteSiteRequest>) -> Res<()> {
@@ -229,11 +213,11 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
         let partition = required("partition", req.partition.as_ref())?;
-        let number = cv::partition("partition.number", partition.number)?;
+        let number = fields::partition("partition.number", partition.number)?;
         let display_name = if partition.display_name.is_empty() {
             format!("Partition {number}")
         } else {
-            cv::display_name("partition.display_name", &partition.display_name)?
+            fields::display_name("partition.display_name", &partition.display_name)?
         };
         let key = self.request_key("CreatePartition", &req.request_id, &req)?;
         let created = self
@@ -241,7 +225,7 @@ impl AdminService for AdminApi {
             .partition_create(&actor, parent.site, number, &display_name, key.as_ref())
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::partition_pb(&created)))
+        Ok(Response::new(res::partition_pb(&created)))
     }
 
     async fn get_partition(&self, request: Request<pb::GetPartitionRequest>) -> Res<pb::Partition> {
@@ -253,7 +237,7 @@ impl AdminService for AdminApi {
             .partition_get(actor.dealer, name.site, name.number)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::partition_pb(&p)))
+        Ok(Response::new(res::partition_pb(&p)))
     }
 
     async fn list_partitions(
@@ -272,7 +256,7 @@ impl AdminService for AdminApi {
             .map_err(store_status)?;
         let (items, next_page_token) = page_split(&list, items, limit, |p| p.number.to_string());
         Ok(Response::new(pb::ListPartitionsResponse {
-            partitions: items.iter().map(cv::partition_pb).collect(),
+            partitions: items.iter().map(res::partition_pb).collect(),
             next_page_token,
         }))
     }
@@ -291,7 +275,7 @@ impl AdminService for AdminApi {
             req.update_mask.as_ref(),
             &[("display_name", !partition.display_name.is_empty())],
         )?;
-        let display_name = cv::display_name("partition.display_name", &partition.display_name)?;
+        let display_name = fields::display_name("partition.display_name", &partition.display_name)?;
         let updated = self
             .store
             .partition_update(
@@ -303,7 +287,7 @@ impl AdminService for AdminApi {
             )
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::partition_pb(&updated)))
+        Ok(Response::new(res::partition_pb(&updated)))
     }
 
     async fn delete_partition(&self, request: Request<pb::DeletePartitionRequest>) -> Res<()> {
@@ -325,9 +309,9 @@ impl AdminService for AdminApi {
         let parent = site_name("parent", &req.parent)?;
         let device = required("device", req.device.as_ref())?;
         let new = store::NewDevice {
-            display_name: cv::display_name("device.display_name", &device.display_name)?,
-            model: cv::device_model(device.kind, &device.model)?,
-            partition: cv::partition_opt("device.partition", device.partition)?,
+            display_name: fields::display_name("device.display_name", &device.display_name)?,
+            model: fields::device_model(device.kind, &device.model)?,
+            partition: fields::partition_opt("device.partition", device.partition)?,
             perimeter: device.perimeter,
         };
         let key = self.request_key("CreateDevice", &req.request_id, &req)?;
@@ -337,7 +321,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(parent.site);
-        Ok(Response::new(cv::device_pb(&created)))
+        Ok(Response::new(res::device_pb(&created)))
     }
 
     async fn get_device(&self, request: Request<pb::GetDeviceRequest>) -> Res<pb::Device> {
@@ -349,7 +333,7 @@ impl AdminService for AdminApi {
             .device_get(actor.dealer, name.site, name.device)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::device_pb(&d)))
+        Ok(Response::new(res::device_pb(&d)))
     }
 
     async fn list_devices(
@@ -368,7 +352,7 @@ impl AdminService for AdminApi {
         )
         .await?;
         Ok(Response::new(pb::ListDevicesResponse {
-            devices: items.iter().map(cv::device_pb).collect(),
+            devices: items.iter().map(res::device_pb).collect(),
             next_page_token,
         }))
     }
@@ -391,13 +375,14 @@ impl AdminService for AdminApi {
         for p in &paths {
             match p.as_str() {
                 "display_name" => {
-                    patch.display_name = Some(cv::display_name(
+                    patch.display_name = Some(fields::display_name(
                         "device.display_name",
                         &device.display_name,
                     )?)
                 }
                 "partition" => {
-                    patch.partition = Some(cv::partition_opt("device.partition", device.partition)?)
+                    patch.partition =
+                        Some(fields::partition_opt("device.partition", device.partition)?)
                 }
                 _ => patch.perimeter = Some(device.perimeter),
             }
@@ -407,7 +392,7 @@ impl AdminService for AdminApi {
             .device_update(&actor, name.site, name.device, &patch, &device.etag)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::device_pb(&updated)))
+        Ok(Response::new(res::device_pb(&updated)))
     }
 
     async fn delete_device(&self, request: Request<pb::DeleteDeviceRequest>) -> Res<()> {
@@ -429,8 +414,8 @@ impl AdminService for AdminApi {
         let parent = site_name("parent", &req.parent)?;
         let user = required("user", req.user.as_ref())?;
         let new = store::NewUser {
-            display_name: cv::display_name("user.display_name", &user.display_name)?,
-            authorities: cv::authorities("user.authorities", &user.authorities)?,
+            display_name: fields::display_name("user.display_name", &user.display_name)?,
+            authorities: fields::authorities("user.authorities", &user.authorities)?,
             open_close_reporting: user.open_close_reporting,
         };
         let key = self.request_key("CreateUser", &req.request_id, &req)?;
@@ -439,7 +424,7 @@ impl AdminService for AdminApi {
             .user_create(&actor, parent.site, &new, key.as_ref())
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::user_pb(&created)))
+        Ok(Response::new(res::user_pb(&created)))
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Res<pb::User> {
@@ -450,7 +435,7 @@ impl AdminService for AdminApi {
             .user_get(actor.dealer, name.site, name.user)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::user_pb(&u)))
+        Ok(Response::new(res::user_pb(&u)))
     }
 
     async fn list_users(
@@ -469,7 +454,7 @@ impl AdminService for AdminApi {
         )
         .await?;
         Ok(Response::new(pb::ListUsersResponse {
-            users: items.iter().map(cv::user_pb).collect(),
+            users: items.iter().map(res::user_pb).collect(),
             next_page_token,
         }))
     }
@@ -491,12 +476,14 @@ impl AdminService for AdminApi {
         for p in &paths {
             match p.as_str() {
                 "display_name" => {
-                    patch.display_name =
-                        Some(cv::display_name("user.display_name", &user.display_name)?)
+                    patch.display_name = Some(fields::display_name(
+                        "user.display_name",
+                        &user.display_name,
+                    )?)
                 }
                 "authorities" => {
                     patch.authorities =
-                        Some(cv::authorities("user.authorities", &user.authorities)?)
+                        Some(fields::authorities("user.authorities", &user.authorities)?)
                 }
                 _ => patch.open_close_reporting = Some(user.open_close_reporting),
             }
@@ -507,7 +494,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(name.site);
-        Ok(Response::new(cv::user_pb(&updated)))
+        Ok(Response::new(res::user_pb(&updated)))
     }
 
     async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Res<()> {
@@ -534,19 +521,19 @@ impl AdminService for AdminApi {
             display_name: if credential.display_name.is_empty() {
                 "PIN".to_owned()
             } else {
-                cv::display_name("credential.display_name", &credential.display_name)?
+                fields::display_name("credential.display_name", &credential.display_name)?
             },
-            pin: cv::pin("credential.pin", &credential.pin)?,
-            scope: cv::scope(parent.site, credential.scope.as_ref())?,
+            pin: fields::pin("credential.pin", &credential.pin)?,
+            scope: fields::scope(parent.site, credential.scope.as_ref())?,
             valid_from: credential
                 .valid_from_time
                 .as_ref()
-                .map(|t| cv::timestamp("credential.valid_from_time", t))
+                .map(|t| fields::timestamp("credential.valid_from_time", t))
                 .transpose()?,
             valid_until: credential
                 .valid_until_time
                 .as_ref()
-                .map(|t| cv::timestamp("credential.valid_until_time", t))
+                .map(|t| fields::timestamp("credential.valid_until_time", t))
                 .transpose()?,
             max_uses: match credential.max_uses {
                 0 => None,
@@ -565,7 +552,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(parent.site);
-        Ok(Response::new(cv::credential_pb(&created)))
+        Ok(Response::new(res::credential_pb(&created)))
     }
 
     async fn get_credential(
@@ -580,7 +567,7 @@ impl AdminService for AdminApi {
             .credential_get(actor.dealer, name.site, name.user, name.credential)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::credential_pb(&c)))
+        Ok(Response::new(res::credential_pb(&c)))
     }
 
     async fn list_credentials(
@@ -605,7 +592,7 @@ impl AdminService for AdminApi {
         )
         .await?;
         Ok(Response::new(pb::ListCredentialsResponse {
-            credentials: items.iter().map(cv::credential_pb).collect(),
+            credentials: items.iter().map(res::credential_pb).collect(),
             next_page_token,
         }))
     }
@@ -631,13 +618,13 @@ impl AdminService for AdminApi {
         for p in &paths {
             match p.as_str() {
                 "display_name" => {
-                    patch.display_name = Some(cv::display_name(
+                    patch.display_name = Some(fields::display_name(
                         "credential.display_name",
                         &credential.display_name,
                     )?)
                 }
-                "pin" => patch.pin = Some(cv::pin("credential.pin", &credential.pin)?),
-                _ => patch.scope = Some(cv::scope(name.site, credential.scope.as_ref())?),
+                "pin" => patch.pin = Some(fields::pin("credential.pin", &credential.pin)?),
+                _ => patch.scope = Some(fields::scope(name.site, credential.scope.as_ref())?),
             }
         }
         let updated = self
@@ -653,7 +640,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(name.site);
-        Ok(Response::new(cv::credential_pb(&updated)))
+        Ok(Response::new(res::credential_pb(&updated)))
     }
 
     async fn delete_credential(&self, request: Request<pb::DeleteCredentialRequest>) -> Res<()> {
@@ -680,7 +667,7 @@ impl AdminService for AdminApi {
             .sync_status(actor.dealer, site.site)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::sync_pb(&status)))
+        Ok(Response::new(res::sync_pb(&status)))
     }
 
     async fn issue_agent_token(
@@ -706,7 +693,7 @@ impl AdminService for AdminApi {
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let list = format!("ListEvents sites/{}", parent.site);
-        let (after, limit) = cv::page_cursor(&list, req.page_size, &req.page_token)?;
+        let (after, limit) = page_cursor(&list, req.page_size, &req.page_token)?;
         let events = self
             .store
             .event_list(actor.dealer, Some(parent.site), after, limit + 1)
@@ -714,7 +701,7 @@ impl AdminService for AdminApi {
             .map_err(store_status)?;
         let (events, next_page_token) = page_split(&list, events, limit, |e| e.id.to_string());
         Ok(Response::new(pb::ListEventsResponse {
-            events: events.iter().map(cv::event_pb).collect(),
+            events: events.iter().map(res::event_pb).collect(),
             next_page_token,
         }))
     }
@@ -755,7 +742,7 @@ impl AdminService for AdminApi {
                     Ok(events) => {
                         let more = events.len() == 100;
                         for e in &events {
-                            if tx.send(Ok(cv::event_pb(e))).await.is_err() {
+                            if tx.send(Ok(res::event_pb(e))).await.is_err() {
                                 return;
                             }
                             cursor = e.id;
@@ -797,7 +784,7 @@ impl AdminService for AdminApi {
             .personal_plan_get(actor.dealer, user.site, user.user)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::plan_pb(&plan)))
+        Ok(Response::new(res::plan_pb(&plan)))
     }
 
     async fn update_personal_access_plan(
@@ -839,7 +826,7 @@ impl AdminService for AdminApi {
                     patch.schedule = Some(
                         plan.schedule
                             .as_ref()
-                            .map(|s| cv::schedule("plan.schedule", s))
+                            .map(|s| fields::schedule("plan.schedule", s))
                             .transpose()?,
                     )
                 }
@@ -851,7 +838,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(user.site);
-        Ok(Response::new(cv::plan_pb(&updated)))
+        Ok(Response::new(res::plan_pb(&updated)))
     }
 
     async fn clear_personal_access_plan(
@@ -867,7 +854,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(user.site);
-        Ok(Response::new(cv::plan_pb(&cleared)))
+        Ok(Response::new(res::plan_pb(&cleared)))
     }
 
     async fn create_access_plan(
@@ -884,7 +871,10 @@ impl AdminService for AdminApi {
             plan,
             &["display_name", "devices", "members", "schedule"],
         )?;
-        fields.display_name = Some(cv::display_name("plan.display_name", &plan.display_name)?);
+        fields.display_name = Some(fields::display_name(
+            "plan.display_name",
+            &plan.display_name,
+        )?);
         let key = self.request_key("CreateAccessPlan", &req.request_id, &req)?;
         let created = self
             .store
@@ -892,7 +882,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(parent.site);
-        Ok(Response::new(cv::access_plan_pb(&created)))
+        Ok(Response::new(res::access_plan_pb(&created)))
     }
 
     async fn get_access_plan(
@@ -906,7 +896,7 @@ impl AdminService for AdminApi {
             .access_plan_get(actor.dealer, site, id)
             .await
             .map_err(store_status)?;
-        Ok(Response::new(cv::access_plan_pb(&plan)))
+        Ok(Response::new(res::access_plan_pb(&plan)))
     }
 
     async fn list_access_plans(
@@ -925,7 +915,7 @@ impl AdminService for AdminApi {
         )
         .await?;
         Ok(Response::new(pb::ListAccessPlansResponse {
-            plans: plans.iter().map(cv::access_plan_pb).collect(),
+            plans: plans.iter().map(res::access_plan_pb).collect(),
             next_page_token,
         }))
     }
@@ -956,7 +946,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(site);
-        Ok(Response::new(cv::access_plan_pb(&updated)))
+        Ok(Response::new(res::access_plan_pb(&updated)))
     }
 
     async fn delete_access_plan(&self, request: Request<pb::DeleteAccessPlanRequest>) -> Res<()> {
@@ -1003,7 +993,7 @@ impl AdminService for AdminApi {
                     display_name: if holiday.display_name.is_empty() {
                         "Holiday".into()
                     } else {
-                        cv::display_name("holiday.display_name", &holiday.display_name)?
+                        fields::display_name("holiday.display_name", &holiday.display_name)?
                     },
                     plans,
                 },
@@ -1011,7 +1001,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(site);
-        Ok(Response::new(cv::holiday_pb(&put)))
+        Ok(Response::new(res::holiday_pb(&put)))
     }
 
     async fn list_holidays(
@@ -1026,7 +1016,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::ListHolidaysResponse {
-            holidays: holidays.iter().map(cv::holiday_pb).collect(),
+            holidays: holidays.iter().map(res::holiday_pb).collect(),
         }))
     }
 
@@ -1080,7 +1070,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         Ok(Response::new(pb::ListLocalCodesResponse {
-            local_codes: codes.iter().map(cv::local_code_pb).collect(),
+            local_codes: codes.iter().map(res::local_code_pb).collect(),
         }))
     }
 
@@ -1100,7 +1090,7 @@ impl AdminService for AdminApi {
         let partitions = req
             .panel_partitions
             .iter()
-            .map(|p| cv::partition("panel_partitions", *p))
+            .map(|p| fields::partition("panel_partitions", *p))
             .collect::<Result<Vec<_>, _>>()?;
         let credential = self
             .store
@@ -1115,7 +1105,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(device.site);
-        Ok(Response::new(cv::credential_pb(&credential)))
+        Ok(Response::new(res::credential_pb(&credential)))
     }
 
     async fn remove_local_code(
@@ -1130,7 +1120,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(device.site);
-        Ok(Response::new(cv::local_code_pb(&local)))
+        Ok(Response::new(res::local_code_pb(&local)))
     }
 
     async fn resolve_drift(
@@ -1169,7 +1159,7 @@ impl AdminService for AdminApi {
             .await
             .map_err(store_status)?;
         self.hub.poke(credential.site);
-        Ok(Response::new(cv::credential_pb(&updated)))
+        Ok(Response::new(res::credential_pb(&updated)))
     }
 }
 
@@ -1183,8 +1173,10 @@ fn access_plan_fields(
     for p in paths {
         match *p {
             "display_name" => {
-                fields.display_name =
-                    Some(cv::display_name("plan.display_name", &plan.display_name)?)
+                fields.display_name = Some(fields::display_name(
+                    "plan.display_name",
+                    &plan.display_name,
+                )?)
             }
             "devices" => {
                 let mut ids = Vec::new();
@@ -1222,7 +1214,7 @@ fn access_plan_fields(
                 fields.schedule = Some(
                     plan.schedule
                         .as_ref()
-                        .map(|s| cv::schedule("plan.schedule", s))
+                        .map(|s| fields::schedule("plan.schedule", s))
                         .transpose()?,
                 )
             }

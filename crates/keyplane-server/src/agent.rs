@@ -70,17 +70,17 @@ fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
             .iter()
             .map(|(p, l)| pb::PartitionAuthority {
                 partition: i32::from(*p),
-                level: crate::convert::level_pb(*l) as i32,
+                level: pb::Level::from(*l) as i32,
             })
             .collect();
         slot.open_close_reporting = code.open_close_reporting;
         if let Some(schedules) = &code.schedules {
             slot.scheduled = true;
-            slot.schedules = schedules.iter().map(crate::convert::schedule_pb).collect();
+            slot.schedules = schedules.iter().map(pb::Schedule::from).collect();
         }
         slot.write_generation = code.write_generation;
-        slot.valid_from_time = code.valid_from.map(crate::convert::timestamp_pb);
-        slot.valid_until_time = code.valid_until.map(crate::convert::timestamp_pb);
+        slot.valid_from_time = code.valid_from.map(keyplane_proto::convert::timestamp);
+        slot.valid_until_time = code.valid_until.map(keyplane_proto::convert::timestamp);
     }
     slot
 }
@@ -90,7 +90,7 @@ fn devices_pb(site: Uuid, devices: &[(Uuid, &'static DeviceModel)]) -> Vec<pb::S
         .iter()
         .map(|(id, model)| pb::SiteDevice {
             name: format!("sites/{site}/devices/{id}"),
-            kind: crate::convert::constraints_pb(model).kind,
+            kind: pb::DeviceKind::from(model.kind) as i32,
             model: model.id.to_owned(),
         })
         .collect()
@@ -343,7 +343,7 @@ impl Session {
             device: device.device,
             seq: i64::try_from(event.seq)
                 .map_err(|_| Status::invalid_argument("event.seq is too large"))?,
-            kind: crate::convert::event_kind(event.kind)?,
+            kind: crate::fields::device_event_kind(event.kind)?,
             partition: u8::try_from(event.partition).ok().filter(|p| *p > 0),
             user_number: u16::try_from(event.user_number).ok().filter(|n| *n > 0),
             occur_time: event

@@ -8,10 +8,13 @@
 pub mod admin;
 pub mod agent;
 pub mod auth;
-pub mod convert;
 pub mod demo;
 pub mod error;
+pub mod fields;
 pub mod hub;
+pub mod mask;
+pub mod page;
+pub mod resources;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
 use keyplane_proto::v1::agent_service_server::AgentServiceServer;

@@ -1,0 +1,709 @@
+//! The one conversion between wire values (`keyplane.v1`) and keyplane-core values,
+//! used by keyplaned and the agent alike, so both read a field by the same rule.
+//!
+//! Protobuf is loose, core types are strict: decoding refuses anything it cannot read
+//! exactly (an unknown weekday, an unset level, an instant out of range) and never
+//! guesses, since a guess about a schedule or a level widens access. Errors name
+//! positions and values, never a code; callers add the field path they read.
+
+use crate::v1 as pb;
+use chrono::{DateTime, NaiveDate, Utc, Weekday};
+use keyplane_core::authority::{Authorities, Level};
+use keyplane_core::names::MAX_PARTITIONS;
+use keyplane_core::observed::SlotFinding;
+use keyplane_core::schedule::{Schedule, ScheduleError, Window, day_bit, format_time, parse_time};
+use keyplane_core::{DeviceKind, EventKind};
+
+/// A wire enum value with no core counterpart (unspecified, or from a newer peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{value} is not a {what}")]
+pub struct UnknownValue {
+    /// What was expected, e.g. `day of the week`.
+    pub what: &'static str,
+    /// The value received.
+    pub value: i32,
+}
+
+/// Decodes an open wire enum field (`i32`) into its core value.
+pub fn decode<P, C>(value: i32, what: &'static str) -> Result<C, UnknownValue>
+where
+    P: TryFrom<i32>,
+    C: TryFrom<P>,
+{
+    P::try_from(value)
+        .ok()
+        .and_then(|p| C::try_from(p).ok())
+        .ok_or(UnknownValue { what, value })
+}
+
+impl TryFrom<pb::DayOfWeek> for Weekday {
+    type Error = UnknownValue;
+    fn try_from(day: pb::DayOfWeek) -> Result<Self, Self::Error> {
+        Ok(match day {
+            pb::DayOfWeek::Monday => Weekday::Mon,
+            pb::DayOfWeek::Tuesday => Weekday::Tue,
+            pb::DayOfWeek::Wednesday => Weekday::Wed,
+            pb::DayOfWeek::Thursday => Weekday::Thu,
+            pb::DayOfWeek::Friday => Weekday::Fri,
+            pb::DayOfWeek::Saturday => Weekday::Sat,
+            pb::DayOfWeek::Sunday => Weekday::Sun,
+            pb::DayOfWeek::Unspecified => {
+                return Err(UnknownValue {
+                    what: "day of the week",
+                    value: day as i32,
+                });
+            }
+        })
+    }
+}
+
+impl From<Weekday> for pb::DayOfWeek {
+    fn from(day: Weekday) -> Self {
+        match day {
+            Weekday::Mon => pb::DayOfWeek::Monday,
+            Weekday::Tue => pb::DayOfWeek::Tuesday,
+            Weekday::Wed => pb::DayOfWeek::Wednesday,
+            Weekday::Thu => pb::DayOfWeek::Thursday,
+            Weekday::Fri => pb::DayOfWeek::Friday,
+            Weekday::Sat => pb::DayOfWeek::Saturday,
+            Weekday::Sun => pb::DayOfWeek::Sunday,
+        }
+    }
+}
+
+impl TryFrom<pb::Level> for Level {
+    type Error = UnknownValue;
+    fn try_from(level: pb::Level) -> Result<Self, Self::Error> {
+        // Wire values are the panel level + 1; 0 is unspecified.
+        Level::from_number(level as i32 - 1).ok_or(UnknownValue {
+            what: "level",
+            value: level as i32,
+        })
+    }
+}
+
+impl From<Level> for pb::Level {
+    fn from(level: Level) -> Self {
+        match level {
+            Level::Installer => pb::Level::Installer,
+            Level::Master => pb::Level::Master,
+            Level::Manager => pb::Level::Manager,
+            Level::OperatorA => pb::Level::OperatorA,
+            Level::OperatorB => pb::Level::OperatorB,
+            Level::OperatorC => pb::Level::OperatorC,
+            Level::Duress => pb::Level::Duress,
+        }
+    }
+}
+
+impl TryFrom<pb::DeviceKind> for DeviceKind {
+    type Error = UnknownValue;
+    fn try_from(kind: pb::DeviceKind) -> Result<Self, Self::Error> {
+        match kind {
+            pb::DeviceKind::Panel => Ok(DeviceKind::Panel),
+            pb::DeviceKind::Lock => Ok(DeviceKind::Lock),
+            pb::DeviceKind::Door => Ok(DeviceKind::Door),
+            pb::DeviceKind::Unspecified => Err(UnknownValue {
+                what: "device kind",
+                value: kind as i32,
+            }),
+        }
+    }
+}
+
+impl From<DeviceKind> for pb::DeviceKind {
+    fn from(kind: DeviceKind) -> Self {
+        match kind {
+            DeviceKind::Panel => pb::DeviceKind::Panel,
+            DeviceKind::Lock => pb::DeviceKind::Lock,
+            DeviceKind::Door => pb::DeviceKind::Door,
+        }
+    }
+}
+
+impl TryFrom<pb::EventKind> for EventKind {
+    type Error = UnknownValue;
+    fn try_from(kind: pb::EventKind) -> Result<Self, Self::Error> {
+        Ok(match kind {
+            pb::EventKind::Armed => EventKind::Armed,
+            pb::EventKind::Disarmed => EventKind::Disarmed,
+            pb::EventKind::ArmRefused => EventKind::ArmRefused,
+            pb::EventKind::DisarmRefused => EventKind::DisarmRefused,
+            pb::EventKind::Duress => EventKind::Duress,
+            pb::EventKind::AccessGranted => EventKind::AccessGranted,
+            pb::EventKind::AccessDenied => EventKind::AccessDenied,
+            pb::EventKind::Lockdown => EventKind::Lockdown,
+            pb::EventKind::LockdownReleased => EventKind::LockdownReleased,
+            pb::EventKind::Drift => EventKind::Drift,
+            pb::EventKind::LocalCodeCleared => EventKind::LocalCodeCleared,
+            pb::EventKind::Unspecified => {
+                return Err(UnknownValue {
+                    what: "event kind",
+                    value: kind as i32,
+                });
+            }
+        })
+    }
+}
+
+impl From<EventKind> for pb::EventKind {
+    fn from(kind: EventKind) -> Self {
+        match kind {
+            EventKind::Armed => pb::EventKind::Armed,
+            EventKind::Disarmed => pb::EventKind::Disarmed,
+            EventKind::ArmRefused => pb::EventKind::ArmRefused,
+            EventKind::DisarmRefused => pb::EventKind::DisarmRefused,
+            EventKind::Duress => pb::EventKind::Duress,
+            EventKind::AccessGranted => pb::EventKind::AccessGranted,
+            EventKind::AccessDenied => pb::EventKind::AccessDenied,
+            EventKind::Lockdown => pb::EventKind::Lockdown,
+            EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
+            EventKind::Drift => pb::EventKind::Drift,
+            EventKind::LocalCodeCleared => pb::EventKind::LocalCodeCleared,
+        }
+    }
+}
+
+impl From<SlotFinding> for pb::ObservedState {
+    fn from(finding: SlotFinding) -> Self {
+        match finding {
+            SlotFinding::Managed => pb::ObservedState::Managed,
+            SlotFinding::Unverifiable => pb::ObservedState::Unverifiable,
+            SlotFinding::Drifted => pb::ObservedState::Drifted,
+            SlotFinding::Missing => pb::ObservedState::Missing,
+            SlotFinding::Foreign => pb::ObservedState::Foreign,
+            SlotFinding::Conflict => pb::ObservedState::Conflict,
+        }
+    }
+}
+
+/// A partition number, 1..=8; anything else is `None`.
+pub fn partition(value: i32) -> Option<u8> {
+    u8::try_from(value)
+        .ok()
+        .filter(|n| (1..=MAX_PARTITIONS).contains(n))
+}
+
+/// Why a list of partition levels was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorityWireError {
+    /// A partition outside 1..=8.
+    #[error("[{index}]: partition {value} is outside 1..={MAX_PARTITIONS}")]
+    Partition {
+        /// Position in the list.
+        index: usize,
+        /// The number received.
+        value: i32,
+    },
+    /// A level unset or unknown.
+    #[error("[{index}]: level {value} is not a known level")]
+    Level {
+        /// Position in the list.
+        index: usize,
+        /// The enum value received.
+        value: i32,
+    },
+    /// A partition listed twice: a user has one level per partition.
+    #[error("partition {partition} is listed twice; a user has one level per partition")]
+    Duplicate {
+        /// The partition.
+        partition: u8,
+    },
+}
+
+/// Decodes a user's levels: each partition 1..=8 once, each level set and known.
+pub fn authorities(items: &[pb::PartitionAuthority]) -> Result<Authorities, AuthorityWireError> {
+    let mut out = Authorities::new();
+    for (index, a) in items.iter().enumerate() {
+        let partition = partition(a.partition).ok_or(AuthorityWireError::Partition {
+            index,
+            value: a.partition,
+        })?;
+        let level = decode::<pb::Level, Level>(a.level, "level").map_err(|_| {
+            AuthorityWireError::Level {
+                index,
+                value: a.level,
+            }
+        })?;
+        if out.insert(partition, level).is_some() {
+            return Err(AuthorityWireError::Duplicate { partition });
+        }
+    }
+    Ok(out)
+}
+
+/// A user's levels on the wire, in partition order.
+pub fn authorities_pb(authorities: &Authorities) -> Vec<pb::PartitionAuthority> {
+    authorities
+        .iter()
+        .map(|(p, l)| pb::PartitionAuthority {
+            partition: i32::from(*p),
+            level: pb::Level::from(*l) as i32,
+        })
+        .collect()
+}
+
+/// Why a protobuf timestamp is not an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InstantError {
+    /// Negative nanoseconds.
+    #[error("has negative nanos")]
+    NegativeNanos,
+    /// Nanoseconds of a second or more, or seconds beyond what a date holds.
+    #[error("is out of range")]
+    OutOfRange,
+}
+
+/// A protobuf timestamp as an instant. Nanos must be 0..1e9 (the protobuf rule: no
+/// leap-second reading), seconds within what a date holds.
+pub fn instant(t: &prost_types::Timestamp) -> Result<DateTime<Utc>, InstantError> {
+    let nanos = u32::try_from(t.nanos).map_err(|_| InstantError::NegativeNanos)?;
+    if nanos >= 1_000_000_000 {
+        return Err(InstantError::OutOfRange);
+    }
+    DateTime::from_timestamp(t.seconds, nanos).ok_or(InstantError::OutOfRange)
+}
+
+/// An instant as a protobuf timestamp.
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Why a schedule was refused. Paths are relative to the schedule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleWireError {
+    /// A window names a day that is not a day of the week (unspecified or unknown).
+    #[error("windows[{window}].days has an unknown day ({value})")]
+    Day {
+        /// Position of the window.
+        window: usize,
+        /// The enum value received.
+        value: i32,
+    },
+    /// A window time is not `HH:MM` within the day.
+    #[error("windows[{window}].{field}: {error}")]
+    Time {
+        /// Position of the window.
+        window: usize,
+        /// `start_time` or `end_time`.
+        field: &'static str,
+        /// Why.
+        error: ScheduleError,
+    },
+    /// `valid_from` or `valid_until` is not a date.
+    #[error("{field} {value:?} is not a date YYYY-MM-DD")]
+    Date {
+        /// `valid_from` or `valid_until`.
+        field: &'static str,
+        /// The text received.
+        value: String,
+    },
+    /// A paused date is not a date.
+    #[error("paused_dates[{index}] {value:?} is not a date YYYY-MM-DD")]
+    PausedDate {
+        /// Position in `paused_dates`.
+        index: usize,
+        /// The text received.
+        value: String,
+    },
+    /// Read, but breaks a schedule rule (a window with no day, an empty window, a
+    /// date range backwards).
+    #[error("{0}")]
+    Invalid(ScheduleError),
+}
+
+fn date(field: &'static str, value: &str) -> Result<Option<NaiveDate>, ScheduleWireError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .map(Some)
+        .map_err(|_| ScheduleWireError::Date {
+            field,
+            value: value.to_owned(),
+        })
+}
+
+impl TryFrom<&pb::Schedule> for Schedule {
+    type Error = ScheduleWireError;
+    fn try_from(s: &pb::Schedule) -> Result<Self, Self::Error> {
+        let mut windows = Vec::with_capacity(s.windows.len());
+        for (window, w) in s.windows.iter().enumerate() {
+            let mut days = 0u8;
+            for d in &w.days {
+                let day = decode::<pb::DayOfWeek, Weekday>(*d, "day of the week")
+                    .map_err(|_| ScheduleWireError::Day { window, value: *d })?;
+                days |= day_bit(day);
+            }
+            let time = |field: &'static str, v: &str| {
+                parse_time(v).map_err(|error| ScheduleWireError::Time {
+                    window,
+                    field,
+                    error,
+                })
+            };
+            windows.push(Window {
+                days,
+                start: time("start_time", &w.start_time)?,
+                end: time("end_time", &w.end_time)?,
+            });
+        }
+        let paused_dates = s
+            .paused_dates
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|_| {
+                    ScheduleWireError::PausedDate {
+                        index,
+                        value: d.clone(),
+                    }
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let schedule = Schedule {
+            windows,
+            valid_from: date("valid_from", &s.valid_from)?,
+            valid_until: date("valid_until", &s.valid_until)?,
+            paused_dates,
+        };
+        schedule.validate().map_err(ScheduleWireError::Invalid)?;
+        Ok(schedule)
+    }
+}
+
+impl From<&Schedule> for pb::Schedule {
+    fn from(s: &Schedule) -> Self {
+        const WEEK: [Weekday; 7] = [
+            Weekday::Mon,
+            Weekday::Tue,
+            Weekday::Wed,
+            Weekday::Thu,
+            Weekday::Fri,
+            Weekday::Sat,
+            Weekday::Sun,
+        ];
+        pb::Schedule {
+            windows: s
+                .windows
+                .iter()
+                .map(|w| pb::TimeWindow {
+                    days: WEEK
+                        .iter()
+                        .filter(|d| w.days & day_bit(**d) != 0)
+                        .map(|d| pb::DayOfWeek::from(*d) as i32)
+                        .collect(),
+                    start_time: format_time(w.start),
+                    end_time: format_time(w.end),
+                })
+                .collect(),
+            valid_from: s.valid_from.map(|d| d.to_string()).unwrap_or_default(),
+            valid_until: s.valid_until.map(|d| d.to_string()).unwrap_or_default(),
+            paused_dates: s.paused_dates.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(days: Vec<i32>, start: &str, end: &str) -> pb::TimeWindow {
+        pb::TimeWindow {
+            days,
+            start_time: start.into(),
+            end_time: end.into(),
+        }
+    }
+
+    fn weekdays() -> pb::Schedule {
+        pb::Schedule {
+            windows: vec![window((1..=5).collect(), "08:00", "18:00")],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn schedule_rules_table() {
+        let with = |change: &dyn Fn(&mut pb::Schedule)| {
+            let mut s = weekdays();
+            change(&mut s);
+            s
+        };
+        // (what, wire schedule, the refusal or None when it reads)
+        let cases: Vec<(&str, pb::Schedule, Option<ScheduleWireError>)> = vec![
+            ("weekdays", weekdays(), None),
+            ("no windows: never open", pb::Schedule::default(), None),
+            (
+                "every day, overnight",
+                with(&|s| s.windows = vec![window((1..=7).collect(), "22:00", "06:00")]),
+                None,
+            ),
+            (
+                "dates and paused dates",
+                with(&|s| {
+                    s.valid_from = "2026-01-01".into();
+                    s.valid_until = "2026-12-31".into();
+                    s.paused_dates = vec!["2026-12-25".into()];
+                }),
+                None,
+            ),
+            (
+                "unknown weekday 8 is refused, not dropped",
+                with(&|s| s.windows[0].days.push(8)),
+                Some(ScheduleWireError::Day {
+                    window: 0,
+                    value: 8,
+                }),
+            ),
+            (
+                "unspecified weekday is refused",
+                with(&|s| s.windows[0].days = vec![0]),
+                Some(ScheduleWireError::Day {
+                    window: 0,
+                    value: 0,
+                }),
+            ),
+            (
+                "negative weekday is refused",
+                with(&|s| s.windows[0].days = vec![-1]),
+                Some(ScheduleWireError::Day {
+                    window: 0,
+                    value: -1,
+                }),
+            ),
+            (
+                "a window with no day",
+                with(&|s| s.windows[0].days.clear()),
+                Some(ScheduleWireError::Invalid(ScheduleError::NoDays(0))),
+            ),
+            (
+                "time not HH:MM",
+                with(&|s| s.windows[0].end_time = "6pm".into()),
+                Some(ScheduleWireError::Time {
+                    window: 0,
+                    field: "end_time",
+                    error: ScheduleError::Time("6pm".into()),
+                }),
+            ),
+            (
+                "empty window",
+                with(&|s| s.windows[0].end_time = "08:00".into()),
+                Some(ScheduleWireError::Invalid(ScheduleError::Empty(0))),
+            ),
+            (
+                "date not YYYY-MM-DD",
+                with(&|s| s.valid_until = "31/12/2026".into()),
+                Some(ScheduleWireError::Date {
+                    field: "valid_until",
+                    value: "31/12/2026".into(),
+                }),
+            ),
+            (
+                "date range backwards",
+                with(&|s| {
+                    s.valid_from = "2026-12-31".into();
+                    s.valid_until = "2026-01-01".into();
+                }),
+                Some(ScheduleWireError::Invalid(ScheduleError::DateRange)),
+            ),
+            (
+                "paused date unreadable",
+                with(&|s| s.paused_dates = vec!["2026-12-25".into(), "Christmas".into()]),
+                Some(ScheduleWireError::PausedDate {
+                    index: 1,
+                    value: "Christmas".into(),
+                }),
+            ),
+        ];
+        for (what, wire, want) in cases {
+            let got = Schedule::try_from(&wire);
+            match want {
+                None => {
+                    let s = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    // What reads encodes back to the same wire value.
+                    assert_eq!(pb::Schedule::from(&s), wire, "{what}");
+                }
+                Some(want) => assert_eq!(got, Err(want), "{what}"),
+            }
+        }
+    }
+
+    #[test]
+    fn weekday_table() {
+        let table = [
+            (1, Some(Weekday::Mon)),
+            (2, Some(Weekday::Tue)),
+            (3, Some(Weekday::Wed)),
+            (4, Some(Weekday::Thu)),
+            (5, Some(Weekday::Fri)),
+            (6, Some(Weekday::Sat)),
+            (7, Some(Weekday::Sun)),
+            (0, None),
+            (8, None),
+            (-7, None),
+        ];
+        for (wire, want) in table {
+            let got = decode::<pb::DayOfWeek, Weekday>(wire, "day of the week").ok();
+            assert_eq!(got, want, "{wire}");
+            if let Some(day) = want {
+                assert_eq!(pb::DayOfWeek::from(day) as i32, wire);
+            }
+        }
+    }
+
+    #[test]
+    fn level_table() {
+        let table = [
+            (0, None),
+            (1, Some(Level::Installer)),
+            (2, Some(Level::Master)),
+            (3, Some(Level::Manager)),
+            (4, Some(Level::OperatorA)),
+            (5, Some(Level::OperatorB)),
+            (6, Some(Level::OperatorC)),
+            (7, Some(Level::Duress)),
+            (8, None),
+            (-1, None),
+        ];
+        for (wire, want) in table {
+            assert_eq!(
+                decode::<pb::Level, Level>(wire, "level").ok(),
+                want,
+                "{wire}"
+            );
+            if let Some(level) = want {
+                assert_eq!(pb::Level::from(level) as i32, wire);
+            }
+        }
+    }
+
+    #[test]
+    fn device_kind_table() {
+        let table = [
+            (0, None),
+            (1, Some(DeviceKind::Panel)),
+            (2, Some(DeviceKind::Lock)),
+            (3, Some(DeviceKind::Door)),
+            (4, None),
+        ];
+        for (wire, want) in table {
+            let got = decode::<pb::DeviceKind, DeviceKind>(wire, "device kind").ok();
+            assert_eq!(got, want, "{wire}");
+            if let Some(kind) = want {
+                assert_eq!(pb::DeviceKind::from(kind) as i32, wire);
+            }
+        }
+    }
+
+    #[test]
+    fn event_kind_round_trips_and_refuses_unknown() {
+        for kind in EventKind::ALL {
+            let wire = pb::EventKind::from(kind) as i32;
+            assert_ne!(wire, 0, "{kind}");
+            assert_eq!(
+                decode::<pb::EventKind, EventKind>(wire, "event kind"),
+                Ok(kind)
+            );
+        }
+        for wire in [0, 999, -1] {
+            assert!(decode::<pb::EventKind, EventKind>(wire, "event kind").is_err());
+        }
+    }
+
+    #[test]
+    fn authorities_table() {
+        let a = |partition, level| pb::PartitionAuthority { partition, level };
+        type Want = Result<Vec<(u8, Level)>, AuthorityWireError>;
+        let cases: Vec<(&str, Vec<pb::PartitionAuthority>, Want)> = vec![
+            ("none", vec![], Ok(vec![])),
+            (
+                "two partitions",
+                vec![a(8, 6), a(1, 2)],
+                Ok(vec![(1, Level::Master), (8, Level::OperatorC)]),
+            ),
+            (
+                "partition 0",
+                vec![a(0, 2)],
+                Err(AuthorityWireError::Partition { index: 0, value: 0 }),
+            ),
+            (
+                "partition 9",
+                vec![a(1, 2), a(9, 2)],
+                Err(AuthorityWireError::Partition { index: 1, value: 9 }),
+            ),
+            (
+                "partition beyond a byte",
+                vec![a(257, 2)],
+                Err(AuthorityWireError::Partition {
+                    index: 0,
+                    value: 257,
+                }),
+            ),
+            (
+                "unset level",
+                vec![a(1, 0)],
+                Err(AuthorityWireError::Level { index: 0, value: 0 }),
+            ),
+            (
+                "level from a newer peer",
+                vec![a(1, 2), a(2, 42)],
+                Err(AuthorityWireError::Level {
+                    index: 1,
+                    value: 42,
+                }),
+            ),
+            (
+                "partition twice",
+                vec![a(3, 2), a(3, 4)],
+                Err(AuthorityWireError::Duplicate { partition: 3 }),
+            ),
+        ];
+        for (what, wire, want) in cases {
+            let got = authorities(&wire).map(|m| m.into_iter().collect::<Vec<_>>());
+            assert_eq!(got, want, "{what}");
+            if let Ok(levels) = got {
+                let back = authorities_pb(&levels.into_iter().collect());
+                let again = authorities(&back).expect("round trip");
+                assert_eq!(authorities_pb(&again), back, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn instant_table() {
+        let t = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        let cases = [
+            (t(1_800_000_000, 500), Ok(())),
+            (t(0, 0), Ok(())),
+            (t(1_800_000_000, -1), Err(InstantError::NegativeNanos)),
+            (
+                t(1_800_000_000, 1_000_000_000),
+                Err(InstantError::OutOfRange),
+            ),
+            (
+                t(1_799_999_999, 1_500_000_000),
+                Err(InstantError::OutOfRange),
+            ),
+            (t(i64::MAX, 0), Err(InstantError::OutOfRange)),
+            (t(i64::MIN, 0), Err(InstantError::OutOfRange)),
+        ];
+        for (wire, want) in cases {
+            let got = instant(&wire);
+            assert_eq!(got.map(|_| ()), want, "{wire:?}");
+            if let Ok(at) = got {
+                assert_eq!(timestamp(at), wire);
+            }
+        }
+    }
+
+    #[test]
+    fn partition_table() {
+        for (wire, want) in [(0, None), (1, Some(1)), (8, Some(8)), (9, None), (-1, None)] {
+            assert_eq!(partition(wire), want, "{wire}");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Store records into wire resources (the responses of AdminService). Core values
+//! inside them (schedules, levels, kinds, instants) go through the shared rules of
+//! `keyplane_proto::convert`; names through keyplane-core's name types.
+
+use keyplane_core::DeviceModel;
+use keyplane_core::names::{
+    AccessPlanName, CredentialName, DeviceName, EventName, HolidayName, LocalCodeName,
+    PartitionName, PersonalPlanName, SiteName, SyncStatusName, UserName,
+};
+use keyplane_proto::convert as wire;
+use keyplane_proto::v1 as pb;
+use keyplane_store as store;
+use std::time::SystemTime;
+use uuid::Uuid;
+
+fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(t))
+}
+
+fn device(site: Uuid, device: Uuid) -> String {
+    DeviceName { site, device }.to_string()
+}
+
+fn user(site: Uuid, user: Uuid) -> String {
+    UserName { site, user }.to_string()
+}
+
+/// Personal access plan to protobuf.
+pub fn plan_pb(p: &store::PersonalPlan) -> pb::PersonalAccessPlan {
+    pb::PersonalAccessPlan {
+        name: PersonalPlanName {
+            site: p.site,
+            user: p.user,
+        }
+        .to_string(),
+        configured: p.configured,
+        access_points: p.access_points.iter().map(|d| device(p.site, *d)).collect(),
+        schedule: p.schedule.as_ref().map(pb::Schedule::from),
+        etag: p.version.to_string(),
+        update_time: ts(p.update_time),
+    }
+}
+
+/// Site to protobuf.
+pub fn site_pb(s: &store::Site) -> pb::Site {
+    pb::Site {
+        name: SiteName { site: s.id }.to_string(),
+        display_name: s.display_name.clone(),
+        time_zone: s.time_zone.clone(),
+        local_code_policy: match s.local_code_policy {
+            store::LocalCodePolicy::Preserve => pb::LocalCodePolicy::Preserve,
+            store::LocalCodePolicy::Authoritative => pb::LocalCodePolicy::Authoritative,
+        } as i32,
+        revision: s.revision,
+        create_time: ts(s.create_time),
+        update_time: ts(s.update_time),
+        etag: s.version.to_string(),
+    }
+}
+
+/// Partition to protobuf.
+pub fn partition_pb(p: &store::Partition) -> pb::Partition {
+    pb::Partition {
+        name: PartitionName {
+            site: p.site,
+            number: p.number,
+        }
+        .to_string(),
+        number: i32::from(p.number),
+        display_name: p.display_name.clone(),
+        etag: p.version.to_string(),
+    }
+}
+
+/// Model constraints to protobuf.
+pub fn constraints_pb(m: &DeviceModel) -> pb::DeviceConstraints {
+    pb::DeviceConstraints {
+        kind: pb::DeviceKind::from(m.kind) as i32,
+        first_slot: i32::from(m.first_slot),
+        last_slot: i32::from(m.last_slot),
+        reserved_slots: m.reserved_slots.iter().map(|s| i32::from(*s)).collect(),
+        min_code_length: i32::from(m.min_code_length),
+        max_code_length: i32::from(m.max_code_length),
+        on_device_schedules: m.on_device_schedules,
+        max_partitions: i32::from(m.max_partitions),
+    }
+}
+
+/// Device to protobuf.
+pub fn device_pb(d: &store::Device) -> pb::Device {
+    pb::Device {
+        name: d.name(),
+        display_name: d.display_name.clone(),
+        kind: pb::DeviceKind::from(d.kind()) as i32,
+        model: d.model.id.to_owned(),
+        partition: d.partition.map(i32::from).unwrap_or(0),
+        perimeter: d.perimeter,
+        constraints: Some(constraints_pb(d.model)),
+        create_time: ts(d.create_time),
+        update_time: ts(d.update_time),
+        etag: d.version.to_string(),
+    }
+}
+
+/// User to protobuf.
+pub fn user_pb(u: &store::User) -> pb::User {
+    pb::User {
+        name: user(u.site, u.id),
+        display_name: u.display_name.clone(),
+        create_time: ts(u.create_time),
+        update_time: ts(u.update_time),
+        etag: u.version.to_string(),
+        authorities: wire::authorities_pb(&u.authorities),
+        open_close_reporting: u.open_close_reporting,
+    }
+}
+
+/// Credential to protobuf; the PIN is never returned, only that one is set.
+pub fn credential_pb(c: &store::Credential) -> pb::Credential {
+    let name_of = |id: &Uuid| device(c.site, *id);
+    pb::Credential {
+        name: CredentialName {
+            site: c.site,
+            user: c.user,
+            credential: c.id,
+        }
+        .to_string(),
+        display_name: c.display_name.clone(),
+        pin: String::new(),
+        pin_set: true,
+        scope: Some(pb::CredentialScope {
+            panel_partitions: c
+                .scope
+                .panel_partitions
+                .iter()
+                .map(|p| i32::from(*p))
+                .collect(),
+            locks: c.scope.locks.iter().map(name_of).collect(),
+            doors: c.scope.doors.iter().map(name_of).collect(),
+        }),
+        slots: c
+            .slots
+            .iter()
+            .map(|s| pb::SlotAssignment {
+                device: name_of(&s.device),
+                slot: i32::from(s.slot),
+                display_slot: s.display_slot.clone(),
+            })
+            .collect(),
+        create_time: ts(c.create_time),
+        update_time: ts(c.update_time),
+        etag: c.version.to_string(),
+        created_partition: c.created_partition.map(i32::from).unwrap_or(0),
+        valid_from_time: c.valid_from.map(wire::timestamp),
+        valid_until_time: c.valid_until.map(wire::timestamp),
+        max_uses: c.max_uses.unwrap_or(0),
+        uses: c.uses,
+    }
+}
+
+fn count(n: i64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// Local code to protobuf.
+pub fn local_code_pb(l: &store::LocalCode) -> pb::LocalCode {
+    pb::LocalCode {
+        name: LocalCodeName {
+            device: DeviceName {
+                site: l.site,
+                device: l.device,
+            },
+            slot: l.slot,
+        }
+        .to_string(),
+        device: device(l.site, l.device),
+        slot: i32::from(l.slot),
+        display_slot: l.model.display_slot(l.slot),
+        pin_known: l.pin_known,
+        removing: l.removing,
+        observe_time: ts(l.observe_time),
+    }
+}
+
+/// Sync status to protobuf.
+pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
+    pb::SyncStatus {
+        name: SyncStatusName { site: s.site }.to_string(),
+        desired_revision: s.revision,
+        agent_connected: s.agent_connected,
+        agent_last_seen_time: s.agent_last_seen.and_then(ts),
+        setup_issues: s.setup_issues.clone(),
+        devices: s
+            .devices
+            .iter()
+            .map(|d| pb::DeviceSyncStatus {
+                device: device(s.site, d.device),
+                desired_revision: d.desired_revision,
+                applied_revision: d.applied_revision,
+                pending_changes: i32::try_from(d.pending_changes).unwrap_or(i32::MAX),
+                last_seen_time: d.last_seen.and_then(ts),
+                in_sync: d.pending_changes == 0 && d.applied_revision >= d.desired_revision,
+                managed_slots: count(d.managed_slots),
+                local_slots: count(d.local_slots),
+                drifted_slots: count(d.drifted_slots),
+                conflicts: count(d.conflicts),
+                unverifiable_slots: count(d.unverifiable_slots),
+            })
+            .collect(),
+    }
+}
+
+/// Event to protobuf.
+pub fn event_pb(e: &store::Event) -> pb::Event {
+    pb::Event {
+        name: EventName {
+            site: e.site,
+            cursor: e.id,
+        }
+        .to_string(),
+        cursor: e.id,
+        device: e.device.map(|d| device(e.site, d)).unwrap_or_default(),
+        kind: pb::EventKind::from(e.kind) as i32,
+        partition: e.partition.map(i32::from).unwrap_or(0),
+        user_number: e.user_number.map(i32::from).unwrap_or(0),
+        display_user_number: e
+            .user_number
+            .map(|n| match e.device_kind {
+                Some(kind) => kind.display_slot(n),
+                None => n.to_string(),
+            })
+            .unwrap_or_default(),
+        user: e.user.map(|u| user(e.site, u)).unwrap_or_default(),
+        silent_alarm: e.silent_alarm,
+        occur_time: ts(e.occur_time),
+        create_time: ts(e.create_time),
+        actor: e.actor.clone().unwrap_or_default(),
+    }
+}
+
+/// Standard access plan to protobuf.
+pub fn access_plan_pb(p: &store::AccessPlan) -> pb::StandardAccessPlan {
+    pb::StandardAccessPlan {
+        name: AccessPlanName {
+            site: p.site,
+            plan: p.id,
+        }
+        .to_string(),
+        display_name: p.display_name.clone(),
+        devices: p.devices.iter().map(|d| device(p.site, *d)).collect(),
+        members: p.members.iter().map(|u| user(p.site, *u)).collect(),
+        schedule: p.schedule.as_ref().map(pb::Schedule::from),
+        etag: p.version.to_string(),
+        update_time: ts(p.update_time),
+    }
+}
+
+/// Holiday to protobuf.
+pub fn holiday_pb(h: &store::Holiday) -> pb::Holiday {
+    pb::Holiday {
+        name: HolidayName {
+            site: h.site,
+            day: h.day,
+        }
+        .to_string(),
+        display_name: h.display_name.clone(),
+        plans: h
+            .plans
+            .iter()
+            .map(|p| {
+                AccessPlanName {
+                    site: h.site,
+                    plan: *p,
+                }
+                .to_string()
+            })
+            .collect(),
+    }
+}
