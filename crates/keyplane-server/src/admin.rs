@@ -107,7 +107,7 @@ type Res<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_site(&self, request: Request<pb::CreateSiteRequest>) -> Res<pb::Site> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "creating a site")?;
         let req = request.into_inner();
         let site = required("site", req.site.as_ref())?;
@@ -126,7 +126,7 @@ impl AdminService for AdminApi {
     }
 
     async fn get_site(&self, request: Request<pb::GetSiteRequest>) -> Res<pb::Site> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let name = site_name("name", &request.get_ref().name)?;
         let site = self
             .store
@@ -140,7 +140,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListSitesRequest>,
     ) -> Res<pb::ListSitesResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let (sites, next_page_token) = list_page(
             "ListSites",
@@ -157,7 +157,7 @@ impl AdminService for AdminApi {
     }
 
     async fn update_site(&self, request: Request<pb::UpdateSiteRequest>) -> Res<pb::Site> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "changing a site")?;
         let req = request.into_inner();
         let site = required("site", req.site.as_ref())?;
@@ -193,7 +193,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_site(&self, request: Request<pb::DeleteSiteRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "deleting a site")?;
         let req = request.get_ref();
         let name = site_name("name", &req.name)?;
@@ -208,7 +208,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreatePartitionRequest>,
     ) -> Res<pb::Partition> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "adding a partition")?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
@@ -229,7 +229,7 @@ impl AdminService for AdminApi {
     }
 
     async fn get_partition(&self, request: Request<pb::GetPartitionRequest>) -> Res<pb::Partition> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let name =
             PartitionName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
         let p = self
@@ -244,7 +244,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListPartitionsRequest>,
     ) -> Res<pb::ListPartitionsResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let list = format!("ListPartitions sites/{}", parent.site);
@@ -265,7 +265,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdatePartitionRequest>,
     ) -> Res<pb::Partition> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "renaming a partition")?;
         let req = request.into_inner();
         let partition = required("partition", req.partition.as_ref())?;
@@ -291,7 +291,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_partition(&self, request: Request<pb::DeletePartitionRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "deleting a partition")?;
         let req = request.get_ref();
         let name = PartitionName::parse(&req.name).map_err(|e| name_status("name", e))?;
@@ -303,7 +303,7 @@ impl AdminService for AdminApi {
     }
 
     async fn create_device(&self, request: Request<pb::CreateDeviceRequest>) -> Res<pb::Device> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "adding a device")?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
@@ -325,7 +325,7 @@ impl AdminService for AdminApi {
     }
 
     async fn get_device(&self, request: Request<pb::GetDeviceRequest>) -> Res<pb::Device> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let name =
             DeviceName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
         let d = self
@@ -340,7 +340,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListDevicesRequest>,
     ) -> Res<pb::ListDevicesResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let (items, next_page_token) = list_page(
@@ -358,7 +358,7 @@ impl AdminService for AdminApi {
     }
 
     async fn update_device(&self, request: Request<pb::UpdateDeviceRequest>) -> Res<pb::Device> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "changing a device")?;
         let req = request.into_inner();
         let device = required("device", req.device.as_ref())?;
@@ -396,7 +396,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_device(&self, request: Request<pb::DeleteDeviceRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "deleting a device")?;
         let req = request.get_ref();
         let name = DeviceName::parse(&req.name).map_err(|e| name_status("name", e))?;
@@ -409,7 +409,7 @@ impl AdminService for AdminApi {
     }
 
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Res<pb::User> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
         let user = required("user", req.user.as_ref())?;
@@ -428,7 +428,7 @@ impl AdminService for AdminApi {
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Res<pb::User> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let name = UserName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
         let u = self
             .store
@@ -442,7 +442,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Res<pb::ListUsersResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let (items, next_page_token) = list_page(
@@ -460,7 +460,7 @@ impl AdminService for AdminApi {
     }
 
     async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Res<pb::User> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.into_inner();
         let user = required("user", req.user.as_ref())?;
         let name = UserName::parse(&user.name).map_err(|e| name_status("user.name", e))?;
@@ -498,7 +498,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_user(&self, request: Request<pb::DeleteUserRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let name = UserName::parse(&req.name).map_err(|e| name_status("name", e))?;
         self.store
@@ -513,7 +513,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreateCredentialRequest>,
     ) -> Res<pb::Credential> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.into_inner();
         let parent = UserName::parse(&req.parent).map_err(|e| name_status("parent", e))?;
         let credential = required("credential", req.credential.as_ref())?;
@@ -559,7 +559,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetCredentialRequest>,
     ) -> Res<pb::Credential> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let name =
             CredentialName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
         let c = self
@@ -574,7 +574,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListCredentialsRequest>,
     ) -> Res<pb::ListCredentialsResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let parent = UserName::parse(&req.parent).map_err(|e| name_status("parent", e))?;
         let (items, next_page_token) = list_page(
@@ -601,7 +601,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdateCredentialRequest>,
     ) -> Res<pb::Credential> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.into_inner();
         let credential = required("credential", req.credential.as_ref())?;
         let name = CredentialName::parse(&credential.name)
@@ -644,7 +644,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_credential(&self, request: Request<pb::DeleteCredentialRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let name = CredentialName::parse(&req.name).map_err(|e| name_status("name", e))?;
         self.store
@@ -659,7 +659,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetSyncStatusRequest>,
     ) -> Res<pb::SyncStatus> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let site =
             SyncStatusName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
         let status = self
@@ -674,7 +674,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::IssueAgentTokenRequest>,
     ) -> Res<pb::IssueAgentTokenResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "issuing an agent token")?;
         let site = site_name("site", &request.get_ref().site)?;
         let token = self
@@ -689,7 +689,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Res<pb::ListEventsResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let list = format!("ListEvents sites/{}", parent.site);
@@ -712,7 +712,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Res<Self::WatchEventsStream> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.into_inner();
         let site = if req.parent == "sites/-" {
             None
@@ -777,7 +777,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetPersonalAccessPlanRequest>,
     ) -> Res<pb::PersonalAccessPlan> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let user = plan_name("name", &request.get_ref().name)?;
         let plan = self
             .store
@@ -791,7 +791,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdatePersonalAccessPlanRequest>,
     ) -> Res<pb::PersonalAccessPlan> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.into_inner();
         let plan = required("plan", req.plan.as_ref())?;
         let user = plan_name("plan.name", &plan.name)?;
@@ -845,7 +845,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ClearPersonalAccessPlanRequest>,
     ) -> Res<pb::PersonalAccessPlan> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let user = plan_name("name", &req.name)?;
         let cleared = self
@@ -861,7 +861,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreateAccessPlanRequest>,
     ) -> Res<pb::StandardAccessPlan> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "creating an access plan")?;
         let req = request.into_inner();
         let parent = site_name("parent", &req.parent)?;
@@ -889,7 +889,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetAccessPlanRequest>,
     ) -> Res<pb::StandardAccessPlan> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let (site, id) = access_plan_name("name", &request.get_ref().name)?;
         let plan = self
             .store
@@ -903,7 +903,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListAccessPlansRequest>,
     ) -> Res<pb::ListAccessPlansResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let parent = site_name("parent", &req.parent)?;
         let (plans, next_page_token) = list_page(
@@ -924,7 +924,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdateAccessPlanRequest>,
     ) -> Res<pb::StandardAccessPlan> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "changing an access plan")?;
         let req = request.into_inner();
         let plan = required("plan", req.plan.as_ref())?;
@@ -950,7 +950,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_access_plan(&self, request: Request<pb::DeleteAccessPlanRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "deleting an access plan")?;
         let req = request.get_ref();
         if PersonalPlanName::looks_like(&req.name) {
@@ -968,7 +968,7 @@ impl AdminService for AdminApi {
     }
 
     async fn put_holiday(&self, request: Request<pb::PutHolidayRequest>) -> Res<pb::Holiday> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "setting a holiday")?;
         let req = request.into_inner();
         let holiday = required("holiday", req.holiday.as_ref())?;
@@ -1008,7 +1008,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListHolidaysRequest>,
     ) -> Res<pb::ListHolidaysResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let parent = site_name("parent", &request.get_ref().parent)?;
         let holidays = self
             .store
@@ -1021,7 +1021,7 @@ impl AdminService for AdminApi {
     }
 
     async fn delete_holiday(&self, request: Request<pb::DeleteHolidayRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "deleting a holiday")?;
         let (site, day) = holiday_name("name", &request.get_ref().name)?;
         self.store
@@ -1033,7 +1033,7 @@ impl AdminService for AdminApi {
     }
 
     async fn lockdown_doors(&self, request: Request<pb::LockdownDoorsRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "locking down doors")?;
         let site = site_name("site", &request.get_ref().site)?;
         self.store
@@ -1046,7 +1046,7 @@ impl AdminService for AdminApi {
     }
 
     async fn release_lockdown(&self, request: Request<pb::ReleaseLockdownRequest>) -> Res<()> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         installer_only(&actor, "releasing a lockdown")?;
         let site = site_name("site", &request.get_ref().site)?;
         self.store
@@ -1062,7 +1062,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListLocalCodesRequest>,
     ) -> Res<pb::ListLocalCodesResponse> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let parent = site_name("parent", &request.get_ref().parent)?;
         let codes = self
             .store
@@ -1078,7 +1078,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ClaimLocalCodeRequest>,
     ) -> Res<pb::Credential> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let (device, slot) = local_code_name("name", &req.name)?;
         let user = UserName::parse(&req.user).map_err(|e| name_status("user", e))?;
@@ -1112,7 +1112,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RemoveLocalCodeRequest>,
     ) -> Res<pb::LocalCode> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let (device, slot) = local_code_name("name", &request.get_ref().name)?;
         let local = self
             .store
@@ -1127,7 +1127,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ResolveDriftRequest>,
     ) -> Res<pb::Credential> {
-        let actor = auth::dealer(&self.store, &request).await?;
+        let actor = auth::actor(&request)?;
         let req = request.get_ref();
         let credential =
             CredentialName::parse(&req.credential).map_err(|e| name_status("credential", e))?;

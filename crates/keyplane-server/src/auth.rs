@@ -1,13 +1,27 @@
 //! Bearer-token authentication of dealers and agents.
+//!
+//! Dealers are authenticated once per call by [`DealerAuthLayer`], a tower layer in
+//! front of AdminService: it verifies `authorization: Bearer <token>` through the
+//! store's cached verification (a token is trusted at most `dealer_token_ttl`
+//! without the database), reads the acting-user headers, and puts the [`Actor`] into
+//! the request's extensions; handlers take it with [`actor`]. A refused call never
+//! reaches a handler. Agents, whose token kind differs and whose one call is a
+//! stream, are authenticated by [`agent`] at the start of that call.
 
 use crate::error::store_status;
 use keyplane_core::names::{MAX_PARTITIONS, UserName};
 use keyplane_store::{Actor, Store};
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::codegen::http::{HeaderMap, Request as HttpRequest, Response as HttpResponse};
+use tonic::codegen::{BoxFuture, Service};
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-fn bearer<T>(request: &Request<T>, who: &str) -> Result<String, Status> {
-    let value = request.metadata().get("authorization").ok_or_else(|| {
+fn bearer(headers: &HeaderMap, who: &str) -> Result<String, Status> {
+    let value = headers.get("authorization").ok_or_else(|| {
         Status::unauthenticated(format!(
             "missing authorization metadata: send `authorization: Bearer <{who} token>`"
         ))
@@ -26,15 +40,20 @@ fn bearer<T>(request: &Request<T>, who: &str) -> Result<String, Status> {
     Ok(token.to_owned())
 }
 
-/// Authenticates a dealer call; returns who acts, for scoping and the audit log.
-pub async fn dealer<T>(store: &Store, request: &Request<T>) -> Result<Actor, Status> {
-    let token = bearer(request, "dealer")?;
+/// Authenticates a dealer call from its headers; returns who acts, for scoping and
+/// the audit log.
+pub async fn dealer(
+    store: &Store,
+    headers: &HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Actor, Status> {
+    let token = bearer(headers, "dealer")?;
     let dealer = store
         .dealer_token_authenticate(&token)
         .await
         .map_err(store_status)?
         .ok_or_else(|| Status::unauthenticated("unknown or revoked dealer token"))?;
-    let acting_user = match header(request, ACTING_USER)? {
+    let acting_user = match header(headers, ACTING_USER)? {
         None => None,
         Some(name) => {
             let user = UserName::parse(&name)
@@ -42,7 +61,7 @@ pub async fn dealer<T>(store: &Store, request: &Request<T>) -> Result<Actor, Sta
             Some((user.site, user.user))
         }
     };
-    let acting_partition = match header(request, ACTING_PARTITION)? {
+    let acting_partition = match header(headers, ACTING_PARTITION)? {
         None => None,
         Some(p) => Some(
             p.parse::<u8>()
@@ -62,7 +81,7 @@ pub async fn dealer<T>(store: &Store, request: &Request<T>) -> Result<Actor, Sta
     let actor = Actor {
         dealer,
         principal,
-        peer: request.remote_addr().map(|a| a.to_string()),
+        peer: peer.map(|a| a.to_string()),
         acting_user,
         acting_partition,
     };
@@ -72,14 +91,21 @@ pub async fn dealer<T>(store: &Store, request: &Request<T>) -> Result<Actor, Sta
     Ok(actor)
 }
 
+/// The dealer [`DealerAuthLayer`] authenticated for this call.
+pub fn actor<T>(request: &Request<T>) -> Result<Actor, Status> {
+    request.extensions().get::<Actor>().cloned().ok_or_else(|| {
+        tracing::error!("a dealer call reached its handler without DealerAuthLayer");
+        Status::internal("internal error; the server logged the details")
+    })
+}
+
 /// Metadata naming the site user who acts through the back office.
 pub const ACTING_USER: &str = "keyplane-acting-user";
 /// Metadata naming the partition the actor acts from.
 pub const ACTING_PARTITION: &str = keyplane_core::authority::ACTING_PARTITION_HEADER;
 
-fn header<T>(request: &Request<T>, name: &str) -> Result<Option<String>, Status> {
-    request
-        .metadata()
+fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, Status> {
+    headers
         .get(name)
         .map(|v| {
             v.to_str()
@@ -91,10 +117,81 @@ fn header<T>(request: &Request<T>, name: &str) -> Result<Option<String>, Status>
 
 /// Authenticates an agent; returns its site.
 pub async fn agent<T>(store: &Store, request: &Request<T>) -> Result<Uuid, Status> {
-    let token = bearer(request, "agent")?;
+    let token = bearer(request.metadata().as_ref(), "agent")?;
     store
         .agent_token_authenticate(&token)
         .await
         .map_err(store_status)?
         .ok_or_else(|| Status::unauthenticated("unknown or revoked agent token"))
+}
+
+/// A tower layer authenticating every call of the service it wraps as a dealer's.
+#[derive(Debug, Clone)]
+pub struct DealerAuthLayer {
+    store: Store,
+}
+
+impl DealerAuthLayer {
+    /// A layer verifying dealer tokens through `store`.
+    pub fn new(store: Store) -> Self {
+        DealerAuthLayer { store }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for DealerAuthLayer {
+    type Service = DealerAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DealerAuth {
+            inner,
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// A service whose calls are authenticated as a dealer's (see [`DealerAuthLayer`]).
+#[derive(Debug, Clone)]
+pub struct DealerAuth<S> {
+    inner: S,
+    store: Store,
+}
+
+impl<S, B> Service<HttpRequest<B>> for DealerAuth<S>
+where
+    S: Service<HttpRequest<B>, Response = HttpResponse<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = HttpResponse<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: HttpRequest<B>) -> Self::Future {
+        // The clone may not be ready; the service that was polled ready is the one
+        // called (the tower idiom), the clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let store = self.store.clone();
+        Box::pin(async move {
+            let peer = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr);
+            match dealer(&store, request.headers(), peer).await {
+                Ok(actor) => {
+                    request.extensions_mut().insert(actor);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+impl<S: NamedService> NamedService for DealerAuth<S> {
+    const NAME: &'static str = S::NAME;
 }

@@ -1,7 +1,8 @@
 //! The `keyplaned` gRPC service: AdminService for dealers, AgentService for site
 //! agents, plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
 //!
-//! No SQL here: persistence is `keyplane-store`. Tasks started by [`serve`]: the tonic
+//! No SQL here: persistence is `keyplane-store`. Dealers are authenticated by
+//! [`auth::DealerAuthLayer`] in front of AdminService, before any handler runs. Tasks started by [`serve`]: the tonic
 //! server, one task per agent stream (see [`agent`]) and the revision poller of
 //! [`hub::Hub`]; all stop when the shutdown token is cancelled.
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
+use tower_layer::Layer;
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -88,6 +90,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // Every AdminService call is authenticated before it reaches a handler.
+    let admin = auth::DealerAuthLayer::new(store.clone()).layer(AdminServiceServer::new(
+        admin::AdminApi::new(store.clone(), hub.clone(), bell.clone(), shutdown.clone()),
+    ));
     let addr = listener.local_addr()?;
     // Small request/response messages: without NODELAY, Nagle and delayed ACKs
     // add ~40 ms to every call on loopback.
@@ -99,12 +105,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AdminServiceServer::new(admin::AdminApi::new(
-            store.clone(),
-            hub.clone(),
-            bell.clone(),
-            shutdown.clone(),
-        )))
+        .add_service(admin)
         .add_service(AgentServiceServer::new(agent::AgentApi::new(
             store.clone(),
             hub,
