@@ -1,0 +1,93 @@
+//! Device and site events: listed by cursor or watched as a stream.
+
+use super::*;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::Stream;
+
+/// The stream of WatchEvents.
+pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+pub(super) async fn list(
+    api: &AdminApi,
+    request: Request<pb::ListEventsRequest>,
+) -> Res<pb::ListEventsResponse> {
+    let (actor, req) = dealer_call(request)?;
+    let parent = parse("parent", &req.parent, SiteName::parse)?;
+    let list = format!("ListEvents sites/{}", parent.site);
+    let (after, limit) = page_cursor(&list, req.page_size, &req.page_token)?;
+    let events = api
+        .store
+        .event_list(actor.dealer, Some(parent.site), after, limit + 1)
+        .await
+        .map_err(store_status)?;
+    let (events, next_page_token) = page_split(&list, events, limit, |e| e.id.to_string());
+    Ok(Response::new(pb::ListEventsResponse {
+        events: events.iter().map(res::event_pb).collect(),
+        next_page_token,
+    }))
+}
+
+pub(super) async fn watch(
+    api: &AdminApi,
+    request: Request<pb::WatchEventsRequest>,
+) -> Res<EventStream> {
+    let (actor, req) = dealer_call(request)?;
+    let site = if req.parent == "sites/-" {
+        None
+    } else {
+        Some(parse("parent", &req.parent, SiteName::parse)?.site)
+    };
+    if req.after_cursor < 0 {
+        return Err(Status::invalid_argument(
+            "after_cursor must not be negative",
+        ));
+    }
+    // Check access (and the site) before the stream starts.
+    api.store
+        .event_list(actor.dealer, site, req.after_cursor, 1)
+        .await
+        .map_err(store_status)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let store = api.store.clone();
+    let mut bell = api.bell.subscribe();
+    let shutdown = api.shutdown.clone();
+    let mut cursor = req.after_cursor;
+    tokio::spawn(async move {
+        // Other replicas store events too: re-check on a timer as well as on the bell.
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            match store.event_list(actor.dealer, site, cursor, 100).await {
+                Ok(events) => {
+                    let more = events.len() == 100;
+                    for e in &events {
+                        if tx.send(Ok(res::event_pb(e))).await.is_err() {
+                            return;
+                        }
+                        cursor = e.id;
+                    }
+                    if more {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(store_status(e))).await;
+                    return;
+                }
+            }
+            tokio::select! {
+                // cancel-safe: a token.
+                _ = shutdown.cancelled() => return,
+                // cancel-safe: resolves when the watcher hangs up.
+                _ = tx.closed() => return,
+                // cancel-safe: watch::changed.
+                changed = bell.changed() => if changed.is_err() { return },
+                // cancel-safe: interval ticks.
+                _ = tick.tick() => {}
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}

@@ -1,0 +1,164 @@
+//! Sites: create, read, change, delete; lockdown; sync status; agent tokens.
+
+use super::*;
+
+pub(super) async fn create(
+    api: &AdminApi,
+    request: Request<pb::CreateSiteRequest>,
+) -> Res<pb::Site> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "creating a site")?;
+    let site = required("site", req.site.as_ref())?;
+    let new = store::NewSite {
+        display_name: fields::display_name("site.display_name", &site.display_name)?,
+        time_zone: fields::time_zone(&site.time_zone)?,
+        local_code_policy: fields::policy(site.local_code_policy)?,
+    };
+    let key = api.request_key("CreateSite", &req.request_id, site)?;
+    let created = api
+        .store
+        .site_create(&actor, &new, key.as_ref())
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(res::site_pb(&created)))
+}
+
+pub(super) async fn get(api: &AdminApi, request: Request<pb::GetSiteRequest>) -> Res<pb::Site> {
+    let (actor, req) = dealer_call(request)?;
+    let name = parse("name", &req.name, SiteName::parse)?;
+    let site = api
+        .store
+        .site_get(actor.dealer, name.site)
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(res::site_pb(&site)))
+}
+
+pub(super) async fn list(
+    api: &AdminApi,
+    request: Request<pb::ListSitesRequest>,
+) -> Res<pb::ListSitesResponse> {
+    let (actor, req) = dealer_call(request)?;
+    let (sites, next_page_token) = list_page(
+        "ListSites",
+        req.page_size,
+        &req.page_token,
+        |s: &store::Site| s.id.to_string(),
+        |p| api.store.site_list(actor.dealer, p),
+    )
+    .await?;
+    Ok(Response::new(pb::ListSitesResponse {
+        sites: sites.iter().map(res::site_pb).collect(),
+        next_page_token,
+    }))
+}
+
+pub(super) async fn update(
+    api: &AdminApi,
+    request: Request<pb::UpdateSiteRequest>,
+) -> Res<pb::Site> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "changing a site")?;
+    let site = required("site", req.site.as_ref())?;
+    let name = parse("site.name", &site.name, SiteName::parse)?;
+    let paths = mask_paths(
+        req.update_mask.as_ref(),
+        &[
+            ("display_name", !site.display_name.is_empty()),
+            ("time_zone", !site.time_zone.is_empty()),
+            ("local_code_policy", site.local_code_policy != 0),
+        ],
+    )?;
+    let mut patch = store::SitePatch::default();
+    for p in &paths {
+        match p.as_str() {
+            "display_name" => {
+                patch.display_name = Some(fields::display_name(
+                    "site.display_name",
+                    &site.display_name,
+                )?)
+            }
+            "time_zone" => patch.time_zone = Some(fields::time_zone(&site.time_zone)?),
+            _ => patch.local_code_policy = Some(fields::policy(site.local_code_policy)?),
+        }
+    }
+    let updated = api
+        .store
+        .site_update(&actor, name.site, &patch, &site.etag)
+        .await
+        .map_err(store_status)?;
+    api.hub.poke(name.site);
+    Ok(Response::new(res::site_pb(&updated)))
+}
+
+pub(super) async fn delete(api: &AdminApi, request: Request<pb::DeleteSiteRequest>) -> Res<()> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "deleting a site")?;
+    let name = parse("name", &req.name, SiteName::parse)?;
+    api.store
+        .site_delete(&actor, name.site, &req.etag)
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(()))
+}
+
+pub(super) async fn lockdown(
+    api: &AdminApi,
+    request: Request<pb::LockdownDoorsRequest>,
+) -> Res<()> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "locking down doors")?;
+    let site = parse("site", &req.site, SiteName::parse)?;
+    api.store
+        .site_lockdown_set(&actor, site.site, true)
+        .await
+        .map_err(store_status)?;
+    api.hub.poke(site.site);
+    api.bell.ring();
+    Ok(Response::new(()))
+}
+
+pub(super) async fn lockdown_release(
+    api: &AdminApi,
+    request: Request<pb::ReleaseLockdownRequest>,
+) -> Res<()> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "releasing a lockdown")?;
+    let site = parse("site", &req.site, SiteName::parse)?;
+    api.store
+        .site_lockdown_set(&actor, site.site, false)
+        .await
+        .map_err(store_status)?;
+    api.hub.poke(site.site);
+    api.bell.ring();
+    Ok(Response::new(()))
+}
+
+pub(super) async fn sync_status(
+    api: &AdminApi,
+    request: Request<pb::GetSyncStatusRequest>,
+) -> Res<pb::SyncStatus> {
+    let (actor, req) = dealer_call(request)?;
+    let site = parse("name", &req.name, SyncStatusName::parse)?;
+    let status = api
+        .store
+        .sync_status(actor.dealer, site.site)
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(res::sync_pb(&status)))
+}
+
+pub(super) async fn agent_token_issue(
+    api: &AdminApi,
+    request: Request<pb::IssueAgentTokenRequest>,
+) -> Res<pb::IssueAgentTokenResponse> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "issuing an agent token")?;
+    let site = parse("site", &req.site, SiteName::parse)?;
+    let token = api
+        .store
+        .agent_token_issue(&actor, site.site)
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(pb::IssueAgentTokenResponse { token }))
+}
