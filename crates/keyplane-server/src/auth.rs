@@ -195,3 +195,70 @@ where
 impl<S: NamedService> NamedService for DealerAuth<S> {
     const NAME: &'static str = S::NAME;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tonic::Code;
+    use tower_layer::Layer;
+
+    /// Stands in for AdminService: counts the calls that reach it.
+    #[derive(Clone, Default)]
+    struct Handler(Arc<AtomicUsize>);
+
+    impl Service<HttpRequest<Body>> for Handler {
+        type Response = HttpResponse<Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: HttpRequest<Body>) -> Self::Future {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(HttpResponse::new(Body::empty())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_headers_never_reach_the_handler() {
+        // The store is never reached for these: the pool connects lazily.
+        let key = keyplane_store::PinKey::generate().expect("key");
+        let store = Store::connect("postgres://nobody@127.0.0.1:1/none", 1, key).expect("store");
+        let handler = Handler::default();
+        let mut service = DealerAuthLayer::new(store).layer(handler.clone());
+        // (authorization header, words the message must hold)
+        let cases: [(Option<&str>, &str); 4] = [
+            (None, "missing authorization metadata"),
+            (Some("Basic a2V5cGxhbmU="), "must be `Bearer <token>`"),
+            (Some("Bearer "), "must be `Bearer <token>`"),
+            (Some("kpd_token_without_scheme"), "must be `Bearer <token>`"),
+        ];
+        for (authorization, words) in cases {
+            let mut request = HttpRequest::new(Body::empty());
+            if let Some(value) = authorization {
+                request
+                    .headers_mut()
+                    .insert("authorization", value.parse().expect("header"));
+            }
+            let response = service.call(request).await.expect("infallible");
+            let status = Status::from_header_map(response.headers()).expect("a gRPC status");
+            assert_eq!(status.code(), Code::Unauthenticated, "{authorization:?}");
+            assert!(
+                status.message().contains(words),
+                "{authorization:?}: {}",
+                status.message()
+            );
+        }
+        assert_eq!(handler.0.load(Ordering::SeqCst), 0, "no call got through");
+    }
+
+    #[test]
+    fn a_handler_without_the_layer_is_an_internal_error() {
+        let status = actor(&Request::new(())).expect_err("no actor");
+        assert_eq!(status.code(), Code::Internal);
+    }
+}
