@@ -14,6 +14,7 @@ pub mod personal;
 pub mod pin;
 pub mod plan;
 pub mod schedule;
+pub mod status;
 
 pub use model::{DeviceKind, DeviceModel};
 pub use names::{CredentialName, DeviceName, PartitionName, SiteName, UserName};
