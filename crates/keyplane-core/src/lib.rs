@@ -6,6 +6,7 @@
 
 pub mod allocation;
 pub mod authority;
+pub mod constraints;
 pub mod credential;
 pub mod model;
 pub mod names;
