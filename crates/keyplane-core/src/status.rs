@@ -1004,6 +1004,80 @@ impl SiteRollup {
     }
 }
 
+/// A change between two evaluations of one slot assignment, for an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// The device confirmed the code (became SET).
+    SetOnDevice,
+    /// The device confirmed a removal (REMOVING became UNSET).
+    RemovedFromDevice,
+    /// The code became WITHHELD.
+    Withheld(WithheldReason),
+    /// An issue appeared.
+    Raised(IssueCode),
+    /// An issue's condition ended.
+    Cleared(IssueCode),
+}
+
+impl Transition {
+    /// The event's stable snake_case name (`set_on_device`, `delay_in_setting_on_device`).
+    pub fn event_name(&self) -> &'static str {
+        match self {
+            Transition::SetOnDevice => "set_on_device",
+            Transition::RemovedFromDevice => "removed_from_device",
+            Transition::Withheld(_) => "withheld_on_device",
+            Transition::Raised(code) => match code {
+                IssueCode::FailedToSetOnDevice
+                | IssueCode::DuplicateCodeOnDevice
+                | IssueCode::NoSpaceOnDevice => "failed_to_set_on_device",
+                IssueCode::FailedToRemoveFromDevice => "failed_to_remove_from_device",
+                IssueCode::DelayInSetting => "delay_in_setting_on_device",
+                IssueCode::DelayInRemoving => "delay_in_removing_from_device",
+                IssueCode::CodeModifiedAtDevice => "modified_at_device",
+                IssueCode::LocalCodeConflict
+                | IssueCode::StateUnconfirmed
+                | IssueCode::DeviceOffline
+                | IssueCode::AgentDisconnected
+                | IssueCode::PanelArmedProgrammingDeferred
+                | IssueCode::RevocationUnconfirmed => "slot_issue_raised",
+            },
+            Transition::Cleared(_) => "slot_issue_cleared",
+        }
+    }
+}
+
+/// The transitions from `before` (None: first evaluation) to `after`, in a stable
+/// order: status first, then raised and cleared issues in [`IssueCode`] order. Only
+/// differences count, so re-evaluating an unchanged slot yields nothing.
+pub fn transitions(before: Option<&SlotState>, after: &SlotState) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let was = before.map(|b| b.status);
+    match after.status {
+        SlotStatus::Set if was != Some(SlotStatus::Set) => out.push(Transition::SetOnDevice),
+        SlotStatus::Unset if was == Some(SlotStatus::Removing) => {
+            out.push(Transition::RemovedFromDevice);
+        }
+        SlotStatus::Withheld
+            if before.is_none_or(|b| {
+                b.status != SlotStatus::Withheld || b.withheld != after.withheld
+            }) =>
+        {
+            if let Some(reason) = &after.withheld {
+                out.push(Transition::Withheld(reason.clone()));
+            }
+        }
+        _ => {}
+    }
+    let codes = |s: Option<&SlotState>| -> std::collections::BTreeSet<IssueCode> {
+        s.map(|s| s.issues.iter().map(SlotIssue::code).collect())
+            .unwrap_or_default()
+    };
+    let (old, new) = (codes(before), codes(Some(after)));
+    out.extend(new.difference(&old).map(|c| Transition::Raised(*c)));
+    out.extend(old.difference(&new).map(|c| Transition::Cleared(*c)));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1794,6 +1868,89 @@ mod tests {
             site.for_kind(DeviceKind::Lock).offline,
             Duration::minutes(15)
         );
+    }
+
+    #[test]
+    fn transitions_for_events() {
+        let lock = facts(DeviceKind::Lock);
+        let offline_late = with(facts(DeviceKind::Lock), |f| {
+            f.device_last_seen = Some(minutes(-1));
+            f.now = minutes(20);
+        });
+        let back = with(applied(offline_late.clone()), |f| {
+            f.device_last_seen = Some(minutes(20));
+        });
+        let refused = with(facts(DeviceKind::Lock), |f| {
+            write(f, WriteOutcome::Refused(Refusal::Other("full".into())));
+        });
+        let removing = with(applied(facts(DeviceKind::Lock)), |f| {
+            f.desired = None;
+            f.changed_revision = REV + 1;
+        });
+        let removed = with(removing.clone(), |f| f.applied_revision = REV + 1);
+        let panel_off = with(facts(DeviceKind::Panel), |f| {
+            f.presence.access_point = false
+        });
+        let drifted = with(applied(facts(DeviceKind::Lock)), |f| {
+            f.read_back = Some(ReadBack {
+                finding: SlotFinding::Drifted,
+                since: minutes(1),
+            });
+        });
+        let cases: Vec<(&str, Option<SlotFacts>, SlotFacts, Vec<&str>)> = vec![
+            ("new, in flight", None, lock.clone(), vec![]),
+            (
+                "set",
+                Some(lock.clone()),
+                applied(lock.clone()),
+                vec!["set_on_device"],
+            ),
+            (
+                "unchanged",
+                Some(applied(lock.clone())),
+                applied(lock.clone()),
+                vec![],
+            ),
+            (
+                "late and offline",
+                Some(lock.clone()),
+                offline_late.clone(),
+                vec!["slot_issue_raised", "delay_in_setting_on_device"],
+            ),
+            (
+                "back: set, both cleared",
+                Some(offline_late),
+                back,
+                vec!["set_on_device", "slot_issue_cleared", "slot_issue_cleared"],
+            ),
+            (
+                "refused",
+                Some(lock.clone()),
+                refused,
+                vec!["failed_to_set_on_device"],
+            ),
+            (
+                "removed",
+                Some(removing),
+                removed,
+                vec!["removed_from_device"],
+            ),
+            ("withheld", None, panel_off, vec!["withheld_on_device"]),
+            (
+                "keypad change",
+                Some(applied(lock.clone())),
+                drifted,
+                vec!["modified_at_device"],
+            ),
+        ];
+        for (what, before, after, want) in cases {
+            let before = before.map(|f| slot_state(&f));
+            let got: Vec<&str> = transitions(before.as_ref(), &slot_state(&after))
+                .iter()
+                .map(Transition::event_name)
+                .collect();
+            assert_eq!(got, want, "{what}");
+        }
     }
 
     #[test]
