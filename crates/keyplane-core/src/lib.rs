@@ -6,6 +6,7 @@
 
 pub mod allocation;
 pub mod authority;
+pub mod constraints;
 pub mod credential;
 pub mod event;
 pub mod model;
@@ -15,6 +16,7 @@ pub mod personal;
 pub mod pin;
 pub mod plan;
 pub mod schedule;
+pub mod status;
 
 pub use event::EventKind;
 pub use model::{DeviceKind, DeviceModel};

@@ -147,6 +147,75 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The first instant at or after `after` at which the schedule is open, looking at
+    /// most a year ahead (None: it never opens again within that). A window whose
+    /// local start falls in a spring-forward gap opens when the wall clock reaches it;
+    /// a start in the repeated fall-back hour opens at its first pass.
+    pub fn next_open(&self, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.is_open(tz, after) {
+            return Some(after);
+        }
+        let today = after.with_timezone(&tz).date_naive();
+        let first = match self.valid_from {
+            Some(from) if from > today => from,
+            _ => today,
+        };
+        let mut best: Option<DateTime<Utc>> = None;
+        for day in first.iter_days().take(NEXT_OPEN_HORIZON_DAYS) {
+            if best.is_some_and(|b| b.with_timezone(&tz).date_naive() < day) {
+                break;
+            }
+            if !self.in_range(day) {
+                continue;
+            }
+            for w in &self.windows {
+                if w.days & day_bit(day.weekday()) == 0 {
+                    continue;
+                }
+                let Some(start) = local_instant(tz, day, w.start) else {
+                    continue;
+                };
+                if start > after && self.is_open(tz, start) && best.is_none_or(|b| start < b) {
+                    best = Some(start);
+                }
+            }
+        }
+        best
+    }
+}
+
+/// How far [`Schedule::next_open`] looks ahead.
+const NEXT_OPEN_HORIZON_DAYS: usize = 366;
+
+/// The instant local `minutes` after midnight of `day` happen in `tz`: the first
+/// pass of a repeated hour, or the end of a skipped one.
+fn local_instant(tz: Tz, day: NaiveDate, minutes: u16) -> Option<DateTime<Utc>> {
+    use chrono::{LocalResult, TimeZone};
+    let midnight = day.and_hms_opt(0, 0, 0)?;
+    // A DST gap is at most a few hours; step over it a minute at a time.
+    (0..=240).find_map(|extra| {
+        let local = midnight + chrono::Duration::minutes(i64::from(minutes) + extra);
+        match tz.from_local_datetime(&local) {
+            LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
+            LocalResult::Ambiguous(first, _) => Some(first.with_timezone(&Utc)),
+            LocalResult::None => None,
+        }
+    })
+}
+
+/// The first instant at or after `after` at which any of `schedules` is open.
+pub fn any_next_open(
+    schedules: &[Schedule],
+    tz: Tz,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    schedules
+        .iter()
+        .filter_map(|s| s.next_open(tz, after))
+        .min()
+}
+
 /// Access granted by several plans is their union: open while any is open.
 pub fn any_open(schedules: &[Schedule], tz: Tz, at: DateTime<Utc>) -> bool {
     schedules.iter().any(|s| s.is_open(tz, at))
@@ -336,6 +405,95 @@ mod tests {
         assert!(
             !any_open(&[], paris, utc("2026-12-24T09:00:00Z")),
             "no plan: never"
+        );
+    }
+
+    #[test]
+    fn next_open_table() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").expect("date");
+        let paris: Tz = parse_time_zone("Europe/Paris").expect("tz");
+        let office = Schedule {
+            windows: vec![window(WEEKDAYS, "08:00", "18:00")],
+            paused_dates: vec![d("2026-12-25")],
+            ..Schedule::default()
+        };
+        let spring = Schedule {
+            windows: vec![window(day_bit(Weekday::Sun), "02:30", "04:00")],
+            ..Schedule::default()
+        };
+        let later = Schedule {
+            windows: vec![window(0x7f, "10:00", "11:00")],
+            valid_from: Some(d("2027-02-01")),
+            valid_until: Some(d("2027-02-02")),
+            ..Schedule::default()
+        };
+        let ended = Schedule {
+            windows: vec![window(0x7f, "10:00", "11:00")],
+            valid_until: Some(d("2026-01-01")),
+            ..Schedule::default()
+        };
+        let cases: &[(&str, &Schedule, &str, Option<&str>)] = &[
+            (
+                "open now",
+                &office,
+                "2026-11-23T09:00:00Z",
+                Some("2026-11-23T09:00:00Z"),
+            ),
+            (
+                "before opening",
+                &office,
+                "2026-11-23T06:00:00Z",
+                Some("2026-11-23T07:00:00Z"),
+            ),
+            (
+                "evening: next morning",
+                &office,
+                "2026-11-23T18:00:00Z",
+                Some("2026-11-24T07:00:00Z"),
+            ),
+            (
+                "friday evening: monday",
+                &office,
+                "2026-11-27T18:00:00Z",
+                Some("2026-11-30T07:00:00Z"),
+            ),
+            (
+                "holiday skipped",
+                &office,
+                "2026-12-24T18:00:00Z",
+                Some("2026-12-28T07:00:00Z"),
+            ),
+            // 02:30 does not exist on 2026-03-29: the window opens at 03:00 CEST.
+            (
+                "start in the gap",
+                &spring,
+                "2026-03-28T12:00:00Z",
+                Some("2026-03-29T01:00:00Z"),
+            ),
+            (
+                "date range ahead",
+                &later,
+                "2026-11-23T12:00:00Z",
+                Some("2027-02-01T09:00:00Z"),
+            ),
+            ("date range over", &ended, "2026-11-23T12:00:00Z", None),
+            (
+                "no windows",
+                &Schedule::default(),
+                "2026-11-23T12:00:00Z",
+                None,
+            ),
+        ];
+        for (what, schedule, after, want) in cases {
+            assert_eq!(
+                schedule.next_open(paris, utc(after)),
+                want.map(utc),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            any_next_open(&[office, later], paris, utc("2026-11-23T18:00:00Z")),
+            Some(utc("2026-11-24T07:00:00Z"))
         );
     }
 
