@@ -6,6 +6,7 @@
 
 pub mod allocation;
 pub mod authority;
+pub mod config;
 pub mod credential;
 pub mod model;
 pub mod names;

@@ -3,7 +3,9 @@
 
 use crate::authority::{actor_resolve_in_txn, denied};
 use crate::credential::credential_get_in_txn;
-use crate::site::{audit_in_txn, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn};
+use crate::site::{
+    audit_in_txn, policy_actor, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+};
 use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, in_txn};
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
@@ -71,17 +73,6 @@ pub struct LocalCode {
     pub observe_time: SystemTime,
 }
 
-/// Who acts when the AUTHORITATIVE policy clears or re-writes a slot.
-fn policy_actor(dealer: Uuid) -> Actor {
-    Actor {
-        dealer,
-        principal: "keyplane: AUTHORITATIVE site policy".into(),
-        peer: None,
-        acting_user: None,
-        acting_partition: None,
-    }
-}
-
 /// Audits and logs the clearing of a local code that the AUTHORITATIVE policy decided.
 async fn local_code_cleared_by_policy_in_txn(
     tx: &Transaction<'_>,
@@ -109,61 +100,6 @@ async fn local_code_cleared_by_policy_in_txn(
         &system.principal,
     )
     .await
-}
-
-/// Applies the AUTHORITATIVE policy to what agents already reported (the site has
-/// just switched to it): every local code not yet being removed is scheduled for
-/// clearing, each audited, and every drifted or missing managed slot is written again.
-/// Returns the slots whose desired value changed; the caller records them.
-pub(crate) async fn authoritative_enforce_in_txn(
-    tx: &Transaction<'_>,
-    dealer: Uuid,
-    site: Uuid,
-) -> Result<Vec<(Uuid, u16)>, StoreError> {
-    let system = policy_actor(dealer);
-    let rows = tx
-        .query(
-            "SELECT device_id, slot, state IN ('foreign', 'conflict') FROM observed_slot
-             WHERE site_id = $1
-               AND ((state IN ('foreign', 'conflict') AND NOT removing) OR state IN ('drifted', 'missing'))
-             ORDER BY device_id, slot",
-            &[&site],
-        )
-        .await?;
-    let mut changed = Vec::with_capacity(rows.len());
-    let mut clear = (Vec::new(), Vec::new());
-    let mut rewrite = (Vec::new(), Vec::new());
-    for r in &rows {
-        let (device, slot) = crate::site::device_slot(r);
-        let target = if r.get::<_, bool>(2) {
-            local_code_cleared_by_policy_in_txn(tx, &system, site, device, slot).await?;
-            &mut clear
-        } else {
-            &mut rewrite
-        };
-        target.0.push(device);
-        target.1.push(i32::from(slot));
-        changed.push((device, slot));
-    }
-    if !clear.0.is_empty() {
-        tx.execute(
-            "UPDATE observed_slot o SET removing = true
-             FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
-             WHERE o.site_id = $1 AND o.device_id = c.d AND o.slot = c.s",
-            &[&site, &clear.0, &clear.1],
-        )
-        .await?;
-    }
-    if !rewrite.0.is_empty() {
-        tx.execute(
-            "UPDATE slot_assignment sa SET write_generation = write_generation + 1
-             FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
-             WHERE sa.site_id = $1 AND sa.device_id = c.d AND sa.slot = c.s",
-            &[&site, &rewrite.0, &rewrite.1],
-        )
-        .await?;
-    }
-    Ok(changed)
 }
 
 async fn local_code_get_in_txn(

@@ -126,8 +126,22 @@ pub(crate) fn rules_from_rows(
     points: &[Row],
     standard: &[Row],
 ) -> Result<AccessRules, StoreError> {
-    let holidays: Vec<(NaiveDate, Vec<Uuid>)> =
-        holidays.iter().map(|r| (r.get(0), r.get(1))).collect();
+    rules_from_parts(&holidays_from_rows(holidays), personal, points, standard)
+}
+
+/// Holidays (day, plans paused) from rows of `RULES_SQL[0]`.
+pub(crate) fn holidays_from_rows(rows: &[Row]) -> Vec<(NaiveDate, Vec<Uuid>)> {
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Access rules from decided holidays and the rows of the other reads of
+/// [`RULES_SQL`], so the rules after a holiday change are known without reading again.
+pub(crate) fn rules_from_parts(
+    holidays: &[(NaiveDate, Vec<Uuid>)],
+    personal: &[Row],
+    points: &[Row],
+    standard: &[Row],
+) -> Result<AccessRules, StoreError> {
     let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
         holidays
             .iter()
