@@ -2,8 +2,8 @@
 
 use crate::credential::{LoadRequest, Loaded, load_in_txn};
 use crate::rules::{
-    AccessRules, RULES_SQL, access_rules_for_in_txn, holidays_from_rows, rules_from_parts,
-    rules_from_rows, schedule_from_json, schedule_json,
+    AccessRules, RULES_SQL, holidays_from_rows, rules_from_parts, rules_from_rows,
+    schedule_from_json, schedule_json,
 };
 use crate::site::{
     AuditParams, LogParams, config_error, etag_check, replayed_id, site_change_record_in_txn,

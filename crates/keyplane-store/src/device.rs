@@ -54,19 +54,6 @@ pub(crate) async fn device_get_in_txn(
     device_from_row(&row)
 }
 
-pub(crate) async fn device_list_for_site_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-) -> Result<Vec<Device>, StoreError> {
-    let rows = tx
-        .query(
-            &format!("SELECT {DEVICE_COLUMNS} FROM device WHERE site_id = $1 ORDER BY id"),
-            &[&site],
-        )
-        .await?;
-    rows.iter().map(device_from_row).collect()
-}
-
 /// The site's partition numbers (site `$1`).
 pub(crate) const PARTITIONS_SQL: &str = "SELECT number FROM partition WHERE site_id = $1";
 

@@ -39,15 +39,6 @@ pub(crate) async fn site_get_in_txn(
     site_select_in_txn(tx, dealer, site, "").await
 }
 
-/// Locks a site of `dealer` for a write that may change desired slots.
-pub(crate) async fn site_lock_in_txn(
-    tx: &Transaction<'_>,
-    dealer: Uuid,
-    site: Uuid,
-) -> Result<Site, StoreError> {
-    site_select_in_txn(tx, dealer, site, "FOR NO KEY UPDATE").await
-}
-
 async fn site_select_in_txn(
     tx: &Transaction<'_>,
     dealer: Uuid,
