@@ -15,6 +15,7 @@ use crate::{
 use crate::{Cached, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
+use keyplane_core::access::CodeSlot;
 use keyplane_core::config::{change_log, holiday_check, holiday_delete_check, holidays_after};
 use keyplane_core::schedule::Schedule;
 use std::collections::BTreeSet;
@@ -80,15 +81,18 @@ const USER_SLOTS_SQL: &str =
 
 /// The slots (rows of [`USER_SLOTS_SQL`]) whose schedules differ between the rules.
 fn schedules_changed(rows: &[Row], before: &AccessRules, after: &AccessRules) -> Vec<(Uuid, u16)> {
-    rows.iter()
-        .filter(|r| {
-            let device: Uuid = r.get(0);
-            let user: Uuid = r.get(2);
+    let slots: Vec<CodeSlot> = rows
+        .iter()
+        .map(|r| {
             let kind: Option<&str> = r.get(3);
-            before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind)
+            (
+                crate::site::device_slot(r),
+                r.get(2),
+                kind.and_then(DeviceKind::parse),
+            )
         })
-        .map(crate::site::device_slot)
-        .collect()
+        .collect();
+    keyplane_core::access::schedules_changed(&slots, before, after)
 }
 
 /// A whole plan from `access_plan p`: its row, devices and members, so a page of
