@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Most round trips each RPC may take, authentication included (a dealer token
-/// verified within the last second costs none; BEGIN and COMMIT are one each). The
-/// code, user and plan writes load in one pipelined round trip and write in one (a
-/// standard plan change that alters some code's schedule takes one more, to record
-/// the changed slots); the site configuration calls still run a statement at a time.
+/// verified within the last second costs none; BEGIN and COMMIT are one each). Every
+/// write loads in one pipelined round trip (the site row locked first) and writes in
+/// one; a standard plan change that alters some code's schedule takes one more, to
+/// record the changed slots. A site's create has nothing to load.
 const CEILINGS: &[(&str, u64)] = &[
     ("CreateCredential", 4),
     ("UpdateCredential", 4),
@@ -28,24 +28,33 @@ const CEILINGS: &[(&str, u64)] = &[
     ("UpdateAccessPlan", 4),
     ("DeleteAccessPlan", 4),
     ("ClearPersonalAccessPlan", 4),
-    ("CreatePartition", 6),
-    ("UpdatePartition", 6),
-    ("DeletePartition", 7),
-    ("CreateDevice", 7),
-    ("UpdateDevice", 7),
-    ("DeleteDevice", 8),
-    ("PutHoliday", 9),
-    ("DeleteHoliday", 9),
-    ("LockdownDoors", 7),
-    ("ReleaseLockdown", 7),
-    ("IssueAgentToken", 6),
-    ("CreateSite", 4),
-    ("UpdateSite", 5),
-    ("DeleteSite", 6),
+    ("CreatePartition", 4),
+    ("UpdatePartition", 4),
+    ("DeletePartition", 4),
+    ("CreateDevice", 4),
+    ("UpdateDevice", 4),
+    ("DeleteDevice", 4),
+    ("PutHoliday", 4),
+    ("DeleteHoliday", 4),
+    ("LockdownDoors", 4),
+    ("ReleaseLockdown", 4),
+    ("IssueAgentToken", 4),
+    ("CreateSite", 3),
+    ("UpdateSite", 4),
+    ("DeleteSite", 4),
+    ("ClaimLocalCode", 4),
+    ("RemoveLocalCode", 4),
+    ("ResolveDrift (re-apply)", 4),
+    ("ResolveDrift (adopt)", 4),
+    // A site user acting through the back office costs nothing more: their rows are
+    // read by the write's own load.
+    ("CreateCredential as a site user", 4),
+    ("DeleteCredential as a site user", 4),
 ];
 
 struct Bench {
     server: TestServer,
+    token: String,
     proxy: CountingProxy,
     admin: Admin,
     site: String,
@@ -90,6 +99,7 @@ impl Bench {
         Ok(Bench {
             site_id: id_of(&site)?,
             server,
+            token,
             proxy,
             admin,
             site,
@@ -323,6 +333,7 @@ impl Bench {
             })
             .await?;
         out.insert("UpdateCredential", self.proxy.counts() - before);
+        self.local_round(round, &credential.name, &mut out).await?;
 
         let before = self.proxy.counts();
         self.admin
@@ -404,6 +415,141 @@ impl Bench {
         out.insert("DeleteUser", self.proxy.counts() - before);
         self.site_config_round(round, &mut out).await?;
         Ok(out)
+    }
+
+    /// The local-code and drift calls, on codes the agent reported on the door
+    /// (`credential`'s door slot drifted), and a code written by a site user.
+    async fn local_round(
+        &mut self,
+        round: usize,
+        credential: &str,
+        out: &mut BTreeMap<&'static str, WireCounts>,
+    ) -> anyhow::Result<()> {
+        use keyplane_core::pin::Pin;
+        use keyplane_store::{Observed, ObservedState};
+        let slot = self
+            .server
+            .db
+            .client()
+            .await?
+            .query_one(
+                "SELECT slot FROM slot_assignment WHERE site_id = $1 AND credential_id = $2 AND device_id = $3",
+                &[&self.site_id, &id_of(credential)?, &id_of(&self.door.name)?],
+            )
+            .await?
+            .get::<_, i32>(0);
+        let slot = u16::try_from(slot)?;
+        // Above every seeded code, and apart in each round.
+        let (claimed, removed) = (1000 - 2 * round as u16, 999 - 2 * round as u16);
+        let pins = [
+            ("2859", "1736", "4705"),
+            ("2960", "1847", "4816"),
+            ("3071", "1958", "4927"),
+        ];
+        let (claim_pin, remove_pin, drift_pin) = pins[round % pins.len()];
+        let observe = |slot, state, pin: &str| Observed {
+            slot,
+            state,
+            pin: Pin::parse(pin).ok(),
+        };
+        let door = id_of(&self.door.name)?;
+        let report = |drifted: bool| {
+            let mut slots = vec![
+                observe(claimed, ObservedState::Foreign, claim_pin),
+                observe(removed, ObservedState::Foreign, remove_pin),
+            ];
+            if drifted {
+                slots.push(observe(slot, ObservedState::Drifted, drift_pin));
+            }
+            slots
+        };
+        self.server
+            .store
+            .observed_record(self.site_id, door, &report(true))
+            .await?;
+
+        let before = self.proxy.counts();
+        let claimed_code = self
+            .admin
+            .claim_local_code(pb::ClaimLocalCodeRequest {
+                name: format!("{}/localCodes/{claimed}", self.door.name),
+                user: self.alice.clone(),
+                panel_partitions: vec![],
+            })
+            .await?
+            .into_inner();
+        out.insert("ClaimLocalCode", self.proxy.counts() - before);
+        // Alice's codes are read by later calls of the round: each round starts alike.
+        self.admin
+            .delete_credential(pb::DeleteCredentialRequest {
+                name: claimed_code.name,
+                etag: String::new(),
+            })
+            .await?;
+
+        let before = self.proxy.counts();
+        self.admin
+            .remove_local_code(pb::RemoveLocalCodeRequest {
+                name: format!("{}/localCodes/{removed}", self.door.name),
+            })
+            .await?;
+        out.insert("RemoveLocalCode", self.proxy.counts() - before);
+
+        let resolve = |resolution: pb::resolve_drift_request::Resolution| pb::ResolveDriftRequest {
+            credential: credential.to_owned(),
+            device: self.door.name.clone(),
+            resolution: resolution as i32,
+        };
+        let before = self.proxy.counts();
+        self.admin
+            .resolve_drift(resolve(pb::resolve_drift_request::Resolution::Reapply))
+            .await?;
+        out.insert("ResolveDrift (re-apply)", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .resolve_drift(resolve(pb::resolve_drift_request::Resolution::Adopt))
+            .await?;
+        out.insert("ResolveDrift (adopt)", self.proxy.counts() - before);
+
+        let mut as_alice = self
+            .server
+            .admin_as(&self.token, &self.alice, Some(1))
+            .await?;
+        let before = self.proxy.counts();
+        let own = as_alice
+            .create_credential(pb::CreateCredentialRequest {
+                parent: self.alice.clone(),
+                credential: Some(pb::Credential {
+                    display_name: "Own badge".into(),
+                    pin: ["6203", "6314", "6425"][round % 3].into(),
+                    scope: Some(pb::CredentialScope {
+                        panel_partitions: vec![],
+                        locks: vec![],
+                        doors: vec![self.door.name.clone()],
+                    }),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        out.insert(
+            "CreateCredential as a site user",
+            self.proxy.counts() - before,
+        );
+        let before = self.proxy.counts();
+        as_alice
+            .delete_credential(pb::DeleteCredentialRequest {
+                name: own.name,
+                etag: String::new(),
+            })
+            .await?;
+        out.insert(
+            "DeleteCredential as a site user",
+            self.proxy.counts() - before,
+        );
+        Ok(())
     }
 
     /// The configuration calls: partitions, devices, holidays, lockdown, agent token,

@@ -4,8 +4,10 @@
 //! so it can be tested with plain tables. This crate must not depend on any other
 //! keyplane crate, nor on tokio, a database or gRPC.
 
+pub mod access;
 pub mod allocation;
 pub mod authority;
+pub mod config;
 pub mod constraints;
 pub mod credential;
 pub mod event;

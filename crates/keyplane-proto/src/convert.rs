@@ -136,7 +136,19 @@ impl TryFrom<pb::EventKind> for EventKind {
             pb::EventKind::LockdownReleased => EventKind::LockdownReleased,
             pb::EventKind::Drift => EventKind::Drift,
             pb::EventKind::LocalCodeCleared => EventKind::LocalCodeCleared,
-            pb::EventKind::Unspecified => {
+            // Slot-status transitions are raised by keyplaned itself (docs/STATUS.md);
+            // nothing that sends an event kind in may claim one.
+            pb::EventKind::Unspecified
+            | pb::EventKind::SetOnDevice
+            | pb::EventKind::RemovedFromDevice
+            | pb::EventKind::FailedToSetOnDevice
+            | pb::EventKind::FailedToRemoveFromDevice
+            | pb::EventKind::DelayInSettingOnDevice
+            | pb::EventKind::DelayInRemovingFromDevice
+            | pb::EventKind::ModifiedAtDevice
+            | pb::EventKind::WithheldOnDevice
+            | pb::EventKind::SlotIssueCleared
+            | pb::EventKind::SlotIssueRaised => {
                 return Err(UnknownValue {
                     what: "event kind",
                     value: kind as i32,

@@ -2,12 +2,12 @@
 
 use crate::credential::{LoadRequest, Loaded, load_in_txn};
 use crate::rules::{
-    AccessRules, RULES_SQL, access_rules_for_in_txn, rules_from_rows, schedule_from_json,
-    schedule_json,
+    AccessRules, RULES_SQL, holidays_from_rows, rules_from_parts, rules_from_rows,
+    schedule_from_json, schedule_json,
 };
 use crate::site::{
-    audit_in_txn, etag_check, replayed_id, site_change_record_in_txn, site_get_in_txn,
-    site_lock_in_txn,
+    AuditParams, LogParams, config_error, etag_check, replayed_id, site_change_record_in_txn,
+    site_get_in_txn, site_load_in_txn,
 };
 use crate::{
     Actor, PageRequest, RequestKey, Step, Store, StoreError, batch_in_txn, in_txn, params,
@@ -15,7 +15,10 @@ use crate::{
 use crate::{Cached, Transaction};
 use chrono::NaiveDate;
 use keyplane_core::DeviceKind;
+use keyplane_core::access::CodeSlot;
+use keyplane_core::config::{change_log, holiday_check, holiday_delete_check, holidays_after};
 use keyplane_core::schedule::Schedule;
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
@@ -68,26 +71,6 @@ pub struct Holiday {
     pub plans: Vec<Uuid>,
 }
 
-/// Records a change of every slot whose schedules differ from what `before` (the
-/// site's access rules before this transaction's writes) gave it: a rename or a plan
-/// whose members hold no codes changes nothing an agent must hear of.
-/// With `users`, only their codes are compared (`before` must hold their rules): a
-/// standard plan's change touches its members' codes only, however large the site.
-pub(crate) async fn access_rules_changed_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    before: &AccessRules,
-    users: Option<&[Uuid]>,
-) -> Result<(), StoreError> {
-    let after = access_rules_for_in_txn(tx, site, users).await?;
-    let rows = tx.query(USER_SLOTS_SQL, &[&site, &users]).await?;
-    let changed = schedules_changed(&rows, before, &after);
-    if !changed.is_empty() {
-        site_change_record_in_txn(tx, site, &changed).await?;
-    }
-    Ok(())
-}
-
 /// The slots of the codes of users `$2` (NULL: every user) of site `$1`, with their
 /// user and device kind.
 const USER_SLOTS_SQL: &str =
@@ -98,15 +81,18 @@ const USER_SLOTS_SQL: &str =
 
 /// The slots (rows of [`USER_SLOTS_SQL`]) whose schedules differ between the rules.
 fn schedules_changed(rows: &[Row], before: &AccessRules, after: &AccessRules) -> Vec<(Uuid, u16)> {
-    rows.iter()
-        .filter(|r| {
-            let device: Uuid = r.get(0);
-            let user: Uuid = r.get(2);
+    let slots: Vec<CodeSlot> = rows
+        .iter()
+        .map(|r| {
             let kind: Option<&str> = r.get(3);
-            before.schedules_for(user, device, kind) != after.schedules_for(user, device, kind)
+            (
+                crate::site::device_slot(r),
+                r.get(2),
+                kind.and_then(DeviceKind::parse),
+            )
         })
-        .map(crate::site::device_slot)
-        .collect()
+        .collect();
+    keyplane_core::access::schedules_changed(&slots, before, after)
 }
 
 /// A whole plan from `access_plan p`: its row, devices and members, so a page of
@@ -149,37 +135,96 @@ async fn access_plan_get_in_txn(
     access_plan_from_row(site, &row)
 }
 
-/// The users whose access a holiday on `day` can change, as it is and as it will be
-/// with `plans` (None: removed): members of the plans it pauses, and when it pauses
-/// every plan (an empty list), every member and every user with a configured
-/// personal plan. Users under no plan have access at any time, holiday or not.
-async fn holiday_users_in_txn(
+/// The users whose access a holiday on `$2` (site `$1`) can change, as it is and as
+/// it will be with plans `$3` (NULL: removed): members of the plans it pauses, and
+/// when it pauses every plan (an empty list), every member and every user with a
+/// configured personal plan. Users under no plan have access at any time, holiday or
+/// not. Each holiday read starts with it, so all of them fit in one round trip.
+const HOLIDAY_USERS_CTE: &str = "WITH h AS (
+        SELECT plan_ids FROM holiday WHERE site_id = $1 AND day = $2
+        UNION ALL SELECT $3::uuid[] WHERE $3::uuid[] IS NOT NULL
+     ), every AS (
+        SELECT coalesce(bool_or(cardinality(plan_ids) = 0), false) AS all_plans FROM h
+     ), users AS (
+        SELECT m.user_id FROM access_plan_member m, every
+         WHERE m.site_id = $1
+           AND (every.all_plans OR m.plan_id IN (SELECT unnest(plan_ids) FROM h))
+        UNION
+        SELECT p.user_id FROM personal_access_plan p, every
+         WHERE p.site_id = $1 AND p.configured AND every.all_plans
+     ) ";
+
+/// The reads of a holiday write after the site lock: the site's holidays, then the
+/// personal plans, access points, standard plans and code slots of the users the
+/// holiday can change (see [`HOLIDAY_USERS_CTE`]).
+fn holiday_reads() -> [String; 5] {
+    [
+        RULES_SQL[0].to_owned(),
+        format!(
+            "{HOLIDAY_USERS_CTE} SELECT user_id, schedule FROM personal_access_plan
+             WHERE site_id = $1 AND configured AND user_id IN (SELECT user_id FROM users)"
+        ),
+        format!(
+            "{HOLIDAY_USERS_CTE} SELECT user_id, device_id FROM personal_access_point
+             WHERE site_id = $1 AND user_id IN (SELECT user_id FROM users)"
+        ),
+        format!(
+            "{HOLIDAY_USERS_CTE} SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
+             JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
+             JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
+             WHERE p.site_id = $1 AND m.user_id IN (SELECT user_id FROM users)"
+        ),
+        format!(
+            "{HOLIDAY_USERS_CTE} SELECT sa.device_id, sa.slot, c.user_id, d.kind FROM slot_assignment sa
+             JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             WHERE sa.site_id = $1 AND c.user_id IN (SELECT user_id FROM users)"
+        ),
+    ]
+}
+
+/// What a holiday write works from: the site locked, its holidays (by day) and the
+/// slots whose schedules the holiday can change, with their rules before and after.
+struct HolidayLoaded {
+    revision: i64,
+    holidays: Vec<(NaiveDate, Vec<Uuid>)>,
+    changed: Vec<(Uuid, u16)>,
+    plans: BTreeSet<Uuid>,
+}
+
+/// Loads a holiday write in one round trip (`plans`: what the day will pause; None:
+/// the holiday is removed) and decides which slots change.
+async fn holiday_load_in_txn(
     tx: &Transaction<'_>,
+    dealer: Uuid,
     site: Uuid,
     day: NaiveDate,
     plans: Option<&[Uuid]>,
-) -> Result<Vec<Uuid>, StoreError> {
-    let plans = plans.map(<[Uuid]>::to_vec);
-    Ok(tx
-        .query(
-            "WITH h AS (
-                SELECT plan_ids FROM holiday WHERE site_id = $1 AND day = $2
-                UNION ALL SELECT $3::uuid[] WHERE $3::uuid[] IS NOT NULL
-             ), every AS (
-                SELECT coalesce(bool_or(cardinality(plan_ids) = 0), false) AS all_plans FROM h
-             )
-             SELECT m.user_id FROM access_plan_member m, every
-              WHERE m.site_id = $1
-                AND (every.all_plans OR m.plan_id IN (SELECT unnest(plan_ids) FROM h))
-             UNION
-             SELECT p.user_id FROM personal_access_plan p, every
-              WHERE p.site_id = $1 AND p.configured AND every.all_plans",
-            &[&site, &day, &plans],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+) -> Result<HolidayLoaded, StoreError> {
+    let plans_param: Option<Vec<Uuid>> = plans.map(<[Uuid]>::to_vec);
+    let named: Vec<Uuid> = plans_param.clone().unwrap_or_default();
+    let reads = holiday_reads();
+    let mut extra: Vec<Step<'_>> = vec![(reads[0].as_str(), params![&site])];
+    for sql in &reads[1..] {
+        extra.push((sql.as_str(), params![&site, &day, &plans_param]));
+    }
+    extra.push((
+        "SELECT id FROM access_plan WHERE site_id = $1 AND id = ANY($2)",
+        params![&site, &named],
+    ));
+    let l = site_load_in_txn(tx, dealer, site, None, extra).await?;
+    let mut holidays = holidays_from_rows(&l.extra[0]);
+    holidays.sort_by_key(|(d, _)| *d);
+    let after = holidays_after(&holidays, day, plans);
+    let before_rules = rules_from_parts(&holidays, &l.extra[1], &l.extra[2], &l.extra[3])?;
+    let after_rules = rules_from_parts(&after, &l.extra[1], &l.extra[2], &l.extra[3])?;
+    let changed = schedules_changed(&l.extra[4], &before_rules, &after_rules);
+    Ok(HolidayLoaded {
+        revision: l.site.revision,
+        holidays,
+        changed,
+        plans: l.extra[5].iter().map(|r| r.get(0)).collect(),
+    })
 }
 
 /// What a plan change works from: the site locked and its devices, the plan as it
@@ -564,35 +609,38 @@ impl Store {
         })
     }
 
-    /// Adds (or replaces) a holiday.
+    /// Adds (or replaces) a holiday: one round trip locks the site and loads the
+    /// rules of the users it can change, one writes it with the changed slots.
     pub async fn holiday_put(
         &self,
         actor: &Actor,
         holiday: &Holiday,
     ) -> Result<Holiday, StoreError> {
+        let site = holiday.site;
         in_txn!(self, "holiday_put", |tx| {
-            let site = holiday.site;
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let users = holiday_users_in_txn(&tx, site, holiday.day, Some(&holiday.plans)).await?;
-            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
-            for plan in &holiday.plans {
-                access_plan_get_in_txn(&tx, site, *plan).await?;
-            }
-            tx.execute(
-                "INSERT INTO holiday (site_id, day, display_name, plan_ids) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (site_id, day) DO UPDATE SET display_name = $3, plan_ids = $4",
-                &[&site, &holiday.day, &holiday.display_name, &holiday.plans],
-            )
-            .await?;
-            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
+            let l = holiday_load_in_txn(&tx, actor.dealer, site, holiday.day, Some(&holiday.plans))
+                .await?;
+            holiday_check(&holiday.plans, &l.plans).map_err(|e| config_error(site, e))?;
+            let log = LogParams::new(change_log(l.revision, &l.changed, false).as_ref());
             let name = format!("sites/{site}/holidays/{}", holiday.day);
-            audit_in_txn(
-                &tx,
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "holiday.put",
                 &name,
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "INSERT INTO holiday (site_id, day, display_name, plan_ids) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (site_id, day) DO UPDATE SET display_name = $3, plan_ids = $4",
+                        params![&site, &holiday.day, &holiday.display_name, &holiday.plans],
+                    ),
+                    log.step(&site),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(holiday.clone())
@@ -621,7 +669,8 @@ impl Store {
         })
     }
 
-    /// Deletes a holiday.
+    /// Deletes a holiday: one round trip locks the site and loads the rules of the
+    /// users it changes, one deletes it with the changed slots.
     pub async fn holiday_delete(
         &self,
         actor: &Actor,
@@ -629,27 +678,28 @@ impl Store {
         day: NaiveDate,
     ) -> Result<(), StoreError> {
         in_txn!(self, "holiday_delete", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let users = holiday_users_in_txn(&tx, site, day, None).await?;
-            let before = access_rules_for_in_txn(&tx, site, Some(&users)).await?;
-            let n = tx
-                .execute(
-                    "DELETE FROM holiday WHERE site_id = $1 AND day = $2",
-                    &[&site, &day],
-                )
-                .await?;
+            let l = holiday_load_in_txn(&tx, actor.dealer, site, day, None).await?;
+            let exists = l.holidays.iter().any(|(d, _)| *d == day);
+            holiday_delete_check(day, exists).map_err(|e| config_error(site, e))?;
+            let log = LogParams::new(change_log(l.revision, &l.changed, false).as_ref());
             let name = format!("sites/{site}/holidays/{day}");
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("holiday {name}")));
-            }
-            access_rules_changed_in_txn(&tx, site, &before, Some(&users)).await?;
-            audit_in_txn(
-                &tx,
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "holiday.delete",
                 &name,
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "DELETE FROM holiday WHERE site_id = $1 AND day = $2",
+                        params![&site, &day],
+                    ),
+                    log.step(&site),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(())
@@ -658,7 +708,7 @@ impl Store {
 
     /// Locks down (or releases) every access-control door of a site: while locked
     /// down, doors refuse every credential whatever the schedules. Who did it is
-    /// stored in the event log.
+    /// stored in the event log. One round trip locks the site, one writes.
     pub async fn site_lockdown_set(
         &self,
         actor: &Actor,
@@ -666,32 +716,36 @@ impl Store {
         lockdown: bool,
     ) -> Result<(), StoreError> {
         in_txn!(self, "site_lockdown_set", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            tx.execute(
-                "UPDATE site SET lockdown = $2 WHERE id = $1",
-                &[&site, &lockdown],
-            )
-            .await?;
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, Vec::new()).await?;
             // An empty change advances the revision, so agents hear of it.
-            site_change_record_in_txn(&tx, site, &[]).await?;
+            let log = LogParams::new(change_log(l.site.revision, &[], true).as_ref());
             let kind = if lockdown {
                 "lockdown"
             } else {
                 "lockdown_released"
             };
-            tx.execute(
-                "INSERT INTO device_event (site_id, source_seq, kind, occur_time, actor)
-                 VALUES ($1, 0, $2, now(), $3)",
-                &[&site, &kind, &actor.principal],
-            )
-            .await?;
-            audit_in_txn(
-                &tx,
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 &format!("site.{kind}"),
                 &format!("sites/{site}"),
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE site SET lockdown = $2 WHERE id = $1",
+                        params![&site, &lockdown],
+                    ),
+                    log.step(&site),
+                    (
+                        "INSERT INTO device_event (site_id, source_seq, kind, occur_time, actor)
+                         VALUES ($1, 0, $2, now(), $3)",
+                        params![&site, &kind, &actor.principal],
+                    ),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(())

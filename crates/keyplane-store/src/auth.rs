@@ -2,8 +2,8 @@
 
 use crate::Cached;
 use crate::crypto::{new_token, token_hash};
-use crate::site::site_get_in_txn;
-use crate::{Actor, Store, StoreError, in_txn};
+use crate::site::{AuditParams, site_load_in_txn};
+use crate::{Actor, Store, StoreError, batch_in_txn, in_txn, params};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -114,21 +114,24 @@ impl Store {
         let token = new_token("kpa_")?;
         let hash = token_hash(&token);
         in_txn!(self, "agent_token_issue", |tx| {
-            site_get_in_txn(&tx, actor.dealer, site).await?;
-            tx.execute("DELETE FROM agent_token WHERE site_id = $1", &[&site])
-                .await?;
-            tx.execute(
-                "INSERT INTO agent_token (token_hash, site_id) VALUES ($1, $2)",
-                &[&hash, &site],
-            )
-            .await?;
-            crate::site::audit_in_txn(
-                &tx,
+            site_load_in_txn(&tx, actor.dealer, site, None, Vec::new()).await?;
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "agent_token.issue",
                 &format!("sites/{site}"),
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    ("DELETE FROM agent_token WHERE site_id = $1", params![&site]),
+                    (
+                        "INSERT INTO agent_token (token_hash, site_id) VALUES ($1, $2)",
+                        params![&hash, &site],
+                    ),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(())

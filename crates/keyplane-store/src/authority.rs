@@ -144,9 +144,10 @@ pub(crate) async fn user_get_in_txn(
 }
 
 impl Store {
-    /// Checks the acting user and partition a call names, before any call runs: a
+    /// Checks the acting user and partition a call names, before the call runs: a
     /// user of one of the dealer's sites, acting from a partition in which they hold
-    /// a level. Calls that resolve their actor check again inside their transaction.
+    /// a level. Writes that load their site with the acting user's rows check the
+    /// same inside their own transaction and need not call this.
     pub async fn actor_check(&self, actor: &Actor) -> Result<(), StoreError> {
         if actor.acting_user.is_none() {
             return Ok(());
@@ -159,6 +160,30 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// Checks the acting user and partition a write names, from the rows its load read
+/// (`partitions` and `users` of `site`), with the rules and messages of
+/// [`Store::actor_check`], so a write needs no transaction of its own for it. A user
+/// of another site is never allowed to write here; only that refusal reads that
+/// site, with the reads `actor_check` makes.
+pub(crate) async fn actor_precheck_in_txn(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    partitions: &BTreeSet<u8>,
+    users: &HashMap<Uuid, UserFacts>,
+) -> Result<(), StoreError> {
+    let Some((user_site, _)) = actor.acting_user else {
+        return Ok(());
+    };
+    if user_site == site {
+        actor_from_loaded(actor, site, partitions, users)?;
+    } else {
+        crate::site::site_get_in_txn(tx, actor.dealer, user_site).await?;
+        actor_resolve_in_txn(tx, actor, user_site).await?;
+    }
+    Ok(())
 }
 
 /// A site user as the rules see them.

@@ -1,10 +1,10 @@
 //! Credentials: sealed PINs, their scope, and their slots on each device.
 
 use crate::authority::{
-    USER_COLUMNS, USER_FACTS_SQL, UserFacts, actor_from_loaded, actor_resolve_in_txn, denied,
+    USER_COLUMNS, USER_FACTS_SQL, UserFacts, actor_from_loaded, actor_precheck_in_txn, denied,
     user_facts, user_from_row, user_get_in_txn,
 };
-use crate::device::{DEVICE_COLUMNS, device_from_row, device_get_in_txn};
+use crate::device::{DEVICE_COLUMNS, device_from_row};
 use crate::site::{
     REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check, not_found_site,
     replay_decide, replayed_id, site_change_record_in_txn, site_from_row, site_get_in_txn,
@@ -40,53 +40,6 @@ fn dedup<T: Ord + Copy>(items: &[T]) -> Vec<T> {
         .collect()
 }
 
-/// Resolves a scope to the devices the credential lands on.
-async fn scope_resolve_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    scope: &Scope,
-) -> Result<Vec<Device>, StoreError> {
-    if scope.is_empty() {
-        return Err(StoreError::InvalidArgument(
-            "credential.scope must name at least one panel partition, lock or door".into(),
-        ));
-    }
-    let mut targets: Vec<Device> = Vec::new();
-    if !scope.panel_partitions.is_empty() {
-        for p in dedup(&scope.panel_partitions) {
-            crate::partition::partition_get_in_txn(tx, site, p).await?;
-        }
-        let panels = crate::device::device_list_for_site_in_txn(tx, site)
-            .await?
-            .into_iter()
-            .filter(|d| d.kind() == DeviceKind::Panel)
-            .collect::<Vec<_>>();
-        if panels.is_empty() {
-            return Err(StoreError::FailedPrecondition(format!(
-                "site sites/{site} has no panel: add the panel device before scoping codes to partitions"
-            )));
-        }
-        targets.extend(panels);
-    }
-    for (ids, kind, field) in [
-        (&scope.locks, DeviceKind::Lock, "locks"),
-        (&scope.doors, DeviceKind::Door, "doors"),
-    ] {
-        for id in dedup(ids) {
-            let device = device_get_in_txn(tx, site, id).await?;
-            if device.kind() != kind {
-                return Err(StoreError::InvalidArgument(format!(
-                    "scope.{field} lists device {} which is a {}, not a {kind}",
-                    label(&device),
-                    device.kind()
-                )));
-            }
-            targets.push(device);
-        }
-    }
-    Ok(targets)
-}
-
 /// Partitions a change touches: the panel partitions, and the partitions of the
 /// scoped locks and doors.
 fn involved_partitions(scopes: &[&Scope], targets: &[Device]) -> Vec<u8> {
@@ -98,38 +51,6 @@ fn involved_partitions(scopes: &[&Scope], targets: &[Device]) -> Vec<u8> {
     p.sort_unstable();
     p.dedup();
     p
-}
-
-/// Checks the actor may touch `user`'s codes in these partitions, and that the user
-/// holds a level in every panel partition of `scope`.
-async fn authority_check_in_txn(
-    tx: &Transaction<'_>,
-    actor: &Actor,
-    site: Uuid,
-    user: Uuid,
-    scopes: &[&Scope],
-    new_scope: Option<&Scope>,
-    targets: &[Device],
-) -> Result<keyplane_core::authority::Actor, StoreError> {
-    let (who, acting) = actor_resolve_in_txn(tx, actor, site).await?;
-    let target = user_get_in_txn(tx, site, user).await?;
-    if let Some(scope) = new_scope {
-        for p in &scope.panel_partitions {
-            if !target.authorities.contains_key(p) {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "user sites/{site}/users/{user} has no authority level in partition {p}; grant one before giving them a panel code there"
-                )));
-            }
-        }
-    }
-    let is_self = acting.is_some_and(|a| a.id == user);
-    who.check_code_change(
-        &target.authorities,
-        &involved_partitions(scopes, targets),
-        is_self,
-    )
-    .map_err(denied)?;
-    Ok(who)
 }
 
 /// What the authority rules need of an existing code: the partitions it involves
@@ -164,100 +85,6 @@ pub(crate) fn code_facts(credential: &Credential, devices: &[Device]) -> CodeFac
     }
 }
 
-/// Checks the actor may change or delete an existing code: the levels rule over
-/// every partition it involves, and the partition it was created in.
-pub(crate) async fn existing_check_in_txn(
-    tx: &Transaction<'_>,
-    actor: &Actor,
-    site: Uuid,
-    credential: &Credential,
-) -> Result<(), StoreError> {
-    let (who, acting) = actor_resolve_in_txn(tx, actor, site).await?;
-    let target = user_get_in_txn(tx, site, credential.user).await?;
-    let devices = crate::device::device_list_for_site_in_txn(tx, site).await?;
-    let facts = code_facts(credential, &devices);
-    let is_self = acting.is_some_and(|a| a.id == credential.user);
-    who.check_code_existing(&target.authorities, &facts, actor.acting_partition, is_self)
-        .map_err(denied)
-}
-
-/// Checks the PIN fits every target and is not already on any of them.
-async fn pin_check_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    targets: &[Device],
-    pin: &Pin,
-    pin_hash: &[u8],
-    exclude: Option<Uuid>,
-) -> Result<(), StoreError> {
-    for device in targets {
-        pin.check_fits(&label(device), device.model)
-            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
-    }
-    let ids: Vec<Uuid> = targets.iter().map(|d| d.id).collect();
-    let clash = tx
-        .query_opt(
-            "SELECT device_id FROM slot_assignment
-             WHERE site_id = $1 AND device_id = ANY($2) AND pin_hash = $3
-               AND ($4::uuid IS NULL OR credential_id <> $4)
-             UNION ALL
-             SELECT device_id FROM observed_slot
-             WHERE site_id = $1 AND device_id = ANY($2) AND pin_hash = $3 AND state IN ('foreign', 'conflict')
-             LIMIT 1",
-            &[&site, &ids, &pin_hash, &exclude],
-        )
-        .await?;
-    if let Some(row) = clash {
-        let device: Uuid = row.get(0);
-        let device = targets
-            .iter()
-            .find(|d| d.id == device)
-            .map(label)
-            .unwrap_or_default();
-        return Err(StoreError::AlreadyExists(format!(
-            "this code is already in use on device {device}; choose another code"
-        )));
-    }
-    Ok(())
-}
-
-/// Gives the credential the lowest free slot on each device, in one statement that
-/// probes the slot keys rather than reading every occupied slot.
-async fn slots_allocate_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    credential: Uuid,
-    devices: &[Device],
-    pin_hash: &[u8],
-) -> Result<Vec<(Uuid, u16)>, StoreError> {
-    let plan = SlotPlan {
-        allocate: devices.iter().map(|d| d.id).collect(),
-        ..SlotPlan::default()
-    };
-    let w = SlotsWrite::new(&plan, devices);
-    let rows = tx
-        .query(
-            &format!(
-                "WITH allocated AS ({ALLOCATE_SQL}) SELECT device_id, slot FROM allocated ORDER BY device_id"
-            ),
-            &[
-                &site,
-                &credential,
-                &pin_hash,
-                &w.allocate,
-                &w.first,
-                &w.last,
-                &w.reserved_devices,
-                &w.reserved_slots,
-            ],
-        )
-        .await?;
-    let changed: Vec<(Uuid, u16)> = rows.iter().map(crate::site::device_slot).collect();
-    let got: Vec<Uuid> = changed.iter().map(|(d, _)| *d).collect();
-    w.check(&got, devices)?;
-    Ok(changed)
-}
-
 /// The `INSERT INTO slot_assignment` that gives each device of `$devices` (with its
 /// `$first`..`$last` range) its lowest slot not reserved (`$reserved_devices`,
 /// `$reserved_slots` pairs), not assigned and not held by a local code, for credential
@@ -286,44 +113,6 @@ macro_rules! allocate_sql {
     };
 }
 
-/// Allocates for credential `$2` (PIN hash `$3`) on each device of `$4` (ranges `$5`,
-/// `$6`; reserved pairs `$7`, `$8`).
-const ALLOCATE_SQL: &str = allocate_sql!("$3", "$4", "$5", "$6", "$7", "$8");
-
-async fn scope_write_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    credential: Uuid,
-    scope: &Scope,
-) -> Result<(), StoreError> {
-    tx.execute(
-        "DELETE FROM credential_partition WHERE site_id = $1 AND credential_id = $2",
-        &[&site, &credential],
-    )
-    .await?;
-    tx.execute(
-        "DELETE FROM credential_device WHERE site_id = $1 AND credential_id = $2",
-        &[&site, &credential],
-    )
-    .await?;
-    let partitions: Vec<i16> = dedup(&scope.panel_partitions)
-        .into_iter()
-        .map(i16::from)
-        .collect();
-    tx.execute(
-        "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])",
-        &[&site, &credential, &partitions],
-    )
-    .await?;
-    let devices: Vec<Uuid> = dedup(&[scope.locks.as_slice(), &scope.doors].concat());
-    tx.execute(
-        "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])",
-        &[&site, &credential, &devices],
-    )
-    .await?;
-    Ok(())
-}
-
 /// The columns of a whole credential (row, scope and slots) from `credential c`, so
 /// one query reads it and a page of them is one query too. The three slot arrays
 /// share one order.
@@ -345,7 +134,7 @@ const CREDENTIAL_FIELDS: &str = "c.site_id, c.user_id, c.id, c.display_name, c.v
           WHERE sa.site_id = c.site_id AND sa.credential_id = c.id ORDER BY sa.device_id)";
 
 /// Reads a credential selected with [`CREDENTIAL_FIELDS`].
-fn credential_from_row(row: &Row) -> Credential {
+pub(crate) fn credential_from_row(row: &Row) -> Credential {
     let partitions: Vec<i16> = row.get(12);
     let devices: Vec<Uuid> = row.get(15);
     let numbers: Vec<i32> = row.get(16);
@@ -393,7 +182,8 @@ fn credential_from_row(row: &Row) -> Credential {
     }
 }
 
-fn credential_get_sql() -> String {
+/// Reads credential `$3` of user `$2` of site `$1` with [`CREDENTIAL_FIELDS`].
+pub(crate) fn credential_get_sql() -> String {
     format!(
         "SELECT {CREDENTIAL_FIELDS} FROM credential c WHERE c.site_id = $1 AND c.user_id = $2 AND c.id = $3"
     )
@@ -515,7 +305,7 @@ impl Loaded {
             .collect()
     }
 
-    fn label(&self, id: Uuid) -> String {
+    pub(crate) fn label(&self, id: Uuid) -> String {
         self.devices
             .iter()
             .find(|d| d.id == id)
@@ -524,7 +314,11 @@ impl Loaded {
     }
 
     /// The devices `scope` lands on, with the store's messages.
-    fn targets(&self, site: Uuid, scope: &Scope) -> Result<Vec<DeviceFacts>, StoreError> {
+    pub(crate) fn targets(
+        &self,
+        site: Uuid,
+        scope: &Scope,
+    ) -> Result<Vec<DeviceFacts>, StoreError> {
         resolve_targets(scope, &self.partitions, &self.facts()).map_err(|e| match e {
             ScopeError::Empty => StoreError::InvalidArgument(
                 "credential.scope must name at least one panel partition, lock or door".into(),
@@ -563,6 +357,11 @@ impl Loaded {
             )));
         }
         Ok(())
+    }
+
+    /// The credential changed, as it stands, when the request named one of the user's.
+    pub(crate) fn credential(&self) -> Option<&Credential> {
+        self.current.as_ref().map(|c| &c.credential)
     }
 
     /// The user whose code is written, or not found.
@@ -711,6 +510,7 @@ pub(crate) async fn load_in_txn(
         .filter_map(|r| u8::try_from(r.get::<_, i16>(0)).ok())
         .collect();
     let users = user_facts(&user_rows?);
+    actor_precheck_in_txn(tx, actor, site, &partitions, &users).await?;
     let clashes = clashes?.iter().map(|r| r.get(0)).collect();
     let current = current?.map(|row| Current {
         credential: credential_from_row(&row),
@@ -830,14 +630,14 @@ pub(crate) const AUDIT_SQL: &str =
     "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
-fn partitions_param(scope: &Scope) -> Vec<i16> {
+pub(crate) fn partitions_param(scope: &Scope) -> Vec<i16> {
     dedup(&scope.panel_partitions)
         .into_iter()
         .map(i16::from)
         .collect()
 }
 
-fn devices_param(scope: &Scope) -> Vec<Uuid> {
+pub(crate) fn devices_param(scope: &Scope) -> Vec<Uuid> {
     dedup(&[scope.locks.as_slice(), &scope.doors].concat())
 }
 
@@ -1196,7 +996,7 @@ impl Store {
 }
 
 /// The user must hold a level in every panel partition the code is scoped to.
-fn new_scope_check(
+pub(crate) fn new_scope_check(
     site: Uuid,
     user: Uuid,
     authorities: &keyplane_core::authority::Authorities,
@@ -1209,104 +1009,5 @@ fn new_scope_check(
             )));
         }
     }
-    Ok(())
-}
-
-/// Inserts a credential for `user` with `pin` and `scope`; with `fixed`, its slot on
-/// that device is the given one (a claimed local code) instead of a free one.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn credential_insert_in_txn(
-    store: &Store,
-    tx: &Transaction<'_>,
-    actor: &Actor,
-    site: Uuid,
-    user: Uuid,
-    display_name: &str,
-    pin: &Pin,
-    scope: &Scope,
-    fixed: Option<(Uuid, u16)>,
-) -> Result<Uuid, StoreError> {
-    let targets = scope_resolve_in_txn(tx, site, scope).await?;
-    let who =
-        authority_check_in_txn(tx, actor, site, user, &[scope], Some(scope), &targets).await?;
-    let pin_hash = store.key().pin_hash(site, pin);
-    pin_check_in_txn(tx, site, &targets, pin, &pin_hash, None).await?;
-    let id = Uuid::new_v4();
-    let sealed = store.key().seal(site, id, pin)?;
-    let created_partition = who
-        .creation_partition(
-            actor.acting_partition,
-            &involved_partitions(&[scope], &targets),
-        )
-        .map_err(denied)?
-        .map(i16::from);
-    tx.execute(
-        "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[&site, &id, &user, &display_name, &sealed, &store.key().id(), &pin_hash, &created_partition],
-    )
-    .await?;
-    scope_write_in_txn(tx, site, id, scope).await?;
-    let mut changed = Vec::new();
-    for device in &targets {
-        match fixed {
-            Some((d, slot)) if d == device.id => {
-                tx.execute(
-                    "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES ($1, $2, $3, $4, $5)",
-                    &[&site, &device.id, &i32::from(slot), &id, &pin_hash],
-                )
-                .await?;
-                changed.push((device.id, slot));
-            }
-            _ => changed.extend(
-                slots_allocate_in_txn(tx, site, id, std::slice::from_ref(device), &pin_hash)
-                    .await?,
-            ),
-        }
-    }
-    site_change_record_in_txn(tx, site, &changed).await?;
-    Ok(id)
-}
-
-/// Gives a credential a new PIN everywhere it sits (drift adopted).
-pub(crate) async fn credential_pin_set_in_txn(
-    store: &Store,
-    tx: &Transaction<'_>,
-    site: Uuid,
-    credential: Uuid,
-    pin: &Pin,
-) -> Result<(), StoreError> {
-    let device_ids: Vec<Uuid> = tx
-        .query(
-            "SELECT device_id FROM slot_assignment WHERE site_id = $1 AND credential_id = $2",
-            &[&site, &credential],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut targets = Vec::new();
-    for d in device_ids {
-        targets.push(device_get_in_txn(tx, site, d).await?);
-    }
-    let pin_hash = store.key().pin_hash(site, pin);
-    pin_check_in_txn(tx, site, &targets, pin, &pin_hash, Some(credential)).await?;
-    let sealed = store.key().seal(site, credential, pin)?;
-    tx.execute(
-        "UPDATE credential SET pin_sealed = $3, pin_key_id = $4, pin_hash = $5, version = version + 1, update_time = now()
-         WHERE site_id = $1 AND id = $2",
-        &[&site, &credential, &sealed, &store.key().id(), &pin_hash],
-    )
-    .await?;
-    let changed: Vec<(Uuid, u16)> = tx
-        .query(
-            "UPDATE slot_assignment SET pin_hash = $3 WHERE site_id = $1 AND credential_id = $2 RETURNING device_id, slot",
-            &[&site, &credential, &pin_hash],
-        )
-        .await?
-        .iter()
-        .map(crate::site::device_slot)
-        .collect();
-    site_change_record_in_txn(tx, site, &changed).await?;
     Ok(())
 }

@@ -1,14 +1,19 @@
 //! Devices of a site.
 
 use crate::site::{
-    audit_in_txn, etag_check, replayed_id, request_remember_in_txn, request_replay_in_txn,
-    site_change_record_in_txn, site_get_in_txn, site_lock_in_txn,
+    AuditParams, LogParams, RememberParams, config_error, etag_check, replayed_id, site_get_in_txn,
+    site_load_in_txn,
 };
 use crate::{
-    Actor, Device, DevicePatch, NewDevice, PageRequest, RequestKey, Store, StoreError, in_txn,
+    Actor, Device, DevicePatch, NewDevice, PageRequest, RequestKey, Step, Store, StoreError,
+    batch_in_txn, in_txn, params,
 };
 use crate::{Cached, Transaction};
-use keyplane_core::{DeviceKind, DeviceModel};
+use keyplane_core::DeviceModel;
+use keyplane_core::config::{
+    change_log, device_create_check, device_delete_check, device_partition_check,
+};
+use std::collections::BTreeSet;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -49,38 +54,29 @@ pub(crate) async fn device_get_in_txn(
     device_from_row(&row)
 }
 
-pub(crate) async fn device_list_for_site_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-) -> Result<Vec<Device>, StoreError> {
-    let rows = tx
-        .query(
-            &format!("SELECT {DEVICE_COLUMNS} FROM device WHERE site_id = $1 ORDER BY id"),
-            &[&site],
-        )
-        .await?;
-    rows.iter().map(device_from_row).collect()
+/// The site's partition numbers (site `$1`).
+pub(crate) const PARTITIONS_SQL: &str = "SELECT number FROM partition WHERE site_id = $1";
+
+/// Partition numbers from rows of [`PARTITIONS_SQL`].
+fn partitions_from(rows: &[Row]) -> BTreeSet<u8> {
+    rows.iter()
+        .filter_map(|r| u8::try_from(r.get::<_, i16>(0)).ok())
+        .collect()
 }
 
-async fn partition_check_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    kind: DeviceKind,
-    partition: Option<u8>,
-) -> Result<(), StoreError> {
-    if partition.is_some() && !kind.has_partition() {
-        return Err(StoreError::InvalidArgument(
-            "device.partition: a panel spans partitions (each code names its own in scope.panel_partitions), so it takes no partition: leave partition unset".into(),
-        ));
-    }
-    if let Some(p) = partition {
-        crate::partition::partition_get_in_txn(tx, site, p).await?;
-    }
-    Ok(())
+/// Reads device `$2` of site `$1`.
+fn device_get_sql() -> String {
+    format!("SELECT {DEVICE_COLUMNS} FROM device WHERE site_id = $1 AND id = $2")
+}
+
+fn device_not_found(site: Uuid, device: Uuid) -> StoreError {
+    StoreError::NotFound(format!("device sites/{site}/devices/{device}"))
 }
 
 impl Store {
-    /// Creates a device.
+    /// Creates a device: one round trip locks the site and loads its partitions and
+    /// panel count, one writes the device, the change-log entry (every agent message
+    /// lists the site's devices) and the audit entry.
     pub async fn device_create(
         &self,
         actor: &Actor,
@@ -89,55 +85,63 @@ impl Store {
         key: Option<&RequestKey>,
     ) -> Result<Device, StoreError> {
         in_txn!(self, "device_create", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
-                return device_get_in_txn(&tx, site, replayed_id(&name)?).await;
+            let extra: Vec<Step<'_>> = vec![
+                (PARTITIONS_SQL, params![&site]),
+                (
+                    "SELECT count(*) FROM device WHERE site_id = $1 AND kind = 'panel'",
+                    params![&site],
+                ),
+            ];
+            let l = site_load_in_txn(&tx, actor.dealer, site, key, extra).await?;
+            if let Some(name) = &l.replayed {
+                return device_get_in_txn(&tx, site, replayed_id(name)?).await;
             }
-            partition_check_in_txn(&tx, site, new.model.kind, new.partition).await?;
-            if new.model.kind == DeviceKind::Panel {
-                let panels: i64 = tx
-                    .query_one(
-                        "SELECT count(*) FROM device WHERE site_id = $1 AND kind = 'panel'",
-                        &[&site],
-                    )
-                    .await?
-                    .get(0);
-                if panels > 0 {
-                    return Err(StoreError::AlreadyExists(format!(
-                        "site sites/{site} already has a panel; a site has one alarm panel"
-                    )));
-                }
-            }
-            let row = tx
-                .query_one(
-                    &format!(
-                        "INSERT INTO device (site_id, display_name, kind, model, partition, perimeter)
-                         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {DEVICE_COLUMNS}"
-                    ),
-                    &[
-                        &site,
-                        &new.display_name,
-                        &new.model.kind.as_str(),
-                        &new.model.id,
-                        &new.partition.map(i16::from),
-                        &new.perimeter,
-                    ],
-                )
-                .await?;
-            let device = device_from_row(&row)?;
-            // Every agent message lists the site's devices: the agent must learn of it.
-            site_change_record_in_txn(&tx, site, &[]).await?;
-            request_remember_in_txn(&tx, actor.dealer, key, &device.name()).await?;
-            audit_in_txn(
-                &tx,
+            let panels: i64 = l.extra[1].first().map(|r| r.get(0)).unwrap_or(0);
+            device_create_check(
+                new.model.kind,
+                new.partition,
+                &partitions_from(&l.extra[0]),
+                panels,
+            )
+            .map_err(|e| config_error(site, e))?;
+            let id = Uuid::new_v4();
+            let name = format!("sites/{site}/devices/{id}");
+            let insert_sql = format!(
+                "INSERT INTO device (site_id, id, display_name, kind, model, partition, perimeter)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {DEVICE_COLUMNS}"
+            );
+            let kind = new.model.kind.as_str();
+            let partition = new.partition.map(i16::from);
+            let log = LogParams::new(change_log(l.site.revision, &[], true).as_ref());
+            let remember = RememberParams::new(actor.dealer, key, &name);
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "device.create",
-                &device.name(),
+                &name,
                 serde_json::json!({"model": new.model.id}),
-            )
-            .await?;
-            Ok(device)
+            );
+            let mut steps: Vec<Step<'_>> = vec![(
+                insert_sql.as_str(),
+                params![
+                    &site,
+                    &id,
+                    &new.display_name,
+                    &kind,
+                    &new.model.id,
+                    &partition,
+                    &new.perimeter
+                ],
+            )];
+            steps.push(log.step(&site));
+            steps.extend(remember.as_ref().map(RememberParams::step));
+            steps.push(audit.step());
+            let rows = batch_in_txn(&tx, &steps).await?;
+            let row = rows
+                .first()
+                .and_then(|r| r.first())
+                .ok_or_else(|| device_not_found(site, id))?;
+            device_from_row(row)
         })
     }
 
@@ -186,31 +190,56 @@ impl Store {
         etag: &str,
     ) -> Result<Device, StoreError> {
         in_txn!(self, "device_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = device_get_in_txn(&tx, site, device).await?;
+            let get_sql = device_get_sql();
+            let extra: Vec<Step<'_>> = vec![
+                (get_sql.as_str(), params![&site, &device]),
+                (PARTITIONS_SQL, params![&site]),
+            ];
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, extra).await?;
+            let current = l.extra[0]
+                .first()
+                .map(device_from_row)
+                .transpose()?
+                .ok_or_else(|| device_not_found(site, device))?;
             etag_check(&format!("device {}", current.name()), etag, current.version)?;
             let partition = patch.partition.unwrap_or(current.partition);
-            partition_check_in_txn(&tx, site, current.kind(), partition).await?;
-            let row = tx
-                .query_one(
-                    &format!(
-                        "UPDATE device SET display_name = COALESCE($3, display_name), partition = $4,
-                            perimeter = COALESCE($5, perimeter), version = version + 1, update_time = now()
-                         WHERE site_id = $1 AND id = $2 RETURNING {DEVICE_COLUMNS}"
-                    ),
-                    &[&site, &device, &patch.display_name, &partition.map(i16::from), &patch.perimeter],
-                )
-                .await?;
-            audit_in_txn(
-                &tx,
+            device_partition_check(current.kind(), partition, &partitions_from(&l.extra[1]))
+                .map_err(|e| config_error(site, e))?;
+            let update_sql = format!(
+                "UPDATE device SET display_name = COALESCE($3, display_name), partition = $4,
+                    perimeter = COALESCE($5, perimeter), version = version + 1, update_time = now()
+                 WHERE site_id = $1 AND id = $2 RETURNING {DEVICE_COLUMNS}"
+            );
+            let partition = partition.map(i16::from);
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "device.update",
                 &current.name(),
                 serde_json::json!({}),
+            );
+            let rows = batch_in_txn(
+                &tx,
+                &[
+                    (
+                        update_sql.as_str(),
+                        params![
+                            &site,
+                            &device,
+                            &patch.display_name,
+                            &partition,
+                            &patch.perimeter
+                        ],
+                    ),
+                    audit.step(),
+                ],
             )
             .await?;
-            device_from_row(&row)
+            let row = rows
+                .first()
+                .and_then(|r| r.first())
+                .ok_or_else(|| device_not_found(site, device))?;
+            device_from_row(row)
         })
     }
 
@@ -223,69 +252,50 @@ impl Store {
         etag: &str,
     ) -> Result<(), StoreError> {
         in_txn!(self, "device_delete", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = device_get_in_txn(&tx, site, device).await?;
-            etag_check(&format!("device {}", current.name()), etag, current.version)?;
-            let row = tx
-                .query_one(
+            let get_sql = device_get_sql();
+            let extra: Vec<Step<'_>> = vec![
+                (get_sql.as_str(), params![&site, &device]),
+                (
                     "SELECT (SELECT count(DISTINCT credential_id) FROM (
                                 SELECT credential_id FROM slot_assignment WHERE site_id = $1 AND device_id = $2
                                 UNION SELECT credential_id FROM credential_device WHERE site_id = $1 AND device_id = $2) c),
                             ARRAY(SELECT user_id FROM personal_access_point WHERE site_id = $1 AND device_id = $2 ORDER BY user_id),
                             ARRAY(SELECT plan_id FROM access_plan_device WHERE site_id = $1 AND device_id = $2 ORDER BY plan_id)",
-                    &[&site, &device],
-                )
-                .await?;
+                    params![&site, &device],
+                ),
+            ];
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, extra).await?;
+            let current = l.extra[0]
+                .first()
+                .map(device_from_row)
+                .transpose()?
+                .ok_or_else(|| device_not_found(site, device))?;
+            etag_check(&format!("device {}", current.name()), etag, current.version)?;
+            let row = l.extra[1]
+                .first()
+                .ok_or_else(|| StoreError::Internal("device uses not read".into()))?;
             let (credentials, personal, plans): (i64, Vec<Uuid>, Vec<Uuid>) =
                 (row.get(0), row.get(1), row.get(2));
-            // Nothing that names the device is removed behind the dealer's back: a shared
-            // plan names its doors on purpose, and a code must leave the device first.
-            let mut blockers = Vec::new();
-            if credentials > 0 {
-                blockers.push(format!(
-                    "{credentials} credential(s) are scoped to it: delete them or change their scope (UpdateCredential)"
-                ));
-            }
-            if !personal.is_empty() {
-                let names: Vec<String> = personal
-                    .iter()
-                    .map(|u| format!("sites/{site}/users/{u}/personalAccessPlan"))
-                    .collect();
-                blockers.push(format!(
-                    "it is an access point of personal access plan(s) {}: remove it from their access_points (UpdatePersonalAccessPlan)",
-                    names.join(", ")
-                ));
-            }
-            if !plans.is_empty() {
-                let names: Vec<String> = plans
-                    .iter()
-                    .map(|p| format!("sites/{site}/accessPlans/{p}"))
-                    .collect();
-                blockers.push(format!(
-                    "it is an access point of access plan(s) {}: remove it from their devices (UpdateAccessPlan) or delete those plans",
-                    names.join(", ")
-                ));
-            }
-            if !blockers.is_empty() {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "device {} cannot be deleted yet: {}",
-                    current.name(),
-                    blockers.join("; ")
-                )));
-            }
-            tx.execute(
-                "DELETE FROM device WHERE site_id = $1 AND id = $2",
-                &[&site, &device],
-            )
-            .await?;
-            site_change_record_in_txn(&tx, site, &[]).await?;
-            audit_in_txn(
-                &tx,
+            device_delete_check(device, credentials, &personal, &plans)
+                .map_err(|e| config_error(site, e))?;
+            let log = LogParams::new(change_log(l.site.revision, &[], true).as_ref());
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "device.delete",
                 &current.name(),
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "DELETE FROM device WHERE site_id = $1 AND id = $2",
+                        params![&site, &device],
+                    ),
+                    log.step(&site),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(())

@@ -1,14 +1,22 @@
 //! What agents observe on devices: drift, and codes programmed at the device (LOCAL),
 //! which are kept, their slots reserved, and may be claimed for a user or removed.
 
-use crate::authority::{actor_resolve_in_txn, denied};
-use crate::credential::credential_get_in_txn;
-use crate::site::{audit_in_txn, site_change_record_in_txn, site_get_in_txn, site_lock_in_txn};
-use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, in_txn};
+use crate::authority::{actor_from_loaded, denied};
+use crate::credential::{
+    LoadRequest, Loaded, code_facts, credential_from_row, credential_get_sql, devices_param,
+    load_in_txn, new_scope_check, partitions_param,
+};
+use crate::site::{
+    AuditParams, LogParams, audit_in_txn, policy_actor, site_change_record_in_txn, site_get_in_txn,
+};
+use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, batch_in_txn, in_txn, params};
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
+use keyplane_core::config::{DriftPlan, LocalError, change_log, claim_scope, drift_plan};
+use keyplane_core::credential::{DeviceFacts, involved_partitions};
 use keyplane_core::pin::Pin;
 use std::time::SystemTime;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// How an observed slot compares with what keyplane wrote.
@@ -71,17 +79,6 @@ pub struct LocalCode {
     pub observe_time: SystemTime,
 }
 
-/// Who acts when the AUTHORITATIVE policy clears or re-writes a slot.
-fn policy_actor(dealer: Uuid) -> Actor {
-    Actor {
-        dealer,
-        principal: "keyplane: AUTHORITATIVE site policy".into(),
-        peer: None,
-        acting_user: None,
-        acting_partition: None,
-    }
-}
-
 /// Audits and logs the clearing of a local code that the AUTHORITATIVE policy decided.
 async fn local_code_cleared_by_policy_in_txn(
     tx: &Transaction<'_>,
@@ -109,87 +106,6 @@ async fn local_code_cleared_by_policy_in_txn(
         &system.principal,
     )
     .await
-}
-
-/// Applies the AUTHORITATIVE policy to what agents already reported (the site has
-/// just switched to it): every local code not yet being removed is scheduled for
-/// clearing, each audited, and every drifted or missing managed slot is written again.
-/// Returns the slots whose desired value changed; the caller records them.
-pub(crate) async fn authoritative_enforce_in_txn(
-    tx: &Transaction<'_>,
-    dealer: Uuid,
-    site: Uuid,
-) -> Result<Vec<(Uuid, u16)>, StoreError> {
-    let system = policy_actor(dealer);
-    let rows = tx
-        .query(
-            "SELECT device_id, slot, state IN ('foreign', 'conflict') FROM observed_slot
-             WHERE site_id = $1
-               AND ((state IN ('foreign', 'conflict') AND NOT removing) OR state IN ('drifted', 'missing'))
-             ORDER BY device_id, slot",
-            &[&site],
-        )
-        .await?;
-    let mut changed = Vec::with_capacity(rows.len());
-    let mut clear = (Vec::new(), Vec::new());
-    let mut rewrite = (Vec::new(), Vec::new());
-    for r in &rows {
-        let (device, slot) = crate::site::device_slot(r);
-        let target = if r.get::<_, bool>(2) {
-            local_code_cleared_by_policy_in_txn(tx, &system, site, device, slot).await?;
-            &mut clear
-        } else {
-            &mut rewrite
-        };
-        target.0.push(device);
-        target.1.push(i32::from(slot));
-        changed.push((device, slot));
-    }
-    if !clear.0.is_empty() {
-        tx.execute(
-            "UPDATE observed_slot o SET removing = true
-             FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
-             WHERE o.site_id = $1 AND o.device_id = c.d AND o.slot = c.s",
-            &[&site, &clear.0, &clear.1],
-        )
-        .await?;
-    }
-    if !rewrite.0.is_empty() {
-        tx.execute(
-            "UPDATE slot_assignment sa SET write_generation = write_generation + 1
-             FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
-             WHERE sa.site_id = $1 AND sa.device_id = c.d AND sa.slot = c.s",
-            &[&site, &rewrite.0, &rewrite.1],
-        )
-        .await?;
-    }
-    Ok(changed)
-}
-
-async fn local_code_get_in_txn(
-    tx: &Transaction<'_>,
-    site: Uuid,
-    device: Uuid,
-    slot: u16,
-) -> Result<LocalCode, StoreError> {
-    let d = crate::device::device_get_in_txn(tx, site, device).await?;
-    let row = tx
-        .query_opt(
-            "SELECT pin_sealed IS NOT NULL, removing, observe_time FROM observed_slot
-             WHERE site_id = $1 AND device_id = $2 AND slot = $3 AND state IN ('foreign', 'conflict')",
-            &[&site, &device, &i32::from(slot)],
-        )
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("local code sites/{site}/devices/{device}/localCodes/{slot}")))?;
-    Ok(LocalCode {
-        site,
-        device,
-        slot,
-        model: d.model,
-        pin_known: row.get(0),
-        removing: row.get(1),
-        observe_time: row.get(2),
-    })
 }
 
 impl Store {
@@ -318,7 +234,8 @@ impl Store {
         })
     }
 
-    /// Clears a local code from its device (the agent clears the slot).
+    /// Clears a local code from its device (the agent clears the slot): one round
+    /// trip loads the site, the code and the actor, one writes.
     pub async fn local_code_remove(
         &self,
         actor: &Actor,
@@ -326,38 +243,73 @@ impl Store {
         device: Uuid,
         slot: u16,
     ) -> Result<LocalCode, StoreError> {
+        let n = i32::from(slot);
         in_txn!(self, "local_code_remove", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            local_code_get_in_txn(&tx, site, device, slot).await?;
-            let (who, _) = actor_resolve_in_txn(&tx, actor, site).await?;
-            let d = crate::device::device_get_in_txn(&tx, site, device).await?;
+            let extra: [(&str, &[&(dyn ToSql + Sync)]); 1] =
+                [(LOCAL_CODE_SQL, &[&site, &device, &n])];
+            let loaded = load_in_txn(
+                &tx,
+                actor,
+                site,
+                LoadRequest {
+                    extra: &extra,
+                    ..LoadRequest::default()
+                },
+            )
+            .await?;
+            let d = loaded
+                .devices
+                .iter()
+                .find(|d| d.id == device)
+                .ok_or_else(|| device_not_found(site, device))?;
+            let local = loaded.extra[0]
+                .first()
+                .ok_or_else(|| local_not_found(site, device, slot))?;
+            let (who, _) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
             who.check_local_code_remove(
                 d.kind() == DeviceKind::Panel,
                 d.partition,
                 actor.acting_partition,
             )
             .map_err(denied)?;
-            tx.execute(
-                "UPDATE observed_slot SET removing = true WHERE site_id = $1 AND device_id = $2 AND slot = $3",
-                &[&site, &device, &i32::from(slot)],
-            )
-            .await?;
-            site_change_record_in_txn(&tx, site, &[(device, slot)]).await?;
+            let removed = LocalCode {
+                site,
+                device,
+                slot,
+                model: d.model,
+                pin_known: local.get(0),
+                removing: true,
+                observe_time: local.get(2),
+            };
+            let log =
+                LogParams::new(change_log(loaded.site.revision, &[(device, slot)], true).as_ref());
             let name = format!("sites/{site}/devices/{device}/localCodes/{slot}");
-            audit_in_txn(
-                &tx,
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "local_code.remove",
                 &name,
                 serde_json::json!({ "slot": slot }),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE observed_slot SET removing = true WHERE site_id = $1 AND device_id = $2 AND slot = $3",
+                        params![&site, &device, &n],
+                    ),
+                    log.step(&site),
+                    audit.step(),
+                ],
             )
             .await?;
-            local_code_get_in_txn(&tx, site, device, slot).await
+            Ok(removed)
         })
     }
 
-    /// Makes a local code `user`'s managed credential: same slot, same code.
+    /// Makes a local code `user`'s managed credential: same slot, same code. One
+    /// round trip loads the site, the code, the user and the actor and looks for the
+    /// code on the devices it will sit on; one writes the credential.
     pub async fn local_code_claim(
         &self,
         actor: &Actor,
@@ -367,76 +319,124 @@ impl Store {
         user: Uuid,
         panel_partitions: &[u8],
     ) -> Result<Credential, StoreError> {
+        let n = i32::from(slot);
         in_txn!(self, "local_code_claim", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let local = local_code_get_in_txn(&tx, site, device, slot).await?;
-            if local.removing {
-                return Err(StoreError::FailedPrecondition(
-                    "this local code is being removed".into(),
-                ));
-            }
-            let row = tx
-                .query_one(
-                    "SELECT pin_sealed, pin_key_id FROM observed_slot WHERE site_id = $1 AND device_id = $2 AND slot = $3",
-                    &[&site, &device, &i32::from(slot)],
-                )
-                .await?;
-            let (Some(sealed), Some(key_id)) = (
-                row.get::<_, Option<Vec<u8>>>(0),
-                row.get::<_, Option<String>>(1),
-            ) else {
-                return Err(StoreError::FailedPrecondition(
-                    "the device masks its codes, so this one cannot be claimed: create a credential and remove the local code".into(),
-                ));
-            };
-            let pin = self.key().open(site, device, &key_id, &sealed)?;
-            let mut scope = crate::Scope::default();
-            match local.model.kind {
-                DeviceKind::Lock => scope.locks.push(device),
-                DeviceKind::Door => scope.doors.push(device),
-                DeviceKind::Panel => {
-                    if panel_partitions.is_empty() {
-                        return Err(StoreError::InvalidArgument(
-                            "panel_partitions is required to claim a panel user number".into(),
-                        ));
-                    }
-                    scope.panel_partitions = panel_partitions.to_vec();
-                }
-            }
-            // No longer local: it becomes the credential's slot.
-            tx.execute(
-                "DELETE FROM observed_slot WHERE site_id = $1 AND device_id = $2 AND slot = $3",
-                &[&site, &device, &i32::from(slot)],
-            )
-            .await?;
-            let id = crate::credential::credential_insert_in_txn(
-                self,
+            let extra: [(&str, &[&(dyn ToSql + Sync)]); 2] = [
+                (LOCAL_CODE_SQL, &[&site, &device, &n]),
+                (CLAIM_CLASH_SQL, &[&site, &device, &n]),
+            ];
+            let loaded = load_in_txn(
                 &tx,
                 actor,
                 site,
-                user,
-                "Claimed local code",
-                &pin,
-                &scope,
-                Some((device, slot)),
+                LoadRequest {
+                    user,
+                    extra: &extra,
+                    ..LoadRequest::default()
+                },
             )
             .await?;
+            let d = loaded
+                .devices
+                .iter()
+                .find(|d| d.id == device)
+                .ok_or_else(|| device_not_found(site, device))?;
+            let local = loaded.extra[0]
+                .first()
+                .ok_or_else(|| local_not_found(site, device, slot))?;
+            let sealed: Option<Vec<u8>> = local.get(3);
+            let key_id: Option<String> = local.get(4);
+            let scope = claim_scope(
+                d.kind(),
+                device,
+                local.get(1),
+                sealed.is_some() && key_id.is_some(),
+                panel_partitions,
+            )
+            .map_err(|e| local_error(site, device, e))?;
+            let (Some(sealed), Some(key_id)) = (sealed, key_id) else {
+                return Err(local_error(site, device, LocalError::Masked));
+            };
+            let pin = self.key().open(site, device, &key_id, &sealed)?;
+            let targets = loaded.targets(site, &scope)?;
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
+            let target = loaded.user(site, user)?;
+            new_scope_check(site, user, &target.authorities, &scope)?;
+            let involved = involved_partitions(&[&scope], &targets);
+            let is_self = acting.is_some_and(|a| a.id == user);
+            who.check_code_change(&target.authorities, &involved, is_self)
+                .map_err(denied)?;
+            let clashes: Vec<Uuid> = loaded.extra[1].iter().map(|r| r.get(0)).collect();
+            pin_check(&loaded, &targets, &pin, &clashes)?;
+            let created_partition = who
+                .creation_partition(actor.acting_partition, &involved)
+                .map_err(denied)?
+                .map(i16::from);
+            // The code stays where it is: the claimed slot is the credential's on its
+            // device; a site has one panel, and a lock or door scope is that device.
+            if let Some(other) = targets.iter().find(|t| t.id != device) {
+                return Err(StoreError::Internal(format!(
+                    "a claimed code would also land on device {}",
+                    loaded.label(other.id)
+                )));
+            }
+            let id = Uuid::new_v4();
+            let sealed = self.key().seal(site, id, &pin)?;
+            let pin_hash = self.key().pin_hash(site, &pin);
+            let key_id = self.key().id().to_owned();
+            let display_name = "Claimed local code";
+            let partitions = partitions_param(&scope);
+            let devices = devices_param(&scope);
+            let log =
+                LogParams::new(change_log(loaded.site.revision, &[(device, slot)], true).as_ref());
             let name = format!("sites/{site}/devices/{device}/localCodes/{slot}");
-            audit_in_txn(
-                &tx,
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "local_code.claim",
                 &name,
                 serde_json::json!({ "user": user.to_string() }),
+            );
+            let get_sql = credential_get_sql();
+            let rows = batch_in_txn(
+                &tx,
+                &[
+                    // No longer local: it becomes the credential's slot.
+                    (
+                        "DELETE FROM observed_slot WHERE site_id = $1 AND device_id = $2 AND slot = $3",
+                        params![&site, &device, &n],
+                    ),
+                    (
+                        "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash, created_partition)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        params![&site, &id, &user, &display_name, &sealed, &key_id, &pin_hash, &created_partition],
+                    ),
+                    (
+                        "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])",
+                        params![&site, &id, &partitions],
+                    ),
+                    (
+                        "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])",
+                        params![&site, &id, &devices],
+                    ),
+                    (
+                        "INSERT INTO slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES ($1, $2, $3, $4, $5)",
+                        params![&site, &device, &n, &id, &pin_hash],
+                    ),
+                    log.step(&site),
+                    audit.step(),
+                    (get_sql.as_str(), params![&site, &user, &id]),
+                ],
             )
             .await?;
-            credential_get_in_txn(&tx, site, user, id).await
+            read_back(&rows, site, user, id)
         })
     }
 
     /// Resolves drift on `device` for a credential: write keyplane's code again, or
-    /// adopt the code the device now holds.
+    /// adopt the code the device now holds. One round trip loads the site, the
+    /// credential, the drifted slot and the actor (and, to adopt, where the device's
+    /// code is already in use); one writes.
     pub async fn drift_resolve(
         &self,
         actor: &Actor,
@@ -447,67 +447,253 @@ impl Store {
         adopt: bool,
     ) -> Result<Credential, StoreError> {
         in_txn!(self, "drift_resolve", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = credential_get_in_txn(&tx, site, user, credential).await?;
-            // Re-applying or adopting changes this code on the device: the same rules as
-            // changing it through UpdateCredential.
-            crate::credential::existing_check_in_txn(&tx, actor, site, &current).await?;
-            let slot = current
-                .slots
-                .iter()
-                .find(|s| s.device == device)
-                .map(|s| s.slot)
-                .ok_or_else(|| {
-                    StoreError::NotFound(format!(
-                        "slot of this credential on device sites/{site}/devices/{device}"
-                    ))
-                })?;
-            let row = tx
-                .query_opt(
-                    "SELECT pin_sealed, pin_key_id FROM observed_slot
-                     WHERE site_id = $1 AND device_id = $2 AND slot = $3 AND state IN ('drifted', 'missing')",
-                    &[&site, &device, &i32::from(slot)],
-                )
-                .await?
-                .ok_or_else(|| StoreError::FailedPrecondition("this slot has not drifted".into()))?;
-            let name = format!("sites/{site}/users/{user}/credentials/{credential}");
+            let by_slot: &[&(dyn ToSql + Sync)] = &[&site, &device, &credential];
+            let mut extra: Vec<(&str, &[&(dyn ToSql + Sync)])> = vec![(DRIFTED_SQL, by_slot)];
             if adopt {
-                let (Some(sealed), Some(key_id)) = (
-                    row.get::<_, Option<Vec<u8>>>(0),
-                    row.get::<_, Option<String>>(1),
-                ) else {
-                    return Err(StoreError::FailedPrecondition(
-                        "the device reported no code to adopt (cleared, or masked): re-apply instead".into(),
-                    ));
-                };
-                let pin = self.key().open(site, device, &key_id, &sealed)?;
-                crate::credential::credential_pin_set_in_txn(self, &tx, site, credential, &pin)
-                    .await?;
-            } else {
-                tx.execute(
-                    "UPDATE slot_assignment SET write_generation = write_generation + 1
-                     WHERE site_id = $1 AND device_id = $2 AND slot = $3",
-                    &[&site, &device, &i32::from(slot)],
-                )
-                .await?;
-                site_change_record_in_txn(&tx, site, &[(device, slot)]).await?;
+                extra.push((ADOPT_CLASH_SQL, by_slot));
             }
-            let action = if adopt {
-                "drift.adopt"
-            } else {
-                "drift.reapply"
-            };
-            audit_in_txn(
+            let loaded = load_in_txn(
                 &tx,
                 actor,
-                Some(site),
-                action,
-                &name,
-                serde_json::json!({ "device": device.to_string(), "slot": slot }),
+                site,
+                LoadRequest {
+                    user,
+                    credential: Some(credential),
+                    extra: &extra,
+                    ..LoadRequest::default()
+                },
             )
             .await?;
-            credential_get_in_txn(&tx, site, user, credential).await
+            let current = loaded.credential().ok_or_else(|| {
+                StoreError::NotFound(format!(
+                    "credential sites/{site}/users/{user}/credentials/{credential}"
+                ))
+            })?;
+            // Re-applying or adopting changes this code on the device: the same rules as
+            // changing it through UpdateCredential.
+            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
+            let target = loaded.user(site, user)?;
+            let is_self = acting.is_some_and(|a| a.id == user);
+            let facts = code_facts(current, &loaded.devices);
+            who.check_code_existing(&target.authorities, &facts, actor.acting_partition, is_self)
+                .map_err(denied)?;
+            let held: Vec<(Uuid, u16)> = current.slots.iter().map(|s| (s.device, s.slot)).collect();
+            let observed = loaded.extra[0].first();
+            let reported = observed.map(|r| {
+                (
+                    r.get::<_, Option<Vec<u8>>>(0),
+                    r.get::<_, Option<String>>(1),
+                )
+            });
+            let reported_code = matches!(reported, Some((Some(_), Some(_))));
+            let plan = drift_plan(
+                loaded.site.revision,
+                &held,
+                device,
+                observed.is_some(),
+                reported_code,
+                adopt,
+            )
+            .map_err(|e| local_error(site, device, e))?;
+            let name = format!("sites/{site}/users/{user}/credentials/{credential}");
+            let get_sql = credential_get_sql();
+            let rows = match plan {
+                DriftPlan::Reapply { slot, log } => {
+                    let log = LogParams::new(Some(&log));
+                    let audit = AuditParams::new(
+                        actor,
+                        Some(site),
+                        "drift.reapply",
+                        &name,
+                        serde_json::json!({ "device": device.to_string(), "slot": slot.1 }),
+                    );
+                    let n = i32::from(slot.1);
+                    batch_in_txn(
+                        &tx,
+                        &[
+                            (
+                                "UPDATE slot_assignment SET write_generation = write_generation + 1
+                                 WHERE site_id = $1 AND device_id = $2 AND slot = $3",
+                                params![&site, &device, &n],
+                            ),
+                            log.step(&site),
+                            audit.step(),
+                            (get_sql.as_str(), params![&site, &user, &credential]),
+                        ],
+                    )
+                    .await?
+                }
+                DriftPlan::Adopt { slots, log } => {
+                    let Some((Some(sealed), Some(key_id))) = reported else {
+                        return Err(local_error(site, device, LocalError::NothingToAdopt));
+                    };
+                    let pin = self.key().open(site, device, &key_id, &sealed)?;
+                    let targets: Vec<DeviceFacts> = loaded
+                        .facts()
+                        .into_iter()
+                        .filter(|d| slots.iter().any(|(s, _)| *s == d.id))
+                        .collect();
+                    let clashes: Vec<Uuid> = loaded.extra[1].iter().map(|r| r.get(0)).collect();
+                    pin_check(&loaded, &targets, &pin, &clashes)?;
+                    let sealed = self.key().seal(site, credential, &pin)?;
+                    let pin_hash = self.key().pin_hash(site, &pin);
+                    let key_id = self.key().id().to_owned();
+                    let slot = held
+                        .iter()
+                        .find(|(d, _)| *d == device)
+                        .map(|(_, s)| *s)
+                        .unwrap_or_default();
+                    let log = LogParams::new(Some(&log));
+                    let audit = AuditParams::new(
+                        actor,
+                        Some(site),
+                        "drift.adopt",
+                        &name,
+                        serde_json::json!({ "device": device.to_string(), "slot": slot }),
+                    );
+                    batch_in_txn(
+                        &tx,
+                        &[
+                            (
+                                "UPDATE credential SET pin_sealed = $3, pin_key_id = $4, pin_hash = $5, version = version + 1, update_time = now()
+                                 WHERE site_id = $1 AND id = $2",
+                                params![&site, &credential, &sealed, &key_id, &pin_hash],
+                            ),
+                            (
+                                "UPDATE slot_assignment SET pin_hash = $3 WHERE site_id = $1 AND credential_id = $2",
+                                params![&site, &credential, &pin_hash],
+                            ),
+                            log.step(&site),
+                            audit.step(),
+                            (get_sql.as_str(), params![&site, &user, &credential]),
+                        ],
+                    )
+                    .await?
+                }
+            };
+            read_back(&rows, site, user, credential)
         })
+    }
+}
+
+/// A local code (foreign or conflict) at slot `$3` of device `$2` of site `$1`:
+/// whether its code is known, whether it is being removed, when it was seen, and its
+/// sealed code with the key id.
+const LOCAL_CODE_SQL: &str =
+    "SELECT pin_sealed IS NOT NULL, removing, observe_time, pin_sealed, pin_key_id
+     FROM observed_slot
+     WHERE site_id = $1 AND device_id = $2 AND slot = $3 AND state IN ('foreign', 'conflict')";
+
+/// Where the local code at slot `$3` of device `$2` (site `$1`) is already in use on
+/// the devices it would sit on once claimed (that device, or the site's panels): by
+/// a credential, or by another local code.
+const CLAIM_CLASH_SQL: &str = "WITH code AS (
+        SELECT pin_hash FROM observed_slot WHERE site_id = $1 AND device_id = $2 AND slot = $3
+     ), targets AS (
+        SELECT id FROM device WHERE site_id = $1 AND (id = $2 OR kind = 'panel')
+     )
+     SELECT sa.device_id FROM slot_assignment sa
+      WHERE sa.site_id = $1 AND sa.device_id IN (SELECT id FROM targets)
+        AND sa.pin_hash = (SELECT pin_hash FROM code)
+     UNION ALL
+     SELECT o.device_id FROM observed_slot o
+      WHERE o.site_id = $1 AND o.device_id IN (SELECT id FROM targets)
+        AND NOT (o.device_id = $2 AND o.slot = $3)
+        AND o.state IN ('foreign', 'conflict') AND o.pin_hash = (SELECT pin_hash FROM code)";
+
+/// The drifted or missing slot of credential `$3` on device `$2` (site `$1`), with the
+/// code the device reported there, sealed, and its key id.
+const DRIFTED_SQL: &str = "SELECT o.pin_sealed, o.pin_key_id FROM observed_slot o
+     JOIN slot_assignment sa ON sa.site_id = o.site_id AND sa.device_id = o.device_id AND sa.slot = o.slot
+     WHERE o.site_id = $1 AND o.device_id = $2 AND sa.credential_id = $3
+       AND o.state IN ('drifted', 'missing')";
+
+/// Where the code reported in the drifted slot of credential `$3` on device `$2`
+/// (site `$1`) is already in use on the devices the credential sits on: by another
+/// credential, or by a local code.
+const ADOPT_CLASH_SQL: &str = "WITH code AS (
+        SELECT o.pin_hash FROM observed_slot o
+          JOIN slot_assignment sa ON sa.site_id = o.site_id AND sa.device_id = o.device_id AND sa.slot = o.slot
+         WHERE o.site_id = $1 AND o.device_id = $2 AND sa.credential_id = $3
+           AND o.state IN ('drifted', 'missing')
+     ), targets AS (
+        SELECT device_id FROM slot_assignment WHERE site_id = $1 AND credential_id = $3
+     )
+     SELECT sa.device_id FROM slot_assignment sa
+      WHERE sa.site_id = $1 AND sa.device_id IN (SELECT device_id FROM targets)
+        AND sa.credential_id <> $3 AND sa.pin_hash = (SELECT pin_hash FROM code)
+     UNION ALL
+     SELECT o.device_id FROM observed_slot o
+      WHERE o.site_id = $1 AND o.device_id IN (SELECT device_id FROM targets)
+        AND o.state IN ('foreign', 'conflict') AND o.pin_hash = (SELECT pin_hash FROM code)";
+
+/// Checks the code fits every target and is on none of them yet (`clashes`: the
+/// devices where it is).
+fn pin_check(
+    loaded: &Loaded,
+    targets: &[DeviceFacts],
+    pin: &Pin,
+    clashes: &[Uuid],
+) -> Result<(), StoreError> {
+    for t in targets {
+        pin.check_fits(&loaded.label(t.id), t.model)
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+    }
+    if let Some(t) = targets.iter().find(|t| clashes.contains(&t.id)) {
+        return Err(StoreError::AlreadyExists(format!(
+            "this code is already in use on device {}; choose another code",
+            loaded.label(t.id)
+        )));
+    }
+    Ok(())
+}
+
+/// The credential read back by the last step of a write.
+fn read_back(
+    rows: &[Vec<tokio_postgres::Row>],
+    site: Uuid,
+    user: Uuid,
+    credential: Uuid,
+) -> Result<Credential, StoreError> {
+    rows.last()
+        .and_then(|r| r.first())
+        .map(credential_from_row)
+        .ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "credential sites/{site}/users/{user}/credentials/{credential}"
+            ))
+        })
+}
+
+fn device_not_found(site: Uuid, device: Uuid) -> StoreError {
+    StoreError::NotFound(format!("device sites/{site}/devices/{device}"))
+}
+
+fn local_not_found(site: Uuid, device: Uuid, slot: u16) -> StoreError {
+    StoreError::NotFound(format!(
+        "local code sites/{site}/devices/{device}/localCodes/{slot}"
+    ))
+}
+
+/// The store's error for a refused local-code or drift call.
+fn local_error(site: Uuid, device: Uuid, e: LocalError) -> StoreError {
+    match e {
+        LocalError::Removing => {
+            StoreError::FailedPrecondition("this local code is being removed".into())
+        }
+        LocalError::Masked => StoreError::FailedPrecondition(
+            "the device masks its codes, so this one cannot be claimed: create a credential and remove the local code".into(),
+        ),
+        LocalError::NoPartitions => StoreError::InvalidArgument(
+            "panel_partitions is required to claim a panel user number".into(),
+        ),
+        LocalError::NoSlot => StoreError::NotFound(format!(
+            "slot of this credential on device sites/{site}/devices/{device}"
+        )),
+        LocalError::NotDrifted => StoreError::FailedPrecondition("this slot has not drifted".into()),
+        LocalError::NothingToAdopt => StoreError::FailedPrecondition(
+            "the device reported no code to adopt (cleared, or masked): re-apply instead".into(),
+        ),
     }
 }
 

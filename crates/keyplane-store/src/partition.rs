@@ -1,11 +1,11 @@
 //! Partitions of a site's alarm system.
 
 use crate::site::{
-    audit_in_txn, etag_check, request_remember_in_txn, request_replay_in_txn, site_get_in_txn,
-    site_lock_in_txn,
+    AuditParams, RememberParams, config_error, etag_check, site_get_in_txn, site_load_in_txn,
 };
-use crate::{Actor, Partition, RequestKey, Store, StoreError, in_txn};
+use crate::{Actor, Partition, RequestKey, Step, Store, StoreError, batch_in_txn, in_txn, params};
 use crate::{Cached, Transaction};
+use keyplane_core::config::{partition_create_check, partition_delete_check};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -29,17 +29,18 @@ pub(crate) async fn partition_get_in_txn(
     number: u8,
 ) -> Result<Partition, StoreError> {
     let row = tx
-        .query_opt(
-            "SELECT site_id, number, display_name, version FROM partition WHERE site_id = $1 AND number = $2",
-            &[&site, &i16::from(number)],
-        )
+        .query_opt(PARTITION_GET_SQL, &[&site, &i16::from(number)])
         .await?
         .ok_or_else(|| not_found(site, number))?;
     Ok(partition_from_row(&row))
 }
 
+/// Reads partition `$2` of site `$1`.
+const PARTITION_GET_SQL: &str = "SELECT site_id, number, display_name, version FROM partition WHERE site_id = $1 AND number = $2";
+
 impl Store {
-    /// Creates a partition.
+    /// Creates a partition: one round trip locks the site and looks for the number,
+    /// one writes the partition with its audit entry.
     pub async fn partition_create(
         &self,
         actor: &Actor,
@@ -48,9 +49,11 @@ impl Store {
         display_name: &str,
         key: Option<&RequestKey>,
     ) -> Result<Partition, StoreError> {
+        let n = i16::from(number);
         in_txn!(self, "partition_create", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
+            let extra: Vec<Step<'_>> = vec![(PARTITION_GET_SQL, params![&site, &n])];
+            let l = site_load_in_txn(&tx, actor.dealer, site, key, extra).await?;
+            if let Some(name) = &l.replayed {
                 let number = name
                     .rsplit('/')
                     .next()
@@ -58,37 +61,29 @@ impl Store {
                     .unwrap_or(0);
                 return partition_get_in_txn(&tx, site, number).await;
             }
-            let exists = tx
-                .query_opt(
-                    "SELECT 1 FROM partition WHERE site_id = $1 AND number = $2",
-                    &[&site, &i16::from(number)],
-                )
-                .await?
-                .is_some();
-            if exists {
-                return Err(StoreError::AlreadyExists(format!(
-                    "partition sites/{site}/partitions/{number} already exists"
-                )));
-            }
-            let row = tx
-                .query_one(
-                    "INSERT INTO partition (site_id, number, display_name) VALUES ($1, $2, $3)
-                     RETURNING site_id, number, display_name, version",
-                    &[&site, &i16::from(number), &display_name],
-                )
-                .await?;
+            partition_create_check(number, !l.extra[0].is_empty())
+                .map_err(|e| config_error(site, e))?;
             let name = format!("sites/{site}/partitions/{number}");
-            request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
-            audit_in_txn(
-                &tx,
+            let remember = RememberParams::new(actor.dealer, key, &name);
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "partition.create",
                 &name,
                 serde_json::json!({}),
-            )
-            .await?;
-            Ok(partition_from_row(&row))
+            );
+            let mut steps: Vec<Step<'_>> = vec![(
+                "INSERT INTO partition (site_id, number, display_name) VALUES ($1, $2, $3)
+                 RETURNING site_id, number, display_name, version",
+                params![&site, &n, &display_name],
+            )];
+            steps.extend(remember.as_ref().map(RememberParams::step));
+            steps.push(audit.step());
+            let rows = batch_in_txn(&tx, &steps).await?;
+            rows.first()
+                .and_then(|r| r.first())
+                .map(partition_from_row)
+                .ok_or_else(|| not_found(site, number))
         })
     }
 
@@ -135,32 +130,39 @@ impl Store {
         display_name: Option<&str>,
         etag: &str,
     ) -> Result<Partition, StoreError> {
+        let n = i16::from(number);
         in_txn!(self, "partition_update", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = partition_get_in_txn(&tx, site, number).await?;
-            etag_check(
-                &format!("partition sites/{site}/partitions/{number}"),
-                etag,
-                current.version,
-            )?;
-            let row = tx
-                .query_one(
-                    "UPDATE partition SET display_name = COALESCE($3, display_name), version = version + 1
-                     WHERE site_id = $1 AND number = $2 RETURNING site_id, number, display_name, version",
-                    &[&site, &i16::from(number), &display_name],
-                )
-                .await?;
+            let extra: Vec<Step<'_>> = vec![(PARTITION_GET_SQL, params![&site, &n])];
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, extra).await?;
+            let current = l.extra[0]
+                .first()
+                .map(partition_from_row)
+                .ok_or_else(|| not_found(site, number))?;
             let name = format!("sites/{site}/partitions/{number}");
-            audit_in_txn(
-                &tx,
+            etag_check(&format!("partition {name}"), etag, current.version)?;
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "partition.update",
                 &name,
                 serde_json::json!({}),
+            );
+            let rows = batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE partition SET display_name = COALESCE($3, display_name), version = version + 1
+                         WHERE site_id = $1 AND number = $2 RETURNING site_id, number, display_name, version",
+                        params![&site, &n, &display_name],
+                    ),
+                    audit.step(),
+                ],
             )
             .await?;
-            Ok(partition_from_row(&row))
+            rows.first()
+                .and_then(|r| r.first())
+                .map(partition_from_row)
+                .ok_or_else(|| not_found(site, number))
         })
     }
 
@@ -172,36 +174,41 @@ impl Store {
         number: u8,
         etag: &str,
     ) -> Result<(), StoreError> {
+        let n = i16::from(number);
         in_txn!(self, "partition_delete", |tx| {
-            site_lock_in_txn(&tx, actor.dealer, site).await?;
-            let current = partition_get_in_txn(&tx, site, number).await?;
-            let name = format!("sites/{site}/partitions/{number}");
-            etag_check(&format!("partition {name}"), etag, current.version)?;
-            let used: i64 = tx
-                .query_one(
+            let extra: Vec<Step<'_>> = vec![
+                (PARTITION_GET_SQL, params![&site, &n]),
+                (
                     "SELECT (SELECT count(*) FROM device WHERE site_id = $1 AND partition = $2)
                           + (SELECT count(*) FROM credential_partition WHERE site_id = $1 AND partition = $2)",
-                    &[&site, &i16::from(number)],
-                )
-                .await?
-                .get(0);
-            if used > 0 {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "partition {name} is used by devices or credentials; remove it from them first"
-                )));
-            }
-            tx.execute(
-                "DELETE FROM partition WHERE site_id = $1 AND number = $2",
-                &[&site, &i16::from(number)],
-            )
-            .await?;
-            audit_in_txn(
-                &tx,
+                    params![&site, &n],
+                ),
+            ];
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, extra).await?;
+            let current = l.extra[0]
+                .first()
+                .map(partition_from_row)
+                .ok_or_else(|| not_found(site, number))?;
+            let name = format!("sites/{site}/partitions/{number}");
+            etag_check(&format!("partition {name}"), etag, current.version)?;
+            let uses: i64 = l.extra[1].first().map(|r| r.get(0)).unwrap_or(0);
+            partition_delete_check(number, uses).map_err(|e| config_error(site, e))?;
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "partition.delete",
                 &name,
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "DELETE FROM partition WHERE site_id = $1 AND number = $2",
+                        params![&site, &n],
+                    ),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(())

@@ -1,11 +1,10 @@
 //! Who may open what, when, at a site: personal plans, standard plans and holidays,
 //! loaded for the desired state of codes (the agent's sync) and for finding the slots
-//! a plan change touches.
+//! a plan change touches. The rules themselves are `keyplane_core::access`.
 
 use crate::{Cached, StoreError, Transaction};
 use chrono::NaiveDate;
-use keyplane_core::schedule::{DAY_MINUTES, Schedule, Window};
-use std::collections::{BTreeSet, HashMap};
+use keyplane_core::schedule::Schedule;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -25,61 +24,7 @@ pub(crate) fn schedule_from_json(
         .map_err(|e| StoreError::Internal(format!("stored schedule: {e}")))
 }
 
-/// Who may open what, when, at a site: personal plans (locks and panels), standard
-/// plans (doors and locks) and holidays.
-#[derive(Debug, Default)]
-pub(crate) struct AccessRules {
-    /// Configured personal plans: user -> (access points, schedule).
-    personal: HashMap<Uuid, (BTreeSet<Uuid>, Option<Schedule>)>,
-    /// Standard plans: (user, device) -> the schedules of plans granting it.
-    standard: HashMap<(Uuid, Uuid), Vec<Option<Schedule>>>,
-}
-
-/// Applies holidays: a paused plan that had no schedule becomes 24/7 but for them.
-fn paused(schedule: Option<Schedule>, days: &[NaiveDate]) -> Option<Schedule> {
-    if days.is_empty() {
-        return schedule;
-    }
-    let mut s = schedule.unwrap_or_else(|| Schedule {
-        windows: vec![Window {
-            days: 0x7f,
-            start: 0,
-            end: DAY_MINUTES,
-        }],
-        ..Schedule::default()
-    });
-    s.paused_dates.extend_from_slice(days);
-    Some(s)
-}
-
-impl AccessRules {
-    /// The schedules under which `user`'s code belongs on `device`: None always, an
-    /// empty list never. A configured personal plan governs locks and panels; other
-    /// devices follow the standard plans granting them, if any.
-    pub(crate) fn schedules_for(
-        &self,
-        user: Uuid,
-        device: Uuid,
-        kind: Option<&str>,
-    ) -> Option<Vec<Schedule>> {
-        if let (Some("panel" | "lock"), Some((points, schedule))) = (kind, self.personal.get(&user))
-        {
-            return Some(if points.contains(&device) {
-                match schedule {
-                    None => return None,
-                    Some(s) => vec![s.clone()],
-                }
-            } else {
-                Vec::new()
-            });
-        }
-        let plans = self.standard.get(&(user, device))?;
-        if plans.iter().any(Option::is_none) {
-            return None;
-        }
-        Some(plans.iter().flatten().cloned().collect())
-    }
-}
+pub(crate) use keyplane_core::access::AccessRules;
 
 /// The reads of the access rules: holidays (site `$1` only), then the personal plans,
 /// their access points and the standard plans (site `$1`) of users `$2` (NULL: every
@@ -126,34 +71,30 @@ pub(crate) fn rules_from_rows(
     points: &[Row],
     standard: &[Row],
 ) -> Result<AccessRules, StoreError> {
-    let holidays: Vec<(NaiveDate, Vec<Uuid>)> =
-        holidays.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let days_for = |plan: Option<Uuid>| -> Vec<NaiveDate> {
-        holidays
-            .iter()
-            .filter(|(_, plans)| plans.is_empty() || plan.is_some_and(|p| plans.contains(&p)))
-            .map(|(d, _)| *d)
-            .collect()
-    };
-    let mut rules = AccessRules::default();
-    for row in personal {
-        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(None));
-        rules
-            .personal
-            .insert(row.get::<_, Uuid>(0), (BTreeSet::new(), schedule));
-    }
-    for row in points {
-        if let Some((points, _)) = rules.personal.get_mut(&row.get::<_, Uuid>(0)) {
-            points.insert(row.get(1));
-        }
-    }
-    for row in standard {
-        let schedule = paused(schedule_from_json(row.get(1))?, &days_for(Some(row.get(0))));
-        rules
-            .standard
-            .entry((row.get(2), row.get(3)))
-            .or_default()
-            .push(schedule);
-    }
-    Ok(rules)
+    rules_from_parts(&holidays_from_rows(holidays), personal, points, standard)
+}
+
+/// Holidays (day, plans paused) from rows of `RULES_SQL[0]`.
+pub(crate) fn holidays_from_rows(rows: &[Row]) -> Vec<(NaiveDate, Vec<Uuid>)> {
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// Access rules from decided holidays and the rows of the other reads of
+/// [`RULES_SQL`], so the rules after a holiday change are known without reading again.
+pub(crate) fn rules_from_parts(
+    holidays: &[(NaiveDate, Vec<Uuid>)],
+    personal: &[Row],
+    points: &[Row],
+    standard: &[Row],
+) -> Result<AccessRules, StoreError> {
+    let personal = personal
+        .iter()
+        .map(|r| Ok((r.get(0), schedule_from_json(r.get(1))?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let points = points.iter().map(|r| (r.get(0), r.get(1)));
+    let standard = standard
+        .iter()
+        .map(|r| Ok((r.get(0), schedule_from_json(r.get(1))?, r.get(2), r.get(3))))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(AccessRules::new(holidays, personal, points, standard))
 }

@@ -2,10 +2,11 @@
 //! counter, the audit log and idempotency keys.
 
 use crate::{
-    Actor, LocalCodePolicy, NewSite, PageRequest, RequestKey, Site, SitePatch, Store, StoreError,
-    in_txn,
+    Actor, LocalCodePolicy, NewSite, PageRequest, RequestKey, Site, SitePatch, Step, Store,
+    StoreError, batch_in_txn, in_txn, params,
 };
 use crate::{Cached, Transaction};
+use keyplane_core::config::{ConfigError, Reported, site_delete_check, site_update_plan};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -36,15 +37,6 @@ pub(crate) async fn site_get_in_txn(
     site: Uuid,
 ) -> Result<Site, StoreError> {
     site_select_in_txn(tx, dealer, site, "").await
-}
-
-/// Locks a site of `dealer` for a write that may change desired slots.
-pub(crate) async fn site_lock_in_txn(
-    tx: &Transaction<'_>,
-    dealer: Uuid,
-    site: Uuid,
-) -> Result<Site, StoreError> {
-    site_select_in_txn(tx, dealer, site, "FOR NO KEY UPDATE").await
 }
 
 async fn site_select_in_txn(
@@ -130,8 +122,7 @@ pub(crate) async fn audit_in_txn(
     detail: serde_json::Value,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        AUDIT_INSERT_SQL,
         &[
             &actor.dealer,
             &site,
@@ -144,23 +135,6 @@ pub(crate) async fn audit_in_txn(
     )
     .await?;
     Ok(())
-}
-
-/// Looks up an idempotency key: `Some(resource id)` when this request already ran.
-/// A reused request id with another method or body is refused.
-pub(crate) async fn request_replay_in_txn(
-    tx: &Transaction<'_>,
-    dealer: Uuid,
-    key: Option<&RequestKey>,
-) -> Result<Option<String>, StoreError> {
-    let Some(key) = key else { return Ok(None) };
-    // Serialize concurrent retries of one request id: the second waits for the first.
-    tx.execute(REPLAY_LOCK_SQL, &[&dealer.to_string(), &key.request_id])
-        .await?;
-    let row = tx
-        .query_opt(REPLAY_LOOKUP_SQL, &[&dealer, &key.request_id])
-        .await?;
-    replay_decide(key, row)
 }
 
 /// Waits for other requests with the same idempotency key (dealer, request id) to end.
@@ -193,28 +167,6 @@ pub(crate) fn replay_decide(
     }
 }
 
-pub(crate) async fn request_remember_in_txn(
-    tx: &Transaction<'_>,
-    dealer: Uuid,
-    key: Option<&RequestKey>,
-    resource: &str,
-) -> Result<(), StoreError> {
-    let Some(key) = key else { return Ok(()) };
-    tx.execute(
-        "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
-         VALUES ($1, $2, $3, $4, $5)",
-        &[
-            &dealer,
-            &key.request_id,
-            &key.method,
-            &key.fingerprint,
-            &resource,
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Refuses a write whose etag is stale. An empty etag means "any version".
 pub(crate) fn etag_check(what: &str, etag: &str, version: i64) -> Result<(), StoreError> {
     if etag.is_empty() || etag == version.to_string() {
@@ -235,8 +187,266 @@ pub(crate) fn replayed_id(resource: &str) -> Result<Uuid, StoreError> {
         .ok_or_else(|| StoreError::Internal(format!("bad remembered resource {resource}")))
 }
 
+/// Appends to the audit log (dealer, site, actor, action, resource, peer, detail).
+pub(crate) const AUDIT_INSERT_SQL: &str =
+    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// Remembers an idempotency key (dealer, request id, method, fingerprint, resource).
+pub(crate) const REMEMBER_INSERT_SQL: &str =
+    "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
+     VALUES ($1, $2, $3, $4, $5)";
+
+/// Writes a change-log entry: advances site `$1`'s revision when `$2` and records the
+/// slots (`$3` devices, `$4` slots) under the new one. The site row is locked by the
+/// load, so the new revision is the loaded one plus one.
+pub(crate) const LOG_SQL: &str = "WITH head AS (
+        UPDATE site SET revision = revision + 1 WHERE id = $1 AND $2 RETURNING revision
+     )
+     INSERT INTO site_change (site_id, revision, device_id, slot)
+     SELECT $1, head.revision, c.d, c.s FROM head, unnest($3::uuid[], $4::int[]) AS c(d, s)
+     ON CONFLICT DO NOTHING";
+
+/// The parameters of [`LOG_SQL`] for a decided change-log entry (None: nothing to log).
+pub(crate) struct LogParams {
+    advance: bool,
+    devices: Vec<Uuid>,
+    slots: Vec<i32>,
+}
+
+impl LogParams {
+    pub(crate) fn new(log: Option<&keyplane_core::config::ChangeLog>) -> LogParams {
+        let slots = log.map(|l| l.slots.as_slice()).unwrap_or_default();
+        LogParams {
+            advance: log.is_some(),
+            devices: slots.iter().map(|(d, _)| *d).collect(),
+            slots: slots.iter().map(|(_, s)| i32::from(*s)).collect(),
+        }
+    }
+
+    /// The step that writes the entry for `site`.
+    pub(crate) fn step<'a>(&'a self, site: &'a Uuid) -> Step<'a> {
+        (
+            LOG_SQL,
+            params![site, &self.advance, &self.devices, &self.slots],
+        )
+    }
+}
+
+/// The parameters of one audit row.
+pub(crate) struct AuditParams {
+    dealer: Uuid,
+    site: Option<Uuid>,
+    principal: String,
+    action: String,
+    resource: String,
+    peer: Option<String>,
+    detail: serde_json::Value,
+}
+
+impl AuditParams {
+    pub(crate) fn new(
+        actor: &Actor,
+        site: Option<Uuid>,
+        action: &str,
+        resource: &str,
+        detail: serde_json::Value,
+    ) -> AuditParams {
+        AuditParams {
+            dealer: actor.dealer,
+            site,
+            principal: actor.principal.clone(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            peer: actor.peer.clone(),
+            detail,
+        }
+    }
+
+    /// The step that appends the row.
+    pub(crate) fn step(&self) -> Step<'_> {
+        (
+            AUDIT_INSERT_SQL,
+            params![
+                &self.dealer,
+                &self.site,
+                &self.principal,
+                &self.action,
+                &self.resource,
+                &self.peer,
+                &self.detail,
+            ],
+        )
+    }
+}
+
+/// The parameters that remember an idempotency key for `resource`.
+pub(crate) struct RememberParams<'a> {
+    dealer: Uuid,
+    key: &'a RequestKey,
+    resource: String,
+}
+
+impl<'a> RememberParams<'a> {
+    pub(crate) fn new(dealer: Uuid, key: Option<&'a RequestKey>, resource: &str) -> Option<Self> {
+        key.map(|key| RememberParams {
+            dealer,
+            key,
+            resource: resource.to_owned(),
+        })
+    }
+
+    /// The step that inserts the key.
+    pub(crate) fn step(&self) -> Step<'_> {
+        (
+            REMEMBER_INSERT_SQL,
+            params![
+                &self.dealer,
+                &self.key.request_id,
+                &self.key.method,
+                &self.key.fingerprint,
+                &self.resource,
+            ],
+        )
+    }
+}
+
+/// What a site configuration write decides on: the site row (locked), what an
+/// earlier run of the request created, and the rows of the caller's reads.
+pub(crate) struct SiteLoaded {
+    pub site: Site,
+    pub replayed: Option<String>,
+    pub extra: Vec<Vec<Row>>,
+}
+
+/// Locks the site row of `dealer` and runs the caller's reads `extra` after it, with
+/// the idempotency key's lock and lookup, in one pipelined round trip: the reads run
+/// under the lock, so what the write decides on cannot change before it commits.
+pub(crate) async fn site_load_in_txn(
+    tx: &Transaction<'_>,
+    dealer: Uuid,
+    site: Uuid,
+    key: Option<&RequestKey>,
+    extra: Vec<Step<'_>>,
+) -> Result<SiteLoaded, StoreError> {
+    let site_sql = format!(
+        "SELECT {SITE_COLUMNS} FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE"
+    );
+    let dealer_text = dealer.to_string();
+    let mut steps: Vec<Step<'_>> = vec![(site_sql.as_str(), params![&site, &dealer])];
+    if let Some(k) = key {
+        steps.push((REPLAY_LOCK_SQL, params![&dealer_text, &k.request_id]));
+        steps.push((REPLAY_LOOKUP_SQL, params![&dealer, &k.request_id]));
+    }
+    let first_extra = steps.len();
+    steps.extend(extra);
+    let mut rows = batch_in_txn(tx, &steps).await?;
+    let extra = rows.split_off(first_extra);
+    let site_row = rows
+        .first()
+        .and_then(|r| r.first())
+        .ok_or_else(|| not_found_site(site))?;
+    let site = site_from_row(site_row);
+    let replayed = match key {
+        Some(k) => replay_decide(k, rows.pop().and_then(|mut r| r.pop()))?,
+        None => None,
+    };
+    Ok(SiteLoaded {
+        site,
+        replayed,
+        extra,
+    })
+}
+
+/// The store's error for a refused configuration write on `site`.
+pub(crate) fn config_error(site: Uuid, e: ConfigError) -> StoreError {
+    match e {
+        ConfigError::PanelPartition => StoreError::InvalidArgument(
+            "device.partition: a panel spans partitions (each code names its own in scope.panel_partitions), so it takes no partition: leave partition unset".into(),
+        ),
+        ConfigError::NoPartition(p) => {
+            StoreError::NotFound(format!("partition sites/{site}/partitions/{p}"))
+        }
+        ConfigError::SecondPanel => StoreError::AlreadyExists(format!(
+            "site sites/{site} already has a panel; a site has one alarm panel"
+        )),
+        ConfigError::PartitionExists(p) => StoreError::AlreadyExists(format!(
+            "partition sites/{site}/partitions/{p} already exists"
+        )),
+        ConfigError::PartitionInUse(p) => StoreError::FailedPrecondition(format!(
+            "partition sites/{site}/partitions/{p} is used by devices or credentials; remove it from them first"
+        )),
+        ConfigError::SiteHasDevices(n) => StoreError::FailedPrecondition(format!(
+            "site sites/{site} still has {n} device(s); delete them first so no code is left orphaned on a device"
+        )),
+        ConfigError::DeviceInUse {
+            device,
+            credentials,
+            personal,
+            plans,
+        } => {
+            let mut blockers = Vec::new();
+            if credentials > 0 {
+                blockers.push(format!(
+                    "{credentials} credential(s) are scoped to it: delete them or change their scope (UpdateCredential)"
+                ));
+            }
+            if !personal.is_empty() {
+                let names: Vec<String> = personal
+                    .iter()
+                    .map(|u| format!("sites/{site}/users/{u}/personalAccessPlan"))
+                    .collect();
+                blockers.push(format!(
+                    "it is an access point of personal access plan(s) {}: remove it from their access_points (UpdatePersonalAccessPlan)",
+                    names.join(", ")
+                ));
+            }
+            if !plans.is_empty() {
+                let names: Vec<String> = plans
+                    .iter()
+                    .map(|p| format!("sites/{site}/accessPlans/{p}"))
+                    .collect();
+                blockers.push(format!(
+                    "it is an access point of access plan(s) {}: remove it from their devices (UpdateAccessPlan) or delete those plans",
+                    names.join(", ")
+                ));
+            }
+            StoreError::FailedPrecondition(format!(
+                "device sites/{site}/devices/{device} cannot be deleted yet: {}",
+                blockers.join("; ")
+            ))
+        }
+        ConfigError::NoPlan(p) => {
+            StoreError::NotFound(format!("access plan sites/{site}/accessPlans/{p}"))
+        }
+        ConfigError::NoHoliday(day) => {
+            StoreError::NotFound(format!("holiday sites/{site}/holidays/{day}"))
+        }
+    }
+}
+
+/// Observed slots the AUTHORITATIVE policy acts on (site `$1`): local codes not yet
+/// being removed, and drifted or missing managed slots.
+const REPORTED_SQL: &str =
+    "SELECT device_id, slot, state IN ('foreign', 'conflict') FROM observed_slot
+     WHERE site_id = $1
+       AND ((state IN ('foreign', 'conflict') AND NOT removing) OR state IN ('drifted', 'missing'))
+     ORDER BY device_id, slot";
+
+/// Who acts when the AUTHORITATIVE policy clears or re-writes a slot.
+pub(crate) fn policy_actor(dealer: Uuid) -> Actor {
+    Actor {
+        dealer,
+        principal: "keyplane: AUTHORITATIVE site policy".into(),
+        peer: None,
+        acting_user: None,
+        acting_partition: None,
+    }
+}
+
 impl Store {
-    /// Creates a site.
+    /// Creates a site: one round trip writes it, its idempotency key and its audit
+    /// entry (one more, first, when the request carries a key).
     pub async fn site_create(
         &self,
         actor: &Actor,
@@ -244,36 +454,49 @@ impl Store {
         key: Option<&RequestKey>,
     ) -> Result<Site, StoreError> {
         in_txn!(self, "site_create", |tx| {
-            if let Some(name) = request_replay_in_txn(&tx, actor.dealer, key).await? {
-                return site_get_in_txn(&tx, actor.dealer, replayed_id(&name)?).await;
-            }
-            let row = tx
-                .query_one(
-                    &format!(
-                        "INSERT INTO site (dealer_id, display_name, time_zone, local_code_policy)
-                         VALUES ($1, $2, $3, $4) RETURNING {SITE_COLUMNS}"
-                    ),
+            if let Some(k) = key {
+                let dealer_text = actor.dealer.to_string();
+                let rows = batch_in_txn(
+                    &tx,
                     &[
-                        &actor.dealer,
-                        &new.display_name,
-                        &new.time_zone,
-                        &new.local_code_policy.as_str(),
+                        (REPLAY_LOCK_SQL, params![&dealer_text, &k.request_id]),
+                        (REPLAY_LOOKUP_SQL, params![&actor.dealer, &k.request_id]),
                     ],
                 )
                 .await?;
-            let site = site_from_row(&row);
-            let name = format!("sites/{}", site.id);
-            request_remember_in_txn(&tx, actor.dealer, key, &name).await?;
-            audit_in_txn(
-                &tx,
-                actor,
-                Some(site.id),
-                "site.create",
-                &name,
-                serde_json::json!({}),
-            )
-            .await?;
-            Ok(site)
+                let lookup = rows.into_iter().nth(1).and_then(|mut r| r.pop());
+                if let Some(name) = replay_decide(k, lookup)? {
+                    return site_get_in_txn(&tx, actor.dealer, replayed_id(&name)?).await;
+                }
+            }
+            let id = Uuid::new_v4();
+            let name = format!("sites/{id}");
+            let insert_sql = format!(
+                "INSERT INTO site (id, dealer_id, display_name, time_zone, local_code_policy)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING {SITE_COLUMNS}"
+            );
+            let policy = new.local_code_policy.as_str();
+            let remember = RememberParams::new(actor.dealer, key, &name);
+            let audit =
+                AuditParams::new(actor, Some(id), "site.create", &name, serde_json::json!({}));
+            let mut steps: Vec<Step<'_>> = vec![(
+                insert_sql.as_str(),
+                params![
+                    &id,
+                    &actor.dealer,
+                    &new.display_name,
+                    &new.time_zone,
+                    &policy
+                ],
+            )];
+            steps.extend(remember.as_ref().map(RememberParams::step));
+            steps.push(audit.step());
+            let rows = batch_in_txn(&tx, &steps).await?;
+            let row = rows
+                .first()
+                .and_then(|r| r.first())
+                .ok_or_else(|| StoreError::Internal("site not read back".into()))?;
+            Ok(site_from_row(row))
         })
     }
 
@@ -309,7 +532,8 @@ impl Store {
         Ok(rows.iter().map(site_from_row).collect())
     }
 
-    /// Updates a site.
+    /// Updates a site: one round trip locks and loads it (and, when switching to
+    /// AUTHORITATIVE, what agents reported), one writes the change.
     pub async fn site_update(
         &self,
         actor: &Actor,
@@ -317,43 +541,69 @@ impl Store {
         patch: &SitePatch,
         etag: &str,
     ) -> Result<Site, StoreError> {
+        let switching = patch.local_code_policy == Some(LocalCodePolicy::Authoritative);
         in_txn!(self, "site_update", |tx| {
-            let current = site_lock_in_txn(&tx, actor.dealer, site).await?;
+            let extra: Vec<Step<'_>> = if switching {
+                vec![(REPORTED_SQL, params![&site])]
+            } else {
+                Vec::new()
+            };
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, extra).await?;
+            let current = &l.site;
             etag_check(&format!("site sites/{site}"), etag, current.version)?;
-            let row = tx
-                .query_one(
-                    &format!(
-                        "UPDATE site SET display_name = COALESCE($2, display_name),
-                            time_zone = COALESCE($3, time_zone),
-                            local_code_policy = COALESCE($4, local_code_policy),
-                            version = version + 1, update_time = now()
-                         WHERE id = $1 RETURNING {SITE_COLUMNS}"
-                    ),
-                    &[
-                        &site,
-                        &patch.display_name,
-                        &patch.time_zone,
-                        &patch.local_code_policy.map(|p| p.as_str()),
-                    ],
-                )
-                .await?;
-            let updated = site_from_row(&row);
-            // The agent runs schedules in the site's time zone, and the policy decides
-            // what happens to codes programmed at the devices: both must reach it now,
-            // not with the next unrelated change.
-            let mut changed = Vec::new();
-            if current.local_code_policy != LocalCodePolicy::Authoritative
-                && updated.local_code_policy == LocalCodePolicy::Authoritative
-            {
-                changed =
-                    crate::observed::authoritative_enforce_in_txn(&tx, actor.dealer, site).await?;
-            }
-            let mut updated = updated;
-            if updated.time_zone != current.time_zone || !changed.is_empty() {
-                updated.revision = site_change_record_in_txn(&tx, site, &changed).await?;
-            }
-            audit_in_txn(
-                &tx,
+            let reported: Vec<Reported> = l
+                .extra
+                .first()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| Reported {
+                            slot: device_slot(r),
+                            local: r.get(2),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let zone_changed = patch
+                .time_zone
+                .as_ref()
+                .is_some_and(|z| *z != current.time_zone);
+            let becomes_authoritative =
+                switching && current.local_code_policy != LocalCodePolicy::Authoritative;
+            let plan = site_update_plan(
+                current.revision,
+                zone_changed,
+                becomes_authoritative,
+                &reported,
+            );
+            let update_sql = format!(
+                "UPDATE site SET display_name = COALESCE($2, display_name),
+                    time_zone = COALESCE($3, time_zone),
+                    local_code_policy = COALESCE($4, local_code_policy),
+                    version = version + 1, update_time = now()
+                 WHERE id = $1 RETURNING {SITE_COLUMNS}"
+            );
+            let policy = patch.local_code_policy.map(|p| p.as_str());
+            let split = |slots: &[(Uuid, u16)]| -> (Vec<Uuid>, Vec<i32>) {
+                slots.iter().map(|(d, s)| (*d, i32::from(*s))).unzip()
+            };
+            let (clear_devices, clear_slots) = split(&plan.clear);
+            let (rewrite_devices, rewrite_slots) = split(&plan.rewrite);
+            let system = policy_actor(actor.dealer);
+            let cleared: Vec<AuditParams> = plan
+                .clear
+                .iter()
+                .map(|(device, slot)| {
+                    AuditParams::new(
+                        &system,
+                        Some(site),
+                        "local_code.clear",
+                        &format!("sites/{site}/devices/{device}/localCodes/{slot}"),
+                        serde_json::json!({ "slot": slot }),
+                    )
+                })
+                .collect();
+            let log = LogParams::new(plan.log.as_ref());
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "site.update",
@@ -361,10 +611,48 @@ impl Store {
                 serde_json::json!({
                     "display_name": patch.display_name.is_some(),
                     "time_zone": patch.time_zone,
-                    "local_code_policy": patch.local_code_policy.map(|p| p.as_str()),
+                    "local_code_policy": policy,
                 }),
-            )
-            .await?;
+            );
+            let mut steps: Vec<Step<'_>> = vec![(
+                update_sql.as_str(),
+                params![&site, &patch.display_name, &patch.time_zone, &policy],
+            )];
+            if !plan.clear.is_empty() {
+                steps.extend(cleared.iter().map(AuditParams::step));
+                steps.push((
+                    "INSERT INTO device_event (site_id, device_id, source_seq, kind, user_number, occur_time, actor)
+                     SELECT $1, c.d, 0, 'local_code_cleared', c.s, now(), $4
+                       FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
+                     ON CONFLICT DO NOTHING",
+                    params![&site, &clear_devices, &clear_slots, &system.principal],
+                ));
+                steps.push((
+                    "UPDATE observed_slot o SET removing = true
+                     FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
+                     WHERE o.site_id = $1 AND o.device_id = c.d AND o.slot = c.s",
+                    params![&site, &clear_devices, &clear_slots],
+                ));
+            }
+            if !plan.rewrite.is_empty() {
+                steps.push((
+                    "UPDATE slot_assignment sa SET write_generation = write_generation + 1
+                     FROM unnest($2::uuid[], $3::int[]) AS c(d, s)
+                     WHERE sa.site_id = $1 AND sa.device_id = c.d AND sa.slot = c.s",
+                    params![&site, &rewrite_devices, &rewrite_slots],
+                ));
+            }
+            steps.push(log.step(&site));
+            steps.push(audit.step());
+            let rows = batch_in_txn(&tx, &steps).await?;
+            let row = rows
+                .first()
+                .and_then(|r| r.first())
+                .ok_or_else(|| not_found_site(site))?;
+            let mut updated = site_from_row(row);
+            if let Some(log) = &plan.log {
+                updated.revision = log.revision;
+            }
             Ok(updated)
         })
     }
@@ -377,26 +665,27 @@ impl Store {
         etag: &str,
     ) -> Result<(), StoreError> {
         in_txn!(self, "site_delete", |tx| {
-            let current = site_lock_in_txn(&tx, actor.dealer, site).await?;
-            etag_check(&format!("site sites/{site}"), etag, current.version)?;
-            let devices: i64 = tx
-                .query_one("SELECT count(*) FROM device WHERE site_id = $1", &[&site])
-                .await?
-                .get(0);
-            if devices > 0 {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "site sites/{site} still has {devices} device(s); delete them first so no code is left orphaned on a device"
-                )));
-            }
-            tx.execute("DELETE FROM site WHERE id = $1", &[&site])
-                .await?;
-            audit_in_txn(
-                &tx,
+            let extra: Vec<Step<'_>> = vec![(
+                "SELECT count(*) FROM device WHERE site_id = $1",
+                params![&site],
+            )];
+            let l = site_load_in_txn(&tx, actor.dealer, site, None, extra).await?;
+            etag_check(&format!("site sites/{site}"), etag, l.site.version)?;
+            let devices: i64 = l.extra[0].first().map(|r| r.get(0)).unwrap_or(0);
+            site_delete_check(devices).map_err(|e| config_error(site, e))?;
+            let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "site.delete",
                 &format!("sites/{site}"),
                 serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    ("DELETE FROM site WHERE id = $1", params![&site]),
+                    audit.step(),
+                ],
             )
             .await?;
             Ok(())

@@ -3,8 +3,8 @@
 use crate::Cached;
 use crate::site::{not_found_site, site_get_in_txn};
 use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
-use keyplane_core::DeviceModel;
 use keyplane_core::authority::Level;
+use keyplane_core::{DeviceKind, DeviceModel};
 
 use crate::rules::AccessRules;
 use std::collections::HashMap;
@@ -35,7 +35,7 @@ impl Store {
                 let kind = row.get::<_, Option<&str>>(7);
                 let panel = kind == Some("panel");
                 let user: Uuid = row.get(3);
-                let schedules = rules.schedules_for(user, device, kind);
+                let schedules = rules.schedules_for(user, device, kind.and_then(DeviceKind::parse));
                 Some(DesiredCode {
                     credential,
                     user,
