@@ -667,7 +667,7 @@ impl Agent {
             };
             match (done, &action) {
                 (Ok(()), _) => {}
-                (Err(e), SlotAction::Set { slot, code }) if e.is_unsupported() => {
+                (Err(e), SlotAction::Set { slot, code }) if e.is_refusal() => {
                     self.refuse(name, model, *slot, code, &e).await?;
                     in_sync = false;
                     continue;
