@@ -292,6 +292,7 @@ impl ZwaveServer {
             last_write: None,
             last_checksum: None,
             last_full_read: None,
+            verified: None,
             refused: HashMap::new(),
         }
     }
@@ -809,6 +810,9 @@ pub struct ZwaveLock {
     last_write: Option<tokio::time::Instant>,
     last_checksum: Option<(u16, Instant)>,
     last_full_read: Option<Instant>,
+    /// Per slot, the value-event counters when the cache last matched the lock's
+    /// checksum (v2 locks): a slot whose counter moved since is read first.
+    verified: Option<BTreeMap<u16, u64>>,
     /// Writes the lock refused, by slot: (fingerprint of the code, the refusal). The
     /// same code is refused again without radio traffic.
     refused: HashMap<u16, (u64, DeviceError)>,
@@ -1154,10 +1158,12 @@ impl DeviceDriver for ZwaveLock {
             .with_node(|n| n.and_then(|n| n.user_code_version))
             .unwrap_or(1)
             >= 2;
-        let complete = self.with_node(|n| n.is_some_and(|n| n.complete()));
-        let trusted = if v2 {
-            // The cache is right when its checksum is the lock's (read just before
-            // by the agent, or now).
+        let all: Vec<u16> = (1..=cap.slots).collect();
+        if v2 {
+            // The cache is right when its checksum is the lock's (read just before by
+            // the agent, or now). If not, read first the slots the cache cannot vouch
+            // for (unknown, named by a keypad event, or changed by a value event since
+            // the cache last matched), then, only if it still differs, every slot.
             let lock_sum = match self.last_checksum {
                 Some((sum, at)) if at.elapsed() < Duration::from_secs(5) => Some(sum),
                 _ => self
@@ -1165,34 +1171,65 @@ impl DeviceDriver for ZwaveLock {
                     .await?
                     .and_then(|s| u16::try_from(s).ok()),
             };
-            let cache_sum = self.with_node(|n| n.and_then(|n| n.checksum()));
-            complete && lock_sum.is_some() && lock_sum == cache_sum
+            if lock_sum.is_some() {
+                let mut read = BTreeSet::new();
+                for round in 0..3 {
+                    let (matches, suspects) = self.with_node(|n| match n {
+                        None => (false, all.clone()),
+                        Some(n) => {
+                            let matches = n.complete() && n.checksum() == lock_sum;
+                            let suspects = all
+                                .iter()
+                                .copied()
+                                .filter(|s| match round {
+                                    0 => {
+                                        n.slot(*s).is_none()
+                                            || n.stale.contains(s)
+                                            || self
+                                                .verified
+                                                .as_ref()
+                                                .is_some_and(|v| v.get(s) != n.touched.get(s))
+                                    }
+                                    _ => true,
+                                })
+                                .filter(|s| !read.contains(s))
+                                .collect::<Vec<u16>>();
+                            (matches, suspects)
+                        }
+                    });
+                    if matches || round == 2 {
+                        break;
+                    }
+                    for slot in suspects {
+                        self.read_slot(slot, "").await?;
+                        read.insert(slot);
+                    }
+                }
+                self.verified =
+                    Some(self.with_node(|n| n.map(|n| n.touched.clone()).unwrap_or_default()));
+            }
         } else {
-            complete
-                && self
-                    .last_full_read
-                    .is_some_and(|t| t.elapsed() < self.server.inner.options.full_read_every)
-        };
-        if !trusted {
-            // Only the slots the cache cannot vouch for: all of them when the
-            // checksum disagrees or for a v1 lock's periodic full read.
-            let stale: Vec<u16> = if v2 && complete {
-                (1..=cap.slots).collect()
-            } else {
-                self.with_node(|n| {
-                    (1..=cap.slots)
-                        .filter(|s| {
-                            !v2 || n
-                                .as_ref()
-                                .is_none_or(|n| n.slot(*s).is_none() || n.stale.contains(s))
-                        })
-                        .collect()
-                })
-            };
-            for slot in stale {
+            // Without a checksum, value events keep the cache current between full
+            // reads; a full read is due every `full_read_every`.
+            let full = self
+                .last_full_read
+                .is_none_or(|t| t.elapsed() >= self.server.inner.options.full_read_every);
+            let unknown: Vec<u16> = self.with_node(|n| {
+                all.iter()
+                    .copied()
+                    .filter(|s| {
+                        full || n
+                            .as_ref()
+                            .is_none_or(|n| n.slot(*s).is_none() || n.stale.contains(s))
+                    })
+                    .collect()
+            });
+            for slot in unknown {
                 self.read_slot(slot, "").await?;
             }
-            self.last_full_read = Some(Instant::now());
+            if full {
+                self.last_full_read = Some(Instant::now());
+            }
         }
         self.cached_slots()
             .ok_or_else(|| DeviceError::Unreachable(format!("node {}: slots unknown", self.node)))
