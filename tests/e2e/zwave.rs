@@ -436,6 +436,28 @@ async fn zwave_end_to_end_a_dealer_pin_lands_changes_and_goes() -> anyhow::Resul
     agent.stop().await
 }
 
+/// Waits until the agent has read `lock` back and reported keyplane's code on it.
+async fn managed_reported(s: &Site, lock: &pb::Device) -> anyhow::Result<()> {
+    let admin = s.admin.clone();
+    let name = format!("{}/syncStatus", s.site);
+    eventually("the lock read back", SYNC_TIMEOUT, || {
+        let mut admin = admin.clone();
+        let name = name.clone();
+        async move {
+            let st = admin
+                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .await?
+                .into_inner();
+            Ok(st
+                .devices
+                .iter()
+                .any(|d| d.device == lock.name && d.managed_slots == 1)
+                .then_some(()))
+        }
+    })
+    .await
+}
+
 async fn local_codes(s: &Site, at_least: usize) -> anyhow::Result<Vec<pb::LocalCode>> {
     let admin = s.admin.clone();
     let parent = s.site.clone();
@@ -469,8 +491,10 @@ async fn zwave_v2_a_code_set_at_the_lock_is_found_by_checksum_and_kept_as_local(
     let slot = slot_on(&credential, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
     s.wait_synced().await?;
     assert_eq!(lock_slot(&lab.url, slot).await?.as_deref(), Some("2580"));
-    // The first read of the lock knew nothing yet; from here, the checksum says
-    // when to look, and value events say where.
+    // The first read of the lock knew nothing yet (all its slots were read); once the
+    // agent has reported that read, the checksum says when to look, and value events
+    // say where.
+    managed_reported(&s, &lock).await?;
     let reads_before = server.stats().slot_reads.load(Ordering::Relaxed);
     let checksums_before = server.stats().checksum_reads.load(Ordering::Relaxed);
     program_by_hand(&lab.url, &[(7, "4826")]).await?;

@@ -1037,6 +1037,23 @@ impl ZwaveLock {
         Ok((status != 0 && !value.is_empty()).then_some(value))
     }
 
+    /// A code changed at the lock reaches the cache as a value event (zwave-js reads
+    /// the slot when the lock reports the change), often a moment after the checksum
+    /// already shows it. Waits for the cache to agree with `lock_sum`, up to the
+    /// confirm timeout: far cheaper than reading every slot.
+    async fn settle(&self, lock_sum: Option<u16>) {
+        let inner = self.server.inner.clone();
+        let deadline = tokio::time::Instant::now() + inner.options.confirm_timeout;
+        loop {
+            let notified = inner.changed.notified();
+            let matches =
+                self.with_node(|n| n.is_some_and(|n| n.complete() && n.checksum() == lock_sum));
+            if matches || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn cached_slots(&self) -> Option<Vec<ObservedSlot>> {
         self.with_node(|n| {
             let n = n?;
@@ -1172,8 +1189,10 @@ impl DeviceDriver for ZwaveLock {
                     .and_then(|s| u16::try_from(s).ok()),
             };
             if lock_sum.is_some() {
+                // Rounds: 0 and 2 read the suspect slots, 1 waits for value events
+                // under way, 3 reads every slot not read yet, 4 only checks.
                 let mut read = BTreeSet::new();
-                for round in 0..3 {
+                for round in 0..=4 {
                     let (matches, suspects) = self.with_node(|n| match n {
                         None => (false, all.clone()),
                         Some(n) => {
@@ -1181,24 +1200,29 @@ impl DeviceDriver for ZwaveLock {
                             let suspects = all
                                 .iter()
                                 .copied()
-                                .filter(|s| match round {
-                                    0 => {
-                                        n.slot(*s).is_none()
-                                            || n.stale.contains(s)
-                                            || self
-                                                .verified
-                                                .as_ref()
-                                                .is_some_and(|v| v.get(s) != n.touched.get(s))
-                                    }
-                                    _ => true,
+                                .filter(|s| {
+                                    round == 3
+                                        || n.slot(*s).is_none()
+                                        || n.stale.contains(s)
+                                        || self
+                                            .verified
+                                            .as_ref()
+                                            .is_some_and(|v| v.get(s) != n.touched.get(s))
                                 })
                                 .filter(|s| !read.contains(s))
                                 .collect::<Vec<u16>>();
                             (matches, suspects)
                         }
                     });
-                    if matches || round == 2 {
+                    if matches || round == 4 {
                         break;
+                    }
+                    if round == 1 {
+                        // Nothing to wait for before the cache was ever right.
+                        if self.verified.is_some() {
+                            self.settle(lock_sum).await;
+                        }
+                        continue;
                     }
                     for slot in suspects {
                         self.read_slot(slot, "").await?;
