@@ -223,21 +223,24 @@ impl Drop for Lab {
 /// A plain zwave-js-server client, apart from the driver: greets, agrees on the
 /// server's highest schema, sends `commands` one after the other and returns each
 /// answer (`result` on success, the whole message otherwise).
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_message(ws: &mut Ws) -> anyhow::Result<Value> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str())?),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("closed"),
+        }
+    }
+}
+
 async fn zwjs(url: &str, commands: &[Value]) -> anyhow::Result<Vec<Value>> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    let mut next = async || -> anyhow::Result<Value> {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str())?),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
-                None => anyhow::bail!("closed"),
-            }
-        }
-    };
-    let greeting = next().await?;
+    let greeting = next_message(&mut ws).await?;
     let schema = greeting["maxSchemaVersion"].clone();
-    drop(next);
     let mut out = Vec::new();
     let all = std::iter::once(json!({"command": "set_api_schema", "schemaVersion": schema}))
         .chain(commands.iter().cloned());
@@ -246,12 +249,7 @@ async fn zwjs(url: &str, commands: &[Value]) -> anyhow::Result<Vec<Value>> {
         command["messageId"] = json!(id);
         ws.send(Message::text(command.to_string())).await?;
         loop {
-            let msg = match ws.next().await {
-                Some(Ok(Message::Text(t))) => serde_json::from_str::<Value>(t.as_str())?,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
-                None => anyhow::bail!("closed"),
-            };
+            let msg = next_message(&mut ws).await?;
             if msg["type"] == json!("result") && msg["messageId"] == json!(id) {
                 if i > 0 {
                     out.push(if msg["success"] == json!(true) {
