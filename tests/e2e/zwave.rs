@@ -618,3 +618,120 @@ async fn zwave_server_stopped_and_restarted_midway_the_agent_reconnects_and_fini
     assert!(server.stats().connections.load(Ordering::Relaxed) >= 2);
     agent.stop().await
 }
+
+/// A WebSocket relay between the agent and the lab's zwave-js-server that can add
+/// server events of its own: the mock lock has no keypad, so a keypad notification
+/// is injected here, in the exact shape zwave-js-server 3.10.2 forwards one
+/// (schema 32 and later), into a session that is otherwise the real stack's.
+struct Relay {
+    url: String,
+    inject: tokio::sync::mpsc::UnboundedSender<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: &str) -> anyhow::Result<Relay> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}", listener.local_addr()?);
+        let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let upstream = upstream.to_owned();
+        let task = tokio::spawn(async move {
+            // One session at a time, as the agent holds one.
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut client) = tokio_tungstenite::accept_async(tcp).await else {
+                    continue;
+                };
+                let Ok((mut server, _)) = tokio_tungstenite::connect_async(&upstream).await else {
+                    continue;
+                };
+                loop {
+                    tokio::select! {
+                        m = client.next() => match m {
+                            Some(Ok(m)) if !m.is_close() => { if server.send(m).await.is_err() { break; } }
+                            _ => break,
+                        },
+                        m = server.next() => match m {
+                            Some(Ok(m)) if !m.is_close() => { if client.send(m).await.is_err() { break; } }
+                            _ => break,
+                        },
+                        Some(text) = injected.recv() => {
+                            if client.send(Message::text(text)).await.is_err() { break; }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Relay { url, inject, task })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn zwave_v2_a_keypad_unlock_arrives_as_an_event_naming_the_slot() -> anyhow::Result<()> {
+    let Some(lab) = Lab::start(LockKind::V2, "zwave_v2_keypad_event").await? else {
+        return Ok(());
+    };
+    let relay = Relay::start(&lab.url).await?;
+    let mut s = Site::with_lock_model("zwave-js-lock").await?;
+    let drivers = Drivers::new(
+        Some(s.dir.path().join("devices")),
+        Some(&relay.url),
+        vec![ZwaveNode {
+            node: NODE,
+            device: s.lock.name.clone(),
+        }],
+        test_options(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let agent = TestAgent::start_with(
+        &s.server.url,
+        &s.site,
+        &s.agent_token,
+        s.dir.path(),
+        Box::new(drivers),
+    );
+    let lock = s.lock.clone();
+    let alice = s.alice.clone();
+    let credential = s.credential(&alice, "2580", lock_scope(&[&lock])).await?;
+    let slot = slot_on(&credential, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    s.wait_synced().await?;
+    assert_eq!(lock_slot(&lab.url, slot).await?.as_deref(), Some("2580"));
+    // Alice opens the door at the keypad: Notification CC, Access Control (6),
+    // Keypad unlock operation (6), user id = her slot.
+    let event = json!({"type": "event", "event": {"source": "node", "event": "notification",
+        "nodeId": NODE, "endpointIndex": 0, "ccId": 113, "args": {"type": 6, "event": 6,
+        "label": "Access Control", "eventLabel": "Keypad unlock operation",
+        "parameters": {"userId": slot}}}});
+    relay.inject.send(event.to_string())?;
+    let admin = s.admin.clone();
+    let parent = s.site.clone();
+    let got = eventually("the keypad event stored", SYNC_TIMEOUT, || {
+        let mut admin = admin.clone();
+        let parent = parent.clone();
+        async move {
+            let events = admin
+                .list_events(pb::ListEventsRequest {
+                    parent,
+                    page_size: 100,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .events;
+            Ok(events
+                .into_iter()
+                .find(|e| e.kind == pb::EventKind::AccessGranted as i32))
+        }
+    })
+    .await?;
+    assert_eq!(got.device, lock.name);
+    assert_eq!(got.user_number, i32::from(slot));
+    assert_eq!(got.display_user_number, slot.to_string());
+    assert_eq!(got.user, alice);
+    agent.stop().await
+}
