@@ -312,6 +312,33 @@ mod tests {
     }
 
     #[test]
+    fn drivers_need_one_kind_and_a_server_for_zwave_nodes() {
+        let node = || {
+            vec![ZwaveNode {
+                node: 2,
+                device: "d".into(),
+            }]
+        };
+        let options = ZwaveOptions::default;
+        // No simulator directory in any of these.
+        let cases: Vec<(Option<&str>, Vec<ZwaveNode>, &str)> = vec![
+            (None, vec![], "no device drivers"),
+            (Some("ws://127.0.0.1:3000"), vec![], "no device drivers"),
+            (None, node(), "--zwave-node needs --zwave-js"),
+            (Some("http://127.0.0.1:3000"), node(), "not a WebSocket URL"),
+            (Some("wss://127.0.0.1:3000"), node(), "ws:// only"),
+        ];
+        for (url, nodes, want) in cases {
+            let e = Drivers::new(None, url, nodes, options())
+                .err()
+                .expect("refused");
+            assert!(e.contains(want), "{e}");
+        }
+        let sims_only = Drivers::new(Some("/nonexistent".into()), None, vec![], options());
+        assert!(sims_only.is_ok_and(|d| d.zwave().is_none()));
+    }
+
+    #[test]
     fn tokens() {
         assert_eq!(token("kpa_0123abcd"), Ok(()));
         for (given, want) in [

@@ -923,6 +923,16 @@ impl ZwaveLock {
                         .unwrap_or(0),
                 };
                 let count = u16::try_from(count).unwrap_or(u16::MAX);
+                if !self.device.is_empty() && self.model.last_slot > count {
+                    tracing::info!(
+                        device = %self.device,
+                        node = self.node,
+                        slots = count,
+                        model = self.model.id,
+                        "the lock has fewer slots than its model offers; a code keyplaned \
+                         puts past them is refused (slot out of range) and shows as not applied"
+                    );
+                }
                 self.with_node(|n| {
                     if let Some(n) = n {
                         n.users = Some(count);
