@@ -256,7 +256,9 @@ impl ZwaveServer {
         self.inner.cache().schema
     }
 
-    /// Waits until connected, up to `timeout`.
+    /// Waits until connected, up to `timeout`; once a connection attempt has failed
+    /// or a connection was lost, answers at once (the agent's pass must not wait on a
+    /// server that is down; it tries again on its next pass).
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), DeviceError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -266,7 +268,7 @@ impl ZwaveServer {
                 if cache.connected {
                     return Ok(());
                 }
-                if tokio::time::Instant::now() >= deadline {
+                if tokio::time::Instant::now() >= deadline || !cache.last_error.is_empty() {
                     return Err(DeviceError::Unreachable(format!(
                         "Z-Wave JS server {}: not connected{}",
                         self.inner.url,
@@ -395,9 +397,10 @@ async fn connection_task(inner: Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         {
             let mut cache = inner.cache();
             cache.connected = false;
-            if let Err(e) = &outcome {
-                cache.last_error = e.clone();
-            }
+            cache.last_error = match &outcome {
+                Err(e) => e.clone(),
+                Ok(_) => "the server closed the connection".to_owned(),
+            };
         }
         inner.changed.notify_waiters();
         match outcome {
