@@ -848,6 +848,33 @@ fn redact(message: &str, code: &str) -> String {
     }
 }
 
+/// Why a `node.set_value` result is a refusal, or None when the command went out.
+///
+/// set_value answers before the lock confirms: 254 (sent, unsupervised), 255
+/// (success) or 1 (the lock is working on it, supervised) mean it went out, and the
+/// confirmation decides; 0, 2, 3, 4, 5 (no support, the lock rejected it, no such
+/// endpoint, not implemented, invalid value) are refusals, with the reason given.
+/// Transmission failures arrive as `success:false`, not here.
+fn set_value_refusal(result: &Value) -> Option<String> {
+    let status = result["result"]["status"].as_u64();
+    let accepted = match status {
+        Some(1 | 254 | 255) => true,
+        Some(_) => false,
+        // Older servers answer {success: bool}.
+        None => result["success"] != json!(false),
+    };
+    if accepted {
+        return None;
+    }
+    let message = result["result"]["message"]
+        .as_str()
+        .unwrap_or("refused without a reason");
+    Some(format!(
+        "{message} (status {})",
+        status.map_or_else(|| "?".to_owned(), |s| s.to_string())
+    ))
+}
+
 impl ZwaveLock {
     /// The Z-Wave node id.
     pub fn node(&self) -> u16 {
@@ -1122,11 +1149,13 @@ impl ZwaveLock {
         };
         let result = match result {
             Ok(r) => r,
-            // The lock or zwave-js refused the arguments (e.g. 322: out of range).
+            // ZW03xx: zwave-js or the lock refused the request itself (322: an invalid
+            // argument, e.g. a user id past the lock's count; 302: not supported).
+            // Other codes (controller, transmission, node timeouts) are the link's.
             Err(CmdError::Failed {
                 code: Some(c),
                 message,
-            }) if code.is_some() || c == 322 => {
+            }) if (300..400).contains(&c) => {
                 let e = DeviceError::Refused {
                     slot,
                     reason: format!("{} (zwave error {c})", redact(&message, secret)),
@@ -1138,33 +1167,20 @@ impl ZwaveLock {
             }
             Err(e) => return Err(self.unreachable(e, secret)),
         };
-        // set_value answers before the lock confirms: 254 (working) or 255 (success)
-        // mean the command went out; anything else is a refusal with the reason.
-        if code.is_some() {
-            let status = result["result"]["status"].as_u64();
-            let accepted = match status {
-                Some(254 | 255) => true,
-                Some(_) => false,
-                // Older servers answer {success: bool}.
-                None => result["success"] != json!(false),
+        // set_value answers before the lock confirms: 254 (sent, unsupervised), 255
+        // (success) or 1 (the lock is working on it, supervised) mean it went out, and
+        // the confirmation below decides; 0, 2, 3, 4, 5 (no support, the lock
+        // rejected it, no such endpoint, not implemented, invalid value) are refusals
+        // with the reason. Transmission failures arrive as `success:false` above.
+        if let Some(why) = code.and_then(|_| set_value_refusal(&result)) {
+            let e = DeviceError::Refused {
+                slot,
+                reason: redact(&why, secret),
             };
-            if !accepted {
-                let message = result["result"]["message"]
-                    .as_str()
-                    .unwrap_or("refused without a reason");
-                let e = DeviceError::Refused {
-                    slot,
-                    reason: format!(
-                        "{} (status {})",
-                        redact(message, secret),
-                        status.map_or_else(|| "?".to_owned(), |s| s.to_string())
-                    ),
-                };
-                if let Some(code) = code {
-                    self.refused.insert(slot, (fingerprint(code), e.clone()));
-                }
-                return Err(e);
+            if let Some(code) = code {
+                self.refused.insert(slot, (fingerprint(code), e.clone()));
             }
+            return Err(e);
         }
         self.confirm(slot, mark, code).await?;
         self.refused.remove(&slot);
@@ -1411,6 +1427,35 @@ mod tests {
         let cache = inner.cache();
         assert_eq!(cache.nodes[&2].slot(5), Some(Some("2468")));
         assert_eq!(cache.nodes[&2].touched[&5], 2);
+    }
+
+    #[test]
+    fn set_value_results_sent_or_refused() {
+        let cases: &[(Value, Option<&str>)] = &[
+            (json!({"result": {"status": 254}}), None),
+            (json!({"result": {"status": 255}}), None),
+            (json!({"result": {"status": 1}}), None),
+            (json!({"success": true}), None),
+            (
+                json!({"result": {"status": 5, "message": "The user code must have a length of 4 to 10 characters (ZW0322)"}}),
+                Some("The user code must have a length of 4 to 10 characters (ZW0322) (status 5)"),
+            ),
+            (
+                json!({"result": {"status": 2}}),
+                Some("refused without a reason (status 2)"),
+            ),
+            (
+                json!({"result": {"status": 0, "message": "no"}}),
+                Some("no (status 0)"),
+            ),
+            (
+                json!({"success": false}),
+                Some("refused without a reason (status ?)"),
+            ),
+        ];
+        for (result, want) in cases {
+            assert_eq!(set_value_refusal(result).as_deref(), *want, "{result}");
+        }
     }
 
     #[test]
