@@ -1167,11 +1167,7 @@ impl ZwaveLock {
             }
             Err(e) => return Err(self.unreachable(e, secret)),
         };
-        // set_value answers before the lock confirms: 254 (sent, unsupervised), 255
-        // (success) or 1 (the lock is working on it, supervised) mean it went out, and
-        // the confirmation below decides; 0, 2, 3, 4, 5 (no support, the lock
-        // rejected it, no such endpoint, not implemented, invalid value) are refusals
-        // with the reason. Transmission failures arrive as `success:false` above.
+        // A set is answered before the lock confirms: sent, or refused with a reason.
         if let Some(why) = code.and_then(|_| set_value_refusal(&result)) {
             let e = DeviceError::Refused {
                 slot,
