@@ -508,7 +508,10 @@ async fn zwave_v2_a_code_set_at_the_lock_is_found_by_checksum_and_kept_as_local(
     println!(
         "slot reads to find the hand-programmed code: {slot_reads}; checksum reads: {checksum_reads}"
     );
-    assert!(slot_reads <= 1, "{slot_reads} slot reads, not every slot");
+    // At most the slots value events named since the cache last matched: the new
+    // one, and keyplane's own slot, whose confirming events can still be arriving.
+    // Never the lock's 30.
+    assert!(slot_reads <= 2, "{slot_reads} slot reads, not every slot");
     assert!(checksum_reads >= 1);
     // PRESERVE: kept, and keyplane's own code is untouched.
     assert_eq!(lock_slot(&lab.url, 7).await?.as_deref(), Some("4826"));
