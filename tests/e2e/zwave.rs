@@ -360,6 +360,12 @@ async fn zwave_driver_writes_confirmed_codes_and_reports_refusals() -> anyhow::R
         (30, 4, 10)
     );
     assert_eq!(server.schema(), 50);
+    // What `keyplane-agent zwave-discover` lists.
+    let found = keyplane_devices::zwave::discover(&lab.url, Duration::from_secs(10)).await?;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].node, found[0].user_code_version), (NODE, 1));
+    assert_eq!(found[0].capacity.map(|c| c.slots), Some(30));
+    assert!(!found[0].keypad_events);
 
     lock.set_slot(3, "2580").await?;
     assert_eq!(lock_slot(&lab.url, 3).await?.as_deref(), Some("2580"));
