@@ -1,7 +1,12 @@
 //! Start-up checks of the agent's arguments: a value that can never work is refused
 //! before the agent starts, with what to pass instead, rather than retried for ever.
 
+use crate::reconcile::{DriverFactory, SimulatorFactory};
+use keyplane_core::DeviceModel;
 use keyplane_core::names::SiteName;
+use keyplane_devices::zwave::{ZwaveOptions, ZwaveServer};
+use keyplane_devices::{DeviceDriver, DeviceError};
+use std::path::PathBuf;
 
 /// An argument the agent cannot start with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +37,117 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: &'static str,
     },
+}
+
+/// A Z-Wave JS lock named in the agent's configuration: `NODE=DEVICE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZwaveNode {
+    /// Z-Wave node id on the server.
+    pub node: u16,
+    /// The site device it is: its resource name `sites/…/devices/…` or just the id
+    /// at its end.
+    pub device: String,
+}
+
+impl std::str::FromStr for ZwaveNode {
+    type Err = String;
+
+    fn from_str(given: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "{given:?} is not NODE=DEVICE: pass the Z-Wave node id (see `keyplane-agent \
+                 zwave-discover`) and the site device, e.g. 5=sites/…/devices/… or 5=<device id>"
+            )
+        };
+        let (node, device) = given.split_once('=').ok_or_else(bad)?;
+        let node: u16 = node.trim().parse().map_err(|_| bad())?;
+        let device = device.trim().trim_matches('/');
+        if node == 0 || device.is_empty() {
+            return Err(bad());
+        }
+        Ok(ZwaveNode {
+            node,
+            device: device.to_owned(),
+        })
+    }
+}
+
+/// Which driver each site device gets: Z-Wave JS nodes by device, simulators for
+/// every other device (when a simulator directory is given). Several kinds side by
+/// side; the reconcile loop sees only [`DeviceDriver`]s.
+pub struct Drivers {
+    sims: Option<SimulatorFactory>,
+    zwave: Option<(ZwaveServer, Vec<ZwaveNode>)>,
+}
+
+impl Drivers {
+    /// Simulated devices kept in `sim_dir` (None: no simulators) and the Z-Wave JS
+    /// `nodes` of the server at `zwave_url`. Starts the server connection (needs a
+    /// Tokio runtime) when nodes are named.
+    pub fn new(
+        sim_dir: Option<PathBuf>,
+        zwave_url: Option<&str>,
+        nodes: Vec<ZwaveNode>,
+        options: ZwaveOptions,
+    ) -> Result<Drivers, String> {
+        let zwave = match (zwave_url, nodes.is_empty()) {
+            (_, true) => None,
+            (None, false) => {
+                return Err("--zwave-node needs --zwave-js (the Z-Wave JS server URL, \
+                            e.g. ws://127.0.0.1:3000)"
+                    .into());
+            }
+            (Some(url), false) => {
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    return Err(format!(
+                        "--zwave-js {url:?} is not a WebSocket URL; pass e.g. ws://127.0.0.1:3000"
+                    ));
+                }
+                if url.starts_with("wss://") {
+                    return Err(format!(
+                        "--zwave-js {url:?}: this build speaks ws:// only (Z-Wave JS servers \
+                         listen on the LAN without TLS); pass ws://host:3000"
+                    ));
+                }
+                Some((ZwaveServer::connect(url, options), nodes))
+            }
+        };
+        if sim_dir.is_none() && zwave.is_none() {
+            return Err(
+                "no device drivers: pass --sim-dir and/or --zwave-js with --zwave-node".into(),
+            );
+        }
+        Ok(Drivers {
+            sims: sim_dir.map(SimulatorFactory::new),
+            zwave,
+        })
+    }
+
+    /// The Z-Wave JS server connection, when nodes are configured.
+    pub fn zwave(&self) -> Option<&ZwaveServer> {
+        self.zwave.as_ref().map(|(s, _)| s)
+    }
+}
+
+impl DriverFactory for Drivers {
+    fn open(
+        &self,
+        device: &str,
+        model: &'static DeviceModel,
+    ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+        if let Some((server, nodes)) = &self.zwave {
+            let id = device.rsplit('/').next().unwrap_or(device);
+            if let Some(n) = nodes.iter().find(|n| n.device == device || n.device == id) {
+                return Ok(Box::new(server.lock(n.node, device, model)));
+            }
+        }
+        match &self.sims {
+            Some(sims) => sims.open(device, model),
+            None => Err(DeviceError::NotFound(format!(
+                "no driver for {device}: name its Z-Wave node with --zwave-node NODE={device}"
+            ))),
+        }
+    }
 }
 
 /// The keyplaned URL to connect to: `host:port` is read as `http://host:port`.
@@ -172,6 +288,54 @@ mod tests {
                 None => assert!(!e.contains("did you mean"), "{e}"),
             }
         }
+    }
+
+    #[test]
+    fn zwave_nodes() {
+        assert_eq!(
+            "5=sites/s/devices/d".parse(),
+            Ok(ZwaveNode {
+                node: 5,
+                device: "sites/s/devices/d".into()
+            })
+        );
+        assert_eq!(
+            " 12 = abc "
+                .parse::<ZwaveNode>()
+                .map(|n| (n.node, n.device)),
+            Ok((12, "abc".into()))
+        );
+        for bad in ["5", "=d", "x=d", "0=d", "5=", "70000=d"] {
+            let e = bad.parse::<ZwaveNode>().expect_err(bad);
+            assert!(e.contains("NODE=DEVICE"), "{e}");
+        }
+    }
+
+    #[test]
+    fn drivers_need_one_kind_and_a_server_for_zwave_nodes() {
+        let node = || {
+            vec![ZwaveNode {
+                node: 2,
+                device: "d".into(),
+            }]
+        };
+        let options = ZwaveOptions::default;
+        // No simulator directory in any of these.
+        let cases: Vec<(Option<&str>, Vec<ZwaveNode>, &str)> = vec![
+            (None, vec![], "no device drivers"),
+            (Some("ws://127.0.0.1:3000"), vec![], "no device drivers"),
+            (None, node(), "--zwave-node needs --zwave-js"),
+            (Some("http://127.0.0.1:3000"), node(), "not a WebSocket URL"),
+            (Some("wss://127.0.0.1:3000"), node(), "ws:// only"),
+        ];
+        for (url, nodes, want) in cases {
+            let e = Drivers::new(None, url, nodes, options())
+                .err()
+                .expect("refused");
+            assert!(e.contains(want), "{e}");
+        }
+        let sims_only = Drivers::new(Some("/nonexistent".into()), None, vec![], options());
+        assert!(sims_only.is_ok_and(|d| d.zwave().is_none()));
     }
 
     #[test]

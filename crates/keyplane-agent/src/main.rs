@@ -1,8 +1,10 @@
 //! `keyplane-agent`: the keyplane edge agent for one site.
 
 use clap::{Parser, Subcommand};
+use keyplane_agent::AgentConfig;
+use keyplane_agent::config::{Drivers, ZwaveNode};
 use keyplane_agent::hand::{self, HandAction};
-use keyplane_agent::{AgentConfig, SimulatorFactory};
+use keyplane_devices::zwave::ZwaveOptions;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -42,9 +44,21 @@ struct Cli {
         default_value = "keyplane-agent-state"
     )]
     state_dir: PathBuf,
-    /// Directory of simulated devices (the only drivers so far).
-    #[arg(long, env = "KEYPLANE_SIM_DIR", required = true)]
+    /// Directory of simulated devices: every site device not named by --zwave-node
+    /// is simulated there.
+    #[arg(long, env = "KEYPLANE_SIM_DIR")]
     sim_dir: Option<PathBuf>,
+    /// Z-Wave JS server (zwave-js-server, also inside Z-Wave JS UI and the Home
+    /// Assistant add-on), e.g. ws://127.0.0.1:3000.
+    #[arg(long, env = "KEYPLANE_ZWAVE_JS")]
+    zwave_js: Option<String>,
+    /// A lock on the Z-Wave JS server: NODE=DEVICE (node id = site device resource
+    /// name or id). Repeat, or comma-separate in KEYPLANE_ZWAVE_NODES.
+    #[arg(long, env = "KEYPLANE_ZWAVE_NODES", value_delimiter = ',')]
+    zwave_node: Vec<ZwaveNode>,
+    /// Least time between two writes to one Z-Wave lock, in milliseconds.
+    #[arg(long, env = "KEYPLANE_ZWAVE_WRITE_GAP_MS", default_value_t = 1000)]
+    zwave_write_gap_ms: u64,
     /// Read every device's slots back at least this often, in seconds (codes
     /// programmed at a device show up as LOCAL within this time).
     #[arg(long, env = "KEYPLANE_READ_BACK_SECS", default_value_t = 60,
@@ -68,6 +82,17 @@ enum Command {
         device: String,
         #[command(subcommand)]
         action: HandAction,
+    },
+    /// List the lock nodes (User Code CC) of a Z-Wave JS server, with what each
+    /// reports (slots, code lengths, checksum, keypad events), and the --zwave-node
+    /// line to name each as a site device.
+    ZwaveDiscover {
+        /// The server, e.g. ws://127.0.0.1:3000.
+        #[arg(long, env = "KEYPLANE_ZWAVE_JS")]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 15)]
+        timeout_secs: u64,
     },
 }
 
@@ -107,11 +132,71 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(Command::ZwaveDiscover { url, timeout_secs }) = &cli.command {
+        let timeout = std::time::Duration::from_secs(*timeout_secs);
+        match keyplane_devices::zwave::discover(url, timeout).await {
+            Ok(nodes) if nodes.is_empty() => {
+                say(&format!("{url}: no lock node (none has the User Code CC)"));
+            }
+            Ok(nodes) => {
+                for n in nodes {
+                    let capacity = n.capacity.map_or_else(
+                        || "slots unknown".to_owned(),
+                        |c| {
+                            format!(
+                                "{} slots, codes of {}..{} digits",
+                                c.slots, c.min_code_length, c.max_code_length
+                            )
+                        },
+                    );
+                    say(&format!(
+                        "node {}: {} {} (User Code CC v{}{}{}): {capacity}; name it with --zwave-node {}=<site device>",
+                        n.node,
+                        n.manufacturer,
+                        n.label,
+                        n.user_code_version,
+                        if n.user_code_version >= 2 {
+                            ", checksum"
+                        } else {
+                            ""
+                        },
+                        if n.keypad_events {
+                            ", keypad events"
+                        } else {
+                            ""
+                        },
+                        n.node
+                    ));
+                }
+            }
+            Err(e) => {
+                complain(&format!("keyplane-agent zwave-discover: error: {e}"));
+                std::process::exit(1);
+            }
+        }
+        return Ok(());
+    }
     keyplane_telemetry::init("keyplane-agent");
-    let (Some(site), Some(token), Some(sim_dir)) = (cli.site, cli.token, cli.sim_dir) else {
+    let (Some(site), Some(token)) = (cli.site, cli.token) else {
         // clap requires them without a subcommand; this is only a safety net.
-        complain("keyplane-agent: error: --site, --token and --sim-dir are required");
+        complain("keyplane-agent: error: --site and --token are required");
         std::process::exit(2);
+    };
+    let options = ZwaveOptions {
+        write_gap: std::time::Duration::from_millis(cli.zwave_write_gap_ms),
+        ..ZwaveOptions::default()
+    };
+    let drivers = match Drivers::new(
+        cli.sim_dir,
+        cli.zwave_js.as_deref(),
+        cli.zwave_node,
+        options,
+    ) {
+        Ok(drivers) => drivers,
+        Err(e) => {
+            complain(&format!("keyplane-agent: error: {e}"));
+            std::process::exit(2);
+        }
     };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
@@ -136,5 +221,5 @@ async fn main() -> anyhow::Result<()> {
             signals.cancel();
         }
     });
-    keyplane_agent::run(config, Box::new(SimulatorFactory::new(sim_dir)), shutdown).await
+    keyplane_agent::run(config, Box::new(drivers), shutdown).await
 }

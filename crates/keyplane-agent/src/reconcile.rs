@@ -663,7 +663,7 @@ impl Agent {
             };
             match (done, &action) {
                 (Ok(()), _) => {}
-                (Err(e), SlotAction::Set { slot, code }) if e.is_unsupported() => {
+                (Err(e), SlotAction::Set { slot, code }) if e.is_refusal() => {
                     self.refuse(name, model, *slot, code, &e).await?;
                     in_sync = false;
                     continue;
@@ -1024,6 +1024,110 @@ pub(crate) mod tests {
             .expect("apply");
         assert_eq!(held(&slots), BTreeMap::from([(4, "5931".to_owned())]));
         assert_eq!(acks(&mut rx, DOOR), vec![3]);
+    }
+
+    /// A lock that refuses every code in slot 9 (as a lock past its capacity or
+    /// refusing the code would), counting the attempts.
+    struct Picky {
+        slots: Slots,
+        attempts: Arc<AtomicU32>,
+    }
+
+    #[async_trait::async_trait]
+    impl DeviceDriver for Picky {
+        fn device(&self) -> &str {
+            DOOR
+        }
+        fn model(&self) -> &'static DeviceModel {
+            DeviceModel::find("door-1000").expect("door")
+        }
+        async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
+            Ok(held(&self.slots)
+                .into_iter()
+                .map(|(slot, code)| ObservedSlot {
+                    slot,
+                    code: Some(code),
+                })
+                .collect())
+        }
+        async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+            if slot == 9 {
+                self.attempts.fetch_add(1, Ordering::Relaxed);
+                return Err(DeviceError::Refused {
+                    slot,
+                    reason: "the lock says no".into(),
+                });
+            }
+            self.slots
+                .lock()
+                .expect("slots")
+                .insert(slot, code.to_owned());
+            Ok(())
+        }
+        async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+            self.slots.lock().expect("slots").remove(&slot);
+            Ok(())
+        }
+    }
+
+    struct PickyFactory(Slots, Arc<AtomicU32>);
+
+    impl DriverFactory for PickyFactory {
+        fn open(
+            &self,
+            _device: &str,
+            _model: &'static DeviceModel,
+        ) -> Result<Box<dyn DeviceDriver>, DeviceError> {
+            Ok(Box::new(Picky {
+                slots: self.0.clone(),
+                attempts: self.1.clone(),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_code_is_tried_once_per_version_and_the_rest_still_lands() {
+        let dir = TempDir::new();
+        let slots = Slots::default();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(PickyFactory(slots.clone(), attempts.clone())),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        let table = |pin: &str| {
+            vec![
+                code(DOOR, 3, "4821", false),
+                code(DOOR, 9, pin, false),
+                code(DOOR, 12, "6042", false),
+            ]
+        };
+        agent
+            .apply(snapshot(1, false, &devices, table("5931")), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(3, "4821".to_owned()), (12, "6042".to_owned())]),
+            "the codes after the refused one are written too"
+        );
+        assert_eq!(attempts.load(Ordering::Relaxed), 1);
+        // Later passes do not send it again, and the device is not acked.
+        agent.reconcile_all(Some(&tx)).await;
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(attempts.load(Ordering::Relaxed), 1);
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
+        // Another code for the slot is tried (once).
+        agent
+            .apply(snapshot(2, false, &devices, table("7360")), &tx)
+            .await
+            .expect("apply");
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(attempts.load(Ordering::Relaxed), 2);
+        assert_eq!(acks(&mut rx, DOOR), Vec::<i64>::new());
     }
 
     #[tokio::test]

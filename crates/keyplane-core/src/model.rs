@@ -188,6 +188,23 @@ static MODELS: &[DeviceModel] = &[
         on_device_schedules: true,
         max_partitions: 0,
     },
+    // Any lock with the User Code CC, driven through a Z-Wave JS server. The range is
+    // what the CC allows (up to 250 user ids, codes of 4..10 digits); the agent's
+    // driver reads the lock's own count and lengths and refuses what it lacks. The
+    // agent installs and removes scheduled codes on time itself: keyplane does not
+    // use the Schedule Entry Lock CC.
+    DeviceModel {
+        id: "zwave-js-lock",
+        title: "Z-Wave keypad lock through Z-Wave JS (agent-kept schedules)",
+        kind: DeviceKind::Lock,
+        first_slot: 1,
+        last_slot: 250,
+        reserved_slots: &[],
+        min_code_length: 4,
+        max_code_length: 10,
+        on_device_schedules: false,
+        max_partitions: 0,
+    },
 ];
 
 #[cfg(test)]

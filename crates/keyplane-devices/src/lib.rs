@@ -11,6 +11,7 @@
 //! no variant that holds one, and [`ObservedSlot`]'s `Debug` redacts it.
 
 mod sim;
+pub mod zwave;
 
 pub use sim::{
     AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimulatedDevice, SimulatedSite,
@@ -86,6 +87,15 @@ pub enum DeviceError {
         /// Where the code already is.
         existing_slot: u16,
     },
+    /// The device refused the write, for the reason it gave (its own message, never
+    /// quoting the code).
+    #[error("slot {slot}: the device refused the write: {reason}")]
+    Refused {
+        /// Target slot.
+        slot: u16,
+        /// The device's reason.
+        reason: String,
+    },
     /// The device's code memory is full.
     #[error("the device's code memory is full")]
     Full,
@@ -112,6 +122,21 @@ impl DeviceError {
     /// Whether retrying the same request can never succeed (the driver lacks it).
     pub fn is_unsupported(&self) -> bool {
         matches!(self, DeviceError::Unsupported { .. })
+    }
+
+    /// Whether the device (or its driver) refused this very request, so sending it
+    /// again unchanged gets the same answer: a slot it lacks, a code it does not
+    /// take, a refusal it gave. Not a duplicate code (clearing the other slot may
+    /// resolve it) nor a link or I/O failure.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            DeviceError::Unsupported { .. }
+                | DeviceError::Refused { .. }
+                | DeviceError::SlotOutOfRange { .. }
+                | DeviceError::CodeLength { .. }
+                | DeviceError::NotDigits { .. }
+        )
     }
 }
 
@@ -330,6 +355,10 @@ mod tests {
                 existing_slot: 1,
             },
             DeviceError::Full,
+            DeviceError::Refused {
+                slot: 2,
+                reason: "too short".into(),
+            },
             DeviceError::Unreachable("link lost".into()),
             DeviceError::Io("state file missing".into()),
             DeviceError::NotFound("no simulated device x".into()),

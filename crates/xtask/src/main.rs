@@ -2,9 +2,10 @@
 //!
 //! - `dev`: provisions PostgreSQL, starts `keyplaned`, seeds a demo site, starts an
 //!   agent with simulated devices, prints grpcurl calls, and runs until Ctrl-C.
-//! - `test [ARGS…]`: provisions PostgreSQL and grpcurl (for the README walk-through
-//!   test), then runs fmt, clippy and the whole test suite (extra arguments go to the
-//!   test runner).
+//! - `test [ARGS…]`: provisions PostgreSQL, grpcurl (for the README walk-through
+//!   test) and, where Node is installed, the Z-Wave lab's npm packages (for the
+//!   Z-Wave JS tests), then runs fmt, clippy and the whole test suite (extra
+//!   arguments go to the test runner).
 //! - `bench [--quick]`: the benchmark suite (see `bench.rs`); writes
 //!   `target/bench/report.json` and `report.md`. Not part of `test`.
 //!
@@ -14,6 +15,7 @@ mod bench;
 mod dev;
 mod grpcurl;
 mod pg;
+mod zwave_lab;
 
 use anyhow::{Context, bail};
 use std::path::PathBuf;
@@ -83,6 +85,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             None
         }
     };
+    let zwave_lab = zwave_lab::prepare()?;
     let result = (|| {
         run_checked(
             cargo().args(["fmt", "--all", "--check"]),
@@ -109,6 +112,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         runner.args(extra).env("DATABASE_URL", &db.url);
         if let Some(bin) = &grpcurl {
             runner.env("KEYPLANE_GRPCURL", bin);
+        }
+        if zwave_lab {
+            // Prepared: a Z-Wave JS test that cannot use the lab fails, not skips.
+            runner.env("KEYPLANE_ZWAVE_LAB_REQUIRED", "1");
         }
         run_checked(&mut runner, "the test suite")
     })();
