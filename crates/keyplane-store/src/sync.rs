@@ -284,19 +284,18 @@ impl Store {
         revision: i64,
     ) -> Result<bool, StoreError> {
         let conn = self.conn().await?;
+        // One statement, so one commit (and one WAL flush) per ack instead of two.
         let n = conn
             .execute(
-                "UPDATE device SET applied_revision = GREATEST(applied_revision, LEAST($3, s.revision)),
+                "WITH s AS (
+                    UPDATE site SET agent_last_seen = now() WHERE id = $1 RETURNING revision
+                 )
+                 UPDATE device SET applied_revision = GREATEST(applied_revision, LEAST($3, s.revision)),
                     last_seen_time = now()
-                 FROM site s WHERE s.id = device.site_id AND device.site_id = $1 AND device.id = $2",
+                 FROM s WHERE device.site_id = $1 AND device.id = $2",
                 &[&site, &device, &revision],
             )
             .await?;
-        conn.execute(
-            "UPDATE site SET agent_last_seen = now() WHERE id = $1",
-            &[&site],
-        )
-        .await?;
         Ok(n > 0)
     }
 
