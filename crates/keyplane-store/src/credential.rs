@@ -945,8 +945,9 @@ impl Store {
                 biased;
                 async { Pg::execute(&tx, &s_generic, &[]).await },
                 async { Pg::execute(&tx, &s_insert, &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses]).await },
-                async { Pg::execute(&tx, &s_part, &[&site, &id, &partitions_param(&new.scope)]).await },
-                async { Pg::execute(&tx, &s_dev, &[&site, &id, &devices_param(&new.scope)]).await },
+                // An empty scope list inserts nothing: not sent.
+                async { if new.scope.panel_partitions.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_part, &[&site, &id, &partitions_param(&new.scope)]).await } },
+                async { if new.scope.locks.is_empty() && new.scope.doors.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_dev, &[&site, &id, &devices_param(&new.scope)]).await } },
                 async { Pg::query_one(&tx, &s_slots, &[&site, &id, &empty, &pin_hash, &empty, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
                 async {
                     match key {
