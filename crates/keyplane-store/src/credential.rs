@@ -785,14 +785,6 @@ const SLOTS_WRITE_SQL: &str = concat!(
      SELECT ARRAY(SELECT device_id FROM allocated)"
 );
 
-/// Sent first in each write batch: [`SLOTS_WRITE_SQL`]'s plan depends little on its
-/// parameters, but PostgreSQL keeps choosing a custom plan for it (the generic one's
-/// estimate is higher), which re-plans the whole statement on every write: measured at
-/// about 0.6 ms of PostgreSQL's time per write, as much as executing it. A generic plan
-/// is built once per connection (again after ANALYZE changes the statistics). Until the
-/// transaction ends only; every other statement of the batch already runs generic.
-const GENERIC_PLANS_SQL: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
-
 /// The parameters of [`SLOTS_WRITE_SQL`] for a plan.
 struct SlotsWrite {
     freed: Vec<Uuid>,
@@ -919,7 +911,7 @@ impl Store {
             let detail = serde_json::json!({ "revision": revision, "slots": plan.allocate.len() });
             let get_sql = credential_get_sql();
             let (s_generic, s_insert, s_part, s_dev, s_slots, s_remember, s_audit, s_get) = tokio::try_join!(
-                tx.prepare_cached(GENERIC_PLANS_SQL),
+                tx.prepare_cached(crate::GENERIC_PLANS_SQL),
                 tx.prepare_cached(
                     "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
                         created_partition, valid_from, valid_until, max_uses)
@@ -1102,7 +1094,7 @@ impl Store {
             });
             let get_sql = credential_get_sql();
             let (s_generic, s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit, s_get) = tokio::try_join!(
-                tx.prepare_cached(GENERIC_PLANS_SQL),
+                tx.prepare_cached(crate::GENERIC_PLANS_SQL),
                 tx.prepare_cached(
                     "UPDATE credential SET display_name = COALESCE($3, display_name),
                         pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
@@ -1203,7 +1195,7 @@ impl Store {
             let slots = SlotsWrite::new(&plan, &loaded.devices);
             let detail = serde_json::json!({ "slots_freed": plan.freed.len() });
             let (s_generic, s_slots, s_delete, s_audit) = tokio::try_join!(
-                tx.prepare_cached(GENERIC_PLANS_SQL),
+                tx.prepare_cached(crate::GENERIC_PLANS_SQL),
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
                 tx.prepare_cached(AUDIT_SQL),

@@ -98,13 +98,18 @@ impl Store {
             .read_only(true)
             .start()
             .await?;
-        let site_row = tx
-            .query_opt(
-                "SELECT revision, time_zone, lockdown FROM site WHERE id = $1",
-                &[&site],
-            )
-            .await?
-            .ok_or_else(|| not_found_site(site))?;
+        // Generic plans for the reads below, sent in the same round trip as the first.
+        let (s_generic, s_site) = tokio::try_join!(
+            tx.prepare_cached(crate::GENERIC_PLANS_SQL),
+            tx.prepare_cached("SELECT revision, time_zone, lockdown FROM site WHERE id = $1"),
+        )?;
+        let (generic, site_row) = tokio::join!(
+            biased;
+            async { tokio_postgres::Transaction::execute(&tx, &s_generic, &[]).await },
+            async { tokio_postgres::Transaction::query_opt(&tx, &s_site, &[&site]).await },
+        );
+        generic?;
+        let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
         let revision: i64 = site_row.get(0);
         let time_zone: String = site_row.get(1);
         let lockdown: bool = site_row.get(2);
