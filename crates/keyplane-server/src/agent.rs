@@ -247,7 +247,7 @@ impl Session {
                     }
                     // cancel-safe: interval ticks.
                     _ = recheck.tick() => {
-                        if !self.catch_up().await { break; }
+                        if !self.recheck().await { break; }
                     }
                 }
             }
@@ -256,6 +256,17 @@ impl Session {
             tracing::warn!(%site, error = %e, "marking agent disconnected failed");
         }
         tracing::info!(%site, "agent disconnected");
+    }
+
+    /// The periodic re-check: almost always nothing changed (wake-ups cover the
+    /// changes), so one statement reads the revision and only a site that moved past
+    /// what was sent is read in full. With 10,000 agents the re-checks alone were 670
+    /// read transactions (four round trips each) a second.
+    async fn recheck(&mut self) -> bool {
+        match self.store.site_revisions(&[self.site]).await {
+            Ok(revisions) if revisions.first().is_some_and(|(_, r)| *r == self.sent) => true,
+            _ => self.catch_up().await,
+        }
     }
 
     /// Sends what changed since the last message; false when the agent is gone.

@@ -98,13 +98,18 @@ impl Store {
             .read_only(true)
             .start()
             .await?;
-        let site_row = tx
-            .query_opt(
-                "SELECT revision, time_zone, lockdown FROM site WHERE id = $1",
-                &[&site],
-            )
-            .await?
-            .ok_or_else(|| not_found_site(site))?;
+        // Generic plans for the reads below, sent in the same round trip as the first.
+        let (s_generic, s_site) = tokio::try_join!(
+            tx.prepare_cached(crate::GENERIC_PLANS_SQL),
+            tx.prepare_cached("SELECT revision, time_zone, lockdown FROM site WHERE id = $1"),
+        )?;
+        let (generic, site_row) = tokio::join!(
+            biased;
+            async { tokio_postgres::Transaction::execute(&tx, &s_generic, &[]).await },
+            async { tokio_postgres::Transaction::query_opt(&tx, &s_site, &[&site]).await },
+        );
+        generic?;
+        let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
         let revision: i64 = site_row.get(0);
         let time_zone: String = site_row.get(1);
         let lockdown: bool = site_row.get(2);
@@ -284,19 +289,18 @@ impl Store {
         revision: i64,
     ) -> Result<bool, StoreError> {
         let conn = self.conn().await?;
+        // One statement, so one commit (and one WAL flush) per ack instead of two.
         let n = conn
             .execute(
-                "UPDATE device SET applied_revision = GREATEST(applied_revision, LEAST($3, s.revision)),
+                "WITH s AS (
+                    UPDATE site SET agent_last_seen = now() WHERE id = $1 RETURNING revision
+                 )
+                 UPDATE device SET applied_revision = GREATEST(applied_revision, LEAST($3, s.revision)),
                     last_seen_time = now()
-                 FROM site s WHERE s.id = device.site_id AND device.site_id = $1 AND device.id = $2",
+                 FROM s WHERE device.site_id = $1 AND device.id = $2",
                 &[&site, &device, &revision],
             )
             .await?;
-        conn.execute(
-            "UPDATE site SET agent_last_seen = now() WHERE id = $1",
-            &[&site],
-        )
-        .await?;
         Ok(n > 0)
     }
 
