@@ -26,13 +26,17 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-/// How the agent reaches keyplaned and where it keeps its state.
-#[derive(Debug, Clone)]
+/// How the agent reaches keyplaned and where it keeps its state. Debug never shows
+/// the token.
+#[derive(Clone)]
 pub struct AgentConfig {
-    /// keyplaned URL, e.g. `http://127.0.0.1:50051`.
+    /// keyplaned URL: `https://…`, or `http://` to a loopback address only.
     pub server: String,
+    /// PEM file of the CA whose certificate keyplaned must present (https only): the
+    /// agent trusts this CA alone, not the system's.
+    pub server_ca_file: Option<PathBuf>,
     /// `sites/{site}`.
     pub site: String,
     /// Agent bearer token.
@@ -50,11 +54,26 @@ pub struct AgentConfig {
     pub observe_every: Duration,
 }
 
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("server", &self.server)
+            .field("server_ca_file", &self.server_ca_file)
+            .field("site", &self.site)
+            .field("token", &"<redacted>")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AgentConfig {
     /// Refuses arguments that can never work (naming what to pass instead) and
     /// normalizes the rest: a `host:port` server becomes `http://host:port`.
     pub fn check(&mut self) -> Result<(), config::ConfigError> {
         self.server = config::server_url(&self.server)?;
+        if self.server.starts_with("https://") && self.server_ca_file.is_none() {
+            return Err(config::ConfigError::ServerCa);
+        }
         self.site = config::site_name(&self.site)?;
         config::token(&self.token)
     }
@@ -68,6 +87,7 @@ impl AgentConfig {
     ) -> Self {
         AgentConfig {
             server: server.into(),
+            server_ca_file: None,
             site: site.into(),
             token: token.into(),
             state_dir: state_dir.into(),
@@ -261,6 +281,35 @@ fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, S
     }
 }
 
+/// How the agent reaches keyplaned: the URL, timeouts, and for https the TLS settings
+/// (only the configured CA is trusted). The caller connects.
+pub fn endpoint(config: &AgentConfig) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(config.server.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(tls) = client_tls(config)? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint)
+}
+
+/// The TLS settings for an `https` server: only the configured CA is trusted.
+fn client_tls(config: &AgentConfig) -> anyhow::Result<Option<ClientTlsConfig>> {
+    if !config.server.starts_with("https://") {
+        return Ok(None);
+    }
+    let ca_file = config
+        .server_ca_file
+        .as_ref()
+        .ok_or(config::ConfigError::ServerCa)?;
+    let ca = std::fs::read(ca_file)
+        .map_err(|e| anyhow::anyhow!("reading the server CA {}: {e}", ca_file.display()))?;
+    Ok(Some(
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+    ))
+}
+
 /// One stream: Hello, then apply what the server sends until it ends.
 async fn session(
     config: &AgentConfig,
@@ -268,12 +317,7 @@ async fn session(
     shutdown: &CancellationToken,
     healthy: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = Endpoint::from_shared(config.server.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
+    let channel = endpoint(config)?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     // Two queues into one stream: urgent (Hello, then duress) always goes first.
     let (urgent, urgent_rx) = mpsc::channel(16);
@@ -384,6 +428,13 @@ mod tests {
         for mut c in [bare_site, dealer_token, https] {
             assert!(c.check().is_err());
         }
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let shown = format!("{:?}", config());
+        assert!(!shown.contains("kpa_token"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[tokio::test]

@@ -17,13 +17,17 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// keyplaned URL; `host:port` means `http://host:port`.
+    /// keyplaned URL: https://host:port, or http:// to this machine only (`host:port`
+    /// means `http://host:port`).
     #[arg(
         long,
         env = "KEYPLANE_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// CA certificate (PEM) keyplaned's certificate must be signed by; needed for https.
+    #[arg(long, env = "KEYPLANE_SERVER_CA_FILE")]
+    server_ca_file: Option<PathBuf>,
     /// The site, `sites/{id}`.
     #[arg(long, env = "KEYPLANE_SITE", required = true)]
     site: Option<String>,
@@ -115,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
+    config.server_ca_file = cli.server_ca_file;
     if let Err(e) = config.check() {
         // Arguments that can never work: say so and stop, like clap does.
         complain(&format!("keyplane-agent: error: {e}"));

@@ -16,7 +16,7 @@ use tonic::body::Body;
 use tonic::codegen::http::{HeaderMap, Request as HttpRequest, Response as HttpResponse};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
@@ -152,6 +152,18 @@ pub async fn agent<T>(store: &Store, request: &Request<T>) -> Result<Uuid, Statu
         .ok_or_else(|| Status::unauthenticated("unknown or revoked agent token"))
 }
 
+/// The peer's address, over plaintext or TLS.
+pub fn peer_addr(extensions: &tonic::codegen::http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
 /// A tower layer authenticating every call of the service it wraps as a dealer's.
 #[derive(Debug, Clone)]
 pub struct DealerAuthLayer {
@@ -204,10 +216,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
         Box::pin(async move {
-            let peer = request
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(TcpConnectInfo::remote_addr);
+            let peer = peer_addr(request.extensions());
             let path = request.uri().path().to_owned();
             match dealer(&store, &path, request.headers(), peer).await {
                 Ok(actor) => {

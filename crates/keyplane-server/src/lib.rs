@@ -15,6 +15,7 @@ pub mod fields;
 pub mod hub;
 pub mod mask;
 pub mod page;
+pub mod pki;
 pub mod resources;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
@@ -40,6 +41,27 @@ pub struct Config {
     /// How long a verified dealer token is trusted without the database; a removed
     /// token keeps working this long at most. 1 s unless a test needs otherwise.
     pub dealer_token_ttl: Duration,
+    /// The listener's certificate and key. Without them keyplaned serves plaintext,
+    /// which [`serve`] allows only on a loopback address.
+    pub tls: Option<ServerTls>,
+    /// The certificate authority of agents' client certificates. When set (with
+    /// `tls`), agents may present a certificate it signed; see [`pki`].
+    pub ca: Option<std::sync::Arc<pki::CertAuthority>>,
+}
+
+/// The server's TLS identity (PEM). Debug never shows the key.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain, leaf first.
+    pub cert_pem: String,
+    /// Private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -51,6 +73,8 @@ impl Config {
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
             dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
+            tls: None,
+            ca: None,
         }
     }
 }
@@ -62,6 +86,29 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve plaintext on {addr}: dealer tokens and PINs would cross the network in clear. \
+             Pass --tls-cert-file and --tls-key-file (create them with `keyplaned ca-init --out DIR --server-name HOST`), \
+             or listen on a loopback address (127.0.0.1, [::1]) for local development"
+        );
+    }
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut tls_config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &config.ca {
+            // Optional: Enroll and the dealer API are called without a client certificate.
+            tls_config = tls_config
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+                .client_auth_optional(true);
+        }
+        server = server
+            .tls_config(tls_config)
+            .map_err(|e| anyhow::anyhow!("TLS certificate or key: {e}"))?;
+    }
     let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?
         .with_dealer_token_ttl(config.dealer_token_ttl);
     store.migrate().await?;
@@ -94,14 +141,13 @@ pub async fn serve(
     let admin = auth::DealerAuthLayer::new(store.clone()).layer(AdminServiceServer::new(
         admin::AdminApi::new(store.clone(), hub.clone(), bell.clone(), shutdown.clone()),
     ));
-    let addr = listener.local_addr()?;
     // Small request/response messages: without NODELAY, Nagle and delayed ACKs
     // add ~40 ms to every call on loopback.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
-    tracing::info!(%addr, "keyplaned listening");
-    tonic::transport::Server::builder()
+    tracing::info!(%addr, tls = config.tls.is_some(), "keyplaned listening");
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

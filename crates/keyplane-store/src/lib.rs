@@ -27,6 +27,7 @@ mod plan;
 mod rules;
 mod site;
 mod sync;
+mod tls;
 mod types;
 mod user;
 
@@ -41,7 +42,6 @@ pub use plan::{PersonalPlan, PlanPatch};
 pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use std::str::FromStr;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -222,17 +222,17 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Connects a pool of up to `max_connections` to `url` (not yet opened).
+    /// Connects a pool of up to `max_connections` to `url` (not yet opened), with TLS
+    /// as its `sslmode` and `sslrootcert` say (see the `tls` module for what is supported).
     pub fn connect(url: &str, max_connections: usize, key: PinKey) -> Result<Store, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::InvalidArgument(format!("database url: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let connect = tls::pg_connect(url)?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match connect.tls {
+            Some(tls) => Manager::from_config(connect.config, tls, manager_config),
+            None => Manager::from_config(connect.config, tokio_postgres::NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(max_connections)
             .build()

@@ -51,8 +51,48 @@ pub struct TestServer {
     /// A store on the same database with the same key, to inspect state directly.
     pub store: Store,
     key: PinKey,
+    /// The CA and server certificate when it serves TLS.
+    pub pki: Option<Arc<TestPki>>,
     shutdown: CancellationToken,
     handle: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A certificate authority made for one test (`keyplaned ca-init` into a temp dir),
+/// with a server certificate for 127.0.0.1 and localhost.
+pub struct TestPki {
+    /// The directory holding ca.key, ca.crt, server.crt, server.key.
+    pub dir: TempDir,
+    /// The loaded CA.
+    pub ca: Arc<keyplane_server::pki::CertAuthority>,
+}
+
+impl TestPki {
+    /// Makes a new CA and server certificate.
+    pub fn new() -> anyhow::Result<TestPki> {
+        let dir = TempDir::new("pki")?;
+        let files = keyplane_server::pki::ca_init(
+            &dir.path().join("ca"),
+            &["127.0.0.1".to_owned(), "localhost".to_owned()],
+        )?;
+        let ca = keyplane_server::pki::CertAuthority::load(&files.key, &files.cert)?;
+        Ok(TestPki {
+            dir,
+            ca: Arc::new(ca),
+        })
+    }
+
+    /// The CA certificate file (what agents trust).
+    pub fn ca_cert_file(&self) -> PathBuf {
+        self.dir.path().join("ca/ca.crt")
+    }
+
+    /// The server's TLS identity.
+    pub fn server_tls(&self) -> anyhow::Result<keyplane_server::ServerTls> {
+        Ok(keyplane_server::ServerTls {
+            cert_pem: std::fs::read_to_string(self.dir.path().join("ca/server.crt"))?,
+            key_pem: std::fs::read_to_string(self.dir.path().join("ca/server.key"))?,
+        })
+    }
 }
 
 impl TestServer {
@@ -62,9 +102,29 @@ impl TestServer {
         Self::start_on(db, PinKey::generate()?).await
     }
 
-    /// Starts another server (a replica) on the same database and key.
+    /// Starts another server (a replica) on the same database and key (and CA).
     pub async fn replica(&self) -> anyhow::Result<TestServer> {
-        Self::start_on(self.db.clone(), self.key.clone()).await
+        match &self.pki {
+            Some(pki) => {
+                Self::start_full(self.db.clone(), self.key.clone(), Some(pki.clone())).await
+            }
+            None => Self::start_on(self.db.clone(), self.key.clone()).await,
+        }
+    }
+
+    /// Starts a server serving TLS with a new test CA on a fresh test database.
+    pub async fn start_tls() -> anyhow::Result<TestServer> {
+        let db = test_database().await?;
+        Self::start_full(db, PinKey::generate()?, Some(Arc::new(TestPki::new()?))).await
+    }
+
+    /// Starts a server serving TLS with `pki` on `db`.
+    pub async fn start_full(
+        db: TestDatabase,
+        key: PinKey,
+        pki: Option<Arc<TestPki>>,
+    ) -> anyhow::Result<TestServer> {
+        Self::start_inner(db, key, None, 8, pki).await
     }
 
     /// Starts a server on a fresh test database that reaches PostgreSQL through a
@@ -105,6 +165,16 @@ impl TestServer {
         via: Option<String>,
         max_connections: usize,
     ) -> anyhow::Result<TestServer> {
+        Self::start_inner(db, key, via, max_connections, None).await
+    }
+
+    async fn start_inner(
+        db: TestDatabase,
+        key: PinKey,
+        via: Option<String>,
+        max_connections: usize,
+        pki: Option<Arc<TestPki>>,
+    ) -> anyhow::Result<TestServer> {
         keyplane_telemetry::init("keyplaned-test");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -117,15 +187,24 @@ impl TestServer {
             config.dealer_token_ttl = Duration::from_secs(3600);
         }
         config.poll_interval = Duration::from_millis(100);
+        if let Some(pki) = &pki {
+            config.tls = Some(pki.server_tls()?);
+            config.ca = Some(pki.ca.clone());
+        }
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
         let store = Store::connect(&db.url, 4, key.clone())?;
         Ok(TestServer {
             addr,
-            url: format!("http://{addr}"),
+            url: if pki.is_some() {
+                format!("https://{addr}")
+            } else {
+                format!("http://{addr}")
+            },
             db,
             store,
             key,
+            pki,
             shutdown,
             handle,
         })
@@ -141,8 +220,15 @@ impl TestServer {
     /// A channel to the server, retried while it starts.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         let mut last = None;
+        let mut endpoint = Channel::from_shared(self.url.clone())?;
+        if let Some(pki) = &self.pki {
+            endpoint =
+                endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+                    tonic::transport::Certificate::from_pem(std::fs::read(pki.ca_cert_file())?),
+                ))?;
+        }
         for _ in 0..100 {
-            match Channel::from_shared(self.url.clone())?.connect().await {
+            match endpoint.connect().await {
                 Ok(ch) => {
                     // Ready once health answers (migrations done).
                     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
@@ -294,13 +380,29 @@ impl TestAgent {
         factory: Box<dyn DriverFactory>,
         clock: Arc<dyn Clock>,
     ) -> TestAgent {
-        let state_dir = dir.join("state");
-        let sim_dir = dir.join("devices");
-        let mut config = AgentConfig::new(server, site, token, &state_dir);
+        let mut config = Self::config(server, site, token, dir);
+        config.clock = clock;
+        Self::start_config(config, dir, factory)
+    }
+
+    /// The config [`TestAgent::start`] uses, with short test periods, to adjust
+    /// before [`TestAgent::start_config`].
+    pub fn config(server: &str, site: &str, token: &str, dir: &Path) -> AgentConfig {
+        let mut config = AgentConfig::new(server, site, token, dir.join("state"));
         config.reconcile_every = Duration::from_millis(100);
         config.event_poll = Duration::from_millis(50);
-        config.clock = clock;
         config.observe_every = Duration::from_millis(300);
+        config
+    }
+
+    /// Starts an agent with `config` and devices from `factory`.
+    pub fn start_config(
+        config: AgentConfig,
+        dir: &Path,
+        factory: Box<dyn DriverFactory>,
+    ) -> TestAgent {
+        let state_dir = config.state_dir.clone();
+        let sim_dir = dir.join("devices");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
         TestAgent {

@@ -102,13 +102,9 @@ pub fn run() -> anyhow::Result<()> {
         bail!("keyplaned did not start listening on {LISTEN}");
     }
     let out = Command::new(bin.join("keyplaned"))
-        .args([
-            "demo-seed",
-            "--server",
-            &format!("http://{LISTEN}"),
-            "--token",
-            &token,
-        ])
+        .args(["demo-seed", "--server", &format!("http://{LISTEN}")])
+        // Never in argv, where every local user can read it.
+        .env("KEYPLANE_TOKEN", &token)
         .stderr(Stdio::inherit())
         .output()
         .context("running keyplaned demo-seed")?;

@@ -1,0 +1,87 @@
+//! TLS on real sockets with certificates made by the test: keyplaned refuses plaintext
+//! off loopback, a TLS server refuses plaintext clients, and the agent trusts only the
+//! CA it is given.
+
+use crate::fixture::{Site, lock_scope};
+use keyplane_testkit::server::{TestPki, TestServer, eventually};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn keyplaned_refuses_to_serve_plaintext_off_loopback() -> anyhow::Result<()> {
+    let key = keyplane_store::PinKey::generate()?;
+    let config = keyplane_server::Config::new("postgres://nobody@127.0.0.1:1/none", key);
+    // Bound, never connected to: the refusal comes before the first accept.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let e = keyplane_server::serve(config, listener, CancellationToken::new())
+        .await
+        .expect_err("plaintext on 0.0.0.0");
+    let text = format!("{e:#}");
+    assert!(text.contains("refusing to serve plaintext"), "{text}");
+    assert!(text.contains("--tls-cert-file"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tls_server_refuses_a_plaintext_client() -> anyhow::Result<()> {
+    let server = TestServer::start_tls().await?;
+    server.channel().await?;
+    let plain = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))?
+        .connect()
+        .await;
+    let refused = match plain {
+        Err(_) => true,
+        Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plaintext call to a TLS server must fail");
+    server.stop().await
+}
+
+#[tokio::test]
+async fn the_agent_refuses_a_server_it_does_not_trust() -> anyhow::Result<()> {
+    let site = Site::tls().await?;
+    let stranger = TestPki::new()?;
+    let mut config = site.agent_config();
+    config.check()?;
+    // The right CA: connects.
+    keyplane_agent::endpoint(&config)?.connect().await?;
+    // Another CA: the handshake fails on the server's certificate.
+    config.server_ca_file = Some(stranger.ca_cert_file());
+    let e = keyplane_agent::endpoint(&config)?
+        .connect()
+        .await
+        .expect_err("untrusted server");
+    let mut chain = Vec::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        chain.push(c.to_string());
+        cause = c.source();
+    }
+    let chain = chain.join(": ");
+    assert!(
+        chain.contains("certificate") || chain.contains("UnknownIssuer"),
+        "{chain}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_over_tls_programs_its_devices() -> anyhow::Result<()> {
+    let mut site = Site::tls().await?;
+    let agent = site.start_agent();
+    let lock = site.lock.clone();
+    let alice = site.alice.clone();
+    let cred = site
+        .credential(&alice, "9930", lock_scope(&[&lock]))
+        .await?;
+    let slot = crate::fixture::slot_on(&cred, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    eventually("the lock holds the code", Duration::from_secs(20), || {
+        let slots = site.slots(&lock);
+        async move { Ok(slots?.get(&slot).filter(|c| *c == "9930").map(|_| ())) }
+    })
+    .await?;
+    agent.stop().await
+}
