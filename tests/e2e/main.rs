@@ -9,6 +9,7 @@ mod bad_input;
 mod by_hand;
 mod doors;
 mod edges;
+mod enroll;
 mod fixture;
 mod local;
 mod panel;

@@ -47,10 +47,10 @@ async fn the_agent_refuses_a_server_it_does_not_trust() -> anyhow::Result<()> {
     let mut config = site.agent_config();
     config.check()?;
     // The right CA: connects.
-    keyplane_agent::endpoint(&config)?.connect().await?;
+    keyplane_agent::endpoint(&config, None)?.connect().await?;
     // Another CA: the handshake fails on the server's certificate.
     config.server_ca_file = Some(stranger.ca_cert_file());
-    let e = keyplane_agent::endpoint(&config)?
+    let e = keyplane_agent::endpoint(&config, None)?
         .connect()
         .await
         .expect_err("untrusted server");
@@ -84,4 +84,38 @@ async fn an_agent_over_tls_programs_its_devices() -> anyhow::Result<()> {
     })
     .await?;
     agent.stop().await
+}
+
+#[tokio::test]
+async fn a_replica_with_a_missing_or_different_ca_key_refuses_to_start() -> anyhow::Result<()> {
+    let server = TestServer::start_tls().await?;
+    server.channel().await?;
+    let recorded = server
+        .pki
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("tls"))?
+        .ca
+        .key_id()
+        .to_owned();
+    let other = TestPki::new()?;
+    for (ca, words) in [
+        (Some(other.ca.clone()), "but the configured CA key is"),
+        (None, "no CA key is configured"),
+    ] {
+        let mut config =
+            keyplane_server::Config::new(server.db.url.clone(), server.store.key().clone());
+        config.tls = Some(other.server_tls()?);
+        config.ca = ca;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let e = keyplane_server::serve(config, listener, CancellationToken::new())
+            .await
+            .expect_err("refused");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(&recorded),
+            "names the recorded CA key: {text}"
+        );
+        assert!(text.contains(words), "{text}");
+    }
+    server.stop().await
 }

@@ -21,6 +21,16 @@ pub enum ConfigError {
         "--server uses https but no --server-ca-file is given: pass the CA certificate that signed keyplaned's certificate (ca.crt from `keyplaned ca-init`)"
     )]
     ServerCa,
+    /// Enrollment over plaintext.
+    #[error(
+        "--enrollment-code-file needs an https --server: a client certificate is only used over TLS"
+    )]
+    EnrollmentNeedsTls,
+    /// Nothing to authenticate with.
+    #[error(
+        "the agent has no certificate yet and no token: pass --enrollment-code-file with a code from AdminService/CreateEnrollmentCode (or, for now, an agent token in KEYPLANE_AGENT_TOKEN)"
+    )]
+    NoIdentity,
     /// `--site` is not `sites/{uuid}`.
     #[error(
         "--site {given:?} is not a site name: pass sites/{{site id}}, as CreateSite returned it{hint}"

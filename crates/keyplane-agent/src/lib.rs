@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod hand;
+pub mod identity;
 pub mod intake;
 pub mod journal;
 mod reconcile;
@@ -18,6 +19,7 @@ pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 
 use backoff::Backoff;
 use clock::{Clock, SystemClock};
+use identity::Identity;
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_client::AgentServiceClient;
 use std::path::PathBuf;
@@ -37,9 +39,13 @@ pub struct AgentConfig {
     /// PEM file of the CA whose certificate keyplaned must present (https only): the
     /// agent trusts this CA alone, not the system's.
     pub server_ca_file: Option<PathBuf>,
+    /// File holding a one-time enrollment code (AdminService.CreateEnrollmentCode):
+    /// read when the agent has no certificate yet or its certificate expired, so a new
+    /// code can be dropped in without a restart. Needs https.
+    pub enrollment_code_file: Option<PathBuf>,
     /// `sites/{site}`.
     pub site: String,
-    /// Agent bearer token.
+    /// Agent bearer token; empty when the agent authenticates with its certificate.
     pub token: String,
     /// Directory of the journal.
     pub state_dir: PathBuf,
@@ -59,6 +65,7 @@ impl std::fmt::Debug for AgentConfig {
         f.debug_struct("AgentConfig")
             .field("server", &self.server)
             .field("server_ca_file", &self.server_ca_file)
+            .field("enrollment_code_file", &self.enrollment_code_file)
             .field("site", &self.site)
             .field("token", &"<redacted>")
             .field("state_dir", &self.state_dir)
@@ -74,7 +81,17 @@ impl AgentConfig {
         if self.server.starts_with("https://") && self.server_ca_file.is_none() {
             return Err(config::ConfigError::ServerCa);
         }
+        if self.enrollment_code_file.is_some() && !self.server.starts_with("https://") {
+            return Err(config::ConfigError::EnrollmentNeedsTls);
+        }
         self.site = config::site_name(&self.site)?;
+        if self.token.is_empty() {
+            let enrolled = self.state_dir.join("identity/agent.json").exists();
+            if self.enrollment_code_file.is_none() && !enrolled {
+                return Err(config::ConfigError::NoIdentity);
+            }
+            return Ok(());
+        }
         config::token(&self.token)
     }
 
@@ -88,6 +105,7 @@ impl AgentConfig {
         AgentConfig {
             server: server.into(),
             server_ca_file: None,
+            enrollment_code_file: None,
             site: site.into(),
             token: token.into(),
             state_dir: state_dir.into(),
@@ -283,15 +301,135 @@ fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, S
 
 /// How the agent reaches keyplaned: the URL, timeouts, and for https the TLS settings
 /// (only the configured CA is trusted). The caller connects.
-pub fn endpoint(config: &AgentConfig) -> anyhow::Result<Endpoint> {
+/// With `identity`, the agent presents its client certificate (mutual TLS).
+pub fn endpoint(config: &AgentConfig, identity: Option<&Identity>) -> anyhow::Result<Endpoint> {
     let mut endpoint = Endpoint::from_shared(config.server.clone())?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
-    if let Some(tls) = client_tls(config)? {
+    if let Some(mut tls) = client_tls(config)? {
+        if let Some(id) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &id.cert_pem,
+                &id.key_pem,
+            ));
+        }
         endpoint = endpoint.tls_config(tls)?;
     }
     Ok(endpoint)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Stores the certificate keyplaned issued for `key_pem`.
+fn keep_certificate(
+    config: &AgentConfig,
+    key_pem: String,
+    cert: pb::AgentCertificate,
+) -> anyhow::Result<Identity> {
+    let expire_unix = cert
+        .expire_time
+        .and_then(|t| u64::try_from(t.seconds).ok())
+        .ok_or_else(|| anyhow::anyhow!("keyplaned returned a certificate without expire_time"))?;
+    let id = Identity {
+        key_pem,
+        cert_pem: cert.certificate_pem,
+        meta: identity::IdentityMeta {
+            agent: cert.agent,
+            site: cert.site,
+            issue_unix: unix_now(),
+            expire_unix,
+        },
+    };
+    identity::save(&config.state_dir, &id)?;
+    Ok(id)
+}
+
+/// Enrolls with the code in `code_file`: a new key, a CSR, a certificate.
+async fn enroll(
+    config: &AgentConfig,
+    code_file: &std::path::Path,
+) -> Result<Identity, SessionError> {
+    let code = std::fs::read_to_string(code_file)
+        .map_err(|e| anyhow::anyhow!("reading the enrollment code {}: {e}", code_file.display()))?;
+    let (key_pem, csr_der) = identity::new_key_and_csr().map_err(anyhow::Error::from)?;
+    let channel = endpoint(config, None)?.connect().await?;
+    let cert = AgentServiceClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            enrollment_code: code.trim().to_owned(),
+            csr_der,
+        })
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "enrollment with the code in {} was refused ({:?}: {}): put a new code from \
+                 AdminService/CreateEnrollmentCode there; the devices keep following the journal meanwhile",
+                code_file.display(),
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    let id = keep_certificate(config, key_pem, cert)?;
+    tracing::info!(agent = %id.meta.agent, site = %id.meta.site, expires = id.meta.expire_unix, "enrolled");
+    Ok(id)
+}
+
+/// Renews the certificate over mutual TLS with a new key.
+async fn renew(config: &AgentConfig, current: &Identity) -> anyhow::Result<Identity> {
+    let (key_pem, csr_der) = identity::new_key_and_csr()?;
+    let channel = endpoint(config, Some(current))?.connect().await?;
+    let cert = AgentServiceClient::new(channel)
+        .renew_certificate(pb::RenewCertificateRequest { csr_der })
+        .await?
+        .into_inner();
+    let id = keep_certificate(config, key_pem, cert)?;
+    tracing::info!(agent = %id.meta.agent, expires = id.meta.expire_unix, "certificate renewed");
+    Ok(id)
+}
+
+/// The identity to connect with: the stored certificate (renewed when two thirds of
+/// its life have passed), a new one from the enrollment code when there is none or
+/// it expired, or None to use the bearer token.
+async fn current_identity(config: &AgentConfig) -> Result<Option<Identity>, SessionError> {
+    let now = std::time::SystemTime::now();
+    let stored = identity::load(&config.state_dir).map_err(anyhow::Error::from)?;
+    if let Some(id) = &stored
+        && !id.meta.expired(now)
+    {
+        if id.meta.site != config.site {
+            return Err(anyhow::anyhow!(
+                "this agent's certificate is for {} but --site is {}: pass {} or enroll anew in another --state-dir",
+                id.meta.site,
+                config.site,
+                id.meta.site
+            )
+            .into());
+        }
+        if id.meta.due_for_renewal(now) {
+            match renew(config, id).await {
+                Ok(renewed) => return Ok(Some(renewed)),
+                Err(e) => tracing::warn!(
+                    "renewing the agent certificate failed ({e:#}); using the current one until it expires"
+                ),
+            }
+        }
+        return Ok(Some(id.clone()));
+    }
+    match (&config.enrollment_code_file, stored) {
+        (Some(file), _) => enroll(config, file).await.map(Some),
+        (None, _) if !config.token.is_empty() => Ok(None),
+        (None, Some(_)) => Err(anyhow::anyhow!(
+            "this agent's certificate expired: give it a new enrollment code (AdminService/CreateEnrollmentCode) with --enrollment-code-file; the devices keep following the journal meanwhile"
+        )
+        .into()),
+        (None, None) => Err(anyhow::Error::from(config::ConfigError::NoIdentity).into()),
+    }
 }
 
 /// The TLS settings for an `https` server: only the configured CA is trusted.
@@ -317,7 +455,8 @@ async fn session(
     shutdown: &CancellationToken,
     healthy: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = endpoint(config)?.connect().await?;
+    let identity = current_identity(config).await?;
+    let channel = endpoint(config, identity.as_ref())?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     // Two queues into one stream: urgent (Hello, then duress) always goes first.
     let (urgent, urgent_rx) = mpsc::channel(16);
@@ -331,11 +470,14 @@ async fn session(
         urgent: urgent_rx,
         routine: rx,
     });
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {}", config.token))
-            .map_err(|_| anyhow::anyhow!("the agent token is not valid header text"))?,
-    );
+    // A certificate says who the agent is; the token is only for agents not enrolled.
+    if identity.is_none() {
+        request.metadata_mut().insert(
+            "authorization",
+            MetadataValue::try_from(format!("Bearer {}", config.token))
+                .map_err(|_| anyhow::anyhow!("the agent token is not valid header text"))?,
+        );
+    }
     let mut inbound = client.sync(request).await?.into_inner();
     tracing::info!(
         server = %config.server,

@@ -31,14 +31,15 @@ struct Cli {
     /// The site, `sites/{id}`.
     #[arg(long, env = "KEYPLANE_SITE", required = true)]
     site: Option<String>,
-    /// Agent token (from AdminService.IssueAgentToken).
-    #[arg(
-        long,
-        env = "KEYPLANE_AGENT_TOKEN",
-        hide_env_values = true,
-        required = true
-    )]
-    token: Option<String>,
+    /// File holding a one-time enrollment code (AdminService.CreateEnrollmentCode),
+    /// read when the agent has no valid certificate; needs an https --server.
+    #[arg(long, env = "KEYPLANE_ENROLLMENT_CODE_FILE")]
+    enrollment_code_file: Option<PathBuf>,
+    /// File holding an agent token (AdminService.IssueAgentToken), for agents not
+    /// enrolled yet; or set KEYPLANE_AGENT_TOKEN. Never on the command line, where
+    /// every local user can read it.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Directory for the agent's journal.
     #[arg(
         long,
@@ -112,14 +113,30 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     keyplane_telemetry::init("keyplane-agent");
-    let (Some(site), Some(token), Some(sim_dir)) = (cli.site, cli.token, cli.sim_dir) else {
+    let (Some(site), Some(sim_dir)) = (cli.site, cli.sim_dir) else {
         // clap requires them without a subcommand; this is only a safety net.
-        complain("keyplane-agent: error: --site, --token and --sim-dir are required");
+        complain("keyplane-agent: error: --site and --sim-dir are required");
         std::process::exit(2);
+    };
+    let token = match &cli.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) => {
+                complain(&format!(
+                    "keyplane-agent: error: reading --token-file {}: {e}",
+                    path.display()
+                ));
+                std::process::exit(2);
+            }
+        },
+        None => std::env::var("KEYPLANE_AGENT_TOKEN")
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default(),
     };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
     config.server_ca_file = cli.server_ca_file;
+    config.enrollment_code_file = cli.enrollment_code_file;
     if let Err(e) = config.check() {
         // Arguments that can never work: say so and stop, like clap does.
         complain(&format!("keyplane-agent: error: {e}"));

@@ -10,7 +10,8 @@
 
 use crate::error::store_status;
 use keyplane_core::names::{MAX_PARTITIONS, UserName};
-use keyplane_store::{Actor, Store};
+use keyplane_store::{Actor, AgentPrincipal, Store};
+use sha2::{Digest, Sha256};
 use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::codegen::http::{HeaderMap, Request as HttpRequest, Response as HttpResponse};
@@ -142,14 +143,52 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, Status> {
         .transpose()
 }
 
-/// Authenticates an agent; returns its site.
-pub async fn agent<T>(store: &Store, request: &Request<T>) -> Result<Uuid, Status> {
-    let token = bearer(request.metadata().as_ref(), "agent")?;
-    store
+/// The (agent, site, certificate SHA-256) of the enrolled agent whose client
+/// certificate the call was made with; None without a client certificate. A
+/// certificate that is no enrolled agent's current one is refused.
+pub async fn agent_cert<T>(
+    store: &Store,
+    request: &Request<T>,
+) -> Result<Option<(Uuid, Uuid, Vec<u8>)>, Status> {
+    let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        return Ok(None);
+    };
+    let sha = Sha256::digest(leaf.as_ref()).to_vec();
+    let (agent, site) = store
+        .agent_cert_authenticate(&sha)
+        .await
+        .map_err(store_status)?
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "this agent certificate is revoked, expired or was renewed: enroll again with a new enrollment code",
+            )
+        })?;
+    Ok(Some((agent, site, sha)))
+}
+
+/// Authenticates an agent by its client certificate or, failing that, its bearer
+/// token; returns its site, which alone decides what it receives.
+pub async fn agent<T>(
+    store: &Store,
+    request: &Request<T>,
+) -> Result<(Uuid, AgentPrincipal), Status> {
+    if let Some((agent, site, _)) = agent_cert(store, request).await? {
+        return Ok((site, AgentPrincipal::Agent(agent)));
+    }
+    let token = bearer(request.metadata().as_ref(), "agent").map_err(|_| {
+        Status::unauthenticated(
+            "no agent identity: connect with the client certificate from enrollment (mutual TLS) or send `authorization: Bearer <agent token>`",
+        )
+    })?;
+    let site = store
         .agent_token_authenticate(&token)
         .await
         .map_err(store_status)?
-        .ok_or_else(|| Status::unauthenticated("unknown or revoked agent token"))
+        .ok_or_else(|| Status::unauthenticated("unknown or revoked agent token"))?;
+    Ok((
+        site,
+        AgentPrincipal::Token(keyplane_store::token_hash(&token)),
+    ))
 }
 
 /// The peer's address, over plaintext or TLS.

@@ -113,6 +113,9 @@ pub async fn serve(
         .with_dealer_token_ttl(config.dealer_token_ttl);
     store.migrate().await?;
     store.key_check().await?;
+    store
+        .ca_check(config.ca.as_ref().map(|ca| ca.key_id()))
+        .await?;
     let hub = hub::Hub::default();
     let bell = hub::EventBell::default();
     let poller = tokio::spawn(hub.clone().poll(
@@ -157,6 +160,7 @@ pub async fn serve(
             hub,
             bell,
             shutdown.clone(),
+            config.ca.clone(),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;

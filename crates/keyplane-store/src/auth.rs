@@ -130,6 +130,11 @@ impl Store {
                         "INSERT INTO agent_token (token_hash, site_id) VALUES ($1, $2)",
                         params![&hash, &site],
                     ),
+                    // Streams opened with the revoked tokens re-check and end.
+                    (
+                        "UPDATE site SET session_epoch = session_epoch + 1 WHERE id = $1",
+                        params![&site],
+                    ),
                     audit.step(),
                 ],
             )

@@ -13,6 +13,7 @@
 //! again at the bottom.
 
 mod access_plan;
+mod agent_identity;
 mod auth;
 mod authority;
 mod credential;
@@ -32,6 +33,7 @@ mod types;
 mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
+pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
 pub use auth::DEALER_TOKEN_TTL;
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
@@ -39,6 +41,7 @@ pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
+pub use sync::SiteChange;
 pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

@@ -5,9 +5,11 @@
 use crate::pg::{TestDatabase, test_database};
 use crate::proxy::CountingProxy;
 use keyplane_agent::clock::{Clock, SystemClock};
+use keyplane_agent::identity::Identity;
 use keyplane_agent::{AgentConfig, DriverFactory, SimulatorFactory};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::admin_service_client::AdminServiceClient;
+use keyplane_proto::v1::agent_service_client::AgentServiceClient;
 use keyplane_store::{PinKey, Store};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,9 @@ impl Interceptor for Bearer {
         Ok(request)
     }
 }
+
+/// The server's side of an agent's Sync stream.
+pub type AgentStream = tonic::Streaming<pb::ServerMessage>;
 
 /// An AdminService client that authenticates as a dealer.
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
@@ -316,6 +321,105 @@ impl TestServer {
             .await?
             .into_inner()
             .token)
+    }
+
+    /// Creates a one-time enrollment code for `site`.
+    pub async fn enrollment_code(&self, admin: &mut Admin, site: &str) -> anyhow::Result<String> {
+        Ok(admin
+            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+                site: site.to_owned(),
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner()
+            .code)
+    }
+
+    /// A channel presenting `identity` as the client certificate (mutual TLS), or
+    /// none; TLS servers only.
+    pub async fn agent_channel(&self, identity: Option<&Identity>) -> anyhow::Result<Channel> {
+        let pki = self
+            .pki
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("agent_channel needs a TLS server"))?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(pki.ca_cert_file())?),
+        );
+        if let Some(id) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &id.cert_pem,
+                &id.key_pem,
+            ));
+        }
+        Ok(Channel::from_shared(self.url.clone())?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
+    /// Enrolls with `code` as an agent would (a new key, a CSR); returns its identity.
+    pub async fn enroll(&self, code: &str) -> anyhow::Result<Identity> {
+        let (key_pem, csr_der) = keyplane_agent::identity::new_key_and_csr()?;
+        let channel = self.agent_channel(None).await?;
+        let cert = AgentServiceClient::new(channel)
+            .enroll(pb::EnrollRequest {
+                enrollment_code: code.to_owned(),
+                csr_der,
+            })
+            .await?
+            .into_inner();
+        Ok(Identity {
+            key_pem,
+            cert_pem: cert.certificate_pem,
+            meta: keyplane_agent::identity::IdentityMeta {
+                agent: cert.agent,
+                site: cert.site,
+                issue_unix: 0,
+                expire_unix: cert
+                    .expire_time
+                    .and_then(|t| u64::try_from(t.seconds).ok())
+                    .unwrap_or(0),
+            },
+        })
+    }
+
+    /// Opens a Sync stream presenting `identity` (or nothing) and `token` (or
+    /// nothing), saying Hello for `site`. Keep the returned sender: dropping it ends
+    /// the agent's side.
+    pub async fn sync(
+        &self,
+        identity: Option<&Identity>,
+        token: Option<&str>,
+        site: &str,
+    ) -> Result<(AgentStream, tokio::sync::mpsc::Sender<pb::AgentMessage>), tonic::Status> {
+        let channel = self
+            .agent_channel(identity)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                site: site.to_owned(),
+                applied_revision: 0,
+                inventory: Vec::new(),
+                agent_version: "test".into(),
+            })),
+        })
+        .await
+        .map_err(|_| tonic::Status::internal("queue"))?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            request.metadata_mut().insert(
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| tonic::Status::internal("token"))?,
+            );
+        }
+        let stream = AgentServiceClient::new(channel)
+            .sync(request)
+            .await?
+            .into_inner();
+        Ok((stream, tx))
     }
 
     /// Stops serving without giving up the handle (the database stays), e.g. to cut

@@ -124,14 +124,8 @@ pub fn run() -> anyhow::Result<()> {
     let site_dir = dev.join(site.replace('/', "_"));
     children.0.push(
         Command::new(bin.join("keyplane-agent"))
-            .args([
-                "--server",
-                &format!("http://{LISTEN}"),
-                "--site",
-                &site,
-                "--token",
-                agent_token,
-            ])
+            .args(["--server", &format!("http://{LISTEN}"), "--site", &site])
+            .env("KEYPLANE_AGENT_TOKEN", agent_token)
             .arg("--state-dir")
             .arg(site_dir.join("agent-state"))
             .arg("--sim-dir")

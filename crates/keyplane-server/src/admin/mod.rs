@@ -183,6 +183,20 @@ impl AdminService for AdminApi {
         site::agent_token_issue(self, request).await
     }
 
+    async fn create_enrollment_code(
+        &self,
+        request: Request<pb::CreateEnrollmentCodeRequest>,
+    ) -> Res<pb::EnrollmentCode> {
+        site::enrollment_code_create(self, request).await
+    }
+
+    async fn revoke_agents(
+        &self,
+        request: Request<pb::RevokeAgentsRequest>,
+    ) -> Res<pb::RevokeAgentsResponse> {
+        site::agents_revoke(self, request).await
+    }
+
     async fn create_partition(
         &self,
         request: Request<pb::CreatePartitionRequest>,
