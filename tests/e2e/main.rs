@@ -7,6 +7,7 @@ mod api;
 mod authority;
 mod bad_input;
 mod by_hand;
+mod dealer_tokens;
 mod doors;
 mod edges;
 mod enroll;

@@ -74,11 +74,21 @@ pub async fn dealer(
     peer: Option<std::net::SocketAddr>,
 ) -> Result<Actor, Status> {
     let token = bearer(headers, "dealer")?;
-    let dealer = store
+    let found = store
         .dealer_token_authenticate(&token)
         .await
         .map_err(store_status)?
-        .ok_or_else(|| Status::unauthenticated("unknown or revoked dealer token"))?;
+        .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked dealer token"))?;
+    let method = path
+        .strip_prefix("/keyplane.v1.AdminService/")
+        .unwrap_or(path);
+    if !found.scope.allows(method) {
+        return Err(Status::permission_denied(format!(
+            "this dealer token's scope is {}: it may not call {method}",
+            found.scope.as_str()
+        )));
+    }
+    let dealer = found.dealer;
     let acting_user = match header(headers, ACTING_USER)? {
         None => None,
         Some(name) => {
@@ -203,16 +213,58 @@ pub fn peer_addr(extensions: &tonic::codegen::http::Extensions) -> Option<std::n
         })
 }
 
+/// Failed authentications a peer address may make within [`AUTH_FAILURE_WINDOW`];
+/// past it, its calls are refused with RESOURCE_EXHAUSTED until the window ends,
+/// without asking the database.
+pub const AUTH_FAILURES_MAX: u32 = 10;
+/// See [`AUTH_FAILURES_MAX`].
+pub const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most peers remembered; past it the oldest windows are forgotten.
+const LIMITER_MAX_PEERS: usize = 10_000;
+
+/// Failed authentications per peer address (per replica).
+#[derive(Debug, Default)]
+pub struct FailureLimiter {
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl FailureLimiter {
+    /// How long `ip` stays refused, if it is.
+    pub fn blocked(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, start) = peers.get(&ip)?;
+        let left = AUTH_FAILURE_WINDOW.checked_sub(start.elapsed())?;
+        (*count >= AUTH_FAILURES_MAX).then_some(left)
+    }
+
+    /// Counts a failed authentication from `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.len() >= LIMITER_MAX_PEERS {
+            peers.retain(|_, (_, start)| start.elapsed() < AUTH_FAILURE_WINDOW);
+        }
+        let entry = peers.entry(ip).or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() >= AUTH_FAILURE_WINDOW {
+            *entry = (0, std::time::Instant::now());
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
+}
+
 /// A tower layer authenticating every call of the service it wraps as a dealer's.
 #[derive(Debug, Clone)]
 pub struct DealerAuthLayer {
     store: Store,
+    limiter: std::sync::Arc<FailureLimiter>,
 }
 
 impl DealerAuthLayer {
     /// A layer verifying dealer tokens through `store`.
     pub fn new(store: Store) -> Self {
-        DealerAuthLayer { store }
+        DealerAuthLayer {
+            store,
+            limiter: Default::default(),
+        }
     }
 }
 
@@ -223,6 +275,7 @@ impl<S> tower_layer::Layer<S> for DealerAuthLayer {
         DealerAuth {
             inner,
             store: self.store.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 }
@@ -232,6 +285,7 @@ impl<S> tower_layer::Layer<S> for DealerAuthLayer {
 pub struct DealerAuth<S> {
     inner: S,
     store: Store,
+    limiter: std::sync::Arc<FailureLimiter>,
 }
 
 impl<S, B> Service<HttpRequest<B>> for DealerAuth<S>
@@ -254,15 +308,30 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
+        let limiter = self.limiter.clone();
         Box::pin(async move {
             let peer = peer_addr(request.extensions());
+            if let Some(left) = peer.and_then(|p| limiter.blocked(p.ip())) {
+                return Ok(Status::resource_exhausted(format!(
+                    "too many failed authentications from this address; retry in {} s",
+                    left.as_secs().max(1)
+                ))
+                .into_http());
+            }
             let path = request.uri().path().to_owned();
             match dealer(&store, &path, request.headers(), peer).await {
                 Ok(actor) => {
                     request.extensions_mut().insert(actor);
                     inner.call(request).await
                 }
-                Err(status) => Ok(status.into_http()),
+                Err(status) => {
+                    if status.code() == tonic::Code::Unauthenticated
+                        && let Some(p) = peer
+                    {
+                        limiter.failed(p.ip());
+                    }
+                    Ok(status.into_http())
+                }
             }
         })
     }

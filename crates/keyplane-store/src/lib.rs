@@ -34,7 +34,7 @@ mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
-pub use auth::DEALER_TOKEN_TTL;
+pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
