@@ -42,7 +42,9 @@ pub enum ConfigError {
         hint: String,
     },
     /// `--token` cannot be an agent token.
-    #[error("--token {why}; issue an agent token (kpa_…) with AdminService/IssueAgentToken")]
+    #[error(
+        "the agent token {why}; issue an agent token (kpa_…) with AdminService/IssueAgentToken"
+    )]
     Token {
         /// What is wrong with it.
         why: &'static str,

@@ -250,7 +250,7 @@ fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, S
                 format!(
                     "the server refused the agent token (UNAUTHENTICATED: {}): issue a new one \
                      for {site} with AdminService/IssueAgentToken and restart the agent with it \
-                     (--token or KEYPLANE_AGENT_TOKEN); retrying in {retry}",
+                     (--token-file or KEYPLANE_AGENT_TOKEN), or enroll it with --enrollment-code-file; retrying in {retry}",
                     s.message()
                 ),
             ),

@@ -134,7 +134,8 @@ fn load_key(pin_key: Option<&str>, pin_key_file: Option<&Path>) -> anyhow::Resul
     PinKey::from_hex(&text).with_context(|| format!("PIN key in {}", path.display()))
 }
 
-/// The key opens every PIN: say so when anyone but its owner may read it.
+/// A key file (PIN, TLS or CA key) opens too much: say so when anyone but its owner
+/// may read it.
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
@@ -143,7 +144,7 @@ fn warn_if_readable_by_others(path: &Path) {
         tracing::warn!(
             path = %path.display(),
             mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the PIN key file is readable by other users: chmod 600 it"
+            "this key file is readable by other users: chmod 600 it"
         );
     }
 }
