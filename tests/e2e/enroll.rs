@@ -165,6 +165,24 @@ async fn a_revoked_certificate_is_refused_and_its_stream_closed_within_a_second_
 }
 
 #[tokio::test]
+async fn enrolling_again_closes_the_earlier_agents_stream_within_a_second() -> anyhow::Result<()> {
+    let site = Site::tls().await?;
+    let replica = site.server.replica().await?;
+    let mut admin = site.admin.clone();
+    let code = site.server.enrollment_code(&mut admin, &site.site).await?;
+    let first = site.server.enroll(&code).await?;
+    let (mut stream, _tx) = replica.sync(Some(&first), None, &site.site).await?;
+    snapshot(&mut stream).await?;
+    let code = site.server.enrollment_code(&mut admin, &site.site).await?;
+    let second = site.server.enroll(&code).await?;
+    let status = ended_within(&mut stream, CLOSE_BOUND).await?;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    let (mut stream, _tx) = site.server.sync(Some(&second), None, &site.site).await?;
+    snapshot(&mut stream).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_reissued_token_closes_the_stream_it_opened_within_a_second() -> anyhow::Result<()> {
     let site = Site::tls().await?;
     let mut admin = site.admin.clone();

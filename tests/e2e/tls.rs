@@ -119,3 +119,35 @@ async fn a_replica_with_a_missing_or_different_ca_key_refuses_to_start() -> anyh
     }
     server.stop().await
 }
+
+#[tokio::test]
+async fn postgres_sslmode_is_honoured() -> anyhow::Result<()> {
+    // The test cluster serves no TLS: `require` must refuse it rather than fall back
+    // to plaintext, `prefer` and `disable` connect.
+    let server = TestServer::start().await?;
+    let pki = TestPki::new()?;
+    let ca = pki.ca_cert_file();
+    let url = &server.db.url;
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let with = |query: String| format!("{url}{sep}{query}");
+    for (query, connects) in [
+        ("sslmode=disable".to_owned(), true),
+        ("sslmode=prefer".to_owned(), true),
+        (format!("sslmode=prefer&sslrootcert={}", ca.display()), true),
+        (
+            format!("sslmode=require&sslrootcert={}", ca.display()),
+            false,
+        ),
+        (
+            format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+            false,
+        ),
+    ] {
+        let store =
+            keyplane_store::Store::connect(&with(query.clone()), 1, server.store.key().clone())?;
+        let result = store.key_check().await;
+        assert_eq!(result.is_ok(), connects, "{query}: {result:?}");
+        store.close();
+    }
+    server.stop().await
+}
