@@ -87,7 +87,28 @@ enum Command {
     },
 }
 
+/// Whether a connection string carries a password.
+fn has_password(url: &str) -> bool {
+    if let Some((_, rest)) = url.split_once("://") {
+        let userinfo = rest.split(['/', '?']).next().unwrap_or("");
+        return userinfo
+            .rsplit_once('@')
+            .is_some_and(|(user, _)| user.contains(':'))
+            || rest.contains("password=");
+    }
+    url.split_whitespace().any(|kv| kv.starts_with("password="))
+}
+
 fn database_url(cli: &Cli) -> anyhow::Result<String> {
+    // argv is readable by every local user: a password belongs in the environment.
+    let on_command_line =
+        std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url="));
+    if on_command_line && cli.database_url.as_deref().is_some_and(has_password) {
+        anyhow::bail!(
+            "--database-url holds a password, which every local user could read in the process list: \
+             set KEYPLANE_DATABASE_URL (or DATABASE_URL) instead"
+        );
+    }
     cli.database_url
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok())
@@ -320,6 +341,20 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_database_urls_are_seen() {
+        for (url, password) in [
+            ("postgres://u:secret@h:5432/db", true),
+            ("postgres://u@h:5432/db", false),
+            ("postgres://h/db?user=u&password=secret", true),
+            ("postgres://u@[::1]:5432/db", false),
+            ("host=h user=u password=secret", true),
+            ("host=h user=u", false),
+        ] {
+            assert_eq!(has_password(url), password, "{url}");
+        }
+    }
 
     #[test]
     fn serve_never_makes_up_a_key() {
