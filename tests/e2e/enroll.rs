@@ -369,3 +369,56 @@ async fn an_agent_renews_its_certificate_over_mutual_tls() -> anyhow::Result<()>
     assert_eq!(status.code(), Code::Unauthenticated, "{status}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_revoked_agent_enrolls_again_from_a_new_code_without_a_restart() -> anyhow::Result<()> {
+    let mut site = Site::tls().await?;
+    let mut admin = site.admin.clone();
+    let code = site.server.enrollment_code(&mut admin, &site.site).await?;
+    let code_file = site.dir.path().join("enrollment.code");
+    std::fs::write(&code_file, &code)?;
+    let mut config = site.agent_config();
+    config.token = String::new();
+    config.enrollment_code_file = Some(code_file.clone());
+    let agent = TestAgent::start_config(
+        config,
+        site.dir.path(),
+        Box::new(keyplane_agent::SimulatorFactory::new(
+            site.dir.path().join("devices"),
+        )),
+    );
+    let state = site.dir.path().join("state");
+    let first = eventually("the agent enrolled", Duration::from_secs(20), || {
+        let id = keyplane_agent::identity::load(&state);
+        async move { Ok(id?.map(|i| i.meta.agent)) }
+    })
+    .await?;
+    site.wait_synced().await?;
+    admin
+        .revoke_agents(pb::RevokeAgentsRequest {
+            site: site.site.clone(),
+        })
+        .await?;
+    std::fs::write(
+        &code_file,
+        site.server.enrollment_code(&mut admin, &site.site).await?,
+    )?;
+    eventually("the agent enrolled again", Duration::from_secs(30), || {
+        let id = keyplane_agent::identity::load(&state);
+        let first = first.clone();
+        async move { Ok(id?.filter(|i| i.meta.agent != first).map(|_| ())) }
+    })
+    .await?;
+    let lock = site.lock.clone();
+    let alice = site.alice.clone();
+    let cred = site
+        .credential(&alice, "9930", lock_scope(&[&lock]))
+        .await?;
+    let slot = slot_on(&cred, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    eventually("the lock holds the code", Duration::from_secs(20), || {
+        let slots = site.slots(&lock);
+        async move { Ok(slots?.get(&slot).filter(|c| *c == "9930").map(|_| ())) }
+    })
+    .await?;
+    agent.stop().await
+}

@@ -136,9 +136,14 @@ pub async fn run(
     agent.observe_every = config.observe_every;
     agent.reconcile_all(None).await;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    // Set when keyplaned refused the agent's credentials: the next attempt enrolls
+    // with the code file, if there is one, instead of presenting them again.
+    let mut refused = false;
     loop {
         let mut healthy = false;
-        let result = session(&config, &mut agent, &shutdown, &mut healthy).await;
+        let result = session(&config, &mut agent, &shutdown, &mut healthy, refused).await;
+        refused = matches!(&result, Err(SessionError::Status(s)) if s.code() == tonic::Code::Unauthenticated)
+            || (refused && result.is_err() && !healthy);
         if shutdown.is_cancelled() {
             return Ok(());
         }
@@ -248,9 +253,11 @@ fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, S
             tonic::Code::Unauthenticated => (
                 true,
                 format!(
-                    "the server refused the agent token (UNAUTHENTICATED: {}): issue a new one \
-                     for {site} with AdminService/IssueAgentToken and restart the agent with it \
-                     (--token-file or KEYPLANE_AGENT_TOKEN), or enroll it with --enrollment-code-file; retrying in {retry}",
+                    "the server refused this agent's certificate or token (UNAUTHENTICATED: {}): \
+                     enroll it again with a new code from AdminService/CreateEnrollmentCode in \
+                     --enrollment-code-file (read at the next attempt), or issue a new token for {site} \
+                     with AdminService/IssueAgentToken and restart the agent with it \
+                     (--token-file or KEYPLANE_AGENT_TOKEN); retrying in {retry}",
                     s.message()
                 ),
             ),
@@ -396,11 +403,17 @@ async fn renew(config: &AgentConfig, current: &Identity) -> anyhow::Result<Ident
 /// The identity to connect with: the stored certificate (renewed when two thirds of
 /// its life have passed), a new one from the enrollment code when there is none or
 /// it expired, or None to use the bearer token.
-async fn current_identity(config: &AgentConfig) -> Result<Option<Identity>, SessionError> {
+/// With `refused` (keyplaned refused the stored certificate: revoked, or replaced
+/// by another enrollment) and a code file, it enrolls again.
+async fn current_identity(
+    config: &AgentConfig,
+    refused: bool,
+) -> Result<Option<Identity>, SessionError> {
     let now = std::time::SystemTime::now();
     let stored = identity::load(&config.state_dir).map_err(anyhow::Error::from)?;
     if let Some(id) = &stored
         && !id.meta.expired(now)
+        && !(refused && config.enrollment_code_file.is_some())
     {
         if id.meta.site != config.site {
             return Err(anyhow::anyhow!(
@@ -454,8 +467,9 @@ async fn session(
     agent: &mut Agent,
     shutdown: &CancellationToken,
     healthy: &mut bool,
+    refused: bool,
 ) -> Result<(), SessionError> {
-    let identity = current_identity(config).await?;
+    let identity = current_identity(config, refused).await?;
     let channel = endpoint(config, identity.as_ref())?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     // Two queues into one stream: urgent (Hello, then duress) always goes first.
@@ -625,7 +639,7 @@ mod tests {
             (
                 tonic::Status::unauthenticated("unknown or revoked agent token"),
                 true,
-                "the server refused the agent token (UNAUTHENTICATED: unknown or revoked agent token): issue a new one",
+                "the server refused this agent's certificate or token (UNAUTHENTICATED: unknown or revoked agent token): enroll it again",
             ),
             (
                 tonic::Status::permission_denied(
