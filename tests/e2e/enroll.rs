@@ -422,3 +422,69 @@ async fn a_revoked_agent_enrolls_again_from_a_new_code_without_a_restart() -> an
     .await?;
     agent.stop().await
 }
+
+#[tokio::test]
+async fn a_connected_agent_renews_its_certificate_before_it_expires() -> anyhow::Result<()> {
+    // Certificates of 6 s: renewed at 4 s, while the stream is up.
+    let pki = std::sync::Arc::new(keyplane_testkit::server::TestPki::with_agent_lifetime(
+        Duration::from_secs(6),
+    )?);
+    let db = keyplane_testkit::pg::test_database().await?;
+    let server = keyplane_testkit::server::TestServer::start_full(
+        db,
+        keyplane_store::PinKey::generate()?,
+        Some(pki),
+    )
+    .await?;
+    let mut site = Site::on_server(server, "zwave-lock-30").await?;
+    let mut admin = site.admin.clone();
+    let code = site.server.enrollment_code(&mut admin, &site.site).await?;
+    let code_file = site.dir.path().join("enrollment.code");
+    std::fs::write(&code_file, &code)?;
+    let mut config = site.agent_config();
+    config.token = String::new();
+    config.enrollment_code_file = Some(code_file);
+    let agent = TestAgent::start_config(
+        config,
+        site.dir.path(),
+        Box::new(keyplane_agent::SimulatorFactory::new(
+            site.dir.path().join("devices"),
+        )),
+    );
+    let state = site.dir.path().join("state");
+    let first = eventually("the agent enrolled", Duration::from_secs(20), || {
+        let id = keyplane_agent::identity::load(&state);
+        async move { Ok(id?) }
+    })
+    .await?;
+    site.wait_synced().await?;
+    let renewed = eventually("a renewed certificate", Duration::from_secs(20), || {
+        let id = keyplane_agent::identity::load(&state);
+        let first = first.cert_pem.clone();
+        async move { Ok(id?.filter(|i| i.cert_pem != first)) }
+    })
+    .await?;
+    assert_eq!(renewed.meta.agent, first.meta.agent, "the same agent");
+    // Past the first certificate's expiry, changes still reach the site.
+    eventually(
+        "the first certificate expired",
+        Duration::from_secs(20),
+        || {
+            let expired = first.meta.expired(std::time::SystemTime::now());
+            async move { Ok(expired.then_some(())) }
+        },
+    )
+    .await?;
+    let lock = site.lock.clone();
+    let alice = site.alice.clone();
+    let cred = site
+        .credential(&alice, "9930", lock_scope(&[&lock]))
+        .await?;
+    let slot = slot_on(&cred, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    eventually("the lock holds the code", Duration::from_secs(20), || {
+        let slots = site.slots(&lock);
+        async move { Ok(slots?.get(&slot).filter(|c| *c == "9930").map(|_| ())) }
+    })
+    .await?;
+    agent.stop().await
+}

@@ -469,7 +469,7 @@ async fn session(
     healthy: &mut bool,
     refused: bool,
 ) -> Result<(), SessionError> {
-    let identity = current_identity(config, refused).await?;
+    let mut identity = current_identity(config, refused).await?;
     let channel = endpoint(config, identity.as_ref())?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     // Two queues into one stream: urgent (Hello, then duress) always goes first.
@@ -503,10 +503,26 @@ async fn session(
     tick.reset();
     let mut events = tokio::time::interval(config.event_poll);
     events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A stream may outlive its certificate: renew while connected, at 2/3 of its life.
+    let mut renew_at = identity.as_ref().map(|id| renewal_instant(&id.meta));
     loop {
         tokio::select! {
             // cancel-safe: a token.
             _ = shutdown.cancelled() => return Ok(()),
+            // cancel-safe: a timer; renewal runs to completion in this branch.
+            _ = sleep_until_some(renew_at) => {
+                let Some(current) = identity.as_ref() else { renew_at = None; continue; };
+                match renew(config, current).await {
+                    Ok(renewed) => {
+                        renew_at = Some(renewal_instant(&renewed.meta));
+                        identity = Some(renewed);
+                    }
+                    Err(e) => {
+                        tracing::warn!("renewing the agent certificate failed ({e:#}); retrying in 10 minutes");
+                        renew_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
+                    }
+                }
+            }
             // cancel-safe: Streaming::message buffers partial frames internally.
             msg = inbound.message() => match msg? {
                 Some(pb::ServerMessage { msg: Some(msg) }) => {
@@ -521,6 +537,25 @@ async fn session(
             // cancel-safe: interval ticks.
             _ = events.tick() => agent.poll_events(&urgent, &tx).await,
         }
+    }
+}
+
+/// How long after a failed renewal the agent tries again while connected.
+const RENEW_RETRY: Duration = Duration::from_secs(600);
+
+/// When (on the tokio clock) a certificate is due for renewal.
+fn renewal_instant(meta: &identity::IdentityMeta) -> tokio::time::Instant {
+    let life = meta.expire_unix.saturating_sub(meta.issue_unix);
+    let due = meta.issue_unix + life * 2 / 3;
+    let wait = due.saturating_sub(unix_now());
+    tokio::time::Instant::now() + Duration::from_secs(wait)
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

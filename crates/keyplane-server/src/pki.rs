@@ -76,6 +76,7 @@ pub struct CertAuthority {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     key_id: String,
+    agent_lifetime: Duration,
 }
 
 impl std::fmt::Debug for CertAuthority {
@@ -116,6 +117,7 @@ impl CertAuthority {
             issuer,
             cert_pem: cert_pem.to_owned(),
             key_id,
+            agent_lifetime: AGENT_CERT_LIFETIME,
         })
     }
 
@@ -124,6 +126,13 @@ impl CertAuthority {
         let key = std::fs::read_to_string(key_file).map_err(io(key_file))?;
         let cert = std::fs::read_to_string(cert_file).map_err(io(cert_file))?;
         CertAuthority::from_pem(&key, &cert)
+    }
+
+    /// Issues agent certificates valid for `lifetime` instead of
+    /// [`AGENT_CERT_LIFETIME`] (tests of renewal).
+    pub fn with_agent_lifetime(mut self, lifetime: Duration) -> CertAuthority {
+        self.agent_lifetime = lifetime;
+        self
     }
 
     /// The CA key id (see [`ca_key_id`]).
@@ -161,14 +170,14 @@ impl CertAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
-        validity(&mut params, now, AGENT_CERT_LIFETIME);
+        validity(&mut params, now, self.agent_lifetime);
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(invalid("signing the agent certificate"))?;
         Ok(AgentCert {
             pem: cert.pem(),
             sha256: Sha256::digest(cert.der()).to_vec(),
-            not_after: now + AGENT_CERT_LIFETIME,
+            not_after: now + self.agent_lifetime,
         })
     }
 

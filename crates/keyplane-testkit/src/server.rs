@@ -74,12 +74,18 @@ pub struct TestPki {
 impl TestPki {
     /// Makes a new CA and server certificate.
     pub fn new() -> anyhow::Result<TestPki> {
+        Self::with_agent_lifetime(keyplane_server::pki::AGENT_CERT_LIFETIME)
+    }
+
+    /// Like [`TestPki::new`], issuing agent certificates valid for `lifetime`.
+    pub fn with_agent_lifetime(lifetime: Duration) -> anyhow::Result<TestPki> {
         let dir = TempDir::new("pki")?;
         let files = keyplane_server::pki::ca_init(
             &dir.path().join("ca"),
             &["127.0.0.1".to_owned(), "localhost".to_owned()],
         )?;
-        let ca = keyplane_server::pki::CertAuthority::load(&files.key, &files.cert)?;
+        let ca = keyplane_server::pki::CertAuthority::load(&files.key, &files.cert)?
+            .with_agent_lifetime(lifetime);
         Ok(TestPki {
             dir,
             ca: Arc::new(ca),
