@@ -98,6 +98,12 @@ const STEPS: &[Step] = &[
         stream_secs: Some(3),
         ..step(&["WatchEvents"], &["\"kind\": \"LOCKDOWN_RELEASED\""])
     },
+    step(
+        &["CreateDealerToken"],
+        &["\"scope\": \"TOKEN_SCOPE_READ_ONLY\"", "\"token\": \"kpd_"],
+    ),
+    step(&["RevokeDealerToken"], &["{"]),
+    step(&["CreateEnrollmentCode"], &["\"code\": \"kpe_"]),
 ];
 
 /// Commands other than grpcurl that README `sh` blocks may hold, and what the test

@@ -1,12 +1,16 @@
-//! Bearer-token authentication of dealers and agents.
+//! Authentication of dealers (bearer tokens with scopes) and agents (client
+//! certificates, or bearer agent tokens until every agent has enrolled).
 //!
 //! Dealers are authenticated once per call by [`DealerAuthLayer`], a tower layer in
 //! front of AdminService: it verifies `authorization: Bearer <token>` through the
 //! store's cached verification (a token is trusted at most `dealer_token_ttl`
-//! without the database), reads the acting-user headers, and puts the [`Actor`] into
+//! without the database, never past its expiry), refuses methods outside the token's
+//! scope (`keyplane_core::scope`), limits failed authentications per peer address
+//! ([`FailureLimiter`]), reads the acting-user headers, and puts the [`Actor`] into
 //! the request's extensions; handlers take it with [`actor`]. A refused call never
-//! reaches a handler. Agents, whose token kind differs and whose one call is a
-//! stream, are authenticated by [`agent`] at the start of that call.
+//! reaches a handler. Agents, whose one call is a stream, are authenticated by
+//! [`agent`] at the start of that call: the SHA-256 of the client certificate maps
+//! to an enrolled agent and its site.
 
 use crate::error::store_status;
 use keyplane_core::names::{MAX_PARTITIONS, UserName};

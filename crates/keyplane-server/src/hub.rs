@@ -96,8 +96,9 @@ impl Hub {
         }
     }
 
-    /// Polls for sites whose revision or session epoch advanced, or that were deleted, every `period` until cancelled, waking
-    /// streams whose site advanced (commits from other replicas). One query per tick,
+    /// Polls every `period` until cancelled for sites whose revision or session epoch
+    /// advanced, or that were deleted, waking their streams (commits, revocations and
+    /// takeovers from other replicas). One query per tick,
     /// whatever the number of agents held: it reads the sites changed since the last
     /// tick (see [`Store::sites_changed`]), not every held site.
     pub async fn poll(self, store: Store, period: Duration, cancel: CancellationToken) {

@@ -1,6 +1,10 @@
 //! The `keyplaned` gRPC service: AdminService for dealers, AgentService for site
 //! agents, plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
 //!
+//! Served over TLS (rustls, ring) when given a certificate, and then only; plaintext
+//! only on a loopback address. With a CA ([`pki`]) agents enroll and connect with
+//! client certificates (see docs/SECURITY.md).
+//!
 //! No SQL here: persistence is `keyplane-store`. Dealers are authenticated by
 //! [`auth::DealerAuthLayer`] in front of AdminService, before any handler runs. Tasks started by [`serve`]: the tonic
 //! server, one task per agent stream (see [`agent`]) and the revision poller of
