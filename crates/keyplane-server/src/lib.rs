@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tower_layer::Layer;
 
-/// Everything `serve` needs.
-#[derive(Debug, Clone)]
+/// Everything `serve` needs. Debug shows no password of the database URL.
+#[derive(Clone)]
 pub struct Config {
     /// PostgreSQL URL.
     pub database_url: String,
@@ -51,6 +51,43 @@ pub struct Config {
     /// The certificate authority of agents' client certificates. When set (with
     /// `tls`), agents may present a certificate it signed; see [`pki`].
     pub ca: Option<std::sync::Arc<pki::CertAuthority>>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &without_password(&self.database_url))
+            .field("pin_key", &self.pin_key)
+            .field("max_connections", &self.max_connections)
+            .field("poll_interval", &self.poll_interval)
+            .field("dealer_token_ttl", &self.dealer_token_ttl)
+            .field("tls", &self.tls)
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+/// `url` with the password of a `scheme://user:password@host` URL (or a
+/// `password=` parameter) replaced.
+fn without_password(url: &str) -> String {
+    let masked = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or("");
+                    format!("{scheme}://{user}:<redacted>@{host}{tail}")
+                }
+                _ => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    };
+    if masked.contains("password=") {
+        return "<redacted: holds password=>".to_owned();
+    }
+    masked
 }
 
 /// The server's TLS identity (PEM). Debug never shows the key.
@@ -172,4 +209,23 @@ pub async fn serve(
     store.close();
     tracing::info!("keyplaned stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_debug_hides_the_database_password() {
+        let key = PinKey::generate().expect("key");
+        let config = Config::new("postgres://app:hunter2@db.example:5432/keyplane", key);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("app:<redacted>@db.example:5432/keyplane"),
+            "{shown}"
+        );
+        assert!(!without_password("host=h password=hunter2").contains("hunter2"));
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
+    }
 }
