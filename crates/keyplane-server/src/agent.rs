@@ -190,7 +190,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let (site, principal) = auth::agent(&self.store, &request).await?;
+        let (site, principal, expires) = auth::agent(&self.store, &request).await?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
@@ -244,6 +244,7 @@ impl AgentService for AgentApi {
             sent: 0,
             principal,
             epoch,
+            expires,
         };
         tokio::spawn(session.run(first, inbound, wake, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -284,13 +285,18 @@ impl AgentService for AgentApi {
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::AgentCertificate>, Status> {
         let ca = self.ca()?;
-        let (agent, site, old) = auth::agent_cert(&self.store, &request).await?.ok_or_else(
-            || {
+        let auth::AgentCert {
+            agent,
+            site,
+            sha256: old,
+            ..
+        } = auth::agent_cert(&self.store, &request)
+            .await?
+            .ok_or_else(|| {
                 Status::unauthenticated(
                     "RenewCertificate needs the agent's current client certificate (mutual TLS)",
                 )
-            },
-        )?;
+            })?;
         let cert = ca
             .sign_agent(&request.get_ref().csr_der, agent, SystemTime::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -320,6 +326,9 @@ struct Session {
     principal: AgentPrincipal,
     /// The site's session epoch this stream last checked itself against.
     epoch: i64,
+    /// When the agent's certificate expires, as last read (renewal moves it): the
+    /// periodic re-check asks the database only once it has passed.
+    expires: Option<SystemTime>,
 }
 
 impl Session {
@@ -363,8 +372,10 @@ impl Session {
                     }
                     // cancel-safe: interval ticks.
                     _ = recheck.tick() => {
-                        // Also how a certificate that expires mid-stream ends it.
-                        if !self.may_go_on().await || !self.catch_up().await { break; }
+                        // How a certificate that expires mid-stream (not renewed) ends it;
+                        // revocations and takeovers come through the epoch, at no cost here.
+                        let expired = self.expires.is_some_and(|t| SystemTime::now() >= t);
+                        if (expired && !self.may_go_on().await) || !self.catch_up().await { break; }
                     }
                 }
             }
@@ -384,8 +395,9 @@ impl Session {
             .agent_session_check(site, self.session, &self.principal)
             .await
         {
-            Ok(SessionCheck::Current { epoch }) => {
+            Ok(SessionCheck::Current { epoch, not_after }) => {
                 self.epoch = epoch;
+                self.expires = not_after;
                 return true;
             }
             Ok(SessionCheck::Replaced) => Status::aborted(format!(

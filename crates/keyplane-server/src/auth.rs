@@ -157,18 +157,31 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, Status> {
         .transpose()
 }
 
-/// The (agent, site, certificate SHA-256) of the enrolled agent whose client
-/// certificate the call was made with; None without a client certificate. A
-/// certificate that is no enrolled agent's current one is refused.
+/// The enrolled agent whose client certificate a call was made with.
+#[derive(Debug, Clone)]
+pub struct AgentCert {
+    /// The agent.
+    pub agent: Uuid,
+    /// Its site.
+    pub site: Uuid,
+    /// SHA-256 of the certificate presented.
+    pub sha256: Vec<u8>,
+    /// When that certificate expires.
+    pub not_after: std::time::SystemTime,
+}
+
+/// The enrolled agent whose client certificate the call was made with; None
+/// without a client certificate. A certificate that is no enrolled agent's current
+/// one is refused.
 pub async fn agent_cert<T>(
     store: &Store,
     request: &Request<T>,
-) -> Result<Option<(Uuid, Uuid, Vec<u8>)>, Status> {
+) -> Result<Option<AgentCert>, Status> {
     let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
         return Ok(None);
     };
     let sha = Sha256::digest(leaf.as_ref()).to_vec();
-    let (agent, site) = store
+    let (agent, site, not_after) = store
         .agent_cert_authenticate(&sha)
         .await
         .map_err(store_status)?
@@ -177,17 +190,27 @@ pub async fn agent_cert<T>(
                 "this agent certificate is revoked, expired or was renewed: enroll again with a new enrollment code",
             )
         })?;
-    Ok(Some((agent, site, sha)))
+    Ok(Some(AgentCert {
+        agent,
+        site,
+        sha256: sha,
+        not_after,
+    }))
 }
 
 /// Authenticates an agent by its client certificate or, failing that, its bearer
-/// token; returns its site, which alone decides what it receives.
+/// token; returns its site, which alone decides what it receives, who it is, and
+/// when its certificate expires.
 pub async fn agent<T>(
     store: &Store,
     request: &Request<T>,
-) -> Result<(Uuid, AgentPrincipal), Status> {
-    if let Some((agent, site, _)) = agent_cert(store, request).await? {
-        return Ok((site, AgentPrincipal::Agent(agent)));
+) -> Result<(Uuid, AgentPrincipal, Option<std::time::SystemTime>), Status> {
+    if let Some(cert) = agent_cert(store, request).await? {
+        return Ok((
+            cert.site,
+            AgentPrincipal::Agent(cert.agent),
+            Some(cert.not_after),
+        ));
     }
     let token = bearer(request.metadata().as_ref(), "agent").map_err(|_| {
         Status::unauthenticated(
@@ -202,6 +225,7 @@ pub async fn agent<T>(
     Ok((
         site,
         AgentPrincipal::Token(keyplane_store::token_hash(&token)),
+        None,
     ))
 }
 

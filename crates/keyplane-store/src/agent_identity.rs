@@ -34,6 +34,9 @@ pub enum SessionCheck {
     Current {
         /// The epoch read.
         epoch: i64,
+        /// When the agent's current certificate expires (None for a token): the
+        /// next time the stream must check again without being told to.
+        not_after: Option<SystemTime>,
     },
     /// Another session for the site opened since.
     Replaced,
@@ -210,21 +213,21 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// The (agent, site) a client certificate belongs to, if it is an enrolled
-    /// agent's current, unrevoked, unexpired certificate.
+    /// The (agent, site, expiry) a client certificate belongs to, if it is an
+    /// enrolled agent's current, unrevoked, unexpired certificate.
     pub async fn agent_cert_authenticate(
         &self,
         cert_sha256: &[u8],
-    ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+    ) -> Result<Option<(Uuid, Uuid, SystemTime)>, StoreError> {
         let conn = self.conn().await?;
         Ok(conn
             .query_opt(
-                "SELECT id, site_id FROM agent
+                "SELECT id, site_id, not_after FROM agent
                  WHERE cert_sha256 = $1 AND revoke_time IS NULL AND not_after > now()",
                 &[&cert_sha256],
             )
             .await?
-            .map(|r| (r.get(0), r.get(1))))
+            .map(|r| (r.get(0), r.get(1), r.get(2))))
     }
 
     /// Revokes every agent certificate and agent token of `site`; its live streams
@@ -283,7 +286,8 @@ impl Store {
                                  AND a.revoke_time IS NULL AND a.not_after > now())
                     ELSE
                         EXISTS (SELECT 1 FROM agent_token t WHERE t.token_hash = $3 AND t.site_id = s.id)
-                    END
+                    END,
+                    (SELECT a.not_after FROM agent a WHERE a.id = $2)
                  FROM site s WHERE s.id = $1",
                 &[&site, &agent, &token],
             )
@@ -298,7 +302,10 @@ impl Store {
         } else if current != Some(session) {
             SessionCheck::Replaced
         } else {
-            SessionCheck::Current { epoch: row.get(1) }
+            SessionCheck::Current {
+                epoch: row.get(1),
+                not_after: row.get(3),
+            }
         })
     }
 }
