@@ -341,6 +341,10 @@ impl Session {
     ) {
         let site = self.site;
         if self.send(&first).await {
+            // What happened before `first` was read (this session's own epoch
+            // included) needs no wake-up; a write in between is reported by the
+            // poller's revision.
+            let mut last = *wake.borrow_and_update();
             let mut recheck = tokio::time::interval(RECHECK);
             recheck.reset();
             loop {
@@ -368,7 +372,13 @@ impl Session {
                         if (seen.gone || seen.epoch > self.epoch) && !self.may_go_on().await {
                             break;
                         }
-                        if !self.catch_up().await { break; }
+                        // A wake-up that only moved the epoch (a session opened, this
+                        // one included) changed no slot: nothing to read. A local poke
+                        // leaves `seen` as it was and reads; a write coalesced with an
+                        // epoch change is caught by the poller's revision.
+                        let epoch_only = seen.epoch != last.epoch && seen.revision == last.revision;
+                        last = seen;
+                        if !epoch_only && !self.catch_up().await { break; }
                     }
                     // cancel-safe: interval ticks.
                     _ = recheck.tick() => {
