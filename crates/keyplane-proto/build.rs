@@ -25,6 +25,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".keyplane.v1.Credential",
             ".keyplane.v1.DesiredSlot",
             ".keyplane.v1.ObservedSlot",
+            // And the ones that carry a token, an enrollment code or a private key's
+            // certificate request.
+            ".keyplane.v1.IssueAgentTokenResponse",
+            ".keyplane.v1.CreateDealerTokenResponse",
+            ".keyplane.v1.EnrollmentCode",
+            ".keyplane.v1.EnrollRequest",
         ])
         .compile_protos(&files, &[root, include])?;
     Ok(())

@@ -29,7 +29,15 @@ impl Site {
     }
 
     pub async fn with_lock_model(lock_model: &str) -> anyhow::Result<Site> {
-        let server = TestServer::start().await?;
+        Self::on_server(TestServer::start().await?, lock_model).await
+    }
+
+    /// The demo site on a server that serves TLS with its own test CA.
+    pub async fn tls() -> anyhow::Result<Site> {
+        Self::on_server(TestServer::start_tls().await?, "zwave-lock-30").await
+    }
+
+    pub async fn on_server(server: TestServer, lock_model: &str) -> anyhow::Result<Site> {
         let token = server.dealer("Dealer One").await?;
         let mut admin = server.admin(Some(&token)).await?;
         let site = admin
@@ -73,12 +81,25 @@ impl Site {
     }
 
     pub fn start_agent(&self) -> TestAgent {
-        TestAgent::start(
+        TestAgent::start_config(
+            self.agent_config(),
+            self.dir.path(),
+            Box::new(keyplane_agent::SimulatorFactory::new(
+                self.dir.path().join("devices"),
+            )),
+        )
+    }
+
+    /// The config [`Site::start_agent`] uses (trusting the server's CA under TLS).
+    pub fn agent_config(&self) -> keyplane_agent::AgentConfig {
+        let mut config = TestAgent::config(
             &self.server.url,
             &self.site,
             &self.agent_token,
             self.dir.path(),
-        )
+        );
+        config.server_ca_file = self.server.pki.as_ref().map(|p| p.ca_cert_file());
+        config
     }
 
     /// The simulated device behind `device`, opened from disk.

@@ -98,6 +98,12 @@ const STEPS: &[Step] = &[
         stream_secs: Some(3),
         ..step(&["WatchEvents"], &["\"kind\": \"LOCKDOWN_RELEASED\""])
     },
+    step(
+        &["CreateDealerToken"],
+        &["\"scope\": \"TOKEN_SCOPE_READ_ONLY\"", "\"token\": \"kpd_"],
+    ),
+    step(&["RevokeDealerToken"], &["{"]),
+    step(&["CreateEnrollmentCode"], &["\"code\": \"kpe_"]),
 ];
 
 /// Commands other than grpcurl that README `sh` blocks may hold, and what the test
@@ -113,7 +119,8 @@ const COMMANDS: &[(&str, Command)] = &[
 enum Command {
     /// Creates a dealer; prints what `keyplaned bootstrap-dealer` prints.
     Dealer,
-    /// Starts an agent with simulated devices for the line's `--site` and `--token`.
+    /// Starts an agent with simulated devices for the line's `--site` and the
+    /// exported `KEYPLANE_AGENT_TOKEN`.
     Agent,
     /// A person at a simulated device: run through the same code as the command,
     /// and checked against [`SIMS`].
@@ -707,10 +714,15 @@ async fn the_readme_walk_through_runs_with_the_real_grpcurl() -> anyhow::Result<
                             .cloned()
                             .ok_or_else(|| anyhow::anyhow!("{at}: no {flag}"))
                     };
+                    let token = shell
+                        .vars
+                        .get("KEYPLANE_AGENT_TOKEN")
+                        .cloned()
+                        .ok_or_else(|| anyhow::anyhow!("{at}: no KEYPLANE_AGENT_TOKEN exported"))?;
                     agents.push(TestAgent::start(
                         &server.url,
                         &arg("--site")?,
-                        &arg("--token")?,
+                        &token,
                         dir.path(),
                     ));
                     last_output.clear();

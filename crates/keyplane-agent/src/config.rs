@@ -13,7 +13,7 @@ use std::path::PathBuf;
 pub enum ConfigError {
     /// `--server` is not a URL the agent can connect to.
     #[error(
-        "--server {given:?} {why}; pass a URL like http://127.0.0.1:50051 (or just 127.0.0.1:50051)"
+        "--server {given:?} {why}; pass a URL like https://keyplaned.example:50051 (with --server-ca-file), or http://127.0.0.1:50051 on this machine"
     )]
     Server {
         /// What was given.
@@ -21,6 +21,21 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// An https server without the CA to verify it by.
+    #[error(
+        "--server uses https but no --server-ca-file is given: pass the CA certificate that signed keyplaned's certificate (ca.crt from `keyplaned ca-init`)"
+    )]
+    ServerCa,
+    /// Enrollment over plaintext.
+    #[error(
+        "--enrollment-code-file needs an https --server: a client certificate is only used over TLS"
+    )]
+    EnrollmentNeedsTls,
+    /// Nothing to authenticate with.
+    #[error(
+        "the agent has no certificate yet and no token: pass --enrollment-code-file with a code from AdminService/CreateEnrollmentCode (or, for now, an agent token in KEYPLANE_AGENT_TOKEN)"
+    )]
+    NoIdentity,
     /// `--site` is not `sites/{uuid}`.
     #[error(
         "--site {given:?} is not a site name: pass sites/{{site id}}, as CreateSite returned it{hint}"
@@ -32,7 +47,9 @@ pub enum ConfigError {
         hint: String,
     },
     /// `--token` cannot be an agent token.
-    #[error("--token {why}; issue an agent token (kpa_…) with AdminService/IssueAgentToken")]
+    #[error(
+        "the agent token {why}; issue an agent token (kpa_…) with AdminService/IssueAgentToken"
+    )]
     Token {
         /// What is wrong with it.
         why: &'static str,
@@ -166,19 +183,21 @@ pub fn server_url(given: &str) -> Result<String, ConfigError> {
         format!("http://{trimmed}")
     };
     let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| err("is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        // This build has no TLS; an https URL would fail on every attempt.
-        Some("https") => {
-            return Err(err(
-                "uses https, which this build of keyplane-agent does not support (terminate TLS in front of it)",
-            ));
-        }
-        _ => return Err(err("has a scheme other than http")),
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(err("has a scheme other than http or https")),
+    };
     let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
         return Err(err("names no host"));
     };
+    // Plaintext would hand the agent's credentials and the site's PINs to anyone on
+    // the path: only a loopback server may be reached without TLS.
+    if !tls && !is_loopback(authority.host()) {
+        return Err(err(
+            "is plaintext (http) to a host that is not this machine; use https",
+        ));
+    }
     // The parser keeps a malformed port and only drops it when asked for a number.
     let after_host = authority
         .as_str()
@@ -191,6 +210,15 @@ pub fn server_url(given: &str) -> Result<String, ConfigError> {
         return Err(err("has a path; keyplaned is reached at the root"));
     }
     Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// Whether `host` (as a URL holds it) is this machine.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Checks that `given` is `sites/{uuid}`.
@@ -239,9 +267,13 @@ mod tests {
             ("http://127.0.0.1:50051", "http://127.0.0.1:50051"),
             ("127.0.0.1:50051", "http://127.0.0.1:50051"),
             ("localhost:50051", "http://localhost:50051"),
-            (" keyplaned.example:443 ", "http://keyplaned.example:443"),
+            (
+                " https://keyplaned.example:443 ",
+                "https://keyplaned.example:443",
+            ),
             ("http://[::1]:50051/", "http://[::1]:50051"),
-            ("http://keyplaned", "http://keyplaned"),
+            ("http://127.0.0.2", "http://127.0.0.2"),
+            ("https://keyplaned", "https://keyplaned"),
         ];
         for (given, want) in ok {
             assert_eq!(server_url(given).as_deref(), Ok(*want), "{given}");
@@ -249,7 +281,8 @@ mod tests {
         let refused: &[(&str, &str)] = &[
             ("", "is empty"),
             ("   ", "is empty"),
-            ("https://keyplaned:443", "uses https"),
+            ("keyplaned.example:443", "plaintext (http) to a host"),
+            ("http://10.0.0.5:50051", "plaintext (http) to a host"),
             ("grpc://127.0.0.1:50051", "scheme other than http"),
             ("http://127.0.0.1:50051/keyplane", "has a path"),
             ("127.0.0.1:50051/x?y", "has a path"),

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod hand;
+pub mod identity;
 pub mod intake;
 pub mod journal;
 mod reconcile;
@@ -18,6 +19,7 @@ pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 
 use backoff::Backoff;
 use clock::{Clock, SystemClock};
+use identity::Identity;
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_client::AgentServiceClient;
 use std::path::PathBuf;
@@ -26,16 +28,24 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-/// How the agent reaches keyplaned and where it keeps its state.
-#[derive(Debug, Clone)]
+/// How the agent reaches keyplaned and where it keeps its state. Debug never shows
+/// the token.
+#[derive(Clone)]
 pub struct AgentConfig {
-    /// keyplaned URL, e.g. `http://127.0.0.1:50051`.
+    /// keyplaned URL: `https://…`, or `http://` to a loopback address only.
     pub server: String,
+    /// PEM file of the CA whose certificate keyplaned must present (https only): the
+    /// agent trusts this CA alone, not the system's.
+    pub server_ca_file: Option<PathBuf>,
+    /// File holding a one-time enrollment code (AdminService.CreateEnrollmentCode):
+    /// read when the agent has no certificate yet or its certificate expired, so a new
+    /// code can be dropped in without a restart. Needs https.
+    pub enrollment_code_file: Option<PathBuf>,
     /// `sites/{site}`.
     pub site: String,
-    /// Agent bearer token.
+    /// Agent bearer token; empty when the agent authenticates with its certificate.
     pub token: String,
     /// Directory of the journal.
     pub state_dir: PathBuf,
@@ -50,12 +60,38 @@ pub struct AgentConfig {
     pub observe_every: Duration,
 }
 
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("server", &self.server)
+            .field("server_ca_file", &self.server_ca_file)
+            .field("enrollment_code_file", &self.enrollment_code_file)
+            .field("site", &self.site)
+            .field("token", &"<redacted>")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AgentConfig {
     /// Refuses arguments that can never work (naming what to pass instead) and
     /// normalizes the rest: a `host:port` server becomes `http://host:port`.
     pub fn check(&mut self) -> Result<(), config::ConfigError> {
         self.server = config::server_url(&self.server)?;
+        if self.server.starts_with("https://") && self.server_ca_file.is_none() {
+            return Err(config::ConfigError::ServerCa);
+        }
+        if self.enrollment_code_file.is_some() && !self.server.starts_with("https://") {
+            return Err(config::ConfigError::EnrollmentNeedsTls);
+        }
         self.site = config::site_name(&self.site)?;
+        if self.token.is_empty() {
+            let enrolled = self.state_dir.join("identity/agent.json").exists();
+            if self.enrollment_code_file.is_none() && !enrolled {
+                return Err(config::ConfigError::NoIdentity);
+            }
+            return Ok(());
+        }
         config::token(&self.token)
     }
 
@@ -68,6 +104,8 @@ impl AgentConfig {
     ) -> Self {
         AgentConfig {
             server: server.into(),
+            server_ca_file: None,
+            enrollment_code_file: None,
             site: site.into(),
             token: token.into(),
             state_dir: state_dir.into(),
@@ -98,9 +136,14 @@ pub async fn run(
     agent.observe_every = config.observe_every;
     agent.reconcile_all(None).await;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    // Set when keyplaned refused the agent's credentials: the next attempt enrolls
+    // with the code file, if there is one, instead of presenting them again.
+    let mut refused = false;
     loop {
         let mut healthy = false;
-        let result = session(&config, &mut agent, &shutdown, &mut healthy).await;
+        let result = session(&config, &mut agent, &shutdown, &mut healthy, refused).await;
+        refused = matches!(&result, Err(SessionError::Status(s)) if s.code() == tonic::Code::Unauthenticated)
+            || (refused && result.is_err() && !healthy);
         if shutdown.is_cancelled() {
             return Ok(());
         }
@@ -210,9 +253,11 @@ fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, S
             tonic::Code::Unauthenticated => (
                 true,
                 format!(
-                    "the server refused the agent token (UNAUTHENTICATED: {}): issue a new one \
-                     for {site} with AdminService/IssueAgentToken and restart the agent with it \
-                     (--token or KEYPLANE_AGENT_TOKEN); retrying in {retry}",
+                    "the server refused this agent's certificate or token (UNAUTHENTICATED: {}): \
+                     enroll it again with a new code from AdminService/CreateEnrollmentCode in \
+                     --enrollment-code-file (read at the next attempt), or issue a new token for {site} \
+                     with AdminService/IssueAgentToken and restart the agent with it \
+                     (--token-file or KEYPLANE_AGENT_TOKEN); retrying in {retry}",
                     s.message()
                 ),
             ),
@@ -261,19 +306,171 @@ fn describe(e: &SessionError, config: &AgentConfig, retry: Duration) -> (bool, S
     }
 }
 
+/// How the agent reaches keyplaned: the URL, timeouts, and for https the TLS settings
+/// (only the configured CA is trusted). The caller connects.
+/// With `identity`, the agent presents its client certificate (mutual TLS).
+pub fn endpoint(config: &AgentConfig, identity: Option<&Identity>) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(config.server.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(mut tls) = client_tls(config)? {
+        if let Some(id) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &id.cert_pem,
+                &id.key_pem,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Stores the certificate keyplaned issued for `key_pem`.
+fn keep_certificate(
+    config: &AgentConfig,
+    key_pem: String,
+    cert: pb::AgentCertificate,
+) -> anyhow::Result<Identity> {
+    let expire_unix = cert
+        .expire_time
+        .and_then(|t| u64::try_from(t.seconds).ok())
+        .ok_or_else(|| anyhow::anyhow!("keyplaned returned a certificate without expire_time"))?;
+    let id = Identity {
+        key_pem,
+        cert_pem: cert.certificate_pem,
+        meta: identity::IdentityMeta {
+            agent: cert.agent,
+            site: cert.site,
+            issue_unix: unix_now(),
+            expire_unix,
+        },
+    };
+    identity::save(&config.state_dir, &id)?;
+    Ok(id)
+}
+
+/// Enrolls with the code in `code_file`: a new key, a CSR, a certificate.
+async fn enroll(
+    config: &AgentConfig,
+    code_file: &std::path::Path,
+) -> Result<Identity, SessionError> {
+    let code = std::fs::read_to_string(code_file)
+        .map_err(|e| anyhow::anyhow!("reading the enrollment code {}: {e}", code_file.display()))?;
+    let (key_pem, csr_der) = identity::new_key_and_csr().map_err(anyhow::Error::from)?;
+    let channel = endpoint(config, None)?.connect().await?;
+    let cert = AgentServiceClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            enrollment_code: code.trim().to_owned(),
+            csr_der,
+        })
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "enrollment with the code in {} was refused ({:?}: {}): put a new code from \
+                 AdminService/CreateEnrollmentCode there; the devices keep following the journal meanwhile",
+                code_file.display(),
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    let id = keep_certificate(config, key_pem, cert)?;
+    tracing::info!(agent = %id.meta.agent, site = %id.meta.site, expires = id.meta.expire_unix, "enrolled");
+    Ok(id)
+}
+
+/// Renews the certificate over mutual TLS with a new key.
+async fn renew(config: &AgentConfig, current: &Identity) -> anyhow::Result<Identity> {
+    let (key_pem, csr_der) = identity::new_key_and_csr()?;
+    let channel = endpoint(config, Some(current))?.connect().await?;
+    let cert = AgentServiceClient::new(channel)
+        .renew_certificate(pb::RenewCertificateRequest { csr_der })
+        .await?
+        .into_inner();
+    let id = keep_certificate(config, key_pem, cert)?;
+    tracing::info!(agent = %id.meta.agent, expires = id.meta.expire_unix, "certificate renewed");
+    Ok(id)
+}
+
+/// The identity to connect with: the stored certificate (renewed when two thirds of
+/// its life have passed), a new one from the enrollment code when there is none or
+/// it expired, or None to use the bearer token.
+/// With `refused` (keyplaned refused the stored certificate: revoked, or replaced
+/// by another enrollment) and a code file, it enrolls again.
+async fn current_identity(
+    config: &AgentConfig,
+    refused: bool,
+) -> Result<Option<Identity>, SessionError> {
+    let now = std::time::SystemTime::now();
+    let stored = identity::load(&config.state_dir).map_err(anyhow::Error::from)?;
+    if let Some(id) = &stored
+        && !id.meta.expired(now)
+        && !(refused && config.enrollment_code_file.is_some())
+    {
+        if id.meta.site != config.site {
+            return Err(anyhow::anyhow!(
+                "this agent's certificate is for {} but --site is {}: pass {} or enroll anew in another --state-dir",
+                id.meta.site,
+                config.site,
+                id.meta.site
+            )
+            .into());
+        }
+        if id.meta.due_for_renewal(now) {
+            match renew(config, id).await {
+                Ok(renewed) => return Ok(Some(renewed)),
+                Err(e) => tracing::warn!(
+                    "renewing the agent certificate failed ({e:#}); using the current one until it expires"
+                ),
+            }
+        }
+        return Ok(Some(id.clone()));
+    }
+    match (&config.enrollment_code_file, stored) {
+        (Some(file), _) => enroll(config, file).await.map(Some),
+        (None, _) if !config.token.is_empty() => Ok(None),
+        (None, Some(_)) => Err(anyhow::anyhow!(
+            "this agent's certificate expired: give it a new enrollment code (AdminService/CreateEnrollmentCode) with --enrollment-code-file; the devices keep following the journal meanwhile"
+        )
+        .into()),
+        (None, None) => Err(anyhow::Error::from(config::ConfigError::NoIdentity).into()),
+    }
+}
+
+/// The TLS settings for an `https` server: only the configured CA is trusted.
+fn client_tls(config: &AgentConfig) -> anyhow::Result<Option<ClientTlsConfig>> {
+    if !config.server.starts_with("https://") {
+        return Ok(None);
+    }
+    let ca_file = config
+        .server_ca_file
+        .as_ref()
+        .ok_or(config::ConfigError::ServerCa)?;
+    let ca = std::fs::read(ca_file)
+        .map_err(|e| anyhow::anyhow!("reading the server CA {}: {e}", ca_file.display()))?;
+    Ok(Some(
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+    ))
+}
+
 /// One stream: Hello, then apply what the server sends until it ends.
 async fn session(
     config: &AgentConfig,
     agent: &mut Agent,
     shutdown: &CancellationToken,
     healthy: &mut bool,
+    refused: bool,
 ) -> Result<(), SessionError> {
-    let channel = Endpoint::from_shared(config.server.clone())?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
+    let mut identity = current_identity(config, refused).await?;
+    let channel = endpoint(config, identity.as_ref())?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     // Two queues into one stream: urgent (Hello, then duress) always goes first.
     let (urgent, urgent_rx) = mpsc::channel(16);
@@ -287,11 +484,14 @@ async fn session(
         urgent: urgent_rx,
         routine: rx,
     });
-    request.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {}", config.token))
-            .map_err(|_| anyhow::anyhow!("the agent token is not valid header text"))?,
-    );
+    // A certificate says who the agent is; the token is only for agents not enrolled.
+    if identity.is_none() {
+        request.metadata_mut().insert(
+            "authorization",
+            MetadataValue::try_from(format!("Bearer {}", config.token))
+                .map_err(|_| anyhow::anyhow!("the agent token is not valid header text"))?,
+        );
+    }
     let mut inbound = client.sync(request).await?.into_inner();
     tracing::info!(
         server = %config.server,
@@ -303,10 +503,26 @@ async fn session(
     tick.reset();
     let mut events = tokio::time::interval(config.event_poll);
     events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A stream may outlive its certificate: renew while connected, at 2/3 of its life.
+    let mut renew_at = identity.as_ref().map(|id| renewal_instant(&id.meta));
     loop {
         tokio::select! {
             // cancel-safe: a token.
             _ = shutdown.cancelled() => return Ok(()),
+            // cancel-safe: a timer; renewal runs to completion in this branch.
+            _ = sleep_until_some(renew_at) => {
+                let Some(current) = identity.as_ref() else { renew_at = None; continue; };
+                match renew(config, current).await {
+                    Ok(renewed) => {
+                        renew_at = Some(renewal_instant(&renewed.meta));
+                        identity = Some(renewed);
+                    }
+                    Err(e) => {
+                        tracing::warn!("renewing the agent certificate failed ({e:#}); retrying in 10 minutes");
+                        renew_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
+                    }
+                }
+            }
             // cancel-safe: Streaming::message buffers partial frames internally.
             msg = inbound.message() => match msg? {
                 Some(pb::ServerMessage { msg: Some(msg) }) => {
@@ -321,6 +537,25 @@ async fn session(
             // cancel-safe: interval ticks.
             _ = events.tick() => agent.poll_events(&urgent, &tx).await,
         }
+    }
+}
+
+/// How long after a failed renewal the agent tries again while connected.
+const RENEW_RETRY: Duration = Duration::from_secs(600);
+
+/// When (on the tokio clock) a certificate is due for renewal.
+fn renewal_instant(meta: &identity::IdentityMeta) -> tokio::time::Instant {
+    let life = meta.expire_unix.saturating_sub(meta.issue_unix);
+    let due = meta.issue_unix + life * 2 / 3;
+    let wait = due.saturating_sub(unix_now());
+    tokio::time::Instant::now() + Duration::from_secs(wait)
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -386,6 +621,13 @@ mod tests {
         }
     }
 
+    #[test]
+    fn debug_never_shows_the_token() {
+        let shown = format!("{:?}", config());
+        assert!(!shown.contains("kpa_token"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
     #[tokio::test]
     async fn run_ends_at_once_on_arguments_that_never_work() {
         let mut c = config();
@@ -432,7 +674,7 @@ mod tests {
             (
                 tonic::Status::unauthenticated("unknown or revoked agent token"),
                 true,
-                "the server refused the agent token (UNAUTHENTICATED: unknown or revoked agent token): issue a new one",
+                "the server refused this agent's certificate or token (UNAUTHENTICATED: unknown or revoked agent token): enroll it again",
             ),
             (
                 tonic::Status::permission_denied(

@@ -19,24 +19,29 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// keyplaned URL; `host:port` means `http://host:port`.
+    /// keyplaned URL: https://host:port, or http:// to this machine only (`host:port`
+    /// means `http://host:port`).
     #[arg(
         long,
         env = "KEYPLANE_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// CA certificate (PEM) keyplaned's certificate must be signed by; needed for https.
+    #[arg(long, env = "KEYPLANE_SERVER_CA_FILE")]
+    server_ca_file: Option<PathBuf>,
     /// The site, `sites/{id}`.
     #[arg(long, env = "KEYPLANE_SITE", required = true)]
     site: Option<String>,
-    /// Agent token (from AdminService.IssueAgentToken).
-    #[arg(
-        long,
-        env = "KEYPLANE_AGENT_TOKEN",
-        hide_env_values = true,
-        required = true
-    )]
-    token: Option<String>,
+    /// File holding a one-time enrollment code (AdminService.CreateEnrollmentCode),
+    /// read when the agent has no valid certificate; needs an https --server.
+    #[arg(long, env = "KEYPLANE_ENROLLMENT_CODE_FILE")]
+    enrollment_code_file: Option<PathBuf>,
+    /// File holding an agent token (AdminService.IssueAgentToken), for agents not
+    /// enrolled yet; or set KEYPLANE_AGENT_TOKEN. Never on the command line, where
+    /// every local user can read it.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Directory for the agent's journal.
     #[arg(
         long,
@@ -177,9 +182,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     keyplane_telemetry::init("keyplane-agent");
-    let (Some(site), Some(token)) = (cli.site, cli.token) else {
-        // clap requires them without a subcommand; this is only a safety net.
-        complain("keyplane-agent: error: --site and --token are required");
+    let Some(site) = cli.site else {
+        // clap requires it without a subcommand; this is only a safety net.
+        complain("keyplane-agent: error: --site is required");
         std::process::exit(2);
     };
     let options = ZwaveOptions {
@@ -198,8 +203,25 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
+    let token = match &cli.token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) => {
+                complain(&format!(
+                    "keyplane-agent: error: reading --token-file {}: {e}",
+                    path.display()
+                ));
+                std::process::exit(2);
+            }
+        },
+        None => std::env::var("KEYPLANE_AGENT_TOKEN")
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default(),
+    };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
+    config.server_ca_file = cli.server_ca_file;
+    config.enrollment_code_file = cli.enrollment_code_file;
     if let Err(e) = config.check() {
         // Arguments that can never work: say so and stop, like clap does.
         complain(&format!("keyplane-agent: error: {e}"));

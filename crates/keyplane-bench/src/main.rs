@@ -220,6 +220,20 @@ impl AgentService for Echo {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn enroll(
+        &self,
+        _: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::AgentCertificate>, Status> {
+        Err(Status::unimplemented("the echo harness enrolls no one"))
+    }
+
+    async fn renew_certificate(
+        &self,
+        _: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::AgentCertificate>, Status> {
+        Err(Status::unimplemented("the echo harness enrolls no one"))
+    }
 }
 
 async fn echo_serve(listen: String) -> anyhow::Result<()> {

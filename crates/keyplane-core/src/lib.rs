@@ -18,6 +18,7 @@ pub mod personal;
 pub mod pin;
 pub mod plan;
 pub mod schedule;
+pub mod scope;
 pub mod status;
 
 pub use event::EventKind;

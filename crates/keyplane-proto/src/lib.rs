@@ -49,6 +49,43 @@ impl std::fmt::Debug for v1::ObservedSlot {
     }
 }
 
+impl std::fmt::Debug for v1::IssueAgentTokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssueAgentTokenResponse")
+            .field("token", &redacted(&self.token))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for v1::CreateDealerTokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateDealerTokenResponse")
+            .field("dealer_token", &self.dealer_token)
+            .field("token", &redacted(&self.token))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for v1::EnrollmentCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollmentCode")
+            .field("code", &redacted(&self.code))
+            .field("site", &self.site)
+            .field("expire_time", &self.expire_time)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for v1::EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("enrollment_code", &redacted(&self.enrollment_code))
+            .field("csr_der_len", &self.csr_der.len())
+            .finish()
+    }
+}
+
+/// PINs, tokens and codes print as `<redacted>` (empty stays empty).
 fn redacted(pin: &str) -> &'static str {
     if pin.is_empty() { "" } else { "<redacted>" }
 }
@@ -88,5 +125,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn debug_never_shows_tokens_or_codes() {
+        let shown = [
+            format!(
+                "{:?}",
+                v1::IssueAgentTokenResponse {
+                    token: "kpa_secret".into()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::CreateDealerTokenResponse {
+                    token: "kpd_secret".into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::EnrollmentCode {
+                    code: "kpe_secret".into(),
+                    ..Default::default()
+                }
+            ),
+            format!(
+                "{:?}",
+                v1::EnrollRequest {
+                    enrollment_code: "kpe_secret".into(),
+                    csr_der: vec![1, 2, 3],
+                }
+            ),
+        ];
+        for text in shown {
+            assert!(!text.contains("secret"), "{text}");
+            assert!(text.contains("<redacted>"), "{text}");
+        }
     }
 }

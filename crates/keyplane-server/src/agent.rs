@@ -4,6 +4,12 @@
 //! the agent's revision, then sends live changes whenever the hub wakes it (or its
 //! periodic re-check fires), and records acks. Responses go through an mpsc channel;
 //! a failed send means the agent left.
+//!
+//! A stream ends, with a status saying why, when the site's session epoch advances
+//! past its own and a re-check finds it revoked (certificate or token), replaced by a
+//! newer stream for the same site, or its site deleted: the hub's poller sees the
+//! epoch on every replica within a poll interval. Enroll and RenewCertificate issue
+//! client certificates from keyplaned's CA (see [`crate::pki`]).
 
 use crate::auth;
 use crate::error::store_status;
@@ -15,10 +21,13 @@ use keyplane_core::names::{DeviceName, SiteName};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_server::AgentService;
 use keyplane_store::{
-    AgentUpdate, DesiredSlot, EventKind, NewEvent, Observed, ObservedState, Store, StoreError,
+    AgentPrincipal, AgentUpdate, DesiredSlot, EventKind, NewEvent, Observed, ObservedState,
+    SessionCheck, Store, StoreError,
 };
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,18 +47,53 @@ pub struct AgentApi {
     hub: Hub,
     bell: EventBell,
     shutdown: CancellationToken,
+    ca: Option<Arc<crate::pki::CertAuthority>>,
 }
 
 impl AgentApi {
-    /// Builds the service.
-    pub fn new(store: Store, hub: Hub, bell: EventBell, shutdown: CancellationToken) -> Self {
+    /// Builds the service; without `ca`, Enroll and RenewCertificate are refused.
+    pub fn new(
+        store: Store,
+        hub: Hub,
+        bell: EventBell,
+        shutdown: CancellationToken,
+        ca: Option<Arc<crate::pki::CertAuthority>>,
+    ) -> Self {
         AgentApi {
             store,
             hub,
             bell,
             shutdown,
+            ca,
         }
     }
+
+    fn ca(&self) -> Result<&crate::pki::CertAuthority, Status> {
+        self.ca.as_deref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this keyplaned has no agent certificate authority (--ca-key-file): enrollment is unavailable",
+            )
+        })
+    }
+
+    fn certificate_pb(
+        agent: Uuid,
+        site: Uuid,
+        cert: crate::pki::AgentCert,
+    ) -> pb::AgentCertificate {
+        pb::AgentCertificate {
+            agent: format!("agents/{agent}"),
+            site: format!("sites/{site}"),
+            certificate_pem: cert.pem,
+            expire_time: Some(prost_types::Timestamp::from(cert.not_after)),
+        }
+    }
+}
+
+fn bad_code() -> Status {
+    Status::unauthenticated(
+        "unknown, used or expired enrollment code: create a new one with AdminService/CreateEnrollmentCode",
+    )
 }
 
 fn slot_pb(site: Uuid, s: &DesiredSlot) -> pb::DesiredSlot {
@@ -146,7 +190,7 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let site = auth::agent(&self.store, &request).await?;
+        let (site, principal, expires) = auth::agent(&self.store, &request).await?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
@@ -163,7 +207,7 @@ impl AgentService for AgentApi {
             .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
         if named.site != site {
             return Err(Status::permission_denied(format!(
-                "this agent token belongs to sites/{site}, not {}",
+                "this agent's certificate or token belongs to sites/{site}, not {}",
                 hello.site
             )));
         }
@@ -180,11 +224,14 @@ impl AgentService for AgentApi {
             .agent_update(site, hello.applied_revision)
             .await
             .map_err(store_status)?;
-        self.store
+        let epoch = self
+            .store
             .agent_session_open(site, session)
             .await
             .map_err(store_status)?;
-        tracing::info!(%site, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
+        // A stream this replica holds for the site re-checks now, not at the next poll.
+        self.hub.epoch(site, epoch);
+        tracing::info!(%site, agent = ?principal, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
 
         let (tx, rx) = mpsc::channel(16);
         let session = Session {
@@ -195,9 +242,76 @@ impl AgentService for AgentApi {
             hub: self.hub.clone(),
             tx,
             sent: 0,
+            principal,
+            epoch,
+            expires,
         };
         tokio::spawn(session.run(first, inbound, wake, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::AgentCertificate>, Status> {
+        let ca = self.ca()?;
+        let req = request.into_inner();
+        let code = req.enrollment_code.trim();
+        if code.is_empty() {
+            return Err(Status::invalid_argument("enrollment_code is required"));
+        }
+        // Checked before signing so a bad code costs no signature; used up below.
+        self.store
+            .enrollment_code_site(code)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(bad_code)?;
+        let agent = Uuid::new_v4();
+        let cert = ca
+            .sign_agent(&req.csr_der, agent, SystemTime::now())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let site = self
+            .store
+            .agent_enroll(code, agent, &cert.sha256, cert.not_after)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(bad_code)?;
+        tracing::info!(%site, %agent, "agent enrolled");
+        Ok(Response::new(Self::certificate_pb(agent, site, cert)))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::AgentCertificate>, Status> {
+        let ca = self.ca()?;
+        let auth::AgentCert {
+            agent,
+            site,
+            sha256: old,
+            ..
+        } = auth::agent_cert(&self.store, &request)
+            .await?
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "RenewCertificate needs the agent's current client certificate (mutual TLS)",
+                )
+            })?;
+        let cert = ca
+            .sign_agent(&request.get_ref().csr_der, agent, SystemTime::now())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self
+            .store
+            .agent_renew(agent, &old, &cert.sha256, cert.not_after)
+            .await
+            .map_err(store_status)?
+        {
+            return Err(Status::unauthenticated(
+                "this certificate was revoked or already renewed",
+            ));
+        }
+        tracing::info!(%site, %agent, "agent certificate renewed");
+        Ok(Response::new(Self::certificate_pb(agent, site, cert)))
     }
 }
 
@@ -209,6 +323,12 @@ struct Session {
     hub: Hub,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     sent: i64,
+    principal: AgentPrincipal,
+    /// The site's session epoch this stream last checked itself against.
+    epoch: i64,
+    /// When the agent's certificate expires, as last read (renewal moves it): the
+    /// periodic re-check asks the database only once it has passed.
+    expires: Option<SystemTime>,
 }
 
 impl Session {
@@ -216,11 +336,15 @@ impl Session {
         mut self,
         first: AgentUpdate,
         mut inbound: Streaming<pb::AgentMessage>,
-        mut wake: tokio::sync::watch::Receiver<i64>,
+        mut wake: tokio::sync::watch::Receiver<crate::hub::Seen>,
         shutdown: CancellationToken,
     ) {
         let site = self.site;
         if self.send(&first).await {
+            // What happened before `first` was read (this session's own epoch
+            // included) needs no wake-up; a write in between is reported by the
+            // poller's revision.
+            let mut last = *wake.borrow_and_update();
             let mut recheck = tokio::time::interval(RECHECK);
             recheck.reset();
             loop {
@@ -243,11 +367,25 @@ impl Session {
                     },
                     // cancel-safe: watch::changed.
                     changed = wake.changed() => {
-                        if changed.is_err() || !self.catch_up().await { break; }
+                        if changed.is_err() { break; }
+                        let seen = *wake.borrow_and_update();
+                        if (seen.gone || seen.epoch > self.epoch) && !self.may_go_on().await {
+                            break;
+                        }
+                        // A wake-up that only moved the epoch (a session opened, this
+                        // one included) changed no slot: nothing to read. A local poke
+                        // leaves `seen` as it was and reads; a write coalesced with an
+                        // epoch change is caught by the poller's revision.
+                        let epoch_only = seen.epoch != last.epoch && seen.revision == last.revision;
+                        last = seen;
+                        if !epoch_only && !self.catch_up().await { break; }
                     }
                     // cancel-safe: interval ticks.
                     _ = recheck.tick() => {
-                        if !self.recheck().await { break; }
+                        // How a certificate that expires mid-stream (not renewed) ends it;
+                        // revocations and takeovers come through the epoch, at no cost here.
+                        let expired = self.expires.is_some_and(|t| SystemTime::now() >= t);
+                        if (expired && !self.may_go_on().await) || !self.recheck().await { break; }
                     }
                 }
             }
@@ -267,6 +405,37 @@ impl Session {
             Ok(revisions) if revisions.first().is_some_and(|(_, r)| *r == self.sent) => true,
             _ => self.catch_up().await,
         }
+    }
+
+    /// Whether this stream may go on (not revoked, replaced or of a deleted site);
+    /// when not, the agent is told why before the stream ends.
+    async fn may_go_on(&mut self) -> bool {
+        let site = self.site;
+        let status = match self
+            .store
+            .agent_session_check(site, self.session, &self.principal)
+            .await
+        {
+            Ok(SessionCheck::Current { epoch, not_after }) => {
+                self.epoch = epoch;
+                self.expires = not_after;
+                return true;
+            }
+            Ok(SessionCheck::Replaced) => Status::aborted(format!(
+                "another agent stream for sites/{site} took over; this one is closed"
+            )),
+            Ok(SessionCheck::Revoked) => Status::unauthenticated(
+                "this agent's certificate or token was revoked, expired, or replaced by a new enrollment: enroll again with a new enrollment code",
+            ),
+            Ok(SessionCheck::SiteGone) => Status::not_found(format!("sites/{site} was deleted")),
+            Err(e) => {
+                tracing::warn!(%site, error = %e, "re-checking the agent session failed; will retry");
+                return true;
+            }
+        };
+        tracing::info!(%site, agent = ?self.principal, %status, "closing agent stream");
+        let _ = self.tx.send(Err(status)).await;
+        false
     }
 
     /// Sends what changed since the last message; false when the agent is gone.

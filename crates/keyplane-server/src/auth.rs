@@ -1,22 +1,27 @@
-//! Bearer-token authentication of dealers and agents.
+//! Authentication of dealers (bearer tokens with scopes) and agents (client
+//! certificates, or bearer agent tokens until every agent has enrolled).
 //!
 //! Dealers are authenticated once per call by [`DealerAuthLayer`], a tower layer in
 //! front of AdminService: it verifies `authorization: Bearer <token>` through the
 //! store's cached verification (a token is trusted at most `dealer_token_ttl`
-//! without the database), reads the acting-user headers, and puts the [`Actor`] into
+//! without the database, never past its expiry), refuses methods outside the token's
+//! scope (`keyplane_core::scope`), limits failed authentications per peer address
+//! ([`FailureLimiter`]), reads the acting-user headers, and puts the [`Actor`] into
 //! the request's extensions; handlers take it with [`actor`]. A refused call never
-//! reaches a handler. Agents, whose token kind differs and whose one call is a
-//! stream, are authenticated by [`agent`] at the start of that call.
+//! reaches a handler. Agents, whose one call is a stream, are authenticated by
+//! [`agent`] at the start of that call: the SHA-256 of the client certificate maps
+//! to an enrolled agent and its site.
 
 use crate::error::store_status;
 use keyplane_core::names::{MAX_PARTITIONS, UserName};
-use keyplane_store::{Actor, Store};
+use keyplane_store::{Actor, AgentPrincipal, Store};
+use sha2::{Digest, Sha256};
 use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::codegen::http::{HeaderMap, Request as HttpRequest, Response as HttpResponse};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
@@ -73,11 +78,21 @@ pub async fn dealer(
     peer: Option<std::net::SocketAddr>,
 ) -> Result<Actor, Status> {
     let token = bearer(headers, "dealer")?;
-    let dealer = store
+    let found = store
         .dealer_token_authenticate(&token)
         .await
         .map_err(store_status)?
-        .ok_or_else(|| Status::unauthenticated("unknown or revoked dealer token"))?;
+        .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked dealer token"))?;
+    let method = path
+        .strip_prefix("/keyplane.v1.AdminService/")
+        .unwrap_or(path);
+    if !found.scope.allows(method) {
+        return Err(Status::permission_denied(format!(
+            "this dealer token's scope is {}: it may not call {method}",
+            found.scope.as_str()
+        )));
+    }
+    let dealer = found.dealer;
     let acting_user = match header(headers, ACTING_USER)? {
         None => None,
         Some(name) => {
@@ -142,26 +157,142 @@ fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, Status> {
         .transpose()
 }
 
-/// Authenticates an agent; returns its site.
-pub async fn agent<T>(store: &Store, request: &Request<T>) -> Result<Uuid, Status> {
-    let token = bearer(request.metadata().as_ref(), "agent")?;
-    store
+/// The enrolled agent whose client certificate a call was made with.
+#[derive(Debug, Clone)]
+pub struct AgentCert {
+    /// The agent.
+    pub agent: Uuid,
+    /// Its site.
+    pub site: Uuid,
+    /// SHA-256 of the certificate presented.
+    pub sha256: Vec<u8>,
+    /// When that certificate expires.
+    pub not_after: std::time::SystemTime,
+}
+
+/// The enrolled agent whose client certificate the call was made with; None
+/// without a client certificate. A certificate that is no enrolled agent's current
+/// one is refused.
+pub async fn agent_cert<T>(
+    store: &Store,
+    request: &Request<T>,
+) -> Result<Option<AgentCert>, Status> {
+    let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+        return Ok(None);
+    };
+    let sha = Sha256::digest(leaf.as_ref()).to_vec();
+    let (agent, site, not_after) = store
+        .agent_cert_authenticate(&sha)
+        .await
+        .map_err(store_status)?
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "this agent certificate is revoked, expired or was renewed: enroll again with a new enrollment code",
+            )
+        })?;
+    Ok(Some(AgentCert {
+        agent,
+        site,
+        sha256: sha,
+        not_after,
+    }))
+}
+
+/// Authenticates an agent by its client certificate or, failing that, its bearer
+/// token; returns its site, which alone decides what it receives, who it is, and
+/// when its certificate expires.
+pub async fn agent<T>(
+    store: &Store,
+    request: &Request<T>,
+) -> Result<(Uuid, AgentPrincipal, Option<std::time::SystemTime>), Status> {
+    if let Some(cert) = agent_cert(store, request).await? {
+        return Ok((
+            cert.site,
+            AgentPrincipal::Agent(cert.agent),
+            Some(cert.not_after),
+        ));
+    }
+    let token = bearer(request.metadata().as_ref(), "agent").map_err(|_| {
+        Status::unauthenticated(
+            "no agent identity: connect with the client certificate from enrollment (mutual TLS) or send `authorization: Bearer <agent token>`",
+        )
+    })?;
+    let site = store
         .agent_token_authenticate(&token)
         .await
         .map_err(store_status)?
-        .ok_or_else(|| Status::unauthenticated("unknown or revoked agent token"))
+        .ok_or_else(|| Status::unauthenticated("unknown or revoked agent token"))?;
+    Ok((
+        site,
+        AgentPrincipal::Token(keyplane_store::token_hash(&token)),
+        None,
+    ))
+}
+
+/// The peer's address, over plaintext or TLS.
+pub fn peer_addr(extensions: &tonic::codegen::http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
+/// Failed authentications a peer address may make within [`AUTH_FAILURE_WINDOW`];
+/// past it, its calls are refused with RESOURCE_EXHAUSTED until the window ends,
+/// without asking the database.
+pub const AUTH_FAILURES_MAX: u32 = 10;
+/// See [`AUTH_FAILURES_MAX`].
+pub const AUTH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most peers remembered; past it the oldest windows are forgotten.
+const LIMITER_MAX_PEERS: usize = 10_000;
+
+/// Failed authentications per peer address (per replica).
+#[derive(Debug, Default)]
+pub struct FailureLimiter {
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl FailureLimiter {
+    /// How long `ip` stays refused, if it is.
+    pub fn blocked(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, start) = peers.get(&ip)?;
+        let left = AUTH_FAILURE_WINDOW.checked_sub(start.elapsed())?;
+        (*count >= AUTH_FAILURES_MAX).then_some(left)
+    }
+
+    /// Counts a failed authentication from `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.len() >= LIMITER_MAX_PEERS {
+            peers.retain(|_, (_, start)| start.elapsed() < AUTH_FAILURE_WINDOW);
+        }
+        let entry = peers.entry(ip).or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() >= AUTH_FAILURE_WINDOW {
+            *entry = (0, std::time::Instant::now());
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
 }
 
 /// A tower layer authenticating every call of the service it wraps as a dealer's.
 #[derive(Debug, Clone)]
 pub struct DealerAuthLayer {
     store: Store,
+    limiter: std::sync::Arc<FailureLimiter>,
 }
 
 impl DealerAuthLayer {
     /// A layer verifying dealer tokens through `store`.
     pub fn new(store: Store) -> Self {
-        DealerAuthLayer { store }
+        DealerAuthLayer {
+            store,
+            limiter: Default::default(),
+        }
     }
 }
 
@@ -172,6 +303,7 @@ impl<S> tower_layer::Layer<S> for DealerAuthLayer {
         DealerAuth {
             inner,
             store: self.store.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 }
@@ -181,6 +313,7 @@ impl<S> tower_layer::Layer<S> for DealerAuthLayer {
 pub struct DealerAuth<S> {
     inner: S,
     store: Store,
+    limiter: std::sync::Arc<FailureLimiter>,
 }
 
 impl<S, B> Service<HttpRequest<B>> for DealerAuth<S>
@@ -203,18 +336,30 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
+        let limiter = self.limiter.clone();
         Box::pin(async move {
-            let peer = request
-                .extensions()
-                .get::<TcpConnectInfo>()
-                .and_then(TcpConnectInfo::remote_addr);
+            let peer = peer_addr(request.extensions());
+            if let Some(left) = peer.and_then(|p| limiter.blocked(p.ip())) {
+                return Ok(Status::resource_exhausted(format!(
+                    "too many failed authentications from this address; retry in {} s",
+                    left.as_secs().max(1)
+                ))
+                .into_http());
+            }
             let path = request.uri().path().to_owned();
             match dealer(&store, &path, request.headers(), peer).await {
                 Ok(actor) => {
                     request.extensions_mut().insert(actor);
                     inner.call(request).await
                 }
-                Err(status) => Ok(status.into_http()),
+                Err(status) => {
+                    if status.code() == tonic::Code::Unauthenticated
+                        && let Some(p) = peer
+                    {
+                        limiter.failed(p.ip());
+                    }
+                    Ok(status.into_http())
+                }
             }
         })
     }

@@ -3,7 +3,7 @@
 //! change log stays the truth: a wake-up only says "look again", so a missed or
 //! duplicated one costs a query, never a change. Nothing here is in the write path.
 
-use keyplane_store::Store;
+use keyplane_store::{SiteChange, Store};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,20 +11,53 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// What a site's streams were last told.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// The highest revision seen.
+    pub revision: i64,
+    /// The highest session epoch seen: a stream whose own epoch is lower re-checks
+    /// whether it may go on (revoked, replaced).
+    pub epoch: i64,
+    /// The site was deleted.
+    pub gone: bool,
+}
+
 /// Per-site wake-up channels.
 #[derive(Debug, Default, Clone)]
 pub struct Hub {
-    sites: Arc<Mutex<HashMap<Uuid, watch::Sender<i64>>>>,
+    sites: Arc<Mutex<HashMap<Uuid, watch::Sender<Seen>>>>,
 }
 
 impl Hub {
-    /// Subscribes to wake-ups of `site`; the value is the last revision seen.
-    pub fn subscribe(&self, site: Uuid) -> watch::Receiver<i64> {
+    /// Subscribes to wake-ups of `site`.
+    pub fn subscribe(&self, site: Uuid) -> watch::Receiver<Seen> {
         let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
         sites
             .entry(site)
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(Seen::default()).0)
             .subscribe()
+    }
+
+    /// Tells the streams of `site` on this replica that its session epoch reached
+    /// `epoch` (after a local revocation or a new session), before the poller would.
+    pub fn epoch(&self, site: Uuid, epoch: i64) {
+        self.observe(SiteChange {
+            site,
+            revision: 0,
+            session_epoch: epoch,
+            gone: false,
+        });
+    }
+
+    /// Tells the streams of `site` on this replica that it was deleted.
+    pub fn gone(&self, site: Uuid) {
+        self.observe(SiteChange {
+            site,
+            revision: 0,
+            session_epoch: 0,
+            gone: true,
+        });
     }
 
     /// Wakes the streams of `site` (after a local commit).
@@ -41,21 +74,31 @@ impl Hub {
         sites.keys().copied().collect()
     }
 
-    fn observe(&self, site: Uuid, revision: i64) {
+    fn observe(&self, change: SiteChange) {
         let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = sites.get(&site) {
+        if let Some(tx) = sites.get(&change.site) {
             tx.send_if_modified(|seen| {
-                let newer = revision > *seen;
-                if newer {
-                    *seen = revision;
+                let mut modified = false;
+                if change.revision > seen.revision {
+                    seen.revision = change.revision;
+                    modified = true;
                 }
-                newer
+                if change.session_epoch > seen.epoch {
+                    seen.epoch = change.session_epoch;
+                    modified = true;
+                }
+                if change.gone && !seen.gone {
+                    seen.gone = true;
+                    modified = true;
+                }
+                modified
             });
         }
     }
 
-    /// Polls for sites whose revision advanced every `period` until cancelled, waking
-    /// streams whose site advanced (commits from other replicas). One query per tick,
+    /// Polls every `period` until cancelled for sites whose revision or session epoch
+    /// advanced, or that were deleted, waking their streams (commits, revocations and
+    /// takeovers from other replicas). One query per tick,
     /// whatever the number of agents held: it reads the sites changed since the last
     /// tick (see [`Store::sites_changed`]), not every held site.
     pub async fn poll(self, store: Store, period: Duration, cancel: CancellationToken) {
@@ -77,8 +120,8 @@ impl Hub {
             }
             match store.sites_changed(since, POLL_SLACK).await {
                 Ok((changed, now)) => {
-                    for (site, revision) in changed {
-                        self.observe(site, revision);
+                    for change in changed {
+                        self.observe(change);
                     }
                     since = Some(now);
                 }

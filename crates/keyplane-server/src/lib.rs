@@ -1,6 +1,10 @@
 //! The `keyplaned` gRPC service: AdminService for dealers, AgentService for site
 //! agents, plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
 //!
+//! Served over TLS (rustls, ring) when given a certificate, and then only; plaintext
+//! only on a loopback address. With a CA ([`pki`]) agents enroll and connect with
+//! client certificates (see docs/SECURITY.md).
+//!
 //! No SQL here: persistence is `keyplane-store`. Dealers are authenticated by
 //! [`auth::DealerAuthLayer`] in front of AdminService, before any handler runs. Tasks started by [`serve`]: the tonic
 //! server, one task per agent stream (see [`agent`]) and the revision poller of
@@ -15,6 +19,7 @@ pub mod fields;
 pub mod hub;
 pub mod mask;
 pub mod page;
+pub mod pki;
 pub mod resources;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
@@ -26,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tower_layer::Layer;
 
-/// Everything `serve` needs.
-#[derive(Debug, Clone)]
+/// Everything `serve` needs. Debug shows no password of the database URL.
+#[derive(Clone)]
 pub struct Config {
     /// PostgreSQL URL.
     pub database_url: String,
@@ -40,6 +45,64 @@ pub struct Config {
     /// How long a verified dealer token is trusted without the database; a removed
     /// token keeps working this long at most. 1 s unless a test needs otherwise.
     pub dealer_token_ttl: Duration,
+    /// The listener's certificate and key. Without them keyplaned serves plaintext,
+    /// which [`serve`] allows only on a loopback address.
+    pub tls: Option<ServerTls>,
+    /// The certificate authority of agents' client certificates. When set (with
+    /// `tls`), agents may present a certificate it signed; see [`pki`].
+    pub ca: Option<std::sync::Arc<pki::CertAuthority>>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &without_password(&self.database_url))
+            .field("pin_key", &self.pin_key)
+            .field("max_connections", &self.max_connections)
+            .field("poll_interval", &self.poll_interval)
+            .field("dealer_token_ttl", &self.dealer_token_ttl)
+            .field("tls", &self.tls)
+            .field("ca", &self.ca)
+            .finish()
+    }
+}
+
+/// `url` with the password of a `scheme://user:password@host` URL (or a
+/// `password=` parameter) replaced.
+fn without_password(url: &str) -> String {
+    let masked = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or("");
+                    format!("{scheme}://{user}:<redacted>@{host}{tail}")
+                }
+                _ => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    };
+    if masked.contains("password=") {
+        return "<redacted: holds password=>".to_owned();
+    }
+    masked
+}
+
+/// The server's TLS identity (PEM). Debug never shows the key.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain, leaf first.
+    pub cert_pem: String,
+    /// Private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -51,6 +114,8 @@ impl Config {
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
             dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
+            tls: None,
+            ca: None,
         }
     }
 }
@@ -62,10 +127,36 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    if config.tls.is_none() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve plaintext on {addr}: dealer tokens and PINs would cross the network in clear. \
+             Pass --tls-cert-file and --tls-key-file (create them with `keyplaned ca-init --out DIR --server-name HOST`), \
+             or listen on a loopback address (127.0.0.1, [::1]) for local development"
+        );
+    }
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut tls_config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &config.ca {
+            // Optional: Enroll and the dealer API are called without a client certificate.
+            tls_config = tls_config
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca.cert_pem()))
+                .client_auth_optional(true);
+        }
+        server = server
+            .tls_config(tls_config)
+            .map_err(|e| anyhow::anyhow!("TLS certificate or key: {e}"))?;
+    }
     let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?
         .with_dealer_token_ttl(config.dealer_token_ttl);
     store.migrate().await?;
     store.key_check().await?;
+    store
+        .ca_check(config.ca.as_ref().map(|ca| ca.key_id()))
+        .await?;
     let hub = hub::Hub::default();
     let bell = hub::EventBell::default();
     let poller = tokio::spawn(hub.clone().poll(
@@ -94,14 +185,13 @@ pub async fn serve(
     let admin = auth::DealerAuthLayer::new(store.clone()).layer(AdminServiceServer::new(
         admin::AdminApi::new(store.clone(), hub.clone(), bell.clone(), shutdown.clone()),
     ));
-    let addr = listener.local_addr()?;
     // Small request/response messages: without NODELAY, Nagle and delayed ACKs
     // add ~40 ms to every call on loopback.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
-    tracing::info!(%addr, "keyplaned listening");
-    tonic::transport::Server::builder()
+    tracing::info!(%addr, tls = config.tls.is_some(), "keyplaned listening");
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -111,6 +201,7 @@ pub async fn serve(
             hub,
             bell,
             shutdown.clone(),
+            config.ca.clone(),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
@@ -118,4 +209,23 @@ pub async fn serve(
     store.close();
     tracing::info!("keyplaned stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_debug_hides_the_database_password() {
+        let key = PinKey::generate().expect("key");
+        let config = Config::new("postgres://app:hunter2@db.example:5432/keyplane", key);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("app:<redacted>@db.example:5432/keyplane"),
+            "{shown}"
+        );
+        assert!(!without_password("host=h password=hunter2").contains("hunter2"));
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
+    }
 }

@@ -23,15 +23,37 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "KEYPLANE_LISTEN", default_value = "127.0.0.1:50051")]
         listen: String,
-        /// PIN sealing key as 64 hex digits (takes precedence over --pin-key-file).
-        #[arg(long, env = "KEYPLANE_PIN_KEY", hide_env_values = true)]
-        pin_key: Option<String>,
         /// File holding the PIN sealing key (create it with `keyplaned keygen`).
         #[arg(long, env = "KEYPLANE_PIN_KEY_FILE")]
         pin_key_file: Option<PathBuf>,
         /// Database connection pool size.
         #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS", default_value_t = 32)]
         max_connections: usize,
+        /// The server's TLS certificate chain (PEM). Without it keyplaned serves
+        /// plaintext, and only on a loopback address.
+        #[arg(long, env = "KEYPLANE_TLS_CERT_FILE", requires = "tls_key_file")]
+        tls_cert_file: Option<PathBuf>,
+        /// The server's TLS private key (PEM).
+        #[arg(long, env = "KEYPLANE_TLS_KEY_FILE", requires = "tls_cert_file")]
+        tls_key_file: Option<PathBuf>,
+        /// The agent certificate authority's key (create it with `keyplaned ca-init`);
+        /// every replica needs the same one.
+        #[arg(long, env = "KEYPLANE_CA_KEY_FILE")]
+        ca_key_file: Option<PathBuf>,
+        /// The CA certificate; defaults to ca.crt beside the CA key.
+        #[arg(long, env = "KEYPLANE_CA_CERT_FILE")]
+        ca_cert_file: Option<PathBuf>,
+    },
+    /// Create the agent certificate authority in a new directory (mode 0700): ca.key
+    /// (0600) and ca.crt, and with --server-name a server certificate signed by it
+    /// (server.crt, server.key). Never overwrites.
+    CaInit {
+        /// The directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names or IP addresses the server certificate is for (repeatable).
+        #[arg(long)]
+        server_name: Vec<String>,
     },
     /// Create a new PIN sealing key file (mode 0600) and print its key id.
     Keygen {
@@ -58,17 +80,53 @@ enum Command {
         /// Server URL.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
-        /// Dealer token.
-        #[arg(long, env = "KEYPLANE_TOKEN", hide_env_values = true)]
-        token: String,
+        /// File holding the dealer token (or set KEYPLANE_TOKEN; never on the command line,
+        /// where every local user can read it).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
 }
 
+/// Whether a connection string carries a password.
+fn has_password(url: &str) -> bool {
+    if let Some((_, rest)) = url.split_once("://") {
+        let userinfo = rest.split(['/', '?']).next().unwrap_or("");
+        return userinfo
+            .rsplit_once('@')
+            .is_some_and(|(user, _)| user.contains(':'))
+            || rest.contains("password=");
+    }
+    url.split_whitespace().any(|kv| kv.starts_with("password="))
+}
+
 fn database_url(cli: &Cli) -> anyhow::Result<String> {
+    // argv is readable by every local user: a password belongs in the environment.
+    let on_command_line =
+        std::env::args().any(|a| a == "--database-url" || a.starts_with("--database-url="));
+    if on_command_line && cli.database_url.as_deref().is_some_and(has_password) {
+        anyhow::bail!(
+            "--database-url holds a password, which every local user could read in the process list: \
+             set KEYPLANE_DATABASE_URL (or DATABASE_URL) instead"
+        );
+    }
     cli.database_url
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .context("set --database-url, KEYPLANE_DATABASE_URL or DATABASE_URL")
+}
+
+/// A secret from a file (trimmed) or, failing that, the environment variable `env`.
+fn secret(file: Option<&Path>, env: &str) -> anyhow::Result<Option<String>> {
+    if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    Ok(std::env::var(env).ok().filter(|v| !v.trim().is_empty()))
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// The key `serve` must use. There is no default and nothing is created here: a
@@ -97,7 +155,8 @@ fn load_key(pin_key: Option<&str>, pin_key_file: Option<&Path>) -> anyhow::Resul
     PinKey::from_hex(&text).with_context(|| format!("PIN key in {}", path.display()))
 }
 
-/// The key opens every PIN: say so when anyone but its owner may read it.
+/// A key file (PIN, TLS or CA key) opens too much: say so when anyone but its owner
+/// may read it.
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
@@ -106,7 +165,7 @@ fn warn_if_readable_by_others(path: &Path) {
         tracing::warn!(
             path = %path.display(),
             mode = format!("{:o}", meta.permissions().mode() & 0o777),
-            "the PIN key file is readable by other users: chmod 600 it"
+            "this key file is readable by other users: chmod 600 it"
         );
     }
 }
@@ -171,13 +230,41 @@ async fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve {
             listen,
-            pin_key,
             pin_key_file,
             max_connections,
+            tls_cert_file,
+            tls_key_file,
+            ca_key_file,
+            ca_cert_file,
         } => {
+            // Hex keys only from the environment: argv is visible to every local user.
+            let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
             let key = load_key(pin_key.as_deref(), pin_key_file.as_deref())?;
             let mut config = keyplane_server::Config::new(database_url(&cli)?, key);
             config.max_connections = *max_connections;
+            if let (Some(cert), Some(key)) = (tls_cert_file, tls_key_file) {
+                warn_if_readable_by_others(key);
+                config.tls = Some(keyplane_server::ServerTls {
+                    cert_pem: read(cert)?,
+                    key_pem: read(key)?,
+                });
+            }
+            if let Some(ca_key) = ca_key_file {
+                let ca_cert = ca_cert_file
+                    .clone()
+                    .unwrap_or_else(|| ca_key.with_file_name("ca.crt"));
+                if !ca_key.exists() {
+                    anyhow::bail!(
+                        "CA key file {} does not exist: create the CA once with `keyplaned ca-init --out DIR`, \
+                         or copy the ca.key the other replicas use (every replica needs the same CA key)",
+                        ca_key.display()
+                    );
+                }
+                warn_if_readable_by_others(ca_key);
+                let ca = keyplane_server::pki::CertAuthority::load(ca_key, &ca_cert)
+                    .with_context(|| format!("CA key {}", ca_key.display()))?;
+                config.ca = Some(std::sync::Arc::new(ca));
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -192,6 +279,19 @@ async fn main() -> anyhow::Result<()> {
                 "wrote {} (mode 0600): back it up apart from the database; every replica needs this same key",
                 out.display()
             );
+            Ok(())
+        }
+        Command::CaInit { out, server_name } => {
+            let files = keyplane_server::pki::ca_init(out, server_name)?;
+            println!("ca_key_id: {}", files.key_id);
+            println!(
+                "wrote {} (mode 0600; back it up, every replica needs it) and {}",
+                files.key.display(),
+                files.cert.display()
+            );
+            if let Some((cert, key)) = files.server {
+                println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
+            }
             Ok(())
         }
         Command::KeyId { pin_key_file } => {
@@ -214,7 +314,10 @@ async fn main() -> anyhow::Result<()> {
             println!("token: {token}");
             Ok(())
         }
-        Command::DemoSeed { server, token } => {
+        Command::DemoSeed { server, token_file } => {
+            let token = secret(token_file.as_deref(), "KEYPLANE_TOKEN")?
+                .context("pass --token-file FILE or set KEYPLANE_TOKEN")?;
+            let token = &token;
             // host:port as the agent takes it; plaintext until TLS exists.
             let server = if server.contains("://") {
                 server.clone()
@@ -238,6 +341,20 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_database_urls_are_seen() {
+        for (url, password) in [
+            ("postgres://u:secret@h:5432/db", true),
+            ("postgres://u@h:5432/db", false),
+            ("postgres://h/db?user=u&password=secret", true),
+            ("postgres://u@[::1]:5432/db", false),
+            ("host=h user=u password=secret", true),
+            ("host=h user=u", false),
+        ] {
+            assert_eq!(has_password(url), password, "{url}");
+        }
+    }
 
     #[test]
     fn serve_never_makes_up_a_key() {

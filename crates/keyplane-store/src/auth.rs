@@ -4,9 +4,10 @@ use crate::Cached;
 use crate::crypto::{new_token, token_hash};
 use crate::site::{AuditParams, site_load_in_txn};
 use crate::{Actor, Store, StoreError, batch_in_txn, in_txn, params};
+use keyplane_core::scope::TokenScope;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use uuid::Uuid;
 
 /// How long a dealer token, once found in the database, is trusted without asking it
@@ -18,12 +19,41 @@ pub const DEALER_TOKEN_TTL: Duration = Duration::from_secs(1);
 /// so guessing cannot fill it).
 const TOKEN_CACHE_MAX: usize = 10_000;
 
-/// Dealer tokens verified in the last `ttl`, by token hash.
+/// A verified dealer token: whose it is and what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DealerToken {
+    /// The dealer.
+    pub dealer: Uuid,
+    /// The token's id (`dealerTokens/{id}`).
+    pub id: Uuid,
+    /// What it may call.
+    pub scope: TokenScope,
+}
+
+/// A dealer token as listed (never the token itself).
+#[derive(Debug, Clone)]
+pub struct DealerTokenInfo {
+    /// The token's id.
+    pub id: Uuid,
+    /// A label.
+    pub display_name: String,
+    /// What it may call.
+    pub scope: TokenScope,
+    /// When it stops working, if ever.
+    pub expire_time: Option<SystemTime>,
+    /// When it was made.
+    pub create_time: SystemTime,
+}
+
+/// Dealer tokens verified in the last `ttl` (and not past their expiry), by hash.
 #[derive(Debug)]
 pub(crate) struct TokenCache {
     ttl: Duration,
-    map: Mutex<HashMap<Vec<u8>, (Uuid, Instant)>>,
+    map: Mutex<HashMap<Vec<u8>, Verified>>,
 }
+
+/// A verified token, when it was verified, and when it expires.
+type Verified = (DealerToken, Instant, Option<SystemTime>);
 
 impl Default for TokenCache {
     fn default() -> Self {
@@ -39,23 +69,25 @@ impl TokenCache {
         }
     }
 
-    fn get(&self, hash: &[u8]) -> Option<Uuid> {
+    fn get(&self, hash: &[u8]) -> Option<DealerToken> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(hash)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(dealer, _)| *dealer)
+            .filter(|(_, at, expire)| {
+                at.elapsed() < self.ttl && expire.is_none_or(|e| SystemTime::now() < e)
+            })
+            .map(|(token, _, _)| *token)
     }
 
-    fn put(&self, hash: Vec<u8>, dealer: Uuid) {
+    fn put(&self, hash: Vec<u8>, token: DealerToken, expire: Option<SystemTime>) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= TOKEN_CACHE_MAX {
             let ttl = self.ttl;
-            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            map.retain(|_, (_, at, _)| at.elapsed() < ttl);
             if map.len() >= TOKEN_CACHE_MAX {
                 map.clear();
             }
         }
-        map.insert(hash, (dealer, Instant::now()));
+        map.insert(hash, (token, Instant::now(), expire));
     }
 }
 
@@ -87,26 +119,135 @@ impl Store {
         Ok((id, token))
     }
 
-    /// The dealer a bearer token belongs to, if any. A token found in the database is
-    /// trusted for [`DEALER_TOKEN_TTL`] without asking again; an unknown one is asked
-    /// about every time.
-    pub async fn dealer_token_authenticate(&self, token: &str) -> Result<Option<Uuid>, StoreError> {
+    /// The dealer token a bearer token is, if it exists and has not expired. A token
+    /// found in the database is trusted for [`DEALER_TOKEN_TTL`] (never past its
+    /// expiry) without asking again: a revoked token stops within that bound. An
+    /// unknown one is asked about every time.
+    pub async fn dealer_token_authenticate(
+        &self,
+        token: &str,
+    ) -> Result<Option<DealerToken>, StoreError> {
         let hash = token_hash(token);
-        if let Some(dealer) = self.tokens.get(&hash) {
-            return Ok(Some(dealer));
+        if let Some(found) = self.tokens.get(&hash) {
+            return Ok(Some(found));
         }
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                "SELECT dealer_id FROM dealer_token WHERE token_hash = $1",
+                "SELECT dealer_id, id, scope, expire_time FROM dealer_token
+                 WHERE token_hash = $1 AND (expire_time IS NULL OR expire_time > now())",
                 &[&hash],
             )
             .await?;
-        let dealer: Option<Uuid> = row.map(|r| r.get(0));
-        if let Some(dealer) = dealer {
-            self.tokens.put(hash, dealer);
-        }
-        Ok(dealer)
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let scope: String = row.get(2);
+        let found = DealerToken {
+            dealer: row.get(0),
+            id: row.get(1),
+            scope: TokenScope::parse(&scope)
+                .ok_or_else(|| StoreError::Internal(format!("dealer token scope {scope}")))?,
+        };
+        self.tokens.put(hash, found, row.get(3));
+        Ok(Some(found))
+    }
+
+    /// Creates a dealer token for the acting dealer (returned once, stored hashed).
+    pub async fn dealer_token_create(
+        &self,
+        actor: &Actor,
+        display_name: &str,
+        scope: TokenScope,
+        ttl: Option<Duration>,
+    ) -> Result<(Uuid, String, Option<SystemTime>), StoreError> {
+        let token = new_token("kpd_")?;
+        let hash = token_hash(&token);
+        let expire_time = ttl.map(|t| SystemTime::now() + t);
+        let id = Uuid::new_v4();
+        let dealer = actor.dealer;
+        in_txn!(self, "dealer_token_create", |tx| {
+            let audit = AuditParams::new(
+                actor,
+                None,
+                "dealer_token.create",
+                &format!("dealerTokens/{id}"),
+                serde_json::json!({ "scope": scope.as_str() }),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "INSERT INTO dealer_token (token_hash, dealer_id, id, scope, expire_time, display_name)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                        params![&hash, &dealer, &id, &scope.as_str(), &expire_time, &display_name],
+                    ),
+                    audit.step(),
+                ],
+            )
+            .await?;
+            Ok(())
+        })?;
+        Ok((id, token, expire_time))
+    }
+
+    /// The acting dealer's tokens (never the tokens themselves).
+    pub async fn dealer_token_list(
+        &self,
+        dealer: Uuid,
+    ) -> Result<Vec<DealerTokenInfo>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT id, display_name, scope, expire_time, create_time FROM dealer_token
+                 WHERE dealer_id = $1 ORDER BY create_time, id",
+                &[&dealer],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let scope: String = r.get(2);
+                Ok(DealerTokenInfo {
+                    id: r.get(0),
+                    display_name: r.get(1),
+                    scope: TokenScope::parse(&scope).ok_or_else(|| {
+                        StoreError::Internal(format!("dealer token scope {scope}"))
+                    })?,
+                    expire_time: r.get(3),
+                    create_time: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes one of the acting dealer's tokens; it stops working on every replica
+    /// within [`DEALER_TOKEN_TTL`].
+    pub async fn dealer_token_revoke(&self, actor: &Actor, id: Uuid) -> Result<(), StoreError> {
+        let dealer = actor.dealer;
+        in_txn!(self, "dealer_token_revoke", |tx| {
+            let audit = AuditParams::new(
+                actor,
+                None,
+                "dealer_token.revoke",
+                &format!("dealerTokens/{id}"),
+                serde_json::json!({}),
+            );
+            let rows = batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "DELETE FROM dealer_token WHERE id = $1 AND dealer_id = $2 RETURNING id",
+                        params![&id, &dealer],
+                    ),
+                    audit.step(),
+                ],
+            )
+            .await?;
+            if rows.first().is_none_or(|r| r.is_empty()) {
+                return Err(StoreError::NotFound(format!("dealerTokens/{id}")));
+            }
+            Ok(())
+        })
     }
 
     /// Issues a new agent token for a site, revoking the earlier ones.
@@ -129,6 +270,11 @@ impl Store {
                     (
                         "INSERT INTO agent_token (token_hash, site_id) VALUES ($1, $2)",
                         params![&hash, &site],
+                    ),
+                    // Streams opened with the revoked tokens re-check and end.
+                    (
+                        "UPDATE site SET session_epoch = session_epoch + 1 WHERE id = $1",
+                        params![&site],
                     ),
                     audit.step(),
                 ],

@@ -13,6 +13,7 @@
 //! again at the bottom.
 
 mod access_plan;
+mod agent_identity;
 mod auth;
 mod authority;
 mod credential;
@@ -27,21 +28,23 @@ mod plan;
 mod rules;
 mod site;
 mod sync;
+mod tls;
 mod types;
 mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
-pub use auth::DEALER_TOKEN_TTL;
+pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
+pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
+pub use sync::SiteChange;
 pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use std::str::FromStr;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
@@ -233,17 +236,17 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Connects a pool of up to `max_connections` to `url` (not yet opened).
+    /// Connects a pool of up to `max_connections` to `url` (not yet opened), with TLS
+    /// as its `sslmode` and `sslrootcert` say (see the `tls` module for what is supported).
     pub fn connect(url: &str, max_connections: usize, key: PinKey) -> Result<Store, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::InvalidArgument(format!("database url: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let connect = tls::pg_connect(url)?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match connect.tls {
+            Some(tls) => Manager::from_config(connect.config, tls, manager_config),
+            None => Manager::from_config(connect.config, tokio_postgres::NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(max_connections)
             .build()

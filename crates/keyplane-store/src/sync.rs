@@ -12,6 +12,19 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
 
+/// A site that changed since the last poll (see [`Store::sites_changed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteChange {
+    /// The site.
+    pub site: Uuid,
+    /// Its revision (0 when gone).
+    pub revision: i64,
+    /// Its session epoch (0 when gone).
+    pub session_epoch: i64,
+    /// Whether it was deleted.
+    pub gone: bool,
+}
+
 /// An agent is shown as connected only if heard from within this many seconds.
 const AGENT_LIVENESS_SECS: f64 = 90.0;
 
@@ -259,13 +272,16 @@ impl Store {
         &self,
         since: Option<SystemTime>,
         slack: Duration,
-    ) -> Result<(Vec<(Uuid, i64)>, SystemTime), StoreError> {
+    ) -> Result<(Vec<SiteChange>, SystemTime), StoreError> {
         let conn = self.conn().await?;
-        // Always one row at least (the clock), then one per changed site.
+        // Always one row at least (the clock), then one per changed or deleted site.
         let rows = conn
             .query(
-                "SELECT n.now, s.id, s.revision FROM (SELECT now() AS now) n
-                 LEFT JOIN site s ON s.change_time > COALESCE($1, n.now) - make_interval(secs => $2)",
+                "SELECT n.now, s.id, s.revision, s.session_epoch, false FROM (SELECT now() AS now) n
+                 LEFT JOIN site s ON s.change_time > COALESCE($1, n.now) - make_interval(secs => $2)
+                 UNION ALL
+                 SELECT now(), g.site_id, 0, 0, true FROM site_gone g
+                  WHERE g.gone_time > COALESCE($1, now()) - make_interval(secs => $2)",
                 &[&since, &slack.as_secs_f64()],
             )
             .await?;
@@ -275,7 +291,14 @@ impl Store {
             .ok_or_else(|| StoreError::Internal("no clock row".into()))?;
         let changed = rows
             .iter()
-            .filter_map(|r| Some((r.get::<_, Option<Uuid>>(1)?, r.get::<_, Option<i64>>(2)?)))
+            .filter_map(|r| {
+                Some(SiteChange {
+                    site: r.get::<_, Option<Uuid>>(1)?,
+                    revision: r.get::<_, Option<i64>>(2)?,
+                    session_epoch: r.get::<_, Option<i64>>(3)?,
+                    gone: r.get(4),
+                })
+            })
             .collect();
         Ok((changed, now))
     }
@@ -305,14 +328,21 @@ impl Store {
     }
 
     /// Marks the site's agent stream `session` as the open one.
-    pub async fn agent_session_open(&self, site: Uuid, session: Uuid) -> Result<(), StoreError> {
+    ///
+    /// The site's session epoch advances, so a session it replaces (on any replica)
+    /// re-checks and ends; returns the new epoch.
+    pub async fn agent_session_open(&self, site: Uuid, session: Uuid) -> Result<i64, StoreError> {
         let conn = self.conn().await?;
-        conn.execute(
-            "UPDATE site SET agent_connected = true, agent_session = $2, agent_last_seen = now() WHERE id = $1",
-            &[&site, &session],
-        )
-        .await?;
-        Ok(())
+        let row = conn
+            .query_opt(
+                "UPDATE site SET agent_connected = true, agent_session = $2, agent_last_seen = now(),
+                    session_epoch = session_epoch + 1
+                 WHERE id = $1 RETURNING session_epoch",
+                &[&site, &session],
+            )
+            .await?
+            .ok_or_else(|| crate::site::not_found_site(site))?;
+        Ok(row.get(0))
     }
 
     /// Marks the site's agent disconnected, unless another stream opened since

@@ -5,9 +5,11 @@
 use crate::pg::{TestDatabase, test_database};
 use crate::proxy::CountingProxy;
 use keyplane_agent::clock::{Clock, SystemClock};
+use keyplane_agent::identity::Identity;
 use keyplane_agent::{AgentConfig, DriverFactory, SimulatorFactory};
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::admin_service_client::AdminServiceClient;
+use keyplane_proto::v1::agent_service_client::AgentServiceClient;
 use keyplane_store::{PinKey, Store};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,9 @@ impl Interceptor for Bearer {
     }
 }
 
+/// The server's side of an agent's Sync stream.
+pub type AgentStream = tonic::Streaming<pb::ServerMessage>;
+
 /// An AdminService client that authenticates as a dealer.
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
@@ -51,8 +56,54 @@ pub struct TestServer {
     /// A store on the same database with the same key, to inspect state directly.
     pub store: Store,
     key: PinKey,
+    /// The CA and server certificate when it serves TLS.
+    pub pki: Option<Arc<TestPki>>,
     shutdown: CancellationToken,
     handle: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A certificate authority made for one test (`keyplaned ca-init` into a temp dir),
+/// with a server certificate for 127.0.0.1 and localhost.
+pub struct TestPki {
+    /// The directory holding ca.key, ca.crt, server.crt, server.key.
+    pub dir: TempDir,
+    /// The loaded CA.
+    pub ca: Arc<keyplane_server::pki::CertAuthority>,
+}
+
+impl TestPki {
+    /// Makes a new CA and server certificate.
+    pub fn new() -> anyhow::Result<TestPki> {
+        Self::with_agent_lifetime(keyplane_server::pki::AGENT_CERT_LIFETIME)
+    }
+
+    /// Like [`TestPki::new`], issuing agent certificates valid for `lifetime`.
+    pub fn with_agent_lifetime(lifetime: Duration) -> anyhow::Result<TestPki> {
+        let dir = TempDir::new("pki")?;
+        let files = keyplane_server::pki::ca_init(
+            &dir.path().join("ca"),
+            &["127.0.0.1".to_owned(), "localhost".to_owned()],
+        )?;
+        let ca = keyplane_server::pki::CertAuthority::load(&files.key, &files.cert)?
+            .with_agent_lifetime(lifetime);
+        Ok(TestPki {
+            dir,
+            ca: Arc::new(ca),
+        })
+    }
+
+    /// The CA certificate file (what agents trust).
+    pub fn ca_cert_file(&self) -> PathBuf {
+        self.dir.path().join("ca/ca.crt")
+    }
+
+    /// The server's TLS identity.
+    pub fn server_tls(&self) -> anyhow::Result<keyplane_server::ServerTls> {
+        Ok(keyplane_server::ServerTls {
+            cert_pem: std::fs::read_to_string(self.dir.path().join("ca/server.crt"))?,
+            key_pem: std::fs::read_to_string(self.dir.path().join("ca/server.key"))?,
+        })
+    }
 }
 
 impl TestServer {
@@ -62,9 +113,29 @@ impl TestServer {
         Self::start_on(db, PinKey::generate()?).await
     }
 
-    /// Starts another server (a replica) on the same database and key.
+    /// Starts another server (a replica) on the same database and key (and CA).
     pub async fn replica(&self) -> anyhow::Result<TestServer> {
-        Self::start_on(self.db.clone(), self.key.clone()).await
+        match &self.pki {
+            Some(pki) => {
+                Self::start_full(self.db.clone(), self.key.clone(), Some(pki.clone())).await
+            }
+            None => Self::start_on(self.db.clone(), self.key.clone()).await,
+        }
+    }
+
+    /// Starts a server serving TLS with a new test CA on a fresh test database.
+    pub async fn start_tls() -> anyhow::Result<TestServer> {
+        let db = test_database().await?;
+        Self::start_full(db, PinKey::generate()?, Some(Arc::new(TestPki::new()?))).await
+    }
+
+    /// Starts a server serving TLS with `pki` on `db`.
+    pub async fn start_full(
+        db: TestDatabase,
+        key: PinKey,
+        pki: Option<Arc<TestPki>>,
+    ) -> anyhow::Result<TestServer> {
+        Self::start_inner(db, key, None, 8, pki).await
     }
 
     /// Starts a server on a fresh test database that reaches PostgreSQL through a
@@ -105,6 +176,16 @@ impl TestServer {
         via: Option<String>,
         max_connections: usize,
     ) -> anyhow::Result<TestServer> {
+        Self::start_inner(db, key, via, max_connections, None).await
+    }
+
+    async fn start_inner(
+        db: TestDatabase,
+        key: PinKey,
+        via: Option<String>,
+        max_connections: usize,
+        pki: Option<Arc<TestPki>>,
+    ) -> anyhow::Result<TestServer> {
         keyplane_telemetry::init("keyplaned-test");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -117,15 +198,24 @@ impl TestServer {
             config.dealer_token_ttl = Duration::from_secs(3600);
         }
         config.poll_interval = Duration::from_millis(100);
+        if let Some(pki) = &pki {
+            config.tls = Some(pki.server_tls()?);
+            config.ca = Some(pki.ca.clone());
+        }
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
         let store = Store::connect(&db.url, 4, key.clone())?;
         Ok(TestServer {
             addr,
-            url: format!("http://{addr}"),
+            url: if pki.is_some() {
+                format!("https://{addr}")
+            } else {
+                format!("http://{addr}")
+            },
             db,
             store,
             key,
+            pki,
             shutdown,
             handle,
         })
@@ -141,8 +231,15 @@ impl TestServer {
     /// A channel to the server, retried while it starts.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         let mut last = None;
+        let mut endpoint = Channel::from_shared(self.url.clone())?;
+        if let Some(pki) = &self.pki {
+            endpoint =
+                endpoint.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+                    tonic::transport::Certificate::from_pem(std::fs::read(pki.ca_cert_file())?),
+                ))?;
+        }
         for _ in 0..100 {
-            match Channel::from_shared(self.url.clone())?.connect().await {
+            match endpoint.connect().await {
                 Ok(ch) => {
                     // Ready once health answers (migrations done).
                     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
@@ -232,6 +329,105 @@ impl TestServer {
             .token)
     }
 
+    /// Creates a one-time enrollment code for `site`.
+    pub async fn enrollment_code(&self, admin: &mut Admin, site: &str) -> anyhow::Result<String> {
+        Ok(admin
+            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+                site: site.to_owned(),
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner()
+            .code)
+    }
+
+    /// A channel presenting `identity` as the client certificate (mutual TLS), or
+    /// none; TLS servers only.
+    pub async fn agent_channel(&self, identity: Option<&Identity>) -> anyhow::Result<Channel> {
+        let pki = self
+            .pki
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("agent_channel needs a TLS server"))?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(pki.ca_cert_file())?),
+        );
+        if let Some(id) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                &id.cert_pem,
+                &id.key_pem,
+            ));
+        }
+        Ok(Channel::from_shared(self.url.clone())?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
+    /// Enrolls with `code` as an agent would (a new key, a CSR); returns its identity.
+    pub async fn enroll(&self, code: &str) -> anyhow::Result<Identity> {
+        let (key_pem, csr_der) = keyplane_agent::identity::new_key_and_csr()?;
+        let channel = self.agent_channel(None).await?;
+        let cert = AgentServiceClient::new(channel)
+            .enroll(pb::EnrollRequest {
+                enrollment_code: code.to_owned(),
+                csr_der,
+            })
+            .await?
+            .into_inner();
+        Ok(Identity {
+            key_pem,
+            cert_pem: cert.certificate_pem,
+            meta: keyplane_agent::identity::IdentityMeta {
+                agent: cert.agent,
+                site: cert.site,
+                issue_unix: 0,
+                expire_unix: cert
+                    .expire_time
+                    .and_then(|t| u64::try_from(t.seconds).ok())
+                    .unwrap_or(0),
+            },
+        })
+    }
+
+    /// Opens a Sync stream presenting `identity` (or nothing) and `token` (or
+    /// nothing), saying Hello for `site`. Keep the returned sender: dropping it ends
+    /// the agent's side.
+    pub async fn sync(
+        &self,
+        identity: Option<&Identity>,
+        token: Option<&str>,
+        site: &str,
+    ) -> Result<(AgentStream, tokio::sync::mpsc::Sender<pb::AgentMessage>), tonic::Status> {
+        let channel = self
+            .agent_channel(identity)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                site: site.to_owned(),
+                applied_revision: 0,
+                inventory: Vec::new(),
+                agent_version: "test".into(),
+            })),
+        })
+        .await
+        .map_err(|_| tonic::Status::internal("queue"))?;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            request.metadata_mut().insert(
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| tonic::Status::internal("token"))?,
+            );
+        }
+        let stream = AgentServiceClient::new(channel)
+            .sync(request)
+            .await?
+            .into_inner();
+        Ok((stream, tx))
+    }
+
     /// Stops serving without giving up the handle (the database stays), e.g. to cut
     /// agents off.
     pub fn pause(&self) {
@@ -294,13 +490,29 @@ impl TestAgent {
         factory: Box<dyn DriverFactory>,
         clock: Arc<dyn Clock>,
     ) -> TestAgent {
-        let state_dir = dir.join("state");
-        let sim_dir = dir.join("devices");
-        let mut config = AgentConfig::new(server, site, token, &state_dir);
+        let mut config = Self::config(server, site, token, dir);
+        config.clock = clock;
+        Self::start_config(config, dir, factory)
+    }
+
+    /// The config [`TestAgent::start`] uses, with short test periods, to adjust
+    /// before [`TestAgent::start_config`].
+    pub fn config(server: &str, site: &str, token: &str, dir: &Path) -> AgentConfig {
+        let mut config = AgentConfig::new(server, site, token, dir.join("state"));
         config.reconcile_every = Duration::from_millis(100);
         config.event_poll = Duration::from_millis(50);
-        config.clock = clock;
         config.observe_every = Duration::from_millis(300);
+        config
+    }
+
+    /// Starts an agent with `config` and devices from `factory`.
+    pub fn start_config(
+        config: AgentConfig,
+        dir: &Path,
+        factory: Box<dyn DriverFactory>,
+    ) -> TestAgent {
+        let state_dir = config.state_dir.clone();
+        let sim_dir = dir.join("devices");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
         TestAgent {

@@ -879,7 +879,8 @@ fn agent_rss(
     let _ = std::fs::remove_dir_all(&dir);
     let mut agent = Proc {
         child: Command::new(bin.join("keyplane-agent"))
-            .args(["--server", url, "--site", words[0], "--token", words[1]])
+            .args(["--server", url, "--site", words[0]])
+            .env("KEYPLANE_AGENT_TOKEN", words[1])
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--sim-dir")

@@ -102,13 +102,9 @@ pub fn run() -> anyhow::Result<()> {
         bail!("keyplaned did not start listening on {LISTEN}");
     }
     let out = Command::new(bin.join("keyplaned"))
-        .args([
-            "demo-seed",
-            "--server",
-            &format!("http://{LISTEN}"),
-            "--token",
-            &token,
-        ])
+        .args(["demo-seed", "--server", &format!("http://{LISTEN}")])
+        // Never in argv, where every local user can read it.
+        .env("KEYPLANE_TOKEN", &token)
         .stderr(Stdio::inherit())
         .output()
         .context("running keyplaned demo-seed")?;
@@ -128,14 +124,8 @@ pub fn run() -> anyhow::Result<()> {
     let site_dir = dev.join(site.replace('/', "_"));
     children.0.push(
         Command::new(bin.join("keyplane-agent"))
-            .args([
-                "--server",
-                &format!("http://{LISTEN}"),
-                "--site",
-                &site,
-                "--token",
-                agent_token,
-            ])
+            .args(["--server", &format!("http://{LISTEN}"), "--site", &site])
+            .env("KEYPLANE_AGENT_TOKEN", agent_token)
             .arg("--state-dir")
             .arg(site_dir.join("agent-state"))
             .arg("--sim-dir")

@@ -15,6 +15,7 @@ mod local;
 mod partition;
 mod plan;
 mod site;
+mod token;
 mod user;
 
 use crate::auth;
@@ -181,6 +182,38 @@ impl AdminService for AdminApi {
         request: Request<pb::IssueAgentTokenRequest>,
     ) -> Res<pb::IssueAgentTokenResponse> {
         site::agent_token_issue(self, request).await
+    }
+
+    async fn create_enrollment_code(
+        &self,
+        request: Request<pb::CreateEnrollmentCodeRequest>,
+    ) -> Res<pb::EnrollmentCode> {
+        site::enrollment_code_create(self, request).await
+    }
+
+    async fn revoke_agents(
+        &self,
+        request: Request<pb::RevokeAgentsRequest>,
+    ) -> Res<pb::RevokeAgentsResponse> {
+        site::agents_revoke(self, request).await
+    }
+
+    async fn create_dealer_token(
+        &self,
+        request: Request<pb::CreateDealerTokenRequest>,
+    ) -> Res<pb::CreateDealerTokenResponse> {
+        token::create(self, request).await
+    }
+
+    async fn list_dealer_tokens(
+        &self,
+        request: Request<pb::ListDealerTokensRequest>,
+    ) -> Res<pb::ListDealerTokensResponse> {
+        token::list(self, request).await
+    }
+
+    async fn revoke_dealer_token(&self, request: Request<pb::RevokeDealerTokenRequest>) -> Res<()> {
+        token::revoke(self, request).await
     }
 
     async fn create_partition(

@@ -99,6 +99,8 @@ pub(super) async fn delete(api: &AdminApi, request: Request<pb::DeleteSiteReques
         .site_delete(&actor, name.site, &req.etag)
         .await
         .map_err(store_status)?;
+    // Its agent stream here ends now; other replicas' pollers see the deletion.
+    api.hub.gone(name.site);
     Ok(Response::new(()))
 }
 
@@ -161,4 +163,50 @@ pub(super) async fn agent_token_issue(
         .await
         .map_err(store_status)?;
     Ok(Response::new(pb::IssueAgentTokenResponse { token }))
+}
+
+/// How long an enrollment code works when the request does not say.
+const ENROLLMENT_CODE_DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+pub(super) async fn enrollment_code_create(
+    api: &AdminApi,
+    request: Request<pb::CreateEnrollmentCodeRequest>,
+) -> Res<pb::EnrollmentCode> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "creating an enrollment code")?;
+    let site = parse("site", &req.site, SiteName::parse)?;
+    let ttl = match req.ttl_seconds {
+        0 => ENROLLMENT_CODE_DEFAULT_TTL,
+        n => std::time::Duration::from_secs(
+            u64::try_from(n)
+                .map_err(|_| Status::invalid_argument("ttl_seconds must not be negative"))?,
+        ),
+    };
+    let code = api
+        .store
+        .enrollment_code_create(&actor, site.site, ttl)
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(pb::EnrollmentCode {
+        code: code.code,
+        site: site.to_string(),
+        expire_time: Some(prost_types::Timestamp::from(code.expire_time)),
+    }))
+}
+
+pub(super) async fn agents_revoke(
+    api: &AdminApi,
+    request: Request<pb::RevokeAgentsRequest>,
+) -> Res<pb::RevokeAgentsResponse> {
+    let (actor, req) = dealer_call(request)?;
+    installer_only(&actor, "revoking agents")?;
+    let site = parse("site", &req.site, SiteName::parse)?;
+    let n = api
+        .store
+        .agent_revoke(&actor, site.site)
+        .await
+        .map_err(store_status)?;
+    Ok(Response::new(pb::RevokeAgentsResponse {
+        revoked: i32::try_from(n).unwrap_or(i32::MAX),
+    }))
 }
