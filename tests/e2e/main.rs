@@ -19,3 +19,4 @@ mod round_trips;
 mod schedules;
 mod seed000;
 mod site_changes;
+mod status;

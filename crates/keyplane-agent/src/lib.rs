@@ -13,6 +13,7 @@ pub mod hand;
 pub mod intake;
 pub mod journal;
 mod reconcile;
+mod reports;
 
 pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 

@@ -4,6 +4,7 @@
 use crate::clock::Clock;
 use crate::intake::read_slot;
 use crate::journal::{Code, DeviceJournal, Journal};
+use crate::reports::{Outcome, Reports};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use keyplane_core::observed::{SlotFinding, classify_slot};
@@ -72,6 +73,8 @@ pub struct Agent {
     lockdown_refused: std::collections::HashSet<String>,
     /// Per device, the (slot, state) of the findings already logged.
     findings_logged: HashMap<String, std::collections::BTreeSet<(i32, i32)>>,
+    /// Write outcomes and reachability for keyplaned's status of each slot.
+    reports: Reports,
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -137,6 +140,7 @@ impl Agent {
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
+            reports: Reports::default(),
         })
     }
 
@@ -315,6 +319,7 @@ impl Agent {
     /// sent again (it stores each once).
     pub fn stream_started(&mut self) {
         self.events_sent.clear();
+        self.reports.stream_started();
         // A new stream (maybe a new server) hears every device's table again.
         self.reported.clear();
         self.observe_due
@@ -490,6 +495,26 @@ impl Agent {
                     tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
                 }
             }
+            // Reachability for the status of each slot: a link error means the
+            // device was not reached; anything else means it answered.
+            let now = self.clock.now();
+            match &result {
+                Ok(_) => self.reports.reached(&name, true, now),
+                Err(e) => match e.downcast_ref::<DeviceError>() {
+                    Some(DeviceError::Unreachable(_) | DeviceError::Io(_)) => {
+                        self.reports.reached(&name, false, now)
+                    }
+                    _ => {}
+                },
+            }
+            let queued = self.reports.take();
+            if let Some(out) = out {
+                for msg in queued {
+                    if out.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
             match result {
                 Ok(true) => {
                     let revision = self.journal.revision;
@@ -661,14 +686,37 @@ impl Agent {
                 SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
                 SlotAction::Clear { slot } => driver.clear_slot(*slot).await,
             };
+            let (report_slot, clear) = match &action {
+                SlotAction::Set { slot, .. } => (*slot, false),
+                SlotAction::Clear { slot } => (*slot, true),
+            };
+            let (revision, now) = (self.journal.revision, self.clock.now());
             match (done, &action) {
-                (Ok(()), _) => {}
+                (Ok(()), _) => {
+                    self.reports
+                        .write(name, report_slot, revision, clear, Outcome::done(), now);
+                }
                 (Err(e), SlotAction::Set { slot, code }) if e.is_unsupported() => {
                     self.refuse(name, model, *slot, code, &e).await?;
+                    if let Some(refusal) = Outcome::refusal(&e) {
+                        self.reports
+                            .write(name, report_slot, revision, clear, refusal, now);
+                    }
                     in_sync = false;
                     continue;
                 }
-                (Err(e), _) => return Err(e.into()),
+                (Err(e), _) => match Outcome::refusal(&e) {
+                    // The device said no: reported, retried next pass, the other
+                    // slots still written.
+                    Some(refusal) => {
+                        tracing::debug!(device = %name, slot = %model.display_slot(report_slot), error = %e, "the device refused a write; will retry");
+                        self.reports
+                            .write(name, report_slot, revision, clear, refusal, now);
+                        in_sync = false;
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
             }
             let entry: &mut DeviceJournal = self
                 .journal

@@ -719,3 +719,205 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Slot assignment status (docs/STATUS.md): core decisions to wire, and the agent's
+// write reports from wire.
+// ---------------------------------------------------------------------------
+
+use keyplane_core::status::{
+    Issue, IssueCode, PendingChange, Refusal, Rollup, SiteRollup, SlotIssue, SlotState, SlotStatus,
+    WithheldReason, WriteOutcome,
+};
+
+impl From<SlotStatus> for pb::SlotStatus {
+    fn from(s: SlotStatus) -> Self {
+        match s {
+            SlotStatus::Setting => pb::SlotStatus::Setting,
+            SlotStatus::Set => pb::SlotStatus::Set,
+            SlotStatus::Removing => pb::SlotStatus::Removing,
+            SlotStatus::Unset => pb::SlotStatus::Unset,
+            SlotStatus::Withheld => pb::SlotStatus::Withheld,
+            SlotStatus::Unknown => pb::SlotStatus::Unknown,
+        }
+    }
+}
+
+impl From<IssueCode> for pb::SlotIssueCode {
+    fn from(c: IssueCode) -> Self {
+        match c {
+            IssueCode::FailedToSetOnDevice => pb::SlotIssueCode::FailedToSetOnDevice,
+            IssueCode::FailedToRemoveFromDevice => pb::SlotIssueCode::FailedToRemoveFromDevice,
+            IssueCode::DuplicateCodeOnDevice => pb::SlotIssueCode::DuplicateCodeOnDevice,
+            IssueCode::NoSpaceOnDevice => pb::SlotIssueCode::NoSpaceOnDevice,
+            IssueCode::CodeModifiedAtDevice => pb::SlotIssueCode::CodeModifiedAtDevice,
+            IssueCode::LocalCodeConflict => pb::SlotIssueCode::LocalCodeConflict,
+            IssueCode::StateUnconfirmed => pb::SlotIssueCode::StateUnconfirmed,
+            IssueCode::DeviceOffline => pb::SlotIssueCode::DeviceOffline,
+            IssueCode::AgentDisconnected => pb::SlotIssueCode::AgentDisconnected,
+            IssueCode::PanelArmedProgrammingDeferred => {
+                pb::SlotIssueCode::PanelArmedProgrammingDeferred
+            }
+            IssueCode::RevocationUnconfirmed => pb::SlotIssueCode::RevocationUnconfirmed,
+            IssueCode::DelayInSetting => pb::SlotIssueCode::DelayInSetting,
+            IssueCode::DelayInRemoving => pb::SlotIssueCode::DelayInRemoving,
+        }
+    }
+}
+
+fn withheld_pb(w: &WithheldReason, set_time: Option<DateTime<Utc>>) -> pb::Withheld {
+    let reason = match w {
+        WithheldReason::NotAnAccessPoint => pb::WithheldReason::NotAnAccessPoint,
+        WithheldReason::OutsideSchedule { .. } => pb::WithheldReason::OutsideSchedule,
+        WithheldReason::BeforeValidity { .. } => pb::WithheldReason::BeforeValidity,
+        WithheldReason::AfterValidity => pb::WithheldReason::AfterValidity,
+        WithheldReason::Lockdown => pb::WithheldReason::Lockdown,
+    };
+    pb::Withheld {
+        reason: reason as i32,
+        set_time: set_time.map(timestamp),
+    }
+}
+
+fn schedule_set(s: &Option<Vec<Schedule>>) -> Option<pb::ScheduleSet> {
+    s.as_ref().map(|list| pb::ScheduleSet {
+        schedules: list.iter().map(pb::Schedule::from).collect(),
+    })
+}
+
+fn pending_pb(p: &PendingChange) -> pb::PendingChange {
+    let mut out = pb::PendingChange::default();
+    out.kind = match p {
+        PendingChange::Creating => pb::PendingChangeKind::Creating,
+        PendingChange::DeferredCreation { at } => {
+            out.at_time = Some(timestamp(*at));
+            pb::PendingChangeKind::DeferredCreation
+        }
+        PendingChange::UpdatingCode => pb::PendingChangeKind::UpdatingCode,
+        PendingChange::UpdatingSchedule { from, to } => {
+            out.from_schedules = schedule_set(from);
+            out.to_schedules = schedule_set(to);
+            pb::PendingChangeKind::UpdatingSchedule
+        }
+        PendingChange::UpdatingSettings => pb::PendingChangeKind::UpdatingSettings,
+        PendingChange::Removing => pb::PendingChangeKind::Removing,
+    } as i32;
+    out
+}
+
+fn issue_pb(i: &SlotIssue, kind: DeviceKind) -> pb::SlotIssue {
+    let mut out = pb::SlotIssue {
+        code: pb::SlotIssueCode::from(i.code()) as i32,
+        severity: match i.severity() {
+            keyplane_core::status::Severity::Error => pb::IssueSeverity::Error,
+            keyplane_core::status::Severity::Warning => pb::IssueSeverity::Warning,
+        } as i32,
+        create_time: Some(timestamp(i.since)),
+        detail: i.detail(kind),
+        ..Default::default()
+    };
+    match &i.issue {
+        Issue::FailedToSetOnDevice { reason } | Issue::FailedToRemoveFromDevice { reason } => {
+            out.device_reason = reason.clone();
+        }
+        Issue::CodeModifiedAtDevice { slot, cleared } => {
+            out.slot = i32::from(*slot);
+            out.display_slot = kind.display_slot(*slot);
+            out.cleared = *cleared;
+        }
+        Issue::LocalCodeConflict { local_slot } => {
+            out.slot = i32::from(*local_slot);
+            out.display_slot = kind.display_slot(*local_slot);
+        }
+        Issue::PanelArmedProgrammingDeferred { partition } => {
+            out.partition = i32::from(*partition);
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The wire status of one slot assignment of a `kind` device named `device`.
+pub fn slot_state_pb(
+    device: String,
+    slot: u16,
+    kind: DeviceKind,
+    state: &SlotState,
+) -> pb::SlotAssignmentStatus {
+    let set_time = state.pending.iter().find_map(|p| match p {
+        PendingChange::DeferredCreation { at } => Some(*at),
+        _ => None,
+    });
+    pb::SlotAssignmentStatus {
+        device,
+        slot: i32::from(slot),
+        display_slot: kind.display_slot(slot),
+        status: pb::SlotStatus::from(state.status) as i32,
+        withheld: state.withheld.as_ref().map(|w| withheld_pb(w, set_time)),
+        pending_changes: state.pending.iter().map(pending_pb).collect(),
+        errors: state.errors().map(|i| issue_pb(i, kind)).collect(),
+        warnings: state.warnings().map(|i| issue_pb(i, kind)).collect(),
+        credential: String::new(),
+    }
+}
+
+fn count(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A roll-up as wire counts.
+pub fn rollup_pb(r: &Rollup) -> pb::SlotStatusCounts {
+    pb::SlotStatusCounts {
+        total: count(r.total),
+        set: count(r.set),
+        pending: count(r.pending),
+        withheld: count(r.withheld),
+        failed: count(r.failed),
+        unset: count(r.unset),
+        unknown: count(r.unknown),
+    }
+}
+
+/// A site roll-up to wire.
+pub fn site_rollup_pb(r: &SiteRollup) -> pb::SiteSlotRollup {
+    pb::SiteSlotRollup {
+        counts: Some(rollup_pb(&r.slots)),
+        issues: r
+            .issues
+            .iter()
+            .map(|(code, n)| pb::SlotIssueCount {
+                code: pb::SlotIssueCode::from(*code) as i32,
+                count: count(*n),
+            })
+            .collect(),
+    }
+}
+
+/// Why a write report was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteReportError {
+    /// The outcome is unspecified or unknown.
+    #[error("outcome {0} is not a write outcome")]
+    Outcome(i32),
+    /// A deferred write names no partition 1..=8.
+    #[error("partition {0} is not a partition")]
+    Partition(i32),
+}
+
+/// A write report's outcome as core's; the device's reason is kept as sent (the
+/// agent keeps PINs out of it).
+pub fn write_outcome(r: &pb::SlotWriteReport) -> Result<WriteOutcome, WriteReportError> {
+    Ok(match pb::WriteOutcome::try_from(r.outcome) {
+        Ok(pb::WriteOutcome::Done) => WriteOutcome::Done,
+        Ok(pb::WriteOutcome::RefusedDuplicate) => WriteOutcome::Refused(Refusal::Duplicate),
+        Ok(pb::WriteOutcome::RefusedNoSpace) => WriteOutcome::Refused(Refusal::NoSpace),
+        Ok(pb::WriteOutcome::Refused) => {
+            WriteOutcome::Refused(Refusal::Other(r.device_reason.clone()))
+        }
+        Ok(pb::WriteOutcome::Unconfirmed) => WriteOutcome::Unconfirmed,
+        Ok(pb::WriteOutcome::DeferredArmed) => WriteOutcome::DeferredArmed {
+            partition: partition(r.partition).ok_or(WriteReportError::Partition(r.partition))?,
+        },
+        _ => return Err(WriteReportError::Outcome(r.outcome)),
+    })
+}

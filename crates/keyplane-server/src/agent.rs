@@ -403,6 +403,13 @@ impl Session {
             Some(pb::agent_message::Msg::Observed(observed)) => {
                 self.record_observed(observed).await
             }
+            // Issue 11 status reports: handled in crate::reports.
+            Some(pb::agent_message::Msg::WriteReport(r)) => {
+                crate::reports::write_report(&self.store, self.site, r).await
+            }
+            Some(pb::agent_message::Msg::Reachability(r)) => {
+                crate::reports::reachability(&self.store, self.site, r).await
+            }
             Some(pb::agent_message::Msg::Hello(_)) => {
                 Err(Status::invalid_argument("Hello may be sent only once"))
             }

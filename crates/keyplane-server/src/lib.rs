@@ -15,6 +15,7 @@ pub mod fields;
 pub mod hub;
 pub mod mask;
 pub mod page;
+pub mod reports;
 pub mod resources;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;

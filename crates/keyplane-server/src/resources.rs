@@ -2,16 +2,36 @@
 //! inside them (schedules, levels, kinds, instants) go through the shared rules of
 //! `keyplane_proto::convert`; names through keyplane-core's name types.
 
+use keyplane_core::DeviceKind;
 use keyplane_core::DeviceModel;
 use keyplane_core::names::{
     AccessPlanName, CredentialName, DeviceName, EventName, HolidayName, LocalCodeName,
     PartitionName, PersonalPlanName, SiteName, SyncStatusName, UserName,
 };
+use keyplane_core::status::{Rollup, SiteRollup, SlotState, WithheldReason, slot_state};
 use keyplane_proto::convert as wire;
 use keyplane_proto::v1 as pb;
 use keyplane_store as store;
+use std::collections::HashMap;
 use std::time::SystemTime;
 use uuid::Uuid;
+
+/// The decided status of each slot assignment, by (credential, device).
+pub type SlotStates = HashMap<(Uuid, Uuid), (DeviceKind, u16, SlotState)>;
+
+/// Decides the status of every assignment in `facts` (keyplane-core's rule).
+pub fn slot_states(facts: &store::SlotStatusFacts) -> SlotStates {
+    facts
+        .assignments
+        .iter()
+        .map(|a| {
+            (
+                (a.credential, a.device),
+                (a.model.kind, a.facts.slot, slot_state(&a.facts)),
+            )
+        })
+        .collect()
+}
 
 fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(t))
@@ -117,7 +137,15 @@ pub fn user_pb(u: &store::User) -> pb::User {
 
 /// Credential to protobuf; the PIN is never returned, only that one is set.
 pub fn credential_pb(c: &store::Credential) -> pb::Credential {
+    credential_status_pb(c, None)
+}
+
+/// Credential to protobuf with the status of each of its slot assignments (reads).
+/// A code kept off a device by the user's plan shows no slot there: no slot of the
+/// device holds it.
+pub fn credential_status_pb(c: &store::Credential, states: Option<&SlotStates>) -> pb::Credential {
     let name_of = |id: &Uuid| device(c.site, *id);
+    let state_of = |d: &Uuid| states.and_then(|m| m.get(&(c.id, *d)));
     pb::Credential {
         name: CredentialName {
             site: c.site,
@@ -141,12 +169,32 @@ pub fn credential_pb(c: &store::Credential) -> pb::Credential {
         slots: c
             .slots
             .iter()
-            .map(|s| pb::SlotAssignment {
-                device: name_of(&s.device),
-                slot: i32::from(s.slot),
-                display_slot: s.display_slot.clone(),
+            .map(|s| {
+                let state = state_of(&s.device);
+                let off = state.is_some_and(|(_, _, st)| {
+                    st.withheld == Some(WithheldReason::NotAnAccessPoint)
+                });
+                pb::SlotAssignment {
+                    device: name_of(&s.device),
+                    slot: if off { 0 } else { i32::from(s.slot) },
+                    display_slot: if off {
+                        String::new()
+                    } else {
+                        s.display_slot.clone()
+                    },
+                    state: state.map(|(kind, slot, st)| {
+                        wire::slot_state_pb(name_of(&s.device), *slot, *kind, st)
+                    }),
+                }
             })
             .collect(),
+        slot_status: states.map(|_| {
+            wire::rollup_pb(&Rollup::of(
+                c.slots
+                    .iter()
+                    .filter_map(|s| state_of(&s.device).map(|x| &x.2)),
+            ))
+        }),
         create_time: ts(c.create_time),
         update_time: ts(c.update_time),
         etag: c.version.to_string(),
@@ -182,9 +230,45 @@ pub fn local_code_pb(l: &store::LocalCode) -> pb::LocalCode {
     }
 }
 
-/// Sync status to protobuf.
-pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
+/// Sync status to protobuf, with the site's roll-up, the assignments needing
+/// attention and each device's named findings.
+pub fn sync_pb(
+    s: &store::SiteSync,
+    facts: &store::SlotStatusFacts,
+    states: &SlotStates,
+) -> pb::SyncStatus {
+    let rollup = SiteRollup::of(states.values().map(|x| &x.2));
+    let findings: HashMap<Uuid, &store::DeviceFindings> =
+        facts.findings.iter().map(|f| (f.device, f)).collect();
+    let slots_pb = |v: &[u16]| v.iter().map(|n| i32::from(*n)).collect::<Vec<_>>();
+    let mut attention: Vec<pb::SlotAssignmentStatus> = facts
+        .assignments
+        .iter()
+        .filter_map(|a| {
+            let (kind, slot, st) = states.get(&(a.credential, a.device))?;
+            let quiet = st.issues.is_empty()
+                && matches!(
+                    st.status,
+                    keyplane_core::status::SlotStatus::Set
+                        | keyplane_core::status::SlotStatus::Withheld
+                );
+            if quiet {
+                return None;
+            }
+            let mut out = wire::slot_state_pb(device(s.site, a.device), *slot, *kind, st);
+            out.credential = CredentialName {
+                site: s.site,
+                user: a.user,
+                credential: a.credential,
+            }
+            .to_string();
+            Some(out)
+        })
+        .collect();
+    attention.sort_by(|a, b| (&a.device, a.slot).cmp(&(&b.device, b.slot)));
     pb::SyncStatus {
+        rollup: Some(wire::site_rollup_pb(&rollup)),
+        slots: attention,
         name: SyncStatusName { site: s.site }.to_string(),
         desired_revision: s.revision,
         agent_connected: s.agent_connected,
@@ -205,6 +289,18 @@ pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
                 drifted_slots: count(d.drifted_slots),
                 conflicts: count(d.conflicts),
                 unverifiable_slots: count(d.unverifiable_slots),
+                findings: Some(match findings.get(&d.device) {
+                    Some(f) => pb::DeviceSlotFindings {
+                        device: device(s.site, d.device),
+                        drifted_slots: slots_pb(&f.drifted),
+                        conflicting_slots: slots_pb(&f.conflicting),
+                        unverifiable_slots: slots_pb(&f.unverifiable),
+                    },
+                    None => pb::DeviceSlotFindings {
+                        device: device(s.site, d.device),
+                        ..Default::default()
+                    },
+                }),
             })
             .collect(),
     }

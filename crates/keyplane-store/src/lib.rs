@@ -26,6 +26,7 @@ mod partition;
 mod plan;
 mod rules;
 mod site;
+mod status;
 mod sync;
 mod types;
 mod user;
@@ -38,6 +39,7 @@ pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
+pub use status::{AssignmentFacts, DeviceFindings, SlotStatusFacts};
 pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

@@ -36,6 +36,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "change_time",
         include_str!("../migrations/0008_change_time.sql"),
     ),
+    (
+        9,
+        "slot_status",
+        include_str!("../migrations/0009_slot_status.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

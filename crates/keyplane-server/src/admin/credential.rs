@@ -53,12 +53,15 @@ pub(super) async fn get(
 ) -> Res<pb::Credential> {
     let (actor, req) = dealer_call(request)?;
     let name = parse("name", &req.name, CredentialName::parse)?;
-    let c = api
-        .store
-        .credential_get(actor.dealer, name.site, name.user, name.credential)
-        .await
-        .map_err(store_status)?;
-    Ok(Response::new(res::credential_pb(&c)))
+    let (c, facts) = tokio::try_join!(
+        api.store
+            .credential_get(actor.dealer, name.site, name.user, name.credential),
+        api.store
+            .slot_status_facts(actor.dealer, name.site, Some(name.user)),
+    )
+    .map_err(store_status)?;
+    let states = res::slot_states(&facts);
+    Ok(Response::new(res::credential_status_pb(&c, Some(&states))))
 }
 
 pub(super) async fn list(
@@ -81,8 +84,17 @@ pub(super) async fn list(
         },
     )
     .await?;
+    let facts = api
+        .store
+        .slot_status_facts(actor.dealer, parent.site, Some(parent.user))
+        .await
+        .map_err(store_status)?;
+    let states = res::slot_states(&facts);
     Ok(Response::new(pb::ListCredentialsResponse {
-        credentials: items.iter().map(res::credential_pb).collect(),
+        credentials: items
+            .iter()
+            .map(|c| res::credential_status_pb(c, Some(&states)))
+            .collect(),
         next_page_token,
     }))
 }

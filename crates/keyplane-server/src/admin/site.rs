@@ -140,12 +140,13 @@ pub(super) async fn sync_status(
 ) -> Res<pb::SyncStatus> {
     let (actor, req) = dealer_call(request)?;
     let site = parse("name", &req.name, SyncStatusName::parse)?;
-    let status = api
-        .store
-        .sync_status(actor.dealer, site.site)
-        .await
-        .map_err(store_status)?;
-    Ok(Response::new(res::sync_pb(&status)))
+    let (status, facts) = tokio::try_join!(
+        api.store.sync_status(actor.dealer, site.site),
+        api.store.slot_status_facts(actor.dealer, site.site, None),
+    )
+    .map_err(store_status)?;
+    let states = res::slot_states(&facts);
+    Ok(Response::new(res::sync_pb(&status, &facts, &states)))
 }
 
 pub(super) async fn agent_token_issue(

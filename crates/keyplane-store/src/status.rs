@@ -1,0 +1,353 @@
+//! What the status of each slot assignment is decided from (docs/STATUS.md): the
+//! agent's write reports and device reachability are stored here, and the facts about
+//! every assignment are loaded in one pipelined read. The decision itself is
+//! `keyplane_core::status::slot_state`; nothing here decides.
+
+use crate::site::site_get_in_txn;
+use crate::{Cached, Store, StoreError};
+use chrono::{DateTime, Utc};
+use keyplane_core::DeviceModel;
+use keyplane_core::observed::SlotFinding;
+use keyplane_core::status::{
+    AgentLink, Presence, ReadBack, Refusal, SiteThresholds, SlotFacts, SlotValue, WriteOutcome,
+    WriteReport,
+};
+use std::collections::BTreeMap;
+use tokio_postgres::IsolationLevel;
+use uuid::Uuid;
+
+/// An agent is shown as connected only if heard from within this many seconds (as in
+/// GetSyncStatus).
+const AGENT_LIVENESS_SECS: f64 = 90.0;
+
+/// The facts about one slot assignment, with whose it is.
+#[derive(Debug, Clone)]
+pub struct AssignmentFacts {
+    /// The credential.
+    pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
+    /// The device.
+    pub device: Uuid,
+    /// The device's model.
+    pub model: &'static DeviceModel,
+    /// What the status is decided from.
+    pub facts: SlotFacts,
+}
+
+/// Slots of one device named by what the agent read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFindings {
+    /// The device.
+    pub device: Uuid,
+    /// Managed slots changed or cleared by hand.
+    pub drifted: Vec<u16>,
+    /// Hand-programmed slots whose code equals a managed code.
+    pub conflicting: Vec<u16>,
+    /// Managed slots the device masks.
+    pub unverifiable: Vec<u16>,
+}
+
+/// The facts of a site's (or a user's) slot assignments, and the findings per device.
+#[derive(Debug, Clone, Default)]
+pub struct SlotStatusFacts {
+    /// One per credential and device, by credential then device.
+    pub assignments: Vec<AssignmentFacts>,
+    /// Every device of the site with a finding (site-wide loads only).
+    pub findings: Vec<DeviceFindings>,
+}
+
+fn outcome_text(o: &WriteOutcome) -> (&'static str, &str, Option<i16>) {
+    match o {
+        WriteOutcome::Done => ("done", "", None),
+        WriteOutcome::Refused(Refusal::Duplicate) => ("refused_duplicate", "", None),
+        WriteOutcome::Refused(Refusal::NoSpace) => ("refused_no_space", "", None),
+        WriteOutcome::Refused(Refusal::Other(reason)) => ("refused", reason.as_str(), None),
+        WriteOutcome::Unconfirmed => ("unconfirmed", "", None),
+        WriteOutcome::DeferredArmed { partition } => {
+            ("deferred_armed", "", Some(i16::from(*partition)))
+        }
+    }
+}
+
+fn outcome_from(text: &str, reason: String, partition: Option<i16>) -> Option<WriteOutcome> {
+    Some(match text {
+        "done" => WriteOutcome::Done,
+        "refused_duplicate" => WriteOutcome::Refused(Refusal::Duplicate),
+        "refused_no_space" => WriteOutcome::Refused(Refusal::NoSpace),
+        "refused" => WriteOutcome::Refused(Refusal::Other(reason)),
+        "unconfirmed" => WriteOutcome::Unconfirmed,
+        "deferred_armed" => WriteOutcome::DeferredArmed {
+            partition: u8::try_from(partition?).ok()?,
+        },
+        _ => return None,
+    })
+}
+
+fn finding_from(text: &str) -> Option<SlotFinding> {
+    Some(match text {
+        "managed" => SlotFinding::Managed,
+        "drifted" => SlotFinding::Drifted,
+        "missing" => SlotFinding::Missing,
+        "unverifiable" => SlotFinding::Unverifiable,
+        "foreign" => SlotFinding::Foreign,
+        "conflict" => SlotFinding::Conflict,
+        _ => return None,
+    })
+}
+
+fn slot_of(n: i32) -> Result<u16, StoreError> {
+    u16::try_from(n).map_err(|_| StoreError::Internal("slot out of range".into()))
+}
+
+const SITE_SQL: &str = "SELECT time_zone, lockdown, agent_last_seen,
+        agent_connected AND coalesce(extract(epoch FROM now() - agent_last_seen)::float8 < $2, false),
+        now()
+     FROM site WHERE id = $1";
+
+/// Every assignment of site `$1` (of user `$2` when not NULL) with what its status is
+/// decided from: the slot's last change, the agent's last write report, what was read
+/// back, and a hand-programmed copy of its code.
+const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, d.model,
+        d.applied_revision, d.reachable, d.last_contact_time, c.valid_from, c.valid_until,
+        sa.write_generation, coalesce(ch.max_rev, 0), coalesce(ch.max_time, c.update_time),
+        coalesce(ch.min_rev, 0),
+        w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
+        o.state, o.observe_time, lc.slot, lc.observe_time
+     FROM slot_assignment sa
+     JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+     JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+     LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
+                               max(change_time) AS max_time
+                        FROM site_change ch WHERE ch.site_id = sa.site_id
+                          AND ch.device_id = sa.device_id AND ch.slot = sa.slot) ch ON true
+     LEFT JOIN slot_write_report w ON w.site_id = sa.site_id AND w.device_id = sa.device_id
+                                  AND w.slot = sa.slot
+     LEFT JOIN observed_slot o ON o.site_id = sa.site_id AND o.device_id = sa.device_id
+                              AND o.slot = sa.slot
+     LEFT JOIN LATERAL (SELECT o2.slot, o2.observe_time FROM observed_slot o2
+                        WHERE o2.site_id = sa.site_id AND o2.device_id = sa.device_id
+                          AND o2.state = 'conflict' AND o2.pin_hash = sa.pin_hash
+                        ORDER BY o2.slot LIMIT 1) lc ON true
+     WHERE sa.site_id = $1 AND ($2::uuid IS NULL OR c.user_id = $2)
+     ORDER BY sa.credential_id, sa.device_id";
+
+const FINDINGS_SQL: &str = "SELECT device_id, slot, state FROM observed_slot
+     WHERE site_id = $1 AND state IN ('drifted', 'missing', 'conflict', 'unverifiable')
+     ORDER BY device_id, slot";
+
+impl Store {
+    /// Stores the agent's report on its last write to `slot` of `device` (the latest
+    /// replaces the one before). False when the device is not at the site.
+    pub async fn write_report_record(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        slot: u16,
+        clear: bool,
+        report: &WriteReport,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        let (outcome, reason, partition) = outcome_text(&report.outcome);
+        let n = conn
+            .execute(
+                "INSERT INTO slot_write_report
+                    (site_id, device_id, slot, revision, clear, outcome, device_reason, partition, report_time)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                 WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = $2)
+                 ON CONFLICT (site_id, device_id, slot) DO UPDATE SET revision = EXCLUDED.revision,
+                    clear = EXCLUDED.clear, outcome = EXCLUDED.outcome,
+                    device_reason = EXCLUDED.device_reason, partition = EXCLUDED.partition,
+                    report_time = EXCLUDED.report_time",
+                &[
+                    &site,
+                    &device,
+                    &i32::from(slot),
+                    &report.revision,
+                    &clear,
+                    &outcome,
+                    &reason,
+                    &partition,
+                    &report.at,
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Records whether the agent reaches `device`, and when it last did.
+    pub async fn reachability_record(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        reachable: bool,
+        last_contact: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE device SET reachable = $3,
+                    last_contact_time = GREATEST(last_contact_time, $4)
+                 WHERE site_id = $1 AND id = $2",
+                &[&site, &device, &reachable, &last_contact],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// The facts about the slot assignments of `site` (of `user` only, when given),
+    /// read in one repeatable-read snapshot with the reads pipelined; with every
+    /// device's findings when the whole site is read.
+    pub async fn slot_status_facts(
+        &self,
+        dealer: Uuid,
+        site: Uuid,
+        user: Option<Uuid>,
+    ) -> Result<SlotStatusFacts, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let users: Option<Vec<Uuid>> = user.map(|u| vec![u]);
+        let whole_site = user.is_none();
+        let site_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+            &[&site, &AGENT_LIVENESS_SECS];
+        let facts_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &user];
+        let (found, site_row, rows, rules, findings) = tokio::join!(
+            site_get_in_txn(&tx, dealer, site),
+            tx.query_one(SITE_SQL, site_params),
+            tx.query(FACTS_SQL, facts_params),
+            crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()),
+            async {
+                if whole_site {
+                    tx.query(FINDINGS_SQL, &[&site]).await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+        );
+        found?;
+        let (site_row, rows, rules, findings) = (site_row?, rows?, rules?, findings?);
+        tx.commit().await?;
+
+        let time_zone: String = site_row.get(0);
+        let time_zone: chrono_tz::Tz = time_zone
+            .parse()
+            .map_err(|_| StoreError::Internal(format!("stored time zone {time_zone}")))?;
+        let lockdown: bool = site_row.get(1);
+        let agent = AgentLink {
+            connected: site_row.get(3),
+            last_seen: site_row.get(2),
+        };
+        let now: DateTime<Utc> = site_row.get(4);
+        let thresholds = SiteThresholds::default();
+
+        let mut assignments = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let device: Uuid = r.get(0);
+            let slot = slot_of(r.get(1))?;
+            let credential: Uuid = r.get(2);
+            let user: Uuid = r.get(3);
+            let model_id: &str = r.get(4);
+            let model = DeviceModel::find(model_id)
+                .ok_or_else(|| StoreError::Internal(format!("unknown model {model_id}")))?;
+            let applied_revision: i64 = r.get(5);
+            let reachable: bool = r.get(6);
+            let last_contact: Option<DateTime<Utc>> = r.get(7);
+            let schedules = rules.schedules_for(user, device, Some(model.kind));
+            // An empty list: the user's plan does not name the device.
+            let access_point = schedules.as_ref().is_none_or(|s| !s.is_empty());
+            let write_generation: i64 = r.get(10);
+            let desired = SlotValue {
+                code_version: write_generation + 1,
+                settings_version: 0,
+                schedules: if access_point { schedules } else { None },
+            };
+            let changed_revision: i64 = r.get(11);
+            let changed_at: DateTime<Utc> = r.get(12);
+            let first_revision: i64 = r.get(13);
+            // keyplaned keeps no history of slot values: a device that applied any
+            // earlier change of the slot is taken to hold an older code there.
+            let applied_value =
+                (first_revision > 0 && applied_revision >= first_revision).then(|| SlotValue {
+                    code_version: write_generation,
+                    ..desired.clone()
+                });
+            let last_write = match r.get::<_, Option<i64>>(14) {
+                None => None,
+                Some(revision) => {
+                    let outcome: String = r.get(15);
+                    outcome_from(&outcome, r.get(16), r.get(17)).map(|outcome| WriteReport {
+                        revision,
+                        at: r.get(18),
+                        outcome,
+                    })
+                }
+            };
+            let read_back = r
+                .get::<_, Option<&str>>(19)
+                .and_then(finding_from)
+                .map(|finding| ReadBack {
+                    finding,
+                    since: r.get(20),
+                });
+            let local_conflict = match r.get::<_, Option<i32>>(21) {
+                Some(n) => Some((slot_of(n)?, r.get::<_, DateTime<Utc>>(22))),
+                None => None,
+            };
+            assignments.push(AssignmentFacts {
+                credential,
+                user,
+                device,
+                model,
+                facts: SlotFacts {
+                    kind: model.kind,
+                    slot,
+                    keeps_schedules: model.on_device_schedules,
+                    time_zone,
+                    desired: Some(desired),
+                    presence: Presence {
+                        access_point,
+                        valid_from: r.get(8),
+                        valid_until: r.get(9),
+                        lockdown,
+                    },
+                    applied_value,
+                    changed_revision,
+                    changed_at,
+                    applied_revision,
+                    last_write,
+                    read_back,
+                    local_conflict,
+                    agent,
+                    // A reachable device is in contact now; otherwise since its last contact.
+                    device_last_seen: if reachable { Some(now) } else { last_contact },
+                    thresholds: thresholds.for_kind(model.kind),
+                    now,
+                },
+            });
+        }
+
+        let mut by_device: BTreeMap<Uuid, DeviceFindings> = BTreeMap::new();
+        for r in &findings {
+            let device: Uuid = r.get(0);
+            let slot = slot_of(r.get(1))?;
+            let entry = by_device.entry(device).or_insert_with(|| DeviceFindings {
+                device,
+                ..Default::default()
+            });
+            match r.get::<_, &str>(2) {
+                "drifted" | "missing" => entry.drifted.push(slot),
+                "conflict" => entry.conflicting.push(slot),
+                _ => entry.unverifiable.push(slot),
+            }
+        }
+        Ok(SlotStatusFacts {
+            assignments,
+            findings: by_device.into_values().collect(),
+        })
+    }
+}
