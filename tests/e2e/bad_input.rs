@@ -341,6 +341,7 @@ async fn tokens_and_tenancy() -> anyhow::Result<()> {
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await;
     refused(&s, &before, r, Code::NotFound, &[], "2468").await?;

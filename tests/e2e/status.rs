@@ -305,3 +305,150 @@ async fn a_schedule_withholds_the_panel_code_outside_its_window_until_it_opens()
     assert!(!s.slots(&panel)?.values().any(|p| p == "7305"));
     Ok(())
 }
+
+async fn device(s: &Site, d: &pb::Device) -> anyhow::Result<pb::Device> {
+    Ok(s.admin
+        .clone()
+        .get_device(pb::GetDeviceRequest {
+            name: d.name.clone(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Makes the lock report code rules of its own, starts the agent and waits until
+/// keyplaned publishes them.
+async fn lock_reporting(
+    s: &Site,
+    rules: &[&str],
+) -> anyhow::Result<keyplane_testkit::server::TestAgent> {
+    s.sim(&s.lock)?
+        .set_reported(Some(keyplane_devices::SimReported {
+            rules: Some(rules.iter().map(|r| (*r).to_owned()).collect()),
+            ..Default::default()
+        }))?;
+    let agent = s.start_agent();
+    let want = rules.len();
+    eventually("the lock's own rules published", SYNC_TIMEOUT, || async {
+        let d = device(s, &s.lock).await?;
+        let capacity = d.constraints.and_then(|c| c.capacity).unwrap_or_default();
+        Ok((capacity.source == pb::ConstraintSource::Reported as i32
+            && capacity.code_rules.len() == want)
+            .then_some(()))
+    })
+    .await?;
+    Ok(agent)
+}
+
+#[tokio::test]
+async fn a_code_breaking_a_rule_the_lock_reported_is_refused_naming_it() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    // Published from the profile before anything is reported.
+    let before = device(&s, &lock).await?.constraints.expect("constraints");
+    let capacity = before.capacity.expect("capacity");
+    assert_eq!(capacity.source, pb::ConstraintSource::Profile as i32);
+    assert_eq!(capacity.slots_used, 0);
+    assert_eq!(capacity.slots_free, capacity.slots_total);
+
+    let _agent = lock_reporting(&s, &["no_repeated_digit"]).await?;
+    let refused = s
+        .credential(&alice, "4841", lock_scope(&[&lock]))
+        .await
+        .expect_err("4841 repeats a digit");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let msg = refused.message();
+    assert!(msg.contains("no_repeated_digit"), "{msg}");
+    assert!(msg.contains(&lock.name), "{msg}");
+    assert!(!msg.contains("4841"), "never the code: {msg}");
+    // The panel did not report the rule: the same code is fine there.
+    s.credential(
+        &alice,
+        "4841",
+        pb::CredentialScope {
+            panel_partitions: vec![1],
+            ..Default::default()
+        },
+    )
+    .await?;
+    // A code keeping the rule is taken, and the lock's capacity counts it.
+    s.credential(&alice, "4852", lock_scope(&[&lock])).await?;
+    let capacity = device(&s, &lock)
+        .await?
+        .constraints
+        .and_then(|c| c.capacity)
+        .expect("capacity");
+    assert_eq!(capacity.slots_used, 1);
+    assert_eq!(capacity.slots_free, capacity.slots_total - 1);
+    assert_eq!(
+        capacity.code_rules,
+        vec![pb::CodeRule::NoRepeatedDigit as i32]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_generated_pin_fits_every_device_in_scope_and_is_shown_once() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (panel, lock, alice) = (s.panel.clone(), s.lock.clone(), s.alice.clone());
+    let _agent = lock_reporting(&s, &["no_repeated_digit", "no_straight_run"]).await?;
+    let scope = both(&s);
+    let created = s
+        .admin
+        .create_credential(pb::CreateCredentialRequest {
+            parent: alice.clone(),
+            credential: Some(pb::Credential {
+                display_name: "generated".into(),
+                scope: Some(scope),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+            generate_pin: true,
+        })
+        .await?
+        .into_inner();
+    let pin = created.pin.clone();
+    let panel_model = keyplane_core::DeviceModel::find(&panel.model).expect("model");
+    assert!(
+        panel_model.accepts_length(pin.len()),
+        "{} digits",
+        pin.len()
+    );
+    let digits: Vec<i32> = pin.bytes().map(|b| i32::from(b - b'0')).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    assert!(digits.iter().all(|d| seen.insert(*d)), "a digit repeats");
+    assert!(
+        !digits
+            .windows(3)
+            .any(|w| (w[1] - w[0]).abs() == 1 && w[2] - w[1] == w[1] - w[0]),
+        "a straight run"
+    );
+    // Never shown again.
+    let again = get(&s, &created.name).await?;
+    assert!(again.pin.is_empty());
+    // And it reaches both devices.
+    for d in [&panel, &lock] {
+        wait_state(&s, &created.name, d, "SET", |st| {
+            status(st) == pb::SlotStatus::Set
+        })
+        .await?;
+        assert!(s.slots(d)?.values().any(|p| *p == pin));
+    }
+    // A PIN and generate_pin together are refused.
+    let both_asked = s
+        .admin
+        .create_credential(pb::CreateCredentialRequest {
+            parent: alice,
+            credential: Some(pb::Credential {
+                pin: "5827".into(),
+                scope: Some(lock_scope(&[&lock])),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+            generate_pin: true,
+        })
+        .await
+        .expect_err("one or the other");
+    assert_eq!(both_asked.code(), tonic::Code::InvalidArgument);
+    Ok(())
+}

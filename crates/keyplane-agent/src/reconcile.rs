@@ -75,6 +75,8 @@ pub struct Agent {
     findings_logged: HashMap<String, std::collections::BTreeSet<(i32, i32)>>,
     /// Write outcomes and reachability for keyplaned's status of each slot.
     reports: Reports,
+    /// What each device reported about itself, once asked (None: nothing).
+    constraints: HashMap<String, Option<keyplane_core::constraints::ReportedConstraints>>,
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -141,6 +143,7 @@ impl Agent {
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
             reports: Reports::default(),
+            constraints: HashMap::new(),
         })
     }
 
@@ -162,6 +165,11 @@ impl Agent {
                     .map(|m| pb::DeviceKind::from(m.kind))
                     .unwrap_or(pb::DeviceKind::Unspecified) as i32,
                 model: d.model.clone(),
+                constraints: self
+                    .constraints
+                    .get(name)
+                    .and_then(Option::as_ref)
+                    .map(keyplane_proto::convert::reported_constraints_pb),
             })
             .collect();
         pb::AgentMessage {
@@ -481,6 +489,7 @@ impl Agent {
     pub async fn reconcile_all(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
         let names: Vec<String> = self.journal.devices.keys().cloned().collect();
         for name in names {
+            self.ask_constraints(&name).await;
             let result = self.reconcile_device(&name).await;
             if let Some(out) = out {
                 let stale = self
@@ -550,6 +559,46 @@ impl Agent {
                 Err(e) => {
                     tracing::warn!(device = %name, error = %e, "device not reconciled; will retry")
                 }
+            }
+        }
+    }
+
+    /// Asks a device once what it says about itself, and queues an inventory entry
+    /// for keyplaned when it says something (issue 11: reported constraints).
+    async fn ask_constraints(&mut self, name: &str) {
+        if self.constraints.contains_key(name) {
+            return;
+        }
+        let Some(model) = self
+            .journal
+            .devices
+            .get(name)
+            .filter(|d| d.present)
+            .and_then(|d| DeviceModel::find(&d.model))
+        else {
+            return;
+        };
+        let asked = match self.driver(name, model) {
+            Ok(driver) => driver.reported_constraints().await,
+            Err(e) => {
+                tracing::debug!(device = %name, error = %e, "driver not opened; constraints asked later");
+                return;
+            }
+        };
+        match asked {
+            Ok(reported) => {
+                if let Some(r) = &reported {
+                    self.reports.inventory(pb::InventoryDevice {
+                        device: name.to_owned(),
+                        kind: pb::DeviceKind::from(model.kind) as i32,
+                        model: model.id.to_owned(),
+                        constraints: Some(keyplane_proto::convert::reported_constraints_pb(r)),
+                    });
+                }
+                self.constraints.insert(name.to_owned(), reported);
+            }
+            Err(e) => {
+                tracing::debug!(device = %name, error = %e, "device constraints not read; asked again next pass")
             }
         }
     }

@@ -120,6 +120,13 @@ impl Reports {
         });
     }
 
+    /// Queues a device's inventory entry (what it reports about itself).
+    pub(crate) fn inventory(&mut self, device: pb::InventoryDevice) {
+        self.outbox.push(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Inventory(device)),
+        });
+    }
+
     /// The queued messages.
     pub(crate) fn take(&mut self) -> Vec<pb::AgentMessage> {
         std::mem::take(&mut self.outbox)

@@ -556,6 +556,7 @@ async fn codes_site(
                             ..Default::default()
                         }),
                         request_id: String::new(),
+                        generate_pin: false,
                     },
                 )?)
                 .await;
@@ -900,6 +901,7 @@ async fn write_cycle(
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                generate_pin: false,
             },
         )?)
         .await?
@@ -1235,6 +1237,7 @@ async fn propagate(
                                         ..Default::default()
                                     }),
                                     request_id: String::new(),
+                                    generate_pin: false,
                                 },
                             )?)
                             .await?

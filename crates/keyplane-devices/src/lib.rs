@@ -13,8 +13,8 @@
 mod sim;
 
 pub use sim::{
-    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimulatedDevice, SimulatedSite,
-    open_driver,
+    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimReported, SimulatedDevice,
+    SimulatedSite, open_driver,
 };
 
 use keyplane_core::DeviceModel;
@@ -123,6 +123,14 @@ pub trait DeviceDriver: Send {
     fn device(&self) -> &str;
     /// The device's model profile.
     fn model(&self) -> &'static DeviceModel;
+    /// What the device says about itself (slot range, code lengths, code rules...),
+    /// where the driver can ask it; None: nothing beyond the model profile. The agent
+    /// reports it in its inventory and keyplaned lets it override the profile.
+    async fn reported_constraints(
+        &mut self,
+    ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
+        Ok(None)
+    }
     /// Every occupied slot (and only those), sorted by slot.
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError>;
     /// Writes `code` into `slot`, replacing what is there.

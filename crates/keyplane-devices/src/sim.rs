@@ -62,6 +62,24 @@ struct State {
     /// Full slot-table reads through the driver (each costs battery on a real lock).
     #[serde(default)]
     table_reads: u32,
+    /// What the device reports about itself (test hook); absent: nothing.
+    #[serde(default)]
+    reported: Option<SimReported>,
+}
+
+/// What a simulated device reports about itself: code lengths and code rules (by
+/// their API names), as a real lock reports its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimReported {
+    /// Shortest code accepted.
+    #[serde(default)]
+    pub min_code_length: Option<u8>,
+    /// Longest code accepted.
+    #[serde(default)]
+    pub max_code_length: Option<u8>,
+    /// Code rules, e.g. `no_repeated_digit`.
+    #[serde(default)]
+    pub rules: Option<Vec<String>>,
 }
 
 /// Who changes a slot: the driver interface (the agent) or a person at the keypad.
@@ -479,6 +497,14 @@ impl SimulatedDevice {
         })
     }
 
+    /// Makes the device report `reported` about itself (None: nothing).
+    pub fn set_reported(&mut self, reported: Option<SimReported>) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.reported = reported;
+            Ok(())
+        })
+    }
+
     /// Makes the device offer a checksum of its user codes.
     pub fn set_checksum(&mut self, on: bool) -> Result<(), DeviceError> {
         self.with_state(|s| {
@@ -558,6 +584,25 @@ impl DeviceDriver for SimulatedDevice {
 
     fn model(&self) -> &'static DeviceModel {
         self.model
+    }
+
+    async fn reported_constraints(
+        &mut self,
+    ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
+        use keyplane_core::constraints::{CodeRule, ReportedConstraints};
+        self.with_state(|s| {
+            Ok(s.reported.as_ref().map(|r| ReportedConstraints {
+                min_code_length: r.min_code_length,
+                max_code_length: r.max_code_length,
+                rules: r.rules.as_ref().map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| CodeRule::ALL.into_iter().find(|c| c.as_str() == n))
+                        .collect()
+                }),
+                ..Default::default()
+            }))
+        })
     }
 
     async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {

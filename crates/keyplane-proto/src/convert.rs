@@ -921,3 +921,130 @@ pub fn write_outcome(r: &pb::SlotWriteReport) -> Result<WriteOutcome, WriteRepor
         _ => return Err(WriteReportError::Outcome(r.outcome)),
     })
 }
+
+// ---------------------------------------------------------------------------
+// Device constraints (docs/STATUS.md): reported constraints both ways, published
+// capacity.
+// ---------------------------------------------------------------------------
+
+use keyplane_core::constraints::{CodeRule, DeviceConstraints, ReportedConstraints, SlotCapacity};
+
+impl From<CodeRule> for pb::CodeRule {
+    fn from(r: CodeRule) -> Self {
+        match r {
+            CodeRule::NoRepeatedDigit => pb::CodeRule::NoRepeatedDigit,
+            CodeRule::NoStraightRun => pb::CodeRule::NoStraightRun,
+            CodeRule::NoAdjacentRepeat => pb::CodeRule::NoAdjacentRepeat,
+        }
+    }
+}
+
+/// Why reported constraints were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportedWireError {
+    /// A number does not fit its field.
+    #[error("{0} is out of range")]
+    OutOfRange(&'static str),
+    /// A code rule is unspecified or unknown.
+    #[error("code_rules: {0} is not a code rule")]
+    Rule(i32),
+}
+
+/// Reported constraints from the wire; zero / unreported fields stay None.
+pub fn reported_constraints(
+    r: &pb::ReportedConstraints,
+) -> Result<ReportedConstraints, ReportedWireError> {
+    fn opt<T: TryFrom<i32>>(v: i32, what: &'static str) -> Result<Option<T>, ReportedWireError> {
+        if v == 0 {
+            return Ok(None);
+        }
+        T::try_from(v)
+            .map(Some)
+            .map_err(|_| ReportedWireError::OutOfRange(what))
+    }
+    Ok(ReportedConstraints {
+        first_slot: opt(r.first_slot, "first_slot")?,
+        last_slot: opt(r.last_slot, "last_slot")?,
+        reserved_slots: if r.reserved_slots_reported {
+            Some(
+                r.reserved_slots
+                    .iter()
+                    .map(|s| {
+                        u16::try_from(*s)
+                            .map_err(|_| ReportedWireError::OutOfRange("reserved_slots"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        },
+        min_code_length: opt(r.min_code_length, "min_code_length")?,
+        max_code_length: opt(r.max_code_length, "max_code_length")?,
+        reads_back: r.reads_back_reported.then_some(r.reads_back),
+        keeps_schedules: r.keeps_schedules_reported.then_some(r.keeps_schedules),
+        rules: if r.code_rules_reported {
+            Some(
+                r.code_rules
+                    .iter()
+                    .map(|v| match pb::CodeRule::try_from(*v) {
+                        Ok(pb::CodeRule::NoRepeatedDigit) => Ok(CodeRule::NoRepeatedDigit),
+                        Ok(pb::CodeRule::NoStraightRun) => Ok(CodeRule::NoStraightRun),
+                        Ok(pb::CodeRule::NoAdjacentRepeat) => Ok(CodeRule::NoAdjacentRepeat),
+                        _ => Err(ReportedWireError::Rule(*v)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        },
+    })
+}
+
+/// Reported constraints to the wire (what an agent sends).
+pub fn reported_constraints_pb(r: &ReportedConstraints) -> pb::ReportedConstraints {
+    pb::ReportedConstraints {
+        first_slot: r.first_slot.map(i32::from).unwrap_or(0),
+        last_slot: r.last_slot.map(i32::from).unwrap_or(0),
+        reserved_slots: r
+            .reserved_slots
+            .iter()
+            .flatten()
+            .map(|s| i32::from(*s))
+            .collect(),
+        reserved_slots_reported: r.reserved_slots.is_some(),
+        min_code_length: r.min_code_length.map(i32::from).unwrap_or(0),
+        max_code_length: r.max_code_length.map(i32::from).unwrap_or(0),
+        reads_back: r.reads_back.unwrap_or(false),
+        reads_back_reported: r.reads_back.is_some(),
+        keeps_schedules: r.keeps_schedules.unwrap_or(false),
+        keeps_schedules_reported: r.keeps_schedules.is_some(),
+        code_rules: r
+            .rules
+            .iter()
+            .flatten()
+            .map(|c| pb::CodeRule::from(*c) as i32)
+            .collect(),
+        code_rules_reported: r.rules.is_some(),
+    }
+}
+
+/// A device's published capacity.
+pub fn capacity_pb(c: &DeviceConstraints, slots: &SlotCapacity) -> pb::DeviceCapacity {
+    let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::DeviceCapacity {
+        slots_total: n(slots.total),
+        slots_used: n(slots.used),
+        slots_free: n(slots.free),
+        reads_back: c.reads_back,
+        code_rules: c
+            .rules
+            .iter()
+            .map(|r| pb::CodeRule::from(*r) as i32)
+            .collect(),
+        source: if c.reported {
+            pb::ConstraintSource::Reported
+        } else {
+            pb::ConstraintSource::Profile
+        } as i32,
+    }
+}

@@ -185,6 +185,12 @@ impl AgentService for AgentApi {
             .await
             .map_err(store_status)?;
         tracing::info!(%site, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
+        // Issue 11: what devices report about themselves (crate::reports).
+        for d in hello.inventory.iter().filter(|d| d.constraints.is_some()) {
+            if let Err(status) = crate::reports::inventory(&self.store, site, d).await {
+                tracing::warn!(%site, device = %d.device, %status, "reported constraints not taken");
+            }
+        }
 
         let (tx, rx) = mpsc::channel(16);
         let session = Session {
@@ -409,6 +415,13 @@ impl Session {
             }
             Some(pb::agent_message::Msg::Reachability(r)) => {
                 crate::reports::reachability(&self.store, self.site, r).await
+            }
+            Some(pb::agent_message::Msg::Inventory(d)) => {
+                // A report that makes no sense is not worth the stream.
+                if let Err(status) = crate::reports::inventory(&self.store, self.site, &d).await {
+                    tracing::warn!(site = %self.site, device = %d.device, %status, "reported constraints not taken");
+                }
+                Ok(())
             }
             Some(pb::agent_message::Msg::Hello(_)) => {
                 Err(Status::invalid_argument("Hello may be sent only once"))

@@ -68,3 +68,27 @@ pub async fn reachability(
         .map_err(store_status)?;
     Ok(())
 }
+
+/// Stores what an inventory device reports about itself (from Hello or later). A
+/// report that makes no sense is refused with INVALID_ARGUMENT naming why; the
+/// profile stays in force.
+pub async fn inventory(store: &Store, site: Uuid, d: &pb::InventoryDevice) -> Result<(), Status> {
+    let device = device_of(site, "inventory.device", &d.device)?;
+    let Some(model) = keyplane_core::DeviceModel::find(&d.model) else {
+        return Err(Status::invalid_argument(format!(
+            "inventory.model {:?} is not a known model",
+            d.model
+        )));
+    };
+    let reported = d
+        .constraints
+        .as_ref()
+        .map(wire::reported_constraints)
+        .transpose()
+        .map_err(|e| Status::invalid_argument(format!("inventory.constraints: {e}")))?;
+    store
+        .device_reported_record(site, device, model, reported.as_ref())
+        .await
+        .map_err(store_status)?;
+    Ok(())
+}

@@ -94,16 +94,42 @@ pub fn partition_pb(p: &store::Partition) -> pb::Partition {
 
 /// Model constraints to protobuf.
 pub fn constraints_pb(m: &DeviceModel) -> pb::DeviceConstraints {
+    let c = keyplane_core::constraints::DeviceConstraints::from_model(m);
+    device_constraints_pb(m, &c, None)
+}
+
+/// A device's constraints in force (the profile's, with what it reported laid over
+/// them), with its capacity given the occupied slots when known.
+fn device_constraints_pb(
+    m: &DeviceModel,
+    c: &keyplane_core::constraints::DeviceConstraints,
+    occupied: Option<&std::collections::BTreeSet<u16>>,
+) -> pb::DeviceConstraints {
     pb::DeviceConstraints {
         kind: pb::DeviceKind::from(m.kind) as i32,
-        first_slot: i32::from(m.first_slot),
-        last_slot: i32::from(m.last_slot),
-        reserved_slots: m.reserved_slots.iter().map(|s| i32::from(*s)).collect(),
-        min_code_length: i32::from(m.min_code_length),
-        max_code_length: i32::from(m.max_code_length),
-        on_device_schedules: m.on_device_schedules,
+        first_slot: i32::from(c.first_slot),
+        last_slot: i32::from(c.last_slot),
+        reserved_slots: c.reserved_slots.iter().map(|s| i32::from(*s)).collect(),
+        min_code_length: i32::from(c.min_code_length),
+        max_code_length: i32::from(c.max_code_length),
+        on_device_schedules: c.keeps_schedules,
         max_partitions: i32::from(m.max_partitions),
+        capacity: occupied.map(|o| wire::capacity_pb(c, &c.capacity(o))),
     }
+}
+
+/// Device to protobuf with its published capacity (reads), given its occupied slots.
+pub fn device_capacity_pb(
+    d: &store::Device,
+    occupied: Option<&std::collections::BTreeSet<u16>>,
+) -> pb::Device {
+    let mut out = device_pb(d);
+    out.constraints = Some(device_constraints_pb(
+        d.model,
+        &d.constraints(),
+        Some(occupied.unwrap_or(&std::collections::BTreeSet::new())),
+    ));
+    out
 }
 
 /// Device to protobuf.
@@ -115,7 +141,7 @@ pub fn device_pb(d: &store::Device) -> pb::Device {
         model: d.model.id.to_owned(),
         partition: d.partition.map(i32::from).unwrap_or(0),
         perimeter: d.perimeter,
-        constraints: Some(constraints_pb(d.model)),
+        constraints: Some(device_constraints_pb(d.model, &d.constraints(), None)),
         create_time: ts(d.create_time),
         update_time: ts(d.update_time),
         etag: d.version.to_string(),

@@ -24,3 +24,7 @@ CREATE TABLE slot_write_report (
 -- Whether the agent reaches each device, and when it last did.
 ALTER TABLE device ADD COLUMN reachable boolean NOT NULL DEFAULT true;
 ALTER TABLE device ADD COLUMN last_contact_time timestamptz;
+
+-- What each device reported about itself in the agent's inventory (constraints laid
+-- over its model profile's); NULL: nothing reported.
+ALTER TABLE device ADD COLUMN reported_constraints jsonb;

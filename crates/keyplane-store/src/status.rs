@@ -7,6 +7,7 @@ use crate::site::site_get_in_txn;
 use crate::{Cached, Store, StoreError};
 use chrono::{DateTime, Utc};
 use keyplane_core::DeviceModel;
+use keyplane_core::constraints::{CodeRule, DeviceConstraints, ReportedConstraints};
 use keyplane_core::observed::SlotFinding;
 use keyplane_core::status::{
     AgentLink, Presence, ReadBack, Refusal, SiteThresholds, SlotFacts, SlotValue, WriteOutcome,
@@ -55,6 +56,55 @@ pub struct SlotStatusFacts {
     pub assignments: Vec<AssignmentFacts>,
     /// Every device of the site with a finding (site-wide loads only).
     pub findings: Vec<DeviceFindings>,
+}
+
+/// A stored report (`device.reported_constraints`); None when absent or unreadable.
+pub(crate) fn reported_from_json(v: Option<serde_json::Value>) -> Option<ReportedConstraints> {
+    let v = v?;
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    let flag = |k: &str| v.get(k).and_then(serde_json::Value::as_bool);
+    let list = |k: &str| -> Option<Vec<u64>> {
+        v.get(k)?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_u64)
+            .collect()
+    };
+    Some(ReportedConstraints {
+        first_slot: num("first_slot").and_then(|n| u16::try_from(n).ok()),
+        last_slot: num("last_slot").and_then(|n| u16::try_from(n).ok()),
+        reserved_slots: list("reserved_slots").map(|l| {
+            l.into_iter()
+                .filter_map(|n| u16::try_from(n).ok())
+                .collect()
+        }),
+        min_code_length: num("min_code_length").and_then(|n| u8::try_from(n).ok()),
+        max_code_length: num("max_code_length").and_then(|n| u8::try_from(n).ok()),
+        reads_back: flag("reads_back"),
+        keeps_schedules: flag("keeps_schedules"),
+        rules: v.get("rules").and_then(|r| {
+            r.as_array()?
+                .iter()
+                .map(|x| {
+                    let name = x.as_str()?;
+                    CodeRule::ALL.into_iter().find(|c| c.as_str() == name)
+                })
+                .collect()
+        }),
+    })
+}
+
+fn reported_to_json(r: &ReportedConstraints) -> serde_json::Value {
+    serde_json::json!({
+        "first_slot": r.first_slot,
+        "last_slot": r.last_slot,
+        "reserved_slots": r.reserved_slots,
+        "min_code_length": r.min_code_length,
+        "max_code_length": r.max_code_length,
+        "reads_back": r.reads_back,
+        "keeps_schedules": r.keeps_schedules,
+        "rules": r.rules.as_ref().map(|l| l.iter().map(|c| c.as_str()).collect::<Vec<_>>()),
+    })
 }
 
 fn outcome_text(o: &WriteOutcome) -> (&'static str, &str, Option<i16>) {
@@ -113,7 +163,7 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         sa.write_generation, coalesce(ch.max_rev, 0), coalesce(ch.max_time, c.update_time),
         coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
-        o.state, o.observe_time, lc.slot, lc.observe_time
+        o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints
      FROM slot_assignment sa
      JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
@@ -173,6 +223,58 @@ impl Store {
             )
             .await?;
         Ok(n > 0)
+    }
+
+    /// Records what `device` reported about itself (None: nothing; the profile alone
+    /// holds). A report that makes no sense is refused whole and the stored one kept.
+    /// False when the device is not at the site.
+    pub async fn device_reported_record(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        model: &'static DeviceModel,
+        reported: Option<&ReportedConstraints>,
+    ) -> Result<bool, StoreError> {
+        if let Some(r) = reported {
+            DeviceConstraints::from_model(model)
+                .with_reported(r)
+                .map_err(|e| StoreError::InvalidArgument(format!("reported constraints: {e}")))?;
+        }
+        let json = reported
+            .filter(|r| **r != ReportedConstraints::default())
+            .map(reported_to_json);
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE device SET reported_constraints = $4
+                 WHERE site_id = $1 AND id = $2 AND model = $3
+                   AND reported_constraints IS DISTINCT FROM $4",
+                &[&site, &device, &model.id, &json],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Occupied slots of each device of `site`: keyplane's codes and codes programmed
+    /// at the device (for the published capacity).
+    pub async fn device_occupancy(
+        &self,
+        site: Uuid,
+    ) -> Result<BTreeMap<Uuid, std::collections::BTreeSet<u16>>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT device_id, slot FROM slot_assignment WHERE site_id = $1
+                 UNION SELECT device_id, slot FROM observed_slot
+                 WHERE site_id = $1 AND state IN ('foreign', 'conflict')",
+                &[&site],
+            )
+            .await?;
+        let mut out: BTreeMap<Uuid, std::collections::BTreeSet<u16>> = BTreeMap::new();
+        for r in &rows {
+            out.entry(r.get(0)).or_default().insert(slot_of(r.get(1))?);
+        }
+        Ok(out)
     }
 
     /// Records whether the agent reaches `device`, and when it last did.
@@ -306,7 +408,12 @@ impl Store {
                 facts: SlotFacts {
                     kind: model.kind,
                     slot,
-                    keeps_schedules: model.on_device_schedules,
+                    keeps_schedules: match reported_from_json(r.get(23)) {
+                        Some(rep) => DeviceConstraints::from_model(model)
+                            .with_reported(&rep)
+                            .map_or(model.on_device_schedules, |c| c.keeps_schedules),
+                        None => model.on_device_schedules,
+                    },
                     time_zone,
                     desired: Some(desired),
                     presence: Presence {
