@@ -452,3 +452,165 @@ async fn a_generated_pin_fits_every_device_in_scope_and_is_shown_once() -> anyho
     assert_eq!(both_asked.code(), tonic::Code::InvalidArgument);
     Ok(())
 }
+
+/// Every event of the site so far (status events included).
+async fn events(s: &Site) -> anyhow::Result<Vec<pb::Event>> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = s
+            .admin
+            .clone()
+            .list_events(pb::ListEventsRequest {
+                parent: s.site.clone(),
+                page_size: 500,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        out.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Waits until an event of `kind` (about `issue`, when given) names the credential.
+async fn wait_event(
+    s: &Site,
+    credential: &str,
+    kind: pb::EventKind,
+    issue: Option<pb::SlotIssueCode>,
+) -> anyhow::Result<pb::Event> {
+    let what = format!("event {kind:?} {issue:?}");
+    eventually(&what, SYNC_TIMEOUT, || async {
+        Ok(events(s).await?.into_iter().find(|e| {
+            e.kind == kind as i32
+                && e.credential == credential
+                && issue.is_none_or(|i| e.issue == i as i32)
+        }))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_code_setting_becomes_set_and_says_so_on_the_event_stream() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    let _agent = s.start_agent();
+    let c = s.credential(&alice, "2946", lock_scope(&[&lock])).await?;
+    let set = wait_event(&s, &c.name, pb::EventKind::SetOnDevice, None).await?;
+    assert_eq!(set.device, lock.name);
+    let slot = on(&get(&s, &c.name).await?, &lock).expect("assigned").slot;
+    assert_eq!(set.user_number, slot);
+    assert_eq!(set.user, alice);
+    // Said once: a re-evaluation of an unchanged assignment raises nothing. Another
+    // credential's event is the observable progress to wait on.
+    let other = s.credential(&alice, "3957", lock_scope(&[&lock])).await?;
+    wait_event(&s, &other.name, pb::EventKind::SetOnDevice, None).await?;
+    let sets = events(&s)
+        .await?
+        .into_iter()
+        .filter(|e| e.kind == pb::EventKind::SetOnDevice as i32 && e.credential == c.name)
+        .count();
+    assert_eq!(sets, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_lock_is_late_then_offline_and_both_clear_when_it_returns()
+-> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, alice, site) = (s.lock.clone(), s.alice.clone(), s.site.clone());
+    // Small thresholds for this site's locks: late after 1 s, offline after 2 s.
+    let updated = s
+        .admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: site.clone(),
+                status_thresholds: Some(pb::SlotStatusThresholds {
+                    lock: Some(pb::KindThresholds {
+                        delay_in_setting: Some(prost_types::Duration {
+                            seconds: 1,
+                            nanos: 0,
+                        }),
+                        device_offline: Some(prost_types::Duration {
+                            seconds: 2,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["status_thresholds".into()],
+            }),
+        })
+        .await?
+        .into_inner();
+    let lock_thresholds = updated
+        .status_thresholds
+        .and_then(|t| t.lock)
+        .expect("lock thresholds");
+    assert_eq!(lock_thresholds.delay_in_setting.map(|d| d.seconds), Some(1));
+
+    let _agent = s.start_agent();
+    s.wait_synced().await?;
+    s.sim(&lock)?.set_unreachable(true)?;
+    let c = s.credential(&alice, "8361", lock_scope(&[&lock])).await?;
+    let late = wait_state(&s, &c.name, &lock, "delay_in_setting", |st| {
+        codes(&st.warnings).contains(&pb::SlotIssueCode::DelayInSetting)
+    })
+    .await?;
+    assert_eq!(
+        status(&state_on(&late, &lock).expect("state")),
+        pb::SlotStatus::Setting
+    );
+    wait_state(&s, &c.name, &lock, "device_offline", |st| {
+        codes(&st.warnings).contains(&pb::SlotIssueCode::DeviceOffline)
+    })
+    .await?;
+    wait_event(
+        &s,
+        &c.name,
+        pb::EventKind::DelayInSettingOnDevice,
+        Some(pb::SlotIssueCode::DelayInSetting),
+    )
+    .await?;
+    wait_event(
+        &s,
+        &c.name,
+        pb::EventKind::SlotIssueRaised,
+        Some(pb::SlotIssueCode::DeviceOffline),
+    )
+    .await?;
+    // The delay was raised before the offline warning.
+    let order: Vec<i32> = events(&s)
+        .await?
+        .into_iter()
+        .filter(|e| e.credential == c.name)
+        .map(|e| e.issue)
+        .filter(|i| *i != 0)
+        .collect();
+    let first = |code: pb::SlotIssueCode| order.iter().position(|i| *i == code as i32);
+    assert!(first(pb::SlotIssueCode::DelayInSetting) < first(pb::SlotIssueCode::DeviceOffline));
+
+    // Back: the code lands, and both warnings clear.
+    s.sim(&lock)?.set_unreachable(false)?;
+    let back = wait_state(&s, &c.name, &lock, "SET with no warning", |st| {
+        status(st) == pb::SlotStatus::Set && st.warnings.is_empty() && st.errors.is_empty()
+    })
+    .await?;
+    assert!(on(&back, &lock).is_some());
+    wait_event(&s, &c.name, pb::EventKind::SetOnDevice, None).await?;
+    for issue in [
+        pb::SlotIssueCode::DelayInSetting,
+        pb::SlotIssueCode::DeviceOffline,
+    ] {
+        wait_event(&s, &c.name, pb::EventKind::SlotIssueCleared, Some(issue)).await?;
+    }
+    Ok(())
+}

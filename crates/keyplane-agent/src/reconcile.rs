@@ -491,30 +491,32 @@ impl Agent {
         for name in names {
             self.ask_constraints(&name).await;
             let result = self.reconcile_device(&name).await;
+            // Reachability for the status of each slot: a link error means the device
+            // was not reached; a read-back that went through means it was.
+            let mut reached = match &result {
+                Err(e) if is_link_error(e) => Some(false),
+                _ => None,
+            };
             if let Some(out) = out {
                 let stale = self
                     .observed_at
                     .get(&name)
                     .is_none_or(|t| t.elapsed() >= self.observe_every);
                 let present = self.journal.devices.get(&name).is_some_and(|d| d.present);
-                if present
-                    && (self.observe_due.remove(&name) || stale)
-                    && let Err(e) = self.observe(&name, out).await
-                {
-                    tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
+                if present && (self.observe_due.remove(&name) || stale) {
+                    match self.observe(&name, out).await {
+                        Ok(()) => reached = reached.or(Some(true)),
+                        Err(e) => {
+                            if is_link_error(&e) {
+                                reached = Some(false);
+                            }
+                            tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
+                        }
+                    }
                 }
             }
-            // Reachability for the status of each slot: a link error means the
-            // device was not reached; anything else means it answered.
-            let now = self.clock.now();
-            match &result {
-                Ok(_) => self.reports.reached(&name, true, now),
-                Err(e) => match e.downcast_ref::<DeviceError>() {
-                    Some(DeviceError::Unreachable(_) | DeviceError::Io(_)) => {
-                        self.reports.reached(&name, false, now)
-                    }
-                    _ => {}
-                },
+            if let Some(reachable) = reached {
+                self.reports.reached(&name, reachable, self.clock.now());
             }
             let queued = self.reports.take();
             if let Some(out) = out {
@@ -834,6 +836,14 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Whether an error means the device was not reached (rather than refused).
+fn is_link_error(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<DeviceError>(),
+        Some(DeviceError::Unreachable(_) | DeviceError::Io(_))
+    )
 }
 
 fn device_observed_unknown(device: Option<&DeviceJournal>) -> bool {

@@ -101,7 +101,7 @@ impl Reports {
             self.contact.insert(device.to_owned(), now);
         }
         let was_unreachable = self.unreachable.contains(device);
-        if reachable == !was_unreachable {
+        if reachable != was_unreachable {
             return;
         }
         if reachable {

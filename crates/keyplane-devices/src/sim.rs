@@ -56,6 +56,9 @@ struct State {
     /// Reads back occupied slots without their codes (masked), as many locks do.
     #[serde(default)]
     masked: bool,
+    /// Answers nothing to the driver (link down, battery dead) while true.
+    #[serde(default)]
+    unreachable: bool,
     /// Offers a checksum of all user codes.
     #[serde(default)]
     checksum: bool,
@@ -497,6 +500,25 @@ impl SimulatedDevice {
         })
     }
 
+    /// Makes the device answer nothing to its driver (true) or again (false).
+    pub fn set_unreachable(&mut self, unreachable: bool) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.unreachable = unreachable;
+            Ok(())
+        })
+    }
+
+    /// Refuses a driver operation while the device is unreachable.
+    fn reachable(&self) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            if s.unreachable {
+                Err(DeviceError::Unreachable("no answer".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+
     /// Makes the device report `reported` about itself (None: nothing).
     pub fn set_reported(&mut self, reported: Option<SimReported>) -> Result<(), DeviceError> {
         self.with_state(|s| {
@@ -589,6 +611,7 @@ impl DeviceDriver for SimulatedDevice {
     async fn reported_constraints(
         &mut self,
     ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
+        self.reachable()?;
         use keyplane_core::constraints::{CodeRule, ReportedConstraints};
         self.with_state(|s| {
             Ok(s.reported.as_ref().map(|r| ReportedConstraints {
@@ -606,6 +629,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {
+        self.reachable()?;
         self.with_state(|s| {
             Ok(s.checksum.then(|| {
                 // FNV-1a over slot and code: any change of any code changes it.
@@ -622,6 +646,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
+        self.reachable()?;
         self.with_state(|s| {
             s.table_reads += 1;
             Ok(s.slots
@@ -635,10 +660,12 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.set(slot, code, Writer::Driver)
     }
 
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.clear(slot, Writer::Driver)
     }
 
@@ -649,6 +676,7 @@ impl DeviceDriver for SimulatedDevice {
         authorities: &[(u8, Level)],
         open_close_reporting: bool,
     ) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.with_state(|state| {
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
@@ -670,6 +698,7 @@ impl DeviceDriver for SimulatedDevice {
         schedules: Option<&[Schedule]>,
         time_zone: &str,
     ) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.with_state(|state| {
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
@@ -684,6 +713,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn set_lockdown(&mut self, on: bool) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.with_state(|state| {
             state.lockdown = on;
             Ok(())
@@ -691,6 +721,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn read_events(&mut self, after: u64) -> Result<Vec<DeviceEvent>, DeviceError> {
+        self.reachable()?;
         self.with_state(|s| Ok(s.events.iter().filter(|e| e.seq > after).cloned().collect()))
     }
 }

@@ -136,19 +136,19 @@ impl TryFrom<pb::EventKind> for EventKind {
             pb::EventKind::LockdownReleased => EventKind::LockdownReleased,
             pb::EventKind::Drift => EventKind::Drift,
             pb::EventKind::LocalCodeCleared => EventKind::LocalCodeCleared,
-            // Slot-status transitions are raised by keyplaned itself (docs/STATUS.md);
-            // nothing that sends an event kind in may claim one.
-            pb::EventKind::Unspecified
-            | pb::EventKind::SetOnDevice
-            | pb::EventKind::RemovedFromDevice
-            | pb::EventKind::FailedToSetOnDevice
-            | pb::EventKind::FailedToRemoveFromDevice
-            | pb::EventKind::DelayInSettingOnDevice
-            | pb::EventKind::DelayInRemovingFromDevice
-            | pb::EventKind::ModifiedAtDevice
-            | pb::EventKind::WithheldOnDevice
-            | pb::EventKind::SlotIssueCleared
-            | pb::EventKind::SlotIssueRaised => {
+            // Slot-status transitions are raised by keyplaned itself (docs/STATUS.md):
+            // they decode, but `EventKind::device_logged` keeps agents from sending one.
+            pb::EventKind::SetOnDevice => EventKind::SetOnDevice,
+            pb::EventKind::RemovedFromDevice => EventKind::RemovedFromDevice,
+            pb::EventKind::FailedToSetOnDevice => EventKind::FailedToSetOnDevice,
+            pb::EventKind::FailedToRemoveFromDevice => EventKind::FailedToRemoveFromDevice,
+            pb::EventKind::DelayInSettingOnDevice => EventKind::DelayInSettingOnDevice,
+            pb::EventKind::DelayInRemovingFromDevice => EventKind::DelayInRemovingFromDevice,
+            pb::EventKind::ModifiedAtDevice => EventKind::ModifiedAtDevice,
+            pb::EventKind::WithheldOnDevice => EventKind::WithheldOnDevice,
+            pb::EventKind::SlotIssueCleared => EventKind::SlotIssueCleared,
+            pb::EventKind::SlotIssueRaised => EventKind::SlotIssueRaised,
+            pb::EventKind::Unspecified => {
                 return Err(UnknownValue {
                     what: "event kind",
                     value: kind as i32,
@@ -172,6 +172,16 @@ impl From<EventKind> for pb::EventKind {
             EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
             EventKind::Drift => pb::EventKind::Drift,
             EventKind::LocalCodeCleared => pb::EventKind::LocalCodeCleared,
+            EventKind::SetOnDevice => pb::EventKind::SetOnDevice,
+            EventKind::RemovedFromDevice => pb::EventKind::RemovedFromDevice,
+            EventKind::FailedToSetOnDevice => pb::EventKind::FailedToSetOnDevice,
+            EventKind::FailedToRemoveFromDevice => pb::EventKind::FailedToRemoveFromDevice,
+            EventKind::DelayInSettingOnDevice => pb::EventKind::DelayInSettingOnDevice,
+            EventKind::DelayInRemovingFromDevice => pb::EventKind::DelayInRemovingFromDevice,
+            EventKind::ModifiedAtDevice => pb::EventKind::ModifiedAtDevice,
+            EventKind::WithheldOnDevice => pb::EventKind::WithheldOnDevice,
+            EventKind::SlotIssueCleared => pb::EventKind::SlotIssueCleared,
+            EventKind::SlotIssueRaised => pb::EventKind::SlotIssueRaised,
         }
     }
 }

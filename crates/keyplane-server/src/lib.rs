@@ -17,6 +17,7 @@ pub mod mask;
 pub mod page;
 pub mod reports;
 pub mod resources;
+pub mod status;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
 use keyplane_proto::v1::agent_service_server::AgentServiceServer;
@@ -41,6 +42,10 @@ pub struct Config {
     /// How long a verified dealer token is trusted without the database; a removed
     /// token keeps working this long at most. 1 s unless a test needs otherwise.
     pub dealer_token_ttl: Duration,
+    /// How often slot assignments due for evaluation are evaluated (issue 11: their
+    /// transitions become events; delays and offline devices are raised on time).
+    /// Zero: never (the API still shows each status, decided when read).
+    pub status_interval: Duration,
 }
 
 impl Config {
@@ -52,6 +57,7 @@ impl Config {
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
             dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
+            status_interval: Duration::from_secs(2),
         }
     }
 }
@@ -74,6 +80,15 @@ pub async fn serve(
         config.poll_interval,
         shutdown.clone(),
     ));
+
+    let sweeper = (!config.status_interval.is_zero()).then(|| {
+        tokio::spawn(status::sweep(
+            store.clone(),
+            bell.clone(),
+            config.status_interval,
+            shutdown.clone(),
+        ))
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -116,6 +131,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     poller.abort();
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     store.close();
     tracing::info!("keyplaned stopped");
     Ok(())

@@ -75,6 +75,26 @@ pub fn site_pb(s: &store::Site) -> pb::Site {
         create_time: ts(s.create_time),
         update_time: ts(s.update_time),
         etag: s.version.to_string(),
+        status_thresholds: Some(thresholds_pb(&s.status_thresholds)),
+    }
+}
+
+fn thresholds_pb(t: &keyplane_core::status::SiteThresholds) -> pb::SlotStatusThresholds {
+    let d = |d: Option<chrono::Duration>| {
+        d.map(|d| prost_types::Duration {
+            seconds: d.num_seconds(),
+            nanos: d.subsec_nanos(),
+        })
+    };
+    let k = |o: &keyplane_core::status::ThresholdOverride| pb::KindThresholds {
+        delay_in_setting: d(o.setting),
+        delay_in_removing: d(o.removing),
+        device_offline: d(o.offline),
+    };
+    pb::SlotStatusThresholds {
+        panel: Some(k(&t.panel)),
+        lock: Some(k(&t.lock)),
+        door: Some(k(&t.door)),
     }
 }
 
@@ -357,6 +377,25 @@ pub fn event_pb(e: &store::Event) -> pb::Event {
         occur_time: ts(e.occur_time),
         create_time: ts(e.create_time),
         actor: e.actor.clone().unwrap_or_default(),
+        issue: e
+            .issue
+            .as_deref()
+            .and_then(|i| {
+                keyplane_core::status::IssueCode::ALL
+                    .into_iter()
+                    .find(|c| c.as_str() == i)
+            })
+            .map(|c| pb::SlotIssueCode::from(c) as i32)
+            .unwrap_or(0),
+        credential: match (e.credential, e.user) {
+            (Some(credential), Some(user)) => CredentialName {
+                site: e.site,
+                user,
+                credential,
+            }
+            .to_string(),
+            _ => String::new(),
+        },
     }
 }
 

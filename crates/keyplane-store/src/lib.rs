@@ -39,7 +39,7 @@ pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
-pub use status::{AssignmentFacts, DeviceFindings, SlotStatusFacts};
+pub use status::{AssignmentFacts, DeviceFindings, EvaluatedSlot, SlotStatusFacts, StatusEvent};
 pub use types::*;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};

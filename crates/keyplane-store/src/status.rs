@@ -7,11 +7,12 @@ use crate::site::site_get_in_txn;
 use crate::{Cached, Store, StoreError};
 use chrono::{DateTime, Utc};
 use keyplane_core::DeviceModel;
+use keyplane_core::EventKind;
 use keyplane_core::constraints::{CodeRule, DeviceConstraints, ReportedConstraints};
 use keyplane_core::observed::SlotFinding;
 use keyplane_core::status::{
-    AgentLink, Presence, ReadBack, Refusal, SiteThresholds, SlotFacts, SlotValue, WriteOutcome,
-    WriteReport,
+    AgentLink, IssueCode, Presence, ReadBack, Refusal, SiteThresholds, SlotFacts, SlotStatus,
+    SlotSummary, SlotValue, ThresholdOverride, WithheldReason, WriteOutcome, WriteReport,
 };
 use std::collections::BTreeMap;
 use tokio_postgres::IsolationLevel;
@@ -34,6 +35,8 @@ pub struct AssignmentFacts {
     pub model: &'static DeviceModel,
     /// What the status is decided from.
     pub facts: SlotFacts,
+    /// The summary of the last evaluation (None: never evaluated).
+    pub last: Option<SlotSummary>,
 }
 
 /// Slots of one device named by what the agent read back.
@@ -56,6 +59,112 @@ pub struct SlotStatusFacts {
     pub assignments: Vec<AssignmentFacts>,
     /// Every device of the site with a finding (site-wide loads only).
     pub findings: Vec<DeviceFindings>,
+    /// The site's status sequence as read (see [`Store::status_record`]).
+    pub seq: i64,
+}
+
+/// One evaluated assignment, to store as the last evaluation.
+#[derive(Debug, Clone)]
+pub struct EvaluatedSlot {
+    /// The device.
+    pub device: Uuid,
+    /// The slot.
+    pub slot: u16,
+    /// The credential.
+    pub credential: Uuid,
+    /// The evaluation's summary.
+    pub summary: SlotSummary,
+}
+
+/// An event raised by a slot-status transition.
+#[derive(Debug, Clone)]
+pub struct StatusEvent {
+    /// The device.
+    pub device: Uuid,
+    /// The slot (stored as the event's user number).
+    pub slot: u16,
+    /// The credential.
+    pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
+    /// The event kind.
+    pub kind: EventKind,
+    /// The issue raised or cleared.
+    pub issue: Option<IssueCode>,
+    /// When keyplaned saw the transition.
+    pub at: DateTime<Utc>,
+}
+
+fn status_text(s: SlotStatus) -> &'static str {
+    s.as_str()
+}
+
+fn status_from(text: &str) -> Option<SlotStatus> {
+    SlotStatus::ALL.into_iter().find(|s| s.as_str() == text)
+}
+
+fn withheld_parts(w: &WithheldReason) -> (&'static str, Option<DateTime<Utc>>) {
+    let at = match w {
+        WithheldReason::OutsideSchedule { next_set_at } => *next_set_at,
+        WithheldReason::BeforeValidity { starts_at } => Some(*starts_at),
+        _ => None,
+    };
+    (w.code(), at)
+}
+
+fn withheld_from(code: &str, at: Option<DateTime<Utc>>) -> Option<WithheldReason> {
+    Some(match code {
+        "not_an_access_point" => WithheldReason::NotAnAccessPoint,
+        "after_validity" => WithheldReason::AfterValidity,
+        "lockdown" => WithheldReason::Lockdown,
+        "outside_schedule" => WithheldReason::OutsideSchedule { next_set_at: at },
+        "before_validity" => WithheldReason::BeforeValidity { starts_at: at? },
+        _ => return None,
+    })
+}
+
+fn override_json(o: &ThresholdOverride) -> serde_json::Value {
+    let ms = |d: Option<chrono::Duration>| d.map(|d| d.num_milliseconds());
+    serde_json::json!({
+        "setting_ms": ms(o.setting),
+        "removing_ms": ms(o.removing),
+        "offline_ms": ms(o.offline),
+    })
+}
+
+fn override_from(v: Option<&serde_json::Value>) -> ThresholdOverride {
+    let ms = |k: &str| {
+        v.and_then(|v| v.get(k))
+            .and_then(serde_json::Value::as_i64)
+            .map(chrono::Duration::milliseconds)
+    };
+    ThresholdOverride {
+        setting: ms("setting_ms"),
+        removing: ms("removing_ms"),
+        offline: ms("offline_ms"),
+    }
+}
+
+/// A site's stored threshold overrides (none: the defaults).
+pub(crate) fn thresholds_from_json(v: Option<serde_json::Value>) -> SiteThresholds {
+    let Some(v) = v else {
+        return SiteThresholds::default();
+    };
+    SiteThresholds {
+        panel: override_from(v.get("panel")),
+        lock: override_from(v.get("lock")),
+        door: override_from(v.get("door")),
+    }
+}
+
+fn thresholds_to_json(t: &SiteThresholds) -> Option<serde_json::Value> {
+    (*t != SiteThresholds::default()).then(|| {
+        serde_json::json!({
+            "panel": override_json(&t.panel),
+            "lock": override_json(&t.lock),
+            "door": override_json(&t.door),
+        })
+    })
 }
 
 /// A stored report (`device.reported_constraints`); None when absent or unreadable.
@@ -152,7 +261,7 @@ fn slot_of(n: i32) -> Result<u16, StoreError> {
 
 const SITE_SQL: &str = "SELECT time_zone, lockdown, agent_last_seen,
         agent_connected AND coalesce(extract(epoch FROM now() - agent_last_seen)::float8 < $2, false),
-        now()
+        now(), status_thresholds, status_seq
      FROM site WHERE id = $1";
 
 /// Every assignment of site `$1` (of user `$2` when not NULL) with what its status is
@@ -163,7 +272,8 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         sa.write_generation, coalesce(ch.max_rev, 0), coalesce(ch.max_time, c.update_time),
         coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
-        o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints
+        o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints,
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues
      FROM slot_assignment sa
      JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
@@ -175,6 +285,8 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
                                   AND w.slot = sa.slot
      LEFT JOIN observed_slot o ON o.site_id = sa.site_id AND o.device_id = sa.device_id
                               AND o.slot = sa.slot
+     LEFT JOIN slot_state_last sl ON sl.site_id = sa.site_id AND sl.device_id = sa.device_id
+                                 AND sl.slot = sa.slot
      LEFT JOIN LATERAL (SELECT o2.slot, o2.observe_time FROM observed_slot o2
                         WHERE o2.site_id = sa.site_id AND o2.device_id = sa.device_id
                           AND o2.state = 'conflict' AND o2.pin_hash = sa.pin_hash
@@ -201,7 +313,8 @@ impl Store {
         let (outcome, reason, partition) = outcome_text(&report.outcome);
         let n = conn
             .execute(
-                "INSERT INTO slot_write_report
+                "WITH due AS (UPDATE site SET status_seq = status_seq + 1 WHERE id = $1)
+                 INSERT INTO slot_write_report
                     (site_id, device_id, slot, revision, clear, outcome, device_reason, partition, report_time)
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
                  WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = $2)
@@ -246,7 +359,8 @@ impl Store {
         let conn = self.conn().await?;
         let n = conn
             .execute(
-                "UPDATE device SET reported_constraints = $4
+                "WITH due AS (UPDATE site SET status_seq = status_seq + 1 WHERE id = $1)
+                 UPDATE device SET reported_constraints = $4
                  WHERE site_id = $1 AND id = $2 AND model = $3
                    AND reported_constraints IS DISTINCT FROM $4",
                 &[&site, &device, &model.id, &json],
@@ -288,7 +402,8 @@ impl Store {
         let conn = self.conn().await?;
         let n = conn
             .execute(
-                "UPDATE device SET reachable = $3,
+                "WITH due AS (UPDATE site SET status_seq = status_seq + 1 WHERE id = $1)
+                 UPDATE device SET reachable = $3,
                     last_contact_time = GREATEST(last_contact_time, $4)
                  WHERE site_id = $1 AND id = $2",
                 &[&site, &device, &reachable, &last_contact],
@@ -306,6 +421,24 @@ impl Store {
         site: Uuid,
         user: Option<Uuid>,
     ) -> Result<SlotStatusFacts, StoreError> {
+        self.facts_read(Some(dealer), site, user).await
+    }
+
+    /// The facts of every assignment of `site`, for keyplaned's own re-evaluation
+    /// (no dealer scoping: the sweep only).
+    pub async fn slot_status_facts_for_sweep(
+        &self,
+        site: Uuid,
+    ) -> Result<SlotStatusFacts, StoreError> {
+        self.facts_read(None, site, None).await
+    }
+
+    async fn facts_read(
+        &self,
+        dealer: Option<Uuid>,
+        site: Uuid,
+        user: Option<Uuid>,
+    ) -> Result<SlotStatusFacts, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn
             .build_transaction()
@@ -319,7 +452,12 @@ impl Store {
             &[&site, &AGENT_LIVENESS_SECS];
         let facts_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &user];
         let (found, site_row, rows, rules, findings) = tokio::join!(
-            site_get_in_txn(&tx, dealer, site),
+            async {
+                match dealer {
+                    Some(dealer) => site_get_in_txn(&tx, dealer, site).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            },
             tx.query_one(SITE_SQL, site_params),
             tx.query(FACTS_SQL, facts_params),
             crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()),
@@ -345,7 +483,8 @@ impl Store {
             last_seen: site_row.get(2),
         };
         let now: DateTime<Utc> = site_row.get(4);
-        let thresholds = SiteThresholds::default();
+        let thresholds = thresholds_from_json(site_row.get(5));
+        let seq: i64 = site_row.get(6);
 
         let mut assignments = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -400,7 +539,24 @@ impl Store {
                 Some(n) => Some((slot_of(n)?, r.get::<_, DateTime<Utc>>(22))),
                 None => None,
             };
+            let last = match (r.get::<_, Option<Uuid>>(24), r.get::<_, Option<&str>>(25)) {
+                (Some(c), Some(status)) if c == credential => {
+                    status_from(status).map(|status| SlotSummary {
+                        status,
+                        withheld: r
+                            .get::<_, Option<&str>>(26)
+                            .and_then(|w| withheld_from(w, r.get(27))),
+                        issues: r
+                            .get::<_, Vec<String>>(28)
+                            .iter()
+                            .filter_map(|i| IssueCode::ALL.into_iter().find(|c| c.as_str() == i))
+                            .collect(),
+                    })
+                }
+                _ => None,
+            };
             assignments.push(AssignmentFacts {
+                last,
                 credential,
                 user,
                 device,
@@ -455,6 +611,168 @@ impl Store {
         Ok(SlotStatusFacts {
             assignments,
             findings: by_device.into_values().collect(),
+            seq,
+        })
+    }
+}
+
+impl Store {
+    /// Sets a site's per-kind threshold overrides (audited).
+    pub async fn site_thresholds_set(
+        &self,
+        actor: &crate::Actor,
+        site: Uuid,
+        thresholds: &SiteThresholds,
+    ) -> Result<crate::Site, StoreError> {
+        let json = thresholds_to_json(thresholds);
+        crate::in_txn!(self, "site_thresholds_set", |tx| {
+            site_get_in_txn(&tx, actor.dealer, site).await?;
+            let audit = crate::site::AuditParams::new(
+                actor,
+                Some(site),
+                "site.status_thresholds",
+                &format!("sites/{site}"),
+                json.clone().unwrap_or(serde_json::Value::Null),
+            );
+            crate::batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE site SET status_thresholds = $2, status_seq = status_seq + 1,
+                            version = version + 1, update_time = now() WHERE id = $1",
+                        crate::params![&site, &json],
+                    ),
+                    audit.step(),
+                ],
+            )
+            .await?;
+            site_get_in_txn(&tx, actor.dealer, site).await
+        })
+    }
+
+    /// Sites whose assignments are due for evaluation (something changed since the
+    /// last one, or something changes by the clock), least recently evaluated first.
+    pub async fn status_due_sites(&self, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT id FROM site WHERE status_seq > status_evaluated_seq OR status_pending
+                 ORDER BY status_evaluated_at NULLS FIRST LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Stores an evaluation of `site` made from facts read at sequence `seq`: the
+    /// changed summaries, the events of their transitions, and whether the site stays
+    /// pending; one batch. Changes after `seq` keep the site due.
+    pub async fn status_record(
+        &self,
+        site: Uuid,
+        seq: i64,
+        pending: bool,
+        changed: &[EvaluatedSlot],
+        events: &[StatusEvent],
+    ) -> Result<(), StoreError> {
+        let devices: Vec<Uuid> = changed.iter().map(|c| c.device).collect();
+        let slots: Vec<i32> = changed.iter().map(|c| i32::from(c.slot)).collect();
+        let credentials: Vec<Uuid> = changed.iter().map(|c| c.credential).collect();
+        let statuses: Vec<&str> = changed
+            .iter()
+            .map(|c| status_text(c.summary.status))
+            .collect();
+        let withheld: Vec<Option<&str>> = changed
+            .iter()
+            .map(|c| c.summary.withheld.as_ref().map(|w| withheld_parts(w).0))
+            .collect();
+        let withheld_at: Vec<Option<DateTime<Utc>>> = changed
+            .iter()
+            .map(|c| {
+                c.summary
+                    .withheld
+                    .as_ref()
+                    .and_then(|w| withheld_parts(w).1)
+            })
+            .collect();
+        // Issue codes joined, since arrays of arrays cannot be unnested row by row.
+        let issues: Vec<String> = changed
+            .iter()
+            .map(|c| {
+                c.summary
+                    .issues
+                    .iter()
+                    .map(|i| i.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let e_devices: Vec<Uuid> = events.iter().map(|e| e.device).collect();
+        let e_slots: Vec<i32> = events.iter().map(|e| i32::from(e.slot)).collect();
+        let e_credentials: Vec<Uuid> = events.iter().map(|e| e.credential).collect();
+        let e_users: Vec<Uuid> = events.iter().map(|e| e.user).collect();
+        let e_kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        let e_issues: Vec<Option<&str>> = events
+            .iter()
+            .map(|e| e.issue.map(IssueCode::as_str))
+            .collect();
+        let e_at: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
+        crate::in_txn!(self, "status_record", |tx| {
+            crate::batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "INSERT INTO slot_state_last
+                            (site_id, device_id, slot, credential_id, status, withheld, withheld_at, issues)
+                         SELECT $1, u.d, u.s, u.c, u.st, u.w, u.wa,
+                                CASE WHEN u.i = '' THEN '{}'::text[] ELSE string_to_array(u.i, ',') END
+                         FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::text[],
+                                     $7::timestamptz[], $8::text[]) AS u(d, s, c, st, w, wa, i)
+                         JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = u.d
+                                                AND sa.slot = u.s AND sa.credential_id = u.c
+                         ON CONFLICT (site_id, device_id, slot) DO UPDATE SET
+                            credential_id = EXCLUDED.credential_id, status = EXCLUDED.status,
+                            withheld = EXCLUDED.withheld, withheld_at = EXCLUDED.withheld_at,
+                            issues = EXCLUDED.issues",
+                        crate::params![
+                            &site,
+                            &devices,
+                            &slots,
+                            &credentials,
+                            &statuses,
+                            &withheld,
+                            &withheld_at,
+                            &issues
+                        ],
+                    ),
+                    (
+                        "INSERT INTO device_event (site_id, device_id, source_seq, kind, user_number,
+                            user_id, occur_time, issue, credential_id)
+                         SELECT $1, u.d, 0, u.k, u.s, u.us, u.at, u.i, u.c
+                         FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::uuid[], $6::text[],
+                                     $7::text[], $8::timestamptz[]) AS u(d, s, c, us, k, i, at)
+                         WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = u.d)",
+                        crate::params![
+                            &site,
+                            &e_devices,
+                            &e_slots,
+                            &e_credentials,
+                            &e_users,
+                            &e_kinds,
+                            &e_issues,
+                            &e_at
+                        ],
+                    ),
+                    (
+                        "UPDATE site SET status_evaluated_seq = GREATEST(status_evaluated_seq, $2),
+                            status_pending = $3, status_evaluated_at = now()
+                         WHERE id = $1",
+                        crate::params![&site, &seq, &pending],
+                    ),
+                ],
+            )
+            .await?;
+            Ok(())
         })
     }
 }

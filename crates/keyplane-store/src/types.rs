@@ -86,6 +86,8 @@ pub struct Site {
     pub create_time: SystemTime,
     /// Last updated at.
     pub update_time: SystemTime,
+    /// Per-kind overrides of the slot status thresholds (docs/STATUS.md).
+    pub status_thresholds: keyplane_core::status::SiteThresholds,
 }
 
 /// Fields of a new site.

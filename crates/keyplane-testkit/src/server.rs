@@ -117,6 +117,12 @@ impl TestServer {
             config.dealer_token_ttl = Duration::from_secs(3600);
         }
         config.poll_interval = Duration::from_millis(100);
+        // Counted servers count an RPC's round trips alone: no background evaluation.
+        config.status_interval = if counted {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
         let store = Store::connect(&db.url, 4, key.clone())?;

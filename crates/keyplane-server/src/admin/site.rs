@@ -67,8 +67,23 @@ pub(super) async fn update(
             ("display_name", !site.display_name.is_empty()),
             ("time_zone", !site.time_zone.is_empty()),
             ("local_code_policy", site.local_code_policy != 0),
+            ("status_thresholds", site.status_thresholds.is_some()),
         ],
     )?;
+    if paths.iter().any(|p| p == "status_thresholds") {
+        if paths.len() > 1 {
+            return Err(Status::invalid_argument(
+                "update_mask: change status_thresholds on its own",
+            ));
+        }
+        let thresholds = fields::status_thresholds(site.status_thresholds.as_ref())?;
+        let updated = api
+            .store
+            .site_thresholds_set(&actor, name.site, &thresholds)
+            .await
+            .map_err(store_status)?;
+        return Ok(Response::new(res::site_pb(&updated)));
+    }
     let mut patch = store::SitePatch::default();
     for p in &paths {
         match p.as_str() {
