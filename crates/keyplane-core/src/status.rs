@@ -2047,4 +2047,92 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn each_transition_has_its_event_kind_and_issue() {
+        use crate::EventKind as K;
+        let table = [
+            (Transition::SetOnDevice, K::SetOnDevice, None),
+            (Transition::RemovedFromDevice, K::RemovedFromDevice, None),
+            (
+                Transition::Withheld(WithheldReason::Lockdown),
+                K::WithheldOnDevice,
+                None,
+            ),
+            (
+                Transition::Raised(IssueCode::DuplicateCodeOnDevice),
+                K::FailedToSetOnDevice,
+                Some(IssueCode::DuplicateCodeOnDevice),
+            ),
+            (
+                Transition::Raised(IssueCode::FailedToRemoveFromDevice),
+                K::FailedToRemoveFromDevice,
+                Some(IssueCode::FailedToRemoveFromDevice),
+            ),
+            (
+                Transition::Raised(IssueCode::DelayInSetting),
+                K::DelayInSettingOnDevice,
+                Some(IssueCode::DelayInSetting),
+            ),
+            (
+                Transition::Raised(IssueCode::DelayInRemoving),
+                K::DelayInRemovingFromDevice,
+                Some(IssueCode::DelayInRemoving),
+            ),
+            (
+                Transition::Raised(IssueCode::CodeModifiedAtDevice),
+                K::ModifiedAtDevice,
+                Some(IssueCode::CodeModifiedAtDevice),
+            ),
+            (
+                Transition::Raised(IssueCode::DeviceOffline),
+                K::SlotIssueRaised,
+                Some(IssueCode::DeviceOffline),
+            ),
+            (
+                Transition::Cleared(IssueCode::DelayInSetting),
+                K::SlotIssueCleared,
+                Some(IssueCode::DelayInSetting),
+            ),
+        ];
+        for (t, kind, issue) in table {
+            assert_eq!(t.event_kind(), kind, "{t:?}");
+            assert_eq!(t.event_kind().as_str(), t.event_name(), "{t:?}");
+            assert_eq!(t.issue(), issue, "{t:?}");
+            assert!(!kind.device_logged(), "{kind}: raised by keyplaned only");
+        }
+    }
+
+    #[test]
+    fn a_stored_summary_yields_the_same_transitions_as_the_state() {
+        let state = |status, issues: Vec<Issue>| SlotState {
+            status,
+            withheld: None,
+            pending: Vec::new(),
+            issues: issues
+                .into_iter()
+                .map(|issue| SlotIssue {
+                    issue,
+                    since: committed(),
+                })
+                .collect(),
+        };
+        let before = state(
+            SlotStatus::Setting,
+            vec![Issue::DelayInSetting, Issue::DeviceOffline],
+        );
+        let after = state(SlotStatus::Set, vec![Issue::StateUnconfirmed]);
+        let from_summary = summary_transitions(Some(&SlotSummary::of(&before)), &after);
+        assert_eq!(from_summary, transitions(Some(&before), &after));
+        assert_eq!(
+            from_summary,
+            vec![
+                Transition::SetOnDevice,
+                Transition::Raised(IssueCode::StateUnconfirmed),
+                Transition::Cleared(IssueCode::DeviceOffline),
+                Transition::Cleared(IssueCode::DelayInSetting),
+            ]
+        );
+        assert!(summary_transitions(Some(&SlotSummary::of(&after)), &after).is_empty());
+    }
 }

@@ -776,3 +776,83 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_constraints_round_trip_through_their_stored_form() {
+        let reports = [
+            ReportedConstraints::default(),
+            ReportedConstraints {
+                first_slot: Some(1),
+                last_slot: Some(250),
+                reserved_slots: Some(vec![]),
+                min_code_length: Some(4),
+                max_code_length: Some(10),
+                reads_back: Some(false),
+                keeps_schedules: Some(true),
+                rules: Some(vec![CodeRule::NoStraightRun, CodeRule::NoRepeatedDigit]),
+            },
+            ReportedConstraints {
+                rules: Some(vec![]),
+                ..Default::default()
+            },
+        ];
+        for r in reports {
+            assert_eq!(
+                reported_from_json(Some(reported_to_json(&r))),
+                Some(r.clone())
+            );
+        }
+        assert_eq!(reported_from_json(None), None);
+    }
+
+    #[test]
+    fn thresholds_round_trip_and_defaults_store_nothing() {
+        assert_eq!(thresholds_to_json(&SiteThresholds::default()), None);
+        assert_eq!(thresholds_from_json(None), SiteThresholds::default());
+        let t = SiteThresholds {
+            lock: ThresholdOverride {
+                setting: Some(chrono::Duration::milliseconds(1500)),
+                removing: None,
+                offline: Some(chrono::Duration::seconds(2)),
+            },
+            ..Default::default()
+        };
+        assert_eq!(thresholds_from_json(thresholds_to_json(&t)), t);
+    }
+
+    #[test]
+    fn stored_words_read_back() {
+        for s in SlotStatus::ALL {
+            assert_eq!(status_from(status_text(s)), Some(s));
+        }
+        let at = Utc::now();
+        for w in [
+            WithheldReason::NotAnAccessPoint,
+            WithheldReason::AfterValidity,
+            WithheldReason::Lockdown,
+            WithheldReason::OutsideSchedule { next_set_at: None },
+            WithheldReason::OutsideSchedule {
+                next_set_at: Some(at),
+            },
+            WithheldReason::BeforeValidity { starts_at: at },
+        ] {
+            let (code, when) = withheld_parts(&w);
+            assert_eq!(withheld_from(code, when), Some(w));
+        }
+        for o in [
+            WriteOutcome::Done,
+            WriteOutcome::Refused(Refusal::Duplicate),
+            WriteOutcome::Refused(Refusal::NoSpace),
+            WriteOutcome::Refused(Refusal::Other("too long".into())),
+            WriteOutcome::Unconfirmed,
+            WriteOutcome::DeferredArmed { partition: 2 },
+        ] {
+            let (text, reason, partition) = outcome_text(&o);
+            assert_eq!(outcome_from(text, reason.to_owned(), partition), Some(o));
+        }
+    }
+}
