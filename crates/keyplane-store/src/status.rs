@@ -518,6 +518,10 @@ impl Store {
                     ..desired.clone()
                 });
             let last_write = match r.get::<_, Option<i64>>(14) {
+                // The agent acks a device only once it holds its whole desired table:
+                // an ack at or after the report's revision says the write went through
+                // (a success after a reconnect is not reported again).
+                Some(revision) if applied_revision >= revision => None,
                 None => None,
                 Some(revision) => {
                     let outcome: String = r.get(15);
@@ -650,14 +654,16 @@ impl Store {
         })
     }
 
-    /// Sites whose assignments are due for evaluation (something changed since the
-    /// last one, or something changes by the clock), least recently evaluated first.
+    /// Sites whose assignments are due for evaluation: those where something changed
+    /// since the last one first, then those where something changes by the clock;
+    /// least recently evaluated first within each.
     pub async fn status_due_sites(&self, limit: i64) -> Result<Vec<Uuid>, StoreError> {
         let conn = self.conn().await?;
         let rows = conn
             .query(
                 "SELECT id FROM site WHERE status_seq > status_evaluated_seq OR status_pending
-                 ORDER BY status_evaluated_at NULLS FIRST LIMIT $1",
+                 ORDER BY status_seq > status_evaluated_seq DESC, status_evaluated_at NULLS FIRST
+                 LIMIT $1",
                 &[&limit],
             )
             .await?;
