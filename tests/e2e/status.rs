@@ -614,3 +614,57 @@ async fn an_unreachable_lock_is_late_then_offline_and_both_clear_when_it_returns
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn an_armed_panel_defers_programming_and_says_which_partition() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (panel, alice, site) = (s.panel.clone(), s.alice.clone(), s.site.clone());
+    let panel_only = || pb::CredentialScope {
+        panel_partitions: vec![1],
+        ..Default::default()
+    };
+    s.credential(&alice, "4821", panel_only()).await?;
+    let _agent = s.start_agent();
+    s.wait_synced().await?;
+    let mut sim = s.sim(&panel)?;
+    assert_eq!(sim.arm(1, "4821")?, keyplane_devices::PanelOutcome::Armed);
+    let bella = crate::fixture::create_user_with(
+        &mut s.admin,
+        &site,
+        "Bella",
+        &[(1, pb::Level::OperatorA)],
+    )
+    .await?;
+    let c = s.credential(&bella, "5927", panel_only()).await?;
+    let deferred = wait_state(&s, &c.name, &panel, "programming deferred", |st| {
+        codes(&st.warnings).contains(&pb::SlotIssueCode::PanelArmedProgrammingDeferred)
+    })
+    .await?;
+    let st = state_on(&deferred, &panel).expect("a status");
+    assert_eq!(status(&st), pb::SlotStatus::Setting);
+    let w = st
+        .warnings
+        .iter()
+        .find(|w| w.code == pb::SlotIssueCode::PanelArmedProgrammingDeferred as i32)
+        .expect("the warning");
+    assert_eq!(w.partition, 1);
+    assert!(!s.slots(&panel)?.values().any(|p| p == "5927"));
+
+    assert_eq!(
+        sim.disarm(1, "4821")?,
+        keyplane_devices::PanelOutcome::Disarmed
+    );
+    wait_state(&s, &c.name, &panel, "SET once disarmed", |st| {
+        status(st) == pb::SlotStatus::Set && st.warnings.is_empty()
+    })
+    .await?;
+    assert!(s.slots(&panel)?.values().any(|p| p == "5927"));
+    wait_event(
+        &s,
+        &c.name,
+        pb::EventKind::SlotIssueCleared,
+        Some(pb::SlotIssueCode::PanelArmedProgrammingDeferred),
+    )
+    .await?;
+    Ok(())
+}

@@ -15,6 +15,8 @@ use std::collections::{HashMap, HashSet};
 pub(crate) struct Outcome {
     pub(crate) outcome: pb::WriteOutcome,
     pub(crate) reason: String,
+    /// DEFERRED_ARMED: the armed partition.
+    pub(crate) partition: i32,
 }
 
 impl Outcome {
@@ -23,6 +25,7 @@ impl Outcome {
         Outcome {
             outcome: pb::WriteOutcome::Done,
             reason: String::new(),
+            partition: 0,
         }
     }
 
@@ -30,6 +33,13 @@ impl Outcome {
     /// not change; None for errors of the link (the device was not reached).
     pub(crate) fn refusal(e: &DeviceError) -> Option<Outcome> {
         let outcome = match e {
+            DeviceError::Armed { partition } => {
+                return Some(Outcome {
+                    outcome: pb::WriteOutcome::DeferredArmed,
+                    reason: String::new(),
+                    partition: i32::from(*partition),
+                });
+            }
             DeviceError::DuplicateCode { .. } => pb::WriteOutcome::RefusedDuplicate,
             DeviceError::Full => pb::WriteOutcome::RefusedNoSpace,
             DeviceError::CodeLength { .. }
@@ -43,6 +53,7 @@ impl Outcome {
         Some(Outcome {
             outcome,
             reason: e.to_string(),
+            partition: 0,
         })
     }
 }
@@ -88,7 +99,7 @@ impl Reports {
                 clear,
                 outcome: outcome.outcome as i32,
                 device_reason: outcome.reason.clone(),
-                partition: 0,
+                partition: outcome.partition,
                 report_time: Some(wire::timestamp(now)),
             })),
         });

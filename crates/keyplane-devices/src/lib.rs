@@ -89,6 +89,12 @@ pub enum DeviceError {
     /// The device's code memory is full.
     #[error("the device's code memory is full")]
     Full,
+    /// A panel is not programmed while a partition is armed; the write waits.
+    #[error("partition {partition} is armed: user codes are not programmed until it is disarmed")]
+    Armed {
+        /// The armed partition.
+        partition: u8,
+    },
     /// The device cannot be reached (link down, no answer).
     #[error("device unreachable: {0}")]
     Unreachable(String),

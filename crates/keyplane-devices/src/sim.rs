@@ -678,6 +678,12 @@ impl DeviceDriver for SimulatedDevice {
     ) -> Result<(), DeviceError> {
         self.reachable()?;
         self.with_state(|state| {
+            // Like a VISTA keypad: no user programming while armed.
+            if let Some(partition) = state.armed.keys().next() {
+                return Err(DeviceError::Armed {
+                    partition: *partition,
+                });
+            }
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
             let levels = authorities
