@@ -668,3 +668,58 @@ async fn an_armed_panel_defers_programming_and_says_which_partition() -> anyhow:
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_deleted_code_is_removing_until_the_lock_confirms_then_removed() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    let agent = s.start_agent();
+    let c = s.credential(&alice, "7150", lock_scope(&[&lock])).await?;
+    wait_event(&s, &c.name, pb::EventKind::SetOnDevice, None).await?;
+    // The agent is away when the code is deleted: the code is still on the lock.
+    agent.stop().await?;
+    s.admin
+        .delete_credential(pb::DeleteCredentialRequest {
+            name: c.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let admin = s.admin.clone();
+    let name = format!("{}/syncStatus", s.site);
+    let leaving = eventually("REMOVING in the sync status", SYNC_TIMEOUT, || {
+        let mut admin = admin.clone();
+        let name = name.clone();
+        let credential = c.name.clone();
+        async move {
+            let sync = admin
+                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .await?
+                .into_inner();
+            Ok(sync.slots.into_iter().find(|a| {
+                a.credential == credential
+                    && a.status == pb::SlotStatus::Removing as i32
+                    && codes(&a.warnings).contains(&pb::SlotIssueCode::AgentDisconnected)
+            }))
+        }
+    })
+    .await?;
+    assert_eq!(leaving.device, lock.name);
+    assert!(
+        leaving
+            .pending_changes
+            .iter()
+            .any(|p| p.kind == pb::PendingChangeKind::Removing as i32)
+    );
+    assert!(s.slots(&lock)?.values().any(|p| p == "7150"));
+
+    let _agent = s.start_agent();
+    wait_event(&s, &c.name, pb::EventKind::RemovedFromDevice, None).await?;
+    assert!(!s.slots(&lock)?.values().any(|p| p == "7150"));
+    let sync = s.sync_status().await?;
+    assert!(
+        sync.slots.iter().all(|a| a.credential != c.name),
+        "{:?}",
+        sync.slots
+    );
+    Ok(())
+}

@@ -233,12 +233,27 @@ pub fn credential_status_pb(c: &store::Credential, states: Option<&SlotStates>) 
                     }),
                 }
             })
+            // Devices the code is leaving (out of scope), until they confirm it.
+            .chain(
+                states
+                    .into_iter()
+                    .flatten()
+                    .filter(|((credential, d), _)| {
+                        *credential == c.id && !c.slots.iter().any(|s| s.device == *d)
+                    })
+                    .map(|((_, d), (kind, slot, st))| pb::SlotAssignment {
+                        device: name_of(d),
+                        slot: i32::from(*slot),
+                        display_slot: kind.display_slot(*slot),
+                        state: Some(wire::slot_state_pb(name_of(d), *slot, *kind, st)),
+                    }),
+            )
             .collect(),
-        slot_status: states.map(|_| {
+        slot_status: states.map(|m| {
             wire::rollup_pb(&Rollup::of(
-                c.slots
-                    .iter()
-                    .filter_map(|s| state_of(&s.device).map(|x| &x.2)),
+                m.iter()
+                    .filter(|((credential, _), _)| *credential == c.id)
+                    .map(|(_, x)| &x.2),
             ))
         }),
         create_time: ts(c.create_time),

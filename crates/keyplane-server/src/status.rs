@@ -74,7 +74,8 @@ pub async fn evaluate(store: &Store, site: Uuid) -> Result<usize, StoreError> {
         let state = slot_state(&a.facts);
         pending |= !state.issues.is_empty() || clock_bound(a, state.status, &state.pending);
         let summary = SlotSummary::of(&state);
-        if a.last.as_ref() == Some(&summary) {
+        let done = a.removed && state.status == SlotStatus::Unset && state.issues.is_empty();
+        if a.last.as_ref() == Some(&summary) && !done {
             continue;
         }
         for t in summary_transitions(a.last.as_ref(), &state) {
@@ -92,6 +93,9 @@ pub async fn evaluate(store: &Store, site: Uuid) -> Result<usize, StoreError> {
             device: a.device,
             slot: a.facts.slot,
             credential: a.credential,
+            user: a.user,
+            // The device confirmed a removal: nothing is left to show.
+            done: a.removed && state.status == SlotStatus::Unset && state.issues.is_empty(),
             summary,
         });
     }

@@ -35,19 +35,20 @@ ALTER TABLE device_event ADD COLUMN issue text;
 ALTER TABLE device_event ADD COLUMN credential_id uuid;
 
 -- The last evaluation of each slot assignment, so the next one's differences become
--- events. Goes with the assignment.
+-- events. It outlives its assignment (credential deleted, device out of scope) until
+-- the device confirms the removal: what shows the code REMOVING meanwhile.
 CREATE TABLE slot_state_last (
     site_id       uuid NOT NULL,
     device_id     uuid NOT NULL,
     slot          integer NOT NULL,
     credential_id uuid NOT NULL,
+    user_id       uuid NOT NULL,
     status        text NOT NULL,
     withheld      text,
     withheld_at   timestamptz,
     issues        text[] NOT NULL,
     PRIMARY KEY (site_id, device_id, slot),
-    FOREIGN KEY (site_id, device_id, slot) REFERENCES slot_assignment (site_id, device_id, slot)
-        ON DELETE CASCADE
+    FOREIGN KEY (site_id, device_id) REFERENCES device (site_id, id) ON DELETE CASCADE
 );
 
 -- Which sites need their slot assignments evaluated again: `status_seq` advances with

@@ -37,6 +37,9 @@ pub struct AssignmentFacts {
     pub facts: SlotFacts,
     /// The summary of the last evaluation (None: never evaluated).
     pub last: Option<SlotSummary>,
+    /// The assignment is gone (credential deleted, device out of scope): the code
+    /// leaves the device, REMOVING until the device confirms.
+    pub removed: bool,
 }
 
 /// Slots of one device named by what the agent read back.
@@ -72,8 +75,12 @@ pub struct EvaluatedSlot {
     pub slot: u16,
     /// The credential.
     pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
     /// The evaluation's summary.
     pub summary: SlotSummary,
+    /// A removal the device confirmed: its last evaluation is dropped.
+    pub done: bool,
 }
 
 /// An event raised by a slot-status transition.
@@ -273,7 +280,7 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
         o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints,
-        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, false
      FROM slot_assignment sa
      JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
@@ -292,7 +299,27 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
                           AND o2.state = 'conflict' AND o2.pin_hash = sa.pin_hash
                         ORDER BY o2.slot LIMIT 1) lc ON true
      WHERE sa.site_id = $1 AND ($2::uuid IS NULL OR c.user_id = $2)
-     ORDER BY sa.credential_id, sa.device_id";
+     UNION ALL
+     SELECT sl.device_id, sl.slot, sl.credential_id, sl.user_id, d.model,
+        d.applied_revision, d.reachable, d.last_contact_time, NULL::timestamptz, NULL::timestamptz,
+        0::bigint, coalesce(ch.max_rev, 0), coalesce(ch.max_time, now()), coalesce(ch.min_rev, 0),
+        w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
+        o.state, o.observe_time, NULL::integer, NULL::timestamptz, d.reported_constraints,
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, true
+     FROM slot_state_last sl
+     JOIN device d ON d.site_id = sl.site_id AND d.id = sl.device_id
+     LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
+                               max(change_time) AS max_time
+                        FROM site_change ch WHERE ch.site_id = sl.site_id
+                          AND ch.device_id = sl.device_id AND ch.slot = sl.slot) ch ON true
+     LEFT JOIN slot_write_report w ON w.site_id = sl.site_id AND w.device_id = sl.device_id
+                                  AND w.slot = sl.slot
+     LEFT JOIN observed_slot o ON o.site_id = sl.site_id AND o.device_id = sl.device_id
+                              AND o.slot = sl.slot
+     WHERE sl.site_id = $1 AND ($2::uuid IS NULL OR sl.user_id = $2)
+       AND NOT EXISTS (SELECT 1 FROM slot_assignment sa WHERE sa.site_id = sl.site_id
+                         AND sa.device_id = sl.device_id AND sa.slot = sl.slot)
+     ORDER BY 3, 1";
 
 const FINDINGS_SQL: &str = "SELECT device_id, slot, state FROM observed_slot
      WHERE site_id = $1 AND state IN ('drifted', 'missing', 'conflict', 'unverifiable')
@@ -498,6 +525,7 @@ impl Store {
             let applied_revision: i64 = r.get(5);
             let reachable: bool = r.get(6);
             let last_contact: Option<DateTime<Utc>> = r.get(7);
+            let removed: bool = r.get(29);
             let schedules = rules.schedules_for(user, device, Some(model.kind));
             // An empty list: the user's plan does not name the device.
             let access_point = schedules.as_ref().is_none_or(|s| !s.is_empty());
@@ -559,7 +587,14 @@ impl Store {
                 }
                 _ => None,
             };
+            // A removal: keyplane wants nothing there, and the device had the code.
+            let (desired, applied_value, presence_point) = if removed {
+                (None, Some(desired), true)
+            } else {
+                (Some(desired), applied_value, access_point)
+            };
             assignments.push(AssignmentFacts {
+                removed,
                 last,
                 credential,
                 user,
@@ -575,9 +610,9 @@ impl Store {
                         None => model.on_device_schedules,
                     },
                     time_zone,
-                    desired: Some(desired),
+                    desired,
                     presence: Presence {
-                        access_point,
+                        access_point: presence_point,
                         valid_from: r.get(8),
                         valid_until: r.get(9),
                         lockdown,
@@ -681,6 +716,12 @@ impl Store {
         changed: &[EvaluatedSlot],
         events: &[StatusEvent],
     ) -> Result<(), StoreError> {
+        let (done, changed): (Vec<&EvaluatedSlot>, Vec<&EvaluatedSlot>) =
+            changed.iter().partition(|c| c.done);
+        let done_devices: Vec<Uuid> = done.iter().map(|c| c.device).collect();
+        let done_slots: Vec<i32> = done.iter().map(|c| i32::from(c.slot)).collect();
+        let done_credentials: Vec<Uuid> = done.iter().map(|c| c.credential).collect();
+        let users: Vec<Uuid> = changed.iter().map(|c| c.user).collect();
         let devices: Vec<Uuid> = changed.iter().map(|c| c.device).collect();
         let slots: Vec<i32> = changed.iter().map(|c| i32::from(c.slot)).collect();
         let credentials: Vec<Uuid> = changed.iter().map(|c| c.credential).collect();
@@ -729,15 +770,17 @@ impl Store {
                 &[
                     (
                         "INSERT INTO slot_state_last
-                            (site_id, device_id, slot, credential_id, status, withheld, withheld_at, issues)
-                         SELECT $1, u.d, u.s, u.c, u.st, u.w, u.wa,
+                            (site_id, device_id, slot, credential_id, user_id, status, withheld,
+                             withheld_at, issues)
+                         SELECT $1, u.d, u.s, u.c, u.us, u.st, u.w, u.wa,
                                 CASE WHEN u.i = '' THEN '{}'::text[] ELSE string_to_array(u.i, ',') END
                          FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::text[],
-                                     $7::timestamptz[], $8::text[]) AS u(d, s, c, st, w, wa, i)
-                         JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = u.d
-                                                AND sa.slot = u.s AND sa.credential_id = u.c
+                                     $7::timestamptz[], $8::text[], $9::uuid[])
+                              AS u(d, s, c, st, w, wa, i, us)
+                         WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = u.d)
                          ON CONFLICT (site_id, device_id, slot) DO UPDATE SET
-                            credential_id = EXCLUDED.credential_id, status = EXCLUDED.status,
+                            credential_id = EXCLUDED.credential_id, user_id = EXCLUDED.user_id,
+                            status = EXCLUDED.status,
                             withheld = EXCLUDED.withheld, withheld_at = EXCLUDED.withheld_at,
                             issues = EXCLUDED.issues",
                         crate::params![
@@ -748,8 +791,15 @@ impl Store {
                             &statuses,
                             &withheld,
                             &withheld_at,
-                            &issues
+                            &issues,
+                            &users
                         ],
+                    ),
+                    (
+                        "DELETE FROM slot_state_last sl USING unnest($2::uuid[], $3::int[], $4::uuid[]) AS u(d, s, c)
+                         WHERE sl.site_id = $1 AND sl.device_id = u.d AND sl.slot = u.s
+                           AND sl.credential_id = u.c",
+                        crate::params![&site, &done_devices, &done_slots, &done_credentials],
                     ),
                     (
                         "INSERT INTO device_event (site_id, device_id, source_seq, kind, user_number,
