@@ -97,3 +97,7 @@ CREATE TRIGGER observed_status_seq_update AFTER UPDATE ON observed_slot
 CREATE TRIGGER observed_status_seq_delete AFTER DELETE ON observed_slot
     REFERENCING OLD TABLE AS changed_rows
     FOR EACH STATEMENT EXECUTE FUNCTION observed_status_seq();
+
+-- Backup codes (locks and doors only), opt-in per site: the pool's user (whose
+-- credentials are the unassigned codes), its devices and its size.
+ALTER TABLE site ADD COLUMN backup_pool jsonb;

@@ -15,6 +15,7 @@
 mod access_plan;
 mod auth;
 mod authority;
+mod backup;
 mod credential;
 mod crypto;
 mod device;
@@ -33,6 +34,7 @@ mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use auth::DEALER_TOKEN_TTL;
+pub use backup::BackupPool;
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};

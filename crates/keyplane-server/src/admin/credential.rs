@@ -85,6 +85,20 @@ async fn create_generated(
         ));
     }
     let scope = fields::scope(parent.site, credential.scope.as_ref())?;
+    let key = api.request_key("CreateCredential", &req.request_id, req)?;
+    generated_credential(api, &actor, parent, credential, &scope, key.as_ref()).await
+}
+
+/// Creates a credential for `parent` with a code generated to fit every device of
+/// `scope`; the response carries the code, once.
+pub(super) async fn generated_credential(
+    api: &AdminApi,
+    actor: &store::Actor,
+    parent: UserName,
+    credential: &pb::Credential,
+    scope: &store::Scope,
+    key: Option<&store::RequestKey>,
+) -> Res<pb::Credential> {
     let devices = api
         .store
         .device_list(
@@ -114,7 +128,6 @@ async fn create_generated(
         .collect();
     let scope_refs: Vec<(&str, &keyplane_core::constraints::DeviceConstraints)> =
         targets.iter().map(|(n, c)| (n.as_str(), c)).collect();
-    let key = api.request_key("CreateCredential", &req.request_id, req)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -161,7 +174,7 @@ async fn create_generated(
         };
         match api
             .store
-            .credential_create(&actor, parent.site, parent.user, &new, key.as_ref())
+            .credential_create(actor, parent.site, parent.user, &new, key)
             .await
         {
             Ok(created) => {

@@ -161,7 +161,21 @@ pub(super) async fn sync_status(
     )
     .map_err(store_status)?;
     let states = res::slot_states(&facts);
-    Ok(Response::new(res::sync_pb(&status, &facts, &states)))
+    let mut out = res::sync_pb(&status, &facts, &states);
+    // Backup codes (issue 11): a pool short of its size says so.
+    if let Some((pool, available)) = api
+        .store
+        .backup_pool_get(actor.dealer, site.site)
+        .await
+        .map_err(store_status)?
+        && available < i64::from(pool.size)
+    {
+        out.setup_issues.push(format!(
+            "backup codes running low: {available} of {} ready; the pool refills when a code can be created on its devices",
+            pool.size
+        ));
+    }
+    Ok(Response::new(out))
 }
 
 pub(super) async fn agent_token_issue(
