@@ -126,6 +126,7 @@ async fn request_ids_make_creates_idempotent() -> anyhow::Result<()> {
             ..Default::default()
         }),
         request_id: "retry-7f3a".into(),
+        generate_pin: false,
     };
     let (first_req, second_req, other_req) = (create("9930"), create("9930"), create("1357"));
     let client = s.server.db.client().await?;

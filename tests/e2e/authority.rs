@@ -50,6 +50,7 @@ async fn add_code(
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await
         .map(|r| r.into_inner())

@@ -9,13 +9,25 @@ use tonic::Code;
 /// devices, the events it forwarded): they move while an agent runs, whatever the
 /// API refuses. Compared only when no agent runs.
 const AGENT_WRITTEN: &[&str] = &["observed_slot", "device_event"];
-/// Columns tracking an agent's liveness and progress, never compared.
+/// Columns tracking an agent's liveness and progress, and keyplaned's own slot-status
+/// bookkeeping (evaluated in the background, docs/STATUS.md), never compared.
 const LIVENESS: &[&str] = &[
     "agent_connected",
     "agent_last_seen",
     "applied_revision",
     "last_seen_time",
+    "reachable",
+    "last_contact_time",
+    "status_seq",
+    "status_evaluated_seq",
+    "status_pending",
+    "status_evaluated_at",
 ];
+/// Tables keyplaned writes in the background from what agents report and the clock
+/// (slot-status evaluations), never compared.
+const BACKGROUND: &[&str] = &["slot_state_last", "slot_write_report"];
+/// Rows raised by the background slot-status evaluation, never compared.
+const BACKGROUND_ROWS: &str = "WHERE t.credential_id IS NULL";
 /// Tables a refused call could change; the fingerprint must cover each.
 const MUST_COVER: &[&str] = &[
     "site",
@@ -71,11 +83,19 @@ async fn fingerprint_with(s: &Site, agent_runs: bool) -> anyhow::Result<Fingerpr
         if agent_runs && AGENT_WRITTEN.contains(&name.as_str()) {
             continue;
         }
+        if BACKGROUND.contains(&name.as_str()) {
+            continue;
+        }
+        let only = if name == "device_event" {
+            BACKGROUND_ROWS
+        } else {
+            ""
+        };
         let rows: String = client
             .query_one(
                 &format!(
                     "SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '')
-                     FROM (SELECT to_jsonb(t) - $1::text[] AS r FROM \"{name}\" t) q"
+                     FROM (SELECT to_jsonb(t) - $1::text[] AS r FROM \"{name}\" t {only}) q"
                 ),
                 &[&liveness],
             )
@@ -341,6 +361,7 @@ async fn tokens_and_tenancy() -> anyhow::Result<()> {
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await;
     refused(&s, &before, r, Code::NotFound, &[], "2468").await?;

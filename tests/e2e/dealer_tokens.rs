@@ -69,6 +69,7 @@ async fn a_read_only_token_reads_and_cannot_change_anything() -> anyhow::Result<
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await
         .map(|_| ()),

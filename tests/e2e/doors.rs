@@ -263,6 +263,7 @@ async fn a_one_time_code_stops_working_after_its_use() -> anyhow::Result<()> {
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await?
         .into_inner();
@@ -317,6 +318,7 @@ async fn a_weekend_guest_code_lives_only_for_the_weekend() -> anyhow::Result<()>
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await?;
     let clock = ManualClock::new(utc("2026-11-27T16:59:00Z"));

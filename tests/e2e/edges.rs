@@ -104,6 +104,7 @@ async fn a_panel_has_no_partition_of_its_own() -> anyhow::Result<()> {
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await?
         .into_inner();

@@ -134,6 +134,7 @@ impl Site {
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                generate_pin: false,
             })
             .await
             .map(|r| r.into_inner())

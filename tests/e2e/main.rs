@@ -21,5 +21,6 @@ mod round_trips;
 mod schedules;
 mod seed000;
 mod site_changes;
+mod status;
 mod tls;
 mod zwave;

@@ -29,6 +29,7 @@ async fn exactly_one_create_wins_the_last_slot() -> anyhow::Result<()> {
                         ..Default::default()
                     }),
                     request_id: String::new(),
+                    generate_pin: false,
                 })
                 .await
         }));

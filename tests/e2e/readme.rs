@@ -94,6 +94,14 @@ const STEPS: &[Step] = &[
         ..step(&["ResolveDrift"], &["\"name\": \"$DOOR_CODE\""])
     },
     step(&["ListEvents"], &["\"kind\": \"LOCKDOWN\""]),
+    step(
+        &["CreateCredential", "generate_pin"],
+        &["\"displayName\": \"Spare\"", "\"pin\": \""],
+    ),
+    step(
+        &["UpdateSite", "status_thresholds"],
+        &["\"delayInSetting\": \"120s\""],
+    ),
     Step {
         stream_secs: Some(3),
         ..step(&["WatchEvents"], &["\"kind\": \"LOCKDOWN_RELEASED\""])

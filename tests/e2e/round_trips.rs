@@ -305,6 +305,7 @@ impl Bench {
                     ..Default::default()
                 }),
                 request_id: format!("round-{round}"),
+                generate_pin: false,
             })
             .await?
             .into_inner();
@@ -531,6 +532,7 @@ impl Bench {
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                generate_pin: false,
             })
             .await?
             .into_inner();
@@ -735,6 +737,7 @@ async fn catch_up_cost(b: &mut Bench, store: &Store, pin: &str) -> anyhow::Resul
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         })
         .await?;
     let before = b.proxy.counts();

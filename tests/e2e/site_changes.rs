@@ -225,6 +225,7 @@ async fn the_revision_advances_exactly_when_what_an_agent_receives_changes() -> 
                 ..Default::default()
             }),
             request_id: String::new(),
+            generate_pin: false,
         };
     let bob_panel = p
         .check(

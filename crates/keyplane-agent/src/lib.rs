@@ -14,6 +14,7 @@ pub mod identity;
 pub mod intake;
 pub mod journal;
 mod reconcile;
+mod reports;
 
 pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 

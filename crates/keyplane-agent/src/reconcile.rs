@@ -4,6 +4,7 @@
 use crate::clock::Clock;
 use crate::intake::read_slot;
 use crate::journal::{Code, DeviceJournal, Journal};
+use crate::reports::{Outcome, Reports};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use keyplane_core::observed::{SlotFinding, classify_slot};
@@ -72,6 +73,10 @@ pub struct Agent {
     lockdown_refused: std::collections::HashSet<String>,
     /// Per device, the (slot, state) of the findings already logged.
     findings_logged: HashMap<String, std::collections::BTreeSet<(i32, i32)>>,
+    /// Write outcomes and reachability for keyplaned's status of each slot.
+    reports: Reports,
+    /// What each device reported about itself, once asked (None: nothing).
+    constraints: HashMap<String, Option<keyplane_core::constraints::ReportedConstraints>>,
 }
 
 fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
@@ -137,6 +142,8 @@ impl Agent {
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
+            reports: Reports::default(),
+            constraints: HashMap::new(),
         })
     }
 
@@ -158,6 +165,11 @@ impl Agent {
                     .map(|m| pb::DeviceKind::from(m.kind))
                     .unwrap_or(pb::DeviceKind::Unspecified) as i32,
                 model: d.model.clone(),
+                constraints: self
+                    .constraints
+                    .get(name)
+                    .and_then(Option::as_ref)
+                    .map(keyplane_proto::convert::reported_constraints_pb),
             })
             .collect();
         pb::AgentMessage {
@@ -315,6 +327,7 @@ impl Agent {
     /// sent again (it stores each once).
     pub fn stream_started(&mut self) {
         self.events_sent.clear();
+        self.reports.stream_started();
         // A new stream (maybe a new server) hears every device's table again.
         self.reported.clear();
         self.observe_due
@@ -476,18 +489,41 @@ impl Agent {
     pub async fn reconcile_all(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
         let names: Vec<String> = self.journal.devices.keys().cloned().collect();
         for name in names {
+            self.ask_constraints(&name).await;
             let result = self.reconcile_device(&name).await;
+            // Reachability for the status of each slot: a link error means the device
+            // was not reached; a read-back that went through means it was.
+            let mut reached = match &result {
+                Err(e) if is_link_error(e) => Some(false),
+                _ => None,
+            };
             if let Some(out) = out {
                 let stale = self
                     .observed_at
                     .get(&name)
                     .is_none_or(|t| t.elapsed() >= self.observe_every);
                 let present = self.journal.devices.get(&name).is_some_and(|d| d.present);
-                if present
-                    && (self.observe_due.remove(&name) || stale)
-                    && let Err(e) = self.observe(&name, out).await
-                {
-                    tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
+                if present && (self.observe_due.remove(&name) || stale) {
+                    match self.observe(&name, out).await {
+                        Ok(()) => reached = reached.or(Some(true)),
+                        Err(e) => {
+                            if is_link_error(&e) {
+                                reached = Some(false);
+                            }
+                            tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
+                        }
+                    }
+                }
+            }
+            if let Some(reachable) = reached {
+                self.reports.reached(&name, reachable, self.clock.now());
+            }
+            let queued = self.reports.take();
+            if let Some(out) = out {
+                for msg in queued {
+                    if out.send(msg).await.is_err() {
+                        break;
+                    }
                 }
             }
             match result {
@@ -525,6 +561,46 @@ impl Agent {
                 Err(e) => {
                     tracing::warn!(device = %name, error = %e, "device not reconciled; will retry")
                 }
+            }
+        }
+    }
+
+    /// Asks a device once what it says about itself, and queues an inventory entry
+    /// for keyplaned when it says something (issue 11: reported constraints).
+    async fn ask_constraints(&mut self, name: &str) {
+        if self.constraints.contains_key(name) {
+            return;
+        }
+        let Some(model) = self
+            .journal
+            .devices
+            .get(name)
+            .filter(|d| d.present)
+            .and_then(|d| DeviceModel::find(&d.model))
+        else {
+            return;
+        };
+        let asked = match self.driver(name, model) {
+            Ok(driver) => driver.reported_constraints().await,
+            Err(e) => {
+                tracing::debug!(device = %name, error = %e, "driver not opened; constraints asked later");
+                return;
+            }
+        };
+        match asked {
+            Ok(reported) => {
+                if let Some(r) = &reported {
+                    self.reports.inventory(pb::InventoryDevice {
+                        device: name.to_owned(),
+                        kind: pb::DeviceKind::from(model.kind) as i32,
+                        model: model.id.to_owned(),
+                        constraints: Some(keyplane_proto::convert::reported_constraints_pb(r)),
+                    });
+                }
+                self.constraints.insert(name.to_owned(), reported);
+            }
+            Err(e) => {
+                tracing::debug!(device = %name, error = %e, "device constraints not read; asked again next pass")
             }
         }
     }
@@ -661,14 +737,37 @@ impl Agent {
                 SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
                 SlotAction::Clear { slot } => driver.clear_slot(*slot).await,
             };
+            let (report_slot, clear) = match &action {
+                SlotAction::Set { slot, .. } => (*slot, false),
+                SlotAction::Clear { slot } => (*slot, true),
+            };
+            let (revision, now) = (self.journal.revision, self.clock.now());
             match (done, &action) {
-                (Ok(()), _) => {}
+                (Ok(()), _) => {
+                    self.reports
+                        .write(name, report_slot, revision, clear, Outcome::done(), now);
+                }
                 (Err(e), SlotAction::Set { slot, code }) if e.is_refusal() => {
                     self.refuse(name, model, *slot, code, &e).await?;
+                    if let Some(refusal) = Outcome::refusal(&e) {
+                        self.reports
+                            .write(name, report_slot, revision, clear, refusal, now);
+                    }
                     in_sync = false;
                     continue;
                 }
-                (Err(e), _) => return Err(e.into()),
+                (Err(e), _) => match Outcome::refusal(&e) {
+                    // The device said no: reported, retried next pass, the other
+                    // slots still written.
+                    Some(refusal) => {
+                        tracing::debug!(device = %name, slot = %model.display_slot(report_slot), error = %e, "the device refused a write; will retry");
+                        self.reports
+                            .write(name, report_slot, revision, clear, refusal, now);
+                        in_sync = false;
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
             }
             let entry: &mut DeviceJournal = self
                 .journal
@@ -737,6 +836,14 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Whether an error means the device was not reached (rather than refused).
+fn is_link_error(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<DeviceError>(),
+        Some(DeviceError::Unreachable(_) | DeviceError::Io(_))
+    )
 }
 
 fn device_observed_unknown(device: Option<&DeviceJournal>) -> bool {

@@ -570,6 +570,7 @@ async fn codes_site(
                             ..Default::default()
                         }),
                         request_id: String::new(),
+                        generate_pin: false,
                     },
                 )?)
                 .await;
@@ -914,6 +915,7 @@ async fn write_cycle(
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                generate_pin: false,
             },
         )?)
         .await?
@@ -1249,6 +1251,7 @@ async fn propagate(
                                         ..Default::default()
                                     }),
                                     request_id: String::new(),
+                                    generate_pin: false,
                                 },
                             )?)
                             .await?

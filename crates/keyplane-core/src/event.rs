@@ -30,11 +30,31 @@ pub enum EventKind {
     Drift,
     /// A local code was cleared under the AUTHORITATIVE policy.
     LocalCodeCleared,
+    /// Slot status: A slot assignment became SET (the device confirmed the code).
+    SetOnDevice,
+    /// Slot status: A slot assignment became UNSET after a confirmed removal.
+    RemovedFromDevice,
+    /// Slot status: The device refused a code (also a duplicate or no-space refusal).
+    FailedToSetOnDevice,
+    /// Slot status: The device refused to clear a code.
+    FailedToRemoveFromDevice,
+    /// Slot status: Setting a code takes longer than the kind's threshold.
+    DelayInSettingOnDevice,
+    /// Slot status: Removing a code takes longer than the kind's threshold.
+    DelayInRemovingFromDevice,
+    /// Slot status: A managed slot was changed or cleared at the device.
+    ModifiedAtDevice,
+    /// Slot status: A slot assignment became WITHHELD.
+    WithheldOnDevice,
+    /// Slot status: A slot issue's condition ended.
+    SlotIssueCleared,
+    /// Slot status: Any other slot issue appeared.
+    SlotIssueRaised,
 }
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 21] = [
         EventKind::Armed,
         EventKind::Disarmed,
         EventKind::ArmRefused,
@@ -46,6 +66,16 @@ impl EventKind {
         EventKind::LockdownReleased,
         EventKind::Drift,
         EventKind::LocalCodeCleared,
+        EventKind::SetOnDevice,
+        EventKind::RemovedFromDevice,
+        EventKind::FailedToSetOnDevice,
+        EventKind::FailedToRemoveFromDevice,
+        EventKind::DelayInSettingOnDevice,
+        EventKind::DelayInRemovingFromDevice,
+        EventKind::ModifiedAtDevice,
+        EventKind::WithheldOnDevice,
+        EventKind::SlotIssueCleared,
+        EventKind::SlotIssueRaised,
     ];
 
     /// Stable lower-case name, as stored in the database.
@@ -62,6 +92,16 @@ impl EventKind {
             EventKind::LockdownReleased => "lockdown_released",
             EventKind::Drift => "drift",
             EventKind::LocalCodeCleared => "local_code_cleared",
+            EventKind::SetOnDevice => "set_on_device",
+            EventKind::RemovedFromDevice => "removed_from_device",
+            EventKind::FailedToSetOnDevice => "failed_to_set_on_device",
+            EventKind::FailedToRemoveFromDevice => "failed_to_remove_from_device",
+            EventKind::DelayInSettingOnDevice => "delay_in_setting_on_device",
+            EventKind::DelayInRemovingFromDevice => "delay_in_removing_from_device",
+            EventKind::ModifiedAtDevice => "modified_at_device",
+            EventKind::WithheldOnDevice => "withheld_on_device",
+            EventKind::SlotIssueCleared => "slot_issue_cleared",
+            EventKind::SlotIssueRaised => "slot_issue_raised",
         }
     }
 
@@ -153,6 +193,70 @@ mod tests {
                 false,
                 false,
                 "LocalCodeCleared",
+            ),
+            (K::SetOnDevice, "set_on_device", false, false, "SetOnDevice"),
+            (
+                K::RemovedFromDevice,
+                "removed_from_device",
+                false,
+                false,
+                "RemovedFromDevice",
+            ),
+            (
+                K::FailedToSetOnDevice,
+                "failed_to_set_on_device",
+                false,
+                false,
+                "FailedToSetOnDevice",
+            ),
+            (
+                K::FailedToRemoveFromDevice,
+                "failed_to_remove_from_device",
+                false,
+                false,
+                "FailedToRemoveFromDevice",
+            ),
+            (
+                K::DelayInSettingOnDevice,
+                "delay_in_setting_on_device",
+                false,
+                false,
+                "DelayInSettingOnDevice",
+            ),
+            (
+                K::DelayInRemovingFromDevice,
+                "delay_in_removing_from_device",
+                false,
+                false,
+                "DelayInRemovingFromDevice",
+            ),
+            (
+                K::ModifiedAtDevice,
+                "modified_at_device",
+                false,
+                false,
+                "ModifiedAtDevice",
+            ),
+            (
+                K::WithheldOnDevice,
+                "withheld_on_device",
+                false,
+                false,
+                "WithheldOnDevice",
+            ),
+            (
+                K::SlotIssueCleared,
+                "slot_issue_cleared",
+                false,
+                false,
+                "SlotIssueCleared",
+            ),
+            (
+                K::SlotIssueRaised,
+                "slot_issue_raised",
+                false,
+                false,
+                "SlotIssueRaised",
             ),
         ];
         assert_eq!(

@@ -1046,10 +1046,65 @@ impl Transition {
     }
 }
 
+impl Transition {
+    /// The event kind recorded for this transition.
+    pub fn event_kind(&self) -> crate::EventKind {
+        use crate::EventKind as K;
+        match self.event_name() {
+            "set_on_device" => K::SetOnDevice,
+            "removed_from_device" => K::RemovedFromDevice,
+            "withheld_on_device" => K::WithheldOnDevice,
+            "failed_to_set_on_device" => K::FailedToSetOnDevice,
+            "failed_to_remove_from_device" => K::FailedToRemoveFromDevice,
+            "delay_in_setting_on_device" => K::DelayInSettingOnDevice,
+            "delay_in_removing_from_device" => K::DelayInRemovingFromDevice,
+            "modified_at_device" => K::ModifiedAtDevice,
+            "slot_issue_cleared" => K::SlotIssueCleared,
+            _ => K::SlotIssueRaised,
+        }
+    }
+
+    /// The issue raised or cleared, if the transition is about one.
+    pub fn issue(&self) -> Option<IssueCode> {
+        match self {
+            Transition::Raised(code) | Transition::Cleared(code) => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// What [`transitions`] compares of an evaluation: kept between evaluations (stored
+/// by keyplaned), so the next evaluation's differences become events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSummary {
+    /// The status.
+    pub status: SlotStatus,
+    /// Why withheld.
+    pub withheld: Option<WithheldReason>,
+    /// The issue codes present.
+    pub issues: std::collections::BTreeSet<IssueCode>,
+}
+
+impl SlotSummary {
+    /// The summary of an evaluation.
+    pub fn of(s: &SlotState) -> SlotSummary {
+        SlotSummary {
+            status: s.status,
+            withheld: s.withheld.clone(),
+            issues: s.issues.iter().map(SlotIssue::code).collect(),
+        }
+    }
+}
+
 /// The transitions from `before` (None: first evaluation) to `after`, in a stable
 /// order: status first, then raised and cleared issues in [`IssueCode`] order. Only
 /// differences count, so re-evaluating an unchanged slot yields nothing.
 pub fn transitions(before: Option<&SlotState>, after: &SlotState) -> Vec<Transition> {
+    summary_transitions(before.map(SlotSummary::of).as_ref(), after)
+}
+
+/// [`transitions`] from a stored summary of the previous evaluation.
+pub fn summary_transitions(before: Option<&SlotSummary>, after: &SlotState) -> Vec<Transition> {
     let mut out = Vec::new();
     let was = before.map(|b| b.status);
     match after.status {
@@ -1068,11 +1123,9 @@ pub fn transitions(before: Option<&SlotState>, after: &SlotState) -> Vec<Transit
         }
         _ => {}
     }
-    let codes = |s: Option<&SlotState>| -> std::collections::BTreeSet<IssueCode> {
-        s.map(|s| s.issues.iter().map(SlotIssue::code).collect())
-            .unwrap_or_default()
-    };
-    let (old, new) = (codes(before), codes(Some(after)));
+    let old = before.map(|b| b.issues.clone()).unwrap_or_default();
+    let new: std::collections::BTreeSet<IssueCode> =
+        after.issues.iter().map(SlotIssue::code).collect();
     out.extend(new.difference(&old).map(|c| Transition::Raised(*c)));
     out.extend(old.difference(&new).map(|c| Transition::Cleared(*c)));
     out
@@ -1993,5 +2046,93 @@ mod tests {
                 (IssueCode::StateUnconfirmed, 1)
             ]
         );
+    }
+
+    #[test]
+    fn each_transition_has_its_event_kind_and_issue() {
+        use crate::EventKind as K;
+        let table = [
+            (Transition::SetOnDevice, K::SetOnDevice, None),
+            (Transition::RemovedFromDevice, K::RemovedFromDevice, None),
+            (
+                Transition::Withheld(WithheldReason::Lockdown),
+                K::WithheldOnDevice,
+                None,
+            ),
+            (
+                Transition::Raised(IssueCode::DuplicateCodeOnDevice),
+                K::FailedToSetOnDevice,
+                Some(IssueCode::DuplicateCodeOnDevice),
+            ),
+            (
+                Transition::Raised(IssueCode::FailedToRemoveFromDevice),
+                K::FailedToRemoveFromDevice,
+                Some(IssueCode::FailedToRemoveFromDevice),
+            ),
+            (
+                Transition::Raised(IssueCode::DelayInSetting),
+                K::DelayInSettingOnDevice,
+                Some(IssueCode::DelayInSetting),
+            ),
+            (
+                Transition::Raised(IssueCode::DelayInRemoving),
+                K::DelayInRemovingFromDevice,
+                Some(IssueCode::DelayInRemoving),
+            ),
+            (
+                Transition::Raised(IssueCode::CodeModifiedAtDevice),
+                K::ModifiedAtDevice,
+                Some(IssueCode::CodeModifiedAtDevice),
+            ),
+            (
+                Transition::Raised(IssueCode::DeviceOffline),
+                K::SlotIssueRaised,
+                Some(IssueCode::DeviceOffline),
+            ),
+            (
+                Transition::Cleared(IssueCode::DelayInSetting),
+                K::SlotIssueCleared,
+                Some(IssueCode::DelayInSetting),
+            ),
+        ];
+        for (t, kind, issue) in table {
+            assert_eq!(t.event_kind(), kind, "{t:?}");
+            assert_eq!(t.event_kind().as_str(), t.event_name(), "{t:?}");
+            assert_eq!(t.issue(), issue, "{t:?}");
+            assert!(!kind.device_logged(), "{kind}: raised by keyplaned only");
+        }
+    }
+
+    #[test]
+    fn a_stored_summary_yields_the_same_transitions_as_the_state() {
+        let state = |status, issues: Vec<Issue>| SlotState {
+            status,
+            withheld: None,
+            pending: Vec::new(),
+            issues: issues
+                .into_iter()
+                .map(|issue| SlotIssue {
+                    issue,
+                    since: committed(),
+                })
+                .collect(),
+        };
+        let before = state(
+            SlotStatus::Setting,
+            vec![Issue::DelayInSetting, Issue::DeviceOffline],
+        );
+        let after = state(SlotStatus::Set, vec![Issue::StateUnconfirmed]);
+        let from_summary = summary_transitions(Some(&SlotSummary::of(&before)), &after);
+        assert_eq!(from_summary, transitions(Some(&before), &after));
+        assert_eq!(
+            from_summary,
+            vec![
+                Transition::SetOnDevice,
+                Transition::Raised(IssueCode::StateUnconfirmed),
+                Transition::Cleared(IssueCode::DeviceOffline),
+                Transition::Cleared(IssueCode::DelayInSetting),
+            ]
+        );
+        assert!(summary_transitions(Some(&SlotSummary::of(&after)), &after).is_empty());
     }
 }

@@ -14,8 +14,8 @@ mod sim;
 pub mod zwave;
 
 pub use sim::{
-    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimulatedDevice, SimulatedSite,
-    open_driver,
+    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimReported, SimulatedDevice,
+    SimulatedSite, open_driver,
 };
 
 use keyplane_core::DeviceModel;
@@ -99,6 +99,12 @@ pub enum DeviceError {
     /// The device's code memory is full.
     #[error("the device's code memory is full")]
     Full,
+    /// A panel is not programmed while a partition is armed; the write waits.
+    #[error("partition {partition} is armed: user codes are not programmed until it is disarmed")]
+    Armed {
+        /// The armed partition.
+        partition: u8,
+    },
     /// The device cannot be reached (link down, no answer).
     #[error("device unreachable: {0}")]
     Unreachable(String),
@@ -148,6 +154,14 @@ pub trait DeviceDriver: Send {
     fn device(&self) -> &str;
     /// The device's model profile.
     fn model(&self) -> &'static DeviceModel;
+    /// What the device says about itself (slot range, code lengths, code rules...),
+    /// where the driver can ask it; None: nothing beyond the model profile. The agent
+    /// reports it in its inventory and keyplaned lets it override the profile.
+    async fn reported_constraints(
+        &mut self,
+    ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
+        Ok(None)
+    }
     /// Every occupied slot (and only those), sorted by slot.
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError>;
     /// Writes `code` into `slot`, replacing what is there.

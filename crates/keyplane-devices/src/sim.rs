@@ -56,12 +56,33 @@ struct State {
     /// Reads back occupied slots without their codes (masked), as many locks do.
     #[serde(default)]
     masked: bool,
+    /// Answers nothing to the driver (link down, battery dead) while true.
+    #[serde(default)]
+    unreachable: bool,
     /// Offers a checksum of all user codes.
     #[serde(default)]
     checksum: bool,
     /// Full slot-table reads through the driver (each costs battery on a real lock).
     #[serde(default)]
     table_reads: u32,
+    /// What the device reports about itself (test hook); absent: nothing.
+    #[serde(default)]
+    reported: Option<SimReported>,
+}
+
+/// What a simulated device reports about itself: code lengths and code rules (by
+/// their API names), as a real lock reports its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimReported {
+    /// Shortest code accepted.
+    #[serde(default)]
+    pub min_code_length: Option<u8>,
+    /// Longest code accepted.
+    #[serde(default)]
+    pub max_code_length: Option<u8>,
+    /// Code rules, e.g. `no_repeated_digit`.
+    #[serde(default)]
+    pub rules: Option<Vec<String>>,
 }
 
 /// Who changes a slot: the driver interface (the agent) or a person at the keypad.
@@ -479,6 +500,33 @@ impl SimulatedDevice {
         })
     }
 
+    /// Makes the device answer nothing to its driver (true) or again (false).
+    pub fn set_unreachable(&mut self, unreachable: bool) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.unreachable = unreachable;
+            Ok(())
+        })
+    }
+
+    /// Refuses a driver operation while the device is unreachable.
+    fn reachable(&self) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            if s.unreachable {
+                Err(DeviceError::Unreachable("no answer".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Makes the device report `reported` about itself (None: nothing).
+    pub fn set_reported(&mut self, reported: Option<SimReported>) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.reported = reported;
+            Ok(())
+        })
+    }
+
     /// Makes the device offer a checksum of its user codes.
     pub fn set_checksum(&mut self, on: bool) -> Result<(), DeviceError> {
         self.with_state(|s| {
@@ -560,7 +608,28 @@ impl DeviceDriver for SimulatedDevice {
         self.model
     }
 
+    async fn reported_constraints(
+        &mut self,
+    ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
+        self.reachable()?;
+        use keyplane_core::constraints::{CodeRule, ReportedConstraints};
+        self.with_state(|s| {
+            Ok(s.reported.as_ref().map(|r| ReportedConstraints {
+                min_code_length: r.min_code_length,
+                max_code_length: r.max_code_length,
+                rules: r.rules.as_ref().map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| CodeRule::ALL.into_iter().find(|c| c.as_str() == n))
+                        .collect()
+                }),
+                ..Default::default()
+            }))
+        })
+    }
+
     async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {
+        self.reachable()?;
         self.with_state(|s| {
             Ok(s.checksum.then(|| {
                 // FNV-1a over slot and code: any change of any code changes it.
@@ -577,6 +646,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
+        self.reachable()?;
         self.with_state(|s| {
             s.table_reads += 1;
             Ok(s.slots
@@ -590,10 +660,12 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.set(slot, code, Writer::Driver)
     }
 
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.clear(slot, Writer::Driver)
     }
 
@@ -604,7 +676,14 @@ impl DeviceDriver for SimulatedDevice {
         authorities: &[(u8, Level)],
         open_close_reporting: bool,
     ) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.with_state(|state| {
+            // Like a VISTA keypad: no user programming while armed.
+            if let Some(partition) = state.armed.keys().next() {
+                return Err(DeviceError::Armed {
+                    partition: *partition,
+                });
+            }
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
             let levels = authorities
@@ -625,6 +704,7 @@ impl DeviceDriver for SimulatedDevice {
         schedules: Option<&[Schedule]>,
         time_zone: &str,
     ) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.with_state(|state| {
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
@@ -639,6 +719,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn set_lockdown(&mut self, on: bool) -> Result<(), DeviceError> {
+        self.reachable()?;
         self.with_state(|state| {
             state.lockdown = on;
             Ok(())
@@ -646,6 +727,7 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn read_events(&mut self, after: u64) -> Result<Vec<DeviceEvent>, DeviceError> {
+        self.reachable()?;
         self.with_state(|s| Ok(s.events.iter().filter(|e| e.seq > after).cloned().collect()))
     }
 }

@@ -136,19 +136,19 @@ impl TryFrom<pb::EventKind> for EventKind {
             pb::EventKind::LockdownReleased => EventKind::LockdownReleased,
             pb::EventKind::Drift => EventKind::Drift,
             pb::EventKind::LocalCodeCleared => EventKind::LocalCodeCleared,
-            // Slot-status transitions are raised by keyplaned itself (docs/STATUS.md);
-            // nothing that sends an event kind in may claim one.
-            pb::EventKind::Unspecified
-            | pb::EventKind::SetOnDevice
-            | pb::EventKind::RemovedFromDevice
-            | pb::EventKind::FailedToSetOnDevice
-            | pb::EventKind::FailedToRemoveFromDevice
-            | pb::EventKind::DelayInSettingOnDevice
-            | pb::EventKind::DelayInRemovingFromDevice
-            | pb::EventKind::ModifiedAtDevice
-            | pb::EventKind::WithheldOnDevice
-            | pb::EventKind::SlotIssueCleared
-            | pb::EventKind::SlotIssueRaised => {
+            // Slot-status transitions are raised by keyplaned itself (docs/STATUS.md):
+            // they decode, but `EventKind::device_logged` keeps agents from sending one.
+            pb::EventKind::SetOnDevice => EventKind::SetOnDevice,
+            pb::EventKind::RemovedFromDevice => EventKind::RemovedFromDevice,
+            pb::EventKind::FailedToSetOnDevice => EventKind::FailedToSetOnDevice,
+            pb::EventKind::FailedToRemoveFromDevice => EventKind::FailedToRemoveFromDevice,
+            pb::EventKind::DelayInSettingOnDevice => EventKind::DelayInSettingOnDevice,
+            pb::EventKind::DelayInRemovingFromDevice => EventKind::DelayInRemovingFromDevice,
+            pb::EventKind::ModifiedAtDevice => EventKind::ModifiedAtDevice,
+            pb::EventKind::WithheldOnDevice => EventKind::WithheldOnDevice,
+            pb::EventKind::SlotIssueCleared => EventKind::SlotIssueCleared,
+            pb::EventKind::SlotIssueRaised => EventKind::SlotIssueRaised,
+            pb::EventKind::Unspecified => {
                 return Err(UnknownValue {
                     what: "event kind",
                     value: kind as i32,
@@ -172,6 +172,16 @@ impl From<EventKind> for pb::EventKind {
             EventKind::LockdownReleased => pb::EventKind::LockdownReleased,
             EventKind::Drift => pb::EventKind::Drift,
             EventKind::LocalCodeCleared => pb::EventKind::LocalCodeCleared,
+            EventKind::SetOnDevice => pb::EventKind::SetOnDevice,
+            EventKind::RemovedFromDevice => pb::EventKind::RemovedFromDevice,
+            EventKind::FailedToSetOnDevice => pb::EventKind::FailedToSetOnDevice,
+            EventKind::FailedToRemoveFromDevice => pb::EventKind::FailedToRemoveFromDevice,
+            EventKind::DelayInSettingOnDevice => pb::EventKind::DelayInSettingOnDevice,
+            EventKind::DelayInRemovingFromDevice => pb::EventKind::DelayInRemovingFromDevice,
+            EventKind::ModifiedAtDevice => pb::EventKind::ModifiedAtDevice,
+            EventKind::WithheldOnDevice => pb::EventKind::WithheldOnDevice,
+            EventKind::SlotIssueCleared => pb::EventKind::SlotIssueCleared,
+            EventKind::SlotIssueRaised => pb::EventKind::SlotIssueRaised,
         }
     }
 }
@@ -717,5 +727,334 @@ mod tests {
         for (wire, want) in [(0, None), (1, Some(1)), (8, Some(8)), (9, None), (-1, None)] {
             assert_eq!(partition(wire), want, "{wire}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Slot assignment status (docs/STATUS.md): core decisions to wire, and the agent's
+// write reports from wire.
+// ---------------------------------------------------------------------------
+
+use keyplane_core::status::{
+    Issue, IssueCode, PendingChange, Refusal, Rollup, SiteRollup, SlotIssue, SlotState, SlotStatus,
+    WithheldReason, WriteOutcome,
+};
+
+impl From<SlotStatus> for pb::SlotStatus {
+    fn from(s: SlotStatus) -> Self {
+        match s {
+            SlotStatus::Setting => pb::SlotStatus::Setting,
+            SlotStatus::Set => pb::SlotStatus::Set,
+            SlotStatus::Removing => pb::SlotStatus::Removing,
+            SlotStatus::Unset => pb::SlotStatus::Unset,
+            SlotStatus::Withheld => pb::SlotStatus::Withheld,
+            SlotStatus::Unknown => pb::SlotStatus::Unknown,
+        }
+    }
+}
+
+impl From<IssueCode> for pb::SlotIssueCode {
+    fn from(c: IssueCode) -> Self {
+        match c {
+            IssueCode::FailedToSetOnDevice => pb::SlotIssueCode::FailedToSetOnDevice,
+            IssueCode::FailedToRemoveFromDevice => pb::SlotIssueCode::FailedToRemoveFromDevice,
+            IssueCode::DuplicateCodeOnDevice => pb::SlotIssueCode::DuplicateCodeOnDevice,
+            IssueCode::NoSpaceOnDevice => pb::SlotIssueCode::NoSpaceOnDevice,
+            IssueCode::CodeModifiedAtDevice => pb::SlotIssueCode::CodeModifiedAtDevice,
+            IssueCode::LocalCodeConflict => pb::SlotIssueCode::LocalCodeConflict,
+            IssueCode::StateUnconfirmed => pb::SlotIssueCode::StateUnconfirmed,
+            IssueCode::DeviceOffline => pb::SlotIssueCode::DeviceOffline,
+            IssueCode::AgentDisconnected => pb::SlotIssueCode::AgentDisconnected,
+            IssueCode::PanelArmedProgrammingDeferred => {
+                pb::SlotIssueCode::PanelArmedProgrammingDeferred
+            }
+            IssueCode::RevocationUnconfirmed => pb::SlotIssueCode::RevocationUnconfirmed,
+            IssueCode::DelayInSetting => pb::SlotIssueCode::DelayInSetting,
+            IssueCode::DelayInRemoving => pb::SlotIssueCode::DelayInRemoving,
+        }
+    }
+}
+
+fn withheld_pb(w: &WithheldReason, set_time: Option<DateTime<Utc>>) -> pb::Withheld {
+    let reason = match w {
+        WithheldReason::NotAnAccessPoint => pb::WithheldReason::NotAnAccessPoint,
+        WithheldReason::OutsideSchedule { .. } => pb::WithheldReason::OutsideSchedule,
+        WithheldReason::BeforeValidity { .. } => pb::WithheldReason::BeforeValidity,
+        WithheldReason::AfterValidity => pb::WithheldReason::AfterValidity,
+        WithheldReason::Lockdown => pb::WithheldReason::Lockdown,
+    };
+    pb::Withheld {
+        reason: reason as i32,
+        set_time: set_time.map(timestamp),
+    }
+}
+
+fn schedule_set(s: &Option<Vec<Schedule>>) -> Option<pb::ScheduleSet> {
+    s.as_ref().map(|list| pb::ScheduleSet {
+        schedules: list.iter().map(pb::Schedule::from).collect(),
+    })
+}
+
+fn pending_pb(p: &PendingChange) -> pb::PendingChange {
+    let mut out = pb::PendingChange::default();
+    out.kind = match p {
+        PendingChange::Creating => pb::PendingChangeKind::Creating,
+        PendingChange::DeferredCreation { at } => {
+            out.at_time = Some(timestamp(*at));
+            pb::PendingChangeKind::DeferredCreation
+        }
+        PendingChange::UpdatingCode => pb::PendingChangeKind::UpdatingCode,
+        PendingChange::UpdatingSchedule { from, to } => {
+            out.from_schedules = schedule_set(from);
+            out.to_schedules = schedule_set(to);
+            pb::PendingChangeKind::UpdatingSchedule
+        }
+        PendingChange::UpdatingSettings => pb::PendingChangeKind::UpdatingSettings,
+        PendingChange::Removing => pb::PendingChangeKind::Removing,
+    } as i32;
+    out
+}
+
+fn issue_pb(i: &SlotIssue, kind: DeviceKind) -> pb::SlotIssue {
+    let mut out = pb::SlotIssue {
+        code: pb::SlotIssueCode::from(i.code()) as i32,
+        severity: match i.severity() {
+            keyplane_core::status::Severity::Error => pb::IssueSeverity::Error,
+            keyplane_core::status::Severity::Warning => pb::IssueSeverity::Warning,
+        } as i32,
+        create_time: Some(timestamp(i.since)),
+        detail: i.detail(kind),
+        ..Default::default()
+    };
+    match &i.issue {
+        Issue::FailedToSetOnDevice { reason } | Issue::FailedToRemoveFromDevice { reason } => {
+            out.device_reason = reason.clone();
+        }
+        Issue::CodeModifiedAtDevice { slot, cleared } => {
+            out.slot = i32::from(*slot);
+            out.display_slot = kind.display_slot(*slot);
+            out.cleared = *cleared;
+        }
+        Issue::LocalCodeConflict { local_slot } => {
+            out.slot = i32::from(*local_slot);
+            out.display_slot = kind.display_slot(*local_slot);
+        }
+        Issue::PanelArmedProgrammingDeferred { partition } => {
+            out.partition = i32::from(*partition);
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The wire status of one slot assignment of a `kind` device named `device`.
+pub fn slot_state_pb(
+    device: String,
+    slot: u16,
+    kind: DeviceKind,
+    state: &SlotState,
+) -> pb::SlotAssignmentStatus {
+    let set_time = state.pending.iter().find_map(|p| match p {
+        PendingChange::DeferredCreation { at } => Some(*at),
+        _ => None,
+    });
+    pb::SlotAssignmentStatus {
+        device,
+        slot: i32::from(slot),
+        display_slot: kind.display_slot(slot),
+        status: pb::SlotStatus::from(state.status) as i32,
+        withheld: state.withheld.as_ref().map(|w| withheld_pb(w, set_time)),
+        pending_changes: state.pending.iter().map(pending_pb).collect(),
+        errors: state.errors().map(|i| issue_pb(i, kind)).collect(),
+        warnings: state.warnings().map(|i| issue_pb(i, kind)).collect(),
+        credential: String::new(),
+    }
+}
+
+fn count(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A roll-up as wire counts.
+pub fn rollup_pb(r: &Rollup) -> pb::SlotStatusCounts {
+    pb::SlotStatusCounts {
+        total: count(r.total),
+        set: count(r.set),
+        pending: count(r.pending),
+        withheld: count(r.withheld),
+        failed: count(r.failed),
+        unset: count(r.unset),
+        unknown: count(r.unknown),
+    }
+}
+
+/// A site roll-up to wire.
+pub fn site_rollup_pb(r: &SiteRollup) -> pb::SiteSlotRollup {
+    pb::SiteSlotRollup {
+        counts: Some(rollup_pb(&r.slots)),
+        issues: r
+            .issues
+            .iter()
+            .map(|(code, n)| pb::SlotIssueCount {
+                code: pb::SlotIssueCode::from(*code) as i32,
+                count: count(*n),
+            })
+            .collect(),
+    }
+}
+
+/// Why a write report was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteReportError {
+    /// The outcome is unspecified or unknown.
+    #[error("outcome {0} is not a write outcome")]
+    Outcome(i32),
+    /// A deferred write names no partition 1..=8.
+    #[error("partition {0} is not a partition")]
+    Partition(i32),
+}
+
+/// A write report's outcome as core's; the device's reason is kept as sent (the
+/// agent keeps PINs out of it).
+pub fn write_outcome(r: &pb::SlotWriteReport) -> Result<WriteOutcome, WriteReportError> {
+    Ok(match pb::WriteOutcome::try_from(r.outcome) {
+        Ok(pb::WriteOutcome::Done) => WriteOutcome::Done,
+        Ok(pb::WriteOutcome::RefusedDuplicate) => WriteOutcome::Refused(Refusal::Duplicate),
+        Ok(pb::WriteOutcome::RefusedNoSpace) => WriteOutcome::Refused(Refusal::NoSpace),
+        Ok(pb::WriteOutcome::Refused) => {
+            WriteOutcome::Refused(Refusal::Other(r.device_reason.clone()))
+        }
+        Ok(pb::WriteOutcome::Unconfirmed) => WriteOutcome::Unconfirmed,
+        Ok(pb::WriteOutcome::DeferredArmed) => WriteOutcome::DeferredArmed {
+            partition: partition(r.partition).ok_or(WriteReportError::Partition(r.partition))?,
+        },
+        _ => return Err(WriteReportError::Outcome(r.outcome)),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Device constraints (docs/STATUS.md): reported constraints both ways, published
+// capacity.
+// ---------------------------------------------------------------------------
+
+use keyplane_core::constraints::{CodeRule, DeviceConstraints, ReportedConstraints, SlotCapacity};
+
+impl From<CodeRule> for pb::CodeRule {
+    fn from(r: CodeRule) -> Self {
+        match r {
+            CodeRule::NoRepeatedDigit => pb::CodeRule::NoRepeatedDigit,
+            CodeRule::NoStraightRun => pb::CodeRule::NoStraightRun,
+            CodeRule::NoAdjacentRepeat => pb::CodeRule::NoAdjacentRepeat,
+        }
+    }
+}
+
+/// Why reported constraints were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportedWireError {
+    /// A number does not fit its field.
+    #[error("{0} is out of range")]
+    OutOfRange(&'static str),
+    /// A code rule is unspecified or unknown.
+    #[error("code_rules: {0} is not a code rule")]
+    Rule(i32),
+}
+
+/// Reported constraints from the wire; zero / unreported fields stay None.
+pub fn reported_constraints(
+    r: &pb::ReportedConstraints,
+) -> Result<ReportedConstraints, ReportedWireError> {
+    fn opt<T: TryFrom<i32>>(v: i32, what: &'static str) -> Result<Option<T>, ReportedWireError> {
+        if v == 0 {
+            return Ok(None);
+        }
+        T::try_from(v)
+            .map(Some)
+            .map_err(|_| ReportedWireError::OutOfRange(what))
+    }
+    Ok(ReportedConstraints {
+        first_slot: opt(r.first_slot, "first_slot")?,
+        last_slot: opt(r.last_slot, "last_slot")?,
+        reserved_slots: if r.reserved_slots_reported {
+            Some(
+                r.reserved_slots
+                    .iter()
+                    .map(|s| {
+                        u16::try_from(*s)
+                            .map_err(|_| ReportedWireError::OutOfRange("reserved_slots"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        },
+        min_code_length: opt(r.min_code_length, "min_code_length")?,
+        max_code_length: opt(r.max_code_length, "max_code_length")?,
+        reads_back: r.reads_back_reported.then_some(r.reads_back),
+        keeps_schedules: r.keeps_schedules_reported.then_some(r.keeps_schedules),
+        rules: if r.code_rules_reported {
+            Some(
+                r.code_rules
+                    .iter()
+                    .map(|v| match pb::CodeRule::try_from(*v) {
+                        Ok(pb::CodeRule::NoRepeatedDigit) => Ok(CodeRule::NoRepeatedDigit),
+                        Ok(pb::CodeRule::NoStraightRun) => Ok(CodeRule::NoStraightRun),
+                        Ok(pb::CodeRule::NoAdjacentRepeat) => Ok(CodeRule::NoAdjacentRepeat),
+                        _ => Err(ReportedWireError::Rule(*v)),
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        },
+    })
+}
+
+/// Reported constraints to the wire (what an agent sends).
+pub fn reported_constraints_pb(r: &ReportedConstraints) -> pb::ReportedConstraints {
+    pb::ReportedConstraints {
+        first_slot: r.first_slot.map(i32::from).unwrap_or(0),
+        last_slot: r.last_slot.map(i32::from).unwrap_or(0),
+        reserved_slots: r
+            .reserved_slots
+            .iter()
+            .flatten()
+            .map(|s| i32::from(*s))
+            .collect(),
+        reserved_slots_reported: r.reserved_slots.is_some(),
+        min_code_length: r.min_code_length.map(i32::from).unwrap_or(0),
+        max_code_length: r.max_code_length.map(i32::from).unwrap_or(0),
+        reads_back: r.reads_back.unwrap_or(false),
+        reads_back_reported: r.reads_back.is_some(),
+        keeps_schedules: r.keeps_schedules.unwrap_or(false),
+        keeps_schedules_reported: r.keeps_schedules.is_some(),
+        code_rules: r
+            .rules
+            .iter()
+            .flatten()
+            .map(|c| pb::CodeRule::from(*c) as i32)
+            .collect(),
+        code_rules_reported: r.rules.is_some(),
+    }
+}
+
+/// A device's published capacity.
+pub fn capacity_pb(c: &DeviceConstraints, slots: &SlotCapacity) -> pb::DeviceCapacity {
+    let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::DeviceCapacity {
+        slots_total: n(slots.total),
+        slots_used: n(slots.used),
+        slots_free: n(slots.free),
+        reads_back: c.reads_back,
+        code_rules: c
+            .rules
+            .iter()
+            .map(|r| pb::CodeRule::from(*r) as i32)
+            .collect(),
+        source: if c.reported {
+            pb::ConstraintSource::Reported
+        } else {
+            pb::ConstraintSource::Profile
+        } as i32,
     }
 }

@@ -232,6 +232,12 @@ impl AgentService for AgentApi {
         // A stream this replica holds for the site re-checks now, not at the next poll.
         self.hub.epoch(site, epoch);
         tracing::info!(%site, agent = ?principal, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
+        // Issue 11: what devices report about themselves (crate::reports).
+        for d in hello.inventory.iter().filter(|d| d.constraints.is_some()) {
+            if let Err(status) = crate::reports::inventory(&self.store, site, d).await {
+                tracing::warn!(%site, device = %d.device, %status, "reported constraints not taken");
+            }
+        }
 
         let (tx, rx) = mpsc::channel(16);
         let session = Session {
@@ -582,6 +588,20 @@ impl Session {
             Some(pb::agent_message::Msg::Event(event)) => self.record_event(event).await,
             Some(pb::agent_message::Msg::Observed(observed)) => {
                 self.record_observed(observed).await
+            }
+            // Issue 11 status reports: handled in crate::reports.
+            Some(pb::agent_message::Msg::WriteReport(r)) => {
+                crate::reports::write_report(&self.store, self.site, r).await
+            }
+            Some(pb::agent_message::Msg::Reachability(r)) => {
+                crate::reports::reachability(&self.store, self.site, r).await
+            }
+            Some(pb::agent_message::Msg::Inventory(d)) => {
+                // A report that makes no sense is not worth the stream.
+                if let Err(status) = crate::reports::inventory(&self.store, self.site, &d).await {
+                    tracing::warn!(site = %self.site, device = %d.device, %status, "reported constraints not taken");
+                }
+                Ok(())
             }
             Some(pb::agent_message::Msg::Hello(_)) => {
                 Err(Status::invalid_argument("Hello may be sent only once"))

@@ -136,6 +136,7 @@ pub async fn seed(server: &str, token: &str) -> anyhow::Result<Demo> {
                         ..Default::default()
                     }),
                     request_id: String::new(),
+                    generate_pin: false,
                 },
             )?)
             .await?;

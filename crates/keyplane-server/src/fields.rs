@@ -201,6 +201,54 @@ pub fn device_event_kind(kind: i32) -> Result<EventKind, Status> {
         .ok_or_else(|| Status::invalid_argument(format!("event.kind {kind} is not an event kind")))
 }
 
+/// Converts slot-status threshold overrides: each set duration must be positive and
+/// at most a week; unset fields keep the defaults.
+pub fn status_thresholds(
+    t: Option<&pb::SlotStatusThresholds>,
+) -> Result<keyplane_core::status::SiteThresholds, Status> {
+    use keyplane_core::status::{SiteThresholds, ThresholdOverride};
+    let Some(t) = t else {
+        return Ok(SiteThresholds::default());
+    };
+    let d = |field: &str,
+             d: Option<&prost_types::Duration>|
+     -> Result<Option<chrono::Duration>, Status> {
+        let Some(d) = d else { return Ok(None) };
+        let ms = d
+            .seconds
+            .checked_mul(1000)
+            .and_then(|s| s.checked_add(i64::from(d.nanos) / 1_000_000))
+            .filter(|ms| *ms > 0 && *ms <= 7 * 24 * 3600 * 1000)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "site.status_thresholds.{field} must be positive and at most 7 days"
+                ))
+            })?;
+        Ok(Some(chrono::Duration::milliseconds(ms)))
+    };
+    let k = |kind: &str, o: Option<&pb::KindThresholds>| -> Result<ThresholdOverride, Status> {
+        let Some(o) = o else {
+            return Ok(ThresholdOverride::default());
+        };
+        Ok(ThresholdOverride {
+            setting: d(
+                &format!("{kind}.delay_in_setting"),
+                o.delay_in_setting.as_ref(),
+            )?,
+            removing: d(
+                &format!("{kind}.delay_in_removing"),
+                o.delay_in_removing.as_ref(),
+            )?,
+            offline: d(&format!("{kind}.device_offline"), o.device_offline.as_ref())?,
+        })
+    };
+    Ok(SiteThresholds {
+        panel: k("panel", t.panel.as_ref())?,
+        lock: k("lock", t.lock.as_ref())?,
+        door: k("door", t.door.as_ref())?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

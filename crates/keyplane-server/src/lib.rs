@@ -20,7 +20,9 @@ pub mod hub;
 pub mod mask;
 pub mod page;
 pub mod pki;
+pub mod reports;
 pub mod resources;
+pub mod status;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
 use keyplane_proto::v1::agent_service_server::AgentServiceServer;
@@ -51,6 +53,10 @@ pub struct Config {
     /// The certificate authority of agents' client certificates. When set (with
     /// `tls`), agents may present a certificate it signed; see [`pki`].
     pub ca: Option<std::sync::Arc<pki::CertAuthority>>,
+    /// How often slot assignments due for evaluation are evaluated (issue 11: their
+    /// transitions become events; delays and offline devices are raised on time).
+    /// Zero: never (the API still shows each status, decided when read).
+    pub status_interval: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -63,6 +69,7 @@ impl std::fmt::Debug for Config {
             .field("dealer_token_ttl", &self.dealer_token_ttl)
             .field("tls", &self.tls)
             .field("ca", &self.ca)
+            .field("status_interval", &self.status_interval)
             .finish()
     }
 }
@@ -116,6 +123,7 @@ impl Config {
             dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
             tls: None,
             ca: None,
+            status_interval: Duration::from_secs(2),
         }
     }
 }
@@ -165,6 +173,15 @@ pub async fn serve(
         shutdown.clone(),
     ));
 
+    let sweeper = (!config.status_interval.is_zero()).then(|| {
+        tokio::spawn(status::sweep(
+            store.clone(),
+            bell.clone(),
+            config.status_interval,
+            shutdown.clone(),
+        ))
+    });
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AdminServiceServer<admin::AdminApi>>()
@@ -206,6 +223,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     poller.abort();
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     store.close();
     tracing::info!("keyplaned stopped");
     Ok(())

@@ -2,16 +2,36 @@
 //! inside them (schedules, levels, kinds, instants) go through the shared rules of
 //! `keyplane_proto::convert`; names through keyplane-core's name types.
 
+use keyplane_core::DeviceKind;
 use keyplane_core::DeviceModel;
 use keyplane_core::names::{
     AccessPlanName, CredentialName, DeviceName, EventName, HolidayName, LocalCodeName,
     PartitionName, PersonalPlanName, SiteName, SyncStatusName, UserName,
 };
+use keyplane_core::status::{Rollup, SiteRollup, SlotState, WithheldReason, slot_state};
 use keyplane_proto::convert as wire;
 use keyplane_proto::v1 as pb;
 use keyplane_store as store;
+use std::collections::HashMap;
 use std::time::SystemTime;
 use uuid::Uuid;
+
+/// The decided status of each slot assignment, by (credential, device).
+pub type SlotStates = HashMap<(Uuid, Uuid), (DeviceKind, u16, SlotState)>;
+
+/// Decides the status of every assignment in `facts` (keyplane-core's rule).
+pub fn slot_states(facts: &store::SlotStatusFacts) -> SlotStates {
+    facts
+        .assignments
+        .iter()
+        .map(|a| {
+            (
+                (a.credential, a.device),
+                (a.model.kind, a.facts.slot, slot_state(&a.facts)),
+            )
+        })
+        .collect()
+}
 
 fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(t))
@@ -55,6 +75,26 @@ pub fn site_pb(s: &store::Site) -> pb::Site {
         create_time: ts(s.create_time),
         update_time: ts(s.update_time),
         etag: s.version.to_string(),
+        status_thresholds: Some(thresholds_pb(&s.status_thresholds)),
+    }
+}
+
+fn thresholds_pb(t: &keyplane_core::status::SiteThresholds) -> pb::SlotStatusThresholds {
+    let d = |d: Option<chrono::Duration>| {
+        d.map(|d| prost_types::Duration {
+            seconds: d.num_seconds(),
+            nanos: d.subsec_nanos(),
+        })
+    };
+    let k = |o: &keyplane_core::status::ThresholdOverride| pb::KindThresholds {
+        delay_in_setting: d(o.setting),
+        delay_in_removing: d(o.removing),
+        device_offline: d(o.offline),
+    };
+    pb::SlotStatusThresholds {
+        panel: Some(k(&t.panel)),
+        lock: Some(k(&t.lock)),
+        door: Some(k(&t.door)),
     }
 }
 
@@ -74,16 +114,42 @@ pub fn partition_pb(p: &store::Partition) -> pb::Partition {
 
 /// Model constraints to protobuf.
 pub fn constraints_pb(m: &DeviceModel) -> pb::DeviceConstraints {
+    let c = keyplane_core::constraints::DeviceConstraints::from_model(m);
+    device_constraints_pb(m, &c, None)
+}
+
+/// A device's constraints in force (the profile's, with what it reported laid over
+/// them), with its capacity given the occupied slots when known.
+fn device_constraints_pb(
+    m: &DeviceModel,
+    c: &keyplane_core::constraints::DeviceConstraints,
+    occupied: Option<&std::collections::BTreeSet<u16>>,
+) -> pb::DeviceConstraints {
     pb::DeviceConstraints {
         kind: pb::DeviceKind::from(m.kind) as i32,
-        first_slot: i32::from(m.first_slot),
-        last_slot: i32::from(m.last_slot),
-        reserved_slots: m.reserved_slots.iter().map(|s| i32::from(*s)).collect(),
-        min_code_length: i32::from(m.min_code_length),
-        max_code_length: i32::from(m.max_code_length),
-        on_device_schedules: m.on_device_schedules,
+        first_slot: i32::from(c.first_slot),
+        last_slot: i32::from(c.last_slot),
+        reserved_slots: c.reserved_slots.iter().map(|s| i32::from(*s)).collect(),
+        min_code_length: i32::from(c.min_code_length),
+        max_code_length: i32::from(c.max_code_length),
+        on_device_schedules: c.keeps_schedules,
         max_partitions: i32::from(m.max_partitions),
+        capacity: occupied.map(|o| wire::capacity_pb(c, &c.capacity(o))),
     }
+}
+
+/// Device to protobuf with its published capacity (reads), given its occupied slots.
+pub fn device_capacity_pb(
+    d: &store::Device,
+    occupied: Option<&std::collections::BTreeSet<u16>>,
+) -> pb::Device {
+    let mut out = device_pb(d);
+    out.constraints = Some(device_constraints_pb(
+        d.model,
+        &d.constraints(),
+        Some(occupied.unwrap_or(&std::collections::BTreeSet::new())),
+    ));
+    out
 }
 
 /// Device to protobuf.
@@ -95,7 +161,7 @@ pub fn device_pb(d: &store::Device) -> pb::Device {
         model: d.model.id.to_owned(),
         partition: d.partition.map(i32::from).unwrap_or(0),
         perimeter: d.perimeter,
-        constraints: Some(constraints_pb(d.model)),
+        constraints: Some(device_constraints_pb(d.model, &d.constraints(), None)),
         create_time: ts(d.create_time),
         update_time: ts(d.update_time),
         etag: d.version.to_string(),
@@ -117,7 +183,15 @@ pub fn user_pb(u: &store::User) -> pb::User {
 
 /// Credential to protobuf; the PIN is never returned, only that one is set.
 pub fn credential_pb(c: &store::Credential) -> pb::Credential {
+    credential_status_pb(c, None)
+}
+
+/// Credential to protobuf with the status of each of its slot assignments (reads).
+/// A code kept off a device by the user's plan shows no slot there: no slot of the
+/// device holds it.
+pub fn credential_status_pb(c: &store::Credential, states: Option<&SlotStates>) -> pb::Credential {
     let name_of = |id: &Uuid| device(c.site, *id);
+    let state_of = |d: &Uuid| states.and_then(|m| m.get(&(c.id, *d)));
     pb::Credential {
         name: CredentialName {
             site: c.site,
@@ -141,12 +215,47 @@ pub fn credential_pb(c: &store::Credential) -> pb::Credential {
         slots: c
             .slots
             .iter()
-            .map(|s| pb::SlotAssignment {
-                device: name_of(&s.device),
-                slot: i32::from(s.slot),
-                display_slot: s.display_slot.clone(),
+            .map(|s| {
+                let state = state_of(&s.device);
+                let off = state.is_some_and(|(_, _, st)| {
+                    st.withheld == Some(WithheldReason::NotAnAccessPoint)
+                });
+                pb::SlotAssignment {
+                    device: name_of(&s.device),
+                    slot: if off { 0 } else { i32::from(s.slot) },
+                    display_slot: if off {
+                        String::new()
+                    } else {
+                        s.display_slot.clone()
+                    },
+                    state: state.map(|(kind, slot, st)| {
+                        wire::slot_state_pb(name_of(&s.device), *slot, *kind, st)
+                    }),
+                }
             })
+            // Devices the code is leaving (out of scope), until they confirm it.
+            .chain(
+                states
+                    .into_iter()
+                    .flatten()
+                    .filter(|((credential, d), _)| {
+                        *credential == c.id && !c.slots.iter().any(|s| s.device == *d)
+                    })
+                    .map(|((_, d), (kind, slot, st))| pb::SlotAssignment {
+                        device: name_of(d),
+                        slot: i32::from(*slot),
+                        display_slot: kind.display_slot(*slot),
+                        state: Some(wire::slot_state_pb(name_of(d), *slot, *kind, st)),
+                    }),
+            )
             .collect(),
+        slot_status: states.map(|m| {
+            wire::rollup_pb(&Rollup::of(
+                m.iter()
+                    .filter(|((credential, _), _)| *credential == c.id)
+                    .map(|(_, x)| &x.2),
+            ))
+        }),
         create_time: ts(c.create_time),
         update_time: ts(c.update_time),
         etag: c.version.to_string(),
@@ -182,9 +291,45 @@ pub fn local_code_pb(l: &store::LocalCode) -> pb::LocalCode {
     }
 }
 
-/// Sync status to protobuf.
-pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
+/// Sync status to protobuf, with the site's roll-up, the assignments needing
+/// attention and each device's named findings.
+pub fn sync_pb(
+    s: &store::SiteSync,
+    facts: &store::SlotStatusFacts,
+    states: &SlotStates,
+) -> pb::SyncStatus {
+    let rollup = SiteRollup::of(states.values().map(|x| &x.2));
+    let findings: HashMap<Uuid, &store::DeviceFindings> =
+        facts.findings.iter().map(|f| (f.device, f)).collect();
+    let slots_pb = |v: &[u16]| v.iter().map(|n| i32::from(*n)).collect::<Vec<_>>();
+    let mut attention: Vec<pb::SlotAssignmentStatus> = facts
+        .assignments
+        .iter()
+        .filter_map(|a| {
+            let (kind, slot, st) = states.get(&(a.credential, a.device))?;
+            let quiet = st.issues.is_empty()
+                && matches!(
+                    st.status,
+                    keyplane_core::status::SlotStatus::Set
+                        | keyplane_core::status::SlotStatus::Withheld
+                );
+            if quiet {
+                return None;
+            }
+            let mut out = wire::slot_state_pb(device(s.site, a.device), *slot, *kind, st);
+            out.credential = CredentialName {
+                site: s.site,
+                user: a.user,
+                credential: a.credential,
+            }
+            .to_string();
+            Some(out)
+        })
+        .collect();
+    attention.sort_by(|a, b| (&a.device, a.slot).cmp(&(&b.device, b.slot)));
     pb::SyncStatus {
+        rollup: Some(wire::site_rollup_pb(&rollup)),
+        slots: attention,
         name: SyncStatusName { site: s.site }.to_string(),
         desired_revision: s.revision,
         agent_connected: s.agent_connected,
@@ -205,6 +350,18 @@ pub fn sync_pb(s: &store::SiteSync) -> pb::SyncStatus {
                 drifted_slots: count(d.drifted_slots),
                 conflicts: count(d.conflicts),
                 unverifiable_slots: count(d.unverifiable_slots),
+                findings: Some(match findings.get(&d.device) {
+                    Some(f) => pb::DeviceSlotFindings {
+                        device: device(s.site, d.device),
+                        drifted_slots: slots_pb(&f.drifted),
+                        conflicting_slots: slots_pb(&f.conflicting),
+                        unverifiable_slots: slots_pb(&f.unverifiable),
+                    },
+                    None => pb::DeviceSlotFindings {
+                        device: device(s.site, d.device),
+                        ..Default::default()
+                    },
+                }),
             })
             .collect(),
     }
@@ -235,6 +392,25 @@ pub fn event_pb(e: &store::Event) -> pb::Event {
         occur_time: ts(e.occur_time),
         create_time: ts(e.create_time),
         actor: e.actor.clone().unwrap_or_default(),
+        issue: e
+            .issue
+            .as_deref()
+            .and_then(|i| {
+                keyplane_core::status::IssueCode::ALL
+                    .into_iter()
+                    .find(|c| c.as_str() == i)
+            })
+            .map(|c| pb::SlotIssueCode::from(c) as i32)
+            .unwrap_or(0),
+        credential: match (e.credential, e.user) {
+            (Some(credential), Some(user)) => CredentialName {
+                site: e.site,
+                user,
+                credential,
+            }
+            .to_string(),
+            _ => String::new(),
+        },
     }
 }
 

@@ -362,8 +362,26 @@ impl Loaded {
     /// Checks the PIN fits every target and is on none of them yet.
     fn pin_check(&self, targets: &[DeviceFacts], pin: &Pin) -> Result<(), StoreError> {
         for t in targets {
-            pin.check_fits(&self.label(t.id), t.model)
-                .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+            // Issue 11: what the device reported overrides its profile; the refusal
+            // names the device and the constraint, never the code.
+            let reported = self
+                .devices
+                .iter()
+                .find(|d| d.id == t.id && d.reported.is_some());
+            if let Some(d) = reported {
+                d.constraints().check_pin(pin).map_err(|violation| {
+                    StoreError::InvalidArgument(
+                        keyplane_core::constraints::ConstraintError {
+                            device: self.label(t.id),
+                            violation,
+                        }
+                        .to_string(),
+                    )
+                })?;
+            } else {
+                pin.check_fits(&self.label(t.id), t.model)
+                    .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+            }
         }
         if let Some(t) = targets.iter().find(|t| self.clashes.contains(&t.id)) {
             return Err(StoreError::AlreadyExists(format!(
@@ -612,9 +630,11 @@ impl SlotsWrite {
                 continue;
             };
             w.allocate.push(*id);
-            w.first.push(i32::from(device.model.first_slot));
-            w.last.push(i32::from(device.model.last_slot));
-            for s in device.model.reserved_slots {
+            // Issue 11: the slot range the device reported, if any, over its profile's.
+            let c = device.constraints();
+            w.first.push(i32::from(c.first_slot));
+            w.last.push(i32::from(c.last_slot));
+            for s in &c.reserved_slots {
                 w.reserved_devices.push(*id);
                 w.reserved_slots.push(i32::from(*s));
             }

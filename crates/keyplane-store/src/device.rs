@@ -18,7 +18,8 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 pub(crate) const DEVICE_COLUMNS: &str =
-    "site_id, id, display_name, model, partition, perimeter, version, create_time, update_time";
+    "site_id, id, display_name, model, partition, perimeter, version, create_time, update_time,
+    reported_constraints";
 
 pub(crate) fn device_from_row(row: &Row) -> Result<Device, StoreError> {
     let model_id: String = row.get(3);
@@ -36,6 +37,8 @@ pub(crate) fn device_from_row(row: &Row) -> Result<Device, StoreError> {
         version: row.get(6),
         create_time: row.get(7),
         update_time: row.get(8),
+        // A report that no longer decodes is dropped: the profile stays in force.
+        reported: crate::status::reported_from_json(row.get(9)),
     })
 }
 

@@ -55,11 +55,15 @@ pub struct Event {
     pub occur_time: SystemTime,
     /// When it was stored.
     pub create_time: SystemTime,
+    /// Slot-status events: the issue raised or cleared (`IssueCode::as_str`).
+    pub issue: Option<String>,
+    /// Slot-status events: the credential whose assignment changed.
+    pub credential: Option<Uuid>,
 }
 
 const EVENT_COLUMNS: &str =
     "e.id, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
-    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind";
+    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind, e.issue, e.credential_id";
 
 /// Joins each event's device (events outlive deleted devices, hence LEFT).
 const EVENT_DEVICE_JOIN: &str =
@@ -88,6 +92,8 @@ fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
         occur_time: row.get(8),
         create_time: row.get(9),
         actor: row.get(10),
+        issue: row.get(12),
+        credential: row.get(13),
     })
 }
 

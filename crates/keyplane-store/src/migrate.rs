@@ -41,6 +41,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "agent_identity",
         include_str!("../migrations/0009_agent_identity.sql"),
     ),
+    (
+        10,
+        "slot_status",
+        include_str!("../migrations/0010_slot_status.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -11,7 +11,8 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 pub(crate) const SITE_COLUMNS: &str =
-    "id, display_name, time_zone, local_code_policy, revision, version, create_time, update_time";
+    "id, display_name, time_zone, local_code_policy, revision, version, create_time, update_time,
+    status_thresholds";
 
 pub(crate) fn site_from_row(row: &Row) -> Site {
     Site {
@@ -23,6 +24,7 @@ pub(crate) fn site_from_row(row: &Row) -> Site {
         version: row.get(5),
         create_time: row.get(6),
         update_time: row.get(7),
+        status_thresholds: crate::status::thresholds_from_json(row.get(8)),
     }
 }
 

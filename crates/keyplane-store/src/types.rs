@@ -86,6 +86,8 @@ pub struct Site {
     pub create_time: SystemTime,
     /// Last updated at.
     pub update_time: SystemTime,
+    /// Per-kind overrides of the slot status thresholds (docs/STATUS.md).
+    pub status_thresholds: keyplane_core::status::SiteThresholds,
 }
 
 /// Fields of a new site.
@@ -144,9 +146,21 @@ pub struct Device {
     pub create_time: SystemTime,
     /// Last updated at.
     pub update_time: SystemTime,
+    /// What the device reported about itself in the agent's inventory.
+    pub reported: Option<keyplane_core::constraints::ReportedConstraints>,
 }
 
 impl Device {
+    /// The device's constraints: its model profile's, with what it reported laid over
+    /// them (a report that makes no sense leaves the profile in force).
+    pub fn constraints(&self) -> keyplane_core::constraints::DeviceConstraints {
+        let profile = keyplane_core::constraints::DeviceConstraints::from_model(self.model);
+        match &self.reported {
+            Some(r) => profile.with_reported(r).unwrap_or(profile),
+            None => profile,
+        }
+    }
+
     /// The device kind.
     pub fn kind(&self) -> DeviceKind {
         self.model.kind

@@ -202,6 +202,12 @@ impl TestServer {
             config.tls = Some(pki.server_tls()?);
             config.ca = Some(pki.ca.clone());
         }
+        // Counted servers count an RPC's round trips alone: no background evaluation.
+        config.status_interval = if counted {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
         let store = Store::connect(&db.url, 4, key.clone())?;

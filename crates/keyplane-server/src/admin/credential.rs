@@ -9,6 +9,9 @@ pub(super) async fn create(
     let (actor, req) = dealer_call(request)?;
     let parent = parse("parent", &req.parent, UserName::parse)?;
     let credential = required("credential", req.credential.as_ref())?;
+    if req.generate_pin {
+        return create_generated(api, actor, parent, credential, &req).await;
+    }
     let new = store::NewCredential {
         display_name: if credential.display_name.is_empty() {
             "PIN".to_owned()
@@ -47,18 +50,161 @@ pub(super) async fn create(
     Ok(Response::new(res::credential_pb(&created)))
 }
 
+/// A uniform draw from `0..n` from the OS's generator (rejection sampling, so no
+/// value is favoured); None when the generator fails.
+fn os_below(n: u32) -> Option<u32> {
+    let n = n.max(1);
+    let zone = u32::MAX - (u32::MAX % n);
+    loop {
+        let mut b = [0u8; 4];
+        getrandom::fill(&mut b).ok()?;
+        let v = u32::from_le_bytes(b);
+        if v < zone {
+            return Some(v % n);
+        }
+    }
+}
+
+/// Draws a fresh code when one drawn is already in use on a device in scope (the
+/// store refuses it); rare, since codes are drawn from a million.
+const GENERATION_ATTEMPTS: usize = 5;
+
+/// CreateCredential with `generate_pin`: a code fitting every device in scope (its
+/// constraints in force, reported ones included) and keyplane's policy, returned
+/// once in this response.
+async fn create_generated(
+    api: &AdminApi,
+    actor: store::Actor,
+    parent: UserName,
+    credential: &pb::Credential,
+    req: &pb::CreateCredentialRequest,
+) -> Res<pb::Credential> {
+    if !credential.pin.is_empty() {
+        return Err(Status::invalid_argument(
+            "credential.pin must be empty when generate_pin is set",
+        ));
+    }
+    let scope = fields::scope(parent.site, credential.scope.as_ref())?;
+    let key = api.request_key("CreateCredential", &req.request_id, req)?;
+    generated_credential(api, &actor, parent, credential, &scope, key.as_ref()).await
+}
+
+/// Creates a credential for `parent` with a code generated to fit every device of
+/// `scope`; the response carries the code, once.
+pub(super) async fn generated_credential(
+    api: &AdminApi,
+    actor: &store::Actor,
+    parent: UserName,
+    credential: &pb::Credential,
+    scope: &store::Scope,
+    key: Option<&store::RequestKey>,
+) -> Res<pb::Credential> {
+    let devices = api
+        .store
+        .device_list(
+            actor.dealer,
+            parent.site,
+            store::PageRequest {
+                after: None,
+                limit: 10_000,
+            },
+        )
+        .await
+        .map_err(store_status)?;
+    // The devices the scope lands on (the store checks the scope itself on create).
+    let targets: Vec<(String, keyplane_core::constraints::DeviceConstraints)> = devices
+        .iter()
+        .filter(|d| match d.kind() {
+            keyplane_core::DeviceKind::Panel => !scope.panel_partitions.is_empty(),
+            keyplane_core::DeviceKind::Lock => scope.locks.contains(&d.id),
+            keyplane_core::DeviceKind::Door => scope.doors.contains(&d.id),
+        })
+        .map(|d| {
+            (
+                format!("{} ({})", d.display_name, d.name()),
+                d.constraints(),
+            )
+        })
+        .collect();
+    let scope_refs: Vec<(&str, &keyplane_core::constraints::DeviceConstraints)> =
+        targets.iter().map(|(n, c)| (n.as_str(), c)).collect();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut failed = false;
+        let mut rng = |n: u32| {
+            os_below(n).unwrap_or_else(|| {
+                failed = true;
+                0
+            })
+        };
+        let generated =
+            keyplane_core::constraints::generate_pin(&scope_refs, None, |_| true, &mut rng)
+                .map_err(|e| Status::invalid_argument(format!("generate_pin: {e}")))?;
+        if failed {
+            return Err(Status::internal("the random generator failed"));
+        }
+        let new = store::NewCredential {
+            display_name: if credential.display_name.is_empty() {
+                "PIN".to_owned()
+            } else {
+                fields::display_name("credential.display_name", &credential.display_name)?
+            },
+            pin: generated.clone(),
+            scope: scope.clone(),
+            valid_from: credential
+                .valid_from_time
+                .as_ref()
+                .map(|t| fields::timestamp("credential.valid_from_time", t))
+                .transpose()?,
+            valid_until: credential
+                .valid_until_time
+                .as_ref()
+                .map(|t| fields::timestamp("credential.valid_until_time", t))
+                .transpose()?,
+            max_uses: match credential.max_uses {
+                0 => None,
+                n if n < 0 => {
+                    return Err(Status::invalid_argument(
+                        "credential.max_uses must not be negative",
+                    ));
+                }
+                n => Some(n),
+            },
+        };
+        match api
+            .store
+            .credential_create(actor, parent.site, parent.user, &new, key)
+            .await
+        {
+            Ok(created) => {
+                api.hub.poke(parent.site);
+                let mut out = res::credential_pb(&created);
+                // The one time this code is ever shown.
+                out.pin = generated.expose().to_owned();
+                return Ok(Response::new(out));
+            }
+            Err(store::StoreError::AlreadyExists(_)) if attempt < GENERATION_ATTEMPTS => continue,
+            Err(e) => return Err(store_status(e)),
+        }
+    }
+}
+
 pub(super) async fn get(
     api: &AdminApi,
     request: Request<pb::GetCredentialRequest>,
 ) -> Res<pb::Credential> {
     let (actor, req) = dealer_call(request)?;
     let name = parse("name", &req.name, CredentialName::parse)?;
-    let c = api
-        .store
-        .credential_get(actor.dealer, name.site, name.user, name.credential)
-        .await
-        .map_err(store_status)?;
-    Ok(Response::new(res::credential_pb(&c)))
+    let (c, facts) = tokio::try_join!(
+        api.store
+            .credential_get(actor.dealer, name.site, name.user, name.credential),
+        api.store
+            .slot_status_facts(actor.dealer, name.site, Some(name.user)),
+    )
+    .map_err(store_status)?;
+    let states = res::slot_states(&facts);
+    Ok(Response::new(res::credential_status_pb(&c, Some(&states))))
 }
 
 pub(super) async fn list(
@@ -81,8 +227,17 @@ pub(super) async fn list(
         },
     )
     .await?;
+    let facts = api
+        .store
+        .slot_status_facts(actor.dealer, parent.site, Some(parent.user))
+        .await
+        .map_err(store_status)?;
+    let states = res::slot_states(&facts);
     Ok(Response::new(pb::ListCredentialsResponse {
-        credentials: items.iter().map(res::credential_pb).collect(),
+        credentials: items
+            .iter()
+            .map(|c| res::credential_status_pb(c, Some(&states)))
+            .collect(),
         next_page_token,
     }))
 }

@@ -29,12 +29,15 @@ pub(super) async fn create(
 pub(super) async fn get(api: &AdminApi, request: Request<pb::GetDeviceRequest>) -> Res<pb::Device> {
     let (actor, req) = dealer_call(request)?;
     let name = parse("name", &req.name, DeviceName::parse)?;
-    let d = api
-        .store
-        .device_get(actor.dealer, name.site, name.device)
-        .await
-        .map_err(store_status)?;
-    Ok(Response::new(res::device_pb(&d)))
+    let (d, occupancy) = tokio::try_join!(
+        api.store.device_get(actor.dealer, name.site, name.device),
+        api.store.device_occupancy(name.site),
+    )
+    .map_err(store_status)?;
+    Ok(Response::new(res::device_capacity_pb(
+        &d,
+        occupancy.get(&d.id),
+    )))
 }
 
 pub(super) async fn list(
@@ -51,8 +54,17 @@ pub(super) async fn list(
         |p| api.store.device_list(actor.dealer, parent.site, p),
     )
     .await?;
+    // Read after the page, which checked the site is the dealer's.
+    let occupancy = api
+        .store
+        .device_occupancy(parent.site)
+        .await
+        .map_err(store_status)?;
     Ok(Response::new(pb::ListDevicesResponse {
-        devices: items.iter().map(res::device_pb).collect(),
+        devices: items
+            .iter()
+            .map(|d| res::device_capacity_pb(d, occupancy.get(&d.id)))
+            .collect(),
         next_page_token,
     }))
 }

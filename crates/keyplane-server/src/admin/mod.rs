@@ -7,6 +7,7 @@
 //! agents when desired state changed, and convert the result (`crate::resources`).
 //! The trait impl below only routes each RPC to its resource module.
 
+mod backup;
 mod credential;
 mod device;
 mod event;
@@ -433,5 +434,19 @@ impl AdminService for AdminApi {
         request: Request<pb::ResolveDriftRequest>,
     ) -> Res<pb::Credential> {
         local::drift_resolve(self, request).await
+    }
+
+    async fn configure_backup_codes(
+        &self,
+        request: Request<pb::ConfigureBackupCodesRequest>,
+    ) -> Res<pb::BackupCodePool> {
+        backup::configure(self, request).await
+    }
+
+    async fn pull_backup_code(
+        &self,
+        request: Request<pb::PullBackupCodeRequest>,
+    ) -> Res<pb::Credential> {
+        backup::pull(self, request).await
     }
 }

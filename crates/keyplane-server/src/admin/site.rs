@@ -67,8 +67,23 @@ pub(super) async fn update(
             ("display_name", !site.display_name.is_empty()),
             ("time_zone", !site.time_zone.is_empty()),
             ("local_code_policy", site.local_code_policy != 0),
+            ("status_thresholds", site.status_thresholds.is_some()),
         ],
     )?;
+    if paths.iter().any(|p| p == "status_thresholds") {
+        if paths.len() > 1 {
+            return Err(Status::invalid_argument(
+                "update_mask: change status_thresholds on its own",
+            ));
+        }
+        let thresholds = fields::status_thresholds(site.status_thresholds.as_ref())?;
+        let updated = api
+            .store
+            .site_thresholds_set(&actor, name.site, &thresholds)
+            .await
+            .map_err(store_status)?;
+        return Ok(Response::new(res::site_pb(&updated)));
+    }
     let mut patch = store::SitePatch::default();
     for p in &paths {
         match p.as_str() {
@@ -142,12 +157,27 @@ pub(super) async fn sync_status(
 ) -> Res<pb::SyncStatus> {
     let (actor, req) = dealer_call(request)?;
     let site = parse("name", &req.name, SyncStatusName::parse)?;
-    let status = api
+    let (status, facts) = tokio::try_join!(
+        api.store.sync_status(actor.dealer, site.site),
+        api.store.slot_status_facts(actor.dealer, site.site, None),
+    )
+    .map_err(store_status)?;
+    let states = res::slot_states(&facts);
+    let mut out = res::sync_pb(&status, &facts, &states);
+    // Backup codes (issue 11): a pool short of its size says so.
+    if let Some((pool, available)) = api
         .store
-        .sync_status(actor.dealer, site.site)
+        .backup_pool_get(actor.dealer, site.site)
         .await
-        .map_err(store_status)?;
-    Ok(Response::new(res::sync_pb(&status)))
+        .map_err(store_status)?
+        && available < i64::from(pool.size)
+    {
+        out.setup_issues.push(format!(
+            "backup codes running low: {available} of {} ready; the pool refills when a code can be created on its devices",
+            pool.size
+        ));
+    }
+    Ok(Response::new(out))
 }
 
 pub(super) async fn agent_token_issue(

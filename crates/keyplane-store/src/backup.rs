@@ -1,0 +1,184 @@
+//! Backup codes (issue 11): a pool of codes set in advance on chosen locks and doors,
+//! held by the site's pool user and kept unassigned; a dealer pulls one for a person
+//! (offline sites included: the code is already on the devices). Panels never: a
+//! panel code is a user number with an authority level.
+
+use crate::site::AuditParams;
+use crate::{Actor, Cached, Credential, Store, StoreError, batch_in_txn, in_txn, params};
+use keyplane_core::pin::Pin;
+use uuid::Uuid;
+
+/// A site's backup code pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupPool {
+    /// The user holding the unassigned codes.
+    pub user: Uuid,
+    /// Locks and doors the codes are set on.
+    pub devices: Vec<Uuid>,
+    /// Codes kept ready.
+    pub size: i32,
+}
+
+fn pool_from_json(v: Option<serde_json::Value>) -> Option<BackupPool> {
+    let v = v?;
+    Some(BackupPool {
+        user: v.get("user")?.as_str()?.parse().ok()?,
+        devices: v
+            .get("devices")?
+            .as_array()?
+            .iter()
+            .filter_map(|d| d.as_str()?.parse().ok())
+            .collect(),
+        size: i32::try_from(v.get("size")?.as_i64()?).ok()?,
+    })
+}
+
+fn pool_to_json(p: &BackupPool) -> serde_json::Value {
+    serde_json::json!({
+        "user": p.user.to_string(),
+        "devices": p.devices.iter().map(Uuid::to_string).collect::<Vec<_>>(),
+        "size": p.size,
+    })
+}
+
+impl Store {
+    /// The site's pool and how many codes it holds now (None: not configured).
+    pub async fn backup_pool_get(
+        &self,
+        dealer: Uuid,
+        site: Uuid,
+    ) -> Result<Option<(BackupPool, i64)>, StoreError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT s.backup_pool,
+                    (SELECT count(*) FROM credential c WHERE c.site_id = s.id
+                       AND c.user_id::text = s.backup_pool ->> 'user')
+                 FROM site s WHERE s.id = $1 AND s.dealer_id = $2",
+                &[&site, &dealer],
+            )
+            .await?
+            .ok_or_else(|| crate::site::not_found_site(site))?;
+        Ok(pool_from_json(row.get(0)).map(|p| (p, row.get(1))))
+    }
+
+    /// Sets the site's pool (audited).
+    pub async fn backup_pool_set(
+        &self,
+        actor: &Actor,
+        site: Uuid,
+        pool: &BackupPool,
+    ) -> Result<(), StoreError> {
+        let json = pool_to_json(pool);
+        in_txn!(self, "backup_pool_set", |tx| {
+            crate::site::site_get_in_txn(&tx, actor.dealer, site).await?;
+            let audit = AuditParams::new(
+                actor,
+                Some(site),
+                "site.backup_pool",
+                &format!("sites/{site}"),
+                json.clone(),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE site SET backup_pool = $2 WHERE id = $1",
+                        params![&site, &json],
+                    ),
+                    audit.step(),
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// Gives one of the pool's codes to `user` at once (audited): the credential
+    /// changes hands, its slots stay, and the agent hears of the new owner (whose
+    /// access rules may change the code's schedule). Returns it with its PIN, shown
+    /// this once.
+    pub async fn backup_pull(
+        &self,
+        actor: &Actor,
+        site: Uuid,
+        user: Uuid,
+        display_name: &str,
+    ) -> Result<(Credential, Pin), StoreError> {
+        in_txn!(self, "backup_pull", |tx| {
+            // The site lock first, as every write changing desired slots takes it.
+            let row = tx
+                .query_opt(
+                    "SELECT backup_pool FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE",
+                    &[&site, &actor.dealer],
+                )
+                .await?
+                .ok_or_else(|| crate::site::not_found_site(site))?;
+            let pool = pool_from_json(row.get(0)).ok_or_else(|| {
+                StoreError::FailedPrecondition(format!(
+                    "site sites/{site} keeps no backup codes: configure them first"
+                ))
+            })?;
+            if tx
+                .query_opt(
+                    "SELECT 1 FROM site_user WHERE site_id = $1 AND id = $2",
+                    &[&site, &user],
+                )
+                .await?
+                .is_none()
+                || user == pool.user
+            {
+                return Err(StoreError::NotFound(format!(
+                    "user sites/{site}/users/{user}"
+                )));
+            }
+            let picked = tx
+                .query_opt(
+                    "SELECT id, pin_sealed, pin_key_id FROM credential
+                     WHERE site_id = $1 AND user_id = $2 ORDER BY create_time, id LIMIT 1",
+                    &[&site, &pool.user],
+                )
+                .await?
+                .ok_or_else(|| {
+                    StoreError::ResourceExhausted(format!(
+                        "site sites/{site} has no backup code left; the pool refills once its devices are reachable"
+                    ))
+                })?;
+            let credential: Uuid = picked.get(0);
+            let sealed: Vec<u8> = picked.get(1);
+            let key_id: String = picked.get(2);
+            let pin = self.key().open(site, credential, &key_id, &sealed)?;
+            let audit = AuditParams::new(
+                actor,
+                Some(site),
+                "backup_code.pull",
+                &format!("sites/{site}/users/{user}/credentials/{credential}"),
+                serde_json::json!({}),
+            );
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE credential SET user_id = $3, display_name = $4,
+                            version = version + 1, update_time = now()
+                         WHERE site_id = $1 AND id = $2",
+                        params![&site, &credential, &user, &display_name],
+                    ),
+                    // Its slots are sent again: the new owner's rules may schedule them.
+                    (
+                        "WITH head AS (UPDATE site SET revision = revision + 1 WHERE id = $1 RETURNING revision)
+                         INSERT INTO site_change (site_id, revision, device_id, slot)
+                         SELECT $1, head.revision, sa.device_id, sa.slot FROM head, slot_assignment sa
+                         WHERE sa.site_id = $1 AND sa.credential_id = $2
+                         ON CONFLICT DO NOTHING",
+                        params![&site, &credential],
+                    ),
+                    audit.step(),
+                ],
+            )
+            .await?;
+            let c = crate::credential::credential_get_in_txn(&tx, site, user, credential).await?;
+            Ok((c, pin.clone()))
+        })
+    }
+}

@@ -1,0 +1,914 @@
+//! What the status of each slot assignment is decided from (docs/STATUS.md): the
+//! agent's write reports and device reachability are stored here, and the facts about
+//! every assignment are loaded in one pipelined read. The decision itself is
+//! `keyplane_core::status::slot_state`; nothing here decides.
+
+use crate::site::site_get_in_txn;
+use crate::{Cached, Store, StoreError};
+use chrono::{DateTime, Utc};
+use keyplane_core::DeviceModel;
+use keyplane_core::EventKind;
+use keyplane_core::constraints::{CodeRule, DeviceConstraints, ReportedConstraints};
+use keyplane_core::observed::SlotFinding;
+use keyplane_core::status::{
+    AgentLink, IssueCode, Presence, ReadBack, Refusal, SiteThresholds, SlotFacts, SlotStatus,
+    SlotSummary, SlotValue, ThresholdOverride, WithheldReason, WriteOutcome, WriteReport,
+};
+use std::collections::BTreeMap;
+use tokio_postgres::IsolationLevel;
+use uuid::Uuid;
+
+/// An agent is shown as connected only if heard from within this many seconds (as in
+/// GetSyncStatus).
+const AGENT_LIVENESS_SECS: f64 = 90.0;
+
+/// The facts about one slot assignment, with whose it is.
+#[derive(Debug, Clone)]
+pub struct AssignmentFacts {
+    /// The credential.
+    pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
+    /// The device.
+    pub device: Uuid,
+    /// The device's model.
+    pub model: &'static DeviceModel,
+    /// What the status is decided from.
+    pub facts: SlotFacts,
+    /// The summary of the last evaluation (None: never evaluated).
+    pub last: Option<SlotSummary>,
+    /// The assignment is gone (credential deleted, device out of scope): the code
+    /// leaves the device, REMOVING until the device confirms.
+    pub removed: bool,
+}
+
+/// Slots of one device named by what the agent read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFindings {
+    /// The device.
+    pub device: Uuid,
+    /// Managed slots changed or cleared by hand.
+    pub drifted: Vec<u16>,
+    /// Hand-programmed slots whose code equals a managed code.
+    pub conflicting: Vec<u16>,
+    /// Managed slots the device masks.
+    pub unverifiable: Vec<u16>,
+}
+
+/// The facts of a site's (or a user's) slot assignments, and the findings per device.
+#[derive(Debug, Clone, Default)]
+pub struct SlotStatusFacts {
+    /// One per credential and device, by credential then device.
+    pub assignments: Vec<AssignmentFacts>,
+    /// Every device of the site with a finding (site-wide loads only).
+    pub findings: Vec<DeviceFindings>,
+    /// The site's status sequence as read (see [`Store::status_record`]).
+    pub seq: i64,
+}
+
+/// One evaluated assignment, to store as the last evaluation.
+#[derive(Debug, Clone)]
+pub struct EvaluatedSlot {
+    /// The device.
+    pub device: Uuid,
+    /// The slot.
+    pub slot: u16,
+    /// The credential.
+    pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
+    /// The evaluation's summary.
+    pub summary: SlotSummary,
+    /// A removal the device confirmed: its last evaluation is dropped.
+    pub done: bool,
+}
+
+/// An event raised by a slot-status transition.
+#[derive(Debug, Clone)]
+pub struct StatusEvent {
+    /// The device.
+    pub device: Uuid,
+    /// The slot (stored as the event's user number).
+    pub slot: u16,
+    /// The credential.
+    pub credential: Uuid,
+    /// Its user.
+    pub user: Uuid,
+    /// The event kind.
+    pub kind: EventKind,
+    /// The issue raised or cleared.
+    pub issue: Option<IssueCode>,
+    /// When keyplaned saw the transition.
+    pub at: DateTime<Utc>,
+}
+
+fn status_text(s: SlotStatus) -> &'static str {
+    s.as_str()
+}
+
+fn status_from(text: &str) -> Option<SlotStatus> {
+    SlotStatus::ALL.into_iter().find(|s| s.as_str() == text)
+}
+
+fn withheld_parts(w: &WithheldReason) -> (&'static str, Option<DateTime<Utc>>) {
+    let at = match w {
+        WithheldReason::OutsideSchedule { next_set_at } => *next_set_at,
+        WithheldReason::BeforeValidity { starts_at } => Some(*starts_at),
+        _ => None,
+    };
+    (w.code(), at)
+}
+
+fn withheld_from(code: &str, at: Option<DateTime<Utc>>) -> Option<WithheldReason> {
+    Some(match code {
+        "not_an_access_point" => WithheldReason::NotAnAccessPoint,
+        "after_validity" => WithheldReason::AfterValidity,
+        "lockdown" => WithheldReason::Lockdown,
+        "outside_schedule" => WithheldReason::OutsideSchedule { next_set_at: at },
+        "before_validity" => WithheldReason::BeforeValidity { starts_at: at? },
+        _ => return None,
+    })
+}
+
+fn override_json(o: &ThresholdOverride) -> serde_json::Value {
+    let ms = |d: Option<chrono::Duration>| d.map(|d| d.num_milliseconds());
+    serde_json::json!({
+        "setting_ms": ms(o.setting),
+        "removing_ms": ms(o.removing),
+        "offline_ms": ms(o.offline),
+    })
+}
+
+fn override_from(v: Option<&serde_json::Value>) -> ThresholdOverride {
+    let ms = |k: &str| {
+        v.and_then(|v| v.get(k))
+            .and_then(serde_json::Value::as_i64)
+            .map(chrono::Duration::milliseconds)
+    };
+    ThresholdOverride {
+        setting: ms("setting_ms"),
+        removing: ms("removing_ms"),
+        offline: ms("offline_ms"),
+    }
+}
+
+/// A site's stored threshold overrides (none: the defaults).
+pub(crate) fn thresholds_from_json(v: Option<serde_json::Value>) -> SiteThresholds {
+    let Some(v) = v else {
+        return SiteThresholds::default();
+    };
+    SiteThresholds {
+        panel: override_from(v.get("panel")),
+        lock: override_from(v.get("lock")),
+        door: override_from(v.get("door")),
+    }
+}
+
+fn thresholds_to_json(t: &SiteThresholds) -> Option<serde_json::Value> {
+    (*t != SiteThresholds::default()).then(|| {
+        serde_json::json!({
+            "panel": override_json(&t.panel),
+            "lock": override_json(&t.lock),
+            "door": override_json(&t.door),
+        })
+    })
+}
+
+/// A stored report (`device.reported_constraints`); None when absent or unreadable.
+pub(crate) fn reported_from_json(v: Option<serde_json::Value>) -> Option<ReportedConstraints> {
+    let v = v?;
+    let num = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    let flag = |k: &str| v.get(k).and_then(serde_json::Value::as_bool);
+    let list = |k: &str| -> Option<Vec<u64>> {
+        v.get(k)?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_u64)
+            .collect()
+    };
+    Some(ReportedConstraints {
+        first_slot: num("first_slot").and_then(|n| u16::try_from(n).ok()),
+        last_slot: num("last_slot").and_then(|n| u16::try_from(n).ok()),
+        reserved_slots: list("reserved_slots").map(|l| {
+            l.into_iter()
+                .filter_map(|n| u16::try_from(n).ok())
+                .collect()
+        }),
+        min_code_length: num("min_code_length").and_then(|n| u8::try_from(n).ok()),
+        max_code_length: num("max_code_length").and_then(|n| u8::try_from(n).ok()),
+        reads_back: flag("reads_back"),
+        keeps_schedules: flag("keeps_schedules"),
+        rules: v.get("rules").and_then(|r| {
+            r.as_array()?
+                .iter()
+                .map(|x| {
+                    let name = x.as_str()?;
+                    CodeRule::ALL.into_iter().find(|c| c.as_str() == name)
+                })
+                .collect()
+        }),
+    })
+}
+
+fn reported_to_json(r: &ReportedConstraints) -> serde_json::Value {
+    serde_json::json!({
+        "first_slot": r.first_slot,
+        "last_slot": r.last_slot,
+        "reserved_slots": r.reserved_slots,
+        "min_code_length": r.min_code_length,
+        "max_code_length": r.max_code_length,
+        "reads_back": r.reads_back,
+        "keeps_schedules": r.keeps_schedules,
+        "rules": r.rules.as_ref().map(|l| l.iter().map(|c| c.as_str()).collect::<Vec<_>>()),
+    })
+}
+
+fn outcome_text(o: &WriteOutcome) -> (&'static str, &str, Option<i16>) {
+    match o {
+        WriteOutcome::Done => ("done", "", None),
+        WriteOutcome::Refused(Refusal::Duplicate) => ("refused_duplicate", "", None),
+        WriteOutcome::Refused(Refusal::NoSpace) => ("refused_no_space", "", None),
+        WriteOutcome::Refused(Refusal::Other(reason)) => ("refused", reason.as_str(), None),
+        WriteOutcome::Unconfirmed => ("unconfirmed", "", None),
+        WriteOutcome::DeferredArmed { partition } => {
+            ("deferred_armed", "", Some(i16::from(*partition)))
+        }
+    }
+}
+
+fn outcome_from(text: &str, reason: String, partition: Option<i16>) -> Option<WriteOutcome> {
+    Some(match text {
+        "done" => WriteOutcome::Done,
+        "refused_duplicate" => WriteOutcome::Refused(Refusal::Duplicate),
+        "refused_no_space" => WriteOutcome::Refused(Refusal::NoSpace),
+        "refused" => WriteOutcome::Refused(Refusal::Other(reason)),
+        "unconfirmed" => WriteOutcome::Unconfirmed,
+        "deferred_armed" => WriteOutcome::DeferredArmed {
+            partition: u8::try_from(partition?).ok()?,
+        },
+        _ => return None,
+    })
+}
+
+fn finding_from(text: &str) -> Option<SlotFinding> {
+    Some(match text {
+        "managed" => SlotFinding::Managed,
+        "drifted" => SlotFinding::Drifted,
+        "missing" => SlotFinding::Missing,
+        "unverifiable" => SlotFinding::Unverifiable,
+        "foreign" => SlotFinding::Foreign,
+        "conflict" => SlotFinding::Conflict,
+        _ => return None,
+    })
+}
+
+fn slot_of(n: i32) -> Result<u16, StoreError> {
+    u16::try_from(n).map_err(|_| StoreError::Internal("slot out of range".into()))
+}
+
+const SITE_SQL: &str = "SELECT time_zone, lockdown, agent_last_seen,
+        agent_connected AND coalesce(extract(epoch FROM now() - agent_last_seen)::float8 < $2, false),
+        now(), status_thresholds, status_seq
+     FROM site WHERE id = $1";
+
+/// Every assignment of site `$1` (of user `$2` when not NULL) with what its status is
+/// decided from: the slot's last change, the agent's last write report, what was read
+/// back, and a hand-programmed copy of its code.
+const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, d.model,
+        d.applied_revision, d.reachable, d.last_contact_time, c.valid_from, c.valid_until,
+        sa.write_generation, coalesce(ch.max_rev, 0), coalesce(ch.max_time, c.update_time),
+        coalesce(ch.min_rev, 0),
+        w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
+        o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints,
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, false
+     FROM slot_assignment sa
+     JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+     JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+     LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
+                               max(change_time) AS max_time
+                        FROM site_change ch WHERE ch.site_id = sa.site_id
+                          AND ch.device_id = sa.device_id AND ch.slot = sa.slot) ch ON true
+     LEFT JOIN slot_write_report w ON w.site_id = sa.site_id AND w.device_id = sa.device_id
+                                  AND w.slot = sa.slot
+     LEFT JOIN observed_slot o ON o.site_id = sa.site_id AND o.device_id = sa.device_id
+                              AND o.slot = sa.slot
+     LEFT JOIN slot_state_last sl ON sl.site_id = sa.site_id AND sl.device_id = sa.device_id
+                                 AND sl.slot = sa.slot
+     LEFT JOIN LATERAL (SELECT o2.slot, o2.observe_time FROM observed_slot o2
+                        WHERE o2.site_id = sa.site_id AND o2.device_id = sa.device_id
+                          AND o2.state = 'conflict' AND o2.pin_hash = sa.pin_hash
+                        ORDER BY o2.slot LIMIT 1) lc ON true
+     WHERE sa.site_id = $1 AND ($2::uuid IS NULL OR c.user_id = $2)
+     UNION ALL
+     SELECT sl.device_id, sl.slot, sl.credential_id, sl.user_id, d.model,
+        d.applied_revision, d.reachable, d.last_contact_time, NULL::timestamptz, NULL::timestamptz,
+        0::bigint, coalesce(ch.max_rev, 0), coalesce(ch.max_time, now()), coalesce(ch.min_rev, 0),
+        w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
+        o.state, o.observe_time, NULL::integer, NULL::timestamptz, d.reported_constraints,
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, true
+     FROM slot_state_last sl
+     JOIN device d ON d.site_id = sl.site_id AND d.id = sl.device_id
+     LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
+                               max(change_time) AS max_time
+                        FROM site_change ch WHERE ch.site_id = sl.site_id
+                          AND ch.device_id = sl.device_id AND ch.slot = sl.slot) ch ON true
+     LEFT JOIN slot_write_report w ON w.site_id = sl.site_id AND w.device_id = sl.device_id
+                                  AND w.slot = sl.slot
+     LEFT JOIN observed_slot o ON o.site_id = sl.site_id AND o.device_id = sl.device_id
+                              AND o.slot = sl.slot
+     WHERE sl.site_id = $1 AND ($2::uuid IS NULL OR sl.user_id = $2)
+       AND NOT EXISTS (SELECT 1 FROM slot_assignment sa WHERE sa.site_id = sl.site_id
+                         AND sa.device_id = sl.device_id AND sa.slot = sl.slot)
+     ORDER BY 3, 1";
+
+const FINDINGS_SQL: &str = "SELECT device_id, slot, state FROM observed_slot
+     WHERE site_id = $1 AND state IN ('drifted', 'missing', 'conflict', 'unverifiable')
+     ORDER BY device_id, slot";
+
+impl Store {
+    /// Stores the agent's report on its last write to `slot` of `device` (the latest
+    /// replaces the one before). False when the device is not at the site.
+    pub async fn write_report_record(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        slot: u16,
+        clear: bool,
+        report: &WriteReport,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        let (outcome, reason, partition) = outcome_text(&report.outcome);
+        let n = conn
+            .execute(
+                "WITH due AS (UPDATE site SET status_seq = status_seq + 1 WHERE id = $1)
+                 INSERT INTO slot_write_report
+                    (site_id, device_id, slot, revision, clear, outcome, device_reason, partition, report_time)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                 WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = $2)
+                 ON CONFLICT (site_id, device_id, slot) DO UPDATE SET revision = EXCLUDED.revision,
+                    clear = EXCLUDED.clear, outcome = EXCLUDED.outcome,
+                    device_reason = EXCLUDED.device_reason, partition = EXCLUDED.partition,
+                    report_time = EXCLUDED.report_time",
+                &[
+                    &site,
+                    &device,
+                    &i32::from(slot),
+                    &report.revision,
+                    &clear,
+                    &outcome,
+                    &reason,
+                    &partition,
+                    &report.at,
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Records what `device` reported about itself (None: nothing; the profile alone
+    /// holds). A report that makes no sense is refused whole and the stored one kept.
+    /// False when the device is not at the site.
+    pub async fn device_reported_record(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        model: &'static DeviceModel,
+        reported: Option<&ReportedConstraints>,
+    ) -> Result<bool, StoreError> {
+        if let Some(r) = reported {
+            DeviceConstraints::from_model(model)
+                .with_reported(r)
+                .map_err(|e| StoreError::InvalidArgument(format!("reported constraints: {e}")))?;
+        }
+        let json = reported
+            .filter(|r| **r != ReportedConstraints::default())
+            .map(reported_to_json);
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "WITH due AS (UPDATE site SET status_seq = status_seq + 1 WHERE id = $1)
+                 UPDATE device SET reported_constraints = $4
+                 WHERE site_id = $1 AND id = $2 AND model = $3
+                   AND reported_constraints IS DISTINCT FROM $4",
+                &[&site, &device, &model.id, &json],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Occupied slots of each device of `site`: keyplane's codes and codes programmed
+    /// at the device (for the published capacity).
+    pub async fn device_occupancy(
+        &self,
+        site: Uuid,
+    ) -> Result<BTreeMap<Uuid, std::collections::BTreeSet<u16>>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT device_id, slot FROM slot_assignment WHERE site_id = $1
+                 UNION SELECT device_id, slot FROM observed_slot
+                 WHERE site_id = $1 AND state IN ('foreign', 'conflict')",
+                &[&site],
+            )
+            .await?;
+        let mut out: BTreeMap<Uuid, std::collections::BTreeSet<u16>> = BTreeMap::new();
+        for r in &rows {
+            out.entry(r.get(0)).or_default().insert(slot_of(r.get(1))?);
+        }
+        Ok(out)
+    }
+
+    /// Records whether the agent reaches `device`, and when it last did.
+    pub async fn reachability_record(
+        &self,
+        site: Uuid,
+        device: Uuid,
+        reachable: bool,
+        last_contact: Option<DateTime<Utc>>,
+    ) -> Result<bool, StoreError> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "WITH due AS (UPDATE site SET status_seq = status_seq + 1 WHERE id = $1)
+                 UPDATE device SET reachable = $3,
+                    last_contact_time = GREATEST(last_contact_time, $4)
+                 WHERE site_id = $1 AND id = $2",
+                &[&site, &device, &reachable, &last_contact],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// The facts about the slot assignments of `site` (of `user` only, when given),
+    /// read in one repeatable-read snapshot with the reads pipelined; with every
+    /// device's findings when the whole site is read.
+    pub async fn slot_status_facts(
+        &self,
+        dealer: Uuid,
+        site: Uuid,
+        user: Option<Uuid>,
+    ) -> Result<SlotStatusFacts, StoreError> {
+        self.facts_read(Some(dealer), site, user).await
+    }
+
+    /// The facts of every assignment of `site`, for keyplaned's own re-evaluation
+    /// (no dealer scoping: the sweep only).
+    pub async fn slot_status_facts_for_sweep(
+        &self,
+        site: Uuid,
+    ) -> Result<SlotStatusFacts, StoreError> {
+        self.facts_read(None, site, None).await
+    }
+
+    async fn facts_read(
+        &self,
+        dealer: Option<Uuid>,
+        site: Uuid,
+        user: Option<Uuid>,
+    ) -> Result<SlotStatusFacts, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let users: Option<Vec<Uuid>> = user.map(|u| vec![u]);
+        let whole_site = user.is_none();
+        let site_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+            &[&site, &AGENT_LIVENESS_SECS];
+        let facts_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&site, &user];
+        let (found, site_row, rows, rules, findings) = tokio::join!(
+            async {
+                match dealer {
+                    Some(dealer) => site_get_in_txn(&tx, dealer, site).await.map(|_| ()),
+                    None => Ok(()),
+                }
+            },
+            tx.query_one(SITE_SQL, site_params),
+            tx.query(FACTS_SQL, facts_params),
+            crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()),
+            async {
+                if whole_site {
+                    tx.query(FINDINGS_SQL, &[&site]).await
+                } else {
+                    Ok(Vec::new())
+                }
+            },
+        );
+        found?;
+        let (site_row, rows, rules, findings) = (site_row?, rows?, rules?, findings?);
+        tx.commit().await?;
+
+        let time_zone: String = site_row.get(0);
+        let time_zone: chrono_tz::Tz = time_zone
+            .parse()
+            .map_err(|_| StoreError::Internal(format!("stored time zone {time_zone}")))?;
+        let lockdown: bool = site_row.get(1);
+        let agent = AgentLink {
+            connected: site_row.get(3),
+            last_seen: site_row.get(2),
+        };
+        let now: DateTime<Utc> = site_row.get(4);
+        let thresholds = thresholds_from_json(site_row.get(5));
+        let seq: i64 = site_row.get(6);
+
+        let mut assignments = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let device: Uuid = r.get(0);
+            let slot = slot_of(r.get(1))?;
+            let credential: Uuid = r.get(2);
+            let user: Uuid = r.get(3);
+            let model_id: &str = r.get(4);
+            let model = DeviceModel::find(model_id)
+                .ok_or_else(|| StoreError::Internal(format!("unknown model {model_id}")))?;
+            let applied_revision: i64 = r.get(5);
+            let reachable: bool = r.get(6);
+            let last_contact: Option<DateTime<Utc>> = r.get(7);
+            let removed: bool = r.get(29);
+            let schedules = rules.schedules_for(user, device, Some(model.kind));
+            // An empty list: the user's plan does not name the device.
+            let access_point = schedules.as_ref().is_none_or(|s| !s.is_empty());
+            let write_generation: i64 = r.get(10);
+            let desired = SlotValue {
+                code_version: write_generation + 1,
+                settings_version: 0,
+                schedules: if access_point { schedules } else { None },
+            };
+            let changed_revision: i64 = r.get(11);
+            let changed_at: DateTime<Utc> = r.get(12);
+            let first_revision: i64 = r.get(13);
+            // keyplaned keeps no history of slot values: a device that applied any
+            // earlier change of the slot is taken to hold an older code there.
+            let applied_value =
+                (first_revision > 0 && applied_revision >= first_revision).then(|| SlotValue {
+                    code_version: write_generation,
+                    ..desired.clone()
+                });
+            let last_write = match r.get::<_, Option<i64>>(14) {
+                // The agent acks a device only once it holds its whole desired table:
+                // an ack at or after the report's revision says the write went through
+                // (a success after a reconnect is not reported again).
+                Some(revision) if applied_revision >= revision => None,
+                None => None,
+                Some(revision) => {
+                    let outcome: String = r.get(15);
+                    outcome_from(&outcome, r.get(16), r.get(17)).map(|outcome| WriteReport {
+                        revision,
+                        at: r.get(18),
+                        outcome,
+                    })
+                }
+            };
+            let read_back = r
+                .get::<_, Option<&str>>(19)
+                .and_then(finding_from)
+                .map(|finding| ReadBack {
+                    finding,
+                    since: r.get(20),
+                });
+            let local_conflict = match r.get::<_, Option<i32>>(21) {
+                Some(n) => Some((slot_of(n)?, r.get::<_, DateTime<Utc>>(22))),
+                None => None,
+            };
+            let last = match (r.get::<_, Option<Uuid>>(24), r.get::<_, Option<&str>>(25)) {
+                (Some(c), Some(status)) if c == credential => {
+                    status_from(status).map(|status| SlotSummary {
+                        status,
+                        withheld: r
+                            .get::<_, Option<&str>>(26)
+                            .and_then(|w| withheld_from(w, r.get(27))),
+                        issues: r
+                            .get::<_, Vec<String>>(28)
+                            .iter()
+                            .filter_map(|i| IssueCode::ALL.into_iter().find(|c| c.as_str() == i))
+                            .collect(),
+                    })
+                }
+                _ => None,
+            };
+            // A removal: keyplane wants nothing there, and the device had the code.
+            let (desired, applied_value, presence_point) = if removed {
+                (None, Some(desired), true)
+            } else {
+                (Some(desired), applied_value, access_point)
+            };
+            assignments.push(AssignmentFacts {
+                removed,
+                last,
+                credential,
+                user,
+                device,
+                model,
+                facts: SlotFacts {
+                    kind: model.kind,
+                    slot,
+                    keeps_schedules: match reported_from_json(r.get(23)) {
+                        Some(rep) => DeviceConstraints::from_model(model)
+                            .with_reported(&rep)
+                            .map_or(model.on_device_schedules, |c| c.keeps_schedules),
+                        None => model.on_device_schedules,
+                    },
+                    time_zone,
+                    desired,
+                    presence: Presence {
+                        access_point: presence_point,
+                        valid_from: r.get(8),
+                        valid_until: r.get(9),
+                        lockdown,
+                    },
+                    applied_value,
+                    changed_revision,
+                    changed_at,
+                    applied_revision,
+                    last_write,
+                    read_back,
+                    local_conflict,
+                    agent,
+                    // A reachable device is in contact now; otherwise since its last contact.
+                    device_last_seen: if reachable { Some(now) } else { last_contact },
+                    thresholds: thresholds.for_kind(model.kind),
+                    now,
+                },
+            });
+        }
+
+        let mut by_device: BTreeMap<Uuid, DeviceFindings> = BTreeMap::new();
+        for r in &findings {
+            let device: Uuid = r.get(0);
+            let slot = slot_of(r.get(1))?;
+            let entry = by_device.entry(device).or_insert_with(|| DeviceFindings {
+                device,
+                ..Default::default()
+            });
+            match r.get::<_, &str>(2) {
+                "drifted" | "missing" => entry.drifted.push(slot),
+                "conflict" => entry.conflicting.push(slot),
+                _ => entry.unverifiable.push(slot),
+            }
+        }
+        Ok(SlotStatusFacts {
+            assignments,
+            findings: by_device.into_values().collect(),
+            seq,
+        })
+    }
+}
+
+impl Store {
+    /// Sets a site's per-kind threshold overrides (audited).
+    pub async fn site_thresholds_set(
+        &self,
+        actor: &crate::Actor,
+        site: Uuid,
+        thresholds: &SiteThresholds,
+    ) -> Result<crate::Site, StoreError> {
+        let json = thresholds_to_json(thresholds);
+        crate::in_txn!(self, "site_thresholds_set", |tx| {
+            site_get_in_txn(&tx, actor.dealer, site).await?;
+            let audit = crate::site::AuditParams::new(
+                actor,
+                Some(site),
+                "site.status_thresholds",
+                &format!("sites/{site}"),
+                json.clone().unwrap_or(serde_json::Value::Null),
+            );
+            crate::batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE site SET status_thresholds = $2, status_seq = status_seq + 1,
+                            version = version + 1, update_time = now() WHERE id = $1",
+                        crate::params![&site, &json],
+                    ),
+                    audit.step(),
+                ],
+            )
+            .await?;
+            site_get_in_txn(&tx, actor.dealer, site).await
+        })
+    }
+
+    /// Sites whose assignments are due for evaluation: those where something changed
+    /// since the last one first, then those where something changes by the clock;
+    /// least recently evaluated first within each.
+    pub async fn status_due_sites(&self, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT id FROM site WHERE status_seq > status_evaluated_seq OR status_pending
+                 ORDER BY status_seq > status_evaluated_seq DESC, status_evaluated_at NULLS FIRST
+                 LIMIT $1",
+                &[&limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Stores an evaluation of `site` made from facts read at sequence `seq`: the
+    /// changed summaries, the events of their transitions, and whether the site stays
+    /// pending; one batch. Changes after `seq` keep the site due.
+    pub async fn status_record(
+        &self,
+        site: Uuid,
+        seq: i64,
+        pending: bool,
+        changed: &[EvaluatedSlot],
+        events: &[StatusEvent],
+    ) -> Result<(), StoreError> {
+        let (done, changed): (Vec<&EvaluatedSlot>, Vec<&EvaluatedSlot>) =
+            changed.iter().partition(|c| c.done);
+        let done_devices: Vec<Uuid> = done.iter().map(|c| c.device).collect();
+        let done_slots: Vec<i32> = done.iter().map(|c| i32::from(c.slot)).collect();
+        let done_credentials: Vec<Uuid> = done.iter().map(|c| c.credential).collect();
+        let users: Vec<Uuid> = changed.iter().map(|c| c.user).collect();
+        let devices: Vec<Uuid> = changed.iter().map(|c| c.device).collect();
+        let slots: Vec<i32> = changed.iter().map(|c| i32::from(c.slot)).collect();
+        let credentials: Vec<Uuid> = changed.iter().map(|c| c.credential).collect();
+        let statuses: Vec<&str> = changed
+            .iter()
+            .map(|c| status_text(c.summary.status))
+            .collect();
+        let withheld: Vec<Option<&str>> = changed
+            .iter()
+            .map(|c| c.summary.withheld.as_ref().map(|w| withheld_parts(w).0))
+            .collect();
+        let withheld_at: Vec<Option<DateTime<Utc>>> = changed
+            .iter()
+            .map(|c| {
+                c.summary
+                    .withheld
+                    .as_ref()
+                    .and_then(|w| withheld_parts(w).1)
+            })
+            .collect();
+        // Issue codes joined, since arrays of arrays cannot be unnested row by row.
+        let issues: Vec<String> = changed
+            .iter()
+            .map(|c| {
+                c.summary
+                    .issues
+                    .iter()
+                    .map(|i| i.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let e_devices: Vec<Uuid> = events.iter().map(|e| e.device).collect();
+        let e_slots: Vec<i32> = events.iter().map(|e| i32::from(e.slot)).collect();
+        let e_credentials: Vec<Uuid> = events.iter().map(|e| e.credential).collect();
+        let e_users: Vec<Uuid> = events.iter().map(|e| e.user).collect();
+        let e_kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        let e_issues: Vec<Option<&str>> = events
+            .iter()
+            .map(|e| e.issue.map(IssueCode::as_str))
+            .collect();
+        let e_at: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
+        crate::in_txn!(self, "status_record", |tx| {
+            crate::batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "INSERT INTO slot_state_last
+                            (site_id, device_id, slot, credential_id, user_id, status, withheld,
+                             withheld_at, issues)
+                         SELECT $1, u.d, u.s, u.c, u.us, u.st, u.w, u.wa,
+                                CASE WHEN u.i = '' THEN '{}'::text[] ELSE string_to_array(u.i, ',') END
+                         FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::text[],
+                                     $7::timestamptz[], $8::text[], $9::uuid[])
+                              AS u(d, s, c, st, w, wa, i, us)
+                         WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = u.d)
+                         ON CONFLICT (site_id, device_id, slot) DO UPDATE SET
+                            credential_id = EXCLUDED.credential_id, user_id = EXCLUDED.user_id,
+                            status = EXCLUDED.status,
+                            withheld = EXCLUDED.withheld, withheld_at = EXCLUDED.withheld_at,
+                            issues = EXCLUDED.issues",
+                        crate::params![
+                            &site,
+                            &devices,
+                            &slots,
+                            &credentials,
+                            &statuses,
+                            &withheld,
+                            &withheld_at,
+                            &issues,
+                            &users
+                        ],
+                    ),
+                    (
+                        "DELETE FROM slot_state_last sl USING unnest($2::uuid[], $3::int[], $4::uuid[]) AS u(d, s, c)
+                         WHERE sl.site_id = $1 AND sl.device_id = u.d AND sl.slot = u.s
+                           AND sl.credential_id = u.c",
+                        crate::params![&site, &done_devices, &done_slots, &done_credentials],
+                    ),
+                    (
+                        "INSERT INTO device_event (site_id, device_id, source_seq, kind, user_number,
+                            user_id, occur_time, issue, credential_id)
+                         SELECT $1, u.d, 0, u.k, u.s, u.us, u.at, u.i, u.c
+                         FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::uuid[], $6::text[],
+                                     $7::text[], $8::timestamptz[]) AS u(d, s, c, us, k, i, at)
+                         WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = u.d)",
+                        crate::params![
+                            &site,
+                            &e_devices,
+                            &e_slots,
+                            &e_credentials,
+                            &e_users,
+                            &e_kinds,
+                            &e_issues,
+                            &e_at
+                        ],
+                    ),
+                    (
+                        "UPDATE site SET status_evaluated_seq = GREATEST(status_evaluated_seq, $2),
+                            status_pending = $3, status_evaluated_at = now()
+                         WHERE id = $1",
+                        crate::params![&site, &seq, &pending],
+                    ),
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_constraints_round_trip_through_their_stored_form() {
+        let reports = [
+            ReportedConstraints::default(),
+            ReportedConstraints {
+                first_slot: Some(1),
+                last_slot: Some(250),
+                reserved_slots: Some(vec![]),
+                min_code_length: Some(4),
+                max_code_length: Some(10),
+                reads_back: Some(false),
+                keeps_schedules: Some(true),
+                rules: Some(vec![CodeRule::NoStraightRun, CodeRule::NoRepeatedDigit]),
+            },
+            ReportedConstraints {
+                rules: Some(vec![]),
+                ..Default::default()
+            },
+        ];
+        for r in reports {
+            assert_eq!(
+                reported_from_json(Some(reported_to_json(&r))),
+                Some(r.clone())
+            );
+        }
+        assert_eq!(reported_from_json(None), None);
+    }
+
+    #[test]
+    fn thresholds_round_trip_and_defaults_store_nothing() {
+        assert_eq!(thresholds_to_json(&SiteThresholds::default()), None);
+        assert_eq!(thresholds_from_json(None), SiteThresholds::default());
+        let t = SiteThresholds {
+            lock: ThresholdOverride {
+                setting: Some(chrono::Duration::milliseconds(1500)),
+                removing: None,
+                offline: Some(chrono::Duration::seconds(2)),
+            },
+            ..Default::default()
+        };
+        assert_eq!(thresholds_from_json(thresholds_to_json(&t)), t);
+    }
+
+    #[test]
+    fn stored_words_read_back() {
+        for s in SlotStatus::ALL {
+            assert_eq!(status_from(status_text(s)), Some(s));
+        }
+        let at = Utc::now();
+        for w in [
+            WithheldReason::NotAnAccessPoint,
+            WithheldReason::AfterValidity,
+            WithheldReason::Lockdown,
+            WithheldReason::OutsideSchedule { next_set_at: None },
+            WithheldReason::OutsideSchedule {
+                next_set_at: Some(at),
+            },
+            WithheldReason::BeforeValidity { starts_at: at },
+        ] {
+            let (code, when) = withheld_parts(&w);
+            assert_eq!(withheld_from(code, when), Some(w));
+        }
+        for o in [
+            WriteOutcome::Done,
+            WriteOutcome::Refused(Refusal::Duplicate),
+            WriteOutcome::Refused(Refusal::NoSpace),
+            WriteOutcome::Refused(Refusal::Other("too long".into())),
+            WriteOutcome::Unconfirmed,
+            WriteOutcome::DeferredArmed { partition: 2 },
+        ] {
+            let (text, reason, partition) = outcome_text(&o);
+            assert_eq!(outcome_from(text, reason.to_owned(), partition), Some(o));
+        }
+    }
+}
