@@ -283,6 +283,8 @@ pub(crate) struct LoadRequest<'a> {
     /// Switch the transaction to generic plans ([`crate::GENERIC_PLANS_SQL`]) from the
     /// load's second statement on, within it rather than as a statement of its own.
     pub generic_plans: bool,
+    /// The write checks no PIN (a delete): the clash read is not sent.
+    pub skip_clashes: bool,
 }
 
 /// The credential as it stands, with its sealed PIN.
@@ -469,7 +471,7 @@ pub(crate) async fn load_in_txn(
         async { Pg::query(tx, &s_devices, &[&site]).await },
         async { Pg::query(tx, &s_users, &[&site, &users]).await },
         async {
-            if req.pin_hash.is_none() && req.credential.is_none() {
+            if req.skip_clashes || (req.pin_hash.is_none() && req.credential.is_none()) {
                 return Ok(Vec::new());
             }
             Pg::query(
@@ -971,6 +973,7 @@ impl Store {
                     credential: Some(credential),
                     key: None,
                     generic_plans: true,
+                    skip_clashes: true,
                     ..LoadRequest::default()
                 },
             )
