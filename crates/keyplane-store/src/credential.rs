@@ -280,6 +280,11 @@ pub(crate) struct LoadRequest<'a> {
     pub codes: bool,
     /// More reads of the caller's, sent after the others in the same round trip.
     pub extra: &'a [(&'a str, &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)])],
+    /// Switch the transaction to generic plans ([`crate::GENERIC_PLANS_SQL`]) from the
+    /// load's second statement on, within it rather than as a statement of its own.
+    pub generic_plans: bool,
+    /// The write checks no PIN (a delete): the clash read is not sent.
+    pub skip_clashes: bool,
 }
 
 /// The credential as it stands, with its sealed PIN.
@@ -422,7 +427,21 @@ pub(crate) async fn load_in_txn(
     let site_sql = format!(
         "SELECT {SITE_COLUMNS} FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE"
     );
-    let devices_sql = format!("SELECT {DEVICE_COLUMNS} FROM device WHERE site_id = $1 ORDER BY id");
+    // The devices and the partitions in one statement (one row at least, the
+    // partitions on every row): per-statement overhead is most of PostgreSQL's cost
+    // of a write. With `generic_plans`, `set_config` is the transaction's
+    // `SET LOCAL` (a volatile call, so evaluated, once), in effect for every
+    // statement bound after this one.
+    let generic = if req.generic_plans {
+        ", set_config('plan_cache_mode', 'force_generic_plan', true) AS generic"
+    } else {
+        ""
+    };
+    let devices_sql = format!(
+        "SELECT {DEVICE_COLUMNS}, p.parts
+         FROM (SELECT ARRAY(SELECT number FROM partition WHERE site_id = $1) AS parts{generic}) p
+         LEFT JOIN device ON device.site_id = $1 ORDER BY id"
+    );
     let current_sql = format!(
         "SELECT {CREDENTIAL_FIELDS}, c.pin_sealed, c.pin_key_id FROM credential c
          WHERE c.site_id = $1 AND c.user_id = $2 AND c.id = $3"
@@ -437,10 +456,9 @@ pub(crate) async fn load_in_txn(
         tx.prepare_cached(&codes_sql),
         futures_util::future::try_join_all(req.extra.iter().map(|(sql, _)| tx.prepare_cached(sql))),
     )?;
-    let (s_site, s_devices, s_partitions, s_users, s_clash, s_current, s_lock, s_lookup) = tokio::try_join!(
+    let (s_site, s_devices, s_users, s_clash, s_current, s_lock, s_lookup) = tokio::try_join!(
         tx.prepare_cached(&site_sql),
         tx.prepare_cached(&devices_sql),
-        tx.prepare_cached("SELECT number FROM partition WHERE site_id = $1"),
         tx.prepare_cached(USER_FACTS_SQL),
         tx.prepare_cached(
             // Only the devices the write may land on; the keys make it an index probe
@@ -465,26 +483,13 @@ pub(crate) async fn load_in_txn(
     )?;
     let dealer = actor.dealer.to_string();
     let credential = req.credential.unwrap_or_default();
-    let (
-        site_row,
-        devices,
-        partitions,
-        user_rows,
-        clashes,
-        current,
-        lock,
-        lookup,
-        user_row,
-        codes,
-        extra,
-    ) = tokio::join!(
+    let (site_row, devices, user_rows, clashes, current, lock, lookup, user_row, codes, extra) = tokio::join!(
         biased;
         async { Pg::query_opt(tx, &s_site, &[&site, &actor.dealer]).await },
         async { Pg::query(tx, &s_devices, &[&site]).await },
-        async { Pg::query(tx, &s_partitions, &[&site]).await },
         async { Pg::query(tx, &s_users, &[&site, &users]).await },
         async {
-            if req.pin_hash.is_none() && req.credential.is_none() {
+            if req.skip_clashes || (req.pin_hash.is_none() && req.credential.is_none()) {
                 return Ok(Vec::new());
             }
             Pg::query(
@@ -534,14 +539,20 @@ pub(crate) async fn load_in_txn(
     );
     // In the order sent: after a failed statement the rest only say "aborted".
     let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
-    let devices = devices?
+    let device_rows = devices?;
+    let partitions = device_rows
+        .first()
+        .map(|r| r.get::<_, Vec<i16>>(9))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| u8::try_from(p).ok())
+        .collect();
+    // Without devices, the one row holds the partitions only.
+    let devices = device_rows
         .iter()
+        .filter(|r| r.get::<_, Option<Uuid>>(1).is_some())
         .map(device_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    let partitions = partitions?
-        .iter()
-        .filter_map(|r| u8::try_from(r.get::<_, i16>(0)).ok())
-        .collect();
     let users = user_facts(&user_rows?);
     actor_precheck_in_txn(tx, actor, site, &partitions, &users).await?;
     let clashes = clashes?.iter().map(|r| r.get(0)).collect();
@@ -701,6 +712,7 @@ impl Store {
                     panels: !new.scope.panel_partitions.is_empty(),
                     credential: None,
                     key,
+                    generic_plans: true,
                     ..LoadRequest::default()
                 },
             )
@@ -730,8 +742,7 @@ impl Store {
             let revision = loaded.site.revision + 1;
             let detail = serde_json::json!({ "revision": revision, "slots": plan.allocate.len() });
             let get_sql = credential_get_sql();
-            let (s_generic, s_insert, s_part, s_dev, s_slots, s_remember, s_audit, s_get) = tokio::try_join!(
-                tx.prepare_cached(crate::GENERIC_PLANS_SQL),
+            let (s_insert, s_part, s_dev, s_slots, s_remember, s_audit, s_get) = tokio::try_join!(
                 tx.prepare_cached(
                     "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
                         created_partition, valid_from, valid_until, max_uses)
@@ -753,9 +764,8 @@ impl Store {
             )?;
             let empty: Vec<Uuid> = Vec::new();
             let force = true;
-            let (generic, inserted, parts, devs, allocated, remembered, audited, read) = tokio::join!(
+            let (inserted, parts, devs, allocated, remembered, audited, read) = tokio::join!(
                 biased;
-                async { Pg::execute(&tx, &s_generic, &[]).await },
                 async { Pg::execute(&tx, &s_insert, &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses]).await },
                 // An empty scope list inserts nothing: not sent.
                 async { if new.scope.panel_partitions.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_part, &[&site, &id, &partitions_param(&new.scope)]).await } },
@@ -770,7 +780,6 @@ impl Store {
                 async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user, &id]).await },
             );
-            generic?;
             inserted?;
             parts?;
             devs?;
@@ -846,6 +855,7 @@ impl Store {
                     panels: true,
                     credential: Some(credential),
                     key: None,
+                    generic_plans: true,
                     ..LoadRequest::default()
                 },
             )
@@ -913,8 +923,7 @@ impl Store {
                 "slots_changed": slots_changed,
             });
             let get_sql = credential_get_sql();
-            let (s_generic, s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit, s_get) = tokio::try_join!(
-                tx.prepare_cached(crate::GENERIC_PLANS_SQL),
+            let (s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit, s_get) = tokio::try_join!(
                 tx.prepare_cached(
                     "UPDATE credential SET display_name = COALESCE($3, display_name),
                         pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
@@ -939,9 +948,8 @@ impl Store {
             )?;
             let new_scope = patch.scope.is_some();
             let force = false;
-            let (generic, updated, part_del, dev_del, parts, devs, allocated, audited, read) = tokio::join!(
+            let (updated, part_del, dev_del, parts, devs, allocated, audited, read) = tokio::join!(
                 biased;
-                async { Pg::execute(&tx, &s_generic, &[]).await },
                 async { Pg::execute(&tx, &s_update, &[&site, &credential, &patch.display_name, &sealed, &self.key().id(), &pin_hash]).await },
                 async { if new_scope { Pg::execute(&tx, &s_part_del, &[&site, &credential]).await } else { Ok(0) } },
                 async { if new_scope { Pg::execute(&tx, &s_dev_del, &[&site, &credential]).await } else { Ok(0) } },
@@ -951,7 +959,6 @@ impl Store {
                 async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user, &credential]).await },
             );
-            generic?;
             updated?;
             part_del?;
             dev_del?;
@@ -985,6 +992,8 @@ impl Store {
                     panels: false,
                     credential: Some(credential),
                     key: None,
+                    generic_plans: true,
+                    skip_clashes: true,
                     ..LoadRequest::default()
                 },
             )
@@ -1014,8 +1023,7 @@ impl Store {
             let plan = slot_plan(&held, &[], false);
             let slots = SlotsWrite::new(&plan, &loaded.devices);
             let detail = serde_json::json!({ "slots_freed": plan.freed.len() });
-            let (s_generic, s_slots, s_delete, s_audit) = tokio::try_join!(
-                tx.prepare_cached(crate::GENERIC_PLANS_SQL),
+            let (s_slots, s_delete, s_audit) = tokio::try_join!(
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
                 tx.prepare_cached(AUDIT_SQL),
@@ -1024,14 +1032,12 @@ impl Store {
             let no_ints: Vec<i32> = Vec::new();
             let no_hash: Vec<u8> = Vec::new();
             let force = false;
-            let (generic, freed, deleted, audited) = tokio::join!(
+            let (freed, deleted, audited) = tokio::join!(
                 biased;
-                async { Pg::execute(&tx, &s_generic, &[]).await },
                 async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints, &no_ints, &empty, &no_ints, &force]).await },
                 async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
                 async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail]).await },
             );
-            generic?;
             freed?;
             deleted?;
             audited?;
