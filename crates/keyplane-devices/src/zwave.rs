@@ -163,6 +163,15 @@ fn masked(code: &str) -> bool {
     !code.is_empty() && !code.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// Whether a slot read as `got` holds `want` (None: empty); a masked read of an
+/// occupied slot is taken as holding any code.
+fn holds(got: Option<&str>, want: Option<&str>) -> bool {
+    match (got, want) {
+        (Some(g), Some(_)) if masked(g) => true,
+        _ => got == want,
+    }
+}
+
 /// CRC-16/CCITT as Z-Wave computes it (polynomial 0x1021, start 0x1D0F).
 fn crc16_ccitt(data: &[u8]) -> u16 {
     let mut crc: u16 = 0x1D0F;
@@ -1043,7 +1052,8 @@ impl ZwaveLock {
     }
 
     /// Waits for a value event for `slot` after `mark` that shows `want` (None: empty);
-    /// failing that within the confirm timeout, reads the slot back.
+    /// failing that within the confirm timeout, reads the slot back. On a lock that
+    /// masks codes, an occupied slot is all a set can be confirmed by.
     async fn confirm(
         &mut self,
         slot: u16,
@@ -1056,7 +1066,7 @@ impl ZwaveLock {
             let notified = inner.changed.notified();
             let seen = self.with_node(|n| {
                 n.filter(|n| n.touched.get(&slot).copied().unwrap_or(0) > mark)
-                    .and_then(|n| n.slot(slot).map(|s| s == want))
+                    .and_then(|n| n.slot(slot).map(|s| holds(s, want)))
             });
             if seen == Some(true) {
                 return Ok(());
@@ -1067,7 +1077,7 @@ impl ZwaveLock {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
         let got = self.read_slot(slot, want.unwrap_or("")).await?;
-        if got.as_deref() == want {
+        if holds(got.as_deref(), want) {
             return Ok(());
         }
         Err(DeviceError::Refused {
@@ -1512,6 +1522,12 @@ mod tests {
         for (code, want) in [("2580", false), ("", false), ("****", true), ("12*4", true)] {
             assert_eq!(masked(code), want, "{code}");
         }
+        // A set is confirmed by an occupied masked slot; a clear only by an empty one.
+        assert!(holds(Some("****"), Some("2580")));
+        assert!(holds(Some("2580"), Some("2580")));
+        assert!(!holds(Some("2581"), Some("2580")));
+        assert!(!holds(Some("****"), None));
+        assert!(holds(None, None));
         let inner = inner();
         inner.cache().nodes.insert(2, NodeCache::default());
         for (prop, value) in [("userIdStatus", json!(1)), ("userCode", json!("2580"))] {
