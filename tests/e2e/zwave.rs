@@ -7,7 +7,7 @@
 //! What a test checks on the lock it reads through zwave-js-server itself (a raw
 //! WebSocket client here), never through the driver under test.
 
-use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope, mask, slot_on};
+use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope, mask, panel_scope, slot_on};
 use futures_util::{SinkExt, StreamExt};
 use keyplane_agent::config::{Drivers, ZwaveNode};
 use keyplane_core::DeviceModel;
@@ -194,6 +194,11 @@ impl Lab {
             },
         )
         .await
+        .map_err(|e| {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            anyhow::anyhow!("{e}; its log ends: {}", tail.join(" | "))
+        })
     }
 }
 
@@ -360,6 +365,20 @@ async fn zwave_driver_writes_confirmed_codes_and_reports_refusals() -> anyhow::R
         (30, 4, 10)
     );
     assert_eq!(server.schema(), 50);
+    // What the agent puts in its inventory for keyplaned.
+    let reported = lock.reported_constraints().await?.expect("a report");
+    assert_eq!(
+        (reported.first_slot, reported.last_slot),
+        (Some(1), Some(30))
+    );
+    assert_eq!(
+        (reported.min_code_length, reported.max_code_length),
+        (Some(4), Some(10))
+    );
+    assert_eq!(
+        (reported.reads_back, reported.keeps_schedules),
+        (Some(true), Some(false))
+    );
     // What `keyplane-agent zwave-discover` lists.
     let found = keyplane_devices::zwave::discover(&lab.url, Duration::from_secs(10)).await?;
     assert_eq!(found.len(), 1, "{found:?}");
@@ -385,7 +404,8 @@ async fn zwave_driver_writes_confirmed_codes_and_reports_refusals() -> anyhow::R
     assert_eq!(server.stats().writes.load(Ordering::Relaxed), writes + 1);
     assert_eq!(lock_slot(&lab.url, 4).await?, None);
 
-    // Past the lock's 30 slots.
+    // Past the lock's 30 slots (keyplaned allocates within them once told; the
+    // driver still refuses on its own, without radio traffic).
     let e = lock.set_slot(31, "2580").await.expect_err("past capacity");
     assert_eq!(
         e,
@@ -525,55 +545,120 @@ async fn zwave_v2_a_code_set_at_the_lock_is_found_by_checksum_and_kept_as_local(
     agent.stop().await
 }
 
+/// The lock's constraints as keyplaned publishes them, once it has them from the
+/// agent (source REPORTED).
+async fn reported_constraints(
+    s: &Site,
+    lock: &pb::Device,
+) -> anyhow::Result<pb::DeviceConstraints> {
+    let admin = s.admin.clone();
+    let name = lock.name.clone();
+    eventually("the lock's own constraints published", SYNC_TIMEOUT, || {
+        let mut admin = admin.clone();
+        let name = name.clone();
+        async move {
+            let c = admin
+                .get_device(pb::GetDeviceRequest { name })
+                .await?
+                .into_inner()
+                .constraints
+                .unwrap_or_default();
+            let reported = c
+                .capacity
+                .as_ref()
+                .is_some_and(|k| k.source == pb::ConstraintSource::Reported as i32);
+            Ok(reported.then_some(c))
+        }
+    })
+    .await
+}
+
 #[tokio::test]
-async fn zwave_a_slot_past_the_locks_capacity_is_a_failure_not_a_retry_loop() -> anyhow::Result<()>
-{
-    let Some(lab) = Lab::start(LockKind::V1, "zwave_past_capacity").await? else {
+async fn zwave_the_locks_own_slots_reach_keyplaned_and_a_full_lock_is_refused_at_request_time()
+-> anyhow::Result<()> {
+    let Some(mut lab) = Lab::start(LockKind::V1, "zwave_past_capacity").await? else {
         return Ok(());
     };
     let mut s = Site::with_lock_model("zwave-js-lock").await?;
     s.set_policy(pb::LocalCodePolicy::Preserve).await?;
-    // Every one of the lock's 30 slots programmed at the lock: keyplane allocates
-    // around LOCAL codes, so the next code gets slot 31, which this lock lacks.
+    let lock = s.lock.clone();
+    // The agent starts while zwave-js-server is away: its Hello cannot say what the
+    // lock has, and the profile (1..250) is in force.
+    lab.stop_server().await?;
+    let (agent, server) = start_agent(&s, &lab)?;
+    let tenants = create_user(&mut s.admin, &s.site.clone(), "Tenants").await?;
+    s.credential(&tenants, "7391", panel_scope(&[1])).await?;
+    let admin = s.admin.clone();
+    let name = format!("{}/syncStatus", s.site);
+    let panel = s.panel.name.clone();
+    eventually(
+        "the panel acked (the agent's stream is up)",
+        SYNC_TIMEOUT,
+        || {
+            let mut admin = admin.clone();
+            let name = name.clone();
+            let panel = panel.clone();
+            async move {
+                let st = admin
+                    .get_sync_status(pb::GetSyncStatusRequest { name })
+                    .await?
+                    .into_inner();
+                let done = st
+                    .devices
+                    .iter()
+                    .any(|d| d.device == panel && d.applied_revision == st.desired_revision);
+                Ok(done.then_some(()))
+            }
+        },
+    )
+    .await?;
+    let before = s
+        .admin
+        .get_device(pb::GetDeviceRequest {
+            name: lock.name.clone(),
+        })
+        .await?
+        .into_inner()
+        .constraints
+        .unwrap_or_default();
+    assert_eq!(before.last_slot, 250);
+    assert_eq!(
+        before.capacity.map(|c| c.source),
+        Some(pb::ConstraintSource::Profile as i32)
+    );
+
+    // The server back: the driver learns the lock's count and the agent reports it
+    // on its open stream.
+    lab.restart_server().await?;
+    let c = reported_constraints(&s, &lock).await?;
+    assert_eq!((c.first_slot, c.last_slot), (1, 30));
+    assert_eq!((c.min_code_length, c.max_code_length), (4, 10));
+    assert!(c.reserved_slots.is_empty());
+    assert!(!c.on_device_schedules);
+    let capacity = c.capacity.unwrap_or_default();
+    assert_eq!(capacity.slots_total, 30);
+    assert!(capacity.reads_back, "Z-Wave User Code reads are in clear");
+
+    // Every one of the lock's 30 slots programmed at the lock, kept as LOCAL codes.
     let codes: Vec<(u16, String)> = (1..=30u16)
         .map(|i| (i, format!("{}", 5000 + i * 7)))
         .collect();
     let hand: Vec<(u16, &str)> = codes.iter().map(|(s, c)| (*s, c.as_str())).collect();
     program_by_hand(&lab.url, &hand).await?;
-    let (agent, server) = start_agent(&s, &lab)?;
+    // Once the 30 LOCAL codes are reported, a code for the lock has no slot: refused
+    // when asked, naming the lock and the constraint, instead of slot 31 failing on it.
     let locals = local_codes(&s, 30).await?;
     assert_eq!(locals.len(), 30);
-    let lock = s.lock.clone();
-    let tenants = create_user(&mut s.admin, &s.site.clone(), "Tenants").await?;
-    let credential = s.credential(&tenants, "2580", lock_scope(&[&lock])).await?;
-    assert_eq!(slot_on(&credential, &lock), Some(31));
-    // The panel applies the same revision; the lock cannot and says so.
-    let admin = s.admin.clone();
-    let name = format!("{}/syncStatus", s.site);
-    let panel = s.panel.name.clone();
-    let status = eventually("the panel at head", SYNC_TIMEOUT, || {
-        let mut admin = admin.clone();
-        let name = name.clone();
-        let panel = panel.clone();
-        async move {
-            let st = admin
-                .get_sync_status(pb::GetSyncStatusRequest { name })
-                .await?
-                .into_inner();
-            let done = st
-                .devices
-                .iter()
-                .any(|d| d.device == panel && d.applied_revision == st.desired_revision);
-            Ok(done.then_some(st))
-        }
-    })
-    .await?;
-    let l = status
-        .devices
-        .iter()
-        .find(|d| d.device == lock.name)
-        .ok_or_else(|| anyhow::anyhow!("lock status"))?;
-    assert!(!l.in_sync && l.pending_changes >= 1, "{l:?}");
+    let r = s.credential(&tenants, "2580", lock_scope(&[&lock])).await;
+    let e = r.expect_err("no slot left on the lock");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let msg = e.message();
+    assert!(msg.contains(&lock.name), "{msg}");
+    assert!(
+        msg.contains("slots_free") && msg.contains("all 30"),
+        "{msg}"
+    );
+    assert!(!msg.contains("2580"), "never the code: {msg}");
     assert_eq!(
         server.stats().writes.load(Ordering::Relaxed),
         0,

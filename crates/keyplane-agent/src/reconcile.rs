@@ -565,12 +565,10 @@ impl Agent {
         }
     }
 
-    /// Asks a device once what it says about itself, and queues an inventory entry
-    /// for keyplaned when it says something (issue 11: reported constraints).
+    /// Asks a device what it says about itself, and queues an inventory entry for
+    /// keyplaned when that changes (issue 11: reported constraints; a Z-Wave lock's
+    /// count is learnt once its server answers, and masking once a code reads masked).
     async fn ask_constraints(&mut self, name: &str) {
-        if self.constraints.contains_key(name) {
-            return;
-        }
         let Some(model) = self
             .journal
             .devices
@@ -589,12 +587,15 @@ impl Agent {
         };
         match asked {
             Ok(reported) => {
-                if let Some(r) = &reported {
+                let known = self.constraints.get(name);
+                if known != Some(&reported) && (reported.is_some() || known.is_some()) {
                     self.reports.inventory(pb::InventoryDevice {
                         device: name.to_owned(),
                         kind: pb::DeviceKind::from(model.kind) as i32,
                         model: model.id.to_owned(),
-                        constraints: Some(keyplane_proto::convert::reported_constraints_pb(r)),
+                        constraints: reported
+                            .as_ref()
+                            .map(keyplane_proto::convert::reported_constraints_pb),
                     });
                 }
                 self.constraints.insert(name.to_owned(), reported);

@@ -111,6 +111,8 @@ struct NodeCache {
     touched: BTreeMap<u16, u64>,
     /// Slots a keypad event says changed: read them from the lock.
     stale: BTreeSet<u16>,
+    /// An occupied slot read back masked: the lock does not give codes back in clear.
+    masks_codes: bool,
     label: String,
     manufacturer: String,
 }
@@ -152,6 +154,21 @@ impl NodeCache {
         } else {
             crc16_ccitt(&data)
         })
+    }
+}
+
+/// Whether a code read from a lock is masked rather than the code: keypad codes are
+/// digits, and locks that keep codes secret answer `****` or similar.
+fn masked(code: &str) -> bool {
+    !code.is_empty() && !code.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether a slot read as `got` holds `want` (None: empty); a masked read of an
+/// occupied slot is taken as holding any code.
+fn holds(got: Option<&str>, want: Option<&str>) -> bool {
+    match (got, want) {
+        (Some(g), Some(_)) if masked(g) => true,
+        _ => got == want,
     }
 }
 
@@ -645,8 +662,10 @@ fn load_state(cache: &mut Cache, state: &Value) {
             notification: version(NOTIFICATION_CC).is_some(),
             label: node["label"].as_str().unwrap_or_default().to_owned(),
             manufacturer: node["manufacturer"].as_str().unwrap_or_default().to_owned(),
-            // The users count is not in the dump; keep what was learnt before.
+            // The users count is not in the dump; keep what was learnt before, and
+            // that the lock masks codes (its empty slots would not show it again).
             users: old.get(&id).and_then(|o| o.users),
+            masks_codes: old.get(&id).is_some_and(|o| o.masks_codes),
             ..NodeCache::default()
         };
         for v in node["values"].as_array().into_iter().flatten() {
@@ -692,6 +711,7 @@ fn apply_value(n: &mut NodeCache, property: &str, slot: u16, value: Option<&Valu
             }
         },
         ("userCode", Some(Value::String(code))) => {
+            n.masks_codes |= masked(code);
             n.codes.insert(slot, code.clone());
         }
         ("userIdStatus" | "userCode", _) => {
@@ -875,6 +895,25 @@ fn set_value_refusal(result: &Value) -> Option<String> {
     ))
 }
 
+/// The inventory report of a lock of capacity `cap`. A value keyplaned would refuse
+/// (no slots, lengths out of order or past what a PIN may have) is left out, so the
+/// profile's stays in force for it and the rest of the report is still taken.
+fn report_of(cap: &Capacity, masks_codes: bool) -> keyplane_core::constraints::ReportedConstraints {
+    let max_pin = u8::try_from(keyplane_core::pin::MAX_PIN_LENGTH).unwrap_or(u8::MAX);
+    let lengths = (1..=max_pin).contains(&cap.min_code_length)
+        && (cap.min_code_length..=max_pin).contains(&cap.max_code_length);
+    keyplane_core::constraints::ReportedConstraints {
+        first_slot: (cap.slots > 0).then_some(1),
+        last_slot: (cap.slots > 0).then_some(cap.slots),
+        reserved_slots: Some(Vec::new()),
+        min_code_length: lengths.then_some(cap.min_code_length),
+        max_code_length: lengths.then_some(cap.max_code_length),
+        reads_back: Some(!masks_codes),
+        keeps_schedules: Some(false),
+        rules: None,
+    }
+}
+
 impl ZwaveLock {
     /// The Z-Wave node id.
     pub fn node(&self) -> u16 {
@@ -959,8 +998,8 @@ impl ZwaveLock {
                         node = self.node,
                         slots = count,
                         model = self.model.id,
-                        "the lock has fewer slots than its model offers; a code keyplaned \
-                         puts past them is refused (slot out of range) and shows as not applied"
+                        "the lock has fewer slots than its model offers; the agent reports \
+                         them and keyplaned allocates within them"
                     );
                 }
                 self.with_node(|n| {
@@ -1013,7 +1052,8 @@ impl ZwaveLock {
     }
 
     /// Waits for a value event for `slot` after `mark` that shows `want` (None: empty);
-    /// failing that within the confirm timeout, reads the slot back.
+    /// failing that within the confirm timeout, reads the slot back. On a lock that
+    /// masks codes, an occupied slot is all a set can be confirmed by.
     async fn confirm(
         &mut self,
         slot: u16,
@@ -1026,7 +1066,7 @@ impl ZwaveLock {
             let notified = inner.changed.notified();
             let seen = self.with_node(|n| {
                 n.filter(|n| n.touched.get(&slot).copied().unwrap_or(0) > mark)
-                    .and_then(|n| n.slot(slot).map(|s| s == want))
+                    .and_then(|n| n.slot(slot).map(|s| holds(s, want)))
             });
             if seen == Some(true) {
                 return Ok(());
@@ -1037,7 +1077,7 @@ impl ZwaveLock {
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
         let got = self.read_slot(slot, want.unwrap_or("")).await?;
-        if got.as_deref() == want {
+        if holds(got.as_deref(), want) {
             return Ok(());
         }
         Err(DeviceError::Refused {
@@ -1069,6 +1109,7 @@ impl ZwaveLock {
         let value = r["userCode"].as_str().unwrap_or_default().to_owned();
         self.with_node(|n| {
             if let Some(n) = n {
+                n.masks_codes |= status != 0 && masked(&value);
                 n.status.insert(slot, status);
                 n.codes.insert(slot, value.clone());
                 n.stale.remove(&slot);
@@ -1102,10 +1143,9 @@ impl ZwaveLock {
             for s in 1..=users {
                 if let Some(code) = n.slot(s)? {
                     // Locks that mask codes report asterisks: occupied, code unknown.
-                    let masked = code.bytes().all(|b| b == b'*');
                     out.push(ObservedSlot {
                         slot: s,
-                        code: (!masked).then(|| code.to_owned()),
+                        code: (!masked(code)).then(|| code.to_owned()),
                     });
                 }
             }
@@ -1192,6 +1232,19 @@ impl DeviceDriver for ZwaveLock {
 
     fn model(&self) -> &'static DeviceModel {
         self.model
+    }
+
+    /// What the lock says of itself: slots 1..=its users count, its code lengths,
+    /// whether codes read back in clear (false once an occupied slot read masked), and
+    /// no on-lock schedules (keyplane does not use the Schedule Entry Lock CC). Read
+    /// from the cache: no radio traffic once the users count is known. Not connected
+    /// or not a lock: an error, so the agent asks again on its next pass.
+    async fn reported_constraints(
+        &mut self,
+    ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
+        let cap = self.capacity().await?;
+        let masks = self.with_node(|n| n.is_some_and(|n| n.masks_codes));
+        Ok(Some(report_of(&cap, masks)))
     }
 
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError> {
@@ -1423,6 +1476,81 @@ mod tests {
         let cache = inner.cache();
         assert_eq!(cache.nodes[&2].slot(5), Some(Some("2468")));
         assert_eq!(cache.nodes[&2].touched[&5], 2);
+    }
+
+    #[test]
+    fn the_report_is_what_the_lock_says_and_leaves_out_what_keyplaned_would_refuse() {
+        use keyplane_core::constraints::ReportedConstraints;
+        let lab = Capacity {
+            slots: 30,
+            min_code_length: 4,
+            max_code_length: 10,
+        };
+        assert_eq!(
+            report_of(&lab, false),
+            ReportedConstraints {
+                first_slot: Some(1),
+                last_slot: Some(30),
+                reserved_slots: Some(Vec::new()),
+                min_code_length: Some(4),
+                max_code_length: Some(10),
+                reads_back: Some(true),
+                keeps_schedules: Some(false),
+                rules: None,
+            }
+        );
+        assert_eq!(report_of(&lab, true).reads_back, Some(false));
+        let odd: &[(u16, u8, u8)] = &[(0, 4, 10), (30, 0, 10), (30, 8, 6), (30, 4, 13)];
+        for (slots, min, max) in odd {
+            let r = report_of(
+                &Capacity {
+                    slots: *slots,
+                    min_code_length: *min,
+                    max_code_length: *max,
+                },
+                false,
+            );
+            let profile = keyplane_core::constraints::DeviceConstraints::from_model(
+                DeviceModel::find("zwave-js-lock").expect("profile"),
+            );
+            assert!(profile.with_reported(&r).is_ok(), "{slots} {min} {max}");
+        }
+    }
+
+    #[test]
+    fn a_masked_code_read_back_marks_the_lock_as_masking() {
+        for (code, want) in [("2580", false), ("", false), ("****", true), ("12*4", true)] {
+            assert_eq!(masked(code), want, "{code}");
+        }
+        // A set is confirmed by an occupied masked slot; a clear only by an empty one.
+        assert!(holds(Some("****"), Some("2580")));
+        assert!(holds(Some("2580"), Some("2580")));
+        assert!(!holds(Some("2581"), Some("2580")));
+        assert!(!holds(Some("****"), None));
+        assert!(holds(None, None));
+        let inner = inner();
+        inner.cache().nodes.insert(2, NodeCache::default());
+        for (prop, value) in [("userIdStatus", json!(1)), ("userCode", json!("2580"))] {
+            handle_event(
+                &inner,
+                &json!({"source": "node", "event": "value updated", "nodeId": 2,
+                "args": {"commandClass": 99, "endpoint": 0, "property": prop, "propertyKey": 1, "newValue": value}}),
+            );
+        }
+        assert!(!inner.cache().nodes[&2].masks_codes);
+        handle_event(
+            &inner,
+            &json!({"source": "node", "event": "value updated", "nodeId": 2,
+            "args": {"commandClass": 99, "endpoint": 0, "property": "userCode", "propertyKey": 1, "newValue": "****"}}),
+        );
+        assert!(inner.cache().nodes[&2].masks_codes);
+        // A reconnection's state dump keeps it (the lock may hold no code to show it).
+        let mut cache = inner.cache();
+        load_state(
+            &mut cache,
+            &json!({"nodes": [{"nodeId": 2, "endpoints": [{"commandClasses": [{"id": 99, "version": 1}]}], "values": []}]}),
+        );
+        assert!(cache.nodes[&2].masks_codes);
     }
 
     #[test]

@@ -663,10 +663,9 @@ impl SlotsWrite {
         {
             None => Ok(()),
             Some(device) => Err(StoreError::ResourceExhausted(format!(
-                "device {} has no free slot: all {} assignable slots of model {} are in use",
+                "device {} has no free slot: slots_free: all {} assignable slots are in use",
                 label(device),
-                device.model.assignable_count(),
-                device.model.id
+                device.constraints().capacity(&Default::default()).total,
             ))),
         }
     }
