@@ -20,8 +20,9 @@ async fn restarted_agent_resumes_without_rewriting() -> anyhow::Result<()> {
     let agent = s.start_agent();
     let first = s.wait_synced().await?;
     agent.stop().await?;
-    let journal = std::fs::read_to_string(s.dir.path().join("state/journal.json"))?;
-    assert!(journal.contains(&format!("\"revision\":{}", first.desired_revision)));
+    let journal = keyplane_agent::journal::Journal::open(&s.dir.path().join("state"))?;
+    assert_eq!(journal.revision, first.desired_revision);
+    drop(journal);
 
     // While the agent is down: one more code, one changed, one untouched.
     let bob = create_user(&mut s.admin, &s.site.clone(), "Bob").await?;
