@@ -236,3 +236,51 @@ async fn agent_stopped_in_the_middle_of_a_batch_resumes_where_it_left_off() -> a
     agent.stop().await?;
     Ok(())
 }
+
+/// A removal and an addition pending together on one device: the removal reaches the
+/// device first, and the device is read back before the addition (and so before
+/// the ack that covers both).
+#[tokio::test]
+async fn a_pending_removal_is_applied_and_read_back_before_an_addition() -> anyhow::Result<()> {
+    use keyplane_devices::DriverOp;
+    let mut s = Site::new().await?;
+    let alice = s.alice.clone();
+    let lock = s.lock.clone();
+    let old = s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    agent.stop().await?;
+    let old_slot = slot_on(&old, &lock).expect("slot");
+
+    // While the agent is down: the old code revoked, a new one added.
+    let bob = create_user(&mut s.admin, &s.site.clone(), "Bob").await?;
+    let new = s.credential(&bob, "5566", lock_scope(&[&lock])).await?;
+    s.admin
+        .delete_credential(pb::DeleteCredentialRequest {
+            name: old.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let new_slot = slot_on(&new, &lock).expect("slot");
+    let mark = s.sim(&lock)?.driver_history().len();
+
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let history = s.sim(&lock)?.driver_history().split_off(mark);
+    let at = |op: DriverOp| history.iter().position(|o| *o == op);
+    let cleared = at(DriverOp::Clear(old_slot)).expect("the old code was cleared");
+    let set = at(DriverOp::Set(new_slot)).expect("the new code was written");
+    let read_back = history[cleared..]
+        .iter()
+        .position(|o| *o == DriverOp::ReadTable)
+        .map(|i| i + cleared)
+        .expect("read back after the clear");
+    assert!(
+        cleared < read_back && read_back < set,
+        "removal, read-back, then addition: {history:?}"
+    );
+    assert_eq!(s.sim(&lock)?.code_in(old_slot), None);
+    assert_eq!(s.sim(&lock)?.code_in(new_slot).as_deref(), Some("5566"));
+    agent.stop().await?;
+    Ok(())
+}

@@ -703,7 +703,16 @@ impl Agent {
             return Ok(in_sync);
         }
         self.observe_due.insert(name.to_owned());
+        // Clears the device took, waiting for the read-back that confirms them.
+        let mut cleared: Vec<u16> = Vec::new();
         for action in actions {
+            // Revocations first: every clear is confirmed by reading the device back
+            // before the first code is added.
+            if matches!(action, SlotAction::Set { .. }) && !cleared.is_empty() {
+                in_sync &= self
+                    .confirm_clears(name, model, std::mem::take(&mut cleared))
+                    .await?;
+            }
             if let SlotAction::Set { slot, code } = &action
                 && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
             {
@@ -743,6 +752,12 @@ impl Agent {
             };
             let (revision, now) = (self.journal.revision, self.clock.now());
             match (done, &action) {
+                (Ok(()), SlotAction::Clear { slot }) => {
+                    // Stays journaled as written (so the next pass clears it again)
+                    // until the read-back shows the slot empty.
+                    cleared.push(*slot);
+                    continue;
+                }
                 (Ok(()), _) => {
                     self.reports
                         .write(name, report_slot, revision, clear, Outcome::done(), now);
@@ -791,7 +806,66 @@ impl Agent {
             // Journal each write as it lands: a restart never repeats it.
             self.journal.save()?;
         }
+        if !cleared.is_empty() {
+            in_sync &= self.confirm_clears(name, model, cleared).await?;
+        }
         Ok(in_sync)
+    }
+
+    /// Reads the device back after clears and settles each one: a slot the device
+    /// shows empty is journaled cleared and reported done; one it still shows
+    /// occupied (or a read that failed) is reported unconfirmed (the status says
+    /// revocation_unconfirmed) and stays journaled as written, so the next pass
+    /// clears it again. True when every clear was confirmed.
+    async fn confirm_clears(
+        &mut self,
+        name: &str,
+        model: &'static DeviceModel,
+        cleared: Vec<u16>,
+    ) -> anyhow::Result<bool> {
+        let read = self.driver(name, model)?.read_slots().await;
+        let (revision, now) = (self.journal.revision, self.clock.now());
+        let held: Option<BTreeMap<u16, Option<String>>> = match &read {
+            Ok(slots) => Some(slots.iter().map(|o| (o.slot, o.code.clone())).collect()),
+            Err(e) => {
+                tracing::warn!(device = %name, error = %e, "clears not confirmed: the device could not be read back; will retry");
+                None
+            }
+        };
+        let occupied: std::collections::BTreeSet<u16> = held
+            .as_ref()
+            .map(|h| h.keys().copied().collect())
+            .unwrap_or_default();
+        let (confirmed, unconfirmed) =
+            keyplane_core::plan::settle_clears(&cleared, held.as_ref().map(|_| &occupied));
+        let entry: &mut DeviceJournal = self
+            .journal
+            .devices
+            .get_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
+        if let Some(h) = held {
+            entry.observed = Some(h);
+            entry.observed_checksum = None;
+        }
+        for slot in &confirmed {
+            entry.written.remove(slot);
+        }
+        self.journal.save()?;
+        for slot in &confirmed {
+            self.reports
+                .write(name, *slot, revision, true, Outcome::done(), now);
+        }
+        for slot in &unconfirmed {
+            tracing::warn!(device = %name, slot = %model.display_slot(*slot), "a cleared slot still shows occupied on read-back; cleared again next pass");
+            self.reports
+                .write(name, *slot, revision, true, Outcome::unconfirmed(), now);
+        }
+        if let Err(e) = read
+            && is_link_error(&anyhow::Error::from(e))
+        {
+            self.reports.reached(name, false, now);
+        }
+        Ok(unconfirmed.is_empty())
     }
 
     /// A code the device's driver cannot write as asked: whatever keyplane wrote in
@@ -946,6 +1020,8 @@ pub(crate) mod tests {
         device: String,
         model: &'static DeviceModel,
         slots: Slots,
+        /// Clears are answered Ok but do not take (a lost write).
+        sticky: Arc<std::sync::atomic::AtomicBool>,
     }
 
     #[async_trait::async_trait]
@@ -982,12 +1058,14 @@ pub(crate) mod tests {
                 .slots
                 .lock()
                 .map_err(|e| DeviceError::Io(e.to_string()))?;
-            slots.remove(&slot);
+            if !self.sticky.load(Ordering::Relaxed) {
+                slots.remove(&slot);
+            }
             Ok(())
         }
     }
 
-    struct BareFactory(Slots);
+    struct BareFactory(Slots, Arc<std::sync::atomic::AtomicBool>);
 
     impl DriverFactory for BareFactory {
         fn open(
@@ -999,6 +1077,7 @@ pub(crate) mod tests {
                 device: device.to_owned(),
                 model,
                 slots: self.0.clone(),
+                sticky: self.1.clone(),
             }))
         }
     }
@@ -1065,14 +1144,62 @@ pub(crate) mod tests {
     }
 
     fn bare_agent(dir: &TempDir) -> (Agent, Slots) {
+        let (agent, slots, _) = sticky_agent(dir);
+        (agent, slots)
+    }
+
+    fn sticky_agent(dir: &TempDir) -> (Agent, Slots, Arc<std::sync::atomic::AtomicBool>) {
         let slots = Slots::default();
+        let sticky = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let agent = Agent::open(
             &dir.0,
-            Box::new(BareFactory(slots.clone())),
+            Box::new(BareFactory(slots.clone(), sticky.clone())),
             Arc::new(SystemClock),
         )
         .expect("agent");
-        (agent, slots)
+        (agent, slots, sticky)
+    }
+
+    #[tokio::test]
+    async fn a_clear_the_read_back_does_not_show_is_unconfirmed_not_acked_and_cleared_again() {
+        let dir = TempDir::new();
+        let (mut agent, slots, sticky) = sticky_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        let with = vec![code(DOOR, 3, "4821", false)];
+        agent
+            .apply(snapshot(1, false, &devices, with), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, DOOR), vec![1]);
+        sticky.store(true, Ordering::Relaxed);
+        agent
+            .apply(snapshot(2, false, &devices, vec![]), &tx)
+            .await
+            .expect("apply");
+        let mut reports = Vec::new();
+        let mut acked = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match msg.msg {
+                Some(pb::agent_message::Msg::WriteReport(r)) => {
+                    reports.push((r.slot, r.clear, r.outcome))
+                }
+                Some(pb::agent_message::Msg::Ack(a)) => acked.push(a.revision),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            reports,
+            vec![(3, true, pb::WriteOutcome::Unconfirmed as i32)],
+            "the revocation is reported unconfirmed"
+        );
+        assert!(acked.is_empty(), "not acked before the read-back shows it");
+        assert!(held(&slots).contains_key(&3));
+        // The next pass (level-triggered) clears it again; now it takes and is acked.
+        sticky.store(false, Ordering::Relaxed);
+        agent.reconcile_all(Some(&tx)).await;
+        assert!(held(&slots).is_empty());
+        assert_eq!(acks(&mut rx, DOOR), vec![2]);
     }
 
     fn held(slots: &Slots) -> BTreeMap<u16, String> {
