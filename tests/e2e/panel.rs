@@ -5,7 +5,7 @@ use crate::fixture::{SYNC_TIMEOUT, Site, create_user_with, panel_scope, slot_on}
 use keyplane_devices::PanelOutcome;
 use keyplane_proto::v1 as pb;
 use keyplane_testkit::server::eventually;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn code(s: &mut Site, user: &str, pin: &str) -> anyhow::Result<pb::Credential> {
     Ok(s.credential(user, pin, panel_scope(&[1])).await?)
@@ -105,7 +105,9 @@ async fn babysitter_disarms_only_what_she_armed() -> anyhow::Result<()> {
     agent.stop().await?;
     let agent = s.start_agent();
     s.wait_synced().await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Polls that began after the sync have re-read the whole log.
+    agent.event_polls(2).await?;
+    agent.passes(1).await?;
     assert_eq!(events(&mut s).await?.len(), 7);
     agent.stop().await?;
     Ok(())
@@ -137,10 +139,10 @@ async fn duress_disarms_silently_and_alarms_within_a_second() -> anyhow::Result<
         .into_inner();
 
     // Under threat: the duress code disarms like any code; the intruder sees nothing.
-    let entered = Instant::now();
     assert_eq!(sim.disarm(1, "7043")?, PanelOutcome::Disarmed);
     assert_eq!(sim.armed_by(1), None);
-    let alarm = tokio::time::timeout(Duration::from_secs(5), async {
+    // The bound is on the wait itself: within a second, or the test fails.
+    let alarm = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             match watch.message().await? {
                 Some(e) if e.kind == pb::EventKind::Duress as i32 => return anyhow::Ok(e),
@@ -149,12 +151,8 @@ async fn duress_disarms_silently_and_alarms_within_a_second() -> anyhow::Result<
             }
         }
     })
-    .await??;
-    let latency = entered.elapsed();
-    assert!(
-        latency < Duration::from_secs(1),
-        "duress took {latency:?} to reach the watcher"
-    );
+    .await
+    .map_err(|_| anyhow::anyhow!("the duress alarm did not reach the watcher within 1 s"))??;
     assert!(alarm.silent_alarm);
     assert_eq!(alarm.user, dora);
     assert_eq!(

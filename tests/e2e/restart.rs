@@ -1,6 +1,8 @@
 //! An agent restarted mid-way resumes from its journal: nothing is written twice.
 
-use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope, panel_scope, slot_on};
+use crate::fixture::{
+    SYNC_TIMEOUT, Site, after_a_read_back, create_user, lock_scope, panel_scope, slot_on,
+};
 use keyplane_core::DeviceModel;
 use keyplane_devices::{DeviceDriver, DeviceError};
 use keyplane_proto::v1 as pb;
@@ -67,7 +69,7 @@ async fn restarted_agent_resumes_without_rewriting() -> anyhow::Result<()> {
     agent.stop().await?;
     let agent = s.start_agent();
     s.wait_synced().await?;
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    after_a_read_back(&s, &agent, &lock).await?;
     assert_eq!(s.sim(&lock)?.total_writes(), 2);
     assert_eq!(s.sim(&panel)?.total_writes(), 2);
     assert_eq!(

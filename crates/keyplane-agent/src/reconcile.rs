@@ -66,6 +66,10 @@ pub struct Agent {
     reported: HashMap<String, Vec<pb::ObservedSlot>>,
     /// Read every device back at least this often.
     pub observe_every: std::time::Duration,
+    /// Completed passes, for whoever waits on the agent's progress.
+    pub passes: crate::PassCounter,
+    /// Completed event polls, likewise.
+    pub event_polls: crate::PassCounter,
     /// Codes a driver refused as unsupported, per (device, slot): not tried again
     /// (nor reported again) until keyplaned sends another code for the slot.
     refused: HashMap<(String, u16), DesiredCode>,
@@ -139,6 +143,8 @@ impl Agent {
             observed_at: HashMap::new(),
             reported: HashMap::new(),
             observe_every: std::time::Duration::from_secs(60),
+            passes: crate::PassCounter::default(),
+            event_polls: crate::PassCounter::default(),
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
@@ -482,6 +488,7 @@ impl Agent {
                 self.events_sent.insert(name.clone(), event.seq);
             }
         }
+        self.event_polls.bump();
     }
 
     /// Makes every device hold its desired table; acks devices that do (when
@@ -563,6 +570,7 @@ impl Agent {
                 }
             }
         }
+        self.passes.bump();
     }
 
     /// Asks a device once what it says about itself, and queues an inventory entry

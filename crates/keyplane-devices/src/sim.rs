@@ -71,6 +71,9 @@ struct State {
     /// Driver operations in the order the device took them (test hook).
     #[serde(default)]
     history: Vec<DriverOp>,
+    /// Checksum reads through the driver (test hook).
+    #[serde(default)]
+    checksum_reads: u32,
     /// How long each driver write takes (a slow lock on a busy mesh), in ms.
     #[serde(default)]
     write_delay_ms: u64,
@@ -542,6 +545,11 @@ impl SimulatedDevice {
         })
     }
 
+    /// Checksum reads made through the driver so far (test hook).
+    pub fn checksum_reads(&self) -> u32 {
+        self.inspect(|s| s.checksum_reads)
+    }
+
     /// Driver operations in the order the device took them (test hook).
     pub fn driver_history(&self) -> Vec<DriverOp> {
         self.inspect(|s| s.history.clone())
@@ -679,6 +687,7 @@ impl DeviceDriver for SimulatedDevice {
     async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {
         self.reachable()?;
         self.with_state(|s| {
+            s.checksum_reads += u32::from(s.checksum);
             Ok(s.checksum.then(|| {
                 // FNV-1a over slot and code: any change of any code changes it.
                 s.slots
