@@ -70,6 +70,10 @@ pub struct Agent {
     pub passes: crate::PassCounter,
     /// Completed event polls, likewise.
     pub event_polls: crate::PassCounter,
+    /// Devices read back since this agent started: the first pass for a device
+    /// plans against what it holds, not only against the journal (a write that
+    /// landed just before a crash is adopted, not written again).
+    read_since_start: std::collections::HashSet<String>,
     /// Codes a driver refused as unsupported, per (device, slot): not tried again
     /// (nor reported again) until keyplaned sends another code for the slot.
     refused: HashMap<(String, u16), DesiredCode>,
@@ -145,6 +149,7 @@ impl Agent {
             observe_every: std::time::Duration::from_secs(60),
             passes: crate::PassCounter::default(),
             event_polls: crate::PassCounter::default(),
+            read_since_start: std::collections::HashSet::new(),
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
@@ -615,6 +620,18 @@ impl Agent {
 
     /// Applies the planner's actions to one device; true when it is in sync.
     async fn reconcile_device(&mut self, name: &str) -> anyhow::Result<bool> {
+        if !self.read_since_start.contains(name)
+            && let Some(d) = self.journal.devices.get(name).filter(|d| d.present)
+            && let Some(model) = DeviceModel::find(&d.model)
+        {
+            let held = self.driver(name, model)?.read_slots().await?;
+            if let Some(entry) = self.journal.devices.get_mut(name) {
+                entry.observed = Some(held.into_iter().map(|o| (o.slot, o.code)).collect());
+                entry.observed_checksum = None;
+            }
+            self.journal.save()?;
+            self.read_since_start.insert(name.to_owned());
+        }
         let Some(device) = self.journal.devices.get(name) else {
             return Ok(true);
         };
