@@ -350,40 +350,51 @@ async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result
         }
     }
     // Slow enough writes that the kill lands mid-way.
-    s.sim(&door)?.set_write_delay(std::time::Duration::from_millis(5))?;
+    s.sim(&door)?
+        .set_write_delay(std::time::Duration::from_millis(5))?;
     let mut agent = spawn_agent(&s)?;
-    eventually("the agent is part-way through", SYNC_TIMEOUT * 3, || async {
-        Ok((s.sim(&door)?.total_writes() >= 300).then_some(()))
-    })
+    eventually(
+        "the agent is part-way through",
+        SYNC_TIMEOUT * 3,
+        || async { Ok((s.sim(&door)?.total_writes() >= 300).then_some(())) },
+    )
     .await?;
     agent.start_kill()?;
     agent.wait().await?;
 
     let sim = s.sim(&door)?;
     let held = sim.slots();
-    let started = std::time::Instant::now();
-    let before: std::collections::BTreeMap<u16, u32> =
-        wanted.keys().map(|slot| (*slot, sim.writes(*slot))).collect();
+    let before: std::collections::BTreeMap<u16, u32> = wanted
+        .keys()
+        .map(|slot| (*slot, sim.writes(*slot)))
+        .collect();
     let differed = wanted
         .iter()
         .filter(|(slot, pin)| held.get(slot) != Some(pin))
         .count();
-    assert!(differed > 0 && differed < 1000, "killed mid-way: {differed}");
+    assert!(
+        differed > 0 && differed < 1000,
+        "killed mid-way: {differed}"
+    );
     s.sim(&door)?.set_write_delay(std::time::Duration::ZERO)?;
     let agent = spawn_agent(&s)?;
     // Hundreds of writes remain, each journaled: a bound for a loaded machine.
-    eventually("the door holds the desired table", SYNC_TIMEOUT * 6, || async {
-        Ok((s.sim(&door)?.slots() == wanted).then_some(()))
-    })
+    eventually(
+        "the door holds the desired table",
+        SYNC_TIMEOUT * 6,
+        || async { Ok((s.sim(&door)?.slots() == wanted).then_some(())) },
+    )
     .await?;
     s.wait_synced().await?;
-    eprintln!("restart converged in {:?}", started.elapsed());
     let sim = s.sim(&door)?;
     assert_eq!(sim.slots(), wanted, "the device equals the desired table");
     for (slot, pin) in &wanted {
         let again = sim.writes(*slot) - before[slot];
         let expected = u32::from(held.get(slot) != Some(pin));
-        assert_eq!(again, expected, "slot {slot} written {again} times after the restart");
+        assert_eq!(
+            again, expected,
+            "slot {slot} written {again} times after the restart"
+        );
     }
     drop(agent);
     Ok(())

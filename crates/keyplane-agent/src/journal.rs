@@ -639,8 +639,10 @@ mod tests {
     fn a_json_journal_is_migrated_once_and_removed() {
         let dir = temp("migrate");
         std::fs::create_dir_all(&dir).expect("dir");
-        let mut old = Journal::default();
-        old.revision = 5;
+        let mut old = Journal {
+            revision: 5,
+            ..Journal::default()
+        };
         old.devices
             .entry("d".into())
             .or_default()
