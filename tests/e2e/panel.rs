@@ -221,3 +221,76 @@ fn uuid_of(name: &str) -> anyhow::Result<uuid::Uuid> {
         name.rsplit('/').next().unwrap_or_default(),
     )?)
 }
+
+/// One lock slow (700 ms a write) with a batch of codes to write, another lock
+/// offline: the duress code at the panel still reaches WatchEvents within a second
+/// (the bound is on the wait), and the slow lock converges.
+#[tokio::test]
+async fn duress_is_not_held_back_by_a_slow_lock_nor_an_offline_one() -> anyhow::Result<()> {
+    use crate::fixture::{create_device, create_user, lock_scope};
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let alice = s.alice.clone();
+    let lock = s.lock.clone();
+    code(&mut s, &alice, "4821").await?;
+    let dora = create_user_with(&mut s.admin, &site, "Dora", &[(1, pb::Level::Duress)]).await?;
+    code(&mut s, &dora, "7043").await?;
+    let away = create_device(&mut s.admin, &site, "Back door", "zwave-lock-30").await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    s.sim(&away)?.set_unreachable(true)?;
+    let panel = s.panel.clone();
+    let mut sim = s.sim(&panel)?;
+    assert_eq!(sim.arm(1, "4821")?, PanelOutcome::Armed);
+
+    // A batch for the slow lock (and the offline one).
+    s.sim(&lock)?.set_write_delay(Duration::from_millis(700))?;
+    let bob = create_user(&mut s.admin, &site, "Bob").await?;
+    let pins = ["5927", "6138", "7249", "8350"];
+    for pin in pins {
+        s.credential(&bob, pin, lock_scope(&[&lock, &away])).await?;
+    }
+    let writes = s.sim(&lock)?.total_writes();
+    eventually(
+        "the slow lock's batch is under way",
+        SYNC_TIMEOUT,
+        || async { Ok((s.sim(&lock)?.total_writes() > writes).then_some(())) },
+    )
+    .await?;
+
+    let cursor = events(&mut s).await?.last().map_or(0, |e| e.cursor);
+    let mut watch = s
+        .admin
+        .watch_events(pb::WatchEventsRequest {
+            parent: "sites/-".into(),
+            after_cursor: cursor,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(sim.disarm(1, "7043")?, PanelOutcome::Disarmed);
+    let alarm = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match watch.message().await? {
+                Some(e) if e.kind == pb::EventKind::Duress as i32 => return anyhow::Ok(e),
+                Some(_) => continue,
+                None => anyhow::bail!("watch ended"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the duress alarm did not reach the watcher within 1 s"))??;
+    assert!(alarm.silent_alarm);
+    assert_eq!(alarm.user, dora);
+
+    eventually("the slow lock holds the batch", SYNC_TIMEOUT, || async {
+        let held = s.slots(&lock)?;
+        Ok(pins
+            .iter()
+            .all(|p| held.values().any(|v| v == p))
+            .then_some(()))
+    })
+    .await?;
+    assert!(s.slots(&away)?.is_empty(), "the offline lock got nothing");
+    agent.stop().await?;
+    Ok(())
+}

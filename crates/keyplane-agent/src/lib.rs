@@ -521,6 +521,7 @@ async fn session(
         .await
         .map_err(|_| anyhow::anyhow!("outbound queue closed"))?;
     agent.stream_started();
+    agent.events_between_writes(config.event_poll, urgent.clone(), tx.clone());
     let mut request = tonic::Request::new(Prioritized {
         urgent: urgent_rx,
         routine: rx,

@@ -74,6 +74,15 @@ pub struct Agent {
     /// plans against what it holds, not only against the journal (a write that
     /// landed just before a crash is adopted, not written again).
     read_since_start: std::collections::HashSet<String>,
+    /// While connected: (period, urgent, routine) for polling device events between
+    /// the writes of a long batch, so a duress code waits for one write at most,
+    /// not for the whole batch.
+    event_poll_between: Option<(
+        std::time::Duration,
+        mpsc::Sender<pb::AgentMessage>,
+        mpsc::Sender<pb::AgentMessage>,
+    )>,
+    last_event_poll: std::time::Instant,
     /// Codes a driver refused as unsupported, per (device, slot): not tried again
     /// (nor reported again) until keyplaned sends another code for the slot.
     refused: HashMap<(String, u16), DesiredCode>,
@@ -150,6 +159,8 @@ impl Agent {
             passes: crate::PassCounter::default(),
             event_polls: crate::PassCounter::default(),
             read_since_start: std::collections::HashSet::new(),
+            event_poll_between: None,
+            last_event_poll: std::time::Instant::now(),
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
@@ -493,7 +504,33 @@ impl Agent {
                 self.events_sent.insert(name.clone(), event.seq);
             }
         }
+        self.last_event_poll = std::time::Instant::now();
         self.event_polls.bump();
+    }
+
+    /// Polls device events every `period` between the writes of a reconcile pass,
+    /// on this stream's channels.
+    pub fn events_between_writes(
+        &mut self,
+        period: std::time::Duration,
+        urgent: mpsc::Sender<pb::AgentMessage>,
+        routine: mpsc::Sender<pb::AgentMessage>,
+    ) {
+        self.event_poll_between = Some((period, urgent, routine));
+    }
+
+    /// Polls events if a period has passed since the last poll (between writes).
+    async fn poll_events_if_due(&mut self) {
+        let Some((period, urgent, routine)) = self.event_poll_between.clone() else {
+            return;
+        };
+        if urgent.is_closed() {
+            self.event_poll_between = None;
+            return;
+        }
+        if self.last_event_poll.elapsed() >= period {
+            self.poll_events(&urgent, &routine).await;
+        }
     }
 
     /// Makes every device hold its desired table; acks devices that do (when
@@ -830,6 +867,7 @@ impl Agent {
             }
             // Journal each write as it lands: a restart never repeats it.
             self.journal.save()?;
+            self.poll_events_if_due().await;
         }
         if !cleared.is_empty() {
             in_sync &= self.confirm_clears(name, model, cleared).await?;
