@@ -288,3 +288,21 @@ pub fn id_of(name: &str) -> anyhow::Result<uuid::Uuid> {
         name.rsplit('/').next().unwrap_or_default(),
     )?)
 }
+
+/// Waits until `agent` has read `device` back once more and then completed two
+/// more passes: whatever the agent would do about what the device holds now is done.
+/// (How tests say "nothing happened" without sleeping.)
+pub async fn after_a_read_back(
+    s: &Site,
+    agent: &keyplane_testkit::server::TestAgent,
+    device: &pb::Device,
+) -> anyhow::Result<()> {
+    let reads = s.sim(device)?.table_reads();
+    keyplane_testkit::server::eventually(
+        "the agent reads the device back",
+        SYNC_TIMEOUT,
+        || async { Ok((s.sim(device)?.table_reads() > reads).then_some(())) },
+    )
+    .await?;
+    agent.passes(2).await
+}

@@ -1,7 +1,7 @@
 //! Seed 000, the other half: codes programmed at the device are kept (LOCAL),
 //! drift is reported, and only the dealer decides what happens to them.
 
-use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope, slot_on};
+use crate::fixture::{SYNC_TIMEOUT, Site, after_a_read_back, create_user, lock_scope, slot_on};
 use keyplane_proto::v1 as pb;
 use keyplane_testkit::server::eventually;
 
@@ -199,7 +199,7 @@ async fn authoritative_sites_clear_foreign_codes_preserve_sites_never_do() -> an
     s.sim(&lock)?.program_at_keypad(5, "9514")?;
     let agent = s.start_agent();
     local_codes(&s, 1).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    after_a_read_back(&s, &agent, &lock).await?;
     assert_eq!(s.slots(&lock)?.get(&5).map(String::as_str), Some("9514"));
     agent.stop().await?;
 
@@ -262,7 +262,7 @@ async fn drift_is_reported_and_left_alone_until_the_dealer_chooses() -> anyhow::
     let status = device_status(&s, &lock, |d| d.drifted_slots == 1).await?;
     assert_eq!(status.managed_slots, 1);
     // Under PRESERVE it is not silently overwritten.
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    after_a_read_back(&s, &agent, &lock).await?;
     assert_eq!(s.slots(&lock)?.get(&slot).map(String::as_str), Some("5555"));
     let drift_events: Vec<pb::Event> = s
         .admin
@@ -398,7 +398,11 @@ async fn with_a_checksum_slots_are_read_only_when_it_changes() -> anyhow::Result
     device_status(&s, &lock, |d| d.managed_slots == 1 && d.local_slots == 0).await?;
     // Several read-back periods (300 ms in tests) with nothing changed: no slot reads.
     let reads = s.sim(&lock)?.table_reads();
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let sums = s.sim(&lock)?.checksum_reads();
+    eventually("three more checksum reads", SYNC_TIMEOUT, || async {
+        Ok((s.sim(&lock)?.checksum_reads() >= sums + 3).then_some(()))
+    })
+    .await?;
     assert_eq!(
         s.sim(&lock)?.table_reads(),
         reads,
@@ -431,7 +435,7 @@ async fn a_hand_programmed_copy_of_a_managed_code_is_a_conflict() -> anyhow::Res
     let status = device_status(&s, &lock, |d| d.conflicts == 1).await?;
     assert_eq!(status.drifted_slots, 1, "keyplane's own slot is now empty");
     // Flagged, never silently merged: both stay as the person left them.
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    after_a_read_back(&s, &agent, &lock).await?;
     let slots = s.slots(&lock)?;
     assert_eq!(slots.get(&3).map(String::as_str), Some("4826"));
     assert!(!slots.contains_key(&slot));

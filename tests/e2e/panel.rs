@@ -5,7 +5,7 @@ use crate::fixture::{SYNC_TIMEOUT, Site, create_user_with, panel_scope, slot_on}
 use keyplane_devices::PanelOutcome;
 use keyplane_proto::v1 as pb;
 use keyplane_testkit::server::eventually;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn code(s: &mut Site, user: &str, pin: &str) -> anyhow::Result<pb::Credential> {
     Ok(s.credential(user, pin, panel_scope(&[1])).await?)
@@ -105,7 +105,9 @@ async fn babysitter_disarms_only_what_she_armed() -> anyhow::Result<()> {
     agent.stop().await?;
     let agent = s.start_agent();
     s.wait_synced().await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Polls that began after the sync have re-read the whole log.
+    agent.event_polls(2).await?;
+    agent.passes(1).await?;
     assert_eq!(events(&mut s).await?.len(), 7);
     agent.stop().await?;
     Ok(())
@@ -137,10 +139,10 @@ async fn duress_disarms_silently_and_alarms_within_a_second() -> anyhow::Result<
         .into_inner();
 
     // Under threat: the duress code disarms like any code; the intruder sees nothing.
-    let entered = Instant::now();
     assert_eq!(sim.disarm(1, "7043")?, PanelOutcome::Disarmed);
     assert_eq!(sim.armed_by(1), None);
-    let alarm = tokio::time::timeout(Duration::from_secs(5), async {
+    // The bound is on the wait itself: within a second, or the test fails.
+    let alarm = tokio::time::timeout(Duration::from_secs(1), async {
         loop {
             match watch.message().await? {
                 Some(e) if e.kind == pb::EventKind::Duress as i32 => return anyhow::Ok(e),
@@ -149,12 +151,8 @@ async fn duress_disarms_silently_and_alarms_within_a_second() -> anyhow::Result<
             }
         }
     })
-    .await??;
-    let latency = entered.elapsed();
-    assert!(
-        latency < Duration::from_secs(1),
-        "duress took {latency:?} to reach the watcher"
-    );
+    .await
+    .map_err(|_| anyhow::anyhow!("the duress alarm did not reach the watcher within 1 s"))??;
     assert!(alarm.silent_alarm);
     assert_eq!(alarm.user, dora);
     assert_eq!(
@@ -222,4 +220,77 @@ fn uuid_of(name: &str) -> anyhow::Result<uuid::Uuid> {
     Ok(uuid::Uuid::try_parse(
         name.rsplit('/').next().unwrap_or_default(),
     )?)
+}
+
+/// One lock slow (700 ms a write) with a batch of codes to write, another lock
+/// offline: the duress code at the panel still reaches WatchEvents within a second
+/// (the bound is on the wait), and the slow lock converges.
+#[tokio::test]
+async fn duress_is_not_held_back_by_a_slow_lock_nor_an_offline_one() -> anyhow::Result<()> {
+    use crate::fixture::{create_device, create_user, lock_scope};
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let alice = s.alice.clone();
+    let lock = s.lock.clone();
+    code(&mut s, &alice, "4821").await?;
+    let dora = create_user_with(&mut s.admin, &site, "Dora", &[(1, pb::Level::Duress)]).await?;
+    code(&mut s, &dora, "7043").await?;
+    let away = create_device(&mut s.admin, &site, "Back door", "zwave-lock-30").await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    s.sim(&away)?.set_unreachable(true)?;
+    let panel = s.panel.clone();
+    let mut sim = s.sim(&panel)?;
+    assert_eq!(sim.arm(1, "4821")?, PanelOutcome::Armed);
+
+    // A batch for the slow lock (and the offline one).
+    s.sim(&lock)?.set_write_delay(Duration::from_millis(700))?;
+    let bob = create_user(&mut s.admin, &site, "Bob").await?;
+    let pins = ["5927", "6138", "7249", "8350"];
+    for pin in pins {
+        s.credential(&bob, pin, lock_scope(&[&lock, &away])).await?;
+    }
+    let writes = s.sim(&lock)?.total_writes();
+    eventually(
+        "the slow lock's batch is under way",
+        SYNC_TIMEOUT,
+        || async { Ok((s.sim(&lock)?.total_writes() > writes).then_some(())) },
+    )
+    .await?;
+
+    let cursor = events(&mut s).await?.last().map_or(0, |e| e.cursor);
+    let mut watch = s
+        .admin
+        .watch_events(pb::WatchEventsRequest {
+            parent: "sites/-".into(),
+            after_cursor: cursor,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(sim.disarm(1, "7043")?, PanelOutcome::Disarmed);
+    let alarm = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match watch.message().await? {
+                Some(e) if e.kind == pb::EventKind::Duress as i32 => return anyhow::Ok(e),
+                Some(_) => continue,
+                None => anyhow::bail!("watch ended"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the duress alarm did not reach the watcher within 1 s"))??;
+    assert!(alarm.silent_alarm);
+    assert_eq!(alarm.user, dora);
+
+    eventually("the slow lock holds the batch", SYNC_TIMEOUT, || async {
+        let held = s.slots(&lock)?;
+        Ok(pins
+            .iter()
+            .all(|p| held.values().any(|v| v == p))
+            .then_some(()))
+    })
+    .await?;
+    assert!(s.slots(&away)?.is_empty(), "the offline lock got nothing");
+    agent.stop().await?;
+    Ok(())
 }

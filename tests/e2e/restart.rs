@@ -1,6 +1,8 @@
 //! An agent restarted mid-way resumes from its journal: nothing is written twice.
 
-use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope, panel_scope, slot_on};
+use crate::fixture::{
+    SYNC_TIMEOUT, Site, after_a_read_back, create_user, lock_scope, panel_scope, slot_on,
+};
 use keyplane_core::DeviceModel;
 use keyplane_devices::{DeviceDriver, DeviceError};
 use keyplane_proto::v1 as pb;
@@ -20,8 +22,9 @@ async fn restarted_agent_resumes_without_rewriting() -> anyhow::Result<()> {
     let agent = s.start_agent();
     let first = s.wait_synced().await?;
     agent.stop().await?;
-    let journal = std::fs::read_to_string(s.dir.path().join("state/journal.json"))?;
-    assert!(journal.contains(&format!("\"revision\":{}", first.desired_revision)));
+    let journal = keyplane_agent::journal::Journal::open(&s.dir.path().join("state"))?;
+    assert_eq!(journal.revision, first.desired_revision);
+    drop(journal);
 
     // While the agent is down: one more code, one changed, one untouched.
     let bob = create_user(&mut s.admin, &s.site.clone(), "Bob").await?;
@@ -66,7 +69,7 @@ async fn restarted_agent_resumes_without_rewriting() -> anyhow::Result<()> {
     agent.stop().await?;
     let agent = s.start_agent();
     s.wait_synced().await?;
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    after_a_read_back(&s, &agent, &lock).await?;
     assert_eq!(s.sim(&lock)?.total_writes(), 2);
     assert_eq!(s.sim(&panel)?.total_writes(), 2);
     assert_eq!(
@@ -233,5 +236,166 @@ async fn agent_stopped_in_the_middle_of_a_batch_resumes_where_it_left_off() -> a
     }
     assert_eq!(sim.slots().len(), 10);
     agent.stop().await?;
+    Ok(())
+}
+
+/// A removal and an addition pending together on one device: the removal reaches the
+/// device first, and the device is read back before the addition (and so before
+/// the ack that covers both).
+#[tokio::test]
+async fn a_pending_removal_is_applied_and_read_back_before_an_addition() -> anyhow::Result<()> {
+    use keyplane_devices::DriverOp;
+    let mut s = Site::new().await?;
+    let alice = s.alice.clone();
+    let lock = s.lock.clone();
+    let old = s.credential(&alice, "9930", lock_scope(&[&lock])).await?;
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    agent.stop().await?;
+    let old_slot = slot_on(&old, &lock).expect("slot");
+
+    // While the agent is down: the old code revoked, a new one added.
+    let bob = create_user(&mut s.admin, &s.site.clone(), "Bob").await?;
+    let new = s.credential(&bob, "5566", lock_scope(&[&lock])).await?;
+    s.admin
+        .delete_credential(pb::DeleteCredentialRequest {
+            name: old.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let new_slot = slot_on(&new, &lock).expect("slot");
+    let mark = s.sim(&lock)?.driver_history().len();
+
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let history = s.sim(&lock)?.driver_history().split_off(mark);
+    let at = |op: DriverOp| history.iter().position(|o| *o == op);
+    let cleared = at(DriverOp::Clear(old_slot)).expect("the old code was cleared");
+    let set = at(DriverOp::Set(new_slot)).expect("the new code was written");
+    let read_back = history[cleared..]
+        .iter()
+        .position(|o| *o == DriverOp::ReadTable)
+        .map(|i| i + cleared)
+        .expect("read back after the clear");
+    assert!(
+        cleared < read_back && read_back < set,
+        "removal, read-back, then addition: {history:?}"
+    );
+    assert_eq!(s.sim(&lock)?.code_in(old_slot), None);
+    assert_eq!(s.sim(&lock)?.code_in(new_slot).as_deref(), Some("5566"));
+    agent.stop().await?;
+    Ok(())
+}
+
+/// The agent binary next to this test binary (`cargo nextest run --workspace`
+/// builds it).
+fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("keyplane-agent"))
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: build it (cargo build -p keyplane-agent) or run the workspace",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Starts the real agent process for `s`.
+fn spawn_agent(s: &Site) -> anyhow::Result<tokio::process::Child> {
+    Ok(tokio::process::Command::new(agent_binary()?)
+        .arg("--server")
+        .arg(&s.server.url)
+        .arg("--site")
+        .arg(&s.site)
+        .arg("--state-dir")
+        .arg(s.dir.path().join("state"))
+        .arg("--sim-dir")
+        .arg(s.dir.path().join("devices"))
+        .env("KEYPLANE_AGENT_TOKEN", &s.agent_token)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(s.dir.path().join("agent.log"))?)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// kill -9 of the agent process while it applies a 1,000-slot snapshot, then a
+/// restart: the device ends equal to the desired table, and no slot is written more
+/// than once beyond those whose device value differed from desired at the restart.
+#[tokio::test]
+async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result<()> {
+    let mut s = Site::with_lock_model("door-1000").await?;
+    let alice = s.alice.clone();
+    let door = s.lock.clone();
+    let mut wanted: std::collections::BTreeMap<u16, String> = Default::default();
+    let mut n: u32 = 0;
+    while wanted.len() < 1000 {
+        n += 1;
+        // Spread-out six-digit codes; one the site's rules refuse is skipped.
+        let pin = format!("{:06}", 100_000 + (n * 7_919 + 104_729) % 900_000);
+        let scope = pb::CredentialScope {
+            doors: vec![door.name.clone()],
+            ..Default::default()
+        };
+        match s.credential(&alice, &pin, scope).await {
+            Ok(c) => {
+                wanted.insert(slot_on(&c, &door).expect("slot"), pin);
+            }
+            Err(e) => anyhow::ensure!(n < 1500, "too many codes refused, last: {e}"),
+        }
+    }
+    // Slow enough writes that the kill lands mid-way.
+    s.sim(&door)?
+        .set_write_delay(std::time::Duration::from_millis(5))?;
+    let mut agent = spawn_agent(&s)?;
+    eventually(
+        "the agent is part-way through",
+        SYNC_TIMEOUT * 3,
+        || async { Ok((s.sim(&door)?.total_writes() >= 300).then_some(())) },
+    )
+    .await?;
+    agent.start_kill()?;
+    agent.wait().await?;
+
+    let sim = s.sim(&door)?;
+    let held = sim.slots();
+    let before: std::collections::BTreeMap<u16, u32> = wanted
+        .keys()
+        .map(|slot| (*slot, sim.writes(*slot)))
+        .collect();
+    let differed = wanted
+        .iter()
+        .filter(|(slot, pin)| held.get(slot) != Some(pin))
+        .count();
+    assert!(
+        differed > 0 && differed < 1000,
+        "killed mid-way: {differed}"
+    );
+    s.sim(&door)?.set_write_delay(std::time::Duration::ZERO)?;
+    let agent = spawn_agent(&s)?;
+    // Hundreds of writes remain, each journaled: a bound for a loaded machine.
+    eventually(
+        "the door holds the desired table",
+        SYNC_TIMEOUT * 6,
+        || async { Ok((s.sim(&door)?.slots() == wanted).then_some(())) },
+    )
+    .await?;
+    s.wait_synced().await?;
+    let sim = s.sim(&door)?;
+    assert_eq!(sim.slots(), wanted, "the device equals the desired table");
+    for (slot, pin) in &wanted {
+        let again = sim.writes(*slot) - before[slot];
+        let expected = u32::from(held.get(slot) != Some(pin));
+        assert_eq!(
+            again, expected,
+            "slot {slot} written {again} times after the restart"
+        );
+    }
+    drop(agent);
     Ok(())
 }

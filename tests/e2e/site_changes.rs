@@ -673,8 +673,9 @@ fn read_dir_text(dir: &std::path::Path) -> anyhow::Result<String> {
         let path = e?.path();
         if path.is_dir() {
             out.push_str(&read_dir_text(&path)?);
-        } else if let Ok(text) = std::fs::read_to_string(&path) {
-            out.push_str(&text);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            // The journal is a binary database whose rows are JSON text.
+            out.push_str(&String::from_utf8_lossy(&bytes));
         }
     }
     Ok(out)

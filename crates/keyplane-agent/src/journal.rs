@@ -1,16 +1,19 @@
 //! The agent's local journal: the desired table received from keyplaned, what the
-//! agent has written to each device, and the site revision it holds. Saved atomically
-//! (write, fsync, rename) after every device write, so a restarted agent knows exactly
-//! what is already on the devices and never writes it again. It holds PINs, so the
+//! agent has written to each device, and the site revision it holds. Kept in a redb
+//! database (`journal.redb`): every save is one small transaction holding only the
+//! rows that changed since the last one (a slot written is one row), so a restarted
+//! agent knows exactly what is already on the devices and never writes it again,
+//! without the whole journal being rewritten after each write. A JSON journal from
+//! an older agent is migrated on first start and then removed. It holds PINs, so the
 //! file is private to the agent's user (mode 0600).
 
 use chrono::{DateTime, Utc};
 use keyplane_core::authority::Level;
 use keyplane_core::plan::DesiredCode;
 use keyplane_core::schedule::Schedule;
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One slot's code as journaled.
@@ -90,7 +93,7 @@ impl From<DesiredCode> for Code {
 }
 
 /// What the journal knows about one device.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 pub struct DeviceJournal {
     /// Model profile id.
     pub model: String,
@@ -123,8 +126,29 @@ pub struct DeviceJournal {
     pub refused: BTreeMap<u16, String>,
 }
 
+impl std::fmt::Debug for DeviceJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Observed codes are PINs: only which slots hold something is shown.
+        f.debug_struct("DeviceJournal")
+            .field("model", &self.model)
+            .field("present", &self.present)
+            .field("desired", &self.desired)
+            .field("written", &self.written)
+            .field("acked", &self.acked)
+            .field("events_acked", &self.events_acked)
+            .field("lockdown_applied", &self.lockdown_applied)
+            .field(
+                "observed_slots",
+                &self.observed.as_ref().map(|o| o.keys().collect::<Vec<_>>()),
+            )
+            .field("remove_local", &self.remove_local)
+            .field("refused", &self.refused)
+            .finish()
+    }
+}
+
 /// The whole journal.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct Journal {
     /// Site revision whose desired table this journal holds.
     pub revision: i64,
@@ -138,6 +162,82 @@ pub struct Journal {
     pub devices: BTreeMap<String, DeviceJournal>,
     #[serde(skip)]
     path: PathBuf,
+    #[serde(skip)]
+    store: Option<Store>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("revision", &self.revision)
+            .field("time_zone", &self.time_zone)
+            .field("lockdown", &self.lockdown)
+            .field("devices", &self.devices)
+            .finish()
+    }
+}
+
+/// Rows: `meta` holds the site-wide fields; `devices` one header per device (its
+/// fields but the slot tables); `slots` one row per (device, table, slot).
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const SLOTS: TableDefinition<(&str, u8, u16), &[u8]> = TableDefinition::new("slots");
+const DESIRED: u8 = 0;
+const WRITTEN: u8 = 1;
+const OBSERVED: u8 = 2;
+
+/// The open database and what it holds now, to write only what changed.
+struct Store {
+    db: redb::Database,
+    meta: Vec<u8>,
+    devices: BTreeMap<String, SavedDevice>,
+}
+
+/// A device as last committed.
+#[derive(Default)]
+struct SavedDevice {
+    header: Vec<u8>,
+    desired: BTreeMap<u16, Code>,
+    written: BTreeMap<u16, Code>,
+    observed: BTreeMap<u16, Option<String>>,
+}
+
+/// Site-wide fields, as one row.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    revision: i64,
+    time_zone: String,
+    lockdown: bool,
+}
+
+/// A device's own fields (its slot tables are rows of their own).
+#[derive(Serialize, Deserialize)]
+struct Header {
+    model: String,
+    present: bool,
+    acked: i64,
+    events_acked: u64,
+    lockdown_applied: bool,
+    observed_known: bool,
+    observed_checksum: Option<u64>,
+    remove_local: std::collections::BTreeSet<u16>,
+    refused: BTreeMap<u16, String>,
+}
+
+impl Header {
+    fn of(d: &DeviceJournal) -> Header {
+        Header {
+            model: d.model.clone(),
+            present: d.present,
+            acked: d.acked,
+            events_acked: d.events_acked,
+            lockdown_applied: d.lockdown_applied,
+            observed_known: d.observed.is_some(),
+            observed_checksum: d.observed_checksum,
+            remove_local: d.remove_local.clone(),
+            refused: d.refused.clone(),
+        }
+    }
 }
 
 /// Why the journal could not be read or written.
@@ -159,90 +259,411 @@ pub enum JournalError {
         /// What failed to parse (serde's message; it names positions, not values).
         detail: String,
     },
+    /// The embedded database failed (its messages name pages and tables, never values).
+    #[error("journal {path}: {detail}")]
+    Store {
+        /// The journal path.
+        path: PathBuf,
+        /// redb's message.
+        detail: String,
+    },
+}
+
+fn to_json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>, JournalError> {
+    serde_json::to_vec(value).map_err(|e| JournalError::Corrupt {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, JournalError> {
+    serde_json::from_slice(bytes).map_err(|e| JournalError::Corrupt {
+        path: path.to_owned(),
+        detail: format!("line {} column {}", e.line(), e.column()),
+    })
 }
 
 impl Journal {
-    /// Opens the journal in `dir`, or starts an empty one.
+    /// Opens the journal in `dir`, or starts an empty one (migrating a JSON journal
+    /// left by an older agent).
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
         let io = |source| JournalError::Io {
             path: dir.to_owned(),
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let path = dir.join("journal.json");
-        let mut journal = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice::<Journal>(&bytes).map_err(|e| JournalError::Corrupt {
+        let path = dir.join("journal.redb");
+        let legacy = dir.join("journal.json");
+        {
+            // Created private before redb writes a single PIN into it.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|source| JournalError::Io {
                     path: path.clone(),
-                    detail: format!("line {} column {}", e.line(), e.column()),
-                })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal::default(),
-            Err(source) => return Err(JournalError::Io { path, source }),
+                    source,
+                })?;
+        }
+        let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let db = redb::Database::create(&path).map_err(|e| store_err(&e))?;
+        // No site row: nothing was ever committed here (a first start, or one
+        // that died before its first commit), so a JSON journal still rules.
+        let stored = load(&path, &db)?;
+        let fresh = stored.is_none();
+        let mut journal = match stored {
+            Some(j) => j,
+            None => match std::fs::read(&legacy) {
+                Ok(bytes) => from_json::<Journal>(&legacy, &bytes)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal::default(),
+                Err(source) => {
+                    return Err(JournalError::Io {
+                        path: legacy,
+                        source,
+                    });
+                }
+            },
         };
         journal.path = path;
+        journal.store = Some(Store {
+            db,
+            meta: Vec::new(),
+            devices: BTreeMap::new(),
+        });
+        if fresh {
+            // Everything is new to the store: the first save writes it all.
+            journal.save()?;
+            match std::fs::remove_file(&legacy) {
+                Ok(()) => tracing::info!("JSON journal migrated to journal.redb"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(JournalError::Io {
+                        path: legacy,
+                        source,
+                    });
+                }
+            }
+        } else {
+            let meta = to_json(&journal.path, &journal.meta())?;
+            let mut devices = BTreeMap::new();
+            for (name, d) in &journal.devices {
+                devices.insert(
+                    name.clone(),
+                    SavedDevice {
+                        header: to_json(&journal.path, &Header::of(d))?,
+                        desired: d.desired.clone(),
+                        written: d.written.clone(),
+                        observed: d.observed.clone().unwrap_or_default(),
+                    },
+                );
+            }
+            if let Some(store) = journal.store.as_mut() {
+                store.meta = meta;
+                store.devices = devices;
+            }
+        }
         Ok(journal)
     }
 
-    /// Writes the journal atomically.
-    pub fn save(&self) -> Result<(), JournalError> {
-        let io = |source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(self).map_err(|e| JournalError::Corrupt {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })?;
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
+    fn meta(&self) -> Meta {
+        Meta {
+            revision: self.revision,
+            time_zone: self.time_zone.clone(),
+            lockdown: self.lockdown,
         }
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
+    }
+
+    /// Commits what changed since the last save, in one transaction.
+    pub fn save(&mut self) -> Result<(), JournalError> {
+        let path = self.path.clone();
+        let meta = to_json(&path, &self.meta())?;
+        let Some(store) = self.store.as_mut() else {
+            return Ok(());
+        };
+        let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let txn = store.db.begin_write().map_err(|e| store_err(&e))?;
+        let mut changed = false;
+        {
+            let mut meta_t = txn.open_table(META).map_err(|e| store_err(&e))?;
+            let mut dev_t = txn.open_table(DEVICES).map_err(|e| store_err(&e))?;
+            let mut slot_t = txn.open_table(SLOTS).map_err(|e| store_err(&e))?;
+            if store.meta != meta {
+                meta_t
+                    .insert("site", meta.as_slice())
+                    .map_err(|e| store_err(&e))?;
+                store.meta = meta;
+                changed = true;
+            }
+            let gone: Vec<String> = store
+                .devices
+                .keys()
+                .filter(|n| !self.devices.contains_key(*n))
+                .cloned()
+                .collect();
+            for name in gone {
+                if let Some(saved) = store.devices.remove(&name) {
+                    dev_t.remove(name.as_str()).map_err(|e| store_err(&e))?;
+                    for (kind, slots) in [
+                        (DESIRED, saved.desired.keys().copied().collect::<Vec<_>>()),
+                        (WRITTEN, saved.written.keys().copied().collect()),
+                        (OBSERVED, saved.observed.keys().copied().collect()),
+                    ] {
+                        for slot in slots {
+                            slot_t
+                                .remove((name.as_str(), kind, slot))
+                                .map_err(|e| store_err(&e))?;
+                        }
+                    }
+                    changed = true;
+                }
+            }
+            for (name, d) in &self.devices {
+                let saved = store.devices.entry(name.clone()).or_default();
+                let header = to_json(&path, &Header::of(d))?;
+                if saved.header != header {
+                    dev_t
+                        .insert(name.as_str(), header.as_slice())
+                        .map_err(|e| store_err(&e))?;
+                    saved.header = header;
+                    changed = true;
+                }
+                for (kind, now, was) in [
+                    (DESIRED, &d.desired, &mut saved.desired),
+                    (WRITTEN, &d.written, &mut saved.written),
+                ] {
+                    // Equal tables (the common case) cost one comparison, no row.
+                    if now == was {
+                        continue;
+                    }
+                    changed = true;
+                    let removed: Vec<u16> = was
+                        .keys()
+                        .filter(|s| !now.contains_key(s))
+                        .copied()
+                        .collect();
+                    for slot in removed {
+                        slot_t
+                            .remove((name.as_str(), kind, slot))
+                            .map_err(|e| store_err(&e))?;
+                        was.remove(&slot);
+                    }
+                    for (slot, code) in now {
+                        if was.get(slot) != Some(code) {
+                            let bytes = to_json(&path, code)?;
+                            slot_t
+                                .insert((name.as_str(), kind, *slot), bytes.as_slice())
+                                .map_err(|e| store_err(&e))?;
+                            was.insert(*slot, code.clone());
+                        }
+                    }
+                }
+                let empty = BTreeMap::new();
+                let now = d.observed.as_ref().unwrap_or(&empty);
+                if *now != saved.observed {
+                    changed = true;
+                    let removed: Vec<u16> = saved
+                        .observed
+                        .keys()
+                        .filter(|s| !now.contains_key(s))
+                        .copied()
+                        .collect();
+                    for slot in removed {
+                        slot_t
+                            .remove((name.as_str(), OBSERVED, slot))
+                            .map_err(|e| store_err(&e))?;
+                        saved.observed.remove(&slot);
+                    }
+                    for (slot, code) in now {
+                        if saved.observed.get(slot) != Some(code) {
+                            let bytes = to_json(&path, code)?;
+                            slot_t
+                                .insert((name.as_str(), OBSERVED, *slot), bytes.as_slice())
+                                .map_err(|e| store_err(&e))?;
+                            saved.observed.insert(*slot, code.clone());
+                        }
+                    }
+                }
+            }
+        }
+        if changed {
+            txn.commit().map_err(|e| store_err(&e))?;
+        } else {
+            txn.abort().map_err(|e| store_err(&e))?;
         }
         Ok(())
     }
+}
+
+/// Reads a whole journal back from its rows.
+fn load(path: &Path, db: &redb::Database) -> Result<Option<Journal>, JournalError> {
+    let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
+    let txn = db.begin_read().map_err(|e| store_err(&e))?;
+    let mut journal = Journal::default();
+    let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
+    match txn.open_table(META) {
+        Ok(t) => {
+            let Some(v) = t.get("site").map_err(|e| store_err(&e))? else {
+                return Ok(None);
+            };
+            let meta: Meta = from_json(path, v.value())?;
+            journal.revision = meta.revision;
+            journal.time_zone = meta.time_zone;
+            journal.lockdown = meta.lockdown;
+        }
+        Err(e) if missing(&e) => return Ok(None),
+        Err(e) => return Err(store_err(&e)),
+    }
+    let dev_t = txn.open_table(DEVICES).map_err(|e| store_err(&e))?;
+    for row in dev_t.iter().map_err(|e| store_err(&e))? {
+        let (k, v) = row.map_err(|e| store_err(&e))?;
+        let h: Header = from_json(path, v.value())?;
+        journal.devices.insert(
+            k.value().to_owned(),
+            DeviceJournal {
+                model: h.model,
+                present: h.present,
+                acked: h.acked,
+                events_acked: h.events_acked,
+                lockdown_applied: h.lockdown_applied,
+                observed: h.observed_known.then(BTreeMap::new),
+                observed_checksum: h.observed_checksum,
+                remove_local: h.remove_local,
+                refused: h.refused,
+                ..DeviceJournal::default()
+            },
+        );
+    }
+    let slot_t = txn.open_table(SLOTS).map_err(|e| store_err(&e))?;
+    for row in slot_t.iter().map_err(|e| store_err(&e))? {
+        let (k, v) = row.map_err(|e| store_err(&e))?;
+        let (name, kind, slot) = k.value();
+        let Some(d) = journal.devices.get_mut(name) else {
+            continue;
+        };
+        match kind {
+            DESIRED => {
+                d.desired.insert(slot, from_json(path, v.value())?);
+            }
+            WRITTEN => {
+                d.written.insert(slot, from_json(path, v.value())?);
+            }
+            _ => {
+                d.observed
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(slot, from_json(path, v.value())?);
+            }
+        }
+    }
+    Ok(Some(journal))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn temp(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kp-journal-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn code(pin: &str) -> Code {
+        Code {
+            credential: "c".into(),
+            pin: pin.into(),
+            ..Code::default()
+        }
+    }
+
     #[test]
     fn survives_reopen_and_hides_pins_in_debug() {
-        let dir = std::env::temp_dir().join(format!("kp-journal-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = temp("reopen");
         let mut j = Journal::open(&dir).expect("open");
         assert_eq!(j.revision, 0);
         j.revision = 7;
-        let code = Code {
-            credential: "c".into(),
-            pin: "9930".into(),
-            ..Code::default()
-        };
+        j.time_zone = "Asia/Tokyo".into();
+        let d = j.devices.entry("d".into()).or_default();
+        d.written.insert(3, code("9930"));
+        d.desired.insert(3, code("9930"));
+        d.desired.insert(4, code("1111"));
+        d.observed = Some(BTreeMap::from([(3, Some("9930".into())), (9, None)]));
         j.devices
+            .entry("gone".into())
+            .or_default()
+            .written
+            .insert(1, code("2222"));
+        j.save().expect("save");
+        // Changes after the first commit: a slot cleared, one changed, a device dropped.
+        let d = j.devices.get_mut("d").expect("device");
+        d.desired.remove(&4);
+        d.written.insert(3, code("5555"));
+        d.acked = 7;
+        j.devices.remove("gone");
+        j.save().expect("save again");
+        drop(j);
+        let again = Journal::open(&dir).expect("reopen");
+        assert_eq!(again.revision, 7);
+        assert_eq!(again.time_zone, "Asia/Tokyo");
+        assert_eq!(again.devices.len(), 1);
+        let d = &again.devices["d"];
+        assert_eq!(d.written[&3], code("5555"));
+        assert_eq!(d.desired.keys().copied().collect::<Vec<_>>(), vec![3]);
+        assert_eq!(d.acked, 7);
+        assert_eq!(
+            d.observed,
+            Some(BTreeMap::from([(3, Some("9930".into())), (9, None)]))
+        );
+        assert!(!format!("{again:?}").contains("9930"));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("journal.redb"))
+                .expect("meta")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o077, 0, "the journal is private");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_json_journal_is_migrated_once_and_removed() {
+        let dir = temp("migrate");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut old = Journal {
+            revision: 5,
+            ..Journal::default()
+        };
+        old.devices
             .entry("d".into())
             .or_default()
             .written
-            .insert(3, code.clone());
-        j.save().expect("save");
+            .insert(2, code("4821"));
+        std::fs::write(
+            dir.join("journal.json"),
+            serde_json::to_vec(&old).expect("json"),
+        )
+        .expect("write");
+        let j = Journal::open(&dir).expect("migrate");
+        assert_eq!(j.revision, 5);
+        assert_eq!(j.devices["d"].written[&2], code("4821"));
+        assert!(!dir.join("journal.json").exists());
+        drop(j);
         let again = Journal::open(&dir).expect("reopen");
-        assert_eq!(again.revision, 7);
-        assert_eq!(again.devices["d"].written[&3], code);
-        assert!(!format!("{again:?}").contains("9930"));
+        assert_eq!(again.devices["d"].written[&2], code("4821"));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let dir = temp("corrupt");
+        std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("journal.json"), b"{not json").expect("write");
         let err = Journal::open(&dir).expect_err("corrupt");
         assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");

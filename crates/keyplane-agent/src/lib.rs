@@ -59,6 +59,42 @@ pub struct AgentConfig {
     /// Read every device's slot table back at least this often (battery locks
     /// drain when polled: keep it long; writes trigger a read anyway).
     pub observe_every: Duration,
+    /// Counts the agent's completed reconcile passes (tests wait on it instead of
+    /// sleeping; clones share the count).
+    pub passes: PassCounter,
+    /// Counts the agent's completed event polls (every device's log read once).
+    pub event_polls: PassCounter,
+}
+
+/// A count of completed reconcile passes that can be waited on.
+#[derive(Clone, Default)]
+pub struct PassCounter(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
+
+impl PassCounter {
+    /// Passes completed so far.
+    pub fn get(&self) -> u64 {
+        self.0.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records one completed pass and wakes whoever waits.
+    pub(crate) fn bump(&self) {
+        self.0.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.1.notify_waiters();
+    }
+
+    /// Waits until at least `count` passes have completed.
+    pub async fn reached(&self, count: u64) {
+        loop {
+            let notified = self.0.1.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a bump in between is not missed.
+            notified.as_mut().enable();
+            if self.get() >= count {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -115,6 +151,8 @@ impl AgentConfig {
             event_poll: Duration::from_millis(200),
             clock: Arc::new(SystemClock),
             observe_every: Duration::from_secs(60),
+            passes: PassCounter::default(),
+            event_polls: PassCounter::default(),
         }
     }
 }
@@ -135,6 +173,8 @@ pub async fn run(
     config.check()?;
     let mut agent = Agent::open(&config.state_dir, factory, config.clock.clone())?;
     agent.observe_every = config.observe_every;
+    agent.passes = config.passes.clone();
+    agent.event_polls = config.event_polls.clone();
     agent.reconcile_all(None).await;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     // Set when keyplaned refused the agent's credentials: the next attempt enrolls
@@ -481,6 +521,7 @@ async fn session(
         .await
         .map_err(|_| anyhow::anyhow!("outbound queue closed"))?;
     agent.stream_started();
+    agent.events_between_writes(config.event_poll, urgent.clone(), tx.clone());
     let mut request = tonic::Request::new(Prioritized {
         urgent: urgent_rx,
         routine: rx,

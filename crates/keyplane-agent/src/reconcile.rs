@@ -66,6 +66,23 @@ pub struct Agent {
     reported: HashMap<String, Vec<pb::ObservedSlot>>,
     /// Read every device back at least this often.
     pub observe_every: std::time::Duration,
+    /// Completed passes, for whoever waits on the agent's progress.
+    pub passes: crate::PassCounter,
+    /// Completed event polls, likewise.
+    pub event_polls: crate::PassCounter,
+    /// Devices read back since this agent started: the first pass for a device
+    /// plans against what it holds, not only against the journal (a write that
+    /// landed just before a crash is adopted, not written again).
+    read_since_start: std::collections::HashSet<String>,
+    /// While connected: (period, urgent, routine) for polling device events between
+    /// the writes of a long batch, so a duress code waits for one write at most,
+    /// not for the whole batch.
+    event_poll_between: Option<(
+        std::time::Duration,
+        mpsc::Sender<pb::AgentMessage>,
+        mpsc::Sender<pb::AgentMessage>,
+    )>,
+    last_event_poll: std::time::Instant,
     /// Codes a driver refused as unsupported, per (device, slot): not tried again
     /// (nor reported again) until keyplaned sends another code for the slot.
     refused: HashMap<(String, u16), DesiredCode>,
@@ -139,6 +156,11 @@ impl Agent {
             observed_at: HashMap::new(),
             reported: HashMap::new(),
             observe_every: std::time::Duration::from_secs(60),
+            passes: crate::PassCounter::default(),
+            event_polls: crate::PassCounter::default(),
+            read_since_start: std::collections::HashSet::new(),
+            event_poll_between: None,
+            last_event_poll: std::time::Instant::now(),
             refused: HashMap::new(),
             lockdown_refused: std::collections::HashSet::new(),
             findings_logged: HashMap::new(),
@@ -482,6 +504,33 @@ impl Agent {
                 self.events_sent.insert(name.clone(), event.seq);
             }
         }
+        self.last_event_poll = std::time::Instant::now();
+        self.event_polls.bump();
+    }
+
+    /// Polls device events every `period` between the writes of a reconcile pass,
+    /// on this stream's channels.
+    pub fn events_between_writes(
+        &mut self,
+        period: std::time::Duration,
+        urgent: mpsc::Sender<pb::AgentMessage>,
+        routine: mpsc::Sender<pb::AgentMessage>,
+    ) {
+        self.event_poll_between = Some((period, urgent, routine));
+    }
+
+    /// Polls events if a period has passed since the last poll (between writes).
+    async fn poll_events_if_due(&mut self) {
+        let Some((period, urgent, routine)) = self.event_poll_between.clone() else {
+            return;
+        };
+        if urgent.is_closed() {
+            self.event_poll_between = None;
+            return;
+        }
+        if self.last_event_poll.elapsed() >= period {
+            self.poll_events(&urgent, &routine).await;
+        }
     }
 
     /// Makes every device hold its desired table; acks devices that do (when
@@ -563,6 +612,7 @@ impl Agent {
                 }
             }
         }
+        self.passes.bump();
     }
 
     /// Asks a device what it says about itself, and queues an inventory entry for
@@ -608,6 +658,18 @@ impl Agent {
 
     /// Applies the planner's actions to one device; true when it is in sync.
     async fn reconcile_device(&mut self, name: &str) -> anyhow::Result<bool> {
+        if !self.read_since_start.contains(name)
+            && let Some(d) = self.journal.devices.get(name).filter(|d| d.present)
+            && let Some(model) = DeviceModel::find(&d.model)
+        {
+            let held = self.driver(name, model)?.read_slots().await?;
+            if let Some(entry) = self.journal.devices.get_mut(name) {
+                entry.observed = Some(held.into_iter().map(|o| (o.slot, o.code)).collect());
+                entry.observed_checksum = None;
+            }
+            self.journal.save()?;
+            self.read_since_start.insert(name.to_owned());
+        }
         let Some(device) = self.journal.devices.get(name) else {
             return Ok(true);
         };
@@ -704,7 +766,16 @@ impl Agent {
             return Ok(in_sync);
         }
         self.observe_due.insert(name.to_owned());
+        // Clears the device took, waiting for the read-back that confirms them.
+        let mut cleared: Vec<u16> = Vec::new();
         for action in actions {
+            // Revocations first: every clear is confirmed by reading the device back
+            // before the first code is added.
+            if matches!(action, SlotAction::Set { .. }) && !cleared.is_empty() {
+                in_sync &= self
+                    .confirm_clears(name, model, std::mem::take(&mut cleared))
+                    .await?;
+            }
             if let SlotAction::Set { slot, code } = &action
                 && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
             {
@@ -744,6 +815,12 @@ impl Agent {
             };
             let (revision, now) = (self.journal.revision, self.clock.now());
             match (done, &action) {
+                (Ok(()), SlotAction::Clear { slot }) => {
+                    // Stays journaled as written (so the next pass clears it again)
+                    // until the read-back shows the slot empty.
+                    cleared.push(*slot);
+                    continue;
+                }
                 (Ok(()), _) => {
                     self.reports
                         .write(name, report_slot, revision, clear, Outcome::done(), now);
@@ -791,8 +868,68 @@ impl Agent {
             }
             // Journal each write as it lands: a restart never repeats it.
             self.journal.save()?;
+            self.poll_events_if_due().await;
+        }
+        if !cleared.is_empty() {
+            in_sync &= self.confirm_clears(name, model, cleared).await?;
         }
         Ok(in_sync)
+    }
+
+    /// Reads the device back after clears and settles each one: a slot the device
+    /// shows empty is journaled cleared and reported done; one it still shows
+    /// occupied (or a read that failed) is reported unconfirmed (the status says
+    /// revocation_unconfirmed) and stays journaled as written, so the next pass
+    /// clears it again. True when every clear was confirmed.
+    async fn confirm_clears(
+        &mut self,
+        name: &str,
+        model: &'static DeviceModel,
+        cleared: Vec<u16>,
+    ) -> anyhow::Result<bool> {
+        let read = self.driver(name, model)?.read_slots().await;
+        let (revision, now) = (self.journal.revision, self.clock.now());
+        let held: Option<BTreeMap<u16, Option<String>>> = match &read {
+            Ok(slots) => Some(slots.iter().map(|o| (o.slot, o.code.clone())).collect()),
+            Err(e) => {
+                tracing::warn!(device = %name, error = %e, "clears not confirmed: the device could not be read back; will retry");
+                None
+            }
+        };
+        let occupied: std::collections::BTreeSet<u16> = held
+            .as_ref()
+            .map(|h| h.keys().copied().collect())
+            .unwrap_or_default();
+        let (confirmed, unconfirmed) =
+            keyplane_core::plan::settle_clears(&cleared, held.as_ref().map(|_| &occupied));
+        let entry: &mut DeviceJournal = self
+            .journal
+            .devices
+            .get_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
+        if let Some(h) = held {
+            entry.observed = Some(h);
+            entry.observed_checksum = None;
+        }
+        for slot in &confirmed {
+            entry.written.remove(slot);
+        }
+        self.journal.save()?;
+        for slot in &confirmed {
+            self.reports
+                .write(name, *slot, revision, true, Outcome::done(), now);
+        }
+        for slot in &unconfirmed {
+            tracing::warn!(device = %name, slot = %model.display_slot(*slot), "a cleared slot still shows occupied on read-back; cleared again next pass");
+            self.reports
+                .write(name, *slot, revision, true, Outcome::unconfirmed(), now);
+        }
+        if let Err(e) = read
+            && is_link_error(&anyhow::Error::from(e))
+        {
+            self.reports.reached(name, false, now);
+        }
+        Ok(unconfirmed.is_empty())
     }
 
     /// A code the device's driver cannot write as asked: whatever keyplane wrote in
@@ -947,6 +1084,8 @@ pub(crate) mod tests {
         device: String,
         model: &'static DeviceModel,
         slots: Slots,
+        /// Clears are answered Ok but do not take (a lost write).
+        sticky: Arc<std::sync::atomic::AtomicBool>,
     }
 
     #[async_trait::async_trait]
@@ -983,12 +1122,14 @@ pub(crate) mod tests {
                 .slots
                 .lock()
                 .map_err(|e| DeviceError::Io(e.to_string()))?;
-            slots.remove(&slot);
+            if !self.sticky.load(Ordering::Relaxed) {
+                slots.remove(&slot);
+            }
             Ok(())
         }
     }
 
-    struct BareFactory(Slots);
+    struct BareFactory(Slots, Arc<std::sync::atomic::AtomicBool>);
 
     impl DriverFactory for BareFactory {
         fn open(
@@ -1000,6 +1141,7 @@ pub(crate) mod tests {
                 device: device.to_owned(),
                 model,
                 slots: self.0.clone(),
+                sticky: self.1.clone(),
             }))
         }
     }
@@ -1066,14 +1208,62 @@ pub(crate) mod tests {
     }
 
     fn bare_agent(dir: &TempDir) -> (Agent, Slots) {
+        let (agent, slots, _) = sticky_agent(dir);
+        (agent, slots)
+    }
+
+    fn sticky_agent(dir: &TempDir) -> (Agent, Slots, Arc<std::sync::atomic::AtomicBool>) {
         let slots = Slots::default();
+        let sticky = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let agent = Agent::open(
             &dir.0,
-            Box::new(BareFactory(slots.clone())),
+            Box::new(BareFactory(slots.clone(), sticky.clone())),
             Arc::new(SystemClock),
         )
         .expect("agent");
-        (agent, slots)
+        (agent, slots, sticky)
+    }
+
+    #[tokio::test]
+    async fn a_clear_the_read_back_does_not_show_is_unconfirmed_not_acked_and_cleared_again() {
+        let dir = TempDir::new();
+        let (mut agent, slots, sticky) = sticky_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        let with = vec![code(DOOR, 3, "4821", false)];
+        agent
+            .apply(snapshot(1, false, &devices, with), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, DOOR), vec![1]);
+        sticky.store(true, Ordering::Relaxed);
+        agent
+            .apply(snapshot(2, false, &devices, vec![]), &tx)
+            .await
+            .expect("apply");
+        let mut reports = Vec::new();
+        let mut acked = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match msg.msg {
+                Some(pb::agent_message::Msg::WriteReport(r)) => {
+                    reports.push((r.slot, r.clear, r.outcome))
+                }
+                Some(pb::agent_message::Msg::Ack(a)) => acked.push(a.revision),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            reports,
+            vec![(3, true, pb::WriteOutcome::Unconfirmed as i32)],
+            "the revocation is reported unconfirmed"
+        );
+        assert!(acked.is_empty(), "not acked before the read-back shows it");
+        assert!(held(&slots).contains_key(&3));
+        // The next pass (level-triggered) clears it again; now it takes and is acked.
+        sticky.store(false, Ordering::Relaxed);
+        agent.reconcile_all(Some(&tx)).await;
+        assert!(held(&slots).is_empty());
+        assert_eq!(acks(&mut rx, DOOR), vec![2]);
     }
 
     fn held(slots: &Slots) -> BTreeMap<u16, String> {

@@ -29,6 +29,15 @@ impl Outcome {
         }
     }
 
+    /// The write went through but the read-back did not show it done.
+    pub(crate) fn unconfirmed() -> Outcome {
+        Outcome {
+            outcome: pb::WriteOutcome::Unconfirmed,
+            reason: String::new(),
+            partition: 0,
+        }
+    }
+
     /// The device refused the write for a reason that retrying the same write will
     /// not change; None for errors of the link (the device was not reached).
     pub(crate) fn refusal(e: &DeviceError) -> Option<Outcome> {

@@ -100,6 +100,19 @@ pub fn plan_device(
     clears.chain(clears_before_change).chain(sets).collect()
 }
 
+/// Settles clears the device accepted against a read-back of its occupied slots:
+/// (confirmed, unconfirmed). A slot still occupied is unconfirmed, and so is every
+/// clear when the device could not be read back (`occupied` None): a revocation is
+/// acked only once the device is seen without the code.
+pub fn settle_clears(
+    cleared: &[u16],
+    occupied: Option<&std::collections::BTreeSet<u16>>,
+) -> (Vec<u16>, Vec<u16>) {
+    cleared
+        .iter()
+        .partition(|slot| occupied.is_some_and(|held| !held.contains(slot)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +126,33 @@ mod tests {
     }
 
     type Table = BTreeMap<u16, DesiredCode>;
+
+    #[test]
+    fn clears_settle_only_when_the_read_back_shows_the_slot_empty() {
+        use std::collections::BTreeSet;
+        let held = |s: &[u16]| s.iter().copied().collect::<BTreeSet<u16>>();
+        type Case = (
+            &'static [u16],
+            Option<&'static [u16]>,
+            &'static [u16],
+            &'static [u16],
+        );
+        let cases: &[Case] = &[
+            (&[1, 2], Some(&[]), &[1, 2], &[]),
+            (&[1, 2], Some(&[2, 7]), &[1], &[2]),
+            (&[1, 2], None, &[], &[1, 2]),
+            (&[], Some(&[3]), &[], &[]),
+        ];
+        for (cleared, occupied, confirmed, unconfirmed) in cases {
+            let occupied = occupied.map(held);
+            let got = settle_clears(cleared, occupied.as_ref());
+            assert_eq!(
+                got,
+                (confirmed.to_vec(), unconfirmed.to_vec()),
+                "{cleared:?} {occupied:?}"
+            );
+        }
+    }
 
     /// A code open on weekday mornings, in `zone`.
     fn in_zone(zone: &str) -> DesiredCode {

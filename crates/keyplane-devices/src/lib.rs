@@ -14,8 +14,8 @@ mod sim;
 pub mod zwave;
 
 pub use sim::{
-    AccessOutcome, DeviceSummary, FoundDevice, PanelOutcome, SimReported, SimulatedDevice,
-    SimulatedSite, open_driver,
+    AccessOutcome, DeviceSummary, DriverOp, FoundDevice, PanelOutcome, SimReported,
+    SimulatedDevice, SimulatedSite, open_driver,
 };
 
 use keyplane_core::DeviceModel;

@@ -68,6 +68,26 @@ struct State {
     /// What the device reports about itself (test hook); absent: nothing.
     #[serde(default)]
     reported: Option<SimReported>,
+    /// Driver operations in the order the device took them (test hook).
+    #[serde(default)]
+    history: Vec<DriverOp>,
+    /// Checksum reads through the driver (test hook).
+    #[serde(default)]
+    checksum_reads: u32,
+    /// How long each driver write takes (a slow lock on a busy mesh), in ms.
+    #[serde(default)]
+    write_delay_ms: u64,
+}
+
+/// One driver operation a simulated device took, in order (test hook).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DriverOp {
+    /// A code written into the slot.
+    Set(u16),
+    /// The slot cleared.
+    Clear(u16),
+    /// The whole slot table read back.
+    ReadTable,
 }
 
 /// What a simulated device reports about itself: code lengths and code rules (by
@@ -129,6 +149,15 @@ impl State {
             Writer::Keypad => &mut self.keypad_writes,
         };
         *log.entry(slot).or_default() += 1;
+        if matches!(by, Writer::Driver) {
+            // Counted after the change: an occupied slot was just written.
+            let op = if self.slots.contains_key(&slot) {
+                DriverOp::Set(slot)
+            } else {
+                DriverOp::Clear(slot)
+            };
+            self.history.push(op);
+        }
     }
 }
 
@@ -508,6 +537,33 @@ impl SimulatedDevice {
         })
     }
 
+    /// Makes every driver write take `delay` (a slow device; zero: instant).
+    pub fn set_write_delay(&mut self, delay: std::time::Duration) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.write_delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            Ok(())
+        })
+    }
+
+    /// Checksum reads made through the driver so far (test hook).
+    pub fn checksum_reads(&self) -> u32 {
+        self.inspect(|s| s.checksum_reads)
+    }
+
+    /// Driver operations in the order the device took them (test hook).
+    pub fn driver_history(&self) -> Vec<DriverOp> {
+        self.inspect(|s| s.history.clone())
+    }
+
+    /// Waits as long as one write takes on this device, then checks it answers.
+    async fn writable(&self) -> Result<(), DeviceError> {
+        let delay = self.inspect(|s| s.write_delay_ms);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        self.reachable()
+    }
+
     /// Refuses a driver operation while the device is unreachable.
     fn reachable(&self) -> Result<(), DeviceError> {
         self.with_state(|s| {
@@ -631,6 +687,7 @@ impl DeviceDriver for SimulatedDevice {
     async fn read_checksum(&mut self) -> Result<Option<u64>, DeviceError> {
         self.reachable()?;
         self.with_state(|s| {
+            s.checksum_reads += u32::from(s.checksum);
             Ok(s.checksum.then(|| {
                 // FNV-1a over slot and code: any change of any code changes it.
                 s.slots
@@ -649,6 +706,7 @@ impl DeviceDriver for SimulatedDevice {
         self.reachable()?;
         self.with_state(|s| {
             s.table_reads += 1;
+            s.history.push(DriverOp::ReadTable);
             Ok(s.slots
                 .iter()
                 .map(|(slot, code)| ObservedSlot {
@@ -660,12 +718,12 @@ impl DeviceDriver for SimulatedDevice {
     }
 
     async fn set_slot(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
-        self.reachable()?;
+        self.writable().await?;
         self.set(slot, code, Writer::Driver)
     }
 
     async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
-        self.reachable()?;
+        self.writable().await?;
         self.clear(slot, Writer::Driver)
     }
 
@@ -676,7 +734,7 @@ impl DeviceDriver for SimulatedDevice {
         authorities: &[(u8, Level)],
         open_close_reporting: bool,
     ) -> Result<(), DeviceError> {
-        self.reachable()?;
+        self.writable().await?;
         self.with_state(|state| {
             // Like a VISTA keypad: no user programming while armed.
             if let Some(partition) = state.armed.keys().next() {
@@ -704,7 +762,7 @@ impl DeviceDriver for SimulatedDevice {
         schedules: Option<&[Schedule]>,
         time_zone: &str,
     ) -> Result<(), DeviceError> {
-        self.reachable()?;
+        self.writable().await?;
         self.with_state(|state| {
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());

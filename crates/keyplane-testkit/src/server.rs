@@ -456,9 +456,29 @@ pub struct TestAgent {
     pub sim_dir: PathBuf,
     shutdown: CancellationToken,
     handle: JoinHandle<anyhow::Result<()>>,
+    passes: keyplane_agent::PassCounter,
+    event_polls: keyplane_agent::PassCounter,
 }
 
 impl TestAgent {
+    /// Waits until the agent has completed `more` reconcile passes after now: every
+    /// pass that began after the call has finished, so what it would do is done
+    /// (bounded by a generous timeout, not a measure).
+    pub async fn passes(&self, more: u64) -> anyhow::Result<()> {
+        let target = self.passes.get() + more;
+        tokio::time::timeout(Duration::from_secs(30), self.passes.reached(target))
+            .await
+            .map_err(|_| anyhow::anyhow!("the agent did not complete {more} passes"))
+    }
+
+    /// Waits until the agent has completed `more` event polls after now.
+    pub async fn event_polls(&self, more: u64) -> anyhow::Result<()> {
+        let target = self.event_polls.get() + more;
+        tokio::time::timeout(Duration::from_secs(30), self.event_polls.reached(target))
+            .await
+            .map_err(|_| anyhow::anyhow!("the agent did not complete {more} event polls"))
+    }
+
     /// Starts an agent for `site` with state in `dir/state` and devices in `dir/devices`.
     pub fn start(server: &str, site: &str, token: &str, dir: &Path) -> TestAgent {
         let factory = Box::new(SimulatorFactory::new(dir.join("devices")));
@@ -518,6 +538,8 @@ impl TestAgent {
         factory: Box<dyn DriverFactory>,
     ) -> TestAgent {
         let state_dir = config.state_dir.clone();
+        let passes = config.passes.clone();
+        let event_polls = config.event_polls.clone();
         let sim_dir = dir.join("devices");
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_agent::run(config, factory, shutdown.clone()));
@@ -526,6 +548,8 @@ impl TestAgent {
             sim_dir,
             shutdown,
             handle,
+            passes,
+            event_polls,
         }
     }
 
