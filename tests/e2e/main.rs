@@ -12,6 +12,7 @@ mod doors;
 mod edges;
 mod enroll;
 mod fixture;
+mod keys;
 mod local;
 mod panel;
 mod race;
