@@ -13,6 +13,7 @@ mod edges;
 mod enroll;
 mod fixture;
 mod keys;
+mod limits;
 mod local;
 mod panel;
 mod race;

@@ -2,8 +2,52 @@
 
 use super::*;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
+
+/// The most WatchEvents streams one dealer may hold open on one replica: each is a
+/// task polling the database, so a dealer opening thousands would starve every tenant.
+pub const MAX_WATCHES_PER_DEALER: usize = 16;
+
+/// Open WatchEvents streams per dealer.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Watches(Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>);
+
+/// One open stream; frees its place when the stream's task ends.
+pub(super) struct WatchGuard {
+    watches: Watches,
+    dealer: uuid::Uuid,
+}
+
+impl Watches {
+    fn acquire(&self, dealer: uuid::Uuid) -> Result<WatchGuard, Status> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(dealer).or_default();
+        if *n >= MAX_WATCHES_PER_DEALER {
+            return Err(Status::resource_exhausted(format!(
+                "this dealer already has {MAX_WATCHES_PER_DEALER} WatchEvents streams open on this server: close one first (one stream with parent sites/- watches every site)"
+            )));
+        }
+        *n += 1;
+        Ok(WatchGuard {
+            watches: self.clone(),
+            dealer,
+        })
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let mut open = self.watches.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.dealer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.dealer);
+            }
+        }
+    }
+}
 
 /// The stream of WatchEvents.
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
@@ -48,12 +92,14 @@ pub(super) async fn watch(
         .event_list(actor.dealer, site, req.after_cursor, 1)
         .await
         .map_err(store_status)?;
+    let guard = api.watches.acquire(actor.dealer)?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let store = api.store.clone();
     let mut bell = api.bell.subscribe();
     let shutdown = api.shutdown.clone();
     let mut cursor = req.after_cursor;
     tokio::spawn(async move {
+        let _guard = guard;
         // Other replicas store events too: re-check on a timer as well as on the bell.
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {

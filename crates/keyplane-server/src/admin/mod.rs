@@ -11,6 +11,7 @@ mod backup;
 mod credential;
 mod device;
 mod event;
+pub use event::MAX_WATCHES_PER_DEALER;
 mod holiday;
 mod local;
 mod partition;
@@ -45,6 +46,7 @@ pub struct AdminApi {
     hub: Hub,
     bell: EventBell,
     shutdown: CancellationToken,
+    watches: event::Watches,
 }
 
 impl AdminApi {
@@ -55,6 +57,7 @@ impl AdminApi {
             hub,
             bell,
             shutdown,
+            watches: Default::default(),
         }
     }
 
