@@ -4,6 +4,7 @@
 
 mod agent;
 mod api;
+mod audit;
 mod authority;
 mod bad_input;
 mod by_hand;

@@ -14,6 +14,7 @@
 
 mod access_plan;
 mod agent_identity;
+mod audit;
 mod auth;
 mod authority;
 mod backup;
@@ -37,6 +38,7 @@ mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
+pub use audit::{AuditFilter, AuditRecord};
 pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};
 pub use backup::BackupPool;
 pub use crypto::{PinKey, new_token, token_hash};

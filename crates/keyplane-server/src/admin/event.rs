@@ -137,3 +137,73 @@ pub(super) async fn watch(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     )))
 }
+
+pub(super) async fn audit_list(
+    api: &AdminApi,
+    request: Request<pb::ListAuditLogRequest>,
+) -> Res<pb::ListAuditLogResponse> {
+    let (actor, req) = dealer_call(request)?;
+    let site = if req.parent == "sites/-" {
+        None
+    } else {
+        Some(parse("parent", &req.parent, SiteName::parse)?.site)
+    };
+    if req.actor.len() > 200 {
+        return Err(Status::invalid_argument("actor must be at most 200 bytes"));
+    }
+    let user = if req.user.is_empty() {
+        None
+    } else {
+        let user = parse("user", &req.user, UserName::parse)?;
+        if site.is_some_and(|s| s != user.site) {
+            return Err(Status::invalid_argument(
+                "user must be a user of the parent site",
+            ));
+        }
+        Some(user.to_string())
+    };
+    let time = |field: &str, t: &Option<prost_types::Timestamp>| {
+        t.as_ref().map(|t| fields::timestamp(field, t)).transpose()
+    };
+    let filter = store::AuditFilter {
+        site,
+        actor: (!req.actor.is_empty()).then(|| req.actor.clone()),
+        resource_under: user,
+        start: time("start_time", &req.start_time)?,
+        end: time("end_time", &req.end_time)?,
+    };
+    // The token is bound to the parent and every filter: a token of another query is
+    // refused instead of silently skipping records.
+    let list = format!(
+        "ListAuditLog {} {:?} {:?} {:?} {:?}",
+        req.parent, filter.actor, filter.resource_under, filter.start, filter.end
+    );
+    let (after, limit) = page_cursor(&list, req.page_size, &req.page_token)?;
+    let records = api
+        .store
+        .audit_list(actor.dealer, &filter, after, limit + 1)
+        .await
+        .map_err(store_status)?;
+    let (records, next_page_token) = page_split(&list, records, limit, |r| r.id.to_string());
+    Ok(Response::new(pb::ListAuditLogResponse {
+        records: records
+            .iter()
+            .map(|r| pb::AuditRecord {
+                id: r.id,
+                site: r
+                    .site
+                    .map(|s| SiteName { site: s }.to_string())
+                    .unwrap_or_default(),
+                actor: r.actor.clone(),
+                action: r.action.clone(),
+                resource: r.resource.clone(),
+                peer: r.peer.clone().unwrap_or_default(),
+                detail_json: r.detail.clone(),
+                create_time: Some(prost_types::Timestamp::from(std::time::SystemTime::from(
+                    r.create_time,
+                ))),
+            })
+            .collect(),
+        next_page_token,
+    }))
+}

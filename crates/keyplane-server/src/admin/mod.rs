@@ -411,6 +411,13 @@ impl AdminService for AdminApi {
         event::watch(self, request).await
     }
 
+    async fn list_audit_log(
+        &self,
+        request: Request<pb::ListAuditLogRequest>,
+    ) -> Res<pb::ListAuditLogResponse> {
+        event::audit_list(self, request).await
+    }
+
     async fn list_local_codes(
         &self,
         request: Request<pb::ListLocalCodesRequest>,
