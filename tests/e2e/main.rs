@@ -13,6 +13,7 @@ mod doors;
 mod edges;
 mod enroll;
 mod fixture;
+mod isolation;
 mod keys;
 mod limits;
 mod local;
