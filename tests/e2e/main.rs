@@ -20,6 +20,7 @@ mod local;
 mod panel;
 mod race;
 mod readme;
+mod redaction;
 mod restart;
 mod round_trips;
 mod schedules;
