@@ -13,6 +13,7 @@ mod doors;
 mod edges;
 mod enroll;
 mod fixture;
+mod fuzz_admin;
 mod isolation;
 mod keys;
 mod limits;
