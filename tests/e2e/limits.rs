@@ -84,3 +84,51 @@ async fn an_oversized_request_is_refused_before_it_is_read() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// An agent report with more slots than any device, or a slot twice, ends the stream
+/// with INVALID_ARGUMENT and stores nothing.
+#[tokio::test]
+async fn oversized_or_repeated_observed_slots_are_refused() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt;
+    // The test kit's agent channel speaks TLS only.
+    let s = Site::tls().await?;
+    let slot = |n: i32| pb::ObservedSlot {
+        slot: n,
+        state: pb::ObservedState::Foreign as i32,
+        pin: "2718".into(),
+    };
+    for slots in [
+        (1..=(keyplane_server::agent::MAX_OBSERVED_SLOTS as i32 + 1))
+            .map(slot)
+            .collect::<Vec<_>>(),
+        vec![slot(3), slot(3)],
+    ] {
+        let (mut stream, tx) = s.server.sync(None, Some(&s.agent_token), &s.site).await?;
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Observed(pb::ObservedSlots {
+                device: s.lock.name.clone(),
+                slots,
+            })),
+        })
+        .await?;
+        let err = loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => anyhow::bail!("the stream ended without a status"),
+            }
+        };
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        drop(tx);
+    }
+    let stored: i64 = s
+        .server
+        .db
+        .client()
+        .await?
+        .query_one("SELECT count(*) FROM observed_slot", &[])
+        .await?
+        .get(0);
+    assert_eq!(stored, 0);
+    Ok(())
+}
