@@ -53,13 +53,13 @@ const MUST_COVER: &[&str] = &[
 /// Everything a refused request could have changed: every row of every table (but
 /// what only an agent writes), and the simulated devices.
 #[derive(Debug, PartialEq, Eq)]
-struct Fingerprint {
-    tables: BTreeMap<String, String>,
+pub(crate) struct Fingerprint {
+    pub(crate) tables: BTreeMap<String, String>,
     panel: BTreeMap<u16, String>,
     lock: BTreeMap<u16, String>,
 }
 
-async fn fingerprint_with(s: &Site, agent_runs: bool) -> anyhow::Result<Fingerprint> {
+pub(crate) async fn fingerprint_with(s: &Site, agent_runs: bool) -> anyhow::Result<Fingerprint> {
     let client = s.server.db.client().await?;
     let names: Vec<String> = client
         .query(

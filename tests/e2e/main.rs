@@ -4,6 +4,7 @@
 
 mod agent;
 mod api;
+mod audit;
 mod authority;
 mod bad_input;
 mod by_hand;
@@ -12,10 +13,15 @@ mod doors;
 mod edges;
 mod enroll;
 mod fixture;
+mod fuzz_admin;
+mod isolation;
+mod keys;
+mod limits;
 mod local;
 mod panel;
 mod race;
 mod readme;
+mod redaction;
 mod restart;
 mod round_trips;
 mod schedules;

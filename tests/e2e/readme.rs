@@ -95,6 +95,10 @@ const STEPS: &[Step] = &[
     },
     step(&["ListEvents"], &["\"kind\": \"LOCKDOWN\""]),
     step(
+        &["ListAuditLog"],
+        &["\"resource\": \"$ALICE", "\"actor\": \""],
+    ),
+    step(
         &["CreateCredential", "generate_pin"],
         &["\"displayName\": \"Spare\"", "\"pin\": \""],
     ),

@@ -18,6 +18,9 @@ use crate::hub::Hub;
 use keyplane_core::DeviceModel;
 use keyplane_core::names::{DeviceName, SiteName};
 
+/// The most slots one ObservedSlots may carry (the largest panel has a few hundred).
+pub const MAX_OBSERVED_SLOTS: usize = 1024;
+
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_server::AgentService;
 use keyplane_store::{
@@ -473,6 +476,22 @@ impl Session {
             return Err(Status::permission_denied(format!(
                 "observed.device {} is not a device of sites/{}",
                 observed.device, self.site
+            )));
+        }
+        // Each slot costs a seal, an INSERT and maybe an audit row: no device has more
+        // than MAX_OBSERVED_SLOTS, and a slot is reported once. (Numbers outside the
+        // device's range are ignored by the store, which knows the model.)
+        if observed.slots.len() > MAX_OBSERVED_SLOTS {
+            return Err(Status::invalid_argument(format!(
+                "observed.slots: {} slots, more than any device has ({MAX_OBSERVED_SLOTS})",
+                observed.slots.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(observed.slots.len());
+        if let Some(dup) = observed.slots.iter().find(|o| !seen.insert(o.slot)) {
+            return Err(Status::invalid_argument(format!(
+                "observed.slots: slot {} reported twice",
+                dup.slot
             )));
         }
         let mut slots = Vec::with_capacity(observed.slots.len());

@@ -33,6 +33,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tower_layer::Layer;
 
+/// The largest AdminService request decoded (tonic's default is 4 MiB): the largest
+/// legitimate request (a credential with its scope and schedules, an access plan with
+/// its holidays) is a few KiB.
+pub const MAX_ADMIN_MESSAGE: usize = 1024 * 1024;
+
+/// The largest agent stream message decoded: an ObservedSlots of the largest panel
+/// (a few hundred slots, each a few dozen bytes) fits many times over.
+pub const MAX_AGENT_MESSAGE: usize = 256 * 1024;
+
 /// Everything `serve` needs. Debug shows no password of the database URL.
 #[derive(Clone)]
 pub struct Config {
@@ -199,9 +208,15 @@ pub async fn serve(
         .build_v1alpha()?;
 
     // Every AdminService call is authenticated before it reaches a handler.
-    let admin = auth::DealerAuthLayer::new(store.clone()).layer(AdminServiceServer::new(
-        admin::AdminApi::new(store.clone(), hub.clone(), bell.clone(), shutdown.clone()),
-    ));
+    let admin = auth::DealerAuthLayer::new(store.clone()).layer(
+        AdminServiceServer::new(admin::AdminApi::new(
+            store.clone(),
+            hub.clone(),
+            bell.clone(),
+            shutdown.clone(),
+        ))
+        .max_decoding_message_size(MAX_ADMIN_MESSAGE),
+    );
     // Small request/response messages: without NODELAY, Nagle and delayed ACKs
     // add ~40 ms to every call on loopback.
     let incoming = TcpIncoming::from(listener)
@@ -213,13 +228,16 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(admin)
-        .add_service(AgentServiceServer::new(agent::AgentApi::new(
-            store.clone(),
-            hub,
-            bell,
-            shutdown.clone(),
-            config.ca.clone(),
-        )))
+        .add_service(
+            AgentServiceServer::new(agent::AgentApi::new(
+                store.clone(),
+                hub,
+                bell,
+                shutdown.clone(),
+                config.ca.clone(),
+            ))
+            .max_decoding_message_size(MAX_AGENT_MESSAGE),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     poller.abort();

@@ -60,12 +60,29 @@ enum Command {
         /// Where to write the key; an existing file is never overwritten.
         #[arg(long)]
         out: PathBuf,
+        /// Start a rotation: also copy the keys of this key file into the new one, after
+        /// the new key (which becomes the current key; the old ones stay readable).
+        #[arg(long)]
+        keep_from: Option<PathBuf>,
     },
-    /// Print the key id of a PIN key file (what the database records and errors name).
+    /// Print the key ids of a PIN key file (what the database records and errors name):
+    /// the current key, then any older ones.
     KeyId {
         /// The key file.
         #[arg(long, env = "KEYPLANE_PIN_KEY_FILE")]
         pin_key_file: PathBuf,
+    },
+    /// Re-seal every PIN under the key file's current key and rebuild every PIN hash,
+    /// one site per transaction, while keyplaned serves; afterwards the older keys can
+    /// be removed from the key file. Run it once every replica serves with the new key
+    /// file (see docs/SECURITY.md, "Rotating the PIN key").
+    RotateKeys {
+        /// The key file: the new key first, the old ones after it.
+        #[arg(long, env = "KEYPLANE_PIN_KEY_FILE")]
+        pin_key_file: Option<PathBuf>,
+        /// Sites listed per round (each site is still its own transaction).
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -170,7 +187,7 @@ fn warn_if_readable_by_others(path: &Path) {
     }
 }
 
-fn keygen(out: &Path) -> anyhow::Result<PinKey> {
+fn keygen(out: &Path, older: Option<&str>) -> anyhow::Result<PinKey> {
     if out.exists() {
         anyhow::bail!(
             "{} already exists: a key file is never overwritten (PINs sealed with it would be lost)",
@@ -190,8 +207,14 @@ fn keygen(out: &Path) -> anyhow::Result<PinKey> {
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
-    write_private(out, &hex::encode(bytes))?;
-    Ok(PinKey::from_bytes(bytes))
+    // One key a line, the current one first; older keys follow during a rotation.
+    let mut text = format!("{}\n", hex::encode(bytes));
+    if let Some(older) = older {
+        text.push_str(older.trim());
+        text.push('\n');
+    }
+    write_private(out, &text)?;
+    PinKey::from_hex(&text).map_err(Into::into)
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -272,9 +295,21 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(shutdown_signal(shutdown.clone()));
             keyplane_server::serve(config, listener, shutdown).await
         }
-        Command::Keygen { out } => {
-            let key = keygen(out)?;
+        Command::Keygen { out, keep_from } => {
+            let older = match keep_from {
+                Some(path) => {
+                    let text = read(path)?;
+                    let older = PinKey::from_hex(&text)
+                        .with_context(|| format!("PIN keys in {}", path.display()))?;
+                    Some((text, older))
+                }
+                None => None,
+            };
+            let key = keygen(out, older.as_ref().map(|(text, _)| text.as_str()))?;
             println!("key_id: {}", key.id());
+            for id in older.iter().flat_map(|(_, k)| k.ids()) {
+                println!("older_key_id: {id}");
+            }
             println!(
                 "wrote {} (mode 0600): back it up apart from the database; every replica needs this same key",
                 out.display()
@@ -297,6 +332,36 @@ async fn main() -> anyhow::Result<()> {
         Command::KeyId { pin_key_file } => {
             let key = load_key(None, Some(pin_key_file))?;
             println!("key_id: {}", key.id());
+            for id in key.ids().iter().skip(1) {
+                println!("older_key_id: {id}");
+            }
+            Ok(())
+        }
+        Command::RotateKeys {
+            pin_key_file,
+            batch,
+        } => {
+            let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
+            let key = load_key(pin_key.as_deref(), pin_key_file.as_deref())?;
+            let store = Store::connect(&database_url(&cli)?, 2, key.clone())?;
+            store.migrate().await?;
+            store.key_check().await?;
+            let report = store.rotate_pin_keys(*batch).await?;
+            println!(
+                "rotated to key {}: {} site(s), {} code(s), {} observed code(s) re-sealed and re-hashed",
+                key.id(),
+                report.sites,
+                report.credentials,
+                report.observed
+            );
+            if key.ids().len() > 1 {
+                println!(
+                    "the database now needs only key {}: once every replica runs with this key file, \
+                     the older keys may be removed from it (keep the backups of the old file until \
+                     no database backup made before the rotation is needed)",
+                    key.id()
+                );
+            }
             Ok(())
         }
         Command::Migrate => {
@@ -370,13 +435,22 @@ mod tests {
         );
         assert!(!path.exists(), "a missing key file is not created");
 
-        let made = keygen(&path).expect("keygen");
+        let made = keygen(&path, None).expect("keygen");
         assert_eq!(load_key(None, Some(&path)).expect("load").id(), made.id());
         assert!(
-            keygen(&path).is_err(),
+            keygen(&path, None).is_err(),
             "an existing key file is never overwritten"
         );
         assert_eq!(load_key(None, Some(&path)).expect("load").id(), made.id());
+        // A rotation's key file: the new key current, the old one still readable.
+        let next = dir.join("pin.key.next");
+        let old = std::fs::read_to_string(&path).expect("old");
+        let rotated = keygen(&next, Some(&old)).expect("keygen --keep-from");
+        let loaded = load_key(None, Some(&next)).expect("load ring");
+        assert_eq!(loaded.ids(), rotated.ids());
+        assert_eq!(loaded.ids().len(), 2);
+        assert_eq!(loaded.ids()[1], made.id());
+        assert_ne!(loaded.id(), made.id());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -698,7 +698,7 @@ impl Store {
         new: &NewCredential,
         key: Option<&RequestKey>,
     ) -> Result<Credential, StoreError> {
-        let pin_hash = self.key().pin_hash(site, &new.pin);
+        let pin_hash = self.site_pin_hash(site, &new.pin)?;
         in_txn!(self, "credential_create", |tx| {
             let loaded = load_in_txn(
                 &tx,
@@ -839,7 +839,11 @@ impl Store {
         patch: &CredentialPatch,
         etag: &str,
     ) -> Result<Credential, StoreError> {
-        let new_hash = patch.pin.as_ref().map(|pin| self.key().pin_hash(site, pin));
+        let new_hash = patch
+            .pin
+            .as_ref()
+            .map(|pin| self.site_pin_hash(site, pin))
+            .transpose()?;
         // The load adds the devices the credential is scoped to now.
         let devices = patch.scope.as_ref().map(devices_param).unwrap_or_default();
         in_txn!(self, "credential_update", |tx| {
@@ -897,7 +901,7 @@ impl Store {
             };
             let pin_hash = match &new_hash {
                 Some(h) => h.clone(),
-                None => self.key().pin_hash(site, &pin),
+                None => self.site_pin_hash(site, &pin)?,
             };
             loaded.pin_check(&targets, &pin)?;
 

@@ -52,6 +52,12 @@ impl StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::Pool(e.to_string())
+        match e {
+            deadpool_postgres::PoolError::Timeout(_) => StoreError::ResourceExhausted(format!(
+                "the server is busy: no database connection came free within {} s; retry shortly",
+                crate::POOL_WAIT.as_secs()
+            )),
+            e => StoreError::Pool(e.to_string()),
+        }
     }
 }

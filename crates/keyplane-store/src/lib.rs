@@ -14,6 +14,7 @@
 
 mod access_plan;
 mod agent_identity;
+mod audit;
 mod auth;
 mod authority;
 mod backup;
@@ -26,6 +27,7 @@ mod migrate;
 mod observed;
 mod partition;
 mod plan;
+mod rotate;
 mod rules;
 mod site;
 mod status;
@@ -36,6 +38,7 @@ mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
+pub use audit::{AuditFilter, AuditRecord};
 pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};
 pub use backup::BackupPool;
 pub use crypto::{PinKey, new_token, token_hash};
@@ -44,6 +47,7 @@ pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
+pub use rotate::RotationReport;
 pub use status::{AssignmentFacts, DeviceFindings, EvaluatedSlot, SlotStatusFacts, StatusEvent};
 pub use sync::SiteChange;
 pub use types::*;
@@ -51,6 +55,7 @@ pub use types::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
+use uuid::Uuid;
 
 /// The transaction type every `_in_txn` function takes: deadpool's, which holds the
 /// connection's statement cache.
@@ -196,6 +201,12 @@ macro_rules! in_txn {
                 Err(e) => Err(e),
             };
             match result {
+                Err(e) if $store.hash_key_refused(&e) => {
+                    break Err($crate::StoreError::Aborted(
+                        "the site's PIN keys changed during the request (key rotation): retry it"
+                            .into(),
+                    ));
+                }
                 Err(e) if e.is_retryable() && attempt < 5 => {
                     tracing::debug!(txn = $label, attempt, "retrying transaction");
                     continue;
@@ -206,6 +217,51 @@ macro_rules! in_txn {
     }};
 }
 pub(crate) use in_txn;
+
+/// What this replica believes each site hashes its PINs under (`site.pin_hash_key`):
+/// `None` untagged under the legacy key. Sites not listed use the default.
+#[derive(Default)]
+pub(crate) struct HashKeys {
+    inner: std::sync::Mutex<HashKeysInner>,
+}
+
+#[derive(Default)]
+struct HashKeysInner {
+    /// The default for sites not listed; `None` untagged.
+    default: Option<String>,
+    /// The key untagged hashes are under (`pin_key_in_use.key_id`), once known.
+    legacy: Option<String>,
+    sites: std::collections::HashMap<Uuid, Option<String>>,
+}
+
+impl HashKeys {
+    fn of(&self, site: Uuid, current: &str) -> (Option<String>, String) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = g
+            .sites
+            .get(&site)
+            .cloned()
+            .unwrap_or_else(|| g.default.clone());
+        (key, g.legacy.clone().unwrap_or_else(|| current.to_owned()))
+    }
+
+    fn learn(&self, key: Option<String>) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sites.clear();
+        g.default = key;
+    }
+
+    pub(crate) fn set_site(&self, site: Uuid, key: Option<String>) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.sites.insert(site, key);
+    }
+
+    fn set_defaults(&self, default: Option<String>, legacy: String) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.default = default;
+        g.legacy = Some(legacy);
+    }
+}
 
 /// Key ids of PINs sealed in the database, with how many rows each holds.
 async fn sealed_key_ids(
@@ -225,11 +281,16 @@ async fn sealed_key_ids(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// How long a request waits for a pooled database connection before it is refused
+/// with RESOURCE_EXHAUSTED.
+pub const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Handle to the database: a connection pool and the PIN key.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
     key: PinKey,
+    hash_keys: std::sync::Arc<HashKeys>,
     tokens: std::sync::Arc<auth::TokenCache>,
 }
 
@@ -251,13 +312,18 @@ impl Store {
             Some(tls) => Manager::from_config(connect.config, tls, manager_config),
             None => Manager::from_config(connect.config, tokio_postgres::NoTls, manager_config),
         };
+        // A bounded wait: a caller that cannot get a connection in time is told the
+        // server is busy instead of queueing without end behind one tenant's burst.
         let pool = Pool::builder(manager)
             .max_size(max_connections)
+            .wait_timeout(Some(POOL_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         Ok(Store {
             pool,
             key,
+            hash_keys: Default::default(),
             tokens: Default::default(),
         })
     }
@@ -274,65 +340,95 @@ impl Store {
         migrate(&mut conn).await
     }
 
-    /// Refuses to serve with a key other than the database's: PINs it sealed would
-    /// never reach agents, and uniqueness (keyed hashes) would not hold. The first
-    /// replica to start records its key id; every later one must match it, even
-    /// before any PIN is sealed.
+    /// Refuses to serve without the database's keys: PINs sealed under a key this
+    /// replica lacks would never reach agents, and uniqueness (keyed hashes) would not
+    /// hold. The first replica to start records its current key id; every later one
+    /// must hold the recorded key (as its current key or an older one, during a
+    /// rotation), even before any PIN is sealed.
     pub async fn key_check(&self) -> Result<(), StoreError> {
         let mine = self.key.id();
+        let loaded = self.key.ids().join(", ");
         // One connection for all of it: a pool of one must not wait on itself.
         let conn = self.conn().await?;
-        let recorded: Option<String> = conn
-            .query_opt("SELECT key_id FROM pin_key_in_use", &[])
-            .await?
-            .map(|r| r.get(0));
+        let recorded = conn
+            .query_opt("SELECT key_id, hash_key FROM pin_key_in_use", &[])
+            .await?;
         // Once a key is recorded every replica is checked against it, so only a
         // database without the record (new, or sealed before it existed) needs the
         // scan of every sealed PIN.
         if recorded.is_none() {
             let sealed = sealed_key_ids(&conn).await?;
-            let list = |ids: &[(String, i64)]| {
-                ids.iter()
-                    .map(|(id, n)| format!("{id} ({n} sealed PIN(s))"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            if sealed.len() > 1 {
+            let missing: Vec<String> = sealed
+                .iter()
+                .filter(|(id, _)| !self.key.holds(id))
+                .map(|(id, n)| format!("{id} ({n} sealed PIN(s))"))
+                .collect();
+            if !missing.is_empty() {
                 return Err(StoreError::FailedPrecondition(format!(
-                    "the database holds PINs sealed under several keys: {}; every replica must use the same key. Restore the key that sealed most of them and re-create the others' codes",
-                    list(&sealed)
-                )));
-            }
-            if let Some((theirs, _)) = sealed.first()
-                && theirs != mine
-            {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "the database holds PINs sealed under key id {} but the configured PIN key is {mine}: start keyplaned with the key file that holds {theirs} (every replica must use the same key; `keyplaned key-id --pin-key-file FILE` prints a key file's id)",
-                    list(&sealed),
-                    theirs = theirs,
+                    "the database holds PINs sealed under key id(s) {} but the configured PIN key file holds {loaded}: start keyplaned with a key file that holds them (every replica must use the same keys; `keyplaned key-id --pin-key-file FILE` prints a key file's ids)",
+                    missing.join(", ")
                 )));
             }
             // Two statements: a replica starting at the same moment may have inserted
             // first, and only a fresh statement sees its row.
+            let legacy = match sealed.as_slice() {
+                [(only, _)] => only.clone(),
+                _ => mine.to_owned(),
+            };
             conn.execute(
                 "INSERT INTO pin_key_in_use (key_id) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&mine],
+                &[&legacy],
             )
             .await?;
         }
-        let recorded: String = match recorded {
-            Some(id) => id,
-            None => conn
-                .query_one("SELECT key_id FROM pin_key_in_use", &[])
-                .await?
-                .get(0),
+        let row = match recorded {
+            Some(row) => row,
+            None => {
+                conn.query_one("SELECT key_id, hash_key FROM pin_key_in_use", &[])
+                    .await?
+            }
         };
-        if recorded != mine {
-            return Err(StoreError::FailedPrecondition(format!(
-                "this database is keyed to PIN key id {recorded} (recorded when the first replica started) but the configured PIN key is {mine}: start keyplaned with the key file that holds {recorded} (`keyplaned key-id --pin-key-file FILE` prints a key file's id)"
-            )));
+        let (recorded, hash_key): (String, Option<String>) = (row.get(0), row.get(1));
+        for id in std::iter::once(&recorded).chain(hash_key.as_ref()) {
+            if !self.key.holds(id) {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "this database is keyed to PIN key id {id} but the configured PIN key file holds {loaded}: start keyplaned with the key file that holds {id} (`keyplaned key-id --pin-key-file FILE` prints a key file's ids)"
+                )));
+            }
         }
+        self.hash_keys.set_defaults(hash_key, recorded);
         Ok(())
+    }
+
+    /// The hash of `pin` as `site` stores it: under the site's hash key (see migration
+    /// 0011) as this replica last learnt it. A stale guess is refused by the database
+    /// (the caller gets ABORTED and its retry uses the key the refusal named).
+    pub(crate) fn site_pin_hash(
+        &self,
+        site: Uuid,
+        pin: &keyplane_core::pin::Pin,
+    ) -> Result<Vec<u8>, StoreError> {
+        let (site_key, legacy) = self.hash_keys.of(site, self.key.id());
+        self.key
+            .pin_hash_for(site_key.as_deref(), &legacy, site, pin)
+    }
+
+    /// Whether `e` is the database refusing a hash under another key than its site's;
+    /// if so, remembers the site's key for the retry.
+    pub(crate) fn hash_key_refused(&self, e: &StoreError) -> bool {
+        let StoreError::Db(db) = e else { return false };
+        let Some(d) = db.as_db_error() else {
+            return false;
+        };
+        if d.code().code() != "KP001" {
+            return false;
+        }
+        let key = d.detail().filter(|k| !k.is_empty()).map(str::to_owned);
+        match d.hint().and_then(|h| h.parse::<Uuid>().ok()) {
+            Some(site) => self.hash_keys.set_site(site, key),
+            None => self.hash_keys.learn(key),
+        }
+        true
     }
 
     /// The PIN key in use.

@@ -46,6 +46,16 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "slot_status",
         include_str!("../migrations/0010_slot_status.sql"),
     ),
+    (
+        11,
+        "pin_hash_keys",
+        include_str!("../migrations/0011_pin_hash_keys.sql"),
+    ),
+    (
+        12,
+        "observed_seal_slot",
+        include_str!("../migrations/0012_observed_seal_slot.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

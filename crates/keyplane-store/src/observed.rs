@@ -155,9 +155,9 @@ impl Store {
                 let was = before.iter().find(|(s, _, _)| *s == slot);
                 let (sealed, key_id, hash) = match &o.pin {
                     Some(pin) => (
-                        Some(self.key().seal(site, device, pin)?),
+                        Some(self.key().seal_at(site, device, &slot.to_be_bytes(), pin)?),
                         Some(self.key().id().to_owned()),
-                        Some(self.key().pin_hash(site, pin)),
+                        Some(self.site_pin_hash(site, pin)?),
                     ),
                     None => (None, None, None),
                 };
@@ -184,8 +184,8 @@ impl Store {
                     }
                 }
                 tx.execute(
-                    "INSERT INTO observed_slot (site_id, device_id, slot, state, pin_sealed, pin_key_id, pin_hash, removing)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    "INSERT INTO observed_slot (site_id, device_id, slot, state, pin_sealed, pin_key_id, pin_hash, removing, pin_bound_slot)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true)",
                     &[&site, &device, &slot, &o.state.as_str(), &sealed, &key_id, &hash, &removing],
                 )
                 .await?;
@@ -357,7 +357,7 @@ impl Store {
             let (Some(sealed), Some(key_id)) = (sealed, key_id) else {
                 return Err(local_error(site, device, LocalError::Masked));
             };
-            let pin = self.key().open(site, device, &key_id, &sealed)?;
+            let pin = open_observed(self.key(), site, device, n, local.get(5), &key_id, &sealed)?;
             let targets = loaded.targets(site, &scope)?;
             let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
             let target = loaded.user(site, user)?;
@@ -382,7 +382,7 @@ impl Store {
             }
             let id = Uuid::new_v4();
             let sealed = self.key().seal(site, id, &pin)?;
-            let pin_hash = self.key().pin_hash(site, &pin);
+            let pin_hash = self.site_pin_hash(site, &pin)?;
             let key_id = self.key().id().to_owned();
             let display_name = "Claimed local code";
             let partitions = partitions_param(&scope);
@@ -485,6 +485,7 @@ impl Store {
                     r.get::<_, Option<String>>(1),
                 )
             });
+            let reported_place: Option<(i32, bool)> = observed.map(|r| (r.get(2), r.get(3)));
             let reported_code = matches!(reported, Some((Some(_), Some(_))));
             let plan = drift_plan(
                 loaded.site.revision,
@@ -527,7 +528,9 @@ impl Store {
                     let Some((Some(sealed), Some(key_id))) = reported else {
                         return Err(local_error(site, device, LocalError::NothingToAdopt));
                     };
-                    let pin = self.key().open(site, device, &key_id, &sealed)?;
+                    let (slot, bound) = reported_place.unwrap_or((0, false));
+                    let pin =
+                        open_observed(self.key(), site, device, slot, bound, &key_id, &sealed)?;
                     let targets: Vec<DeviceFacts> = loaded
                         .facts()
                         .into_iter()
@@ -536,7 +539,7 @@ impl Store {
                     let clashes: Vec<Uuid> = loaded.extra[1].iter().map(|r| r.get(0)).collect();
                     pin_check(&loaded, &targets, &pin, &clashes)?;
                     let sealed = self.key().seal(site, credential, &pin)?;
-                    let pin_hash = self.key().pin_hash(site, &pin);
+                    let pin_hash = self.site_pin_hash(site, &pin)?;
                     let key_id = self.key().id().to_owned();
                     let slot = held
                         .iter()
@@ -576,11 +579,29 @@ impl Store {
     }
 }
 
+/// Opens an observed code: bound to its slot (`bound`), or, for a row sealed before
+/// migration 0012 and not re-sealed since, to its device only.
+pub(crate) fn open_observed(
+    key: &crate::PinKey,
+    site: Uuid,
+    device: Uuid,
+    slot: i32,
+    bound: bool,
+    key_id: &str,
+    sealed: &[u8],
+) -> Result<keyplane_core::pin::Pin, StoreError> {
+    if bound {
+        key.open_at(site, device, &slot.to_be_bytes(), key_id, sealed)
+    } else {
+        key.open(site, device, key_id, sealed)
+    }
+}
+
 /// A local code (foreign or conflict) at slot `$3` of device `$2` of site `$1`:
 /// whether its code is known, whether it is being removed, when it was seen, and its
 /// sealed code with the key id.
 const LOCAL_CODE_SQL: &str =
-    "SELECT pin_sealed IS NOT NULL, removing, observe_time, pin_sealed, pin_key_id
+    "SELECT pin_sealed IS NOT NULL, removing, observe_time, pin_sealed, pin_key_id, pin_bound_slot
      FROM observed_slot
      WHERE site_id = $1 AND device_id = $2 AND slot = $3 AND state IN ('foreign', 'conflict')";
 
@@ -603,7 +624,7 @@ const CLAIM_CLASH_SQL: &str = "WITH code AS (
 
 /// The drifted or missing slot of credential `$3` on device `$2` (site `$1`), with the
 /// code the device reported there, sealed, and its key id.
-const DRIFTED_SQL: &str = "SELECT o.pin_sealed, o.pin_key_id FROM observed_slot o
+const DRIFTED_SQL: &str = "SELECT o.pin_sealed, o.pin_key_id, o.slot, o.pin_bound_slot FROM observed_slot o
      JOIN slot_assignment sa ON sa.site_id = o.site_id AND sa.device_id = o.device_id AND sa.slot = o.slot
      WHERE o.site_id = $1 AND o.device_id = $2 AND sa.credential_id = $3
        AND o.state IN ('drifted', 'missing')";

@@ -428,15 +428,15 @@ impl Store {
         let (has_panel, has_master): (bool, bool) = (row.get(0), row.get(1));
         let other_key: i64 = tx
             .query_one(
-                "SELECT count(*) FROM credential WHERE site_id = $1 AND pin_key_id <> $2",
-                &[&site, &self.key().id()],
+                "SELECT count(*) FROM credential WHERE site_id = $1 AND pin_key_id <> ALL($2)",
+                &[&site, &self.key().ids()],
             )
             .await?
             .get(0);
         if other_key > 0 {
             setup_issues.push(format!(
-                "{other_key} code(s) are sealed under another PIN key than this server's ({}) and cannot reach the devices: start every replica with the same key file",
-                self.key().id()
+                "{other_key} code(s) are sealed under a PIN key this server does not hold ({}) and cannot reach the devices: start every replica with the same key file",
+                self.key().ids().join(", ")
             ));
         }
         if has_panel && !has_master {

@@ -113,6 +113,22 @@ impl TestServer {
         Self::start_on(db, PinKey::generate()?).await
     }
 
+    /// Starts a server on a fresh test database with the PIN keys `key`.
+    pub async fn start_with_key(key: PinKey) -> anyhow::Result<TestServer> {
+        Self::start_on(test_database().await?, key).await
+    }
+
+    /// Starts a server on `db` (e.g. one restored from a dump) with the PIN keys `key`.
+    pub async fn start_on_database(db: TestDatabase, key: PinKey) -> anyhow::Result<TestServer> {
+        Self::start_on(db, key).await
+    }
+
+    /// Starts another server on the same database (and CA) with other PIN keys: a
+    /// replica restarted with a new key file.
+    pub async fn replica_with_key(&self, key: PinKey) -> anyhow::Result<TestServer> {
+        Self::start_inner(self.db.clone(), key, None, 8, self.pki.clone()).await
+    }
+
     /// Starts another server (a replica) on the same database and key (and CA).
     pub async fn replica(&self) -> anyhow::Result<TestServer> {
         match &self.pki {

@@ -2,8 +2,52 @@
 
 use super::*;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
+
+/// The most WatchEvents streams one dealer may hold open on one replica: each is a
+/// task polling the database, so a dealer opening thousands would starve every tenant.
+pub const MAX_WATCHES_PER_DEALER: usize = 16;
+
+/// Open WatchEvents streams per dealer.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Watches(Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>);
+
+/// One open stream; frees its place when the stream's task ends.
+pub(super) struct WatchGuard {
+    watches: Watches,
+    dealer: uuid::Uuid,
+}
+
+impl Watches {
+    fn acquire(&self, dealer: uuid::Uuid) -> Result<WatchGuard, Status> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(dealer).or_default();
+        if *n >= MAX_WATCHES_PER_DEALER {
+            return Err(Status::resource_exhausted(format!(
+                "this dealer already has {MAX_WATCHES_PER_DEALER} WatchEvents streams open on this server: close one first (one stream with parent sites/- watches every site)"
+            )));
+        }
+        *n += 1;
+        Ok(WatchGuard {
+            watches: self.clone(),
+            dealer,
+        })
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        let mut open = self.watches.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.dealer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.dealer);
+            }
+        }
+    }
+}
 
 /// The stream of WatchEvents.
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
@@ -48,12 +92,14 @@ pub(super) async fn watch(
         .event_list(actor.dealer, site, req.after_cursor, 1)
         .await
         .map_err(store_status)?;
+    let guard = api.watches.acquire(actor.dealer)?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let store = api.store.clone();
     let mut bell = api.bell.subscribe();
     let shutdown = api.shutdown.clone();
     let mut cursor = req.after_cursor;
     tokio::spawn(async move {
+        let _guard = guard;
         // Other replicas store events too: re-check on a timer as well as on the bell.
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -90,4 +136,74 @@ pub(super) async fn watch(
     Ok(Response::new(Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     )))
+}
+
+pub(super) async fn audit_list(
+    api: &AdminApi,
+    request: Request<pb::ListAuditLogRequest>,
+) -> Res<pb::ListAuditLogResponse> {
+    let (actor, req) = dealer_call(request)?;
+    let site = if req.parent == "sites/-" {
+        None
+    } else {
+        Some(parse("parent", &req.parent, SiteName::parse)?.site)
+    };
+    if req.actor.len() > 200 {
+        return Err(Status::invalid_argument("actor must be at most 200 bytes"));
+    }
+    let user = if req.user.is_empty() {
+        None
+    } else {
+        let user = parse("user", &req.user, UserName::parse)?;
+        if site.is_some_and(|s| s != user.site) {
+            return Err(Status::invalid_argument(
+                "user must be a user of the parent site",
+            ));
+        }
+        Some(user.to_string())
+    };
+    let time = |field: &str, t: &Option<prost_types::Timestamp>| {
+        t.as_ref().map(|t| fields::timestamp(field, t)).transpose()
+    };
+    let filter = store::AuditFilter {
+        site,
+        actor: (!req.actor.is_empty()).then(|| req.actor.clone()),
+        resource_under: user,
+        start: time("start_time", &req.start_time)?,
+        end: time("end_time", &req.end_time)?,
+    };
+    // The token is bound to the parent and every filter: a token of another query is
+    // refused instead of silently skipping records.
+    let list = format!(
+        "ListAuditLog {} {:?} {:?} {:?} {:?}",
+        req.parent, filter.actor, filter.resource_under, filter.start, filter.end
+    );
+    let (after, limit) = page_cursor(&list, req.page_size, &req.page_token)?;
+    let records = api
+        .store
+        .audit_list(actor.dealer, &filter, after, limit + 1)
+        .await
+        .map_err(store_status)?;
+    let (records, next_page_token) = page_split(&list, records, limit, |r| r.id.to_string());
+    Ok(Response::new(pb::ListAuditLogResponse {
+        records: records
+            .iter()
+            .map(|r| pb::AuditRecord {
+                id: r.id,
+                site: r
+                    .site
+                    .map(|s| SiteName { site: s }.to_string())
+                    .unwrap_or_default(),
+                actor: r.actor.clone(),
+                action: r.action.clone(),
+                resource: r.resource.clone(),
+                peer: r.peer.clone().unwrap_or_default(),
+                detail_json: r.detail.clone(),
+                create_time: Some(prost_types::Timestamp::from(std::time::SystemTime::from(
+                    r.create_time,
+                ))),
+            })
+            .collect(),
+        next_page_token,
+    }))
 }

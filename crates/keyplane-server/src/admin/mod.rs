@@ -11,6 +11,7 @@ mod backup;
 mod credential;
 mod device;
 mod event;
+pub use event::MAX_WATCHES_PER_DEALER;
 mod holiday;
 mod local;
 mod partition;
@@ -45,6 +46,7 @@ pub struct AdminApi {
     hub: Hub,
     bell: EventBell,
     shutdown: CancellationToken,
+    watches: event::Watches,
 }
 
 impl AdminApi {
@@ -55,6 +57,7 @@ impl AdminApi {
             hub,
             bell,
             shutdown,
+            watches: Default::default(),
         }
     }
 
@@ -406,6 +409,13 @@ impl AdminService for AdminApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Res<Self::WatchEventsStream> {
         event::watch(self, request).await
+    }
+
+    async fn list_audit_log(
+        &self,
+        request: Request<pb::ListAuditLogRequest>,
+    ) -> Res<pb::ListAuditLogResponse> {
+        event::audit_list(self, request).await
     }
 
     async fn list_local_codes(

