@@ -388,14 +388,29 @@ async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result
     s.wait_synced().await?;
     let sim = s.sim(&door)?;
     assert_eq!(sim.slots(), wanted, "the device equals the desired table");
+    // Every slot that differed is written exactly once; of those the door already
+    // held, at most the one write in flight at the kill (landed on the device, not
+    // yet journaled, seen under load) is repeated, once.
+    let mut repeated = Vec::new();
     for (slot, pin) in &wanted {
         let again = sim.writes(*slot) - before[slot];
-        let expected = u32::from(held.get(slot) != Some(pin));
-        assert_eq!(
-            again, expected,
-            "slot {slot} written {again} times after the restart"
-        );
+        if held.get(slot) != Some(pin) {
+            assert_eq!(
+                again, 1,
+                "slot {slot} (differed) written {again} times after the restart"
+            );
+        } else if again > 0 {
+            assert_eq!(
+                again, 1,
+                "slot {slot} (held) written {again} times after the restart"
+            );
+            repeated.push(*slot);
+        }
     }
+    assert!(
+        repeated.len() <= 1,
+        "slots the door already held were written again after the restart: {repeated:?}"
+    );
     drop(agent);
     Ok(())
 }

@@ -542,7 +542,7 @@ pub(crate) async fn load_in_txn(
     let device_rows = devices?;
     let partitions = device_rows
         .first()
-        .map(|r| r.get::<_, Vec<i16>>(9))
+        .map(|r| r.get::<_, Vec<i16>>("parts"))
         .unwrap_or_default()
         .into_iter()
         .filter_map(|p| u8::try_from(p).ok())
