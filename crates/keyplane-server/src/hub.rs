@@ -101,16 +101,33 @@ impl Hub {
     /// takeovers from other replicas). One query per tick,
     /// whatever the number of agents held: it reads the sites changed since the last
     /// tick (see [`Store::sites_changed`]), not every held site.
-    pub async fn poll(self, store: Store, period: Duration, cancel: CancellationToken) {
+    ///
+    /// Every `seen_every` it also records, in one statement, that the agents whose
+    /// streams this replica holds are still connected: an idle agent sends nothing,
+    /// and GetSyncStatus counts an agent unheard of for 90 s as disconnected.
+    pub async fn poll(
+        self,
+        store: Store,
+        period: Duration,
+        seen_every: Duration,
+        cancel: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut since = None;
+        let mut last_seen_refresh = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 // cancel-safe: only a token.
                 _ = cancel.cancelled() => return,
                 // cancel-safe: interval ticks.
                 _ = tick.tick() => {}
+            }
+            if last_seen_refresh.elapsed() >= seen_every {
+                last_seen_refresh = tokio::time::Instant::now();
+                if let Err(e) = store.agents_seen(&self.watched()).await {
+                    tracing::warn!(error = %e, "recording held agents as seen failed");
+                }
             }
             if self.watched().is_empty() {
                 // A stream reads the change log when it starts, so what changed while

@@ -53,6 +53,10 @@ pub struct Config {
     pub max_connections: usize,
     /// How often to look for commits made by other replicas.
     pub poll_interval: Duration,
+    /// How often this replica records the agents whose streams it holds as seen
+    /// (must stay well under the 90 s after which an unheard agent counts as
+    /// disconnected). 30 s unless a test needs otherwise.
+    pub agent_seen_interval: Duration,
     /// How long a verified dealer token is trusted without the database; a removed
     /// token keeps working this long at most. 1 s unless a test needs otherwise.
     pub dealer_token_ttl: Duration,
@@ -75,6 +79,7 @@ impl std::fmt::Debug for Config {
             .field("pin_key", &self.pin_key)
             .field("max_connections", &self.max_connections)
             .field("poll_interval", &self.poll_interval)
+            .field("agent_seen_interval", &self.agent_seen_interval)
             .field("dealer_token_ttl", &self.dealer_token_ttl)
             .field("tls", &self.tls)
             .field("ca", &self.ca)
@@ -129,6 +134,7 @@ impl Config {
             pin_key,
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
+            agent_seen_interval: Duration::from_secs(30),
             dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
             tls: None,
             ca: None,
@@ -179,6 +185,7 @@ pub async fn serve(
     let poller = tokio::spawn(hub.clone().poll(
         store.clone(),
         config.poll_interval,
+        config.agent_seen_interval,
         shutdown.clone(),
     ));
 

@@ -348,6 +348,26 @@ impl Store {
         Ok(row.get(0))
     }
 
+    /// Records that this replica still holds an open agent stream for each of
+    /// `sites` (an idle agent sends nothing, yet is connected). One statement for
+    /// all of them; a site row a write holds locked right now is skipped rather than
+    /// waited for (the next refresh catches it, well within the liveness window).
+    pub async fn agents_seen(&self, sites: &[Uuid]) -> Result<u64, StoreError> {
+        if sites.is_empty() {
+            return Ok(0);
+        }
+        let conn = self.conn().await?;
+        // Once per refresh period: not worth a cached statement.
+        Ok(conn
+            .execute(
+                "UPDATE site SET agent_last_seen = now()
+                 WHERE id IN (SELECT id FROM site WHERE id = ANY($1) AND agent_connected
+                              FOR NO KEY UPDATE SKIP LOCKED)",
+                &[&sites],
+            )
+            .await?)
+    }
+
     /// Marks the site's agent disconnected, unless another stream opened since
     /// `session` did (a duplicate or a reconnect that overtook it).
     pub async fn agent_session_close(&self, site: Uuid, session: Uuid) -> Result<(), StoreError> {

@@ -214,6 +214,7 @@ impl TestServer {
             config.dealer_token_ttl = Duration::from_secs(3600);
         }
         config.poll_interval = Duration::from_millis(100);
+        config.agent_seen_interval = Duration::from_millis(300);
         if let Some(pki) = &pki {
             config.tls = Some(pki.server_tls()?);
             config.ca = Some(pki.ca.clone());
