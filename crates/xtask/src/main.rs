@@ -103,6 +103,12 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             "cargo clippy --workspace --all-targets -- -D warnings",
         )?;
         db.drop_test_databases();
+        // The kill -9 test (tests/e2e/restart.rs) runs the real agent binary, which
+        // the test build does not produce on a clean clone.
+        run_checked(
+            cargo().args(["build", "-p", "keyplane-agent", "--bin", "keyplane-agent"]),
+            "cargo build -p keyplane-agent (for the tests that run the binary)",
+        )?;
         let mut runner = cargo();
         if has_nextest() {
             runner.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
