@@ -12,14 +12,36 @@ pub(super) async fn create(
     if req.generate_pin {
         return create_generated(api, actor, parent, credential, &req).await;
     }
-    let new = store::NewCredential {
+    let new = new_credential(
+        credential,
+        fields::pin("credential.pin", &credential.pin)?,
+        fields::scope(parent.site, credential.scope.as_ref())?,
+    )?;
+    let key = api.request_key("CreateCredential", &req.request_id, &req)?;
+    let created = api
+        .store
+        .credential_create(&actor, parent.site, parent.user, &new, key.as_ref())
+        .await
+        .map_err(store_status)?;
+    api.hub.poke(parent.site);
+    Ok(Response::new(res::credential_pb(&created)))
+}
+
+/// The stored form of a requested credential, with its PIN and scope already
+/// checked (given, or generated).
+fn new_credential(
+    credential: &pb::Credential,
+    pin: keyplane_core::pin::Pin,
+    scope: store::Scope,
+) -> Result<store::NewCredential, Status> {
+    Ok(store::NewCredential {
         display_name: if credential.display_name.is_empty() {
             "PIN".to_owned()
         } else {
             fields::display_name("credential.display_name", &credential.display_name)?
         },
-        pin: fields::pin("credential.pin", &credential.pin)?,
-        scope: fields::scope(parent.site, credential.scope.as_ref())?,
+        pin,
+        scope,
         valid_from: credential
             .valid_from_time
             .as_ref()
@@ -39,15 +61,7 @@ pub(super) async fn create(
             }
             n => Some(n),
         },
-    };
-    let key = api.request_key("CreateCredential", &req.request_id, &req)?;
-    let created = api
-        .store
-        .credential_create(&actor, parent.site, parent.user, &new, key.as_ref())
-        .await
-        .map_err(store_status)?;
-    api.hub.poke(parent.site);
-    Ok(Response::new(res::credential_pb(&created)))
+    })
 }
 
 /// A uniform draw from `0..n` from the OS's generator (rejection sampling, so no
@@ -144,34 +158,7 @@ pub(super) async fn generated_credential(
         if failed {
             return Err(Status::internal("the random generator failed"));
         }
-        let new = store::NewCredential {
-            display_name: if credential.display_name.is_empty() {
-                "PIN".to_owned()
-            } else {
-                fields::display_name("credential.display_name", &credential.display_name)?
-            },
-            pin: generated.clone(),
-            scope: scope.clone(),
-            valid_from: credential
-                .valid_from_time
-                .as_ref()
-                .map(|t| fields::timestamp("credential.valid_from_time", t))
-                .transpose()?,
-            valid_until: credential
-                .valid_until_time
-                .as_ref()
-                .map(|t| fields::timestamp("credential.valid_until_time", t))
-                .transpose()?,
-            max_uses: match credential.max_uses {
-                0 => None,
-                n if n < 0 => {
-                    return Err(Status::invalid_argument(
-                        "credential.max_uses must not be negative",
-                    ));
-                }
-                n => Some(n),
-            },
-        };
+        let new = new_credential(credential, generated.clone(), scope.clone())?;
         match api
             .store
             .credential_create(actor, parent.site, parent.user, &new, key)
