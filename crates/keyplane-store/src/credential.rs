@@ -6,8 +6,9 @@ use crate::authority::{
 };
 use crate::device::{DEVICE_COLUMNS, device_from_row};
 use crate::site::{
-    REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check, not_found_site,
-    replay_decide, replayed_id, site_change_record_in_txn, site_from_row, site_get_in_txn,
+    AUDIT_SQL, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check,
+    not_found_site, replay_decide, replayed_id, site_change_record_in_txn, site_from_row,
+    site_get_in_txn,
 };
 use crate::{
     Actor, Credential, CredentialPatch, Device, NewCredential, PageRequest, RequestKey, Scope,
@@ -670,10 +671,6 @@ impl SlotsWrite {
         }
     }
 }
-
-pub(crate) const AUDIT_SQL: &str =
-    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 pub(crate) fn partitions_param(scope: &Scope) -> Vec<i16> {
     dedup(&scope.panel_partitions)

@@ -2,9 +2,9 @@
 //! deleted, only cleared.
 
 use crate::authority::{actor_from_loaded, denied, user_get_in_txn};
-use crate::credential::{AUDIT_SQL, LoadRequest, Loaded, load_in_txn};
+use crate::credential::{LoadRequest, Loaded, load_in_txn};
 use crate::rules::schedule_from_json;
-use crate::site::{etag_check, site_get_in_txn, user_slots_changed_sql};
+use crate::site::{AUDIT_SQL, etag_check, site_get_in_txn, user_slots_changed_sql};
 use crate::{Actor, Store, StoreError, in_txn};
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;

@@ -124,7 +124,7 @@ pub(crate) async fn audit_in_txn(
     detail: serde_json::Value,
 ) -> Result<(), StoreError> {
     tx.execute(
-        AUDIT_INSERT_SQL,
+        AUDIT_SQL,
         &[
             &actor.dealer,
             &site,
@@ -190,7 +190,7 @@ pub(crate) fn replayed_id(resource: &str) -> Result<Uuid, StoreError> {
 }
 
 /// Appends to the audit log (dealer, site, actor, action, resource, peer, detail).
-pub(crate) const AUDIT_INSERT_SQL: &str =
+pub(crate) const AUDIT_SQL: &str =
     "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
@@ -268,7 +268,7 @@ impl AuditParams {
     /// The step that appends the row.
     pub(crate) fn step(&self) -> Step<'_> {
         (
-            AUDIT_INSERT_SQL,
+            AUDIT_SQL,
             params![
                 &self.dealer,
                 &self.site,

@@ -2,8 +2,8 @@
 
 use crate::Cached;
 use crate::authority::{USER_COLUMNS, actor_from_loaded, denied, user_from_row, user_get_in_txn};
-use crate::credential::{AUDIT_SQL, LoadRequest, code_facts, load_in_txn};
-use crate::site::{etag_check, replayed_id, site_get_in_txn, user_slots_changed_sql};
+use crate::credential::{LoadRequest, code_facts, load_in_txn};
+use crate::site::{AUDIT_SQL, etag_check, replayed_id, site_get_in_txn, user_slots_changed_sql};
 use crate::{Actor, NewUser, PageRequest, RequestKey, Store, StoreError, User, UserPatch, in_txn};
 use keyplane_core::authority::{self as rules, Authorities, open_close_for_new_user};
 use tokio_postgres::Transaction as Pg;
