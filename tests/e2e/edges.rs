@@ -1,11 +1,12 @@
 //! Edges of rules found by trying keyplane as a dealer would: reserved slots, a
 //! panel's partition, users without a level, one PIN key per database, agent
-//! sessions, repeated names in plans.
+//! sessions, repeated names in plans, deleting a site whose users hold partitions.
 
 use crate::fixture::{Site, create_user_with, id_of, lock_scope, panel_scope};
 use keyplane_core::pin::Pin;
 use keyplane_proto::v1 as pb;
 use keyplane_store::{Observed, ObservedState};
+use keyplane_testkit::server::TestServer;
 use tonic::Code;
 use uuid::Uuid;
 
@@ -235,5 +236,57 @@ async fn repeated_names_in_plans_mean_them_once() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(personal.access_points, vec![lock.name.clone()]);
+    Ok(())
+}
+
+/// A site whose users hold authority in its partitions is deleted whole (was:
+/// INTERNAL, a foreign key from a user's level to its partition checked mid-cascade).
+#[tokio::test]
+async fn a_site_whose_users_hold_partitions_deletes_cleanly() -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let token = server.dealer("Dealer One").await?;
+    let mut admin = server.admin(Some(&token)).await?;
+    let site = admin
+        .create_site(pb::CreateSiteRequest {
+            site: Some(pb::Site {
+                display_name: "Sold house".into(),
+                time_zone: "UTC".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner()
+        .name;
+    for number in [1, 2] {
+        admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+    }
+    create_user_with(
+        &mut admin,
+        &site,
+        "Owner",
+        &[(1, pb::Level::Master), (2, pb::Level::Master)],
+    )
+    .await?;
+    admin
+        .delete_site(pb::DeleteSiteRequest {
+            name: site.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let gone = admin
+        .get_site(pb::GetSiteRequest { name: site.clone() })
+        .await
+        .expect_err("the site is gone");
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
     Ok(())
 }

@@ -685,6 +685,18 @@ impl Store {
             batch_in_txn(
                 &tx,
                 &[
+                    // Rows naming a partition go first: PostgreSQL checks their
+                    // foreign keys to `partition` while the cascade from `site` is
+                    // still under way, before the cascade from `site_user` or
+                    // `credential` reaches them.
+                    (
+                        "DELETE FROM user_authority WHERE site_id = $1",
+                        params![&site],
+                    ),
+                    (
+                        "DELETE FROM credential_partition WHERE site_id = $1",
+                        params![&site],
+                    ),
                     ("DELETE FROM site WHERE id = $1", params![&site]),
                     audit.step(),
                 ],
