@@ -52,8 +52,9 @@ enum Cmd {
         /// keyplaned URL.
         #[arg(long)]
         server: String,
-        /// Dealer token.
-        #[arg(long)]
+        /// Dealer token: `KEYPLANE_DEALER_TOKEN` (never an argument, which `ps`
+        /// shows to every user of the machine).
+        #[arg(skip = dealer_token())]
         token: String,
         /// Sites with a partition, a 1,000-slot door and a user (they take writes).
         #[arg(long)]
@@ -84,8 +85,9 @@ enum Cmd {
         /// keyplaned URL.
         #[arg(long)]
         server: String,
-        /// Dealer token.
-        #[arg(long)]
+        /// Dealer token: `KEYPLANE_DEALER_TOKEN` (never an argument, which `ps`
+        /// shows to every user of the machine).
+        #[arg(skip = dealer_token())]
         token: String,
         /// Codes to create on the door.
         #[arg(long)]
@@ -109,8 +111,8 @@ enum Cmd {
         /// Where writes go (AdminService).
         #[arg(long, default_value = "")]
         admin: String,
-        /// Dealer token.
-        #[arg(long, default_value = "")]
+        /// Dealer token: `KEYPLANE_DEALER_TOKEN`.
+        #[arg(skip = dealer_token())]
         token: String,
         /// Sites file from `seed` (without it: made-up sites, for the echo harness).
         #[arg(long)]
@@ -129,6 +131,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Seed { .. } | Cmd::Codes { .. }) && dealer_token().is_empty() {
+        anyhow::bail!("set KEYPLANE_DEALER_TOKEN to the dealer token the calls run as");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -247,6 +252,11 @@ async fn echo_serve(listen: String) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------------------
 // Helpers.
+
+/// `KEYPLANE_DEALER_TOKEN`, empty when unset (calls then fail UNAUTHENTICATED).
+fn dealer_token() -> String {
+    std::env::var("KEYPLANE_DEALER_TOKEN").unwrap_or_default()
+}
 
 fn authed<T>(token: &str, msg: T) -> anyhow::Result<Request<T>> {
     let mut req = Request::new(msg);

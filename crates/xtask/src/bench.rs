@@ -195,10 +195,12 @@ struct Driver {
 }
 
 impl Driver {
-    fn start(load: &Path, args: &[&str]) -> anyhow::Result<Driver> {
+    /// `dealer_token` reaches the driver through its environment, not its arguments.
+    fn start(load: &Path, args: &[&str], dealer_token: &str) -> anyhow::Result<Driver> {
         let mut child = many_files(load)
             .arg("drive")
             .args(args)
+            .env("KEYPLANE_DEALER_TOKEN", dealer_token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -596,6 +598,7 @@ fn harness(plan: &Plan, bin: &Path, results: &mut Results) -> anyhow::Result<()>
     let mut drive = Driver::start(
         &bin.join("keyplane-load"),
         &["--agents", &format!("http://127.0.0.1:{port}")],
+        "",
     )?;
     let mut scratch = Results {
         path: PathBuf::from("/dev/null"),
@@ -690,7 +693,8 @@ fn keyplane(
     let sites = out.join("sites.txt");
     let seed_started = Instant::now();
     let seeded = Command::new(bin.join("keyplane-load"))
-        .args(["seed", "--server", &url_a, "--token", &token])
+        .args(["seed", "--server", &url_a])
+        .env("KEYPLANE_DEALER_TOKEN", &token)
         .args(["--full", &plan.full_sites.to_string()])
         .args(["--bare", &(plan.fleet - plan.full_sites).to_string()])
         .arg("--out")
@@ -712,9 +716,8 @@ fn keyplane(
     let sites_arg = sites.display().to_string();
     let mut drive = Driver::start(
         &bin.join("keyplane-load"),
-        &[
-            "--agents", &url_a, "--admin", &url_a, "--token", &token, "--sites", &sites_arg,
-        ],
+        &["--agents", &url_a, "--admin", &url_a, "--sites", &sites_arg],
+        &token,
     )?;
     let secs = plan.write_secs;
 
@@ -957,7 +960,8 @@ fn scale(
         let id = format!("G1.codes_{codes}");
         let file = out.join(format!("codes_{codes}.txt"));
         let mut cmd = Command::new(&load);
-        cmd.args(["codes", "--server", &api, "--token", &token])
+        cmd.args(["codes", "--server", &api])
+            .env("KEYPLANE_DEALER_TOKEN", &token)
             .args(["--codes", &codes.to_string()])
             .args(["--hold", &hold.to_string()])
             .arg("--out")
@@ -983,9 +987,8 @@ fn scale(
         let file_arg = file.display().to_string();
         let writes = Driver::start(
             &load,
-            &[
-                "--agents", &api, "--admin", &api, "--token", &token, "--sites", &file_arg,
-            ],
+            &["--agents", &api, "--admin", &api, "--sites", &file_arg],
+            &token,
         )
         .and_then(|mut d| {
             let r = d.run(&format!("write 8 {secs} busy {id}.c8"), results);
@@ -1001,7 +1004,8 @@ fn scale(
     // Sites that take the writes and hold the agents, through the API.
     let sites = out.join("scale_sites.txt");
     let seeded = Command::new(&load)
-        .args(["seed", "--server", &api, "--token", &token])
+        .args(["seed", "--server", &api])
+        .env("KEYPLANE_DEALER_TOKEN", &token)
         .args(["--full", &plan.scale_full.to_string(), "--bare", "0"])
         .arg("--out")
         .arg(&sites)
@@ -1015,9 +1019,8 @@ fn scale(
     let sites_arg = sites.display().to_string();
     let mut drive = Driver::start(
         &load,
-        &[
-            "--agents", &api, "--admin", &api, "--token", &token, "--sites", &sites_arg,
-        ],
+        &["--agents", &api, "--admin", &api, "--sites", &sites_arg],
+        &token,
     )?;
     drive.run(&format!("connect {} S.agents", plan.scale_full), results)?;
     let prop_secs = if plan.quick { 3 } else { 15 };
