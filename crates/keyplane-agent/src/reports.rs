@@ -55,6 +55,7 @@ impl Outcome {
             | DeviceError::NotDigits { .. }
             | DeviceError::SlotOutOfRange { .. }
             | DeviceError::Refused { .. }
+            | DeviceError::Declined { .. }
             | DeviceError::Unsupported { .. } => pb::WriteOutcome::Refused,
             DeviceError::Unreachable(_) | DeviceError::Io(_) | DeviceError::NotFound(_) => {
                 return None;

@@ -96,6 +96,16 @@ pub enum DeviceError {
         /// The device's reason.
         reason: String,
     },
+    /// The device turned the write down for now, for the reason it gave (busy,
+    /// jammed, a low battery; never quoting the code): unlike [`DeviceError::Refused`],
+    /// the same write may go through later, so the agent tries it again.
+    #[error("slot {slot}: the device declined the write: {reason}")]
+    Declined {
+        /// Target slot.
+        slot: u16,
+        /// The device's reason.
+        reason: String,
+    },
     /// The device's code memory is full.
     #[error("the device's code memory is full")]
     Full,
@@ -372,6 +382,10 @@ mod tests {
             DeviceError::Refused {
                 slot: 2,
                 reason: "too short".into(),
+            },
+            DeviceError::Declined {
+                slot: 2,
+                reason: "motor jammed".into(),
             },
             DeviceError::Unreachable("link lost".into()),
             DeviceError::Io("state file missing".into()),

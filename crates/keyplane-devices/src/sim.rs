@@ -77,6 +77,23 @@ struct State {
     /// How long each driver write takes (a slow lock on a busy mesh), in ms.
     #[serde(default)]
     write_delay_ms: u64,
+    /// Declines every code written through the driver, with this reason (a jammed
+    /// lock, a busy controller), while set.
+    #[serde(default)]
+    refusing: Option<String>,
+}
+
+impl State {
+    /// Declines a driver write of a code into `slot` while the device declines codes.
+    fn refuse_write(&self, slot: u16) -> Result<(), DeviceError> {
+        match &self.refusing {
+            Some(reason) => Err(DeviceError::Declined {
+                slot,
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// One driver operation a simulated device took, in order (test hook).
@@ -348,6 +365,9 @@ impl SimulatedDevice {
 
     fn set(&self, slot: u16, code: &str, by: Writer) -> Result<(), DeviceError> {
         self.with_state(|state| {
+            if matches!(by, Writer::Driver) {
+                state.refuse_write(slot)?;
+            }
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
             state.count(slot, by);
@@ -541,6 +561,16 @@ impl SimulatedDevice {
     pub fn set_write_delay(&mut self, delay: std::time::Duration) -> Result<(), DeviceError> {
         self.with_state(|s| {
             s.write_delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            Ok(())
+        })
+    }
+
+    /// Makes the device decline every code its driver writes
+    /// ([`DeviceError::Declined`]), giving `reason` as a real device gives its own;
+    /// None: it takes codes again (the agent retries). Clears still go through.
+    pub fn set_refusing(&mut self, reason: Option<&str>) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.refusing = reason.map(str::to_owned);
             Ok(())
         })
     }
@@ -742,6 +772,7 @@ impl DeviceDriver for SimulatedDevice {
                     partition: *partition,
                 });
             }
+            state.refuse_write(slot)?;
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
             let levels = authorities
@@ -764,6 +795,7 @@ impl DeviceDriver for SimulatedDevice {
     ) -> Result<(), DeviceError> {
         self.writable().await?;
         self.with_state(|state| {
+            state.refuse_write(slot)?;
             self.check_code(state, slot, code)?;
             state.slots.insert(slot, code.to_owned());
             match schedules {
