@@ -64,7 +64,8 @@ fn clock_bound(a: &AssignmentFacts, status: SlotStatus, pending: &[PendingChange
 }
 
 /// Evaluates every assignment of `site` and records what changed; returns the number
-/// of events raised.
+/// of events raised. A site's baseline evaluation (its assignments predate the sweep)
+/// records what holds and raises nothing: a code set long ago is not news.
 pub async fn evaluate(store: &Store, site: Uuid) -> Result<usize, StoreError> {
     let facts = store.slot_status_facts_for_sweep(site).await?;
     let mut changed = Vec::new();
@@ -75,10 +76,15 @@ pub async fn evaluate(store: &Store, site: Uuid) -> Result<usize, StoreError> {
         pending |= !state.issues.is_empty() || clock_bound(a, state.status, &state.pending);
         let summary = SlotSummary::of(&state);
         let done = a.removed && state.status == SlotStatus::Unset && state.issues.is_empty();
-        if a.last.as_ref() == Some(&summary) && !done {
+        if a.last.as_ref() == Some(&summary) && a.held_now == a.held && !done {
             continue;
         }
-        for t in summary_transitions(a.last.as_ref(), &state) {
+        let raised = if facts.baseline {
+            Vec::new()
+        } else {
+            summary_transitions(a.last.as_ref(), &state)
+        };
+        for t in raised {
             events.push(StatusEvent {
                 device: a.device,
                 slot: a.facts.slot,
@@ -95,12 +101,13 @@ pub async fn evaluate(store: &Store, site: Uuid) -> Result<usize, StoreError> {
             credential: a.credential,
             user: a.user,
             // The device confirmed a removal: nothing is left to show.
-            done: a.removed && state.status == SlotStatus::Unset && state.issues.is_empty(),
+            done,
             summary,
+            held: a.held_now.clone(),
         });
     }
     store
-        .status_record(site, facts.seq, pending, &changed, &events)
+        .status_record(site, facts.seq, pending, facts.baseline, &changed, &events)
         .await?;
     Ok(events.len())
 }

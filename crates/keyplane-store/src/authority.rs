@@ -102,7 +102,8 @@ pub(crate) async fn actor_resolve_in_txn(
 pub(crate) const USER_COLUMNS: &str = "u.site_id, u.id, u.display_name, u.version, u.create_time, u.update_time,
     u.open_close_reporting,
     ARRAY(SELECT a.partition FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition),
-    ARRAY(SELECT a.level FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition)";
+    ARRAY(SELECT a.level FROM user_authority a WHERE a.site_id = u.site_id AND a.user_id = u.id ORDER BY a.partition),
+    u.system";
 
 pub(crate) fn user_from_row(row: &Row) -> User {
     let partitions: Vec<i16> = row.get(7);
@@ -115,6 +116,7 @@ pub(crate) fn user_from_row(row: &Row) -> User {
         create_time: row.get(4),
         update_time: row.get(5),
         open_close_reporting: row.get(6),
+        system: row.get(9),
         authorities: partitions
             .iter()
             .zip(&levels)
@@ -140,7 +142,13 @@ pub(crate) async fn user_get_in_txn(
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
-    Ok(user_from_row(&row))
+    let found = user_from_row(&row);
+    if found.system {
+        return Err(StoreError::NotFound(format!(
+            "user sites/{site}/users/{user}"
+        )));
+    }
+    Ok(found)
 }
 
 impl Store {

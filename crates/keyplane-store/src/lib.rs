@@ -48,7 +48,9 @@ pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
 pub use rotate::RotationReport;
-pub use status::{AssignmentFacts, DeviceFindings, EvaluatedSlot, SlotStatusFacts, StatusEvent};
+pub use status::{
+    AssignmentFacts, DeviceFindings, EvaluatedSlot, Held, SlotStatusFacts, StatusEvent,
+};
 pub use sync::SiteChange;
 pub use types::*;
 

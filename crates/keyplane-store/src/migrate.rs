@@ -56,6 +56,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "observed_seal_slot",
         include_str!("../migrations/0012_observed_seal_slot.sql"),
     ),
+    (
+        13,
+        "slot_status_history",
+        include_str!("../migrations/0013_slot_status_history.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -10,6 +10,7 @@ use keyplane_core::DeviceModel;
 use keyplane_core::EventKind;
 use keyplane_core::constraints::{CodeRule, DeviceConstraints, ReportedConstraints};
 use keyplane_core::observed::SlotFinding;
+use keyplane_core::schedule::Schedule;
 use keyplane_core::status::{
     AgentLink, IssueCode, Presence, ReadBack, Refusal, SiteThresholds, SlotFacts, SlotStatus,
     SlotSummary, SlotValue, ThresholdOverride, WithheldReason, WriteOutcome, WriteReport,
@@ -40,6 +41,79 @@ pub struct AssignmentFacts {
     /// The assignment is gone (credential deleted, device out of scope): the code
     /// leaves the device, REMOVING until the device confirms.
     pub removed: bool,
+    /// What the device was last recorded to hold of the credential in the slot.
+    pub held: Held,
+    /// What it is known to hold now (to record): the desired value once the device
+    /// acked the slot's last change, else as recorded.
+    pub held_now: Held,
+}
+
+/// What a device holds of one credential in one slot, as far as keyplaned knows:
+/// compared with what keyplane wants, it says what a change on its way changes.
+/// Never a PIN: the code is known by its keyed hash and write generation.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Not recorded (assignments from before the record existed, removals).
+    Unknown,
+    /// The device holds nothing of this credential there.
+    Nothing,
+    /// The device holds the code.
+    Code {
+        /// The PIN's keyed hash, as in `slot_assignment.pin_hash`.
+        pin_hash: Vec<u8>,
+        /// The write generation (ResolveDrift re-writes bump it).
+        generation: i64,
+        /// The schedules it follows; None: always.
+        schedules: Option<Vec<Schedule>>,
+    },
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The hash is no PIN, but nothing about a code is worth printing.
+        match self {
+            Held::Unknown => f.write_str("Unknown"),
+            Held::Nothing => f.write_str("Nothing"),
+            Held::Code { generation, .. } => write!(f, "Code(generation {generation})"),
+        }
+    }
+}
+
+/// Length of a PIN hash tagged with its key id (the id's four bytes, then the HMAC).
+const TAGGED_HASH_LEN: usize = 36;
+
+/// Whether two PIN hashes were made under different keys (a key rotation re-hashed
+/// the site's codes in between), so comparing them says nothing about the codes.
+fn other_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() != b.len() || (a.len() == TAGGED_HASH_LEN && a[..4] != b[..4])
+}
+
+impl Held {
+    /// The slot value the device holds, for `keyplane_core::status`, compared with
+    /// `desired` (code version 1, settings version 0): the code version differs when
+    /// the code changed, the settings version when neither the code nor the schedules
+    /// did (the slot changed all the same: panel levels, open/close reporting). None:
+    /// nothing held, or not known (`Unknown` is told apart by the caller).
+    fn value(&self, pin_hash: &[u8], generation: i64, desired: &SlotValue) -> Option<SlotValue> {
+        let Held::Code {
+            pin_hash: held_hash,
+            generation: held_generation,
+            schedules,
+        } = self
+        else {
+            return None;
+        };
+        // Across a key rotation the hashes cannot be compared; a rotation alone
+        // changes no code.
+        let same_code = *held_generation == generation
+            && (held_hash.as_slice() == pin_hash || other_key(held_hash, pin_hash));
+        let same_schedules = *schedules == desired.schedules;
+        Some(SlotValue {
+            code_version: if same_code { 1 } else { 0 },
+            settings_version: if same_code && same_schedules { 1 } else { 0 },
+            schedules: schedules.clone(),
+        })
+    }
 }
 
 /// Slots of one device named by what the agent read back.
@@ -64,6 +138,9 @@ pub struct SlotStatusFacts {
     pub findings: Vec<DeviceFindings>,
     /// The site's status sequence as read (see [`Store::status_record`]).
     pub seq: i64,
+    /// The site's first evaluation since the status sweep came: what holds is
+    /// recorded without events (it predates the sweep).
+    pub baseline: bool,
 }
 
 /// One evaluated assignment, to store as the last evaluation.
@@ -81,6 +158,8 @@ pub struct EvaluatedSlot {
     pub summary: SlotSummary,
     /// A removal the device confirmed: its last evaluation is dropped.
     pub done: bool,
+    /// What the device holds of it now.
+    pub held: Held,
 }
 
 /// An event raised by a slot-status transition.
@@ -268,7 +347,7 @@ fn slot_of(n: i32) -> Result<u16, StoreError> {
 
 const SITE_SQL: &str = "SELECT time_zone, lockdown, agent_last_seen,
         agent_connected AND coalesce(extract(epoch FROM now() - agent_last_seen)::float8 < $2, false),
-        now(), status_thresholds, status_seq
+        now(), status_thresholds, status_seq, status_baseline
      FROM site WHERE id = $1";
 
 /// Every assignment of site `$1` (of user `$2` when not NULL) with what its status is
@@ -280,7 +359,8 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
         o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints,
-        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, false
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, false,
+        sa.pin_hash, sl.held_known, sl.held_pin_hash, sl.held_generation, sl.held_schedules
      FROM slot_assignment sa
      JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
@@ -305,7 +385,8 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         0::bigint, coalesce(ch.max_rev, 0), coalesce(ch.max_time, now()), coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
         o.state, o.observe_time, NULL::integer, NULL::timestamptz, d.reported_constraints,
-        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, true
+        sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, true,
+        NULL::bytea, sl.held_known, sl.held_pin_hash, sl.held_generation, sl.held_schedules
      FROM slot_state_last sl
      JOIN device d ON d.site_id = sl.site_id AND d.id = sl.device_id
      LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
@@ -512,6 +593,7 @@ impl Store {
         let now: DateTime<Utc> = site_row.get(4);
         let thresholds = thresholds_from_json(site_row.get(5));
         let seq: i64 = site_row.get(6);
+        let baseline: bool = site_row.get(7);
 
         let mut assignments = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -531,20 +613,54 @@ impl Store {
             let access_point = schedules.as_ref().is_none_or(|s| !s.is_empty());
             let write_generation: i64 = r.get(10);
             let desired = SlotValue {
-                code_version: write_generation + 1,
+                code_version: 1,
                 settings_version: 0,
                 schedules: if access_point { schedules } else { None },
             };
             let changed_revision: i64 = r.get(11);
             let changed_at: DateTime<Utc> = r.get(12);
             let first_revision: i64 = r.get(13);
-            // keyplaned keeps no history of slot values: a device that applied any
-            // earlier change of the slot is taken to hold an older code there.
-            let applied_value =
-                (first_revision > 0 && applied_revision >= first_revision).then(|| SlotValue {
-                    code_version: write_generation,
-                    ..desired.clone()
-                });
+            let same_credential = r.get::<_, Option<Uuid>>(24) == Some(credential);
+            let held = if same_credential && r.get::<_, Option<bool>>(31) == Some(true) {
+                match r.get::<_, Option<Vec<u8>>>(32) {
+                    None => Held::Nothing,
+                    Some(pin_hash) => Held::Code {
+                        pin_hash,
+                        generation: r.get::<_, Option<i64>>(33).unwrap_or(0),
+                        schedules: match r.get::<_, Option<serde_json::Value>>(34) {
+                            Some(v) => Some(serde_json::from_value(v).map_err(|e| {
+                                StoreError::Internal(format!("stored held schedules: {e}"))
+                            })?),
+                            None => None,
+                        },
+                    },
+                }
+            } else {
+                Held::Unknown
+            };
+            let pin_hash: Option<Vec<u8>> = r.get(30);
+            let pin_hash = pin_hash.unwrap_or_default();
+            let acked = applied_revision >= changed_revision;
+            let held_now = match (removed, acked) {
+                (false, true) if access_point => Held::Code {
+                    pin_hash: pin_hash.clone(),
+                    generation: write_generation,
+                    schedules: desired.schedules.clone(),
+                },
+                (false, true) => Held::Nothing,
+                _ => held.clone(),
+            };
+            let applied_value = match &held {
+                Held::Unknown => {
+                    // Not recorded: a device that applied any earlier change of the
+                    // slot is taken to hold an older code there.
+                    (first_revision > 0 && applied_revision >= first_revision).then(|| SlotValue {
+                        code_version: 0,
+                        ..desired.clone()
+                    })
+                }
+                known => known.value(&pin_hash, write_generation, &desired),
+            };
             let last_write = match r.get::<_, Option<i64>>(14) {
                 // The agent acks a device only once it holds its whole desired table:
                 // an ack at or after the report's revision says the write went through
@@ -596,6 +712,8 @@ impl Store {
             assignments.push(AssignmentFacts {
                 removed,
                 last,
+                held,
+                held_now,
                 credential,
                 user,
                 device,
@@ -651,6 +769,7 @@ impl Store {
             assignments,
             findings: by_device.into_values().collect(),
             seq,
+            baseline,
         })
     }
 }
@@ -707,12 +826,14 @@ impl Store {
 
     /// Stores an evaluation of `site` made from facts read at sequence `seq`: the
     /// changed summaries, the events of their transitions, and whether the site stays
-    /// pending; one batch. Changes after `seq` keep the site due.
+    /// pending; one batch. Changes after `seq` keep the site due. `baseline`: the
+    /// evaluation was the site's baseline (see [`SlotStatusFacts::baseline`]), done.
     pub async fn status_record(
         &self,
         site: Uuid,
         seq: i64,
         pending: bool,
+        baseline: bool,
         changed: &[EvaluatedSlot],
         events: &[StatusEvent],
     ) -> Result<(), StoreError> {
@@ -754,6 +875,33 @@ impl Store {
                     .join(",")
             })
             .collect();
+        let held_known: Vec<bool> = changed.iter().map(|c| c.held != Held::Unknown).collect();
+        let held_hashes: Vec<Option<&[u8]>> = changed
+            .iter()
+            .map(|c| match &c.held {
+                Held::Code { pin_hash, .. } => Some(pin_hash.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let held_generations: Vec<Option<i64>> = changed
+            .iter()
+            .map(|c| match &c.held {
+                Held::Code { generation, .. } => Some(*generation),
+                _ => None,
+            })
+            .collect();
+        let mut held_schedules: Vec<Option<serde_json::Value>> = Vec::with_capacity(changed.len());
+        for c in &changed {
+            held_schedules.push(match &c.held {
+                Held::Code {
+                    schedules: Some(s), ..
+                } => Some(
+                    serde_json::to_value(s)
+                        .map_err(|e| StoreError::Internal(format!("held schedules: {e}")))?,
+                ),
+                _ => None,
+            });
+        }
         let e_devices: Vec<Uuid> = events.iter().map(|e| e.device).collect();
         let e_slots: Vec<i32> = events.iter().map(|e| i32::from(e.slot)).collect();
         let e_credentials: Vec<Uuid> = events.iter().map(|e| e.credential).collect();
@@ -771,18 +919,24 @@ impl Store {
                     (
                         "INSERT INTO slot_state_last
                             (site_id, device_id, slot, credential_id, user_id, status, withheld,
-                             withheld_at, issues)
+                             withheld_at, issues, held_known, held_pin_hash, held_generation,
+                             held_schedules)
                          SELECT $1, u.d, u.s, u.c, u.us, u.st, u.w, u.wa,
-                                CASE WHEN u.i = '' THEN '{}'::text[] ELSE string_to_array(u.i, ',') END
+                                CASE WHEN u.i = '' THEN '{}'::text[] ELSE string_to_array(u.i, ',') END,
+                                u.hk, u.hh, u.hg, u.hs
                          FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::text[], $6::text[],
-                                     $7::timestamptz[], $8::text[], $9::uuid[])
-                              AS u(d, s, c, st, w, wa, i, us)
+                                     $7::timestamptz[], $8::text[], $9::uuid[], $10::bool[],
+                                     $11::bytea[], $12::bigint[], $13::jsonb[])
+                              AS u(d, s, c, st, w, wa, i, us, hk, hh, hg, hs)
                          WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = u.d)
                          ON CONFLICT (site_id, device_id, slot) DO UPDATE SET
                             credential_id = EXCLUDED.credential_id, user_id = EXCLUDED.user_id,
                             status = EXCLUDED.status,
                             withheld = EXCLUDED.withheld, withheld_at = EXCLUDED.withheld_at,
-                            issues = EXCLUDED.issues",
+                            issues = EXCLUDED.issues, held_known = EXCLUDED.held_known,
+                            held_pin_hash = EXCLUDED.held_pin_hash,
+                            held_generation = EXCLUDED.held_generation,
+                            held_schedules = EXCLUDED.held_schedules",
                         crate::params![
                             &site,
                             &devices,
@@ -792,7 +946,11 @@ impl Store {
                             &withheld,
                             &withheld_at,
                             &issues,
-                            &users
+                            &users,
+                            &held_known,
+                            &held_hashes,
+                            &held_generations,
+                            &held_schedules
                         ],
                     ),
                     (
@@ -821,9 +979,10 @@ impl Store {
                     ),
                     (
                         "UPDATE site SET status_evaluated_seq = GREATEST(status_evaluated_seq, $2),
-                            status_pending = $3, status_evaluated_at = now()
+                            status_pending = $3, status_evaluated_at = now(),
+                            status_baseline = status_baseline AND NOT $4
                          WHERE id = $1",
-                        crate::params![&site, &seq, &pending],
+                        crate::params![&site, &seq, &pending, &baseline],
                     ),
                 ],
             )

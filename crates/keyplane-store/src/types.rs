@@ -215,6 +215,9 @@ pub struct User {
     pub create_time: SystemTime,
     /// Last updated at.
     pub update_time: SystemTime,
+    /// Kept by keyplane itself (the backup code pool's holder), not a person: hidden
+    /// from the user API.
+    pub system: bool,
 }
 
 /// Fields of a new user.
@@ -226,6 +229,8 @@ pub struct NewUser {
     pub authorities: Authorities,
     /// Requested open/close reporting (a master or manager adder's own setting wins).
     pub open_close_reporting: bool,
+    /// A user keyplane keeps for itself (see [`User::system`]).
+    pub system: bool,
 }
 
 /// Changes to a user.

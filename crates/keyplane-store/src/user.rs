@@ -103,7 +103,7 @@ impl Store {
             );
             let (s_user, s_levels, s_plan, s_remember, s_audit, s_get) = tokio::try_join!(
                 tx.prepare_cached(
-                    "INSERT INTO site_user (site_id, id, display_name, open_close_reporting) VALUES ($1, $2, $3, $4)"
+                    "INSERT INTO site_user (site_id, id, display_name, open_close_reporting, system) VALUES ($1, $2, $3, $4, $5)"
                 ),
                 tx.prepare_cached(LEVELS_INSERT_SQL),
                 tx.prepare_cached(
@@ -115,7 +115,7 @@ impl Store {
             )?;
             let (inserted, levels_written, planned, remembered, audited, read) = tokio::join!(
                 biased;
-                async { Pg::execute(&tx, &s_user, &[&site, &id, &new.display_name, &open_close]).await },
+                async { Pg::execute(&tx, &s_user, &[&site, &id, &new.display_name, &open_close, &new.system]).await },
                 async { Pg::execute(&tx, &s_levels, &[&site, &id, &partitions, &level_numbers]).await },
                 async { Pg::execute(&tx, &s_plan, &[&site, &id]).await },
                 async {
@@ -157,6 +157,7 @@ impl Store {
                 .query(
                     &format!(
                         "SELECT {USER_COLUMNS} FROM site_user u WHERE u.site_id = $1 AND ($2::uuid IS NULL OR u.id > $2)
+                           AND NOT u.system
                          ORDER BY u.id LIMIT $3"
                     ),
                     &[&site, &page.after, &page.limit],
@@ -187,9 +188,11 @@ impl Store {
                 },
             )
             .await?;
+            // keyplane's own users are not changed through the user API.
             let current = loaded
                 .user_row
                 .clone()
+                .filter(|u| !u.system)
                 .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
             let name = format!("sites/{site}/users/{user}");
             etag_check(&format!("user {name}"), etag, current.version)?;
@@ -303,9 +306,11 @@ impl Store {
                 },
             )
             .await?;
+            // keyplane's own users are not deleted through the user API.
             let current = loaded
                 .user_row
                 .as_ref()
+                .filter(|u| !u.system)
                 .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
             let name = format!("sites/{site}/users/{user}");
             etag_check(&format!("user {name}"), etag, current.version)?;
