@@ -135,6 +135,10 @@ pub(super) async fn configure(
                         display_name: "Backup codes (unassigned)".into(),
                         authorities: Default::default(),
                         open_close_reporting: false,
+                        // Not a person: hidden from ListUsers and GetUser, so a back
+                        // office never takes it for one, and never changed or deleted
+                        // through the user API.
+                        system: true,
                     },
                     None,
                 )

@@ -13,6 +13,7 @@ pub(super) async fn create(
         display_name: fields::display_name("user.display_name", &user.display_name)?,
         authorities: fields::authorities("user.authorities", &user.authorities)?,
         open_close_reporting: user.open_close_reporting,
+        system: false,
     };
     let key = api.request_key("CreateUser", &req.request_id, &req)?;
     let created = api
