@@ -100,7 +100,72 @@ async fn a_code_moves_from_setting_to_set() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_device_refusing_a_code_says_so_and_the_error_clears_when_it_takes_it()
+async fn a_device_refusing_a_code_shows_failed_to_set_on_device_with_its_reason_until_it_takes_it()
+-> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    const REASON: &str = "motor jammed (E42)";
+    s.sim(&lock)?.set_refusing(Some(REASON))?;
+    let c = s.credential(&alice, "3719", lock_scope(&[&lock])).await?;
+    let _agent = s.start_agent();
+    let refused = wait_state(&s, &c.name, &lock, "the refusal reported", |st| {
+        codes(&st.errors).contains(&pb::SlotIssueCode::FailedToSetOnDevice)
+    })
+    .await?;
+    let st = state_on(&refused, &lock).expect("a status");
+    assert_eq!(status(&st), pb::SlotStatus::Setting);
+    assert_eq!(
+        codes(&st.errors),
+        vec![pb::SlotIssueCode::FailedToSetOnDevice]
+    );
+    let failed = &st.errors[0];
+    assert_eq!(failed.severity, pb::IssueSeverity::Error as i32);
+    assert!(failed.create_time.is_some());
+    assert!(
+        failed.device_reason.contains(REASON),
+        "the device's own words: {}",
+        failed.device_reason
+    );
+    assert!(failed.detail.contains(REASON), "{}", failed.detail);
+    assert!(
+        !failed.detail.contains("3719") && !failed.device_reason.contains("3719"),
+        "never a PIN: {failed:?}"
+    );
+    assert!(
+        st.warnings.is_empty(),
+        "the error explains the delay: {:?}",
+        st.warnings
+    );
+    assert_eq!(refused.slot_status.expect("roll-up").failed, 1);
+    assert!(!s.slots(&lock)?.values().any(|p| p == "3719"));
+    wait_event(
+        &s,
+        &c.name,
+        pb::EventKind::FailedToSetOnDevice,
+        Some(pb::SlotIssueCode::FailedToSetOnDevice),
+    )
+    .await?;
+
+    // The lock takes codes again: the agent's next try lands, and the error ends.
+    s.sim(&lock)?.set_refusing(None)?;
+    let set = wait_state(&s, &c.name, &lock, "SET once the lock takes it", |st| {
+        status(st) == pb::SlotStatus::Set && st.errors.is_empty()
+    })
+    .await?;
+    assert_eq!(set.slot_status.expect("roll-up").set, 1);
+    assert!(s.slots(&lock)?.values().any(|p| p == "3719"));
+    wait_event(
+        &s,
+        &c.name,
+        pb::EventKind::SlotIssueCleared,
+        Some(pb::SlotIssueCode::FailedToSetOnDevice),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_device_refusing_a_duplicate_says_so_and_the_error_clears_when_it_takes_it()
 -> anyhow::Result<()> {
     let mut s = Site::new().await?;
     let lock = s.lock.clone();
@@ -801,5 +866,295 @@ async fn a_backup_code_pulled_while_the_agent_is_away_opens_the_lock_at_once() -
     })
     .await?;
     assert_eq!(s.slots(&lock)?.len(), 3);
+    Ok(())
+}
+
+fn kinds(st: &pb::SlotAssignmentStatus) -> Vec<pb::PendingChangeKind> {
+    st.pending_changes
+        .iter()
+        .map(|p| pb::PendingChangeKind::try_from(p.kind).unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_pending_change_tells_a_schedule_change_from_a_code_change() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    let agent = s.start_agent();
+    let c = s.credential(&alice, "5038", lock_scope(&[&lock])).await?;
+    // keyplaned's evaluation saw the lock hold it (and recorded what it holds).
+    wait_event(&s, &c.name, pb::EventKind::SetOnDevice, None).await?;
+    agent.stop().await?;
+
+    // The plan gains a schedule while the agent is away: only the schedule changes.
+    let schedule = pb::Schedule {
+        windows: vec![pb::TimeWindow {
+            days: vec![1, 2, 3, 4, 5],
+            start_time: "08:00".into(),
+            end_time: "18:00".into(),
+        }],
+        ..Default::default()
+    };
+    configure(&mut s, &alice, &[&lock], Some(schedule)).await?;
+    let st = state_on(&get(&s, &c.name).await?, &lock).expect("a status");
+    assert_eq!(status(&st), pb::SlotStatus::Setting, "{st:?}");
+    assert_eq!(kinds(&st), vec![pb::PendingChangeKind::UpdatingSchedule]);
+    let change = &st.pending_changes[0];
+    assert!(
+        change.from_schedules.is_none(),
+        "the lock had it always open"
+    );
+    let to = change.to_schedules.as_ref().expect("what it gets");
+    assert_eq!(to.schedules.len(), 1);
+    assert_eq!(to.schedules[0].windows[0].start_time, "08:00");
+
+    // Then the PIN changes too: both are on their way, and neither PIN is shown.
+    s.admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: c.name.clone(),
+                pin: "6149".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["pin".into()],
+            }),
+        })
+        .await?;
+    let st = state_on(&get(&s, &c.name).await?, &lock).expect("a status");
+    assert_eq!(
+        kinds(&st),
+        vec![
+            pb::PendingChangeKind::UpdatingCode,
+            pb::PendingChangeKind::UpdatingSchedule
+        ]
+    );
+    let shown = format!("{st:?}");
+    assert!(
+        !shown.contains("5038") && !shown.contains("6149"),
+        "{shown}"
+    );
+
+    // Back: the lock takes both, nothing is pending.
+    let _agent = s.start_agent();
+    let set = wait_state(&s, &c.name, &lock, "SET with the new code", |st| {
+        status(st) == pb::SlotStatus::Set && st.pending_changes.is_empty()
+    })
+    .await?;
+    assert!(state_on(&set, &lock).is_some());
+    assert!(s.slots(&lock)?.values().any(|p| p == "6149"));
+    Ok(())
+}
+
+/// The demo site on a server whose own status sweep is off (`status_interval` 0), so
+/// a test says when keyplaned evaluates (`keyplane_server::status::evaluate`).
+async fn site_without_sweep() -> anyhow::Result<(Site, keyplane_testkit::proxy::CountingProxy)> {
+    let (server, proxy) = keyplane_testkit::server::TestServer::start_counted().await?;
+    Ok((Site::on_server(server, "zwave-lock-30").await?, proxy))
+}
+
+#[tokio::test]
+async fn a_removal_is_removing_whether_or_not_it_was_evaluated_before() -> anyhow::Result<()> {
+    let (mut s, _proxy) = site_without_sweep().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    let site = crate::fixture::id_of(&s.site)?;
+    let agent = s.start_agent();
+    let c = s.credential(&alice, "7261", lock_scope(&[&lock])).await?;
+    wait_state(&s, &c.name, &lock, "SET", |st| {
+        status(st) == pb::SlotStatus::Set
+    })
+    .await?;
+    agent.stop().await?;
+    let db = s.server.db.client().await?;
+    let evaluated: i64 = db
+        .query_one("SELECT count(*) FROM slot_state_last", &[])
+        .await?
+        .get(0);
+    assert_eq!(evaluated, 0, "no evaluation was ever recorded");
+
+    s.admin
+        .delete_credential(pb::DeleteCredentialRequest {
+            name: c.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let sync = s.sync_status().await?;
+    let leaving = sync
+        .slots
+        .iter()
+        .find(|a| a.credential == c.name)
+        .expect("the removal listed");
+    assert_eq!(leaving.device, lock.name);
+    assert_eq!(
+        leaving.status,
+        pb::SlotStatus::Removing as i32,
+        "{leaving:?}"
+    );
+    assert_eq!(
+        leaving
+            .pending_changes
+            .iter()
+            .map(|p| p.kind)
+            .collect::<Vec<_>>(),
+        vec![pb::PendingChangeKind::Removing as i32]
+    );
+    assert!(s.slots(&lock)?.values().any(|p| p == "7261"));
+
+    // The lock confirms; keyplaned's next evaluation says it was removed, then
+    // forgets it.
+    let _agent = s.start_agent();
+    s.wait_synced().await?;
+    assert!(!s.slots(&lock)?.values().any(|p| p == "7261"));
+    keyplane_server::status::evaluate(&s.server.store, site).await?;
+    assert!(
+        events(&s)
+            .await?
+            .iter()
+            .any(|e| e.credential == c.name && e.kind == pb::EventKind::RemovedFromDevice as i32),
+        "removed_from_device raised"
+    );
+    let sync = s.sync_status().await?;
+    assert!(
+        sync.slots.iter().all(|a| a.credential != c.name),
+        "{:?}",
+        sync.slots
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_first_evaluation_of_codes_set_before_it_raises_no_events_a_later_change_does()
+-> anyhow::Result<()> {
+    let (mut s, _proxy) = site_without_sweep().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    let site = crate::fixture::id_of(&s.site)?;
+    let _agent = s.start_agent();
+    let mut names = Vec::new();
+    for pin in ["2417", "3528", "4639"] {
+        let c = s.credential(&alice, pin, lock_scope(&[&lock])).await?;
+        wait_state(&s, &c.name, &lock, "SET", |st| {
+            status(st) == pb::SlotStatus::Set
+        })
+        .await?;
+        names.push(c.name);
+    }
+    // As migration 0013 leaves a site that held codes before the sweep existed.
+    let db = s.server.db.client().await?;
+    db.execute(
+        "UPDATE site SET status_baseline = true WHERE id = $1",
+        &[&site],
+    )
+    .await?;
+    let raised = keyplane_server::status::evaluate(&s.server.store, site).await?;
+    assert_eq!(raised, 0, "codes set long ago are not news");
+    assert!(events(&s).await?.iter().all(|e| e.credential.is_empty()));
+    let recorded: i64 = db
+        .query_one(
+            "SELECT count(*) FROM slot_state_last WHERE site_id = $1",
+            &[&site],
+        )
+        .await?
+        .get(0);
+    assert_eq!(recorded, 3, "the baseline is recorded");
+    let baseline: bool = db
+        .query_one("SELECT status_baseline FROM site WHERE id = $1", &[&site])
+        .await?
+        .get(0);
+    assert!(!baseline, "once");
+
+    // A real transition afterwards raises its event, and only its own.
+    let c = s.credential(&alice, "5740", lock_scope(&[&lock])).await?;
+    wait_state(&s, &c.name, &lock, "SET", |st| {
+        status(st) == pb::SlotStatus::Set
+    })
+    .await?;
+    let raised = keyplane_server::status::evaluate(&s.server.store, site).await?;
+    assert_eq!(raised, 1);
+    let sets: Vec<String> = events(&s)
+        .await?
+        .into_iter()
+        .filter(|e| e.kind == pb::EventKind::SetOnDevice as i32)
+        .map(|e| e.credential)
+        .collect();
+    assert_eq!(sets, vec![c.name.clone()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_backup_pool_user_is_not_a_person_of_the_user_api() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (lock, site, alice) = (s.lock.clone(), s.site.clone(), s.alice.clone());
+    let pool = s
+        .admin
+        .configure_backup_codes(pb::ConfigureBackupCodesRequest {
+            site: site.clone(),
+            devices: vec![lock.name.clone()],
+            size: 1,
+        })
+        .await?
+        .into_inner();
+    let pool_user = pool.pool_user.clone();
+    assert!(!pool_user.is_empty());
+    let listed = s
+        .admin
+        .list_users(pb::ListUsersRequest {
+            parent: site.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        listed
+            .users
+            .iter()
+            .map(|u| u.name.clone())
+            .collect::<Vec<_>>(),
+        vec![alice],
+        "people only"
+    );
+    let got = s
+        .admin
+        .get_user(pb::GetUserRequest {
+            name: pool_user.clone(),
+        })
+        .await
+        .expect_err("hidden");
+    assert_eq!(got.code(), tonic::Code::NotFound);
+    let renamed = s
+        .admin
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                name: pool_user.clone(),
+                display_name: "Someone".into(),
+                ..Default::default()
+            }),
+            update_mask: crate::fixture::mask(&["display_name"]),
+        })
+        .await
+        .expect_err("not changed through the user API");
+    assert_eq!(renamed.code(), tonic::Code::NotFound);
+    let deleted = s
+        .admin
+        .delete_user(pb::DeleteUserRequest {
+            name: pool_user.clone(),
+            etag: String::new(),
+        })
+        .await
+        .expect_err("not deleted through the user API");
+    assert_eq!(deleted.code(), tonic::Code::NotFound);
+    // The pool still works: configured again, it keeps its holder and its code.
+    let again = s
+        .admin
+        .configure_backup_codes(pb::ConfigureBackupCodesRequest {
+            site: site.clone(),
+            devices: vec![lock.name.clone()],
+            size: 1,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (again.pool_user.as_str(), again.available),
+        (pool_user.as_str(), 1)
+    );
     Ok(())
 }
