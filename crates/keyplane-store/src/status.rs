@@ -1025,6 +1025,127 @@ mod tests {
     }
 
     #[test]
+    fn what_the_device_holds_says_what_a_change_changes() {
+        use keyplane_core::status::PendingChange as P;
+        let office = vec![Schedule {
+            windows: vec![keyplane_core::schedule::Window {
+                days: 0b001_1111,
+                start: keyplane_core::schedule::parse_time("08:00").expect("time"),
+                end: keyplane_core::schedule::parse_time("18:00").expect("time"),
+            }],
+            ..Schedule::default()
+        }];
+        let tagged = |key: u8, code: u8| {
+            let mut h = vec![key; 4];
+            h.extend(std::iter::repeat_n(code, TAGGED_HASH_LEN - 4));
+            h
+        };
+        let held = |hash: Vec<u8>, generation, schedules: Option<Vec<Schedule>>| Held::Code {
+            pin_hash: hash,
+            generation,
+            schedules,
+        };
+        let want = |schedules: Option<Vec<Schedule>>| SlotValue {
+            code_version: 1,
+            settings_version: 0,
+            schedules,
+        };
+        /// What the device holds, the code now (hash, generation), the wanted
+        /// schedules, the changes on their way.
+        type Case = (Held, (Vec<u8>, i64), Option<Vec<Schedule>>, Vec<P>);
+        let cases: Vec<Case> = vec![
+            // Only the schedules: from what it has to what it gets.
+            (
+                held(tagged(1, 7), 0, None),
+                (tagged(1, 7), 0),
+                Some(office.clone()),
+                vec![P::UpdatingSchedule {
+                    from: None,
+                    to: Some(office.clone()),
+                }],
+            ),
+            // Only the PIN.
+            (
+                held(tagged(1, 7), 0, None),
+                (tagged(1, 8), 0),
+                None,
+                vec![P::UpdatingCode],
+            ),
+            // Written again (ResolveDrift).
+            (
+                held(tagged(1, 7), 0, None),
+                (tagged(1, 7), 1),
+                None,
+                vec![P::UpdatingCode],
+            ),
+            // Both.
+            (
+                held(tagged(1, 7), 0, Some(office.clone())),
+                (tagged(1, 8), 0),
+                None,
+                vec![
+                    P::UpdatingCode,
+                    P::UpdatingSchedule {
+                        from: Some(office.clone()),
+                        to: None,
+                    },
+                ],
+            ),
+            // A key rotation re-hashed the code: no code change for that.
+            (
+                held(tagged(1, 7), 0, None),
+                (tagged(2, 9), 0),
+                Some(office.clone()),
+                vec![P::UpdatingSchedule {
+                    from: None,
+                    to: Some(office.clone()),
+                }],
+            ),
+            // Neither: the slot changed all the same (panel levels, reporting).
+            (
+                held(tagged(1, 7), 0, None),
+                (tagged(1, 7), 0),
+                None,
+                vec![P::UpdatingSettings],
+            ),
+            // The device holds nothing of it: created.
+            (Held::Nothing, (tagged(1, 7), 0), None, vec![P::Creating]),
+        ];
+        for (i, (held, (hash, generation), schedules, expected)) in cases.into_iter().enumerate() {
+            let desired = want(schedules);
+            let applied = held.value(&hash, generation, &desired);
+            let facts = SlotFacts {
+                kind: keyplane_core::DeviceKind::Lock,
+                slot: 2,
+                keeps_schedules: true,
+                time_zone: chrono_tz::Europe::Paris,
+                desired: Some(desired),
+                presence: Presence::default(),
+                applied_value: applied,
+                changed_revision: 5,
+                changed_at: Utc::now(),
+                applied_revision: 4,
+                last_write: None,
+                read_back: None,
+                local_conflict: None,
+                agent: AgentLink {
+                    connected: true,
+                    last_seen: Some(Utc::now()),
+                },
+                device_last_seen: Some(Utc::now()),
+                thresholds: keyplane_core::status::Thresholds::default_for(
+                    keyplane_core::DeviceKind::Lock,
+                ),
+                now: Utc::now(),
+            };
+            let state = keyplane_core::status::slot_state(&facts);
+            assert_eq!(state.status, SlotStatus::Setting, "case {i}");
+            assert_eq!(state.pending, expected, "case {i}");
+        }
+        assert!(!format!("{:?}", held(tagged(1, 7), 3, None)).contains('7'));
+    }
+
+    #[test]
     fn thresholds_round_trip_and_defaults_store_nothing() {
         assert_eq!(thresholds_to_json(&SiteThresholds::default()), None);
         assert_eq!(thresholds_from_json(None), SiteThresholds::default());
