@@ -1142,6 +1142,48 @@ async fn the_backup_pool_user_is_not_a_person_of_the_user_api() -> anyhow::Resul
         .await
         .expect_err("not deleted through the user API");
     assert_eq!(deleted.code(), tonic::Code::NotFound);
+    // Nor through the calls that reach a user's codes and plan.
+    let code = s
+        .admin
+        .create_credential(pb::CreateCredentialRequest {
+            parent: pool_user.clone(),
+            credential: Some(pb::Credential {
+                pin: "7391".into(),
+                scope: Some(crate::fixture::lock_scope(&[&lock])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no codes of one's own under the pool user");
+    assert_eq!(code.code(), tonic::Code::NotFound, "{code:?}");
+    let plan = s
+        .admin
+        .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+            plan: Some(pb::PersonalAccessPlan {
+                name: format!("{pool_user}/personalAccessPlan"),
+                access_points: vec![lock.name.clone()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the pool user has no plan to change");
+    assert_eq!(plan.code(), tonic::Code::NotFound, "{plan:?}");
+    let member = s
+        .admin
+        .create_access_plan(pb::CreateAccessPlanRequest {
+            parent: site.clone(),
+            plan: Some(pb::StandardAccessPlan {
+                display_name: "Staff".into(),
+                members: vec![pool_user.clone()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the pool user is nobody's plan member");
+    assert_eq!(member.code(), tonic::Code::NotFound, "{member:?}");
     // The pool still works: configured again, it keeps its holder and its code.
     let again = s
         .admin

@@ -257,7 +257,7 @@ async fn plan_load_in_txn(
     let extra = [
         (plan_sql.as_str(), by_plan),
         (
-            "SELECT id FROM site_user WHERE site_id = $1 AND id = ANY($2)",
+            "SELECT id FROM site_user WHERE site_id = $1 AND id = ANY($2) AND NOT system",
             by_members,
         ),
         (RULES_SQL[0], by_site),

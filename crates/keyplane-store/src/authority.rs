@@ -199,16 +199,19 @@ pub(crate) async fn actor_precheck_in_txn(
 pub(crate) struct UserFacts {
     pub open_close_reporting: bool,
     pub authorities: Authorities,
+    /// keyplane's own user (the backup pool), hidden from the user API.
+    pub system: bool,
 }
 
 /// Users (site, ids) with their levels, one row each: id, open/close reporting,
-/// partitions, levels.
+/// partitions, levels, system.
 pub(crate) const USER_FACTS_SQL: &str = "SELECT u.id, u.open_close_reporting,
         COALESCE(array_agg(a.partition) FILTER (WHERE a.partition IS NOT NULL), '{}'),
-        COALESCE(array_agg(a.level) FILTER (WHERE a.partition IS NOT NULL), '{}')
+        COALESCE(array_agg(a.level) FILTER (WHERE a.partition IS NOT NULL), '{}'),
+        u.system
      FROM site_user u LEFT JOIN user_authority a ON a.site_id = u.site_id AND a.user_id = u.id
      WHERE u.site_id = $1 AND u.id = ANY($2)
-     GROUP BY u.id, u.open_close_reporting";
+     GROUP BY u.id, u.open_close_reporting, u.system";
 
 /// Rows of [`USER_FACTS_SQL`] by user id.
 pub(crate) fn user_facts(rows: &[tokio_postgres::Row]) -> HashMap<Uuid, UserFacts> {
@@ -228,6 +231,7 @@ pub(crate) fn user_facts(rows: &[tokio_postgres::Row]) -> HashMap<Uuid, UserFact
                 UserFacts {
                     open_close_reporting: r.get(1),
                     authorities,
+                    system: r.get(4),
                 },
             )
         })

@@ -403,10 +403,22 @@ impl Loaded {
         self.current.as_ref().map(|c| &c.credential)
     }
 
-    /// The user whose code is written, or not found.
+    /// The user whose code a dealer's request writes, or not found: keyplane's own
+    /// users (the backup pool) are not reachable through the API, as in the user API.
     pub(crate) fn user(&self, site: Uuid, user: Uuid) -> Result<&UserFacts, StoreError> {
+        self.user_for(site, user, false)
+    }
+
+    /// The user whose code is written; a system user only when `system_owner`.
+    pub(crate) fn user_for(
+        &self,
+        site: Uuid,
+        user: Uuid,
+        system_owner: bool,
+    ) -> Result<&UserFacts, StoreError> {
         self.users
             .get(&user)
+            .filter(|u| system_owner || !u.system)
             .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))
     }
 }
@@ -713,7 +725,7 @@ impl Store {
                 },
             )
             .await?;
-            let target = loaded.user(site, user)?;
+            let target = loaded.user_for(site, user, new.system_owner)?;
             if let Some(name) = &loaded.replayed {
                 return credential_get_in_txn(&tx, site, user, replayed_id(name)?).await;
             }

@@ -305,6 +305,9 @@ pub struct NewCredential {
     pub valid_until: Option<chrono::DateTime<chrono::Utc>>,
     /// Limited-use code: removed after this many granted uses.
     pub max_uses: Option<i32>,
+    /// keyplane's own code (the backup pool), whose owner is a system user; the
+    /// user API never reaches system users, so every dealer request sets false.
+    pub system_owner: bool,
 }
 
 /// Changes to a credential.

@@ -68,7 +68,9 @@ async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64,
             site,
             user: pool.user,
         };
-        match credential::generated_credential(api, actor, parent, &template, &scope, None).await {
+        match credential::generated_credential(api, actor, parent, &template, &scope, None, true)
+            .await
+        {
             Ok(_) => available += 1,
             Err(status) => {
                 tracing::warn!(%site, %status, "backup code pool not refilled");

@@ -61,6 +61,7 @@ fn new_credential(
             }
             n => Some(n),
         },
+        system_owner: false,
     })
 }
 
@@ -100,7 +101,7 @@ async fn create_generated(
     }
     let scope = fields::scope(parent.site, credential.scope.as_ref())?;
     let key = api.request_key("CreateCredential", &req.request_id, req)?;
-    generated_credential(api, &actor, parent, credential, &scope, key.as_ref()).await
+    generated_credential(api, &actor, parent, credential, &scope, key.as_ref(), false).await
 }
 
 /// Creates a credential for `parent` with a code generated to fit every device of
@@ -112,6 +113,7 @@ pub(super) async fn generated_credential(
     credential: &pb::Credential,
     scope: &store::Scope,
     key: Option<&store::RequestKey>,
+    system_owner: bool,
 ) -> Res<pb::Credential> {
     let devices = api
         .store
@@ -158,7 +160,10 @@ pub(super) async fn generated_credential(
         if failed {
             return Err(Status::internal("the random generator failed"));
         }
-        let new = new_credential(credential, generated.clone(), scope.clone())?;
+        let new = store::NewCredential {
+            system_owner,
+            ..new_credential(credential, generated.clone(), scope.clone())?
+        };
         match api
             .store
             .credential_create(actor, parent.site, parent.user, &new, key)
