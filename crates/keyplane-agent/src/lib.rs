@@ -1,14 +1,17 @@
 //! The keyplane edge agent: holds one Sync stream to `keyplaned`, journals the desired
 //! slot table locally, and reconciles each device through its driver.
 //!
-//! No database here. Tasks: [`run`] runs one task that owns the stream, the journal
-//! and the drivers; an mpsc channel carries its outbound messages (Hello, acks) into
-//! the gRPC request stream. It reconciles from the journal before connecting, so
-//! devices converge on the last known table even while `keyplaned` is unreachable.
+//! No database here. Tasks: [`run`] owns the stream and journals what keyplaned
+//! sends; each device has a task of its own (it alone reaches the device, writes to
+//! it one at a time and paced, reads its events) that sends acks, reports and events
+//! into the stream through two mpsc queues (urgent first). Nothing on the stream's
+//! path awaits a device. The device tasks start from the journal before connecting,
+//! so devices converge on the last known table even while `keyplaned` is unreachable.
 
 pub mod backoff;
 pub mod clock;
 pub mod config;
+mod device;
 pub mod hand;
 pub mod identity;
 pub mod intake;
@@ -16,6 +19,7 @@ pub mod journal;
 mod reconcile;
 mod reports;
 
+pub use device::Pacing;
 pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 
 use backoff::Backoff;
@@ -64,6 +68,8 @@ pub struct AgentConfig {
     pub passes: PassCounter,
     /// Counts the agent's completed event polls (every device's log read once).
     pub event_polls: PassCounter,
+    /// The gap between two writes to one device, per kind of device.
+    pub pacing: Pacing,
 }
 
 /// A count of completed reconcile passes that can be waited on.
@@ -106,6 +112,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("site", &self.site)
             .field("token", &"<redacted>")
             .field("state_dir", &self.state_dir)
+            .field("pacing", &self.pacing)
             .finish_non_exhaustive()
     }
 }
@@ -153,6 +160,7 @@ impl AgentConfig {
             observe_every: Duration::from_secs(60),
             passes: PassCounter::default(),
             event_polls: PassCounter::default(),
+            pacing: Pacing::default(),
         }
     }
 }
@@ -171,18 +179,41 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.check()?;
-    let mut agent = Agent::open(&config.state_dir, factory, config.clock.clone())?;
-    agent.observe_every = config.observe_every;
-    agent.passes = config.passes.clone();
-    agent.event_polls = config.event_polls.clone();
-    agent.reconcile_all(None).await;
+    let settings = reconcile::Settings {
+        reconcile_every: config.reconcile_every,
+        event_poll: config.event_poll,
+        observe_every: config.observe_every,
+        pacing: config.pacing,
+    };
+    let mut agent = Agent::open_with(
+        &config.state_dir,
+        factory,
+        config.clock.clone(),
+        settings,
+        config.passes.clone(),
+        config.event_polls.clone(),
+    )?;
+    // The devices follow the journal from now on, connected or not.
+    agent.start_devices();
+    let result = stay_connected(&config, &mut agent, &shutdown).await;
+    agent.stop().await;
+    result
+}
+
+/// Keeps a Sync stream open until `shutdown`, reconnecting with jittered backoff.
+async fn stay_connected(
+    config: &AgentConfig,
+    agent: &mut Agent,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     // Set when keyplaned refused the agent's credentials: the next attempt enrolls
     // with the code file, if there is one, instead of presenting them again.
     let mut refused = false;
     loop {
         let mut healthy = false;
-        let result = session(&config, &mut agent, &shutdown, &mut healthy, refused).await;
+        let result = session(config, agent, shutdown, &mut healthy, refused).await;
+        agent.stream_ended();
         refused = matches!(&result, Err(SessionError::Status(s)) if s.code() == tonic::Code::Unauthenticated)
             || (refused && result.is_err() && !healthy);
         if shutdown.is_cancelled() {
@@ -200,7 +231,7 @@ pub async fn run(
                 seconds(delay)
             ),
             Err(e) => {
-                let (error, text) = describe(&e, &config, delay);
+                let (error, text) = describe(&e, config, delay);
                 if error {
                     tracing::error!("{text}");
                 } else {
@@ -218,7 +249,7 @@ pub async fn run(
                 // cancel-safe: a timer.
                 _ = tokio::time::sleep_until(wake) => break,
                 // cancel-safe: interval ticks.
-                _ = tick.tick() => agent.reconcile_all(None).await,
+                _ = tick.tick() => agent.tick(),
             }
         }
     }
@@ -520,8 +551,7 @@ async fn session(
         .send(agent.hello(&config.site))
         .await
         .map_err(|_| anyhow::anyhow!("outbound queue closed"))?;
-    agent.stream_started();
-    agent.events_between_writes(config.event_poll, urgent.clone(), tx.clone());
+    agent.stream_started(urgent.clone(), tx.clone());
     let mut request = tonic::Request::new(Prioritized {
         urgent: urgent_rx,
         routine: rx,
@@ -543,8 +573,6 @@ async fn session(
     );
     let mut tick = tokio::time::interval(config.reconcile_every);
     tick.reset();
-    let mut events = tokio::time::interval(config.event_poll);
-    events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A stream may outlive its certificate: renew while connected, at 2/3 of its life.
     let mut renew_at = identity.as_ref().map(|id| renewal_instant(&id.meta));
     loop {
@@ -569,15 +597,13 @@ async fn session(
             msg = inbound.message() => match msg? {
                 Some(pb::ServerMessage { msg: Some(msg) }) => {
                     *healthy = true;
-                    agent.apply(msg, &tx).await?;
+                    agent.accept(msg)?;
                 }
                 Some(pb::ServerMessage { msg: None }) => tracing::warn!("empty server message ignored"),
                 None => return Ok(()),
             },
             // cancel-safe: interval ticks.
-            _ = tick.tick() => agent.reconcile_all(Some(&tx)).await,
-            // cancel-safe: interval ticks.
-            _ = events.tick() => agent.poll_events(&urgent, &tx).await,
+            _ = tick.tick() => agent.tick(),
         }
     }
 }

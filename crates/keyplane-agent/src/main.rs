@@ -69,6 +69,17 @@ struct Cli {
     #[arg(long, env = "KEYPLANE_READ_BACK_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     read_back_secs: u64,
+    /// Least time between two writes to one alarm panel, in milliseconds (each
+    /// device has its own queue; devices never wait for one another).
+    #[arg(long, env = "KEYPLANE_PANEL_WRITE_GAP_MS", default_value_t = 100)]
+    panel_write_gap_ms: u64,
+    /// Least time between two writes to one lock, in milliseconds (a Z-Wave JS
+    /// lock also keeps --zwave-write-gap-ms).
+    #[arg(long, env = "KEYPLANE_LOCK_WRITE_GAP_MS", default_value_t = 250)]
+    lock_write_gap_ms: u64,
+    /// Least time between two writes to one access-control door, in milliseconds.
+    #[arg(long, env = "KEYPLANE_DOOR_WRITE_GAP_MS", default_value_t = 0)]
+    door_write_gap_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -220,6 +231,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
+    config.pacing = keyplane_agent::Pacing {
+        panel: std::time::Duration::from_millis(cli.panel_write_gap_ms),
+        lock: std::time::Duration::from_millis(cli.lock_write_gap_ms),
+        door: std::time::Duration::from_millis(cli.door_write_gap_ms),
+    };
     config.server_ca_file = cli.server_ca_file;
     config.enrollment_code_file = cli.enrollment_code_file;
     if let Err(e) = config.check() {

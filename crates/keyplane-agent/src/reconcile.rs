@@ -1,22 +1,22 @@
-//! Applying the desired table to devices: journal first, then the planner's writes,
-//! one device at a time, acking each device once it holds its whole desired table.
+//! The agent's coordinator: journals what keyplaned sends and wakes one task per
+//! device (crate::device), which applies the desired table to its device and acks
+//! it once the device holds it. The coordinator never awaits a device.
 
 use crate::clock::Clock;
+use crate::device::{DeviceTask, Pacing};
 use crate::intake::read_slot;
-use crate::journal::{Code, DeviceJournal, Journal};
-use crate::reports::{Outcome, Reports};
-use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
+use crate::journal::{DeviceJournal, Journal};
+use keyplane_core::DeviceModel;
+use keyplane_core::constraints::ReportedConstraints;
 use keyplane_core::observed::{SlotFinding, classify_slot};
-use keyplane_core::plan::{DesiredCode, SlotAction, plan_device};
-use keyplane_core::schedule::{any_open, parse_time_zone};
-use keyplane_core::{DeviceKind, DeviceModel};
-use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent, EventKind};
+use keyplane_devices::{DeviceDriver, DeviceError, DeviceEvent};
 use keyplane_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 /// Opens drivers for the devices keyplaned lists.
 pub trait DriverFactory: Send + Sync {
@@ -51,946 +51,581 @@ impl DriverFactory for SimulatorFactory {
     }
 }
 
-/// The agent's state: journal and open drivers.
-pub struct Agent {
-    journal: Journal,
-    factory: Box<dyn DriverFactory>,
-    drivers: HashMap<String, Box<dyn DeviceDriver>>,
-    /// Highest event sequence sent per device on the current stream.
-    events_sent: HashMap<String, u64>,
-    clock: Arc<dyn Clock>,
-    /// Devices to read back on the next pass (written to, or new stream).
-    observe_due: std::collections::HashSet<String>,
-    /// When each device was last read back, and what was last reported.
-    observed_at: HashMap<String, std::time::Instant>,
-    reported: HashMap<String, Vec<pb::ObservedSlot>>,
-    /// Read every device back at least this often.
-    pub observe_every: std::time::Duration,
-    /// Completed passes, for whoever waits on the agent's progress.
-    pub passes: crate::PassCounter,
-    /// Completed event polls, likewise.
-    pub event_polls: crate::PassCounter,
-    /// Devices read back since this agent started: the first pass for a device
-    /// plans against what it holds, not only against the journal (a write that
-    /// landed just before a crash is adopted, not written again).
-    read_since_start: std::collections::HashSet<String>,
-    /// While connected: (period, urgent, routine) for polling device events between
-    /// the writes of a long batch, so a duress code waits for one write at most,
-    /// not for the whole batch.
-    event_poll_between: Option<(
-        std::time::Duration,
-        mpsc::Sender<pb::AgentMessage>,
-        mpsc::Sender<pb::AgentMessage>,
-    )>,
-    last_event_poll: std::time::Instant,
-    /// Codes a driver refused as unsupported, per (device, slot): not tried again
-    /// (nor reported again) until keyplaned sends another code for the slot.
-    refused: HashMap<(String, u16), DesiredCode>,
-    /// Doors whose driver refused a lockdown (reported once).
-    lockdown_refused: std::collections::HashSet<String>,
-    /// Per device, the (slot, state) of the findings already logged.
-    findings_logged: HashMap<String, std::collections::BTreeSet<(i32, i32)>>,
-    /// Write outcomes and reachability for keyplaned's status of each slot.
-    reports: Reports,
-    /// What each device reported about itself, once asked (None: nothing).
-    constraints: HashMap<String, Option<keyplane_core::constraints::ReportedConstraints>>,
+/// How often the device tasks act and how they pace their writes.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// A pass per device at least this often (schedules open and close on time).
+    pub(crate) reconcile_every: Duration,
+    /// Read each device's event log this often.
+    pub(crate) event_poll: Duration,
+    /// Read each device's slot table back at least this often.
+    pub(crate) observe_every: Duration,
+    /// The gap between two writes to one device, per kind.
+    pub(crate) pacing: Pacing,
 }
 
-fn desired_codes(table: &BTreeMap<u16, Code>) -> BTreeMap<u16, DesiredCode> {
-    table
-        .iter()
-        .map(|(s, c)| (*s, DesiredCode::from(c)))
-        .collect()
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            reconcile_every: Duration::from_secs(1),
+            event_poll: Duration::from_millis(200),
+            observe_every: Duration::from_secs(60),
+            pacing: Pacing::default(),
+        }
+    }
 }
 
-/// The codes that belong on the device at `now`: temporary codes only within their
-/// validity; scheduled codes only while open, unless the device keeps schedules
-/// itself (then it gets them with the code, and with `zone`, the site's zone, so a
-/// new zone is a change to write). An unknown time zone fails closed.
-fn effective_codes(
-    table: &BTreeMap<u16, Code>,
-    zone: &str,
-    now: DateTime<Utc>,
-    device_keeps_schedules: bool,
-) -> BTreeMap<u16, DesiredCode> {
-    let tz: Option<Tz> = parse_time_zone(zone).ok();
-    table
-        .iter()
-        .filter(|(_, c)| {
-            c.valid_from.is_none_or(|f| now >= f) && c.valid_until.is_none_or(|u| now < u)
-        })
-        .filter(|(_, c)| match &c.schedules {
-            None => true,
-            Some(_) if device_keeps_schedules => true,
-            Some(s) => tz.is_some_and(|tz| any_open(s, tz, now)),
-        })
-        .map(|(s, c)| {
-            let mut code = DesiredCode::from(c);
-            if !device_keeps_schedules {
-                code.schedules = None;
+/// What the coordinator and the device tasks share: the journal (locked only
+/// between awaits, never across device I/O), the driver factory and the counters.
+pub(crate) struct Shared {
+    journal: Mutex<Journal>,
+    pub(crate) factory: Box<dyn DriverFactory>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) settings: Settings,
+    pub(crate) progress: Arc<Progress>,
+    /// What each device reported about itself, for the Hello's inventory.
+    constraints: Mutex<HashMap<String, Option<ReportedConstraints>>>,
+}
+
+impl Shared {
+    /// Runs `f` on the journal. Never held across an await.
+    pub(crate) fn journal<T>(&self, f: impl FnOnce(&mut Journal) -> T) -> T {
+        let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut journal)
+    }
+
+    pub(crate) fn set_constraints(&self, device: &str, reported: Option<ReportedConstraints>) {
+        let mut known = self
+            .constraints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        known.insert(device.to_owned(), reported);
+    }
+
+    fn constraints(&self, device: &str) -> Option<ReportedConstraints> {
+        let known = self
+            .constraints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        known.get(device).cloned().flatten()
+    }
+}
+
+/// The current stream's two outbound queues (urgent: duress; routine: the rest).
+#[derive(Clone)]
+pub(crate) struct Outbound {
+    /// Ahead of everything else.
+    pub(crate) urgent: mpsc::Sender<pb::AgentMessage>,
+    /// Acks, reports, routine events.
+    pub(crate) routine: mpsc::Sender<pb::AgentMessage>,
+}
+
+/// Per-device pass and poll counts, folded into the agent-wide counters: one
+/// agent-wide pass is counted once every device completed a pass begun after the
+/// previous one was counted (likewise for event polls).
+#[derive(Default)]
+pub(crate) struct Progress {
+    state: Mutex<HashMap<String, Counts>>,
+    changed: Notify,
+    passes: crate::PassCounter,
+    event_polls: crate::PassCounter,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    started: u64,
+    completed: u64,
+    pass_mark: u64,
+    polls: u64,
+    poll_mark: u64,
+}
+
+impl Progress {
+    fn new(passes: crate::PassCounter, event_polls: crate::PassCounter) -> Progress {
+        Progress {
+            passes,
+            event_polls,
+            ..Progress::default()
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Counts>) -> T) -> T {
+        let out = self.peek(f);
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Like `with`, waking nobody (for the waiters themselves).
+    fn peek<T>(&self, f: impl FnOnce(&mut HashMap<String, Counts>) -> T) -> T {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut state)
+    }
+
+    fn join(&self, device: &str) {
+        self.with(|s| {
+            s.entry(device.to_owned()).or_default();
+        });
+    }
+
+    /// The device's task ended.
+    pub(crate) fn leave(&self, device: &str) {
+        self.with(|s| {
+            s.remove(device);
+        });
+        self.fold();
+    }
+
+    /// A pass on `device` begins.
+    pub(crate) fn started(&self, device: &str) {
+        self.with(|s| s.entry(device.to_owned()).or_default().started += 1);
+    }
+
+    /// A pass on `device` ended.
+    pub(crate) fn completed(&self, device: &str) {
+        self.with(|s| s.entry(device.to_owned()).or_default().completed += 1);
+        self.fold();
+    }
+
+    /// An event poll of `device` ended.
+    pub(crate) fn polled(&self, device: &str) {
+        self.with(|s| s.entry(device.to_owned()).or_default().polls += 1);
+        self.fold();
+    }
+
+    /// Counts an agent-wide pass (poll) once every device has one past its mark.
+    fn fold(&self) {
+        let (pass, poll) = self.peek(|s| {
+            if s.is_empty() {
+                return (false, false);
             }
-            code.time_zone = if code.schedules.is_some() {
-                zone.to_owned()
-            } else {
-                String::new()
-            };
-            (*s, code)
-        })
-        .collect()
+            let pass = s.values().all(|c| c.completed > c.pass_mark);
+            let poll = s.values().all(|c| c.polls > c.poll_mark);
+            for c in s.values_mut() {
+                if pass {
+                    c.pass_mark = c.started;
+                }
+                if poll {
+                    c.poll_mark = c.polls;
+                }
+            }
+            (pass, poll)
+        });
+        if pass {
+            self.passes.bump();
+        }
+        if poll {
+            self.event_polls.bump();
+        }
+    }
+
+    /// With no device at all, a tick is a pass and a poll.
+    fn idle_tick(&self) {
+        if self.peek(|s| s.is_empty()) {
+            self.passes.bump();
+            self.event_polls.bump();
+        }
+    }
+
+    /// Waits until every device known now has completed a pass begun after now.
+    #[cfg(test)]
+    async fn settled(&self) {
+        let begun: HashMap<String, u64> =
+            self.peek(|s| s.iter().map(|(n, c)| (n.clone(), c.started)).collect());
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let done = self.peek(|s| {
+                begun
+                    .iter()
+                    .all(|(n, b)| s.get(n).is_none_or(|c| c.completed > *b))
+            });
+            if done {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A running device task.
+struct Worker {
+    kick: Arc<Notify>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// The agent: owns the journal (shared with the device tasks) and one task per
+/// device. Applying a server message only journals it and wakes the tasks: nothing
+/// here awaits a device.
+pub struct Agent {
+    shared: Arc<Shared>,
+    workers: HashMap<String, Worker>,
+    outbound: watch::Sender<Option<Outbound>>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 impl Agent {
-    /// Opens the journal in `state_dir`.
+    /// Opens the journal in `state_dir`, with default periods and pacing.
     pub fn open(
         state_dir: &Path,
         factory: Box<dyn DriverFactory>,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Agent> {
-        Ok(Agent {
-            journal: Journal::open(state_dir)?,
+        Agent::open_with(
+            state_dir,
             factory,
-            drivers: HashMap::new(),
-            events_sent: HashMap::new(),
             clock,
-            observe_due: std::collections::HashSet::new(),
-            observed_at: HashMap::new(),
-            reported: HashMap::new(),
-            observe_every: std::time::Duration::from_secs(60),
-            passes: crate::PassCounter::default(),
-            event_polls: crate::PassCounter::default(),
-            read_since_start: std::collections::HashSet::new(),
-            event_poll_between: None,
-            last_event_poll: std::time::Instant::now(),
-            refused: HashMap::new(),
-            lockdown_refused: std::collections::HashSet::new(),
-            findings_logged: HashMap::new(),
-            reports: Reports::default(),
-            constraints: HashMap::new(),
+            Settings::default(),
+            crate::PassCounter::default(),
+            crate::PassCounter::default(),
+        )
+    }
+
+    /// Opens the journal in `state_dir`; `passes` and `event_polls` count the
+    /// agent-wide passes and polls.
+    pub(crate) fn open_with(
+        state_dir: &Path,
+        factory: Box<dyn DriverFactory>,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+        passes: crate::PassCounter,
+        event_polls: crate::PassCounter,
+    ) -> anyhow::Result<Agent> {
+        let shared = Arc::new(Shared {
+            journal: Mutex::new(Journal::open(state_dir)?),
+            factory,
+            clock,
+            settings,
+            progress: Arc::new(Progress::new(passes, event_polls)),
+            constraints: Mutex::new(HashMap::new()),
+        });
+        let (outbound, _) = watch::channel(None);
+        Ok(Agent {
+            shared,
+            workers: HashMap::new(),
+            outbound,
+            cancel: CancellationToken::new(),
         })
     }
 
     /// The journaled site revision.
     pub fn revision(&self) -> i64 {
-        self.journal.revision
+        self.shared.journal(|j| j.revision)
+    }
+
+    /// Starts a task for every journaled device that has none (a device that left
+    /// the site ends its own task once it holds nothing of keyplane's).
+    pub fn start_devices(&mut self) {
+        self.workers.retain(|_, w| !w.handle.is_finished());
+        let names: Vec<String> = self.shared.journal(|j| j.devices.keys().cloned().collect());
+        for name in names {
+            if self.workers.contains_key(&name) {
+                continue;
+            }
+            let kick = Arc::new(Notify::new());
+            self.shared.progress.join(&name);
+            let task = DeviceTask::new(
+                name.clone(),
+                self.shared.clone(),
+                self.outbound.subscribe(),
+                kick.clone(),
+            );
+            let handle = tokio::spawn(task.run(self.cancel.child_token()));
+            self.workers.insert(name, Worker { kick, handle });
+        }
+    }
+
+    /// Wakes every device task for a pass now.
+    fn kick_all(&self) {
+        for w in self.workers.values() {
+            w.kick.notify_one();
+        }
+    }
+
+    /// A periodic tick of the coordinator: tasks for new devices, and with no
+    /// device at all, a pass counted all the same.
+    pub fn tick(&mut self) {
+        self.start_devices();
+        self.shared.progress.idle_tick();
+    }
+
+    /// Stops every device task and waits for them (a write in flight is dropped,
+    /// as at a crash: the journal and the next read-back settle it).
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        for (_, w) in self.workers.drain() {
+            let _ = w.handle.await;
+        }
     }
 
     /// The Hello for `site`: journaled revision and known devices.
     pub fn hello(&self, site: &str) -> pb::AgentMessage {
-        let inventory = self
-            .journal
-            .devices
-            .iter()
-            .filter(|(_, d)| d.present)
-            .map(|(name, d)| pb::InventoryDevice {
-                device: name.clone(),
-                kind: DeviceModel::find(&d.model)
+        let (revision, devices) = self.shared.journal(|j| {
+            let devices: Vec<(String, String)> = j
+                .devices
+                .iter()
+                .filter(|(_, d)| d.present)
+                .map(|(name, d)| (name.clone(), d.model.clone()))
+                .collect();
+            (j.revision, devices)
+        });
+        let inventory = devices
+            .into_iter()
+            .map(|(name, model)| pb::InventoryDevice {
+                kind: DeviceModel::find(&model)
                     .map(|m| pb::DeviceKind::from(m.kind))
                     .unwrap_or(pb::DeviceKind::Unspecified) as i32,
-                model: d.model.clone(),
                 constraints: self
-                    .constraints
-                    .get(name)
-                    .and_then(Option::as_ref)
+                    .shared
+                    .constraints(&name)
+                    .as_ref()
                     .map(keyplane_proto::convert::reported_constraints_pb),
+                device: name,
+                model,
             })
             .collect();
         pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
                 site: site.to_owned(),
-                applied_revision: self.journal.revision,
+                applied_revision: revision,
                 inventory,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             })),
         }
     }
 
-    fn learn_devices(&mut self, devices: &[pb::SiteDevice], snapshot: bool) {
-        for d in self.journal.devices.values_mut() {
-            d.present = false;
+    /// Journals a server message and wakes the device tasks; returns at once.
+    pub fn accept(&mut self, msg: pb::server_message::Msg) -> anyhow::Result<()> {
+        if let pb::server_message::Msg::EventAck(ack) = &msg {
+            return self.shared.journal(|j| {
+                if let Some(device) = j.devices.get_mut(&ack.device)
+                    && ack.seq > device.events_acked
+                {
+                    device.events_acked = ack.seq;
+                    j.save()?;
+                }
+                Ok(())
+            });
         }
-        for d in devices {
-            let entry = self.journal.devices.entry(d.name.clone()).or_default();
-            entry.model = d.model.clone();
-            entry.present = true;
-        }
-        for d in self.journal.devices.values_mut() {
-            if !d.present || snapshot {
-                // A snapshot replaces the whole table; a device keyplaned no longer
-                // lists keeps nothing keyplane wrote.
-                d.desired.clear();
-                d.remove_local.clear();
-                d.refused.clear();
-            }
-        }
+        self.shared.journal(|j| journal_message(j, msg))?;
+        self.start_devices();
+        self.kick_all();
+        Ok(())
     }
 
-    /// Journals a server message, then reconciles every device, acking those done.
-    pub async fn apply(
+    /// A stream began: the device tasks send on its queues (and resend what
+    /// keyplaned has not acked).
+    pub fn stream_started(
+        &mut self,
+        urgent: mpsc::Sender<pb::AgentMessage>,
+        routine: mpsc::Sender<pb::AgentMessage>,
+    ) {
+        self.outbound
+            .send_replace(Some(Outbound { urgent, routine }));
+    }
+
+    /// The stream ended: nothing is sent until the next one.
+    pub fn stream_ended(&mut self) {
+        self.outbound.send_replace(None);
+    }
+
+    /// Tests: journals `msg` and waits for every device to complete a pass.
+    #[cfg(test)]
+    pub(crate) async fn apply(
         &mut self,
         msg: pb::server_message::Msg,
         out: &mpsc::Sender<pb::AgentMessage>,
     ) -> anyhow::Result<()> {
-        let (revision, slots, what, from) = match msg {
-            pb::server_message::Msg::EventAck(ack) => {
-                if let Some(device) = self.journal.devices.get_mut(&ack.device)
-                    && ack.seq > device.events_acked
-                {
-                    device.events_acked = ack.seq;
-                    self.journal.save()?;
-                }
-                return Ok(());
-            }
-            pb::server_message::Msg::Snapshot(s) => {
-                self.learn_devices(&s.devices, true);
-                self.journal.time_zone = s.time_zone;
-                self.journal.lockdown = s.lockdown;
-                (s.revision, s.slots, "snapshot", None)
-            }
-            pb::server_message::Msg::Changes(c) => {
-                self.learn_devices(&c.devices, false);
-                self.journal.time_zone = c.time_zone;
-                self.journal.lockdown = c.lockdown;
-                (c.revision, c.slots, "changes", Some(c.from_revision))
-            }
-        };
-        for slot in &slots {
-            let Ok(number) = u16::try_from(slot.slot) else {
-                tracing::warn!(device = %slot.device, slot = slot.slot, "slot number out of range ignored");
-                continue;
-            };
-            let Some(device) = self.journal.devices.get_mut(&slot.device) else {
-                tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
-                continue;
-            };
-            let model = DeviceModel::find(&device.model);
-            if let Some(model) = model.filter(|m| m.is_reserved(number)) {
-                // The installer's user 001 belongs to the device: whatever keyplaned
-                // sends for it, the agent neither writes nor clears it.
-                device.desired.remove(&number);
-                device.remove_local.remove(&number);
-                if slot.remove_local {
-                    tracing::warn!(
-                        device = %slot.device,
-                        slot = %model.display_slot(number),
-                        "request to clear a reserved slot (the installer's) refused: \
-                         it is never cleared by keyplane"
-                    );
-                } else if slot.credential.is_empty() {
-                    device.refused.remove(&number);
-                } else {
-                    tracing::warn!(
-                        device = %slot.device,
-                        slot = %model.display_slot(number),
-                        credential = %slot.credential,
-                        "code refused: the slot is reserved on this model (the installer's) \
-                         and never written by keyplane; the device stays out of sync until \
-                         keyplaned moves the code to another slot"
-                    );
-                    device
-                        .refused
-                        .insert(number, "the slot is reserved on this model".to_owned());
-                }
-                continue;
-            }
-            match read_slot(slot) {
-                Ok(code) => {
-                    device.refused.remove(&number);
-                    match code {
-                        Some(code) => device.desired.insert(number, code),
-                        None => device.desired.remove(&number),
-                    };
-                }
-                Err(why) => {
-                    // Not desired as far as the device goes: never written, and
-                    // cleared if an earlier version of it was.
-                    device.desired.remove(&number);
-                    let kind = model.map(|m| m.kind);
-                    let shown = kind.map_or_else(|| number.to_string(), |k| k.display_slot(number));
-                    tracing::warn!(
-                        device = %slot.device,
-                        slot = %shown,
-                        credential = %slot.credential,
-                        reason = %why,
-                        "code refused: a value in it cannot be read by this agent, so it is \
-                         kept off the device (never widened); the device stays out of sync \
-                         until keyplaned sends a code it can read (upgrade the agent?)"
-                    );
-                    device.refused.insert(number, why.to_string());
-                }
-            }
-            if slot.remove_local {
-                device.remove_local.insert(number);
-            } else {
-                device.remove_local.remove(&number);
-            }
-        }
-        self.journal.revision = revision;
-        self.journal.save()?;
-        self.reconcile_all(Some(out)).await;
-        let devices = self.journal.devices.values().filter(|d| d.present);
-        let (total, in_sync) = devices.fold((0, 0), |(t, n), d| {
-            (t + 1, n + usize::from(d.acked >= revision))
-        });
-        let refused: usize = self.journal.devices.values().map(|d| d.refused.len()).sum();
-        tracing::info!(
-            revision,
-            from_revision = from,
-            slots = slots.len(),
-            devices = total,
-            devices_in_sync = in_sync,
-            codes_refused = refused,
-            lockdown = self.journal.lockdown,
-            "applied {what} from keyplaned"
-        );
+        self.connect_for_test(out);
+        self.accept(msg)?;
+        self.settle().await;
         Ok(())
     }
 
-    /// Forgets what was sent on an earlier stream: events keyplaned has not acked are
-    /// sent again (it stores each once).
-    pub fn stream_started(&mut self) {
-        self.events_sent.clear();
-        self.reports.stream_started();
-        // A new stream (maybe a new server) hears every device's table again.
-        self.reported.clear();
-        self.observe_due
-            .extend(self.journal.devices.keys().cloned());
+    /// Tests: a pass on every device, begun after now, completed.
+    #[cfg(test)]
+    pub(crate) async fn reconcile_all(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
+        match out {
+            Some(out) => self.connect_for_test(out),
+            None => self.stream_ended(),
+        }
+        self.start_devices();
+        self.settle().await;
     }
 
-    /// Reads a device's slot table back and reports it when it changed since the
-    /// last report. Codes programmed at the device are never touched here.
-    async fn observe(
-        &mut self,
-        name: &str,
-        out: &mpsc::Sender<pb::AgentMessage>,
-    ) -> anyhow::Result<()> {
-        let Some(model) = self
-            .journal
-            .devices
-            .get(name)
-            .and_then(|d| DeviceModel::find(&d.model))
-        else {
-            return Ok(());
-        };
-        let checksum = self.driver(name, model)?.read_checksum().await?;
-        let known = self.journal.devices.get(name).and_then(|d| {
-            // Same checksum as at the last full read: the table has not changed.
-            d.observed
-                .clone()
-                .filter(|_| checksum.is_some() && d.observed_checksum == checksum)
-        });
-        let table: BTreeMap<u16, Option<String>> = match known {
-            Some(table) => table,
-            None => {
-                let slots = self.driver(name, model)?.read_slots().await?;
-                slots.into_iter().map(|o| (o.slot, o.code)).collect()
-            }
-        };
-        let Some(device) = self.journal.devices.get_mut(name) else {
-            return Ok(());
-        };
-        device.observed = Some(table.clone());
-        device.observed_checksum = checksum;
-        let report = classify(model, device, &table);
-        self.journal.save()?;
-        self.log_findings(name, model, &report);
-        self.observed_at
-            .insert(name.to_owned(), std::time::Instant::now());
-        if self.reported.get(name) != Some(&report) {
-            let msg = pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Observed(pb::ObservedSlots {
-                    device: name.to_owned(),
-                    slots: report.clone(),
-                })),
-            };
-            if out.send(msg).await.is_ok() {
-                self.reported.insert(name.to_owned(), report);
-            }
-        }
-        Ok(())
-    }
-
-    /// Logs each drifted, missing or hand-programmed slot once, when first found
-    /// (also across reconnects, which report every device again).
-    fn log_findings(&mut self, name: &str, model: &DeviceModel, report: &[pb::ObservedSlot]) {
-        let found: std::collections::BTreeSet<(i32, i32)> = report
-            .iter()
-            .filter(|o| o.state != pb::ObservedState::Managed as i32)
-            .map(|o| (o.slot, o.state))
-            .collect();
-        let logged = self.findings_logged.entry(name.to_owned()).or_default();
-        for &(slot, state) in found.difference(logged) {
-            let shown =
-                u16::try_from(slot).map_or_else(|_| slot.to_string(), |s| model.display_slot(s));
-            let what = match pb::ObservedState::try_from(state) {
-                Ok(pb::ObservedState::Drifted) => {
-                    "drift: the code keyplane wrote was changed at the device; left alone until the dealer re-applies or adopts it (ResolveDrift)"
-                }
-                Ok(pb::ObservedState::Missing) => {
-                    "drift: the code keyplane wrote was cleared at the device; left alone until the dealer re-applies it (ResolveDrift)"
-                }
-                Ok(pb::ObservedState::Foreign) => {
-                    "a code programmed at the device was found (a LOCAL code: ListLocalCodes)"
-                }
-                Ok(pb::ObservedState::Conflict) => {
-                    "a code programmed at the device repeats a code keyplane manages on it (a LOCAL code in conflict)"
-                }
-                Ok(pb::ObservedState::Unverifiable) => {
-                    "the device masks this slot's code: whether it holds keyplane's code cannot be checked"
-                }
-                _ => continue,
-            };
-            tracing::info!(device = %name, slot = %shown, "{what}");
-        }
-        *logged = found;
-    }
-
-    fn driver(
-        &mut self,
-        name: &str,
-        model: &'static DeviceModel,
-    ) -> anyhow::Result<&mut Box<dyn DeviceDriver>> {
-        if !self.drivers.contains_key(name) {
-            let driver = self.factory.open(name, model)?;
-            self.drivers.insert(name.to_owned(), driver);
-        }
-        self.drivers
-            .get_mut(name)
-            .ok_or_else(|| anyhow::anyhow!("driver for {name} vanished"))
-    }
-
-    /// Reads new events from every panel and sends them: duress on `urgent`, ahead
-    /// of everything else, the rest on `routine`.
-    pub async fn poll_events(
-        &mut self,
-        urgent: &mpsc::Sender<pb::AgentMessage>,
-        routine: &mpsc::Sender<pb::AgentMessage>,
-    ) {
-        let panels: Vec<(String, &'static DeviceModel, u64)> = self
-            .journal
-            .devices
-            .iter()
-            .filter(|(_, d)| d.present)
-            .filter_map(|(name, d)| {
-                let model = DeviceModel::find(&d.model)?;
-                Some((name.clone(), model, d.events_acked))
-            })
-            .collect();
-        for (name, model, acked) in panels {
-            let after = self.events_sent.get(&name).copied().unwrap_or(0).max(acked);
-            let events = match self.driver(&name, model) {
-                Ok(driver) => driver.read_events(after).await,
-                Err(e) => {
-                    tracing::warn!(device = %name, error = %e, "cannot open device for events");
-                    continue;
-                }
-            };
-            let events = match events {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!(device = %name, error = %e, "reading events failed; will retry");
-                    continue;
-                }
-            };
-            for event in events {
-                let duress = event.kind == EventKind::Duress;
-                let msg = event_pb(&name, &event);
-                let channel = if duress { urgent } else { routine };
-                if channel.send(msg).await.is_err() {
-                    return;
-                }
-                if duress {
-                    tracing::warn!(device = %name, seq = event.seq, "duress code used: silent alarm sent");
-                }
-                self.events_sent.insert(name.clone(), event.seq);
-            }
-        }
-        self.last_event_poll = std::time::Instant::now();
-        self.event_polls.bump();
-    }
-
-    /// Polls device events every `period` between the writes of a reconcile pass,
-    /// on this stream's channels.
-    pub fn events_between_writes(
-        &mut self,
-        period: std::time::Duration,
-        urgent: mpsc::Sender<pb::AgentMessage>,
-        routine: mpsc::Sender<pb::AgentMessage>,
-    ) {
-        self.event_poll_between = Some((period, urgent, routine));
-    }
-
-    /// Polls events if a period has passed since the last poll (between writes).
-    async fn poll_events_if_due(&mut self) {
-        let Some((period, urgent, routine)) = self.event_poll_between.clone() else {
-            return;
-        };
-        if urgent.is_closed() {
-            self.event_poll_between = None;
-            return;
-        }
-        if self.last_event_poll.elapsed() >= period {
-            self.poll_events(&urgent, &routine).await;
-        }
-    }
-
-    /// Makes every device hold its desired table; acks devices that do (when
-    /// connected). Errors are logged and retried on the next pass.
-    pub async fn reconcile_all(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
-        let names: Vec<String> = self.journal.devices.keys().cloned().collect();
-        for name in names {
-            self.ask_constraints(&name).await;
-            let result = self.reconcile_device(&name).await;
-            // Reachability for the status of each slot: a link error means the device
-            // was not reached; a read-back that went through means it was.
-            let mut reached = match &result {
-                Err(e) if is_link_error(e) => Some(false),
-                _ => None,
-            };
-            if let Some(out) = out {
-                let stale = self
-                    .observed_at
-                    .get(&name)
-                    .is_none_or(|t| t.elapsed() >= self.observe_every);
-                let present = self.journal.devices.get(&name).is_some_and(|d| d.present);
-                if present && (self.observe_due.remove(&name) || stale) {
-                    match self.observe(&name, out).await {
-                        Ok(()) => reached = reached.or(Some(true)),
-                        Err(e) => {
-                            if is_link_error(&e) {
-                                reached = Some(false);
-                            }
-                            tracing::warn!(device = %name, error = %e, "reading the device back failed; will retry");
-                        }
-                    }
-                }
-            }
-            if let Some(reachable) = reached {
-                self.reports.reached(&name, reachable, self.clock.now());
-            }
-            let queued = self.reports.take();
-            if let Some(out) = out {
-                for msg in queued {
-                    if out.send(msg).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            match result {
-                Ok(true) => {
-                    let revision = self.journal.revision;
-                    let Some(device) = self.journal.devices.get_mut(&name) else {
-                        continue;
-                    };
-                    if !device.present {
-                        self.journal.devices.remove(&name);
-                        self.drivers.remove(&name);
-                        if let Err(e) = self.journal.save() {
-                            tracing::error!(error = %e, "journal save failed");
-                        }
-                        continue;
-                    }
-                    if let Some(out) = out
-                        && device.acked < revision
-                    {
-                        let ack = pb::AgentMessage {
-                            msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
-                                device: name.clone(),
-                                revision,
-                            })),
-                        };
-                        if out.send(ack).await.is_ok() {
-                            device.acked = revision;
-                            if let Err(e) = self.journal.save() {
-                                tracing::error!(error = %e, "journal save failed");
-                            }
-                        }
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(device = %name, error = %e, "device not reconciled; will retry")
-                }
-            }
-        }
-        self.passes.bump();
-    }
-
-    /// Asks a device what it says about itself, and queues an inventory entry for
-    /// keyplaned when that changes (issue 11: reported constraints; a Z-Wave lock's
-    /// count is learnt once its server answers, and masking once a code reads masked).
-    async fn ask_constraints(&mut self, name: &str) {
-        let Some(model) = self
-            .journal
-            .devices
-            .get(name)
-            .filter(|d| d.present)
-            .and_then(|d| DeviceModel::find(&d.model))
-        else {
-            return;
-        };
-        let asked = match self.driver(name, model) {
-            Ok(driver) => driver.reported_constraints().await,
-            Err(e) => {
-                tracing::debug!(device = %name, error = %e, "driver not opened; constraints asked later");
-                return;
-            }
-        };
-        match asked {
-            Ok(reported) => {
-                let known = self.constraints.get(name);
-                if known != Some(&reported) && (reported.is_some() || known.is_some()) {
-                    self.reports.inventory(pb::InventoryDevice {
-                        device: name.to_owned(),
-                        kind: pb::DeviceKind::from(model.kind) as i32,
-                        model: model.id.to_owned(),
-                        constraints: reported
-                            .as_ref()
-                            .map(keyplane_proto::convert::reported_constraints_pb),
-                    });
-                }
-                self.constraints.insert(name.to_owned(), reported);
-            }
-            Err(e) => {
-                tracing::debug!(device = %name, error = %e, "device constraints not read; asked again next pass")
-            }
-        }
-    }
-
-    /// Applies the planner's actions to one device; true when it is in sync.
-    async fn reconcile_device(&mut self, name: &str) -> anyhow::Result<bool> {
-        if !self.read_since_start.contains(name)
-            && let Some(d) = self.journal.devices.get(name).filter(|d| d.present)
-            && let Some(model) = DeviceModel::find(&d.model)
-        {
-            let held = self.driver(name, model)?.read_slots().await?;
-            if let Some(entry) = self.journal.devices.get_mut(name) {
-                entry.observed = Some(held.into_iter().map(|o| (o.slot, o.code)).collect());
-                entry.observed_checksum = None;
-            }
-            self.journal.save()?;
-            self.read_since_start.insert(name.to_owned());
-        }
-        let Some(device) = self.journal.devices.get(name) else {
-            return Ok(true);
-        };
-        let zone = if self.journal.time_zone.is_empty() {
-            "UTC".to_owned()
-        } else {
-            self.journal.time_zone.clone()
-        };
-        let model = DeviceModel::find(&device.model)
-            .ok_or_else(|| anyhow::anyhow!("unknown device model {}", device.model))?;
-        let door = model.kind == DeviceKind::Door;
-        // Locks and doors that keep schedules enforce them; for the others (panels)
-        // the agent installs and removes codes on time.
-        let keeps_schedules = model.on_device_schedules;
-        let lockdown = door && device.present && self.journal.lockdown;
-        let lockdown_change = (lockdown != device.lockdown_applied).then_some(lockdown);
-        // Reserved slots never reach the planner (a journal from an older agent may
-        // still name one): keyplane neither writes nor clears them.
-        let usable = |table: &BTreeMap<u16, Code>| -> BTreeMap<u16, Code> {
-            table
-                .iter()
-                .filter(|(s, _)| !model.is_reserved(**s))
-                .map(|(s, c)| (*s, c.clone()))
-                .collect()
-        };
-        let actions = plan_device(
-            &effective_codes(
-                &usable(&device.desired),
-                &zone,
-                self.clock.now(),
-                keeps_schedules,
-            ),
-            &desired_codes(&usable(&device.written)),
-        );
-        let removals: Vec<u16> = device
-            .remove_local
-            .iter()
-            .copied()
-            .filter(|s| !device.written.contains_key(s) && !model.is_reserved(*s))
-            .collect();
-        let observed = device.observed.clone().unwrap_or_default();
-        // False once anything keyplaned wants could not be done: no ack then, so
-        // the device shows as not applied in GetSyncStatus.
-        let mut in_sync = device.refused.is_empty();
-        // A door that should be locked down but cannot be gets no new code.
-        let mut adding_allowed = true;
-        if let Some(on) = lockdown_change {
-            match self.driver(name, model)?.set_lockdown(on).await {
-                Ok(()) => {
-                    if let Some(entry) = self.journal.devices.get_mut(name) {
-                        entry.lockdown_applied = on;
-                    }
-                    self.journal.save()?;
-                    self.lockdown_refused.remove(name);
-                    tracing::info!(device = %name, lockdown = on, "door lockdown applied");
-                }
-                Err(e) if e.is_unsupported() => {
-                    if self.lockdown_refused.insert(name.to_owned()) {
-                        tracing::error!(
-                            device = %name,
-                            lockdown = on,
-                            error = %e,
-                            "the door cannot be locked down and still accepts its codes; \
-                             no new code is written to it until the lockdown is released"
-                        );
-                    }
-                    in_sync = false;
-                    adding_allowed = !on;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        } else if !lockdown {
-            self.lockdown_refused.remove(name);
-        }
-        for slot in removals {
-            // A code programmed at the device that the dealer removed (or the
-            // AUTHORITATIVE policy clears): the only slots keyplane clears unwritten.
-            if observed.contains_key(&slot)
-                || device_observed_unknown(self.journal.devices.get(name))
-            {
-                self.driver(name, model)?.clear_slot(slot).await?;
-                tracing::info!(device = %name, slot = %model.display_slot(slot), "local code cleared");
-            }
-            if let Some(entry) = self.journal.devices.get_mut(name) {
-                entry.remove_local.remove(&slot);
-                if let Some(o) = entry.observed.as_mut() {
-                    o.remove(&slot);
-                }
-            }
-            self.journal.save()?;
-            self.observe_due.insert(name.to_owned());
-        }
-        if actions.is_empty() {
-            return Ok(in_sync);
-        }
-        self.observe_due.insert(name.to_owned());
-        // Clears the device took, waiting for the read-back that confirms them.
-        let mut cleared: Vec<u16> = Vec::new();
-        for action in actions {
-            // Revocations first: every clear is confirmed by reading the device back
-            // before the first code is added.
-            if matches!(action, SlotAction::Set { .. }) && !cleared.is_empty() {
-                in_sync &= self
-                    .confirm_clears(name, model, std::mem::take(&mut cleared))
-                    .await?;
-            }
-            if let SlotAction::Set { slot, code } = &action
-                && (!adding_allowed || self.refused.get(&(name.to_owned(), *slot)) == Some(code))
-            {
-                in_sync = false;
-                continue;
-            }
-            // A claimed local code (or an adopted drift) is already on the device: no write.
-            if let SlotAction::Set { slot, code } = &action
-                && model.kind != DeviceKind::Panel
-                && code.schedules.is_none()
-                && observed.get(slot) == Some(&Some(code.pin.clone()))
-            {
-                if let Some(entry) = self.journal.devices.get_mut(name) {
-                    entry.written.insert(*slot, Code::from(code.clone()));
-                }
-                self.journal.save()?;
-                continue;
-            }
-            let driver = self.driver(name, model)?;
-            let done = match &action {
-                SlotAction::Set { slot, code } if model.kind == DeviceKind::Panel => {
-                    driver
-                        .set_panel_user(*slot, &code.pin, &code.authorities, code.open_close)
-                        .await
-                }
-                SlotAction::Set { slot, code } if keeps_schedules => {
-                    driver
-                        .set_scheduled_code(*slot, &code.pin, code.schedules.as_deref(), &zone)
-                        .await
-                }
-                SlotAction::Set { slot, code } => driver.set_slot(*slot, &code.pin).await,
-                SlotAction::Clear { slot } => driver.clear_slot(*slot).await,
-            };
-            let (report_slot, clear) = match &action {
-                SlotAction::Set { slot, .. } => (*slot, false),
-                SlotAction::Clear { slot } => (*slot, true),
-            };
-            let (revision, now) = (self.journal.revision, self.clock.now());
-            match (done, &action) {
-                (Ok(()), SlotAction::Clear { slot }) => {
-                    // Stays journaled as written (so the next pass clears it again)
-                    // until the read-back shows the slot empty.
-                    cleared.push(*slot);
-                    continue;
-                }
-                (Ok(()), _) => {
-                    self.reports
-                        .write(name, report_slot, revision, clear, Outcome::done(), now);
-                }
-                (Err(e), SlotAction::Set { slot, code }) if e.is_refusal() => {
-                    self.refuse(name, model, *slot, code, &e).await?;
-                    if let Some(refusal) = Outcome::refusal(&e) {
-                        self.reports
-                            .write(name, report_slot, revision, clear, refusal, now);
-                    }
-                    in_sync = false;
-                    continue;
-                }
-                (Err(e), _) => match Outcome::refusal(&e) {
-                    // The device said no: reported, retried next pass, the other
-                    // slots still written.
-                    Some(refusal) => {
-                        tracing::debug!(device = %name, slot = %model.display_slot(report_slot), error = %e, "the device refused a write; will retry");
-                        self.reports
-                            .write(name, report_slot, revision, clear, refusal, now);
-                        in_sync = false;
-                        continue;
-                    }
-                    None => return Err(e.into()),
-                },
-            }
-            let entry: &mut DeviceJournal = self
-                .journal
-                .devices
-                .get_mut(name)
-                .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
-            match action {
-                SlotAction::Set { slot, code } => {
-                    if let Some(o) = entry.observed.as_mut() {
-                        o.insert(slot, Some(code.pin.clone()));
-                    }
-                    entry.written.insert(slot, Code::from(code));
-                }
-                SlotAction::Clear { slot } => {
-                    if let Some(o) = entry.observed.as_mut() {
-                        o.remove(&slot);
-                    }
-                    entry.written.remove(&slot);
-                }
-            }
-            // Journal each write as it lands: a restart never repeats it.
-            self.journal.save()?;
-            self.poll_events_if_due().await;
-        }
-        if !cleared.is_empty() {
-            in_sync &= self.confirm_clears(name, model, cleared).await?;
-        }
-        Ok(in_sync)
-    }
-
-    /// Reads the device back after clears and settles each one: a slot the device
-    /// shows empty is journaled cleared and reported done; one it still shows
-    /// occupied (or a read that failed) is reported unconfirmed (the status says
-    /// revocation_unconfirmed) and stays journaled as written, so the next pass
-    /// clears it again. True when every clear was confirmed.
-    async fn confirm_clears(
-        &mut self,
-        name: &str,
-        model: &'static DeviceModel,
-        cleared: Vec<u16>,
-    ) -> anyhow::Result<bool> {
-        let read = self.driver(name, model)?.read_slots().await;
-        let (revision, now) = (self.journal.revision, self.clock.now());
-        let held: Option<BTreeMap<u16, Option<String>>> = match &read {
-            Ok(slots) => Some(slots.iter().map(|o| (o.slot, o.code.clone())).collect()),
-            Err(e) => {
-                tracing::warn!(device = %name, error = %e, "clears not confirmed: the device could not be read back; will retry");
-                None
-            }
-        };
-        let occupied: std::collections::BTreeSet<u16> = held
+    #[cfg(test)]
+    fn connect_for_test(&mut self, out: &mpsc::Sender<pb::AgentMessage>) {
+        let same = self
+            .outbound
+            .borrow()
             .as_ref()
-            .map(|h| h.keys().copied().collect())
-            .unwrap_or_default();
-        let (confirmed, unconfirmed) =
-            keyplane_core::plan::settle_clears(&cleared, held.as_ref().map(|_| &occupied));
-        let entry: &mut DeviceJournal = self
-            .journal
-            .devices
-            .get_mut(name)
-            .ok_or_else(|| anyhow::anyhow!("journal entry for {name} vanished"))?;
-        if let Some(h) = held {
-            entry.observed = Some(h);
-            entry.observed_checksum = None;
+            .is_some_and(|o| o.routine.same_channel(out));
+        if !same {
+            self.stream_started(out.clone(), out.clone());
         }
-        for slot in &confirmed {
-            entry.written.remove(slot);
-        }
-        self.journal.save()?;
-        for slot in &confirmed {
-            self.reports
-                .write(name, *slot, revision, true, Outcome::done(), now);
-        }
-        for slot in &unconfirmed {
-            tracing::warn!(device = %name, slot = %model.display_slot(*slot), "a cleared slot still shows occupied on read-back; cleared again next pass");
-            self.reports
-                .write(name, *slot, revision, true, Outcome::unconfirmed(), now);
-        }
-        if let Err(e) = read
-            && is_link_error(&anyhow::Error::from(e))
-        {
-            self.reports.reached(name, false, now);
-        }
-        Ok(unconfirmed.is_empty())
     }
 
-    /// A code the device's driver cannot write as asked: whatever keyplane wrote in
-    /// that slot before is cleared (it must not outlive the change, e.g. stay open
-    /// around the clock once a schedule was added), and the refusal is reported
-    /// once. The code is tried again only when keyplaned sends another one.
-    async fn refuse(
-        &mut self,
-        name: &str,
-        model: &'static DeviceModel,
-        slot: u16,
-        code: &DesiredCode,
-        why: &DeviceError,
-    ) -> anyhow::Result<()> {
-        let was_written = self
-            .journal
-            .devices
-            .get(name)
-            .is_some_and(|d| d.written.contains_key(&slot));
-        if was_written {
-            self.driver(name, model)?.clear_slot(slot).await?;
-            if let Some(entry) = self.journal.devices.get_mut(name) {
-                entry.written.remove(&slot);
-                if let Some(o) = entry.observed.as_mut() {
-                    o.remove(&slot);
-                }
-            }
-            self.journal.save()?;
-        }
-        let key = (name.to_owned(), slot);
-        if self.refused.get(&key) != Some(code) {
-            tracing::warn!(
-                device = %name,
-                slot = %model.display_slot(slot),
-                credential = %code.credential,
-                error = %why,
-                cleared_previous = was_written,
-                "code not written: the device refuses it as asked; the device stays \
-                 out of sync until the code or the driver changes"
-            );
-            self.refused.insert(key, code.clone());
-        }
-        Ok(())
+    #[cfg(test)]
+    async fn settle(&mut self) {
+        self.kick_all();
+        self.shared.progress.settled().await;
     }
 }
 
+/// Records the devices keyplaned lists; a snapshot replaces every desired table.
+fn learn_devices(journal: &mut Journal, devices: &[pb::SiteDevice], snapshot: bool) {
+    for d in journal.devices.values_mut() {
+        d.present = false;
+    }
+    for d in devices {
+        let entry = journal.devices.entry(d.name.clone()).or_default();
+        entry.model = d.model.clone();
+        entry.present = true;
+    }
+    for d in journal.devices.values_mut() {
+        if !d.present || snapshot {
+            // A snapshot replaces the whole table; a device keyplaned no longer
+            // lists keeps nothing keyplane wrote.
+            d.desired.clear();
+            d.remove_local.clear();
+            d.refused.clear();
+        }
+    }
+}
+
+/// Journals a server message (no device I/O: the device tasks act on it).
+fn journal_message(journal: &mut Journal, msg: pb::server_message::Msg) -> anyhow::Result<()> {
+    let (revision, slots, what, from) = match msg {
+        pb::server_message::Msg::EventAck(ack) => {
+            if let Some(device) = journal.devices.get_mut(&ack.device)
+                && ack.seq > device.events_acked
+            {
+                device.events_acked = ack.seq;
+                journal.save()?;
+            }
+            return Ok(());
+        }
+        pb::server_message::Msg::Snapshot(s) => {
+            learn_devices(journal, &s.devices, true);
+            journal.time_zone = s.time_zone;
+            journal.lockdown = s.lockdown;
+            (s.revision, s.slots, "snapshot", None)
+        }
+        pb::server_message::Msg::Changes(c) => {
+            learn_devices(journal, &c.devices, false);
+            journal.time_zone = c.time_zone;
+            journal.lockdown = c.lockdown;
+            (c.revision, c.slots, "changes", Some(c.from_revision))
+        }
+    };
+    for slot in &slots {
+        let Ok(number) = u16::try_from(slot.slot) else {
+            tracing::warn!(device = %slot.device, slot = slot.slot, "slot number out of range ignored");
+            continue;
+        };
+        let Some(device) = journal.devices.get_mut(&slot.device) else {
+            tracing::warn!(device = %slot.device, "change for a device keyplaned did not list ignored");
+            continue;
+        };
+        let model = DeviceModel::find(&device.model);
+        if let Some(model) = model.filter(|m| m.is_reserved(number)) {
+            // The installer's user 001 belongs to the device: whatever keyplaned
+            // sends for it, the agent neither writes nor clears it.
+            device.desired.remove(&number);
+            device.remove_local.remove(&number);
+            if slot.remove_local {
+                tracing::warn!(
+                    device = %slot.device,
+                    slot = %model.display_slot(number),
+                    "request to clear a reserved slot (the installer's) refused: \
+                     it is never cleared by keyplane"
+                );
+            } else if slot.credential.is_empty() {
+                device.refused.remove(&number);
+            } else {
+                tracing::warn!(
+                    device = %slot.device,
+                    slot = %model.display_slot(number),
+                    credential = %slot.credential,
+                    "code refused: the slot is reserved on this model (the installer's) \
+                     and never written by keyplane; the device stays out of sync until \
+                     keyplaned moves the code to another slot"
+                );
+                device
+                    .refused
+                    .insert(number, "the slot is reserved on this model".to_owned());
+            }
+            continue;
+        }
+        match read_slot(slot) {
+            Ok(code) => {
+                device.refused.remove(&number);
+                match code {
+                    Some(code) => device.desired.insert(number, code),
+                    None => device.desired.remove(&number),
+                };
+            }
+            Err(why) => {
+                // Not desired as far as the device goes: never written, and
+                // cleared if an earlier version of it was.
+                device.desired.remove(&number);
+                let kind = model.map(|m| m.kind);
+                let shown = kind.map_or_else(|| number.to_string(), |k| k.display_slot(number));
+                tracing::warn!(
+                    device = %slot.device,
+                    slot = %shown,
+                    credential = %slot.credential,
+                    reason = %why,
+                    "code refused: a value in it cannot be read by this agent, so it is \
+                     kept off the device (never widened); the device stays out of sync \
+                     until keyplaned sends a code it can read (upgrade the agent?)"
+                );
+                device.refused.insert(number, why.to_string());
+            }
+        }
+        if slot.remove_local {
+            device.remove_local.insert(number);
+        } else {
+            device.remove_local.remove(&number);
+        }
+    }
+    journal.revision = revision;
+    journal.save()?;
+    let devices = journal.devices.values().filter(|d| d.present);
+    let (total, in_sync) = devices.fold((0, 0), |(t, n), d| {
+        (t + 1, n + usize::from(d.acked >= revision))
+    });
+    let refused: usize = journal.devices.values().map(|d| d.refused.len()).sum();
+    tracing::info!(
+        revision,
+        from_revision = from,
+        slots = slots.len(),
+        devices = total,
+        devices_acked = in_sync,
+        codes_refused = refused,
+        lockdown = journal.lockdown,
+        "journaled {what} from keyplaned; the devices follow it"
+    );
+    Ok(())
+}
+
 /// Whether an error means the device was not reached (rather than refused).
-fn is_link_error(e: &anyhow::Error) -> bool {
+pub(crate) fn is_link_error(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<DeviceError>(),
         Some(DeviceError::Unreachable(_) | DeviceError::Io(_))
     )
 }
 
-fn device_observed_unknown(device: Option<&DeviceJournal>) -> bool {
-    device.is_none_or(|d| d.observed.is_none())
-}
-
 /// Compares what a device holds with what keyplane wrote and wants there (the rule
 /// is keyplane-core's; reserved slots are never reported).
-fn classify(
+pub(crate) fn classify(
     model: &DeviceModel,
     device: &DeviceJournal,
     observed: &BTreeMap<u16, Option<String>>,
@@ -1029,7 +664,7 @@ fn classify(
         .collect()
 }
 
-fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
+pub(crate) fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
     let kind = pb::EventKind::from(e.kind);
     let secs = e.at_unix_ms.div_euclid(1000);
     let nanos = i32::try_from(e.at_unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0);
@@ -1525,7 +1160,7 @@ pub(crate) mod tests {
         assert_eq!(held(&slots), BTreeMap::new());
         assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new());
         // A restarted agent still knows the device is not in sync.
-        drop(agent);
+        agent.stop().await;
         let (mut agent, _) = bare_agent(&dir);
         agent.reconcile_all(Some(&tx)).await;
         assert_eq!(acks(&mut rx, LOCK), Vec::<i64>::new());
@@ -1621,7 +1256,7 @@ pub(crate) mod tests {
         // Wednesday 10:00 UTC is 19:00 in Tokyo: inside 08:00-18:00 in UTC only.
         let now = chrono::DateTime::parse_from_rfc3339("2024-01-10T10:00:00Z")
             .expect("instant")
-            .with_timezone(&Utc);
+            .with_timezone(&chrono::Utc);
         let clock = crate::clock::ManualClock::new(now);
         let sims = dir.0.join("devices");
         let mut agent = Agent::open(

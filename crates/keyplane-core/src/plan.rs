@@ -113,6 +113,75 @@ pub fn settle_clears(
         .partition(|slot| occupied.is_some_and(|held| !held.contains(slot)))
 }
 
+/// When a code may be on a device, besides its schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Validity {
+    /// Not before this instant (None: no start).
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Not from this instant on (None: no end).
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The form of `code` that belongs on a device at `now`, or None when it belongs
+/// nowhere now: a temporary code only within its validity; a scheduled code only
+/// while one of its schedules is open in `zone`, unless the device keeps schedules
+/// itself (then it gets the code with its schedules and `zone`, so a new zone is a
+/// change to write). An unknown zone fails closed: a scheduled code is kept off.
+pub fn code_due(
+    code: &DesiredCode,
+    validity: Validity,
+    zone: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    device_keeps_schedules: bool,
+) -> Option<DesiredCode> {
+    if validity.from.is_some_and(|f| now < f) || validity.until.is_some_and(|u| now >= u) {
+        return None;
+    }
+    let open = match &code.schedules {
+        None => true,
+        Some(_) if device_keeps_schedules => true,
+        Some(s) => crate::schedule::parse_time_zone(zone)
+            .is_ok_and(|tz| crate::schedule::any_open(s, tz, now)),
+    };
+    if !open {
+        return None;
+    }
+    let mut due = code.clone();
+    if !device_keeps_schedules {
+        due.schedules = None;
+    }
+    due.time_zone = if due.schedules.is_some() {
+        zone.to_owned()
+    } else {
+        String::new()
+    };
+    Some(due)
+}
+
+/// Whether a device already holds `code` in a slot that reads back `observed`
+/// (None: not read; `Some(None)`: occupied, code masked), so writing it again is
+/// not needed (a hand-programmed code claimed, a drift adopted, or a write that
+/// landed just before a crash). Only a code the read-back can show whole counts:
+/// never a panel's (its levels are not read back) nor one with schedules.
+pub fn already_held(is_panel: bool, code: &DesiredCode, observed: Option<&Option<String>>) -> bool {
+    !is_panel && code.schedules.is_none() && observed == Some(&Some(code.pin.clone()))
+}
+
+/// Splits the slots keyplaned asked to clear although keyplane never wrote them
+/// (codes programmed at the device) into (clear on the device, forget at once):
+/// a slot the last read-back shows empty needs no write; with no read-back yet,
+/// every one is cleared. Slots keyplane wrote are left to the planner.
+pub fn local_clears(
+    remove_local: &std::collections::BTreeSet<u16>,
+    written: &BTreeMap<u16, DesiredCode>,
+    observed: Option<&BTreeMap<u16, Option<String>>>,
+) -> (Vec<u16>, Vec<u16>) {
+    remove_local
+        .iter()
+        .filter(|s| !written.contains_key(s))
+        .partition(|s| observed.is_none_or(|o| o.contains_key(s)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +339,199 @@ mod tests {
         ];
         for (what, desired, written, want) in cases {
             assert_eq!(plan_device(&desired, &written), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn codes_due_by_validity_schedule_and_device() {
+        use chrono::TimeZone;
+        // A Monday, 09:00 and 13:00 in UTC.
+        let morning = chrono::Utc
+            .with_ymd_and_hms(2026, 3, 2, 9, 0, 0)
+            .single()
+            .expect("time");
+        let afternoon = chrono::Utc
+            .with_ymd_and_hms(2026, 3, 2, 13, 0, 0)
+            .single()
+            .expect("time");
+        let plain = code("a", "4821");
+        let scheduled = in_zone("UTC");
+        let unzoned = DesiredCode {
+            time_zone: String::new(),
+            ..in_zone("UTC")
+        };
+        let window = |from: Option<chrono::DateTime<chrono::Utc>>, until| Validity { from, until };
+        let stripped = DesiredCode {
+            schedules: None,
+            time_zone: String::new(),
+            ..scheduled.clone()
+        };
+        type Case = (
+            &'static str,
+            DesiredCode,
+            Validity,
+            &'static str,
+            chrono::DateTime<chrono::Utc>,
+            bool,
+            Option<DesiredCode>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "always",
+                plain.clone(),
+                Validity::default(),
+                "UTC",
+                morning,
+                false,
+                Some(plain.clone()),
+            ),
+            (
+                "not yet valid",
+                plain.clone(),
+                window(Some(afternoon), None),
+                "UTC",
+                morning,
+                false,
+                None,
+            ),
+            (
+                "valid from now on",
+                plain.clone(),
+                window(Some(morning), None),
+                "UTC",
+                morning,
+                false,
+                Some(plain.clone()),
+            ),
+            (
+                "expired at its end",
+                plain.clone(),
+                window(None, Some(morning)),
+                "UTC",
+                morning,
+                false,
+                None,
+            ),
+            (
+                "open window, agent enforces",
+                scheduled.clone(),
+                Validity::default(),
+                "UTC",
+                morning,
+                false,
+                Some(stripped.clone()),
+            ),
+            (
+                "closed window, agent enforces",
+                scheduled.clone(),
+                Validity::default(),
+                "UTC",
+                afternoon,
+                false,
+                None,
+            ),
+            (
+                "closed window, device enforces",
+                unzoned.clone(),
+                Validity::default(),
+                "UTC",
+                afternoon,
+                true,
+                Some(scheduled.clone()),
+            ),
+            (
+                "the device gets the site zone",
+                unzoned,
+                Validity::default(),
+                "Asia/Tokyo",
+                morning,
+                true,
+                Some(in_zone("Asia/Tokyo")),
+            ),
+            (
+                "an unknown zone fails closed",
+                scheduled,
+                Validity::default(),
+                "Mars/Olympus",
+                morning,
+                false,
+                None,
+            ),
+        ];
+        for (what, c, validity, zone, now, keeps, want) in cases {
+            assert!(code_due(&c, validity, zone, now, keeps) == want, "{what}");
+        }
+    }
+
+    #[test]
+    fn held_codes_need_no_write() {
+        let plain = code("a", "4821");
+        let same = Some("4821".to_owned());
+        let other = Some("1111".to_owned());
+        type Case<'a> = (&'a str, bool, DesiredCode, Option<&'a Option<String>>, bool);
+        let cases: Vec<Case> = vec![
+            (
+                "the device holds it",
+                false,
+                plain.clone(),
+                Some(&same),
+                true,
+            ),
+            (
+                "another code there",
+                false,
+                plain.clone(),
+                Some(&other),
+                false,
+            ),
+            ("masked", false, plain.clone(), Some(&None), false),
+            ("not read", false, plain.clone(), None, false),
+            (
+                "a panel's levels are not read back",
+                true,
+                plain.clone(),
+                Some(&same),
+                false,
+            ),
+            (
+                "schedules are not read back",
+                false,
+                in_zone("UTC"),
+                Some(&same),
+                false,
+            ),
+        ];
+        for (what, panel, c, observed, want) in cases {
+            assert_eq!(already_held(panel, &c, observed), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn local_clears_skip_what_is_known_empty_and_what_keyplane_wrote() {
+        let asked: std::collections::BTreeSet<u16> = [2, 3, 4].into();
+        let written = table(&[(4, "a", "4821")]);
+        let seen: BTreeMap<u16, Option<String>> = [(2, Some("1111".to_owned()))].into();
+        type Case = (
+            &'static str,
+            Option<BTreeMap<u16, Option<String>>>,
+            Vec<u16>,
+            Vec<u16>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "read back: clear the occupied, forget the empty",
+                Some(seen),
+                vec![2],
+                vec![3],
+            ),
+            ("never read back: clear them all", None, vec![2, 3], vec![]),
+        ];
+        for (what, observed, clear, forget) in cases {
+            assert_eq!(
+                local_clears(&asked, &written, observed.as_ref()),
+                (clear, forget),
+                "{what}"
+            );
         }
     }
 

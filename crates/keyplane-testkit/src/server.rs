@@ -545,6 +545,12 @@ impl TestAgent {
         config.reconcile_every = Duration::from_millis(100);
         config.event_poll = Duration::from_millis(50);
         config.observe_every = Duration::from_millis(300);
+        // Paced like real devices, shorter: tests write dozens of codes.
+        config.pacing = keyplane_agent::Pacing {
+            panel: Duration::from_millis(10),
+            lock: Duration::from_millis(20),
+            door: Duration::ZERO,
+        };
         config
     }
 
