@@ -384,14 +384,20 @@ async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result
         SYNC_TIMEOUT * 6,
         || async { Ok((s.sim(&door)?.slots() == wanted).then_some(())) },
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        // The agent's own account is what explains a stall.
+        let log = std::fs::read_to_string(s.dir.path().join("agent.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
+        e.context(format!("agent log, last lines first:\n{tail}"))
+    })?;
     s.wait_synced().await?;
     let sim = s.sim(&door)?;
     assert_eq!(sim.slots(), wanted, "the device equals the desired table");
-    // Every slot that differed is written exactly once; of those the door already
-    // held, at most the one write in flight at the kill (landed on the device, not
-    // yet journaled, seen under load) is repeated, once.
-    let mut repeated = Vec::new();
+    // Every slot that differed from desired at the restart is written exactly once;
+    // every slot the door already held (a write in flight at the kill that landed
+    // included) is never written again: the first pass reads the door and plans
+    // against what it holds.
     for (slot, pin) in &wanted {
         let again = sim.writes(*slot) - before[slot];
         if held.get(slot) != Some(pin) {
@@ -399,18 +405,13 @@ async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result
                 again, 1,
                 "slot {slot} (differed) written {again} times after the restart"
             );
-        } else if again > 0 {
+        } else {
             assert_eq!(
-                again, 1,
-                "slot {slot} (held) written {again} times after the restart"
+                again, 0,
+                "slot {slot} (already held at the restart) written {again} times after the restart"
             );
-            repeated.push(*slot);
         }
     }
-    assert!(
-        repeated.len() <= 1,
-        "slots the door already held were written again after the restart: {repeated:?}"
-    );
     drop(agent);
     Ok(())
 }
