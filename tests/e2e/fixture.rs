@@ -169,9 +169,15 @@ impl Site {
 
     /// Waits until every device reports the site's head revision applied.
     pub async fn wait_synced(&mut self) -> anyhow::Result<pb::SyncStatus> {
+        self.wait_synced_within(SYNC_TIMEOUT).await
+    }
+
+    /// Like [`Site::wait_synced`], with a bound for a large table (each device's
+    /// read-back of every slot is reported before its ack).
+    pub async fn wait_synced_within(&mut self, bound: Duration) -> anyhow::Result<pb::SyncStatus> {
         let admin = self.admin.clone();
         let name = format!("{}/syncStatus", self.site);
-        eventually("all devices applied at head", SYNC_TIMEOUT, || {
+        eventually("all devices applied at head", bound, || {
             let mut admin = admin.clone();
             let name = name.clone();
             async move {

@@ -382,7 +382,7 @@ async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result
     // rewrite each): a bound for a machine shared with parallel builds.
     eventually(
         "the door holds the desired table",
-        SYNC_TIMEOUT * 15,
+        SYNC_TIMEOUT * 25,
         || async { Ok((s.sim(&door)?.slots() == wanted).then_some(())) },
     )
     .await
@@ -392,7 +392,7 @@ async fn agent_killed_mid_snapshot_resumes_without_rewriting() -> anyhow::Result
         let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
         e.context(format!("agent log, last lines first:\n{tail}"))
     })?;
-    s.wait_synced().await?;
+    s.wait_synced_within(SYNC_TIMEOUT * 6).await?;
     let sim = s.sim(&door)?;
     assert_eq!(sim.slots(), wanted, "the device equals the desired table");
     // Every slot that differed from desired at the restart is written exactly once;

@@ -19,6 +19,9 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// An unchanged observation is sent again after this many read-back periods.
+const HEAL_EVERY: u32 = 10;
+
 /// How long to wait between two writes to one device, per kind of device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pacing {
@@ -92,6 +95,9 @@ pub(crate) struct DeviceTask {
     /// Read the device back on the next pass (written to, or a new stream).
     observe_due: bool,
     observed_at: Option<std::time::Instant>,
+    /// The last observation sent on this stream, and when: an unchanged one is
+    /// sent again only every HEAL_EVERY read-back periods (a lost report heals).
+    reported: Option<(Vec<pb::ObservedSlot>, std::time::Instant)>,
     /// The first pass reads the device, so it plans against what the device holds
     /// (a write that landed just before a crash is adopted, not written again).
     read_since_start: bool,
@@ -131,6 +137,7 @@ impl DeviceTask {
             events_sent: 0,
             observe_due: true,
             observed_at: None,
+            reported: None,
             read_since_start: false,
             last_event_poll: Instant::now(),
             last_write: None,
@@ -208,6 +215,7 @@ impl DeviceTask {
     fn stream_changed(&mut self) {
         let _ = self.outbound.borrow_and_update();
         self.events_sent = 0;
+        self.reported = None;
         self.reports.stream_started();
         self.observe_due = true;
     }
@@ -391,16 +399,25 @@ impl DeviceTask {
             };
             match events {
                 Ok(events) => {
-                    for event in events {
-                        let duress = event.kind == EventKind::Duress;
-                        disarmed |= event.kind == EventKind::Disarmed;
-                        let msg = event_pb(&self.name, &event);
-                        let channel = if duress { &out.urgent } else { &out.routine };
-                        if channel.send(msg).await.is_err() {
-                            break;
-                        }
-                        if duress {
+                    // Duress first, on the urgent queue: it never waits behind
+                    // routine events the stream has not taken yet.
+                    for event in events.iter().filter(|e| e.kind == EventKind::Duress) {
+                        if out.urgent.send(event_pb(&self.name, event)).await.is_ok() {
                             tracing::warn!(device = %self.name, seq = event.seq, "duress code used: silent alarm sent");
+                        }
+                    }
+                    for event in events {
+                        disarmed |= event.kind == EventKind::Disarmed;
+                        // keyplaned stores each event once: a duress event seen
+                        // again (after a routine send failed) is harmless.
+                        if event.kind != EventKind::Duress
+                            && out
+                                .routine
+                                .send(event_pb(&self.name, &event))
+                                .await
+                                .is_err()
+                        {
+                            break;
                         }
                         self.events_sent = event.seq;
                     }
@@ -415,9 +432,9 @@ impl DeviceTask {
     }
 
     /// Reads the device's slot table back (through its checksum first, where it
-    /// has one) and returns its classification, sent on every read (level-
-    /// triggered: a lost report is healed by the next one). Codes programmed at the
-    /// device are never touched here.
+    /// has one) and returns its classification to send when it changed, or when
+    /// the same one was last sent HEAL_EVERY read-back periods ago (a lost report
+    /// heals). Codes programmed at the device are never touched here.
     async fn observe(&mut self) -> anyhow::Result<Option<pb::AgentMessage>> {
         let Some(model) = self.model() else {
             return Ok(None);
@@ -448,7 +465,17 @@ impl DeviceTask {
             return Ok(None);
         };
         self.log_findings(model, &report);
-        self.observed_at = Some(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.observed_at = Some(now);
+        let heal = self.shared.settings.observe_every * HEAL_EVERY;
+        let fresh = self
+            .reported
+            .as_ref()
+            .is_some_and(|(last, at)| *last == report && now.duration_since(*at) < heal);
+        if fresh {
+            return Ok(None);
+        }
+        self.reported = Some((report.clone(), now));
         Ok(Some(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Observed(pb::ObservedSlots {
                 device: self.name.clone(),
