@@ -4,8 +4,10 @@
 //!   agent with simulated devices, prints grpcurl calls, and runs until Ctrl-C.
 //! - `test [ARGS…]`: provisions PostgreSQL, grpcurl (for the README walk-through
 //!   test) and, where Node is installed, the Z-Wave lab's npm packages (for the
-//!   Z-Wave JS tests), then runs fmt, clippy and the whole test suite (extra
+//!   Z-Wave JS tests), then runs the proto and deploy linters (`lint.rs`: buf,
+//!   shellcheck, yamllint, hadolint), fmt, clippy and the whole test suite (extra
 //!   arguments go to the test runner).
+//! - `lint`: only the proto and deploy linters of `test`.
 //! - `bench [--quick]`: the benchmark suite (see `bench.rs`); writes
 //!   `target/bench/report.json` and `report.md`. Not part of `test`.
 //!
@@ -14,6 +16,7 @@
 mod bench;
 mod dev;
 mod grpcurl;
+mod lint;
 mod pg;
 mod zwave_lab;
 
@@ -29,9 +32,10 @@ fn main() -> anyhow::Result<()> {
         "dev" => dev::run(),
         "test" => test(&rest),
         "bench" => bench::run(&rest),
+        "lint" => lint::run(std::env::var("CI").is_ok_and(|v| v == "true")),
         _ => {
             eprintln!(
-                "usage: cargo xtask dev | cargo xtask test [test-runner args] | cargo xtask bench [--quick]"
+                "usage: cargo xtask dev | cargo xtask test [test-runner args] | cargo xtask lint | cargo xtask bench [--quick]"
             );
             bail!("unknown task {task:?}")
         }
@@ -87,6 +91,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     };
     let zwave_lab = zwave_lab::prepare()?;
     let result = (|| {
+        lint::run(ci)?;
         run_checked(
             cargo().args(["fmt", "--all", "--check"]),
             "cargo fmt --all --check",
@@ -103,11 +108,22 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             "cargo clippy --workspace --all-targets -- -D warnings",
         )?;
         db.drop_test_databases();
-        // The kill -9 test (tests/e2e/restart.rs) runs the real agent binary, which
-        // the test build does not produce on a clean clone.
+        // The kill -9 test (tests/e2e/restart.rs) runs the real agent binary, and
+        // the deploy test (tests/e2e/deploy.rs) both binaries' --help, which the
+        // test build does not produce on a clean clone.
         run_checked(
-            cargo().args(["build", "-p", "keyplane-agent", "--bin", "keyplane-agent"]),
-            "cargo build -p keyplane-agent (for the tests that run the binary)",
+            cargo().args([
+                "build",
+                "-p",
+                "keyplane-agent",
+                "--bin",
+                "keyplane-agent",
+                "-p",
+                "keyplane-server",
+                "--bin",
+                "keyplaned",
+            ]),
+            "cargo build --bin keyplane-agent --bin keyplaned (for the tests that run the binaries)",
         )?;
         let mut runner = cargo();
         if has_nextest() {
