@@ -9,6 +9,7 @@ mod authority;
 mod bad_input;
 mod by_hand;
 mod dealer_tokens;
+mod deploy;
 mod doors;
 mod edges;
 mod enroll;
