@@ -20,6 +20,12 @@ pub fn store_status(err: StoreError) -> Status {
             tracing::error!(%detail, "database pool unavailable");
             Status::unavailable("the database is unavailable; retry shortly")
         }
+        StoreError::Unavailable(detail) => {
+            tracing::warn!(%detail, "database connection lost");
+            Status::unavailable(
+                "the database connection was lost (restart or failover): retry shortly (a create with the same request_id is not applied twice)",
+            )
+        }
         StoreError::Db(e) => {
             // tokio-postgres prints only "db error"; the server's own words are in
             // the source (never a PIN: PINs are bound as sealed bytes, not text).
@@ -91,6 +97,7 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (StoreError::Pool("down".into()), Code::Unavailable),
+            (StoreError::Unavailable("gone".into()), Code::Unavailable),
             (StoreError::Internal("secret detail".into()), Code::Internal),
         ];
         for (err, code) in cases {

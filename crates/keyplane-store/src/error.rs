@@ -28,7 +28,11 @@ pub enum StoreError {
     Aborted(String),
     /// A database error (internal detail; never shown to clients).
     #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
+    Db(tokio_postgres::Error),
+    /// The database went away mid-call (connection lost, server shutting down or
+    /// restarting): retryable, and nothing of an uncommitted transaction was kept.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// The connection pool failed.
     #[error("connection pool: {0}")]
     Pool(String),
@@ -50,14 +54,66 @@ impl StoreError {
     }
 }
 
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if connection_lost(&e) {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Db(e)
+        }
+    }
+}
+
+/// SQLSTATEs of a server going away: connection exceptions (class 08), and
+/// admin_shutdown, crash_shutdown, cannot_connect_now (a restart under way).
+fn lost_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+}
+
+/// Whether `e` says the connection (or the server) is gone rather than that the
+/// statement failed.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        return lost_sqlstate(code.code());
+    }
+    // No SQLSTATE: a socket error (reset, broken pipe, EOF) on the connection.
+    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+}
+
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::{PoolError, TimeoutType};
         match e {
-            deadpool_postgres::PoolError::Timeout(_) => StoreError::ResourceExhausted(format!(
+            PoolError::Timeout(TimeoutType::Wait) => StoreError::ResourceExhausted(format!(
                 "the server is busy: no database connection came free within {} s; retry shortly",
                 crate::POOL_WAIT.as_secs()
             )),
+            // A new connection that cannot be made (the database down or restarting).
             e => StoreError::Pool(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shutdown_and_connection_sqlstates_mean_the_database_went_away() {
+        for (code, lost) in [
+            ("57P01", true),
+            ("57P02", true),
+            ("57P03", true),
+            ("08006", true),
+            ("08003", true),
+            ("08001", true),
+            ("40001", false),
+            ("23505", false),
+            ("57014", false), // query_canceled: the statement, not the server
+            ("XX000", false),
+        ] {
+            assert_eq!(super::lost_sqlstate(code), lost, "{code}");
         }
     }
 }
