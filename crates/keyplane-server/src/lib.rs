@@ -22,6 +22,7 @@ pub mod page;
 pub mod pki;
 pub mod reports;
 pub mod resources;
+pub mod shutdown;
 pub mod status;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
@@ -70,6 +71,9 @@ pub struct Config {
     /// transitions become events; delays and offline devices are raised on time).
     /// Zero: never (the API still shows each status, decided when read).
     pub status_interval: Duration,
+    /// How long in-flight calls may take to finish once shutdown begins; streams end
+    /// at once with UNAVAILABLE, and connections still open after it are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -84,6 +88,7 @@ impl std::fmt::Debug for Config {
             .field("tls", &self.tls)
             .field("ca", &self.ca)
             .field("status_interval", &self.status_interval)
+            .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
 }
@@ -139,6 +144,7 @@ impl Config {
             tls: None,
             ca: None,
             status_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -230,7 +236,7 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
     tracing::info!(%addr, tls = config.tls.is_some(), "keyplaned listening");
-    server
+    let served = server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -245,8 +251,17 @@ pub async fn serve(
             ))
             .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
+    // Streams end at shutdown, but a connection whose client stopped reading cannot
+    // even take its closing status: the grace period bounds the wait for it.
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        served = served => served?,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "grace period over: dropping the connections still open"),
+    }
     poller.abort();
     if let Some(sweeper) = sweeper {
         sweeper.abort();

@@ -29,6 +29,10 @@ enum Command {
         /// Database connection pool size.
         #[arg(long, env = "KEYPLANE_MAX_CONNECTIONS", default_value_t = 32)]
         max_connections: usize,
+        /// Seconds in-flight calls get to finish after SIGTERM or SIGINT; streams end
+        /// at once with UNAVAILABLE, and keyplaned exits by then.
+        #[arg(long, env = "KEYPLANE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+        shutdown_grace_secs: u64,
         /// The server's TLS certificate chain (PEM). Without it keyplaned serves
         /// plaintext, and only on a loopback address.
         #[arg(long, env = "KEYPLANE_TLS_CERT_FILE", requires = "tls_key_file")]
@@ -255,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             pin_key_file,
             max_connections,
+            shutdown_grace_secs,
             tls_cert_file,
             tls_key_file,
             ca_key_file,
@@ -265,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
             let key = load_key(pin_key.as_deref(), pin_key_file.as_deref())?;
             let mut config = keyplane_server::Config::new(database_url(&cli)?, key);
             config.max_connections = *max_connections;
+            config.shutdown_grace = std::time::Duration::from_secs(*shutdown_grace_secs);
             if let (Some(cert), Some(key)) = (tls_cert_file, tls_key_file) {
                 warn_if_readable_by_others(key);
                 config.tls = Some(keyplane_server::ServerTls {
