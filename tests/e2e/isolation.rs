@@ -398,7 +398,7 @@ async fn another_dealers_token_finds_nothing_and_changes_nothing() -> anyhow::Re
         "WatchEvents",
         b.watch_events(pb::WatchEventsRequest {
             parent: named(&site),
-            after_cursor: 0
+            ..Default::default()
         })
     );
     call!(

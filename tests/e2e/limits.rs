@@ -17,7 +17,7 @@ async fn watches_per_dealer_are_capped_and_freed_when_closed() -> anyhow::Result
             admin
                 .watch_events(pb::WatchEventsRequest {
                     parent,
-                    after_cursor: 0,
+                    ..Default::default()
                 })
                 .await
         }
@@ -37,7 +37,7 @@ async fn watches_per_dealer_are_capped_and_freed_when_closed() -> anyhow::Result
     other
         .watch_events(pb::WatchEventsRequest {
             parent: "sites/-".into(),
-            after_cursor: 0,
+            ..Default::default()
         })
         .await?;
     // Closing one frees its place (once the server sees the stream gone).
@@ -49,7 +49,7 @@ async fn watches_per_dealer_are_capped_and_freed_when_closed() -> anyhow::Result
             match admin
                 .watch_events(pb::WatchEventsRequest {
                     parent,
-                    after_cursor: 0,
+                    ..Default::default()
                 })
                 .await
             {

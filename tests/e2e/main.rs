@@ -13,6 +13,7 @@ mod deploy;
 mod doors;
 mod edges;
 mod enroll;
+mod events;
 mod fixture;
 mod fuzz_admin;
 mod isolation;

@@ -128,12 +128,11 @@ async fn duress_disarms_silently_and_alarms_within_a_second() -> anyhow::Result<
     assert_eq!(sim.arm(1, "4821")?, PanelOutcome::Armed);
 
     // The central station watches every site of the dealer, from now on.
-    let cursor = events(&mut s).await?.last().map_or(0, |e| e.cursor);
     let mut watch = s
         .admin
         .watch_events(pb::WatchEventsRequest {
             parent: "sites/-".into(),
-            after_cursor: cursor,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -173,6 +172,7 @@ async fn a_resent_event_is_stored_once_and_watch_resumes_from_a_cursor() -> anyh
     let site = uuid_of(&s.site)?;
     let event = keyplane_store::NewEvent {
         device,
+        epoch: 0,
         seq: 1,
         kind: keyplane_store::EventKind::Armed,
         partition: Some(1),
@@ -188,27 +188,52 @@ async fn a_resent_event_is_stored_once_and_watch_resumes_from_a_cursor() -> anyh
     assert!(s.server.store.event_record(site, &second).await?);
     let all = events(&mut s).await?;
     assert_eq!(all.len(), 2);
-    // Resuming after the first event's cursor yields only the second.
-    let mut watch = s
+    // Resuming after the first event's token yields only the second, on this site's
+    // watch and on a watch of every site.
+    for parent in [s.site.clone(), "sites/-".to_owned()] {
+        let watch = s
+            .admin
+            .watch_events(pb::WatchEventsRequest {
+                parent: parent.clone(),
+                resume_token: all[0].resume_token.clone(),
+                ..Default::default()
+            })
+            .await;
+        if parent == "sites/-" {
+            // A ListEvents token names one site: it cannot resume every site.
+            let err = watch.expect_err("a one-site token");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+            continue;
+        }
+        let next = watch?
+            .into_inner()
+            .message()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no event"))?;
+        assert_eq!(next.name, all[1].name);
+        assert!(next.site_sequence > all[0].site_sequence);
+    }
+    // The deprecated id cursor still resumes where it did.
+    let next = s
         .admin
         .watch_events(pb::WatchEventsRequest {
-            parent: s.site.clone(),
+            parent: "sites/-".into(),
             after_cursor: all[0].cursor,
+            ..Default::default()
         })
         .await?
-        .into_inner();
-    let next = watch
+        .into_inner()
         .message()
         .await?
         .ok_or_else(|| anyhow::anyhow!("no event"))?;
-    assert_eq!(next.cursor, all[1].cursor);
+    assert_eq!(next.name, all[1].name);
     // Another dealer cannot watch this site.
     let other = s.server.dealer("Dealer Two").await?;
     let mut other = s.server.admin(Some(&other)).await?;
     let err = other
         .watch_events(pb::WatchEventsRequest {
             parent: s.site.clone(),
-            after_cursor: 0,
+            ..Default::default()
         })
         .await
         .expect_err("not theirs");
@@ -277,6 +302,7 @@ async fn duress_is_not_held_back_by_a_slow_lock_nor_an_offline_one() -> anyhow::
             .watch_events(pb::WatchEventsRequest {
                 parent: "sites/-".into(),
                 after_cursor: cursor,
+                ..Default::default()
             })
             .await?
             .into_inner();

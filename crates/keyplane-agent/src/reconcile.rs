@@ -679,6 +679,7 @@ pub(crate) fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
                 seconds: secs,
                 nanos,
             }),
+            epoch: 0,
         })),
     }
 }

@@ -213,6 +213,7 @@ impl AgentService for Echo {
                         pb::server_message::Msg::EventAck(pb::EventAck {
                             device: e.device,
                             seq: e.seq,
+                            epoch: e.epoch,
                         })
                     }
                     _ => continue,
@@ -1375,6 +1376,7 @@ async fn ingest(
                         occur_time: Some(
                             prost_types::Timestamp::from(std::time::SystemTime::now()),
                         ),
+                        epoch: 0,
                     })),
                 };
                 if tx.send(ack(&device, revision)).await.is_err() || tx.send(event).await.is_err() {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod constraints;
 pub mod credential;
 pub mod event;
+pub mod event_cursor;
 pub mod model;
 pub mod names;
 pub mod observed;

@@ -33,7 +33,6 @@ use std::time::Duration;
 use std::time::SystemTime;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
@@ -254,9 +253,13 @@ impl AgentService for AgentApi {
             principal,
             epoch,
             expires,
+            shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(session.run(first, inbound, wake, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(session.run(first, inbound, wake));
+        Ok(Response::new(Box::pin(crate::shutdown::until_shutdown(
+            rx,
+            self.shutdown.clone(),
+        ))))
     }
 
     async fn enroll(
@@ -338,6 +341,9 @@ struct Session {
     /// When the agent's certificate expires, as last read (renewal moves it): the
     /// periodic re-check asks the database only once it has passed.
     expires: Option<SystemTime>,
+    /// Every send also waits on it: an agent that stops reading cannot hold the
+    /// task past shutdown.
+    shutdown: CancellationToken,
 }
 
 impl Session {
@@ -346,9 +352,9 @@ impl Session {
         first: AgentUpdate,
         mut inbound: Streaming<pb::AgentMessage>,
         mut wake: tokio::sync::watch::Receiver<crate::hub::Seen>,
-        shutdown: CancellationToken,
     ) {
         let site = self.site;
+        let shutdown = self.shutdown.clone();
         if self.send(&first).await {
             // What happened before `first` was read (this session's own epoch
             // included) needs no wake-up; a write in between is reported by the
@@ -364,7 +370,7 @@ impl Session {
                     msg = inbound.message() => match msg {
                         Ok(Some(msg)) => {
                             if let Err(status) = self.handle(msg).await {
-                                let _ = self.tx.send(Err(status)).await;
+                                self.send_msg(Err(status)).await;
                                 break;
                             }
                         }
@@ -443,7 +449,7 @@ impl Session {
             }
         };
         tracing::info!(%site, agent = ?self.principal, %status, "closing agent stream");
-        let _ = self.tx.send(Err(status)).await;
+        self.send_msg(Err(status)).await;
         false
     }
 
@@ -461,11 +467,16 @@ impl Session {
 
     async fn send(&mut self, update: &AgentUpdate) -> bool {
         let (revision, msg) = update_pb(self.site, update);
-        if self.tx.send(Ok(msg)).await.is_err() {
+        if !self.send_msg(Ok(msg)).await {
             return false;
         }
         self.sent = revision;
         true
+    }
+
+    /// Sends one message; false when the agent is gone or the server shuts down.
+    async fn send_msg(&self, msg: Result<pb::ServerMessage, Status>) -> bool {
+        crate::shutdown::send(&self.tx, msg, &self.shutdown).await
     }
 
     /// Stores what the agent saw on a device; wakes agents when policy acted on it.
@@ -546,6 +557,8 @@ impl Session {
         }
         let new = NewEvent {
             device: device.device,
+            epoch: i64::try_from(event.epoch)
+                .map_err(|_| Status::invalid_argument("event.epoch is above 2^63-1"))?,
             seq: i64::try_from(event.seq)
                 .map_err(|_| Status::invalid_argument("event.seq is too large"))?,
             kind: crate::fields::device_event_kind(event.kind)?,
@@ -569,15 +582,20 @@ impl Session {
             Err(StoreError::NotFound(what)) => {
                 tracing::warn!(site = %self.site, %what, "event for an unknown device dropped");
             }
+            // Acked anyway: re-sending it would not make it storable.
+            Err(StoreError::InvalidArgument(why)) => {
+                tracing::warn!(site = %self.site, device = %event.device, %why, "event dropped");
+            }
             Err(e) => return Err(store_status(e)),
         }
         let ack = pb::ServerMessage {
             msg: Some(pb::server_message::Msg::EventAck(pb::EventAck {
                 device: event.device,
                 seq: event.seq,
+                epoch: event.epoch,
             })),
         };
-        if self.tx.send(Ok(ack)).await.is_err() {
+        if !self.send_msg(Ok(ack)).await {
             return Err(Status::cancelled("agent left"));
         }
         Ok(())

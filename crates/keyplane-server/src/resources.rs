@@ -367,9 +367,11 @@ pub fn sync_pb(
     }
 }
 
-/// Event to protobuf.
-pub fn event_pb(e: &store::Event) -> pb::Event {
+/// Event to protobuf; `after` is where the watch (or list) stands once it is delivered.
+pub fn event_pb(e: &store::Event, after: &keyplane_core::event_cursor::WatchCursor) -> pb::Event {
     pb::Event {
+        resume_token: after.encode(),
+        site_sequence: e.site_seq,
         name: EventName {
             site: e.site,
             cursor: e.id,

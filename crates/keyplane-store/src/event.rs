@@ -1,4 +1,5 @@
-//! Device events: stored once per (device, sequence number), read by cursor.
+//! Device events: stored once per (device, log epoch, sequence number), read in
+//! each site's commit order (`site_seq`, see migration 0016).
 
 use crate::Cached;
 use crate::site::site_get_in_txn;
@@ -15,7 +16,9 @@ pub use keyplane_core::EventKind;
 pub struct NewEvent {
     /// Device id.
     pub device: Uuid,
-    /// Sequence number in the device's log.
+    /// The device log's epoch: changes whenever its sequence numbers restart.
+    pub epoch: i64,
+    /// Sequence number in the device's log (from 1).
     pub seq: i64,
     /// What happened.
     pub kind: EventKind,
@@ -30,10 +33,12 @@ pub struct NewEvent {
 /// A stored event.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Cursor (global, increasing).
+    /// Unique id (its name); not an order.
     pub id: i64,
     /// Site id.
     pub site: Uuid,
+    /// Position in the site's event log: increasing in commit order (gaps allowed).
+    pub site_seq: i64,
     /// Device id (None for events raised through the API, like lockdown).
     pub device: Option<Uuid>,
     /// What happened.
@@ -63,7 +68,8 @@ pub struct Event {
 
 const EVENT_COLUMNS: &str =
     "e.id, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
-    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind, e.issue, e.credential_id";
+    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind, e.issue, e.credential_id,
+    e.site_seq";
 
 /// Joins each event's device (events outlive deleted devices, hence LEFT).
 const EVENT_DEVICE_JOIN: &str =
@@ -94,6 +100,7 @@ fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
         actor: row.get(10),
         issue: row.get(12),
         credential: row.get(13),
+        site_seq: row.get(14),
     })
 }
 
@@ -140,9 +147,15 @@ async fn credential_use_in_txn(
 }
 
 impl Store {
-    /// Stores an event from the site's agent; a re-sent one (same device and
-    /// sequence number) is not stored again. Returns whether it was new.
+    /// Stores an event from the site's agent; a re-sent one (same device, epoch and
+    /// sequence number) is not stored again, and only a newly stored access-granted
+    /// event counts a use of a limited-use code. Returns whether it was new.
     pub async fn event_record(&self, site: Uuid, event: &NewEvent) -> Result<bool, StoreError> {
+        if event.seq < 1 || event.epoch < 0 {
+            return Err(StoreError::InvalidArgument(
+                "event.seq must be at least 1 (and event.epoch not negative): a device event is identified by (device, epoch, seq)".into(),
+            ));
+        }
         in_txn!(self, "event_record", |tx| {
             let known = tx
                 .query_opt(
@@ -158,16 +171,22 @@ impl Store {
                 )));
             }
             let user_number = event.user_number.map(i32::from);
+            // The insert's trigger takes the site row lock (the event's place in the
+            // site's log) before anything else here does.
             let n = tx
                 .execute(
-                    "INSERT INTO device_event (site_id, device_id, source_seq, kind, partition, user_number,
-                        user_id, silent_alarm, occur_time)
-                     SELECT $1, $2, $3, $4, $5, $6,
+                    "INSERT INTO device_event (site_id, device_id, source_epoch, source_seq, kind,
+                        partition, user_number, user_id, silent_alarm, occur_time)
+                     SELECT $1, $2, $9, $3, $4, $5, $6,
                         (SELECT c.user_id FROM slot_assignment sa JOIN credential c
                            ON c.site_id = sa.site_id AND c.id = sa.credential_id
                          WHERE sa.site_id = $1 AND sa.device_id = $2 AND sa.slot = $6),
                         $7, $8
-                     ON CONFLICT (site_id, device_id, source_seq) WHERE source_seq > 0 DO NOTHING",
+                     WHERE NOT EXISTS (SELECT 1 FROM device_event
+                        WHERE site_id = $1 AND device_id = $2 AND source_epoch = $9
+                          AND source_seq = $3 AND source_seq > 0)
+                     ON CONFLICT (site_id, device_id, source_epoch, source_seq) WHERE source_seq > 0
+                     DO NOTHING",
                     &[
                         &site,
                         &event.device,
@@ -177,6 +196,7 @@ impl Store {
                         &user_number,
                         &(event.kind == EventKind::Duress),
                         &event.occur_time,
+                        &event.epoch,
                     ],
                 )
                 .await?;
@@ -187,31 +207,105 @@ impl Store {
         })
     }
 
-    /// Events after cursor `after`, oldest first: of one site of `dealer`, or of all
-    /// its sites when `site` is None.
+    /// Events of one site of `dealer` after position `after` (`site_seq`), in the
+    /// site's commit order.
     pub async fn event_list(
         &self,
         dealer: Uuid,
-        site: Option<Uuid>,
+        site: Uuid,
         after: i64,
         limit: i64,
     ) -> Result<Vec<Event>, StoreError> {
         in_txn!(self, "event_list", |tx| {
+            site_get_in_txn(&tx, dealer, site).await?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM device_event e
+                         {EVENT_DEVICE_JOIN}
+                         WHERE e.site_id = $1 AND e.site_seq > $2
+                         ORDER BY e.site_seq LIMIT $3"
+                    ),
+                    &[&site, &after, &limit],
+                )
+                .await?;
+            Ok(rows.iter().filter_map(event_from_row).collect())
+        })
+    }
+
+    /// The head of the event log of each site of `dealer` (or of `site` alone) that
+    /// has events: where a watch that starts now begins. NotFound for a site that is
+    /// not the dealer's.
+    pub async fn event_heads(
+        &self,
+        dealer: Uuid,
+        site: Option<Uuid>,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        in_txn!(self, "event_heads", |tx| {
             if let Some(site) = site {
                 site_get_in_txn(&tx, dealer, site).await?;
             }
             let rows = tx
                 .query(
-                    &format!(
-                        "SELECT {EVENT_COLUMNS} FROM device_event e JOIN site s ON s.id = e.site_id
-                         {EVENT_DEVICE_JOIN}
-                         WHERE s.dealer_id = $1 AND ($2::uuid IS NULL OR e.site_id = $2) AND e.id > $3
-                         ORDER BY e.id LIMIT $4"
-                    ),
-                    &[&dealer, &site, &after, &limit],
+                    "SELECT id, event_seq FROM site
+                     WHERE dealer_id = $1 AND ($2::uuid IS NULL OR id = $2) AND event_seq > 0",
+                    &[&dealer, &site],
                 )
                 .await?;
-            Ok(rows.iter().filter_map(event_from_row).collect())
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         })
+    }
+
+    /// Where a watch resumed from a (deprecated) event id begins in each site: after
+    /// the last event at or below that id. Sites not listed begin at their start.
+    pub async fn event_positions_at_id(
+        &self,
+        dealer: Uuid,
+        site: Option<Uuid>,
+        id: i64,
+    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
+        in_txn!(self, "event_positions_at_id", |tx| {
+            let rows = tx
+                .query(
+                    "SELECT e.site_id, max(e.site_seq) FROM device_event e
+                     JOIN site s ON s.id = e.site_id
+                     WHERE s.dealer_id = $1 AND ($2::uuid IS NULL OR e.site_id = $2) AND e.id <= $3
+                     GROUP BY e.site_id",
+                    &[&dealer, &site, &id],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    /// Events of the sites of `dealer` (or of `site` alone) after the given positions
+    /// (`site_seq` per site; a site not listed is read from its start), at most
+    /// `per_site` of each site, each site's in its commit order. Only sites whose
+    /// log head moved past their position are read.
+    pub async fn event_read(
+        &self,
+        dealer: Uuid,
+        site: Option<Uuid>,
+        positions: &[(Uuid, i64)],
+        per_site: i64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let (sites, seqs): (Vec<Uuid>, Vec<i64>) = positions.iter().copied().unzip();
+        let conn = self.conn().await?;
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM site s
+             LEFT JOIN unnest($2::uuid[], $3::int8[]) AS p(site_id, seq) ON p.site_id = s.id
+             CROSS JOIN LATERAL (
+                SELECT * FROM device_event e0
+                WHERE e0.site_id = s.id AND e0.site_seq > coalesce(p.seq, 0)
+                ORDER BY e0.site_seq LIMIT $5) e
+             {EVENT_DEVICE_JOIN}
+             WHERE s.dealer_id = $1 AND ($4::uuid IS NULL OR s.id = $4)
+               AND s.event_seq > coalesce(p.seq, 0)
+             ORDER BY e.site_id, e.site_seq"
+        );
+        let rows = conn
+            .query(&sql, &[&dealer, &sites, &seqs, &site, &per_site])
+            .await?;
+        Ok(rows.iter().filter_map(event_from_row).collect())
     }
 }

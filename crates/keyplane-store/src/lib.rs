@@ -319,6 +319,9 @@ impl Store {
         let pool = Pool::builder(manager)
             .max_size(max_connections)
             .wait_timeout(Some(POOL_WAIT))
+            // Opening a connection to a database that does not answer fails (as
+            // UNAVAILABLE) instead of holding the caller.
+            .create_timeout(Some(POOL_WAIT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;

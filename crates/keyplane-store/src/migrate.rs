@@ -61,6 +61,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "slot_status_history",
         include_str!("../migrations/0013_slot_status_history.sql"),
     ),
+    (
+        16,
+        "event_order",
+        include_str!("../migrations/0016_event_order.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -916,6 +916,15 @@ impl Store {
             crate::batch_in_txn(
                 &tx,
                 &[
+                    // First: the site row lock, which the event inserts below take
+                    // too (their place in the site's event log), before any other row.
+                    (
+                        "UPDATE site SET status_evaluated_seq = GREATEST(status_evaluated_seq, $2),
+                            status_pending = $3, status_evaluated_at = now(),
+                            status_baseline = status_baseline AND NOT $4
+                         WHERE id = $1",
+                        crate::params![&site, &seq, &pending, &baseline],
+                    ),
                     (
                         "INSERT INTO slot_state_last
                             (site_id, device_id, slot, credential_id, user_id, status, withheld,
@@ -976,13 +985,6 @@ impl Store {
                             &e_issues,
                             &e_at
                         ],
-                    ),
-                    (
-                        "UPDATE site SET status_evaluated_seq = GREATEST(status_evaluated_seq, $2),
-                            status_pending = $3, status_evaluated_at = now(),
-                            status_baseline = status_baseline AND NOT $4
-                         WHERE id = $1",
-                        crate::params![&site, &seq, &pending, &baseline],
                     ),
                 ],
             )

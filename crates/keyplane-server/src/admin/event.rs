@@ -1,6 +1,7 @@
 //! Device and site events: listed by cursor or watched as a stream.
 
 use super::*;
+use keyplane_core::event_cursor::WatchCursor;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,19 +59,32 @@ pub(super) async fn list(
 ) -> Res<pb::ListEventsResponse> {
     let (actor, req) = dealer_call(request)?;
     let parent = parse("parent", &req.parent, SiteName::parse)?;
-    let list = format!("ListEvents sites/{}", parent.site);
+    // Keyed by the site's event position (issue 15), no longer by id: "v2" refuses a
+    // token issued before.
+    let list = format!("ListEvents.v2 sites/{}", parent.site);
     let (after, limit) = page_cursor(&list, req.page_size, &req.page_token)?;
     let events = api
         .store
-        .event_list(actor.dealer, Some(parent.site), after, limit + 1)
+        .event_list(actor.dealer, parent.site, after, limit + 1)
         .await
         .map_err(store_status)?;
-    let (events, next_page_token) = page_split(&list, events, limit, |e| e.id.to_string());
+    let (events, next_page_token) =
+        page_split(&list, events, limit, |e| e.site_seq.to_string());
     Ok(Response::new(pb::ListEventsResponse {
-        events: events.iter().map(res::event_pb).collect(),
+        events: events
+            .iter()
+            .map(|e| {
+                let mut cursor = WatchCursor::new(Some(e.site), []);
+                cursor.advance(e.site, e.site_seq);
+                res::event_pb(e, &cursor)
+            })
+            .collect(),
         next_page_token,
     }))
 }
+
+/// Events read per site and pass of a watch.
+const WATCH_BATCH: i64 = 100;
 
 pub(super) async fn watch(
     api: &AdminApi,
@@ -87,37 +101,62 @@ pub(super) async fn watch(
             "after_cursor must not be negative",
         ));
     }
-    // Check access (and the site) before the stream starts.
-    api.store
-        .event_list(actor.dealer, site, req.after_cursor, 1)
+    if req.after_cursor > 0 && !req.resume_token.is_empty() {
+        return Err(Status::invalid_argument(
+            "give resume_token or the deprecated after_cursor, not both",
+        ));
+    }
+    // Checks access (and the site) before the stream starts; the heads are where a
+    // watch without a token begins.
+    let heads = api
+        .store
+        .event_heads(actor.dealer, site)
         .await
         .map_err(store_status)?;
+    let mut cursor = if !req.resume_token.is_empty() {
+        WatchCursor::decode(&req.resume_token, site)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+    } else if req.after_cursor > 0 {
+        let at = api
+            .store
+            .event_positions_at_id(actor.dealer, site, req.after_cursor)
+            .await
+            .map_err(store_status)?;
+        WatchCursor::new(site, at)
+    } else {
+        WatchCursor::new(site, heads)
+    };
     let guard = api.watches.acquire(actor.dealer)?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let store = api.store.clone();
     let mut bell = api.bell.subscribe();
     let shutdown = api.shutdown.clone();
-    let mut cursor = req.after_cursor;
+    let ends = shutdown.clone();
     tokio::spawn(async move {
         let _guard = guard;
         // Other replicas store events too: re-check on a timer as well as on the bell.
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
-            match store.event_list(actor.dealer, site, cursor, 100).await {
+            match store
+                .event_read(actor.dealer, site, &cursor.pairs(), WATCH_BATCH)
+                .await
+            {
                 Ok(events) => {
-                    let more = events.len() == 100;
+                    let mut per_site = std::collections::HashMap::new();
                     for e in &events {
-                        if tx.send(Ok(res::event_pb(e))).await.is_err() {
+                        cursor.advance(e.site, e.site_seq);
+                        *per_site.entry(e.site).or_insert(0i64) += 1;
+                        let event = res::event_pb(e, &cursor);
+                        if !crate::shutdown::send(&tx, Ok(event), &shutdown).await {
                             return;
                         }
-                        cursor = e.id;
                     }
-                    if more {
+                    if per_site.values().any(|n| *n >= WATCH_BATCH) {
                         continue;
                     }
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(store_status(e))).await;
+                    let _ = crate::shutdown::send(&tx, Err(store_status(e)), &shutdown).await;
                     return;
                 }
             }
@@ -133,9 +172,9 @@ pub(super) async fn watch(
             }
         }
     });
-    Ok(Response::new(Box::pin(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-    )))
+    Ok(Response::new(Box::pin(crate::shutdown::until_shutdown(
+        rx, ends,
+    ))))
 }
 
 pub(super) async fn audit_list(
