@@ -31,7 +31,11 @@ async fn next(watch: &mut tonic::Streaming<pb::Event>) -> anyhow::Result<pb::Eve
         .ok_or_else(|| anyhow::anyhow!("watch ended"))
 }
 
-async fn watch(s: &mut Site, parent: &str, token: &str) -> anyhow::Result<tonic::Streaming<pb::Event>> {
+async fn watch(
+    s: &mut Site,
+    parent: &str,
+    token: &str,
+) -> anyhow::Result<tonic::Streaming<pb::Event>> {
     Ok(s.admin
         .watch_events(pb::WatchEventsRequest {
             parent: parent.to_owned(),
@@ -126,7 +130,11 @@ async fn a_watch_starts_at_now_and_resumes_each_site_from_its_token() -> anyhow:
     // Stored before the watch: not replayed.
     assert!(store.event_record(site, &event(panel, 1)).await?);
     let mut all = watch(&mut s, "sites/-", "").await?;
-    assert!(store.event_record(other_site, &event(other_panel, 1)).await?);
+    assert!(
+        store
+            .event_record(other_site, &event(other_panel, 1))
+            .await?
+    );
     let first = next(&mut all).await?;
     assert!(first.name.starts_with(&other), "{first:?}");
     assert!(store.event_record(site, &event(panel, 2)).await?);
@@ -137,7 +145,11 @@ async fn a_watch_starts_at_now_and_resumes_each_site_from_its_token() -> anyhow:
     // Stored while nobody watched: a watch resumed from the last token gets exactly
     // those, each site in its order.
     assert!(store.event_record(site, &event(panel, 3)).await?);
-    assert!(store.event_record(other_site, &event(other_panel, 2)).await?);
+    assert!(
+        store
+            .event_record(other_site, &event(other_panel, 2))
+            .await?
+    );
     assert!(store.event_record(site, &event(panel, 4)).await?);
     let mut resumed = watch(&mut s, "sites/-", &second.resume_token).await?;
     let mut got = Vec::new();

@@ -84,7 +84,7 @@ impl WatchCursor {
         let [VERSION, scope, rest @ ..] = bytes.as_slice() else {
             return Err(CursorError::Malformed);
         };
-        if rest.len() % 24 != 0 {
+        if !rest.len().is_multiple_of(24) {
             return Err(CursorError::Malformed);
         }
         let mut positions = BTreeMap::new();
@@ -117,10 +117,14 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let digit = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     s.chunks_exact(2)
         .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
         .collect()
@@ -172,10 +176,10 @@ mod tests {
             "".to_owned(),
             "zz".to_owned(),
             "0".to_owned(),
-            "0200".to_owned(),           // unknown version
-            "0105".to_owned(),           // unknown scope
-            good[..good.len() - 2].to_owned(), // truncated
-            format!("{good}{}", &good[4..]),  // a site twice
+            "0200".to_owned(),                                    // unknown version
+            "0105".to_owned(),                                    // unknown scope
+            good[..good.len() - 2].to_owned(),                    // truncated
+            format!("{good}{}", &good[4..]),                      // a site twice
             format!("0100{}{}", "11".repeat(16), "ff".repeat(8)), // negative
         ];
         for token in cases {

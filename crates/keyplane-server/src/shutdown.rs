@@ -9,7 +9,9 @@ use tonic::Status;
 
 /// Why a stream ended at shutdown: retryable, on another replica or after restart.
 pub fn shutting_down() -> Status {
-    Status::unavailable("keyplaned is shutting down: reconnect (to another replica, or once it is back)")
+    Status::unavailable(
+        "keyplaned is shutting down: reconnect (to another replica, or once it is back)",
+    )
 }
 
 /// Sends `item` unless the receiver is gone or shutdown comes first; false then.

@@ -27,6 +27,13 @@ use tonic::transport::Channel;
 #[derive(Clone)]
 pub struct Bearer(Vec<(&'static str, MetadataValue<tonic::metadata::Ascii>)>);
 
+impl Bearer {
+    /// Adds these headers to every call.
+    pub fn new(headers: Vec<(&'static str, MetadataValue<tonic::metadata::Ascii>)>) -> Bearer {
+        Bearer(headers)
+    }
+}
+
 impl Interceptor for Bearer {
     fn call(
         &mut self,
@@ -182,6 +189,23 @@ impl TestServer {
         Ok((server, proxy))
     }
 
+    /// Starts a server on `db` that reaches PostgreSQL at `url` (e.g. through a proxy
+    /// a test cuts) with `max_connections` pooled connections; `store` and `db` bypass it.
+    pub async fn start_via(
+        db: TestDatabase,
+        url: String,
+        max_connections: usize,
+    ) -> anyhow::Result<TestServer> {
+        Self::start_inner(
+            db,
+            PinKey::generate()?,
+            Some((url, false)),
+            max_connections,
+            None,
+        )
+        .await
+    }
+
     async fn start_on(db: TestDatabase, key: PinKey) -> anyhow::Result<TestServer> {
         Self::start_with(db, key, None, 8).await
     }
@@ -192,20 +216,23 @@ impl TestServer {
         via: Option<String>,
         max_connections: usize,
     ) -> anyhow::Result<TestServer> {
-        Self::start_inner(db, key, via, max_connections, None).await
+        Self::start_inner(db, key, via.map(|url| (url, true)), max_connections, None).await
     }
 
+    /// `via`: another database URL, and whether the server is counted (see
+    /// [`TestServer::start_counted`]).
     async fn start_inner(
         db: TestDatabase,
         key: PinKey,
-        via: Option<String>,
+        via: Option<(String, bool)>,
         max_connections: usize,
         pki: Option<Arc<TestPki>>,
     ) -> anyhow::Result<TestServer> {
         keyplane_telemetry::init("keyplaned-test");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let counted = via.is_some();
+        let counted = via.as_ref().is_some_and(|(_, counted)| *counted);
+        let via = via.map(|(url, _)| url);
         let mut config =
             keyplane_server::Config::new(via.unwrap_or_else(|| db.url.clone()), key.clone());
         config.max_connections = max_connections;

@@ -108,9 +108,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             "cargo clippy --workspace --all-targets -- -D warnings",
         )?;
         db.drop_test_databases();
-        // The kill -9 test (tests/e2e/restart.rs) runs the real agent binary, and
-        // the deploy test (tests/e2e/deploy.rs) both binaries' --help, which the
-        // test build does not produce on a clean clone.
+        // The kill -9 test (tests/e2e/restart.rs) runs the real agent binary, the
+        // shutdown test (tests/e2e/shutdown.rs) the real keyplaned, and the deploy
+        // test (tests/e2e/deploy.rs) both binaries' --help, which the test build does
+        // not produce on a clean clone.
         run_checked(
             cargo().args([
                 "build",

@@ -68,8 +68,7 @@ pub(super) async fn list(
         .event_list(actor.dealer, parent.site, after, limit + 1)
         .await
         .map_err(store_status)?;
-    let (events, next_page_token) =
-        page_split(&list, events, limit, |e| e.site_seq.to_string());
+    let (events, next_page_token) = page_split(&list, events, limit, |e| e.site_seq.to_string());
     Ok(Response::new(pb::ListEventsResponse {
         events: events
             .iter()
