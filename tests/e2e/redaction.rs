@@ -50,7 +50,27 @@ async fn no_pin_in_logs_errors_debug_output_or_agent_files() -> anyhow::Result<(
     let lock = s.lock.clone();
     let alice = s.alice.clone();
     let bob = create_user(&mut s.admin, &s.site.clone(), "Bob").await?;
-    let agent = s.start_agent();
+    // As installed: the journal's key in a private file outside the state directory.
+    let key_file = s.dir.path().join("journal.key");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&key_file)?
+            .write_all(b"5f0c6a1e9b2d4c7f8a3e6b1d0c9f2a4e7b5d8c1f0a3e6b9d2c5f8a1e4b7d0c3f\n")?;
+    }
+    let mut config = s.agent_config();
+    config.journal_key_file = Some(key_file);
+    let agent = keyplane_testkit::server::TestAgent::start_config(
+        config,
+        s.dir.path(),
+        Box::new(keyplane_agent::SimulatorFactory::new(
+            s.dir.path().join("devices"),
+        )),
+    );
     let created = s.credential(&alice, PINS[0], lock_scope(&[&lock])).await?;
     assert_no_pin(
         "a CreateCredential response's Debug",
@@ -130,20 +150,17 @@ async fn no_pin_in_logs_errors_debug_output_or_agent_files() -> anyhow::Result<(
     assert!(logs.contains("DEBUG"), "debug lines were captured");
     assert_no_pin("the server's and agent's debug log", &logs);
 
-    // Every file the agent keeps, but the journal.
-    let mut files = vec![state_dir];
+    // Every file the agent keeps, the journal included.
+    let mut files = vec![state_dir.clone()];
     let mut journal = false;
     while let Some(path) = files.pop() {
         if path.is_dir() {
             files.extend(std::fs::read_dir(&path)?.flatten().map(|e| e.path()));
             continue;
         }
-        // OPEN ITEM (issue 13, journal sealing, not done yet on the redb journal): the
-        // journal holds the site's PINs in clear, mode 0600. Remove this
-        // exception once the journal is sealed.
+        // The journal too: its codes are sealed (issue 13).
         if path.file_name().is_some_and(|n| n == "journal.redb") {
             journal = true;
-            continue;
         }
         let bytes = std::fs::read(&path)?;
         assert_no_pin(
@@ -152,5 +169,9 @@ async fn no_pin_in_logs_errors_debug_output_or_agent_files() -> anyhow::Result<(
         );
     }
     assert!(journal, "the walk found the agent's state directory");
+    assert!(
+        !state_dir.join(keyplane_agent::seal::DEV_KEY_FILE).exists(),
+        "with a key file, no key is kept beside the journal"
+    );
     Ok(())
 }

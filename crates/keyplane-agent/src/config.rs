@@ -36,6 +36,11 @@ pub enum ConfigError {
         "the agent has no certificate yet and no token: pass --enrollment-code-file with a code from AdminService/CreateEnrollmentCode (or, for now, an agent token in KEYPLANE_AGENT_TOKEN)"
     )]
     NoIdentity,
+    /// No key to seal the journal with.
+    #[error(
+        "the agent's journal needs a key that is not kept beside it: pass --journal-key-file (KEYPLANE_JOURNAL_KEY_FILE; 64 hex digits, mode 0400 or 0600) or enroll the agent (--enrollment-code-file)"
+    )]
+    NoJournalKey,
     /// `--site` is not `sites/{uuid}`.
     #[error(
         "--site {given:?} is not a site name: pass sites/{{site id}}, as CreateSite returned it{hint}"
@@ -210,6 +215,14 @@ pub fn server_url(given: &str) -> Result<String, ConfigError> {
         return Err(err("has a path; keyplaned is reached at the root"));
     }
     Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// Whether the (checked) server URL names this machine.
+pub fn is_loopback_url(url: &str) -> bool {
+    url.parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(is_loopback))
+        .unwrap_or(false)
 }
 
 /// Whether `host` (as a URL holds it) is this machine.

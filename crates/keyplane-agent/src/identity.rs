@@ -137,6 +137,15 @@ pub fn save(state_dir: &Path, identity: &Identity) -> Result<(), IdentityError> 
         .map_err(io(&d))?;
     let meta = serde_json::to_string_pretty(&identity.meta)
         .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    // The journal key is sealed under the new key too before the new key replaces
+    // the old one, so a crash in between leaves a journal either key opens.
+    let old = load(state_dir)?;
+    crate::seal::rewrap(
+        state_dir,
+        old.as_ref().map(|o| o.key_pem.as_str()),
+        &identity.key_pem,
+    )
+    .map_err(|e| IdentityError::Invalid(format!("sealing the journal key: {e}")))?;
     // Metadata last: a half-written identity without it is not loaded.
     for (name, text, mode) in [
         ("agent.key", identity.key_pem.as_str(), 0o600),
@@ -156,6 +165,9 @@ pub fn save(state_dir: &Path, identity: &Identity) -> Result<(), IdentityError> 
         f.sync_all().map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
     }
+    crate::seal::forget_dev_key(state_dir).map_err(|e| {
+        IdentityError::Invalid(format!("removing the development journal key: {e}"))
+    })?;
     Ok(())
 }
 

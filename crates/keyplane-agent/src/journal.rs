@@ -4,9 +4,17 @@
 //! rows that changed since the last one (a slot written is one row), so a restarted
 //! agent knows exactly what is already on the devices and never writes it again,
 //! without the whole journal being rewritten after each write. A JSON journal from
-//! an older agent is migrated on first start and then removed. It holds PINs, so the
-//! file is private to the agent's user (mode 0600).
+//! an older agent is migrated on first start and then removed.
+//!
+//! Every slot row (desired, written and observed codes) is sealed at rest under the
+//! journal key ([`crate::seal`]) with its place (device, table, slot) as associated
+//! data: a row moved to another place, or opened under another key, does not open.
+//! The site-wide row and device headers (revisions, model, flags) hold no code and
+//! stay clear. A journal of clear rows (an older agent's) is rewritten sealed into a
+//! new file on first start, so no clear page of it survives in `journal.redb`. The
+//! file is also private to the agent's user (mode 0600).
 
+use crate::seal::{JournalKey, SealError};
 use chrono::{DateTime, Utc};
 use keyplane_core::authority::Level;
 use keyplane_core::plan::DesiredCode;
@@ -185,10 +193,24 @@ const SLOTS: TableDefinition<(&str, u8, u16), &[u8]> = TableDefinition::new("slo
 const DESIRED: u8 = 0;
 const WRITTEN: u8 = 1;
 const OBSERVED: u8 = 2;
+/// A sealed slot row starts with this byte (a clear one is JSON).
+const SEALED: u8 = 1;
+
+/// The associated data a slot row is sealed with: its place.
+fn place(device: &str, kind: u8, slot: u16) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(device.len() + 16);
+    aad.extend_from_slice(b"keyplane journal slot v1\0");
+    aad.extend_from_slice(&(device.len() as u64).to_le_bytes());
+    aad.extend_from_slice(device.as_bytes());
+    aad.push(kind);
+    aad.extend_from_slice(&slot.to_le_bytes());
+    aad
+}
 
 /// The open database and what it holds now, to write only what changed.
 struct Store {
     db: redb::Database,
+    key: JournalKey,
     meta: Vec<u8>,
     devices: BTreeMap<String, SavedDevice>,
 }
@@ -267,6 +289,33 @@ pub enum JournalError {
         /// redb's message.
         detail: String,
     },
+    /// No key to seal it with (the message says what to pass).
+    #[error("journal: {0}")]
+    Key(#[from] SealError),
+    /// The journal was sealed under another key than the agent has.
+    #[error(
+        "journal {path} is sealed under key {sealed_with} but the agent has key {have} (another --journal-key-file, or an identity that replaced the key's source): start it with the key it was sealed under, or remove journal.redb to start with an empty journal (keyplaned sends every code again)"
+    )]
+    OtherKey {
+        /// The journal path.
+        path: PathBuf,
+        /// The id recorded in the journal.
+        sealed_with: String,
+        /// The id of the key the agent has.
+        have: String,
+    },
+    /// A sealed row did not open: altered, or moved from another place.
+    #[error(
+        "journal {path}: the sealed row of {device} slot {slot} does not open (altered or moved)"
+    )]
+    Unsealable {
+        /// The journal path.
+        path: PathBuf,
+        /// The device of the row.
+        device: String,
+        /// Its slot.
+        slot: u16,
+    },
 }
 
 fn to_json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>, JournalError> {
@@ -283,31 +332,46 @@ fn from_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Resul
     })
 }
 
+/// Creates `path` private (mode 0600) before redb writes anything into it.
+fn create_private(path: &Path) -> Result<(), JournalError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
 impl Journal {
     /// Opens the journal in `dir`, or starts an empty one (migrating a JSON journal
-    /// left by an older agent).
+    /// left by an older agent), with the key found in `dir` alone
+    /// ([`JournalKey::in_state_dir`]: the enrolled agent's, else the development key).
+    /// The agent itself resolves its key strictly and calls [`Journal::open_with_key`].
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        let io = |source| JournalError::Io {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Io {
             path: dir.to_owned(),
             source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        })?;
+        let key = JournalKey::in_state_dir(dir)?;
+        Journal::open_with_key(dir, key)
+    }
+
+    /// Opens the journal in `dir` sealed under `key`, or starts an empty one. A JSON
+    /// journal or a journal of clear rows left by an older agent is rewritten sealed.
+    pub fn open_with_key(dir: &Path, key: JournalKey) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
         let path = dir.join("journal.redb");
         let legacy = dir.join("journal.json");
-        {
-            // Created private before redb writes a single PIN into it.
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|source| JournalError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-        }
+        create_private(&path)?;
         let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
             path: path.clone(),
             detail: e.to_string(),
@@ -315,13 +379,11 @@ impl Journal {
         let db = redb::Database::create(&path).map_err(|e| store_err(&e))?;
         // No site row: nothing was ever committed here (a first start, or one
         // that died before its first commit), so a JSON journal still rules.
-        let stored = load(&path, &db)?;
-        let fresh = stored.is_none();
-        let mut journal = match stored {
-            Some(j) => j,
+        let (mut journal, rewrite) = match load(&path, &db, &key)? {
+            Some((j, clear)) => (j, clear),
             None => match std::fs::read(&legacy) {
-                Ok(bytes) => from_json::<Journal>(&legacy, &bytes)?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Journal::default(),
+                Ok(bytes) => (from_json::<Journal>(&legacy, &bytes)?, true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Journal::default(), true),
                 Err(source) => {
                     return Err(JournalError::Io {
                         path: legacy,
@@ -330,17 +392,36 @@ impl Journal {
                 }
             },
         };
-        journal.path = path;
-        journal.store = Some(Store {
-            db,
-            meta: Vec::new(),
-            devices: BTreeMap::new(),
-        });
-        if fresh {
-            // Everything is new to the store: the first save writes it all.
+        if rewrite {
+            // Written whole into a new file that then replaces the old one: clear
+            // rows updated in place would leave their old pages (codes in clear) in
+            // the file.
+            drop(db);
+            let fresh = dir.join("journal.redb.new");
+            let _ = std::fs::remove_file(&fresh);
+            create_private(&fresh)?;
+            let db = redb::Database::create(&fresh).map_err(|e| JournalError::Store {
+                path: fresh.clone(),
+                detail: e.to_string(),
+            })?;
+            journal.path = fresh.clone();
+            journal.store = Some(Store {
+                db,
+                key,
+                meta: Vec::new(),
+                devices: BTreeMap::new(),
+            });
             journal.save()?;
+            std::fs::rename(&fresh, &path).map_err(|source| JournalError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            journal.path = path;
             match std::fs::remove_file(&legacy) {
-                Ok(()) => tracing::info!("JSON journal migrated to journal.redb"),
+                Ok(()) => tracing::info!("JSON journal migrated to a sealed journal.redb"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(JournalError::Io {
@@ -349,26 +430,34 @@ impl Journal {
                     });
                 }
             }
-        } else {
-            let meta = to_json(&journal.path, &journal.meta())?;
-            let mut devices = BTreeMap::new();
-            for (name, d) in &journal.devices {
-                devices.insert(
-                    name.clone(),
-                    SavedDevice {
-                        header: to_json(&journal.path, &Header::of(d))?,
-                        desired: d.desired.clone(),
-                        written: d.written.clone(),
-                        observed: d.observed.clone().unwrap_or_default(),
-                    },
-                );
-            }
-            if let Some(store) = journal.store.as_mut() {
-                store.meta = meta;
-                store.devices = devices;
-            }
+            return Ok(journal);
         }
+        journal.path = path;
+        let meta = to_json(&journal.path, &journal.meta())?;
+        let mut devices = BTreeMap::new();
+        for (name, d) in &journal.devices {
+            devices.insert(
+                name.clone(),
+                SavedDevice {
+                    header: to_json(&journal.path, &Header::of(d))?,
+                    desired: d.desired.clone(),
+                    written: d.written.clone(),
+                    observed: d.observed.clone().unwrap_or_default(),
+                },
+            );
+        }
+        journal.store = Some(Store {
+            db,
+            key,
+            meta,
+            devices,
+        });
         Ok(journal)
+    }
+
+    /// The id of the key the journal is sealed under (never secret).
+    pub fn key_id(&self) -> Option<&str> {
+        self.store.as_ref().map(|s| s.key.id())
     }
 
     fn meta(&self) -> Meta {
@@ -386,31 +475,45 @@ impl Journal {
         let Some(store) = self.store.as_mut() else {
             return Ok(());
         };
+        let Store {
+            db,
+            key,
+            meta: saved_meta,
+            devices: saved_devices,
+        } = store;
         let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
             path: path.clone(),
             detail: e.to_string(),
         };
-        let txn = store.db.begin_write().map_err(|e| store_err(&e))?;
+        let sealed =
+            |name: &str, kind: u8, slot: u16, json: &[u8]| -> Result<Vec<u8>, JournalError> {
+                let mut row = vec![SEALED];
+                row.extend(key.seal(&place(name, kind, slot), json)?);
+                Ok(row)
+            };
+        let txn = db.begin_write().map_err(|e| store_err(&e))?;
         let mut changed = false;
         {
             let mut meta_t = txn.open_table(META).map_err(|e| store_err(&e))?;
             let mut dev_t = txn.open_table(DEVICES).map_err(|e| store_err(&e))?;
             let mut slot_t = txn.open_table(SLOTS).map_err(|e| store_err(&e))?;
-            if store.meta != meta {
+            if *saved_meta != meta {
                 meta_t
                     .insert("site", meta.as_slice())
                     .map_err(|e| store_err(&e))?;
-                store.meta = meta;
+                meta_t
+                    .insert("key", key.id().as_bytes())
+                    .map_err(|e| store_err(&e))?;
+                *saved_meta = meta;
                 changed = true;
             }
-            let gone: Vec<String> = store
-                .devices
+            let gone: Vec<String> = saved_devices
                 .keys()
                 .filter(|n| !self.devices.contains_key(*n))
                 .cloned()
                 .collect();
             for name in gone {
-                if let Some(saved) = store.devices.remove(&name) {
+                if let Some(saved) = saved_devices.remove(&name) {
                     dev_t.remove(name.as_str()).map_err(|e| store_err(&e))?;
                     for (kind, slots) in [
                         (DESIRED, saved.desired.keys().copied().collect::<Vec<_>>()),
@@ -427,7 +530,7 @@ impl Journal {
                 }
             }
             for (name, d) in &self.devices {
-                let saved = store.devices.entry(name.clone()).or_default();
+                let saved = saved_devices.entry(name.clone()).or_default();
                 let header = to_json(&path, &Header::of(d))?;
                 if saved.header != header {
                     dev_t
@@ -458,7 +561,7 @@ impl Journal {
                     }
                     for (slot, code) in now {
                         if was.get(slot) != Some(code) {
-                            let bytes = to_json(&path, code)?;
+                            let bytes = sealed(name, kind, *slot, &to_json(&path, code)?)?;
                             slot_t
                                 .insert((name.as_str(), kind, *slot), bytes.as_slice())
                                 .map_err(|e| store_err(&e))?;
@@ -484,7 +587,7 @@ impl Journal {
                     }
                     for (slot, code) in now {
                         if saved.observed.get(slot) != Some(code) {
-                            let bytes = to_json(&path, code)?;
+                            let bytes = sealed(name, OBSERVED, *slot, &to_json(&path, code)?)?;
                             slot_t
                                 .insert((name.as_str(), OBSERVED, *slot), bytes.as_slice())
                                 .map_err(|e| store_err(&e))?;
@@ -503,8 +606,13 @@ impl Journal {
     }
 }
 
-/// Reads a whole journal back from its rows.
-fn load(path: &Path, db: &redb::Database) -> Result<Option<Journal>, JournalError> {
+/// Reads a whole journal back from its rows, opening sealed rows under `key`; with
+/// whether any row was in clear (an older agent's journal, to be rewritten sealed).
+fn load(
+    path: &Path,
+    db: &redb::Database,
+    key: &JournalKey,
+) -> Result<Option<(Journal, bool)>, JournalError> {
     let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
         path: path.to_owned(),
         detail: e.to_string(),
@@ -512,6 +620,7 @@ fn load(path: &Path, db: &redb::Database) -> Result<Option<Journal>, JournalErro
     let txn = db.begin_read().map_err(|e| store_err(&e))?;
     let mut journal = Journal::default();
     let missing = |e: &redb::TableError| matches!(e, redb::TableError::TableDoesNotExist(_));
+    let mut clear = false;
     match txn.open_table(META) {
         Ok(t) => {
             let Some(v) = t.get("site").map_err(|e| store_err(&e))? else {
@@ -521,6 +630,17 @@ fn load(path: &Path, db: &redb::Database) -> Result<Option<Journal>, JournalErro
             journal.revision = meta.revision;
             journal.time_zone = meta.time_zone;
             journal.lockdown = meta.lockdown;
+            match t.get("key").map_err(|e| store_err(&e))? {
+                Some(id) if id.value() != key.id().as_bytes() => {
+                    return Err(JournalError::OtherKey {
+                        path: path.to_owned(),
+                        sealed_with: String::from_utf8_lossy(id.value()).into_owned(),
+                        have: key.id().to_owned(),
+                    });
+                }
+                Some(_) => {}
+                None => clear = true,
+            }
         }
         Err(e) if missing(&e) => return Ok(None),
         Err(e) => return Err(store_err(&e)),
@@ -552,21 +672,39 @@ fn load(path: &Path, db: &redb::Database) -> Result<Option<Journal>, JournalErro
         let Some(d) = journal.devices.get_mut(name) else {
             continue;
         };
+        let bytes = v.value();
+        let plain;
+        let json = match bytes.first() {
+            Some(&SEALED) => {
+                plain = key
+                    .open(&place(name, kind, slot), &bytes[1..])
+                    .ok_or_else(|| JournalError::Unsealable {
+                        path: path.to_owned(),
+                        device: name.to_owned(),
+                        slot,
+                    })?;
+                plain.as_slice()
+            }
+            _ => {
+                clear = true;
+                bytes
+            }
+        };
         match kind {
             DESIRED => {
-                d.desired.insert(slot, from_json(path, v.value())?);
+                d.desired.insert(slot, from_json(path, json)?);
             }
             WRITTEN => {
-                d.written.insert(slot, from_json(path, v.value())?);
+                d.written.insert(slot, from_json(path, json)?);
             }
             _ => {
                 d.observed
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(slot, from_json(path, v.value())?);
+                    .insert(slot, from_json(path, json)?);
             }
         }
     }
-    Ok(Some(journal))
+    Ok(Some((journal, clear)))
 }
 
 #[cfg(test)]
@@ -667,6 +805,130 @@ mod tests {
         std::fs::write(dir.join("journal.json"), b"{not json").expect("write");
         let err = Journal::open(&dir).expect_err("corrupt");
         assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn file_has(dir: &Path, needle: &str) -> bool {
+        let bytes = std::fs::read(dir.join("journal.redb")).expect("read");
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn codes_are_sealed_bound_to_their_place_and_key() {
+        let dir = temp("sealed");
+        let key_file = dir.with_extension("key");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(&key_file);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&key_file)
+                .expect("key file");
+            std::io::Write::write_all(&mut f, "7e".repeat(32).as_bytes()).expect("write");
+        }
+        let key = || JournalKey::from_key_file(&key_file).expect("key");
+        let mut j = Journal::open_with_key(&dir, key()).expect("open");
+        let d = j.devices.entry("sites/s/devices/d".into()).or_default();
+        d.desired.insert(3, code("73194682"));
+        d.written.insert(3, code("73194682"));
+        d.observed = Some(BTreeMap::from([(5, Some("58203917".into()))]));
+        j.save().expect("save");
+        drop(j);
+        assert!(
+            !file_has(&dir, "73194682"),
+            "a desired/written code in clear"
+        );
+        assert!(!file_has(&dir, "58203917"), "an observed code in clear");
+        assert!(!dir.join(crate::seal::DEV_KEY_FILE).exists());
+        let again = Journal::open_with_key(&dir, key()).expect("reopen");
+        assert_eq!(
+            again.devices["sites/s/devices/d"].written[&3].pin,
+            "73194682"
+        );
+        assert_eq!(again.key_id(), Some(key().id()));
+        drop(again);
+
+        // Another key: refused, naming both ids, not read as garbage.
+        let other = JournalKey::random().expect("key");
+        let err = Journal::open_with_key(&dir, other).expect_err("other key");
+        assert!(matches!(err, JournalError::OtherKey { .. }), "{err}");
+        assert!(err.to_string().contains(key().id()), "{err}");
+
+        // A sealed row moved to another slot does not open.
+        {
+            let db = redb::Database::create(dir.join("journal.redb")).expect("db");
+            let txn = db.begin_write().expect("txn");
+            {
+                let mut t = txn.open_table(SLOTS).expect("slots");
+                let row = t
+                    .get(("sites/s/devices/d", WRITTEN, 3))
+                    .expect("get")
+                    .expect("row")
+                    .value()
+                    .to_vec();
+                t.insert(("sites/s/devices/d", WRITTEN, 4), row.as_slice())
+                    .expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let err = Journal::open_with_key(&dir, key()).expect_err("moved row");
+        assert!(
+            matches!(err, JournalError::Unsealable { slot: 4, .. }),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("73194682"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&key_file);
+    }
+
+    #[test]
+    fn a_journal_of_clear_rows_is_rewritten_sealed() {
+        let dir = temp("clear");
+        std::fs::create_dir_all(&dir).expect("dir");
+        // What an agent before sealing left: JSON rows, no key row.
+        {
+            let db = redb::Database::create(dir.join("journal.redb")).expect("db");
+            let txn = db.begin_write().expect("txn");
+            {
+                let meta = serde_json::to_vec(&Meta {
+                    revision: 9,
+                    time_zone: String::new(),
+                    lockdown: false,
+                })
+                .expect("json");
+                txn.open_table(META)
+                    .expect("meta")
+                    .insert("site", meta.as_slice())
+                    .expect("insert");
+                let d = DeviceJournal {
+                    model: "m".into(),
+                    ..DeviceJournal::default()
+                };
+                let header = serde_json::to_vec(&Header::of(&d)).expect("json");
+                txn.open_table(DEVICES)
+                    .expect("devices")
+                    .insert("d", header.as_slice())
+                    .expect("insert");
+                let row = serde_json::to_vec(&code("64920531")).expect("json");
+                txn.open_table(SLOTS)
+                    .expect("slots")
+                    .insert(("d", WRITTEN, 2), row.as_slice())
+                    .expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        assert!(file_has(&dir, "64920531"));
+        let key = JournalKey::random().expect("key");
+        let id = key.id().to_owned();
+        let j = Journal::open_with_key(&dir, key).expect("migrate");
+        assert_eq!(j.revision, 9);
+        assert_eq!(j.devices["d"].written[&2].pin, "64920531");
+        assert_eq!(j.key_id(), Some(id.as_str()));
+        drop(j);
+        assert!(!file_has(&dir, "64920531"), "no clear page survives");
+        assert!(!dir.join("journal.redb.new").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -18,6 +18,7 @@ pub mod intake;
 pub mod journal;
 mod reconcile;
 mod reports;
+pub mod seal;
 
 pub use device::Pacing;
 pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
@@ -54,6 +55,10 @@ pub struct AgentConfig {
     pub token: String,
     /// Directory of the journal.
     pub state_dir: PathBuf,
+    /// File holding the key the journal is sealed under (64 hex digits, mode 0400 or
+    /// 0600), placed by the installer apart from the state directory. Without it the
+    /// key is the enrollment key's ([`seal`]).
+    pub journal_key_file: Option<PathBuf>,
     /// Re-check every device this often even without news.
     pub reconcile_every: Duration,
     /// Read panels' event logs this often.
@@ -113,6 +118,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("token", &"<redacted>")
             .field("state_dir", &self.state_dir)
             .field("pacing", &self.pacing)
+            .field("journal_key_file", &self.journal_key_file)
             .finish_non_exhaustive()
     }
 }
@@ -129,14 +135,24 @@ impl AgentConfig {
             return Err(config::ConfigError::EnrollmentNeedsTls);
         }
         self.site = config::site_name(&self.site)?;
+        let enrolled = self.state_dir.join("identity/agent.json").exists();
         if self.token.is_empty() {
-            let enrolled = self.state_dir.join("identity/agent.json").exists();
             if self.enrollment_code_file.is_none() && !enrolled {
                 return Err(config::ConfigError::NoIdentity);
             }
-            return Ok(());
+        } else {
+            config::token(&self.token)?;
         }
-        config::token(&self.token)
+        // Never fail open: a journal of PINs needs a key from somewhere but beside
+        // it, except against a keyplaned on this machine (development).
+        if self.journal_key_file.is_none()
+            && !enrolled
+            && self.enrollment_code_file.is_none()
+            && !config::is_loopback_url(&self.server)
+        {
+            return Err(config::ConfigError::NoJournalKey);
+        }
+        Ok(())
     }
 
     /// A config with the default reconcile period.
@@ -153,6 +169,7 @@ impl AgentConfig {
             site: site.into(),
             token: token.into(),
             state_dir: state_dir.into(),
+            journal_key_file: None,
             // Cheap when nothing changed; also how schedules open and close on time.
             reconcile_every: Duration::from_secs(1),
             event_poll: Duration::from_millis(200),
@@ -185,14 +202,18 @@ pub async fn run(
         observe_every: config.observe_every,
         pacing: config.pacing,
     };
+    let Some(key) = journal_key(&config, &shutdown).await? else {
+        return Ok(());
+    };
+    let journal = journal::Journal::open_with_key(&config.state_dir, key)?;
     let mut agent = Agent::open_with(
-        &config.state_dir,
+        journal,
         factory,
         config.clock.clone(),
         settings,
         config.passes.clone(),
         config.event_polls.clone(),
-    )?;
+    );
     // The devices follow the journal from now on, connected or not.
     agent.start_devices();
     let result = stay_connected(&config, &mut agent, &shutdown).await;
@@ -253,6 +274,58 @@ async fn stay_connected(
             }
         }
     }
+}
+
+/// The key the journal is sealed under (see [`seal`]): `--journal-key-file`; else
+/// the enrollment key's; else, for an agent about to enroll, the enrollment key's once
+/// it has enrolled (there is nothing to enforce before: the journal is empty until
+/// keyplaned sends the site's table); else, with a loopback keyplaned only, the
+/// development key beside the journal. None when shut down while enrolling.
+async fn journal_key(
+    config: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<seal::JournalKey>> {
+    if let Some(file) = &config.journal_key_file {
+        return Ok(Some(seal::JournalKey::from_key_file(file)?));
+    }
+    if let Some(id) = identity::load(&config.state_dir)? {
+        return Ok(Some(seal::JournalKey::from_identity(
+            &config.state_dir,
+            &id.key_pem,
+        )?));
+    }
+    if let Some(file) = &config.enrollment_code_file {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            match enroll(config, file).await {
+                Ok(id) => {
+                    return Ok(Some(seal::JournalKey::from_identity(
+                        &config.state_dir,
+                        &id.key_pem,
+                    )?));
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    let (_, text) = describe(&e, config, delay);
+                    tracing::error!("enrolling before the journal is opened: {text}");
+                    tokio::select! {
+                        // cancel-safe: a token.
+                        _ = shutdown.cancelled() => return Ok(None),
+                        // cancel-safe: a timer.
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+    if config::is_loopback_url(&config.server) {
+        tracing::warn!(
+            "the journal's key is kept beside it ({}): development only; pass --journal-key-file or enroll the agent",
+            config.state_dir.join(seal::DEV_KEY_FILE).display()
+        );
+        return Ok(Some(seal::JournalKey::development(&config.state_dir)?));
+    }
+    Err(seal::SealError::NoKey.into())
 }
 
 /// Why a session ended, sorted by what the operator has to do about it.
@@ -687,6 +760,24 @@ mod tests {
         for mut c in [bare_site, dealer_token, https] {
             assert!(c.check().is_err());
         }
+    }
+
+    #[test]
+    fn a_remote_agent_needs_a_journal_key_that_is_not_beside_the_journal() {
+        let mut remote = config();
+        remote.server = "https://keyplaned.example:50051".into();
+        remote.server_ca_file = Some("/nonexistent/ca.crt".into());
+        assert_eq!(remote.check(), Err(config::ConfigError::NoJournalKey));
+        let msg = config::ConfigError::NoJournalKey.to_string();
+        assert!(msg.contains("--journal-key-file"), "{msg}");
+        let mut keyed = remote.clone();
+        keyed.journal_key_file = Some("/etc/keyplane/journal.key".into());
+        assert_eq!(keyed.check(), Ok(()));
+        let mut enrolling = remote;
+        enrolling.enrollment_code_file = Some("/nonexistent/code".into());
+        assert_eq!(enrolling.check(), Ok(()));
+        // Development: a keyplaned on this machine.
+        assert_eq!(config().check(), Ok(()));
     }
 
     #[test]

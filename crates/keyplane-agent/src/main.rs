@@ -49,6 +49,11 @@ struct Cli {
         default_value = "keyplane-agent-state"
     )]
     state_dir: PathBuf,
+    /// File holding the key the journal is sealed under (64 hex digits, mode 0400 or
+    /// 0600, kept apart from --state-dir). Without it an enrolled agent seals the
+    /// journal under a key derived from its enrollment key.
+    #[arg(long, env = "KEYPLANE_JOURNAL_KEY_FILE")]
+    journal_key_file: Option<PathBuf>,
     /// Directory of simulated devices: every site device not named by --zwave-node
     /// is simulated there.
     #[arg(long, env = "KEYPLANE_SIM_DIR")]
@@ -238,6 +243,7 @@ async fn main() -> anyhow::Result<()> {
     };
     config.server_ca_file = cli.server_ca_file;
     config.enrollment_code_file = cli.enrollment_code_file;
+    config.journal_key_file = cli.journal_key_file;
     if let Err(e) = config.check() {
         // Arguments that can never work: say so and stop, like clap does.
         complain(&format!("keyplane-agent: error: {e}"));

@@ -271,14 +271,28 @@ impl Drop for Agent {
 }
 
 impl Agent {
-    /// Opens the journal in `state_dir`, with default periods and pacing.
+    /// Opens the journal in `state_dir` with the key found there
+    /// ([`Journal::open`]), with default periods and pacing.
     pub fn open(
         state_dir: &Path,
         factory: Box<dyn DriverFactory>,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Agent> {
+        Ok(Agent::with_journal(
+            Journal::open(state_dir)?,
+            factory,
+            clock,
+        ))
+    }
+
+    /// An agent following `journal`, with default periods and pacing.
+    pub fn with_journal(
+        journal: Journal,
+        factory: Box<dyn DriverFactory>,
+        clock: Arc<dyn Clock>,
+    ) -> Agent {
         Agent::open_with(
-            state_dir,
+            journal,
             factory,
             clock,
             Settings::default(),
@@ -287,18 +301,18 @@ impl Agent {
         )
     }
 
-    /// Opens the journal in `state_dir`; `passes` and `event_polls` count the
+    /// An agent following `journal`; `passes` and `event_polls` count the
     /// agent-wide passes and polls.
     pub(crate) fn open_with(
-        state_dir: &Path,
+        journal: Journal,
         factory: Box<dyn DriverFactory>,
         clock: Arc<dyn Clock>,
         settings: Settings,
         passes: crate::PassCounter,
         event_polls: crate::PassCounter,
-    ) -> anyhow::Result<Agent> {
+    ) -> Agent {
         let shared = Arc::new(Shared {
-            journal: Mutex::new(Journal::open(state_dir)?),
+            journal: Mutex::new(journal),
             factory,
             clock,
             settings,
@@ -306,12 +320,12 @@ impl Agent {
             constraints: Mutex::new(HashMap::new()),
         });
         let (outbound, _) = watch::channel(None);
-        Ok(Agent {
+        Agent {
             shared,
             workers: HashMap::new(),
             outbound,
             cancel: CancellationToken::new(),
-        })
+        }
     }
 
     /// The journaled site revision.
