@@ -193,6 +193,12 @@ async fn another_dealers_token_finds_nothing_and_changes_nothing() -> anyhow::Re
         })
     );
     call!(
+        "EraseUser",
+        b.erase_user(pb::EraseUserRequest {
+            name: named(&alice)
+        })
+    );
+    call!(
         "CreateCredential",
         b.create_credential(pb::CreateCredentialRequest {
             parent: named(&alice),

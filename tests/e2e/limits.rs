@@ -132,3 +132,90 @@ async fn oversized_or_repeated_observed_slots_are_refused() -> anyhow::Result<()
     assert_eq!(stored, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn every_string_and_list_is_bounded_by_name_and_calls_have_deadlines() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let site = s.site.clone();
+    let before = crate::bad_input::fingerprint_with(&s, false).await?;
+    let too_many_paths = s
+        .admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: site.clone(),
+                display_name: "Renamed".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into(); 17],
+            }),
+        })
+        .await
+        .expect_err("17 paths");
+    let long_name = s
+        .admin
+        .create_user(pb::CreateUserRequest {
+            parent: site.clone(),
+            user: Some(pb::User {
+                display_name: "a".repeat(201),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("201 characters");
+    let long_parent = s
+        .admin
+        .list_users(pb::ListUsersRequest {
+            parent: format!("{site}{}", "x".repeat(300)),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a 300-character parent");
+    for (err, want) in [
+        (
+            too_many_paths,
+            "update_mask.paths has too many items: at most 16",
+        ),
+        (
+            long_name,
+            "user.display_name is too long: at most 200 characters",
+        ),
+        (long_parent, "parent is too long: at most 256 characters"),
+    ] {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(want), "{}", err.message());
+    }
+    // A slot the device does not have.
+    let err = s
+        .admin
+        .remove_local_code(pb::RemoveLocalCodeRequest {
+            name: format!("{}/localCodes/9999", s.lock.name),
+        })
+        .await
+        .expect_err("no slot 9999 on a 30-slot lock");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("slot 9999 is not a slot of this device"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        crate::bad_input::fingerprint_with(&s, false).await? == before,
+        "refused requests change nothing"
+    );
+    // The client's deadline is honoured: one that has passed before the server can
+    // answer ends the call.
+    let mut late = tonic::Request::new(pb::ListAuditLogRequest {
+        parent: "sites/-".into(),
+        ..Default::default()
+    });
+    late.set_timeout(std::time::Duration::from_nanos(1));
+    let err = s.admin.list_audit_log(late).await.expect_err("deadline");
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    Ok(())
+}

@@ -26,6 +26,7 @@ mod race;
 mod readme;
 mod redaction;
 mod restart;
+mod retention;
 mod round_trips;
 mod schedules;
 mod seed000;

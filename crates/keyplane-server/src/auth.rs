@@ -118,12 +118,26 @@ pub async fn dealer(
         Some((site, user)) => format!("dealer:{dealer} as sites/{site}/users/{user}"),
         None => format!("dealer:{dealer}"),
     };
+    let request_id = match header(headers, REQUEST_ID)? {
+        Some(id) if !id.is_empty() => {
+            if id.len() > MAX_REQUEST_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Status::invalid_argument(format!(
+                    "{REQUEST_ID} header must be 1 to {MAX_REQUEST_ID} visible ASCII characters"
+                )));
+            }
+            id
+        }
+        // None given: one of our own, so every audit record names its call.
+        _ => uuid::Uuid::new_v4().to_string(),
+    };
     let actor = Actor {
         dealer,
         principal,
         peer: peer.map(|a| a.to_string()),
         acting_user,
         acting_partition,
+        acting_as: acting_user.map(|(site, user)| format!("sites/{site}/users/{user}")),
+        request_id: Some(request_id),
     };
     // Every call, whether or not it uses the acting user's levels, refuses a user
     // claiming to act from a partition they do not hold: here, or in the store's load.
@@ -140,6 +154,15 @@ pub fn actor<T>(request: &Request<T>) -> Result<Actor, Status> {
         Status::internal("internal error; the server logged the details")
     })
 }
+
+/// The AdminService method a call is for (set by [`DealerAuthLayer`]).
+#[derive(Debug, Clone)]
+pub struct AdminMethod(pub String);
+
+/// Metadata carrying the caller's id for this call (recorded in the audit log).
+pub const REQUEST_ID: &str = "x-request-id";
+/// The longest request id accepted.
+pub const MAX_REQUEST_ID: usize = 128;
 
 /// Metadata naming the site user who acts through the back office.
 pub const ACTING_USER: &str = "keyplane-acting-user";
@@ -350,6 +373,11 @@ where
             match dealer(&store, &path, request.headers(), peer).await {
                 Ok(actor) => {
                     request.extensions_mut().insert(actor);
+                    if let Some(method) = path.strip_prefix("/keyplane.v1.AdminService/") {
+                        request
+                            .extensions_mut()
+                            .insert(AdminMethod(method.to_owned()));
+                    }
                     inner.call(request).await
                 }
                 Err(status) => {

@@ -17,12 +17,14 @@ pub mod demo;
 pub mod error;
 pub mod fields;
 pub mod hub;
+pub mod limits;
 pub mod mask;
 pub mod page;
 pub mod pki;
 pub mod reports;
 pub mod resources;
 pub mod shutdown;
+pub mod retention;
 pub mod status;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
@@ -42,6 +44,9 @@ pub const MAX_ADMIN_MESSAGE: usize = 1024 * 1024;
 /// The largest agent stream message decoded: an ObservedSlots of the largest panel
 /// (a few hundred slots, each a few dozen bytes) fits many times over.
 pub const MAX_AGENT_MESSAGE: usize = 256 * 1024;
+
+/// The deadline of a call whose client names none (or a longer one).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Everything `serve` needs. Debug shows no password of the database URL.
 #[derive(Clone)]
@@ -74,6 +79,13 @@ pub struct Config {
     /// How long in-flight calls may take to finish once shutdown begins; streams end
     /// at once with UNAVAILABLE, and connections still open after it are dropped.
     pub shutdown_grace: Duration,
+    /// How often events and audit records past their dealer's retention period are
+    /// deleted ([`retention`]). Zero: never.
+    pub retention_interval: Duration,
+    /// Rows per retention batch.
+    pub retention_batch: i64,
+    /// What the retention sweep has done (shared with whoever holds a clone).
+    pub retention_progress: retention::RetentionProgress,
 }
 
 impl std::fmt::Debug for Config {
@@ -89,6 +101,8 @@ impl std::fmt::Debug for Config {
             .field("ca", &self.ca)
             .field("status_interval", &self.status_interval)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("retention_interval", &self.retention_interval)
+            .field("retention_batch", &self.retention_batch)
             .finish()
     }
 }
@@ -145,6 +159,9 @@ impl Config {
             ca: None,
             status_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            retention_interval: Duration::from_secs(3600),
+            retention_batch: retention::RETENTION_BATCH,
+            retention_progress: retention::RetentionProgress::default(),
         }
     }
 }
@@ -164,7 +181,10 @@ pub async fn serve(
              or listen on a loopback address (127.0.0.1, [::1]) for local development"
         );
     }
-    let mut server = tonic::transport::Server::builder();
+    // A deadline on every call (a client's shorter grpc-timeout wins): a handler
+    // stuck on a lock or a slow query gives its connection back. Streams are bounded
+    // only until their response starts.
+    let mut server = tonic::transport::Server::builder().timeout(DEFAULT_DEADLINE);
     if let Some(tls) = &config.tls {
         let mut tls_config = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
@@ -200,6 +220,16 @@ pub async fn serve(
             store.clone(),
             bell.clone(),
             config.status_interval,
+            shutdown.clone(),
+        ))
+    });
+
+    let retainer = (!config.retention_interval.is_zero()).then(|| {
+        tokio::spawn(retention::sweep(
+            store.clone(),
+            config.retention_interval,
+            config.retention_batch,
+            config.retention_progress.clone(),
             shutdown.clone(),
         ))
     });
@@ -265,6 +295,9 @@ pub async fn serve(
     poller.abort();
     if let Some(sweeper) = sweeper {
         sweeper.abort();
+    }
+    if let Some(retainer) = retainer {
+        retainer.abort();
     }
     store.close();
     tracing::info!("keyplaned stopped");

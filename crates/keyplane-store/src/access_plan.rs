@@ -432,6 +432,8 @@ async fn plan_write_audited_in_txn(
             &action,
             &name,
             &actor.peer,
+            &actor.acting_as,
+            &actor.request_id,
         ],
     ));
     steps.push((read_sql.as_str(), params![&site, &id]));
@@ -443,9 +445,9 @@ async fn plan_write_audited_in_txn(
     access_plan_from_row(site, row)
 }
 
-const AUDIT_EMPTY_SQL: &str =
-    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
-     VALUES ($1, $2, $3, $4, $5, $6, '{}'::jsonb)";
+const AUDIT_EMPTY_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id)
+     VALUES ($1, $2, $3, $4, $5, $6, '{}'::jsonb, $7, $8)";
 
 impl Store {
     /// Creates a standard access plan.
@@ -601,6 +603,8 @@ impl Store {
                         &action,
                         &name,
                         &actor.peer,
+                        &actor.acting_as,
+                        &actor.request_id,
                     ],
                 ),
             ];

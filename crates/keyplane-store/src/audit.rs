@@ -22,6 +22,14 @@ pub struct AuditRecord {
     pub peer: Option<String>,
     /// Details as JSON text (never a PIN).
     pub detail: String,
+    /// The site user acted as (`sites/{site}/users/{user}`), if any.
+    pub acting_user: Option<String>,
+    /// The call's request id, when recorded.
+    pub request_id: Option<String>,
+    /// The resource before the change, as JSON text (never a PIN), when recorded.
+    pub before: Option<String>,
+    /// The resource after the change, as JSON text (never a PIN), when recorded.
+    pub after: Option<String>,
     /// When.
     pub create_time: DateTime<Utc>,
 }
@@ -56,7 +64,8 @@ impl Store {
             }
             let rows = tx
                 .query(
-                    "SELECT id, site_id, actor, action, resource, peer, detail::text, create_time
+                    "SELECT id, site_id, actor, action, resource, peer, detail::text, create_time,
+                            acting_user, request_id, before::text, after::text
                      FROM audit_log
                      WHERE dealer_id = $1 AND ($2::uuid IS NULL OR site_id = $2)
                        AND ($3::text IS NULL OR actor = $3)
@@ -88,6 +97,10 @@ impl Store {
                     peer: r.get(5),
                     detail: r.get(6),
                     create_time: r.get(7),
+                    acting_user: r.get(8),
+                    request_id: r.get(9),
+                    before: r.get(10),
+                    after: r.get(11),
                 })
                 .collect())
         })

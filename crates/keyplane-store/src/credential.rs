@@ -785,7 +785,7 @@ impl Store {
                         Some(k) => Pg::execute(&tx, &s_remember, &[&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name]).await,
                     }
                 },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user, &id]).await },
             );
             inserted?;
@@ -968,7 +968,7 @@ impl Store {
                 async { if new_scope { Pg::execute(&tx, &s_part, &[&site, &credential, &partitions_param(&scope)]).await } else { Ok(0) } },
                 async { if new_scope { Pg::execute(&tx, &s_dev, &[&site, &credential, &devices_param(&scope)]).await } else { Ok(0) } },
                 async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &pin_hash, &slots.rekeyed, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user, &credential]).await },
             );
             updated?;
@@ -1048,7 +1048,7 @@ impl Store {
                 biased;
                 async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints, &no_ints, &empty, &no_ints, &force]).await },
                 async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
             );
             freed?;
             deleted?;

@@ -140,6 +140,8 @@ async fn credential_use_in_txn(
             peer: None,
             acting_user: None,
             acting_partition: None,
+            acting_as: None,
+            request_id: None,
         };
         crate::credential::credential_delete_in_txn(tx, &actor, site, user, credential).await?;
     }

@@ -27,6 +27,7 @@ mod migrate;
 mod observed;
 mod partition;
 mod plan;
+mod retention;
 mod rotate;
 mod rules;
 mod site;
@@ -47,6 +48,10 @@ pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use plan::{PersonalPlan, PlanPatch};
+pub use retention::{
+    AUDIT_RETENTION_DEFAULT, EVENT_RETENTION_DEFAULT, Erased, RETENTION_MAX, RETENTION_MIN,
+    Retention, Swept,
+};
 pub use rotate::RotationReport;
 pub use status::{
     AssignmentFacts, DeviceFindings, EvaluatedSlot, Held, SlotStatusFacts, StatusEvent,

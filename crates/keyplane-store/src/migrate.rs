@@ -62,6 +62,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0013_slot_status_history.sql"),
     ),
     (
+        15,
+        "retention_audit",
+        include_str!("../migrations/0015_retention_audit.sql"),
+    ),
+    (
         16,
         "event_order",
         include_str!("../migrations/0016_event_order.sql"),

@@ -262,6 +262,7 @@ impl Store {
                 .iter()
                 .find(|d| d.id == device)
                 .ok_or_else(|| device_not_found(site, device))?;
+            slot_check(d.model, slot)?;
             let local = loaded.extra[0]
                 .first()
                 .ok_or_else(|| local_not_found(site, device, slot))?;
@@ -341,6 +342,7 @@ impl Store {
                 .iter()
                 .find(|d| d.id == device)
                 .ok_or_else(|| device_not_found(site, device))?;
+            slot_check(d.model, slot)?;
             let local = loaded.extra[0]
                 .first()
                 .ok_or_else(|| local_not_found(site, device, slot))?;
@@ -688,6 +690,18 @@ fn read_back(
 
 fn device_not_found(site: Uuid, device: Uuid) -> StoreError {
     StoreError::NotFound(format!("device sites/{site}/devices/{device}"))
+}
+
+/// Refuses a slot number the device does not have (issue 13: slot numbers are
+/// checked against the device, not only looked up).
+fn slot_check(model: &keyplane_core::DeviceModel, slot: u16) -> Result<(), StoreError> {
+    if slot < model.first_slot || slot > model.last_slot {
+        return Err(StoreError::InvalidArgument(format!(
+            "slot {slot} is not a slot of this device: a {} has slots {} to {}",
+            model.id, model.first_slot, model.last_slot
+        )));
+    }
+    Ok(())
 }
 
 fn local_not_found(site: Uuid, device: Uuid, slot: u16) -> StoreError {

@@ -157,7 +157,7 @@ async fn plan_write_in_txn(
         async { Pg::execute(tx, &s_delete, &[&site, &user]).await },
         async { Pg::execute(tx, &s_insert, &[&site, &user, &access_points]).await },
         async { Pg::execute(tx, &s_changed, &[&site, &user, &kinds]).await },
-        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail]).await },
+        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
         async { Pg::query_one(tx, &s_get, &[&site, &user]).await },
     );
     updated?;

@@ -133,6 +133,40 @@ pub(crate) async fn audit_in_txn(
             &resource,
             &actor.peer,
             &detail,
+            &actor.acting_as,
+            &actor.request_id,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Appends to the audit log with the resource's values before and after the change.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn audit_full(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    site: Option<Uuid>,
+    action: &str,
+    resource: &str,
+    detail: serde_json::Value,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        AUDIT_FULL_SQL,
+        &[
+            &actor.dealer,
+            &site,
+            &actor.principal,
+            &action,
+            &resource,
+            &actor.peer,
+            &detail,
+            &actor.acting_as,
+            &actor.request_id,
+            &before,
+            &after,
         ],
     )
     .await?;
@@ -190,9 +224,15 @@ pub(crate) fn replayed_id(resource: &str) -> Result<Uuid, StoreError> {
 }
 
 /// Appends to the audit log (dealer, site, actor, action, resource, peer, detail).
-pub(crate) const AUDIT_SQL: &str =
-    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+pub(crate) const AUDIT_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// An audit row with the resource before and after the change (never a PIN):
+/// [`AUDIT_SQL`]'s parameters, then `$10` before and `$11` after.
+pub(crate) const AUDIT_FULL_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 /// Remembers an idempotency key (dealer, request id, method, fingerprint, resource).
 pub(crate) const REMEMBER_INSERT_SQL: &str =
@@ -244,6 +284,8 @@ pub(crate) struct AuditParams {
     resource: String,
     peer: Option<String>,
     detail: serde_json::Value,
+    acting_as: Option<String>,
+    request_id: Option<String>,
 }
 
 impl AuditParams {
@@ -262,6 +304,8 @@ impl AuditParams {
             resource: resource.to_owned(),
             peer: actor.peer.clone(),
             detail,
+            acting_as: actor.acting_as.clone(),
+            request_id: actor.request_id.clone(),
         }
     }
 
@@ -277,6 +321,8 @@ impl AuditParams {
                 &self.resource,
                 &self.peer,
                 &self.detail,
+                &self.acting_as,
+                &self.request_id,
             ],
         )
     }
@@ -443,6 +489,8 @@ pub(crate) fn policy_actor(dealer: Uuid) -> Actor {
         peer: None,
         acting_user: None,
         acting_partition: None,
+        acting_as: None,
+        request_id: None,
     }
 }
 

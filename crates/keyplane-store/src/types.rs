@@ -45,6 +45,10 @@ pub struct Actor {
     pub acting_user: Option<(Uuid, Uuid)>,
     /// The partition the actor acts from, when named.
     pub acting_partition: Option<u8>,
+    /// The acting user's resource name (`sites/{site}/users/{user}`), for the audit log.
+    pub acting_as: Option<String>,
+    /// The call's request id (the client's `x-request-id`, or one keyplaned made).
+    pub request_id: Option<String>,
 }
 
 /// An idempotency key of a create request.

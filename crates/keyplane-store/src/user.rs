@@ -3,7 +3,9 @@
 use crate::Cached;
 use crate::authority::{USER_COLUMNS, actor_from_loaded, denied, user_from_row, user_get_in_txn};
 use crate::credential::{LoadRequest, code_facts, load_in_txn};
-use crate::site::{AUDIT_SQL, etag_check, replayed_id, site_get_in_txn, user_slots_changed_sql};
+use crate::site::{
+    AUDIT_FULL_SQL, etag_check, replayed_id, site_get_in_txn, user_slots_changed_sql,
+};
 use crate::{Actor, NewUser, PageRequest, RequestKey, Store, StoreError, User, UserPatch, in_txn};
 use keyplane_core::authority::{self as rules, Authorities, open_close_for_new_user};
 use tokio_postgres::Transaction as Pg;
@@ -59,6 +61,21 @@ fn authorities_params(authorities: &Authorities) -> (Vec<i16>, Vec<i16>) {
         .unzip()
 }
 
+/// A user as the audit log records it before or after a change (never a PIN; the
+/// display name is replaced when the person is erased).
+fn user_audit_json(
+    display_name: &str,
+    authorities: &Authorities,
+    open_close_reporting: bool,
+) -> serde_json::Value {
+    let levels: Vec<(u8, i32)> = authorities.iter().map(|(p, l)| (*p, l.number())).collect();
+    serde_json::json!({
+        "display_name": display_name,
+        "levels": levels,
+        "open_close_reporting": open_close_reporting,
+    })
+}
+
 impl Store {
     /// Creates a user with levels the actor may grant.
     pub async fn user_create(
@@ -97,6 +114,12 @@ impl Store {
                 .map(|(p, l)| (*p, l.number()))
                 .collect();
             let detail = serde_json::json!({ "levels": levels });
+            let after = Some(user_audit_json(
+                &new.display_name,
+                &new.authorities,
+                open_close,
+            ));
+            let before: Option<serde_json::Value> = None;
             let (partitions, level_numbers) = authorities_params(&new.authorities);
             let get_sql = format!(
                 "SELECT {USER_COLUMNS} FROM site_user u WHERE u.site_id = $1 AND u.id = $2"
@@ -110,7 +133,7 @@ impl Store {
                     "INSERT INTO personal_access_plan (site_id, user_id) VALUES ($1, $2)"
                 ),
                 tx.prepare_cached(REMEMBER_SQL),
-                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(AUDIT_FULL_SQL),
                 tx.prepare_cached(&get_sql),
             )?;
             let (inserted, levels_written, planned, remembered, audited, read) = tokio::join!(
@@ -124,7 +147,7 @@ impl Store {
                         Some(k) => Pg::execute(&tx, &s_remember, &[&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name]).await,
                     }
                 },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"user.create", &name, &actor.peer, &detail]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"user.create", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &id]).await },
             );
             inserted?;
@@ -233,6 +256,21 @@ impl Store {
                 "levels": patch.authorities.as_ref().map(|a| a.iter().map(|(p, l)| (*p, l.number())).collect::<Vec<_>>()),
                 "open_close_reporting": patch.open_close_reporting,
             });
+            let before = Some(user_audit_json(
+                &current.display_name,
+                &current.authorities,
+                current.open_close_reporting,
+            ));
+            let after = Some(user_audit_json(
+                patch
+                    .display_name
+                    .as_deref()
+                    .unwrap_or(&current.display_name),
+                patch.authorities.as_ref().unwrap_or(&current.authorities),
+                patch
+                    .open_close_reporting
+                    .unwrap_or(current.open_close_reporting),
+            ));
             let (partitions, levels) = patch
                 .authorities
                 .as_ref()
@@ -255,7 +293,7 @@ impl Store {
                 ),
                 tx.prepare_cached(&reporting_sql),
                 tx.prepare_cached(&levels_sql),
-                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(AUDIT_FULL_SQL),
                 tx.prepare_cached(&get_sql),
             )?;
             let new_levels = patch.authorities.is_some();
@@ -272,7 +310,7 @@ impl Store {
                         Ok(0)
                     }
                 },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"user.update", &name, &actor.peer, &detail]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"user.update", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user]).await },
             );
             deleted?;
@@ -294,88 +332,110 @@ impl Store {
         etag: &str,
     ) -> Result<(), StoreError> {
         in_txn!(self, "user_delete", |tx| {
-            let loaded = load_in_txn(
-                &tx,
-                actor,
-                site,
-                LoadRequest {
-                    user,
-                    user_row: true,
-                    codes: true,
-                    ..LoadRequest::default()
-                },
-            )
-            .await?;
-            // keyplane's own users are not deleted through the user API.
-            let current = loaded
-                .user_row
-                .as_ref()
-                .filter(|u| !u.system)
-                .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
-            let name = format!("sites/{site}/users/{user}");
-            etag_check(&format!("user {name}"), etag, current.version)?;
-            let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
-            let is_self = acting.is_some_and(|a| a.id == user);
-            let codes: Vec<_> = loaded
-                .codes
-                .iter()
-                .map(|c| code_facts(c, &loaded.devices))
-                .collect();
-            who.check_user_delete(
-                &current.authorities,
-                &codes,
-                actor.acting_partition,
-                is_self,
-            )
-            .map_err(denied)?;
-            // Each code's deletion is audited as if deleted alone.
-            let ids: Vec<Uuid> = loaded.codes.iter().map(|c| c.id).collect();
-            let names: Vec<String> = loaded
-                .codes
-                .iter()
-                .map(|c| format!("sites/{site}/users/{user}/credentials/{}", c.id))
-                .collect();
-            let details: Vec<serde_json::Value> = loaded
-                .codes
-                .iter()
-                .map(|c| serde_json::json!({ "slots_freed": c.slots.len() }))
-                .collect();
-            let (s_slots, s_codes, s_code_audit, s_user, s_audit) = tokio::try_join!(
-                tx.prepare_cached(
-                    "WITH freed AS (
-                        DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = ANY($2::uuid[])
-                        RETURNING device_id, slot
-                     ), head AS (
-                        UPDATE site SET revision = revision + 1
-                         WHERE id = $1 AND EXISTS (SELECT 1 FROM freed) RETURNING revision
-                     )
-                     INSERT INTO site_change (site_id, revision, device_id, slot)
-                     SELECT $1, head.revision, freed.device_id, freed.slot FROM head, freed
-                     ON CONFLICT DO NOTHING"
-                ),
-                tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = ANY($2::uuid[])"),
-                tx.prepare_cached(
-                    "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail)
-                     SELECT $1, $2, $3, 'credential.delete', r, $4, d FROM unnest($5::text[], $6::jsonb[]) AS a(r, d)"
-                ),
-                tx.prepare_cached("DELETE FROM site_user WHERE site_id = $1 AND id = $2"),
-                tx.prepare_cached(AUDIT_SQL),
-            )?;
-            let detail = serde_json::json!({});
-            let (freed, deleted, code_audits, user_deleted, audited) = tokio::join!(
-                biased;
-                async { Pg::execute(&tx, &s_slots, &[&site, &ids]).await },
-                async { Pg::execute(&tx, &s_codes, &[&site, &ids]).await },
-                async { Pg::execute(&tx, &s_code_audit, &[&actor.dealer, &Some(site), &actor.principal, &actor.peer, &names, &details]).await },
-                async { Pg::execute(&tx, &s_user, &[&site, &user]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"user.delete", &name, &actor.peer, &detail]).await },
-            );
-            freed?;
-            deleted?;
-            code_audits?;
-            user_deleted?;
-            audited?;
+            user_delete_in_txn(&tx, actor, site, user, Some(etag), "user.delete").await?;
             Ok(())
         })
     }
+}
+
+/// Deletes a user and every credential they hold, after the actor's checks (and the
+/// etag's, when given); audited as `action`. Returns the deleted credentials' ids.
+pub(crate) async fn user_delete_in_txn(
+    tx: &crate::Transaction<'_>,
+    actor: &Actor,
+    site: Uuid,
+    user: Uuid,
+    etag: Option<&str>,
+    action: &str,
+) -> Result<Vec<Uuid>, StoreError> {
+    let loaded = load_in_txn(
+        tx,
+        actor,
+        site,
+        LoadRequest {
+            user,
+            user_row: true,
+            codes: true,
+            ..LoadRequest::default()
+        },
+    )
+    .await?;
+    // keyplane's own users are neither deleted nor erased through the user API.
+    let current = loaded
+        .user_row
+        .as_ref()
+        .filter(|u| !u.system)
+        .ok_or_else(|| StoreError::NotFound(format!("user sites/{site}/users/{user}")))?;
+    let name = format!("sites/{site}/users/{user}");
+    if let Some(etag) = etag {
+        etag_check(&format!("user {name}"), etag, current.version)?;
+    }
+    let (who, acting) = actor_from_loaded(actor, site, &loaded.partitions, &loaded.users)?;
+    let is_self = acting.is_some_and(|a| a.id == user);
+    let codes: Vec<_> = loaded
+        .codes
+        .iter()
+        .map(|c| code_facts(c, &loaded.devices))
+        .collect();
+    who.check_user_delete(
+        &current.authorities,
+        &codes,
+        actor.acting_partition,
+        is_self,
+    )
+    .map_err(denied)?;
+    // Each code's deletion is audited as if deleted alone.
+    let ids: Vec<Uuid> = loaded.codes.iter().map(|c| c.id).collect();
+    let names: Vec<String> = loaded
+        .codes
+        .iter()
+        .map(|c| format!("sites/{site}/users/{user}/credentials/{}", c.id))
+        .collect();
+    let details: Vec<serde_json::Value> = loaded
+        .codes
+        .iter()
+        .map(|c| serde_json::json!({ "slots_freed": c.slots.len() }))
+        .collect();
+    let (s_slots, s_codes, s_code_audit, s_user, s_audit) = tokio::try_join!(
+        tx.prepare_cached(
+            "WITH freed AS (
+                DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = ANY($2::uuid[])
+                RETURNING device_id, slot
+             ), head AS (
+                UPDATE site SET revision = revision + 1
+                 WHERE id = $1 AND EXISTS (SELECT 1 FROM freed) RETURNING revision
+             )
+             INSERT INTO site_change (site_id, revision, device_id, slot)
+             SELECT $1, head.revision, freed.device_id, freed.slot FROM head, freed
+             ON CONFLICT DO NOTHING"
+        ),
+        tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = ANY($2::uuid[])"),
+        tx.prepare_cached(
+            "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id)
+             SELECT $1, $2, $3, 'credential.delete', r, $4, d, $7, $8 FROM unnest($5::text[], $6::jsonb[]) AS a(r, d)"
+        ),
+        tx.prepare_cached("DELETE FROM site_user WHERE site_id = $1 AND id = $2"),
+        tx.prepare_cached(AUDIT_FULL_SQL),
+    )?;
+    let detail = serde_json::json!({});
+    let before = Some(user_audit_json(
+        &current.display_name,
+        &current.authorities,
+        current.open_close_reporting,
+    ));
+    let after: Option<serde_json::Value> = None;
+    let (freed, deleted, code_audits, user_deleted, audited) = tokio::join!(
+        biased;
+        async { Pg::execute(tx, &s_slots, &[&site, &ids]).await },
+        async { Pg::execute(tx, &s_codes, &[&site, &ids]).await },
+        async { Pg::execute(tx, &s_code_audit, &[&actor.dealer, &Some(site), &actor.principal, &actor.peer, &names, &details, &actor.acting_as, &actor.request_id]).await },
+        async { Pg::execute(tx, &s_user, &[&site, &user]).await },
+        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
+    );
+    freed?;
+    deleted?;
+    code_audits?;
+    user_deleted?;
+    audited?;
+    Ok(ids)
 }

@@ -65,6 +65,8 @@ pub struct TestServer {
     key: PinKey,
     /// The CA and server certificate when it serves TLS.
     pub pki: Option<Arc<TestPki>>,
+    /// The retention sweep's progress (a pass every 100 ms; none on counted servers).
+    pub retention: keyplane_server::retention::RetentionProgress,
     shutdown: CancellationToken,
     handle: JoinHandle<anyhow::Result<()>>,
 }
@@ -252,6 +254,12 @@ impl TestServer {
         } else {
             Duration::from_millis(100)
         };
+        config.retention_interval = if counted {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        let retention = config.retention_progress.clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
         let store = Store::connect(&db.url, 4, key.clone())?;
@@ -266,6 +274,7 @@ impl TestServer {
             store,
             key,
             pki,
+            retention,
             shutdown,
             handle,
         })

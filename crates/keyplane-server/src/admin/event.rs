@@ -237,6 +237,10 @@ pub(super) async fn audit_list(
                 resource: r.resource.clone(),
                 peer: r.peer.clone().unwrap_or_default(),
                 detail_json: r.detail.clone(),
+                acting_user: r.acting_user.clone().unwrap_or_default(),
+                request_id: r.request_id.clone().unwrap_or_default(),
+                before_json: r.before.clone().unwrap_or_default(),
+                after_json: r.after.clone().unwrap_or_default(),
                 create_time: Some(prost_types::Timestamp::from(std::time::SystemTime::from(
                     r.create_time,
                 ))),

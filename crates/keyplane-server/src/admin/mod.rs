@@ -16,6 +16,7 @@ mod holiday;
 mod local;
 mod partition;
 mod plan;
+mod retention;
 mod site;
 mod token;
 mod user;
@@ -94,8 +95,11 @@ fn installer_only(actor: &store::Actor, what: &str) -> Result<(), Status> {
 }
 
 /// The dealer the auth layer authenticated for this call, and the call's body.
-fn dealer_call<T>(request: Request<T>) -> Result<(store::Actor, T), Status> {
+fn dealer_call<T: Message>(request: Request<T>) -> Result<(store::Actor, T), Status> {
     let actor = auth::actor(&request)?;
+    if let Some(method) = request.extensions().get::<auth::AdminMethod>() {
+        crate::limits::check(&method.0, request.get_ref())?;
+    }
     Ok((actor, request.into_inner()))
 }
 
@@ -458,5 +462,26 @@ impl AdminService for AdminApi {
         request: Request<pb::PullBackupCodeRequest>,
     ) -> Res<pb::Credential> {
         backup::pull(self, request).await
+    }
+
+    async fn get_retention_policy(
+        &self,
+        request: Request<pb::GetRetentionPolicyRequest>,
+    ) -> Res<pb::RetentionPolicy> {
+        retention::get(self, request).await
+    }
+
+    async fn update_retention_policy(
+        &self,
+        request: Request<pb::UpdateRetentionPolicyRequest>,
+    ) -> Res<pb::RetentionPolicy> {
+        retention::update(self, request).await
+    }
+
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Res<pb::EraseUserResponse> {
+        retention::erase_user(self, request).await
     }
 }
