@@ -50,11 +50,15 @@ pub enum EventKind {
     SlotIssueCleared,
     /// Slot status: Any other slot issue appeared.
     SlotIssueRaised,
+    /// The site agent's clock differs from keyplaned's beyond the threshold.
+    ClockSkew,
+    /// The site agent's clock is back within the threshold (or no longer reported).
+    ClockSkewCleared,
 }
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 21] = [
+    pub const ALL: [EventKind; 23] = [
         EventKind::Armed,
         EventKind::Disarmed,
         EventKind::ArmRefused,
@@ -76,6 +80,8 @@ impl EventKind {
         EventKind::WithheldOnDevice,
         EventKind::SlotIssueCleared,
         EventKind::SlotIssueRaised,
+        EventKind::ClockSkew,
+        EventKind::ClockSkewCleared,
     ];
 
     /// Stable lower-case name, as stored in the database.
@@ -102,6 +108,8 @@ impl EventKind {
             EventKind::WithheldOnDevice => "withheld_on_device",
             EventKind::SlotIssueCleared => "slot_issue_cleared",
             EventKind::SlotIssueRaised => "slot_issue_raised",
+            EventKind::ClockSkew => "clock_skew",
+            EventKind::ClockSkewCleared => "clock_skew_cleared",
         }
     }
 
@@ -257,6 +265,14 @@ mod tests {
                 false,
                 false,
                 "SlotIssueRaised",
+            ),
+            (K::ClockSkew, "clock_skew", false, false, "ClockSkew"),
+            (
+                K::ClockSkewCleared,
+                "clock_skew_cleared",
+                false,
+                false,
+                "ClockSkewCleared",
             ),
         ];
         assert_eq!(

@@ -7,6 +7,8 @@
 pub mod access;
 pub mod allocation;
 pub mod authority;
+pub mod clock;
+pub mod compat;
 pub mod config;
 pub mod constraints;
 pub mod credential;
