@@ -148,6 +148,8 @@ impl TryFrom<pb::EventKind> for EventKind {
             pb::EventKind::WithheldOnDevice => EventKind::WithheldOnDevice,
             pb::EventKind::SlotIssueCleared => EventKind::SlotIssueCleared,
             pb::EventKind::SlotIssueRaised => EventKind::SlotIssueRaised,
+            pb::EventKind::ClockSkew => EventKind::ClockSkew,
+            pb::EventKind::ClockSkewCleared => EventKind::ClockSkewCleared,
             pb::EventKind::Unspecified => {
                 return Err(UnknownValue {
                     what: "event kind",
@@ -182,6 +184,8 @@ impl From<EventKind> for pb::EventKind {
             EventKind::WithheldOnDevice => pb::EventKind::WithheldOnDevice,
             EventKind::SlotIssueCleared => pb::EventKind::SlotIssueCleared,
             EventKind::SlotIssueRaised => pb::EventKind::SlotIssueRaised,
+            EventKind::ClockSkew => pb::EventKind::ClockSkew,
+            EventKind::ClockSkewCleared => pb::EventKind::ClockSkewCleared,
         }
     }
 }

@@ -37,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+/// Response header of Sync: the agent protocol this server speaks.
+pub const PROTOCOL_HEADER: &str = "keyplane-protocol-version";
 /// How long an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Re-check the change log this often even without a wake-up.
@@ -50,6 +52,10 @@ pub struct AgentApi {
     bell: EventBell,
     shutdown: CancellationToken,
     ca: Option<Arc<crate::pki::CertAuthority>>,
+    /// Skew beyond which an agent's clock is flagged (issue 14).
+    clock_skew_threshold: Duration,
+    /// The oldest agent protocol served (`keyplane_core::compat`).
+    min_protocol: i32,
 }
 
 impl AgentApi {
@@ -67,6 +73,42 @@ impl AgentApi {
             bell,
             shutdown,
             ca,
+            clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
+            min_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
+        }
+    }
+
+    /// Sets the clock-skew threshold and the oldest agent protocol served.
+    pub fn with_policy(mut self, clock_skew_threshold: Duration, min_protocol: i32) -> Self {
+        self.clock_skew_threshold = clock_skew_threshold;
+        self.min_protocol = min_protocol;
+        self
+    }
+
+    /// Stores what the agent said about itself and its clock's skew; a skew flag
+    /// that changed is an event, so event watchers are woken. A failure here does not
+    /// refuse the agent: it is logged and the stream goes on.
+    async fn record_hello(&self, site: Uuid, hello: &pb::Hello, protocol: i32) {
+        let record = keyplane_store::AgentHello {
+            agent_version: hello.agent_version.clone(),
+            protocol_version: protocol,
+            tzdb_version: hello.tzdb_version.clone(),
+            agent_time: hello.agent_time.and_then(|t| SystemTime::try_from(t).ok()),
+        };
+        match self
+            .store
+            .agent_hello_record(site, &record, SystemTime::now(), self.clock_skew_threshold)
+            .await
+        {
+            Ok((check, change)) => {
+                if check.skewed() {
+                    tracing::warn!(%site, skew_ms = ?check.skew_ms(), "agent clock skewed beyond the threshold");
+                }
+                if change.is_some() {
+                    self.bell.ring();
+                }
+            }
+            Err(e) => tracing::warn!(%site, error = %e, "recording the agent's Hello failed"),
         }
     }
 
@@ -218,6 +260,22 @@ impl AgentService for AgentApi {
                 "hello.applied_revision must not be negative",
             ));
         }
+        let protocol = match keyplane_core::compat::check(hello.protocol_version, self.min_protocol)
+        {
+            keyplane_core::compat::Compat::TooOld { agent, min } => {
+                tracing::info!(%site, agent = ?principal, protocol = agent, version = %hello.agent_version, "agent refused: protocol too old");
+                return Err(Status::failed_precondition(
+                    keyplane_core::compat::too_old_message(agent, min),
+                ));
+            }
+            keyplane_core::compat::Compat::Newer(p) => {
+                tracing::info!(%site, protocol = p, "agent speaks a newer protocol; served with this server's");
+                p
+            }
+            keyplane_core::compat::Compat::Older(p) => p,
+            keyplane_core::compat::Compat::Current => keyplane_core::compat::PROTOCOL_VERSION,
+        };
+        self.record_hello(site, &hello, protocol).await;
         let wake = self.hub.subscribe(site);
         // Identifies this stream, so only the newest one marks the site disconnected.
         let session = Uuid::new_v4();
@@ -256,10 +314,15 @@ impl AgentService for AgentApi {
             shutdown: self.shutdown.clone(),
         };
         tokio::spawn(session.run(first, inbound, wake));
-        Ok(Response::new(Box::pin(crate::shutdown::until_shutdown(
-            rx,
-            self.shutdown.clone(),
-        ))))
+        let mut response: Response<Self::SyncStream> = Response::new(Box::pin(
+            crate::shutdown::until_shutdown(rx, self.shutdown.clone()),
+        ));
+        // A newer agent learns which protocol it is served with.
+        response.metadata_mut().insert(
+            PROTOCOL_HEADER,
+            tonic::metadata::MetadataValue::from(keyplane_core::compat::PROTOCOL_VERSION),
+        );
+        Ok(response)
     }
 
     async fn enroll(

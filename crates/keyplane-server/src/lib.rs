@@ -86,6 +86,11 @@ pub struct Config {
     pub retention_batch: i64,
     /// What the retention sweep has done (shared with whoever holds a clone).
     pub retention_progress: retention::RetentionProgress,
+    /// Skew between an agent's clock (reported in Hello) and keyplaned's beyond which
+    /// GetSyncStatus raises `clock_skew` (issue 14). 30 s unless configured.
+    pub clock_skew_threshold: Duration,
+    /// The oldest agent protocol served (`keyplane_core::compat`): N-1 unless raised.
+    pub min_agent_protocol: i32,
 }
 
 impl std::fmt::Debug for Config {
@@ -103,6 +108,8 @@ impl std::fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("retention_interval", &self.retention_interval)
             .field("retention_batch", &self.retention_batch)
+            .field("clock_skew_threshold", &self.clock_skew_threshold)
+            .field("min_agent_protocol", &self.min_agent_protocol)
             .finish()
     }
 }
@@ -162,6 +169,8 @@ impl Config {
             retention_interval: Duration::from_secs(3600),
             retention_batch: retention::RETENTION_BATCH,
             retention_progress: retention::RetentionProgress::default(),
+            clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
+            min_agent_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
         }
     }
 }
@@ -272,13 +281,16 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(
-            AgentServiceServer::new(agent::AgentApi::new(
-                store.clone(),
-                hub,
-                bell,
-                shutdown.clone(),
-                config.ca.clone(),
-            ))
+            AgentServiceServer::new(
+                agent::AgentApi::new(
+                    store.clone(),
+                    hub,
+                    bell,
+                    shutdown.clone(),
+                    config.ca.clone(),
+                )
+                .with_policy(config.clock_skew_threshold, config.min_agent_protocol),
+            )
             .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled());

@@ -47,6 +47,18 @@ enum Command {
         /// The CA certificate; defaults to ca.crt beside the CA key.
         #[arg(long, env = "KEYPLANE_CA_CERT_FILE")]
         ca_cert_file: Option<PathBuf>,
+        /// Skew between an agent's clock and this server's beyond which GetSyncStatus
+        /// raises `clock_skew` and an event is recorded (seconds).
+        #[arg(long, env = "KEYPLANE_CLOCK_SKEW_THRESHOLD_SECS", default_value_t = 30)]
+        clock_skew_threshold_secs: u64,
+        /// The oldest agent protocol served: the current one or the one before
+        /// (default). Older agents are refused with FAILED_PRECONDITION naming it.
+        #[arg(long, env = "KEYPLANE_MIN_AGENT_PROTOCOL",
+              default_value_t = keyplane_core::compat::MIN_PROTOCOL_VERSION,
+              value_parser = clap::value_parser!(i32).range(
+                  i64::from(keyplane_core::compat::MIN_PROTOCOL_VERSION)
+                      ..=i64::from(keyplane_core::compat::PROTOCOL_VERSION)))]
+        min_agent_protocol: i32,
     },
     /// Create the agent certificate authority in a new directory (mode 0700): ca.key
     /// (0600) and ca.crt, and with --server-name a server certificate signed by it
@@ -264,6 +276,8 @@ async fn main() -> anyhow::Result<()> {
             tls_key_file,
             ca_key_file,
             ca_cert_file,
+            clock_skew_threshold_secs,
+            min_agent_protocol,
         } => {
             // Hex keys only from the environment: argv is visible to every local user.
             let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
@@ -271,6 +285,9 @@ async fn main() -> anyhow::Result<()> {
             let mut config = keyplane_server::Config::new(database_url(&cli)?, key);
             config.max_connections = *max_connections;
             config.shutdown_grace = std::time::Duration::from_secs(*shutdown_grace_secs);
+            config.clock_skew_threshold =
+                std::time::Duration::from_secs(*clock_skew_threshold_secs);
+            config.min_agent_protocol = *min_agent_protocol;
             if let (Some(cert), Some(key)) = (tls_cert_file, tls_key_file) {
                 warn_if_readable_by_others(key);
                 config.tls = Some(keyplane_server::ServerTls {

@@ -335,6 +335,9 @@ pub fn sync_pb(
         agent_connected: s.agent_connected,
         agent_last_seen_time: s.agent_last_seen.and_then(ts),
         setup_issues: s.setup_issues.clone(),
+        // Filled by GetSyncStatus from the agent's last Hello.
+        site_issues: Vec::new(),
+        agent: None,
         devices: s
             .devices
             .iter()
@@ -454,4 +457,34 @@ pub fn holiday_pb(h: &store::Holiday) -> pb::Holiday {
             })
             .collect(),
     }
+}
+
+/// The site agent's last Hello for GetSyncStatus, and the site issues it raises
+/// (`clock_skew`, docs/STATUS.md "Site issues").
+pub fn agent_hello_pb(h: &store::AgentHelloInfo) -> (pb::AgentHelloInfo, Vec<pb::SiteIssue>) {
+    let info = pb::AgentHelloInfo {
+        agent_version: h.hello.agent_version.clone(),
+        protocol_version: h.hello.protocol_version,
+        tzdb_version: h.hello.tzdb_version.clone(),
+        agent_time: h.hello.agent_time.and_then(ts),
+        receive_time: ts(h.receive_time),
+        clock_skew_millis: h.clock_skew_ms.unwrap_or(0),
+        clock_skew_threshold_millis: h.clock_skew_threshold_ms,
+    };
+    let mut issues = Vec::new();
+    if let (Some(since), Some(skew)) = (h.clock_skew_since, h.clock_skew_ms) {
+        let direction = if skew >= 0 { "ahead of" } else { "behind" };
+        issues.push(pb::SiteIssue {
+            code: pb::SiteIssueCode::ClockSkew as i32,
+            severity: pb::IssueSeverity::Warning as i32,
+            create_time: ts(since),
+            detail: format!(
+                "the agent's clock is {:.1} s {direction} keyplaned's (threshold {:.1} s): schedules and validity periods open and close off time at the site; fix the site's time (NTP) and restart the agent",
+                skew.unsigned_abs() as f64 / 1000.0,
+                h.clock_skew_threshold_ms as f64 / 1000.0,
+            ),
+            clock_skew_millis: skew,
+        });
+    }
+    (info, issues)
 }

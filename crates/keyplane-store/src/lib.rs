@@ -13,6 +13,7 @@
 //! again at the bottom.
 
 mod access_plan;
+mod agent_hello;
 mod agent_identity;
 mod audit;
 mod auth;
@@ -38,6 +39,7 @@ mod types;
 mod user;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
+pub use agent_hello::{AgentHello, AgentHelloInfo};
 pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
 pub use audit::{AuditFilter, AuditRecord};
 pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};

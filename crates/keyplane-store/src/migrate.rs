@@ -62,6 +62,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0013_slot_status_history.sql"),
     ),
     (
+        14,
+        "agent_hello",
+        include_str!("../migrations/0014_agent_hello.sql"),
+    ),
+    (
         15,
         "retention_audit",
         include_str!("../migrations/0015_retention_audit.sql"),

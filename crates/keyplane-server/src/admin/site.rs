@@ -164,6 +164,17 @@ pub(super) async fn sync_status(
     .map_err(store_status)?;
     let states = res::slot_states(&facts);
     let mut out = res::sync_pb(&status, &facts, &states);
+    // Issue 14: the agent's last Hello, and a clock skew it showed.
+    if let Some(hello) = api
+        .store
+        .agent_hello_get(actor.dealer, site.site)
+        .await
+        .map_err(store_status)?
+    {
+        let (agent, issues) = res::agent_hello_pb(&hello);
+        out.agent = Some(agent);
+        out.site_issues = issues;
+    }
     // Backup codes (issue 11): a pool short of its size says so.
     if let Some((pool, available)) = api
         .store
