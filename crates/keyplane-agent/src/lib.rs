@@ -24,7 +24,7 @@ pub use device::Pacing;
 pub use reconcile::{Agent, DriverFactory, SimulatorFactory};
 
 use backoff::Backoff;
-use clock::{Clock, SystemClock};
+use clock::{Clock, SteadyClock};
 use identity::Identity;
 use keyplane_proto::v1 as pb;
 use keyplane_proto::v1::agent_service_client::AgentServiceClient;
@@ -173,7 +173,7 @@ impl AgentConfig {
             // Cheap when nothing changed; also how schedules open and close on time.
             reconcile_every: Duration::from_secs(1),
             event_poll: Duration::from_millis(200),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SteadyClock::default()),
             observe_every: Duration::from_secs(60),
             passes: PassCounter::default(),
             event_polls: PassCounter::default(),

@@ -85,6 +85,16 @@ struct Cli {
     /// Least time between two writes to one access-control door, in milliseconds.
     #[arg(long, env = "KEYPLANE_DOOR_WRITE_GAP_MS", default_value_t = 0)]
     door_write_gap_ms: u64,
+    /// Test hook: shift the agent's wall clock by this many seconds (a site whose
+    /// clock is wrong; keyplaned flags it as clock_skew). Never in production.
+    #[arg(
+        long,
+        env = "KEYPLANE_AGENT_CLOCK_OFFSET_SECS",
+        hide = true,
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    clock_offset_secs: i64,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +245,15 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     let mut config = AgentConfig::new(cli.server, site, token, cli.state_dir);
+    if cli.clock_offset_secs != 0 {
+        let offset = chrono::TimeDelta::try_seconds(cli.clock_offset_secs)
+            .ok_or_else(|| anyhow::anyhow!("--clock-offset-secs is out of range"))?;
+        tracing::warn!(
+            offset_secs = cli.clock_offset_secs,
+            "the agent's clock is shifted (test hook)"
+        );
+        config.clock = std::sync::Arc::new(keyplane_agent::clock::SteadyClock::with_offset(offset));
+    }
     config.observe_every = std::time::Duration::from_secs(cli.read_back_secs);
     config.pacing = keyplane_agent::Pacing {
         panel: std::time::Duration::from_millis(cli.panel_write_gap_ms),

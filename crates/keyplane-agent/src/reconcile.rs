@@ -378,8 +378,11 @@ impl Agent {
         }
     }
 
-    /// The Hello for `site`: journaled revision and known devices.
+    /// The Hello for `site`: journaled revision, known devices, and the agent's
+    /// protocol, wall clock and time-zone database (issue 14).
     pub fn hello(&self, site: &str) -> pb::AgentMessage {
+        // keyplaned sees the wall clock in this Hello: a held jump is adopted.
+        self.shared.clock.checkpoint();
         let (revision, devices) = self.shared.journal(|j| {
             let devices: Vec<(String, String)> = j
                 .devices
@@ -410,6 +413,11 @@ impl Agent {
                 applied_revision: revision,
                 inventory,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol_version: keyplane_core::compat::PROTOCOL_VERSION,
+                agent_time: Some(prost_types::Timestamp::from(std::time::SystemTime::from(
+                    self.shared.clock.wall(),
+                ))),
+                tzdb_version: chrono_tz::IANA_TZDB_VERSION.to_owned(),
             })),
         }
     }

@@ -784,6 +784,7 @@ fn hello(site: &Site, revision: i64) -> pb::AgentMessage {
             applied_revision: revision,
             inventory: Vec::new(),
             agent_version: "keyplane-load".into(),
+            ..Default::default()
         })),
     }
 }
