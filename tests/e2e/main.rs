@@ -8,6 +8,8 @@ mod audit;
 mod authority;
 mod bad_input;
 mod by_hand;
+mod clock;
+mod compat;
 mod dealer_tokens;
 mod deploy;
 mod doors;

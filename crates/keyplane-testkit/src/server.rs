@@ -135,7 +135,7 @@ impl TestServer {
     /// Starts another server on the same database (and CA) with other PIN keys: a
     /// replica restarted with a new key file.
     pub async fn replica_with_key(&self, key: PinKey) -> anyhow::Result<TestServer> {
-        Self::start_inner(self.db.clone(), key, None, 8, self.pki.clone()).await
+        Self::start_inner(self.db.clone(), key, None, 8, self.pki.clone(), &|_| {}).await
     }
 
     /// Starts another server (a replica) on the same database and key (and CA).
@@ -160,7 +160,16 @@ impl TestServer {
         key: PinKey,
         pki: Option<Arc<TestPki>>,
     ) -> anyhow::Result<TestServer> {
-        Self::start_inner(db, key, None, 8, pki).await
+        Self::start_inner(db, key, None, 8, pki, &|_| {}).await
+    }
+
+    /// Starts a server on a fresh test database with its test config changed by
+    /// `tweak` (e.g. a raised minimum agent protocol).
+    pub async fn start_tweaked(
+        tweak: &(dyn Fn(&mut keyplane_server::Config) + Sync),
+    ) -> anyhow::Result<TestServer> {
+        let db = test_database().await?;
+        Self::start_inner(db, PinKey::generate()?, None, 8, None, tweak).await
     }
 
     /// Starts a server on a fresh test database that reaches PostgreSQL through a
@@ -204,6 +213,7 @@ impl TestServer {
             Some((url, false)),
             max_connections,
             None,
+            &|_| {},
         )
         .await
     }
@@ -218,7 +228,15 @@ impl TestServer {
         via: Option<String>,
         max_connections: usize,
     ) -> anyhow::Result<TestServer> {
-        Self::start_inner(db, key, via.map(|url| (url, true)), max_connections, None).await
+        Self::start_inner(
+            db,
+            key,
+            via.map(|url| (url, true)),
+            max_connections,
+            None,
+            &|_| {},
+        )
+        .await
     }
 
     /// `via`: another database URL, and whether the server is counted (see
@@ -229,6 +247,7 @@ impl TestServer {
         via: Option<(String, bool)>,
         max_connections: usize,
         pki: Option<Arc<TestPki>>,
+        tweak: &(dyn Fn(&mut keyplane_server::Config) + Sync),
     ) -> anyhow::Result<TestServer> {
         keyplane_telemetry::init("keyplaned-test");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -260,6 +279,7 @@ impl TestServer {
             Duration::from_millis(100)
         };
         let retention = config.retention_progress.clone();
+        tweak(&mut config);
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keyplane_server::serve(config, listener, shutdown.clone()));
         let store = Store::connect(&db.url, 4, key.clone())?;
@@ -468,6 +488,7 @@ impl TestServer {
                 applied_revision: 0,
                 inventory: Vec::new(),
                 agent_version: "test".into(),
+                ..Default::default()
             })),
         })
         .await
