@@ -73,7 +73,7 @@ async fn a_skewed_agent_clock_is_flagged_and_clears_when_fixed() -> anyhow::Resu
         .admin
         .watch_events(pb::WatchEventsRequest {
             parent: s.site.clone(),
-            after_cursor: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();

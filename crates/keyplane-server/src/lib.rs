@@ -23,8 +23,8 @@ pub mod page;
 pub mod pki;
 pub mod reports;
 pub mod resources;
-pub mod shutdown;
 pub mod retention;
+pub mod shutdown;
 pub mod status;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
