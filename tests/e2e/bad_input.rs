@@ -22,6 +22,9 @@ const LIVENESS: &[&str] = &[
     "status_evaluated_seq",
     "status_pending",
     "status_evaluated_at",
+    // The head of the site's event log also moves with the background evaluation's
+    // events (left out below); a refused call's own event would still show as a row.
+    "event_seq",
 ];
 /// Tables keyplaned writes in the background from what agents report and the clock
 /// (slot-status evaluations), never compared.
