@@ -123,22 +123,7 @@ pub(crate) async fn audit_in_txn(
     resource: &str,
     detail: serde_json::Value,
 ) -> Result<(), StoreError> {
-    tx.execute(
-        AUDIT_SQL,
-        &[
-            &actor.dealer,
-            &site,
-            &actor.principal,
-            &action,
-            &resource,
-            &actor.peer,
-            &detail,
-            &actor.acting_as,
-            &actor.request_id,
-        ],
-    )
-    .await?;
-    Ok(())
+    audit_full(tx, actor, site, action, resource, detail, None, None).await
 }
 
 /// Appends to the audit log with the resource's values before and after the change.
