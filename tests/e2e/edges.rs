@@ -2,7 +2,7 @@
 //! panel's partition, users without a level, one PIN key per database, agent
 //! sessions, repeated names in plans, deleting a site whose users hold partitions.
 
-use crate::fixture::{Site, create_user_with, id_of, lock_scope, panel_scope};
+use crate::fixture::{Site, create_site, create_user_with, id_of, lock_scope, panel_scope};
 use keyplane_core::pin::Pin;
 use keyplane_proto::v1 as pb;
 use keyplane_store::{Observed, ObservedState};
@@ -246,18 +246,7 @@ async fn a_site_whose_users_hold_partitions_deletes_cleanly() -> anyhow::Result<
     let server = TestServer::start().await?;
     let token = server.dealer("Dealer One").await?;
     let mut admin = server.admin(Some(&token)).await?;
-    let site = admin
-        .create_site(pb::CreateSiteRequest {
-            site: Some(pb::Site {
-                display_name: "Sold house".into(),
-                time_zone: "UTC".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner()
-        .name;
+    let site = create_site(&mut admin, "Sold house", "UTC").await?;
     for number in [1, 2] {
         admin
             .create_partition(pb::CreatePartitionRequest {

@@ -108,19 +108,7 @@ async fn a_watch_starts_at_now_and_resumes_each_site_from_its_token() -> anyhow:
     let site = uuid_of(&s.site)?;
     let panel = uuid_of(&s.panel.name)?;
     // A second site of the same dealer, with its own panel.
-    let other = s
-        .admin
-        .create_site(pb::CreateSiteRequest {
-            site: Some(pb::Site {
-                display_name: "Shop".into(),
-                time_zone: "Europe/Paris".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner()
-        .name;
+    let other = crate::fixture::create_site(&mut s.admin, "Shop", "Europe/Paris").await?;
     let other_panel =
         crate::fixture::create_device(&mut s.admin, &other, "Panel", "vista-128bpt").await?;
     let other_site = uuid_of(&other)?;

@@ -40,18 +40,7 @@ impl Site {
     pub async fn on_server(server: TestServer, lock_model: &str) -> anyhow::Result<Site> {
         let token = server.dealer("Dealer One").await?;
         let mut admin = server.admin(Some(&token)).await?;
-        let site = admin
-            .create_site(pb::CreateSiteRequest {
-                site: Some(pb::Site {
-                    display_name: "Alice's house".into(),
-                    time_zone: "Europe/Paris".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?
-            .into_inner()
-            .name;
+        let site = create_site(&mut admin, "Alice's house", "Europe/Paris").await?;
         admin
             .create_partition(pb::CreatePartitionRequest {
                 parent: site.clone(),
@@ -240,6 +229,26 @@ pub async fn create_device(
 }
 
 /// A user who is operator A in partition 1.
+/// A new site of the admin's dealer; its name.
+pub async fn create_site(
+    admin: &mut Admin,
+    display_name: &str,
+    time_zone: &str,
+) -> anyhow::Result<String> {
+    Ok(admin
+        .create_site(pb::CreateSiteRequest {
+            site: Some(pb::Site {
+                display_name: display_name.into(),
+                time_zone: time_zone.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner()
+        .name)
+}
+
 pub async fn create_user(admin: &mut Admin, site: &str, name: &str) -> anyhow::Result<String> {
     create_user_with(admin, site, name, &[(1, pb::Level::OperatorA)]).await
 }

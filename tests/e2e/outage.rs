@@ -94,18 +94,7 @@ async fn database_restart_under_load_is_unavailable_then_recovers() -> anyhow::R
     let server = TestServer::start_via(db, via, 4).await?;
     let token = server.dealer("Dealer One").await?;
     let mut admin = server.admin(Some(&token)).await?;
-    let site = admin
-        .create_site(pb::CreateSiteRequest {
-            site: Some(pb::Site {
-                display_name: "Shop".into(),
-                time_zone: "Europe/Paris".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner()
-        .name;
+    let site = crate::fixture::create_site(&mut admin, "Shop", "Europe/Paris").await?;
 
     // Load: four clients creating users back to back, each with its own request_id.
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
