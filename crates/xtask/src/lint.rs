@@ -44,14 +44,7 @@ fn python_tools(ci: bool) -> anyhow::Result<PathBuf> {
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == PY_PACKAGES.join("\n")) {
         return Ok(dir);
     }
-    if !works(Command::new("python3").args(["-m", "pip", "--version"])) {
-        if !is_root() && !ci {
-            bail!(
-                "python3 -m pip is missing: install it with `sudo apt-get install -y python3-pip`"
-            );
-        }
-        crate::pg::apt_install("python3-pip")?;
-    }
+    crate::grpcurl::ensure_pip(ci)?;
     run_checked(
         Command::new("python3")
             .args([
