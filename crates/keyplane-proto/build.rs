@@ -12,8 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files =
-        ["admin.proto", "agent.proto", "resources.proto"].map(|f| root.join("keyplane/v1").join(f));
+    let files = ["admin.proto", "agent.proto", "ops.proto", "resources.proto"]
+        .map(|f| root.join("keyplane/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -107,6 +107,45 @@ async fn a_read_only_token_reads_and_cannot_change_anything() -> anyhow::Result<
             .map(|_| ()),
         "ListDealerTokens",
     );
+    // OpsService is for ops and admin tokens: every call of it is refused, reads too.
+    let mut ro_ops = site.server.ops(Some(&read_only)).await?;
+    denied(
+        ro_ops
+            .list_agent_connections(pb::ListAgentConnectionsRequest {
+                parent: "sites/-".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "ListAgentConnections",
+    );
+    denied(
+        ro_ops
+            .get_site_ops_status(pb::GetSiteOpsStatusRequest {
+                name: format!("{}/opsStatus", site.site),
+            })
+            .await
+            .map(|_| ()),
+        "GetSiteOpsStatus",
+    );
+    denied(
+        ro_ops
+            .resync_site(pb::ResyncSiteRequest {
+                name: site.site.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "ResyncSite",
+    );
+    denied(
+        ro_ops
+            .close_agent_connection(pb::CloseAgentConnectionRequest {
+                name: format!("{}/agentConnection", site.site),
+            })
+            .await
+            .map(|_| ()),
+        "CloseAgentConnection",
+    );
     // Nothing changed.
     let after = ro
         .list_sites(pb::ListSitesRequest::default())
@@ -127,8 +166,8 @@ async fn a_read_only_token_reads_and_cannot_change_anything() -> anyhow::Result<
 #[tokio::test]
 async fn an_ops_token_locks_down_but_does_not_touch_codes() -> anyhow::Result<()> {
     let site = Site::new().await?;
-    let (ops, _) = token(&site, pb::TokenScope::Ops, 0).await?;
-    let mut ops = site.server.admin(Some(&ops)).await?;
+    let (ops_token, _) = token(&site, pb::TokenScope::Ops, 0).await?;
+    let mut ops = site.server.admin(Some(&ops_token)).await?;
     ops.lockdown_doors(pb::LockdownDoorsRequest {
         site: site.site.clone(),
     })
@@ -142,6 +181,29 @@ async fn an_ops_token_locks_down_but_does_not_touch_codes() -> anyhow::Result<()
         .await
         .expect_err("ops creates no site");
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    // The ops surface is its own: reads and remedies.
+    let mut desk = site.server.ops(Some(&ops_token)).await?;
+    desk.list_agent_connections(pb::ListAgentConnectionsRequest {
+        parent: "sites/-".into(),
+        ..Default::default()
+    })
+    .await?;
+    desk.get_site_ops_status(pb::GetSiteOpsStatusRequest {
+        name: format!("{}/opsStatus", site.site),
+    })
+    .await?;
+    desk.resync_site(pb::ResyncSiteRequest {
+        name: site.site.clone(),
+    })
+    .await?;
+    // Nothing connected: the call was allowed and found no stream.
+    let e = desk
+        .close_agent_connection(pb::CloseAgentConnectionRequest {
+            name: format!("{}/agentConnection", site.site),
+        })
+        .await
+        .expect_err("no agent connected");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
     Ok(())
 }
 

@@ -10,10 +10,13 @@ use std::time::Duration;
 use tonic::Code;
 
 /// How long a revoked or replaced stream may live on (the documented bound).
-const CLOSE_BOUND: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_BOUND: Duration = Duration::from_secs(1);
 
 /// Reads the stream until it ends; fails when that takes longer than `bound`.
-async fn ended_within(stream: &mut AgentStream, bound: Duration) -> anyhow::Result<tonic::Status> {
+pub(crate) async fn ended_within(
+    stream: &mut AgentStream,
+    bound: Duration,
+) -> anyhow::Result<tonic::Status> {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
         match tokio::time::timeout_at(deadline, stream.message()).await {
@@ -26,7 +29,7 @@ async fn ended_within(stream: &mut AgentStream, bound: Duration) -> anyhow::Resu
 }
 
 /// The first message: the snapshot the server sends after Hello.
-async fn snapshot(stream: &mut AgentStream) -> anyhow::Result<pb::DesiredSnapshot> {
+pub(crate) async fn snapshot(stream: &mut AgentStream) -> anyhow::Result<pb::DesiredSnapshot> {
     match tokio::time::timeout(Duration::from_secs(10), stream.message()).await?? {
         Some(pb::ServerMessage {
             msg: Some(pb::server_message::Msg::Snapshot(s)),

@@ -430,6 +430,45 @@ async fn another_dealers_token_finds_nothing_and_changes_nothing() -> anyhow::Re
         })
     );
 
+    // OpsService, with B's ops token (an admin token may call it too).
+    let b_ops_token = {
+        let made = b
+            .create_dealer_token(pb::CreateDealerTokenRequest {
+                display_name: "B ops".into(),
+                scope: pb::TokenScope::Ops as i32,
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner();
+        made.token
+    };
+    for token in [&b_token, &b_ops_token] {
+        let mut ops = s.server.ops(Some(token)).await?;
+        call!(
+            "ListAgentConnections",
+            ops.list_agent_connections(pb::ListAgentConnectionsRequest {
+                parent: named(&site),
+                ..Default::default()
+            })
+        );
+        call!(
+            "ResyncSite",
+            ops.resync_site(pb::ResyncSiteRequest { name: named(&site) })
+        );
+        call!(
+            "CloseAgentConnection",
+            ops.close_agent_connection(pb::CloseAgentConnectionRequest {
+                name: format!("{site}/agentConnection")
+            })
+        );
+        call!(
+            "GetSiteOpsStatus",
+            ops.get_site_ops_status(pb::GetSiteOpsStatusRequest {
+                name: format!("{site}/opsStatus")
+            })
+        );
+    }
+
     let wrong: Vec<String> = results
         .iter()
         .filter(|(_, r)| !matches!(r, Err(e) if e.code() == Code::NotFound))
@@ -475,5 +514,44 @@ async fn another_dealers_token_finds_nothing_and_changes_nothing() -> anyhow::Re
         before, after,
         "a refused call of another dealer changed something"
     );
+    // B's every-site listing of connections holds none of A's, while A's agent is
+    // connected and listed for A.
+    let agent = s.start_agent();
+    let mut a_ops = s.server.ops(Some(&s.token)).await?;
+    keyplane_testkit::server::eventually(
+        "A's agent is listed for A",
+        std::time::Duration::from_secs(10),
+        || {
+            let mut a_ops = a_ops.clone();
+            async move {
+                let listed = a_ops
+                    .list_agent_connections(pb::ListAgentConnectionsRequest {
+                        parent: "sites/-".into(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                Ok((listed.agent_connections.len() == 1).then_some(()))
+            }
+        },
+    )
+    .await?;
+    a_ops
+        .get_site_ops_status(pb::GetSiteOpsStatusRequest {
+            name: format!("{site}/opsStatus"),
+        })
+        .await?;
+    let b_listed = s
+        .server
+        .ops(Some(&b_ops_token))
+        .await?
+        .list_agent_connections(pb::ListAgentConnectionsRequest {
+            parent: "sites/-".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(b_listed.agent_connections.is_empty(), "{b_listed:?}");
+    agent.stop().await?;
     Ok(())
 }

@@ -22,6 +22,7 @@ mod isolation;
 mod keys;
 mod limits;
 mod local;
+mod ops;
 mod outage;
 mod panel;
 mod race;

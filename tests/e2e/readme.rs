@@ -46,7 +46,10 @@ const fn step(line: &'static [&'static str], expect: &'static [&'static str]) ->
 /// Every call of the README, with what it must print. A new README call needs an
 /// entry here (the failure message says which).
 const STEPS: &[Step] = &[
-    step(&[" list"], &["keyplane.v1.AdminService"]),
+    step(
+        &[" list"],
+        &["keyplane.v1.AdminService", "keyplane.v1.OpsService"],
+    ),
     step(&["Health/Check"], &["\"status\": \"SERVING\""]),
     step(&["CreateSite"], &["\"displayName\": \"Alice house\""]),
     step(&["CreatePartition"], &["\"name\": \"$SITE/partitions/1\""]),
@@ -117,6 +120,25 @@ const STEPS: &[Step] = &[
     ),
     step(&["RevokeDealerToken"], &["{"]),
     step(&["CreateEnrollmentCode"], &["\"code\": \"kpe_"]),
+    // The agent started above is connected (once it has said Hello).
+    Step {
+        until: true,
+        ..step(
+            &["ListAgentConnections"],
+            &[
+                "\"name\": \"$SITE/agentConnection\"",
+                "\"agentVersion\": \"",
+                "\"peer\": \"127.0.0.1:",
+                "\"lastSeenTime\"",
+            ],
+        )
+    },
+    step(
+        &["GetSiteOpsStatus"],
+        &["\"name\": \"$SITE/opsStatus\"", "\"revision\": \""],
+    ),
+    step(&["ResyncSite"], &["\"agentConnected\": true"]),
+    step(&["CloseAgentConnection"], &["{"]),
 ];
 
 /// Commands other than grpcurl that README `sh` blocks may hold, and what the test

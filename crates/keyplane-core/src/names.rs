@@ -343,6 +343,61 @@ impl fmt::Display for SyncStatusName {
     }
 }
 
+/// A singleton of a site, `sites/{site}/{collection}` (OpsService resources).
+fn site_singleton(name: &str, singleton: &str, expected: &'static str) -> Result<Uuid, NameError> {
+    let err = || NameError {
+        name: name.to_owned(),
+        expected,
+    };
+    let site = name
+        .strip_suffix(singleton)
+        .and_then(|n| n.strip_suffix('/'))
+        .ok_or_else(err)?;
+    SiteName::parse(site).map(|s| s.site).map_err(|_| err())
+}
+
+/// `sites/{site}/agentConnection`: the open Sync stream of a site's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentConnectionName {
+    /// The site id.
+    pub site: Uuid,
+}
+
+impl AgentConnectionName {
+    /// Parses `sites/{uuid}/agentConnection`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        site_singleton(name, "agentConnection", "sites/{site}/agentConnection")
+            .map(|site| AgentConnectionName { site })
+    }
+}
+
+impl fmt::Display for AgentConnectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/agentConnection", self.site)
+    }
+}
+
+/// `sites/{site}/opsStatus`: a site's change log against its devices, for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpsStatusName {
+    /// The site id.
+    pub site: Uuid,
+}
+
+impl OpsStatusName {
+    /// Parses `sites/{uuid}/opsStatus`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        site_singleton(name, "opsStatus", "sites/{site}/opsStatus")
+            .map(|site| OpsStatusName { site })
+    }
+}
+
+impl fmt::Display for OpsStatusName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sites/{}/opsStatus", self.site)
+    }
+}
+
 /// `sites/{site}/events/{cursor}`: an event, named by its cursor (output only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventName {
@@ -458,6 +513,33 @@ mod tests {
                 false,
             ),
             ("sync status", sync.clone(), true),
+            (
+                "agent connection",
+                format!("sites/{S}/agentConnection"),
+                true,
+            ),
+            ("agent connection bare site", format!("sites/{S}"), false),
+            (
+                "agent connection other",
+                format!("sites/{S}/agentConnections"),
+                false,
+            ),
+            (
+                "agent connection no site",
+                "sites//agentConnection".to_owned(),
+                false,
+            ),
+            ("ops status", format!("sites/{S}/opsStatus"), true),
+            (
+                "ops status not a uuid",
+                "sites/x/opsStatus".to_owned(),
+                false,
+            ),
+            (
+                "ops status trailing",
+                format!("sites/{S}/opsStatus/x"),
+                false,
+            ),
         ];
         for (what, name, ok) in &table {
             let got = match *what {
@@ -467,6 +549,10 @@ mod tests {
                 w if w.starts_with("access") => AccessPlanName::parse(name).map(|n| n.to_string()),
                 w if w.starts_with("holiday") => HolidayName::parse(name).map(|n| n.to_string()),
                 w if w.starts_with("local") => LocalCodeName::parse(name).map(|n| n.to_string()),
+                w if w.starts_with("agent") => {
+                    AgentConnectionName::parse(name).map(|n| n.to_string())
+                }
+                w if w.starts_with("ops") => OpsStatusName::parse(name).map(|n| n.to_string()),
                 _ => SyncStatusName::parse(name).map(|n| n.to_string()),
             };
             assert_eq!(got.is_ok(), *ok, "{what}: {got:?}");

@@ -56,6 +56,8 @@ pub struct AgentApi {
     clock_skew_threshold: Duration,
     /// The oldest agent protocol served (`keyplane_core::compat`).
     min_protocol: i32,
+    /// This replica's name, recorded with the streams it holds (OpsService).
+    replica: String,
 }
 
 impl AgentApi {
@@ -75,7 +77,14 @@ impl AgentApi {
             ca,
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
+            replica: String::new(),
         }
+    }
+
+    /// Names this replica in the connections it records (OpsService).
+    pub fn with_replica(mut self, replica: impl Into<String>) -> Self {
+        self.replica = replica.into();
+        self
     }
 
     /// Sets the clock-skew threshold and the oldest agent protocol served.
@@ -235,6 +244,7 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (site, principal, expires) = auth::agent(&self.store, &request).await?;
+        let peer = auth::peer_addr(request.extensions()).map(|a| a.to_string());
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
@@ -284,9 +294,17 @@ impl AgentService for AgentApi {
             .agent_update(site, hello.applied_revision)
             .await
             .map_err(store_status)?;
-        let epoch = self
+        let place = keyplane_store::AgentPlace {
+            peer,
+            replica: self.replica.clone(),
+            agent: match &principal {
+                AgentPrincipal::Agent(id) => Some(*id),
+                AgentPrincipal::Token(_) => None,
+            },
+        };
+        let keyplane_store::SessionOpened { epoch, resync } = self
             .store
-            .agent_session_open(site, session)
+            .agent_session_open_at(site, session, &place)
             .await
             .map_err(store_status)?;
         // A stream this replica holds for the site re-checks now, not at the next poll.
@@ -310,6 +328,7 @@ impl AgentService for AgentApi {
             sent: 0,
             principal,
             epoch,
+            resync,
             expires,
             shutdown: self.shutdown.clone(),
         };
@@ -401,6 +420,8 @@ struct Session {
     principal: AgentPrincipal,
     /// The site's session epoch this stream last checked itself against.
     epoch: i64,
+    /// The site's resync sequence this stream has answered (OpsService/ResyncSite).
+    resync: i64,
     /// When the agent's certificate expires, as last read (renewal moves it): the
     /// periodic re-check asks the database only once it has passed.
     expires: Option<SystemTime>,
@@ -449,6 +470,13 @@ impl Session {
                         let seen = *wake.borrow_and_update();
                         if (seen.gone || seen.epoch > self.epoch) && !self.may_go_on().await {
                             break;
+                        }
+                        if seen.resync > self.resync {
+                            // An operator asked for a full snapshot (on any replica).
+                            self.resync = seen.resync;
+                            last = seen;
+                            if !self.resend_snapshot().await { break; }
+                            continue;
                         }
                         // A wake-up that only moved the epoch (a session opened, this
                         // one included) changed no slot: nothing to read. A local poke
@@ -502,6 +530,9 @@ impl Session {
             Ok(SessionCheck::Replaced) => Status::aborted(format!(
                 "another agent stream for sites/{site} took over; this one is closed"
             )),
+            Ok(SessionCheck::Closed) => Status::unavailable(format!(
+                "an operator closed the agent stream of sites/{site} (OpsService/CloseAgentConnection): reconnect"
+            )),
             Ok(SessionCheck::Revoked) => Status::unauthenticated(
                 "this agent's certificate or token was revoked, expired, or replaced by a new enrollment: enroll again with a new enrollment code",
             ),
@@ -514,6 +545,21 @@ impl Session {
         tracing::info!(%site, agent = ?self.principal, %status, "closing agent stream");
         self.send_msg(Err(status)).await;
         false
+    }
+
+    /// Sends a full snapshot, as if the agent had just connected; false when the
+    /// agent is gone.
+    async fn resend_snapshot(&mut self) -> bool {
+        match self.store.agent_update(self.site, 0).await {
+            Ok(update) => {
+                tracing::info!(site = %self.site, "resync: sending the agent a full snapshot");
+                self.send(&update).await
+            }
+            Err(e) => {
+                tracing::warn!(site = %self.site, error = %e, "reading the resync snapshot failed; the next change or re-check catches up");
+                true
+            }
+        }
     }
 
     /// Sends what changed since the last message; false when the agent is gone.

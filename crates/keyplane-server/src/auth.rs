@@ -2,7 +2,8 @@
 //! certificates, or bearer agent tokens until every agent has enrolled).
 //!
 //! Dealers are authenticated once per call by [`DealerAuthLayer`], a tower layer in
-//! front of AdminService: it verifies `authorization: Bearer <token>` through the
+//! front of AdminService and OpsService (one layer, cloned, so both share the
+//! failure limiter): it verifies `authorization: Bearer <token>` through the
 //! store's cached verification (a token is trusted at most `dealer_token_ttl`
 //! without the database, never past its expiry), refuses methods outside the token's
 //! scope (`keyplane_core::scope`), limits failed authentications per peer address
@@ -83,10 +84,8 @@ pub async fn dealer(
         .await
         .map_err(store_status)?
         .ok_or_else(|| Status::unauthenticated("unknown, expired or revoked dealer token"))?;
-    let method = path
-        .strip_prefix("/keyplane.v1.AdminService/")
-        .unwrap_or(path);
-    if !found.scope.allows(method) {
+    let method = path.rsplit_once('/').map_or(path, |(_, m)| m);
+    if !found.scope.allows_path(path) {
         return Err(Status::permission_denied(format!(
             "this dealer token's scope is {}: it may not call {method}",
             found.scope.as_str()

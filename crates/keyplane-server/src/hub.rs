@@ -21,6 +21,9 @@ pub struct Seen {
     pub epoch: i64,
     /// The site was deleted.
     pub gone: bool,
+    /// The highest resync sequence seen (OpsService/ResyncSite): a stream that
+    /// opened at a lower one sends a full snapshot.
+    pub resync: i64,
 }
 
 /// Per-site wake-up channels.
@@ -47,6 +50,19 @@ impl Hub {
             revision: 0,
             session_epoch: epoch,
             gone: false,
+            resync: 0,
+        });
+    }
+
+    /// Tells the streams of `site` on this replica that a resync was asked for, up to
+    /// `resync`, before the poller would.
+    pub fn resync(&self, site: Uuid, resync: i64) {
+        self.observe(SiteChange {
+            site,
+            revision: 0,
+            session_epoch: 0,
+            gone: false,
+            resync,
         });
     }
 
@@ -57,6 +73,7 @@ impl Hub {
             revision: 0,
             session_epoch: 0,
             gone: true,
+            resync: 0,
         });
     }
 
@@ -89,6 +106,10 @@ impl Hub {
                 }
                 if change.gone && !seen.gone {
                     seen.gone = true;
+                    modified = true;
+                }
+                if change.resync > seen.resync {
+                    seen.resync = change.resync;
                     modified = true;
                 }
                 modified

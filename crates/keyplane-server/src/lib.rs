@@ -1,5 +1,5 @@
-//! The `keyplaned` gRPC service: AdminService for dealers, AgentService for site
-//! agents, plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
+//! The `keyplaned` gRPC service: AdminService for dealers, OpsService for their
+//! operators ([`ops`]), AgentService for site agents, plus `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
 //!
 //! Served over TLS (rustls, ring) when given a certificate, and then only; plaintext
 //! only on a loopback address. With a CA ([`pki`]) agents enroll and connect with
@@ -19,6 +19,7 @@ pub mod fields;
 pub mod hub;
 pub mod limits;
 pub mod mask;
+pub mod ops;
 pub mod page;
 pub mod pki;
 pub mod reports;
@@ -29,6 +30,7 @@ pub mod status;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
 use keyplane_proto::v1::agent_service_server::AgentServiceServer;
+use keyplane_proto::v1::ops_service_server::OpsServiceServer;
 use keyplane_store::{PinKey, Store};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -91,6 +93,9 @@ pub struct Config {
     pub clock_skew_threshold: Duration,
     /// The oldest agent protocol served (`keyplane_core::compat`): N-1 unless raised.
     pub min_agent_protocol: i32,
+    /// This replica's name in the agent connections it records (OpsService); None:
+    /// the host name (`HOSTNAME`, else /etc/hostname) and the listening port.
+    pub replica_name: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -110,6 +115,7 @@ impl std::fmt::Debug for Config {
             .field("retention_batch", &self.retention_batch)
             .field("clock_skew_threshold", &self.clock_skew_threshold)
             .field("min_agent_protocol", &self.min_agent_protocol)
+            .field("replica_name", &self.replica_name)
             .finish()
     }
 }
@@ -171,8 +177,21 @@ impl Config {
             retention_progress: retention::RetentionProgress::default(),
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_agent_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
+            replica_name: None,
         }
     }
+}
+
+/// The name a replica listening on `addr` gives itself by default: its host name
+/// (unique per pod or container) and port (unique per process on one host).
+fn default_replica_name(addr: std::net::SocketAddr) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keyplaned".to_owned());
+    format!("{host}:{}", addr.port())
 }
 
 /// Connects, migrates, and serves on `listener` until `shutdown` is cancelled; then
@@ -250,6 +269,7 @@ pub async fn serve(
     health
         .set_serving::<AgentServiceServer<agent::AgentApi>>()
         .await;
+    health.set_serving::<OpsServiceServer<ops::OpsApi>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(keyplane_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -259,8 +279,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // Every AdminService call is authenticated before it reaches a handler.
-    let admin = auth::DealerAuthLayer::new(store.clone()).layer(
+    // Every AdminService and OpsService call is authenticated before it reaches a
+    // handler, by one layer: the failure limit counts both.
+    let dealer_auth = auth::DealerAuthLayer::new(store.clone());
+    let ops = dealer_auth.layer(
+        OpsServiceServer::new(ops::OpsApi::new(store.clone(), hub.clone()))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE),
+    );
+    let replica = config
+        .replica_name
+        .clone()
+        .unwrap_or_else(|| default_replica_name(addr));
+    let admin = dealer_auth.layer(
         AdminServiceServer::new(admin::AdminApi::new(
             store.clone(),
             hub.clone(),
@@ -280,6 +310,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(admin)
+        .add_service(ops)
         .add_service(
             AgentServiceServer::new(
                 agent::AgentApi::new(
@@ -289,7 +320,8 @@ pub async fn serve(
                     shutdown.clone(),
                     config.ca.clone(),
                 )
-                .with_policy(config.clock_skew_threshold, config.min_agent_protocol),
+                .with_policy(config.clock_skew_threshold, config.min_agent_protocol)
+                .with_replica(replica),
             )
             .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )

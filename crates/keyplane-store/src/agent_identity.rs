@@ -40,6 +40,8 @@ pub enum SessionCheck {
     },
     /// Another session for the site opened since.
     Replaced,
+    /// An operator closed it (OpsService/CloseAgentConnection).
+    Closed,
     /// Its certificate or token was revoked (or the agent re-enrolled).
     Revoked,
     /// The site was deleted.
@@ -287,7 +289,8 @@ impl Store {
                     ELSE
                         EXISTS (SELECT 1 FROM agent_token t WHERE t.token_hash = $3 AND t.site_id = s.id)
                     END,
-                    (SELECT a.not_after FROM agent a WHERE a.id = $2)
+                    (SELECT a.not_after FROM agent a WHERE a.id = $2),
+                    s.agent_closed_session
                  FROM site s WHERE s.id = $1",
                 &[&site, &agent, &token],
             )
@@ -299,6 +302,8 @@ impl Store {
         let valid: bool = row.get(2);
         Ok(if !valid {
             SessionCheck::Revoked
+        } else if current.is_none() && row.get::<_, Option<Uuid>>(4) == Some(session) {
+            SessionCheck::Closed
         } else if current != Some(session) {
             SessionCheck::Replaced
         } else {

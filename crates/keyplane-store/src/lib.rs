@@ -26,6 +26,7 @@ mod error;
 mod event;
 mod migrate;
 mod observed;
+mod ops;
 mod partition;
 mod plan;
 mod retention;
@@ -49,6 +50,9 @@ pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
+pub use ops::{
+    AgentConnection, AgentPlace, DevicePending, ResyncRequested, SessionOpened, SiteOpsStatus,
+};
 pub use plan::{PersonalPlan, PlanPatch};
 pub use retention::{
     AUDIT_RETENTION_DEFAULT, EVENT_RETENTION_DEFAULT, Erased, RETENTION_MAX, RETENTION_MIN,

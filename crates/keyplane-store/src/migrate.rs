@@ -76,6 +76,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_order",
         include_str!("../migrations/0016_event_order.sql"),
     ),
+    (
+        17,
+        "agent_connection",
+        include_str!("../migrations/0017_agent_connection.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

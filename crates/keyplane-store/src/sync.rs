@@ -21,6 +21,8 @@ pub struct SiteChange {
     pub revision: i64,
     /// Its session epoch (0 when gone).
     pub session_epoch: i64,
+    /// Its resync sequence (0 when gone): OpsService/ResyncSite advances it.
+    pub resync: i64,
     /// Whether it was deleted.
     pub gone: bool,
 }
@@ -277,10 +279,10 @@ impl Store {
         // Always one row at least (the clock), then one per changed or deleted site.
         let rows = conn
             .query(
-                "SELECT n.now, s.id, s.revision, s.session_epoch, false FROM (SELECT now() AS now) n
+                "SELECT n.now, s.id, s.revision, s.session_epoch, false, s.resync_seq FROM (SELECT now() AS now) n
                  LEFT JOIN site s ON s.change_time > COALESCE($1, n.now) - make_interval(secs => $2)
                  UNION ALL
-                 SELECT now(), g.site_id, 0, 0, true FROM site_gone g
+                 SELECT now(), g.site_id, 0, 0, true, 0 FROM site_gone g
                   WHERE g.gone_time > COALESCE($1, now()) - make_interval(secs => $2)",
                 &[&since, &slack.as_secs_f64()],
             )
@@ -297,6 +299,7 @@ impl Store {
                     revision: r.get::<_, Option<i64>>(2)?,
                     session_epoch: r.get::<_, Option<i64>>(3)?,
                     gone: r.get(4),
+                    resync: r.get::<_, Option<i64>>(5)?,
                 })
             })
             .collect();
@@ -330,22 +333,13 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Marks the site's agent stream `session` as the open one.
-    ///
-    /// The site's session epoch advances, so a session it replaces (on any replica)
-    /// re-checks and ends; returns the new epoch.
+    /// Marks the site's agent stream `session` as the open one (recording no place:
+    /// see [`Store::agent_session_open_at`]); returns the new session epoch.
     pub async fn agent_session_open(&self, site: Uuid, session: Uuid) -> Result<i64, StoreError> {
-        let conn = self.conn().await?;
-        let row = conn
-            .query_opt(
-                "UPDATE site SET agent_connected = true, agent_session = $2, agent_last_seen = now(),
-                    session_epoch = session_epoch + 1
-                 WHERE id = $1 RETURNING session_epoch",
-                &[&site, &session],
-            )
+        Ok(self
+            .agent_session_open_at(site, session, &crate::AgentPlace::default())
             .await?
-            .ok_or_else(|| crate::site::not_found_site(site))?;
-        Ok(row.get(0))
+            .epoch)
     }
 
     /// Records that this replica still holds an open agent stream for each of

@@ -52,6 +52,10 @@ pub type AgentStream = tonic::Streaming<pb::ServerMessage>;
 /// An AdminService client that authenticates as a dealer.
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// An OpsService client that authenticates as a dealer.
+pub type Ops =
+    keyplane_proto::v1::ops_service_client::OpsServiceClient<InterceptedService<Channel, Bearer>>;
+
 /// A running `keyplaned` on its own database.
 pub struct TestServer {
     /// Where it listens.
@@ -350,6 +354,23 @@ impl TestServer {
             self.channel().await?,
             Bearer(headers),
         ))
+    }
+
+    /// An OpsService client with `token` (None: no authorization metadata).
+    pub async fn ops(&self, token: Option<&str>) -> anyhow::Result<Ops> {
+        let mut headers = Vec::new();
+        if let Some(t) = token {
+            headers.push((
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {t}"))?,
+            ));
+        }
+        Ok(
+            keyplane_proto::v1::ops_service_client::OpsServiceClient::with_interceptor(
+                self.channel().await?,
+                Bearer(headers),
+            ),
+        )
     }
 
     /// An AdminService client for the dealer `token`, acting as site user `user`
