@@ -8,6 +8,7 @@ mod audit;
 mod authority;
 mod bad_input;
 mod by_hand;
+mod citus_schema;
 mod clock;
 mod compat;
 mod dealer_tokens;

@@ -289,7 +289,7 @@ impl Store {
                     ELSE
                         EXISTS (SELECT 1 FROM agent_token t WHERE t.token_hash = $3 AND t.site_id = s.id)
                     END,
-                    (SELECT a.not_after FROM agent a WHERE a.id = $2),
+                    (SELECT a.not_after FROM agent a WHERE a.site_id = s.id AND a.id = $2),
                     s.agent_closed_session
                  FROM site s WHERE s.id = $1",
                 &[&site, &agent, &token],

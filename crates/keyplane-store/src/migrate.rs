@@ -81,6 +81,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "agent_connection",
         include_str!("../migrations/0017_agent_connection.sql"),
     ),
+    (
+        18,
+        "site_keys",
+        include_str!("../migrations/0018_site_keys.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name
