@@ -19,6 +19,7 @@ mod enroll;
 mod events;
 mod fixture;
 mod fuzz_admin;
+mod fuzz_wire;
 mod isolation;
 mod keys;
 mod limits;

@@ -12,6 +12,8 @@ pub mod backoff;
 pub mod clock;
 pub mod config;
 mod device;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod hand;
 pub mod identity;
 pub mod intake;

@@ -3,6 +3,8 @@
 //! shared by keyplaned and the agent. No other logic lives here.
 
 pub mod convert;
+#[doc(hidden)]
+pub mod fuzz;
 
 /// The `keyplane.v1` package.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

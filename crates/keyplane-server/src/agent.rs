@@ -248,7 +248,7 @@ impl AgentService for AgentApi {
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
-            Ok(Err(status)) => return Err(status),
+            Ok(Err(status)) => return Err(crate::error::undecodable_is_invalid(status)),
             Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
             Ok(Ok(Some(pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Hello(hello)),
@@ -461,6 +461,10 @@ impl Session {
                         Ok(None) => break,
                         Err(status) => {
                             tracing::debug!(%site, %status, "agent stream error");
+                            let status = crate::error::undecodable_is_invalid(status);
+                            if status.code() == tonic::Code::InvalidArgument {
+                                self.send_msg(Err(status)).await;
+                            }
                             break;
                         }
                     },

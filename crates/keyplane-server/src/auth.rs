@@ -377,7 +377,10 @@ where
                             .extensions_mut()
                             .insert(AdminMethod(method.to_owned()));
                     }
-                    inner.call(request).await
+                    inner
+                        .call(request)
+                        .await
+                        .map(crate::error::undecodable_response_is_invalid)
                 }
                 Err(status) => {
                     if status.code() == tonic::Code::Unauthenticated

@@ -69,10 +69,73 @@ pub fn pin_status(field: &str, err: PinError) -> Status {
     Status::invalid_argument(format!("{field}: {err}"))
 }
 
+/// The prefix of tonic's status for a request its protobuf decoder refused.
+const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+
+/// A request that is not a valid message is the caller's error, not the server's:
+/// tonic reports it as INTERNAL, this makes it INVALID_ARGUMENT (keeping prost's
+/// words, which name the field but never its value). Other statuses pass as they are.
+pub fn undecodable_is_invalid(status: Status) -> Status {
+    if status.code() == tonic::Code::Internal && status.message().starts_with(DECODE_FAILURE) {
+        let detail = status.message()[DECODE_FAILURE.len()..].trim_start_matches([':', ' ']);
+        Status::invalid_argument(format!(
+            "the message is not a valid keyplane.v1 message ({detail}): check that the client was generated from this API's proto files"
+        ))
+    } else {
+        status
+    }
+}
+
+/// [`undecodable_is_invalid`] for a unary response already rendered to HTTP (the
+/// status of a refused decode travels in its headers).
+pub fn undecodable_response_is_invalid(
+    response: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    match Status::from_header_map(response.headers()) {
+        Some(status) if status.code() == tonic::Code::Internal => {
+            let mapped = undecodable_is_invalid(status);
+            if mapped.code() == tonic::Code::Internal {
+                response
+            } else {
+                mapped.into_http()
+            }
+        }
+        _ => response,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn only_a_refused_decode_becomes_invalid_argument() {
+        let cases = [
+            (
+                Status::internal(
+                    "failed to decode Protobuf message: Hello.site: invalid string value: data is not UTF-8 encoded",
+                ),
+                Code::InvalidArgument,
+                "(Hello.site: invalid string value: data is not UTF-8 encoded)",
+            ),
+            (
+                Status::internal("internal error; the server logged the details"),
+                Code::Internal,
+                "internal error",
+            ),
+            (
+                Status::not_found("failed to decode Protobuf message"),
+                Code::NotFound,
+                "failed to decode",
+            ),
+        ];
+        for (status, code, words) in cases {
+            let mapped = undecodable_is_invalid(status);
+            assert_eq!(mapped.code(), code, "{}", mapped.message());
+            assert!(mapped.message().contains(words), "{}", mapped.message());
+        }
+    }
 
     #[test]
     fn store_errors_map_to_precise_codes() {
