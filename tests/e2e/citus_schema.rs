@@ -23,6 +23,10 @@ const REFERENCE_TABLES: &[(&str, &str)] = &[
     ),
     ("idempotency_key", "per dealer (request ids of creates)"),
     (
+        "watch_lease",
+        "per dealer: its open WatchEvents streams, counted over replicas",
+    ),
+    (
         "ca_key_in_use",
         "one row: the agent CA every replica must use",
     ),

@@ -22,13 +22,25 @@ async fn watches_per_dealer_are_capped_and_freed_when_closed() -> anyhow::Result
                 .await
         }
     };
+    // The cap holds over replicas: half the places on each of two.
+    let replica = s.server.replica().await?;
     let mut admin = s.admin.clone();
+    let mut on_replica = replica.admin(Some(&s.token)).await?;
     let mut open = Vec::new();
-    for _ in 0..MAX_WATCHES_PER_DEALER {
+    let mut open_on_replica = Vec::new();
+    for _ in 0..MAX_WATCHES_PER_DEALER / 2 {
         open.push(watch(&mut admin).await?.into_inner());
+        open_on_replica.push(watch(&mut on_replica).await?.into_inner());
     }
-    let err = watch(&mut admin).await.expect_err("one watch too many");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    for client in [&mut admin, &mut on_replica] {
+        let err = watch(client).await.expect_err("one watch too many");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("every keyplaned replica"),
+            "{}",
+            err.message()
+        );
+    }
     // Another dealer is not affected.
     let other = s.server.dealer("Dealer Two").await?;
     let mut other = s.server.admin(Some(&other)).await?;
@@ -40,8 +52,9 @@ async fn watches_per_dealer_are_capped_and_freed_when_closed() -> anyhow::Result
             ..Default::default()
         })
         .await?;
-    // Closing one frees its place (once the server sees the stream gone).
-    drop(open.pop());
+    // Closing one on the replica frees its place for the first server (once the
+    // replica sees the stream gone).
+    drop(open_on_replica.pop());
     eventually("a freed watch place", SYNC_TIMEOUT, || {
         let mut admin = admin.clone();
         let parent = s.site.clone();

@@ -38,6 +38,7 @@ mod sync;
 mod tls;
 mod types;
 mod user;
+mod watch;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use agent_hello::{AgentHello, AgentHelloInfo};
@@ -64,6 +65,7 @@ pub use status::{
 };
 pub use sync::SiteChange;
 pub use types::*;
+pub use watch::WatchLease;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Row;

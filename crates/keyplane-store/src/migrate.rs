@@ -86,6 +86,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "site_keys",
         include_str!("../migrations/0018_site_keys.sql"),
     ),
+    (
+        19,
+        "watch_lease",
+        include_str!("../migrations/0019_watch_lease.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

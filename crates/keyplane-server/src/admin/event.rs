@@ -7,45 +7,108 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::Stream;
 
-/// The most WatchEvents streams one dealer may hold open on one replica: each is a
-/// task polling the database, so a dealer opening thousands would starve every tenant.
+/// The most WatchEvents streams one dealer may hold open, over every replica: each
+/// is a task polling the database, so a dealer opening thousands would starve every
+/// tenant.
 pub const MAX_WATCHES_PER_DEALER: usize = 16;
 
-/// Open WatchEvents streams per dealer.
-#[derive(Clone, Debug, Default)]
-pub(super) struct Watches(Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>);
+/// How long a stream's place outlives its replica (a crashed replica's places come
+/// back after this); a live replica renews its places three times as often.
+const WATCH_LEASE_TTL: Duration = Duration::from_secs(30);
 
-/// One open stream; frees its place when the stream's task ends.
+/// This replica's WatchEvents places, leased in the database (keyplane-store
+/// watch.rs) so that the cap holds over every replica.
+#[derive(Clone, Debug)]
+pub(super) struct Watches {
+    store: keyplane_store::Store,
+    replica: uuid::Uuid,
+    /// Places this replica holds; the renewal skips its query at zero.
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    renewing: Arc<std::sync::Once>,
+}
+
+/// One open stream; gives its place back when the stream's task ends.
 pub(super) struct WatchGuard {
     watches: Watches,
-    dealer: uuid::Uuid,
+    lease: keyplane_store::WatchLease,
 }
 
 impl Watches {
-    fn acquire(&self, dealer: uuid::Uuid) -> Result<WatchGuard, Status> {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(dealer).or_default();
-        if *n >= MAX_WATCHES_PER_DEALER {
-            return Err(Status::resource_exhausted(format!(
-                "this dealer already has {MAX_WATCHES_PER_DEALER} WatchEvents streams open on this server: close one first (one stream with parent sites/- watches every site)"
-            )));
+    pub(super) fn new(store: keyplane_store::Store) -> Self {
+        Watches {
+            store,
+            replica: uuid::Uuid::new_v4(),
+            held: Default::default(),
+            renewing: Arc::new(std::sync::Once::new()),
         }
-        *n += 1;
+    }
+
+    async fn acquire(
+        &self,
+        dealer: uuid::Uuid,
+        shutdown: &CancellationToken,
+    ) -> Result<WatchGuard, Status> {
+        self.renewing.call_once(|| {
+            tokio::spawn(self.clone().renew(shutdown.clone()));
+        });
+        let lease = self
+            .store
+            .watch_lease_take(
+                dealer,
+                self.replica,
+                MAX_WATCHES_PER_DEALER,
+                WATCH_LEASE_TTL,
+            )
+            .await
+            .map_err(store_status)?;
+        self.held.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(WatchGuard {
             watches: self.clone(),
-            dealer,
+            lease,
         })
+    }
+
+    /// Keeps this replica's places alive until shutdown.
+    async fn renew(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(WATCH_LEASE_TTL / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // cancel-safe: a token.
+                _ = shutdown.cancelled() => return,
+                // cancel-safe: interval ticks.
+                _ = tick.tick() => {}
+            }
+            if self.held.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                continue;
+            }
+            if let Err(e) = self
+                .store
+                .watch_leases_renew(self.replica, WATCH_LEASE_TTL)
+                .await
+            {
+                // The places lapse unless renewed: the cap then errs towards
+                // admitting streams, for at most one TTL of an outage.
+                tracing::warn!(error = %e, "could not renew this replica's WatchEvents places");
+            }
+        }
     }
 }
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
-        let mut open = self.watches.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.dealer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.dealer);
-            }
+        self.watches
+            .held
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let store = self.watches.store.clone();
+        let lease = self.lease;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.watch_lease_release(lease).await {
+                    // Not renewed any more: the place comes back when it expires.
+                    tracing::debug!(error = %e, "WatchEvents place not released; it expires");
+                }
+            });
         }
     }
 }
@@ -125,7 +188,7 @@ pub(super) async fn watch(
     } else {
         WatchCursor::new(site, heads)
     };
-    let guard = api.watches.acquire(actor.dealer)?;
+    let guard = api.watches.acquire(actor.dealer, &api.shutdown).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let store = api.store.clone();
     let mut bell = api.bell.subscribe();

@@ -54,11 +54,11 @@ impl AdminApi {
     /// Builds the service.
     pub fn new(store: Store, hub: Hub, bell: EventBell, shutdown: CancellationToken) -> Self {
         AdminApi {
+            watches: event::Watches::new(store.clone()),
             store,
             hub,
             bell,
             shutdown,
-            watches: Default::default(),
         }
     }
 
