@@ -168,7 +168,17 @@ async fn erasing_a_person_removes_them_everywhere_and_is_audited() -> anyhow::Re
     let lock = s.lock.clone();
     let site = s.site.clone();
     let bob = create_user(&mut s.admin, &site, "Bob Erasmus").await?;
-    s.credential(&bob, "9930", lock_scope(&[&lock])).await?;
+    let code = s.credential(&bob, "9930", lock_scope(&[&lock])).await?;
+    s.admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: code.name.clone(),
+                display_name: "Erasmus back door".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
     s.admin
         .update_user(pb::UpdateUserRequest {
             user: Some(pb::User {
@@ -194,6 +204,31 @@ async fn erasing_a_person_removes_them_everywhere_and_is_audited() -> anyhow::Re
         .ok_or_else(|| anyhow::anyhow!("the update is audited"))?;
     assert!(updated.before_json.contains("Bob Erasmus"), "{updated:?}");
     assert!(updated.after_json.contains("Robert Erasmus"), "{updated:?}");
+    // A credential's records carry it before and after too: names and scope,
+    // never the PIN.
+    let records = audit(&mut s).await?;
+    let of_code = |action: &str| {
+        records
+            .iter()
+            .find(|r| r.action == action && r.resource == code.name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{action} is audited"))
+    };
+    let (created, renamed) = (of_code("credential.create")?, of_code("credential.update")?);
+    let lock_id = id_of(&lock.name)?.to_string();
+    assert!(created.before_json.is_empty(), "{created:?}");
+    assert!(created.after_json.contains(&lock_id), "{created:?}");
+    assert!(
+        renamed.before_json.contains(&code.display_name),
+        "{renamed:?}"
+    );
+    assert!(
+        renamed.after_json.contains("Erasmus back door"),
+        "{renamed:?}"
+    );
+    for r in [&created, &renamed] {
+        assert!(!format!("{r:?}").contains("9930"), "a PIN in the audit log");
+    }
 
     // Another dealer cannot erase Bob.
     let other = s.server.dealer("Dealer Two").await?;

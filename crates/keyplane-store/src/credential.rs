@@ -6,7 +6,7 @@ use crate::authority::{
 };
 use crate::device::{DEVICE_COLUMNS, device_from_row};
 use crate::site::{
-    AUDIT_SQL, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check,
+    AUDIT_FULL_SQL, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check,
     not_found_site, replay_decide, replayed_id, site_change_record_in_txn, site_from_row,
     site_get_in_txn,
 };
@@ -695,6 +695,27 @@ pub(crate) fn devices_param(scope: &Scope) -> Vec<Uuid> {
     dedup(&[scope.locks.as_slice(), &scope.doors].concat())
 }
 
+/// A credential as the audit log records it before or after a change: never the
+/// PIN (whether it changed is in the record's detail), nor slot numbers (the
+/// allocator's, counted in the detail).
+fn credential_audit_json(
+    display_name: &str,
+    scope: &Scope,
+    valid_from: Option<chrono::DateTime<chrono::Utc>>,
+    valid_until: Option<chrono::DateTime<chrono::Utc>>,
+    max_uses: Option<i32>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "display_name": display_name,
+        "panel_partitions": scope.panel_partitions,
+        "locks": scope.locks,
+        "doors": scope.doors,
+        "valid_from": valid_from,
+        "valid_until": valid_until,
+        "max_uses": max_uses,
+    })
+}
+
 impl Store {
     /// Creates a credential: checks its PIN against every scoped device, gives it a slot
     /// on each, and records the change for the site's agent. One round trip loads what
@@ -749,6 +770,14 @@ impl Store {
             let name = format!("sites/{site}/users/{user}/credentials/{id}");
             let revision = loaded.site.revision + 1;
             let detail = serde_json::json!({ "revision": revision, "slots": plan.allocate.len() });
+            let before: Option<serde_json::Value> = None;
+            let after = Some(credential_audit_json(
+                &new.display_name,
+                &new.scope,
+                new.valid_from,
+                new.valid_until,
+                new.max_uses,
+            ));
             let get_sql = credential_get_sql();
             let (s_insert, s_part, s_dev, s_slots, s_remember, s_audit, s_get) = tokio::try_join!(
                 tx.prepare_cached(
@@ -767,7 +796,7 @@ impl Store {
                     "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
                      VALUES ($1, $2, $3, $4, $5)"
                 ),
-                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(AUDIT_FULL_SQL),
                 tx.prepare_cached(&get_sql),
             )?;
             let empty: Vec<Uuid> = Vec::new();
@@ -785,7 +814,7 @@ impl Store {
                         Some(k) => Pg::execute(&tx, &s_remember, &[&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name]).await,
                     }
                 },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user, &id]).await },
             );
             inserted?;
@@ -934,6 +963,21 @@ impl Store {
                 "scope": patch.scope.is_some(),
                 "slots_changed": slots_changed,
             });
+            let was = &current.credential;
+            let before = Some(credential_audit_json(
+                &was.display_name,
+                &was.scope,
+                was.valid_from,
+                was.valid_until,
+                was.max_uses,
+            ));
+            let after = Some(credential_audit_json(
+                patch.display_name.as_deref().unwrap_or(&was.display_name),
+                &scope,
+                was.valid_from,
+                was.valid_until,
+                was.max_uses,
+            ));
             let get_sql = credential_get_sql();
             let (s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit, s_get) = tokio::try_join!(
                 tx.prepare_cached(
@@ -955,7 +999,7 @@ impl Store {
                     "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
                 ),
                 tx.prepare_cached(SLOTS_WRITE_SQL),
-                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(AUDIT_FULL_SQL),
                 tx.prepare_cached(&get_sql),
             )?;
             let new_scope = patch.scope.is_some();
@@ -968,7 +1012,7 @@ impl Store {
                 async { if new_scope { Pg::execute(&tx, &s_part, &[&site, &credential, &partitions_param(&scope)]).await } else { Ok(0) } },
                 async { if new_scope { Pg::execute(&tx, &s_dev, &[&site, &credential, &devices_param(&scope)]).await } else { Ok(0) } },
                 async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &pin_hash, &slots.rekeyed, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
                 async { Pg::query_one(&tx, &s_get, &[&site, &user, &credential]).await },
             );
             updated?;
@@ -1035,10 +1079,19 @@ impl Store {
             let plan = slot_plan(&held, &[], false);
             let slots = SlotsWrite::new(&plan, &loaded.devices);
             let detail = serde_json::json!({ "slots_freed": plan.freed.len() });
+            let was = &current.credential;
+            let before = Some(credential_audit_json(
+                &was.display_name,
+                &was.scope,
+                was.valid_from,
+                was.valid_until,
+                was.max_uses,
+            ));
+            let after: Option<serde_json::Value> = None;
             let (s_slots, s_delete, s_audit) = tokio::try_join!(
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
-                tx.prepare_cached(AUDIT_SQL),
+                tx.prepare_cached(AUDIT_FULL_SQL),
             )?;
             let empty: Vec<Uuid> = Vec::new();
             let no_ints: Vec<i32> = Vec::new();
@@ -1048,7 +1101,7 @@ impl Store {
                 biased;
                 async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints, &no_ints, &empty, &no_ints, &force]).await },
                 async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
+                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
             );
             freed?;
             deleted?;
