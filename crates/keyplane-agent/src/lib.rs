@@ -18,6 +18,7 @@ pub mod hand;
 pub mod identity;
 pub mod intake;
 pub mod journal;
+mod parts;
 mod reconcile;
 mod reports;
 pub mod seal;

@@ -262,6 +262,8 @@ pub struct Agent {
     workers: HashMap<String, Worker>,
     outbound: watch::Sender<Option<Outbound>>,
     cancel: CancellationToken,
+    /// Parts of a snapshot or change set still arriving: journaled once whole.
+    parts: crate::parts::Assembly,
 }
 
 impl Drop for Agent {
@@ -325,6 +327,7 @@ impl Agent {
             workers: HashMap::new(),
             outbound,
             cancel: CancellationToken::new(),
+            parts: crate::parts::Assembly::default(),
         }
     }
 
@@ -418,6 +421,7 @@ impl Agent {
                     self.shared.clock.wall(),
                 ))),
                 tzdb_version: chrono_tz::IANA_TZDB_VERSION.to_owned(),
+                accepts_parts: true,
             })),
         }
     }
@@ -435,6 +439,11 @@ impl Agent {
                 Ok(())
             });
         }
+        // A part with more to come waits: the journal takes only whole updates, so a
+        // stream cut in between leaves the last desired table as it was.
+        let Some(msg) = self.parts.take(msg)? else {
+            return Ok(());
+        };
         self.shared.journal(|j| journal_message(j, msg))?;
         self.start_devices();
         self.kick_all();
@@ -448,12 +457,19 @@ impl Agent {
         urgent: mpsc::Sender<pb::AgentMessage>,
         routine: mpsc::Sender<pb::AgentMessage>,
     ) {
+        self.parts.reset();
         self.outbound
             .send_replace(Some(Outbound { urgent, routine }));
     }
 
     /// The stream ended: nothing is sent until the next one.
     pub fn stream_ended(&mut self) {
+        if self.parts.holding() {
+            tracing::info!(
+                "the stream ended in the middle of an update sent in parts: nothing of it was applied; the next stream starts over"
+            );
+        }
+        self.parts.reset();
         self.outbound.send_replace(None);
     }
 
@@ -825,6 +841,7 @@ pub(crate) mod tests {
             slots,
             time_zone: "Europe/Paris".into(),
             lockdown,
+            ..Default::default()
         })
     }
 
@@ -880,6 +897,80 @@ pub(crate) mod tests {
         )
         .expect("agent");
         (agent, slots, sticky)
+    }
+
+    /// `msg` as one part of several (see `crate::parts`).
+    fn part(msg: pb::server_message::Msg, part: i32, more: bool) -> pb::server_message::Msg {
+        match msg {
+            pb::server_message::Msg::Snapshot(mut s) => {
+                s.part = part;
+                s.more_parts = more;
+                pb::server_message::Msg::Snapshot(s)
+            }
+            other => other,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_in_parts_is_journaled_whole_and_a_cut_stream_leaves_the_old_table() {
+        let dir = TempDir::new();
+        let (mut agent, slots) = bare_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        agent
+            .apply(
+                snapshot(1, false, &devices, vec![code(DOOR, 3, "4821", false)]),
+                &tx,
+            )
+            .await
+            .expect("apply");
+        assert_eq!(acks(&mut rx, DOOR), vec![1]);
+        // Revision 2 in two parts; the stream ends after the first.
+        let first = vec![code(DOOR, 4, "5930", false)];
+        agent
+            .apply(
+                part(snapshot(2, false, &devices, first.clone()), 0, true),
+                &tx,
+            )
+            .await
+            .expect("first part held");
+        assert_eq!(
+            agent.revision(),
+            1,
+            "nothing journaled before the last part"
+        );
+        assert_eq!(held(&slots).keys().copied().collect::<Vec<_>>(), vec![3]);
+        assert!(acks(&mut rx, DOOR).iter().all(|r| *r == 1));
+        agent.stream_ended();
+        // The next stream starts over; a stray later part is refused, not applied.
+        assert!(
+            agent
+                .accept(part(snapshot(2, false, &devices, vec![]), 1, false))
+                .is_err()
+        );
+        assert_eq!(agent.revision(), 1);
+        agent
+            .apply(part(snapshot(2, false, &devices, first), 0, true), &tx)
+            .await
+            .expect("first part");
+        agent
+            .apply(
+                part(
+                    snapshot(2, false, &devices, vec![code(DOOR, 5, "6041", false)]),
+                    1,
+                    false,
+                ),
+                &tx,
+            )
+            .await
+            .expect("last part");
+        assert_eq!(agent.revision(), 2);
+        assert_eq!(
+            held(&slots).keys().copied().collect::<Vec<_>>(),
+            vec![4, 5],
+            "the whole snapshot replaced the table: slot 3 cleared, both parts written"
+        );
+        assert_eq!(acks(&mut rx, DOOR).last(), Some(&2));
     }
 
     #[tokio::test]
@@ -1141,6 +1232,7 @@ pub(crate) mod tests {
             devices: snap.devices,
             time_zone: snap.time_zone,
             lockdown: false,
+            ..Default::default()
         })
     }
 

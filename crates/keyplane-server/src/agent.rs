@@ -193,44 +193,120 @@ fn devices_pb(site: Uuid, devices: &[(Uuid, &'static DeviceModel)]) -> Vec<pb::S
         .collect()
 }
 
-fn update_pb(site: Uuid, update: &AgentUpdate) -> (i64, pb::ServerMessage) {
-    let (revision, msg) = match update {
-        AgentUpdate::Snapshot {
-            revision,
-            devices,
-            time_zone,
-            lockdown,
-            slots,
-        } => (
-            *revision,
-            pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+/// The most bytes of slots one part of a snapshot or change set carries. Parts queue
+/// in the stream's channel (16 messages), so this bounds what a slow agent holds in
+/// keyplaned's memory besides the update itself: 4 MiB.
+pub const PART_BYTES: usize = 256 * 1024;
+
+/// The largest message an agent that does not assemble parts accepts: tonic's default
+/// decoding limit, which agents before `Hello.accepts_parts` kept.
+pub const SINGLE_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Room kept in a single message for everything but the slots (devices, time zone).
+const HEADER_ROOM: usize = 256 * 1024;
+
+/// An update as messages of at most `max_bytes` of slots each, built one at a time
+/// as they are sent, so the update is never held twice. An update with no slots is
+/// one message; every message carries the update's other fields, and all but the
+/// last say `more_parts`.
+struct Parts<'a> {
+    site: Uuid,
+    update: &'a AgentUpdate,
+    max_bytes: usize,
+    next: usize,
+    part: i32,
+    done: bool,
+}
+
+impl<'a> Parts<'a> {
+    fn new(site: Uuid, update: &'a AgentUpdate, max_bytes: usize) -> Self {
+        Parts {
+            site,
+            update,
+            max_bytes,
+            next: 0,
+            part: 0,
+            done: false,
+        }
+    }
+
+    fn all_slots(&self) -> &'a [DesiredSlot] {
+        match self.update {
+            AgentUpdate::Snapshot { slots, .. } | AgentUpdate::Changes { slots, .. } => slots,
+        }
+    }
+}
+
+impl Iterator for Parts<'_> {
+    type Item = pb::ServerMessage;
+
+    fn next(&mut self) -> Option<pb::ServerMessage> {
+        use prost::Message;
+        if self.done {
+            return None;
+        }
+        let all = self.all_slots();
+        let mut slots = Vec::new();
+        let mut bytes = 0;
+        while let Some(s) = all.get(self.next) {
+            let slot = slot_pb(self.site, s);
+            let len = slot.encoded_len();
+            // The field's tag and length prefix.
+            let size = 1 + prost::length_delimiter_len(len) + len;
+            if !slots.is_empty() && bytes + size > self.max_bytes {
+                break;
+            }
+            bytes += size;
+            slots.push(slot);
+            self.next += 1;
+        }
+        let more_parts = self.next < all.len();
+        let part = self.part;
+        self.part += 1;
+        self.done = !more_parts;
+        let site = self.site;
+        let msg = match self.update {
+            AgentUpdate::Snapshot {
+                revision,
+                devices,
+                time_zone,
+                lockdown,
+                ..
+            } => pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
                 lockdown: *lockdown,
                 revision: *revision,
                 devices: devices_pb(site, devices),
-                slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
+                slots,
                 time_zone: time_zone.clone(),
+                more_parts,
+                part,
             }),
-        ),
-        AgentUpdate::Changes {
-            from,
-            revision,
-            devices,
-            time_zone,
-            lockdown,
-            slots,
-        } => (
-            *revision,
-            pb::server_message::Msg::Changes(pb::DesiredChanges {
+            AgentUpdate::Changes {
+                from,
+                revision,
+                devices,
+                time_zone,
+                lockdown,
+                ..
+            } => pb::server_message::Msg::Changes(pb::DesiredChanges {
                 lockdown: *lockdown,
                 from_revision: *from,
                 revision: *revision,
-                slots: slots.iter().map(|s| slot_pb(site, s)).collect(),
+                slots,
                 devices: devices_pb(site, devices),
                 time_zone: time_zone.clone(),
+                more_parts,
+                part,
             }),
-        ),
-    };
-    (revision, pb::ServerMessage { msg: Some(msg) })
+        };
+        Some(pb::ServerMessage { msg: Some(msg) })
+    }
+}
+
+fn update_revision(update: &AgentUpdate) -> i64 {
+    match update {
+        AgentUpdate::Snapshot { revision, .. } | AgentUpdate::Changes { revision, .. } => *revision,
+    }
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
@@ -327,6 +403,7 @@ impl AgentService for AgentApi {
             tx,
             sent: 0,
             principal,
+            parts: hello.accepts_parts,
             epoch,
             resync,
             expires,
@@ -418,6 +495,10 @@ struct Session {
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     sent: i64,
     principal: AgentPrincipal,
+    /// The agent assembles parts (`Hello.accepts_parts`): large updates are sent in
+    /// parts of [`PART_BYTES`]; otherwise as one message of at most
+    /// [`SINGLE_MESSAGE_LIMIT`].
+    parts: bool,
     /// The site's session epoch this stream last checked itself against.
     epoch: i64,
     /// The site's resync sequence this stream has answered (OpsService/ResyncSite).
@@ -578,12 +659,37 @@ impl Session {
         }
     }
 
+    /// Sends `update`, in parts when the agent assembles them; false when the agent is
+    /// gone, or when the update does not fit the one message an agent that does not
+    /// assemble parts accepts (the stream ends with FAILED_PRECONDITION saying so).
     async fn send(&mut self, update: &AgentUpdate) -> bool {
-        let (revision, msg) = update_pb(self.site, update);
-        if !self.send_msg(Ok(msg)).await {
-            return false;
+        if self.parts {
+            for msg in Parts::new(self.site, update, PART_BYTES) {
+                if !self.send_msg(Ok(msg)).await {
+                    return false;
+                }
+            }
+        } else {
+            let mut parts = Parts::new(self.site, update, SINGLE_MESSAGE_LIMIT - HEADER_ROOM);
+            let Some(msg) = parts.next() else {
+                return false;
+            };
+            if parts.next().is_some() {
+                let site = self.site;
+                tracing::warn!(%site, "the site's desired table does not fit one message: the agent must assemble parts");
+                self.send_msg(Err(Status::failed_precondition(format!(
+                    "what sites/{site}'s agent must apply is over the {} MiB one message may carry to an agent \
+                     that does not assemble parts: upgrade keyplane-agent to a release that sets Hello.accepts_parts",
+                    SINGLE_MESSAGE_LIMIT / (1024 * 1024)
+                ))))
+                .await;
+                return false;
+            }
+            if !self.send_msg(Ok(msg)).await {
+                return false;
+            }
         }
-        self.sent = revision;
+        self.sent = update_revision(update);
         true
     }
 
@@ -757,6 +863,105 @@ impl Session {
                 Err(Status::invalid_argument("Hello may be sent only once"))
             }
             None => Err(Status::invalid_argument("empty agent message")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(slots: usize, snapshot: bool) -> AgentUpdate {
+        let device = Uuid::new_v4();
+        let slots = (1..=slots)
+            .map(|n| DesiredSlot {
+                device,
+                slot: u16::try_from(n).expect("slot"),
+                code: Some(keyplane_store::DesiredCode {
+                    credential: Uuid::new_v4(),
+                    user: Uuid::new_v4(),
+                    pin: keyplane_core::pin::Pin::parse("48213").expect("pin"),
+                    authorities: Vec::new(),
+                    open_close_reporting: false,
+                    schedules: None,
+                    valid_from: None,
+                    valid_until: None,
+                    write_generation: 0,
+                }),
+                remove_local: false,
+            })
+            .collect();
+        let devices = vec![(device, DeviceModel::find("door-1000").expect("model"))];
+        if snapshot {
+            AgentUpdate::Snapshot {
+                revision: 7,
+                devices,
+                time_zone: "Europe/Paris".into(),
+                lockdown: false,
+                slots,
+            }
+        } else {
+            AgentUpdate::Changes {
+                from: 3,
+                revision: 7,
+                devices,
+                time_zone: "Europe/Paris".into(),
+                lockdown: false,
+                slots,
+            }
+        }
+    }
+
+    /// (part, more_parts, slot numbers, encoded slot bytes) of each message.
+    fn split(update: &AgentUpdate, max: usize) -> Vec<(i32, bool, Vec<i32>, usize)> {
+        use prost::Message;
+        Parts::new(Uuid::new_v4(), update, max)
+            .map(|m| match m.msg {
+                Some(pb::server_message::Msg::Snapshot(s)) => (
+                    s.part,
+                    s.more_parts,
+                    s.slots.iter().map(|s| s.slot).collect(),
+                    s.slots.iter().map(|s| s.encoded_len() + 2).sum(),
+                ),
+                Some(pb::server_message::Msg::Changes(c)) => {
+                    assert_eq!((c.from_revision, c.revision), (3, 7));
+                    (
+                        c.part,
+                        c.more_parts,
+                        c.slots.iter().map(|s| s.slot).collect(),
+                        c.slots.iter().map(|s| s.encoded_len() + 2).sum(),
+                    )
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parts_cover_every_slot_in_order_and_only_the_last_says_no_more() {
+        // (slots, snapshot, max bytes, parts expected)
+        let table = [
+            (0, true, PART_BYTES, 1),
+            (1, true, PART_BYTES, 1),
+            (100, false, PART_BYTES, 1),
+            (100, true, 1, 100),
+            (20_000, true, PART_BYTES, 0),
+        ];
+        for (n, snapshot, max, want) in table {
+            let parts = split(&update(n, snapshot), max);
+            if want > 0 {
+                assert_eq!(parts.len(), want, "{n} slots, max {max}");
+            } else {
+                assert!(parts.len() > 1, "{n} slots are over one part");
+            }
+            let numbers: Vec<i32> = parts.iter().flat_map(|p| p.2.clone()).collect();
+            assert_eq!(numbers, (1..=n as i32).collect::<Vec<_>>());
+            for (i, (part, more, slots, bytes)) in parts.iter().enumerate() {
+                assert_eq!(*part, i as i32);
+                assert_eq!(*more, i + 1 < parts.len());
+                // Over the bound only when one slot alone is.
+                assert!(*bytes <= max || slots.len() == 1, "part {i}: {bytes} bytes");
+            }
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct Config {
     pub retention_batch: i64,
     /// What the retention sweep has done (shared with whoever holds a clone).
     pub retention_progress: retention::RetentionProgress,
+    /// How much of each site's change log the retention sweep keeps; an agent behind
+    /// it gets a snapshot.
+    pub change_window: keyplane_store::ChangeWindow,
     /// Skew between an agent's clock (reported in Hello) and keyplaned's beyond which
     /// GetSyncStatus raises `clock_skew` (issue 14). 30 s unless configured.
     pub clock_skew_threshold: Duration,
@@ -113,6 +116,7 @@ impl std::fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("retention_interval", &self.retention_interval)
             .field("retention_batch", &self.retention_batch)
+            .field("change_window", &self.change_window)
             .field("clock_skew_threshold", &self.clock_skew_threshold)
             .field("min_agent_protocol", &self.min_agent_protocol)
             .field("replica_name", &self.replica_name)
@@ -175,6 +179,7 @@ impl Config {
             retention_interval: Duration::from_secs(3600),
             retention_batch: retention::RETENTION_BATCH,
             retention_progress: retention::RetentionProgress::default(),
+            change_window: keyplane_store::ChangeWindow::default(),
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_agent_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica_name: None,
@@ -257,6 +262,7 @@ pub async fn serve(
             store.clone(),
             config.retention_interval,
             config.retention_batch,
+            config.change_window,
             config.retention_progress.clone(),
             shutdown.clone(),
         ))

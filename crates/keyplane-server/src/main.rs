@@ -59,6 +59,15 @@ enum Command {
                   i64::from(keyplane_core::compat::MIN_PROTOCOL_VERSION)
                       ..=i64::from(keyplane_core::compat::PROTOCOL_VERSION)))]
         min_agent_protocol: i32,
+        /// Change log rows kept per site (one per slot and revision); an agent
+        /// behind them is sent a snapshot. At least 1000.
+        #[arg(long, env = "KEYPLANE_CHANGE_LOG_ROWS", default_value_t = 100_000,
+              value_parser = clap::value_parser!(i64).range(1000..))]
+        change_log_rows: i64,
+        /// Days of changes kept per site; an agent offline longer is sent a snapshot.
+        #[arg(long, env = "KEYPLANE_CHANGE_LOG_DAYS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        change_log_days: u64,
     },
     /// Create the agent certificate authority in a new directory (mode 0700): ca.key
     /// (0600) and ca.crt, and with --server-name a server certificate signed by it
@@ -278,6 +287,8 @@ async fn main() -> anyhow::Result<()> {
             ca_cert_file,
             clock_skew_threshold_secs,
             min_agent_protocol,
+            change_log_rows,
+            change_log_days,
         } => {
             // Hex keys only from the environment: argv is visible to every local user.
             let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
@@ -288,6 +299,10 @@ async fn main() -> anyhow::Result<()> {
             config.clock_skew_threshold =
                 std::time::Duration::from_secs(*clock_skew_threshold_secs);
             config.min_agent_protocol = *min_agent_protocol;
+            config.change_window = keyplane_store::ChangeWindow {
+                rows: *change_log_rows,
+                age: std::time::Duration::from_secs(change_log_days.saturating_mul(86_400)),
+            };
             if let (Some(cert), Some(key)) = (tls_cert_file, tls_key_file) {
                 warn_if_readable_by_others(key);
                 config.tls = Some(keyplane_server::ServerTls {

@@ -1,5 +1,6 @@
 //! The retention sweep: deletes events and audit records past their dealer's period
-//! (`RetentionPolicy`), a bounded number of small batches per pass.
+//! (`RetentionPolicy`), a bounded number of small batches per pass, and keeps each
+//! site's change log to its window ([`keyplane_store::ChangeWindow`]).
 
 use keyplane_store::Store;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ struct Inner {
     passes: AtomicU64,
     events: AtomicU64,
     audit: AtomicU64,
+    changes: AtomicU64,
     notify: tokio::sync::Notify,
 }
 
@@ -31,6 +33,7 @@ impl std::fmt::Debug for RetentionProgress {
             .field("passes", &self.passes())
             .field("events_deleted", &self.events_deleted())
             .field("audit_deleted", &self.audit_deleted())
+            .field("changes_pruned", &self.changes_pruned())
             .finish()
     }
 }
@@ -49,6 +52,11 @@ impl RetentionProgress {
     /// Audit records deleted so far.
     pub fn audit_deleted(&self) -> u64 {
         self.0.audit.load(Ordering::SeqCst)
+    }
+
+    /// Change log rows pruned so far.
+    pub fn changes_pruned(&self) -> u64 {
+        self.0.changes.load(Ordering::SeqCst)
     }
 
     /// Waits until at least `count` passes have completed.
@@ -76,10 +84,25 @@ impl RetentionProgress {
     }
 }
 
+/// Sites whose change log one pass looks at, at most (the rest wait for the next).
+pub const PRUNE_SITES_PER_PASS: i64 = 1000;
+
+/// Where the change log pruning left off: the database clock of its last pass.
+#[derive(Debug, Default)]
+pub struct PruneCursor(Option<std::time::SystemTime>);
+
 /// One pass: batches of `batch` until a batch finds fewer than `batch` of each kind
-/// (or [`MAX_BATCHES_PER_PASS`]). Every replica may run it: deletes of the same rows
-/// by two replicas only contend, never double count beyond what each deleted.
-pub async fn pass(store: &Store, batch: i64, progress: &RetentionProgress) {
+/// (or [`MAX_BATCHES_PER_PASS`]), then the change logs of the sites written since
+/// the last pass (and of those holding changes past the window's age) pruned to
+/// `window`. Every replica may run it: deletes of the same rows by two replicas only
+/// contend, never double count beyond what each deleted.
+pub async fn pass(
+    store: &Store,
+    batch: i64,
+    window: keyplane_store::ChangeWindow,
+    cursor: &mut PruneCursor,
+    progress: &RetentionProgress,
+) {
     for _ in 0..MAX_BATCHES_PER_PASS {
         match store.retention_sweep(batch).await {
             Ok(swept) => {
@@ -94,6 +117,27 @@ pub async fn pass(store: &Store, batch: i64, progress: &RetentionProgress) {
             }
         }
     }
+    match store
+        .change_log_prune(window, cursor.0, PRUNE_SITES_PER_PASS)
+        .await
+    {
+        Ok((pruned, now)) => {
+            // A site written while the pass ran is looked at again next time: the
+            // slack covers a write that committed after `now` but bumped before.
+            cursor.0 = Some(now - std::time::Duration::from_secs(5));
+            if pruned.rows > 0 {
+                tracing::debug!(
+                    sites = pruned.sites,
+                    rows = pruned.rows,
+                    "change log pruned to its window"
+                );
+            }
+            progress.0.changes.fetch_add(pruned.rows, Ordering::SeqCst);
+        }
+        Err(e) => {
+            tracing::warn!("pruning the change log failed ({e}); trying again at the next pass")
+        }
+    }
     progress.pass_done();
 }
 
@@ -102,17 +146,19 @@ pub async fn sweep(
     store: Store,
     interval: Duration,
     batch: i64,
+    window: keyplane_store::ChangeWindow,
     progress: RetentionProgress,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cursor = PruneCursor::default();
     loop {
         tokio::select! {
             // cancel-safe: a token.
             _ = shutdown.cancelled() => return,
             // cancel-safe: interval ticks.
-            _ = tick.tick() => pass(&store, batch, &progress).await,
+            _ = tick.tick() => pass(&store, batch, window, &mut cursor, &progress).await,
         }
     }
 }

@@ -1,12 +1,14 @@
 //! What agents read and report: desired slots since a revision, acks, sync status.
 
 use crate::Cached;
+use crate::in_txn;
 use crate::site::{not_found_site, site_get_in_txn};
 use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, StoreError};
 use keyplane_core::authority::Level;
 use keyplane_core::{DeviceKind, DeviceModel};
 
 use crate::rules::AccessRules;
+use futures_util::TryStreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 use tokio_postgres::{IsolationLevel, Row};
@@ -76,35 +78,36 @@ impl Store {
         })
     }
 
-    /// The rows as desired slots. A row that cannot be read (a sealed PIN that does not
-    /// open) is reported and left out, so one bad row never stops a site's sync; in a
-    /// snapshot that clears the slot, which fails closed.
-    fn desired_slots(
+    /// The row as a desired slot. A row that cannot be read (a sealed PIN that does
+    /// not open) is reported and left out (None), so one bad row never stops a site's
+    /// sync; in a snapshot that clears the slot, which fails closed.
+    fn desired_slot(
         &self,
         site: Uuid,
-        rows: &[Row],
+        row: &Row,
         levels: &HashMap<Uuid, Vec<(u8, Level)>>,
         rules: &AccessRules,
-    ) -> Vec<DesiredSlot> {
-        rows.iter()
-            .filter_map(|r| match self.desired_from_row(site, r, levels, rules) {
-                Ok(slot) => Some(slot),
-                Err(e) => {
-                    let device: Uuid = r.get(0);
-                    let slot: i32 = r.get(1);
-                    tracing::error!(
-                        %site, %device, slot, error = %e,
-                        "a desired slot cannot be read and is not sent to the agent; the rest of the site is"
-                    );
-                    None
-                }
-            })
-            .collect()
+    ) -> Option<DesiredSlot> {
+        match self.desired_from_row(site, row, levels, rules) {
+            Ok(slot) => Some(slot),
+            Err(e) => {
+                let device: Uuid = row.get(0);
+                let slot: i32 = row.get(1);
+                tracing::error!(
+                    %site, %device, slot, error = %e,
+                    "a desired slot cannot be read and is not sent to the agent; the rest of the site is"
+                );
+                None
+            }
+        }
     }
 
     /// What the site's agent must apply after `from`: a snapshot when it has nothing
-    /// (0) or claims a revision the site never had, the changed slots otherwise. Read
-    /// in one repeatable-read snapshot so slots and revision agree.
+    /// (0), claims a revision the site never had, or is behind the change log's
+    /// window (`site.change_floor`, see [`Store::change_log_prune`]); the changed
+    /// slots otherwise. Read in one repeatable-read snapshot so slots and revision
+    /// agree. The desired rows are streamed from PostgreSQL and turned into slots one
+    /// at a time, so a large site is held once (as slots), never also as rows.
     pub async fn agent_update(&self, site: Uuid, from: i64) -> Result<AgentUpdate, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn
@@ -116,7 +119,9 @@ impl Store {
         // Generic plans for the reads below, sent in the same round trip as the first.
         let (s_generic, s_site) = tokio::try_join!(
             tx.prepare_cached(crate::GENERIC_PLANS_SQL),
-            tx.prepare_cached("SELECT revision, time_zone, lockdown FROM site WHERE id = $1"),
+            tx.prepare_cached(
+                "SELECT revision, time_zone, lockdown, change_floor FROM site WHERE id = $1"
+            ),
         )?;
         let (generic, site_row) = tokio::join!(
             biased;
@@ -128,6 +133,7 @@ impl Store {
         let revision: i64 = site_row.get(0);
         let time_zone: String = site_row.get(1);
         let lockdown: bool = site_row.get(2);
+        let floor: i64 = site_row.get(3);
         let devices = tx
             .query(
                 "SELECT id, model FROM device WHERE site_id = $1 ORDER BY id",
@@ -155,55 +161,26 @@ impl Store {
                 slots: Vec::new(),
             });
         }
-        let snapshot = from <= 0 || from > revision;
-        let rows = if snapshot {
-            tx.query(
-                "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
-                    sa.write_generation, false
-                 FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-                 JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
-                 JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-                 WHERE sa.site_id = $1
-                 UNION ALL
-                 SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-                 FROM observed_slot o WHERE o.site_id = $1 AND o.removing
-                 ORDER BY 1, 2",
-                &[&site],
-            )
-            .await?
-        } else {
-            tx.query(
-                "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
-                    sa.write_generation, coalesce(o.removing, false)
-                 FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
-                 LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
-                 LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
-                 LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
-                 LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
-                 LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
-                                         AND o.slot = ch.slot AND o.removing
-                 ORDER BY ch.device_id, ch.slot",
-                &[&site, &from],
-            )
-            .await?
-        };
+        // Changes after `from` are all in the log only when `from` is at or above the
+        // floor (every change at or below it may have been pruned).
+        let snapshot = from <= 0 || from > revision || from < floor;
         // Levels and access rules only of the codes about to be sent: a catch-up after
-        // one change reads a few rows, however large the site.
+        // one change reads a few rows, however large the site. Their ids are read
+        // first (a few bytes a slot), so the slots themselves can be streamed.
         let (credentials, users): (Option<Vec<Uuid>>, Option<Vec<Uuid>>) = if snapshot {
             (None, None)
         } else {
-            let mut credentials: Vec<Uuid> = rows
-                .iter()
-                .filter_map(|r| r.get::<_, Option<Uuid>>(2))
-                .collect();
-            let mut users: Vec<Uuid> = rows
-                .iter()
-                .filter_map(|r| r.get::<_, Option<Uuid>>(3))
-                .collect();
-            credentials.sort_unstable();
-            credentials.dedup();
+            let rows = tx
+                .query(
+                    "SELECT DISTINCT sa.credential_id, c.user_id
+                     FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
+                     JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
+                     JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id",
+                    &[&site, &from],
+                )
+                .await?;
+            let credentials: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+            let mut users: Vec<Uuid> = rows.iter().map(|r| r.get(1)).collect();
             users.sort_unstable();
             users.dedup();
             (Some(credentials), Some(users))
@@ -229,7 +206,48 @@ impl Store {
             }
         }
         let rules = crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()).await?;
-        let slots = self.desired_slots(site, &rows, &levels, &rules);
+        let stream = if snapshot {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&site];
+            tx.query_raw(
+                "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                    sa.write_generation, false
+                 FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+                 JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
+                 JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+                 WHERE sa.site_id = $1
+                 UNION ALL
+                 SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+                 FROM observed_slot o WHERE o.site_id = $1 AND o.removing
+                 ORDER BY 1, 2",
+                params,
+            )
+            .await?
+        } else {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&site, &from];
+            tx.query_raw(
+                "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                    sa.write_generation, coalesce(o.removing, false)
+                 FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
+                 LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
+                 LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
+                 LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
+                 LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
+                 LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
+                                         AND o.slot = ch.slot AND o.removing
+                 ORDER BY ch.device_id, ch.slot",
+                params,
+            )
+            .await?
+        };
+        let mut stream = std::pin::pin!(stream);
+        let mut slots = Vec::new();
+        while let Some(row) = stream.try_next().await? {
+            if let Some(slot) = self.desired_slot(site, &row, &levels, &rules) {
+                slots.push(slot);
+            }
+        }
         let update = if snapshot {
             AgentUpdate::Snapshot {
                 revision,
@@ -401,7 +419,8 @@ impl Store {
         let devices = tx
             .query(
                 "SELECT d.id, d.applied_revision, d.last_seen_time,
-                    coalesce((SELECT max(revision) FROM site_change ch WHERE ch.site_id = d.site_id AND ch.device_id = d.id), 0),
+                    coalesce((SELECT max(revision) FROM site_change ch WHERE ch.site_id = d.site_id AND ch.device_id = d.id),
+                             (SELECT change_floor FROM site WHERE id = d.site_id)),
                     (SELECT count(DISTINCT slot) FROM site_change ch
                       WHERE ch.site_id = d.site_id AND ch.device_id = d.id AND ch.revision > d.applied_revision),
                     (SELECT count(*) FROM slot_assignment sa WHERE sa.site_id = d.site_id AND sa.device_id = d.id),
@@ -468,5 +487,102 @@ impl Store {
             agent_last_seen,
             devices,
         })
+    }
+}
+
+/// How much of each site's change log is kept (see [`Store::change_log_prune`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeWindow {
+    /// At most this many change rows per site (one row is one slot of one revision).
+    pub rows: i64,
+    /// Changes older than this are pruned.
+    pub age: Duration,
+}
+
+impl Default for ChangeWindow {
+    /// 100,000 rows (a plan edit on a site of 20 full doors marks about 5,000) and
+    /// 30 days: an agent offline longer gets a snapshot, which it needs anyway.
+    fn default() -> Self {
+        ChangeWindow {
+            rows: 100_000,
+            age: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// What one [`Store::change_log_prune`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Sites whose window moved.
+    pub sites: u64,
+    /// Change rows deleted.
+    pub rows: u64,
+}
+
+impl Store {
+    /// Prunes the change log of at most `batch` sites to `window`: every change at or
+    /// below a site's new floor is deleted and `site.change_floor` raised to it, in one
+    /// transaction per site (agents read floor and log in one snapshot). Only sites
+    /// whose revision moved after `since` (every site when None) or that hold changes
+    /// older than the window are looked at, so an idle database costs one indexed
+    /// read. Returns what it did and the database's clock, the next `since`.
+    pub async fn change_log_prune(
+        &self,
+        window: ChangeWindow,
+        since: Option<SystemTime>,
+        batch: i64,
+    ) -> Result<(Pruned, SystemTime), StoreError> {
+        let age = window.age.as_secs_f64();
+        let (sites, now): (Vec<Uuid>, SystemTime) = {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT n.now, c.site_id FROM (SELECT now() AS now) n LEFT JOIN (
+                        SELECT id AS site_id FROM site WHERE $1::timestamptz IS NULL OR change_time > $1
+                        UNION
+                        SELECT DISTINCT site_id FROM site_change
+                         WHERE change_time < now() - make_interval(secs => $2)
+                     ) c ON true LIMIT $3",
+                    &[&since, &age, &batch],
+                )
+                .await?;
+            let now = rows
+                .first()
+                .map(|r| r.get(0))
+                .ok_or_else(|| StoreError::Internal("no clock row".into()))?;
+            (
+                rows.iter()
+                    .filter_map(|r| r.get::<_, Option<Uuid>>(1))
+                    .collect(),
+                now,
+            )
+        };
+        let mut pruned = Pruned::default();
+        for site in sites {
+            let deleted: Option<i64> = in_txn!(self, "change_log_prune", |tx| {
+                let row = tx
+                    .query_one(
+                        "WITH f AS (SELECT GREATEST(
+                            (SELECT revision FROM site_change WHERE site_id = $1
+                              ORDER BY revision DESC OFFSET $2 LIMIT 1),
+                            (SELECT max(revision) FROM site_change WHERE site_id = $1
+                              AND change_time < now() - make_interval(secs => $3))) AS floor),
+                         d AS (DELETE FROM site_change ch USING f
+                               WHERE ch.site_id = $1 AND ch.revision <= f.floor RETURNING 1),
+                         s AS (UPDATE site SET change_floor = GREATEST(change_floor, f.floor)
+                               FROM f WHERE id = $1 AND f.floor > change_floor RETURNING 1)
+                         SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM s)",
+                        &[&site, &window.rows, &age],
+                    )
+                    .await?;
+                let (deleted, moved): (i64, i64) = (row.get(0), row.get(1));
+                Ok((moved > 0).then_some(deleted))
+            })?;
+            if let Some(deleted) = deleted {
+                pruned.sites += 1;
+                pruned.rows += u64::try_from(deleted).unwrap_or(0);
+            }
+        }
+        Ok((pruned, now))
     }
 }
