@@ -63,7 +63,7 @@ pub use rotate::RotationReport;
 pub use status::{
     AssignmentFacts, DeviceFindings, EvaluatedSlot, Held, SlotStatusFacts, StatusEvent,
 };
-pub use sync::SiteChange;
+pub use sync::{ChangeWindow, Pruned, SiteChange};
 pub use types::*;
 pub use watch::WatchLease;
 

@@ -91,6 +91,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "watch_lease",
         include_str!("../migrations/0019_watch_lease.sql"),
     ),
+    (
+        20,
+        "change_window",
+        include_str!("../migrations/0020_change_window.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

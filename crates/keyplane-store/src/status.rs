@@ -352,10 +352,11 @@ const SITE_SQL: &str = "SELECT time_zone, lockdown, agent_last_seen,
 
 /// Every assignment of site `$1` (of user `$2` when not NULL) with what its status is
 /// decided from: the slot's last change, the agent's last write report, what was read
-/// back, and a hand-programmed copy of its code.
+/// back, and a hand-programmed copy of its code. A slot whose changes were all pruned
+/// from the log last changed at the site's `change_floor` at the latest: read as then.
 const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, d.model,
         d.applied_revision, d.reachable, d.last_contact_time, c.valid_from, c.valid_until,
-        sa.write_generation, coalesce(ch.max_rev, 0), coalesce(ch.max_time, c.update_time),
+        sa.write_generation, coalesce(ch.max_rev, (SELECT change_floor FROM site WHERE id = $1)), coalesce(ch.max_time, c.update_time),
         coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
         o.state, o.observe_time, lc.slot, lc.observe_time, d.reported_constraints,
@@ -382,7 +383,7 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
      UNION ALL
      SELECT sl.device_id, sl.slot, sl.credential_id, sl.user_id, d.model,
         d.applied_revision, d.reachable, d.last_contact_time, NULL::timestamptz, NULL::timestamptz,
-        0::bigint, coalesce(ch.max_rev, 0), coalesce(ch.max_time, now()), coalesce(ch.min_rev, 0),
+        0::bigint, coalesce(ch.max_rev, (SELECT change_floor FROM site WHERE id = $1)), coalesce(ch.max_time, now()), coalesce(ch.min_rev, 0),
         w.revision, w.outcome, w.device_reason, w.partition, w.report_time,
         o.state, o.observe_time, NULL::integer, NULL::timestamptz, d.reported_constraints,
         sl.credential_id, sl.status, sl.withheld, sl.withheld_at, sl.issues, true,
