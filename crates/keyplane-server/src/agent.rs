@@ -58,6 +58,8 @@ pub struct AgentApi {
     min_protocol: i32,
     /// This replica's name, recorded with the streams it holds (OpsService).
     replica: String,
+    /// The most bytes of slots in one part ([`PART_BYTES`]).
+    part_bytes: usize,
 }
 
 impl AgentApi {
@@ -78,7 +80,14 @@ impl AgentApi {
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica: String::new(),
+            part_bytes: PART_BYTES,
         }
+    }
+
+    /// Sets the most bytes of slots one part carries (at least one slot goes in each).
+    pub fn with_part_bytes(mut self, part_bytes: usize) -> Self {
+        self.part_bytes = part_bytes;
+        self
     }
 
     /// Names this replica in the connections it records (OpsService).
@@ -403,7 +412,7 @@ impl AgentService for AgentApi {
             tx,
             sent: 0,
             principal,
-            parts: hello.accepts_parts,
+            parts: hello.accepts_parts.then_some(self.part_bytes),
             epoch,
             resync,
             expires,
@@ -496,9 +505,9 @@ struct Session {
     sent: i64,
     principal: AgentPrincipal,
     /// The agent assembles parts (`Hello.accepts_parts`): large updates are sent in
-    /// parts of [`PART_BYTES`]; otherwise as one message of at most
+    /// parts of this many bytes of slots; otherwise (None) as one message of at most
     /// [`SINGLE_MESSAGE_LIMIT`].
-    parts: bool,
+    parts: Option<usize>,
     /// The site's session epoch this stream last checked itself against.
     epoch: i64,
     /// The site's resync sequence this stream has answered (OpsService/ResyncSite).
@@ -663,8 +672,8 @@ impl Session {
     /// gone, or when the update does not fit the one message an agent that does not
     /// assemble parts accepts (the stream ends with FAILED_PRECONDITION saying so).
     async fn send(&mut self, update: &AgentUpdate) -> bool {
-        if self.parts {
-            for msg in Parts::new(self.site, update, PART_BYTES) {
+        if let Some(part_bytes) = self.parts {
+            for msg in Parts::new(self.site, update, part_bytes) {
                 if !self.send_msg(Ok(msg)).await {
                     return false;
                 }

@@ -91,6 +91,9 @@ pub struct Config {
     /// How much of each site's change log the retention sweep keeps; an agent behind
     /// it gets a snapshot.
     pub change_window: keyplane_store::ChangeWindow,
+    /// The most bytes of slots one part of a snapshot or change set carries
+    /// ([`agent::PART_BYTES`] unless a test needs many parts of a small site).
+    pub agent_part_bytes: usize,
     /// Skew between an agent's clock (reported in Hello) and keyplaned's beyond which
     /// GetSyncStatus raises `clock_skew` (issue 14). 30 s unless configured.
     pub clock_skew_threshold: Duration,
@@ -117,6 +120,7 @@ impl std::fmt::Debug for Config {
             .field("retention_interval", &self.retention_interval)
             .field("retention_batch", &self.retention_batch)
             .field("change_window", &self.change_window)
+            .field("agent_part_bytes", &self.agent_part_bytes)
             .field("clock_skew_threshold", &self.clock_skew_threshold)
             .field("min_agent_protocol", &self.min_agent_protocol)
             .field("replica_name", &self.replica_name)
@@ -180,6 +184,7 @@ impl Config {
             retention_batch: retention::RETENTION_BATCH,
             retention_progress: retention::RetentionProgress::default(),
             change_window: keyplane_store::ChangeWindow::default(),
+            agent_part_bytes: agent::PART_BYTES,
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_agent_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica_name: None,
@@ -327,7 +332,8 @@ pub async fn serve(
                     config.ca.clone(),
                 )
                 .with_policy(config.clock_skew_threshold, config.min_agent_protocol)
-                .with_replica(replica),
+                .with_replica(replica)
+                .with_part_bytes(config.agent_part_bytes),
             )
             .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )
