@@ -22,6 +22,12 @@ use tokio_util::sync::CancellationToken;
 /// An unchanged observation is sent again after this many read-back periods.
 const HEAL_EVERY: u32 = 10;
 
+/// Writes the next read-back can recognise are committed to the journal in batches
+/// of at most this many (one redb transaction and fsync each): a crash loses at most
+/// a batch, and the first pass after a restart adopts those from the read-back
+/// instead of writing them again.
+const JOURNAL_BATCH: usize = 64;
+
 /// How long to wait between two writes to one device, per kind of device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pacing {
@@ -118,6 +124,8 @@ pub(crate) struct DeviceTask {
     deferred_armed: bool,
     /// The revision the current pass works on.
     revision: i64,
+    /// Journal changes made in memory and not committed yet (see JOURNAL_BATCH).
+    unsaved: usize,
 }
 
 impl DeviceTask {
@@ -149,6 +157,7 @@ impl DeviceTask {
             constraints: None,
             deferred_armed: false,
             revision: 0,
+            unsaved: 0,
         }
     }
 
@@ -203,6 +212,9 @@ impl DeviceTask {
                 }
             }
         }
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "journal save failed");
+        }
         progress.leave(&self.name);
     }
 
@@ -256,7 +268,10 @@ impl DeviceTask {
     pub(crate) async fn reconcile_pass(&mut self) -> PassOutput {
         let connected = self.out().is_some();
         self.ask_constraints().await;
-        let result = self.reconcile().await;
+        let mut result = self.reconcile().await;
+        if let Err(e) = self.flush() {
+            result = result.and(Err(e));
+        }
         // Reachability for the status of each slot: a link error means the device
         // was not reached; a read-back that went through means it was.
         let mut reached = match &result {
@@ -337,6 +352,31 @@ impl DeviceTask {
             j.save()?;
             Ok(Some(out))
         })
+    }
+
+    /// Runs `f` on this device's journal entry without committing: the change is
+    /// committed with the next batch (or any save before). Only for changes a
+    /// read-back recovers after a crash (see JOURNAL_BATCH).
+    fn device_batched<T>(
+        &mut self,
+        f: impl FnOnce(&mut DeviceJournal) -> T,
+    ) -> anyhow::Result<Option<T>> {
+        let out = self
+            .shared
+            .journal(|j: &mut Journal| j.devices.get_mut(&self.name).map(f));
+        self.unsaved += 1;
+        if self.unsaved >= JOURNAL_BATCH {
+            self.flush()?;
+        }
+        Ok(out)
+    }
+
+    /// Commits the batched journal changes.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.unsaved) > 0 {
+            self.shared.journal(|j| j.save())?;
+        }
+        Ok(())
     }
 
     fn driver(
@@ -445,8 +485,9 @@ impl DeviceTask {
             j.devices.get(&name).and_then(|d| {
                 // Same checksum as at the last full read: the table has not changed.
                 d.observed
-                    .clone()
+                    .as_deref()
                     .filter(|_| checksum.is_some() && d.observed_checksum == checksum)
+                    .cloned()
             })
         });
         let table: BTreeMap<u16, Option<String>> = match known {
@@ -457,7 +498,7 @@ impl DeviceTask {
             }
         };
         let report = self.device_mut(|d| {
-            d.observed = Some(table.clone());
+            d.observed = Some(table.clone().into());
             d.observed_checksum = checksum;
             classify(model, d, &table)
         })?;
@@ -595,7 +636,7 @@ impl DeviceTask {
                     .copied()
                     .filter(|s| !model.is_reserved(*s))
                     .collect(),
-                observed: d.observed.clone(),
+                observed: d.observed.as_deref().cloned(),
                 refused_by_agent: !d.refused.is_empty(),
             }))
         })
@@ -650,6 +691,9 @@ impl DeviceTask {
             .collect();
         let actions = plan_device(&due, &written);
         let observed = p.observed.clone().unwrap_or_default();
+        // A device that masks codes cannot show a write landed: those are committed
+        // one by one.
+        let masking = observed.values().any(Option::is_none);
         // False once anything keyplaned wants could not be done: no ack then, so
         // the device shows as not applied in GetSyncStatus.
         let mut in_sync = !p.refused_by_agent;
@@ -713,7 +757,7 @@ impl DeviceTask {
                 keyplane_core::plan::settle_clears(&to_clear, occupied.as_ref());
             self.device_mut(|d| {
                 if let Some(h) = held {
-                    d.observed = Some(h);
+                    d.observed = Some(h.into());
                     d.observed_checksum = None;
                 }
                 for slot in &confirmed {
@@ -760,7 +804,7 @@ impl DeviceTask {
                 // A claimed local code, an adopted drift or a write that landed
                 // before a crash: the device already holds it, no write.
                 if keyplane_core::plan::already_held(is_panel, code, observed.get(slot)) {
-                    self.device_mut(|d| d.written.insert(*slot, Code::from(code.clone())))?;
+                    self.device_batched(|d| d.written.insert(*slot, Code::from(code.clone())))?;
                     continue;
                 }
             }
@@ -823,8 +867,20 @@ impl DeviceTask {
                     None => return Err(e.into()),
                 },
             }
-            // Journal each write as it lands: a restart never repeats it.
-            self.device_mut(|d| match action {
+            // Journal each write as it lands: a restart never repeats it (a write
+            // the read-back can recognise is committed with its batch).
+            let recognisable = match &action {
+                SlotAction::Set { code, .. } => {
+                    !masking
+                        && keyplane_core::plan::already_held(
+                            is_panel,
+                            code,
+                            Some(&Some(code.pin.clone())),
+                        )
+                }
+                SlotAction::Clear { .. } => false,
+            };
+            let journal = |d: &mut DeviceJournal| match action {
                 SlotAction::Set { slot, code } => {
                     if let Some(o) = d.observed.as_mut() {
                         o.insert(slot, Some(code.pin.clone()));
@@ -837,7 +893,12 @@ impl DeviceTask {
                     }
                     d.written.remove(&slot);
                 }
-            })?;
+            };
+            if recognisable {
+                self.device_batched(journal)?;
+            } else {
+                self.device_mut(journal)?;
+            }
         }
         if !cleared.is_empty() {
             in_sync &= self.confirm_clears(model, cleared).await?;
@@ -885,7 +946,7 @@ impl DeviceTask {
             keyplane_core::plan::settle_clears(&cleared, occupied.as_ref());
         self.device_mut(|d| {
             if let Some(h) = held {
-                d.observed = Some(h);
+                d.observed = Some(h.into());
                 d.observed_checksum = None;
             }
             for slot in &confirmed {
@@ -927,7 +988,7 @@ impl DeviceTask {
         let gone = held.as_ref().is_some_and(|h| !h.contains_key(&slot));
         self.device_mut(|d| {
             if let Some(h) = held {
-                d.observed = Some(h);
+                d.observed = Some(h.into());
                 d.observed_checksum = None;
             }
             if gone {

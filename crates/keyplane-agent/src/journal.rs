@@ -21,7 +21,7 @@ use keyplane_core::plan::DesiredCode;
 use keyplane_core::schedule::Schedule;
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// One slot's code as journaled.
@@ -100,6 +100,96 @@ impl From<DesiredCode> for Code {
     }
 }
 
+/// One slot table of a device (slot -> value) that remembers which slots changed
+/// since the journal last committed it, so a commit writes only those rows: a pass
+/// that writes thousands of slots commits each in O(log n), never diffing the whole
+/// table. Read it as the map it derefs to; change it only through its methods.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SlotTable<V> {
+    map: BTreeMap<u16, V>,
+    /// Slots changed since the last commit; None: any may have (a table built or
+    /// replaced whole), so the commit compares it whole once.
+    #[serde(skip)]
+    changed: Option<BTreeSet<u16>>,
+}
+
+impl<V> Default for SlotTable<V> {
+    fn default() -> Self {
+        SlotTable {
+            map: BTreeMap::new(),
+            changed: None,
+        }
+    }
+}
+
+impl<V> std::ops::Deref for SlotTable<V> {
+    type Target = BTreeMap<u16, V>;
+    fn deref(&self) -> &BTreeMap<u16, V> {
+        &self.map
+    }
+}
+
+impl<V> From<BTreeMap<u16, V>> for SlotTable<V> {
+    fn from(map: BTreeMap<u16, V>) -> Self {
+        SlotTable { map, changed: None }
+    }
+}
+
+impl<V> FromIterator<(u16, V)> for SlotTable<V> {
+    fn from_iter<I: IntoIterator<Item = (u16, V)>>(iter: I) -> Self {
+        SlotTable::from(iter.into_iter().collect::<BTreeMap<u16, V>>())
+    }
+}
+
+impl<V: PartialEq> PartialEq for SlotTable<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl<V: std::fmt::Debug> std::fmt::Debug for SlotTable<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.map.fmt(f)
+    }
+}
+
+impl<V> SlotTable<V> {
+    fn touch(&mut self, slot: u16) {
+        if let Some(changed) = self.changed.as_mut() {
+            changed.insert(slot);
+        }
+    }
+
+    /// Sets `slot`; the previous value, if any.
+    pub fn insert(&mut self, slot: u16, value: V) -> Option<V> {
+        self.touch(slot);
+        self.map.insert(slot, value)
+    }
+
+    /// Empties `slot`; the value it had, if any.
+    pub fn remove(&mut self, slot: &u16) -> Option<V> {
+        self.touch(*slot);
+        self.map.remove(slot)
+    }
+
+    /// Empties every slot.
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.changed = None;
+    }
+
+    /// The table as a plain map.
+    pub fn into_map(self) -> BTreeMap<u16, V> {
+        self.map
+    }
+
+    /// Committed: nothing changed since.
+    fn committed(&mut self) {
+        self.changed = Some(BTreeSet::new());
+    }
+}
+
 /// What the journal knows about one device.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct DeviceJournal {
@@ -108,9 +198,9 @@ pub struct DeviceJournal {
     /// Whether keyplaned still lists the device.
     pub present: bool,
     /// What keyplaned wants in each slot.
-    pub desired: BTreeMap<u16, Code>,
+    pub desired: SlotTable<Code>,
     /// What this agent wrote to each slot (and has not cleared).
-    pub written: BTreeMap<u16, Code>,
+    pub written: SlotTable<Code>,
     /// Site revision last acked for this device.
     pub acked: i64,
     /// Highest event sequence number keyplaned has stored for this device.
@@ -121,7 +211,7 @@ pub struct DeviceJournal {
     pub lockdown_applied: bool,
     /// What the device held when last read (slot -> code, None when masked).
     #[serde(default)]
-    pub observed: Option<BTreeMap<u16, Option<String>>>,
+    pub observed: Option<SlotTable<Option<String>>>,
     /// The device's code checksum when `observed` was read (devices that offer one).
     #[serde(default)]
     pub observed_checksum: Option<u64>,
@@ -440,12 +530,13 @@ impl Journal {
                 name.clone(),
                 SavedDevice {
                     header: to_json(&journal.path, &Header::of(d))?,
-                    desired: d.desired.clone(),
-                    written: d.written.clone(),
-                    observed: d.observed.clone().unwrap_or_default(),
+                    desired: d.desired.map.clone(),
+                    written: d.written.map.clone(),
+                    observed: d.observed.as_deref().cloned().unwrap_or_default(),
                 },
             );
         }
+        journal.committed();
         journal.store = Some(Store {
             db,
             key,
@@ -539,62 +630,17 @@ impl Journal {
                     saved.header = header;
                     changed = true;
                 }
-                for (kind, now, was) in [
-                    (DESIRED, &d.desired, &mut saved.desired),
-                    (WRITTEN, &d.written, &mut saved.written),
-                ] {
-                    // Equal tables (the common case) cost one comparison, no row.
-                    if now == was {
-                        continue;
-                    }
-                    changed = true;
-                    let removed: Vec<u16> = was
-                        .keys()
-                        .filter(|s| !now.contains_key(s))
-                        .copied()
-                        .collect();
-                    for slot in removed {
-                        slot_t
-                            .remove((name.as_str(), kind, slot))
-                            .map_err(|e| store_err(&e))?;
-                        was.remove(&slot);
-                    }
-                    for (slot, code) in now {
-                        if was.get(slot) != Some(code) {
-                            let bytes = sealed(name, kind, *slot, &to_json(&path, code)?)?;
-                            slot_t
-                                .insert((name.as_str(), kind, *slot), bytes.as_slice())
-                                .map_err(|e| store_err(&e))?;
-                            was.insert(*slot, code.clone());
-                        }
-                    }
-                }
-                let empty = BTreeMap::new();
-                let now = d.observed.as_ref().unwrap_or(&empty);
-                if *now != saved.observed {
-                    changed = true;
-                    let removed: Vec<u16> = saved
-                        .observed
-                        .keys()
-                        .filter(|s| !now.contains_key(s))
-                        .copied()
-                        .collect();
-                    for slot in removed {
-                        slot_t
-                            .remove((name.as_str(), OBSERVED, slot))
-                            .map_err(|e| store_err(&e))?;
-                        saved.observed.remove(&slot);
-                    }
-                    for (slot, code) in now {
-                        if saved.observed.get(slot) != Some(code) {
-                            let bytes = sealed(name, OBSERVED, *slot, &to_json(&path, code)?)?;
-                            slot_t
-                                .insert((name.as_str(), OBSERVED, *slot), bytes.as_slice())
-                                .map_err(|e| store_err(&e))?;
-                            saved.observed.insert(*slot, code.clone());
-                        }
-                    }
-                }
+                let empty = SlotTable::default();
+                let observed = d.observed.as_ref().unwrap_or(&empty);
+                let mut rows = TableRows {
+                    slots: &mut slot_t,
+                    device: name,
+                    seal: &sealed,
+                    path: &path,
+                };
+                changed |= rows.commit(DESIRED, &d.desired, &mut saved.desired)?;
+                changed |= rows.commit(WRITTEN, &d.written, &mut saved.written)?;
+                changed |= rows.commit(OBSERVED, observed, &mut saved.observed)?;
             }
         }
         if changed {
@@ -602,7 +648,83 @@ impl Journal {
         } else {
             txn.abort().map_err(|e| store_err(&e))?;
         }
+        self.committed();
         Ok(())
+    }
+
+    /// Every slot table as committed: the next save starts from no change.
+    fn committed(&mut self) {
+        for d in self.devices.values_mut() {
+            d.desired.committed();
+            d.written.committed();
+            if let Some(o) = d.observed.as_mut() {
+                o.committed();
+            }
+        }
+    }
+}
+
+/// Seals a slot row's JSON for its place.
+type Seal<'a> = dyn Fn(&str, u8, u16, &[u8]) -> Result<Vec<u8>, JournalError> + 'a;
+
+/// The slot rows of one device inside a write transaction.
+struct TableRows<'t, 'a> {
+    slots: &'a mut redb::Table<'t, (&'static str, u8, u16), &'static [u8]>,
+    device: &'a str,
+    seal: &'a Seal<'a>,
+    path: &'a Path,
+}
+
+impl TableRows<'_, '_> {
+    /// Writes the rows of table `kind` that differ from what was committed (`was`,
+    /// brought up to date): only the slots changed since, or the whole table when
+    /// it was replaced whole. True when a row changed.
+    fn commit<V: Serialize + Clone + PartialEq>(
+        &mut self,
+        kind: u8,
+        now: &SlotTable<V>,
+        was: &mut BTreeMap<u16, V>,
+    ) -> Result<bool, JournalError> {
+        let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
+            path: self.path.to_owned(),
+            detail: e.to_string(),
+        };
+        let slots: Vec<u16> = match &now.changed {
+            Some(changed) => changed.iter().copied().collect(),
+            // Equal tables (the common case) cost one comparison, no row.
+            None if now.map == *was => return Ok(false),
+            None => was
+                .keys()
+                .chain(now.map.keys())
+                .copied()
+                .collect::<BTreeSet<u16>>()
+                .into_iter()
+                .collect(),
+        };
+        let mut changed = false;
+        for slot in slots {
+            let key = (self.device, kind, slot);
+            match now.map.get(&slot) {
+                None => {
+                    if was.remove(&slot).is_some() {
+                        self.slots.remove(key).map_err(|e| store_err(&e))?;
+                        changed = true;
+                    }
+                }
+                Some(value) => {
+                    if was.get(&slot) != Some(value) {
+                        let bytes =
+                            (self.seal)(self.device, kind, slot, &to_json(self.path, value)?)?;
+                        self.slots
+                            .insert(key, bytes.as_slice())
+                            .map_err(|e| store_err(&e))?;
+                        was.insert(slot, value.clone());
+                        changed = true;
+                    }
+                }
+            }
+        }
+        Ok(changed)
     }
 }
 
@@ -657,7 +779,7 @@ fn load(
                 acked: h.acked,
                 events_acked: h.events_acked,
                 lockdown_applied: h.lockdown_applied,
-                observed: h.observed_known.then(BTreeMap::new),
+                observed: h.observed_known.then(SlotTable::default),
                 observed_checksum: h.observed_checksum,
                 remove_local: h.remove_local,
                 refused: h.refused,
@@ -699,7 +821,7 @@ fn load(
             }
             _ => {
                 d.observed
-                    .get_or_insert_with(BTreeMap::new)
+                    .get_or_insert_with(SlotTable::default)
                     .insert(slot, from_json(path, json)?);
             }
         }
@@ -736,7 +858,7 @@ mod tests {
         d.written.insert(3, code("9930"));
         d.desired.insert(3, code("9930"));
         d.desired.insert(4, code("1111"));
-        d.observed = Some(BTreeMap::from([(3, Some("9930".into())), (9, None)]));
+        d.observed = Some(BTreeMap::from([(3, Some("9930".into())), (9, None)]).into());
         j.devices
             .entry("gone".into())
             .or_default()
@@ -760,8 +882,8 @@ mod tests {
         assert_eq!(d.desired.keys().copied().collect::<Vec<_>>(), vec![3]);
         assert_eq!(d.acked, 7);
         assert_eq!(
-            d.observed,
-            Some(BTreeMap::from([(3, Some("9930".into())), (9, None)]))
+            d.observed.as_deref(),
+            Some(&BTreeMap::from([(3, Some("9930".into())), (9, None)]))
         );
         assert!(!format!("{again:?}").contains("9930"));
         let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -833,7 +955,7 @@ mod tests {
         let d = j.devices.entry("sites/s/devices/d".into()).or_default();
         d.desired.insert(3, code("73194682"));
         d.written.insert(3, code("73194682"));
-        d.observed = Some(BTreeMap::from([(5, Some("58203917".into()))]));
+        d.observed = Some(BTreeMap::from([(5, Some("58203917".into()))]).into());
         j.save().expect("save");
         drop(j);
         assert!(

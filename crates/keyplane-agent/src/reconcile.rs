@@ -668,7 +668,8 @@ pub(crate) fn classify(
     device: &DeviceJournal,
     observed: &BTreeMap<u16, Option<String>>,
 ) -> Vec<pb::ObservedSlot> {
-    let wanted: Vec<&str> = device.desired.values().map(|c| c.pin.as_str()).collect();
+    let wanted: std::collections::BTreeSet<&str> =
+        device.desired.values().map(|c| c.pin.as_str()).collect();
     let slots: std::collections::BTreeSet<u16> = observed
         .keys()
         .chain(device.written.keys())
@@ -1602,5 +1603,57 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(slots, ["slot=005", "slot=005"], "{logs}");
         assert!(!logs.contains("7777"), "no code in the logs");
+    }
+
+    /// Full doors (every slot of a door-1000) applied by one agent: each slot is
+    /// written once and every door acked. Prints how long it took (the per-device
+    /// pass must stay O(n log n) in the slots: it was O(n^2), minutes for a site of
+    /// full doors); no time is asserted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_doors_are_applied_once_each_slot() {
+        const DOORS: usize = 5;
+        let dir = TempDir::new();
+        let sims = dir.0.join("devices");
+        let mut agent = Agent::open(
+            &dir.0,
+            Box::new(SimulatorFactory::new(&sims)),
+            Arc::new(SystemClock),
+        )
+        .expect("agent");
+        let (tx, mut rx) = mpsc::channel(DOORS * 1100);
+        let names: Vec<String> = (0..DOORS)
+            .map(|d| format!("sites/s/devices/door{d}"))
+            .collect();
+        let devices: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "door-1000")).collect();
+        let slots: Vec<pb::DesiredSlot> = names
+            .iter()
+            .flat_map(|n| {
+                (1..=1000).map(move |s| code(n, s, &format!("{:06}", 100_000 + s * 7), false))
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        agent
+            .apply(snapshot(1, false, &devices, slots), &tx)
+            .await
+            .expect("apply");
+        let took = started.elapsed();
+        eprintln!(
+            "{} slots on {DOORS} full doors applied in {:.2} s",
+            DOORS * 1000,
+            took.as_secs_f64()
+        );
+        let acked = acked_devices(&mut rx);
+        for name in &names {
+            let sim = keyplane_devices::SimulatedDevice::open(
+                &sims,
+                name,
+                DeviceModel::find("door-1000").expect("model"),
+            )
+            .expect("sim");
+            assert_eq!(sim.slots().len(), 1000, "{name}");
+            assert_eq!(sim.total_writes(), 1000, "{name}: each slot written once");
+            assert!(acked.contains(name), "{name} acked");
+        }
+        agent.stop().await;
     }
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 /// What a simulated device holds, as stored in its JSON file. Holds codes: it has no
 /// `Debug` on purpose.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Default, Clone, PartialEq, Serialize, Deserialize)]
 struct State {
     /// Model profile id the device was created as.
     #[serde(default)]
@@ -185,6 +185,49 @@ pub struct SimulatedDevice {
     model: &'static DeviceModel,
     path: PathBuf,
     lock_path: PathBuf,
+    cache: Cache,
+}
+
+/// The state this handle last read or wrote, with the version of the file it
+/// matches: parsing the whole state file for every slot written made programming a
+/// full door quadratic. Another handle's (or process's) write replaces the file,
+/// which changes its stamp, so a stale state is never used.
+#[derive(Default)]
+struct Cache(std::sync::Mutex<Option<(FileStamp, State)>>);
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The state holds codes.
+        f.write_str("Cache")
+    }
+}
+
+/// Identifies one version of a state file (each write renames a new file in).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path`; None when there is none.
+    fn of(path: &Path) -> Result<Option<FileStamp>, DeviceError> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(FileStamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime: m.mtime(),
+                mtime_nsec: m.mtime_nsec(),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("reading", path, e)),
+        }
+    }
 }
 
 fn io_error(what: &str, path: &Path, e: impl std::fmt::Display) -> DeviceError {
@@ -251,6 +294,7 @@ impl SimulatedDevice {
             model,
             path: dir.join(format!("{stem}.json")),
             lock_path: dir.join(format!("{stem}.lock")),
+            cache: Cache::default(),
         };
         sim.with_state(|_| Ok(()))?;
         Ok(sim)
@@ -280,16 +324,29 @@ impl SimulatedDevice {
         &self,
         f: impl FnOnce(&mut State) -> Result<T, DeviceError>,
     ) -> Result<T, DeviceError> {
-        let (mut state, existed) = match std::fs::read(&self.path) {
-            // The parse error's line is enough; its text could quote a code.
-            Ok(bytes) => (
-                serde_json::from_slice::<State>(&bytes).map_err(|e| {
-                    io_error("parsing", &self.path, format_args!("line {}", e.line()))
-                })?,
-                true,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), false),
-            Err(e) => return Err(io_error("reading", &self.path, e)),
+        let mut cache = self
+            .cache
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stamp = FileStamp::of(&self.path)?;
+        let cached = match (stamp, cache.take()) {
+            (Some(now), Some((at, state))) if now == at => Some(state),
+            _ => None,
+        };
+        let (mut state, existed) = match cached {
+            Some(state) => (state, true),
+            None => match std::fs::read(&self.path) {
+                // The parse error's line is enough; its text could quote a code.
+                Ok(bytes) => (
+                    serde_json::from_slice::<State>(&bytes).map_err(|e| {
+                        io_error("parsing", &self.path, format_args!("line {}", e.line()))
+                    })?,
+                    true,
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (State::default(), false),
+                Err(e) => return Err(io_error("reading", &self.path, e)),
+            },
         };
         if state.model.is_empty() {
             state.model = self.model.id.to_owned();
@@ -299,20 +356,26 @@ impl SimulatedDevice {
                 self.device, state.model, self.model.id
             )));
         }
-        let before = serde_json::to_vec(&state).map_err(|e| io_error("encoding", &self.path, e))?;
+        let before = state.clone();
         let out = f(&mut state)?;
-        let after = serde_json::to_vec(&state).map_err(|e| io_error("encoding", &self.path, e))?;
-        if !existed || before != after {
+        if !existed || state != before {
+            let after =
+                serde_json::to_vec(&state).map_err(|e| io_error("encoding", &self.path, e))?;
             self.store(&after)?;
+            *cache = FileStamp::of(&self.path)?.map(|at| (at, state));
+        } else {
+            *cache = stamp.map(|at| (at, state));
         }
         Ok(out)
     }
 
+    /// Replaces the state file atomically (rename). Not fsynced: the state must
+    /// survive the agent's process being killed, which the page cache does, not a
+    /// machine crash; an fsync per write made a full door take minutes to program.
     fn store(&self, bytes: &[u8]) -> Result<(), DeviceError> {
         let tmp = self.path.with_extension("json.tmp");
         let mut file = File::create(&tmp).map_err(|e| io_error("creating", &tmp, e))?;
         file.write_all(bytes)
-            .and_then(|()| file.sync_all())
             .map_err(|e| io_error("writing", &tmp, e))?;
         std::fs::rename(&tmp, &self.path).map_err(|e| io_error("replacing", &self.path, e))
     }
