@@ -1,5 +1,7 @@
-//! No PIN in any log line (server and agent at debug level), error, Debug output or
-//! file of the agent's state directory, over a full scenario (issue 13).
+//! No PIN in any log line (server and agent at debug level, as text and as JSON),
+//! error, Debug output or file of the agent's state directory, over a full scenario
+//! (issue 13); every JSON line of a dealer call names its request, dealer and site
+//! (issue 17).
 
 use crate::fixture::{SYNC_TIMEOUT, Site, create_user, lock_scope};
 use keyplane_proto::v1 as pb;
@@ -37,13 +39,24 @@ fn assert_no_pin(what: &str, text: &str) {
 // the server's and the agent's tasks alike.
 #[tokio::test]
 async fn no_pin_in_logs_errors_debug_output_or_agent_files() -> anyhow::Result<()> {
+    use keyplane_telemetry::{LogFormat, fmt_layer};
+    use tracing_subscriber::layer::SubscriberExt;
     let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+    let json = Capture::default();
+    let (text_writer, json_writer) = (capture.clone(), json.clone());
+    // Both formats at once, as the binaries write them: one scenario covers both.
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("debug"))
+        .with(fmt_layer(
+            LogFormat::Text,
+            move || text_writer.clone(),
+            false,
+        ))
+        .with(fmt_layer(
+            LogFormat::Json,
+            move || json_writer.clone(),
+            false,
+        ));
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let mut s = Site::new().await?;
@@ -149,6 +162,41 @@ async fn no_pin_in_logs_errors_debug_output_or_agent_files() -> anyhow::Result<(
         String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     assert!(logs.contains("DEBUG"), "debug lines were captured");
     assert_no_pin("the server's and agent's debug log", &logs);
+    let json =
+        String::from_utf8_lossy(&json.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert_no_pin("the server's and agent's JSON log", &json);
+    let site_id = s.site.trim_start_matches("sites/").to_owned();
+    let mut call_lines = 0;
+    for line in json.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("a JSON log line that does not parse ({e}): {line}"))?;
+        let Some(rpc) = value["spans"]
+            .as_array()
+            .and_then(|spans| spans.iter().find(|s| s["name"] == "rpc"))
+        else {
+            continue;
+        };
+        // A credential write names its site in the request: the line that ends the
+        // call knows it; the request id and dealer are known from authentication.
+        if rpc["rpc.method"] == "keyplane.v1.AdminService/CreateCredential"
+            && value["message"] == "call answered"
+        {
+            call_lines += 1;
+            assert!(
+                rpc["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+                "{line}"
+            );
+            assert!(
+                rpc["dealer"].as_str().is_some_and(|d| !d.is_empty()),
+                "{line}"
+            );
+            assert_eq!(rpc["site"], site_id.as_str(), "{line}");
+        }
+    }
+    assert!(
+        call_lines >= 4,
+        "each CreateCredential logged its answer: {call_lines}"
+    );
 
     // Every file the agent keeps, the journal included.
     let mut files = vec![state_dir.clone()];

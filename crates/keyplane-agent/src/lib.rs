@@ -199,6 +199,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.check()?;
+    // Every line of this agent names its site (spawned device tasks inherit it).
+    let span = tracing::info_span!("agent", site = %config.site);
+    tracing::Instrument::instrument(run_in_span(config, factory, shutdown), span).await
+}
+
+async fn run_in_span(
+    config: AgentConfig,
+    factory: Box<dyn DriverFactory>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let settings = reconcile::Settings {
         reconcile_every: config.reconcile_every,
         event_poll: config.event_poll,

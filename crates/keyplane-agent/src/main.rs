@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Log lines as `text` or `json` (one object a line, with the fields of the
+    /// spans it was written in: site, device). Level from RUST_LOG.
+    #[arg(long, env = "KEYPLANE_LOG_FORMAT", default_value_t = keyplane_telemetry::LogFormat::Text)]
+    log_format: keyplane_telemetry::LogFormat,
     /// keyplaned URL: https://host:port, or http:// to this machine only (`host:port`
     /// means `http://host:port`).
     #[arg(
@@ -207,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    keyplane_telemetry::init("keyplane-agent");
+    keyplane_telemetry::init_with("keyplane-agent", cli.log_format);
     let Some(site) = cli.site else {
         // clap requires it without a subcommand; this is only a safety net.
         complain("keyplane-agent: error: --site is required");

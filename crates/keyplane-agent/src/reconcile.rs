@@ -353,7 +353,12 @@ impl Agent {
                 self.outbound.subscribe(),
                 kick.clone(),
             );
-            let handle = tokio::spawn(task.run(self.cancel.child_token()));
+            // Its lines name the device, inside the agent's span (the site).
+            let span = tracing::info_span!("device", device = %name);
+            let handle = tokio::spawn(tracing::Instrument::instrument(
+                task.run(self.cancel.child_token()),
+                span,
+            ));
             self.workers.insert(name, Worker { kick, handle });
         }
     }

@@ -312,6 +312,15 @@ impl Iterator for Parts<'_> {
     }
 }
 
+/// How log lines name an agent: `agents/{id}`, or `token` for one not enrolled
+/// (never the token's hash, which would identify it across logs for nothing).
+fn principal_label(principal: &AgentPrincipal) -> String {
+    match principal {
+        AgentPrincipal::Agent(id) => format!("agents/{id}"),
+        AgentPrincipal::Token(_) => "token".to_owned(),
+    }
+}
+
 fn update_revision(update: &AgentUpdate) -> i64 {
     match update {
         AgentUpdate::Snapshot { revision, .. } | AgentUpdate::Changes { revision, .. } => *revision,
@@ -418,7 +427,12 @@ impl AgentService for AgentApi {
             expires,
             shutdown: self.shutdown.clone(),
         };
-        tokio::spawn(session.run(first, inbound, wake));
+        // Every line of the stream's task names the site and agent.
+        let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
+        tokio::spawn(tracing::Instrument::instrument(
+            session.run(first, inbound, wake),
+            span,
+        ));
         let mut response: Response<Self::SyncStream> = Response::new(Box::pin(
             crate::shutdown::until_shutdown(rx, self.shutdown.clone()),
         ));

@@ -359,7 +359,8 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let store = self.store.clone();
         let limiter = self.limiter.clone();
-        Box::pin(async move {
+        let span = crate::trace::rpc_span(request.uri().path(), request.headers());
+        let call = async move {
             let peer = peer_addr(request.extensions());
             if let Some(left) = peer.and_then(|p| limiter.blocked(p.ip())) {
                 return Ok(Status::resource_exhausted(format!(
@@ -371,16 +372,27 @@ where
             let path = request.uri().path().to_owned();
             match dealer(&store, &path, request.headers(), peer).await {
                 Ok(actor) => {
+                    let span = tracing::Span::current();
+                    span.record("dealer", tracing::field::display(actor.dealer));
+                    if let Some(id) = &actor.request_id {
+                        span.record("request_id", id.as_str());
+                    }
+                    if let Some((site, _)) = actor.acting_user {
+                        span.record("site", tracing::field::display(site));
+                    }
                     request.extensions_mut().insert(actor);
                     if let Some(method) = path.strip_prefix("/keyplane.v1.AdminService/") {
                         request
                             .extensions_mut()
                             .insert(AdminMethod(method.to_owned()));
                     }
-                    inner
+                    let started = std::time::Instant::now();
+                    let response = inner
                         .call(request)
                         .await
-                        .map(crate::error::undecodable_response_is_invalid)
+                        .map(crate::error::undecodable_response_is_invalid);
+                    tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "call answered");
+                    response
                 }
                 Err(status) => {
                     if status.code() == tonic::Code::Unauthenticated
@@ -391,7 +403,8 @@ where
                     Ok(status.into_http())
                 }
             }
-        })
+        };
+        Box::pin(tracing::Instrument::instrument(call, span))
     }
 }
 

@@ -27,6 +27,7 @@ pub mod resources;
 pub mod retention;
 pub mod shutdown;
 pub mod status;
+pub mod trace;
 
 use keyplane_proto::v1::admin_service_server::AdminServiceServer;
 use keyplane_proto::v1::agent_service_server::AgentServiceServer;

@@ -12,6 +12,10 @@ struct Cli {
     /// PostgreSQL URL.
     #[arg(long, env = "KEYPLANE_DATABASE_URL", global = true)]
     database_url: Option<String>,
+    /// Log lines as `text` or `json` (one object a line; a call's lines carry its
+    /// method, request id, dealer, site and trace id). Level from RUST_LOG.
+    #[arg(long, env = "KEYPLANE_LOG_FORMAT", global = true, default_value_t = keyplane_telemetry::LogFormat::Text)]
+    log_format: keyplane_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -273,8 +277,8 @@ async fn shutdown_signal(token: CancellationToken) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    keyplane_telemetry::init("keyplaned");
     let cli = Cli::parse();
+    keyplane_telemetry::init_with("keyplaned", cli.log_format);
     match &cli.command {
         Command::Serve {
             listen,

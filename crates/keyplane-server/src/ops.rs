@@ -93,6 +93,9 @@ impl OpsService for OpsApi {
                     .site,
             )
         };
+        if site.is_some() {
+            crate::trace::record_site(&req.parent);
+        }
         let list = format!("ListAgentConnections {}", req.parent);
         let (connections, next_page_token) = list_page(
             &list,
@@ -116,6 +119,7 @@ impl OpsService for OpsApi {
         let site = SiteName::parse(&request.get_ref().name)
             .map_err(|e| name_status("name", e))?
             .site;
+        crate::trace::record_site(&request.get_ref().name);
         let done = self
             .store
             .site_resync(&actor, site)
@@ -139,6 +143,7 @@ impl OpsService for OpsApi {
         let site = AgentConnectionName::parse(&request.get_ref().name)
             .map_err(|e| name_status("name", e))?
             .site;
+        crate::trace::record_site(&request.get_ref().name);
         let epoch = self
             .store
             .agent_connection_close(&actor, site)
@@ -156,6 +161,7 @@ impl OpsService for OpsApi {
         let actor = auth::actor(&request)?;
         let name =
             OpsStatusName::parse(&request.get_ref().name).map_err(|e| name_status("name", e))?;
+        crate::trace::record_site(&request.get_ref().name);
         let status = self
             .store
             .site_ops_status(actor.dealer, name.site)

@@ -1,30 +1,122 @@
 //! Tracing set-up shared by `keyplaned` and `keyplane-agent`.
 //!
-//! Logs go to stderr, filtered by `RUST_LOG` (default `info`). OpenTelemetry export
-//! will plug in here, so both binaries get it at once.
+//! Logs go to stderr, filtered by `RUST_LOG` (default `info`), as text or, with
+//! [`LogFormat::Json`], one JSON object a line whose `spans` list carries the fields
+//! of the spans the line was written in: a server call's `rpc` span holds its method,
+//! request id, dealer, site and trace id ([`RPC_SPAN_FIELDS`]), so every line of a
+//! call names them.
 
 use std::io::Write;
-use tracing_subscriber::EnvFilter;
+use tracing::Subscriber;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber for `service`. Safe to call more than once (later
-/// calls do nothing), so tests may call it freely.
-pub fn init(service: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let installed = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(LossyStderr)
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?}: use text or json")),
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+/// The fields of the span a server call runs in (`rpc`), in the order declared.
+pub const RPC_SPAN_FIELDS: [&str; 5] = ["rpc.method", "request_id", "dealer", "site", "trace_id"];
+
+/// The log-line layer for `format`, writing to `writer`; `ansi` colours text lines.
+/// Tests build their subscriber with it, so they see what the binaries write.
+pub fn fmt_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
         .with_target(false)
-        // Colour codes only for a person at a terminal, never in files or journald.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Its report of a failed write goes through `eprintln!`, which panics when
         // stderr is closed: the very case it would report.
-        .log_internal_errors(false)
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => layer.with_ansi(ansi).boxed(),
+        LogFormat::Json => layer
+            .json()
+            .with_ansi(false)
+            .flatten_event(true)
+            // Every enclosing span, outermost first: the call's fields stay on the
+            // lines of the spans inside it (a database transaction's, say).
+            .with_current_span(false)
+            .with_span_list(true)
+            .boxed(),
+    }
+}
+
+/// Installs the global subscriber for `service` with text lines. Safe to call more
+/// than once (later calls do nothing), so tests may call it freely.
+pub fn init(service: &str) {
+    init_with(service, LogFormat::Text);
+}
+
+/// Installs the global subscriber for `service`, writing lines in `format`. Later
+/// calls do nothing.
+pub fn init_with(service: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in files or journald.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer(format, LossyStderr, ansi))
         .try_init()
         .is_ok();
     if installed {
-        tracing::debug!(service, "tracing initialised");
+        tracing::debug!(service, %format, "tracing initialised");
     }
+}
+
+/// The trace id of a W3C `traceparent` header value (`00-<trace id>-<span id>-<flags>`),
+/// when it is well formed and not all zeros.
+pub fn traceparent_trace_id(value: &str) -> Option<&str> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let ok = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(span, 16)
+        && span.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+        && (version != "00" || parts.next().is_none());
+    ok.then_some(trace)
 }
 
 /// Stderr for log lines, dropping what cannot be written: a log reader that went
@@ -60,6 +152,58 @@ impl<W: Write> Write for LossyWriter<W> {
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn traceparents_are_read_only_when_well_formed() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        for (value, expect) in [
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some(trace),
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                Some(trace),
+            ),
+            // A later version may append fields.
+            (
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                Some(trace),
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+                None,
+            ),
+            (
+                "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                None,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                None,
+            ),
+            (
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                None,
+            ),
+            ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", None),
+            ("", None),
+        ] {
+            assert_eq!(super::traceparent_trace_id(value), expect, "{value}");
+        }
+    }
+
+    #[test]
+    fn log_formats_parse_and_print_alike() {
+        for format in [super::LogFormat::Text, super::LogFormat::Json] {
+            assert_eq!(format.to_string().parse::<super::LogFormat>(), Ok(format));
+        }
+        assert!("yaml".parse::<super::LogFormat>().is_err());
+    }
 
     const CHILD: &str = "KEYPLANE_TELEMETRY_CLOSED_STDERR_CHILD";
 

@@ -109,7 +109,9 @@ fn parse<N>(
     value: &str,
     parse: impl FnOnce(&str) -> Result<N, NameError>,
 ) -> Result<N, Status> {
-    parse(value).map_err(|e| name_status(field, e))
+    let parsed = parse(value).map_err(|e| name_status(field, e))?;
+    crate::trace::record_site(value);
+    Ok(parsed)
 }
 
 /// A message field the call cannot do without.

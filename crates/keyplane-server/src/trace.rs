@@ -1,0 +1,40 @@
+//! The span every dealer call runs in (`rpc`, opened by [`crate::auth::DealerAuthLayer`]):
+//! its fields are [`keyplane_telemetry::RPC_SPAN_FIELDS`], filled in as they become
+//! known (the dealer once authenticated, the site once a name is parsed), so every
+//! log line of the call names them.
+
+use tracing::field::Empty;
+
+/// The span of a call to `path` (`/package.Service/Method`), with the trace id of
+/// the caller's `traceparent` header when it sent one.
+pub fn rpc_span(path: &str, headers: &tonic::codegen::http::HeaderMap) -> tracing::Span {
+    let method = path.strip_prefix('/').unwrap_or(path);
+    let span = tracing::info_span!(
+        "rpc",
+        rpc.method = method,
+        request_id = Empty,
+        dealer = Empty,
+        site = Empty,
+        trace_id = Empty,
+    );
+    if let Some(trace) = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(keyplane_telemetry::traceparent_trace_id)
+    {
+        span.record("trace_id", trace);
+    }
+    span
+}
+
+/// Records on the current call's span the site of resource name `name`
+/// (`sites/{site}/…`), if it names one. Called once a name has parsed.
+pub fn record_site(name: &str) {
+    if let Some(site) = name
+        .strip_prefix("sites/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|s| !s.is_empty())
+    {
+        tracing::Span::current().record("site", site);
+    }
+}
