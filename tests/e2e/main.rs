@@ -27,6 +27,7 @@ mod keys;
 mod limits;
 mod local;
 mod ops;
+mod otel;
 mod outage;
 mod panel;
 mod race;

@@ -14,7 +14,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 /// The keyplaned binary next to this test binary (`cargo xtask test` builds it).
-fn keyplaned_binary() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn keyplaned_binary() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe
         .parent()
@@ -29,12 +29,12 @@ fn keyplaned_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(bin)
 }
 
-async fn client(
-    endpoint: Endpoint,
-    token: &str,
-) -> anyhow::Result<
-    AdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>,
-> {
+/// An AdminService client of a keyplaned process.
+pub(crate) type Client =
+    AdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A client of the keyplaned at `endpoint` once it answers health checks.
+pub(crate) async fn client(endpoint: Endpoint, token: &str) -> anyhow::Result<Client> {
     let mut last = None;
     for _ in 0..200 {
         match endpoint.connect().await {

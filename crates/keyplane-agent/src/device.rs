@@ -236,7 +236,22 @@ impl DeviceTask {
     /// False when the device left the site and its task ends.
     async fn pass(&mut self) -> bool {
         self.shared.progress.started(&self.name);
-        let output = self.reconcile_pass().await;
+        // A pass that brings the device to a revision keyplaned sent with trace
+        // context is a span of that trace; the ack carries it back.
+        let (acked, journaled) = self
+            .shared
+            .journal(|j| (j.devices.get(&self.name).map_or(0, |d| d.acked), j.revision));
+        let span = match self.shared.trace_between(acked, journaled) {
+            Some(traceparent) => {
+                let span = tracing::info_span!("device.apply", revision = journaled);
+                keyplane_telemetry::set_parent(&span, &traceparent);
+                span
+            }
+            None => tracing::Span::none(),
+        };
+        let output = tracing::Instrument::instrument(self.reconcile_pass(), span.clone()).await;
+        let traceparent = keyplane_telemetry::traceparent(&span).unwrap_or_default();
+        drop(span);
         let out = self.out();
         if let Some(out) = &out {
             for msg in output.reports {
@@ -249,6 +264,7 @@ impl DeviceTask {
                     msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
                         device: self.name.clone(),
                         revision,
+                        traceparent,
                     })),
                 };
                 if out.routine.send(ack).await.is_ok() {

@@ -746,6 +746,7 @@ mod tests {
             msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
                 device: "d".into(),
                 revision,
+                traceparent: String::new(),
             })),
         }
     }

@@ -211,7 +211,8 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    keyplane_telemetry::init_with("keyplane-agent", cli.log_format);
+    // Held to the end of main: dropping it sends the spans still buffered.
+    let _telemetry = keyplane_telemetry::init_with("keyplane-agent", cli.log_format);
     let Some(site) = cli.site else {
         // clap requires it without a subcommand; this is only a safety net.
         complain("keyplane-agent: error: --site is required");

@@ -85,7 +85,14 @@ pub(crate) struct Shared {
     pub(crate) progress: Arc<Progress>,
     /// What each device reported about itself, for the Hello's inventory.
     constraints: Mutex<HashMap<String, Option<ReportedConstraints>>>,
+    /// The trace context keyplaned sent with recent revisions (in memory only: after
+    /// a restart the apply starts a trace of its own).
+    traces: Mutex<BTreeMap<i64, String>>,
 }
+
+/// Revisions whose trace context is remembered; a device further behind applies
+/// without one.
+const TRACES_KEPT: usize = 64;
 
 impl Shared {
     /// Runs `f` on the journal. Never held across an await.
@@ -100,6 +107,31 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         known.insert(device.to_owned(), reported);
+    }
+
+    /// Remembers that `revision` came with W3C trace context `traceparent`.
+    fn set_trace(&self, revision: i64, traceparent: &str) {
+        if traceparent.is_empty() {
+            return;
+        }
+        let mut traces = self.traces.lock().unwrap_or_else(PoisonError::into_inner);
+        traces.insert(revision, traceparent.to_owned());
+        while traces.len() > TRACES_KEPT {
+            traces.pop_first();
+        }
+    }
+
+    /// The trace context of the newest traced revision in `(after, upto]`: what a
+    /// pass that brings a device from `after` to `upto` continues.
+    pub(crate) fn trace_between(&self, after: i64, upto: i64) -> Option<String> {
+        if after >= upto {
+            return None;
+        }
+        let traces = self.traces.lock().unwrap_or_else(PoisonError::into_inner);
+        traces
+            .range(after.saturating_add(1)..=upto)
+            .next_back()
+            .map(|(_, tp)| tp.clone())
     }
 
     fn constraints(&self, device: &str) -> Option<ReportedConstraints> {
@@ -320,6 +352,7 @@ impl Agent {
             settings,
             progress: Arc::new(Progress::new(passes, event_polls)),
             constraints: Mutex::new(HashMap::new()),
+            traces: Mutex::new(BTreeMap::new()),
         });
         let (outbound, _) = watch::channel(None);
         Agent {
@@ -449,6 +482,15 @@ impl Agent {
         let Some(msg) = self.parts.take(msg)? else {
             return Ok(());
         };
+        match &msg {
+            pb::server_message::Msg::Snapshot(s) => {
+                self.shared.set_trace(s.revision, &s.traceparent)
+            }
+            pb::server_message::Msg::Changes(c) => {
+                self.shared.set_trace(c.revision, &c.traceparent)
+            }
+            pb::server_message::Msg::EventAck(_) => {}
+        }
         self.shared.journal(|j| journal_message(j, msg))?;
         self.start_devices();
         self.kick_all();

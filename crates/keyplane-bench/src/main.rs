@@ -794,6 +794,7 @@ fn ack(device: &str, revision: i64) -> pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Ack(pb::Ack {
             device: device.to_owned(),
             revision,
+            traceparent: String::new(),
         })),
     }
 }

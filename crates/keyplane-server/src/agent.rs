@@ -280,8 +280,10 @@ impl Iterator for Parts<'_> {
                 devices,
                 time_zone,
                 lockdown,
+                traceparent,
                 ..
             } => pb::server_message::Msg::Snapshot(pb::DesiredSnapshot {
+                traceparent: traceparent.clone().unwrap_or_default(),
                 lockdown: *lockdown,
                 revision: *revision,
                 devices: devices_pb(site, devices),
@@ -296,8 +298,10 @@ impl Iterator for Parts<'_> {
                 devices,
                 time_zone,
                 lockdown,
+                traceparent,
                 ..
             } => pb::server_message::Msg::Changes(pb::DesiredChanges {
+                traceparent: traceparent.clone().unwrap_or_default(),
                 lockdown: *lockdown,
                 from_revision: *from,
                 revision: *revision,
@@ -854,11 +858,19 @@ impl Session {
                         ack.device, self.site
                     )));
                 }
-                let known = self
-                    .store
-                    .device_ack(self.site, device.device, ack.revision)
-                    .await
-                    .map_err(store_status)?;
+                // The end of a change's trace: the ack, a child of the agent's apply.
+                let span =
+                    tracing::info_span!("agent.ack", device = %ack.device, revision = ack.revision);
+                if !ack.traceparent.is_empty() {
+                    keyplane_telemetry::set_parent(&span, &ack.traceparent);
+                }
+                let known = tracing::Instrument::instrument(
+                    self.store
+                        .device_ack(self.site, device.device, ack.revision),
+                    span,
+                )
+                .await
+                .map_err(store_status)?;
                 if !known {
                     tracing::debug!(site = %self.site, device = %ack.device, "ack for a device no longer at the site");
                 }
@@ -922,6 +934,7 @@ mod tests {
                 time_zone: "Europe/Paris".into(),
                 lockdown: false,
                 slots,
+                traceparent: None,
             }
         } else {
             AgentUpdate::Changes {
@@ -931,6 +944,7 @@ mod tests {
                 time_zone: "Europe/Paris".into(),
                 lockdown: false,
                 slots,
+                traceparent: None,
             }
         }
     }

@@ -278,7 +278,8 @@ async fn shutdown_signal(token: CancellationToken) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    keyplane_telemetry::init_with("keyplaned", cli.log_format);
+    // Held to the end of main: dropping it sends the spans still buffered.
+    let _telemetry = keyplane_telemetry::init_with("keyplaned", cli.log_format);
     match &cli.command {
         Command::Serve {
             listen,

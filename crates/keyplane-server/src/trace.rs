@@ -5,23 +5,31 @@
 
 use tracing::field::Empty;
 
-/// The span of a call to `path` (`/package.Service/Method`), with the trace id of
-/// the caller's `traceparent` header when it sent one.
+/// The span of a call to `path` (`/package.Service/Method`): a child of the
+/// caller's W3C `traceparent` header when it sent one (and traces are exported),
+/// with the id of the trace it is in (the caller's, even when nothing is exported).
 pub fn rpc_span(path: &str, headers: &tonic::codegen::http::HeaderMap) -> tracing::Span {
     let method = path.strip_prefix('/').unwrap_or(path);
     let span = tracing::info_span!(
         "rpc",
+        otel.name = method,
+        otel.kind = "server",
         rpc.method = method,
         request_id = Empty,
         dealer = Empty,
         site = Empty,
         trace_id = Empty,
     );
-    if let Some(trace) = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(keyplane_telemetry::traceparent_trace_id)
-    {
+    let caller = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let trace = caller
+        .and_then(|tp| keyplane_telemetry::set_parent(&span, tp))
+        .or_else(|| keyplane_telemetry::trace_id(&span))
+        .or_else(|| {
+            caller
+                .and_then(keyplane_telemetry::traceparent_trace_id)
+                .map(str::to_owned)
+        });
+    if let Some(trace) = trace {
         span.record("trace_id", trace);
     }
     span

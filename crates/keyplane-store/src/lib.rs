@@ -199,36 +199,56 @@ pub(crate) async fn batch_in_txn(
 /// Runs `$body` in a transaction on `$store`, committing on success and retrying the
 /// whole body (up to 5 attempts) when PostgreSQL reports a serialization failure or
 /// deadlock. `$tx` names the transaction inside the body.
+///
+/// It runs in a `db.txn` span named by `$label`. When traces are exported, the
+/// span's W3C `traceparent` is set for the transaction (`keyplane.traceparent`), and
+/// the change log rows it writes take it as their column default: the agent's apply
+/// of those changes joins the trace without every writer passing it along.
 macro_rules! in_txn {
     ($store:expr, $label:literal, |$tx:ident| $body:expr) => {{
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let mut conn = $store.conn().await?;
-            let $tx = conn.transaction().await?;
-            let result: Result<_, $crate::StoreError> = async { $body }.await;
-            let result = match result {
-                Ok(v) => $tx
-                    .commit()
-                    .await
-                    .map(|()| v)
-                    .map_err($crate::StoreError::from),
-                Err(e) => Err(e),
-            };
-            match result {
-                Err(e) if $store.hash_key_refused(&e) => {
-                    break Err($crate::StoreError::Aborted(
-                        "the site's PIN keys changed during the request (key rotation): retry it"
-                            .into(),
-                    ));
+        let span = tracing::info_span!("db.txn", txn = $label);
+        let traced: Result<_, $crate::StoreError> = tracing::Instrument::instrument(
+            async {
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    let mut conn = $store.conn().await?;
+                    let $tx = conn.transaction().await?;
+                    if let Some(tp) = keyplane_telemetry::traceparent(&tracing::Span::current()) {
+                        $tx.execute(
+                            "SELECT set_config('keyplane.traceparent', $1, true)",
+                            &[&tp],
+                        )
+                        .await?;
+                    }
+                    let result: Result<_, $crate::StoreError> = async { $body }.await;
+                    let result = match result {
+                        Ok(v) => $tx
+                            .commit()
+                            .await
+                            .map(|()| v)
+                            .map_err($crate::StoreError::from),
+                        Err(e) => Err(e),
+                    };
+                    match result {
+                        Err(e) if $store.hash_key_refused(&e) => {
+                            break Err($crate::StoreError::Aborted(
+                                "the site's PIN keys changed during the request (key rotation): retry it"
+                                    .into(),
+                            ));
+                        }
+                        Err(e) if e.is_retryable() && attempt < 5 => {
+                            tracing::debug!(txn = $label, attempt, "retrying transaction");
+                            continue;
+                        }
+                        other => break other,
+                    }
                 }
-                Err(e) if e.is_retryable() && attempt < 5 => {
-                    tracing::debug!(txn = $label, attempt, "retrying transaction");
-                    continue;
-                }
-                other => break other,
-            }
-        }
+            },
+            span,
+        )
+        .await;
+        traced
     }};
 }
 pub(crate) use in_txn;

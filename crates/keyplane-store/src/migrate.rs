@@ -96,6 +96,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "change_window",
         include_str!("../migrations/0020_change_window.sql"),
     ),
+    (
+        21,
+        "change_trace",
+        include_str!("../migrations/0021_change_trace.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

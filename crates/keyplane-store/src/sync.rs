@@ -159,6 +159,7 @@ impl Store {
                 time_zone,
                 lockdown,
                 slots: Vec::new(),
+                traceparent: None,
             });
         }
         // Changes after `from` are all in the log only when `from` is at or above the
@@ -248,6 +249,20 @@ impl Store {
                 slots.push(slot);
             }
         }
+        // A snapshot carries the trace of the change that made its revision.
+        let traceparent = if keyplane_telemetry::exporting() {
+            let after = if snapshot { revision - 1 } else { from };
+            tx.query_opt(
+                "SELECT traceparent FROM site_change
+                 WHERE site_id = $1 AND revision > $2 AND traceparent IS NOT NULL
+                 ORDER BY revision DESC LIMIT 1",
+                &[&site, &after],
+            )
+            .await?
+            .map(|r| r.get(0))
+        } else {
+            None
+        };
         let update = if snapshot {
             AgentUpdate::Snapshot {
                 revision,
@@ -255,6 +270,7 @@ impl Store {
                 time_zone,
                 lockdown,
                 slots,
+                traceparent,
             }
         } else {
             AgentUpdate::Changes {
@@ -264,6 +280,7 @@ impl Store {
                 time_zone,
                 lockdown,
                 slots,
+                traceparent,
             }
         };
         tx.commit().await?;

@@ -430,6 +430,8 @@ pub enum AgentUpdate {
         lockdown: bool,
         /// Every assigned slot.
         slots: Vec<DesiredSlot>,
+        /// The W3C trace context of the change that made `revision` (traces exported).
+        traceparent: Option<String>,
     },
     /// Slots changed after `from` as of `revision`.
     Changes {
@@ -445,5 +447,8 @@ pub enum AgentUpdate {
         lockdown: bool,
         /// Current desired value of every changed slot.
         slots: Vec<DesiredSlot>,
+        /// The W3C trace context of the newest traced change after `from` (traces
+        /// exported): the agent's apply joins that change's trace.
+        traceparent: Option<String>,
     },
 }

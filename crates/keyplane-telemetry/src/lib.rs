@@ -5,6 +5,13 @@
 //! of the spans the line was written in: a server call's `rpc` span holds its method,
 //! request id, dealer, site and trace id ([`RPC_SPAN_FIELDS`]), so every line of a
 //! call names them.
+//!
+//! Traces: with `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//! set, spans are exported over OTLP/gRPC, configured by the standard `OTEL_*`
+//! variables (`OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`, ...); unset,
+//! nothing is exported. W3C trace context crosses processes as a `traceparent`
+//! string ([`traceparent`], [`set_parent`]): in gRPC metadata, in the change log and
+//! on the agent stream.
 
 use std::io::Write;
 use tracing::Subscriber;
@@ -75,26 +82,190 @@ where
     }
 }
 
-/// Installs the global subscriber for `service` with text lines. Safe to call more
-/// than once (later calls do nothing), so tests may call it freely.
+/// Installs the global subscriber for `service` with text lines and no trace export.
+/// Safe to call more than once (later calls do nothing), so tests may call it freely.
 pub fn init(service: &str) {
-    init_with(service, LogFormat::Text);
+    let _ = install(service, LogFormat::Text, None);
 }
 
-/// Installs the global subscriber for `service`, writing lines in `format`. Later
-/// calls do nothing.
-pub fn init_with(service: &str, format: LogFormat) {
+/// What [`init_with`] set up; dropping it sends the spans still buffered (call it
+/// last in `main`).
+#[must_use = "dropping it ends trace export"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (an OTLP endpoint is configured).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing the last spans failed");
+        }
+    }
+}
+
+/// Whether the environment asks for trace export: an OTLP endpoint is set, and
+/// neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`.
+pub fn traces_configured() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let is = |name: &str, value: &str| {
+        std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value))
+    };
+    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !is("OTEL_SDK_DISABLED", "true")
+        && !is("OTEL_TRACES_EXPORTER", "none")
+}
+
+/// Installs the global subscriber for `service`, writing lines in `format`, and
+/// exports spans over OTLP when [`traces_configured`]. Needs a Tokio runtime when
+/// exporting (the gRPC client). Later calls install nothing.
+pub fn init_with(service: &str, format: LogFormat) -> Telemetry {
+    let provider = if traces_configured() {
+        match tracer_provider(service) {
+            Ok(provider) => Some(provider),
+            Err(e) => {
+                // Logging is not up yet: say it on stderr and serve without traces.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{service}: OpenTelemetry trace export not started: {e}"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let installed = install(service, format, provider.as_ref());
+    Telemetry {
+        provider: provider.filter(|_| installed),
+    }
+}
+
+fn tracer_provider(
+    service: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    // Endpoint, headers, timeout and compression from OTEL_EXPORTER_OTLP_*.
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    // OTEL_SERVICE_NAME (read by the builder) wins over the binary's name.
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    // The sampler from OTEL_TRACES_SAMPLER (default: parent-based, always on).
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+fn install(
+    service: &str,
+    format: LogFormat,
+    provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+) -> bool {
+    use opentelemetry::trace::TracerProvider as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour codes only for a person at a terminal, never in files or journald.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let otel = provider.map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("keyplane"))
+            // Our spans say where they are by name; code locations and thread ids
+            // are noise in a trace viewer.
+            .with_location(false)
+            .with_threads(false)
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(in_a_trace))
+    });
     let installed = tracing_subscriber::registry()
         .with(filter)
         .with(fmt_layer(format, LossyStderr, ansi))
+        .with(otel)
         .try_init()
         .is_ok();
     if installed {
-        tracing::debug!(service, %format, "tracing initialised");
+        EXPORTING.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        tracing::debug!(service, %format, traces = provider.is_some(), "tracing initialised");
     }
+    installed
+}
+
+/// The spans that start a trace or continue one from another process (a call, the
+/// agent's apply of a change, keyplaned's handling of its ack). Other spans (a
+/// database transaction, say) are exported only inside one of these: the long-lived
+/// spans of a stream or a device task, and the background sweeps' transactions,
+/// would otherwise make endless traces or a trace every few hundred milliseconds.
+pub const TRACE_SPANS: [&str; 3] = ["rpc", "device.apply", "agent.ack"];
+
+/// The trace export's filter: spans named in [`TRACE_SPANS`], and anything inside
+/// one (the context's current span is the nearest exported one).
+fn in_a_trace<S>(
+    meta: &tracing::Metadata<'_>,
+    cx: &tracing_subscriber::layer::Context<'_, S>,
+) -> bool
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    (meta.is_span() && TRACE_SPANS.contains(&meta.name())) || cx.lookup_current().is_some()
+}
+
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports spans ([`init_with`] found an OTLP endpoint): work
+/// done only for traces (reading a stored `traceparent`) is skipped otherwise.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The W3C `traceparent` of `span`: None when traces are not exported (or the span
+/// is disabled). Carried where the work it starts continues: the change log row, the
+/// agent stream, an ack.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+/// Makes `span` (not yet entered) a child of the span `traceparent` names, and
+/// returns the trace id it is now in; nothing happens (None) when the value is not a
+/// valid `traceparent` or traces are not exported.
+pub fn set_parent(span: &tracing::Span, traceparent: &str) -> Option<String> {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    traceparent_trace_id(traceparent)?;
+    let carrier = std::collections::HashMap::from([(
+        "traceparent".to_owned(),
+        traceparent.trim().to_owned(),
+    )]);
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    span.set_parent(cx).ok()?;
+    trace_id(span)
+}
+
+/// The trace id `span` belongs to, when traces are exported.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    traceparent(span).and_then(|tp| traceparent_trace_id(&tp).map(str::to_owned))
 }
 
 /// The trace id of a W3C `traceparent` header value (`00-<trace id>-<span id>-<flags>`),
