@@ -19,6 +19,7 @@ mod doors;
 mod edges;
 mod enroll;
 mod events;
+mod faults;
 mod fixture;
 mod fuzz_admin;
 mod fuzz_wire;

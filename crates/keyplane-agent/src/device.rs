@@ -8,6 +8,7 @@ use crate::journal::{Code, DeviceJournal, Journal};
 use crate::reconcile::{Outbound, Shared, classify, event_pb, is_link_error};
 use crate::reports::{Outcome, Reports};
 use keyplane_core::constraints::ReportedConstraints;
+use keyplane_core::event_log::{Continuity, EventMark, continuity, epoch_of};
 use keyplane_core::plan::{DesiredCode, SlotAction, Validity, plan_device};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_devices::{DeviceDriver, DeviceError, EventKind};
@@ -86,6 +87,17 @@ struct Planned {
     remove_local: BTreeSet<u16>,
     observed: Option<BTreeMap<u16, Option<String>>>,
     refused_by_agent: bool,
+}
+
+/// Where the agent stands in a device's event log (from the journal).
+#[derive(Debug, Clone, Copy)]
+struct LogPosition {
+    /// Highest sequence number keyplaned stored, in `epoch`.
+    acked: u64,
+    /// The epoch naming the log (None: not named yet).
+    epoch: Option<u64>,
+    /// The last event read.
+    anchor: Option<EventMark>,
 }
 
 /// The task of one device.
@@ -445,20 +457,29 @@ impl DeviceTask {
             j.devices
                 .get(&self.name)
                 .filter(|d| d.present)
-                .and_then(|d| DeviceModel::find(&d.model).map(|m| (m, d.events_acked)))
+                .and_then(|d| {
+                    DeviceModel::find(&d.model).map(|m| {
+                        let log = LogPosition {
+                            acked: d.events_acked,
+                            epoch: d.events_epoch.or((d.events_acked > 0).then_some(0)),
+                            anchor: d.events_anchor,
+                        };
+                        (m, log)
+                    })
+                })
         });
-        if let Some((model, acked)) = known {
-            let after = self.events_sent.max(acked);
-            let events = match self.driver(model) {
-                Ok(driver) => driver.read_events(after).await.map_err(anyhow::Error::from),
-                Err(e) => Err(e),
-            };
-            match events {
-                Ok(events) => {
+        if let Some((model, log)) = known {
+            match self.read_new_events(model, log).await {
+                Ok((epoch, events)) => {
                     // Duress first, on the urgent queue: it never waits behind
                     // routine events the stream has not taken yet.
                     for event in events.iter().filter(|e| e.kind == EventKind::Duress) {
-                        if out.urgent.send(event_pb(&self.name, event)).await.is_ok() {
+                        if out
+                            .urgent
+                            .send(event_pb(&self.name, epoch, event))
+                            .await
+                            .is_ok()
+                        {
                             tracing::warn!(device = %self.name, seq = event.seq, "duress code used: silent alarm sent");
                         }
                     }
@@ -469,7 +490,7 @@ impl DeviceTask {
                         if event.kind != EventKind::Duress
                             && out
                                 .routine
-                                .send(event_pb(&self.name, &event))
+                                .send(event_pb(&self.name, epoch, &event))
                                 .await
                                 .is_err()
                         {
@@ -485,6 +506,62 @@ impl DeviceTask {
         }
         self.shared.progress.polled(&self.name);
         disarmed
+    }
+
+    /// The events of the device's log keyplaned has not stored, and the epoch naming
+    /// the log. Each read starts at the anchor (the last event read), so a log that
+    /// restarted (panel reset or replaced, counter wrapped) is noticed and read from
+    /// its start under a new epoch instead of being taken for events already stored.
+    async fn read_new_events(
+        &mut self,
+        model: &'static DeviceModel,
+        log: LogPosition,
+    ) -> anyhow::Result<(u64, Vec<keyplane_devices::DeviceEvent>)> {
+        let mut after = self.events_sent.max(log.acked);
+        let from = log
+            .anchor
+            .map_or(after, |a| a.seq.saturating_sub(1).min(after));
+        let mut read = self.driver(model)?.read_events(from).await?;
+        let marks: Vec<EventMark> = read.iter().map(|e| e.mark()).collect();
+        let restarted = continuity(log.anchor, &marks) == Continuity::Restarted;
+        if restarted {
+            tracing::info!(
+                device = %self.name,
+                "the device's event log restarted (reset, replaced or wrapped): reading it from its start under a new epoch"
+            );
+            read = self.driver(model)?.read_events(0).await?;
+            self.events_sent = 0;
+            after = 0;
+        }
+        let epoch = match (log.epoch, read.first()) {
+            (Some(epoch), _) if !restarted => Some(epoch),
+            (previous, Some(first)) => Some(epoch_of(first.mark(), previous.unwrap_or(0))),
+            (_, None) => None,
+        };
+        let anchor = read
+            .last()
+            .map(|e| e.mark())
+            .or(if restarted { None } else { log.anchor });
+        if restarted || epoch != log.epoch {
+            // Committed before any event of the new log is sent: an ack of it must
+            // find the epoch it names.
+            self.device_mut(|d| {
+                d.events_epoch = epoch;
+                d.events_anchor = anchor;
+                if restarted {
+                    d.events_acked = 0;
+                }
+            })?;
+        } else if anchor != log.anchor {
+            // Losing this to a crash only means starting from an older anchor, one
+            // the log still holds.
+            self.device_batched(|d| d.events_anchor = anchor)?;
+        }
+        let Some(epoch) = epoch else {
+            return Ok((0, Vec::new()));
+        };
+        read.retain(|e| e.seq > after);
+        Ok((epoch, read))
     }
 
     /// Reads the device's slot table back (through its checksum first, where it

@@ -17,6 +17,7 @@
 use crate::seal::{JournalKey, SealError};
 use chrono::{DateTime, Utc};
 use keyplane_core::authority::Level;
+use keyplane_core::event_log::EventMark;
 use keyplane_core::plan::DesiredCode;
 use keyplane_core::schedule::Schedule;
 use redb::{ReadableTable, TableDefinition};
@@ -206,6 +207,14 @@ pub struct DeviceJournal {
     /// Highest event sequence number keyplaned has stored for this device.
     #[serde(default)]
     pub events_acked: u64,
+    /// The epoch naming the device log being read (None: not named yet). See
+    /// `keyplane_core::event_log`.
+    #[serde(default)]
+    pub events_epoch: Option<u64>,
+    /// The last event read from the device's log: the next read starts there, to
+    /// notice a log that restarted.
+    #[serde(default)]
+    pub events_anchor: Option<EventMark>,
     /// Doors: whether the device was put in lockdown.
     #[serde(default)]
     pub lockdown_applied: bool,
@@ -234,6 +243,8 @@ impl std::fmt::Debug for DeviceJournal {
             .field("written", &self.written)
             .field("acked", &self.acked)
             .field("events_acked", &self.events_acked)
+            .field("events_epoch", &self.events_epoch)
+            .field("events_anchor", &self.events_anchor)
             .field("lockdown_applied", &self.lockdown_applied)
             .field(
                 "observed_slots",
@@ -329,6 +340,10 @@ struct Header {
     present: bool,
     acked: i64,
     events_acked: u64,
+    #[serde(default)]
+    events_epoch: Option<u64>,
+    #[serde(default)]
+    events_anchor: Option<EventMark>,
     lockdown_applied: bool,
     observed_known: bool,
     observed_checksum: Option<u64>,
@@ -343,6 +358,8 @@ impl Header {
             present: d.present,
             acked: d.acked,
             events_acked: d.events_acked,
+            events_epoch: d.events_epoch,
+            events_anchor: d.events_anchor,
             lockdown_applied: d.lockdown_applied,
             observed_known: d.observed.is_some(),
             observed_checksum: d.observed_checksum,
@@ -472,7 +489,16 @@ impl Journal {
         let (mut journal, rewrite) = match load(&path, &db, &key)? {
             Some((j, clear)) => (j, clear),
             None => match std::fs::read(&legacy) {
-                Ok(bytes) => (from_json::<Journal>(&legacy, &bytes)?, true),
+                Ok(bytes) => {
+                    let mut j = from_json::<Journal>(&legacy, &bytes)?;
+                    for d in j.devices.values_mut() {
+                        // Acked before epochs existed: under epoch 0.
+                        if d.events_epoch.is_none() && d.events_acked > 0 {
+                            d.events_epoch = Some(0);
+                        }
+                    }
+                    (j, true)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Journal::default(), true),
                 Err(source) => {
                     return Err(JournalError::Io {
@@ -778,6 +804,9 @@ fn load(
                 present: h.present,
                 acked: h.acked,
                 events_acked: h.events_acked,
+                // Journaled before epochs: what was acked was acked under epoch 0.
+                events_epoch: h.events_epoch.or((h.events_acked > 0).then_some(0)),
+                events_anchor: h.events_anchor,
                 lockdown_applied: h.lockdown_applied,
                 observed: h.observed_known.then(SlotTable::default),
                 observed_checksum: h.observed_checksum,

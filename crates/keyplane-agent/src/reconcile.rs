@@ -469,6 +469,7 @@ impl Agent {
         if let pb::server_message::Msg::EventAck(ack) = &msg {
             return self.shared.journal(|j| {
                 if let Some(device) = j.devices.get_mut(&ack.device)
+                    && ack.epoch == device.events_epoch.unwrap_or(0)
                     && ack.seq > device.events_acked
                 {
                     device.events_acked = ack.seq;
@@ -589,6 +590,7 @@ fn journal_message(journal: &mut Journal, msg: pb::server_message::Msg) -> anyho
     let (revision, slots, what, from) = match msg {
         pb::server_message::Msg::EventAck(ack) => {
             if let Some(device) = journal.devices.get_mut(&ack.device)
+                && ack.epoch == device.events_epoch.unwrap_or(0)
                 && ack.seq > device.events_acked
             {
                 device.events_acked = ack.seq;
@@ -750,7 +752,8 @@ pub(crate) fn classify(
         .collect()
 }
 
-pub(crate) fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
+/// The wire form of event `e` of `device`'s log named `epoch`.
+pub(crate) fn event_pb(device: &str, epoch: u64, e: &DeviceEvent) -> pb::AgentMessage {
     let kind = pb::EventKind::from(e.kind);
     let secs = e.at_unix_ms.div_euclid(1000);
     let nanos = i32::try_from(e.at_unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0);
@@ -765,7 +768,7 @@ pub(crate) fn event_pb(device: &str, e: &DeviceEvent) -> pb::AgentMessage {
                 seconds: secs,
                 nanos,
             }),
-            epoch: 0,
+            epoch,
         })),
     }
 }

@@ -14,6 +14,7 @@ pub mod constraints;
 pub mod credential;
 pub mod event;
 pub mod event_cursor;
+pub mod event_log;
 pub mod model;
 pub mod names;
 pub mod observed;

@@ -256,6 +256,20 @@ pub struct DeviceEvent {
     pub at_unix_ms: i64,
 }
 
+impl DeviceEvent {
+    /// What tells this event from another with the same sequence number (a log that
+    /// restarted): see `keyplane_core::event_log`.
+    pub fn mark(&self) -> keyplane_core::event_log::EventMark {
+        keyplane_core::event_log::EventMark::of(
+            self.seq,
+            self.kind,
+            self.partition,
+            self.slot,
+            self.at_unix_ms,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -709,6 +709,15 @@ impl SimulatedDevice {
         self.inspect(|s| s.events.clone())
     }
 
+    /// The panel is reset or replaced: its event log is emptied and numbers its
+    /// events from 1 again (slots and settings stay).
+    pub fn reset_event_log(&mut self) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.events.clear();
+            Ok(())
+        })
+    }
+
     /// A person programs `code` into `slot` at the device: refused like a driver
     /// write, counted as a keypad write, not in the driver write log.
     pub fn program_at_keypad(&mut self, slot: u16, code: &str) -> Result<(), DeviceError> {
