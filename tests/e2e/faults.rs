@@ -1,10 +1,17 @@
 //! Faults injected by the test while events flow (issue 15): the agent's connection
 //! cut again and again while it uploads a panel's log, and the panel reset mid-way
 //! (its log emptied, numbered from 1 again). Every event is stored exactly once.
+//! And the real keyplaned killed (SIGKILL) while agents stream and a back office
+//! writes: every agent converges on what was committed, each code exactly once.
 
-use crate::fixture::{Site, id_of, panel_scope};
+use crate::fixture::{
+    Site, create_device, create_site, create_user_with, id_of, lock_scope, panel_scope, slot_on,
+};
 use keyplane_devices::PanelOutcome;
-use keyplane_testkit::server::TestAgent;
+use keyplane_proto::v1 as pb;
+use keyplane_store::{PinKey, Store};
+use keyplane_testkit::pg::test_database;
+use keyplane_testkit::server::{TestAgent, eventually};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,5 +192,245 @@ async fn events_survive_cut_connections_and_a_panel_reset_exactly_once() -> anyh
         }
     }
     agent.stop().await?;
+    Ok(())
+}
+
+/// Starts the real keyplaned on `port` (its log in `log`).
+fn spawn_keyplaned(
+    key: &std::path::Path,
+    database_url: &str,
+    port: u16,
+    log: &std::path::Path,
+) -> anyhow::Result<tokio::process::Child> {
+    Ok(
+        tokio::process::Command::new(crate::shutdown::keyplaned_binary()?)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--pin-key-file")
+            .arg(key)
+            .env("KEYPLANE_DATABASE_URL", database_url)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .kill_on_drop(true)
+            .spawn()?,
+    )
+}
+
+/// The PIN of the `n`th code of a site: five digits, none guessable.
+fn pin_of(n: usize) -> String {
+    (40_013 + n * 97).to_string()
+}
+
+/// One site of the kill test, with its agent.
+struct KillSite {
+    site: String,
+    user: String,
+    lock: pb::Device,
+    dir: keyplane_testkit::server::TempDir,
+    agent: TestAgent,
+}
+
+/// Creates code `n` of `s` with a request id of its own, retried (same id) while
+/// keyplaned is away, so it is created exactly once whatever the outcome of an
+/// attempt the kill cut short.
+async fn create_exactly_once(
+    admin: &mut keyplane_testkit::server::Admin,
+    s: &KillSite,
+    n: usize,
+) -> anyhow::Result<()> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = admin.create_credential(pb::CreateCredentialRequest {
+            parent: s.user.clone(),
+            credential: Some(pb::Credential {
+                display_name: format!("code {n}"),
+                pin: pin_of(n),
+                scope: Some(lock_scope(&[&s.lock])),
+                ..Default::default()
+            }),
+            request_id: request_id.clone(),
+            generate_pin: false,
+        });
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) => {}
+            Ok(Err(status)) => anyhow::bail!("code {n}: {status:?}"),
+            Err(_) => {}
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "code {n} not created within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn keyplaned_killed_while_agents_stream_loses_no_change() -> anyhow::Result<()> {
+    const SITES: usize = 3;
+    const CODES: usize = 20;
+    let db = test_database().await?;
+    let dir = keyplane_testkit::server::TempDir::new("killed")?;
+    let key = dir.path().join("pin.key");
+    let keygen = tokio::process::Command::new(crate::shutdown::keyplaned_binary()?)
+        .arg("keygen")
+        .arg("--out")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await?;
+    anyhow::ensure!(keygen.success(), "keyplaned keygen failed");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut keyplaned = spawn_keyplaned(&key, &db.url, port, &dir.path().join("first.log"))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.clone())?;
+    crate::shutdown::client(endpoint.clone(), "").await?;
+    let store = Store::connect(&db.url, 2, PinKey::generate()?)?;
+    let token = store.dealer_create("Dealer One").await?.1;
+    let mut admin = crate::shutdown::client(endpoint.clone(), &token).await?;
+
+    let mut sites = Vec::new();
+    for n in 0..SITES {
+        let site = create_site(&mut admin, &format!("Shop {n}"), "Europe/Paris").await?;
+        admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: site.clone(),
+                partition: Some(pb::Partition {
+                    number: 1,
+                    display_name: "Shop".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+        let lock = create_device(&mut admin, &site, "Front door", "zwave-lock-30").await?;
+        let user = create_user_with(&mut admin, &site, "Ann", &[(1, pb::Level::Master)]).await?;
+        let agent_token = admin
+            .issue_agent_token(pb::IssueAgentTokenRequest { site: site.clone() })
+            .await?
+            .into_inner()
+            .token;
+        let dir = keyplane_testkit::server::TempDir::new("killed-site")?;
+        let agent = TestAgent::start(&url, &site, &agent_token, dir.path());
+        sites.push(KillSite {
+            site,
+            user,
+            lock,
+            dir,
+            agent,
+        });
+    }
+    let sites = Arc::new(sites);
+
+    // Every site's writer creates its codes one after another while keyplaned is
+    // killed (SIGKILL: no shutdown, streams and transactions cut) and started again.
+    let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..SITES {
+        let (sites, created, mut admin) = (sites.clone(), created.clone(), admin.clone());
+        writers.spawn(async move {
+            for n in 0..CODES {
+                create_exactly_once(&mut admin, &sites[i], n).await?;
+                created.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            anyhow::Ok(())
+        });
+    }
+    let halfway = SITES * CODES / 3;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while created.load(std::sync::atomic::Ordering::SeqCst) < halfway {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "writers stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    keyplaned.start_kill()?;
+    keyplaned.wait().await?;
+    let before_restart = created.load(std::sync::atomic::Ordering::SeqCst);
+    let mut keyplaned = spawn_keyplaned(&key, &db.url, port, &dir.path().join("second.log"))?;
+    while let Some(writer) = writers.join_next().await {
+        writer??;
+    }
+    assert!(
+        before_restart < SITES * CODES,
+        "the kill landed before the writers were done"
+    );
+
+    // Every agent converges on what was committed: each code once, on its lock.
+    for s in sites.iter() {
+        let name = format!("{}/syncStatus", s.site);
+        eventually(
+            "the site applied at head",
+            crate::fixture::SYNC_TIMEOUT * 3,
+            || {
+                let mut admin = admin.clone();
+                let name = name.clone();
+                async move {
+                    let status = admin
+                        .get_sync_status(pb::GetSyncStatusRequest { name })
+                        .await?
+                        .into_inner();
+                    Ok(status
+                        .devices
+                        .iter()
+                        .all(|d| d.in_sync && d.applied_revision == status.desired_revision)
+                        .then_some(()))
+                }
+            },
+        )
+        .await?;
+        let credentials = admin
+            .list_credentials(pb::ListCredentialsRequest {
+                parent: s.user.clone(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .credentials;
+        let mut names: Vec<&str> = credentials
+            .iter()
+            .map(|c| c.display_name.as_str())
+            .collect();
+        names.sort_unstable();
+        let mut want: Vec<String> = (0..CODES).map(|n| format!("code {n}")).collect();
+        want.sort_unstable();
+        assert_eq!(names, want, "each code created once");
+        let model = keyplane_core::DeviceModel::find(&s.lock.model)
+            .ok_or_else(|| anyhow::anyhow!("model {}", s.lock.model))?;
+        let held = keyplane_devices::SimulatedDevice::open(
+            &s.dir.path().join("devices"),
+            &s.lock.name,
+            model,
+        )?
+        .slots();
+        let expected: BTreeMap<u16, String> = credentials
+            .iter()
+            .map(|c| {
+                let n: usize = c
+                    .display_name
+                    .trim_start_matches("code ")
+                    .parse()
+                    .unwrap_or(usize::MAX);
+                let slot = slot_on(c, &s.lock).unwrap_or(0);
+                (slot, pin_of(n))
+            })
+            .collect();
+        assert_eq!(held, expected, "the lock holds every code, in its slot");
+    }
+    let sites = Arc::into_inner(sites).ok_or_else(|| anyhow::anyhow!("writers hold sites"))?;
+    for s in sites {
+        s.agent.stop().await?;
+    }
+    keyplaned.start_kill()?;
+    keyplaned.wait().await?;
     Ok(())
 }
