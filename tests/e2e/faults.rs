@@ -20,14 +20,14 @@ use tokio::sync::watch;
 
 /// A TCP relay in front of keyplaned whose open connections the test cuts at will;
 /// new connections go through.
-struct Cutter {
-    port: u16,
+pub(crate) struct Cutter {
+    pub(crate) port: u16,
     cut: Arc<watch::Sender<u64>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Cutter {
-    async fn start(upstream: u16) -> anyhow::Result<Cutter> {
+    pub(crate) async fn start(upstream: u16) -> anyhow::Result<Cutter> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let cut = Arc::new(watch::channel(0u64).0);
@@ -51,9 +51,17 @@ impl Cutter {
     }
 
     /// Drops every connection open now.
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
     }
+}
+
+/// The port of a `http://host:port` URL.
+pub(crate) fn port_of(url: &str) -> anyhow::Result<u16> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {url}"))
 }
 
 impl Drop for Cutter {
@@ -135,14 +143,7 @@ async fn events_survive_cut_connections_and_a_panel_reset_exactly_once() -> anyh
     let mut s = Site::new().await?;
     let alice = s.alice.clone();
     s.credential(&alice, "4821", panel_scope(&[1])).await?;
-    let upstream: u16 = s
-        .server
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no port in {}", s.server.url))?;
-    let proxy = Cutter::start(upstream).await?;
+    let proxy = Cutter::start(port_of(&s.server.url)?).await?;
     let mut config = s.agent_config();
     config.server = format!("http://127.0.0.1:{}", proxy.port);
     let agent = TestAgent::start_config(

@@ -23,6 +23,7 @@ mod faults;
 mod fixture;
 mod fuzz_admin;
 mod fuzz_wire;
+mod interleavings;
 mod isolation;
 mod keys;
 mod limits;

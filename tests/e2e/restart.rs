@@ -289,7 +289,7 @@ async fn a_pending_removal_is_applied_and_read_back_before_an_addition() -> anyh
 
 /// The agent binary next to this test binary (`cargo nextest run --workspace`
 /// builds it).
-fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe
         .parent()
