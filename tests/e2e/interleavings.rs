@@ -149,6 +149,7 @@ impl Case {
                 .arg("20")
                 .env("KEYPLANE_AGENT_TOKEN", &self.s.agent_token)
                 .env("RUST_LOG", "info")
+                .env("RUST_BACKTRACE", "0")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(log)
@@ -382,9 +383,13 @@ async fn run_case(steps: &[Step]) -> anyhow::Result<()> {
     }
     let checked = case.check().await;
     case.stop_agent("-TERM").await?;
+    let Case { s, .. } = case;
+    let dir = s.dir;
+    // The runtime outlives the case: its server must not keep its connections.
+    s.server.stop().await?;
     checked.map_err(|e| {
-        let log = std::fs::read_to_string(case.s.dir.path().join("agent.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
         anyhow::anyhow!(
             "{e:#}\nthe agent's last lines:\n{}",
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")

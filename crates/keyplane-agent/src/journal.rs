@@ -478,15 +478,26 @@ impl Journal {
         })?;
         let path = dir.join("journal.redb");
         let legacy = dir.join("journal.json");
-        create_private(&path)?;
         let store_err = |e: &dyn std::fmt::Display| JournalError::Store {
             path: path.clone(),
             detail: e.to_string(),
         };
-        let db = redb::Database::create(&path).map_err(|e| store_err(&e))?;
+        // A journal file is only ever created whole, under another name that then
+        // replaces it (below): creating it in place, an agent killed while redb
+        // wrote its header left a file no later start could open.
+        let db = if path.exists() {
+            create_private(&path)?;
+            Some(redb::Database::create(&path).map_err(|e| store_err(&e))?)
+        } else {
+            None
+        };
+        let loaded = match &db {
+            Some(db) => load(&path, db, &key)?,
+            None => None,
+        };
         // No site row: nothing was ever committed here (a first start, or one
         // that died before its first commit), so a JSON journal still rules.
-        let (mut journal, rewrite) = match load(&path, &db, &key)? {
+        let (mut journal, rewrite) = match loaded {
             Some((j, clear)) => (j, clear),
             None => match std::fs::read(&legacy) {
                 Ok(bytes) => {
@@ -563,6 +574,10 @@ impl Journal {
             );
         }
         journal.committed();
+        let db = db.ok_or_else(|| JournalError::Store {
+            path: journal.path.clone(),
+            detail: "a journal read without its file".to_owned(),
+        })?;
         journal.store = Some(Store {
             db,
             key,
