@@ -28,6 +28,7 @@ mod isolation;
 mod keys;
 mod limits;
 mod local;
+mod metrics;
 mod ops;
 mod otel;
 mod outage;

@@ -280,12 +280,19 @@ impl DeviceTask {
                     })),
                 };
                 if out.routine.send(ack).await.is_ok() {
+                    crate::metrics::metrics().applied();
                     let journaled = self.device_mut(|d| d.acked = d.acked.max(revision));
                     if let Err(e) = journaled {
                         tracing::error!(error = %e, "journal save failed");
                     }
                 }
             }
+        }
+        if let Some(out) = &out {
+            let queued = out.routine.max_capacity() - out.routine.capacity();
+            crate::metrics::metrics()
+                .queue_depth
+                .set(i64::try_from(queued).unwrap_or(i64::MAX));
         }
         self.shared.progress.completed(&self.name);
         !output.gone

@@ -18,6 +18,7 @@ pub mod hand;
 pub mod identity;
 pub mod intake;
 pub mod journal;
+pub mod metrics;
 mod parts;
 mod reconcile;
 mod reports;
@@ -651,6 +652,29 @@ async fn session(
         );
     }
     let mut inbound = client.sync(request).await?.into_inner();
+    metrics::metrics().connected.set(1);
+    let result = stream(
+        config,
+        agent,
+        shutdown,
+        healthy,
+        &mut identity,
+        &mut inbound,
+    )
+    .await;
+    metrics::metrics().connected.set(0);
+    result
+}
+
+/// The open stream: applies what the server sends until it ends.
+async fn stream(
+    config: &AgentConfig,
+    agent: &mut Agent,
+    shutdown: &CancellationToken,
+    healthy: &mut bool,
+    identity: &mut Option<Identity>,
+    inbound: &mut tonic::Streaming<pb::ServerMessage>,
+) -> Result<(), SessionError> {
     tracing::info!(
         server = %config.server,
         site = %config.site,
@@ -671,7 +695,7 @@ async fn session(
                 match renew(config, current).await {
                     Ok(renewed) => {
                         renew_at = Some(renewal_instant(&renewed.meta));
-                        identity = Some(renewed);
+                        *identity = Some(renewed);
                     }
                     Err(e) => {
                         tracing::warn!("renewing the agent certificate failed ({e:#}); retrying in 10 minutes");

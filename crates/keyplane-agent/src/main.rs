@@ -23,6 +23,10 @@ struct Cli {
     /// spans it was written in: site, device). Level from RUST_LOG.
     #[arg(long, env = "KEYPLANE_LOG_FORMAT", default_value_t = keyplane_telemetry::LogFormat::Text)]
     log_format: keyplane_telemetry::LogFormat,
+    /// Serve Prometheus metrics on this address (`GET /metrics`, plain HTTP), e.g.
+    /// 127.0.0.1:9465. Unset: not served.
+    #[arg(long, env = "KEYPLANE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// keyplaned URL: https://host:port, or http:// to this machine only (`host:port`
     /// means `http://host:port`).
     #[arg(
@@ -289,5 +293,16 @@ async fn main() -> anyhow::Result<()> {
             signals.cancel();
         }
     });
+    if let Some(at) = &cli.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics endpoint {at}: {e}"))?;
+        tokio::spawn(keyplane_telemetry::metrics::serve(
+            listener,
+            keyplane_agent::metrics::metrics().registry(),
+            None,
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
     keyplane_agent::run(config, Box::new(drivers), shutdown).await
 }

@@ -394,6 +394,9 @@ impl Agent {
             ));
             self.workers.insert(name, Worker { kick, handle });
         }
+        crate::metrics::metrics()
+            .devices
+            .set(i64::try_from(self.workers.len()).unwrap_or(i64::MAX));
     }
 
     /// Wakes every device task for a pass now.

@@ -341,111 +341,121 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let (site, principal, expires) = auth::agent(&self.store, &request).await?;
-        let peer = auth::peer_addr(request.extensions()).map(|a| a.to_string());
-        let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
-            Ok(Err(status)) => return Err(crate::error::undecodable_is_invalid(status)),
-            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
-            Ok(Ok(Some(pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Hello(hello)),
-            }))) => hello,
-            Ok(Ok(Some(_))) => {
-                return Err(Status::invalid_argument("the first message must be Hello"));
+        let result: Result<Response<Self::SyncStream>, Status> = async move {
+            let (site, principal, expires) = auth::agent(&self.store, &request).await?;
+            let peer = auth::peer_addr(request.extensions()).map(|a| a.to_string());
+            let mut inbound = request.into_inner();
+            let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+                Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+                Ok(Err(status)) => return Err(crate::error::undecodable_is_invalid(status)),
+                Ok(Ok(None)) => return Err(Status::cancelled("stream closed before Hello")),
+                Ok(Ok(Some(pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Hello(hello)),
+                }))) => hello,
+                Ok(Ok(Some(_))) => {
+                    return Err(Status::invalid_argument("the first message must be Hello"));
+                }
+            };
+            let named = SiteName::parse(&hello.site)
+                .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
+            if named.site != site {
+                return Err(Status::permission_denied(format!(
+                    "this agent's certificate or token belongs to sites/{site}, not {}",
+                    hello.site
+                )));
             }
-        };
-        let named = SiteName::parse(&hello.site)
-            .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
-        if named.site != site {
-            return Err(Status::permission_denied(format!(
-                "this agent's certificate or token belongs to sites/{site}, not {}",
-                hello.site
-            )));
-        }
-        if hello.applied_revision < 0 {
-            return Err(Status::invalid_argument(
-                "hello.applied_revision must not be negative",
-            ));
-        }
-        let protocol = match keyplane_core::compat::check(hello.protocol_version, self.min_protocol)
-        {
-            keyplane_core::compat::Compat::TooOld { agent, min } => {
-                tracing::info!(%site, agent = ?principal, protocol = agent, version = %hello.agent_version, "agent refused: protocol too old");
-                return Err(Status::failed_precondition(
-                    keyplane_core::compat::too_old_message(agent, min),
+            if hello.applied_revision < 0 {
+                return Err(Status::invalid_argument(
+                    "hello.applied_revision must not be negative",
                 ));
             }
-            keyplane_core::compat::Compat::Newer(p) => {
-                tracing::info!(%site, protocol = p, "agent speaks a newer protocol; served with this server's");
-                p
+            let protocol = match keyplane_core::compat::check(hello.protocol_version, self.min_protocol)
+            {
+                keyplane_core::compat::Compat::TooOld { agent, min } => {
+                    tracing::info!(%site, agent = ?principal, protocol = agent, version = %hello.agent_version, "agent refused: protocol too old");
+                    return Err(Status::failed_precondition(
+                        keyplane_core::compat::too_old_message(agent, min),
+                    ));
+                }
+                keyplane_core::compat::Compat::Newer(p) => {
+                    tracing::info!(%site, protocol = p, "agent speaks a newer protocol; served with this server's");
+                    p
+                }
+                keyplane_core::compat::Compat::Older(p) => p,
+                keyplane_core::compat::Compat::Current => keyplane_core::compat::PROTOCOL_VERSION,
+            };
+            self.record_hello(site, &hello, protocol).await;
+            let wake = self.hub.subscribe(site);
+            // Identifies this stream, so only the newest one marks the site disconnected.
+            let session = Uuid::new_v4();
+            let first = self
+                .store
+                .agent_update(site, hello.applied_revision)
+                .await
+                .map_err(store_status)?;
+            let place = keyplane_store::AgentPlace {
+                peer,
+                replica: self.replica.clone(),
+                agent: match &principal {
+                    AgentPrincipal::Agent(id) => Some(*id),
+                    AgentPrincipal::Token(_) => None,
+                },
+            };
+            let keyplane_store::SessionOpened { epoch, resync } = self
+                .store
+                .agent_session_open_at(site, session, &place)
+                .await
+                .map_err(store_status)?;
+            // A stream this replica holds for the site re-checks now, not at the next poll.
+            self.hub.epoch(site, epoch);
+            tracing::info!(%site, agent = ?principal, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
+            // Issue 11: what devices report about themselves (crate::reports).
+            for d in hello.inventory.iter().filter(|d| d.constraints.is_some()) {
+                if let Err(status) = crate::reports::inventory(&self.store, site, d).await {
+                    tracing::warn!(%site, device = %d.device, %status, "reported constraints not taken");
+                }
             }
-            keyplane_core::compat::Compat::Older(p) => p,
-            keyplane_core::compat::Compat::Current => keyplane_core::compat::PROTOCOL_VERSION,
-        };
-        self.record_hello(site, &hello, protocol).await;
-        let wake = self.hub.subscribe(site);
-        // Identifies this stream, so only the newest one marks the site disconnected.
-        let session = Uuid::new_v4();
-        let first = self
-            .store
-            .agent_update(site, hello.applied_revision)
-            .await
-            .map_err(store_status)?;
-        let place = keyplane_store::AgentPlace {
-            peer,
-            replica: self.replica.clone(),
-            agent: match &principal {
-                AgentPrincipal::Agent(id) => Some(*id),
-                AgentPrincipal::Token(_) => None,
-            },
-        };
-        let keyplane_store::SessionOpened { epoch, resync } = self
-            .store
-            .agent_session_open_at(site, session, &place)
-            .await
-            .map_err(store_status)?;
-        // A stream this replica holds for the site re-checks now, not at the next poll.
-        self.hub.epoch(site, epoch);
-        tracing::info!(%site, agent = ?principal, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");
-        // Issue 11: what devices report about themselves (crate::reports).
-        for d in hello.inventory.iter().filter(|d| d.constraints.is_some()) {
-            if let Err(status) = crate::reports::inventory(&self.store, site, d).await {
-                tracing::warn!(%site, device = %d.device, %status, "reported constraints not taken");
-            }
-        }
 
-        let (tx, rx) = mpsc::channel(16);
-        let session = Session {
-            site,
-            session,
-            store: self.store.clone(),
-            bell: self.bell.clone(),
-            hub: self.hub.clone(),
-            tx,
-            sent: 0,
-            principal,
-            parts: hello.accepts_parts.then_some(self.part_bytes),
-            epoch,
-            resync,
-            expires,
-            shutdown: self.shutdown.clone(),
-        };
-        // Every line of the stream's task names the site and agent.
-        let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
-        tokio::spawn(tracing::Instrument::instrument(
-            session.run(first, inbound, wake),
-            span,
-        ));
-        let mut response: Response<Self::SyncStream> = Response::new(Box::pin(
-            crate::shutdown::until_shutdown(rx, self.shutdown.clone()),
-        ));
-        // A newer agent learns which protocol it is served with.
-        response.metadata_mut().insert(
-            PROTOCOL_HEADER,
-            tonic::metadata::MetadataValue::from(keyplane_core::compat::PROTOCOL_VERSION),
+            let (tx, rx) = mpsc::channel(16);
+            let session = Session {
+                site,
+                session,
+                store: self.store.clone(),
+                bell: self.bell.clone(),
+                hub: self.hub.clone(),
+                tx,
+                sent: 0,
+                principal,
+                parts: hello.accepts_parts.then_some(self.part_bytes),
+                epoch,
+                resync,
+                expires,
+                shutdown: self.shutdown.clone(),
+            };
+            // Every line of the stream's task names the site and agent.
+            let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
+            tokio::spawn(tracing::Instrument::instrument(
+                session.run(first, inbound, wake),
+                span,
+            ));
+            let mut response: Response<Self::SyncStream> = Response::new(Box::pin(
+                crate::shutdown::until_shutdown(rx, self.shutdown.clone()),
+            ));
+            // A newer agent learns which protocol it is served with.
+            response.metadata_mut().insert(
+                PROTOCOL_HEADER,
+                tonic::metadata::MetadataValue::from(keyplane_core::compat::PROTOCOL_VERSION),
+            );
+            Ok(response)
+        }
+        .await;
+        crate::metrics::call(
+            "/keyplane.v1.AgentService/Sync",
+            result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
         );
-        Ok(response)
+        result
     }
 
     async fn enroll(
@@ -547,6 +557,7 @@ impl Session {
     ) {
         let site = self.site;
         let shutdown = self.shutdown.clone();
+        crate::metrics::metrics().agents_connected.inc();
         if self.send(&first).await {
             // What happened before `first` was read (this session's own epoch
             // included) needs no wake-up; a write in between is reported by the
@@ -611,6 +622,7 @@ impl Session {
         if let Err(e) = self.store.agent_session_close(site, self.session).await {
             tracing::warn!(%site, error = %e, "marking agent disconnected failed");
         }
+        crate::metrics::metrics().agents_connected.dec();
         tracing::info!(%site, "agent disconnected");
     }
 
@@ -817,6 +829,7 @@ impl Session {
         };
         match self.store.event_record(self.site, &new).await {
             Ok(true) => {
+                crate::metrics::event_stored(new.kind);
                 if new.kind == EventKind::Duress {
                     tracing::warn!(site = %self.site, device = %event.device, "DURESS: silent alarm");
                 }
@@ -864,14 +877,19 @@ impl Session {
                 if !ack.traceparent.is_empty() {
                     keyplane_telemetry::set_parent(&span, &ack.traceparent);
                 }
-                let known = tracing::Instrument::instrument(
+                let acked = tracing::Instrument::instrument(
                     self.store
                         .device_ack(self.site, device.device, ack.revision),
                     span,
                 )
                 .await
                 .map_err(store_status)?;
-                if !known {
+                if let Some(age) = acked.and_then(|a| a.commit_age) {
+                    crate::metrics::metrics()
+                        .commit_to_ack
+                        .observe(age.as_secs_f64());
+                }
+                if acked.is_none() {
                     tracing::debug!(site = %self.site, device = %ack.device, "ack for a device no longer at the site");
                 }
                 Ok(())

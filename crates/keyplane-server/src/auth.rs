@@ -363,6 +363,7 @@ where
         let call = async move {
             let peer = peer_addr(request.extensions());
             if let Some(left) = peer.and_then(|p| limiter.blocked(p.ip())) {
+                crate::metrics::call(request.uri().path(), tonic::Code::ResourceExhausted);
                 return Ok(Status::resource_exhausted(format!(
                     "too many failed authentications from this address; retry in {} s",
                     left.as_secs().max(1)
@@ -392,9 +393,16 @@ where
                         .await
                         .map(crate::error::undecodable_response_is_invalid);
                     tracing::debug!(elapsed_ms = started.elapsed().as_millis(), "call answered");
+                    if let Ok(response) = &response {
+                        crate::metrics::call(
+                            &path,
+                            crate::metrics::response_code(response.headers()),
+                        );
+                    }
                     response
                 }
                 Err(status) => {
+                    crate::metrics::call(&path, status.code());
                     if status.code() == tonic::Code::Unauthenticated
                         && let Some(p) = peer
                     {

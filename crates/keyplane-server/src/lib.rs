@@ -19,6 +19,7 @@ pub mod fields;
 pub mod hub;
 pub mod limits;
 pub mod mask;
+pub mod metrics;
 pub mod ops;
 pub mod page;
 pub mod pki;
@@ -103,6 +104,9 @@ pub struct Config {
     /// This replica's name in the agent connections it records (OpsService); None:
     /// the host name (`HOSTNAME`, else /etc/hostname) and the listening port.
     pub replica_name: Option<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`, see [`metrics`]); None: not
+    /// served.
+    pub metrics_listen: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -125,6 +129,7 @@ impl std::fmt::Debug for Config {
             .field("clock_skew_threshold", &self.clock_skew_threshold)
             .field("min_agent_protocol", &self.min_agent_protocol)
             .field("replica_name", &self.replica_name)
+            .field("metrics_listen", &self.metrics_listen)
             .finish()
     }
 }
@@ -189,6 +194,7 @@ impl Config {
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_agent_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica_name: None,
+            metrics_listen: None,
         }
     }
 }
@@ -239,12 +245,37 @@ pub async fn serve(
             .map_err(|e| anyhow::anyhow!("TLS certificate or key: {e}"))?;
     }
     let store = Store::connect(&config.database_url, config.max_connections, config.pin_key)?
-        .with_dealer_token_ttl(config.dealer_token_ttl);
+        .with_dealer_token_ttl(config.dealer_token_ttl)
+        .with_pool_wait_observer(|waited| {
+            metrics::metrics()
+                .db_pool_wait
+                .observe(waited.as_secs_f64())
+        });
     store.migrate().await?;
     store.key_check().await?;
     store
         .ca_check(config.ca.as_ref().map(|ca| ca.key_id()))
         .await?;
+    let metrics_server = match &config.metrics_listen {
+        Some(at) => {
+            let listener = TcpListener::bind(at)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics endpoint {at}: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics on GET /metrics");
+            let scraped = store.clone();
+            let refresh: keyplane_telemetry::metrics::Refresh = std::sync::Arc::new(move || {
+                let store = scraped.clone();
+                Box::pin(async move { metrics::refresh(&store).await })
+            });
+            Some(tokio::spawn(keyplane_telemetry::metrics::serve(
+                listener,
+                metrics::metrics().registry(),
+                Some(refresh),
+                shutdown.clone().cancelled_owned(),
+            )))
+        }
+        None => None,
+    };
     let hub = hub::Hub::default();
     let bell = hub::EventBell::default();
     let poller = tokio::spawn(hub.clone().poll(
@@ -350,6 +381,9 @@ pub async fn serve(
         } => tracing::warn!(?grace, "grace period over: dropping the connections still open"),
     }
     poller.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }

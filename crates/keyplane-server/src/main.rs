@@ -72,6 +72,10 @@ enum Command {
         #[arg(long, env = "KEYPLANE_CHANGE_LOG_DAYS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..))]
         change_log_days: u64,
+        /// Serve Prometheus metrics on this address (`GET /metrics`, plain HTTP), e.g.
+        /// 0.0.0.0:9464. Unset: not served.
+        #[arg(long, env = "KEYPLANE_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
     },
     /// Create the agent certificate authority in a new directory (mode 0700): ca.key
     /// (0600) and ca.crt, and with --server-name a server certificate signed by it
@@ -294,6 +298,7 @@ async fn main() -> anyhow::Result<()> {
             min_agent_protocol,
             change_log_rows,
             change_log_days,
+            metrics_listen,
         } => {
             // Hex keys only from the environment: argv is visible to every local user.
             let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
@@ -304,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
             config.clock_skew_threshold =
                 std::time::Duration::from_secs(*clock_skew_threshold_secs);
             config.min_agent_protocol = *min_agent_protocol;
+            config.metrics_listen = metrics_listen.clone();
             config.change_window = keyplane_store::ChangeWindow {
                 rows: *change_log_rows,
                 age: std::time::Duration::from_secs(change_log_days.saturating_mul(86_400)),

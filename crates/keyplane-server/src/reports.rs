@@ -36,6 +36,7 @@ pub async fn write_report(store: &Store, site: Uuid, r: pb::SlotWriteReport) -> 
         .map_err(|_| Status::invalid_argument("write_report.slot out of range"))?;
     let outcome = wire::write_outcome(&r)
         .map_err(|e| Status::invalid_argument(format!("write_report: {e}")))?;
+    crate::metrics::apply_failure(&outcome);
     let report = WriteReport {
         revision: r.revision,
         at: instant(r.report_time.as_ref()),

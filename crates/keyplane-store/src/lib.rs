@@ -24,6 +24,7 @@ mod crypto;
 mod device;
 mod error;
 mod event;
+mod metrics;
 mod migrate;
 mod observed;
 mod ops;
@@ -49,6 +50,7 @@ pub use backup::BackupPool;
 pub use crypto::{PinKey, new_token, token_hash};
 pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
+pub use metrics::{MetricsSnapshot, SitePending};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use ops::{
@@ -63,7 +65,7 @@ pub use rotate::RotationReport;
 pub use status::{
     AssignmentFacts, DeviceFindings, EvaluatedSlot, Held, SlotStatusFacts, StatusEvent,
 };
-pub use sync::{ChangeWindow, Pruned, SiteChange};
+pub use sync::{Acked, ChangeWindow, Pruned, SiteChange};
 pub use types::*;
 pub use watch::WatchLease;
 
@@ -324,6 +326,8 @@ pub const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Told how long each wait for a pooled connection took (keyplaned's metrics).
+    pool_wait: Option<std::sync::Arc<dyn Fn(std::time::Duration) + Send + Sync>>,
     key: PinKey,
     hash_keys: std::sync::Arc<HashKeys>,
     tokens: std::sync::Arc<auth::TokenCache>,
@@ -360,6 +364,7 @@ impl Store {
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         Ok(Store {
             pool,
+            pool_wait: None,
             key,
             hash_keys: Default::default(),
             tokens: Default::default(),
@@ -480,6 +485,26 @@ impl Store {
     }
 
     pub(crate) async fn conn(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        Ok(self.pool.get().await?)
+        let Some(observe) = &self.pool_wait else {
+            return Ok(self.pool.get().await?);
+        };
+        let started = std::time::Instant::now();
+        let conn = self.pool.get().await;
+        observe(started.elapsed());
+        Ok(conn?)
+    }
+
+    /// The store, telling `observe` how long each wait for a pooled connection took.
+    pub fn with_pool_wait_observer(
+        mut self,
+        observe: impl Fn(std::time::Duration) + Send + Sync + 'static,
+    ) -> Store {
+        self.pool_wait = Some(std::sync::Arc::new(observe));
+        self
+    }
+
+    /// The pool's connections now: open, idle, waited for, and its limit.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
     }
 }

@@ -101,6 +101,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "change_trace",
         include_str!("../migrations/0021_change_trace.sql"),
     ),
+    (
+        22,
+        "duress_delivery",
+        include_str!("../migrations/0022_duress_delivery.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

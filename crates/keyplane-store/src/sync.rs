@@ -342,30 +342,47 @@ impl Store {
     }
 
     /// Records that the agent applied everything up to `revision` on `device`.
-    /// Revisions never go backwards, so a late duplicate ack changes nothing.
+    /// Revisions never go backwards, so a late duplicate ack changes nothing. None:
+    /// no such device at the site.
     pub async fn device_ack(
         &self,
         site: Uuid,
         device: Uuid,
         revision: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Acked>, StoreError> {
         let conn = self.conn().await?;
         // One statement, one commit. It leaves the site row alone: the device's
         // `last_seen_time` is the agent's liveness (see `sync_status`), because every
         // write of the site holds the site row lock until it commits and an ack that
         // updated the site row queued behind them (9.8 ms per ack under load, and the
         // writes waited on the acks). The head revision is a plain read: the agent
-        // only ever received committed revisions.
-        let n = conn
-            .execute(
-                "UPDATE device SET applied_revision = GREATEST(applied_revision,
-                    LEAST($3, (SELECT revision FROM site WHERE id = $1))),
-                    last_seen_time = now()
-                 WHERE site_id = $1 AND id = $2",
+        // only ever received committed revisions. When the ack moves the device on,
+        // the age of the acked revision's change is read from its log rows (metrics).
+        let row = conn
+            .query_opt(
+                "WITH before AS (
+                    SELECT applied_revision FROM device WHERE site_id = $1 AND id = $2
+                 ), acked AS (
+                    UPDATE device SET applied_revision = GREATEST(applied_revision,
+                        LEAST($3, (SELECT revision FROM site WHERE id = $1))),
+                        last_seen_time = now()
+                     WHERE site_id = $1 AND id = $2
+                    RETURNING applied_revision
+                 )
+                 SELECT CASE WHEN acked.applied_revision > before.applied_revision THEN
+                        (SELECT extract(epoch FROM clock_timestamp() - max(ch.change_time))::float8
+                           FROM site_change ch
+                          WHERE ch.site_id = $1 AND ch.revision = acked.applied_revision)
+                        END
+                   FROM acked, before",
                 &[&site, &device, &revision],
             )
             .await?;
-        Ok(n > 0)
+        Ok(row.map(|r| Acked {
+            commit_age: r
+                .get::<_, Option<f64>>(0)
+                .map(|secs| std::time::Duration::from_secs_f64(secs.max(0.0))),
+        }))
     }
 
     /// Marks the site's agent stream `session` as the open one (recording no place:
@@ -602,4 +619,12 @@ impl Store {
         }
         Ok((pruned, now))
     }
+}
+
+/// A recorded ack.
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    /// When the ack moved the device on: the time since the acked revision's change
+    /// was committed (None when it moved nothing, or that revision logged no slot).
+    pub commit_age: Option<std::time::Duration>,
 }

@@ -12,6 +12,12 @@
 //! nothing is exported. W3C trace context crosses processes as a `traceparent`
 //! string ([`traceparent`], [`set_parent`]): in gRPC metadata, in the change log and
 //! on the agent stream.
+//!
+//! Metrics: [`metrics`] serves a `prometheus-client` registry on the address of
+//! `--metrics-listen`.
+
+pub mod metrics;
+pub use prometheus_client;
 
 use std::io::Write;
 use tracing::Subscriber;

@@ -212,6 +212,9 @@ pub(super) async fn watch(
                         if !crate::shutdown::send(&tx, Ok(event), &shutdown).await {
                             return;
                         }
+                        if e.kind == keyplane_core::EventKind::Duress {
+                            duress_delivered(&store, e).await;
+                        }
                     }
                     if per_site.values().any(|n| *n >= WATCH_BATCH) {
                         continue;
@@ -237,6 +240,23 @@ pub(super) async fn watch(
     Ok(Response::new(Box::pin(crate::shutdown::until_shutdown(
         rx, ends,
     ))))
+}
+
+/// Records a duress event's first delivery to a watcher (any replica's), timing it
+/// from the panel's event time.
+async fn duress_delivered(store: &keyplane_store::Store, e: &keyplane_store::Event) {
+    match store.event_delivered(e.site, e.id).await {
+        Ok(Some(occurred)) => {
+            let latency = std::time::SystemTime::now()
+                .duration_since(occurred)
+                .unwrap_or_default();
+            crate::metrics::metrics()
+                .duress_to_watch
+                .observe(latency.as_secs_f64());
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "recording a duress event's delivery failed"),
+    }
 }
 
 pub(super) async fn audit_list(
