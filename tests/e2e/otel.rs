@@ -226,14 +226,20 @@ async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -
     admin.create_credential(request).await?;
     synced(&admin).await?;
 
-    // Every span of the trace, once the ack's has arrived.
-    let spans = eventually("the ack's span exported", SYNC_TIMEOUT, || {
-        let got = receiver.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        async move {
-            let trace: Vec<Got> = got.into_iter().filter(|s| s.trace_id == TRACE_ID).collect();
-            Ok(trace.iter().any(|s| s.name == "agent.ack").then_some(trace))
-        }
-    })
+    // Every span of the trace, once the apply's (the agent's batch) and the ack's
+    // (keyplaned's) have both arrived: each process exports on its own schedule.
+    let spans = eventually(
+        "the apply's and the ack's spans exported",
+        SYNC_TIMEOUT,
+        || {
+            let got = receiver.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            async move {
+                let trace: Vec<Got> = got.into_iter().filter(|s| s.trace_id == TRACE_ID).collect();
+                let has = |name: &str| trace.iter().any(|s| s.name == name);
+                Ok((has("agent.ack") && has("device.apply")).then_some(trace))
+            }
+        },
+    )
     .await?;
     let one = |name: &str, service: &str| -> anyhow::Result<Got> {
         let found: Vec<&Got> = spans

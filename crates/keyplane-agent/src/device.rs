@@ -255,8 +255,14 @@ impl DeviceTask {
             .journal(|j| (j.devices.get(&self.name).map_or(0, |d| d.acked), j.revision));
         let span = match self.shared.trace_between(acked, journaled) {
             Some(traceparent) => {
-                let span = tracing::info_span!("device.apply", revision = journaled);
-                keyplane_telemetry::set_parent(&span, &traceparent);
+                let span = tracing::info_span!(
+                    "device.apply",
+                    revision = journaled,
+                    trace_id = tracing::field::Empty
+                );
+                if let Some(trace) = keyplane_telemetry::set_parent(&span, &traceparent) {
+                    span.record("trace_id", trace);
+                }
                 span
             }
             None => tracing::Span::none(),

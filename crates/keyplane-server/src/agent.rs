@@ -872,10 +872,16 @@ impl Session {
                     )));
                 }
                 // The end of a change's trace: the ack, a child of the agent's apply.
-                let span =
-                    tracing::info_span!("agent.ack", device = %ack.device, revision = ack.revision);
-                if !ack.traceparent.is_empty() {
-                    keyplane_telemetry::set_parent(&span, &ack.traceparent);
+                let span = tracing::info_span!(
+                    "agent.ack",
+                    device = %ack.device,
+                    revision = ack.revision,
+                    trace_id = tracing::field::Empty
+                );
+                if !ack.traceparent.is_empty()
+                    && let Some(trace) = keyplane_telemetry::set_parent(&span, &ack.traceparent)
+                {
+                    span.record("trace_id", trace);
                 }
                 let acked = tracing::Instrument::instrument(
                     self.store
