@@ -7,8 +7,9 @@
 //!
 //! No SQL here: persistence is `keyplane-store`. Dealers are authenticated by
 //! [`auth::DealerAuthLayer`] in front of AdminService, before any handler runs. Tasks started by [`serve`]: the tonic
-//! server, one task per agent stream (see [`agent`]) and the revision poller of
-//! [`hub::Hub`]; all stop when the shutdown token is cancelled.
+//! server, one task per agent stream (see [`agent`]), the revision poller of
+//! [`hub::Hub`] and, with `metrics_listen`, the metrics endpoint ([`metrics`]); all
+//! stop when the shutdown token is cancelled.
 
 pub mod admin;
 pub mod agent;
