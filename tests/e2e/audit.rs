@@ -1,7 +1,7 @@
 //! ListAuditLog: a dealer's changes, filtered by site, actor, user and time, paged;
 //! never a PIN; append-only in the database (issue 13).
 
-use crate::fixture::{Site, create_user, lock_scope};
+use crate::fixture::{Site, create_device, create_user, id_of, lock_scope, mask, slot_on};
 use keyplane_proto::v1 as pb;
 use tonic::Code;
 
@@ -138,5 +138,816 @@ async fn the_audit_log_is_filtered_paged_pin_free_and_append_only() -> anyhow::R
             .is_err()
     );
     assert!(db.execute("DELETE FROM audit_log", &[]).await.is_err());
+    Ok(())
+}
+
+/// Whether `actual` holds every field of `expected` (recursively), with equal values.
+fn holds(actual: &serde_json::Value, expected: &serde_json::Value) -> bool {
+    match (actual, expected) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(e)) => e
+            .iter()
+            .all(|(k, v)| a.get(k).is_some_and(|got| holds(got, v))),
+        _ => actual == expected,
+    }
+}
+
+fn parsed(text: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    Ok(if text.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(text)?)
+    })
+}
+
+/// Actions whose records carry neither value, and why.
+const NEITHER: &[(&str, &str)] = &[(
+    "user.erase",
+    "it removes the person: their user.delete record in the same transaction holds the user before, redacted",
+)];
+
+#[tokio::test]
+async fn every_audited_change_records_the_resource_before_and_after() -> anyhow::Result<()> {
+    use keyplane_core::pin::Pin;
+    use keyplane_store::{Observed, ObservedState};
+    use serde_json::json;
+    let mut s = Site::new().await?;
+    let (site, lock, alice) = (s.site.clone(), s.lock.clone(), s.alice.clone());
+    let site_id = id_of(&site)?;
+    let lock_id = id_of(&lock.name)?;
+    let lock_ref = lock.name.clone();
+    let pins = ["4821", "5927", "2859", "1736", "4705", "3071", "6203"];
+
+    // Site, partition, device.
+    s.admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: site.clone(),
+                display_name: "Alice's home".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    let garage = s
+        .admin
+        .create_partition(pb::CreatePartitionRequest {
+            parent: site.clone(),
+            partition: Some(pb::Partition {
+                number: 2,
+                display_name: "Garage".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    s.admin
+        .update_partition(pb::UpdatePartitionRequest {
+            partition: Some(pb::Partition {
+                name: garage.name.clone(),
+                display_name: "Car port".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    let back = create_device(&mut s.admin, &site, "Back door", "zwave-lock-30").await?;
+    s.admin
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                name: back.name.clone(),
+                display_name: "Garden door".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    s.admin
+        .delete_device(pb::DeleteDeviceRequest {
+            name: back.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    s.admin
+        .delete_partition(pb::DeletePartitionRequest {
+            name: garage.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+
+    // Users, credentials, plans.
+    let bob = create_user(&mut s.admin, &site, "Bob").await?;
+    s.admin
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                name: bob.clone(),
+                display_name: "Robert".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    let code = s.credential(&alice, pins[0], lock_scope(&[&lock])).await?;
+    s.admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: code.name.clone(),
+                display_name: "Front door code".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    let personal = format!("{alice}/personalAccessPlan");
+    s.admin
+        .update_personal_access_plan(pb::UpdatePersonalAccessPlanRequest {
+            plan: Some(pb::PersonalAccessPlan {
+                name: personal.clone(),
+                access_points: vec![lock_ref.clone()],
+                ..Default::default()
+            }),
+            update_mask: mask(&["access_points"]),
+        })
+        .await?;
+    s.admin
+        .clear_personal_access_plan(pb::ClearPersonalAccessPlanRequest {
+            name: personal.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let staff = s
+        .admin
+        .create_access_plan(pb::CreateAccessPlanRequest {
+            parent: site.clone(),
+            plan: Some(pb::StandardAccessPlan {
+                display_name: "Staff".into(),
+                devices: vec![lock_ref.clone()],
+                members: vec![alice.clone()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    s.admin
+        .update_access_plan(pb::UpdateAccessPlanRequest {
+            plan: Some(pb::StandardAccessPlan {
+                name: staff.name.clone(),
+                display_name: "Cleaners".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+        })
+        .await?;
+    let holiday = format!("{site}/holidays/2030-12-25");
+    for name in ["Christmas", "Noël"] {
+        s.admin
+            .put_holiday(pb::PutHolidayRequest {
+                holiday: Some(pb::Holiday {
+                    name: holiday.clone(),
+                    display_name: name.into(),
+                    plans: vec![staff.name.clone()],
+                }),
+            })
+            .await?;
+    }
+    s.admin
+        .delete_holiday(pb::DeleteHolidayRequest {
+            name: holiday.clone(),
+        })
+        .await?;
+    s.admin
+        .delete_access_plan(pb::DeleteAccessPlanRequest {
+            name: staff.name.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    s.admin
+        .lockdown_doors(pb::LockdownDoorsRequest { site: site.clone() })
+        .await?;
+    s.admin
+        .release_lockdown(pb::ReleaseLockdownRequest { site: site.clone() })
+        .await?;
+
+    // Tokens, enrollment, dealer settings.
+    let desk = s
+        .admin
+        .create_dealer_token(pb::CreateDealerTokenRequest {
+            display_name: "Front desk".into(),
+            scope: pb::TokenScope::ReadOnly as i32,
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner();
+    let desk_name = desk
+        .dealer_token
+        .as_ref()
+        .map(|t| t.name.clone())
+        .unwrap_or_default();
+    s.admin
+        .revoke_dealer_token(pb::RevokeDealerTokenRequest {
+            name: desk_name.clone(),
+        })
+        .await?;
+    let agent_token = s.server.agent_token(&mut s.admin, &site).await?;
+    s.agent_token = agent_token.clone();
+    let enrollment = s
+        .admin
+        .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+            site: site.clone(),
+            ttl_seconds: 600,
+        })
+        .await?
+        .into_inner();
+    s.admin
+        .update_site(pb::UpdateSiteRequest {
+            site: Some(pb::Site {
+                name: site.clone(),
+                status_thresholds: Some(pb::SlotStatusThresholds {
+                    lock: Some(pb::KindThresholds {
+                        device_offline: Some(prost_types::Duration {
+                            seconds: 120,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: mask(&["status_thresholds"]),
+        })
+        .await?;
+    s.admin
+        .update_retention_policy(pb::UpdateRetentionPolicyRequest {
+            retention_policy: Some(pb::RetentionPolicy {
+                name: "retentionPolicy".into(),
+                event_retention: Some(prost_types::Duration {
+                    seconds: 2 * 86_400,
+                    nanos: 0,
+                }),
+                audit_retention: None,
+            }),
+            update_mask: mask(&["event_retention"]),
+        })
+        .await?;
+
+    // Backup codes.
+    s.admin
+        .configure_backup_codes(pb::ConfigureBackupCodesRequest {
+            site: site.clone(),
+            devices: vec![lock_ref.clone()],
+            size: 1,
+        })
+        .await?;
+    let pulled = s
+        .admin
+        .pull_backup_code(pb::PullBackupCodeRequest {
+            user: bob.clone(),
+            display_name: "Bob's spare".into(),
+        })
+        .await?
+        .into_inner();
+
+    // What agents report: local codes and drift, claimed, removed, resolved.
+    let observe = |slot, state, pin: &str| Observed {
+        slot,
+        state,
+        pin: Pin::parse(pin).ok(),
+    };
+    let alice_slot = slot_on(&code, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    s.server
+        .store
+        .observed_record(
+            site_id,
+            lock_id,
+            &[
+                observe(29, ObservedState::Foreign, pins[2]),
+                observe(28, ObservedState::Foreign, pins[3]),
+                observe(alice_slot, ObservedState::Drifted, pins[4]),
+            ],
+        )
+        .await?;
+    let claimed = s
+        .admin
+        .claim_local_code(pb::ClaimLocalCodeRequest {
+            name: format!("{lock_ref}/localCodes/29"),
+            user: alice.clone(),
+            panel_partitions: vec![],
+        })
+        .await?
+        .into_inner();
+    s.admin
+        .remove_local_code(pb::RemoveLocalCodeRequest {
+            name: format!("{lock_ref}/localCodes/28"),
+        })
+        .await?;
+    for resolution in [
+        pb::resolve_drift_request::Resolution::Reapply,
+        pb::resolve_drift_request::Resolution::Adopt,
+    ] {
+        s.admin
+            .resolve_drift(pb::ResolveDriftRequest {
+                credential: code.name.clone(),
+                device: lock_ref.clone(),
+                resolution: resolution as i32,
+            })
+            .await?;
+    }
+    // AUTHORITATIVE: a local code found by the switch, and one reported after it.
+    s.server
+        .store
+        .observed_record(
+            site_id,
+            lock_id,
+            &[observe(27, ObservedState::Foreign, pins[5])],
+        )
+        .await?;
+    s.set_policy(pb::LocalCodePolicy::Authoritative).await?;
+    s.server
+        .store
+        .observed_record(
+            site_id,
+            lock_id,
+            &[
+                observe(27, ObservedState::Foreign, pins[5]),
+                observe(26, ObservedState::Foreign, pins[6]),
+            ],
+        )
+        .await?;
+    s.set_policy(pb::LocalCodePolicy::Preserve).await?;
+
+    // A limited-use code deleted by its last use.
+    let once = s
+        .admin
+        .create_credential(pb::CreateCredentialRequest {
+            parent: alice.clone(),
+            credential: Some(pb::Credential {
+                display_name: "Plumber".into(),
+                pin: pins[1].into(),
+                scope: Some(lock_scope(&[&lock])),
+                max_uses: 1,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+            generate_pin: false,
+        })
+        .await?
+        .into_inner();
+    let once_slot = slot_on(&once, &lock).ok_or_else(|| anyhow::anyhow!("no slot"))?;
+    s.server
+        .store
+        .event_record(
+            site_id,
+            &keyplane_store::NewEvent {
+                device: lock_id,
+                epoch: 0,
+                seq: 1,
+                kind: keyplane_store::EventKind::AccessGranted,
+                partition: None,
+                user_number: Some(once_slot),
+                occur_time: std::time::SystemTime::now(),
+            },
+        )
+        .await?;
+
+    // Operations on the live agent, then its revocation.
+    let agent = s.start_agent();
+    s.wait_synced().await?;
+    let mut ops = s.server.ops(Some(&s.token)).await?;
+    ops.resync_site(pb::ResyncSiteRequest { name: site.clone() })
+        .await?;
+    ops.close_agent_connection(pb::CloseAgentConnectionRequest {
+        name: format!("{site}/agentConnection"),
+    })
+    .await?;
+    s.admin
+        .revoke_agents(pb::RevokeAgentsRequest { site: site.clone() })
+        .await?;
+    agent.stop().await?;
+
+    // People leave.
+    s.admin
+        .delete_user(pb::DeleteUserRequest {
+            name: bob.clone(),
+            etag: String::new(),
+        })
+        .await?;
+    let carol = create_user(&mut s.admin, &site, "Carol").await?;
+    s.admin
+        .erase_user(pb::EraseUserRequest {
+            name: carol.clone(),
+        })
+        .await?;
+    let scratch = crate::fixture::create_site(&mut s.admin, "Scratch", "UTC").await?;
+    s.admin
+        .delete_site(pb::DeleteSiteRequest {
+            name: scratch.clone(),
+            etag: String::new(),
+        })
+        .await?;
+
+    let records = all(
+        &mut s,
+        pb::ListAuditLogRequest {
+            parent: "sites/-".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+
+    // Never a PIN, a token or a token hash.
+    let secrets: Vec<String> = pins
+        .iter()
+        .map(|p| p.to_string())
+        .chain([
+            pulled.pin.clone(),
+            desk.token.clone(),
+            agent_token.clone(),
+            s.token.clone(),
+            enrollment.code.clone(),
+        ])
+        .chain(
+            [&desk.token, &agent_token, &s.token, &enrollment.code]
+                .iter()
+                .map(|t| {
+                    keyplane_store::token_hash(t)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                }),
+        )
+        .filter(|t| !t.is_empty())
+        .collect();
+    for r in &records {
+        let text = format!("{} {}", r.before_json, r.after_json);
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{} holds a secret: {text}",
+                r.action
+            );
+        }
+    }
+
+    let lock_json = |slot: u16, removing: bool| json!({ "device": lock_id, "slot": slot, "removing": removing });
+    let local = |slot: u16| format!("{lock_ref}/localCodes/{slot}");
+    let code_json = |name: &str| json!({ "display_name": name, "locks": [lock_id] });
+    let dealer = records
+        .iter()
+        .find(|r| r.action == "dealer.create")
+        .map(|r| r.resource.clone())
+        .unwrap_or_default();
+    let none = serde_json::Value::Null;
+    // (action, resource, before, after): null where the value must be absent.
+    let table: Vec<(&str, String, serde_json::Value, serde_json::Value)> = vec![
+        (
+            "dealer.create",
+            dealer,
+            none.clone(),
+            json!({ "display_name": "Dealer One" }),
+        ),
+        (
+            "site.create",
+            site.clone(),
+            none.clone(),
+            json!({ "display_name": "Alice's house", "time_zone": "Europe/Paris", "local_code_policy": "preserve" }),
+        ),
+        (
+            "site.update",
+            site.clone(),
+            json!({ "display_name": "Alice's house" }),
+            json!({ "display_name": "Alice's home", "time_zone": "Europe/Paris" }),
+        ),
+        (
+            "site.update",
+            site.clone(),
+            json!({ "local_code_policy": "preserve" }),
+            json!({ "local_code_policy": "authoritative" }),
+        ),
+        (
+            "site.status_thresholds",
+            site.clone(),
+            json!({ "status_thresholds": null }),
+            json!({ "status_thresholds": { "lock": {} } }),
+        ),
+        (
+            "site.backup_pool",
+            site.clone(),
+            json!({ "backup_pool": null }),
+            json!({ "backup_pool": { "size": 1, "devices": [lock_id] } }),
+        ),
+        (
+            "site.lockdown",
+            site.clone(),
+            json!({ "lockdown": false }),
+            json!({ "lockdown": true }),
+        ),
+        (
+            "site.lockdown_released",
+            site.clone(),
+            json!({ "lockdown": true }),
+            json!({ "lockdown": false }),
+        ),
+        (
+            "site.resync",
+            site.clone(),
+            json!({ "resync_seq": 0 }),
+            json!({ "resync_seq": 1 }),
+        ),
+        (
+            "site.create",
+            scratch.clone(),
+            none.clone(),
+            json!({ "display_name": "Scratch", "time_zone": "UTC" }),
+        ),
+        (
+            "site.delete",
+            scratch.clone(),
+            json!({ "display_name": "Scratch" }),
+            none.clone(),
+        ),
+        (
+            "partition.create",
+            format!("{site}/partitions/1"),
+            none.clone(),
+            json!({ "display_name": "House" }),
+        ),
+        (
+            "partition.create",
+            garage.name.clone(),
+            none.clone(),
+            json!({ "display_name": "Garage" }),
+        ),
+        (
+            "partition.update",
+            garage.name.clone(),
+            json!({ "display_name": "Garage" }),
+            json!({ "display_name": "Car port" }),
+        ),
+        (
+            "partition.delete",
+            garage.name.clone(),
+            json!({ "display_name": "Car port" }),
+            none.clone(),
+        ),
+        (
+            "device.create",
+            back.name.clone(),
+            none.clone(),
+            json!({ "display_name": "Back door", "model": "zwave-lock-30", "partition": 1, "perimeter": true }),
+        ),
+        (
+            "device.update",
+            back.name.clone(),
+            json!({ "display_name": "Back door" }),
+            json!({ "display_name": "Garden door", "model": "zwave-lock-30" }),
+        ),
+        (
+            "device.delete",
+            back.name.clone(),
+            json!({ "display_name": "Garden door" }),
+            none.clone(),
+        ),
+        (
+            "user.create",
+            bob.clone(),
+            none.clone(),
+            json!({ "display_name": "Bob" }),
+        ),
+        (
+            "user.update",
+            bob.clone(),
+            json!({ "display_name": "Bob" }),
+            json!({ "display_name": "Robert" }),
+        ),
+        (
+            "user.delete",
+            bob.clone(),
+            json!({ "display_name": "Robert" }),
+            none.clone(),
+        ),
+        (
+            "user.delete",
+            carol.clone(),
+            json!({ "display_name": "(erased)" }),
+            none.clone(),
+        ),
+        (
+            "credential.create",
+            code.name.clone(),
+            none.clone(),
+            code_json("code"),
+        ),
+        (
+            "credential.update",
+            code.name.clone(),
+            code_json("code"),
+            code_json("Front door code"),
+        ),
+        (
+            "credential.create",
+            once.name.clone(),
+            none.clone(),
+            json!({ "display_name": "Plumber", "max_uses": 1 }),
+        ),
+        (
+            "credential.delete",
+            once.name.clone(),
+            json!({ "display_name": "Plumber", "max_uses": 1 }),
+            none.clone(),
+        ),
+        (
+            "credential.delete",
+            pulled.name.clone(),
+            code_json("Bob's spare"),
+            none.clone(),
+        ),
+        (
+            "personal_plan.update",
+            personal.clone(),
+            json!({ "configured": false, "access_points": [] }),
+            json!({ "configured": true, "access_points": [lock_id] }),
+        ),
+        (
+            "personal_plan.clear",
+            personal.clone(),
+            json!({ "configured": true, "access_points": [lock_id] }),
+            json!({ "configured": true, "access_points": [] }),
+        ),
+        (
+            "access_plan.create",
+            staff.name.clone(),
+            none.clone(),
+            json!({ "display_name": "Staff", "devices": [lock_id], "members": [id_of(&alice)?] }),
+        ),
+        (
+            "access_plan.update",
+            staff.name.clone(),
+            json!({ "display_name": "Staff" }),
+            json!({ "display_name": "Cleaners", "devices": [lock_id], "members": [id_of(&alice)?] }),
+        ),
+        (
+            "access_plan.delete",
+            staff.name.clone(),
+            json!({ "display_name": "Cleaners" }),
+            none.clone(),
+        ),
+        (
+            "holiday.put",
+            holiday.clone(),
+            none.clone(),
+            json!({ "display_name": "Christmas", "plans": [id_of(&staff.name)?] }),
+        ),
+        (
+            "holiday.put",
+            holiday.clone(),
+            json!({ "display_name": "Christmas" }),
+            json!({ "display_name": "Noël" }),
+        ),
+        (
+            "holiday.delete",
+            holiday.clone(),
+            json!({ "display_name": "Noël" }),
+            none.clone(),
+        ),
+        (
+            "dealer_token.create",
+            desk_name.clone(),
+            none.clone(),
+            json!({ "display_name": "Front desk", "scope": "read_only" }),
+        ),
+        (
+            "dealer_token.revoke",
+            desk_name.clone(),
+            json!({ "display_name": "Front desk", "scope": "read_only" }),
+            none.clone(),
+        ),
+        (
+            "agent_token.issue",
+            site.clone(),
+            json!({ "agent_tokens": 0 }),
+            json!({ "agent_tokens": 1 }),
+        ),
+        (
+            "agent_token.issue",
+            site.clone(),
+            json!({ "agent_tokens": 1 }),
+            json!({ "agent_tokens": 1 }),
+        ),
+        (
+            "enrollment_code.create",
+            site.clone(),
+            none.clone(),
+            json!({ "enrollment_code": {} }),
+        ),
+        (
+            "agent.revoke",
+            site.clone(),
+            json!({ "agent_tokens": 1 }),
+            json!({ "agent_tokens": 0, "agents": 0 }),
+        ),
+        (
+            "agent_connection.close",
+            format!("{site}/agentConnection"),
+            json!({ "connected": true }),
+            json!({ "connected": false }),
+        ),
+        (
+            "retention.update",
+            "retentionPolicy".into(),
+            json!({ "event_retention_seconds": 400 * 86_400 }),
+            json!({ "event_retention_seconds": 2 * 86_400 }),
+        ),
+        (
+            "backup_code.pull",
+            pulled.name.clone(),
+            json!({ "display_name": "Backup code" }),
+            json!({ "display_name": "Bob's spare", "user": bob.clone() }),
+        ),
+        (
+            "local_code.claim",
+            local(29),
+            lock_json(29, false),
+            json!({ "claimed_as": claimed.name.clone() }),
+        ),
+        (
+            "local_code.remove",
+            local(28),
+            lock_json(28, false),
+            lock_json(28, true),
+        ),
+        (
+            "local_code.clear",
+            local(27),
+            lock_json(27, false),
+            lock_json(27, true),
+        ),
+        (
+            "local_code.clear",
+            local(26),
+            lock_json(26, false),
+            lock_json(26, true),
+        ),
+        (
+            "drift.reapply",
+            code.name.clone(),
+            json!({ "display_name": "Front door code", "drift": { "device": lock_id, "slot": alice_slot } }),
+            json!({ "display_name": "Front door code", "drift": null }),
+        ),
+        (
+            "drift.adopt",
+            code.name.clone(),
+            json!({ "drift": { "device": lock_id, "slot": alice_slot } }),
+            json!({ "drift": null }),
+        ),
+    ];
+    let mut missing = Vec::new();
+    for (action, resource, before, after) in &table {
+        let found = records.iter().any(|r| {
+            let (Ok(b), Ok(a)) = (parsed(&r.before_json), parsed(&r.after_json)) else {
+                return false;
+            };
+            let fits = |got: &Option<serde_json::Value>, want: &serde_json::Value| match got {
+                None => want.is_null(),
+                Some(got) => !want.is_null() && holds(got, want),
+            };
+            r.action == *action && r.resource == *resource && fits(&b, before) && fits(&a, after)
+        });
+        if !found {
+            let seen: Vec<_> = records
+                .iter()
+                .filter(|r| r.action == *action)
+                .map(|r| (&r.resource, &r.before_json, &r.after_json))
+                .collect();
+            missing.push(format!(
+                "{action} {resource} {before} -> {after}; recorded: {seen:?}"
+            ));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+
+    // Every action recorded is in the table (a new one must be added there, with what
+    // it records), and carries a before or an after value unless it is listed as not.
+    let listed: std::collections::BTreeSet<&str> = table.iter().map(|(a, ..)| *a).collect();
+    for r in &records {
+        let exempt = NEITHER.iter().any(|(a, _)| *a == r.action);
+        assert!(
+            listed.contains(r.action.as_str()) || exempt,
+            "{} is recorded but not in this test's table",
+            r.action
+        );
+        assert!(
+            exempt || !r.before_json.is_empty() || !r.after_json.is_empty(),
+            "{} {} records neither before nor after",
+            r.action,
+            r.resource
+        );
+    }
+    let recorded: std::collections::BTreeSet<&str> =
+        records.iter().map(|r| r.action.as_str()).collect();
+    for (action, _) in NEITHER {
+        assert!(recorded.contains(action), "{action} not exercised");
+    }
     Ok(())
 }

@@ -6,8 +6,8 @@ use crate::rules::{
     schedule_from_json, schedule_json,
 };
 use crate::site::{
-    AuditParams, LogParams, config_error, etag_check, replayed_id, site_change_record_in_txn,
-    site_get_in_txn, site_load_in_txn,
+    AuditParams, LogParams, SITE_FIELD_AUDIT_SQL, config_error, etag_check, replayed_id,
+    site_change_record_in_txn, site_get_in_txn, site_load_in_txn,
 };
 use crate::{
     Actor, PageRequest, RequestKey, Step, Store, StoreError, batch_in_txn, in_txn, params,
@@ -404,16 +404,78 @@ fn plan_users(before: &[Uuid], after: Option<&Vec<Uuid>>) -> Vec<Uuid> {
     users
 }
 
+/// An audit row for holiday `$10` of site `$2`, its before value read by the statement
+/// (run it before the write), its after value `$11`.
+const HOLIDAY_AUDIT_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+        (SELECT jsonb_build_object('display_name', display_name, 'plans', plan_ids)
+           FROM holiday WHERE site_id = $2 AND day = $10),
+        $11";
+
+/// A standard access plan as the audit log records it before or after a change.
+fn access_plan_audit_json(
+    display_name: &str,
+    devices: &[Uuid],
+    members: &[Uuid],
+    schedule: Option<&Schedule>,
+) -> serde_json::Value {
+    let sorted = |ids: &[Uuid]| {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    serde_json::json!({
+        "display_name": display_name,
+        "devices": sorted(devices),
+        "members": sorted(members),
+        "schedule": schedule,
+    })
+}
+
+/// The plan `current` (None: a new one) becomes once `fields` are applied.
+fn access_plan_after(current: Option<&AccessPlan>, fields: &AccessPlanFields) -> serde_json::Value {
+    let empty: &[Uuid] = &[];
+    access_plan_audit_json(
+        fields
+            .display_name
+            .as_deref()
+            .or(current.map(|c| c.display_name.as_str()))
+            .unwrap_or_default(),
+        fields
+            .devices
+            .as_deref()
+            .or(current.map(|c| c.devices.as_slice()))
+            .unwrap_or(empty),
+        fields
+            .members
+            .as_deref()
+            .or(current.map(|c| c.members.as_slice()))
+            .unwrap_or(empty),
+        match &fields.schedule {
+            Some(s) => s.as_ref(),
+            None => current.and_then(|c| c.schedule.as_ref()),
+        },
+    )
+}
+
+fn access_plan_before(current: &AccessPlan) -> serde_json::Value {
+    access_plan_audit_json(
+        &current.display_name,
+        &current.devices,
+        &current.members,
+        current.schedule.as_ref(),
+    )
+}
+
 /// Runs a plan's write `steps`, then its audit entry and the read-back of the plan, in
 /// the same round trip (create and update end alike).
-#[allow(clippy::too_many_arguments)]
 async fn plan_write_audited_in_txn(
     tx: &Transaction<'_>,
-    actor: &Actor,
     site: Uuid,
     id: Uuid,
-    action: &str,
-    name: &str,
+    audit: AuditParams,
     steps: Vec<Step<'_>>,
     users: &[Uuid],
     before: &AccessRules,
@@ -421,21 +483,8 @@ async fn plan_write_audited_in_txn(
     let read_sql = format!(
         "SELECT {ACCESS_PLAN_FIELDS} FROM access_plan p WHERE p.site_id = $1 AND p.id = $2"
     );
-    let site_opt = Some(site);
     let mut steps: Vec<Step<'_>> = steps;
-    steps.push((
-        AUDIT_EMPTY_SQL,
-        params![
-            &actor.dealer,
-            &site_opt,
-            &actor.principal,
-            &action,
-            &name,
-            &actor.peer,
-            &actor.acting_as,
-            &actor.request_id,
-        ],
-    ));
+    steps.push(audit.step());
     steps.push((read_sql.as_str(), params![&site, &id]));
     let rows = plan_change_in_txn(tx, site, steps, users, before).await?;
     let row = rows
@@ -444,10 +493,6 @@ async fn plan_write_audited_in_txn(
         .ok_or_else(|| StoreError::Internal("access plan not read back".into()))?;
     access_plan_from_row(site, row)
 }
-
-const AUDIT_EMPTY_SQL: &str = "INSERT INTO audit_log
-        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id)
-     VALUES ($1, $2, $3, $4, $5, $6, '{}'::jsonb, $7, $8)";
 
 impl Store {
     /// Creates a standard access plan.
@@ -475,7 +520,14 @@ impl Store {
             let id = Uuid::new_v4();
             let name = format!("sites/{site}/accessPlans/{id}");
             let users = plan_users(&[], fields.members.as_ref());
-            let action = "access_plan.create";
+            let audit = AuditParams::new(
+                actor,
+                Some(site),
+                "access_plan.create",
+                &name,
+                serde_json::json!({}),
+            )
+            .after(access_plan_after(None, fields));
             let mut steps: Vec<Step<'_>> = vec![(
                 "INSERT INTO access_plan (site_id, id, display_name) VALUES ($1, $2, $3)",
                 params![&site, &id, &display_name],
@@ -494,10 +546,7 @@ impl Store {
                     params![&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name],
                 ));
             }
-            plan_write_audited_in_txn(
-                &tx, actor, site, id, action, &name, steps, &users, &l.before,
-            )
-            .await
+            plan_write_audited_in_txn(&tx, site, id, audit, steps, &users, &l.before).await
         })
     }
 
@@ -562,12 +611,17 @@ impl Store {
             etag_check(&format!("access plan {name}"), etag, current.version)?;
             l.check(site, fields)?;
             let users = plan_users(&current.members, fields.members.as_ref());
-            let action = "access_plan.update";
-            let steps = plan_steps(&site, &id, fields, &has_schedule, &flat_schedule);
-            plan_write_audited_in_txn(
-                &tx, actor, site, id, action, &name, steps, &users, &l.before,
+            let audit = AuditParams::new(
+                actor,
+                Some(site),
+                "access_plan.update",
+                &name,
+                serde_json::json!({}),
             )
-            .await
+            .before(access_plan_before(current))
+            .after(access_plan_after(Some(current), fields));
+            let steps = plan_steps(&site, &id, fields, &has_schedule, &flat_schedule);
+            plan_write_audited_in_txn(&tx, site, id, audit, steps, &users, &l.before).await
         })
     }
 
@@ -587,26 +641,20 @@ impl Store {
             let name = format!("sites/{site}/accessPlans/{id}");
             etag_check(&format!("access plan {name}"), etag, current.version)?;
             let users = plan_users(&current.members, None);
-            let action = "access_plan.delete";
-            let site_opt = Some(site);
+            let audit = AuditParams::new(
+                actor,
+                Some(site),
+                "access_plan.delete",
+                &name,
+                serde_json::json!({}),
+            )
+            .before(access_plan_before(current));
             let steps: Vec<Step<'_>> = vec![
                 (
                     "DELETE FROM access_plan WHERE site_id = $1 AND id = $2",
                     params![&site, &id],
                 ),
-                (
-                    AUDIT_EMPTY_SQL,
-                    params![
-                        &actor.dealer,
-                        &site_opt,
-                        &actor.principal,
-                        &action,
-                        &name,
-                        &actor.peer,
-                        &actor.acting_as,
-                        &actor.request_id,
-                    ],
-                ),
+                audit.step(),
             ];
             plan_change_in_txn(&tx, site, steps, &users, &l.before).await?;
             Ok(())
@@ -634,16 +682,20 @@ impl Store {
                 &name,
                 serde_json::json!({}),
             );
+            let after = Some(serde_json::json!({
+                "display_name": holiday.display_name,
+                "plans": holiday.plans,
+            }));
             batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(HOLIDAY_AUDIT_SQL, params![&holiday.day, &after]),
                     (
                         "INSERT INTO holiday (site_id, day, display_name, plan_ids) VALUES ($1, $2, $3, $4)
                          ON CONFLICT (site_id, day) DO UPDATE SET display_name = $3, plan_ids = $4",
                         params![&site, &holiday.day, &holiday.display_name, &holiday.plans],
                     ),
                     log.step(&site),
-                    audit.step(),
                 ],
             )
             .await?;
@@ -694,15 +746,16 @@ impl Store {
                 &name,
                 serde_json::json!({}),
             );
+            let after: Option<serde_json::Value> = None;
             batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(HOLIDAY_AUDIT_SQL, params![&day, &after]),
                     (
                         "DELETE FROM holiday WHERE site_id = $1 AND day = $2",
                         params![&site, &day],
                     ),
                     log.step(&site),
-                    audit.step(),
                 ],
             )
             .await?;
@@ -735,9 +788,11 @@ impl Store {
                 &format!("sites/{site}"),
                 serde_json::json!({}),
             );
+            let after = Some(serde_json::json!({ "lockdown": lockdown }));
             batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(SITE_FIELD_AUDIT_SQL, params![&"lockdown", &after]),
                     (
                         "UPDATE site SET lockdown = $2 WHERE id = $1",
                         params![&site, &lockdown],
@@ -748,7 +803,6 @@ impl Store {
                          VALUES ($1, 0, $2, now(), $3)",
                         params![&site, &kind, &actor.principal],
                     ),
-                    audit.step(),
                 ],
             )
             .await?;

@@ -121,7 +121,12 @@ impl Store {
                 "enrollment_code.create",
                 &format!("sites/{site}"),
                 serde_json::json!({ "ttl_seconds": ttl.as_secs() }),
-            );
+            )
+            .after(serde_json::json!({
+                "enrollment_code": {
+                    "expire_time": chrono::DateTime::<chrono::Utc>::from(expire_time),
+                },
+            }));
             batch_in_txn(
                 &tx,
                 &[
@@ -244,9 +249,11 @@ impl Store {
                 &format!("sites/{site}"),
                 serde_json::json!({}),
             );
+            let after = Some(serde_json::json!({ "agent_tokens": 0, "agents": 0 }));
             let rows = batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(crate::auth::AGENT_TOKENS_AUDIT_SQL, params![&after]),
                     (
                         "UPDATE agent SET revoke_time = now() WHERE site_id = $1 AND revoke_time IS NULL RETURNING id",
                         params![&site],
@@ -259,11 +266,10 @@ impl Store {
                         "UPDATE site SET session_epoch = session_epoch + 1 WHERE id = $1",
                         params![&site],
                     ),
-                    audit.step(),
                 ],
             )
             .await?;
-            let n = rows.iter().take(2).map(|r| r.len() as u64).sum();
+            let n = rows.iter().skip(1).take(2).map(|r| r.len() as u64).sum();
             Ok(n)
         })
     }

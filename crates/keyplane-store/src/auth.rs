@@ -91,6 +91,42 @@ impl TokenCache {
     }
 }
 
+/// Creates dealer token `$11` of dealer `$1` (hash `$10`, scope `$12`, expiry `$13`,
+/// name `$14`) and its audit row, the token as created (never its hash) after.
+const DEALER_TOKEN_CREATE_SQL: &str = "WITH t AS (
+        INSERT INTO dealer_token (token_hash, dealer_id, id, scope, expire_time, display_name)
+        VALUES ($10, $1, $11, $12, $13, $14) RETURNING display_name, scope, expire_time
+     )
+     INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, NULL,
+        jsonb_build_object('display_name', t.display_name, 'scope', t.scope, 'expire_time', t.expire_time)
+     FROM t";
+
+/// Deletes dealer token `$10` of dealer `$1` and writes its audit row, the token as it
+/// was (never its hash) before; no row when there was no such token.
+const DEALER_TOKEN_REVOKE_SQL: &str = "WITH t AS (
+        DELETE FROM dealer_token WHERE id = $10 AND dealer_id = $1
+        RETURNING display_name, scope, expire_time
+     )
+     INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+        jsonb_build_object('display_name', t.display_name, 'scope', t.scope, 'expire_time', t.expire_time),
+        NULL
+     FROM t RETURNING id";
+
+/// An audit row for a change of site `$2`'s agent credentials: before, how many agent
+/// certificates and tokens are live (read by the statement: run it before the
+/// write); after, `$10`. Never a token or a certificate.
+pub(crate) const AGENT_TOKENS_AUDIT_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+        jsonb_build_object(
+            'agent_tokens', (SELECT count(*) FROM agent_token WHERE site_id = $2),
+            'agents', (SELECT count(*) FROM agent WHERE site_id = $2 AND revoke_time IS NULL)),
+        $10";
+
 impl Store {
     /// Creates a dealer and its first bearer token (returned once, stored hashed).
     pub async fn dealer_create(&self, display_name: &str) -> Result<(Uuid, String), StoreError> {
@@ -110,8 +146,9 @@ impl Store {
             )
             .await?;
             tx.execute(
-                "INSERT INTO audit_log (dealer_id, actor, action, resource) VALUES ($1, 'bootstrap', 'dealer.create', $2)",
-                &[&id, &format!("dealers/{id}")],
+                "INSERT INTO audit_log (dealer_id, actor, action, resource, after)
+                 VALUES ($1, 'bootstrap', 'dealer.create', $2, jsonb_build_object('display_name', $3::text))",
+                &[&id, &format!("dealers/{id}"), &display_name],
             )
             .await?;
             Ok(id)
@@ -165,7 +202,6 @@ impl Store {
         let hash = token_hash(&token);
         let expire_time = ttl.map(|t| SystemTime::now() + t);
         let id = Uuid::new_v4();
-        let dealer = actor.dealer;
         in_txn!(self, "dealer_token_create", |tx| {
             let audit = AuditParams::new(
                 actor,
@@ -176,14 +212,10 @@ impl Store {
             );
             batch_in_txn(
                 &tx,
-                &[
-                    (
-                        "INSERT INTO dealer_token (token_hash, dealer_id, id, scope, expire_time, display_name)
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                        params![&hash, &dealer, &id, &scope.as_str(), &expire_time, &display_name],
-                    ),
-                    audit.step(),
-                ],
+                &[audit.step_in(
+                    DEALER_TOKEN_CREATE_SQL,
+                    params![&hash, &id, &scope.as_str(), &expire_time, &display_name],
+                )],
             )
             .await?;
             Ok(())
@@ -223,7 +255,6 @@ impl Store {
     /// Revokes one of the acting dealer's tokens; it stops working on every replica
     /// within [`DEALER_TOKEN_TTL`].
     pub async fn dealer_token_revoke(&self, actor: &Actor, id: Uuid) -> Result<(), StoreError> {
-        let dealer = actor.dealer;
         in_txn!(self, "dealer_token_revoke", |tx| {
             let audit = AuditParams::new(
                 actor,
@@ -232,17 +263,8 @@ impl Store {
                 &format!("dealerTokens/{id}"),
                 serde_json::json!({}),
             );
-            let rows = batch_in_txn(
-                &tx,
-                &[
-                    (
-                        "DELETE FROM dealer_token WHERE id = $1 AND dealer_id = $2 RETURNING id",
-                        params![&id, &dealer],
-                    ),
-                    audit.step(),
-                ],
-            )
-            .await?;
+            let rows =
+                batch_in_txn(&tx, &[audit.step_in(DEALER_TOKEN_REVOKE_SQL, params![&id])]).await?;
             if rows.first().is_none_or(|r| r.is_empty()) {
                 return Err(StoreError::NotFound(format!("dealerTokens/{id}")));
             }
@@ -263,9 +285,11 @@ impl Store {
                 &format!("sites/{site}"),
                 serde_json::json!({}),
             );
+            let after = Some(serde_json::json!({ "agent_tokens": 1 }));
             batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(AGENT_TOKENS_AUDIT_SQL, params![&after]),
                     ("DELETE FROM agent_token WHERE site_id = $1", params![&site]),
                     (
                         "INSERT INTO agent_token (token_hash, site_id) VALUES ($1, $2)",
@@ -276,7 +300,6 @@ impl Store {
                         "UPDATE site SET session_epoch = session_epoch + 1 WHERE id = $1",
                         params![&site],
                     ),
-                    audit.step(),
                 ],
             )
             .await?;

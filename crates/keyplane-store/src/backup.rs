@@ -3,7 +3,7 @@
 //! (offline sites included: the code is already on the devices). Panels never: a
 //! panel code is a user number with an authority level.
 
-use crate::site::AuditParams;
+use crate::site::{AuditParams, SITE_FIELD_AUDIT_SQL};
 use crate::{Actor, Cached, Credential, Store, StoreError, batch_in_txn, in_txn, params};
 use keyplane_core::pin::Pin;
 use uuid::Uuid;
@@ -79,14 +79,15 @@ impl Store {
                 &format!("sites/{site}"),
                 json.clone(),
             );
+            let after = Some(serde_json::json!({ "backup_pool": json }));
             batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(SITE_FIELD_AUDIT_SQL, params![&"backup_pool", &after]),
                     (
                         "UPDATE site SET backup_pool = $2 WHERE id = $1",
                         params![&site, &json],
                     ),
-                    audit.step(),
                 ],
             )
             .await?;
@@ -134,8 +135,11 @@ impl Store {
             }
             let picked = tx
                 .query_opt(
-                    "SELECT id, pin_sealed, pin_key_id FROM credential
-                     WHERE site_id = $1 AND user_id = $2 ORDER BY create_time, id LIMIT 1",
+                    &format!(
+                        "SELECT {}, c.pin_sealed, c.pin_key_id FROM credential c
+                         WHERE c.site_id = $1 AND c.user_id = $2 ORDER BY c.create_time, c.id LIMIT 1",
+                        crate::credential::CREDENTIAL_FIELDS
+                    ),
                     &[&site, &pool.user],
                 )
                 .await?
@@ -144,9 +148,21 @@ impl Store {
                         "site sites/{site} has no backup code left; the pool refills once its devices are reachable"
                     ))
                 })?;
-            let credential: Uuid = picked.get(0);
-            let sealed: Vec<u8> = picked.get(1);
-            let key_id: String = picked.get(2);
+            let was = crate::credential::credential_from_row(&picked);
+            let credential = was.id;
+            let sealed: Vec<u8> = picked.get(18);
+            let key_id: String = picked.get(19);
+            let held_by = |user: Uuid, display_name: &str| {
+                let mut v = crate::credential::credential_audit_json(
+                    display_name,
+                    &was.scope,
+                    was.valid_from,
+                    was.valid_until,
+                    was.max_uses,
+                );
+                v["user"] = format!("sites/{site}/users/{user}").into();
+                v
+            };
             let pin = self.key().open(site, credential, &key_id, &sealed)?;
             let audit = AuditParams::new(
                 actor,
@@ -154,7 +170,9 @@ impl Store {
                 "backup_code.pull",
                 &format!("sites/{site}/users/{user}/credentials/{credential}"),
                 serde_json::json!({}),
-            );
+            )
+            .before(held_by(pool.user, &was.display_name))
+            .after(held_by(user, display_name));
             batch_in_txn(
                 &tx,
                 &[

@@ -6,13 +6,13 @@ use crate::authority::{
 };
 use crate::device::{DEVICE_COLUMNS, device_from_row};
 use crate::site::{
-    AUDIT_FULL_SQL, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, audit_in_txn, etag_check,
+    AUDIT_FULL_SQL, AuditParams, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, etag_check,
     not_found_site, replay_decide, replayed_id, site_change_record_in_txn, site_from_row,
     site_get_in_txn,
 };
 use crate::{
     Actor, Credential, CredentialPatch, Device, NewCredential, PageRequest, RequestKey, Scope,
-    Site, Slot, Store, StoreError, User, in_txn,
+    Site, Slot, Store, StoreError, User, batch_in_txn, in_txn, params,
 };
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
@@ -132,7 +132,7 @@ macro_rules! allocate_sql {
 /// The columns of a whole credential (row, scope and slots) from `credential c`, so
 /// one query reads it and a page of them is one query too. The three slot arrays
 /// share one order.
-const CREDENTIAL_FIELDS: &str = "c.site_id, c.user_id, c.id, c.display_name, c.version, c.create_time,
+pub(crate) const CREDENTIAL_FIELDS: &str = "c.site_id, c.user_id, c.id, c.display_name, c.version, c.create_time,
     c.update_time, c.created_partition, c.valid_from, c.valid_until, c.max_uses, c.uses,
     ARRAY(SELECT p.partition FROM credential_partition p
           WHERE p.site_id = c.site_id AND p.credential_id = c.id ORDER BY p.partition),
@@ -233,15 +233,28 @@ pub(crate) async fn credential_delete_in_txn(
     user: Uuid,
     credential: Uuid,
 ) -> Result<(), StoreError> {
-    let freed: Vec<(Uuid, u16)> = tx
-        .query(
-            "DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = $2 RETURNING device_id, slot",
-            &[&site, &credential],
-        )
-        .await?
-        .iter()
-        .map(crate::site::device_slot)
-        .collect();
+    // Read (for the audit record) and freed in one round trip.
+    let get_sql = credential_get_sql();
+    let rows = batch_in_txn(
+        tx,
+        &[
+            (get_sql.as_str(), params![&site, &user, &credential]),
+            (
+                "DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = $2 RETURNING device_id, slot",
+                params![&site, &credential],
+            ),
+        ],
+    )
+    .await?;
+    let was = rows
+        .first()
+        .and_then(|r| r.first())
+        .map(credential_from_row)
+        .ok_or_else(|| not_found(site, user, credential))?;
+    let freed: Vec<(Uuid, u16)> = rows
+        .get(1)
+        .map(|r| r.iter().map(crate::site::device_slot).collect())
+        .unwrap_or_default();
     tx.execute(
         "DELETE FROM credential WHERE site_id = $1 AND id = $2",
         &[&site, &credential],
@@ -250,14 +263,21 @@ pub(crate) async fn credential_delete_in_txn(
     if !freed.is_empty() {
         site_change_record_in_txn(tx, site, &freed).await?;
     }
-    audit_in_txn(
-        tx,
+    AuditParams::new(
         actor,
         Some(site),
         "credential.delete",
         &format!("sites/{site}/users/{user}/credentials/{credential}"),
         serde_json::json!({ "slots_freed": freed.len() }),
     )
+    .before(credential_audit_json(
+        &was.display_name,
+        &was.scope,
+        was.valid_from,
+        was.valid_until,
+        was.max_uses,
+    ))
+    .write(tx)
     .await
 }
 
@@ -698,7 +718,7 @@ pub(crate) fn devices_param(scope: &Scope) -> Vec<Uuid> {
 /// A credential as the audit log records it before or after a change: never the
 /// PIN (whether it changed is in the record's detail), nor slot numbers (the
 /// allocator's, counted in the detail).
-fn credential_audit_json(
+pub(crate) fn credential_audit_json(
     display_name: &str,
     scope: &Scope,
     valid_from: Option<chrono::DateTime<chrono::Utc>>,

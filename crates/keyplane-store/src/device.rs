@@ -72,6 +72,21 @@ fn device_get_sql() -> String {
     format!("SELECT {DEVICE_COLUMNS} FROM device WHERE site_id = $1 AND id = $2")
 }
 
+/// A device as the audit log records it before or after a change.
+fn device_audit_json(
+    display_name: &str,
+    model: &DeviceModel,
+    partition: Option<u8>,
+    perimeter: bool,
+) -> serde_json::Value {
+    serde_json::json!({
+        "display_name": display_name,
+        "model": model.id,
+        "partition": partition,
+        "perimeter": perimeter,
+    })
+}
+
 fn device_not_found(site: Uuid, device: Uuid) -> StoreError {
     StoreError::NotFound(format!("device sites/{site}/devices/{device}"))
 }
@@ -123,7 +138,13 @@ impl Store {
                 "device.create",
                 &name,
                 serde_json::json!({"model": new.model.id}),
-            );
+            )
+            .after(device_audit_json(
+                &new.display_name,
+                new.model,
+                new.partition,
+                new.perimeter,
+            ));
             let mut steps: Vec<Step<'_>> = vec![(
                 insert_sql.as_str(),
                 params![
@@ -213,14 +234,26 @@ impl Store {
                     perimeter = COALESCE($5, perimeter), version = version + 1, update_time = now()
                  WHERE site_id = $1 AND id = $2 RETURNING {DEVICE_COLUMNS}"
             );
-            let partition = partition.map(i16::from);
             let audit = AuditParams::new(
                 actor,
                 Some(site),
                 "device.update",
                 &current.name(),
                 serde_json::json!({}),
-            );
+            )
+            .before(device_audit_json(
+                &current.display_name,
+                current.model,
+                current.partition,
+                current.perimeter,
+            ))
+            .after(device_audit_json(
+                patch.display_name.as_ref().unwrap_or(&current.display_name),
+                current.model,
+                partition,
+                patch.perimeter.unwrap_or(current.perimeter),
+            ));
+            let partition = partition.map(i16::from);
             let rows = batch_in_txn(
                 &tx,
                 &[
@@ -288,7 +321,13 @@ impl Store {
                 "device.delete",
                 &current.name(),
                 serde_json::json!({}),
-            );
+            )
+            .before(device_audit_json(
+                &current.display_name,
+                current.model,
+                current.partition,
+                current.perimeter,
+            ));
             batch_in_txn(
                 &tx,
                 &[

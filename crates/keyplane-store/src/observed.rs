@@ -7,7 +7,7 @@ use crate::credential::{
     load_in_txn, new_scope_check, partitions_param,
 };
 use crate::site::{
-    AuditParams, LogParams, audit_in_txn, policy_actor, site_change_record_in_txn, site_get_in_txn,
+    AuditParams, LogParams, policy_actor, site_change_record_in_txn, site_get_in_txn,
 };
 use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, batch_in_txn, in_txn, params};
 use crate::{Cached, Transaction};
@@ -79,6 +79,28 @@ pub struct LocalCode {
     pub observe_time: SystemTime,
 }
 
+/// A local code as the audit log records it before or after a change (never its PIN).
+pub(crate) fn local_code_audit_json(device: Uuid, slot: u16, removing: bool) -> serde_json::Value {
+    serde_json::json!({ "device": device, "slot": slot, "removing": removing })
+}
+
+/// A credential as the drift records record it: the credential, and the drifted slot
+/// while it is drifted.
+fn drift_audit_json(current: &Credential, drift: Option<(Uuid, u16)>) -> serde_json::Value {
+    let mut v = crate::credential::credential_audit_json(
+        &current.display_name,
+        &current.scope,
+        current.valid_from,
+        current.valid_until,
+        current.max_uses,
+    );
+    v["drift"] = match drift {
+        Some((device, slot)) => serde_json::json!({ "device": device, "slot": slot }),
+        None => serde_json::Value::Null,
+    };
+    v
+}
+
 /// Audits and logs the clearing of a local code that the AUTHORITATIVE policy decided.
 async fn local_code_cleared_by_policy_in_txn(
     tx: &Transaction<'_>,
@@ -88,14 +110,16 @@ async fn local_code_cleared_by_policy_in_txn(
     slot: u16,
 ) -> Result<(), StoreError> {
     let name = format!("sites/{site}/devices/{device}/localCodes/{slot}");
-    audit_in_txn(
-        tx,
+    AuditParams::new(
         system,
         Some(site),
         "local_code.clear",
         &name,
         serde_json::json!({ "slot": slot }),
     )
+    .before(local_code_audit_json(device, slot, false))
+    .after(local_code_audit_json(device, slot, true))
+    .write(tx)
     .await?;
     event_in_txn(
         tx,
@@ -291,7 +315,9 @@ impl Store {
                 "local_code.remove",
                 &name,
                 serde_json::json!({ "slot": slot }),
-            );
+            )
+            .before(local_code_audit_json(device, slot, local.get(1)))
+            .after(local_code_audit_json(device, slot, true));
             batch_in_txn(
                 &tx,
                 &[
@@ -398,7 +424,11 @@ impl Store {
                 "local_code.claim",
                 &name,
                 serde_json::json!({ "user": user.to_string() }),
-            );
+            )
+            .before(local_code_audit_json(device, slot, local.get(1)))
+            .after(serde_json::json!({
+                "claimed_as": format!("sites/{site}/users/{user}/credentials/{id}"),
+            }));
             let get_sql = credential_get_sql();
             let rows = batch_in_txn(
                 &tx,
@@ -509,7 +539,9 @@ impl Store {
                         "drift.reapply",
                         &name,
                         serde_json::json!({ "device": device.to_string(), "slot": slot.1 }),
-                    );
+                    )
+                    .before(drift_audit_json(current, Some((device, slot.1))))
+                    .after(drift_audit_json(current, None));
                     let n = i32::from(slot.1);
                     batch_in_txn(
                         &tx,
@@ -555,7 +587,9 @@ impl Store {
                         "drift.adopt",
                         &name,
                         serde_json::json!({ "device": device.to_string(), "slot": slot }),
-                    );
+                    )
+                    .before(drift_audit_json(current, Some((device, slot))))
+                    .after(drift_audit_json(current, None));
                     batch_in_txn(
                         &tx,
                         &[

@@ -8,7 +8,7 @@
 //! the wake-up poller of every replica reads (through `change_time`): a resync
 //! advances `resync_seq`, a close ends the session and advances `session_epoch`.
 
-use crate::site::{audit_in_txn, not_found_site};
+use crate::site::{AuditParams, not_found_site};
 use crate::{Actor, PageRequest, Store, StoreError, in_txn};
 use std::time::{Duration, SystemTime};
 use tokio_postgres::IsolationLevel;
@@ -221,14 +221,16 @@ impl Store {
                 resync: row.get(1),
                 agent_connected: row.get(2),
             };
-            audit_in_txn(
-                &tx,
+            AuditParams::new(
                 actor,
                 Some(site),
                 "site.resync",
                 &format!("sites/{site}"),
                 serde_json::json!({ "revision": done.revision, "agent_connected": done.agent_connected }),
             )
+            .before(serde_json::json!({ "resync_seq": done.resync - 1 }))
+            .after(serde_json::json!({ "resync_seq": done.resync }))
+            .write(&tx)
             .await?;
             Ok(done)
         })
@@ -270,14 +272,16 @@ impl Store {
                 });
             };
             let (peer, replica): (Option<String>, Option<String>) = (row.get(1), row.get(2));
-            audit_in_txn(
-                &tx,
+            AuditParams::new(
                 actor,
                 Some(site),
                 "agent_connection.close",
                 &format!("sites/{site}/agentConnection"),
                 serde_json::json!({ "peer": peer, "replica": replica }),
             )
+            .before(serde_json::json!({ "connected": true, "peer": peer, "replica": replica }))
+            .after(serde_json::json!({ "connected": false }))
+            .write(&tx)
             .await?;
             Ok(row.get(0))
         })

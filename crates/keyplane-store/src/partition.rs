@@ -19,6 +19,11 @@ fn partition_from_row(row: &Row) -> Partition {
     }
 }
 
+/// A partition as the audit log records it before or after a change.
+fn partition_audit_json(display_name: &str) -> serde_json::Value {
+    serde_json::json!({ "display_name": display_name })
+}
+
 fn not_found(site: Uuid, number: u8) -> StoreError {
     StoreError::NotFound(format!("partition sites/{site}/partitions/{number}"))
 }
@@ -71,7 +76,8 @@ impl Store {
                 "partition.create",
                 &name,
                 serde_json::json!({}),
-            );
+            )
+            .after(partition_audit_json(display_name));
             let mut steps: Vec<Step<'_>> = vec![(
                 "INSERT INTO partition (site_id, number, display_name) VALUES ($1, $2, $3)
                  RETURNING site_id, number, display_name, version",
@@ -146,7 +152,11 @@ impl Store {
                 "partition.update",
                 &name,
                 serde_json::json!({}),
-            );
+            )
+            .before(partition_audit_json(&current.display_name))
+            .after(partition_audit_json(
+                display_name.unwrap_or(&current.display_name),
+            ));
             let rows = batch_in_txn(
                 &tx,
                 &[
@@ -199,7 +209,8 @@ impl Store {
                 "partition.delete",
                 &name,
                 serde_json::json!({}),
-            );
+            )
+            .before(partition_audit_json(&current.display_name));
             batch_in_txn(
                 &tx,
                 &[

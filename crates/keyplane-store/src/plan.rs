@@ -4,7 +4,7 @@
 use crate::authority::{actor_from_loaded, denied, user_get_in_txn};
 use crate::credential::{LoadRequest, Loaded, load_in_txn};
 use crate::rules::schedule_from_json;
-use crate::site::{AUDIT_SQL, etag_check, site_get_in_txn, user_slots_changed_sql};
+use crate::site::{AUDIT_FULL_SQL, etag_check, site_get_in_txn, user_slots_changed_sql};
 use crate::{Actor, Store, StoreError, in_txn};
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
@@ -117,8 +117,24 @@ fn refused(e: personal::PersonalPlanError) -> StoreError {
     StoreError::FailedPrecondition(e.to_string())
 }
 
-/// Writes the plan, records its user's panel and lock slots as changed, audits and
-/// reads the plan back: one pipelined round trip.
+/// A personal access plan as the audit log records it before or after a change.
+fn plan_audit_json(
+    configured: bool,
+    access_points: &[Uuid],
+    schedule: Option<&Schedule>,
+) -> serde_json::Value {
+    let mut points = access_points.to_vec();
+    points.sort_unstable();
+    points.dedup();
+    serde_json::json!({
+        "configured": configured,
+        "access_points": points,
+        "schedule": schedule,
+    })
+}
+
+/// Writes the plan, records its user's panel and lock slots as changed, audits (with
+/// the plan as it was, `current`) and reads the plan back: one pipelined round trip.
 #[allow(clippy::too_many_arguments)]
 async fn plan_write_in_txn(
     tx: &Transaction<'_>,
@@ -129,7 +145,14 @@ async fn plan_write_in_txn(
     schedule: &Option<Schedule>,
     action: &str,
     detail: serde_json::Value,
+    current: &PersonalPlan,
 ) -> Result<PersonalPlan, StoreError> {
+    let before = Some(plan_audit_json(
+        current.configured,
+        &current.access_points,
+        current.schedule.as_ref(),
+    ));
+    let after = Some(plan_audit_json(true, access_points, schedule.as_ref()));
     let schedule = schedule
         .as_ref()
         .map(serde_json::to_value)
@@ -147,7 +170,7 @@ async fn plan_write_in_txn(
             "INSERT INTO personal_access_point (site_id, user_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
         ),
         tx.prepare_cached(&changed_sql),
-        tx.prepare_cached(AUDIT_SQL),
+        tx.prepare_cached(AUDIT_FULL_SQL),
         tx.prepare_cached(PLAN_SQL),
     )?;
     let kinds: &[&str] = &["panel", "lock"];
@@ -157,7 +180,7 @@ async fn plan_write_in_txn(
         async { Pg::execute(tx, &s_delete, &[&site, &user]).await },
         async { Pg::execute(tx, &s_insert, &[&site, &user, &access_points]).await },
         async { Pg::execute(tx, &s_changed, &[&site, &user, &kinds]).await },
-        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id]).await },
+        async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
         async { Pg::query_one(tx, &s_get, &[&site, &user]).await },
     );
     updated?;
@@ -244,6 +267,7 @@ impl Store {
                 &schedule,
                 "personal_plan.update",
                 detail,
+                &current,
             )
             .await
         })
@@ -283,6 +307,7 @@ impl Store {
                 &None,
                 "personal_plan.clear",
                 serde_json::json!({}),
+                &current,
             )
             .await
         })

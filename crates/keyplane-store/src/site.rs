@@ -1,6 +1,7 @@
 //! Sites, and the helpers every site-scoped write uses: the site lock, the revision
 //! counter, the audit log and idempotency keys.
 
+use crate::observed::local_code_audit_json;
 use crate::{
     Actor, LocalCodePolicy, NewSite, PageRequest, RequestKey, Site, SitePatch, Step, Store,
     StoreError, batch_in_txn, in_txn, params,
@@ -114,18 +115,6 @@ pub(crate) async fn site_change_record_in_txn(
     Ok(row.get(0))
 }
 
-/// Appends to the audit log.
-pub(crate) async fn audit_in_txn(
-    tx: &Transaction<'_>,
-    actor: &Actor,
-    site: Option<Uuid>,
-    action: &str,
-    resource: &str,
-    detail: serde_json::Value,
-) -> Result<(), StoreError> {
-    audit_full(tx, actor, site, action, resource, detail, None, None).await
-}
-
 /// Appends to the audit log with the resource's values before and after the change.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn audit_full(
@@ -157,6 +146,28 @@ pub(crate) async fn audit_full(
     .await?;
     Ok(())
 }
+
+/// A site as the audit log records it before or after a change.
+pub(crate) fn site_audit_json(
+    display_name: &str,
+    time_zone: &str,
+    local_code_policy: LocalCodePolicy,
+) -> serde_json::Value {
+    serde_json::json!({
+        "display_name": display_name,
+        "time_zone": time_zone,
+        "local_code_policy": local_code_policy.as_str(),
+    })
+}
+
+/// An audit row for a change of one column of site `$2` (named `$10`): its before
+/// value (`{column: value}`) read by the statement, so run it before the write; its
+/// after value `$11`. Only for columns that hold no secret.
+pub(crate) const SITE_FIELD_AUDIT_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+        (SELECT jsonb_build_object($10::text, to_jsonb(s) -> $10::text) FROM site s WHERE s.id = $2),
+        $11";
 
 /// Waits for other requests with the same idempotency key (dealer, request id) to end.
 pub(crate) const REPLAY_LOCK_SQL: &str =
@@ -208,13 +219,10 @@ pub(crate) fn replayed_id(resource: &str) -> Result<Uuid, StoreError> {
         .ok_or_else(|| StoreError::Internal(format!("bad remembered resource {resource}")))
 }
 
-/// Appends to the audit log (dealer, site, actor, action, resource, peer, detail).
-pub(crate) const AUDIT_SQL: &str = "INSERT INTO audit_log
-        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-
-/// An audit row with the resource before and after the change (never a PIN):
-/// [`AUDIT_SQL`]'s parameters, then `$10` before and `$11` after.
+/// An audit row with the resource before and after the change (never a PIN, never a
+/// secret): dealer, site, actor, action, resource, peer, detail, acting user and
+/// request id (`$1`..`$9`), then `$10` before (None: it did not exist) and `$11`
+/// after (None: it no longer exists).
 pub(crate) const AUDIT_FULL_SQL: &str = "INSERT INTO audit_log
         (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
@@ -271,6 +279,8 @@ pub(crate) struct AuditParams {
     detail: serde_json::Value,
     acting_as: Option<String>,
     request_id: Option<String>,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
 }
 
 impl AuditParams {
@@ -291,25 +301,62 @@ impl AuditParams {
             detail,
             acting_as: actor.acting_as.clone(),
             request_id: actor.request_id.clone(),
+            before: None,
+            after: None,
         }
+    }
+
+    /// The resource before the change (not set: it did not exist).
+    pub(crate) fn before(mut self, before: serde_json::Value) -> AuditParams {
+        self.before = Some(before);
+        self
+    }
+
+    /// The resource after the change (not set: it no longer exists).
+    pub(crate) fn after(mut self, after: serde_json::Value) -> AuditParams {
+        self.after = Some(after);
+        self
     }
 
     /// The step that appends the row.
     pub(crate) fn step(&self) -> Step<'_> {
-        (
-            AUDIT_SQL,
-            params![
-                &self.dealer,
-                &self.site,
-                &self.principal,
-                &self.action,
-                &self.resource,
-                &self.peer,
-                &self.detail,
-                &self.acting_as,
-                &self.request_id,
-            ],
-        )
+        (AUDIT_FULL_SQL, self.params())
+    }
+
+    /// A step running `sql`, a statement that writes this row from `$1`..`$9` (see
+    /// [`AUDIT_FULL_SQL`]) and its own `extra` parameters (`$10`..), its before and
+    /// after values taken from the rows the statement itself changes.
+    pub(crate) fn step_in<'a>(
+        &'a self,
+        sql: &'a str,
+        extra: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
+    ) -> Step<'a> {
+        let mut p = self.params();
+        p.truncate(9);
+        p.extend(extra);
+        (sql, p)
+    }
+
+    fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        params![
+            &self.dealer,
+            &self.site,
+            &self.principal,
+            &self.action,
+            &self.resource,
+            &self.peer,
+            &self.detail,
+            &self.acting_as,
+            &self.request_id,
+            &self.before,
+            &self.after,
+        ]
+    }
+
+    /// Appends the row now (one statement of its own).
+    pub(crate) async fn write(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        tx.execute(AUDIT_FULL_SQL, &self.params()).await?;
+        Ok(())
     }
 }
 
@@ -513,7 +560,12 @@ impl Store {
             let policy = new.local_code_policy.as_str();
             let remember = RememberParams::new(actor.dealer, key, &name);
             let audit =
-                AuditParams::new(actor, Some(id), "site.create", &name, serde_json::json!({}));
+                AuditParams::new(actor, Some(id), "site.create", &name, serde_json::json!({}))
+                    .after(site_audit_json(
+                        &new.display_name,
+                        &new.time_zone,
+                        new.local_code_policy,
+                    ));
             let mut steps: Vec<Step<'_>> = vec![(
                 insert_sql.as_str(),
                 params![
@@ -635,6 +687,8 @@ impl Store {
                         &format!("sites/{site}/devices/{device}/localCodes/{slot}"),
                         serde_json::json!({ "slot": slot }),
                     )
+                    .before(local_code_audit_json(*device, *slot, false))
+                    .after(local_code_audit_json(*device, *slot, true))
                 })
                 .collect();
             let log = LogParams::new(plan.log.as_ref());
@@ -648,7 +702,17 @@ impl Store {
                     "time_zone": patch.time_zone,
                     "local_code_policy": policy,
                 }),
-            );
+            )
+            .before(site_audit_json(
+                &current.display_name,
+                &current.time_zone,
+                current.local_code_policy,
+            ))
+            .after(site_audit_json(
+                patch.display_name.as_ref().unwrap_or(&current.display_name),
+                patch.time_zone.as_ref().unwrap_or(&current.time_zone),
+                patch.local_code_policy.unwrap_or(current.local_code_policy),
+            ));
             let mut steps: Vec<Step<'_>> = vec![(
                 update_sql.as_str(),
                 params![&site, &patch.display_name, &patch.time_zone, &policy],
@@ -714,7 +778,12 @@ impl Store {
                 "site.delete",
                 &format!("sites/{site}"),
                 serde_json::json!({}),
-            );
+            )
+            .before(site_audit_json(
+                &l.site.display_name,
+                &l.site.time_zone,
+                l.site.local_code_policy,
+            ));
             batch_in_txn(
                 &tx,
                 &[

@@ -793,15 +793,19 @@ impl Store {
                 &format!("sites/{site}"),
                 json.clone().unwrap_or(serde_json::Value::Null),
             );
+            let after = Some(serde_json::json!({ "status_thresholds": json }));
             crate::batch_in_txn(
                 &tx,
                 &[
+                    audit.step_in(
+                        crate::site::SITE_FIELD_AUDIT_SQL,
+                        crate::params![&"status_thresholds", &after],
+                    ),
                     (
                         "UPDATE site SET status_thresholds = $2, status_seq = status_seq + 1,
                             version = version + 1, update_time = now() WHERE id = $1",
                         crate::params![&site, &json],
                     ),
-                    audit.step(),
                 ],
             )
             .await?;

@@ -396,6 +396,19 @@ pub(crate) async fn user_delete_in_txn(
         .iter()
         .map(|c| serde_json::json!({ "slots_freed": c.slots.len() }))
         .collect();
+    let befores: Vec<serde_json::Value> = loaded
+        .codes
+        .iter()
+        .map(|c| {
+            crate::credential::credential_audit_json(
+                &c.display_name,
+                &c.scope,
+                c.valid_from,
+                c.valid_until,
+                c.max_uses,
+            )
+        })
+        .collect();
     let (s_slots, s_codes, s_code_audit, s_user, s_audit) = tokio::try_join!(
         tx.prepare_cached(
             "WITH freed AS (
@@ -411,8 +424,9 @@ pub(crate) async fn user_delete_in_txn(
         ),
         tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = ANY($2::uuid[])"),
         tx.prepare_cached(
-            "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id)
-             SELECT $1, $2, $3, 'credential.delete', r, $4, d, $7, $8 FROM unnest($5::text[], $6::jsonb[]) AS a(r, d)"
+            "INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before)
+             SELECT $1, $2, $3, 'credential.delete', r, $4, d, $7, $8, b
+               FROM unnest($5::text[], $6::jsonb[], $9::jsonb[]) AS a(r, d, b)"
         ),
         tx.prepare_cached("DELETE FROM site_user WHERE site_id = $1 AND id = $2"),
         tx.prepare_cached(AUDIT_FULL_SQL),
@@ -428,7 +442,7 @@ pub(crate) async fn user_delete_in_txn(
         biased;
         async { Pg::execute(tx, &s_slots, &[&site, &ids]).await },
         async { Pg::execute(tx, &s_codes, &[&site, &ids]).await },
-        async { Pg::execute(tx, &s_code_audit, &[&actor.dealer, &Some(site), &actor.principal, &actor.peer, &names, &details, &actor.acting_as, &actor.request_id]).await },
+        async { Pg::execute(tx, &s_code_audit, &[&actor.dealer, &Some(site), &actor.principal, &actor.peer, &names, &details, &actor.acting_as, &actor.request_id, &befores]).await },
         async { Pg::execute(tx, &s_user, &[&site, &user]).await },
         async { Pg::execute(tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &action, &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
     );
