@@ -976,9 +976,12 @@ impl Store {
                     (
                         "INSERT INTO device_event (site_id, device_id, source_seq, kind, user_number,
                             user_id, occur_time, issue, credential_id)
-                         SELECT $1, u.d, 0, u.k, u.s, u.us, u.at, u.i, u.c
+                         SELECT $1, u.d, 0, u.k, u.s, p.id, u.at, u.i, CASE WHEN p.id IS NULL THEN NULL ELSE u.c END
                          FROM unnest($2::uuid[], $3::int[], $4::uuid[], $5::uuid[], $6::text[],
                                      $7::text[], $8::timestamptz[]) AS u(d, s, c, us, k, i, at)
+                         -- A person deleted (or erased) since the facts were read is
+                         -- not named: their erasure committed before this lock.
+                         LEFT JOIN site_user p ON p.site_id = $1 AND p.id = u.us
                          WHERE EXISTS (SELECT 1 FROM device WHERE site_id = $1 AND id = u.d)",
                         crate::params![
                             &site,
