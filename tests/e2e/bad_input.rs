@@ -48,6 +48,7 @@ const MUST_COVER: &[&str] = &[
     "access_plan",
     "holiday",
     "audit_log",
+    "dealer_audit_log",
     "idempotency_key",
     "agent_token",
     "dealer",

@@ -18,7 +18,8 @@ pub fn page_token_encode(list: &str, last_key: &str) -> String {
     hex::encode(format!("p2\n{list}\n{last_key}"))
 }
 
-fn malformed() -> Status {
+/// The error for a page token that is not one this server issued.
+pub fn malformed() -> Status {
     Status::invalid_argument("page_token is malformed: pass back next_page_token unchanged")
 }
 
@@ -39,6 +40,16 @@ fn page_token_decode(list: &str, token: &str) -> Result<Option<String>, Status> 
         ));
     }
     Ok(Some(key.to_owned()))
+}
+
+/// Checks page size and decodes a page token issued by `list` to the key it holds
+/// (None: the first page), for the caller to parse.
+pub fn page_key(
+    list: &str,
+    page_size: i32,
+    page_token: &str,
+) -> Result<(Option<String>, i64), Status> {
+    Ok((page_token_decode(list, page_token)?, page_limit(page_size)?))
 }
 
 /// Checks page size and decodes a page token keyed by id, issued by `list`.

@@ -97,11 +97,11 @@ const DEALER_TOKEN_CREATE_SQL: &str = "WITH t AS (
         INSERT INTO dealer_token (token_hash, dealer_id, id, scope, expire_time, display_name)
         VALUES ($10, $1, $11, $12, $13, $14) RETURNING display_name, scope, expire_time
      )
-     INSERT INTO audit_log
-        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
-     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, NULL,
+     INSERT INTO dealer_audit_log
+        (dealer_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $3, $4, $5, $6, $7, $8, $9, NULL,
         jsonb_build_object('display_name', t.display_name, 'scope', t.scope, 'expire_time', t.expire_time)
-     FROM t";
+     FROM t WHERE $2::uuid IS NULL";
 
 /// Deletes dealer token `$10` of dealer `$1` and writes its audit row, the token as it
 /// was (never its hash) before; no row when there was no such token.
@@ -109,12 +109,12 @@ const DEALER_TOKEN_REVOKE_SQL: &str = "WITH t AS (
         DELETE FROM dealer_token WHERE id = $10 AND dealer_id = $1
         RETURNING display_name, scope, expire_time
      )
-     INSERT INTO audit_log
-        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
-     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+     INSERT INTO dealer_audit_log
+        (dealer_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $3, $4, $5, $6, $7, $8, $9,
         jsonb_build_object('display_name', t.display_name, 'scope', t.scope, 'expire_time', t.expire_time),
         NULL
-     FROM t RETURNING id";
+     FROM t WHERE $2::uuid IS NULL RETURNING position";
 
 /// An audit row for a change of site `$2`'s agent credentials: before, how many agent
 /// certificates and tokens are live (read by the statement: run it before the
@@ -146,7 +146,7 @@ impl Store {
             )
             .await?;
             tx.execute(
-                "INSERT INTO audit_log (dealer_id, actor, action, resource, after)
+                "INSERT INTO dealer_audit_log (dealer_id, actor, action, resource, after)
                  VALUES ($1, 'bootstrap', 'dealer.create', $2, jsonb_build_object('display_name', $3::text))",
                 &[&id, &format!("dealers/{id}"), &display_name],
             )

@@ -44,7 +44,7 @@ mod watch;
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
 pub use agent_hello::{AgentHello, AgentHelloInfo};
 pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
-pub use audit::{AuditFilter, AuditRecord};
+pub use audit::{AuditCursor, AuditFilter, AuditRecord};
 pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};
 pub use backup::BackupPool;
 pub use crypto::{PinKey, new_token, token_hash};

@@ -106,6 +106,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "duress_delivery",
         include_str!("../migrations/0022_duress_delivery.sql"),
     ),
+    (
+        23,
+        "audit_by_site",
+        include_str!("../migrations/0023_audit_by_site.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -126,9 +126,9 @@ impl Store {
         })
     }
 
-    /// Deletes at most `batch` events and `batch` audit records past their dealer's
-    /// retention period (oldest first), in one short transaction. Call it until it
-    /// returns fewer than `batch` of each.
+    /// Deletes at most `batch` events and `batch` audit records of each log (site and
+    /// dealer-level) past their dealer's retention period (oldest first), in one short
+    /// transaction. Call it until it returns fewer than `batch` of each.
     pub async fn retention_sweep(&self, batch: i64) -> Result<Swept, StoreError> {
         in_txn!(self, "retention_sweep", |tx| {
             let events = tx
@@ -148,19 +148,33 @@ impl Store {
             // The one delete the append-only trigger lets through (migration 0015).
             tx.batch_execute("SET LOCAL keyplane.audit_retention = 'on'")
                 .await?;
-            let audit = tx
+            let site_records = tx
                 .execute(
                     "DELETE FROM audit_log a USING (
-                        SELECT x.id FROM audit_log x
+                        SELECT x.site_id, x.position FROM audit_log x
                           JOIN dealer d ON d.id = x.dealer_id
                          WHERE x.create_time < now() - make_interval(secs => d.audit_retention_seconds::double precision)
                          ORDER BY x.create_time
                          LIMIT $1
                      ) old
-                     WHERE a.id = old.id",
+                     WHERE a.site_id = old.site_id AND a.position = old.position",
                     &[&batch],
                 )
                 .await?;
+            let dealer_records = tx
+                .execute(
+                    "DELETE FROM dealer_audit_log a USING (
+                        SELECT x.dealer_id, x.position FROM dealer_audit_log x
+                          JOIN dealer d ON d.id = x.dealer_id
+                         WHERE x.create_time < now() - make_interval(secs => d.audit_retention_seconds::double precision)
+                         ORDER BY x.create_time
+                         LIMIT $1
+                     ) old
+                     WHERE a.dealer_id = old.dealer_id AND a.position = old.position",
+                    &[&batch],
+                )
+                .await?;
+            let audit = site_records + dealer_records;
             Ok(Swept { events, audit })
         })
     }

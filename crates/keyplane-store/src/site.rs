@@ -128,7 +128,7 @@ pub(crate) async fn audit_full(
     after: Option<serde_json::Value>,
 ) -> Result<(), StoreError> {
     tx.execute(
-        AUDIT_FULL_SQL,
+        audit_sql(site),
         &[
             &actor.dealer,
             &site,
@@ -168,6 +168,20 @@ pub(crate) const SITE_FIELD_AUDIT_SQL: &str = "INSERT INTO audit_log
      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
         (SELECT jsonb_build_object($10::text, to_jsonb(s) -> $10::text) FROM site s WHERE s.id = $2),
         $11";
+
+/// A dealer-level audit row (no site): [`AUDIT_FULL_SQL`]'s parameters, `$2` None.
+pub(crate) const DEALER_AUDIT_SQL: &str = "INSERT INTO dealer_audit_log
+        (dealer_id, actor, action, resource, peer, detail, acting_user, request_id, before, after)
+     SELECT $1, $3, $4, $5, $6, $7, $8, $9, $10, $11 WHERE $2::uuid IS NULL";
+
+/// The statement that appends an audit row of `site` (None: a dealer-level row).
+pub(crate) fn audit_sql(site: Option<Uuid>) -> &'static str {
+    if site.is_some() {
+        AUDIT_FULL_SQL
+    } else {
+        DEALER_AUDIT_SQL
+    }
+}
 
 /// Waits for other requests with the same idempotency key (dealer, request id) to end.
 pub(crate) const REPLAY_LOCK_SQL: &str =
@@ -320,7 +334,7 @@ impl AuditParams {
 
     /// The step that appends the row.
     pub(crate) fn step(&self) -> Step<'_> {
-        (AUDIT_FULL_SQL, self.params())
+        (audit_sql(self.site), self.params())
     }
 
     /// A step running `sql`, a statement that writes this row from `$1`..`$9` (see
@@ -355,7 +369,7 @@ impl AuditParams {
 
     /// Appends the row now (one statement of its own).
     pub(crate) async fn write(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
-        tx.execute(AUDIT_FULL_SQL, &self.params()).await?;
+        tx.execute(audit_sql(self.site), &self.params()).await?;
         Ok(())
     }
 }
@@ -787,6 +801,8 @@ impl Store {
             batch_in_txn(
                 &tx,
                 &[
+                    // The record first: it takes its position from the site row.
+                    audit.step(),
                     // Rows naming a partition go first: PostgreSQL checks their
                     // foreign keys to `partition` while the cascade from `site` is
                     // still under way, before the cascade from `site_user` or
@@ -800,7 +816,6 @@ impl Store {
                         params![&site],
                     ),
                     ("DELETE FROM site WHERE id = $1", params![&site]),
-                    audit.step(),
                 ],
             )
             .await?;

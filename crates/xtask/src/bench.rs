@@ -444,7 +444,7 @@ INSERT INTO bench.credential_device (site_id, credential_id, device_id) VALUES (
 INSERT INTO bench.slot_assignment (site_id, device_id, slot, credential_id, pin_hash) VALUES (md5(:s::text)::uuid, md5((:s * 3)::text)::uuid, :slot, md5(:c::text)::uuid, decode(md5((:c + 1)::text), 'hex'));
 UPDATE bench.site SET revision = revision + 1 WHERE id = md5(:s::text)::uuid RETURNING revision;
 INSERT INTO bench.site_change (site_id, revision, device_id, slot) VALUES (md5(:s::text)::uuid, :c, md5((:s * 3)::text)::uuid, :slot);
-INSERT INTO bench.audit_log (dealer_id, site_id, actor, action, resource, peer, detail) VALUES (md5('dealer')::uuid, md5(:s::text)::uuid, 'dealer', 'credential.create', 'sites/' || md5(:s::text)::uuid || '/users/' || md5((:s * 7)::text)::uuid || '/credentials/' || md5(:c::text)::uuid, '127.0.0.1:50000', '{"revision": 1, "slots": 1}');
+WITH p AS (UPDATE bench.site SET audit_seq = audit_seq + 1 WHERE id = md5(:s::text)::uuid RETURNING audit_seq) INSERT INTO bench.audit_log (dealer_id, site_id, position, actor, action, resource, peer, detail) SELECT md5('dealer')::uuid, md5(:s::text)::uuid, p.audit_seq, 'dealer', 'credential.create', 'sites/' || md5(:s::text)::uuid || '/users/' || md5((:s * 7)::text)::uuid || '/credentials/' || md5(:c::text)::uuid, '127.0.0.1:50000', '{"revision": 1, "slots": 1}' FROM p;
 COMMIT;
 "#;
 

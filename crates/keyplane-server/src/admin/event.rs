@@ -299,18 +299,21 @@ pub(super) async fn audit_list(
         "ListAuditLog {} {:?} {:?} {:?} {:?}",
         req.parent, filter.actor, filter.resource_under, filter.start, filter.end
     );
-    let (after, limit) = page_cursor(&list, req.page_size, &req.page_token)?;
+    let (after, limit) = crate::page::page_key(&list, req.page_size, &req.page_token)?;
+    let after = after
+        .map(|k| store::AuditCursor::parse(&k).ok_or_else(crate::page::malformed))
+        .transpose()?;
     let records = api
         .store
         .audit_list(actor.dealer, &filter, after, limit + 1)
         .await
         .map_err(store_status)?;
-    let (records, next_page_token) = page_split(&list, records, limit, |r| r.id.to_string());
+    let (records, next_page_token) = page_split(&list, records, limit, |r| r.cursor().to_key());
     Ok(Response::new(pb::ListAuditLogResponse {
         records: records
             .iter()
             .map(|r| pb::AuditRecord {
-                id: r.id,
+                id: r.position,
                 site: r
                     .site
                     .map(|s| SiteName { site: s }.to_string())
