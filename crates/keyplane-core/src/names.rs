@@ -398,18 +398,19 @@ impl fmt::Display for OpsStatusName {
     }
 }
 
-/// `sites/{site}/events/{cursor}`: an event, named by its cursor (output only).
+/// `sites/{site}/events/{position}`: an event, named by its position in its site's
+/// event log (output only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventName {
     /// The site id.
     pub site: Uuid,
-    /// The event's cursor.
-    pub cursor: i64,
+    /// The event's position in the site's log (`Event.site_sequence`).
+    pub position: i64,
 }
 
 impl fmt::Display for EventName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sites/{}/events/{}", self.site, self.cursor)
+        write!(f, "sites/{}/events/{}", self.site, self.position)
     }
 }
 

@@ -377,10 +377,11 @@ pub fn event_pb(e: &store::Event, after: &keyplane_core::event_cursor::WatchCurs
         site_sequence: e.site_seq,
         name: EventName {
             site: e.site,
-            cursor: e.id,
+            position: e.site_seq,
         }
         .to_string(),
-        cursor: e.id,
+        // Retired with event ids (docs/ARCHITECTURE.md, "Event order").
+        cursor: 0,
         device: e.device.map(|d| device(e.site, d)).unwrap_or_default(),
         kind: pb::EventKind::from(e.kind) as i32,
         partition: e.partition.map(i32::from).unwrap_or(0),

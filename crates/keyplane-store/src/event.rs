@@ -33,11 +33,10 @@ pub struct NewEvent {
 /// A stored event.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Unique id (its name); not an order.
-    pub id: i64,
     /// Site id.
     pub site: Uuid,
-    /// Position in the site's event log: increasing in commit order (gaps allowed).
+    /// Position in the site's event log, increasing in commit order (gaps allowed):
+    /// with the site, the event's name.
     pub site_seq: i64,
     /// Device id (None for events raised through the API, like lockdown).
     pub device: Option<Uuid>,
@@ -67,9 +66,8 @@ pub struct Event {
 }
 
 const EVENT_COLUMNS: &str =
-    "e.id, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
-    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind, e.issue, e.credential_id,
-    e.site_seq";
+    "e.site_seq, e.site_id, e.device_id, e.kind, e.partition, e.user_number, e.user_id,
+    e.silent_alarm, e.occur_time, e.create_time, e.actor, d.kind, e.issue, e.credential_id";
 
 /// Joins each event's device (events outlive deleted devices, hence LEFT).
 const EVENT_DEVICE_JOIN: &str =
@@ -82,7 +80,7 @@ fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
         .and_then(DeviceKind::parse)
         .or_else(|| kind.panel_only().then_some(DeviceKind::Panel));
     Some(Event {
-        id: row.get(0),
+        site_seq: row.get(0),
         site: row.get(1),
         device: row.get(2),
         kind,
@@ -100,7 +98,6 @@ fn event_from_row(row: &tokio_postgres::Row) -> Option<Event> {
         actor: row.get(10),
         issue: row.get(12),
         credential: row.get(13),
-        site_seq: row.get(14),
     })
 }
 
@@ -252,28 +249,6 @@ impl Store {
                     "SELECT id, event_seq FROM site
                      WHERE dealer_id = $1 AND ($2::uuid IS NULL OR id = $2) AND event_seq > 0",
                     &[&dealer, &site],
-                )
-                .await?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-    }
-
-    /// Where a watch resumed from a (deprecated) event id begins in each site: after
-    /// the last event at or below that id. Sites not listed begin at their start.
-    pub async fn event_positions_at_id(
-        &self,
-        dealer: Uuid,
-        site: Option<Uuid>,
-        id: i64,
-    ) -> Result<Vec<(Uuid, i64)>, StoreError> {
-        in_txn!(self, "event_positions_at_id", |tx| {
-            let rows = tx
-                .query(
-                    "SELECT e.site_id, max(e.site_seq) FROM device_event e
-                     JOIN site s ON s.id = e.site_id
-                     WHERE s.dealer_id = $1 AND ($2::uuid IS NULL OR e.site_id = $2) AND e.id <= $3
-                     GROUP BY e.site_id",
-                    &[&dealer, &site, &id],
                 )
                 .await?;
             Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -72,20 +72,21 @@ impl Store {
         })
     }
 
-    /// Records that event `id` of `site` was sent to a WatchEvents stream; returns its
-    /// occur time the first time (None when it was already delivered, or is gone).
+    /// Records that the event at `position` of `site`'s log was sent to a WatchEvents
+    /// stream; returns its occur time the first time (None when it was already
+    /// delivered, or is gone).
     pub async fn event_delivered(
         &self,
         site: Uuid,
-        id: i64,
+        position: i64,
     ) -> Result<Option<std::time::SystemTime>, StoreError> {
         let conn = self.conn().await?;
         Ok(conn
             .query_opt(
                 "UPDATE device_event SET delivered_time = now()
-                  WHERE site_id = $1 AND id = $2 AND delivered_time IS NULL
+                  WHERE site_id = $1 AND site_seq = $2 AND delivered_time IS NULL
                  RETURNING occur_time",
-                &[&site, &id],
+                &[&site, &position],
             )
             .await?
             .map(|r| r.get(0)))

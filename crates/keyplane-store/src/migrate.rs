@@ -111,6 +111,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "audit_by_site",
         include_str!("../migrations/0023_audit_by_site.sql"),
     ),
+    (
+        24,
+        "event_key",
+        include_str!("../migrations/0024_event_key.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -134,14 +134,14 @@ impl Store {
             let events = tx
                 .execute(
                     "DELETE FROM device_event e USING (
-                        SELECT x.site_id, x.id FROM device_event x
+                        SELECT x.site_id, x.site_seq FROM device_event x
                           JOIN site s ON s.id = x.site_id
                           JOIN dealer d ON d.id = s.dealer_id
                          WHERE x.create_time < now() - make_interval(secs => d.event_retention_seconds::double precision)
                          ORDER BY x.create_time
                          LIMIT $1
                      ) old
-                     WHERE e.site_id = old.site_id AND e.id = old.id",
+                     WHERE e.site_id = old.site_id AND e.site_seq = old.site_seq",
                     &[&batch],
                 )
                 .await?;

@@ -158,14 +158,9 @@ pub(super) async fn watch(
     } else {
         Some(parse("parent", &req.parent, SiteName::parse)?.site)
     };
-    if req.after_cursor < 0 {
+    if req.after_cursor != 0 {
         return Err(Status::invalid_argument(
-            "after_cursor must not be negative",
-        ));
-    }
-    if req.after_cursor > 0 && !req.resume_token.is_empty() {
-        return Err(Status::invalid_argument(
-            "give resume_token or the deprecated after_cursor, not both",
+            "after_cursor is retired (events are numbered per site, with no global id): resume with the resume_token of the last event received, or start at now without one and read the past with ListEvents",
         ));
     }
     // Checks access (and the site) before the stream starts; the heads are where a
@@ -178,13 +173,6 @@ pub(super) async fn watch(
     let mut cursor = if !req.resume_token.is_empty() {
         WatchCursor::decode(&req.resume_token, site)
             .map_err(|e| Status::invalid_argument(e.to_string()))?
-    } else if req.after_cursor > 0 {
-        let at = api
-            .store
-            .event_positions_at_id(actor.dealer, site, req.after_cursor)
-            .await
-            .map_err(store_status)?;
-        WatchCursor::new(site, at)
     } else {
         WatchCursor::new(site, heads)
     };
@@ -245,7 +233,7 @@ pub(super) async fn watch(
 /// Records a duress event's first delivery to a watcher (any replica's), timing it
 /// from the panel's event time.
 async fn duress_delivered(store: &keyplane_store::Store, e: &keyplane_store::Event) {
-    match store.event_delivered(e.site, e.id).await {
+    match store.event_delivered(e.site, e.site_seq).await {
         Ok(Some(occurred)) => {
             let latency = std::time::SystemTime::now()
                 .duration_since(occurred)
