@@ -435,3 +435,90 @@ async fn keyplaned_killed_while_agents_stream_loses_no_change() -> anyhow::Resul
     keyplaned.wait().await?;
     Ok(())
 }
+
+/// A reconnect storm is shed, not queued without bound: with one session opening at
+/// a time and 300 ms to wait for it, a Hello arriving while another session is stuck
+/// opening is refused with RESOURCE_EXHAUSTED, and gets in once that one is through.
+#[tokio::test]
+async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> anyhow::Result<()> {
+    let server = keyplane_testkit::server::TestServer::start_tweaked(&|c| {
+        c.agent_opens = (1, Duration::from_millis(300));
+    })
+    .await?;
+    let mut s = Site::on_server(server, "zwave-lock-30").await?;
+    let other = create_site(&mut s.admin, "Shop", "Europe/Paris").await?;
+    let other_token = s.server.agent_token(&mut s.admin, &other).await?;
+
+    // The first agent's session gets stuck opening: its site row is locked.
+    let mut blocker = s.server.db.client().await?;
+    let tx = blocker.transaction().await?;
+    tx.execute(
+        "SELECT 1 FROM site WHERE id = $1 FOR UPDATE",
+        &[&id_of(&s.site)?],
+    )
+    .await?;
+    let first = {
+        let site = s.site.clone();
+        let token = s.agent_token.clone();
+        let channel = s.server.agent_channel(None).await?;
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                    site,
+                    agent_version: "test".into(),
+                    ..Default::default()
+                })),
+            })
+            .await?;
+            let mut request =
+                tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse()?);
+            let mut stream = pb::agent_service_client::AgentServiceClient::new(channel)
+                .sync(request)
+                .await?
+                .into_inner();
+            let first = stream.message().await?;
+            drop(tx);
+            anyhow::Ok(first.is_some())
+        })
+    };
+    let watcher = s.server.db.client().await?;
+    eventually(
+        "the first session waits on the site lock",
+        Duration::from_secs(20),
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((waiting > 0).then_some(()))
+        },
+    )
+    .await?;
+
+    // Another agent finds no place: shed, with a status that says why.
+    let shed = match s.server.sync(None, Some(&other_token), &other).await {
+        Ok(_) => anyhow::bail!("a second session opened while the first held the only place"),
+        Err(status) => status,
+    };
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.message().contains("retries after its backoff"), "{shed:?}");
+
+    // Once the first is through, the shed agent gets in.
+    tx.rollback().await?;
+    assert!(first.await??, "the first agent got its snapshot");
+    let (mut stream, _hello) = s
+        .server
+        .sync(None, Some(&other_token), &other)
+        .await
+        .map_err(|e| anyhow::anyhow!("admitted after the storm: {e:?}"))?;
+    assert!(stream.message().await?.is_some(), "the shed agent's snapshot");
+    Ok(())
+}

@@ -60,7 +60,19 @@ pub struct AgentApi {
     replica: String,
     /// The most bytes of slots in one part ([`PART_BYTES`]).
     part_bytes: usize,
+    /// Places among the sessions being opened at once (Hello until the first update
+    /// is read): see [`AgentApi::with_open_limit`].
+    openings: Arc<tokio::sync::Semaphore>,
+    /// How many places there are.
+    open_max: usize,
+    /// How long a Hello waits for a place before it is shed.
+    open_wait: Duration,
 }
+
+/// Agent sessions a replica opens at once unless configured.
+pub const OPENS_MAX: usize = 8;
+/// How long a Hello waits for a place unless configured.
+pub const OPEN_WAIT: Duration = Duration::from_secs(2);
 
 impl AgentApi {
     /// Builds the service; without `ca`, Enroll and RenewCertificate are refused.
@@ -81,6 +93,39 @@ impl AgentApi {
             min_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica: String::new(),
             part_bytes: PART_BYTES,
+            openings: Arc::new(tokio::sync::Semaphore::new(OPENS_MAX)),
+            open_max: OPENS_MAX,
+            open_wait: OPEN_WAIT,
+        }
+    }
+
+    /// Opens at most `max` agent sessions at once; a Hello that finds no place
+    /// within `wait` is refused with RESOURCE_EXHAUSTED, and its agent comes back
+    /// after its jittered backoff. In a reconnect storm (every agent of a restarted
+    /// replica at once) this keeps opening sessions, each a few queries and a
+    /// snapshot or change read, from taking the whole database pool from writes.
+    pub fn with_open_limit(mut self, max: usize, wait: Duration) -> Self {
+        let max = max.max(1);
+        self.openings = Arc::new(tokio::sync::Semaphore::new(max));
+        self.open_max = max;
+        self.open_wait = wait;
+        self
+    }
+
+    /// A place among the sessions being opened, or RESOURCE_EXHAUSTED after
+    /// `open_wait`.
+    async fn admit(&self, site: Uuid) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let place = self.openings.clone().acquire_owned();
+        match tokio::time::timeout(self.open_wait, place).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                tracing::info!(%site, "agent shed: {} sessions already opening", self.open_max);
+                Err(Status::resource_exhausted(format!(
+                    "keyplaned is opening {} other agent sessions (a reconnect storm?); \
+                     the agent retries after its backoff",
+                    self.open_max
+                )))
+            }
         }
     }
 
@@ -384,6 +429,8 @@ impl AgentService for AgentApi {
                 keyplane_core::compat::Compat::Older(p) => p,
                 keyplane_core::compat::Compat::Current => keyplane_core::compat::PROTOCOL_VERSION,
             };
+            // Held until the first update is read and the session recorded.
+            let _opening = self.admit(site).await?;
             self.record_hello(site, &hello, protocol).await;
             let wake = self.hub.subscribe(site);
             // Identifies this stream, so only the newest one marks the site disconnected.

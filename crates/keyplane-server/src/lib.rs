@@ -108,6 +108,9 @@ pub struct Config {
     /// Where to serve Prometheus metrics (`GET /metrics`, see [`metrics`]); None: not
     /// served.
     pub metrics_listen: Option<String>,
+    /// Agent sessions opened at once, and how long a Hello waits for a place before
+    /// it is shed with RESOURCE_EXHAUSTED ([`agent::AgentApi::with_open_limit`]).
+    pub agent_opens: (usize, Duration),
 }
 
 impl std::fmt::Debug for Config {
@@ -131,6 +134,7 @@ impl std::fmt::Debug for Config {
             .field("min_agent_protocol", &self.min_agent_protocol)
             .field("replica_name", &self.replica_name)
             .field("metrics_listen", &self.metrics_listen)
+            .field("agent_opens", &self.agent_opens)
             .finish()
     }
 }
@@ -196,6 +200,7 @@ impl Config {
             min_agent_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica_name: None,
             metrics_listen: None,
+            agent_opens: (agent::OPENS_MAX, agent::OPEN_WAIT),
         }
     }
 }
@@ -366,7 +371,8 @@ pub async fn serve(
                 )
                 .with_policy(config.clock_skew_threshold, config.min_agent_protocol)
                 .with_replica(replica)
-                .with_part_bytes(config.agent_part_bytes),
+                .with_part_bytes(config.agent_part_bytes)
+                .with_open_limit(config.agent_opens.0, config.agent_opens.1),
             )
             .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )

@@ -76,6 +76,17 @@ enum Command {
         /// 0.0.0.0:9464. Unset: not served.
         #[arg(long, env = "KEYPLANE_METRICS_LISTEN")]
         metrics_listen: Option<String>,
+        /// Agent sessions opened at once (Hello until the first update is read); a
+        /// Hello that finds no place within --agent-open-wait-ms is refused with
+        /// RESOURCE_EXHAUSTED and its agent retries after its backoff, so a reconnect
+        /// storm does not take the database pool from writes. At most a quarter of
+        /// --max-connections is sensible.
+        #[arg(long, env = "KEYPLANE_AGENT_OPENS_MAX", default_value_t = keyplane_server::agent::OPENS_MAX,
+              value_parser = clap::value_parser!(u64).range(1..).map(|v| usize::try_from(v).unwrap_or(usize::MAX)))]
+        agent_opens_max: usize,
+        /// How long a Hello waits for a place among the sessions being opened.
+        #[arg(long, env = "KEYPLANE_AGENT_OPEN_WAIT_MS", default_value_t = 2000)]
+        agent_open_wait_ms: u64,
     },
     /// Create the agent certificate authority in a new directory (mode 0700): ca.key
     /// (0600) and ca.crt, and with --server-name a server certificate signed by it
@@ -299,6 +310,8 @@ async fn main() -> anyhow::Result<()> {
             change_log_rows,
             change_log_days,
             metrics_listen,
+            agent_opens_max,
+            agent_open_wait_ms,
         } => {
             // Hex keys only from the environment: argv is visible to every local user.
             let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
@@ -310,6 +323,10 @@ async fn main() -> anyhow::Result<()> {
                 std::time::Duration::from_secs(*clock_skew_threshold_secs);
             config.min_agent_protocol = *min_agent_protocol;
             config.metrics_listen = metrics_listen.clone();
+            config.agent_opens = (
+                *agent_opens_max,
+                std::time::Duration::from_millis(*agent_open_wait_ms),
+            );
             config.change_window = keyplane_store::ChangeWindow {
                 rows: *change_log_rows,
                 age: std::time::Duration::from_secs(change_log_days.saturating_mul(86_400)),
