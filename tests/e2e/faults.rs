@@ -471,8 +471,7 @@ async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> any
                 })),
             })
             .await?;
-            let mut request =
-                tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
             request
                 .metadata_mut()
                 .insert("authorization", format!("Bearer {token}").parse()?);
@@ -509,7 +508,10 @@ async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> any
         Err(status) => status,
     };
     assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
-    assert!(shed.message().contains("retries after its backoff"), "{shed:?}");
+    assert!(
+        shed.message().contains("retries after its backoff"),
+        "{shed:?}"
+    );
 
     // Once the first is through, the shed agent gets in.
     tx.rollback().await?;
@@ -519,6 +521,9 @@ async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> any
         .sync(None, Some(&other_token), &other)
         .await
         .map_err(|e| anyhow::anyhow!("admitted after the storm: {e:?}"))?;
-    assert!(stream.message().await?.is_some(), "the shed agent's snapshot");
+    assert!(
+        stream.message().await?.is_some(),
+        "the shed agent's snapshot"
+    );
     Ok(())
 }

@@ -81,9 +81,9 @@ enum Command {
         /// RESOURCE_EXHAUSTED and its agent retries after its backoff, so a reconnect
         /// storm does not take the database pool from writes. At most a quarter of
         /// --max-connections is sensible.
-        #[arg(long, env = "KEYPLANE_AGENT_OPENS_MAX", default_value_t = keyplane_server::agent::OPENS_MAX,
-              value_parser = clap::value_parser!(u64).range(1..).map(|v| usize::try_from(v).unwrap_or(usize::MAX)))]
-        agent_opens_max: usize,
+        #[arg(long, env = "KEYPLANE_AGENT_OPENS_MAX", default_value_t = 8,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        agent_opens_max: u32,
         /// How long a Hello waits for a place among the sessions being opened.
         #[arg(long, env = "KEYPLANE_AGENT_OPEN_WAIT_MS", default_value_t = 2000)]
         agent_open_wait_ms: u64,
@@ -324,7 +324,7 @@ async fn main() -> anyhow::Result<()> {
             config.min_agent_protocol = *min_agent_protocol;
             config.metrics_listen = metrics_listen.clone();
             config.agent_opens = (
-                *agent_opens_max,
+                usize::try_from(*agent_opens_max).unwrap_or(usize::MAX),
                 std::time::Duration::from_millis(*agent_open_wait_ms),
             );
             config.change_window = keyplane_store::ChangeWindow {
