@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_stream::StreamExt as _;
 
 /// A TCP relay in front of keyplaned whose open connections the test cuts at will;
 /// new connections go through.
@@ -436,6 +437,38 @@ async fn keyplaned_killed_while_agents_stream_loses_no_change() -> anyhow::Resul
     Ok(())
 }
 
+/// Opens an agent's Sync stream to the plaintext keyplaned at `url` with a Hello for
+/// `site` (the Hello's sender is kept open by the returned stream's request).
+async fn hello(
+    url: &str,
+    site: &str,
+    token: &str,
+) -> Result<tonic::Streaming<pb::ServerMessage>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let hello = pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            site: site.to_owned(),
+            agent_version: "test".into(),
+            ..Default::default()
+        })),
+    };
+    // A stream that ends after the Hello would end the session; this one stays open.
+    let outbound = tokio_stream::iter([hello]).chain(tokio_stream::pending());
+    let mut request = tonic::Request::new(outbound);
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| tonic::Status::internal("token"))?;
+    request.metadata_mut().insert("authorization", bearer);
+    Ok(pb::agent_service_client::AgentServiceClient::new(channel)
+        .sync(request)
+        .await?
+        .into_inner())
+}
+
 /// A reconnect storm is shed, not queued without bound: with one session opening at
 /// a time and 300 ms to wait for it, a Hello arriving while another session is stuck
 /// opening is refused with RESOURCE_EXHAUSTED, and gets in once that one is through.
@@ -458,30 +491,10 @@ async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> any
     )
     .await?;
     let first = {
-        let site = s.site.clone();
-        let token = s.agent_token.clone();
-        let channel = s.server.agent_channel(None).await?;
+        let (url, site, token) = (s.server.url.clone(), s.site.clone(), s.agent_token.clone());
         tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(pb::AgentMessage {
-                msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-                    site,
-                    agent_version: "test".into(),
-                    ..Default::default()
-                })),
-            })
-            .await?;
-            let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse()?);
-            let mut stream = pb::agent_service_client::AgentServiceClient::new(channel)
-                .sync(request)
-                .await?
-                .into_inner();
-            let first = stream.message().await?;
-            drop(tx);
-            anyhow::Ok(first.is_some())
+            let mut stream = hello(&url, &site, &token).await?;
+            anyhow::Ok(stream.message().await?.is_some())
         })
     };
     let watcher = s.server.db.client().await?;
@@ -503,7 +516,7 @@ async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> any
     .await?;
 
     // Another agent finds no place: shed, with a status that says why.
-    let shed = match s.server.sync(None, Some(&other_token), &other).await {
+    let shed = match hello(&s.server.url, &other, &other_token).await {
         Ok(_) => anyhow::bail!("a second session opened while the first held the only place"),
         Err(status) => status,
     };
@@ -516,9 +529,7 @@ async fn agents_beyond_the_sessions_being_opened_are_shed_then_admitted() -> any
     // Once the first is through, the shed agent gets in.
     tx.rollback().await?;
     assert!(first.await??, "the first agent got its snapshot");
-    let (mut stream, _hello) = s
-        .server
-        .sync(None, Some(&other_token), &other)
+    let mut stream = hello(&s.server.url, &other, &other_token)
         .await
         .map_err(|e| anyhow::anyhow!("admitted after the storm: {e:?}"))?;
     assert!(

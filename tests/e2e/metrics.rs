@@ -199,12 +199,11 @@ async fn named_series_move_through_a_scripted_scenario() -> anyhow::Result<()> {
     );
 
     // A watcher resumes from before it: the event is delivered and timed.
-    let after_cursor = armed.cursor;
     let mut watch = s
         .admin
         .watch_events(pb::WatchEventsRequest {
             parent: site.clone(),
-            after_cursor,
+            resume_token: armed.resume_token.clone(),
             ..Default::default()
         })
         .await?
