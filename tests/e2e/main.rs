@@ -23,6 +23,7 @@ mod faults;
 mod fixture;
 mod fuzz_admin;
 mod fuzz_wire;
+mod heal;
 mod interleavings;
 mod isolation;
 mod keys;

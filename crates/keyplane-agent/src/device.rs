@@ -9,7 +9,7 @@ use crate::reconcile::{Outbound, Shared, classify, event_pb, is_link_error};
 use crate::reports::{Outcome, Reports};
 use keyplane_core::constraints::ReportedConstraints;
 use keyplane_core::event_log::{Continuity, EventMark, continuity, epoch_of};
-use keyplane_core::plan::{DesiredCode, SlotAction, Validity, plan_device};
+use keyplane_core::plan::{DesiredCode, SlotAction, Validity, WriteCheck, plan_device};
 use keyplane_core::{DeviceKind, DeviceModel};
 use keyplane_devices::{DeviceDriver, DeviceError, EventKind};
 use keyplane_proto::v1 as pb;
@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 /// An unchanged observation is sent again after this many read-back periods.
 const HEAL_EVERY: u32 = 10;
 
-/// Writes the next read-back can recognise are committed to the journal in batches
-/// of at most this many (one redb transaction and fsync each): a crash loses at most
-/// a batch, and the first pass after a restart adopts those from the read-back
-/// instead of writing them again.
+/// Writes a read-back can recognise are confirmed by one read-back of the device
+/// and committed to the journal in batches of at most this many (one redb
+/// transaction and fsync each): a crash loses at most a batch, and the first pass
+/// after a restart adopts those from the read-back instead of writing them again.
 const JOURNAL_BATCH: usize = 64;
 
 /// How long to wait between two writes to one device, per kind of device.
@@ -884,13 +884,17 @@ impl DeviceTask {
         self.observe_due = true;
         // Clears the device took, waiting for the read-back that confirms them.
         let mut cleared: Vec<u16> = Vec::new();
+        // Codes the device took that a read-back can recognise, waiting for the one
+        // that confirms them (drivers that confirm their own writes excepted).
+        let mut set: Vec<(u16, DesiredCode)> = Vec::new();
         let is_panel = model.kind == DeviceKind::Panel;
+        let confirms_writes = self.driver(model)?.confirms_writes();
         for action in actions {
             // Revocations first: every clear is confirmed by reading the device back
             // before the first code is added.
             if matches!(action, SlotAction::Set { .. }) && !cleared.is_empty() {
                 in_sync &= self
-                    .confirm_clears(model, std::mem::take(&mut cleared))
+                    .confirm(model, std::mem::take(&mut cleared), Vec::new())
                     .await?;
             }
             if let SlotAction::Set { slot, code } = &action {
@@ -936,11 +940,39 @@ impl DeviceTask {
                 SlotAction::Clear { slot } => (*slot, true),
             };
             let (revision, now) = (self.revision, self.shared.clock.now());
+            // A write the read-back can recognise: journaled once a read-back shows
+            // it (a restart reads the device back first and adopts those that landed).
+            let recognisable = match &action {
+                SlotAction::Set { code, .. } => {
+                    !masking
+                        && keyplane_core::plan::already_held(
+                            is_panel,
+                            code,
+                            Some(&Some(code.pin.clone())),
+                        )
+                }
+                SlotAction::Clear { .. } => false,
+            };
             match (done, &action) {
                 (Ok(()), SlotAction::Clear { slot }) => {
                     // Stays journaled as written (so the next pass clears it again)
                     // until the read-back shows the slot empty.
                     cleared.push(*slot);
+                    continue;
+                }
+                (Ok(()), SlotAction::Set { slot, code }) if recognisable && !confirms_writes => {
+                    // Acked only once a read-back shows it: a device that answers a
+                    // write and does not keep it gets it again next pass.
+                    set.push((*slot, code.clone()));
+                    if set.len() >= JOURNAL_BATCH {
+                        in_sync &= self
+                            .confirm(
+                                model,
+                                std::mem::take(&mut cleared),
+                                std::mem::take(&mut set),
+                            )
+                            .await?;
+                    }
                     continue;
                 }
                 (Ok(()), _) => {
@@ -974,18 +1006,8 @@ impl DeviceTask {
                 },
             }
             // Journal each write as it lands: a restart never repeats it (a write
-            // the read-back can recognise is committed with its batch).
-            let recognisable = match &action {
-                SlotAction::Set { code, .. } => {
-                    !masking
-                        && keyplane_core::plan::already_held(
-                            is_panel,
-                            code,
-                            Some(&Some(code.pin.clone())),
-                        )
-                }
-                SlotAction::Clear { .. } => false,
-            };
+            // the read-back can recognise, confirmed by the driver, is committed with
+            // its batch).
             let journal = |d: &mut DeviceJournal| match action {
                 SlotAction::Set { slot, code } => {
                     if let Some(o) = d.observed.as_mut() {
@@ -1006,8 +1028,8 @@ impl DeviceTask {
                 self.device_mut(journal)?;
             }
         }
-        if !cleared.is_empty() {
-            in_sync &= self.confirm_clears(model, cleared).await?;
+        if !cleared.is_empty() || !set.is_empty() {
+            in_sync &= self.confirm(model, cleared, set).await?;
         }
         Ok(in_sync)
     }
@@ -1035,21 +1057,32 @@ impl DeviceTask {
         }
     }
 
-    /// Reads the device back after clears and settles each one: a slot the device
-    /// shows empty is journaled cleared and reported done; one it still shows
+    /// Reads the device back once after clears and sets and settles each one
+    /// (keyplane-core's `settle_clears` and `settle_writes`). A cleared slot the
+    /// device shows empty is journaled cleared and reported done; one it still shows
     /// occupied (or a read that failed) is reported unconfirmed (the status says
     /// revocation_unconfirmed) and stays journaled as written, so the next pass
-    /// clears it again. True when every clear was confirmed.
-    async fn confirm_clears(
+    /// clears it again. A code the device shows is journaled written; one it does
+    /// not keep (a lost write) is reported unconfirmed and not journaled, so the next
+    /// pass writes it again; with no read-back at all, the next pass reads the
+    /// device before planning. True when every write was confirmed.
+    async fn confirm(
         &mut self,
         model: &'static DeviceModel,
         cleared: Vec<u16>,
+        set: Vec<(u16, DesiredCode)>,
     ) -> anyhow::Result<bool> {
         let held = self.read_back(model).await;
         let (revision, now) = (self.revision, self.shared.clock.now());
         let occupied: Option<BTreeSet<u16>> = held.as_ref().map(|h| h.keys().copied().collect());
         let (confirmed, unconfirmed) =
             keyplane_core::plan::settle_clears(&cleared, occupied.as_ref());
+        let pins: Vec<(u16, &str)> = set.iter().map(|(s, c)| (*s, c.pin.as_str())).collect();
+        let checks = keyplane_core::plan::settle_writes(&pins, held.as_ref());
+        if held.is_none() && !set.is_empty() {
+            // Whether those writes landed is learnt by reading the device first.
+            self.read_since_start = false;
+        }
         self.device_mut(|d| {
             if let Some(h) = held {
                 d.observed = Some(h.into());
@@ -1058,7 +1091,14 @@ impl DeviceTask {
             for slot in &confirmed {
                 d.written.remove(slot);
             }
+            for ((slot, code), (_, check)) in set.iter().zip(&checks) {
+                if check.journaled() {
+                    d.written.insert(*slot, Code::from(code.clone()));
+                }
+            }
         })?;
+        // The batched adoptions were committed with it.
+        self.unsaved = 0;
         for slot in &confirmed {
             self.reports
                 .write(&self.name, *slot, revision, true, Outcome::done(), now);
@@ -1074,7 +1114,29 @@ impl DeviceTask {
                 now,
             );
         }
-        Ok(unconfirmed.is_empty())
+        let mut in_sync = unconfirmed.is_empty();
+        for (slot, check) in checks {
+            match check {
+                WriteCheck::Confirmed | WriteCheck::Unverifiable => {
+                    self.reports
+                        .write(&self.name, slot, revision, false, Outcome::done(), now);
+                }
+                WriteCheck::Lost => {
+                    tracing::warn!(device = %self.name, slot = %model.display_slot(slot), "the device answered a write but does not hold the code on read-back; written again next pass");
+                    self.reports.write(
+                        &self.name,
+                        slot,
+                        revision,
+                        false,
+                        Outcome::unconfirmed(),
+                        now,
+                    );
+                    in_sync = false;
+                }
+                WriteCheck::Unread => in_sync = false,
+            }
+        }
+        Ok(in_sync)
     }
 
     /// Clears what keyplane wrote in `slot` before a code the driver refuses, and

@@ -814,6 +814,8 @@ pub(crate) mod tests {
         slots: Slots,
         /// Clears are answered Ok but do not take (a lost write).
         sticky: Arc<std::sync::atomic::AtomicBool>,
+        /// The next this many sets are answered Ok but do not take (lost writes).
+        lost: Arc<AtomicU32>,
     }
 
     #[async_trait::async_trait]
@@ -842,7 +844,13 @@ pub(crate) mod tests {
                 .slots
                 .lock()
                 .map_err(|e| DeviceError::Io(e.to_string()))?;
-            slots.insert(slot, code.to_owned());
+            let dropped = self
+                .lost
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            if !dropped {
+                slots.insert(slot, code.to_owned());
+            }
             Ok(())
         }
         async fn clear_slot(&mut self, slot: u16) -> Result<(), DeviceError> {
@@ -857,7 +865,7 @@ pub(crate) mod tests {
         }
     }
 
-    struct BareFactory(Slots, Arc<std::sync::atomic::AtomicBool>);
+    struct BareFactory(Slots, Arc<std::sync::atomic::AtomicBool>, Arc<AtomicU32>);
 
     impl DriverFactory for BareFactory {
         fn open(
@@ -870,6 +878,7 @@ pub(crate) mod tests {
                 model,
                 slots: self.0.clone(),
                 sticky: self.1.clone(),
+                lost: self.2.clone(),
             }))
         }
     }
@@ -942,15 +951,88 @@ pub(crate) mod tests {
     }
 
     fn sticky_agent(dir: &TempDir) -> (Agent, Slots, Arc<std::sync::atomic::AtomicBool>) {
+        let (agent, slots, sticky, _) = faulty_agent(dir);
+        (agent, slots, sticky)
+    }
+
+    /// An agent over a bare driver whose clears (`sticky`) or next sets (`lost`)
+    /// can be made not to take.
+    fn faulty_agent(
+        dir: &TempDir,
+    ) -> (
+        Agent,
+        Slots,
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<AtomicU32>,
+    ) {
         let slots = Slots::default();
         let sticky = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lost = Arc::new(AtomicU32::new(0));
         let agent = Agent::open(
             &dir.0,
-            Box::new(BareFactory(slots.clone(), sticky.clone())),
+            Box::new(BareFactory(slots.clone(), sticky.clone(), lost.clone())),
             Arc::new(SystemClock),
         )
         .expect("agent");
-        (agent, slots, sticky)
+        (agent, slots, sticky, lost)
+    }
+
+    /// Write reports (slot, clear, outcome) and acked revisions so far (drains).
+    fn reports_and_acks(
+        rx: &mut mpsc::Receiver<pb::AgentMessage>,
+    ) -> (Vec<(i32, bool, i32)>, Vec<i64>) {
+        let mut reports = Vec::new();
+        let mut acked = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            match msg.msg {
+                Some(pb::agent_message::Msg::WriteReport(r)) => {
+                    reports.push((r.slot, r.clear, r.outcome))
+                }
+                Some(pb::agent_message::Msg::Ack(a)) => acked.push(a.revision),
+                _ => {}
+            }
+        }
+        (reports, acked)
+    }
+
+    #[tokio::test]
+    async fn a_write_the_device_does_not_keep_is_not_acked_and_written_again() {
+        let dir = TempDir::new();
+        let (mut agent, slots, _, lost) = faulty_agent(&dir);
+        let (tx, mut rx) = mpsc::channel(64);
+        let devices = [(DOOR, "door-1000")];
+        lost.store(1, Ordering::Relaxed);
+        let codes = vec![code(DOOR, 3, "4821", false), code(DOOR, 4, "5930", false)];
+        agent
+            .apply(snapshot(1, false, &devices, codes), &tx)
+            .await
+            .expect("apply");
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(4, "5930".to_owned())]),
+            "the first write was answered and dropped"
+        );
+        assert_eq!(
+            reports_and_acks(&mut rx),
+            (
+                vec![(3, false, pb::WriteOutcome::Unconfirmed as i32)],
+                vec![]
+            ),
+            "reported unconfirmed, not acked"
+        );
+        // The next pass (level-triggered) writes it again, reads it back and acks.
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(
+            held(&slots),
+            BTreeMap::from([(3, "4821".to_owned()), (4, "5930".to_owned())])
+        );
+        assert_eq!(
+            reports_and_acks(&mut rx),
+            (vec![(3, false, pb::WriteOutcome::Done as i32)], vec![1])
+        );
+        // Nothing is left to write: further passes leave the device alone.
+        agent.reconcile_all(Some(&tx)).await;
+        assert_eq!(reports_and_acks(&mut rx), (vec![], vec![]));
     }
 
     /// `msg` as one part of several (see `crate::parts`).

@@ -113,6 +113,54 @@ pub fn settle_clears(
         .partition(|slot| occupied.is_some_and(|held| !held.contains(slot)))
 }
 
+/// What a read-back says of a code the device accepted (see [`settle_writes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCheck {
+    /// The device holds the code: journaled as written, reported done, acked.
+    Confirmed,
+    /// The slot reads occupied but masked: whether it holds the code cannot be
+    /// told, so it is journaled as written (the read-back says `state_unconfirmed`).
+    Unverifiable,
+    /// The slot reads empty or holds another code: the device answered the write
+    /// and did not keep it (a lost write). Not journaled as written and not acked:
+    /// reported unconfirmed, and the next pass writes it again.
+    Lost,
+    /// The device could not be read back: not journaled and not acked; the next
+    /// pass reads the device before planning, so a write that landed is adopted
+    /// and only a lost one is written again.
+    Unread,
+}
+
+impl WriteCheck {
+    /// Whether the write is journaled as written (the slot holds keyplane's code).
+    pub fn journaled(self) -> bool {
+        matches!(self, WriteCheck::Confirmed | WriteCheck::Unverifiable)
+    }
+}
+
+/// Settles the codes a device accepted (slot, code) against a read-back of it
+/// (`read`: slot -> code, None for a masked slot; None when it could not be read):
+/// a write is acked only once the device is seen holding it, so a device that
+/// acknowledges a write and drops it is written again on the next pass instead of
+/// showing the code as drifted away.
+pub fn settle_writes(
+    written: &[(u16, &str)],
+    read: Option<&BTreeMap<u16, Option<String>>>,
+) -> Vec<(u16, WriteCheck)> {
+    written
+        .iter()
+        .map(|(slot, pin)| {
+            let check = match read.map(|r| r.get(slot)) {
+                None => WriteCheck::Unread,
+                Some(Some(Some(held))) if held == pin => WriteCheck::Confirmed,
+                Some(Some(None)) => WriteCheck::Unverifiable,
+                Some(_) => WriteCheck::Lost,
+            };
+            (*slot, check)
+        })
+        .collect()
+}
+
 /// When a code may be on a device, besides its schedules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Validity {
@@ -221,6 +269,56 @@ mod tests {
                 "{cleared:?} {occupied:?}"
             );
         }
+    }
+
+    #[test]
+    fn writes_settle_only_when_the_read_back_shows_the_code() {
+        use WriteCheck::*;
+        let table = |e: &[(u16, Option<&str>)]| -> BTreeMap<u16, Option<String>> {
+            e.iter().map(|(s, c)| (*s, c.map(str::to_owned))).collect()
+        };
+        type Case = (
+            &'static str,
+            Option<BTreeMap<u16, Option<String>>>,
+            Vec<(u16, WriteCheck)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "both held",
+                Some(table(&[(2, Some("4821")), (3, Some("5930"))])),
+                vec![(2, Confirmed), (3, Confirmed)],
+            ),
+            (
+                "one dropped: the slot reads empty",
+                Some(table(&[(3, Some("5930"))])),
+                vec![(2, Lost), (3, Confirmed)],
+            ),
+            (
+                "the old code stayed",
+                Some(table(&[(2, Some("1111")), (3, Some("5930"))])),
+                vec![(2, Lost), (3, Confirmed)],
+            ),
+            (
+                "masked: occupied is all that shows",
+                Some(table(&[(2, None), (3, None)])),
+                vec![(2, Unverifiable), (3, Unverifiable)],
+            ),
+            (
+                "masked and empty is still lost",
+                Some(table(&[(3, None)])),
+                vec![(2, Lost), (3, Unverifiable)],
+            ),
+            ("not read back", None, vec![(2, Unread), (3, Unread)]),
+        ];
+        let written = [(2, "4821"), (3, "5930")];
+        for (what, read, want) in cases {
+            assert_eq!(settle_writes(&written, read.as_ref()), want, "{what}");
+        }
+        let journaled: Vec<bool> = [Confirmed, Unverifiable, Lost, Unread]
+            .iter()
+            .map(|c| c.journaled())
+            .collect();
+        assert_eq!(journaled, vec![true, true, false, false]);
     }
 
     /// A code open on weekday mornings, in `zone`.

@@ -172,6 +172,13 @@ pub trait DeviceDriver: Send {
     ) -> Result<Option<keyplane_core::constraints::ReportedConstraints>, DeviceError> {
         Ok(None)
     }
+    /// Whether a write answered Ok was already confirmed by the driver itself (it
+    /// saw the device report the slot, or read it back): the agent then does not
+    /// read the device back to confirm it. False: the agent confirms every write it
+    /// can recognise by reading the device back before acking it.
+    fn confirms_writes(&self) -> bool {
+        false
+    }
     /// Every occupied slot (and only those), sorted by slot.
     async fn read_slots(&mut self) -> Result<Vec<ObservedSlot>, DeviceError>;
     /// Writes `code` into `slot`, replacing what is there.

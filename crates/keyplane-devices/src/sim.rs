@@ -81,9 +81,25 @@ struct State {
     /// lock, a busy controller), while set.
     #[serde(default)]
     refusing: Option<String>,
+    /// Driver writes still to be answered Ok and not kept (a lost write: a lock
+    /// that acknowledges a command its memory then misses).
+    #[serde(default)]
+    drop_writes: u32,
 }
 
 impl State {
+    /// Answers a driver write as done without keeping it, while writes are to be
+    /// dropped: counted as a write all the same (the device was written to).
+    fn dropped(&mut self, slot: u16, op: DriverOp) -> bool {
+        if self.drop_writes == 0 {
+            return false;
+        }
+        self.drop_writes -= 1;
+        *self.writes.entry(slot).or_default() += 1;
+        self.history.push(op);
+        true
+    }
+
     /// Declines a driver write of a code into `slot` while the device declines codes.
     fn refuse_write(&self, slot: u16) -> Result<(), DeviceError> {
         match &self.refusing {
@@ -432,6 +448,9 @@ impl SimulatedDevice {
                 state.refuse_write(slot)?;
             }
             self.check_code(state, slot, code)?;
+            if matches!(by, Writer::Driver) && state.dropped(slot, DriverOp::Set(slot)) {
+                return Ok(());
+            }
             state.slots.insert(slot, code.to_owned());
             state.count(slot, by);
             Ok(())
@@ -441,6 +460,9 @@ impl SimulatedDevice {
     fn clear(&self, slot: u16, by: Writer) -> Result<(), DeviceError> {
         self.check_slot(slot)?;
         self.with_state(|state| {
+            if matches!(by, Writer::Driver) && state.dropped(slot, DriverOp::Clear(slot)) {
+                return Ok(());
+            }
             state.slots.remove(&slot);
             state.schedules.remove(&slot);
             state.levels.remove(&slot);
@@ -634,6 +656,16 @@ impl SimulatedDevice {
     pub fn set_refusing(&mut self, reason: Option<&str>) -> Result<(), DeviceError> {
         self.with_state(|s| {
             s.refusing = reason.map(str::to_owned);
+            Ok(())
+        })
+    }
+
+    /// Makes the device answer its driver's next `n` writes (sets and clears) as
+    /// done without keeping them: lost writes, as a lock that acknowledges a command
+    /// and then misses it (test hook; 0: every write is kept again).
+    pub fn drop_next_writes(&mut self, n: u32) -> Result<(), DeviceError> {
+        self.with_state(|s| {
+            s.drop_writes = n;
             Ok(())
         })
     }
@@ -846,6 +878,9 @@ impl DeviceDriver for SimulatedDevice {
             }
             state.refuse_write(slot)?;
             self.check_code(state, slot, code)?;
+            if state.dropped(slot, DriverOp::Set(slot)) {
+                return Ok(());
+            }
             state.slots.insert(slot, code.to_owned());
             let levels = authorities
                 .iter()
@@ -869,6 +904,9 @@ impl DeviceDriver for SimulatedDevice {
         self.with_state(|state| {
             state.refuse_write(slot)?;
             self.check_code(state, slot, code)?;
+            if state.dropped(slot, DriverOp::Set(slot)) {
+                return Ok(());
+            }
             state.slots.insert(slot, code.to_owned());
             match schedules {
                 Some(s) => state.schedules.insert(slot, s.to_vec()),
@@ -1235,6 +1273,31 @@ mod tests {
         block(sim.clear_slot(1)).expect("clear");
         block(sim.set_slot(2, "9930")).expect("moved");
         assert_eq!(sim.code_in(2).as_deref(), Some("9930"));
+    }
+
+    #[test]
+    fn dropped_writes_are_answered_and_counted_but_not_kept() {
+        let dir = TempDir::new();
+        let mut sim = SimulatedDevice::open(&dir.0, LOCK, model("zwave-lock-30")).expect("open");
+        block(sim.set_slot(3, "4821")).expect("set");
+        sim.drop_next_writes(2).expect("fault");
+        block(sim.set_slot(4, "5930")).expect("a dropped set answers Ok");
+        block(sim.clear_slot(3)).expect("a dropped clear answers Ok");
+        block(sim.set_slot(5, "6041")).expect("kept again");
+        assert_eq!(
+            sim.slots(),
+            BTreeMap::from([(3, "4821".to_owned()), (5, "6041".to_owned())])
+        );
+        assert_eq!((sim.writes(3), sim.writes(4), sim.writes(5)), (2, 1, 1));
+        assert_eq!(
+            sim.driver_history(),
+            vec![
+                DriverOp::Set(3),
+                DriverOp::Set(4),
+                DriverOp::Clear(3),
+                DriverOp::Set(5)
+            ]
+        );
     }
 
     #[test]

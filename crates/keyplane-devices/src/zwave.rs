@@ -1234,6 +1234,12 @@ impl DeviceDriver for ZwaveLock {
         self.model
     }
 
+    /// A write counts only once zwave-js's verification read (or the driver's own
+    /// read of the slot) shows it: see `confirm`.
+    fn confirms_writes(&self) -> bool {
+        true
+    }
+
     /// What the lock says of itself: slots 1..=its users count, its code lengths,
     /// whether codes read back in clear (false once an occupied slot read masked), and
     /// no on-lock schedules (keyplane does not use the Schedule Entry Lock CC). Read
