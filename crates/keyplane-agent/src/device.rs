@@ -136,6 +136,9 @@ pub(crate) struct DeviceTask {
     deferred_armed: bool,
     /// The revision the current pass works on.
     revision: i64,
+    /// The revision acked on the current stream: an ack sent on a stream that was
+    /// cut may never have reached keyplaned, so each stream is told again.
+    acked_on_stream: i64,
     /// Journal changes made in memory and not committed yet (see JOURNAL_BATCH).
     unsaved: usize,
 }
@@ -169,6 +172,7 @@ impl DeviceTask {
             constraints: None,
             deferred_armed: false,
             revision: 0,
+            acked_on_stream: 0,
             unsaved: 0,
         }
     }
@@ -182,8 +186,9 @@ impl DeviceTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut events = tokio::time::interval(settings.event_poll);
         events.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The stream current at the start counts as new.
-        self.outbound.mark_changed();
+        // The stream current at the start counts as new (once: an ack sent on it
+        // is not sent again).
+        self.stream_changed();
         loop {
             let pass = tokio::select! {
                 // cancel-safe: a token.
@@ -239,6 +244,7 @@ impl DeviceTask {
     fn stream_changed(&mut self) {
         let _ = self.outbound.borrow_and_update();
         self.events_sent = 0;
+        self.acked_on_stream = 0;
         self.reported = None;
         self.reports.stream_started();
         self.observe_due = true;
@@ -287,6 +293,7 @@ impl DeviceTask {
                 };
                 if out.routine.send(ack).await.is_ok() {
                     crate::metrics::metrics().applied();
+                    self.acked_on_stream = revision;
                     let journaled = self.device_mut(|d| d.acked = d.acked.max(revision));
                     if let Err(e) = journaled {
                         tracing::error!(error = %e, "journal save failed");
@@ -354,7 +361,7 @@ impl DeviceTask {
                 let name = self.name.clone();
                 // A device keyplaned no longer lists, now holding nothing of
                 // keyplane's, leaves the journal and its task ends.
-                let settled: anyhow::Result<Option<Option<i64>>> = self.shared.journal(|j| {
+                let settled: anyhow::Result<Option<()>> = self.shared.journal(|j| {
                     let Some(d) = j.devices.get(&name) else {
                         return Ok(None);
                     };
@@ -363,14 +370,17 @@ impl DeviceTask {
                         j.save()?;
                         return Ok(None);
                     }
-                    Ok(Some((d.acked < revision).then_some(revision)))
+                    Ok(Some(()))
                 });
                 match settled {
                     Ok(None) => {
                         output.gone = true;
                         self.driver = None;
                     }
-                    Ok(Some(ack)) => output.ack = ack.filter(|_| connected),
+                    Ok(Some(())) => {
+                        output.ack =
+                            (connected && self.acked_on_stream < revision).then_some(revision);
+                    }
                     Err(e) => tracing::error!(error = %e, "journal save failed"),
                 }
             }

@@ -72,8 +72,9 @@ impl Outcome {
 /// The reports waiting to be sent, and what was last sent.
 #[derive(Debug, Default)]
 pub(crate) struct Reports {
-    /// Last outcome sent per (device, slot) and the revision it was about.
-    sent: HashMap<(String, u16), (i64, Outcome)>,
+    /// Last outcome sent per (device, slot), the revision it was about, and the
+    /// report itself (sent again on the next stream: the last one may be lost).
+    sent: HashMap<(String, u16), (i64, Outcome, pb::AgentMessage)>,
     /// Devices reported unreachable.
     unreachable: HashSet<String>,
     /// Last successful contact per device.
@@ -98,11 +99,13 @@ impl Reports {
         let key = (device.to_owned(), slot);
         match self.sent.get(&key) {
             None if outcome.outcome == pb::WriteOutcome::Done => return,
-            Some((r, o)) if *r == revision && *o == outcome => return,
-            Some((_, o)) if outcome.outcome == pb::WriteOutcome::Done && *o == outcome => return,
+            Some((r, o, _)) if *r == revision && *o == outcome => return,
+            Some((_, o, _)) if outcome.outcome == pb::WriteOutcome::Done && *o == outcome => {
+                return;
+            }
             _ => {}
         }
-        self.outbox.push(pb::AgentMessage {
+        let report = pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::WriteReport(pb::SlotWriteReport {
                 device: device.to_owned(),
                 slot: i32::from(slot),
@@ -113,8 +116,9 @@ impl Reports {
                 partition: outcome.partition,
                 report_time: Some(wire::timestamp(now)),
             })),
-        });
-        self.sent.insert(key, (revision, outcome));
+        };
+        self.outbox.push(report.clone());
+        self.sent.insert(key, (revision, outcome, report));
     }
 
     /// Records whether `device` was reached; queues a report when that changed.
@@ -154,10 +158,16 @@ impl Reports {
         std::mem::take(&mut self.outbox)
     }
 
-    /// A new stream (maybe a new server): everything is reported again as it recurs.
+    /// A new stream (maybe a new server): the last report of each slot is sent
+    /// again (the stream that carried it may have been cut before keyplaned stored
+    /// it; keyplaned takes the same report twice as once), and reachability is
+    /// reported again as it recurs.
     pub(crate) fn stream_started(&mut self) {
         self.outbox.clear();
-        self.sent.clear();
+        let mut last: Vec<(&(String, u16), &pb::AgentMessage)> =
+            self.sent.iter().map(|(k, (_, _, m))| (k, m)).collect();
+        last.sort_by(|a, b| a.0.cmp(b.0));
+        self.outbox = last.into_iter().map(|(_, m)| m.clone()).collect();
         // Unreachable devices are reported again on the next failed attempt.
         self.unreachable.clear();
     }
@@ -202,6 +212,39 @@ mod tests {
             kinds(&mut r),
             vec![(pb::WriteOutcome::Done as i32, String::new())]
         );
+    }
+
+    #[test]
+    fn a_new_stream_is_sent_the_last_report_of_each_slot_again() {
+        let now = Utc::now();
+        let mut r = Reports::default();
+        let refused = Outcome::refusal(&DeviceError::Full).expect("a refusal");
+        r.write("d", 3, 5, false, refused, now);
+        r.write("d", 4, 5, false, Outcome::unconfirmed(), now);
+        r.write("d", 4, 5, false, Outcome::done(), now);
+        r.write("d", 6, 5, false, Outcome::done(), now);
+        assert_eq!(kinds(&mut r).len(), 3);
+        r.stream_started();
+        assert_eq!(
+            kinds(&mut r),
+            vec![
+                (
+                    pb::WriteOutcome::RefusedNoSpace as i32,
+                    "the device's code memory is full".to_owned()
+                ),
+                (pb::WriteOutcome::Done as i32, String::new())
+            ],
+            "the refusal and the end of the unconfirmed write, once each"
+        );
+        r.write(
+            "d",
+            3,
+            5,
+            false,
+            Outcome::refusal(&DeviceError::Full).expect("refusal"),
+            now,
+        );
+        assert!(kinds(&mut r).is_empty(), "not again on the same stream");
     }
 
     #[test]
