@@ -7,7 +7,7 @@ use crate::fixture::{SYNC_TIMEOUT, Site};
 use keyplane_agent::clock::SteadyClock;
 use keyplane_proto::v1 as pb;
 use keyplane_testkit::server::{TestAgent, eventually};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Waits for the next event of `kind` on a live WatchEvents stream.
 async fn next_event(
@@ -131,6 +131,69 @@ async fn a_skewed_agent_clock_is_flagged_and_clears_when_fixed() -> anyhow::Resu
         Some(keyplane_core::compat::PROTOCOL_VERSION)
     );
     next_event(&mut events, pb::EventKind::ClockSkewCleared).await?;
+    agent.stop().await?;
+    Ok(())
+}
+
+/// The site's current agent stream (a reconnect opens another).
+async fn agent_session(s: &Site) -> anyhow::Result<Option<uuid::Uuid>> {
+    let db = s.server.db.client().await?;
+    let site = crate::fixture::id_of(&s.site)?;
+    Ok(db
+        .query_one("SELECT agent_session FROM site WHERE id = $1", &[&site])
+        .await?
+        .get(0))
+}
+
+#[tokio::test]
+async fn a_clock_that_goes_wrong_mid_stream_is_flagged_without_a_reconnect() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    // The site's wall clock, as the test moves it while the agent stays connected.
+    let shift = Arc::new(Mutex::new(chrono::TimeDelta::zero()));
+    let moved = shift.clone();
+    let mut config = s.agent_config();
+    config.clock = Arc::new(SteadyClock::with_source(
+        chrono::TimeDelta::zero(),
+        Box::new(move || chrono::Utc::now() + *moved.lock().unwrap_or_else(|e| e.into_inner())),
+    ));
+    config.clock_report_every = std::time::Duration::from_millis(200);
+    let agent = TestAgent::start_config(
+        config,
+        s.dir.path(),
+        Box::new(keyplane_agent::SimulatorFactory::new(
+            s.dir.path().join("devices"),
+        )),
+    );
+    s.wait_synced().await?;
+    status_when(&s, "the clock measured right", |st| {
+        st.site_issues.is_empty() && st.agent.is_some()
+    })
+    .await?;
+    let session = agent_session(&s).await?;
+    assert!(session.is_some(), "connected");
+
+    // The site's clock is set 2 minutes back while the stream stays up.
+    *shift.lock().unwrap_or_else(|e| e.into_inner()) = chrono::TimeDelta::seconds(-120);
+    let status = status_when(&s, "clock_skew raised mid-stream", |st| {
+        st.site_issues
+            .iter()
+            .any(|i| i.code == pb::SiteIssueCode::ClockSkew as i32)
+    })
+    .await?;
+    assert!(
+        (-125_000..=-115_000).contains(&status.site_issues[0].clock_skew_millis),
+        "measured skew {} ms",
+        status.site_issues[0].clock_skew_millis
+    );
+    assert_eq!(agent_session(&s).await?, session, "without a reconnect");
+
+    // Fixed again: the flag clears, still on the same stream.
+    *shift.lock().unwrap_or_else(|e| e.into_inner()) = chrono::TimeDelta::zero();
+    status_when(&s, "clock_skew cleared mid-stream", |st| {
+        st.site_issues.is_empty()
+    })
+    .await?;
+    assert_eq!(agent_session(&s).await?, session, "without a reconnect");
     agent.stop().await?;
     Ok(())
 }

@@ -79,6 +79,9 @@ pub struct AgentConfig {
     pub event_polls: PassCounter,
     /// The gap between two writes to one device, per kind of device.
     pub pacing: Pacing,
+    /// Report the wall clock on the stream this often (to a keyplaned that takes
+    /// clock reports), so a clock that goes wrong is flagged without a reconnect.
+    pub clock_report_every: Duration,
 }
 
 /// A count of completed reconcile passes that can be waited on.
@@ -182,6 +185,7 @@ impl AgentConfig {
             passes: PassCounter::default(),
             event_polls: PassCounter::default(),
             pacing: Pacing::default(),
+            clock_report_every: Duration::from_secs(60),
         }
     }
 }
@@ -651,7 +655,14 @@ async fn session(
                 .map_err(|_| anyhow::anyhow!("the agent token is not valid header text"))?,
         );
     }
-    let mut inbound = client.sync(request).await?.into_inner();
+    let response = client.sync(request).await?;
+    // Only a keyplaned that says it takes clock reports is sent them: an older one
+    // ends the stream on a message it does not know.
+    let clock_reports = response
+        .metadata()
+        .contains_key(CLOCK_REPORTS_HEADER)
+        .then_some(tx);
+    let mut inbound = response.into_inner();
     metrics::metrics().connected.set(1);
     let result = stream(
         config,
@@ -660,6 +671,7 @@ async fn session(
         healthy,
         &mut identity,
         &mut inbound,
+        clock_reports,
     )
     .await;
     metrics::metrics().connected.set(0);
@@ -674,6 +686,7 @@ async fn stream(
     healthy: &mut bool,
     identity: &mut Option<Identity>,
     inbound: &mut tonic::Streaming<pb::ServerMessage>,
+    clock_reports: Option<mpsc::Sender<pb::AgentMessage>>,
 ) -> Result<(), SessionError> {
     tracing::info!(
         server = %config.server,
@@ -683,6 +696,8 @@ async fn stream(
     );
     let mut tick = tokio::time::interval(config.reconcile_every);
     tick.reset();
+    let mut clock_tick = tokio::time::interval(config.clock_report_every);
+    clock_tick.reset();
     // A stream may outlive its certificate: renew while connected, at 2/3 of its life.
     let mut renew_at = identity.as_ref().map(|id| renewal_instant(&id.meta));
     loop {
@@ -714,9 +729,19 @@ async fn stream(
             },
             // cancel-safe: interval ticks.
             _ = tick.tick() => agent.tick(),
+            // cancel-safe: interval ticks.
+            _ = clock_tick.tick(), if clock_reports.is_some() => {
+                if let Some(tx) = &clock_reports {
+                    // Never waits: with the queue full, the next report says it.
+                    let _ = tx.try_send(agent.clock_report());
+                }
+            }
         }
     }
 }
+
+/// Response header by which keyplaned says it takes clock reports on the stream.
+const CLOCK_REPORTS_HEADER: &str = "keyplane-clock-reports";
 
 /// How long after a failed renewal the agent tries again while connected.
 const RENEW_RETRY: Duration = Duration::from_secs(600);

@@ -467,6 +467,20 @@ impl Agent {
         }
     }
 
+    /// A report of the agent's wall clock for the stream (issue 14): keyplaned
+    /// measures the skew again, as at Hello.
+    pub fn clock_report(&self) -> pb::AgentMessage {
+        // keyplaned sees the wall clock in this report: a held jump is adopted.
+        self.shared.clock.checkpoint();
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Clock(pb::ClockReport {
+                agent_time: Some(prost_types::Timestamp::from(std::time::SystemTime::from(
+                    self.shared.clock.wall(),
+                ))),
+            })),
+        }
+    }
+
     /// Journals a server message and wakes the device tasks; returns at once.
     pub fn accept(&mut self, msg: pb::server_message::Msg) -> anyhow::Result<()> {
         if let pb::server_message::Msg::EventAck(ack) = &msg {

@@ -39,6 +39,10 @@ use uuid::Uuid;
 
 /// Response header of Sync: the agent protocol this server speaks.
 pub const PROTOCOL_HEADER: &str = "keyplane-protocol-version";
+/// Response header of Sync: this server takes `ClockReport`s on the stream (an
+/// older one would end the stream on a message it does not know, so the agent sends
+/// them only when told).
+pub const CLOCK_REPORTS_HEADER: &str = "keyplane-clock-reports";
 /// How long an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Re-check the change log this often even without a wake-up.
@@ -478,6 +482,7 @@ impl AgentService for AgentApi {
                 resync,
                 expires,
                 shutdown: self.shutdown.clone(),
+                clock_skew_threshold: self.clock_skew_threshold,
             };
             // Every line of the stream's task names the site and agent.
             let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
@@ -492,6 +497,10 @@ impl AgentService for AgentApi {
             response.metadata_mut().insert(
                 PROTOCOL_HEADER,
                 tonic::metadata::MetadataValue::from(keyplane_core::compat::PROTOCOL_VERSION),
+            );
+            response.metadata_mut().insert(
+                CLOCK_REPORTS_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
             );
             Ok(response)
         }
@@ -593,6 +602,8 @@ struct Session {
     /// Every send also waits on it: an agent that stops reading cannot hold the
     /// task past shutdown.
     shutdown: CancellationToken,
+    /// The agent clock skew beyond which CLOCK_SKEW is raised.
+    clock_skew_threshold: Duration,
 }
 
 impl Session {
@@ -907,6 +918,39 @@ impl Session {
         Ok(())
     }
 
+    /// Measures the skew of the agent's clock again, as at Hello (issue 14: a clock
+    /// that goes wrong mid-stream is flagged without a reconnect). A report without
+    /// a time says nothing; a failure to record is logged, not fatal to the stream.
+    async fn record_clock(&self, report: pb::ClockReport) {
+        let Some(agent_time) = report.agent_time.and_then(|t| SystemTime::try_from(t).ok()) else {
+            return;
+        };
+        match self
+            .store
+            .agent_clock_record(
+                self.site,
+                agent_time,
+                SystemTime::now(),
+                self.clock_skew_threshold,
+            )
+            .await
+        {
+            Ok((check, change)) => {
+                if change.is_some() {
+                    if check.skewed() {
+                        tracing::warn!(site = %self.site, skew_ms = ?check.skew_ms(), "agent clock skewed beyond the threshold");
+                    } else {
+                        tracing::info!(site = %self.site, "agent clock back within the threshold");
+                    }
+                    self.bell.ring();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(site = %self.site, error = %e, "recording the agent's clock report failed")
+            }
+        }
+    }
+
     async fn handle(&mut self, msg: pb::AgentMessage) -> Result<(), Status> {
         match msg.msg {
             Some(pb::agent_message::Msg::Ack(ack)) => {
@@ -963,6 +1007,10 @@ impl Session {
                 if let Err(status) = crate::reports::inventory(&self.store, self.site, &d).await {
                     tracing::warn!(site = %self.site, device = %d.device, %status, "reported constraints not taken");
                 }
+                Ok(())
+            }
+            Some(pb::agent_message::Msg::Clock(report)) => {
+                self.record_clock(report).await;
                 Ok(())
             }
             Some(pb::agent_message::Msg::Hello(_)) => {

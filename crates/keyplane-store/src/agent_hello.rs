@@ -43,6 +43,26 @@ fn unix_ms(t: SystemTime) -> i64 {
     }
 }
 
+/// Stores a change of a site's clock flag as a site event (no device).
+async fn clock_event(
+    tx: &crate::Transaction<'_>,
+    site: Uuid,
+    change: ClockTransition,
+    at: SystemTime,
+) -> Result<(), StoreError> {
+    let kind = match change {
+        ClockTransition::SkewRaised => EventKind::ClockSkew,
+        ClockTransition::SkewCleared => EventKind::ClockSkewCleared,
+    };
+    tx.execute(
+        "INSERT INTO device_event (site_id, source_seq, kind, occur_time)
+         VALUES ($1, 0, $2, $3)",
+        &[&site, &kind.as_str(), &at],
+    )
+    .await?;
+    Ok(())
+}
+
 impl Store {
     /// Records the Hello of `site`'s agent, received at `receive_time` by keyplaned's
     /// clock, and classifies its clock against `threshold`; a change of the flag is
@@ -68,9 +88,10 @@ impl Store {
                 &[&site],
             )
             .await?;
+            // The row lock orders this Hello with the stream's clock reports.
             let since: Option<SystemTime> = tx
                 .query_opt(
-                    "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1",
+                    "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1 FOR UPDATE",
                     &[&site],
                 )
                 .await?
@@ -99,16 +120,56 @@ impl Store {
             )
             .await?;
             if let Some(change) = change {
-                let kind = match change {
-                    ClockTransition::SkewRaised => EventKind::ClockSkew,
-                    ClockTransition::SkewCleared => EventKind::ClockSkewCleared,
-                };
-                tx.execute(
-                    "INSERT INTO device_event (site_id, source_seq, kind, occur_time)
-                     VALUES ($1, 0, $2, $3)",
-                    &[&site, &kind.as_str(), &receive_time],
+                clock_event(&tx, site, change, receive_time).await?;
+            }
+            Ok((check, change))
+        })
+    }
+
+    /// Records the wall clock `site`'s agent reported on its stream (a clock
+    /// report, between Hellos), received at `receive_time`: the skew is measured and
+    /// flagged as at Hello, a change of the flag stored as an event and returned.
+    /// The rest of the last Hello stays; a site whose agent never said Hello records
+    /// nothing. One transaction, one row (the site row is not locked: reports come
+    /// every minute from every agent).
+    pub async fn agent_clock_record(
+        &self,
+        site: Uuid,
+        agent_time: SystemTime,
+        receive_time: SystemTime,
+        threshold: Duration,
+    ) -> Result<(ClockCheck, Option<ClockTransition>), StoreError> {
+        let check = clock::classify(Some(unix_ms(agent_time)), unix_ms(receive_time), threshold);
+        let threshold_ms = i64::try_from(threshold.as_millis()).unwrap_or(i64::MAX);
+        in_txn!(self, "agent_clock_record", |tx| {
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1 FOR UPDATE",
+                    &[&site],
                 )
-                .await?;
+                .await?
+            else {
+                return Ok((check, None));
+            };
+            let since: Option<SystemTime> = row.get(0);
+            let change = clock::transition(since.is_some(), check);
+            let since = check.skewed().then(|| since.unwrap_or(receive_time));
+            tx.execute(
+                "UPDATE agent_hello SET agent_time = $2, receive_time = $3, clock_skew_ms = $4,
+                    clock_skew_since = $5, clock_skew_threshold_ms = $6
+                 WHERE site_id = $1",
+                &[
+                    &site,
+                    &agent_time,
+                    &receive_time,
+                    &check.skew_ms(),
+                    &since,
+                    &threshold_ms,
+                ],
+            )
+            .await?;
+            if let Some(change) = change {
+                clock_event(&tx, site, change, receive_time).await?;
             }
             Ok((check, change))
         })
