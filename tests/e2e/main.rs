@@ -46,4 +46,5 @@ mod shutdown;
 mod site_changes;
 mod status;
 mod tls;
+mod wake;
 mod zwave;

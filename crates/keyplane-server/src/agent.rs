@@ -540,6 +540,8 @@ impl AgentService for AgentApi {
             .await
             .map_err(store_status)?
             .ok_or_else(bad_code)?;
+        // The enrollment revoked the site's earlier agents: their streams end.
+        self.hub.changed(site);
         tracing::info!(%site, %agent, "agent enrolled");
         Ok(Response::new(Self::certificate_pb(agent, site, cert)))
     }

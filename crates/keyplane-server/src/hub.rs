@@ -1,10 +1,13 @@
 //! Wake-ups for agent streams. A commit on this replica wakes its site's streams at
-//! once; a poller catches commits made by other replicas sharing the database. The
-//! change log stays the truth: a wake-up only says "look again", so a missed or
-//! duplicated one costs a query, never a change. Nothing here is in the write path.
+//! once and queues the site for [`Hub::announce`], which names it to every replica in
+//! a NOTIFY after the commit; [`Hub::listen`] wakes this replica's streams of the
+//! sites others name. A poller catches what a lost notification missed. The change
+//! log stays the truth: a wake-up only says "look again", so a missed or duplicated
+//! one costs a query, never a change. Nothing here is in the write transaction.
 
-use keyplane_store::{SiteChange, Store};
-use std::collections::HashMap;
+use keyplane_store::{SiteChange, SiteListener, Store};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -26,13 +29,45 @@ pub struct Seen {
     pub resync: i64,
 }
 
+/// Sites written on this replica, waiting to be named to the others.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Set while [`Hub::announce`] runs: without it nothing would empty the set.
+    open: AtomicBool,
+    sites: Mutex<HashSet<Uuid>>,
+    bell: tokio::sync::Notify,
+}
+
 /// Per-site wake-up channels.
 #[derive(Debug, Default, Clone)]
 pub struct Hub {
     sites: Arc<Mutex<HashMap<Uuid, watch::Sender<Seen>>>>,
+    outbox: Arc<Outbox>,
+    /// Whether [`Hub::listen`] is listening now: the poller slows down meanwhile.
+    listening: Arc<AtomicBool>,
 }
 
 impl Hub {
+    /// Queues `site` to be named to every replica (after a commit that changed what
+    /// its agent holds or may do), without waking this replica's streams first: its
+    /// own listener hears the name too.
+    pub fn changed(&self, site: Uuid) {
+        if !self.outbox.open.load(Ordering::Relaxed) {
+            return;
+        }
+        self.outbox
+            .sites
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(site);
+        self.outbox.bell.notify_one();
+    }
+
+    /// Whether the listener is up (a NOTIFY would reach this replica now).
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
+    }
+
     /// Subscribes to wake-ups of `site`.
     pub fn subscribe(&self, site: Uuid) -> watch::Receiver<Seen> {
         let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
@@ -42,9 +77,10 @@ impl Hub {
             .subscribe()
     }
 
-    /// Tells the streams of `site` on this replica that its session epoch reached
+    /// Tells the streams of `site` (on every replica) that its session epoch reached
     /// `epoch` (after a local revocation or a new session), before the poller would.
     pub fn epoch(&self, site: Uuid, epoch: i64) {
+        self.changed(site);
         self.observe(SiteChange {
             site,
             revision: 0,
@@ -54,9 +90,10 @@ impl Hub {
         });
     }
 
-    /// Tells the streams of `site` on this replica that a resync was asked for, up to
+    /// Tells the streams of `site` (on every replica) that a resync was asked for, up to
     /// `resync`, before the poller would.
     pub fn resync(&self, site: Uuid, resync: i64) {
+        self.changed(site);
         self.observe(SiteChange {
             site,
             revision: 0,
@@ -66,8 +103,9 @@ impl Hub {
         });
     }
 
-    /// Tells the streams of `site` on this replica that it was deleted.
+    /// Tells the streams of `site` (on every replica) that it was deleted.
     pub fn gone(&self, site: Uuid) {
+        self.changed(site);
         self.observe(SiteChange {
             site,
             revision: 0,
@@ -77,8 +115,10 @@ impl Hub {
         });
     }
 
-    /// Wakes the streams of `site` (after a local commit).
+    /// Wakes the streams of `site` (after a local commit), on this replica at once
+    /// and on the others through [`Hub::announce`].
     pub fn poke(&self, site: Uuid) {
+        self.changed(site);
         let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = sites.get(&site) {
             tx.send_modify(|_| {});
@@ -117,11 +157,12 @@ impl Hub {
         }
     }
 
-    /// Polls every `period` until cancelled for sites whose revision or session epoch
-    /// advanced, or that were deleted, waking their streams (commits, revocations and
-    /// takeovers from other replicas). One query per tick,
-    /// whatever the number of agents held: it reads the sites changed since the last
-    /// tick (see [`Store::sites_changed`]), not every held site.
+    /// Polls every `period` (every `listening_period` while [`Hub::listen`] is
+    /// listening) until cancelled for sites whose revision or session epoch advanced,
+    /// or that were deleted, waking their streams: the fallback for notifications
+    /// lost or never sent (a replica that died between its commit and its NOTIFY).
+    /// One query per tick, whatever the number of agents held: it reads the sites
+    /// changed since the last tick (see [`Store::sites_changed`]), not every held site.
     ///
     /// Every `seen_every` it also records, in one statement, that the agents whose
     /// streams this replica holds are still connected: an idle agent sends nothing,
@@ -130,19 +171,25 @@ impl Hub {
         self,
         store: Store,
         period: Duration,
+        listening_period: Duration,
         seen_every: Duration,
         cancel: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut since = None;
         let mut last_seen_refresh = tokio::time::Instant::now();
         loop {
+            let wait = if self.listening() {
+                listening_period.max(period)
+            } else {
+                period
+            };
+            // The seen refresh must not wait on a long poll period.
+            let wait = wait.min(seen_every);
             tokio::select! {
                 // cancel-safe: only a token.
                 _ = cancel.cancelled() => return,
-                // cancel-safe: interval ticks.
-                _ = tick.tick() => {}
+                // cancel-safe: a timer.
+                _ = tokio::time::sleep(wait) => {}
             }
             if last_seen_refresh.elapsed() >= seen_every {
                 last_seen_refresh = tokio::time::Instant::now();
@@ -168,7 +215,178 @@ impl Hub {
             }
         }
     }
+
+    /// Names the sites queued by [`Hub::changed`] to every replica until cancelled:
+    /// one NOTIFY statement at a time, carrying every site queued while the previous
+    /// one was sent. Under load that coalesces many writes into one notification
+    /// without adding a fixed delay to a lone write. A failed send is logged and
+    /// dropped: the pollers cover it.
+    ///
+    /// Queuing starts when this is called, not when the task first runs: a write
+    /// committed in between is named too.
+    pub fn announce(
+        self,
+        store: Store,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.outbox.open.store(true, Ordering::Relaxed);
+        self.announce_loop(store, cancel)
+    }
+
+    async fn announce_loop(self, store: Store, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                // cancel-safe: only a token.
+                _ = cancel.cancelled() => break,
+                // cancel-safe: Notify keeps the permit of a notify_one sent meanwhile.
+                _ = self.outbox.bell.notified() => {}
+            }
+            let sites: Vec<Uuid> = self
+                .outbox
+                .sites
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+                .collect();
+            if sites.is_empty() {
+                continue;
+            }
+            if let Err(e) = store.sites_announce(&sites).await {
+                tracing::warn!(error = %e, sites = sites.len(), "announcing changed sites failed; the poll will catch them");
+            }
+        }
+        self.outbox.open.store(false, Ordering::Relaxed);
+    }
+
+    /// Listens for the sites other replicas (and this one) name, on one dedicated
+    /// connection to `url` named `application_name`, until cancelled; wakes the
+    /// streams of those this replica holds with their state as read after the
+    /// notification. When the connection is lost it reconnects after `retry`
+    /// (doubling to 30 s while it fails) and re-checks every held site once: a
+    /// notification sent while nobody listened here is lost.
+    pub async fn listen(
+        self,
+        store: Store,
+        url: String,
+        application_name: String,
+        retry: Duration,
+        cancel: CancellationToken,
+    ) {
+        let mut backoff = retry;
+        loop {
+            let connected = tokio::select! {
+                // cancel-safe: only a token.
+                _ = cancel.cancelled() => return,
+                // Not cancel-safe, and need not be: cancellation drops the attempt.
+                r = SiteListener::connect(&url, &application_name) => r,
+            };
+            match connected {
+                Ok(listener) => {
+                    backoff = retry;
+                    self.listening.store(true, Ordering::Relaxed);
+                    tracing::info!("listening for wake-ups from other replicas");
+                    let ended = self.serve_listener(&store, listener, &cancel).await;
+                    self.listening.store(false, Ordering::Relaxed);
+                    if ended.is_none() {
+                        return;
+                    }
+                    tracing::warn!(
+                        "the wake-up listener's connection was lost; polling until it is back"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry = ?backoff, "connecting the wake-up listener failed; polling until it is up");
+                }
+            }
+            tokio::select! {
+                // cancel-safe: only a token.
+                _ = cancel.cancelled() => return,
+                // cancel-safe: a timer.
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(LISTEN_RETRY_MAX);
+        }
+    }
+
+    /// Serves one listener connection; Some(()) when it was lost, None when cancelled.
+    async fn serve_listener(
+        &self,
+        store: &Store,
+        mut listener: SiteListener,
+        cancel: &CancellationToken,
+    ) -> Option<()> {
+        // Listening already: whatever commits from now on is named to us, and what
+        // committed before is read here.
+        self.recheck(store, self.watched()).await;
+        let mut ping = tokio::time::interval(LISTEN_PING);
+        ping.reset();
+        loop {
+            tokio::select! {
+                // cancel-safe: only a token.
+                _ = cancel.cancelled() => return None,
+                // cancel-safe: named sites stay in the listener's set until taken.
+                named = listener.next() => {
+                    let Some(named) = named else { return Some(()) };
+                    let held = self.held_of(named);
+                    if !held.is_empty() {
+                        self.recheck(store, held).await;
+                    }
+                }
+                // cancel-safe: interval ticks.
+                _ = ping.tick() => {
+                    // A connection cut without a word would otherwise look healthy
+                    // while the poller has slowed down.
+                    match tokio::time::timeout(LISTEN_PING_TIMEOUT, listener.ping()).await {
+                        Ok(Ok(())) => {}
+                        _ => return Some(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sites of `named` that this replica holds streams for.
+    fn held_of(&self, named: Vec<Uuid>) -> Vec<Uuid> {
+        let sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        named
+            .into_iter()
+            .filter(|s| sites.get(s).is_some_and(|tx| tx.receiver_count() > 0))
+            .collect()
+    }
+
+    /// Reads the state of `sites` and wakes the streams of those that moved; when
+    /// it cannot be read, wakes them all (each re-reads its change log).
+    async fn recheck(&self, store: &Store, sites: Vec<Uuid>) {
+        if sites.is_empty() {
+            return;
+        }
+        match store.site_states(&sites).await {
+            Ok(states) => {
+                for state in states {
+                    self.observe(state);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the state of named sites failed; waking their streams");
+                let held = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+                for site in sites {
+                    if let Some(tx) = held.get(&site) {
+                        tx.send_modify(|_| {});
+                    }
+                }
+            }
+        }
+    }
 }
+
+/// The longest wait between attempts to reconnect the listener.
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How often the listener's connection is checked.
+const LISTEN_PING: Duration = Duration::from_secs(10);
+
+/// How long a check may take before the connection counts as lost.
+const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How far before the last poll each poll looks again: longer than a write takes from
 /// advancing a site's revision to committing.

@@ -7,9 +7,9 @@
 //!
 //! No SQL here: persistence is `keyplane-store`. Dealers are authenticated by
 //! [`auth::DealerAuthLayer`] in front of AdminService, before any handler runs. Tasks started by [`serve`]: the tonic
-//! server, one task per agent stream (see [`agent`]), the revision poller of
-//! [`hub::Hub`] and, with `metrics_listen`, the metrics endpoint ([`metrics`]); all
-//! stop when the shutdown token is cancelled.
+//! server, one task per agent stream (see [`agent`]), the wake-up tasks of
+//! [`hub::Hub`] (announcer, listener, revision poller) and, with `metrics_listen`, the
+//! metrics endpoint ([`metrics`]); all stop when the shutdown token is cancelled.
 
 pub mod admin;
 pub mod agent;
@@ -62,8 +62,20 @@ pub struct Config {
     pub pin_key: PinKey,
     /// Pool size.
     pub max_connections: usize,
-    /// How often to look for commits made by other replicas.
+    /// How often to look for commits made by other replicas while the wake-up
+    /// listener is down (or off): they are then only seen by polling.
     pub poll_interval: Duration,
+    /// How often to poll while the listener is up: NOTIFY carries the wake-ups, and
+    /// the poll only catches what a lost notification missed.
+    pub poll_interval_listening: Duration,
+    /// Whether to name written sites to other replicas (NOTIFY after commit) and
+    /// listen for theirs; off, cross-replica wake-ups come from polling alone.
+    pub notify: bool,
+    /// Where the listener connects when not `database_url`: LISTEN needs a session
+    /// of its own, which a transaction-pooling PgBouncer does not keep.
+    pub listen_url: Option<String>,
+    /// How long the listener waits before reconnecting (doubling to 30 s).
+    pub listen_retry: Duration,
     /// How often this replica records the agents whose streams it holds as seen
     /// (must stay well under the 90 s after which an unheard agent counts as
     /// disconnected). 30 s unless a test needs otherwise.
@@ -120,6 +132,13 @@ impl std::fmt::Debug for Config {
             .field("pin_key", &self.pin_key)
             .field("max_connections", &self.max_connections)
             .field("poll_interval", &self.poll_interval)
+            .field("poll_interval_listening", &self.poll_interval_listening)
+            .field("notify", &self.notify)
+            .field(
+                "listen_url",
+                &self.listen_url.as_deref().map(without_password),
+            )
+            .field("listen_retry", &self.listen_retry)
             .field("agent_seen_interval", &self.agent_seen_interval)
             .field("dealer_token_ttl", &self.dealer_token_ttl)
             .field("tls", &self.tls)
@@ -185,6 +204,10 @@ impl Config {
             pin_key,
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
+            poll_interval_listening: Duration::from_secs(1),
+            notify: true,
+            listen_url: None,
+            listen_retry: Duration::from_secs(1),
             agent_seen_interval: Duration::from_secs(30),
             dealer_token_ttl: keyplane_store::DEALER_TOKEN_TTL,
             tls: None,
@@ -284,12 +307,35 @@ pub async fn serve(
     };
     let hub = hub::Hub::default();
     let bell = hub::EventBell::default();
+    let replica = config
+        .replica_name
+        .clone()
+        .unwrap_or_else(|| default_replica_name(addr));
     let poller = tokio::spawn(hub.clone().poll(
         store.clone(),
         config.poll_interval,
+        config.poll_interval_listening,
         config.agent_seen_interval,
         shutdown.clone(),
     ));
+    let notifiers = config.notify.then(|| {
+        (
+            tokio::spawn(hub.clone().announce(store.clone(), shutdown.clone())),
+            tokio::spawn(
+                hub.clone().listen(
+                    store.clone(),
+                    config
+                        .listen_url
+                        .clone()
+                        .unwrap_or_else(|| config.database_url.clone()),
+                    // What an operator finds in pg_stat_activity (63 bytes at most).
+                    format!("keyplaned-listen {replica}"),
+                    config.listen_retry,
+                    shutdown.clone(),
+                ),
+            ),
+        )
+    });
 
     let sweeper = (!config.status_interval.is_zero()).then(|| {
         tokio::spawn(status::sweep(
@@ -335,10 +381,6 @@ pub async fn serve(
         OpsServiceServer::new(ops::OpsApi::new(store.clone(), hub.clone()))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE),
     );
-    let replica = config
-        .replica_name
-        .clone()
-        .unwrap_or_else(|| default_replica_name(addr));
     let admin = dealer_auth.layer(
         AdminServiceServer::new(admin::AdminApi::new(
             store.clone(),
@@ -390,6 +432,10 @@ pub async fn serve(
     poller.abort();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
+    }
+    if let Some((announcer, listener)) = notifiers {
+        announcer.abort();
+        listener.abort();
     }
     if let Some(sweeper) = sweeper {
         sweeper.abort();

@@ -87,6 +87,17 @@ enum Command {
         /// How long a Hello waits for a place among the sessions being opened.
         #[arg(long, env = "KEYPLANE_AGENT_OPEN_WAIT_MS", default_value_t = 2000)]
         agent_open_wait_ms: u64,
+        /// Do not name written sites to other replicas (NOTIFY after commit) nor
+        /// listen for theirs: streams held by other replicas then learn of a change
+        /// from their poll (every 250 ms), not at once.
+        #[arg(long, env = "KEYPLANE_NO_NOTIFY")]
+        no_notify: bool,
+        /// Where the wake-up listener connects instead of the database URL (set it in
+        /// the environment when it holds a password): LISTEN needs a session of its
+        /// own, which a transaction-pooling PgBouncer does not keep, so point it past
+        /// PgBouncer at PostgreSQL.
+        #[arg(long, env = "KEYPLANE_LISTEN_DATABASE_URL")]
+        listen_database_url: Option<String>,
     },
     /// Create the agent certificate authority in a new directory (mode 0700): ca.key
     /// (0600) and ca.crt, and with --server-name a server certificate signed by it
@@ -312,6 +323,8 @@ async fn main() -> anyhow::Result<()> {
             metrics_listen,
             agent_opens_max,
             agent_open_wait_ms,
+            no_notify,
+            listen_database_url,
         } => {
             // Hex keys only from the environment: argv is visible to every local user.
             let pin_key = std::env::var("KEYPLANE_PIN_KEY").ok();
@@ -327,6 +340,16 @@ async fn main() -> anyhow::Result<()> {
                 usize::try_from(*agent_opens_max).unwrap_or(usize::MAX),
                 std::time::Duration::from_millis(*agent_open_wait_ms),
             );
+            config.notify = !*no_notify;
+            if listen_database_url.as_deref().is_some_and(has_password)
+                && std::env::args().any(|a| a.starts_with("--listen-database-url"))
+            {
+                anyhow::bail!(
+                    "--listen-database-url holds a password, which every local user could read in the process list: \
+                     set KEYPLANE_LISTEN_DATABASE_URL instead"
+                );
+            }
+            config.listen_url = listen_database_url.clone();
             config.change_window = keyplane_store::ChangeWindow {
                 rows: *change_log_rows,
                 age: std::time::Duration::from_secs(change_log_days.saturating_mul(86_400)),

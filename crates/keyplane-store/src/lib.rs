@@ -26,6 +26,7 @@ mod error;
 mod event;
 mod metrics;
 mod migrate;
+mod notify;
 mod observed;
 mod ops;
 mod partition;
@@ -52,6 +53,7 @@ pub use error::StoreError;
 pub use event::{Event, EventKind, NewEvent};
 pub use metrics::{MetricsSnapshot, SitePending};
 pub use migrate::{MIGRATIONS, migrate, migrations_fingerprint};
+pub use notify::{SITES_CHANNEL, SiteListener};
 pub use observed::{LocalCode, Observed, ObservedState};
 pub use ops::{
     AgentConnection, AgentPlace, DevicePending, ResyncRequested, SessionOpened, SiteOpsStatus,

@@ -152,6 +152,32 @@ impl TestServer {
         }
     }
 
+    /// Like [`TestServer::start_tls`], with the test config changed by `tweak`.
+    pub async fn start_tls_tweaked(
+        tweak: &(dyn Fn(&mut keyplane_server::Config) + Sync),
+    ) -> anyhow::Result<TestServer> {
+        let db = test_database().await?;
+        let pki = Some(Arc::new(TestPki::new()?));
+        Self::start_inner(db, PinKey::generate()?, None, 8, pki, tweak).await
+    }
+
+    /// Starts another server (a replica) on the same database, key and CA, with its
+    /// test config changed by `tweak`.
+    pub async fn replica_tweaked(
+        &self,
+        tweak: &(dyn Fn(&mut keyplane_server::Config) + Sync),
+    ) -> anyhow::Result<TestServer> {
+        Self::start_inner(
+            self.db.clone(),
+            self.key.clone(),
+            None,
+            8,
+            self.pki.clone(),
+            tweak,
+        )
+        .await
+    }
+
     /// Starts a server serving TLS with a new test CA on a fresh test database.
     pub async fn start_tls() -> anyhow::Result<TestServer> {
         let db = test_database().await?;

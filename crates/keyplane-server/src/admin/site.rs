@@ -203,6 +203,8 @@ pub(super) async fn agent_token_issue(
         .agent_token_issue(&actor, site.site)
         .await
         .map_err(store_status)?;
+    // The old token's stream re-checks and ends, on whichever replica holds it.
+    api.hub.changed(site.site);
     Ok(Response::new(pb::IssueAgentTokenResponse { token }))
 }
 
@@ -247,6 +249,7 @@ pub(super) async fn agents_revoke(
         .agent_revoke(&actor, site.site)
         .await
         .map_err(store_status)?;
+    api.hub.changed(site.site);
     Ok(Response::new(pb::RevokeAgentsResponse {
         revoked: i32::try_from(n).unwrap_or(i32::MAX),
     }))
