@@ -48,7 +48,10 @@ async fn an_idle_agent_is_still_seen_while_its_stream_is_held() -> anyhow::Resul
             let name = name.clone();
             async move {
                 let now = admin
-                    .get_sync_status(keyplane_proto::v1::GetSyncStatusRequest { name })
+                    .get_sync_status(keyplane_proto::v1::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                     .await?
                     .into_inner();
                 let seen = now

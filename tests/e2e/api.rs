@@ -305,7 +305,10 @@ async fn the_dev_demo_seeds_a_site_an_agent_can_sync() -> anyhow::Result<()> {
             let name = name.clone();
             async move {
                 let s = admin
-                    .get_sync_status(pb::GetSyncStatusRequest { name })
+                    .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                     .await?
                     .into_inner();
                 Ok(s.devices

@@ -43,7 +43,10 @@ async fn status_when(
         let name = name.clone();
         async move {
             let status = admin
-                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Ok(check(&status).then_some(status))

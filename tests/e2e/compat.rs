@@ -225,7 +225,10 @@ async fn a_raised_minimum_refuses_the_previous_protocol_clearly() -> anyhow::Res
         let name = name.clone();
         async move {
             let st = admin
-                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Ok(st

@@ -151,6 +151,7 @@ impl Site {
             .admin
             .get_sync_status(pb::GetSyncStatusRequest {
                 name: format!("{}/syncStatus", self.site),
+                ..Default::default()
             })
             .await?
             .into_inner())
@@ -171,7 +172,10 @@ impl Site {
             let name = name.clone();
             async move {
                 let s = admin
-                    .get_sync_status(pb::GetSyncStatusRequest { name })
+                    .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                     .await?
                     .into_inner();
                 let done = s

@@ -246,7 +246,8 @@ async fn another_dealers_token_finds_nothing_and_changes_nothing() -> anyhow::Re
     call!(
         "GetSyncStatus",
         b.get_sync_status(pb::GetSyncStatusRequest {
-            name: format!("{site}/syncStatus")
+            name: format!("{site}/syncStatus"),
+            ..Default::default()
         })
     );
     call!(

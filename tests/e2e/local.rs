@@ -36,7 +36,10 @@ async fn device_status(
         let ready = &ready;
         async move {
             let status = admin
-                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Ok(status

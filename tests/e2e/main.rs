@@ -45,6 +45,7 @@ mod seed000;
 mod shutdown;
 mod site_changes;
 mod status;
+mod sync_status_pages;
 mod tls;
 mod wake;
 mod zwave;

@@ -757,7 +757,10 @@ async fn a_deleted_code_is_removing_until_the_lock_confirms_then_removed() -> an
         let credential = c.name.clone();
         async move {
             let sync = admin
-                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Ok(sync.slots.into_iter().find(|a| {

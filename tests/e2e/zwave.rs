@@ -469,7 +469,10 @@ async fn managed_reported(s: &Site, lock: &pb::Device) -> anyhow::Result<()> {
         let name = name.clone();
         async move {
             let st = admin
-                .get_sync_status(pb::GetSyncStatusRequest { name })
+                .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             Ok(st
@@ -600,7 +603,10 @@ async fn zwave_the_locks_own_slots_reach_keyplaned_and_a_full_lock_is_refused_at
             let panel = panel.clone();
             async move {
                 let st = admin
-                    .get_sync_status(pb::GetSyncStatusRequest { name })
+                    .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                     .await?
                     .into_inner();
                 let done = st

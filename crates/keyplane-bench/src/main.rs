@@ -624,6 +624,7 @@ async fn snapshot_apply(server: &str, token: &str, site: &Site, id: &str) -> any
             token,
             pb::GetSyncStatusRequest {
                 name: site.name.clone(),
+                ..Default::default()
             },
         );
         let mut admin = admin.clone();

@@ -83,11 +83,33 @@ pub fn page_cursor(list: &str, page_size: i32, page_token: &str) -> Result<(i64,
 }
 
 fn page_limit(page_size: i32) -> Result<i64, Status> {
+    page_limit_within(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+}
+
+fn page_limit_within(page_size: i32, default: i64, max: i64) -> Result<i64, Status> {
     match i64::from(page_size) {
-        0 => Ok(DEFAULT_PAGE_SIZE),
+        0 => Ok(default),
         n if n < 0 => Err(Status::invalid_argument("page_size must not be negative")),
-        n => Ok(n.min(MAX_PAGE_SIZE)),
+        n => Ok(n.min(max)),
     }
+}
+
+/// Checks page size against `default` and `max` and decodes a page token keyed by
+/// any text (the caller parses it; a token that does not parse is malformed).
+pub fn page_keyed(
+    list: &str,
+    page_size: i32,
+    page_token: &str,
+    default: i64,
+    max: i64,
+) -> Result<(Option<String>, i64), Status> {
+    let limit = page_limit_within(page_size, default, max)?;
+    Ok((page_token_decode(list, page_token)?, limit))
+}
+
+/// The error of a page token that decodes but does not parse.
+pub fn malformed_token() -> Status {
+    malformed()
 }
 
 /// Splits a fetched page (fetched with limit + 1) into items and the next token,

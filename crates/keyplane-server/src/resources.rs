@@ -338,6 +338,8 @@ pub fn sync_pb(
         // Filled by GetSyncStatus from the agent's last Hello.
         site_issues: Vec::new(),
         agent: None,
+        // Filled by GetSyncStatus, which pages `slots`.
+        next_page_token: String::new(),
         devices: s
             .devices
             .iter()

@@ -151,6 +151,12 @@ pub(super) async fn lockdown_release(
     Ok(Response::new(()))
 }
 
+/// Assignments GetSyncStatus lists per page when the request names no page size:
+/// about 300 KiB (an assignment with its pending change is about 300 bytes).
+const SYNC_STATUS_PAGE_SIZE: i64 = 1000;
+/// The most it lists per page: about 1.5 MiB, under the 4 MiB a client takes by default.
+const SYNC_STATUS_MAX_PAGE_SIZE: i64 = 5000;
+
 pub(super) async fn sync_status(
     api: &AdminApi,
     request: Request<pb::GetSyncStatusRequest>,
@@ -164,6 +170,44 @@ pub(super) async fn sync_status(
     .map_err(store_status)?;
     let states = res::slot_states(&facts);
     let mut out = res::sync_pb(&status, &facts, &states);
+    let view = pb::SyncStatusView::try_from(req.view)
+        .map_err(|_| Status::invalid_argument(format!("view: unknown value {}", req.view)))?;
+    if view == pb::SyncStatusView::Basic {
+        out.slots = Vec::new();
+        for d in &mut out.devices {
+            d.findings = None;
+        }
+    } else {
+        let list = format!("GetSyncStatus {site}");
+        let (after, limit) = crate::page::page_keyed(
+            &list,
+            req.page_size,
+            &req.page_token,
+            SYNC_STATUS_PAGE_SIZE,
+            SYNC_STATUS_MAX_PAGE_SIZE,
+        )?;
+        // `slots` is sorted by (device, slot), the key of the token.
+        let start = match after {
+            None => 0,
+            Some(key) => {
+                let (device, slot) = key
+                    .rsplit_once(' ')
+                    .and_then(|(d, s)| Some((d.to_owned(), s.parse::<i32>().ok()?)))
+                    .ok_or_else(crate::page::malformed_token)?;
+                out.slots
+                    .partition_point(|s| (s.device.as_str(), s.slot) <= (device.as_str(), slot))
+            }
+        };
+        let slots = std::mem::take(&mut out.slots);
+        let (page, next) = crate::page::page_split(
+            &list,
+            slots.into_iter().skip(start).collect(),
+            limit,
+            |s: &pb::SlotAssignmentStatus| format!("{} {}", s.device, s.slot),
+        );
+        out.slots = page;
+        out.next_page_token = next;
+    }
     // Issue 14: the agent's last Hello, and a clock skew it showed.
     if let Some(hello) = api
         .store
