@@ -377,7 +377,10 @@ async fn keyplaned_killed_while_agents_stream_loses_no_change() -> anyhow::Resul
                 let name = name.clone();
                 async move {
                     let status = admin
-                        .get_sync_status(pb::GetSyncStatusRequest { name })
+                        .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
                         .await?
                         .into_inner();
                     Ok(status
