@@ -49,9 +49,9 @@ async fn an_idle_agent_is_still_seen_while_its_stream_is_held() -> anyhow::Resul
             async move {
                 let now = admin
                     .get_sync_status(keyplane_proto::v1::GetSyncStatusRequest {
-                    name,
-                    ..Default::default()
-                })
+                        name,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 let seen = now

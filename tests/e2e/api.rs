@@ -306,9 +306,9 @@ async fn the_dev_demo_seeds_a_site_an_agent_can_sync() -> anyhow::Result<()> {
             async move {
                 let s = admin
                     .get_sync_status(pb::GetSyncStatusRequest {
-                    name,
-                    ..Default::default()
-                })
+                        name,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 Ok(s.devices

@@ -378,9 +378,9 @@ async fn keyplaned_killed_while_agents_stream_loses_no_change() -> anyhow::Resul
                 async move {
                     let status = admin
                         .get_sync_status(pb::GetSyncStatusRequest {
-                    name,
-                    ..Default::default()
-                })
+                            name,
+                            ..Default::default()
+                        })
                         .await?
                         .into_inner();
                     Ok(status

@@ -173,9 +173,9 @@ impl Site {
             async move {
                 let s = admin
                     .get_sync_status(pb::GetSyncStatusRequest {
-                    name,
-                    ..Default::default()
-                })
+                        name,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 let done = s

@@ -195,9 +195,9 @@ async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -
             async move {
                 let s = admin
                     .get_sync_status(pb::GetSyncStatusRequest {
-                    name,
-                    ..Default::default()
-                })
+                        name,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 let done = !s.devices.is_empty()

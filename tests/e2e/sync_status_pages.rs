@@ -82,7 +82,12 @@ async fn fill(s: &mut Site) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request(site: &str, view: pb::SyncStatusView, page_size: i32, page_token: &str) -> pb::GetSyncStatusRequest {
+fn request(
+    site: &str,
+    view: pb::SyncStatusView,
+    page_size: i32,
+    page_token: &str,
+) -> pb::GetSyncStatusRequest {
     pb::GetSyncStatusRequest {
         name: format!("{site}/syncStatus"),
         view: view as i32,
@@ -103,13 +108,31 @@ async fn a_big_sites_sync_status_comes_as_a_summary_or_in_pages() -> anyhow::Res
         .get_sync_status(request(&s.site, pb::SyncStatusView::Basic, 0, ""))
         .await?
         .into_inner();
-    assert!(basic.slots.is_empty() && basic.next_page_token.is_empty(), "BASIC lists no assignment");
-    assert!(basic.devices.iter().all(|d| d.findings.is_none()), "nor findings");
-    let counts = basic.rollup.as_ref().and_then(|r| r.counts).unwrap_or_default();
+    assert!(
+        basic.slots.is_empty() && basic.next_page_token.is_empty(),
+        "BASIC lists no assignment"
+    );
+    assert!(
+        basic.devices.iter().all(|d| d.findings.is_none()),
+        "nor findings"
+    );
+    let counts = basic
+        .rollup
+        .as_ref()
+        .and_then(|r| r.counts)
+        .unwrap_or_default();
     assert!(counts.total as usize >= expected, "{counts:?}");
     assert_eq!(counts.set, 0, "no agent ever connected: {counts:?}");
-    assert_eq!(basic.devices.len(), DOORS + 2, "the fixture's panel and lock, and the doors");
-    assert!(basic.encoded_len() < 64 * 1024, "{} bytes", basic.encoded_len());
+    assert_eq!(
+        basic.devices.len(),
+        DOORS + 2,
+        "the fixture's panel and lock, and the doors"
+    );
+    assert!(
+        basic.encoded_len() < 64 * 1024,
+        "{} bytes",
+        basic.encoded_len()
+    );
 
     // FULL (the default view) a page at a time: the default page, then the largest.
     let mut seen = HashSet::new();
@@ -119,12 +142,24 @@ async fn a_big_sites_sync_status_comes_as_a_summary_or_in_pages() -> anyhow::Res
     loop {
         let size = if pages == 0 { 0 } else { 100_000 };
         let page = admin
-            .get_sync_status(request(&s.site, pb::SyncStatusView::Unspecified, size, &token))
+            .get_sync_status(request(
+                &s.site,
+                pb::SyncStatusView::Unspecified,
+                size,
+                &token,
+            ))
             .await?
             .into_inner();
         pages += 1;
-        assert!(page.encoded_len() < DEFAULT_LIMIT, "page {pages}: {} bytes", page.encoded_len());
-        assert!(page.rollup.is_some(), "every page carries the site's roll-up");
+        assert!(
+            page.encoded_len() < DEFAULT_LIMIT,
+            "page {pages}: {} bytes",
+            page.encoded_len()
+        );
+        assert!(
+            page.rollup.is_some(),
+            "every page carries the site's roll-up"
+        );
         if pages == 1 {
             assert_eq!(page.slots.len(), 1000, "the default page");
         } else {
@@ -132,7 +167,12 @@ async fn a_big_sites_sync_status_comes_as_a_summary_or_in_pages() -> anyhow::Res
         }
         for slot in &page.slots {
             listed_bytes += slot.encoded_len();
-            assert!(seen.insert((slot.device.clone(), slot.slot)), "{}:{} listed twice", slot.device, slot.slot);
+            assert!(
+                seen.insert((slot.device.clone(), slot.slot)),
+                "{}:{} listed twice",
+                slot.device,
+                slot.slot
+            );
         }
         if page.next_page_token.is_empty() {
             break;
@@ -140,15 +180,25 @@ async fn a_big_sites_sync_status_comes_as_a_summary_or_in_pages() -> anyhow::Res
         token = page.next_page_token;
     }
     assert!(seen.len() >= expected, "{} listed", seen.len());
-    assert!(listed_bytes > DEFAULT_LIMIT, "the whole list ({listed_bytes} bytes) is over what one message may carry");
+    assert!(
+        listed_bytes > DEFAULT_LIMIT,
+        "the whole list ({listed_bytes} bytes) is over what one message may carry"
+    );
 
     // A token is for this call only, and a page size cannot be negative.
     let other = admin
-        .list_users(pb::ListUsersRequest { parent: s.site.clone(), page_size: 1, ..Default::default() })
+        .list_users(pb::ListUsersRequest {
+            parent: s.site.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .next_page_token;
-    for bad in [request(&s.site, pb::SyncStatusView::Full, 10, &other), request(&s.site, pb::SyncStatusView::Full, -1, "")] {
+    for bad in [
+        request(&s.site, pb::SyncStatusView::Full, 10, &other),
+        request(&s.site, pb::SyncStatusView::Full, -1, ""),
+    ] {
         let err = admin.get_sync_status(bad).await.expect_err("refused");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     }

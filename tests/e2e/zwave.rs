@@ -604,9 +604,9 @@ async fn zwave_the_locks_own_slots_reach_keyplaned_and_a_full_lock_is_refused_at
             async move {
                 let st = admin
                     .get_sync_status(pb::GetSyncStatusRequest {
-                    name,
-                    ..Default::default()
-                })
+                        name,
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 let done = st
