@@ -59,7 +59,14 @@ const STEPS: &[Step] = &[
     step(&["CreateCredential", "4821"], &["\"device\": \"$PANEL\""]),
     step(&["CreateCredential", "9930"], &["\"device\": \"$LOCK\""]),
     step(&["ListCredentials"], &["\"name\": \"$DOOR_CODE\""]),
-    step(&["GetSyncStatus"], &["\"name\": \"$SITE/syncStatus\""]),
+    step(
+        &["GetSyncStatus", "/syncStatus\\\"}"],
+        &["\"name\": \"$SITE/syncStatus\""],
+    ),
+    step(
+        &["GetSyncStatus", "SYNC_STATUS_VIEW_BASIC"],
+        &["\"name\": \"$SITE/syncStatus\"", "\"rollup\""],
+    ),
     step(&["IssueAgentToken"], &["\"token\": \"kpa_"]),
     step(
         &["CreateUser", "Babysitter"],
