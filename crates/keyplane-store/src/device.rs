@@ -38,7 +38,7 @@ pub(crate) fn device_from_row(row: &Row) -> Result<Device, StoreError> {
         create_time: row.get(7),
         update_time: row.get(8),
         // A report that no longer decodes is dropped: the profile stays in force.
-        reported: crate::status::reported_from_json(row.get(9)),
+        reported: crate::stored_json::reported_from_json(row.get(9)),
     })
 }
 

@@ -36,6 +36,7 @@ mod rotate;
 mod rules;
 mod site;
 mod status;
+mod stored_json;
 mod sync;
 mod tls;
 mod types;

@@ -9,6 +9,7 @@ use crate::credential::{
 use crate::site::{
     AuditParams, LogParams, policy_actor, site_change_record_in_txn, site_get_in_txn,
 };
+use crate::stored_json::local_code_audit_json;
 use crate::{Actor, Credential, LocalCodePolicy, Store, StoreError, batch_in_txn, in_txn, params};
 use crate::{Cached, Transaction};
 use keyplane_core::DeviceKind;
@@ -77,11 +78,6 @@ pub struct LocalCode {
     pub removing: bool,
     /// When last seen.
     pub observe_time: SystemTime,
-}
-
-/// A local code as the audit log records it before or after a change (never its PIN).
-pub(crate) fn local_code_audit_json(device: Uuid, slot: u16, removing: bool) -> serde_json::Value {
-    serde_json::json!({ "device": device, "slot": slot, "removing": removing })
 }
 
 /// A credential as the drift records record it: the credential, and the drifted slot

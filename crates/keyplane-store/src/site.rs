@@ -1,7 +1,7 @@
 //! Sites, and the helpers every site-scoped write uses: the site lock, the revision
 //! counter, the audit log and idempotency keys.
 
-use crate::observed::local_code_audit_json;
+use crate::stored_json::{local_code_audit_json, thresholds_from_json};
 use crate::{
     Actor, LocalCodePolicy, NewSite, PageRequest, RequestKey, Site, SitePatch, Step, Store,
     StoreError, batch_in_txn, in_txn, params,
@@ -25,7 +25,7 @@ pub(crate) fn site_from_row(row: &Row) -> Site {
         version: row.get(5),
         create_time: row.get(6),
         update_time: row.get(7),
-        status_thresholds: crate::status::thresholds_from_json(row.get(8)),
+        status_thresholds: thresholds_from_json(row.get(8)),
     }
 }
 
