@@ -27,6 +27,8 @@ mod event;
 mod metrics;
 mod migrate;
 mod notify;
+#[cfg(test)]
+mod module_graph;
 mod observed;
 mod ops;
 mod partition;
