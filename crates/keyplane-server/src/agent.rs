@@ -1,8 +1,10 @@
 //! AgentService: one bidirectional Sync stream per site agent.
 //!
 //! Each stream runs one task: it answers Hello with a snapshot or the changes since
-//! the agent's revision, then sends live changes whenever the hub wakes it (or its
-//! periodic re-check fires), and records acks. Responses go through an mpsc channel;
+//! the agent's revision, then sends live changes whenever the hub wakes it, and
+//! records acks. An idle stream asks the database nothing: the hub's one poller per
+//! replica stands in for a periodic re-check per stream (670 queries a second with
+//! 10,000 agents); a read that failed is retried by the stream itself. Responses go through an mpsc channel;
 //! a failed send means the agent left.
 //!
 //! A stream ends, with a status saying why, when the site's session epoch advances
@@ -45,8 +47,11 @@ pub const PROTOCOL_HEADER: &str = "keyplane-protocol-version";
 pub const CLOCK_REPORTS_HEADER: &str = "keyplane-clock-reports";
 /// How long an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Re-check the change log this often even without a wake-up.
-const RECHECK: Duration = Duration::from_secs(15);
+/// The first wait before a stream retries a database read that failed; it doubles
+/// up to [`RETRY_MAX`] while the reads keep failing.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between a stream's retries.
+const RETRY_MAX: Duration = Duration::from_secs(15);
 
 /// The AgentService implementation.
 #[derive(Debug, Clone)]
@@ -483,6 +488,7 @@ impl AgentService for AgentApi {
                 expires,
                 shutdown: self.shutdown.clone(),
                 clock_skew_threshold: self.clock_skew_threshold,
+                owed: Owed::default(),
             };
             // Every line of the stream's task names the site and agent.
             let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
@@ -606,6 +612,47 @@ struct Session {
     shutdown: CancellationToken,
     /// The agent clock skew beyond which CLOCK_SKEW is raised.
     clock_skew_threshold: Duration,
+    /// What this stream still owes after a database read failed, and when to retry.
+    owed: Owed,
+}
+
+/// Reads a stream could not make (the database was unreachable), retried with
+/// backoff: no wake-up may be lost to a failed read, and a revocation that could not
+/// be checked is checked again rather than let pass.
+#[derive(Debug, Default)]
+struct Owed {
+    /// The session check (revoked, replaced, closed, deleted?).
+    check: bool,
+    /// A full snapshot (an operator's resync).
+    snapshot: bool,
+    /// The changes since the last message sent.
+    changes: bool,
+    /// When to retry; None while nothing is owed.
+    at: Option<tokio::time::Instant>,
+    /// The wait before the next retry.
+    backoff: Duration,
+}
+
+impl Owed {
+    fn any(&self) -> bool {
+        self.check || self.snapshot || self.changes
+    }
+
+    /// Schedules the next retry after a failure (backing off), or clears the timer
+    /// once nothing is owed.
+    fn reschedule(&mut self, failed: bool) {
+        if !self.any() {
+            self.at = None;
+            self.backoff = Duration::ZERO;
+        } else if failed {
+            self.backoff = if self.backoff.is_zero() {
+                RETRY_FIRST
+            } else {
+                (self.backoff * 2).min(RETRY_MAX)
+            };
+            self.at = Some(tokio::time::Instant::now() + self.backoff);
+        }
+    }
 }
 
 impl Session {
@@ -623,9 +670,10 @@ impl Session {
             // included) needs no wake-up; a write in between is reported by the
             // poller's revision.
             let mut last = *wake.borrow_and_update();
-            let mut recheck = tokio::time::interval(RECHECK);
-            recheck.reset();
             loop {
+                // A certificate that expires mid-stream (not renewed) ends it at its
+                // expiry; revocations and takeovers come through the epoch.
+                let due = self.owed.at.or_else(|| self.expires.map(instant_of));
                 tokio::select! {
                     // cancel-safe: a token.
                     _ = shutdown.cancelled() => break,
@@ -669,12 +717,9 @@ impl Session {
                         last = seen;
                         if !epoch_only && !self.catch_up().await { break; }
                     }
-                    // cancel-safe: interval ticks.
-                    _ = recheck.tick() => {
-                        // How a certificate that expires mid-stream (not renewed) ends it;
-                        // revocations and takeovers come through the epoch, at no cost here.
-                        let expired = self.expires.is_some_and(|t| SystemTime::now() >= t);
-                        if (expired && !self.may_go_on().await) || !self.recheck().await { break; }
+                    // cancel-safe: a timer.
+                    _ = sleep_until_some(due) => {
+                        if !self.settle().await { break; }
                     }
                 }
             }
@@ -686,15 +731,26 @@ impl Session {
         tracing::info!(%site, "agent disconnected");
     }
 
-    /// The periodic re-check: almost always nothing changed (wake-ups cover the
-    /// changes), so one statement reads the revision and only a site that moved past
-    /// what was sent is read in full. With 10,000 agents the re-checks alone were 670
-    /// read transactions (four round trips each) a second.
-    async fn recheck(&mut self) -> bool {
-        match self.store.site_revisions(&[self.site]).await {
-            Ok(revisions) if revisions.first().is_some_and(|(_, r)| *r == self.sent) => true,
-            _ => self.catch_up().await,
+    /// Makes the reads owed after failures, and the session check once the
+    /// certificate has expired; false when the stream must end.
+    async fn settle(&mut self) -> bool {
+        let expired = self.expires.is_some_and(|t| SystemTime::now() >= t);
+        if (expired || self.owed.check) && !self.may_go_on().await {
+            return false;
         }
+        if self.expires.is_some_and(|t| SystemTime::now() >= t) && !self.owed.check {
+            // The check passed with an expiry still behind us: check again later
+            // rather than at once, for ever.
+            self.owed.check = true;
+            self.owed.reschedule(true);
+        }
+        if self.owed.snapshot {
+            return self.resend_snapshot().await;
+        }
+        if self.owed.changes {
+            return self.catch_up().await;
+        }
+        true
     }
 
     /// Whether this stream may go on (not revoked, replaced or of a deleted site);
@@ -709,6 +765,8 @@ impl Session {
             Ok(SessionCheck::Current { epoch, not_after }) => {
                 self.epoch = epoch;
                 self.expires = not_after;
+                self.owed.check = false;
+                self.owed.reschedule(false);
                 return true;
             }
             Ok(SessionCheck::Replaced) => Status::aborted(format!(
@@ -723,6 +781,8 @@ impl Session {
             Ok(SessionCheck::SiteGone) => Status::not_found(format!("sites/{site} was deleted")),
             Err(e) => {
                 tracing::warn!(%site, error = %e, "re-checking the agent session failed; will retry");
+                self.owed.check = true;
+                self.owed.reschedule(true);
                 return true;
             }
         };
@@ -737,10 +797,16 @@ impl Session {
         match self.store.agent_update(self.site, 0).await {
             Ok(update) => {
                 tracing::info!(site = %self.site, "resync: sending the agent a full snapshot");
+                // A snapshot holds every change too.
+                self.owed.snapshot = false;
+                self.owed.changes = false;
+                self.owed.reschedule(false);
                 self.send(&update).await
             }
             Err(e) => {
-                tracing::warn!(site = %self.site, error = %e, "reading the resync snapshot failed; the next change or re-check catches up");
+                tracing::warn!(site = %self.site, error = %e, "reading the resync snapshot failed; will retry");
+                self.owed.snapshot = true;
+                self.owed.reschedule(true);
                 true
             }
         }
@@ -748,11 +814,18 @@ impl Session {
 
     /// Sends what changed since the last message; false when the agent is gone.
     async fn catch_up(&mut self) -> bool {
-        match self.store.agent_update(self.site, self.sent).await {
+        let result = self.store.agent_update(self.site, self.sent).await;
+        if result.is_ok() {
+            self.owed.changes = false;
+            self.owed.reschedule(false);
+        }
+        match result {
             Ok(AgentUpdate::Changes { revision, .. }) if revision <= self.sent => true,
             Ok(update) => self.send(&update).await,
             Err(e) => {
                 tracing::warn!(site = %self.site, error = %e, "reading changes failed; will retry");
+                self.owed.changes = true;
+                self.owed.reschedule(true);
                 true
             }
         }
@@ -1023,9 +1096,53 @@ impl Session {
     }
 }
 
+/// The monotonic instant of a wall-clock time (now when it has passed).
+fn instant_of(at: SystemTime) -> tokio::time::Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owed_reads_back_off_and_clear() {
+        let mut owed = Owed::default();
+        owed.reschedule(false);
+        assert_eq!(owed.at, None, "nothing owed: no timer");
+        owed.changes = true;
+        let waits: Vec<Duration> = (0..6)
+            .map(|_| {
+                owed.reschedule(true);
+                owed.backoff
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            [1, 2, 4, 8, 15, 15].map(Duration::from_secs),
+            "each failure doubles the wait, up to RETRY_MAX"
+        );
+        assert!(owed.at.is_some());
+        owed.changes = false;
+        owed.reschedule(false);
+        assert_eq!(
+            (owed.at, owed.backoff),
+            (None, Duration::ZERO),
+            "paid: cleared"
+        );
+        owed.check = true;
+        owed.reschedule(true);
+        assert_eq!(owed.backoff, RETRY_FIRST, "a new debt starts over");
+    }
 
     fn update(slots: usize, snapshot: bool) -> AgentUpdate {
         let device = Uuid::new_v4();

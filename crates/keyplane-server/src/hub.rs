@@ -177,6 +177,7 @@ impl Hub {
     ) {
         let mut since = None;
         let mut last_seen_refresh = tokio::time::Instant::now();
+        let mut last_deep = tokio::time::Instant::now();
         loop {
             let wait = if self.listening() {
                 listening_period.max(period)
@@ -203,7 +204,17 @@ impl Hub {
                 since = None;
                 continue;
             }
-            match store.sites_changed(since, POLL_SLACK).await {
+            // Now and then look much further back: a write that advanced a revision
+            // and took longer than POLL_SLACK to commit (an fsync stall) and whose
+            // notification was lost is found here, by one query for the replica
+            // instead of a re-check per stream.
+            let slack = if last_deep.elapsed() >= DEEP_POLL_EVERY {
+                last_deep = tokio::time::Instant::now();
+                DEEP_POLL_SLACK
+            } else {
+                POLL_SLACK
+            };
+            match store.sites_changed(since, slack).await {
                 Ok((changed, now)) => {
                     for change in changed {
                         self.observe(change);
@@ -391,6 +402,13 @@ const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How far before the last poll each poll looks again: longer than a write takes from
 /// advancing a site's revision to committing.
 const POLL_SLACK: Duration = Duration::from_secs(2);
+
+/// How often a poll looks [`DEEP_POLL_SLACK`] back instead of [`POLL_SLACK`].
+const DEEP_POLL_EVERY: Duration = Duration::from_secs(15);
+
+/// How far back the deep poll looks: longer than any write stays open (the pool's
+/// statements time out well before).
+const DEEP_POLL_SLACK: Duration = Duration::from_secs(300);
 
 /// Rings whenever this replica stores a new event, waking event watchers at once;
 /// watchers also re-check on a timer, which catches events stored by other replicas.

@@ -26,9 +26,9 @@ mod error;
 mod event;
 mod metrics;
 mod migrate;
-mod notify;
 #[cfg(test)]
 mod module_graph;
+mod notify;
 mod observed;
 mod ops;
 mod partition;
