@@ -343,6 +343,27 @@ impl fmt::Display for SyncStatusName {
     }
 }
 
+/// `dealerTokens/{token}`: one of a dealer's API tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DealerTokenName {
+    /// The token's id (not the secret).
+    pub token: Uuid,
+}
+
+impl DealerTokenName {
+    /// Parses `dealerTokens/{uuid}`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let [token] = parse_uuids(name, &["dealerTokens"], "dealerTokens/{token}")?;
+        Ok(DealerTokenName { token })
+    }
+}
+
+impl fmt::Display for DealerTokenName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dealerTokens/{}", self.token)
+    }
+}
+
 /// A singleton of a site, `sites/{site}/{collection}` (OpsService resources).
 fn site_singleton(name: &str, singleton: &str, expected: &'static str) -> Result<Uuid, NameError> {
     let err = || NameError {
@@ -541,6 +562,18 @@ mod tests {
                 format!("sites/{S}/opsStatus/x"),
                 false,
             ),
+            ("dealer token", format!("dealerTokens/{D}"), true),
+            (
+                "dealer token not a uuid",
+                "dealerTokens/x".to_owned(),
+                false,
+            ),
+            (
+                "dealer token under a site",
+                format!("sites/{S}/dealerTokens/{D}"),
+                false,
+            ),
+            ("dealer token bare", "dealerTokens/".to_owned(), false),
         ];
         for (what, name, ok) in &table {
             let got = match *what {
@@ -554,6 +587,7 @@ mod tests {
                     AgentConnectionName::parse(name).map(|n| n.to_string())
                 }
                 w if w.starts_with("ops") => OpsStatusName::parse(name).map(|n| n.to_string()),
+                w if w.starts_with("dealer") => DealerTokenName::parse(name).map(|n| n.to_string()),
                 _ => SyncStatusName::parse(name).map(|n| n.to_string()),
             };
             assert_eq!(got.is_ok(), *ok, "{what}: {got:?}");

@@ -190,6 +190,26 @@ impl From<EventKind> for pb::EventKind {
     }
 }
 
+impl TryFrom<pb::ObservedState> for SlotFinding {
+    type Error = UnknownValue;
+    fn try_from(state: pb::ObservedState) -> Result<Self, Self::Error> {
+        Ok(match state {
+            pb::ObservedState::Managed => SlotFinding::Managed,
+            pb::ObservedState::Unverifiable => SlotFinding::Unverifiable,
+            pb::ObservedState::Drifted => SlotFinding::Drifted,
+            pb::ObservedState::Missing => SlotFinding::Missing,
+            pb::ObservedState::Foreign => SlotFinding::Foreign,
+            pb::ObservedState::Conflict => SlotFinding::Conflict,
+            pb::ObservedState::Unspecified => {
+                return Err(UnknownValue {
+                    what: "observed slot state",
+                    value: state as i32,
+                });
+            }
+        })
+    }
+}
+
 impl From<SlotFinding> for pb::ObservedState {
     fn from(finding: SlotFinding) -> Self {
         match finding {

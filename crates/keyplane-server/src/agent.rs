@@ -898,19 +898,9 @@ impl Session {
         }
         let mut slots = Vec::with_capacity(observed.slots.len());
         for o in &observed.slots {
-            let state = match pb::ObservedState::try_from(o.state) {
-                Ok(pb::ObservedState::Managed) => ObservedState::Managed,
-                Ok(pb::ObservedState::Drifted) => ObservedState::Drifted,
-                Ok(pb::ObservedState::Missing) => ObservedState::Missing,
-                Ok(pb::ObservedState::Foreign) => ObservedState::Foreign,
-                Ok(pb::ObservedState::Conflict) => ObservedState::Conflict,
-                Ok(pb::ObservedState::Unverifiable) => ObservedState::Unverifiable,
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "observed.slots[].state is not set",
-                    ));
-                }
-            };
+            let state: ObservedState =
+                keyplane_proto::convert::decode::<pb::ObservedState, _>(o.state, "state")
+                    .map_err(|_| Status::invalid_argument("observed.slots[].state is not set"))?;
             let slot = u16::try_from(o.slot)
                 .map_err(|_| Status::invalid_argument("observed slot out of range"))?;
             // A code the device holds need not follow keyplane's policy: keep what parses.

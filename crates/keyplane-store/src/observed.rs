@@ -20,33 +20,19 @@ use std::time::SystemTime;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-/// How an observed slot compares with what keyplane wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObservedState {
-    /// Holds keyplane's code.
-    Managed,
-    /// keyplane's slot holds another code.
-    Drifted,
-    /// keyplane's slot is empty.
-    Missing,
-    /// A code keyplane did not write.
-    Foreign,
-    /// A foreign code equal to a managed one.
-    Conflict,
-    /// Occupied, codes masked.
-    Unverifiable,
-}
+/// How an observed slot compares with what keyplane wrote: the agent's finding, one
+/// type from the wire to the table.
+pub use keyplane_core::observed::SlotFinding as ObservedState;
 
-impl ObservedState {
-    fn as_str(self) -> &'static str {
-        match self {
-            ObservedState::Managed => "managed",
-            ObservedState::Drifted => "drifted",
-            ObservedState::Missing => "missing",
-            ObservedState::Foreign => "foreign",
-            ObservedState::Conflict => "conflict",
-            ObservedState::Unverifiable => "unverifiable",
-        }
+/// The `observed_slot.state` value of `state`.
+fn state_sql(state: ObservedState) -> &'static str {
+    match state {
+        ObservedState::Managed => "managed",
+        ObservedState::Drifted => "drifted",
+        ObservedState::Missing => "missing",
+        ObservedState::Foreign => "foreign",
+        ObservedState::Conflict => "conflict",
+        ObservedState::Unverifiable => "unverifiable",
     }
 }
 
@@ -206,7 +192,7 @@ impl Store {
                 tx.execute(
                     "INSERT INTO observed_slot (site_id, device_id, slot, state, pin_sealed, pin_key_id, pin_hash, removing, pin_bound_slot)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true)",
-                    &[&site, &device, &slot, &o.state.as_str(), &sealed, &key_id, &hash, &removing],
+                    &[&site, &device, &slot, &state_sql(o.state), &sealed, &key_id, &hash, &removing],
                 )
                 .await?;
             }

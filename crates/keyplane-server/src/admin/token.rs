@@ -1,6 +1,7 @@
 //! Dealer tokens: create (scoped, optionally expiring), list, revoke.
 
 use super::*;
+use keyplane_core::names::DealerTokenName;
 use keyplane_core::scope::TokenScope;
 use keyplane_store::DealerTokenInfo;
 
@@ -14,7 +15,7 @@ fn scope_pb(scope: TokenScope) -> pb::TokenScope {
 
 fn token_pb(t: &DealerTokenInfo) -> pb::DealerToken {
     pb::DealerToken {
-        name: format!("dealerTokens/{}", t.id),
+        name: DealerTokenName { token: t.id }.to_string(),
         display_name: t.display_name.clone(),
         scope: scope_pb(t.scope) as i32,
         expire_time: t.expire_time.map(prost_types::Timestamp::from),
@@ -23,9 +24,9 @@ fn token_pb(t: &DealerTokenInfo) -> pb::DealerToken {
 }
 
 fn token_id(name: &str) -> Result<Uuid, Status> {
-    name.strip_prefix("dealerTokens/")
-        .and_then(|id| Uuid::parse_str(id).ok())
-        .ok_or_else(|| Status::invalid_argument("name must be dealerTokens/{id}"))
+    DealerTokenName::parse(name)
+        .map(|n| n.token)
+        .map_err(|_| Status::invalid_argument("name must be dealerTokens/{id}"))
 }
 
 pub(super) async fn create(
