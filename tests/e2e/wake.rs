@@ -1,7 +1,8 @@
 //! Cross-replica wake-ups (issue 15): a change committed through one replica reaches
 //! an agent stream held by another through NOTIFY after commit, not the poll. Both
 //! replicas here poll once an hour, so only a notification (or the listener's
-//! re-check when it reconnects) can deliver anything within the test.
+//! re-check when it reconnects) can deliver anything within the test; the last test
+//! sends no notification and shows the held-site check delivering alone.
 
 use crate::enroll::{ended_within, snapshot};
 use crate::fixture::{Site, lock_scope};
@@ -23,6 +24,7 @@ const DELIVERY_BOUND: Duration = Duration::from_secs(10);
 fn quiet(c: &mut keyplane_server::Config, name: &str) {
     c.poll_interval = NEVER;
     c.poll_interval_listening = NEVER;
+    c.held_check_interval = NEVER;
     c.listen_retry = LISTEN_RETRY;
     c.replica_name = Some(name.to_owned());
 }
@@ -154,5 +156,40 @@ async fn a_change_made_while_the_listener_is_cut_still_arrives() -> anyhow::Resu
     s.credential(&alice, "5930", lock_scope(&[&lock])).await?;
     let after = site_revision(&s).await?;
     assert_eq!(change_reaching(&mut stream, after).await?, after);
+    Ok(())
+}
+
+/// The safety net under every wake-up: no replica sends a notification and none
+/// polls, so only B's periodic re-read of the sites it holds can tell its stream of
+/// a change written through A (a lost notification, a wake-up a stream took while
+/// reading: each ends the same way).
+#[tokio::test]
+async fn a_change_nobody_announced_reaches_the_stream_by_the_held_site_check() -> anyhow::Result<()>
+{
+    let a = TestServer::start_tls_tweaked(&|c| {
+        quiet(c, "check-a");
+        c.notify = false;
+    })
+    .await?;
+    let mut s = Site::on_server(a, "zwave-lock-30").await?;
+    let b = s
+        .server
+        .replica_tweaked(&|c| {
+            quiet(c, "check-b");
+            c.notify = false;
+            c.held_check_interval = Duration::from_millis(300);
+        })
+        .await?;
+    let (mut stream, _tx) = b.sync(None, Some(&s.agent_token), &s.site).await?;
+    let first = snapshot(&mut stream).await?;
+    let (alice, lock) = (s.alice.clone(), s.lock.clone());
+    s.credential(&alice, "4821", lock_scope(&[&lock])).await?;
+    let written = site_revision(&s).await?;
+    assert!(
+        written > first.revision,
+        "{written} after {}",
+        first.revision
+    );
+    assert_eq!(change_reaching(&mut stream, written).await?, written);
     Ok(())
 }

@@ -441,7 +441,12 @@ impl AgentService for AgentApi {
             // Held until the first update is read and the session recorded.
             let _opening = self.admit(site).await?;
             self.record_hello(site, &hello, protocol).await;
-            let wake = self.hub.subscribe(site);
+            let mut wake = self.hub.subscribe(site);
+            // Taken before `first` is read: whatever moves after it is still to be
+            // looked at, so no wake-up is lost between reading `first` and the
+            // stream's loop (the hub's own poller would not repeat one whose
+            // revision it had already passed on).
+            let before = *wake.borrow_and_update();
             // Identifies this stream, so only the newest one marks the site disconnected.
             let session = Uuid::new_v4();
             let first = self
@@ -493,7 +498,7 @@ impl AgentService for AgentApi {
             // Every line of the stream's task names the site and agent.
             let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
             tokio::spawn(tracing::Instrument::instrument(
-                session.run(first, inbound, wake),
+                session.run(first, before, inbound, wake),
                 span,
             ));
             let mut response: Response<Self::SyncStream> = Response::new(Box::pin(
@@ -659,6 +664,7 @@ impl Session {
     async fn run(
         mut self,
         first: AgentUpdate,
+        before: crate::hub::Seen,
         mut inbound: Streaming<pb::AgentMessage>,
         mut wake: tokio::sync::watch::Receiver<crate::hub::Seen>,
     ) {
@@ -666,10 +672,9 @@ impl Session {
         let shutdown = self.shutdown.clone();
         crate::metrics::metrics().agents_connected.inc();
         if self.send(&first).await {
-            // What happened before `first` was read (this session's own epoch
-            // included) needs no wake-up; a write in between is reported by the
-            // poller's revision.
-            let mut last = *wake.borrow_and_update();
+            // What the hub said before `first` was read; anything since is read
+            // again (a catch-up that finds nothing new costs one query).
+            let mut last = before;
             loop {
                 // A certificate that expires mid-stream (not renewed) ends it at its
                 // expiry; revocations and takeovers come through the epoch.
@@ -709,13 +714,14 @@ impl Session {
                             if !self.resend_snapshot().await { break; }
                             continue;
                         }
-                        // A wake-up that only moved the epoch (a session opened, this
-                        // one included) changed no slot: nothing to read. A local poke
-                        // leaves `seen` as it was and reads; a write coalesced with an
-                        // epoch change is caught by the poller's revision.
-                        let epoch_only = seen.epoch != last.epoch && seen.revision == last.revision;
+                        // A local poke leaves `seen` as it was: read. Otherwise read
+                        // only when the site moved past what this stream sent: an
+                        // epoch change or the poller's periodic check alone changes no
+                        // slot, and a write coalesced with one shows in the revision
+                        // (from the listener, the poll or that check).
+                        let poked = seen == last;
                         last = seen;
-                        if !epoch_only && !self.catch_up().await { break; }
+                        if (poked || seen.revision > self.sent) && !self.catch_up().await { break; }
                     }
                     // cancel-safe: a timer.
                     _ = sleep_until_some(due) => {

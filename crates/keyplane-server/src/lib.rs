@@ -68,6 +68,10 @@ pub struct Config {
     /// How often to poll while the listener is up: NOTIFY carries the wake-ups, and
     /// the poll only catches what a lost notification missed.
     pub poll_interval_listening: Duration,
+    /// How often the poller re-reads the revision of every site this replica holds
+    /// a stream for, and wakes those streams: the safety net under every other
+    /// wake-up (one query per replica).
+    pub held_check_interval: Duration,
     /// Whether to name written sites to other replicas (NOTIFY after commit) and
     /// listen for theirs; off, cross-replica wake-ups come from polling alone.
     pub notify: bool,
@@ -133,6 +137,7 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("poll_interval", &self.poll_interval)
             .field("poll_interval_listening", &self.poll_interval_listening)
+            .field("held_check_interval", &self.held_check_interval)
             .field("notify", &self.notify)
             .field(
                 "listen_url",
@@ -205,6 +210,7 @@ impl Config {
             max_connections: 32,
             poll_interval: Duration::from_millis(250),
             poll_interval_listening: Duration::from_secs(1),
+            held_check_interval: Duration::from_secs(15),
             notify: true,
             listen_url: None,
             listen_retry: Duration::from_secs(1),
@@ -315,6 +321,7 @@ pub async fn serve(
         store.clone(),
         config.poll_interval,
         config.poll_interval_listening,
+        config.held_check_interval,
         config.agent_seen_interval,
         shutdown.clone(),
     ));
