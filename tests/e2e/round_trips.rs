@@ -58,9 +58,10 @@ const CEILINGS: &[(&str, u64)] = &[
     // Each named device read alone, the pool read, written, read again and its
     // devices listed for the refill (which finds the pool full).
     ("ConfigureBackupCodes", 14),
-    // The pull, then the refill: the pool and its devices read, and one code
-    // generated as CreateCredential would.
-    ("PullBackupCode", 20),
+    // The pull (loaded in one round trip, written and read back in one), then the
+    // refill: the pool read, its devices listed (a transaction of 4), and one code
+    // generated as CreateCredential would (4).
+    ("PullBackupCode", 13),
     ("UpdateRetentionPolicy", 7),
     ("EraseUser", 11),
     ("ResyncSite", 5),

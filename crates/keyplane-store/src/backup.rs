@@ -106,49 +106,57 @@ impl Store {
         user: Uuid,
         display_name: &str,
     ) -> Result<(Credential, Pin), StoreError> {
+        let pick_sql = format!(
+            "SELECT {}, c.pin_sealed, c.pin_key_id FROM credential c
+             WHERE c.site_id = $1 AND c.user_id = (
+                SELECT (s.backup_pool ->> 'user')::uuid FROM site s WHERE s.id = $1 AND s.dealer_id = $2
+             )
+             ORDER BY c.create_time, c.id LIMIT 1",
+            crate::credential::CREDENTIAL_FIELDS
+        );
+        let get_sql = crate::credential::credential_get_sql();
         in_txn!(self, "backup_pull", |tx| {
-            // The site lock first, as every write changing desired slots takes it.
-            let row = tx
-                .query_opt(
-                    "SELECT backup_pool FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE",
-                    &[&site, &actor.dealer],
-                )
-                .await?
+            // Load in one round trip, the site lock first (as every write changing
+            // desired slots takes it), so the pool and its oldest code are read under it.
+            let loaded = batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "SELECT backup_pool FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE",
+                        params![&site, &actor.dealer],
+                    ),
+                    (
+                        "SELECT 1 FROM site_user WHERE site_id = $1 AND id = $2",
+                        params![&site, &user],
+                    ),
+                    (pick_sql.as_str(), params![&site, &actor.dealer]),
+                ],
+            )
+            .await?;
+            let [site_row, user_row, picked] = loaded.as_slice() else {
+                return Err(StoreError::Internal(
+                    "backup_pull: the load returned an unexpected number of results".into(),
+                ));
+            };
+            let row = site_row
+                .first()
                 .ok_or_else(|| crate::site::not_found_site(site))?;
             let pool = pool_from_json(row.get(0)).ok_or_else(|| {
                 StoreError::FailedPrecondition(format!(
                     "site sites/{site} keeps no backup codes: configure them first"
                 ))
             })?;
-            if tx
-                .query_opt(
-                    "SELECT 1 FROM site_user WHERE site_id = $1 AND id = $2",
-                    &[&site, &user],
-                )
-                .await?
-                .is_none()
-                || user == pool.user
-            {
+            if user_row.is_empty() || user == pool.user {
                 return Err(StoreError::NotFound(format!(
                     "user sites/{site}/users/{user}"
                 )));
             }
-            let picked = tx
-                .query_opt(
-                    &format!(
-                        "SELECT {}, c.pin_sealed, c.pin_key_id FROM credential c
-                         WHERE c.site_id = $1 AND c.user_id = $2 ORDER BY c.create_time, c.id LIMIT 1",
-                        crate::credential::CREDENTIAL_FIELDS
-                    ),
-                    &[&site, &pool.user],
-                )
-                .await?
-                .ok_or_else(|| {
-                    StoreError::ResourceExhausted(format!(
-                        "site sites/{site} has no backup code left; the pool refills once its devices are reachable"
-                    ))
-                })?;
-            let was = crate::credential::credential_from_row(&picked);
+            let picked = picked.first().ok_or_else(|| {
+                StoreError::ResourceExhausted(format!(
+                    "site sites/{site} has no backup code left; the pool refills once its devices are reachable"
+                ))
+            })?;
+            let was = crate::credential::credential_from_row(picked);
             let credential = was.id;
             let sealed: Vec<u8> = picked.get(18);
             let key_id: String = picked.get(19);
@@ -173,7 +181,8 @@ impl Store {
             )
             .before(held_by(pool.user, &was.display_name))
             .after(held_by(user, display_name));
-            batch_in_txn(
+            // Written and read back in one round trip.
+            let written = batch_in_txn(
                 &tx,
                 &[
                     (
@@ -192,10 +201,19 @@ impl Store {
                         params![&site, &credential],
                     ),
                     audit.step(),
+                    (get_sql.as_str(), params![&site, &user, &credential]),
                 ],
             )
             .await?;
-            let c = crate::credential::credential_get_in_txn(&tx, site, user, credential).await?;
+            let c = written
+                .last()
+                .and_then(|rows| rows.first())
+                .map(crate::credential::credential_from_row)
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!(
+                        "credential sites/{site}/users/{user}/credentials/{credential}"
+                    ))
+                })?;
             Ok((c, pin.clone()))
         })
     }

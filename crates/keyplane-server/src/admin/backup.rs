@@ -68,9 +68,14 @@ async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64,
             site,
             user: pool.user,
         };
-        match credential::generated_credential(api, actor, parent, &template, &scope, None, true)
-            .await
-        {
+        let code = credential::GeneratedCode {
+            parent,
+            credential: &template,
+            scope: &scope,
+            system_owner: true,
+        };
+        // The devices just listed: each code created costs its write only.
+        match credential::generated_credential(api, actor, code, None, Some(&devices)).await {
             Ok(_) => available += 1,
             Err(status) => {
                 tracing::warn!(%site, %status, "backup code pool not refilled");
