@@ -62,8 +62,11 @@ const CEILINGS: &[(&str, u64)] = &[
     // refill: the pool read, its devices listed (a transaction of 4), and one code
     // generated as CreateCredential would (4).
     ("PullBackupCode", 13),
-    ("UpdateRetentionPolicy", 7),
-    ("EraseUser", 11),
+    // Dealer-level: the dealer row locked and read, then written with its audit row.
+    ("UpdateRetentionPolicy", 4),
+    // DeleteUser's load and write, then the events and audit records redacted in
+    // one round trip, then the erasure's audit row (it holds the counts).
+    ("EraseUser", 6),
     ("ResyncSite", 5),
     ("CloseAgentConnection", 5),
 ];
