@@ -67,8 +67,9 @@ const CEILINGS: &[(&str, u64)] = &[
     // DeleteUser's load and write, then the events and audit records redacted in
     // one round trip, then the erasure's audit row (it holds the counts).
     ("EraseUser", 6),
-    ("ResyncSite", 5),
-    ("CloseAgentConnection", 5),
+    // OpsService: the site row updated, then the audit row.
+    ("ResyncSite", 4),
+    ("CloseAgentConnection", 4),
 ];
 
 struct Bench {
