@@ -55,9 +55,10 @@ const CEILINGS: &[(&str, u64)] = &[
     // Dealer-level: no site row to load.
     ("CreateDealerToken", 3),
     ("RevokeDealerToken", 3),
-    // Each named device read alone, the pool read, written, read again and its
-    // devices listed for the refill (which finds the pool full).
-    ("ConfigureBackupCodes", 14),
+    // The site's devices listed once (a transaction of 4, whatever the devices
+    // named), the pool read, written (4) and read again by the refill, which finds
+    // it full.
+    ("ConfigureBackupCodes", 10),
     // The pull (loaded in one round trip, written and read back in one), then the
     // refill: the pool read, its devices listed (a transaction of 4), and one code
     // generated as CreateCredential would (4).

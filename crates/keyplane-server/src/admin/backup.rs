@@ -24,10 +24,38 @@ fn pool_pb(site: Uuid, pool: &store::BackupPool, available: i64) -> pb::BackupCo
     }
 }
 
+/// Most devices one listing of a site reads.
+const DEVICE_LIST_LIMIT: i64 = 10_000;
+
+/// The site's devices, in one read.
+async fn site_devices(
+    api: &AdminApi,
+    actor: &store::Actor,
+    site: Uuid,
+) -> Result<Vec<store::Device>, Status> {
+    api.store
+        .device_list(
+            actor.dealer,
+            site,
+            store::PageRequest {
+                after: None,
+                limit: DEVICE_LIST_LIMIT,
+            },
+        )
+        .await
+        .map_err(store_status)
+}
+
 /// Creates codes until the pool holds its size; returns how many it holds. A code
 /// that cannot be created (a device full) stops the refill, logged; the pool shows
-/// as low in GetSyncStatus until it refills.
-async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64, Status> {
+/// as low in GetSyncStatus until it refills. `listed`: the site's devices, when the
+/// caller has just read them (None: read here).
+async fn refill(
+    api: &AdminApi,
+    actor: &store::Actor,
+    site: Uuid,
+    listed: Option<Vec<store::Device>>,
+) -> Result<i64, Status> {
     let Some((pool, mut available)) = api
         .store
         .backup_pool_get(actor.dealer, site)
@@ -37,18 +65,10 @@ async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64,
         return Ok(0);
     };
     let mut scope = store::Scope::default();
-    let devices = api
-        .store
-        .device_list(
-            actor.dealer,
-            site,
-            store::PageRequest {
-                after: None,
-                limit: 10_000,
-            },
-        )
-        .await
-        .map_err(store_status)?;
+    let devices = match listed {
+        Some(devices) => devices,
+        None => site_devices(api, actor, site).await?,
+    };
     for d in devices.iter().filter(|d| pool.devices.contains(&d.id)) {
         match d.kind() {
             keyplane_core::DeviceKind::Lock => scope.locks.push(d.id),
@@ -100,6 +120,9 @@ pub(super) async fn configure(
         )));
     }
     let mut devices = Vec::new();
+    // Read once, when the first device is looked up (errors come in the order of
+    // the devices named), and handed to the refill.
+    let mut listed: Option<Vec<store::Device>> = None;
     for (i, name) in req.devices.iter().enumerate() {
         let d = parse(&format!("devices[{i}]"), name, DeviceName::parse)?;
         if d.site != site.site {
@@ -108,12 +131,27 @@ pub(super) async fn configure(
                 req.site
             )));
         }
-        let device = api
-            .store
-            .device_get(actor.dealer, site.site, d.device)
-            .await
-            .map_err(store_status)?;
-        if device.kind() == keyplane_core::DeviceKind::Panel {
+        let all = match &mut listed {
+            Some(all) => all,
+            None => listed.insert(site_devices(api, &actor, site.site).await?),
+        };
+        let kind = match all.iter().find(|x| x.id == d.device) {
+            Some(x) => x.kind(),
+            // Beyond one listing (never in practice): asked for alone.
+            None if i64::try_from(all.len()).unwrap_or(i64::MAX) >= DEVICE_LIST_LIMIT => api
+                .store
+                .device_get(actor.dealer, site.site, d.device)
+                .await
+                .map_err(store_status)?
+                .kind(),
+            None => {
+                return Err(store_status(store::StoreError::NotFound(format!(
+                    "device sites/{}/devices/{}",
+                    site.site, d.device
+                ))));
+            }
+        };
+        if kind == keyplane_core::DeviceKind::Panel {
             // An unowned live panel code would be a user number nobody answers for.
             return Err(Status::invalid_argument(format!(
                 "devices[{i}] {name} is a panel: backup codes are for locks and doors only"
@@ -163,7 +201,7 @@ pub(super) async fn configure(
         .backup_pool_set(&actor, site.site, &pool)
         .await
         .map_err(store_status)?;
-    let available = refill(api, &actor, site.site).await?;
+    let available = refill(api, &actor, site.site, listed).await?;
     Ok(Response::new(pool_pb(site.site, &pool, available)))
 }
 
@@ -189,7 +227,7 @@ pub(super) async fn pull(
     // The one time this code is shown.
     out.pin = pin.expose().to_owned();
     // Refill at once; a failure leaves the pool low (GetSyncStatus says so).
-    if let Err(status) = refill(api, &actor, user.site).await {
+    if let Err(status) = refill(api, &actor, user.site, None).await {
         tracing::warn!(site = %user.site, %status, "backup code pool not refilled");
     }
     Ok(Response::new(out))
