@@ -55,14 +55,14 @@ const CEILINGS: &[(&str, u64)] = &[
     // Dealer-level: no site row to load.
     ("CreateDealerToken", 3),
     ("RevokeDealerToken", 3),
-    // The site's devices listed once (a transaction of 4, whatever the devices
-    // named), the pool read, written (4) and read again by the refill, which finds
-    // it full.
-    ("ConfigureBackupCodes", 10),
+    // The pool and the site's devices read in one round trip (whatever the devices
+    // named), the pool written (4), then read again with the devices by the
+    // refill, which finds it full.
+    ("ConfigureBackupCodes", 6),
     // The pull (loaded in one round trip, written and read back in one), then the
-    // refill: the pool read, its devices listed (a transaction of 4), and one code
-    // generated as CreateCredential would (4).
-    ("PullBackupCode", 13),
+    // refill: the pool and the devices read in one, and one code generated as
+    // CreateCredential would (4).
+    ("PullBackupCode", 9),
     // Dealer-level: the dealer row locked and read, then written with its audit row.
     ("UpdateRetentionPolicy", 4),
     // DeleteUser's load and write, then the events and audit records redacted in

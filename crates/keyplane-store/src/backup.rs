@@ -4,7 +4,7 @@
 //! panel code is a user number with an authority level.
 
 use crate::site::{AuditParams, SITE_FIELD_AUDIT_SQL};
-use crate::{Actor, Cached, Credential, Store, StoreError, batch_in_txn, in_txn, params};
+use crate::{Actor, Cached, Credential, Device, Store, StoreError, batch_in_txn, in_txn, params};
 use keyplane_core::pin::Pin;
 use uuid::Uuid;
 
@@ -41,6 +41,17 @@ fn pool_to_json(p: &BackupPool) -> serde_json::Value {
     })
 }
 
+/// A site's pool and how many codes it holds (site `$1` of dealer `$2`).
+const POOL_SQL: &str = "SELECT s.backup_pool,
+        (SELECT count(*) FROM credential c WHERE c.site_id = s.id
+           AND c.user_id::text = s.backup_pool ->> 'user')
+     FROM site s WHERE s.id = $1 AND s.dealer_id = $2";
+
+/// A pool and how many codes it holds, from a row of [`POOL_SQL`].
+fn pool_from_row(row: &tokio_postgres::Row) -> Option<(BackupPool, i64)> {
+    pool_from_json(row.get(0)).map(|p| (p, row.get(1)))
+}
+
 impl Store {
     /// The site's pool and how many codes it holds now (None: not configured).
     pub async fn backup_pool_get(
@@ -50,16 +61,38 @@ impl Store {
     ) -> Result<Option<(BackupPool, i64)>, StoreError> {
         let conn = self.conn().await?;
         let row = conn
-            .query_opt(
-                "SELECT s.backup_pool,
-                    (SELECT count(*) FROM credential c WHERE c.site_id = s.id
-                       AND c.user_id::text = s.backup_pool ->> 'user')
-                 FROM site s WHERE s.id = $1 AND s.dealer_id = $2",
-                &[&site, &dealer],
-            )
+            .query_opt(POOL_SQL, &[&site, &dealer])
             .await?
             .ok_or_else(|| crate::site::not_found_site(site))?;
-        Ok(pool_from_json(row.get(0)).map(|p| (p, row.get(1))))
+        Ok(pool_from_row(&row))
+    }
+
+    /// What configuring or refilling a pool reads, in one round trip: the site's pool
+    /// with how many codes it holds (None: not configured) and every device of the
+    /// site, by id.
+    pub async fn backup_pool_facts(
+        &self,
+        dealer: Uuid,
+        site: Uuid,
+    ) -> Result<(Option<(BackupPool, i64)>, Vec<Device>), StoreError> {
+        let devices_sql = format!(
+            "SELECT {} FROM device WHERE site_id = $1
+               AND EXISTS (SELECT 1 FROM site s WHERE s.id = $1 AND s.dealer_id = $2)
+             ORDER BY id",
+            crate::device::DEVICE_COLUMNS
+        );
+        let conn = self.conn().await?;
+        // Both sent before either answer comes back (tokio-postgres pipelines
+        // concurrent statements on a connection).
+        let p = params![&site, &dealer];
+        let (pool, devices) =
+            tokio::try_join!(conn.query_opt(POOL_SQL, &p), conn.query(&devices_sql, &p),)?;
+        let pool = pool.ok_or_else(|| crate::site::not_found_site(site))?;
+        let devices = devices
+            .iter()
+            .map(crate::device::device_from_row)
+            .collect::<Result<_, _>>()?;
+        Ok((pool_from_row(&pool), devices))
     }
 
     /// Sets the site's pool (audited).

@@ -24,51 +24,26 @@ fn pool_pb(site: Uuid, pool: &store::BackupPool, available: i64) -> pb::BackupCo
     }
 }
 
-/// Most devices one listing of a site reads.
-const DEVICE_LIST_LIMIT: i64 = 10_000;
+/// What configuring or refilling a pool reads (one round trip): the site's pool with
+/// how many codes it holds, and the site's devices.
+type PoolFacts = (Option<(store::BackupPool, i64)>, Vec<store::Device>);
 
-/// The site's devices, in one read.
-async fn site_devices(
-    api: &AdminApi,
-    actor: &store::Actor,
-    site: Uuid,
-) -> Result<Vec<store::Device>, Status> {
+/// Reads [`PoolFacts`] of `site`.
+async fn pool_facts(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<PoolFacts, Status> {
     api.store
-        .device_list(
-            actor.dealer,
-            site,
-            store::PageRequest {
-                after: None,
-                limit: DEVICE_LIST_LIMIT,
-            },
-        )
+        .backup_pool_facts(actor.dealer, site)
         .await
         .map_err(store_status)
 }
 
 /// Creates codes until the pool holds its size; returns how many it holds. A code
 /// that cannot be created (a device full) stops the refill, logged; the pool shows
-/// as low in GetSyncStatus until it refills. `listed`: the site's devices, when the
-/// caller has just read them (None: read here).
-async fn refill(
-    api: &AdminApi,
-    actor: &store::Actor,
-    site: Uuid,
-    listed: Option<Vec<store::Device>>,
-) -> Result<i64, Status> {
-    let Some((pool, mut available)) = api
-        .store
-        .backup_pool_get(actor.dealer, site)
-        .await
-        .map_err(store_status)?
-    else {
+/// as low in GetSyncStatus until it refills.
+async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64, Status> {
+    let (Some((pool, mut available)), devices) = pool_facts(api, actor, site).await? else {
         return Ok(0);
     };
     let mut scope = store::Scope::default();
-    let devices = match listed {
-        Some(devices) => devices,
-        None => site_devices(api, actor, site).await?,
-    };
     for d in devices.iter().filter(|d| pool.devices.contains(&d.id)) {
         match d.kind() {
             keyplane_core::DeviceKind::Lock => scope.locks.push(d.id),
@@ -94,7 +69,7 @@ async fn refill(
             scope: &scope,
             system_owner: true,
         };
-        // The devices just listed: each code created costs its write only.
+        // The devices just read: each code created costs its write only.
         match credential::generated_credential(api, actor, code, None, Some(&devices)).await {
             Ok(_) => available += 1,
             Err(status) => {
@@ -121,8 +96,8 @@ pub(super) async fn configure(
     }
     let mut devices = Vec::new();
     // Read once, when the first device is looked up (errors come in the order of
-    // the devices named), and handed to the refill.
-    let mut listed: Option<Vec<store::Device>> = None;
+    // the devices named).
+    let mut facts: Option<PoolFacts> = None;
     for (i, name) in req.devices.iter().enumerate() {
         let d = parse(&format!("devices[{i}]"), name, DeviceName::parse)?;
         if d.site != site.site {
@@ -131,25 +106,15 @@ pub(super) async fn configure(
                 req.site
             )));
         }
-        let all = match &mut listed {
-            Some(all) => all,
-            None => listed.insert(site_devices(api, &actor, site.site).await?),
+        let (_, all) = match &mut facts {
+            Some(f) => f,
+            None => facts.insert(pool_facts(api, &actor, site.site).await?),
         };
-        let kind = match all.iter().find(|x| x.id == d.device) {
-            Some(x) => x.kind(),
-            // Beyond one listing (never in practice): asked for alone.
-            None if i64::try_from(all.len()).unwrap_or(i64::MAX) >= DEVICE_LIST_LIMIT => api
-                .store
-                .device_get(actor.dealer, site.site, d.device)
-                .await
-                .map_err(store_status)?
-                .kind(),
-            None => {
-                return Err(store_status(store::StoreError::NotFound(format!(
-                    "device sites/{}/devices/{}",
-                    site.site, d.device
-                ))));
-            }
+        let Some(kind) = all.iter().find(|x| x.id == d.device).map(|x| x.kind()) else {
+            return Err(store_status(store::StoreError::NotFound(format!(
+                "device sites/{}/devices/{}",
+                site.site, d.device
+            ))));
         };
         if kind == keyplane_core::DeviceKind::Panel {
             // An unowned live panel code would be a user number nobody answers for.
@@ -164,11 +129,10 @@ pub(super) async fn configure(
             "devices must name at least one lock or door",
         ));
     }
-    let existing = api
-        .store
-        .backup_pool_get(actor.dealer, site.site)
-        .await
-        .map_err(store_status)?;
+    let (existing, _) = match facts {
+        Some(f) => f,
+        None => pool_facts(api, &actor, site.site).await?,
+    };
     let user = match existing {
         Some((pool, _)) => pool.user,
         None => {
@@ -201,7 +165,7 @@ pub(super) async fn configure(
         .backup_pool_set(&actor, site.site, &pool)
         .await
         .map_err(store_status)?;
-    let available = refill(api, &actor, site.site, listed).await?;
+    let available = refill(api, &actor, site.site).await?;
     Ok(Response::new(pool_pb(site.site, &pool, available)))
 }
 
@@ -227,7 +191,7 @@ pub(super) async fn pull(
     // The one time this code is shown.
     out.pin = pin.expose().to_owned();
     // Refill at once; a failure leaves the pool low (GetSyncStatus says so).
-    if let Err(status) = refill(api, &actor, user.site, None).await {
+    if let Err(status) = refill(api, &actor, user.site).await {
         tracing::warn!(site = %user.site, %status, "backup code pool not refilled");
     }
     Ok(Response::new(out))
