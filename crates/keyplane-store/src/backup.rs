@@ -86,7 +86,7 @@ impl Store {
         // concurrent statements on a connection).
         let p = params![&site, &dealer];
         let (pool, devices) =
-            tokio::try_join!(conn.query_opt(POOL_SQL, &p), conn.query(&devices_sql, &p),)?;
+            tokio::try_join!(conn.query_opt(POOL_SQL, &p), conn.query(&devices_sql, &p))?;
         let pool = pool.ok_or_else(|| crate::site::not_found_site(site))?;
         let devices = devices
             .iter()
