@@ -7,7 +7,7 @@ use crate::fixture::{create_device, create_user_with, id_of, mask};
 use keyplane_proto::v1 as pb;
 use keyplane_store::Store;
 use keyplane_testkit::proxy::{CountingProxy, WireCounts};
-use keyplane_testkit::server::{Admin, TestServer};
+use keyplane_testkit::server::{Admin, Ops, TestServer};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -50,6 +50,27 @@ const CEILINGS: &[(&str, u64)] = &[
     // read by the write's own load.
     ("CreateCredential as a site user", 4),
     ("DeleteCredential as a site user", 4),
+    ("CreateEnrollmentCode", 4),
+    ("RevokeAgents", 4),
+    // Dealer-level: no site row to load.
+    ("CreateDealerToken", 3),
+    ("RevokeDealerToken", 3),
+    // The pool and the site's devices read in one round trip (whatever the devices
+    // named), the pool written (4), then read again with the devices by the
+    // refill, which finds it full.
+    ("ConfigureBackupCodes", 6),
+    // The pull (loaded in one round trip, written and read back in one), then the
+    // refill: the pool and the devices read in one, and one code generated as
+    // CreateCredential would (4).
+    ("PullBackupCode", 9),
+    // Dealer-level: the dealer row locked and read, then written with its audit row.
+    ("UpdateRetentionPolicy", 4),
+    // DeleteUser's load and write, then the events and audit records redacted in
+    // one round trip, then the erasure's audit row (it holds the counts).
+    ("EraseUser", 6),
+    // OpsService: the site row updated, then the audit row.
+    ("ResyncSite", 4),
+    ("CloseAgentConnection", 4),
 ];
 
 struct Bench {
@@ -63,6 +84,14 @@ struct Bench {
     door: pb::Device,
     alice: String,
     seeded: i32,
+    /// OpsService, with the dealer's token.
+    ops: Ops,
+    /// A site of its own for the backup code pool, so its codes never take a slot
+    /// of the door the seeded codes fill.
+    pool_site: String,
+    pool_lock: String,
+    /// Who backup codes are pulled for.
+    carol: String,
 }
 
 impl Bench {
@@ -96,6 +125,34 @@ impl Bench {
         let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
         let door = create_device(&mut admin, &site, "Main door", "door-1000").await?;
         let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::Master)]).await?;
+        let pool_site = admin
+            .create_site(pb::CreateSiteRequest {
+                site: Some(pb::Site {
+                    display_name: "Store room".into(),
+                    time_zone: "Europe/Paris".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .name;
+        admin
+            .create_partition(pb::CreatePartitionRequest {
+                parent: pool_site.clone(),
+                partition: Some(pb::Partition {
+                    number: 1,
+                    display_name: "Store room".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+        let pool_lock = create_device(&mut admin, &pool_site, "Store lock", "zwave-lock-30")
+            .await?
+            .name;
+        let carol = create_user_with(&mut admin, &pool_site, "Carol", &[]).await?;
+        let ops = server.ops(Some(&token)).await?;
         Ok(Bench {
             site_id: id_of(&site)?,
             server,
@@ -107,6 +164,10 @@ impl Bench {
             door,
             alice,
             seeded: 0,
+            ops,
+            pool_site,
+            pool_lock,
+            carol,
         })
     }
 
@@ -415,7 +476,147 @@ impl Bench {
             .await?;
         out.insert("DeleteUser", self.proxy.counts() - before);
         self.site_config_round(round, &mut out).await?;
+        self.dealer_round(round, &mut out).await?;
         Ok(out)
+    }
+
+    /// Agents, dealer tokens, backup codes, retention, erasure and the OpsService
+    /// remedies.
+    async fn dealer_round(
+        &mut self,
+        round: usize,
+        out: &mut BTreeMap<&'static str, WireCounts>,
+    ) -> anyhow::Result<()> {
+        let site = self.site.clone();
+        let before = self.proxy.counts();
+        self.admin
+            .create_enrollment_code(pb::CreateEnrollmentCodeRequest {
+                site: site.clone(),
+                ttl_seconds: 0,
+            })
+            .await?;
+        out.insert("CreateEnrollmentCode", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .revoke_agents(pb::RevokeAgentsRequest { site: site.clone() })
+            .await?;
+        out.insert("RevokeAgents", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        let token = self
+            .admin
+            .create_dealer_token(pb::CreateDealerTokenRequest {
+                display_name: format!("Night shift {round}"),
+                scope: pb::TokenScope::Ops as i32,
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner()
+            .dealer_token
+            .ok_or_else(|| anyhow::anyhow!("no dealer token in the response"))?;
+        out.insert("CreateDealerToken", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .revoke_dealer_token(pb::RevokeDealerTokenRequest { name: token.name })
+            .await?;
+        out.insert("RevokeDealerToken", self.proxy.counts() - before);
+
+        // The same pool every round: the first creates its user and code, later
+        // ones find it full.
+        let before = self.proxy.counts();
+        self.admin
+            .configure_backup_codes(pb::ConfigureBackupCodesRequest {
+                site: self.pool_site.clone(),
+                devices: vec![self.pool_lock.clone()],
+                size: 1,
+            })
+            .await?;
+        out.insert("ConfigureBackupCodes", self.proxy.counts() - before);
+
+        // Pulled and refilled at once (one new code generated).
+        let before = self.proxy.counts();
+        self.admin
+            .pull_backup_code(pb::PullBackupCodeRequest {
+                user: self.carol.clone(),
+                display_name: format!("Carol's code {round}"),
+            })
+            .await?;
+        out.insert("PullBackupCode", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.admin
+            .update_retention_policy(pb::UpdateRetentionPolicyRequest {
+                retention_policy: Some(pb::RetentionPolicy {
+                    name: "retentionPolicy".into(),
+                    event_retention: Some(prost_types::Duration {
+                        seconds: 86_400 * (400 + round as i64),
+                        nanos: 0,
+                    }),
+                    audit_retention: None,
+                }),
+                update_mask: mask(&["event_retention"]),
+            })
+            .await?;
+        out.insert("UpdateRetentionPolicy", self.proxy.counts() - before);
+
+        // A person with a panel code and an audited history, erased.
+        let eve = create_user_with(
+            &mut self.admin,
+            &site,
+            &format!("Eve {round}"),
+            &[(1, pb::Level::OperatorA)],
+        )
+        .await?;
+        self.admin
+            .create_credential(pb::CreateCredentialRequest {
+                parent: eve.clone(),
+                credential: Some(pb::Credential {
+                    display_name: "Eve's code".into(),
+                    pin: ["4183", "4294", "4305"][round % 3].into(),
+                    scope: Some(pb::CredentialScope {
+                        panel_partitions: vec![1],
+                        locks: vec![],
+                        doors: vec![],
+                    }),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+                generate_pin: false,
+            })
+            .await?;
+        let before = self.proxy.counts();
+        self.admin
+            .erase_user(pb::EraseUserRequest { name: eve })
+            .await?;
+        out.insert("EraseUser", self.proxy.counts() - before);
+
+        let before = self.proxy.counts();
+        self.ops
+            .resync_site(pb::ResyncSiteRequest { name: site.clone() })
+            .await?;
+        out.insert("ResyncSite", self.proxy.counts() - before);
+
+        // An agent's session, as its stream would record it.
+        self.server
+            .db
+            .client()
+            .await?
+            .execute(
+                "UPDATE site SET agent_session = gen_random_uuid(), agent_connected = true,
+                    agent_last_seen = now() WHERE id = $1",
+                &[&self.site_id],
+            )
+            .await?;
+        let before = self.proxy.counts();
+        self.ops
+            .close_agent_connection(pb::CloseAgentConnectionRequest {
+                name: format!("{site}/agentConnection"),
+            })
+            .await?;
+        out.insert("CloseAgentConnection", self.proxy.counts() - before);
+        Ok(())
     }
 
     /// The local-code and drift calls, on codes the agent reported on the door

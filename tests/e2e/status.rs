@@ -1203,3 +1203,64 @@ async fn the_backup_pool_user_is_not_a_person_of_the_user_api() -> anyhow::Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_backup_code_pull_or_pool_says_why_it_cannot_be() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (site, alice) = (s.site.clone(), s.alice.clone());
+    let pull = |user: &str| pb::PullBackupCodeRequest {
+        user: user.to_owned(),
+        display_name: String::new(),
+    };
+    let e = s
+        .admin
+        .pull_backup_code(pull(&alice))
+        .await
+        .expect_err("no pool");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("configure them first"), "{e}");
+
+    let unknown = format!("{site}/devices/{}", uuid::Uuid::new_v4());
+    let e = s
+        .admin
+        .configure_backup_codes(pb::ConfigureBackupCodesRequest {
+            site: site.clone(),
+            devices: vec![s.lock.name.clone(), unknown.clone()],
+            size: 1,
+        })
+        .await
+        .expect_err("an unknown device");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    assert!(e.message().contains(&unknown), "{e}");
+
+    // A pool keeping no code: its user exists, it holds nothing.
+    let pool = s
+        .admin
+        .configure_backup_codes(pb::ConfigureBackupCodesRequest {
+            site: site.clone(),
+            devices: vec![],
+            size: 0,
+        })
+        .await?
+        .into_inner();
+    let e = s
+        .admin
+        .pull_backup_code(pull(&alice))
+        .await
+        .expect_err("empty pool");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("no backup code left"), "{e}");
+    for user in [
+        pool.pool_user.clone(),
+        format!("{site}/users/{}", uuid::Uuid::new_v4()),
+    ] {
+        let e = s
+            .admin
+            .pull_backup_code(pull(&user))
+            .await
+            .expect_err("not a person of the site");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{user}: {e}");
+        assert!(e.message().contains(&user), "{e}");
+    }
+    Ok(())
+}

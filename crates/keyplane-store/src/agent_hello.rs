@@ -2,7 +2,7 @@
 //! protocol, time-zone database and clock, with the skew keyplaned measured. Whether
 //! the skew is flagged is `keyplane_core::clock`; its changes are stored as events.
 
-use crate::{Store, StoreError, in_txn};
+use crate::{Cached, Store, StoreError, in_txn};
 use keyplane_core::EventKind;
 use keyplane_core::clock::{self, ClockCheck, ClockTransition};
 use std::time::{Duration, SystemTime};

@@ -4,7 +4,7 @@
 //! migration 0023.
 
 use crate::site::site_get_in_txn;
-use crate::{Store, StoreError, in_txn};
+use crate::{Cached, Store, StoreError, in_txn};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 

@@ -4,7 +4,7 @@
 //! panel code is a user number with an authority level.
 
 use crate::site::{AuditParams, SITE_FIELD_AUDIT_SQL};
-use crate::{Actor, Cached, Credential, Store, StoreError, batch_in_txn, in_txn, params};
+use crate::{Actor, Cached, Credential, Device, Store, StoreError, batch_in_txn, in_txn, params};
 use keyplane_core::pin::Pin;
 use uuid::Uuid;
 
@@ -41,6 +41,17 @@ fn pool_to_json(p: &BackupPool) -> serde_json::Value {
     })
 }
 
+/// A site's pool and how many codes it holds (site `$1` of dealer `$2`).
+const POOL_SQL: &str = "SELECT s.backup_pool,
+        (SELECT count(*) FROM credential c WHERE c.site_id = s.id
+           AND c.user_id::text = s.backup_pool ->> 'user')
+     FROM site s WHERE s.id = $1 AND s.dealer_id = $2";
+
+/// A pool and how many codes it holds, from a row of [`POOL_SQL`].
+fn pool_from_row(row: &tokio_postgres::Row) -> Option<(BackupPool, i64)> {
+    pool_from_json(row.get(0)).map(|p| (p, row.get(1)))
+}
+
 impl Store {
     /// The site's pool and how many codes it holds now (None: not configured).
     pub async fn backup_pool_get(
@@ -50,16 +61,38 @@ impl Store {
     ) -> Result<Option<(BackupPool, i64)>, StoreError> {
         let conn = self.conn().await?;
         let row = conn
-            .query_opt(
-                "SELECT s.backup_pool,
-                    (SELECT count(*) FROM credential c WHERE c.site_id = s.id
-                       AND c.user_id::text = s.backup_pool ->> 'user')
-                 FROM site s WHERE s.id = $1 AND s.dealer_id = $2",
-                &[&site, &dealer],
-            )
+            .query_opt(POOL_SQL, &[&site, &dealer])
             .await?
             .ok_or_else(|| crate::site::not_found_site(site))?;
-        Ok(pool_from_json(row.get(0)).map(|p| (p, row.get(1))))
+        Ok(pool_from_row(&row))
+    }
+
+    /// What configuring or refilling a pool reads, in one round trip: the site's pool
+    /// with how many codes it holds (None: not configured) and every device of the
+    /// site, by id.
+    pub async fn backup_pool_facts(
+        &self,
+        dealer: Uuid,
+        site: Uuid,
+    ) -> Result<(Option<(BackupPool, i64)>, Vec<Device>), StoreError> {
+        let devices_sql = format!(
+            "SELECT {} FROM device WHERE site_id = $1
+               AND EXISTS (SELECT 1 FROM site s WHERE s.id = $1 AND s.dealer_id = $2)
+             ORDER BY id",
+            crate::device::DEVICE_COLUMNS
+        );
+        let conn = self.conn().await?;
+        // Both sent before either answer comes back (tokio-postgres pipelines
+        // concurrent statements on a connection).
+        let p = params![&site, &dealer];
+        let (pool, devices) =
+            tokio::try_join!(conn.query_opt(POOL_SQL, &p), conn.query(&devices_sql, &p))?;
+        let pool = pool.ok_or_else(|| crate::site::not_found_site(site))?;
+        let devices = devices
+            .iter()
+            .map(crate::device::device_from_row)
+            .collect::<Result<_, _>>()?;
+        Ok((pool_from_row(&pool), devices))
     }
 
     /// Sets the site's pool (audited).
@@ -106,49 +139,57 @@ impl Store {
         user: Uuid,
         display_name: &str,
     ) -> Result<(Credential, Pin), StoreError> {
+        let pick_sql = format!(
+            "SELECT {}, c.pin_sealed, c.pin_key_id FROM credential c
+             WHERE c.site_id = $1 AND c.user_id = (
+                SELECT (s.backup_pool ->> 'user')::uuid FROM site s WHERE s.id = $1 AND s.dealer_id = $2
+             )
+             ORDER BY c.create_time, c.id LIMIT 1",
+            crate::credential::CREDENTIAL_FIELDS
+        );
+        let get_sql = crate::credential::credential_get_sql();
         in_txn!(self, "backup_pull", |tx| {
-            // The site lock first, as every write changing desired slots takes it.
-            let row = tx
-                .query_opt(
-                    "SELECT backup_pool FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE",
-                    &[&site, &actor.dealer],
-                )
-                .await?
+            // Load in one round trip, the site lock first (as every write changing
+            // desired slots takes it), so the pool and its oldest code are read under it.
+            let loaded = batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "SELECT backup_pool FROM site WHERE id = $1 AND dealer_id = $2 FOR NO KEY UPDATE",
+                        params![&site, &actor.dealer],
+                    ),
+                    (
+                        "SELECT 1 FROM site_user WHERE site_id = $1 AND id = $2",
+                        params![&site, &user],
+                    ),
+                    (pick_sql.as_str(), params![&site, &actor.dealer]),
+                ],
+            )
+            .await?;
+            let [site_row, user_row, picked] = loaded.as_slice() else {
+                return Err(StoreError::Internal(
+                    "backup_pull: the load returned an unexpected number of results".into(),
+                ));
+            };
+            let row = site_row
+                .first()
                 .ok_or_else(|| crate::site::not_found_site(site))?;
             let pool = pool_from_json(row.get(0)).ok_or_else(|| {
                 StoreError::FailedPrecondition(format!(
                     "site sites/{site} keeps no backup codes: configure them first"
                 ))
             })?;
-            if tx
-                .query_opt(
-                    "SELECT 1 FROM site_user WHERE site_id = $1 AND id = $2",
-                    &[&site, &user],
-                )
-                .await?
-                .is_none()
-                || user == pool.user
-            {
+            if user_row.is_empty() || user == pool.user {
                 return Err(StoreError::NotFound(format!(
                     "user sites/{site}/users/{user}"
                 )));
             }
-            let picked = tx
-                .query_opt(
-                    &format!(
-                        "SELECT {}, c.pin_sealed, c.pin_key_id FROM credential c
-                         WHERE c.site_id = $1 AND c.user_id = $2 ORDER BY c.create_time, c.id LIMIT 1",
-                        crate::credential::CREDENTIAL_FIELDS
-                    ),
-                    &[&site, &pool.user],
-                )
-                .await?
-                .ok_or_else(|| {
-                    StoreError::ResourceExhausted(format!(
-                        "site sites/{site} has no backup code left; the pool refills once its devices are reachable"
-                    ))
-                })?;
-            let was = crate::credential::credential_from_row(&picked);
+            let picked = picked.first().ok_or_else(|| {
+                StoreError::ResourceExhausted(format!(
+                    "site sites/{site} has no backup code left; the pool refills once its devices are reachable"
+                ))
+            })?;
+            let was = crate::credential::credential_from_row(picked);
             let credential = was.id;
             let sealed: Vec<u8> = picked.get(18);
             let key_id: String = picked.get(19);
@@ -173,7 +214,8 @@ impl Store {
             )
             .before(held_by(pool.user, &was.display_name))
             .after(held_by(user, display_name));
-            batch_in_txn(
+            // Written and read back in one round trip.
+            let written = batch_in_txn(
                 &tx,
                 &[
                     (
@@ -192,10 +234,19 @@ impl Store {
                         params![&site, &credential],
                     ),
                     audit.step(),
+                    (get_sql.as_str(), params![&site, &user, &credential]),
                 ],
             )
             .await?;
-            let c = crate::credential::credential_get_in_txn(&tx, site, user, credential).await?;
+            let c = written
+                .last()
+                .and_then(|rows| rows.first())
+                .map(crate::credential::credential_from_row)
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!(
+                        "credential sites/{site}/users/{user}/credentials/{credential}"
+                    ))
+                })?;
             Ok((c, pin.clone()))
         })
     }

@@ -2,7 +2,7 @@
 //! sites with changes some device has not applied, and duress events no watcher was
 //! sent yet. No dealer scoping: the metrics endpoint is the operator's.
 
-use crate::{Store, StoreError};
+use crate::{Cached, Store, StoreError};
 use uuid::Uuid;
 
 /// One site with changes not applied by every device.

@@ -9,7 +9,7 @@
 //! advances `resync_seq`, a close ends the session and advances `session_epoch`.
 
 use crate::site::{AuditParams, not_found_site};
-use crate::{Actor, PageRequest, Store, StoreError, in_txn};
+use crate::{Actor, Cached, PageRequest, Store, StoreError, in_txn};
 use std::time::{Duration, SystemTime};
 use tokio_postgres::IsolationLevel;
 use uuid::Uuid;

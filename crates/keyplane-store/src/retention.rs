@@ -1,6 +1,7 @@
 //! Retention of events and audit records (per dealer), and erasure of a person.
 
-use crate::{Actor, Store, StoreError, in_txn};
+use crate::site::AuditParams;
+use crate::{Actor, Cached, Store, StoreError, batch_in_txn, in_txn, params};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -87,6 +88,8 @@ impl Store {
             }
         }
         in_txn!(self, "retention_update", |tx| {
+            // Loaded (the dealer row locked) in one round trip, written with its
+            // audit row in one more.
             let before = tx
                 .query_opt(
                     "SELECT event_retention_seconds, audit_retention_seconds FROM dealer WHERE id = $1 FOR UPDATE",
@@ -97,26 +100,30 @@ impl Store {
             let (was_events, was_audit): (i64, i64) = (before.get(0), before.get(1));
             let now_events = events.map_or(was_events, seconds);
             let now_audit = audit.map_or(was_audit, seconds);
-            tx.execute(
-                "UPDATE dealer SET event_retention_seconds = $2, audit_retention_seconds = $3 WHERE id = $1",
-                &[&actor.dealer, &now_events, &now_audit],
-            )
-            .await?;
-            crate::site::audit_full(
-                &tx,
+            let audit_row = AuditParams::new(
                 actor,
                 None,
                 "retention.update",
                 "retentionPolicy",
                 serde_json::json!({}),
-                Some(serde_json::json!({
-                    "event_retention_seconds": was_events,
-                    "audit_retention_seconds": was_audit,
-                })),
-                Some(serde_json::json!({
-                    "event_retention_seconds": now_events,
-                    "audit_retention_seconds": now_audit,
-                })),
+            )
+            .before(serde_json::json!({
+                "event_retention_seconds": was_events,
+                "audit_retention_seconds": was_audit,
+            }))
+            .after(serde_json::json!({
+                "event_retention_seconds": now_events,
+                "audit_retention_seconds": now_audit,
+            }));
+            batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "UPDATE dealer SET event_retention_seconds = $2, audit_retention_seconds = $3 WHERE id = $1",
+                        params![&actor.dealer, &now_events, &now_audit],
+                    ),
+                    audit_row.step(),
+                ],
             )
             .await?;
             Ok(Retention {
@@ -195,34 +202,58 @@ impl Store {
                 crate::user::user_delete_in_txn(&tx, actor, site, user, None, "user.delete")
                     .await?;
             let name = format!("sites/{site}/users/{user}");
-            let events = tx
-                .execute(
-                    "UPDATE device_event SET user_id = NULL, credential_id = NULL
-                      WHERE site_id = $1 AND (user_id = $2 OR credential_id = ANY($3::uuid[]))",
-                    &[&site, &user, &credentials],
-                )
-                .await?;
-            tx.batch_execute("SET LOCAL keyplane.audit_erasure = 'on'")
-                .await?;
-            let audit_records = tx
-                .execute(
-                    "UPDATE audit_log SET
-                        before = CASE WHEN before ? 'display_name'
-                                      THEN jsonb_set(before, '{display_name}', '\"(erased)\"') ELSE before END,
-                        after = CASE WHEN after ? 'display_name'
-                                     THEN jsonb_set(after, '{display_name}', '\"(erased)\"') ELSE after END
-                      WHERE dealer_id = $1 AND site_id = $2
-                        AND (resource = $3 OR starts_with(resource, $3 || '/'))
-                        AND (before ? 'display_name' OR after ? 'display_name')",
-                    &[&actor.dealer, &site, &name],
-                )
-                .await?;
-            tx.batch_execute("SET LOCAL keyplane.audit_erasure = 'off'")
-                .await?;
+            // Redacted in one round trip, after the deletion so that its own audit
+            // rows lose the names too. The erasure flag is on for the audit update only.
+            let redacted = batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "WITH e AS (
+                            UPDATE device_event SET user_id = NULL, credential_id = NULL
+                             WHERE site_id = $1 AND (user_id = $2 OR credential_id = ANY($3::uuid[]))
+                            RETURNING 1
+                         ) SELECT count(*) FROM e",
+                        params![&site, &user, &credentials],
+                    ),
+                    (
+                        "SELECT set_config('keyplane.audit_erasure', 'on', true)",
+                        params![],
+                    ),
+                    (
+                        "WITH a AS (
+                            UPDATE audit_log SET
+                                before = CASE WHEN before ? 'display_name'
+                                              THEN jsonb_set(before, '{display_name}', '\"(erased)\"') ELSE before END,
+                                after = CASE WHEN after ? 'display_name'
+                                             THEN jsonb_set(after, '{display_name}', '\"(erased)\"') ELSE after END
+                              WHERE dealer_id = $1 AND site_id = $2
+                                AND (resource = $3 OR starts_with(resource, $3 || '/'))
+                                AND (before ? 'display_name' OR after ? 'display_name')
+                            RETURNING 1
+                         ) SELECT count(*) FROM a",
+                        params![&actor.dealer, &site, &name],
+                    ),
+                    (
+                        "SELECT set_config('keyplane.audit_erasure', 'off', true)",
+                        params![],
+                    ),
+                ],
+            )
+            .await?;
+            let count = |step: usize| -> Result<u64, StoreError> {
+                let n: i64 = redacted
+                    .get(step)
+                    .and_then(|rows| rows.first())
+                    .ok_or_else(|| {
+                        StoreError::Internal(format!("user_erase: no count from step {step}"))
+                    })?
+                    .get(0);
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
             let erased = Erased {
                 credentials: credentials.len() as u64,
-                events,
-                audit_records,
+                events: count(0)?,
+                audit_records: count(2)?,
             };
             crate::site::audit_full(
                 &tx,

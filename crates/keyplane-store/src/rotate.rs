@@ -9,7 +9,7 @@
 //! database compares like with like; a writer that hashed under the old key is refused
 //! by the trigger and retries under the new one.
 
-use crate::{StoreError, in_txn};
+use crate::{Cached, StoreError, in_txn};
 use uuid::Uuid;
 
 /// What a rotation changed.

@@ -2,7 +2,7 @@
 //! open stream holds a lease row; a replica renews its leases while it lives, so a
 //! crashed replica's places come back once its leases expire.
 
-use crate::{Store, StoreError, in_txn};
+use crate::{Cached, Store, StoreError, in_txn};
 use std::time::Duration;
 use uuid::Uuid;
 

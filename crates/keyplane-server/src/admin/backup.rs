@@ -24,31 +24,26 @@ fn pool_pb(site: Uuid, pool: &store::BackupPool, available: i64) -> pb::BackupCo
     }
 }
 
+/// What configuring or refilling a pool reads (one round trip): the site's pool with
+/// how many codes it holds, and the site's devices.
+type PoolFacts = (Option<(store::BackupPool, i64)>, Vec<store::Device>);
+
+/// Reads [`PoolFacts`] of `site`.
+async fn pool_facts(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<PoolFacts, Status> {
+    api.store
+        .backup_pool_facts(actor.dealer, site)
+        .await
+        .map_err(store_status)
+}
+
 /// Creates codes until the pool holds its size; returns how many it holds. A code
 /// that cannot be created (a device full) stops the refill, logged; the pool shows
 /// as low in GetSyncStatus until it refills.
 async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64, Status> {
-    let Some((pool, mut available)) = api
-        .store
-        .backup_pool_get(actor.dealer, site)
-        .await
-        .map_err(store_status)?
-    else {
+    let (Some((pool, mut available)), devices) = pool_facts(api, actor, site).await? else {
         return Ok(0);
     };
     let mut scope = store::Scope::default();
-    let devices = api
-        .store
-        .device_list(
-            actor.dealer,
-            site,
-            store::PageRequest {
-                after: None,
-                limit: 10_000,
-            },
-        )
-        .await
-        .map_err(store_status)?;
     for d in devices.iter().filter(|d| pool.devices.contains(&d.id)) {
         match d.kind() {
             keyplane_core::DeviceKind::Lock => scope.locks.push(d.id),
@@ -68,9 +63,14 @@ async fn refill(api: &AdminApi, actor: &store::Actor, site: Uuid) -> Result<i64,
             site,
             user: pool.user,
         };
-        match credential::generated_credential(api, actor, parent, &template, &scope, None, true)
-            .await
-        {
+        let code = credential::GeneratedCode {
+            parent,
+            credential: &template,
+            scope: &scope,
+            system_owner: true,
+        };
+        // The devices just read: each code created costs its write only.
+        match credential::generated_credential(api, actor, code, None, Some(&devices)).await {
             Ok(_) => available += 1,
             Err(status) => {
                 tracing::warn!(%site, %status, "backup code pool not refilled");
@@ -95,6 +95,9 @@ pub(super) async fn configure(
         )));
     }
     let mut devices = Vec::new();
+    // Read once, when the first device is looked up (errors come in the order of
+    // the devices named).
+    let mut facts: Option<PoolFacts> = None;
     for (i, name) in req.devices.iter().enumerate() {
         let d = parse(&format!("devices[{i}]"), name, DeviceName::parse)?;
         if d.site != site.site {
@@ -103,12 +106,17 @@ pub(super) async fn configure(
                 req.site
             )));
         }
-        let device = api
-            .store
-            .device_get(actor.dealer, site.site, d.device)
-            .await
-            .map_err(store_status)?;
-        if device.kind() == keyplane_core::DeviceKind::Panel {
+        let (_, all) = match &mut facts {
+            Some(f) => f,
+            None => facts.insert(pool_facts(api, &actor, site.site).await?),
+        };
+        let Some(kind) = all.iter().find(|x| x.id == d.device).map(|x| x.kind()) else {
+            return Err(store_status(store::StoreError::NotFound(format!(
+                "device sites/{}/devices/{}",
+                site.site, d.device
+            ))));
+        };
+        if kind == keyplane_core::DeviceKind::Panel {
             // An unowned live panel code would be a user number nobody answers for.
             return Err(Status::invalid_argument(format!(
                 "devices[{i}] {name} is a panel: backup codes are for locks and doors only"
@@ -121,11 +129,10 @@ pub(super) async fn configure(
             "devices must name at least one lock or door",
         ));
     }
-    let existing = api
-        .store
-        .backup_pool_get(actor.dealer, site.site)
-        .await
-        .map_err(store_status)?;
+    let (existing, _) = match facts {
+        Some(f) => f,
+        None => pool_facts(api, &actor, site.site).await?,
+    };
     let user = match existing {
         Some((pool, _)) => pool.user,
         None => {

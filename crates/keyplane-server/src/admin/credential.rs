@@ -101,32 +101,62 @@ async fn create_generated(
     }
     let scope = fields::scope(parent.site, credential.scope.as_ref())?;
     let key = api.request_key("CreateCredential", &req.request_id, req)?;
-    generated_credential(api, &actor, parent, credential, &scope, key.as_ref(), false).await
+    let code = GeneratedCode {
+        parent,
+        credential,
+        scope: &scope,
+        system_owner: false,
+    };
+    generated_credential(api, &actor, code, key.as_ref(), None).await
 }
 
-/// Creates a credential for `parent` with a code generated to fit every device of
-/// `scope`; the response carries the code, once.
+/// A credential to create with a generated code.
+pub(super) struct GeneratedCode<'a> {
+    /// Its user.
+    pub parent: UserName,
+    /// Its name and limits (its PIN is generated).
+    pub credential: &'a pb::Credential,
+    /// Where it goes.
+    pub scope: &'a store::Scope,
+    /// Held by a keyplane user (the backup pool's), not a person.
+    pub system_owner: bool,
+}
+
+/// Creates `code` with a PIN generated to fit every device of its scope; the
+/// response carries the PIN, once. `listed`: the site's devices, when the caller has
+/// just read them (None: read here).
 pub(super) async fn generated_credential(
     api: &AdminApi,
     actor: &store::Actor,
-    parent: UserName,
-    credential: &pb::Credential,
-    scope: &store::Scope,
+    code: GeneratedCode<'_>,
     key: Option<&store::RequestKey>,
-    system_owner: bool,
+    listed: Option<&[store::Device]>,
 ) -> Res<pb::Credential> {
-    let devices = api
-        .store
-        .device_list(
-            actor.dealer,
-            parent.site,
-            store::PageRequest {
-                after: None,
-                limit: 10_000,
-            },
-        )
-        .await
-        .map_err(store_status)?;
+    let GeneratedCode {
+        parent,
+        credential,
+        scope,
+        system_owner,
+    } = code;
+    let fetched;
+    let devices = match listed {
+        Some(devices) => devices,
+        None => {
+            fetched = api
+                .store
+                .device_list(
+                    actor.dealer,
+                    parent.site,
+                    store::PageRequest {
+                        after: None,
+                        limit: 10_000,
+                    },
+                )
+                .await
+                .map_err(store_status)?;
+            fetched.as_slice()
+        }
+    };
     // The devices the scope lands on (the store checks the scope itself on create).
     let targets: Vec<(String, keyplane_core::constraints::DeviceConstraints)> = devices
         .iter()
