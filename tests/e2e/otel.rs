@@ -1,7 +1,8 @@
 //! Issue 17: one trace follows a change from the AdminService call through the
 //! database commit to the agent's apply on the device and keyplaned's handling of
 //! its ack. The real keyplaned and keyplane-agent export over OTLP/gRPC (configured
-//! by the standard OTEL_* variables only) to a minimal trace receiver run here.
+//! by the standard OTEL_* variables only) to a minimal trace receiver run here; the
+//! same receiver takes their metrics (the registry `/metrics` serves, over OTLP).
 
 use crate::fixture::{SYNC_TIMEOUT, create_device, create_site, create_user_with, lock_scope};
 use crate::shutdown::{client, keyplaned_binary};
@@ -9,6 +10,12 @@ use keyplane_proto::v1 as pb;
 use keyplane_store::{PinKey, Store};
 use keyplane_testkit::pg::test_database;
 use keyplane_testkit::server::{TempDir, eventually};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -16,6 +23,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point;
 use std::sync::{Arc, Mutex};
 use tonic::transport::Endpoint;
 
@@ -87,6 +96,52 @@ impl TraceService for Receiver {
     }
 }
 
+/// A metric point as received: service, metric, and its value (gauges and sums;
+/// histograms give their count).
+type GotMetric = (String, String, f64);
+
+/// The OTLP metrics service: keeps every point it is sent.
+#[derive(Clone, Default)]
+struct MetricsReceiver(Arc<Mutex<Vec<GotMetric>>>);
+
+#[tonic::async_trait]
+impl MetricsService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let value = |v: &Option<number_data_point::Value>| match v {
+            Some(number_data_point::Value::AsDouble(d)) => *d,
+            Some(number_data_point::Value::AsInt(i)) => *i as f64,
+            None => f64::NAN,
+        };
+        let mut got = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for rm in request.into_inner().resource_metrics {
+            let service = rm
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| text(kv.value.as_ref()))
+                .unwrap_or_default();
+            for m in rm.scope_metrics.into_iter().flat_map(|s| s.metrics) {
+                let points: Vec<f64> = match &m.data {
+                    Some(Data::Gauge(g)) => g.data_points.iter().map(|p| value(&p.value)).collect(),
+                    Some(Data::Sum(s)) => s.data_points.iter().map(|p| value(&p.value)).collect(),
+                    Some(Data::Histogram(h)) => {
+                        h.data_points.iter().map(|p| p.count as f64).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for v in points {
+                    got.push((service.clone(), m.name.clone(), v));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
 /// The OTEL_* environment both binaries get: export to `endpoint` quickly.
 fn otel_env(cmd: &mut tokio::process::Command, endpoint: &str) {
     for var in [
@@ -95,12 +150,15 @@ fn otel_env(cmd: &mut tokio::process::Command, endpoint: &str) {
         "OTEL_TRACES_EXPORTER",
         "OTEL_TRACES_SAMPLER",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_METRICS_EXPORTER",
         "OTEL_RESOURCE_ATTRIBUTES",
     ] {
         cmd.env_remove(var);
     }
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
         .env("RUST_LOG", "info");
 }
 
@@ -111,11 +169,13 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -> anyhow::Result<()>
 {
     let receiver = Receiver::default();
+    let metrics = MetricsReceiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let serving = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))
+            .add_service(MetricsServiceServer::new(metrics.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
 
@@ -285,6 +345,26 @@ async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -
         "keyplaned's ack handling continues the apply"
     );
     assert_eq!(ack.attribute("device"), Some(lock.name.as_str()));
+
+    // Metrics over OTLP from both processes, with what the scenario did in them: the
+    // agent's stream held by keyplaned, the calls counted, the agent's one device.
+    let latest = |service: &str, name: &str| {
+        let got = metrics.0.lock().unwrap_or_else(|p| p.into_inner());
+        got.iter()
+            .rev()
+            .find(|(s, n, _)| s == service && n == name)
+            .map(|(_, _, v)| *v)
+    };
+    eventually("metrics over OTLP from both", SYNC_TIMEOUT, || {
+        let seen = [
+            latest("keyplaned", "keyplane_agents_connected") == Some(1.0),
+            latest("keyplaned", "keyplane_grpc_calls").is_some_and(|v| v >= 1.0),
+            latest("keyplane-agent", "keyplane_agent_devices") == Some(1.0),
+            latest("keyplane-agent", "keyplane_agent_connected") == Some(1.0),
+        ];
+        async move { Ok(seen.iter().all(|s| *s).then_some(())) }
+    })
+    .await?;
     serving.abort();
     Ok(())
 }

@@ -304,5 +304,19 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone().cancelled_owned(),
         ));
     }
-    keyplane_agent::run(config, Box::new(drivers), shutdown).await
+    // The same registry over OTLP when the OTEL_* variables ask for it.
+    let metrics_export = keyplane_telemetry::otlp_metrics::spawn_export(
+        "keyplane-agent",
+        keyplane_agent::metrics::metrics().registry(),
+        None,
+        shutdown.clone().cancelled_owned(),
+    )?;
+    let stop = shutdown.clone();
+    let result = keyplane_agent::run(config, Box::new(drivers), shutdown).await;
+    stop.cancel();
+    if let Some(export) = metrics_export {
+        // Its last export, after the shutdown the run just saw.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), export).await;
+    }
+    result
 }

@@ -291,26 +291,33 @@ pub async fn serve(
     store
         .ca_check(config.ca.as_ref().map(|ca| ca.key_id()))
         .await?;
+    let scraped = store.clone();
+    let refresh: keyplane_telemetry::metrics::Refresh = std::sync::Arc::new(move || {
+        let store = scraped.clone();
+        Box::pin(async move { metrics::refresh(&store).await })
+    });
     let metrics_server = match &config.metrics_listen {
         Some(at) => {
             let listener = TcpListener::bind(at)
                 .await
                 .map_err(|e| anyhow::anyhow!("metrics endpoint {at}: {e}"))?;
             tracing::info!(addr = %listener.local_addr()?, "metrics on GET /metrics");
-            let scraped = store.clone();
-            let refresh: keyplane_telemetry::metrics::Refresh = std::sync::Arc::new(move || {
-                let store = scraped.clone();
-                Box::pin(async move { metrics::refresh(&store).await })
-            });
             Some(tokio::spawn(keyplane_telemetry::metrics::serve(
                 listener,
                 metrics::metrics().registry(),
-                Some(refresh),
+                Some(refresh.clone()),
                 shutdown.clone().cancelled_owned(),
             )))
         }
         None => None,
     };
+    // The same registry over OTLP when the OTEL_* variables ask for it.
+    let metrics_export = keyplane_telemetry::otlp_metrics::spawn_export(
+        "keyplaned",
+        metrics::metrics().registry(),
+        Some(refresh),
+        shutdown.clone().cancelled_owned(),
+    )?;
     let hub = hub::Hub::default();
     let bell = hub::EventBell::default();
     let replica = config
@@ -435,6 +442,10 @@ pub async fn serve(
             shutdown.cancelled().await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "grace period over: dropping the connections still open"),
+    }
+    if let Some(export) = metrics_export {
+        // Its last export (shutdown was signalled), bounded like the rest.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), export).await;
     }
     poller.abort();
     if let Some(metrics_server) = metrics_server {

@@ -17,6 +17,7 @@
 //! `--metrics-listen`.
 
 pub mod metrics;
+pub mod otlp_metrics;
 pub use prometheus_client;
 
 use std::io::Write;
