@@ -87,7 +87,7 @@ enum Command {
               value_parser = clap::value_parser!(u32).range(1..))]
         agent_opens_max: u32,
         /// How long a Hello waits for a place among the sessions being opened.
-        #[arg(long, env = "KEYPLANE_AGENT_OPEN_WAIT_MS", default_value_t = 2000)]
+        #[arg(long, env = "KEYPLANE_AGENT_OPEN_WAIT_MS", default_value_t = 10000)]
         agent_open_wait_ms: u64,
         /// Do not name written sites to other replicas (NOTIFY after commit) nor
         /// listen for theirs: streams held by other replicas then learn of a change
