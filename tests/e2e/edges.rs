@@ -279,3 +279,71 @@ async fn a_site_whose_users_hold_partitions_deletes_cleanly() -> anyhow::Result<
     assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
     Ok(())
 }
+
+/// A new code takes the lowest slot of its lock that no code, reserved slot or local
+/// code holds: through the holes deletions leave, past local codes, up to the lock's
+/// last slot, and a full lock refuses the code (the allocation is one ordered pass
+/// over the taken slots: its gaps, its floor and its end are each met here).
+#[tokio::test]
+async fn a_new_code_takes_the_lowest_slot_no_code_or_local_code_holds() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let (site, lock_id) = (id_of(&s.site)?, id_of(&s.lock.name)?);
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    // Local codes programmed at the lock in slots 5 and 6.
+    let local = |slot, pin: &str| Observed {
+        slot,
+        state: ObservedState::Foreign,
+        pin: Pin::parse(pin).ok(),
+    };
+    s.server
+        .store
+        .observed_record(site, lock_id, &[local(5, "71946"), local(6, "71953")])
+        .await?;
+    let pin = |n: usize| (40_013 + n * 97).to_string();
+    let mut next = 0;
+    let mut create = async |s: &mut Site| -> Result<pb::Credential, tonic::Status> {
+        next += 1;
+        s.credential(&alice, &pin(next), lock_scope(&[&lock])).await
+    };
+    let slot_of = |c: &pb::Credential| -> anyhow::Result<i32> {
+        c.slots
+            .iter()
+            .find(|a| a.device == lock.name)
+            .map(|a| a.slot)
+            .ok_or_else(|| anyhow::anyhow!("{} has no slot on the lock", c.name))
+    };
+    let mut held = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let c = create(&mut s).await?;
+        held.insert(slot_of(&c)?, c.name);
+    }
+    assert_eq!(
+        held.keys().copied().collect::<Vec<_>>(),
+        [1, 2, 3, 4, 7, 8, 9, 10, 11, 12],
+        "lowest first, past the local codes"
+    );
+    for slot in [2, 8, 11] {
+        s.admin
+            .delete_credential(pb::DeleteCredentialRequest {
+                name: held[&slot].clone(),
+                etag: String::new(),
+            })
+            .await?;
+    }
+    let mut refilled = Vec::new();
+    for _ in 0..4 {
+        refilled.push(slot_of(&create(&mut s).await?)?);
+    }
+    assert_eq!(
+        refilled,
+        [2, 8, 11, 13],
+        "holes first, lowest first, then above"
+    );
+    // zwave-lock-30: slots 14..=30 left.
+    for want in 14..=30 {
+        assert_eq!(slot_of(&create(&mut s).await?)?, want);
+    }
+    let full = create(&mut s).await.expect_err("the lock is full");
+    assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
+    Ok(())
+}
