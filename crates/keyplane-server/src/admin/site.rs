@@ -163,22 +163,14 @@ pub(super) async fn sync_status(
 ) -> Res<pb::SyncStatus> {
     let (actor, req) = dealer_call(request)?;
     let site = parse("name", &req.name, SyncStatusName::parse)?;
-    let (status, facts) = tokio::try_join!(
-        api.store.sync_status(actor.dealer, site.site),
-        api.store.slot_status_facts(actor.dealer, site.site, None),
-    )
-    .map_err(store_status)?;
-    let states = res::slot_states(&facts);
-    let mut out = res::sync_pb(&status, &facts, &states);
+    // The request is checked before the site is read: on a big site that read takes
+    // seconds, and a bad view, token or page size must be refused at once.
     let view = pb::SyncStatusView::try_from(req.view)
         .map_err(|_| Status::invalid_argument(format!("view: unknown value {}", req.view)))?;
-    if view == pb::SyncStatusView::Basic {
-        out.slots = Vec::new();
-        for d in &mut out.devices {
-            d.findings = None;
-        }
+    let list = format!("GetSyncStatus {site}");
+    let page = if view == pb::SyncStatusView::Basic {
+        None
     } else {
-        let list = format!("GetSyncStatus {site}");
         let (after, limit) = crate::page::page_keyed(
             &list,
             req.page_size,
@@ -186,27 +178,48 @@ pub(super) async fn sync_status(
             SYNC_STATUS_PAGE_SIZE,
             SYNC_STATUS_MAX_PAGE_SIZE,
         )?;
-        // `slots` is sorted by (device, slot), the key of the token.
-        let start = match after {
-            None => 0,
-            Some(key) => {
-                let (device, slot) = key
-                    .rsplit_once(' ')
+        let after = match after {
+            None => None,
+            Some(key) => Some(
+                key.rsplit_once(' ')
                     .and_then(|(d, s)| Some((d.to_owned(), s.parse::<i32>().ok()?)))
-                    .ok_or_else(crate::page::malformed_token)?;
-                out.slots
-                    .partition_point(|s| (s.device.as_str(), s.slot) <= (device.as_str(), slot))
-            }
+                    .ok_or_else(crate::page::malformed_token)?,
+            ),
         };
-        let slots = std::mem::take(&mut out.slots);
-        let (page, next) = crate::page::page_split(
-            &list,
-            slots.into_iter().skip(start).collect(),
-            limit,
-            |s: &pb::SlotAssignmentStatus| format!("{} {}", s.device, s.slot),
-        );
-        out.slots = page;
-        out.next_page_token = next;
+        Some((after, limit))
+    };
+    let (status, facts) = tokio::try_join!(
+        api.store.sync_status(actor.dealer, site.site),
+        api.store.slot_status_facts(actor.dealer, site.site, None),
+    )
+    .map_err(store_status)?;
+    let states = res::slot_states(&facts);
+    let mut out = res::sync_pb(&status, &facts, &states);
+    match page {
+        None => {
+            out.slots = Vec::new();
+            for d in &mut out.devices {
+                d.findings = None;
+            }
+        }
+        Some((after, limit)) => {
+            // `slots` is sorted by (device, slot), the key of the token.
+            let start = match after {
+                None => 0,
+                Some((device, slot)) => out
+                    .slots
+                    .partition_point(|s| (s.device.as_str(), s.slot) <= (device.as_str(), slot)),
+            };
+            let slots = std::mem::take(&mut out.slots);
+            let (page, next) = crate::page::page_split(
+                &list,
+                slots.into_iter().skip(start).collect(),
+                limit,
+                |s: &pb::SlotAssignmentStatus| format!("{} {}", s.device, s.slot),
+            );
+            out.slots = page;
+            out.next_page_token = next;
+        }
     }
     // Issue 14: the agent's last Hello, and a clock skew it showed.
     if let Some(hello) = api
