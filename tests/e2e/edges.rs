@@ -2,7 +2,9 @@
 //! panel's partition, users without a level, one PIN key per database, agent
 //! sessions, repeated names in plans, deleting a site whose users hold partitions.
 
-use crate::fixture::{Site, create_site, create_user_with, id_of, lock_scope, panel_scope};
+use crate::fixture::{
+    Site, create_site, create_user_with, id_of, lock_scope, panel_scope, slot_on,
+};
 use keyplane_core::pin::Pin;
 use keyplane_proto::v1 as pb;
 use keyplane_store::{Observed, ObservedState};
@@ -305,12 +307,8 @@ async fn a_new_code_takes_the_lowest_slot_no_code_or_local_code_holds() -> anyho
         next += 1;
         s.credential(&alice, &pin(next), lock_scope(&[&lock])).await
     };
-    let slot_of = |c: &pb::Credential| -> anyhow::Result<i32> {
-        c.slots
-            .iter()
-            .find(|a| a.device == lock.name)
-            .map(|a| a.slot)
-            .ok_or_else(|| anyhow::anyhow!("{} has no slot on the lock", c.name))
+    let slot_of = |c: &pb::Credential| {
+        slot_on(c, &lock).ok_or_else(|| anyhow::anyhow!("{} has no slot on the lock", c.name))
     };
     let mut held = std::collections::BTreeMap::new();
     for _ in 0..10 {

@@ -5,7 +5,8 @@
 //! writes: every agent converges on what was committed, each code exactly once.
 
 use crate::fixture::{
-    Site, create_device, create_site, create_user_with, id_of, lock_scope, panel_scope, slot_on,
+    Site, create_device, create_partition, create_site, create_user_with, id_of, lock_scope,
+    panel_scope, slot_on,
 };
 use keyplane_devices::PanelOutcome;
 use keyplane_proto::v1 as pb;
@@ -304,17 +305,7 @@ async fn keyplaned_killed_while_agents_stream_loses_no_change() -> anyhow::Resul
     let mut sites = Vec::new();
     for n in 0..SITES {
         let site = create_site(&mut admin, &format!("Shop {n}"), "Europe/Paris").await?;
-        admin
-            .create_partition(pb::CreatePartitionRequest {
-                parent: site.clone(),
-                partition: Some(pb::Partition {
-                    number: 1,
-                    display_name: "Shop".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?;
+        create_partition(&mut admin, &site, 1, "Shop").await?;
         let lock = create_device(&mut admin, &site, "Front door", "zwave-lock-30").await?;
         let user = create_user_with(&mut admin, &site, "Ann", &[(1, pb::Level::Master)]).await?;
         let agent_token = admin

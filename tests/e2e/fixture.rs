@@ -41,17 +41,7 @@ impl Site {
         let token = server.dealer("Dealer One").await?;
         let mut admin = server.admin(Some(&token)).await?;
         let site = create_site(&mut admin, "Alice's house", "Europe/Paris").await?;
-        admin
-            .create_partition(pb::CreatePartitionRequest {
-                parent: site.clone(),
-                partition: Some(pb::Partition {
-                    number: 1,
-                    display_name: "House".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?;
+        create_partition(&mut admin, &site, 1, "House").await?;
         let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
         let lock = create_device(&mut admin, &site, "Front door", lock_model).await?;
         let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::Master)]).await?;
@@ -165,27 +155,7 @@ impl Site {
     /// Like [`Site::wait_synced`], with a bound for a large table (each device's
     /// read-back of every slot is reported before its ack).
     pub async fn wait_synced_within(&mut self, bound: Duration) -> anyhow::Result<pb::SyncStatus> {
-        let admin = self.admin.clone();
-        let name = format!("{}/syncStatus", self.site);
-        eventually("all devices applied at head", bound, || {
-            let mut admin = admin.clone();
-            let name = name.clone();
-            async move {
-                let s = admin
-                    .get_sync_status(pb::GetSyncStatusRequest {
-                        name,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                let done = s
-                    .devices
-                    .iter()
-                    .all(|d| d.in_sync && d.applied_revision == s.desired_revision);
-                Ok(done.then_some(s))
-            }
-        })
-        .await
+        wait_applied_at_head(&self.admin, &self.site, bound).await
     }
 }
 
@@ -234,6 +204,55 @@ pub async fn create_device(
 
 /// A user who is operator A in partition 1.
 /// A new site of the admin's dealer; its name.
+/// Waits until `site` has devices and every one reports the head revision applied.
+pub async fn wait_applied_at_head(
+    admin: &Admin,
+    site: &str,
+    bound: Duration,
+) -> anyhow::Result<pb::SyncStatus> {
+    let name = format!("{site}/syncStatus");
+    eventually("all devices applied at head", bound, || {
+        let mut admin = admin.clone();
+        let name = name.clone();
+        async move {
+            let s = admin
+                .get_sync_status(pb::GetSyncStatusRequest {
+                    name,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let done = !s.devices.is_empty()
+                && s.devices
+                    .iter()
+                    .all(|d| d.in_sync && d.applied_revision == s.desired_revision);
+            Ok(done.then_some(s))
+        }
+    })
+    .await
+}
+
+/// Creates partition `number` of `site`.
+pub async fn create_partition(
+    admin: &mut Admin,
+    site: &str,
+    number: i32,
+    display_name: &str,
+) -> anyhow::Result<pb::Partition> {
+    Ok(admin
+        .create_partition(pb::CreatePartitionRequest {
+            parent: site.to_owned(),
+            partition: Some(pb::Partition {
+                number,
+                display_name: display_name.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner())
+}
+
 pub async fn create_site(
     admin: &mut Admin,
     display_name: &str,

@@ -4,7 +4,10 @@
 //! by the standard OTEL_* variables only) to a minimal trace receiver run here; the
 //! same receiver takes their metrics (the registry `/metrics` serves, over OTLP).
 
-use crate::fixture::{SYNC_TIMEOUT, create_device, create_site, create_user_with, lock_scope};
+use crate::fixture::{
+    SYNC_TIMEOUT, create_device, create_partition, create_site, create_user_with, lock_scope,
+    wait_applied_at_head,
+};
 use crate::shutdown::{client, keyplaned_binary};
 use keyplane_proto::v1 as pb;
 use keyplane_store::{PinKey, Store};
@@ -62,6 +65,16 @@ fn text(value: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> Str
     }
 }
 
+/// The `service.name` of an export's resource (empty when not given).
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|r| &r.attributes)
+        .find(|kv| kv.key == "service.name")
+        .map(|kv| text(kv.value.as_ref()))
+        .unwrap_or_default()
+}
+
 #[tonic::async_trait]
 impl TraceService for Receiver {
     async fn export(
@@ -70,13 +83,7 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut got = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| text(kv.value.as_ref()))
-                .unwrap_or_default();
+            let service = service_name(rs.resource.as_ref());
             for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
                 got.push(Got {
                     service: service.clone(),
@@ -117,13 +124,7 @@ impl MetricsService for MetricsReceiver {
         };
         let mut got = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for rm in request.into_inner().resource_metrics {
-            let service = rm
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| text(kv.value.as_ref()))
-                .unwrap_or_default();
+            let service = service_name(rm.resource.as_ref());
             for m in rm.scope_metrics.into_iter().flat_map(|s| s.metrics) {
                 let points: Vec<f64> = match &m.data {
                     Some(Data::Gauge(g)) => g.data_points.iter().map(|p| value(&p.value)).collect(),
@@ -214,17 +215,7 @@ async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -
     let token = store.dealer_create("Dealer One").await?.1;
     let mut admin = client(Endpoint::from_shared(url.clone())?, &token).await?;
     let site = create_site(&mut admin, "Shop", "Europe/Paris").await?;
-    admin
-        .create_partition(pb::CreatePartitionRequest {
-            parent: site.clone(),
-            partition: Some(pb::Partition {
-                number: 1,
-                display_name: "Shop".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await?;
+    create_partition(&mut admin, &site, 1, "Shop").await?;
     let lock = create_device(&mut admin, &site, "Front door", "zwave-lock-30").await?;
     let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::OperatorA)]).await?;
     let agent_token = admin
@@ -246,29 +237,7 @@ async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -
         .kill_on_drop(true);
     otel_env(&mut agent, &endpoint);
     let _agent = agent.spawn()?;
-    let synced = |admin: &crate::shutdown::Client| {
-        let admin = admin.clone();
-        let name = format!("{site}/syncStatus");
-        eventually("the lock applied at head", SYNC_TIMEOUT, move || {
-            let mut admin = admin.clone();
-            let name = name.clone();
-            async move {
-                let s = admin
-                    .get_sync_status(pb::GetSyncStatusRequest {
-                        name,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                let done = !s.devices.is_empty()
-                    && s.devices
-                        .iter()
-                        .all(|d| d.in_sync && d.applied_revision == s.desired_revision);
-                Ok(done.then_some(s))
-            }
-        })
-    };
-    synced(&admin).await?;
+    wait_applied_at_head(&admin, &site, SYNC_TIMEOUT).await?;
 
     // The caller's own trace context: keyplaned's call span continues it.
     let mut request = tonic::Request::new(pb::CreateCredentialRequest {
@@ -287,7 +256,7 @@ async fn one_trace_follows_a_credential_from_the_call_to_the_device_and_back() -
         format!("00-{TRACE_ID}-{CALLER_SPAN}-01").parse()?,
     );
     admin.create_credential(request).await?;
-    synced(&admin).await?;
+    wait_applied_at_head(&admin, &site, SYNC_TIMEOUT).await?;
 
     // Every span of the trace, once the apply's (the agent's batch) and the ack's
     // (keyplaned's) have both arrived: each process exports on its own schedule.

@@ -3,7 +3,7 @@
 //! parses and result rows whether a door holds 10 codes or 990 and whether the
 //! database holds 1k sites or 50k (seeded with SQL, not through the API).
 
-use crate::fixture::{create_device, create_user_with, id_of, mask};
+use crate::fixture::{create_device, create_partition, create_site, create_user_with, id_of, mask};
 use keyplane_proto::v1 as pb;
 use keyplane_store::Store;
 use keyplane_testkit::proxy::{CountingProxy, WireCounts};
@@ -99,55 +99,13 @@ impl Bench {
         let (server, proxy) = TestServer::start_counted().await?;
         let token = server.dealer("Dealer One").await?;
         let mut admin = server.admin(Some(&token)).await?;
-        let site = admin
-            .create_site(pb::CreateSiteRequest {
-                site: Some(pb::Site {
-                    display_name: "Office".into(),
-                    time_zone: "Europe/Paris".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?
-            .into_inner()
-            .name;
-        admin
-            .create_partition(pb::CreatePartitionRequest {
-                parent: site.clone(),
-                partition: Some(pb::Partition {
-                    number: 1,
-                    display_name: "Office".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?;
+        let site = create_site(&mut admin, "Office", "Europe/Paris").await?;
+        create_partition(&mut admin, &site, 1, "Office").await?;
         let panel = create_device(&mut admin, &site, "Panel", "vista-128bpt").await?;
         let door = create_device(&mut admin, &site, "Main door", "door-1000").await?;
         let alice = create_user_with(&mut admin, &site, "Alice", &[(1, pb::Level::Master)]).await?;
-        let pool_site = admin
-            .create_site(pb::CreateSiteRequest {
-                site: Some(pb::Site {
-                    display_name: "Store room".into(),
-                    time_zone: "Europe/Paris".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?
-            .into_inner()
-            .name;
-        admin
-            .create_partition(pb::CreatePartitionRequest {
-                parent: pool_site.clone(),
-                partition: Some(pb::Partition {
-                    number: 1,
-                    display_name: "Store room".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await?;
+        let pool_site = create_site(&mut admin, "Store room", "Europe/Paris").await?;
+        create_partition(&mut admin, &pool_site, 1, "Store room").await?;
         let pool_lock = create_device(&mut admin, &pool_site, "Store lock", "zwave-lock-30")
             .await?
             .name;

@@ -122,13 +122,23 @@ impl Drop for Telemetry {
 /// Whether the environment asks for trace export: an OTLP endpoint is set, and
 /// neither `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none`.
 pub fn traces_configured() -> bool {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    let is = |name: &str, value: &str| {
-        std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value))
-    };
-    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-        && !is("OTEL_SDK_DISABLED", "true")
-        && !is("OTEL_TRACES_EXPORTER", "none")
+    (env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some())
+        && !env_is("OTEL_SDK_DISABLED", "true")
+        && !env_is("OTEL_TRACES_EXPORTER", "none")
+}
+
+/// An OTEL_* variable's value, trimmed; None when unset or blank.
+pub(crate) fn env(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether variable `name` is set to `value` (case-insensitive).
+pub(crate) fn env_is(name: &str, value: &str) -> bool {
+    env(name).is_some_and(|v| v.eq_ignore_ascii_case(value))
 }
 
 /// Installs the global subscriber for `service`, writing lines in `format`, and

@@ -11,6 +11,7 @@
 //! it off.
 
 use crate::metrics::Refresh;
+use crate::{env, env_is};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -31,13 +32,6 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 /// How long one export may take when `OTEL_EXPORTER_OTLP_TIMEOUT` is not set.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-}
-
 /// The first of `names` set in the environment.
 fn first_env(names: &[&str]) -> Option<String> {
     names.iter().find_map(|n| env(n))
@@ -53,14 +47,13 @@ fn millis_env(names: &[&str]) -> Option<Duration> {
 /// Whether the environment asks for metric export: an OTLP endpoint is set, and
 /// neither `OTEL_SDK_DISABLED=true` nor `OTEL_METRICS_EXPORTER=none`.
 pub fn metrics_configured() -> bool {
-    let is = |name: &str, value: &str| env(name).is_some_and(|v| v.eq_ignore_ascii_case(value));
     first_env(&[
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
     ])
     .is_some()
-        && !is("OTEL_SDK_DISABLED", "true")
-        && !is("OTEL_METRICS_EXPORTER", "none")
+        && !env_is("OTEL_SDK_DISABLED", "true")
+        && !env_is("OTEL_METRICS_EXPORTER", "none")
 }
 
 /// Why metric export could not start.
