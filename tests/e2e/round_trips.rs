@@ -920,6 +920,13 @@ async fn an_agent_catch_up_reads_what_changed_not_the_whole_site() -> anyhow::Re
     b.seed_users(990).await?;
     let large = catch_up_cost(&mut b, &store, "7043").await?;
     eprintln!("catch-up after one change: 10 users {small:?}, 990 users {large:?}");
+    // BEGIN, every read pipelined, COMMIT; each statement from the connection's cache.
+    assert!(
+        small.round_trips <= 3,
+        "a catch-up took {} round trips; its ceiling is 3",
+        small.round_trips
+    );
+    assert_eq!(small.parses, 0, "a catch-up parsed a statement again");
     assert_eq!(
         small, large,
         "a catch-up after one change must read the same with 990 users and codes as with 10"

@@ -26,23 +26,50 @@ pub(crate) fn schedule_from_json(
 
 pub(crate) use keyplane_core::access::AccessRules;
 
-/// The reads of the access rules: holidays (site `$1` only), then the personal plans,
-/// their access points and the standard plans (site `$1`) of users `$2` (NULL: every
+/// The four reads of the access rules, in the order [`rules_from_rows`] takes them:
+/// holidays (site `$1` only), then the personal plans, their access points and the
+/// standard plans of site `$1`, each limited to the users `$users!(column)` appends a
+/// condition for (`""`: every user).
+macro_rules! rules_sql {
+    ($users:ident) => {
+        [
+            "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
+            concat!(
+                "SELECT user_id, schedule FROM personal_access_plan WHERE site_id = $1 AND configured",
+                $users!("user_id")
+            ),
+            concat!(
+                "SELECT user_id, device_id FROM personal_access_point WHERE site_id = $1",
+                $users!("user_id")
+            ),
+            concat!(
+                "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
+                 JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
+                 JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
+                 WHERE p.site_id = $1",
+                $users!("m.user_id")
+            ),
+        ]
+    };
+}
+pub(crate) use rules_sql;
+
+/// Users `$2` (NULL: every user) and the members of plan `$3`.
+macro_rules! users_or_plan_members {
+    ($column:literal) => {
+        concat!(
+            " AND ($2::uuid[] IS NULL OR ",
+            $column,
+            " = ANY($2) OR ",
+            $column,
+            " IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))"
+        )
+    };
+}
+
+/// The reads of the access rules (see [`rules_sql`]) of users `$2` (NULL: every
 /// user) and of the members of plan `$3`.
-pub(crate) const RULES_SQL: [&str; 4] = [
-    "SELECT day, plan_ids FROM holiday WHERE site_id = $1",
-    "SELECT user_id, schedule FROM personal_access_plan
-     WHERE site_id = $1 AND configured AND ($2::uuid[] IS NULL OR user_id = ANY($2)
-        OR user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
-    "SELECT user_id, device_id FROM personal_access_point
-     WHERE site_id = $1 AND ($2::uuid[] IS NULL OR user_id = ANY($2)
-        OR user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
-    "SELECT p.id, p.schedule, m.user_id, d.device_id FROM access_plan p
-     JOIN access_plan_member m ON m.site_id = p.site_id AND m.plan_id = p.id
-     JOIN access_plan_device d ON d.site_id = p.site_id AND d.plan_id = p.id
-     WHERE p.site_id = $1 AND ($2::uuid[] IS NULL OR m.user_id = ANY($2)
-        OR m.user_id IN (SELECT user_id FROM access_plan_member WHERE site_id = $1 AND plan_id = $3))",
-];
+pub(crate) const RULES_SQL: [&str; 4] = rules_sql!(users_or_plan_members);
 
 /// The site's access rules as they apply to `users` (None: every user): an agent's
 /// catch-up reads the rules of the users whose codes changed, not the whole site's.

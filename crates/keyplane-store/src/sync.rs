@@ -7,11 +7,13 @@ use crate::{AgentUpdate, DesiredCode, DesiredSlot, DeviceSync, SiteSync, Store, 
 use keyplane_core::authority::Level;
 use keyplane_core::{DeviceKind, DeviceModel};
 
+use crate::Transaction;
 use crate::rules::AccessRules;
 use futures_util::TryStreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, Row, RowStream, Statement};
 use uuid::Uuid;
 
 /// A site that changed since the last poll (see [`Store::sites_changed`]).
@@ -31,6 +33,151 @@ pub struct SiteChange {
 
 /// An agent is shown as connected only if heard from within this many seconds.
 const AGENT_LIVENESS_SECS: f64 = 90.0;
+
+/// The credentials holding a slot that changed after revision `$2` at site `$1`.
+macro_rules! changed_credentials {
+    () => {
+        "SELECT sa.credential_id
+           FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
+           JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot"
+    };
+}
+
+/// No condition: every user of the site.
+macro_rules! every_user {
+    ($column:literal) => {
+        ""
+    };
+}
+
+/// The users of the credentials in [`changed_credentials`].
+macro_rules! users_of_changed {
+    ($column:literal) => {
+        concat!(
+            " AND ",
+            $column,
+            " IN (SELECT c.user_id FROM credential c WHERE c.site_id = $1 AND c.id IN (",
+            changed_credentials!(),
+            "))"
+        )
+    };
+}
+
+/// Each panel code's user's level in the partitions the code is scoped to, for the
+/// credentials `$filter` selects.
+macro_rules! levels_sql {
+    ($filter:expr) => {
+        concat!(
+            "SELECT cp.credential_id, cp.partition, ua.level FROM credential_partition cp
+             JOIN credential c ON c.site_id = cp.site_id AND c.id = cp.credential_id
+             JOIN user_authority ua ON ua.site_id = cp.site_id AND ua.user_id = c.user_id
+                                    AND ua.partition = cp.partition
+             WHERE cp.site_id = $1",
+            $filter,
+            " ORDER BY cp.partition"
+        )
+    };
+}
+
+/// The reads of an agent update after the site row, in the order they are sent: the
+/// levels, the access rules (holidays take only the site) and the slots.
+struct UpdateReads {
+    levels: &'static str,
+    rules: [&'static str; 4],
+    slots: &'static str,
+}
+
+/// A snapshot's reads: the whole site (`$1`).
+const SNAPSHOT_READS: UpdateReads = UpdateReads {
+    levels: levels_sql!(""),
+    rules: crate::rules::rules_sql!(every_user),
+    slots: "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                sa.write_generation, false
+             FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
+             JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
+             JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
+             WHERE sa.site_id = $1
+             UNION ALL
+             SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
+             FROM observed_slot o WHERE o.site_id = $1 AND o.removing
+             ORDER BY 1, 2",
+};
+
+/// A catch-up's reads: the slots of site `$1` changed after revision `$2`, with the
+/// levels and access rules of only the codes about to be sent, so a catch-up after
+/// one change reads a few rows however large the site.
+const CHANGES_READS: UpdateReads = UpdateReads {
+    levels: levels_sql!(concat!(" AND cp.credential_id IN (", changed_credentials!(), ")")),
+    rules: crate::rules::rules_sql!(users_of_changed),
+    slots: "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+                u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
+                sa.write_generation, coalesce(o.removing, false)
+             FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
+             LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
+             LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
+             LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
+             LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
+             LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
+                                     AND o.slot = ch.slot AND o.removing
+             ORDER BY ch.device_id, ch.slot",
+};
+
+/// [`UpdateReads`] through the connection's statement cache.
+struct UpdateStatements {
+    levels: Statement,
+    rules: Vec<Statement>,
+    slots: Statement,
+}
+
+/// Each credential's (partition, level) pairs.
+type Levels = HashMap<Uuid, Vec<(u8, Level)>>;
+
+impl UpdateStatements {
+    async fn prepare(tx: &Transaction<'_>, reads: &UpdateReads) -> Result<Self, StoreError> {
+        let (levels, rules, slots) = tokio::try_join!(
+            tx.prepare_cached(reads.levels),
+            futures_util::future::try_join_all(
+                reads.rules.iter().map(|sql| tx.prepare_cached(sql))
+            ),
+            tx.prepare_cached(reads.slots),
+        )?;
+        Ok(UpdateStatements {
+            levels,
+            rules,
+            slots,
+        })
+    }
+
+    /// Sends every read at once, in order (one round trip): the levels, the rules,
+    /// and the slots as a stream still to be read.
+    async fn read(
+        &self,
+        tx: &Transaction<'_>,
+        by_site: &[&(dyn ToSql + Sync)],
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Levels, AccessRules, RowStream), StoreError> {
+        let (levels, holidays, personal, points, standard, slots) = tokio::join!(
+            biased;
+            tokio_postgres::Transaction::query(tx, &self.levels, params),
+            tokio_postgres::Transaction::query(tx, &self.rules[0], by_site),
+            tokio_postgres::Transaction::query(tx, &self.rules[1], params),
+            tokio_postgres::Transaction::query(tx, &self.rules[2], params),
+            tokio_postgres::Transaction::query(tx, &self.rules[3], params),
+            tokio_postgres::Transaction::query_raw(tx, &self.slots, params.iter().copied()),
+        );
+        let mut by_credential: Levels = HashMap::new();
+        for r in levels? {
+            let partition = u8::try_from(r.get::<_, i16>(1)).ok();
+            let level = Level::from_number(i32::from(r.get::<_, i16>(2)));
+            if let (Some(p), Some(l)) = (partition, level) {
+                by_credential.entry(r.get(0)).or_default().push((p, l));
+            }
+        }
+        let rules = crate::rules::rules_from_rows(&holidays?, &personal?, &points?, &standard?)?;
+        Ok((by_credential, rules, slots?))
+    }
+}
 
 impl Store {
     fn desired_from_row(
@@ -108,6 +255,12 @@ impl Store {
     /// slots otherwise. Read in one repeatable-read snapshot so slots and revision
     /// agree. The desired rows are streamed from PostgreSQL and turned into slots one
     /// at a time, so a large site is held once (as slots), never also as rows.
+    ///
+    /// Three round trips: BEGIN; the site row, its devices, the levels and access
+    /// rules of the codes about to be sent and the slots themselves, pipelined
+    /// through the statement cache (a catch-up is read as one, since almost every
+    /// catch-up is one; if the site row then says a snapshot is due, the snapshot's
+    /// reads take one more); COMMIT.
     pub async fn agent_update(&self, site: Uuid, from: i64) -> Result<AgentUpdate, StoreError> {
         let mut conn = self.conn().await?;
         let tx = conn
@@ -116,17 +269,29 @@ impl Store {
             .read_only(true)
             .start()
             .await?;
-        // Generic plans for the reads below, sent in the same round trip as the first.
-        let (s_generic, s_site) = tokio::try_join!(
+        let catch_up = from > 0;
+        let reads = if catch_up {
+            &CHANGES_READS
+        } else {
+            &SNAPSHOT_READS
+        };
+        let (s_generic, s_site, s_devices) = tokio::try_join!(
             tx.prepare_cached(crate::GENERIC_PLANS_SQL),
             tx.prepare_cached(
                 "SELECT revision, time_zone, lockdown, change_floor FROM site WHERE id = $1"
             ),
+            tx.prepare_cached("SELECT id, model FROM device WHERE site_id = $1 ORDER BY id"),
         )?;
-        let (generic, site_row) = tokio::join!(
+        let statements = UpdateStatements::prepare(&tx, reads).await?;
+        let by_site: [&(dyn ToSql + Sync); 1] = [&site];
+        let since: [&(dyn ToSql + Sync); 2] = [&site, &from];
+        let params: &[&(dyn ToSql + Sync)] = if catch_up { &since } else { &by_site };
+        let (generic, site_row, device_rows, read) = tokio::join!(
             biased;
-            async { tokio_postgres::Transaction::execute(&tx, &s_generic, &[]).await },
-            async { tokio_postgres::Transaction::query_opt(&tx, &s_site, &[&site]).await },
+            tokio_postgres::Transaction::execute(&tx, &s_generic, &[]),
+            tokio_postgres::Transaction::query_opt(&tx, &s_site, &by_site),
+            tokio_postgres::Transaction::query(&tx, &s_devices, &by_site),
+            statements.read(&tx, &by_site, params),
         );
         generic?;
         let site_row = site_row?.ok_or_else(|| not_found_site(site))?;
@@ -134,12 +299,7 @@ impl Store {
         let time_zone: String = site_row.get(1);
         let lockdown: bool = site_row.get(2);
         let floor: i64 = site_row.get(3);
-        let devices = tx
-            .query(
-                "SELECT id, model FROM device WHERE site_id = $1 ORDER BY id",
-                &[&site],
-            )
-            .await?
+        let devices = device_rows?
             .iter()
             .map(|r| {
                 let model: &str = r.get(1);
@@ -148,100 +308,20 @@ impl Store {
                     .ok_or_else(|| StoreError::Internal(format!("unknown model {model}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if from > 0 && from == revision {
-            // Nothing committed since: every change an agent must hear of advances the
-            // revision, so there is nothing to read.
-            tx.commit().await?;
-            return Ok(AgentUpdate::Changes {
-                from,
-                revision,
-                devices,
-                time_zone,
-                lockdown,
-                slots: Vec::new(),
-                traceparent: None,
-            });
-        }
         // Changes after `from` are all in the log only when `from` is at or above the
         // floor (every change at or below it may have been pruned).
         let snapshot = from <= 0 || from > revision || from < floor;
-        // Levels and access rules only of the codes about to be sent: a catch-up after
-        // one change reads a few rows, however large the site. Their ids are read
-        // first (a few bytes a slot), so the slots themselves can be streamed.
-        let (credentials, users): (Option<Vec<Uuid>>, Option<Vec<Uuid>>) = if snapshot {
-            (None, None)
+        let read = if snapshot && catch_up {
+            // The catch-up read as sent is of no use: dropped unread (tokio-postgres
+            // discards the rest of its rows).
+            drop(read);
+            let statements = UpdateStatements::prepare(&tx, &SNAPSHOT_READS).await?;
+            statements.read(&tx, &by_site, &by_site).await
         } else {
-            let rows = tx
-                .query(
-                    "SELECT DISTINCT sa.credential_id, c.user_id
-                     FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
-                     JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
-                     JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id",
-                    &[&site, &from],
-                )
-                .await?;
-            let credentials: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-            let mut users: Vec<Uuid> = rows.iter().map(|r| r.get(1)).collect();
-            users.sort_unstable();
-            users.dedup();
-            (Some(credentials), Some(users))
+            read
         };
-        // Each panel code carries its user's level in the partitions it is scoped to.
-        let mut levels: HashMap<Uuid, Vec<(u8, Level)>> = HashMap::new();
-        for r in tx
-            .query(
-                "SELECT cp.credential_id, cp.partition, ua.level FROM credential_partition cp
-                 JOIN credential c ON c.site_id = cp.site_id AND c.id = cp.credential_id
-                 JOIN user_authority ua ON ua.site_id = cp.site_id AND ua.user_id = c.user_id
-                                        AND ua.partition = cp.partition
-                 WHERE cp.site_id = $1 AND ($2::uuid[] IS NULL OR cp.credential_id = ANY($2))
-                 ORDER BY cp.partition",
-                &[&site, &credentials],
-            )
-            .await?
-        {
-            let partition = u8::try_from(r.get::<_, i16>(1)).ok();
-            let level = Level::from_number(i32::from(r.get::<_, i16>(2)));
-            if let (Some(p), Some(l)) = (partition, level) {
-                levels.entry(r.get(0)).or_default().push((p, l));
-            }
-        }
-        let rules = crate::rules::access_rules_for_in_txn(&tx, site, users.as_deref()).await?;
-        let stream = if snapshot {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&site];
-            tx.query_raw(
-                "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
-                    sa.write_generation, false
-                 FROM slot_assignment sa JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
-                 JOIN site_user u ON u.site_id = c.site_id AND u.id = c.user_id
-                 JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-                 WHERE sa.site_id = $1
-                 UNION ALL
-                 SELECT o.device_id, o.slot, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-                 FROM observed_slot o WHERE o.site_id = $1 AND o.removing
-                 ORDER BY 1, 2",
-                params,
-            )
-            .await?
-        } else {
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&site, &from];
-            tx.query_raw(
-                "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
-                    u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
-                    sa.write_generation, coalesce(o.removing, false)
-                 FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
-                 LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
-                 LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
-                 LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
-                 LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
-                 LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
-                                         AND o.slot = ch.slot AND o.removing
-                 ORDER BY ch.device_id, ch.slot",
-                params,
-            )
-            .await?
-        };
+        let (levels, rules, stream) = read?;
+        // Read to its end before anything else is sent on the connection.
         let mut stream = std::pin::pin!(stream);
         let mut slots = Vec::new();
         while let Some(row) = stream.try_next().await? {
@@ -250,7 +330,7 @@ impl Store {
             }
         }
         // A snapshot carries the trace of the change that made its revision.
-        let traceparent = if keyplane_telemetry::exporting() {
+        let traceparent = if keyplane_telemetry::exporting() && (snapshot || from < revision) {
             let after = if snapshot { revision - 1 } else { from };
             tx.query_opt(
                 "SELECT traceparent FROM site_change
@@ -273,6 +353,8 @@ impl Store {
                 traceparent,
             }
         } else {
+            // Nothing committed since `from` when it is the revision: every change an
+            // agent must hear of advances the revision, so the read found nothing.
             AgentUpdate::Changes {
                 from,
                 revision,
