@@ -82,20 +82,23 @@ impl Store {
         );
         let threshold_ms = i64::try_from(threshold.as_millis()).unwrap_or(i64::MAX);
         in_txn!(self, "agent_hello_record", |tx| {
-            // The site row serializes two Hellos of one site (a takeover): one event each way.
-            tx.execute(
-                "SELECT 1 FROM site WHERE id = $1 FOR NO KEY UPDATE",
-                &[&site],
-            )
-            .await?;
-            // The row lock orders this Hello with the stream's clock reports.
-            let since: Option<SystemTime> = tx
-                .query_opt(
-                    "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1 FOR UPDATE",
-                    &[&site],
-                )
-                .await?
-                .and_then(|r| r.get(0));
+            // The site row serializes two Hellos of one site (a takeover): one event
+            // each way. The agent_hello row lock orders this Hello with the stream's
+            // clock reports. Both in one round trip, the site row locked first.
+            let (s_site, s_since) = tokio::try_join!(
+                tx.prepare_cached("SELECT 1 FROM site WHERE id = $1 FOR NO KEY UPDATE"),
+                tx.prepare_cached(
+                    "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1 FOR UPDATE"
+                ),
+            )?;
+            let by_site: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&site];
+            let (locked, since) = tokio::join!(
+                biased;
+                tokio_postgres::Transaction::execute(&tx, &s_site, &by_site),
+                tokio_postgres::Transaction::query_opt(&tx, &s_since, &by_site),
+            );
+            locked?;
+            let since: Option<SystemTime> = since?.and_then(|r| r.get(0));
             let change = clock::transition(since.is_some(), check);
             let since = check.skewed().then(|| since.unwrap_or(receive_time));
             tx.execute(
