@@ -757,9 +757,20 @@ fn keyplane(
         }
     }
 
-    // G1 with idle fleets; G3 from keyplaned's RSS before and after the full fleet.
+    // G3's "before": keyplaned keeps the memory the idle fleet below used (and reuses
+    // it for the fleets after), so it is read before any agent connects.
     std::thread::sleep(Duration::from_millis(500));
     let rss_before = rss_kb(a.pid())?;
+
+    // G1 with only idle agents: a second driver holds an agent on every site no write
+    // touches (the sites without a device), so the figure is what holding agents
+    // costs the writes. The fleets below include the written sites' own agents,
+    // which catch up and ack after each write.
+    if let Err(e) = idle_fleet(plan, db, bin, out, &url_a, &token, &mut drive, results) {
+        results.missing("G1.agents_idle", &e);
+    }
+
+    // G1 with fleets; G3 from keyplaned's RSS before any agent and with the full fleet.
     drive.run(
         &format!("connect {} G1.agents_small", plan.small_fleet),
         results,
@@ -834,6 +845,63 @@ fn keyplane(
     drive.proc.stop();
     a.stop();
     Ok(())
+}
+
+/// G1 (8 clients, many sites) while a second `keyplane-load drive` holds an agent on
+/// each site without a device; it ends once keyplaned has closed every idle session.
+#[allow(clippy::too_many_arguments)]
+fn idle_fleet(
+    plan: &Plan,
+    db: &pg::Database,
+    bin: &Path,
+    out: &Path,
+    url: &str,
+    token: &str,
+    drive: &mut Driver,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(out.join("sites.txt"))?;
+    let idle: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split(' ').nth(2) == Some("-"))
+        .collect();
+    let sites = out.join("idle-sites.txt");
+    std::fs::write(&sites, idle.join("\n") + "\n")?;
+    let sites_arg = sites.display().to_string();
+    let mut fleet = Driver::start(
+        &bin.join("keyplane-load"),
+        &["--agents", url, "--admin", url, "--sites", &sites_arg],
+        token,
+    )?;
+    fleet.run(&format!("connect {} G1.agents_idle", idle.len()), results)?;
+    results.line(&format!("info G1.agents_idle.agents {}", idle.len()));
+    let measured = drive.run(
+        &format!("write 8 {} many G1.agents_idle.c8", plan.write_secs),
+        results,
+    );
+    fleet.send("quit")?;
+    fleet.proc.stop();
+    // keyplaned records each closed session; the next phase starts once it has.
+    let psql = db
+        .bin_dir()
+        .context("the bench cluster is private")?
+        .join("psql");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open = Command::new(&psql)
+            .arg(&db.url)
+            .args([
+                "-qAt",
+                "-c",
+                "SELECT count(*) FROM site WHERE agent_connected",
+            ])
+            .output()?;
+        if String::from_utf8_lossy(&open.stdout).trim() == "0" || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    measured
 }
 
 // The restart needs everything keyplaned was started with.
