@@ -94,8 +94,8 @@ impl Store {
             let by_site: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&site];
             let (locked, since) = tokio::join!(
                 biased;
-                tokio_postgres::Transaction::execute(&tx, &s_site, &by_site),
-                tokio_postgres::Transaction::query_opt(&tx, &s_since, &by_site),
+                tokio_postgres::Client::execute(&tx, &s_site, &by_site),
+                tokio_postgres::Client::query_opt(&tx, &s_since, &by_site),
             );
             locked?;
             let since: Option<SystemTime> = since?.and_then(|r| r.get(0));

@@ -24,8 +24,8 @@ use keyplane_core::credential::{
 use keyplane_core::pin::Pin;
 use std::collections::BTreeSet;
 use std::collections::HashMap;
+use tokio_postgres::Client as Pg;
 use tokio_postgres::Row;
-use tokio_postgres::Transaction as Pg;
 use uuid::Uuid;
 
 fn label(device: &Device) -> String {

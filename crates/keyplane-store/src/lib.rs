@@ -79,9 +79,74 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-/// The transaction type every `_in_txn` function takes: deadpool's, which holds the
-/// connection's statement cache.
-pub(crate) type Transaction<'a> = deadpool_postgres::Transaction<'a>;
+/// The transaction every `_in_txn` function takes, on a pooled connection (whose
+/// statement cache it uses through `Deref`). Unlike tokio-postgres's own, it does not
+/// wait for BEGIN's answer: BEGIN is sent and the first statements follow it in the
+/// same round trip (the connection runs requests in order, and a failed BEGIN leaves
+/// no transaction those statements could run in unnoticed: they fail too, or run in
+/// autocommit only if the server accepted no BEGIN at all, which it never refuses on
+/// a healthy connection). A transaction dropped before [`Transaction::commit`] is
+/// rolled back, as tokio-postgres's is.
+pub(crate) struct Transaction<'a> {
+    client: &'a deadpool_postgres::ClientWrapper,
+    done: bool,
+}
+
+/// How a read of several statements that must agree begins.
+pub(crate) const READ_SNAPSHOT: &str =
+    "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
+/// Sends `sql` (simple protocol) without waiting for its answer: the request is
+/// queued on the connection when the future is first polled, and its answer is
+/// discarded by the connection once the future is gone.
+fn send_only(client: &tokio_postgres::Client, sql: &str) {
+    let request = client.batch_execute(sql);
+    let mut request = std::pin::pin!(request);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = std::future::Future::poll(request.as_mut(), &mut cx);
+}
+
+impl<'a> Transaction<'a> {
+    /// Begins a transaction with `begin` (BEGIN, or [`READ_SNAPSHOT`]) on `client`.
+    pub(crate) fn begin(client: &'a deadpool_postgres::ClientWrapper, begin: &str) -> Self {
+        send_only(client, begin);
+        Transaction {
+            client,
+            done: false,
+        }
+    }
+
+    /// Commits. Once COMMIT is sent the transaction is the server's to end, so a
+    /// commit dropped before its answer does not also send a ROLLBACK.
+    pub(crate) async fn commit(mut self) -> Result<(), tokio_postgres::Error> {
+        let client = self.client;
+        let commit = client.batch_execute("COMMIT");
+        let mut commit = std::pin::pin!(commit);
+        let done = &mut self.done;
+        std::future::poll_fn(|cx| {
+            let polled = commit.as_mut().poll(cx);
+            *done = true;
+            polled
+        })
+        .await
+    }
+}
+
+impl std::ops::Deref for Transaction<'_> {
+    type Target = deadpool_postgres::ClientWrapper;
+
+    fn deref(&self) -> &Self::Target {
+        self.client
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            send_only(self.client, "ROLLBACK");
+        }
+    }
+}
 
 /// Statements run through the connection's statement cache: each SQL text is parsed
 /// once per connection and afterwards only bound and executed, one round trip instead
@@ -153,10 +218,6 @@ macro_rules! cached_impl {
         }
     };
 }
-cached_impl!(
-    deadpool_postgres::Transaction<'_>,
-    tokio_postgres::Transaction<'_>
-);
 cached_impl!(deadpool_postgres::ClientWrapper, tokio_postgres::Client);
 
 /// Sent first in a transaction whose statements PostgreSQL would otherwise re-plan on
@@ -192,11 +253,13 @@ pub(crate) async fn batch_in_txn(
         futures_util::future::try_join_all(steps.iter().map(|(sql, _)| tx.prepare_cached(sql)))
             .await?;
     // join_all polls in order on its first poll, so the steps are sent in order.
-    let results =
-        futures_util::future::join_all(steps.iter().zip(&statements).map(
-            |((_, params), statement)| tokio_postgres::Transaction::query(tx, statement, params),
-        ))
-        .await;
+    let results = futures_util::future::join_all(
+        steps
+            .iter()
+            .zip(&statements)
+            .map(|((_, params), statement)| tokio_postgres::Client::query(tx, statement, params)),
+    )
+    .await;
     results
         .into_iter()
         .map(|r| r.map_err(StoreError::from))
@@ -219,8 +282,8 @@ macro_rules! in_txn {
                 let mut attempt = 0u32;
                 loop {
                     attempt += 1;
-                    let mut conn = $store.conn().await?;
-                    let $tx = conn.transaction().await?;
+                    let conn = $store.conn().await?;
+                    let $tx = $crate::Transaction::begin(&conn, "BEGIN");
                     if let Some(tp) = keyplane_telemetry::traceparent(&tracing::Span::current()) {
                         $tx.execute(
                             "SELECT set_config('keyplane.traceparent', $1, true)",

@@ -11,7 +11,6 @@
 use crate::site::{AuditParams, not_found_site};
 use crate::{Actor, Cached, PageRequest, Store, StoreError, in_txn};
 use std::time::{Duration, SystemTime};
-use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 /// An agent is listed as connected only if heard from within this many seconds (as
@@ -149,13 +148,8 @@ impl Store {
         site: Option<Uuid>,
         page: PageRequest,
     ) -> Result<Vec<AgentConnection>, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let conn = self.conn().await?;
+        let tx = crate::Transaction::begin(&conn, crate::READ_SNAPSHOT);
         if let Some(site) = site {
             tx.query_opt(
                 "SELECT 1 FROM site WHERE id = $1 AND dealer_id = $2",
@@ -293,13 +287,8 @@ impl Store {
         dealer: Uuid,
         site: Uuid,
     ) -> Result<SiteOpsStatus, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let conn = self.conn().await?;
+        let tx = crate::Transaction::begin(&conn, crate::READ_SNAPSHOT);
         let head = tx
             .query_opt(
                 "SELECT s.revision, now(), s.agent_connected

@@ -11,8 +11,8 @@ use keyplane_core::DeviceKind;
 use keyplane_core::personal;
 use keyplane_core::schedule::Schedule;
 use std::time::SystemTime;
+use tokio_postgres::Client as Pg;
 use tokio_postgres::Row;
-use tokio_postgres::Transaction as Pg;
 use uuid::Uuid;
 
 /// A personal access plan.

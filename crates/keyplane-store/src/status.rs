@@ -19,7 +19,6 @@ use keyplane_core::status::{
     SlotSummary, SlotValue, WithheldReason, WriteOutcome, WriteReport,
 };
 use std::collections::BTreeMap;
-use tokio_postgres::IsolationLevel;
 use uuid::Uuid;
 
 /// An agent is shown as connected only if heard from within this many seconds (as in
@@ -458,13 +457,8 @@ impl Store {
         site: Uuid,
         user: Option<Uuid>,
     ) -> Result<SlotStatusFacts, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let conn = self.conn().await?;
+        let tx = crate::Transaction::begin(&conn, crate::READ_SNAPSHOT);
         let users: Option<Vec<Uuid>> = user.map(|u| vec![u]);
         let whole_site = user.is_none();
         let site_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =

@@ -13,7 +13,7 @@ use futures_util::TryStreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, Row, RowStream, Statement};
+use tokio_postgres::{Row, RowStream, Statement};
 use uuid::Uuid;
 
 /// A site that changed since the last poll (see [`Store::sites_changed`]).
@@ -159,12 +159,12 @@ impl UpdateStatements {
     ) -> Result<(Levels, AccessRules, RowStream), StoreError> {
         let (levels, holidays, personal, points, standard, slots) = tokio::join!(
             biased;
-            tokio_postgres::Transaction::query(tx, &self.levels, params),
-            tokio_postgres::Transaction::query(tx, &self.rules[0], by_site),
-            tokio_postgres::Transaction::query(tx, &self.rules[1], params),
-            tokio_postgres::Transaction::query(tx, &self.rules[2], params),
-            tokio_postgres::Transaction::query(tx, &self.rules[3], params),
-            tokio_postgres::Transaction::query_raw(tx, &self.slots, params.iter().copied()),
+            tokio_postgres::Client::query(tx, &self.levels, params),
+            tokio_postgres::Client::query(tx, &self.rules[0], by_site),
+            tokio_postgres::Client::query(tx, &self.rules[1], params),
+            tokio_postgres::Client::query(tx, &self.rules[2], params),
+            tokio_postgres::Client::query(tx, &self.rules[3], params),
+            tokio_postgres::Client::query_raw(tx, &self.slots, params.iter().copied()),
         );
         let mut by_credential: Levels = HashMap::new();
         for r in levels? {
@@ -262,13 +262,8 @@ impl Store {
     /// catch-up is one; if the site row then says a snapshot is due, the snapshot's
     /// reads take one more); COMMIT.
     pub async fn agent_update(&self, site: Uuid, from: i64) -> Result<AgentUpdate, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let conn = self.conn().await?;
+        let tx = crate::Transaction::begin(&conn, crate::READ_SNAPSHOT);
         let catch_up = from > 0;
         let reads = if catch_up {
             &CHANGES_READS
@@ -288,9 +283,9 @@ impl Store {
         let params: &[&(dyn ToSql + Sync)] = if catch_up { &since } else { &by_site };
         let (generic, site_row, device_rows, read) = tokio::join!(
             biased;
-            tokio_postgres::Transaction::execute(&tx, &s_generic, &[]),
-            tokio_postgres::Transaction::query_opt(&tx, &s_site, &by_site),
-            tokio_postgres::Transaction::query(&tx, &s_devices, &by_site),
+            tokio_postgres::Client::execute(&tx, &s_generic, &[]),
+            tokio_postgres::Client::query_opt(&tx, &s_site, &by_site),
+            tokio_postgres::Client::query(&tx, &s_devices, &by_site),
             statements.read(&tx, &by_site, params),
         );
         generic?;
@@ -511,13 +506,8 @@ impl Store {
 
     /// Sync state of a site and its devices.
     pub async fn sync_status(&self, dealer: Uuid, site: Uuid) -> Result<SiteSync, StoreError> {
-        let mut conn = self.conn().await?;
-        let tx = conn
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let conn = self.conn().await?;
+        let tx = crate::Transaction::begin(&conn, crate::READ_SNAPSHOT);
         let s = site_get_in_txn(&tx, dealer, site).await?;
         let row = tx
             .query_one(

@@ -8,7 +8,7 @@ use crate::site::{
 };
 use crate::{Actor, NewUser, PageRequest, RequestKey, Store, StoreError, User, UserPatch, in_txn};
 use keyplane_core::authority::{self as rules, Authorities, open_close_for_new_user};
-use tokio_postgres::Transaction as Pg;
+use tokio_postgres::Client as Pg;
 use uuid::Uuid;
 
 fn all_partitions(a: &Authorities, b: &Authorities) -> Vec<u8> {
