@@ -6,9 +6,8 @@ use crate::authority::{
 };
 use crate::device::{DEVICE_COLUMNS, device_from_row};
 use crate::site::{
-    AUDIT_FULL_SQL, AuditParams, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, etag_check,
-    not_found_site, replay_decide, replayed_id, site_change_record_in_txn, site_from_row,
-    site_get_in_txn,
+    AuditParams, REPLAY_LOCK_SQL, REPLAY_LOOKUP_SQL, SITE_COLUMNS, etag_check, not_found_site,
+    replay_decide, replayed_id, site_change_record_in_txn, site_from_row, site_get_in_txn,
 };
 use crate::{
     Actor, Credential, CredentialPatch, Device, NewCredential, PageRequest, RequestKey, Scope,
@@ -616,7 +615,8 @@ pub(crate) async fn load_in_txn(
 
 /// Frees, re-keys and allocates a credential's slots as planned, advances the site's
 /// revision when anything changed (or always, with `force`) and logs the changed slots
-/// under it: one statement. A new slot is the lowest assignable one not held by a
+/// under it, and advances the site's audit sequence for the write's audit record
+/// ([`AUDIT_AT_HEAD_SQL`], sent after it): one statement, one update of the site row. A new slot is the lowest assignable one not held by a
 /// credential or a local code, found by one ordered pass over the device's taken
 /// slots (see `allocate_sql!`); the site row lock serializes allocation.
 /// Returns the devices that got a slot.
@@ -634,8 +634,9 @@ const SLOTS_WRITE_SQL: &str = concat!(
      ), changed AS (
         SELECT * FROM freed UNION ALL SELECT * FROM rekeyed UNION ALL SELECT * FROM allocated
      ), head AS (
-        UPDATE site SET revision = revision + 1
-         WHERE id = $1 AND ($11 OR EXISTS (SELECT 1 FROM changed))
+        UPDATE site SET revision = revision + CASE WHEN $11 OR EXISTS (SELECT 1 FROM changed) THEN 1 ELSE 0 END,
+            audit_seq = audit_seq + 1
+         WHERE id = $1
         RETURNING revision
      ), logged AS (
         INSERT INTO site_change (site_id, revision, device_id, slot)
@@ -644,6 +645,14 @@ const SLOTS_WRITE_SQL: &str = concat!(
      )
      SELECT ARRAY(SELECT device_id FROM allocated)"
 );
+
+/// [`crate::site::AUDIT_FULL_SQL`] at the audit position [`SLOTS_WRITE_SQL`] took, earlier in the
+/// same transaction, under the site row lock the load took: the record needs no
+/// second update of the site row to be numbered.
+const AUDIT_AT_HEAD_SQL: &str = "INSERT INTO audit_log
+        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after,
+         position)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, (SELECT audit_seq FROM site WHERE id = $2))";
 
 /// The parameters of [`SLOTS_WRITE_SQL`] for a plan.
 struct SlotsWrite {
@@ -814,7 +823,7 @@ impl Store {
                     "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
                      VALUES ($1, $2, $3, $4, $5)"
                 ),
-                tx.prepare_cached(AUDIT_FULL_SQL),
+                tx.prepare_cached(AUDIT_AT_HEAD_SQL),
                 tx.prepare_cached(&get_sql),
             )?;
             let empty: Vec<Uuid> = Vec::new();
@@ -1017,7 +1026,7 @@ impl Store {
                     "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
                 ),
                 tx.prepare_cached(SLOTS_WRITE_SQL),
-                tx.prepare_cached(AUDIT_FULL_SQL),
+                tx.prepare_cached(AUDIT_AT_HEAD_SQL),
                 tx.prepare_cached(&get_sql),
             )?;
             let new_scope = patch.scope.is_some();
@@ -1109,7 +1118,7 @@ impl Store {
             let (s_slots, s_delete, s_audit) = tokio::try_join!(
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
-                tx.prepare_cached(AUDIT_FULL_SQL),
+                tx.prepare_cached(AUDIT_AT_HEAD_SQL),
             )?;
             let empty: Vec<Uuid> = Vec::new();
             let no_ints: Vec<i32> = Vec::new();

@@ -82,11 +82,11 @@ use uuid::Uuid;
 /// The transaction every `_in_txn` function takes, on a pooled connection (whose
 /// statement cache it uses through `Deref`). Unlike tokio-postgres's own, it does not
 /// wait for BEGIN's answer: BEGIN is sent and the first statements follow it in the
-/// same round trip (the connection runs requests in order, and a failed BEGIN leaves
-/// no transaction those statements could run in unnoticed: they fail too, or run in
-/// autocommit only if the server accepted no BEGIN at all, which it never refuses on
-/// a healthy connection). A transaction dropped before [`Transaction::commit`] is
-/// rolled back, as tokio-postgres's is.
+/// same round trip, since the connection runs requests in order. BEGIN fails only on
+/// a connection that is broken or inside an aborted transaction, and the statements
+/// after it then fail as well, so none runs outside the transaction unnoticed. A
+/// transaction dropped before [`Transaction::commit`] is rolled back, as
+/// tokio-postgres's is.
 pub(crate) struct Transaction<'a> {
     client: &'a deadpool_postgres::ClientWrapper,
     done: bool,

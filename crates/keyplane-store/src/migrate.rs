@@ -116,6 +116,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_key",
         include_str!("../migrations/0024_event_key.sql"),
     ),
+    (
+        25,
+        "audit_position_given",
+        include_str!("../migrations/0025_audit_position_given.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -256,11 +256,11 @@ impl Store {
     /// agree. The desired rows are streamed from PostgreSQL and turned into slots one
     /// at a time, so a large site is held once (as slots), never also as rows.
     ///
-    /// Three round trips: BEGIN; the site row, its devices, the levels and access
+    /// Two round trips: BEGIN with the site row, its devices, the levels and access
     /// rules of the codes about to be sent and the slots themselves, pipelined
-    /// through the statement cache (a catch-up is read as one, since almost every
-    /// catch-up is one; if the site row then says a snapshot is due, the snapshot's
-    /// reads take one more); COMMIT.
+    /// through the statement cache (an agent that has a revision is read as a
+    /// catch-up, since almost every one is; if the site row then says a snapshot is
+    /// due, the snapshot's reads take one more); then COMMIT.
     pub async fn agent_update(&self, site: Uuid, from: i64) -> Result<AgentUpdate, StoreError> {
         let conn = self.conn().await?;
         let tx = crate::Transaction::begin(&conn, crate::READ_SNAPSHOT);
