@@ -757,20 +757,9 @@ fn keyplane(
         }
     }
 
-    // G3's "before": keyplaned keeps the memory the idle fleet below used (and reuses
-    // it for the fleets after), so it is read before any agent connects.
+    // G1 with fleets; G3 from keyplaned's RSS before and after the full fleet.
     std::thread::sleep(Duration::from_millis(500));
     let rss_before = rss_kb(a.pid())?;
-
-    // G1 with only idle agents: a second driver holds an agent on every site no write
-    // touches (the sites without a device), so the figure is what holding agents
-    // costs the writes. The fleets below include the written sites' own agents,
-    // which catch up and ack after each write.
-    if let Err(e) = idle_fleet(plan, db, bin, out, &url_a, &token, &mut drive, results) {
-        results.missing("G1.agents_idle", &e);
-    }
-
-    // G1 with fleets; G3 from keyplaned's RSS before any agent and with the full fleet.
     drive.run(
         &format!("connect {} G1.agents_small", plan.small_fleet),
         results,
@@ -843,45 +832,21 @@ fn keyplane(
     }
     drive.send("quit")?;
     drive.proc.stop();
+
+    // G1 with only idle agents, last (so G3 above is not read after a fleet came and
+    // went): with every session above closed, 8 clients write with no agent
+    // connected, then again while a second driver holds an agent on every site no
+    // write touches (the sites without a device). The fleets above include the
+    // written sites' own agents, which catch up and ack after each write.
+    if let Err(e) = idle_fleet(plan, db, bin, out, &url_a, &token, results) {
+        results.missing("G1.agents_idle", &e);
+    }
     a.stop();
     Ok(())
 }
 
-/// G1 (8 clients, many sites) while a second `keyplane-load drive` holds an agent on
-/// each site without a device; it ends once keyplaned has closed every idle session.
-#[allow(clippy::too_many_arguments)]
-fn idle_fleet(
-    plan: &Plan,
-    db: &pg::Database,
-    bin: &Path,
-    out: &Path,
-    url: &str,
-    token: &str,
-    drive: &mut Driver,
-    results: &mut Results,
-) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(out.join("sites.txt"))?;
-    let idle: Vec<&str> = text
-        .lines()
-        .filter(|l| l.split(' ').nth(2) == Some("-"))
-        .collect();
-    let sites = out.join("idle-sites.txt");
-    std::fs::write(&sites, idle.join("\n") + "\n")?;
-    let sites_arg = sites.display().to_string();
-    let mut fleet = Driver::start(
-        &bin.join("keyplane-load"),
-        &["--agents", url, "--admin", url, "--sites", &sites_arg],
-        token,
-    )?;
-    fleet.run(&format!("connect {} G1.agents_idle", idle.len()), results)?;
-    results.line(&format!("info G1.agents_idle.agents {}", idle.len()));
-    let measured = drive.run(
-        &format!("write 8 {} many G1.agents_idle.c8", plan.write_secs),
-        results,
-    );
-    fleet.send("quit")?;
-    fleet.proc.stop();
-    // keyplaned records each closed session; the next phase starts once it has.
+/// Waits (up to 2 minutes) until keyplaned has recorded every agent session closed.
+fn wait_no_agents(db: &pg::Database) -> anyhow::Result<()> {
     let psql = db
         .bin_dir()
         .context("the bench cluster is private")?
@@ -896,11 +861,58 @@ fn idle_fleet(
                 "SELECT count(*) FROM site WHERE agent_connected",
             ])
             .output()?;
-        if String::from_utf8_lossy(&open.stdout).trim() == "0" || Instant::now() > deadline {
-            break;
+        if String::from_utf8_lossy(&open.stdout).trim() == "0" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("agent sessions still open 2 minutes after their drivers quit");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// G1 (8 clients, many sites) with no agent connected, then while a second
+/// `keyplane-load drive` holds an agent on each site without a device.
+fn idle_fleet(
+    plan: &Plan,
+    db: &pg::Database,
+    bin: &Path,
+    out: &Path,
+    url: &str,
+    token: &str,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    wait_no_agents(db)?;
+    let load = bin.join("keyplane-load");
+    let all_sites = out.join("sites.txt");
+    let all_arg = all_sites.display().to_string();
+    let mut writer = Driver::start(
+        &load,
+        &["--agents", url, "--admin", url, "--sites", &all_arg],
+        token,
+    )?;
+    let secs = plan.write_secs;
+    writer.run(&format!("write 8 {secs} many G1.agents_idle.base"), results)?;
+    let text = std::fs::read_to_string(&all_sites)?;
+    let idle: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split(' ').nth(2) == Some("-"))
+        .collect();
+    let sites = out.join("idle-sites.txt");
+    std::fs::write(&sites, idle.join("\n") + "\n")?;
+    let sites_arg = sites.display().to_string();
+    let mut fleet = Driver::start(
+        &load,
+        &["--agents", url, "--admin", url, "--sites", &sites_arg],
+        token,
+    )?;
+    fleet.run(&format!("connect {} G1.agents_idle", idle.len()), results)?;
+    results.line(&format!("info G1.agents_idle.agents {}", idle.len()));
+    let measured = writer.run(&format!("write 8 {secs} many G1.agents_idle.c8"), results);
+    fleet.send("quit")?;
+    fleet.proc.stop();
+    writer.send("quit")?;
+    writer.proc.stop();
     measured
 }
 
