@@ -160,42 +160,31 @@ impl AgentApi {
         self
     }
 
-    /// Stores what the agent said about itself and its clock's skew, and opens its
-    /// stream `session` (one transaction); a skew flag that changed is an event, so
-    /// event watchers are woken.
-    async fn record_open(
-        &self,
-        site: Uuid,
-        hello: &pb::Hello,
-        protocol: i32,
-        session: Uuid,
-        place: &keyplane_store::AgentPlace,
-    ) -> Result<keyplane_store::SessionOpened, Status> {
+    /// Stores what the agent said about itself and its clock's skew; a skew flag
+    /// that changed is an event, so event watchers are woken. A failure here does not
+    /// refuse the agent: it is logged and the stream goes on.
+    async fn record_hello(&self, site: Uuid, hello: &pb::Hello, protocol: i32) {
         let record = keyplane_store::AgentHello {
             agent_version: hello.agent_version.clone(),
             protocol_version: protocol,
             tzdb_version: hello.tzdb_version.clone(),
             agent_time: hello.agent_time.and_then(|t| SystemTime::try_from(t).ok()),
         };
-        let opened = self
+        match self
             .store
-            .agent_open_record(
-                site,
-                &record,
-                SystemTime::now(),
-                self.clock_skew_threshold,
-                session,
-                place,
-            )
+            .agent_hello_record(site, &record, SystemTime::now(), self.clock_skew_threshold)
             .await
-            .map_err(store_status)?;
-        if opened.check.skewed() {
-            tracing::warn!(%site, skew_ms = ?opened.check.skew_ms(), "agent clock skewed beyond the threshold");
+        {
+            Ok((check, change)) => {
+                if check.skewed() {
+                    tracing::warn!(%site, skew_ms = ?check.skew_ms(), "agent clock skewed beyond the threshold");
+                }
+                if change.is_some() {
+                    self.bell.ring();
+                }
+            }
+            Err(e) => tracing::warn!(%site, error = %e, "recording the agent's Hello failed"),
         }
-        if opened.change.is_some() {
-            self.bell.ring();
-        }
-        Ok(opened.session)
     }
 
     fn ca(&self) -> Result<&crate::pki::CertAuthority, Status> {
@@ -462,6 +451,14 @@ impl AgentService for AgentApi {
             let before = *wake.borrow_and_update();
             // Identifies this stream, so only the newest one marks the site disconnected.
             let session = Uuid::new_v4();
+            // The Hello record and the first read are independent: each on its own
+            // connection at once, so an open (eight at a time) waits for one commit
+            // less, which is what bounds the reconnect rate after a restart.
+            let ((), first) = tokio::join!(
+                self.record_hello(site, &hello, protocol),
+                self.store.agent_update(site, hello.applied_revision),
+            );
+            let first = first.map_err(store_status)?;
             let place = keyplane_store::AgentPlace {
                 peer,
                 replica: self.replica.clone(),
@@ -470,16 +467,11 @@ impl AgentService for AgentApi {
                     AgentPrincipal::Token(_) => None,
                 },
             };
-            // The Hello and session records (one transaction) and the first read are
-            // independent: each on its own connection at once, so an open (eight at
-            // a time) waits for one commit, which is what bounds the reconnect rate
-            // after a restart.
-            let (opened, first) = tokio::join!(
-                self.record_open(site, &hello, protocol, session, &place),
-                self.store.agent_update(site, hello.applied_revision),
-            );
-            let keyplane_store::SessionOpened { epoch, resync } = opened?;
-            let first = first.map_err(store_status)?;
+            let keyplane_store::SessionOpened { epoch, resync } = self
+                .store
+                .agent_session_open_at(site, session, &place)
+                .await
+                .map_err(store_status)?;
             // A stream this replica holds for the site re-checks now, not at the next poll.
             self.hub.epoch(site, epoch);
             tracing::info!(%site, agent = ?principal, applied = hello.applied_revision, devices = hello.inventory.len(), version = %hello.agent_version, "agent connected");

@@ -36,17 +36,6 @@ pub struct AgentHelloInfo {
     pub clock_skew_threshold_ms: i64,
 }
 
-/// What [`Store::agent_open_record`] recorded.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentOpened {
-    /// The agent's clock, classified.
-    pub check: ClockCheck,
-    /// A change of the site's clock flag, stored as an event.
-    pub change: Option<ClockTransition>,
-    /// The stream's session.
-    pub session: crate::SessionOpened,
-}
-
 fn unix_ms(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
@@ -76,27 +65,23 @@ async fn clock_event(
 
 impl Store {
     /// Records the Hello of `site`'s agent, received at `receive_time` by keyplaned's
-    /// clock, and opens its stream `session` at `place` (see
-    /// [`Store::agent_session_open_at`]) in the same transaction. The agent's clock is
-    /// classified against `threshold`; a change of the flag is stored as an event
-    /// (`clock_skew` / `clock_skew_cleared`), returned so the caller can wake event
-    /// watchers. One transaction, one commit: an open waits for one commit, not two.
-    pub async fn agent_open_record(
+    /// clock, and classifies its clock against `threshold`; a change of the flag is
+    /// stored as an event (`clock_skew` / `clock_skew_cleared`), returned so the
+    /// caller can wake event watchers. One transaction.
+    pub async fn agent_hello_record(
         &self,
         site: Uuid,
         hello: &AgentHello,
         receive_time: SystemTime,
         threshold: Duration,
-        session: Uuid,
-        place: &crate::AgentPlace,
-    ) -> Result<AgentOpened, StoreError> {
+    ) -> Result<(ClockCheck, Option<ClockTransition>), StoreError> {
         let check = clock::classify(
             hello.agent_time.map(unix_ms),
             unix_ms(receive_time),
             threshold,
         );
         let threshold_ms = i64::try_from(threshold.as_millis()).unwrap_or(i64::MAX);
-        in_txn!(self, "agent_open_record", |tx| {
+        in_txn!(self, "agent_hello_record", |tx| {
             // The site row serializes two Hellos of one site (a takeover): one event
             // each way. The agent_hello row lock orders this Hello with the stream's
             // clock reports. Both in one round trip, the site row locked first.
@@ -116,48 +101,31 @@ impl Store {
             let since: Option<SystemTime> = since?.and_then(|r| r.get(0));
             let change = clock::transition(since.is_some(), check);
             let since = check.skewed().then(|| since.unwrap_or(receive_time));
-            // The Hello and the session in one round trip.
-            let (s_hello, s_session) = tokio::try_join!(
-                tx.prepare_cached(
-                    "INSERT INTO agent_hello (site_id, agent_version, protocol_version, tzdb_version,
-                        agent_time, receive_time, clock_skew_ms, clock_skew_since,
-                        clock_skew_threshold_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (site_id) DO UPDATE SET agent_version = $2, protocol_version = $3,
-                        tzdb_version = $4, agent_time = $5, receive_time = $6, clock_skew_ms = $7,
-                        clock_skew_since = $8, clock_skew_threshold_ms = $9"
-                ),
-                tx.prepare_cached(crate::ops::SESSION_OPEN_SQL),
-            )?;
-            let skew = check.skew_ms();
-            let hello_params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
-                &site,
-                &hello.agent_version,
-                &hello.protocol_version,
-                &hello.tzdb_version,
-                &hello.agent_time,
-                &receive_time,
-                &skew,
-                &since,
-                &threshold_ms,
-            ];
-            let session_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                [&site, &session, &place.peer, &place.replica, &place.agent];
-            let (recorded, opened) = tokio::join!(
-                biased;
-                tokio_postgres::Client::execute(&tx, &s_hello, &hello_params),
-                tokio_postgres::Client::query_opt(&tx, &s_session, &session_params),
-            );
-            recorded?;
-            let session = crate::ops::session_opened(site, opened?)?;
+            tx.execute(
+                "INSERT INTO agent_hello (site_id, agent_version, protocol_version, tzdb_version,
+                    agent_time, receive_time, clock_skew_ms, clock_skew_since,
+                    clock_skew_threshold_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (site_id) DO UPDATE SET agent_version = $2, protocol_version = $3,
+                    tzdb_version = $4, agent_time = $5, receive_time = $6, clock_skew_ms = $7,
+                    clock_skew_since = $8, clock_skew_threshold_ms = $9",
+                &[
+                    &site,
+                    &hello.agent_version,
+                    &hello.protocol_version,
+                    &hello.tzdb_version,
+                    &hello.agent_time,
+                    &receive_time,
+                    &check.skew_ms(),
+                    &since,
+                    &threshold_ms,
+                ],
+            )
+            .await?;
             if let Some(change) = change {
                 clock_event(&tx, site, change, receive_time).await?;
             }
-            Ok(AgentOpened {
-                check,
-                change,
-                session,
-            })
+            Ok((check, change))
         })
     }
 

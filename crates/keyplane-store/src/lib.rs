@@ -46,7 +46,7 @@ mod user;
 mod watch;
 
 pub use access_plan::{AccessPlan, AccessPlanFields, Holiday};
-pub use agent_hello::{AgentHello, AgentHelloInfo, AgentOpened};
+pub use agent_hello::{AgentHello, AgentHelloInfo};
 pub use agent_identity::{AgentPrincipal, ENROLLMENT_CODE_MAX_TTL, EnrollmentCode, SessionCheck};
 pub use audit::{AuditCursor, AuditFilter, AuditRecord};
 pub use auth::{DEALER_TOKEN_TTL, DealerToken, DealerTokenInfo};

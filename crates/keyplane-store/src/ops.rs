@@ -113,26 +113,6 @@ pub struct ResyncRequested {
     pub agent_connected: bool,
 }
 
-/// Marks stream `$2` the open one of site `$1` (peer `$3`, replica `$4`, agent `$5`)
-/// and advances the session epoch; returns the epoch and the resync sequence.
-pub(crate) const SESSION_OPEN_SQL: &str =
-    "UPDATE site SET agent_connected = true, agent_session = $2, agent_last_seen = now(),
-        session_epoch = session_epoch + 1, agent_peer = $3, agent_replica = $4,
-        agent_id = $5, agent_connect_time = now(), agent_closed_session = NULL
-     WHERE id = $1 RETURNING session_epoch, resync_seq";
-
-/// The row [`SESSION_OPEN_SQL`] returned, or NotFound when the site is gone.
-pub(crate) fn session_opened(
-    site: Uuid,
-    row: Option<tokio_postgres::Row>,
-) -> Result<SessionOpened, StoreError> {
-    let row = row.ok_or_else(|| not_found_site(site))?;
-    Ok(SessionOpened {
-        epoch: row.get(0),
-        resync: row.get(1),
-    })
-}
-
 impl Store {
     /// Marks `session` as the open stream of `site`'s agent, recording where it is
     /// for operators; the site's session epoch advances, so a session it replaces
@@ -146,11 +126,18 @@ impl Store {
         let conn = self.conn().await?;
         let row = conn
             .query_opt(
-                SESSION_OPEN_SQL,
+                "UPDATE site SET agent_connected = true, agent_session = $2, agent_last_seen = now(),
+                    session_epoch = session_epoch + 1, agent_peer = $3, agent_replica = $4,
+                    agent_id = $5, agent_connect_time = now(), agent_closed_session = NULL
+                 WHERE id = $1 RETURNING session_epoch, resync_seq",
                 &[&site, &session, &place.peer, &place.replica, &place.agent],
             )
-            .await?;
-        session_opened(site, row)
+            .await?
+            .ok_or_else(|| not_found_site(site))?;
+        Ok(SessionOpened {
+            epoch: row.get(0),
+            resync: row.get(1),
+        })
     }
 
     /// The connected agents of `dealer`'s sites (of `site` alone, when given: another
