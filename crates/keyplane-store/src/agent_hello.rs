@@ -85,20 +85,24 @@ impl Store {
             // The site row serializes two Hellos of one site (a takeover): one event
             // each way. The agent_hello row lock orders this Hello with the stream's
             // clock reports. Both in one round trip, the site row locked first.
-            let (s_site, s_since) = tokio::try_join!(
-                tx.prepare_cached("SELECT 1 FROM site WHERE id = $1 FOR NO KEY UPDATE"),
-                tx.prepare_cached(
-                    "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1 FOR UPDATE"
-                ),
-            )?;
-            let by_site: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&site];
-            let (locked, since) = tokio::join!(
-                biased;
-                tokio_postgres::Client::execute(&tx, &s_site, &by_site),
-                tokio_postgres::Client::query_opt(&tx, &s_since, &by_site),
-            );
-            locked?;
-            let since: Option<SystemTime> = since?.and_then(|r| r.get(0));
+            let read = crate::batch_in_txn(
+                &tx,
+                &[
+                    (
+                        "SELECT 1 FROM site WHERE id = $1 FOR NO KEY UPDATE",
+                        crate::params![&site],
+                    ),
+                    (
+                        "SELECT clock_skew_since FROM agent_hello WHERE site_id = $1 FOR UPDATE",
+                        crate::params![&site],
+                    ),
+                ],
+            )
+            .await?;
+            let since: Option<SystemTime> = read
+                .get(1)
+                .and_then(|rows| rows.first())
+                .and_then(|r| r.get(0));
             let change = clock::transition(since.is_some(), check);
             let since = check.skewed().then(|| since.unwrap_or(receive_time));
             tx.execute(

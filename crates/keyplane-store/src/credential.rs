@@ -616,9 +616,10 @@ pub(crate) async fn load_in_txn(
 /// Frees, re-keys and allocates a credential's slots as planned, advances the site's
 /// revision when anything changed (or always, with `force`) and logs the changed slots
 /// under it, and advances the site's audit sequence for the write's audit record
-/// ([`AUDIT_AT_HEAD_SQL`], sent after it): one statement, one update of the site row. A new slot is the lowest assignable one not held by a
-/// credential or a local code, found by one ordered pass over the device's taken
-/// slots (see `allocate_sql!`); the site row lock serializes allocation.
+/// ([`AUDIT_AT_HEAD_SQL`], sent after it): one statement, one update of the site row.
+/// A new slot is the lowest assignable one not held by a credential or a local code,
+/// found by one ordered pass over the device's taken slots (see `allocate_sql!`); the
+/// site row lock serializes allocation.
 /// Returns the devices that got a slot.
 const SLOTS_WRITE_SQL: &str = concat!(
     "WITH freed AS (
@@ -646,9 +647,9 @@ const SLOTS_WRITE_SQL: &str = concat!(
      SELECT ARRAY(SELECT device_id FROM allocated)"
 );
 
-/// [`crate::site::AUDIT_FULL_SQL`] at the audit position [`SLOTS_WRITE_SQL`] took, earlier in the
-/// same transaction, under the site row lock the load took: the record needs no
-/// second update of the site row to be numbered.
+/// [`crate::site::AUDIT_FULL_SQL`] at the audit position [`SLOTS_WRITE_SQL`] took,
+/// earlier in the same transaction, under the site row lock the load took: the
+/// record needs no second update of the site row to be numbered.
 const AUDIT_AT_HEAD_SQL: &str = "INSERT INTO audit_log
         (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after,
          position)
