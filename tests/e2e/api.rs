@@ -298,26 +298,9 @@ async fn the_dev_demo_seeds_a_site_an_agent_can_sync() -> anyhow::Result<()> {
         dir.path(),
     );
     let mut admin = server.admin(Some(&token)).await?;
-    let name = format!("{}/syncStatus", demo.site);
     let status =
-        keyplane_testkit::server::eventually("demo synced", crate::fixture::SYNC_TIMEOUT, || {
-            let mut admin = admin.clone();
-            let name = name.clone();
-            async move {
-                let s = admin
-                    .get_sync_status(pb::GetSyncStatusRequest {
-                        name,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                Ok(s.devices
-                    .iter()
-                    .all(|d| d.in_sync && d.applied_revision == s.desired_revision)
-                    .then_some(s))
-            }
-        })
-        .await?;
+        crate::fixture::wait_applied_at_head(&admin, &demo.site, crate::fixture::SYNC_TIMEOUT)
+            .await?;
     assert!(status.setup_issues.is_empty(), "{:?}", status.setup_issues);
     let creds = admin
         .list_credentials(pb::ListCredentialsRequest {

@@ -12,6 +12,15 @@ use keyplane_testkit::server::TestServer;
 use tonic::Code;
 use uuid::Uuid;
 
+/// A code the agent found in `slot` that keyplane did not put there.
+fn foreign(slot: u16, pin: &str) -> Observed {
+    Observed {
+        slot,
+        state: ObservedState::Foreign,
+        pin: Pin::parse(pin).ok(),
+    }
+}
+
 /// A panel's user 001 (the installer code, a reserved slot) belongs to the panel: an
 /// agent reporting it does not make it a LOCAL code, so it is never listed, claimed or
 /// cleared, not even under AUTHORITATIVE.
@@ -20,14 +29,9 @@ async fn reserved_slots_are_never_local_codes() -> anyhow::Result<()> {
     let mut s = Site::new().await?;
     s.set_policy(pb::LocalCodePolicy::Authoritative).await?;
     let (site, panel) = (id_of(&s.site)?, id_of(&s.panel.name)?);
-    let observe = |slot, pin: &str| Observed {
-        slot,
-        state: ObservedState::Foreign,
-        pin: Pin::parse(pin).ok(),
-    };
     s.server
         .store
-        .observed_record(site, panel, &[observe(1, "2591"), observe(20, "3916")])
+        .observed_record(site, panel, &[foreign(1, "2591"), foreign(20, "3916")])
         .await?;
     let codes = s
         .admin
@@ -292,14 +296,9 @@ async fn a_new_code_takes_the_lowest_slot_no_code_or_local_code_holds() -> anyho
     let (site, lock_id) = (id_of(&s.site)?, id_of(&s.lock.name)?);
     let (lock, alice) = (s.lock.clone(), s.alice.clone());
     // Local codes programmed at the lock in slots 5 and 6.
-    let local = |slot, pin: &str| Observed {
-        slot,
-        state: ObservedState::Foreign,
-        pin: Pin::parse(pin).ok(),
-    };
     s.server
         .store
-        .observed_record(site, lock_id, &[local(5, "71946"), local(6, "71953")])
+        .observed_record(site, lock_id, &[foreign(5, "71946"), foreign(6, "71953")])
         .await?;
     let pin = |n: usize| (40_013 + n * 97).to_string();
     let mut next = 0;
