@@ -228,6 +228,22 @@ impl Driver {
         Ok(d)
     }
 
+    /// A driver whose agents and writes go to keyplaned at `url`, on the sites of
+    /// the file `sites`.
+    fn on_sites(
+        load: &Path,
+        url: &str,
+        sites: &Path,
+        dealer_token: &str,
+    ) -> anyhow::Result<Driver> {
+        let sites = sites.display().to_string();
+        Driver::start(
+            load,
+            &["--agents", url, "--admin", url, "--sites", &sites],
+            dealer_token,
+        )
+    }
+
     fn send(&mut self, command: &str) -> anyhow::Result<()> {
         eprintln!("bench: > {command}");
         writeln!(self.stdin, "{command}")?;
@@ -713,12 +729,7 @@ fn keyplane(
         "info seed_s {:.1}",
         seed_started.elapsed().as_secs_f64()
     ));
-    let sites_arg = sites.display().to_string();
-    let mut drive = Driver::start(
-        &bin.join("keyplane-load"),
-        &["--agents", &url_a, "--admin", &url_a, "--sites", &sites_arg],
-        &token,
-    )?;
+    let mut drive = Driver::on_sites(&bin.join("keyplane-load"), &url_a, &sites, &token)?;
     let secs = plan.write_secs;
 
     // G1 without agents.
@@ -885,12 +896,7 @@ fn idle_fleet(
     wait_no_agents(db)?;
     let load = bin.join("keyplane-load");
     let all_sites = out.join("sites.txt");
-    let all_arg = all_sites.display().to_string();
-    let mut writer = Driver::start(
-        &load,
-        &["--agents", url, "--admin", url, "--sites", &all_arg],
-        token,
-    )?;
+    let mut writer = Driver::on_sites(&load, url, &all_sites, token)?;
     let secs = plan.write_secs;
     writer.run(&format!("write 8 {secs} many G1.agents_idle.base"), results)?;
     let text = std::fs::read_to_string(&all_sites)?;
@@ -900,12 +906,7 @@ fn idle_fleet(
         .collect();
     let sites = out.join("idle-sites.txt");
     std::fs::write(&sites, idle.join("\n") + "\n")?;
-    let sites_arg = sites.display().to_string();
-    let mut fleet = Driver::start(
-        &load,
-        &["--agents", url, "--admin", url, "--sites", &sites_arg],
-        token,
-    )?;
+    let mut fleet = Driver::on_sites(&load, url, &sites, token)?;
     fleet.run(&format!("connect {} G1.agents_idle", idle.len()), results)?;
     results.line(&format!("info G1.agents_idle.agents {}", idle.len()));
     let measured = writer.run(&format!("write 8 {secs} many G1.agents_idle.c8"), results);
@@ -1064,13 +1065,7 @@ fn scale(
             }
             continue;
         }
-        let file_arg = file.display().to_string();
-        let writes = Driver::start(
-            &load,
-            &["--agents", &api, "--admin", &api, "--sites", &file_arg],
-            &token,
-        )
-        .and_then(|mut d| {
+        let writes = Driver::on_sites(&load, &api, &file, &token).and_then(|mut d| {
             let r = d.run(&format!("write 8 {secs} busy {id}.c8"), results);
             let _ = d.send("quit");
             d.proc.stop();
@@ -1096,12 +1091,7 @@ fn scale(
             String::from_utf8_lossy(&seeded.stderr)
         );
     }
-    let sites_arg = sites.display().to_string();
-    let mut drive = Driver::start(
-        &load,
-        &["--agents", &api, "--admin", &api, "--sites", &sites_arg],
-        &token,
-    )?;
+    let mut drive = Driver::on_sites(&load, &api, &sites, &token)?;
     drive.run(&format!("connect {} S.agents", plan.scale_full), results)?;
     let prop_secs = if plan.quick { 3 } else { 15 };
     // One propagation write rate for every size (half the smallest size's G1), so
