@@ -169,6 +169,25 @@ pub fn slot_plan(held: &[(Uuid, u16)], targets: &[Uuid], pin_changed: bool) -> S
     plan
 }
 
+/// The slots a credential holds once `plan` (made from `held`) is written and the
+/// allocator gave `allocated`: held slots that were not freed, and the new ones, by
+/// device. What a read back after the write would find, so the write need not read.
+pub fn slots_after(
+    held: &[(Uuid, u16)],
+    plan: &SlotPlan,
+    allocated: &[(Uuid, u16)],
+) -> Vec<(Uuid, u16)> {
+    let freed: BTreeSet<Uuid> = plan.freed.iter().map(|(d, _)| *d).collect();
+    let mut after: Vec<(Uuid, u16)> = held
+        .iter()
+        .copied()
+        .filter(|(d, _)| !freed.contains(d))
+        .chain(allocated.iter().copied())
+        .collect();
+    after.sort_unstable();
+    after
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +287,45 @@ mod tests {
         ];
         for (scopes, targets, want) in cases {
             assert_eq!(involved_partitions(&scopes, &targets), want);
+        }
+    }
+
+    #[test]
+    fn slots_after_table() {
+        let (p, l, d) = (id(1), id(2), id(3));
+        // (held, targets, PIN changed, allocated, slots after)
+        #[allow(clippy::type_complexity)]
+        let rows: &[(
+            &[(Uuid, u16)],
+            &[Uuid],
+            bool,
+            &[(Uuid, u16)],
+            &[(Uuid, u16)],
+        )] = &[
+            // A new code: only what the allocator gave, by device.
+            (&[], &[l, p], false, &[(l, 4), (p, 2)], &[(p, 2), (l, 4)]),
+            // Nothing changes: the held slots, sorted.
+            (&[(l, 4), (p, 2)], &[p, l], false, &[], &[(p, 2), (l, 4)]),
+            // A new PIN: re-keyed slots keep their numbers.
+            (&[(p, 2), (l, 4)], &[p, l], true, &[], &[(p, 2), (l, 4)]),
+            // A device leaves, another joins.
+            (
+                &[(p, 2), (l, 4)],
+                &[p, d],
+                false,
+                &[(d, 1)],
+                &[(p, 2), (d, 1)],
+            ),
+            // Every device leaves (a delete).
+            (&[(p, 2), (l, 4)], &[], false, &[], &[]),
+        ];
+        for (held, targets, pin, allocated, want) in rows {
+            let plan = slot_plan(held, targets, *pin);
+            assert_eq!(
+                slots_after(held, &plan, allocated),
+                want.to_vec(),
+                "held {held:?} targets {targets:?}"
+            );
         }
     }
 

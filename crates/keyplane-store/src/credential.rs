@@ -18,7 +18,7 @@ use keyplane_core::DeviceKind;
 use keyplane_core::authority::CodeFacts;
 use keyplane_core::credential::{
     DeviceFacts, ScopeError, SlotPlan, involved_partitions as involved_partitions_core,
-    resolve_targets, slot_plan,
+    resolve_targets, slot_plan, slots_after,
 };
 use keyplane_core::pin::Pin;
 use std::collections::BTreeSet;
@@ -146,6 +146,22 @@ pub(crate) const CREDENTIAL_FIELDS: &str = "c.site_id, c.user_id, c.id, c.displa
     ARRAY(SELECT d.model FROM slot_assignment sa JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
           WHERE sa.site_id = c.site_id AND sa.credential_id = c.id ORDER BY sa.device_id)";
 
+/// The credential row's own columns, in the order [`CREDENTIAL_FIELDS`] starts with:
+/// what a write returns, so it need not read the credential back.
+const CREDENTIAL_ROW_RETURNING: &str = "site_id, user_id, id, display_name, version, create_time,
+    update_time, created_partition, valid_from, valid_until, max_uses, uses";
+
+/// A slot as people see it on its device's model (`002` on panels).
+fn slot_shown(device: Uuid, slot: u16, model: Option<&keyplane_core::DeviceModel>) -> Slot {
+    Slot {
+        device,
+        slot,
+        display_slot: model
+            .map(|m| m.display_slot(slot))
+            .unwrap_or_else(|| slot.to_string()),
+    }
+}
+
 /// Reads a credential selected with [`CREDENTIAL_FIELDS`].
 pub(crate) fn credential_from_row(row: &Row) -> Credential {
     let partitions: Vec<i16> = row.get(12);
@@ -158,30 +174,32 @@ pub(crate) fn credential_from_row(row: &Row) -> Credential {
         .zip(models)
         .map(|((device, slot), model)| {
             let slot = u16::try_from(slot).unwrap_or(0);
-            let display_slot = keyplane_core::DeviceModel::find(&model)
-                .map(|m| m.display_slot(slot))
-                .unwrap_or_else(|| slot.to_string());
-            Slot {
-                device,
-                slot,
-                display_slot,
-            }
+            slot_shown(device, slot, keyplane_core::DeviceModel::find(&model))
         })
         .collect();
+    let mut credential = credential_head(row);
+    credential.scope = Scope {
+        panel_partitions: partitions
+            .into_iter()
+            .filter_map(|p| u8::try_from(p).ok())
+            .collect(),
+        locks: row.get(13),
+        doors: row.get(14),
+    };
+    credential.slots = slots;
+    credential
+}
+
+/// The row part of a credential ([`CREDENTIAL_ROW_RETURNING`], the first columns of
+/// [`CREDENTIAL_FIELDS`]), with no scope and no slots.
+fn credential_head(row: &Row) -> Credential {
     Credential {
         site: row.get(0),
         user: row.get(1),
         id: row.get(2),
         display_name: row.get(3),
-        scope: Scope {
-            panel_partitions: partitions
-                .into_iter()
-                .filter_map(|p| u8::try_from(p).ok())
-                .collect(),
-            locks: row.get(13),
-            doors: row.get(14),
-        },
-        slots,
+        scope: Scope::default(),
+        slots: Vec::new(),
         version: row.get(4),
         create_time: row.get(5),
         update_time: row.get(6),
@@ -193,6 +211,34 @@ pub(crate) fn credential_from_row(row: &Row) -> Credential {
         max_uses: row.get(10),
         uses: row.get(11),
     }
+}
+
+/// The credential a write leaves: its row as the write returned it
+/// ([`CREDENTIAL_ROW_RETURNING`]), the scope written and the slots it holds after,
+/// shaped as [`credential_from_row`] reads them (partitions and devices sorted and
+/// without repeats, devices split by kind, slots by device).
+fn credential_written(
+    row: &Row,
+    scope: &Scope,
+    slots: &[(Uuid, u16)],
+    devices: &[Device],
+) -> Credential {
+    let device = |id: Uuid| devices.iter().find(|d| d.id == id);
+    let (doors, locks): (Vec<Uuid>, Vec<Uuid>) = devices_param(scope)
+        .into_iter()
+        .filter(|id| device(*id).is_some())
+        .partition(|id| device(*id).is_some_and(|d| d.model.kind == DeviceKind::Door));
+    let mut credential = credential_head(row);
+    credential.scope = Scope {
+        panel_partitions: dedup(&scope.panel_partitions),
+        locks,
+        doors,
+    };
+    credential.slots = slots
+        .iter()
+        .map(|&(id, slot)| slot_shown(id, slot, device(id).map(|d| d.model)))
+        .collect();
+    credential
 }
 
 /// Reads credential `$3` of user `$2` of site `$1` with [`CREDENTIAL_FIELDS`].
@@ -644,7 +690,7 @@ const SLOTS_WRITE_SQL: &str = concat!(
         SELECT $1, head.revision, changed.device_id, changed.slot FROM head, changed
         ON CONFLICT DO NOTHING
      )
-     SELECT ARRAY(SELECT device_id FROM allocated)"
+     SELECT ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated)"
 );
 
 /// [`crate::site::AUDIT_FULL_SQL`] at the audit position [`SLOTS_WRITE_SQL`] took,
@@ -694,15 +740,22 @@ impl SlotsWrite {
         w
     }
 
-    /// Checks every planned device got a slot.
-    fn check(&self, got: &[Uuid], devices: &[Device]) -> Result<(), StoreError> {
+    /// Checks every planned device got a slot; the slots given, from the row of
+    /// [`SLOTS_WRITE_SQL`].
+    fn check(&self, row: &Row, devices: &[Device]) -> Result<Vec<(Uuid, u16)>, StoreError> {
+        let got: Vec<Uuid> = row.get(0);
+        let numbers: Vec<i32> = row.get(1);
         match self
             .allocate
             .iter()
             .find(|d| !got.contains(d))
             .and_then(|id| devices.iter().find(|d| d.id == *id))
         {
-            None => Ok(()),
+            None => Ok(got
+                .into_iter()
+                .zip(numbers)
+                .map(|(d, n)| (d, u16::try_from(n).unwrap_or(0)))
+                .collect()),
             Some(device) => Err(StoreError::ResourceExhausted(format!(
                 "device {} has no free slot: slots_free: all {} assignable slots are in use",
                 label(device),
@@ -806,13 +859,14 @@ impl Store {
                 new.valid_until,
                 new.max_uses,
             ));
-            let get_sql = credential_get_sql();
-            let (s_insert, s_part, s_dev, s_slots, s_remember, s_audit, s_get) = tokio::try_join!(
-                tx.prepare_cached(
-                    "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
-                        created_partition, valid_from, valid_until, max_uses)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                ),
+            let insert_sql = format!(
+                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
+                    created_partition, valid_from, valid_until, max_uses)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 RETURNING {CREDENTIAL_ROW_RETURNING}"
+            );
+            let (s_insert, s_part, s_dev, s_slots, s_remember, s_audit) = tokio::try_join!(
+                tx.prepare_cached(&insert_sql),
                 tx.prepare_cached(
                     "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])"
                 ),
@@ -825,13 +879,12 @@ impl Store {
                      VALUES ($1, $2, $3, $4, $5)"
                 ),
                 tx.prepare_cached(AUDIT_AT_HEAD_SQL),
-                tx.prepare_cached(&get_sql),
             )?;
             let empty: Vec<Uuid> = Vec::new();
             let force = true;
-            let (inserted, parts, devs, allocated, remembered, audited, read) = tokio::join!(
+            let (inserted, parts, devs, allocated, remembered, audited) = tokio::join!(
                 biased;
-                async { Pg::execute(&tx, &s_insert, &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses]).await },
+                async { Pg::query_one(&tx, &s_insert, &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses]).await },
                 // An empty scope list inserts nothing: not sent.
                 async { if new.scope.panel_partitions.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_part, &[&site, &id, &partitions_param(&new.scope)]).await } },
                 async { if new.scope.locks.is_empty() && new.scope.doors.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_dev, &[&site, &id, &devices_param(&new.scope)]).await } },
@@ -843,16 +896,20 @@ impl Store {
                     }
                 },
                 async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
-                async { Pg::query_one(&tx, &s_get, &[&site, &user, &id]).await },
             );
-            inserted?;
+            let row = inserted?;
             parts?;
             devs?;
-            let got: Vec<Uuid> = allocated?.get(0);
-            slots.check(&got, &loaded.devices)?;
+            let allocated = slots.check(&allocated?, &loaded.devices)?;
             remembered?;
             audited?;
-            Ok(credential_from_row(&read?))
+            let after = slots_after(&[], &plan, &allocated);
+            Ok(credential_written(
+                &row,
+                &new.scope,
+                &after,
+                &loaded.devices,
+            ))
         })
     }
 
@@ -1006,14 +1063,15 @@ impl Store {
                 was.valid_until,
                 was.max_uses,
             ));
-            let get_sql = credential_get_sql();
-            let (s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit, s_get) = tokio::try_join!(
-                tx.prepare_cached(
-                    "UPDATE credential SET display_name = COALESCE($3, display_name),
-                        pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
-                        version = version + 1, update_time = now()
-                     WHERE site_id = $1 AND id = $2"
-                ),
+            let update_sql = format!(
+                "UPDATE credential SET display_name = COALESCE($3, display_name),
+                    pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
+                    version = version + 1, update_time = now()
+                 WHERE site_id = $1 AND id = $2
+                 RETURNING {CREDENTIAL_ROW_RETURNING}"
+            );
+            let (s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit) = tokio::try_join!(
+                tx.prepare_cached(&update_sql),
                 tx.prepare_cached(
                     "DELETE FROM credential_partition WHERE site_id = $1 AND credential_id = $2"
                 ),
@@ -1028,30 +1086,28 @@ impl Store {
                 ),
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached(AUDIT_AT_HEAD_SQL),
-                tx.prepare_cached(&get_sql),
             )?;
             let new_scope = patch.scope.is_some();
             let force = false;
-            let (updated, part_del, dev_del, parts, devs, allocated, audited, read) = tokio::join!(
+            let (updated, part_del, dev_del, parts, devs, allocated, audited) = tokio::join!(
                 biased;
-                async { Pg::execute(&tx, &s_update, &[&site, &credential, &patch.display_name, &sealed, &self.key().id(), &pin_hash]).await },
+                async { Pg::query_one(&tx, &s_update, &[&site, &credential, &patch.display_name, &sealed, &self.key().id(), &pin_hash]).await },
                 async { if new_scope { Pg::execute(&tx, &s_part_del, &[&site, &credential]).await } else { Ok(0) } },
                 async { if new_scope { Pg::execute(&tx, &s_dev_del, &[&site, &credential]).await } else { Ok(0) } },
                 async { if new_scope { Pg::execute(&tx, &s_part, &[&site, &credential, &partitions_param(&scope)]).await } else { Ok(0) } },
                 async { if new_scope { Pg::execute(&tx, &s_dev, &[&site, &credential, &devices_param(&scope)]).await } else { Ok(0) } },
                 async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &pin_hash, &slots.rekeyed, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
                 async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
-                async { Pg::query_one(&tx, &s_get, &[&site, &user, &credential]).await },
             );
-            updated?;
+            let row = updated?;
             part_del?;
             dev_del?;
             parts?;
             devs?;
-            let got: Vec<Uuid> = allocated?.get(0);
-            slots.check(&got, &loaded.devices)?;
+            let allocated = slots.check(&allocated?, &loaded.devices)?;
             audited?;
-            Ok(credential_from_row(&read?))
+            let after = slots_after(&held, &plan, &allocated);
+            Ok(credential_written(&row, &scope, &after, &loaded.devices))
         })
     }
 
