@@ -148,8 +148,12 @@ pub(crate) const CREDENTIAL_FIELDS: &str = "c.site_id, c.user_id, c.id, c.displa
 
 /// The credential row's own columns, in the order [`CREDENTIAL_FIELDS`] starts with:
 /// what a write returns, so it need not read the credential back.
-const CREDENTIAL_ROW_RETURNING: &str = "site_id, user_id, id, display_name, version, create_time,
-    update_time, created_partition, valid_from, valid_until, max_uses, uses";
+macro_rules! credential_row_returning {
+    () => {
+        "site_id, user_id, id, display_name, version, create_time,
+            update_time, created_partition, valid_from, valid_until, max_uses, uses"
+    };
+}
 
 /// A slot as people see it on its device's model (`002` on panels).
 fn slot_shown(device: Uuid, slot: u16, model: Option<&keyplane_core::DeviceModel>) -> Slot {
@@ -190,7 +194,7 @@ pub(crate) fn credential_from_row(row: &Row) -> Credential {
     credential
 }
 
-/// The row part of a credential ([`CREDENTIAL_ROW_RETURNING`], the first columns of
+/// The row part of a credential ([`credential_row_returning!`], the first columns of
 /// [`CREDENTIAL_FIELDS`]), with no scope and no slots.
 fn credential_head(row: &Row) -> Credential {
     Credential {
@@ -214,7 +218,7 @@ fn credential_head(row: &Row) -> Credential {
 }
 
 /// The credential a write leaves: its row as the write returned it
-/// ([`CREDENTIAL_ROW_RETURNING`]), the scope written and the slots it holds after,
+/// ([`credential_row_returning!`]), the scope written and the slots it holds after,
 /// shaped as [`credential_from_row`] reads them (partitions and devices sorted and
 /// without repeats, devices split by kind, slots by device).
 fn credential_written(
@@ -659,16 +663,29 @@ pub(crate) async fn load_in_txn(
     })
 }
 
-/// Frees, re-keys and allocates a credential's slots as planned, advances the site's
-/// revision when anything changed (or always, with `force`) and logs the changed slots
-/// under it, and advances the site's audit sequence for the write's audit record
-/// ([`AUDIT_AT_HEAD_SQL`], sent after it): one statement, one update of the site row.
-/// A new slot is the lowest assignable one not held by a credential or a local code,
-/// found by one ordered pass over the device's taken slots (see `allocate_sql!`); the
-/// site row lock serializes allocation.
-/// Returns the devices that got a slot.
-const SLOTS_WRITE_SQL: &str = concat!(
-    "WITH freed AS (
+/// A credential write as one statement: the write's own changes (`$before`, CTEs
+/// ending with a comma, parameters from `$22`), then frees, re-keys and allocates the
+/// credential's slots as planned, advances the site's revision when anything changed
+/// (or always, with `$11`) and logs the changed slots under it, and appends the
+/// write's audit record at the audit position the same update of the site row takes
+/// (`$12`..`$21`: dealer, actor, action, resource, peer, detail, acting user, request
+/// id, before, after). Per-statement overhead was most of a write's cost in
+/// PostgreSQL, so a write sends one statement, not one per table. A new slot is the
+/// lowest assignable one not held by a credential or a local code, found by one
+/// ordered pass over the device's taken slots (see `allocate_sql!`); the site row
+/// lock serializes allocation. Ends with `$select`.
+///
+/// Every CTE sees the statement's snapshot, not the others' rows: nothing here reads
+/// what another CTE writes except through RETURNING, and the foreign keys are checked
+/// at the end of the statement. Deleting the credential itself stays a statement of
+/// its own, after this one: the removal trigger of `slot_assignment` (migration 0013)
+/// reads the credential when the statement ends.
+macro_rules! credential_write_sql {
+    ($before:expr, $select:expr) => {
+        concat!(
+            "WITH ",
+            $before,
+            " freed AS (
         DELETE FROM slot_assignment WHERE site_id = $1 AND credential_id = $2 AND device_id = ANY($3::uuid[])
         RETURNING device_id, slot
      ), rekeyed AS (
@@ -676,32 +693,97 @@ const SLOTS_WRITE_SQL: &str = concat!(
          WHERE site_id = $1 AND credential_id = $2 AND device_id = ANY($5::uuid[])
         RETURNING device_id, slot
      ), allocated AS (",
-    allocate_sql!("$4", "$6", "$7", "$8", "$9", "$10"),
-    "
+            allocate_sql!("$4", "$6", "$7", "$8", "$9", "$10"),
+            "
      ), changed AS (
         SELECT * FROM freed UNION ALL SELECT * FROM rekeyed UNION ALL SELECT * FROM allocated
      ), head AS (
         UPDATE site SET revision = revision + CASE WHEN $11 OR EXISTS (SELECT 1 FROM changed) THEN 1 ELSE 0 END,
             audit_seq = audit_seq + 1
          WHERE id = $1
-        RETURNING revision
+        RETURNING revision, audit_seq
      ), logged AS (
         INSERT INTO site_change (site_id, revision, device_id, slot)
         SELECT $1, head.revision, changed.device_id, changed.slot FROM head, changed
         ON CONFLICT DO NOTHING
-     )
-     SELECT ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated)"
+     ), audited AS (
+        INSERT INTO audit_log (dealer_id, site_id, actor, action, resource, peer, detail, acting_user,
+            request_id, before, after, position)
+        SELECT $12, $1, $13, $14, $15, $16, $17, $18, $19, $20, $21, head.audit_seq FROM head
+     ) ",
+            $select
+        )
+    };
+}
+
+/// [`credential_write_sql!`] with no change of the credential row: a delete's first
+/// statement.
+const SLOTS_WRITE_SQL: &str = credential_write_sql!("", "SELECT 1");
+
+/// CreateCredential's write: the credential row (`$22` user, `$23` name, `$24` sealed
+/// PIN, `$25` sealing key id, `$26` created partition, `$27`/`$28` valid from/until,
+/// `$29` max uses; the PIN hash is `$4`), its partitions (`$30`) and devices (`$31`),
+/// its request id (`$32`..`$34`: request id, method, fingerprint; NULL: none), then
+/// its slots and audit record. Returns the row ([`credential_row_returning!`]), then
+/// the devices and the slot numbers allocated.
+const CREATE_WRITE_SQL: &str = credential_write_sql!(
+    concat!(
+        "cred AS (
+        INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
+            created_partition, valid_from, valid_until, max_uses)
+        VALUES ($1, $2, $22, $23, $24, $25, $4, $26, $27, $28, $29)
+        RETURNING ",
+        credential_row_returning!(),
+        "
+     ), parts AS (
+        INSERT INTO credential_partition (site_id, credential_id, partition)
+        SELECT $1, $2, unnest($30::smallint[])
+     ), devs AS (
+        INSERT INTO credential_device (site_id, credential_id, device_id)
+        SELECT $1, $2, unnest($31::uuid[])
+     ), remembered AS (
+        INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
+        SELECT $12, $32, $33, $34, $15 WHERE $32::text IS NOT NULL
+     ),"
+    ),
+    "SELECT cred.*, ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated) FROM cred"
 );
 
-/// [`crate::site::AUDIT_FULL_SQL`] at the audit position [`SLOTS_WRITE_SQL`] took,
-/// earlier in the same transaction, under the site row lock the load took: the
-/// record needs no second update of the site row to be numbered.
-const AUDIT_AT_HEAD_SQL: &str = "INSERT INTO audit_log
-        (dealer_id, site_id, actor, action, resource, peer, detail, acting_user, request_id, before, after,
-         position)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, (SELECT audit_seq FROM site WHERE id = $2))";
+/// UpdateCredential's write: the credential row (`$22` new name or NULL, `$23` new
+/// sealed PIN or NULL, `$24` sealing key id; the PIN hash is `$4`) and, with `$25` (a
+/// new scope), its partitions (`$26`) and devices (`$27`): those that left are
+/// deleted, the new ones inserted; then its slots and audit record. Returns what
+/// [`CREATE_WRITE_SQL`] does.
+const UPDATE_WRITE_SQL: &str = credential_write_sql!(
+    concat!(
+        "cred AS (
+        UPDATE credential SET display_name = COALESCE($22, display_name),
+            pin_sealed = COALESCE($23, pin_sealed), pin_key_id = $24, pin_hash = $4,
+            version = version + 1, update_time = now()
+         WHERE site_id = $1 AND id = $2
+        RETURNING ",
+        credential_row_returning!(),
+        "
+     ), parts_left AS (
+        DELETE FROM credential_partition
+         WHERE $25 AND site_id = $1 AND credential_id = $2 AND partition <> ALL($26::smallint[])
+     ), parts AS (
+        INSERT INTO credential_partition (site_id, credential_id, partition)
+        SELECT $1, $2, unnest($26::smallint[]) WHERE $25
+        ON CONFLICT DO NOTHING
+     ), devs_left AS (
+        DELETE FROM credential_device
+         WHERE $25 AND site_id = $1 AND credential_id = $2 AND device_id <> ALL($27::uuid[])
+     ), devs AS (
+        INSERT INTO credential_device (site_id, credential_id, device_id)
+        SELECT $1, $2, unnest($27::uuid[]) WHERE $25
+        ON CONFLICT DO NOTHING
+     ),"
+    ),
+    "SELECT cred.*, ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated) FROM cred"
+);
 
-/// The parameters of [`SLOTS_WRITE_SQL`] for a plan.
+/// The slot parameters of [`credential_write_sql!`] for a plan.
 struct SlotsWrite {
     freed: Vec<Uuid>,
     rekeyed: Vec<Uuid>,
@@ -740,11 +822,16 @@ impl SlotsWrite {
         w
     }
 
-    /// Checks every planned device got a slot; the slots given, from the row of
-    /// [`SLOTS_WRITE_SQL`].
-    fn check(&self, row: &Row, devices: &[Device]) -> Result<Vec<(Uuid, u16)>, StoreError> {
-        let got: Vec<Uuid> = row.get(0);
-        let numbers: Vec<i32> = row.get(1);
+    /// Checks every planned device got a slot; the slots given, from the write's row
+    /// (the devices at column `at`, their slot numbers after them).
+    fn check(
+        &self,
+        row: &Row,
+        at: usize,
+        devices: &[Device],
+    ) -> Result<Vec<(Uuid, u16)>, StoreError> {
+        let got: Vec<Uuid> = row.get(at);
+        let numbers: Vec<i32> = row.get(at + 1);
         match self
             .allocate
             .iter()
@@ -859,50 +946,59 @@ impl Store {
                 new.valid_until,
                 new.max_uses,
             ));
-            let insert_sql = format!(
-                "INSERT INTO credential (site_id, id, user_id, display_name, pin_sealed, pin_key_id, pin_hash,
-                    created_partition, valid_from, valid_until, max_uses)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 RETURNING {CREDENTIAL_ROW_RETURNING}"
-            );
-            let (s_insert, s_part, s_dev, s_slots, s_remember, s_audit) = tokio::try_join!(
-                tx.prepare_cached(&insert_sql),
-                tx.prepare_cached(
-                    "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])"
-                ),
-                tx.prepare_cached(
-                    "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
-                ),
-                tx.prepare_cached(SLOTS_WRITE_SQL),
-                tx.prepare_cached(
-                    "INSERT INTO idempotency_key (dealer_id, request_id, method, fingerprint, resource_name)
-                     VALUES ($1, $2, $3, $4, $5)"
-                ),
-                tx.prepare_cached(AUDIT_AT_HEAD_SQL),
-            )?;
+            let s_write = tx.prepare_cached(CREATE_WRITE_SQL).await?;
             let empty: Vec<Uuid> = Vec::new();
             let force = true;
-            let (inserted, parts, devs, allocated, remembered, audited) = tokio::join!(
-                biased;
-                async { Pg::query_one(&tx, &s_insert, &[&site, &id, &user, &new.display_name, &sealed, &self.key().id(), &pin_hash, &created_partition, &new.valid_from, &new.valid_until, &new.max_uses]).await },
-                // An empty scope list inserts nothing: not sent.
-                async { if new.scope.panel_partitions.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_part, &[&site, &id, &partitions_param(&new.scope)]).await } },
-                async { if new.scope.locks.is_empty() && new.scope.doors.is_empty() { Ok(0) } else { Pg::execute(&tx, &s_dev, &[&site, &id, &devices_param(&new.scope)]).await } },
-                async { Pg::query_one(&tx, &s_slots, &[&site, &id, &empty, &pin_hash, &empty, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
-                async {
-                    match key {
-                        None => Ok(0),
-                        Some(k) => Pg::execute(&tx, &s_remember, &[&actor.dealer, &k.request_id, &k.method, &k.fingerprint, &name]).await,
-                    }
-                },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.create", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
-            );
-            let row = inserted?;
-            parts?;
-            devs?;
-            let allocated = slots.check(&allocated?, &loaded.devices)?;
-            remembered?;
-            audited?;
+            let (request_id, method, fingerprint) = match key {
+                Some(k) => (
+                    Some(k.request_id.as_str()),
+                    Some(k.method),
+                    Some(k.fingerprint.as_slice()),
+                ),
+                None => (None, None, None),
+            };
+            let row = Pg::query_one(
+                &tx,
+                &s_write,
+                &params![
+                    &site,
+                    &id,
+                    &empty,
+                    &pin_hash,
+                    &empty,
+                    &slots.allocate,
+                    &slots.first,
+                    &slots.last,
+                    &slots.reserved_devices,
+                    &slots.reserved_slots,
+                    &force,
+                    &actor.dealer,
+                    &actor.principal,
+                    &"credential.create",
+                    &name,
+                    &actor.peer,
+                    &detail,
+                    &actor.acting_as,
+                    &actor.request_id,
+                    &before,
+                    &after,
+                    &user,
+                    &new.display_name,
+                    &sealed,
+                    &self.key().id(),
+                    &created_partition,
+                    &new.valid_from,
+                    &new.valid_until,
+                    &new.max_uses,
+                    &partitions_param(&new.scope),
+                    &devices_param(&new.scope),
+                    &request_id,
+                    &method,
+                    &fingerprint,
+                ],
+            )
+            .await?;
+            let allocated = slots.check(&row, 12, &loaded.devices)?;
             let after = slots_after(&[], &plan, &allocated);
             Ok(credential_written(
                 &row,
@@ -1063,49 +1159,44 @@ impl Store {
                 was.valid_until,
                 was.max_uses,
             ));
-            let update_sql = format!(
-                "UPDATE credential SET display_name = COALESCE($3, display_name),
-                    pin_sealed = COALESCE($4, pin_sealed), pin_key_id = $5, pin_hash = $6,
-                    version = version + 1, update_time = now()
-                 WHERE site_id = $1 AND id = $2
-                 RETURNING {CREDENTIAL_ROW_RETURNING}"
-            );
-            let (s_update, s_part_del, s_dev_del, s_part, s_dev, s_slots, s_audit) = tokio::try_join!(
-                tx.prepare_cached(&update_sql),
-                tx.prepare_cached(
-                    "DELETE FROM credential_partition WHERE site_id = $1 AND credential_id = $2"
-                ),
-                tx.prepare_cached(
-                    "DELETE FROM credential_device WHERE site_id = $1 AND credential_id = $2"
-                ),
-                tx.prepare_cached(
-                    "INSERT INTO credential_partition (site_id, credential_id, partition) SELECT $1, $2, unnest($3::smallint[])"
-                ),
-                tx.prepare_cached(
-                    "INSERT INTO credential_device (site_id, credential_id, device_id) SELECT $1, $2, unnest($3::uuid[])"
-                ),
-                tx.prepare_cached(SLOTS_WRITE_SQL),
-                tx.prepare_cached(AUDIT_AT_HEAD_SQL),
-            )?;
+            let s_write = tx.prepare_cached(UPDATE_WRITE_SQL).await?;
             let new_scope = patch.scope.is_some();
             let force = false;
-            let (updated, part_del, dev_del, parts, devs, allocated, audited) = tokio::join!(
-                biased;
-                async { Pg::query_one(&tx, &s_update, &[&site, &credential, &patch.display_name, &sealed, &self.key().id(), &pin_hash]).await },
-                async { if new_scope { Pg::execute(&tx, &s_part_del, &[&site, &credential]).await } else { Ok(0) } },
-                async { if new_scope { Pg::execute(&tx, &s_dev_del, &[&site, &credential]).await } else { Ok(0) } },
-                async { if new_scope { Pg::execute(&tx, &s_part, &[&site, &credential, &partitions_param(&scope)]).await } else { Ok(0) } },
-                async { if new_scope { Pg::execute(&tx, &s_dev, &[&site, &credential, &devices_param(&scope)]).await } else { Ok(0) } },
-                async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &pin_hash, &slots.rekeyed, &slots.allocate, &slots.first, &slots.last, &slots.reserved_devices, &slots.reserved_slots, &force]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.update", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
-            );
-            let row = updated?;
-            part_del?;
-            dev_del?;
-            parts?;
-            devs?;
-            let allocated = slots.check(&allocated?, &loaded.devices)?;
-            audited?;
+            let row = Pg::query_one(
+                &tx,
+                &s_write,
+                &params![
+                    &site,
+                    &credential,
+                    &slots.freed,
+                    &pin_hash,
+                    &slots.rekeyed,
+                    &slots.allocate,
+                    &slots.first,
+                    &slots.last,
+                    &slots.reserved_devices,
+                    &slots.reserved_slots,
+                    &force,
+                    &actor.dealer,
+                    &actor.principal,
+                    &"credential.update",
+                    &name,
+                    &actor.peer,
+                    &detail,
+                    &actor.acting_as,
+                    &actor.request_id,
+                    &before,
+                    &after,
+                    &patch.display_name,
+                    &sealed,
+                    &self.key().id(),
+                    &new_scope,
+                    &partitions_param(&scope),
+                    &devices_param(&scope),
+                ],
+            )
+            .await?;
+            let allocated = slots.check(&row, 12, &loaded.devices)?;
             let after = slots_after(&held, &plan, &allocated);
             Ok(credential_written(&row, &scope, &after, &loaded.devices))
         })
@@ -1172,24 +1263,30 @@ impl Store {
                 was.max_uses,
             ));
             let after: Option<serde_json::Value> = None;
-            let (s_slots, s_delete, s_audit) = tokio::try_join!(
+            let (s_slots, s_delete) = tokio::try_join!(
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
-                tx.prepare_cached(AUDIT_AT_HEAD_SQL),
             )?;
             let empty: Vec<Uuid> = Vec::new();
             let no_ints: Vec<i32> = Vec::new();
             let no_hash: Vec<u8> = Vec::new();
             let force = false;
-            let (freed, deleted, audited) = tokio::join!(
+            // Two statements: the removal trigger reads the credential when the first ends.
+            let (freed, deleted) = tokio::join!(
                 biased;
-                async { Pg::query_one(&tx, &s_slots, &[&site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints, &no_ints, &empty, &no_ints, &force]).await },
+                async {
+                    Pg::query_one(&tx, &s_slots, &params![
+                        &site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints,
+                        &no_ints, &empty, &no_ints, &force,
+                        &actor.dealer, &actor.principal, &"credential.delete", &name, &actor.peer,
+                        &detail, &actor.acting_as, &actor.request_id, &before, &after,
+                    ])
+                    .await
+                },
                 async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
-                async { Pg::execute(&tx, &s_audit, &[&actor.dealer, &Some(site), &actor.principal, &"credential.delete", &name, &actor.peer, &detail, &actor.acting_as, &actor.request_id, &before, &after]).await },
             );
             freed?;
             deleted?;
-            audited?;
             Ok(())
         })
     }

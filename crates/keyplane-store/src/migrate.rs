@@ -121,6 +121,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "audit_position_given",
         include_str!("../migrations/0025_audit_position_given.sql"),
     ),
+    (
+        26,
+        "slot_removed_when_any",
+        include_str!("../migrations/0026_slot_removed_when_any.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name
