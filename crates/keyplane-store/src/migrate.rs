@@ -126,6 +126,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "slot_removed_when_any",
         include_str!("../migrations/0026_slot_removed_when_any.sql"),
     ),
+    (
+        27,
+        "site_change_by_slot",
+        include_str!("../migrations/0027_site_change_by_slot.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name

@@ -274,10 +274,14 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
      FROM slot_assignment sa
      JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-     LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
-                               max(change_time) AS max_time
-                        FROM site_change ch WHERE ch.site_id = sa.site_id
-                          AND ch.device_id = sa.device_id AND ch.slot = sa.slot) ch ON true
+     LEFT JOIN LATERAL (SELECT hi.revision AS max_rev, lo.revision AS min_rev,
+                               hi.change_time AS max_time
+                        FROM (SELECT revision, change_time FROM site_change ch
+                               WHERE ch.site_id = sa.site_id AND ch.device_id = sa.device_id
+                                 AND ch.slot = sa.slot ORDER BY revision DESC LIMIT 1) hi,
+                             (SELECT revision FROM site_change ch
+                               WHERE ch.site_id = sa.site_id AND ch.device_id = sa.device_id
+                                 AND ch.slot = sa.slot ORDER BY revision LIMIT 1) lo) ch ON true
      LEFT JOIN slot_write_report w ON w.site_id = sa.site_id AND w.device_id = sa.device_id
                                   AND w.slot = sa.slot
      LEFT JOIN observed_slot o ON o.site_id = sa.site_id AND o.device_id = sa.device_id
@@ -299,10 +303,14 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         NULL::bytea, sl.held_known, sl.held_pin_hash, sl.held_generation, sl.held_schedules
      FROM slot_state_last sl
      JOIN device d ON d.site_id = sl.site_id AND d.id = sl.device_id
-     LEFT JOIN LATERAL (SELECT max(revision) AS max_rev, min(revision) AS min_rev,
-                               max(change_time) AS max_time
-                        FROM site_change ch WHERE ch.site_id = sl.site_id
-                          AND ch.device_id = sl.device_id AND ch.slot = sl.slot) ch ON true
+     LEFT JOIN LATERAL (SELECT hi.revision AS max_rev, lo.revision AS min_rev,
+                               hi.change_time AS max_time
+                        FROM (SELECT revision, change_time FROM site_change ch
+                               WHERE ch.site_id = sl.site_id AND ch.device_id = sl.device_id
+                                 AND ch.slot = sl.slot ORDER BY revision DESC LIMIT 1) hi,
+                             (SELECT revision FROM site_change ch
+                               WHERE ch.site_id = sl.site_id AND ch.device_id = sl.device_id
+                                 AND ch.slot = sl.slot ORDER BY revision LIMIT 1) lo) ch ON true
      LEFT JOIN slot_write_report w ON w.site_id = sl.site_id AND w.device_id = sl.device_id
                                   AND w.slot = sl.slot
      LEFT JOIN observed_slot o ON o.site_id = sl.site_id AND o.device_id = sl.device_id
