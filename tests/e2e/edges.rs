@@ -344,3 +344,59 @@ async fn a_new_code_takes_the_lowest_slot_no_code_or_local_code_holds() -> anyho
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
     Ok(())
 }
+
+/// Acks recorded in one batch (keyplaned's ack recorder) mean what each would alone:
+/// a device moves to the acked revision but never past the site's head, never back,
+/// two acks of one device count as the highest, an ack of a device that is not at
+/// the site records nothing, and every ack gets its own answer in order.
+#[tokio::test]
+async fn acks_recorded_together_mean_what_each_means_alone() -> anyhow::Result<()> {
+    let mut s = Site::new().await?;
+    let alice = s.alice.clone();
+    let lock = s.lock.clone();
+    s.credential(&alice, "4711", crate::fixture::lock_scope(&[&lock]))
+        .await?;
+    let store = &s.server.store;
+    let site = crate::fixture::id_of(&s.site)?;
+    let (panel, lock) = (
+        crate::fixture::id_of(&s.panel.name)?,
+        crate::fixture::id_of(&s.lock.name)?,
+    );
+    let head = store.site_revisions(&[site]).await?[0].1;
+    assert!(head >= 1);
+    let db = s.server.db.client().await?;
+    let applied = |device: Uuid| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT applied_revision FROM device WHERE site_id = $1 AND id = $2",
+                    &[&site, &device],
+                )
+                .await?;
+            anyhow::Ok(row.get::<_, i64>(0))
+        }
+    };
+    let stranger = Uuid::new_v4();
+    let got = store
+        .device_acks(&[
+            (site, lock, head - 1),
+            (site, panel, head + 100),
+            (site, stranger, head),
+            (site, lock, head),
+        ])
+        .await?;
+    assert_eq!(got.len(), 4);
+    assert!(got[0].is_some() && got[1].is_some() && got[3].is_some());
+    assert!(got[2].is_none(), "a device not at the site records nothing");
+    assert_eq!(
+        applied(lock).await?,
+        head,
+        "the higher of the lock's two acks"
+    );
+    assert_eq!(applied(panel).await?, head, "never past the head");
+    // Never back.
+    store.device_acks(&[(site, lock, 0)]).await?;
+    assert_eq!(applied(lock).await?, head);
+    Ok(())
+}

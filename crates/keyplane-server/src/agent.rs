@@ -57,6 +57,8 @@ const RETRY_MAX: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     store: Store,
+    /// Records the acks of every stream together.
+    acks: crate::acks::AckBatcher,
     hub: Hub,
     bell: EventBell,
     shutdown: CancellationToken,
@@ -96,6 +98,7 @@ impl AgentApi {
         ca: Option<Arc<crate::pki::CertAuthority>>,
     ) -> Self {
         AgentApi {
+            acks: crate::acks::AckBatcher::start(store.clone()),
             store,
             hub,
             bell,
@@ -487,6 +490,7 @@ impl AgentService for AgentApi {
                 site,
                 session,
                 store: self.store.clone(),
+                acks: self.acks.clone(),
                 bell: self.bell.clone(),
                 hub: self.hub.clone(),
                 tx,
@@ -601,6 +605,7 @@ struct Session {
     site: Uuid,
     session: Uuid,
     store: Store,
+    acks: crate::acks::AckBatcher,
     bell: EventBell,
     hub: Hub,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
@@ -1051,8 +1056,7 @@ impl Session {
                     span.record("trace_id", trace);
                 }
                 let acked = tracing::Instrument::instrument(
-                    self.store
-                        .device_ack(self.site, device.device, ack.revision),
+                    self.acks.ack(self.site, device.device, ack.revision),
                     span,
                 )
                 .await

@@ -11,6 +11,7 @@
 //! [`hub::Hub`] (announcer, listener, revision poller) and, with `metrics_listen`, the
 //! metrics endpoint ([`metrics`]); all stop when the shutdown token is cancelled.
 
+pub mod acks;
 pub mod admin;
 pub mod agent;
 pub mod auth;

@@ -462,6 +462,70 @@ impl Store {
         }))
     }
 
+    /// Records many acks (site, device, revision) in one statement and one commit,
+    /// each as [`Store::device_ack`] does; the results are in the order given. Acks
+    /// of one device are taken together (the highest revision counts, and each gets
+    /// the same result). The device rows are locked in (site, device) order, so two
+    /// batches never wait on each other in a cycle.
+    pub async fn device_acks(
+        &self,
+        acks: &[(Uuid, Uuid, i64)],
+    ) -> Result<Vec<Option<Acked>>, StoreError> {
+        let mut merged: std::collections::BTreeMap<(Uuid, Uuid), i64> =
+            std::collections::BTreeMap::new();
+        for &(site, device, revision) in acks {
+            let r = merged.entry((site, device)).or_insert(revision);
+            *r = (*r).max(revision);
+        }
+        let (sites, rest): (Vec<Uuid>, Vec<(Uuid, i64)>) =
+            merged.iter().map(|(&(s, d), &r)| (s, (d, r))).unzip();
+        let (devices, revisions): (Vec<Uuid>, Vec<i64>) = rest.into_iter().unzip();
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "WITH input AS (
+                    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS i(site_id, device_id, revision)
+                 ), locked AS (
+                    SELECT d.site_id, d.id, d.applied_revision, i.revision FROM device d
+                      JOIN input i ON i.site_id = d.site_id AND i.device_id = d.id
+                     ORDER BY d.site_id, d.id
+                       FOR NO KEY UPDATE OF d
+                 ), acked AS (
+                    UPDATE device d SET applied_revision = GREATEST(d.applied_revision,
+                        LEAST(l.revision, (SELECT revision FROM site WHERE id = l.site_id))),
+                        last_seen_time = now()
+                      FROM locked l
+                     WHERE d.site_id = l.site_id AND d.id = l.id
+                    RETURNING d.site_id, d.id, d.applied_revision, l.applied_revision AS before
+                 )
+                 SELECT site_id, id, CASE WHEN applied_revision > before THEN
+                        (SELECT extract(epoch FROM clock_timestamp() - max(ch.change_time))::float8
+                           FROM site_change ch
+                          WHERE ch.site_id = acked.site_id AND ch.revision = acked.applied_revision)
+                        END
+                   FROM acked",
+                &[&sites, &devices, &revisions],
+            )
+            .await?;
+        let recorded: std::collections::HashMap<(Uuid, Uuid), Acked> = rows
+            .iter()
+            .map(|r| {
+                (
+                    (r.get(0), r.get(1)),
+                    Acked {
+                        commit_age: r
+                            .get::<_, Option<f64>>(2)
+                            .map(|secs| std::time::Duration::from_secs_f64(secs.max(0.0))),
+                    },
+                )
+            })
+            .collect();
+        Ok(acks
+            .iter()
+            .map(|&(site, device, _)| recorded.get(&(site, device)).copied())
+            .collect())
+    }
+
     /// Marks the site's agent stream `session` as the open one (recording no place:
     /// see [`Store::agent_session_open_at`]); returns the new session epoch.
     pub async fn agent_session_open(&self, site: Uuid, session: Uuid) -> Result<i64, StoreError> {
