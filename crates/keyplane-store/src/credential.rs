@@ -228,15 +228,15 @@ fn credential_written(
     devices: &[Device],
 ) -> Credential {
     let device = |id: Uuid| devices.iter().find(|d| d.id == id);
-    let (doors, locks): (Vec<Uuid>, Vec<Uuid>) = devices_param(scope)
+    let (doors, locks): (Vec<&Device>, Vec<&Device>) = devices_param(scope)
         .into_iter()
-        .filter(|id| device(*id).is_some())
-        .partition(|id| device(*id).is_some_and(|d| d.model.kind == DeviceKind::Door));
+        .filter_map(device)
+        .partition(|d| d.model.kind == DeviceKind::Door);
     let mut credential = credential_head(row);
     credential.scope = Scope {
         panel_partitions: dedup(&scope.panel_partitions),
-        locks,
-        doors,
+        locks: locks.iter().map(|d| d.id).collect(),
+        doors: doors.iter().map(|d| d.id).collect(),
     };
     credential.slots = slots
         .iter()
@@ -822,6 +822,34 @@ impl SlotsWrite {
         w
     }
 
+    /// The parameters of [`credential_write_sql!`] before the write's own (`$1`..`$21`):
+    /// the plan's slots for credential `credential` with PIN hash `pin_hash`, `force`,
+    /// and the audit record's (its site is `$1`).
+    fn params<'a>(
+        &'a self,
+        site: &'a Uuid,
+        credential: &'a Uuid,
+        pin_hash: &'a Vec<u8>,
+        force: &'a bool,
+        audit: &'a AuditParams,
+    ) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+        let mut p = params![
+            site,
+            credential,
+            &self.freed,
+            pin_hash,
+            &self.rekeyed,
+            &self.allocate,
+            &self.first,
+            &self.last,
+            &self.reserved_devices,
+            &self.reserved_slots,
+            force,
+        ];
+        p.extend(audit.params_without_site());
+        p
+    }
+
     /// Checks every planned device got a slot; the slots given, from the write's row
     /// (the devices at column `at`, their slot numbers after them).
     fn check(
@@ -938,16 +966,15 @@ impl Store {
             let name = format!("sites/{site}/users/{user}/credentials/{id}");
             let revision = loaded.site.revision + 1;
             let detail = serde_json::json!({ "revision": revision, "slots": plan.allocate.len() });
-            let before: Option<serde_json::Value> = None;
-            let after = Some(credential_audit_json(
-                &new.display_name,
-                &new.scope,
-                new.valid_from,
-                new.valid_until,
-                new.max_uses,
-            ));
+            let audit = AuditParams::new(actor, Some(site), "credential.create", &name, detail)
+                .after(credential_audit_json(
+                    &new.display_name,
+                    &new.scope,
+                    new.valid_from,
+                    new.valid_until,
+                    new.max_uses,
+                ));
             let s_write = tx.prepare_cached(CREATE_WRITE_SQL).await?;
-            let empty: Vec<Uuid> = Vec::new();
             let force = true;
             let (request_id, method, fingerprint) = match key {
                 Some(k) => (
@@ -960,42 +987,25 @@ impl Store {
             let row = Pg::query_one(
                 &tx,
                 &s_write,
-                &params![
-                    &site,
-                    &id,
-                    &empty,
-                    &pin_hash,
-                    &empty,
-                    &slots.allocate,
-                    &slots.first,
-                    &slots.last,
-                    &slots.reserved_devices,
-                    &slots.reserved_slots,
-                    &force,
-                    &actor.dealer,
-                    &actor.principal,
-                    &"credential.create",
-                    &name,
-                    &actor.peer,
-                    &detail,
-                    &actor.acting_as,
-                    &actor.request_id,
-                    &before,
-                    &after,
-                    &user,
-                    &new.display_name,
-                    &sealed,
-                    &self.key().id(),
-                    &created_partition,
-                    &new.valid_from,
-                    &new.valid_until,
-                    &new.max_uses,
-                    &partitions_param(&new.scope),
-                    &devices_param(&new.scope),
-                    &request_id,
-                    &method,
-                    &fingerprint,
-                ],
+                &[
+                    slots.params(&site, &id, &pin_hash, &force, &audit),
+                    params![
+                        &user,
+                        &new.display_name,
+                        &sealed,
+                        &self.key().id(),
+                        &created_partition,
+                        &new.valid_from,
+                        &new.valid_until,
+                        &new.max_uses,
+                        &partitions_param(&new.scope),
+                        &devices_param(&new.scope),
+                        &request_id,
+                        &method,
+                        &fingerprint,
+                    ],
+                ]
+                .concat(),
             )
             .await?;
             let allocated = slots.check(&row, 12, &loaded.devices)?;
@@ -1145,55 +1155,39 @@ impl Store {
                 "slots_changed": slots_changed,
             });
             let was = &current.credential;
-            let before = Some(credential_audit_json(
-                &was.display_name,
-                &was.scope,
-                was.valid_from,
-                was.valid_until,
-                was.max_uses,
-            ));
-            let after = Some(credential_audit_json(
-                patch.display_name.as_deref().unwrap_or(&was.display_name),
-                &scope,
-                was.valid_from,
-                was.valid_until,
-                was.max_uses,
-            ));
+            let audit = AuditParams::new(actor, Some(site), "credential.update", &name, detail)
+                .before(credential_audit_json(
+                    &was.display_name,
+                    &was.scope,
+                    was.valid_from,
+                    was.valid_until,
+                    was.max_uses,
+                ))
+                .after(credential_audit_json(
+                    patch.display_name.as_deref().unwrap_or(&was.display_name),
+                    &scope,
+                    was.valid_from,
+                    was.valid_until,
+                    was.max_uses,
+                ));
             let s_write = tx.prepare_cached(UPDATE_WRITE_SQL).await?;
             let new_scope = patch.scope.is_some();
             let force = false;
             let row = Pg::query_one(
                 &tx,
                 &s_write,
-                &params![
-                    &site,
-                    &credential,
-                    &slots.freed,
-                    &pin_hash,
-                    &slots.rekeyed,
-                    &slots.allocate,
-                    &slots.first,
-                    &slots.last,
-                    &slots.reserved_devices,
-                    &slots.reserved_slots,
-                    &force,
-                    &actor.dealer,
-                    &actor.principal,
-                    &"credential.update",
-                    &name,
-                    &actor.peer,
-                    &detail,
-                    &actor.acting_as,
-                    &actor.request_id,
-                    &before,
-                    &after,
-                    &patch.display_name,
-                    &sealed,
-                    &self.key().id(),
-                    &new_scope,
-                    &partitions_param(&scope),
-                    &devices_param(&scope),
-                ],
+                &[
+                    slots.params(&site, &credential, &pin_hash, &force, &audit),
+                    params![
+                        &patch.display_name,
+                        &sealed,
+                        &self.key().id(),
+                        &new_scope,
+                        &partitions_param(&scope),
+                        &devices_param(&scope),
+                    ],
+                ]
+                .concat(),
             )
             .await?;
             let allocated = slots.check(&row, 12, &loaded.devices)?;
@@ -1255,33 +1249,26 @@ impl Store {
             let slots = SlotsWrite::new(&plan, &loaded.devices);
             let detail = serde_json::json!({ "slots_freed": plan.freed.len() });
             let was = &current.credential;
-            let before = Some(credential_audit_json(
-                &was.display_name,
-                &was.scope,
-                was.valid_from,
-                was.valid_until,
-                was.max_uses,
-            ));
-            let after: Option<serde_json::Value> = None;
+            let audit = AuditParams::new(actor, Some(site), "credential.delete", &name, detail)
+                .before(credential_audit_json(
+                    &was.display_name,
+                    &was.scope,
+                    was.valid_from,
+                    was.valid_until,
+                    was.max_uses,
+                ));
             let (s_slots, s_delete) = tokio::try_join!(
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),
             )?;
-            let empty: Vec<Uuid> = Vec::new();
-            let no_ints: Vec<i32> = Vec::new();
             let no_hash: Vec<u8> = Vec::new();
             let force = false;
             // Two statements: the removal trigger reads the credential when the first ends.
             let (freed, deleted) = tokio::join!(
                 biased;
                 async {
-                    Pg::query_one(&tx, &s_slots, &params![
-                        &site, &credential, &slots.freed, &no_hash, &empty, &empty, &no_ints,
-                        &no_ints, &empty, &no_ints, &force,
-                        &actor.dealer, &actor.principal, &"credential.delete", &name, &actor.peer,
-                        &detail, &actor.acting_as, &actor.request_id, &before, &after,
-                    ])
-                    .await
+                    Pg::query_one(&tx, &s_slots, &slots.params(&site, &credential, &no_hash, &force, &audit))
+                        .await
                 },
                 async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
             );

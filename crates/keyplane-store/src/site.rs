@@ -351,6 +351,14 @@ impl AuditParams {
         (sql, p)
     }
 
+    /// The row's parameters without its site (`$2` of [`AUDIT_FULL_SQL`]), for a
+    /// statement that writes the row with the site among its own parameters.
+    pub(crate) fn params_without_site(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        let mut p = self.params();
+        p.remove(1);
+        p
+    }
+
     fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         params![
             &self.dealer,

@@ -259,11 +259,42 @@ const SITE_SQL: &str = "SELECT time_zone, lockdown, agent_last_seen,
         now(), status_thresholds, status_seq, status_baseline
      FROM site WHERE id = $1";
 
+/// `LEFT JOIN LATERAL ... ch`: the latest (`max_rev`, `max_time`) and the earliest
+/// (`min_rev`) logged change of the slot of `$a` (a table alias with `site_id`,
+/// `device_id` and `slot`), each one probe of `site_change_by_slot` (migration 0027).
+macro_rules! slot_changes_sql {
+    ($a:literal) => {
+        concat!(
+            "     LEFT JOIN LATERAL (SELECT hi.revision AS max_rev, lo.revision AS min_rev,
+                               hi.change_time AS max_time
+                        FROM (SELECT revision, change_time FROM site_change ch
+                               WHERE ch.site_id = ",
+            $a,
+            ".site_id AND ch.device_id = ",
+            $a,
+            ".device_id
+                                 AND ch.slot = ",
+            $a,
+            ".slot ORDER BY revision DESC LIMIT 1) hi,
+                             (SELECT revision FROM site_change ch
+                               WHERE ch.site_id = ",
+            $a,
+            ".site_id AND ch.device_id = ",
+            $a,
+            ".device_id
+                                 AND ch.slot = ",
+            $a,
+            ".slot ORDER BY revision LIMIT 1) lo) ch ON true"
+        )
+    };
+}
+
 /// Every assignment of site `$1` (of user `$2` when not NULL) with what its status is
 /// decided from: the slot's last change, the agent's last write report, what was read
 /// back, and a hand-programmed copy of its code. A slot whose changes were all pruned
 /// from the log last changed at the site's `change_floor` at the latest: read as then.
-const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, d.model,
+const FACTS_SQL: &str = concat!(
+    "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, d.model,
         d.applied_revision, d.reachable, d.last_contact_time, c.valid_from, c.valid_until,
         sa.write_generation, coalesce(ch.max_rev, (SELECT change_floor FROM site WHERE id = $1)), coalesce(ch.max_time, c.update_time),
         coalesce(ch.min_rev, 0),
@@ -274,14 +305,9 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
      FROM slot_assignment sa
      JOIN credential c ON c.site_id = sa.site_id AND c.id = sa.credential_id
      JOIN device d ON d.site_id = sa.site_id AND d.id = sa.device_id
-     LEFT JOIN LATERAL (SELECT hi.revision AS max_rev, lo.revision AS min_rev,
-                               hi.change_time AS max_time
-                        FROM (SELECT revision, change_time FROM site_change ch
-                               WHERE ch.site_id = sa.site_id AND ch.device_id = sa.device_id
-                                 AND ch.slot = sa.slot ORDER BY revision DESC LIMIT 1) hi,
-                             (SELECT revision FROM site_change ch
-                               WHERE ch.site_id = sa.site_id AND ch.device_id = sa.device_id
-                                 AND ch.slot = sa.slot ORDER BY revision LIMIT 1) lo) ch ON true
+",
+    slot_changes_sql!("sa"),
+    "
      LEFT JOIN slot_write_report w ON w.site_id = sa.site_id AND w.device_id = sa.device_id
                                   AND w.slot = sa.slot
      LEFT JOIN observed_slot o ON o.site_id = sa.site_id AND o.device_id = sa.device_id
@@ -303,14 +329,9 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
         NULL::bytea, sl.held_known, sl.held_pin_hash, sl.held_generation, sl.held_schedules
      FROM slot_state_last sl
      JOIN device d ON d.site_id = sl.site_id AND d.id = sl.device_id
-     LEFT JOIN LATERAL (SELECT hi.revision AS max_rev, lo.revision AS min_rev,
-                               hi.change_time AS max_time
-                        FROM (SELECT revision, change_time FROM site_change ch
-                               WHERE ch.site_id = sl.site_id AND ch.device_id = sl.device_id
-                                 AND ch.slot = sl.slot ORDER BY revision DESC LIMIT 1) hi,
-                             (SELECT revision FROM site_change ch
-                               WHERE ch.site_id = sl.site_id AND ch.device_id = sl.device_id
-                                 AND ch.slot = sl.slot ORDER BY revision LIMIT 1) lo) ch ON true
+",
+    slot_changes_sql!("sl"),
+    "
      LEFT JOIN slot_write_report w ON w.site_id = sl.site_id AND w.device_id = sl.device_id
                                   AND w.slot = sl.slot
      LEFT JOIN observed_slot o ON o.site_id = sl.site_id AND o.device_id = sl.device_id
@@ -318,7 +339,8 @@ const FACTS_SQL: &str = "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_
      WHERE sl.site_id = $1 AND ($2::uuid IS NULL OR sl.user_id = $2)
        AND NOT EXISTS (SELECT 1 FROM slot_assignment sa WHERE sa.site_id = sl.site_id
                          AND sa.device_id = sl.device_id AND sa.slot = sl.slot)
-     ORDER BY 3, 1";
+     ORDER BY 3, 1"
+);
 
 const FINDINGS_SQL: &str = "SELECT device_id, slot, state FROM observed_slot
      WHERE site_id = $1 AND state IN ('drifted', 'missing', 'conflict', 'unverifiable')

@@ -427,39 +427,19 @@ impl Store {
         device: Uuid,
         revision: i64,
     ) -> Result<Option<Acked>, StoreError> {
-        let conn = self.conn().await?;
-        // One statement, one commit. It leaves the site row alone: the device's
-        // `last_seen_time` is the agent's liveness (see `sync_status`), because every
-        // write of the site holds the site row lock until it commits and an ack that
-        // updated the site row queued behind them (9.8 ms per ack under load, and the
-        // writes waited on the acks). The head revision is a plain read: the agent
-        // only ever received committed revisions. When the ack moves the device on,
-        // the age of the acked revision's change is read from its log rows (metrics).
-        let row = conn
-            .query_opt(
-                "WITH before AS (
-                    SELECT applied_revision FROM device WHERE site_id = $1 AND id = $2
-                 ), acked AS (
-                    UPDATE device SET applied_revision = GREATEST(applied_revision,
-                        LEAST($3, (SELECT revision FROM site WHERE id = $1))),
-                        last_seen_time = now()
-                     WHERE site_id = $1 AND id = $2
-                    RETURNING applied_revision
-                 )
-                 SELECT CASE WHEN acked.applied_revision > before.applied_revision THEN
-                        (SELECT extract(epoch FROM clock_timestamp() - max(ch.change_time))::float8
-                           FROM site_change ch
-                          WHERE ch.site_id = $1 AND ch.revision = acked.applied_revision)
-                        END
-                   FROM acked, before",
-                &[&site, &device, &revision],
-            )
-            .await?;
-        Ok(row.map(|r| Acked {
-            commit_age: r
-                .get::<_, Option<f64>>(0)
-                .map(|secs| std::time::Duration::from_secs_f64(secs.max(0.0))),
-        }))
+        // One statement, one commit ([`Store::device_acks`]). It leaves the site row
+        // alone: the device's `last_seen_time` is the agent's liveness (see
+        // `sync_status`), because every write of the site holds the site row lock
+        // until it commits and an ack that updated the site row queued behind them
+        // (9.8 ms per ack under load, and the writes waited on the acks). The head
+        // revision is a plain read: the agent only ever received committed
+        // revisions. When the ack moves the device on, the age of the acked
+        // revision's change is read from its log rows (metrics).
+        Ok(self
+            .device_acks(&[(site, device, revision)])
+            .await?
+            .pop()
+            .flatten())
     }
 
     /// Records many acks (site, device, revision) in one statement and one commit,
