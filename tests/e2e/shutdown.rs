@@ -193,3 +193,40 @@ async fn store_events(
         .await?;
     Ok(())
 }
+
+/// Agents leaving at the moment their replica stops: each stream records its agent
+/// disconnected before the replica closes its pool. Before, `serve` returned as
+/// soon as the connections were gone and closed the pool under the streams still
+/// recording their end, so those sites showed their agents connected until the
+/// liveness window ran out (9,415 of 10,000 in a by-hand run).
+#[tokio::test]
+async fn a_replica_stopping_as_its_agents_leave_records_every_one_gone() -> anyhow::Result<()> {
+    const AGENTS: usize = 40;
+    // TLS: the test's raw agent streams need it.
+    let server = keyplane_testkit::server::TestServer::start_tls().await?;
+    let token = server.dealer("Dealer One").await?;
+    let mut admin = server.admin(Some(&token)).await?;
+    let mut streams = Vec::new();
+    for i in 0..AGENTS {
+        let site =
+            crate::fixture::create_site(&mut admin, &format!("Shop {i}"), "Europe/Paris").await?;
+        let agent_token = server.agent_token(&mut admin, &site).await?;
+        let (mut stream, tx) = server
+            .sync(None, Some(&agent_token), &site)
+            .await
+            .map_err(|s| anyhow::anyhow!("opening the stream of {site}: {s}"))?;
+        // The first update comes after the session is recorded open.
+        anyhow::ensure!(stream.message().await?.is_some(), "no first update");
+        streams.push((stream, tx));
+    }
+    let db = server.db.client().await?;
+    let connected = "SELECT count(*) FROM site WHERE agent_connected";
+    let open: i64 = db.query_one(connected, &[]).await?.get(0);
+    assert_eq!(open, AGENTS as i64);
+
+    drop(streams);
+    server.stop().await?;
+    let still: i64 = db.query_one(connected, &[]).await?.get(0);
+    assert_eq!(still, 0, "every agent that left is recorded gone");
+    Ok(())
+}

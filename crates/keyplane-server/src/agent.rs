@@ -78,6 +78,9 @@ pub struct AgentApi {
     open_max: usize,
     /// How long a Hello waits for a place before it is shed.
     open_wait: Duration,
+    /// The streams' tasks, so shutdown can wait for each to record its agent
+    /// disconnected before the pool closes ([`AgentApi::sessions`]).
+    sessions: tokio_util::task::TaskTracker,
 }
 
 /// Agent sessions a replica opens at once unless configured.
@@ -89,6 +92,13 @@ pub const OPENS_MAX: usize = 8;
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);
 
 impl AgentApi {
+    /// The tasks of the streams this service opened: a stream's task ends after
+    /// recording its agent disconnected, so shutdown waits for them (closed and
+    /// bounded) before it closes the pool.
+    pub fn sessions(&self) -> tokio_util::task::TaskTracker {
+        self.sessions.clone()
+    }
+
     /// Builds the service; without `ca`, Enroll and RenewCertificate are refused.
     pub fn new(
         store: Store,
@@ -107,6 +117,7 @@ impl AgentApi {
             clock_skew_threshold: keyplane_core::clock::DEFAULT_SKEW_THRESHOLD,
             min_protocol: keyplane_core::compat::MIN_PROTOCOL_VERSION,
             replica: String::new(),
+            sessions: tokio_util::task::TaskTracker::new(),
             part_bytes: PART_BYTES,
             openings: Arc::new(tokio::sync::Semaphore::new(OPENS_MAX)),
             open_max: OPENS_MAX,
@@ -506,7 +517,7 @@ impl AgentService for AgentApi {
             };
             // Every line of the stream's task names the site and agent.
             let span = tracing::info_span!("agent_stream", %site, agent = %principal_label(&session.principal));
-            tokio::spawn(tracing::Instrument::instrument(
+            self.sessions.spawn(tracing::Instrument::instrument(
                 session.run(first, before, inbound, wake),
                 span,
             ));

@@ -407,6 +407,18 @@ pub async fn serve(
     );
     // Small request/response messages: without NODELAY, Nagle and delayed ACKs
     // add ~40 ms to every call on loopback.
+    let agent_api = agent::AgentApi::new(
+        store.clone(),
+        hub,
+        bell,
+        shutdown.clone(),
+        config.ca.clone(),
+    )
+    .with_policy(config.clock_skew_threshold, config.min_agent_protocol)
+    .with_replica(replica)
+    .with_part_bytes(config.agent_part_bytes)
+    .with_open_limit(config.agent_opens.0, config.agent_opens.1);
+    let sessions = agent_api.sessions();
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
@@ -418,20 +430,7 @@ pub async fn serve(
         .add_service(admin)
         .add_service(ops)
         .add_service(
-            AgentServiceServer::new(
-                agent::AgentApi::new(
-                    store.clone(),
-                    hub,
-                    bell,
-                    shutdown.clone(),
-                    config.ca.clone(),
-                )
-                .with_policy(config.clock_skew_threshold, config.min_agent_protocol)
-                .with_replica(replica)
-                .with_part_bytes(config.agent_part_bytes)
-                .with_open_limit(config.agent_opens.0, config.agent_opens.1),
-            )
-            .max_decoding_message_size(MAX_AGENT_MESSAGE),
+            AgentServiceServer::new(agent_api).max_decoding_message_size(MAX_AGENT_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
     // Streams end at shutdown, but a connection whose client stopped reading cannot
@@ -447,6 +446,17 @@ pub async fn serve(
     if let Some(export) = metrics_export {
         // Its last export (shutdown was signalled), bounded like the rest.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), export).await;
+    }
+    // Each stream records its agent disconnected as it ends: before the pool
+    // closes, or a restarted replica's sites would show their agents connected until
+    // the liveness window ran out (and log a failure per stream).
+    sessions.close();
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            streams = sessions.len(),
+            "agent streams still recording their end after the grace period; the liveness window will show them gone"
+        );
     }
     poller.abort();
     if let Some(metrics_server) = metrics_server {
