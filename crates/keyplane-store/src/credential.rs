@@ -317,13 +317,7 @@ pub(crate) async fn credential_delete_in_txn(
         &format!("sites/{site}/users/{user}/credentials/{credential}"),
         serde_json::json!({ "slots_freed": freed.len() }),
     )
-    .before(credential_audit_json(
-        &was.display_name,
-        &was.scope,
-        was.valid_from,
-        was.valid_until,
-        was.max_uses,
-    ))
+    .before(stored_credential_audit_json(&was))
     .write(tx)
     .await
 }
@@ -912,6 +906,17 @@ pub(crate) fn credential_audit_json(
     })
 }
 
+/// [`credential_audit_json`] of a stored credential.
+pub(crate) fn stored_credential_audit_json(c: &Credential) -> serde_json::Value {
+    credential_audit_json(
+        &c.display_name,
+        &c.scope,
+        c.valid_from,
+        c.valid_until,
+        c.max_uses,
+    )
+}
+
 impl Store {
     /// Creates a credential: checks its PIN against every scoped device, gives it a slot
     /// on each, and records the change for the site's agent. One round trip loads what
@@ -1156,13 +1161,7 @@ impl Store {
             });
             let was = &current.credential;
             let audit = AuditParams::new(actor, Some(site), "credential.update", &name, detail)
-                .before(credential_audit_json(
-                    &was.display_name,
-                    &was.scope,
-                    was.valid_from,
-                    was.valid_until,
-                    was.max_uses,
-                ))
+                .before(stored_credential_audit_json(was))
                 .after(credential_audit_json(
                     patch.display_name.as_deref().unwrap_or(&was.display_name),
                     &scope,
@@ -1250,13 +1249,7 @@ impl Store {
             let detail = serde_json::json!({ "slots_freed": plan.freed.len() });
             let was = &current.credential;
             let audit = AuditParams::new(actor, Some(site), "credential.delete", &name, detail)
-                .before(credential_audit_json(
-                    &was.display_name,
-                    &was.scope,
-                    was.valid_from,
-                    was.valid_until,
-                    was.max_uses,
-                ));
+                .before(stored_credential_audit_json(was));
             let (s_slots, s_delete) = tokio::try_join!(
                 tx.prepare_cached(SLOTS_WRITE_SQL),
                 tx.prepare_cached("DELETE FROM credential WHERE site_id = $1 AND id = $2"),

@@ -69,13 +69,7 @@ pub struct LocalCode {
 /// A credential as the drift records record it: the credential, and the drifted slot
 /// while it is drifted.
 fn drift_audit_json(current: &Credential, drift: Option<(Uuid, u16)>) -> serde_json::Value {
-    let mut v = crate::credential::credential_audit_json(
-        &current.display_name,
-        &current.scope,
-        current.valid_from,
-        current.valid_until,
-        current.max_uses,
-    );
+    let mut v = crate::credential::stored_credential_audit_json(current);
     v["drift"] = match drift {
         Some((device, slot)) => serde_json::json!({ "device": device, "slot": slot }),
         None => serde_json::Value::Null,
