@@ -94,6 +94,14 @@ impl Results {
         })
     }
 
+    /// Results that go nowhere: a phase's figures read here and not reported.
+    fn scratch() -> Results {
+        Results {
+            path: PathBuf::from("/dev/null"),
+            figures: HashMap::new(),
+        }
+    }
+
     fn line(&mut self, line: &str) {
         eprintln!("bench: {line}");
         let mut words = line.splitn(3, ' ');
@@ -616,10 +624,7 @@ fn harness(plan: &Plan, bin: &Path, results: &mut Results) -> anyhow::Result<()>
         &["--agents", &format!("http://127.0.0.1:{port}")],
         "",
     )?;
-    let mut scratch = Results {
-        path: PathBuf::from("/dev/null"),
-        figures: HashMap::new(),
-    };
+    let mut scratch = Results::scratch();
     drive.run(&format!("connect {} H", plan.fleet), &mut scratch)?;
     std::thread::sleep(Duration::from_millis(500));
     let rss1 = rss_kb(server.pid())?;
@@ -735,10 +740,7 @@ fn keyplane(
     // keyplaned's pool opens its connections and their statement caches fill on the
     // first writes: not part of a steady write rate (pgbench's connections are
     // warm after their first transactions too).
-    let mut scratch = Results {
-        path: PathBuf::from("/dev/null"),
-        figures: HashMap::new(),
-    };
+    let mut scratch = Results::scratch();
     drive.run("write 8 2 many warmup", &mut scratch)?;
 
     // G1 without agents.
@@ -865,16 +867,21 @@ fn keyplane(
     Ok(())
 }
 
+/// The bench cluster's psql.
+fn psql(db: &pg::Database) -> anyhow::Result<PathBuf> {
+    Ok(db
+        .bin_dir()
+        .context("the bench cluster is private")?
+        .join("psql"))
+}
+
 /// Leaves the database as pgbench's tables are left before B_ins and B_txn run:
 /// vacuumed, analyzed and checkpointed, so the writes measured next do not run
 /// beside autovacuum's first pass over the freshly seeded tables and the flush of
-/// the seed's pages (the first G1 figures of the 18:30Z run were 1.8 x below the
+/// the seed's pages (the first G1 figures of the 18:01Z run were 1.8 x below the
 /// same load at the end of the run, docs/BENCHMARKS.md).
 fn settle(db: &pg::Database) -> anyhow::Result<()> {
-    let psql = db
-        .bin_dir()
-        .context("the bench cluster is private")?
-        .join("psql");
+    let psql = psql(db)?;
     for sql in ["VACUUM ANALYZE", "CHECKPOINT"] {
         run_checked(
             Command::new(&psql)
@@ -889,10 +896,7 @@ fn settle(db: &pg::Database) -> anyhow::Result<()> {
 
 /// Waits (up to 2 minutes) until keyplaned has recorded every agent session closed.
 fn wait_no_agents(db: &pg::Database) -> anyhow::Result<()> {
-    let psql = db
-        .bin_dir()
-        .context("the bench cluster is private")?
-        .join("psql");
+    let psql = psql(db)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let open = Command::new(&psql)
