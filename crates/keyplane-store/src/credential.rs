@@ -342,7 +342,7 @@ pub(crate) struct LoadRequest<'a> {
     pub codes: bool,
     /// More reads of the caller's, sent after the others in the same round trip.
     pub extra: &'a [(&'a str, &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)])],
-    /// Switch the transaction to generic plans ([`crate::GENERIC_PLANS_SQL`]) from the
+    /// Switch the transaction to generic plans ([`crate::generic_plans_column!`]) from the
     /// load's second statement on, within it rather than as a statement of its own.
     pub generic_plans: bool,
     /// The write checks no PIN (a delete): the clash read is not sent.
@@ -507,7 +507,7 @@ pub(crate) async fn load_in_txn(
     // `SET LOCAL` (a volatile call, so evaluated, once), in effect for every
     // statement bound after this one.
     let generic = if req.generic_plans {
-        ", set_config('plan_cache_mode', 'force_generic_plan', true) AS generic"
+        concat!(", ", crate::generic_plans_column!(), " AS generic")
     } else {
         ""
     };

@@ -220,7 +220,8 @@ macro_rules! cached_impl {
 }
 cached_impl!(deadpool_postgres::ClientWrapper, tokio_postgres::Client);
 
-/// Sent first in a transaction whose statements PostgreSQL would otherwise re-plan on
+/// A column that switches the rest of its transaction to generic plans, put in the
+/// first read of a transaction whose statements PostgreSQL would otherwise re-plan on
 /// every execution: for statements with many parameters, with `$n IS NULL OR ...`
 /// filters or parameter arrays, it keeps choosing a custom plan (the generic plan's
 /// estimate is higher), so the cached statement is planned anew each time. Measured
@@ -228,8 +229,15 @@ cached_impl!(deadpool_postgres::ClientWrapper, tokio_postgres::Client);
 /// planning per write, as much as executing it, and an agent's catch-up about 1.2 ms
 /// planning its five reads. A generic plan is built once per connection (and again
 /// when ANALYZE changes the statistics); every query here is by site, so the generic
-/// plan finds the rows through the same keys. Until the transaction ends only.
-pub(crate) const GENERIC_PLANS_SQL: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+/// plan finds the rows through the same keys. Until the transaction ends only. A
+/// column of a read the transaction makes anyway, not a `SET LOCAL` of its own: each
+/// statement costs PostgreSQL about 25 µs beyond its work (docs/BENCHMARKS.md).
+macro_rules! generic_plans_column {
+    () => {
+        "set_config('plan_cache_mode', 'force_generic_plan', true)"
+    };
+}
+pub(crate) use generic_plans_column;
 
 /// A statement and its parameters, for [`batch_in_txn`].
 pub(crate) type Step<'a> = (&'a str, Vec<&'a (dyn ToSql + Sync)>);
