@@ -130,6 +130,31 @@ pub const ROWS: &[Row] = &[
         "B_ins.c8.p99_ms",
         Some(AtMost(2.0)),
     ),
+    // What bounds the row above: on two saturated cores, the CPU each write costs.
+    row(
+        "G1",
+        "G1.many.c8.cpu_ms.postgres",
+        "PostgreSQL CPU per write, many sites, 8 clients, vs per B_txn transaction",
+        "ms",
+        "B_txn.c8.cpu_ms.postgres",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.many.c8.cpu_ms.keyplaned",
+        "keyplaned CPU per write, many sites, 8 clients (B_txn has no service between)",
+        "ms",
+        "",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.many.c8.cpu_ms.client",
+        "the writers' CPU per write (gRPC clients), vs pgbench's per B_txn transaction",
+        "ms",
+        "B_txn.c8.cpu_ms.client",
+        None,
+    ),
     row(
         "G1",
         "G1.many.c32.tps",

@@ -83,6 +83,8 @@ impl Plan {
 struct Results {
     path: PathBuf,
     figures: HashMap<String, f64>,
+    /// The numeric `info` and `baseline` lines (operation counts and the like).
+    infos: HashMap<String, f64>,
 }
 
 impl Results {
@@ -91,6 +93,7 @@ impl Results {
         Ok(Results {
             path,
             figures: HashMap::new(),
+            infos: HashMap::new(),
         })
     }
 
@@ -99,16 +102,25 @@ impl Results {
         Results {
             path: PathBuf::from("/dev/null"),
             figures: HashMap::new(),
+            infos: HashMap::new(),
         }
     }
 
     fn line(&mut self, line: &str) {
         eprintln!("bench: {line}");
         let mut words = line.splitn(3, ' ');
-        if let (Some("figure"), Some(id), Some(v)) = (words.next(), words.next(), words.next())
-            && let Ok(v) = v.trim().parse()
-        {
-            self.figures.insert(id.to_owned(), v);
+        match (words.next(), words.next(), words.next()) {
+            (Some("figure"), Some(id), Some(v)) => {
+                if let Ok(v) = v.trim().parse() {
+                    self.figures.insert(id.to_owned(), v);
+                }
+            }
+            (Some("info" | "baseline"), Some(id), Some(v)) => {
+                if let Ok(v) = v.trim().parse() {
+                    self.infos.insert(id.to_owned(), v);
+                }
+            }
+            _ => {}
         }
         if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&self.path) {
             let _ = writeln!(f, "{line}");
@@ -193,6 +205,103 @@ fn rss_kb(pid: u32) -> anyhow::Result<f64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
+}
+
+/// CPU time (user + system) that processes spent, from `/proc`: on a saturated
+/// machine a closed-loop run is bound by what each operation costs in CPU, and
+/// which process spends it tells keyplane's own work from PostgreSQL's.
+struct CpuMeter {
+    postmaster: u32,
+    tick_ms: f64,
+}
+
+/// The parent, the CPU ticks (user + system) and the ticks of the waited-for
+/// children of process `pid` (`/proc/<pid>/stat` fields 4, 14+15 and 16+17).
+fn stat_ticks(pid: &str) -> anyhow::Result<(u32, u64, u64)> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+/// [`stat_ticks`] of the text of a `/proc/<pid>/stat`.
+fn parse_stat(text: &str) -> anyhow::Result<(u32, u64, u64)> {
+    // The command name may hold spaces and parentheses: field 3 starts after the last ')'.
+    let rest = text.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field =
+        |n: usize| -> anyhow::Result<u64> { Ok(fields.get(n - 3).context("short stat")?.parse()?) };
+    Ok((
+        u32::try_from(field(4)?)?,
+        field(14)? + field(15)?,
+        field(16)? + field(17)?,
+    ))
+}
+
+impl CpuMeter {
+    fn new(db: &pg::Database) -> anyhow::Result<CpuMeter> {
+        let postmaster = db
+            .postmaster_pid()
+            .context("the bench cluster has no postmaster.pid")?;
+        stat_ticks(&postmaster.to_string()).context("reading the postmaster's CPU time")?;
+        let hz: f64 = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0);
+        Ok(CpuMeter {
+            postmaster,
+            tick_ms: 1000.0 / hz,
+        })
+    }
+
+    /// PostgreSQL's server processes, in ms: the postmaster with the children it has
+    /// reaped, and its live children. Read again when a child was reaped meanwhile,
+    /// so an exiting backend is counted once.
+    fn postgres_ms(&self) -> anyhow::Result<f64> {
+        let me = self.postmaster.to_string();
+        for _ in 0..20 {
+            let (_, _, reaped) = stat_ticks(&me)?;
+            let mut live = 0;
+            for entry in std::fs::read_dir("/proc")?.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                else {
+                    continue;
+                };
+                if let Ok((parent, ticks, _)) = stat_ticks(pid)
+                    && parent == self.postmaster
+                {
+                    live += ticks;
+                }
+            }
+            let (_, own_after, reaped_after) = stat_ticks(&me)?;
+            if reaped_after == reaped {
+                return Ok((own_after + reaped + live) as f64 * self.tick_ms);
+            }
+        }
+        bail!("PostgreSQL's backends kept exiting while their CPU time was read")
+    }
+
+    /// Process `pid`'s own CPU time, in ms.
+    fn process_ms(&self, pid: u32) -> anyhow::Result<f64> {
+        Ok(stat_ticks(&pid.to_string())?.1 as f64 * self.tick_ms)
+    }
+
+    /// The CPU time of this process's children that have been waited for, in ms.
+    fn reaped_children_ms(&self) -> anyhow::Result<f64> {
+        Ok(stat_ticks("self")?.2 as f64 * self.tick_ms)
+    }
+}
+
+/// PostgreSQL's, keyplaned's (`server`) and the writers' (`client`) CPU time so
+/// far, in ms.
+fn service_cpu(meter: &CpuMeter, server: u32, client: u32) -> anyhow::Result<[f64; 3]> {
+    Ok([
+        meter.postgres_ms()?,
+        meter.process_ms(server)?,
+        meter.process_ms(client)?,
+    ])
 }
 
 /// A `keyplane-load drive` process: commands in, result lines out.
@@ -419,13 +528,16 @@ fn suite(
         "keyplaned migrate",
     )?;
     let pgb = Pgbench::prepare(db, pgbin, out, plan.pgbench_secs)?;
+    let meter = CpuMeter::new(db)
+        .inspect_err(|e| eprintln!("bench: no CPU time per operation: {e:#}"))
+        .ok();
 
-    pgb.baselines(results)?;
+    pgb.baselines(results, meter.as_ref())?;
     if let Err(e) = harness(plan, bin, results) {
         eprintln!("bench: the echo harness failed: {e:#}");
     }
 
-    if let Err(e) = keyplane(plan, db, bin, out, results) {
+    if let Err(e) = keyplane(plan, db, bin, out, results, meter.as_ref()) {
         eprintln!("bench: the keyplane phases stopped: {e:#}");
         results.missing("G", &e);
     }
@@ -437,11 +549,21 @@ fn suite(
         results.missing("X.snapshot", &e);
     }
 
-    pgb.baselines(results)?;
+    pgb.baselines(results, meter.as_ref())?;
     if let Err(e) = harness(plan, bin, results) {
         eprintln!("bench: the echo harness failed: {e:#}");
     }
     Ok(())
+}
+
+/// What one pgbench run measured.
+struct PgbenchRun {
+    tps: f64,
+    /// Latency quantiles, ms.
+    p50: f64,
+    p99: f64,
+    /// CPU per transaction (ms) of PostgreSQL and of pgbench, when metered.
+    cpu: Option<(f64, f64)>,
 }
 
 /// pgbench runs against the bench cluster.
@@ -522,8 +644,14 @@ impl Pgbench {
         Ok(p)
     }
 
-    /// One run: TPS, p50 and p99 (ms) from the per-transaction log.
-    fn one(&self, script: &str, clients: u32) -> anyhow::Result<(f64, f64, f64)> {
+    /// One run: TPS, p50 and p99 (ms) from the per-transaction log; with `meter`,
+    /// also the CPU per transaction (ms) of PostgreSQL and of pgbench itself.
+    fn one(
+        &self,
+        script: &str,
+        clients: u32,
+        meter: Option<&CpuMeter>,
+    ) -> anyhow::Result<PgbenchRun> {
         let prefix = self.dir.join(format!("log_{script}_{clients}"));
         for e in std::fs::read_dir(&self.dir)?.flatten() {
             if e.file_name()
@@ -533,6 +661,10 @@ impl Pgbench {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        let before = match meter {
+            Some(m) => Some((m.postgres_ms()?, m.reaped_children_ms()?)),
+            None => None,
+        };
         let output = Command::new(&self.pgbench)
             .arg("-n")
             .arg("-c")
@@ -563,6 +695,22 @@ impl Pgbench {
             .and_then(|l| l.split_whitespace().nth(2))
             .and_then(|v| v.parse().ok())
             .context("no tps in pgbench output")?;
+        let cpu = match (meter, before) {
+            (Some(m), Some((postgres, pgbench))) => {
+                let transactions: f64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                    .and_then(|v| v.split(['/', ' ']).next())
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n: &f64| *n > 0.0)
+                    .context("no transaction count in pgbench output")?;
+                Some((
+                    (m.postgres_ms()? - postgres) / transactions,
+                    (m.reaped_children_ms()? - pgbench) / transactions,
+                ))
+            }
+            _ => None,
+        };
         let mut lat = Vec::new();
         for e in std::fs::read_dir(&self.dir)?.flatten() {
             if e.file_name()
@@ -586,20 +734,34 @@ impl Pgbench {
             bail!("pgbench {script} -c {clients} logged no transactions");
         }
         let q = |q: f64| lat[((q * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1];
-        Ok((tps, q(0.5), q(0.99)))
+        Ok(PgbenchRun {
+            tps,
+            p50: q(0.5),
+            p99: q(0.99),
+            cpu,
+        })
     }
 
-    fn baselines(&self, results: &mut Results) -> anyhow::Result<()> {
+    /// Every baseline; with `meter`, B_txn at 8 clients also records its CPU per
+    /// transaction, for G1's rows of CPU per write.
+    fn baselines(&self, results: &mut Results, meter: Option<&CpuMeter>) -> anyhow::Result<()> {
         for (name, script, clients) in [
             ("B_ins", "ins", &[1u32, 8, 32][..]),
             ("B_txn", "txn", &[1, 8, 32][..]),
             ("B_sel", "sel", &[8][..]),
         ] {
             for &c in clients {
-                let (tps, p50, p99) = self.one(script, c)?;
+                let metered = meter.filter(|_| name == "B_txn" && c == 8);
+                let PgbenchRun { tps, p50, p99, cpu } = self.one(script, c, metered)?;
                 results.line(&format!("baseline {name}.c{c}.tps {tps:.1}"));
                 results.line(&format!("baseline {name}.c{c}.p50_ms {p50:.3}"));
                 results.line(&format!("baseline {name}.c{c}.p99_ms {p99:.3}"));
+                if let Some((postgres, pgbench)) = cpu {
+                    results.line(&format!(
+                        "baseline {name}.c{c}.cpu_ms.postgres {postgres:.4}"
+                    ));
+                    results.line(&format!("baseline {name}.c{c}.cpu_ms.client {pgbench:.4}"));
+                }
             }
         }
         Ok(())
@@ -688,6 +850,7 @@ fn keyplane(
     bin: &Path,
     out: &Path,
     results: &mut Results,
+    meter: Option<&CpuMeter>,
 ) -> anyhow::Result<()> {
     let key = out.join("pin.key");
     let _ = std::fs::remove_file(&key);
@@ -766,8 +929,40 @@ fn keyplane(
                         .spawn()
                 })
                 .and_then(Result::ok);
+            // The CPU each write costs, and whose: beside B_txn's at 8 clients.
+            let metered = meter.filter(|_| id == "G1.many.c8");
+            let cpu_before = metered.map(|m| service_cpu(m, a.pid(), drive.proc.pid()));
             if let Err(e) = drive.run(&format!("write {c} {secs} {mode} {id}"), results) {
                 results.missing(&id, &e);
+            }
+            if let Some(before) = cpu_before {
+                let per_write = before.and_then(|before| {
+                    let m = metered.context("metered")?;
+                    let after = service_cpu(m, a.pid(), drive.proc.pid())?;
+                    let writes = results
+                        .infos
+                        .get(&format!("{id}.ops"))
+                        .copied()
+                        .filter(|n| *n > 0.0)
+                        .context("no writes completed")?;
+                    if !results.infos.contains_key("B_txn.c8.cpu_ms.postgres") {
+                        bail!("B_txn's CPU per transaction was not read");
+                    }
+                    Ok([0, 1, 2].map(|i| (after[i] - before[i]) / writes))
+                });
+                match per_write {
+                    Ok([postgres, keyplaned, client]) => {
+                        results.line(&format!("figure {id}.cpu_ms.postgres {postgres:.4}"));
+                        results.line(&format!("figure {id}.cpu_ms.keyplaned {keyplaned:.4}"));
+                        results.line(&format!("figure {id}.cpu_ms.client {client:.4}"));
+                    }
+                    Err(e) => results.missing(&format!("{id}.cpu_ms"), &e),
+                }
+            } else if id == "G1.many.c8" {
+                results.missing(
+                    &format!("{id}.cpu_ms"),
+                    &anyhow::anyhow!("no CPU time per operation on this machine"),
+                );
             }
             if let Some(mut p) = perf {
                 let _ = Command::new("kill")
@@ -1182,4 +1377,22 @@ fn scale(
     drive.proc.stop();
     server.stop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_give_parent_cpu_and_reaped_children_whatever_the_command_name() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime ...
+        let line = "4242 (postgres: kp (idle) x) S 17 4242 4242 0 -1 4194560 100 0 0 0 \
+                    250 50 7 3 20 0 1 0 123 456 789";
+        assert_eq!(parse_stat(line).expect("parsed"), (17, 300, 10));
+        let own = stat_ticks("self").expect("this process's stat");
+        assert!(own.0 > 0, "a parent pid: {own:?}");
+        assert!(parse_stat("4242 (cut short) S 17 1 2").is_err());
+        assert!(parse_stat("no parenthesis").is_err());
+    }
 }

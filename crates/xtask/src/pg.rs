@@ -66,6 +66,18 @@ impl Database {
         self.cluster.as_ref().map(|c| c.bin.as_path())
     }
 
+    /// The process id of the private cluster's postmaster (`postmaster.pid`).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let c = self.cluster.as_ref()?;
+        std::fs::read_to_string(c.data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Stops the private cluster, if we started one.
     pub fn stop(&self) {
         if let Some(c) = &self.cluster {
