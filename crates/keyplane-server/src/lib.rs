@@ -405,8 +405,6 @@ pub async fn serve(
         ))
         .max_decoding_message_size(MAX_ADMIN_MESSAGE),
     );
-    // Small request/response messages: without NODELAY, Nagle and delayed ACKs
-    // add ~40 ms to every call on loopback.
     let agent_api = agent::AgentApi::new(
         store.clone(),
         hub,
@@ -419,6 +417,8 @@ pub async fn serve(
     .with_part_bytes(config.agent_part_bytes)
     .with_open_limit(config.agent_opens.0, config.agent_opens.1);
     let sessions = agent_api.sessions();
+    // Small request/response messages: without NODELAY, Nagle and delayed ACKs
+    // add ~40 ms to every call on loopback.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));

@@ -661,10 +661,9 @@ impl Pgbench {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        let before = match meter {
-            Some(m) => Some((m.postgres_ms()?, m.reaped_children_ms()?)),
-            None => None,
-        };
+        let before = meter
+            .map(|m| anyhow::Ok((m, m.postgres_ms()?, m.reaped_children_ms()?)))
+            .transpose()?;
         let output = Command::new(&self.pgbench)
             .arg("-n")
             .arg("-c")
@@ -695,8 +694,8 @@ impl Pgbench {
             .and_then(|l| l.split_whitespace().nth(2))
             .and_then(|v| v.parse().ok())
             .context("no tps in pgbench output")?;
-        let cpu = match (meter, before) {
-            (Some(m), Some((postgres, pgbench))) => {
+        let cpu = match before {
+            Some((m, postgres, pgbench)) => {
                 let transactions: f64 = text
                     .lines()
                     .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -709,7 +708,7 @@ impl Pgbench {
                     (m.reaped_children_ms()? - pgbench) / transactions,
                 ))
             }
-            _ => None,
+            None => None,
         };
         let mut lat = Vec::new();
         for e in std::fs::read_dir(&self.dir)?.flatten() {
@@ -931,13 +930,12 @@ fn keyplane(
                 .and_then(Result::ok);
             // The CPU each write costs, and whose: beside B_txn's at 8 clients.
             let metered = meter.filter(|_| id == "G1.many.c8");
-            let cpu_before = metered.map(|m| service_cpu(m, a.pid(), drive.proc.pid()));
+            let cpu_before = metered.map(|m| (m, service_cpu(m, a.pid(), drive.proc.pid())));
             if let Err(e) = drive.run(&format!("write {c} {secs} {mode} {id}"), results) {
                 results.missing(&id, &e);
             }
-            if let Some(before) = cpu_before {
+            if let Some((m, before)) = cpu_before {
                 let per_write = before.and_then(|before| {
-                    let m = metered.context("metered")?;
                     let after = service_cpu(m, a.pid(), drive.proc.pid())?;
                     let writes = results
                         .infos
