@@ -307,11 +307,32 @@ async fn a_full_device_is_resource_exhausted() -> anyhow::Result<()> {
     let needles = ["Front door", "no free slot"];
     refused(&s, &before, r, Code::ResourceExhausted, &needles, "9817").await?;
     // The panel has room: a code there is the barrier the agent applies.
-    s.credential(&user, "9817", panel_scope(&[1])).await?;
+    let barrier = s.credential(&user, "9817", panel_scope(&[1])).await?;
     s.wait_synced().await?;
     assert_eq!(s.slots(&lock)?, before.lock, "the refusal changed the lock");
     let panel: Vec<String> = s.slots(&s.panel)?.into_values().collect();
     assert_eq!(panel, vec!["9817".to_owned()], "only the barrier code");
+    // Widening a code's scope to the full lock is refused the same way, and the
+    // code keeps its scope, its version and its panel slot.
+    let before = fingerprint(&s).await?;
+    let r = s
+        .admin
+        .update_credential(pb::UpdateCredentialRequest {
+            credential: Some(pb::Credential {
+                name: barrier.name.clone(),
+                scope: Some(pb::CredentialScope {
+                    panel_partitions: vec![1],
+                    locks: vec![lock.name.clone()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["scope".into()],
+            }),
+        })
+        .await;
+    refused(&s, &before, r, Code::ResourceExhausted, &needles, "9817").await?;
     agent.stop().await?;
     Ok(())
 }

@@ -719,7 +719,8 @@ const SLOTS_WRITE_SQL: &str = credential_write_sql!("", "SELECT 1");
 /// `$29` max uses; the PIN hash is `$4`), its partitions (`$30`) and devices (`$31`),
 /// its request id (`$32`..`$34`: request id, method, fingerprint; NULL: none), then
 /// its slots and audit record. Returns the row ([`credential_row_returning!`]), then
-/// the devices and the slot numbers allocated.
+/// the devices and the slot numbers allocated; fails (KP002, [`slot_refused`]) when
+/// a planned device got no slot, so that the COMMIT sent behind it rolls back.
 const CREATE_WRITE_SQL: &str = credential_write_sql!(
     concat!(
         "cred AS (
@@ -740,7 +741,8 @@ const CREATE_WRITE_SQL: &str = credential_write_sql!(
         SELECT $12, $32, $33, $34, $15 WHERE $32::text IS NOT NULL
      ),"
     ),
-    "SELECT cred.*, ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated) FROM cred"
+    "SELECT cred.*, ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated) FROM cred
+      WHERE keyplane_slots_given($6::uuid[], ARRAY(SELECT device_id FROM allocated))"
 );
 
 /// UpdateCredential's write: the credential row (`$22` new name or NULL, `$23` new
@@ -774,7 +776,8 @@ const UPDATE_WRITE_SQL: &str = credential_write_sql!(
         ON CONFLICT DO NOTHING
      ),"
     ),
-    "SELECT cred.*, ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated) FROM cred"
+    "SELECT cred.*, ARRAY(SELECT device_id FROM allocated), ARRAY(SELECT slot FROM allocated) FROM cred
+      WHERE keyplane_slots_given($6::uuid[], ARRAY(SELECT device_id FROM allocated))"
 );
 
 /// The slot parameters of [`credential_write_sql!`] for a plan.
@@ -844,33 +847,33 @@ impl SlotsWrite {
         p
     }
 
-    /// Checks every planned device got a slot; the slots given, from the write's row
-    /// (the devices at column `at`, their slot numbers after them).
-    fn check(
-        &self,
-        row: &Row,
-        at: usize,
-        devices: &[Device],
-    ) -> Result<Vec<(Uuid, u16)>, StoreError> {
+    /// The slots given, from the write's row (the devices at column `at`, their slot
+    /// numbers after them). The write has refused itself if a planned one is missing.
+    fn given(row: &Row, at: usize) -> Vec<(Uuid, u16)> {
         let got: Vec<Uuid> = row.get(at);
         let numbers: Vec<i32> = row.get(at + 1);
-        match self
-            .allocate
-            .iter()
-            .find(|d| !got.contains(d))
-            .and_then(|id| devices.iter().find(|d| d.id == *id))
-        {
-            None => Ok(got
-                .into_iter()
-                .zip(numbers)
-                .map(|(d, n)| (d, u16::try_from(n).unwrap_or(0)))
-                .collect()),
-            Some(device) => Err(StoreError::ResourceExhausted(format!(
-                "device {} has no free slot: slots_free: all {} assignable slots are in use",
-                label(device),
-                device.constraints().capacity(&Default::default()).total,
-            ))),
-        }
+        got.into_iter()
+            .zip(numbers)
+            .map(|(d, n)| (d, u16::try_from(n).unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// A write's error, worded for the dealer when the write refused itself because a
+/// planned device had no free slot (`keyplane_slots_given`, migration 0028).
+fn slot_refused(e: tokio_postgres::Error, devices: &[Device]) -> StoreError {
+    let full = e
+        .as_db_error()
+        .filter(|d| d.code().code() == "KP002")
+        .and_then(|d| d.detail()?.parse::<Uuid>().ok())
+        .and_then(|id| devices.iter().find(|d| d.id == id));
+    match full {
+        Some(device) => StoreError::ResourceExhausted(format!(
+            "device {} has no free slot: slots_free: all {} assignable slots are in use",
+            label(device),
+            device.constraints().capacity(&Default::default()).total,
+        )),
+        None => e.into(),
     }
 }
 
@@ -989,31 +992,38 @@ impl Store {
                 ),
                 None => (None, None, None),
             };
-            let row = Pg::query_one(
-                &tx,
-                &s_write,
-                &[
-                    slots.params(&site, &id, &pin_hash, &force, &audit),
-                    params![
-                        &user,
-                        &new.display_name,
-                        &sealed,
-                        &self.key().id(),
-                        &created_partition,
-                        &new.valid_from,
-                        &new.valid_until,
-                        &new.max_uses,
-                        &partitions_param(&new.scope),
-                        &devices_param(&new.scope),
-                        &request_id,
-                        &method,
-                        &fingerprint,
-                    ],
-                ]
-                .concat(),
-            )
-            .await?;
-            let allocated = slots.check(&row, 12, &loaded.devices)?;
+            let (key_id, scope_partitions, scope_devices) = (
+                self.key().id(),
+                partitions_param(&new.scope),
+                devices_param(&new.scope),
+            );
+            let row = tx
+                .last_then_commit(async {
+                    let params = [
+                        slots.params(&site, &id, &pin_hash, &force, &audit),
+                        params![
+                            &user,
+                            &new.display_name,
+                            &sealed,
+                            &key_id,
+                            &created_partition,
+                            &new.valid_from,
+                            &new.valid_until,
+                            &new.max_uses,
+                            &scope_partitions,
+                            &scope_devices,
+                            &request_id,
+                            &method,
+                            &fingerprint,
+                        ],
+                    ]
+                    .concat();
+                    Pg::query_one(&tx, &s_write, &params)
+                        .await
+                        .map_err(|e| slot_refused(e, &loaded.devices))
+                })
+                .await?;
+            let allocated = SlotsWrite::given(&row, 12);
             let after = slots_after(&[], &plan, &allocated);
             Ok(credential_written(
                 &row,
@@ -1172,24 +1182,29 @@ impl Store {
             let s_write = tx.prepare_cached(UPDATE_WRITE_SQL).await?;
             let new_scope = patch.scope.is_some();
             let force = false;
-            let row = Pg::query_one(
-                &tx,
-                &s_write,
-                &[
-                    slots.params(&site, &credential, &pin_hash, &force, &audit),
-                    params![
-                        &patch.display_name,
-                        &sealed,
-                        &self.key().id(),
-                        &new_scope,
-                        &partitions_param(&scope),
-                        &devices_param(&scope),
-                    ],
-                ]
-                .concat(),
-            )
-            .await?;
-            let allocated = slots.check(&row, 12, &loaded.devices)?;
+            let (scope_partitions, scope_devices) =
+                (partitions_param(&scope), devices_param(&scope));
+            let key_id = self.key().id();
+            let row = tx
+                .last_then_commit(async {
+                    let params = [
+                        slots.params(&site, &credential, &pin_hash, &force, &audit),
+                        params![
+                            &patch.display_name,
+                            &sealed,
+                            &key_id,
+                            &new_scope,
+                            &scope_partitions,
+                            &scope_devices,
+                        ],
+                    ]
+                    .concat();
+                    Pg::query_one(&tx, &s_write, &params)
+                        .await
+                        .map_err(|e| slot_refused(e, &loaded.devices))
+                })
+                .await?;
+            let allocated = SlotsWrite::given(&row, 12);
             let after = slots_after(&held, &plan, &allocated);
             Ok(credential_written(&row, &scope, &after, &loaded.devices))
         })
@@ -1256,17 +1271,19 @@ impl Store {
             )?;
             let no_hash: Vec<u8> = Vec::new();
             let force = false;
+            let slot_params = slots.params(&site, &credential, &no_hash, &force, &audit);
+            let delete_params = params![&site, &credential];
             // Two statements: the removal trigger reads the credential when the first ends.
-            let (freed, deleted) = tokio::join!(
-                biased;
-                async {
-                    Pg::query_one(&tx, &s_slots, &slots.params(&site, &credential, &no_hash, &force, &audit))
-                        .await
-                },
-                async { Pg::execute(&tx, &s_delete, &[&site, &credential]).await },
-            );
-            freed?;
-            deleted?;
+            tx.last_then_commit(async {
+                let (freed, deleted) = tokio::join!(
+                    biased;
+                    Pg::query_one(&tx, &s_slots, &slot_params),
+                    Pg::execute(&tx, &s_delete, &delete_params),
+                );
+                freed?;
+                deleted.map_err(StoreError::from)
+            })
+            .await?;
             Ok(())
         })
     }

@@ -89,7 +89,8 @@ use uuid::Uuid;
 /// tokio-postgres's is.
 pub(crate) struct Transaction<'a> {
     client: &'a deadpool_postgres::ClientWrapper,
-    done: bool,
+    /// Set once COMMIT is sent: the transaction is then the server's to end.
+    done: std::sync::atomic::AtomicBool,
 }
 
 /// How a read of several statements that must agree begins.
@@ -112,23 +113,48 @@ impl<'a> Transaction<'a> {
         send_only(client, begin);
         Transaction {
             client,
-            done: false,
+            done: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Commits. Once COMMIT is sent the transaction is the server's to end, so a
-    /// commit dropped before its answer does not also send a ROLLBACK.
-    pub(crate) async fn commit(mut self) -> Result<(), tokio_postgres::Error> {
-        let client = self.client;
-        let commit = client.batch_execute("COMMIT");
+    /// Commits, unless [`Transaction::last_then_commit`] already has. Once COMMIT is
+    /// sent the transaction is the server's to end, so a commit dropped before its
+    /// answer does not also send a ROLLBACK.
+    pub(crate) async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        if self.done.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.send_commit().await
+    }
+
+    /// COMMIT, marking the transaction done when it is first polled (sent).
+    async fn send_commit(&self) -> Result<(), tokio_postgres::Error> {
+        let commit = self.client.batch_execute("COMMIT");
         let mut commit = std::pin::pin!(commit);
-        let done = &mut self.done;
         std::future::poll_fn(|cx| {
             let polled = commit.as_mut().poll(cx);
-            *done = true;
+            self.done.store(true, std::sync::atomic::Ordering::Relaxed);
             polled
         })
         .await
+    }
+
+    /// Runs `last`, the transaction's last statements, with COMMIT sent right behind
+    /// them in the same round trip, and returns `last`'s answer: a write then waits on
+    /// the database once instead of twice. `last` must send its statements when first
+    /// polled (prepared statements, no await before them). If one fails, the server
+    /// ends the transaction at that COMMIT with a rollback and `last`'s error is
+    /// returned; so nothing that could still want the transaction undone may be
+    /// checked after it (the write refuses itself in SQL instead). The closing
+    /// [`Transaction::commit`] then only returns.
+    pub(crate) async fn last_then_commit<T, E: From<tokio_postgres::Error>>(
+        &self,
+        last: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let (last, committed) = tokio::join!(biased; last, self.send_commit());
+        let value = last?;
+        committed?;
+        Ok(value)
     }
 }
 
@@ -142,7 +168,7 @@ impl std::ops::Deref for Transaction<'_> {
 
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done.load(std::sync::atomic::Ordering::Relaxed) {
             send_only(self.client, "ROLLBACK");
         }
     }

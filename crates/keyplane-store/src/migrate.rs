@@ -131,6 +131,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "site_change_by_slot",
         include_str!("../migrations/0027_site_change_by_slot.sql"),
     ),
+    (
+        28,
+        "slot_given_or_refused",
+        include_str!("../migrations/0028_slot_given_or_refused.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name
