@@ -537,7 +537,7 @@ fn suite(
         eprintln!("bench: the echo harness failed: {e:#}");
     }
 
-    if let Err(e) = keyplane(plan, db, bin, out, results, meter.as_ref()) {
+    if let Err(e) = keyplane(plan, db, bin, out, results, &pgb, meter.as_ref()) {
         eprintln!("bench: the keyplane phases stopped: {e:#}");
         results.missing("G", &e);
     }
@@ -741,6 +741,16 @@ impl Pgbench {
         })
     }
 
+    /// B_txn at 8 clients once more, as a sample of `B_txn.c8.adjacent.tps`: run
+    /// right before and right after G1's 8-client run, the baseline its target is
+    /// judged by. A failed run is said in the log and leaves the sample out.
+    fn adjacent_txn(&self, results: &mut Results) {
+        match self.one("txn", 8, None) {
+            Ok(run) => results.line(&format!("baseline B_txn.c8.adjacent.tps {:.1}", run.tps)),
+            Err(e) => eprintln!("bench: B_txn beside G1 failed: {e:#}"),
+        }
+    }
+
     /// Every baseline; with `meter`, B_txn at 8 clients also records its CPU per
     /// transaction, for G1's rows of CPU per write.
     fn baselines(&self, results: &mut Results, meter: Option<&CpuMeter>) -> anyhow::Result<()> {
@@ -849,6 +859,7 @@ fn keyplane(
     bin: &Path,
     out: &Path,
     results: &mut Results,
+    pgb: &Pgbench,
     meter: Option<&CpuMeter>,
 ) -> anyhow::Result<()> {
     let key = out.join("pin.key");
@@ -928,6 +939,14 @@ fn keyplane(
                         .spawn()
                 })
                 .and_then(Result::ok);
+            // B_txn at 8 clients right before and right after the 8-client run: the
+            // machine's speed drifts by 10-20 % over the minutes between the
+            // baselines at the start and at the end of the suite, which alone moved
+            // this ratio from 0.63 to 0.84 x over three runs of one binary.
+            let adjacent = id == "G1.many.c8";
+            if adjacent {
+                pgb.adjacent_txn(results);
+            }
             // The CPU each write costs, and whose: beside B_txn's at 8 clients.
             let metered = meter.filter(|_| id == "G1.many.c8");
             let cpu_before = metered.map(|m| (m, service_cpu(m, a.pid(), drive.proc.pid())));
@@ -961,6 +980,9 @@ fn keyplane(
                     &format!("{id}.cpu_ms"),
                     &anyhow::anyhow!("no CPU time per operation on this machine"),
                 );
+            }
+            if adjacent {
+                pgb.adjacent_txn(results);
             }
             if let Some(mut p) = perf {
                 let _ = Command::new("kill")
