@@ -70,7 +70,7 @@ pub use rotate::RotationReport;
 pub use status::{
     AssignmentFacts, DeviceFindings, EvaluatedSlot, Held, SlotStatusFacts, StatusEvent,
 };
-pub use sync::{Acked, ChangeWindow, Pruned, SiteChange};
+pub use sync::{Acked, CATCH_UP_READS, ChangeWindow, Pruned, SiteChange};
 pub use types::*;
 pub use watch::WatchLease;
 

@@ -34,12 +34,39 @@ pub struct SiteChange {
 /// An agent is shown as connected only if heard from within this many seconds.
 const AGENT_LIVENESS_SECS: f64 = 90.0;
 
+/// The (device, slot) pairs of site `$1` changed after revision `$2`.
+///
+/// The upper bound, the site's head, is there for the planner: a catch-up runs
+/// under generic plans, which cannot know how far behind `$2` is and take a third
+/// of the site's change log as changed (enough for a sequential scan of the log and
+/// hash joins over the site's slots and credentials); with both bounds unknown they
+/// take a narrow range, read by the log's key.
+macro_rules! changed_slots {
+    () => {
+        "SELECT DISTINCT device_id, slot FROM site_change
+          WHERE site_id = $1 AND revision > $2
+            AND revision <= (SELECT revision FROM site WHERE id = $1)"
+    };
+}
+
 /// The credentials holding a slot that changed after revision `$2` at site `$1`.
+///
+/// Written so that every plan, the generic ones a catch-up runs under included,
+/// reads a few rows per changed slot however large the site: each changed slot is
+/// probed by its key (a `LATERAL` with `LIMIT`, which the planner cannot turn into
+/// a join over the site's slots), and the catch-up's other reads take the result
+/// as an array (`= ANY(ARRAY(...))`: computed once, then an index condition).
+/// Written as joins, their generic plans on a site of 1,000 codes with a long
+/// change log read the site's slots and credentials on every catch-up (4,000
+/// rows for one change; the slot read 0.60 ms where it now takes 0.11).
 macro_rules! changed_credentials {
     () => {
-        "SELECT sa.credential_id
-           FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
-           JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot"
+        concat!(
+            "SELECT sa.credential_id FROM (",
+            changed_slots!(),
+            ") ch, LATERAL (SELECT credential_id FROM slot_assignment
+                         WHERE site_id = $1 AND device_id = ch.device_id AND slot = ch.slot LIMIT 1) sa"
+        )
     };
 }
 
@@ -56,9 +83,9 @@ macro_rules! users_of_changed {
         concat!(
             " AND ",
             $column,
-            " IN (SELECT c.user_id FROM credential c WHERE c.site_id = $1 AND c.id IN (",
+            " = ANY(ARRAY(SELECT c.user_id FROM credential c WHERE c.site_id = $1 AND c.id = ANY(ARRAY(",
             changed_credentials!(),
-            "))"
+            "))))"
         )
     };
 }
@@ -108,20 +135,47 @@ const SNAPSHOT_READS: UpdateReads = UpdateReads {
 /// levels and access rules of only the codes about to be sent, so a catch-up after
 /// one change reads a few rows however large the site.
 const CHANGES_READS: UpdateReads = UpdateReads {
-    levels: levels_sql!(concat!(" AND cp.credential_id IN (", changed_credentials!(), ")")),
+    levels: concat!(
+        "SELECT cp.credential_id, cp.partition, ua.level FROM credential_partition cp,
+             LATERAL (SELECT user_id FROM credential
+                       WHERE site_id = $1 AND id = cp.credential_id LIMIT 1) c,
+             LATERAL (SELECT level FROM user_authority
+                       WHERE site_id = $1 AND user_id = c.user_id AND partition = cp.partition LIMIT 1) ua
+          WHERE cp.site_id = $1 AND cp.credential_id = ANY(ARRAY(",
+        changed_credentials!(),
+        ")) ORDER BY cp.partition"
+    ),
     rules: crate::rules::rules_sql!(users_of_changed),
-    slots: "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
+    slots: concat!(
+        "SELECT ch.device_id, ch.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
                 u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
                 sa.write_generation, coalesce(o.removing, false)
-             FROM (SELECT DISTINCT device_id, slot FROM site_change WHERE site_id = $1 AND revision > $2) ch
-             LEFT JOIN slot_assignment sa ON sa.site_id = $1 AND sa.device_id = ch.device_id AND sa.slot = ch.slot
-             LEFT JOIN credential c ON c.site_id = $1 AND c.id = sa.credential_id
-             LEFT JOIN site_user u ON u.site_id = $1 AND u.id = c.user_id
-             LEFT JOIN device d ON d.site_id = $1 AND d.id = ch.device_id
-             LEFT JOIN observed_slot o ON o.site_id = $1 AND o.device_id = ch.device_id
-                                     AND o.slot = ch.slot AND o.removing
-             ORDER BY ch.device_id, ch.slot",
+             FROM (",
+        changed_slots!(),
+        ") ch
+             LEFT JOIN LATERAL (SELECT * FROM slot_assignment
+                                 WHERE site_id = $1 AND device_id = ch.device_id AND slot = ch.slot LIMIT 1) sa ON true
+             LEFT JOIN LATERAL (SELECT * FROM credential WHERE site_id = $1 AND id = sa.credential_id LIMIT 1) c ON true
+             LEFT JOIN LATERAL (SELECT * FROM site_user WHERE site_id = $1 AND id = c.user_id LIMIT 1) u ON true
+             LEFT JOIN LATERAL (SELECT * FROM device WHERE site_id = $1 AND id = ch.device_id LIMIT 1) d ON true
+             LEFT JOIN LATERAL (SELECT * FROM observed_slot
+                                 WHERE site_id = $1 AND device_id = ch.device_id AND slot = ch.slot
+                                   AND removing LIMIT 1) o ON true
+             ORDER BY ch.device_id, ch.slot"
+    ),
 };
+
+/// The reads of a catch-up after revision `$2` at site `$1` (the holidays take `$1`
+/// only), after its first: for tests of the plans they run under.
+#[doc(hidden)]
+pub const CATCH_UP_READS: [&str; 6] = [
+    CHANGES_READS.levels,
+    CHANGES_READS.rules[0],
+    CHANGES_READS.rules[1],
+    CHANGES_READS.rules[2],
+    CHANGES_READS.rules[3],
+    CHANGES_READS.slots,
+];
 
 /// The first read of an agent update: the site row, its devices (ids and models in
 /// id order), and the switch of the rest of the transaction to generic plans
