@@ -145,8 +145,10 @@ impl<'a> Transaction<'a> {
     /// polled (prepared statements, no await before them). If one fails, the server
     /// ends the transaction at that COMMIT with a rollback and `last`'s error is
     /// returned; so nothing that could still want the transaction undone may be
-    /// checked after it (the write refuses itself in SQL instead). The closing
-    /// [`Transaction::commit`] then only returns.
+    /// checked after it (the write refuses itself in SQL instead), and an answer of
+    /// another number of rows than expected arrives after the commit: the callers'
+    /// site row lock rules that out. The closing [`Transaction::commit`] then only
+    /// returns.
     pub(crate) async fn last_then_commit<T, E: From<tokio_postgres::Error>>(
         &self,
         last: impl std::future::Future<Output = Result<T, E>>,
