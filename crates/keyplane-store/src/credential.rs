@@ -846,17 +846,34 @@ impl SlotsWrite {
         p.extend(audit.params_without_site());
         p
     }
+}
 
-    /// The slots given, from the write's row (the devices at column `at`, their slot
-    /// numbers after them). The write has refused itself if a planned one is missing.
-    fn given(row: &Row, at: usize) -> Vec<(Uuid, u16)> {
-        let got: Vec<Uuid> = row.get(at);
-        let numbers: Vec<i32> = row.get(at + 1);
-        got.into_iter()
-            .zip(numbers)
-            .map(|(d, n)| (d, u16::try_from(n).unwrap_or(0)))
-            .collect()
-    }
+/// Runs a create's or an update's write statement ([`CREATE_WRITE_SQL`],
+/// [`UPDATE_WRITE_SQL`]) with COMMIT behind it: the credential row it returned and
+/// the slots it gave (the devices after the row's twelve columns of
+/// [`credential_row_returning!`], their slot numbers after them). A planned device
+/// without a free slot fails the write, so nothing is kept.
+async fn credential_write_committed(
+    tx: &Transaction<'_>,
+    write: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    devices: &[Device],
+) -> Result<(Row, Vec<(Uuid, u16)>), StoreError> {
+    let row = tx
+        .last_then_commit(async {
+            Pg::query_one(tx, write, params)
+                .await
+                .map_err(|e| slot_refused(e, devices))
+        })
+        .await?;
+    let got: Vec<Uuid> = row.get(12);
+    let numbers: Vec<i32> = row.get(13);
+    let given = got
+        .into_iter()
+        .zip(numbers)
+        .map(|(d, n)| (d, u16::try_from(n).unwrap_or(0)))
+        .collect();
+    Ok((row, given))
 }
 
 /// A write's error, worded for the dealer when the write refused itself because a
@@ -997,33 +1014,27 @@ impl Store {
                 partitions_param(&new.scope),
                 devices_param(&new.scope),
             );
-            let row = tx
-                .last_then_commit(async {
-                    let params = [
-                        slots.params(&site, &id, &pin_hash, &force, &audit),
-                        params![
-                            &user,
-                            &new.display_name,
-                            &sealed,
-                            &key_id,
-                            &created_partition,
-                            &new.valid_from,
-                            &new.valid_until,
-                            &new.max_uses,
-                            &scope_partitions,
-                            &scope_devices,
-                            &request_id,
-                            &method,
-                            &fingerprint,
-                        ],
-                    ]
-                    .concat();
-                    Pg::query_one(&tx, &s_write, &params)
-                        .await
-                        .map_err(|e| slot_refused(e, &loaded.devices))
-                })
-                .await?;
-            let allocated = SlotsWrite::given(&row, 12);
+            let params = [
+                slots.params(&site, &id, &pin_hash, &force, &audit),
+                params![
+                    &user,
+                    &new.display_name,
+                    &sealed,
+                    &key_id,
+                    &created_partition,
+                    &new.valid_from,
+                    &new.valid_until,
+                    &new.max_uses,
+                    &scope_partitions,
+                    &scope_devices,
+                    &request_id,
+                    &method,
+                    &fingerprint,
+                ],
+            ]
+            .concat();
+            let (row, allocated) =
+                credential_write_committed(&tx, &s_write, &params, &loaded.devices).await?;
             let after = slots_after(&[], &plan, &allocated);
             Ok(credential_written(
                 &row,
@@ -1185,26 +1196,20 @@ impl Store {
             let (scope_partitions, scope_devices) =
                 (partitions_param(&scope), devices_param(&scope));
             let key_id = self.key().id();
-            let row = tx
-                .last_then_commit(async {
-                    let params = [
-                        slots.params(&site, &credential, &pin_hash, &force, &audit),
-                        params![
-                            &patch.display_name,
-                            &sealed,
-                            &key_id,
-                            &new_scope,
-                            &scope_partitions,
-                            &scope_devices,
-                        ],
-                    ]
-                    .concat();
-                    Pg::query_one(&tx, &s_write, &params)
-                        .await
-                        .map_err(|e| slot_refused(e, &loaded.devices))
-                })
-                .await?;
-            let allocated = SlotsWrite::given(&row, 12);
+            let params = [
+                slots.params(&site, &credential, &pin_hash, &force, &audit),
+                params![
+                    &patch.display_name,
+                    &sealed,
+                    &key_id,
+                    &new_scope,
+                    &scope_partitions,
+                    &scope_devices,
+                ],
+            ]
+            .concat();
+            let (row, allocated) =
+                credential_write_committed(&tx, &s_write, &params, &loaded.devices).await?;
             let after = slots_after(&held, &plan, &allocated);
             Ok(credential_written(&row, &scope, &after, &loaded.devices))
         })

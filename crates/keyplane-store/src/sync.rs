@@ -90,22 +90,6 @@ macro_rules! users_of_changed {
     };
 }
 
-/// Each panel code's user's level in the partitions the code is scoped to, for the
-/// credentials `$filter` selects.
-macro_rules! levels_sql {
-    ($filter:expr) => {
-        concat!(
-            "SELECT cp.credential_id, cp.partition, ua.level FROM credential_partition cp
-             JOIN credential c ON c.site_id = cp.site_id AND c.id = cp.credential_id
-             JOIN user_authority ua ON ua.site_id = cp.site_id AND ua.user_id = c.user_id
-                                    AND ua.partition = cp.partition
-             WHERE cp.site_id = $1",
-            $filter,
-            " ORDER BY cp.partition"
-        )
-    };
-}
-
 /// The reads of an agent update after the site row, in the order they are sent: the
 /// levels, the access rules (holidays take only the site) and the slots.
 struct UpdateReads {
@@ -116,7 +100,12 @@ struct UpdateReads {
 
 /// A snapshot's reads: the whole site (`$1`).
 const SNAPSHOT_READS: UpdateReads = UpdateReads {
-    levels: levels_sql!(""),
+    // Each panel code's user's level in the partitions the code is scoped to.
+    levels: "SELECT cp.credential_id, cp.partition, ua.level FROM credential_partition cp
+             JOIN credential c ON c.site_id = cp.site_id AND c.id = cp.credential_id
+             JOIN user_authority ua ON ua.site_id = cp.site_id AND ua.user_id = c.user_id
+                                    AND ua.partition = cp.partition
+             WHERE cp.site_id = $1 ORDER BY cp.partition",
     rules: crate::rules::rules_sql!(every_user),
     slots: "SELECT sa.device_id, sa.slot, sa.credential_id, c.user_id, c.pin_sealed, c.pin_key_id,
                 u.open_close_reporting, d.kind, c.valid_from, c.valid_until,
