@@ -117,6 +117,14 @@ pub const ROWS: &[Row] = &[
     row(
         "G1",
         "G1.many.c8.tps",
+        "writes/s, many sites, 8 clients, vs B_txn_bare (no foreign keys, no partition row) beside it",
+        "ops/s",
+        "B_txn_bare.c8.adjacent.tps",
+        None,
+    ),
+    row(
+        "G1",
+        "G1.many.c8.tps",
         "writes/s, many sites, 8 clients, vs B_txn at the start and the end of the run",
         "ops/s",
         "B_txn.c8.tps",
