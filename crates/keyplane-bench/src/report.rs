@@ -221,6 +221,14 @@ pub const ROWS: &[Row] = &[
     ),
     row(
         "G1",
+        "G1.busy.c8.tps",
+        "writes/s, one busy site, 8 clients, vs B_txn_busy (B_txn on one site)",
+        "ops/s",
+        "B_txn_busy.c8.tps",
+        None,
+    ),
+    row(
+        "G1",
         "G1.busy.c8.p99_ms",
         "write p99, one busy site, 8 clients",
         "ms",

@@ -582,15 +582,17 @@ struct Pgbench {
 /// are keyplane's own overhead. `schema` is `bench` (the copies keep keyplane's
 /// foreign keys between them, which PostgreSQL checks on every row written: B_txn)
 /// or `bench_bare` (no foreign keys and no partition row, the B_txn of the
-/// benchmark's first rounds, still reported beside it: B_txn_bare).
-fn txn_script(schema: &str) -> String {
+/// benchmark's first rounds, still reported beside it: B_txn_bare). `sites` is
+/// how many sites the transactions spread over: 1,000, or 1 for B_txn_busy, which
+/// takes turns on one site row lock as G1's busy site does.
+fn txn_script(schema: &str, sites: u32) -> String {
     let partition_row = if schema == "bench" {
         "INSERT INTO bench.credential_partition (site_id, credential_id, partition) VALUES (md5(:s::text)::uuid, md5(:c::text)::uuid, 1);\n"
     } else {
         ""
     };
     format!(
-        r#"\set s random(1, 1000)
+        r#"\set s random(1, {sites})
 \set c random(1, 9000000000000000000)
 \set slot random(1, 2000000000)
 BEGIN;
@@ -667,8 +669,9 @@ impl Pgbench {
             dir.join("ins.sql"),
             "\\set v random(1, 1000000)\nINSERT INTO bench.ins (v) VALUES (:v);\n",
         )?;
-        std::fs::write(dir.join("txn.sql"), txn_script("bench"))?;
-        std::fs::write(dir.join("txn_bare.sql"), txn_script("bench_bare"))?;
+        std::fs::write(dir.join("txn.sql"), txn_script("bench", 1000))?;
+        std::fs::write(dir.join("txn_bare.sql"), txn_script("bench_bare", 1000))?;
+        std::fs::write(dir.join("txn_busy.sql"), txn_script("bench", 1))?;
         std::fs::write(
             dir.join("sel.sql"),
             "\\set id random(1, 100000)\nSELECT v FROM bench.sel WHERE id = :id;\n",
@@ -810,6 +813,7 @@ impl Pgbench {
             ("B_ins", "ins", &[1u32, 8, 32][..]),
             ("B_txn", "txn", &[1, 8, 32][..]),
             ("B_txn_bare", "txn_bare", &[8][..]),
+            ("B_txn_busy", "txn_busy", &[8][..]),
             ("B_sel", "sel", &[8][..]),
         ] {
             for &c in clients {
