@@ -2,7 +2,7 @@
 //! device, its issues, and the roll-ups, as a dealer reads them, with the real agent
 //! and simulated devices. Every wait is on observable progress.
 
-use crate::fixture::{SYNC_TIMEOUT, Site, lock_scope};
+use crate::fixture::{SYNC_TIMEOUT, Site, id_of, lock_scope};
 use chrono::{Datelike, Duration, Utc};
 use keyplane_proto::v1 as pb;
 use keyplane_testkit::server::eventually;
@@ -1278,5 +1278,58 @@ async fn a_backup_code_pull_or_pool_says_why_it_cannot_be() -> anyhow::Result<()
         assert_eq!(e.code(), tonic::Code::NotFound, "{user}: {e}");
         assert!(e.message().contains(&user), "{e}");
     }
+    Ok(())
+}
+
+/// A replica refreshes the liveness of every agent it holds every 30 s; with 10,000
+/// idle agents that refresh must not make their sites due for the status sweep (16
+/// sites a second), or a site with a real change waits behind all of them. A new
+/// stream on the site still does.
+#[tokio::test]
+async fn an_idle_agents_liveness_refresh_does_not_make_its_site_due() -> anyhow::Result<()> {
+    let s = Site::new().await?;
+    let site = id_of(&s.site)?;
+    let db = s.server.db.client().await?;
+    let status_seq = || async {
+        let row = db
+            .query_one("SELECT status_seq FROM site WHERE id = $1", &[&site])
+            .await?;
+        anyhow::Ok(row.get::<_, i64>(0))
+    };
+    // An agent's stream, as opening it records it, a while ago.
+    db.execute(
+        "UPDATE site SET agent_session = gen_random_uuid(), agent_connected = true,
+            agent_last_seen = now() - interval '20 seconds' WHERE id = $1",
+        &[&site],
+    )
+    .await?;
+    let before = status_seq().await?;
+
+    assert_eq!(s.server.store.agents_seen(&[site]).await?, 1);
+    let refreshed: bool = db
+        .query_one(
+            "SELECT agent_last_seen > now() - interval '10 seconds' FROM site WHERE id = $1",
+            &[&site],
+        )
+        .await?
+        .get(0);
+    assert!(refreshed, "the refresh records the agent as seen");
+    assert_eq!(status_seq().await?, before, "a refresh is not news");
+
+    // The agent reconnects (through any replica): a new session is.
+    db.execute(
+        "UPDATE site SET agent_session = gen_random_uuid(), agent_last_seen = now() WHERE id = $1",
+        &[&site],
+    )
+    .await?;
+    assert!(status_seq().await? > before, "a new stream is news");
+    // And so is the stream closing.
+    let reopened = status_seq().await?;
+    db.execute(
+        "UPDATE site SET agent_connected = false, agent_last_seen = now() WHERE id = $1",
+        &[&site],
+    )
+    .await?;
+    assert!(status_seq().await? > reopened, "a closed stream is news");
     Ok(())
 }

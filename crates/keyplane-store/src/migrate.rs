@@ -136,6 +136,11 @@ pub static MIGRATIONS: &[(i32, &str, &str)] = &[
         "slot_given_or_refused",
         include_str!("../migrations/0028_slot_given_or_refused.sql"),
     ),
+    (
+        29,
+        "liveness_refresh_not_news",
+        include_str!("../migrations/0029_liveness_refresh_not_news.sql"),
+    ),
 ];
 
 /// Fingerprint of all migrations (changes whenever any SQL changes); test kits name
