@@ -1333,3 +1333,46 @@ async fn an_idle_agents_liveness_refresh_does_not_make_its_site_due() -> anyhow:
     assert!(status_seq().await? > reopened, "a closed stream is news");
     Ok(())
 }
+
+/// A fleet connecting makes every site due. The sites holding no code are settled
+/// together, one statement a tick, instead of queueing ahead of the sites with codes
+/// at 16 evaluations a second; a site with a code is left due for its evaluation.
+#[tokio::test]
+async fn sites_without_codes_are_settled_together_and_sites_with_codes_stay_due()
+-> anyhow::Result<()> {
+    let (mut s, _proxy) = site_without_sweep().await?;
+    let (lock, alice) = (s.lock.clone(), s.alice.clone());
+    let busy = crate::fixture::id_of(&s.site)?;
+    let quiet = crate::fixture::create_site(&mut s.admin, "Quiet", "Europe/Paris").await?;
+    let quiet = crate::fixture::id_of(&quiet)?;
+    s.credential(&alice, "7261", lock_scope(&[&lock])).await?;
+    let db = s.server.db.client().await?;
+    // Both agents connect.
+    db.execute(
+        "UPDATE site SET agent_session = gen_random_uuid(), agent_connected = true,
+            agent_last_seen = now() WHERE id = ANY($1)",
+        &[&vec![busy, quiet]],
+    )
+    .await?;
+    let mut due = s.server.store.status_due_sites(100).await?;
+    due.sort();
+    let mut both = vec![busy, quiet];
+    both.sort();
+    assert_eq!(due, both);
+
+    assert_eq!(s.server.store.status_settle_quiet_sites(100).await?, 1);
+    assert_eq!(s.server.store.status_due_sites(100).await?, vec![busy]);
+    let evaluated: bool = db
+        .query_one(
+            "SELECT status_evaluated_seq = status_seq AND NOT status_pending
+               AND status_evaluated_at IS NOT NULL FROM site WHERE id = $1",
+            &[&quiet],
+        )
+        .await?
+        .get(0);
+    assert!(evaluated, "the quiet site is recorded as evaluated");
+    // Nothing is left to settle: the site with a code waits for its evaluation.
+    assert_eq!(s.server.store.status_settle_quiet_sites(100).await?, 0);
+    assert_eq!(s.server.store.status_due_sites(100).await?, vec![busy]);
+    Ok(())
+}

@@ -3,7 +3,8 @@
 //! clock: a delay, an offline device, a schedule) are evaluated again with
 //! keyplane-core's rule, and each transition since the last evaluation becomes an
 //! event on ListEvents / WatchEvents. Bounded work per tick: at most
-//! [`SITES_PER_TICK`] sites, least recently evaluated first.
+//! [`SITES_PER_TICK`] sites, least recently evaluated first, after one statement
+//! that settles up to [`QUIET_SITES_PER_TICK`] due sites holding no codes.
 
 use crate::hub::EventBell;
 use keyplane_core::status::{
@@ -17,6 +18,10 @@ use uuid::Uuid;
 /// Most sites evaluated per tick.
 pub const SITES_PER_TICK: i64 = 32;
 
+/// Most sites with nothing to evaluate settled per tick, in one statement (see
+/// [`Store::status_settle_quiet_sites`]): a fleet's connections make every site due.
+pub const QUIET_SITES_PER_TICK: i64 = 5_000;
+
 /// Evaluates due sites every `interval` until `shutdown`.
 pub async fn sweep(store: Store, bell: EventBell, interval: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
@@ -27,6 +32,9 @@ pub async fn sweep(store: Store, bell: EventBell, interval: Duration, shutdown: 
             _ = shutdown.cancelled() => break,
             // cancel-safe: interval ticks.
             _ = tick.tick() => {}
+        }
+        if let Err(e) = store.status_settle_quiet_sites(QUIET_SITES_PER_TICK).await {
+            tracing::warn!(error = %e, "settling sites with nothing to evaluate failed; will retry");
         }
         let sites = match store.status_due_sites(SITES_PER_TICK).await {
             Ok(sites) => sites,
