@@ -752,7 +752,9 @@ impl Store {
     /// removal): evaluating one raises nothing and records nothing but that, and a
     /// fleet of agents connecting at once makes thousands of them due, ahead of the
     /// sites with codes in a sweep of [`Store::status_due_sites`]. Each site keeps
-    /// the sequence it was read at, so a change made meanwhile leaves it due.
+    /// the sequence it was read at, so a change made meanwhile leaves it due, and a
+    /// site another replica evaluated meanwhile (which may have found a code made
+    /// since) is left as that evaluation recorded it.
     pub async fn status_settle_quiet_sites(&self, limit: i64) -> Result<u64, StoreError> {
         let conn = self.conn().await?;
         // Once per sweep tick: not worth a cached statement.
@@ -761,12 +763,13 @@ impl Store {
                 "UPDATE site s SET status_evaluated_seq = GREATEST(s.status_evaluated_seq, q.seq),
                         status_pending = false, status_evaluated_at = now(),
                         status_baseline = false
-                   FROM (SELECT d.id, d.status_seq AS seq FROM site d
+                   FROM (SELECT d.id, d.status_seq AS seq, d.status_evaluated_seq AS evaluated
+                           FROM site d
                           WHERE (d.status_seq > d.status_evaluated_seq OR d.status_pending)
                             AND NOT EXISTS (SELECT 1 FROM slot_assignment a WHERE a.site_id = d.id)
                             AND NOT EXISTS (SELECT 1 FROM slot_state_last l WHERE l.site_id = d.id)
                           LIMIT $1) q
-                  WHERE s.id = q.id",
+                  WHERE s.id = q.id AND s.status_evaluated_seq = q.evaluated",
                 &[&limit],
             )
             .await?)
