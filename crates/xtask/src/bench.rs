@@ -977,9 +977,12 @@ fn keyplane(
     for mode in ["many", "busy"] {
         for c in [1, 8, 32] {
             let id = format!("G1.{mode}.c{c}");
+            // The run of G1's target row: profiled on request, B_txn run beside it,
+            // its CPU per write metered.
+            let target_run = id == "G1.many.c8";
             // KEYPLANE_BENCH_PERF=1: profile keyplaned under this load (for
             // docs/BENCHMARKS.md; it slows the run down, so not by default).
-            let perf = (id == "G1.many.c8" && std::env::var_os("KEYPLANE_BENCH_PERF").is_some())
+            let perf = (target_run && std::env::var_os("KEYPLANE_BENCH_PERF").is_some())
                 .then(|| {
                     Command::new("perf")
                         .args([
@@ -1000,12 +1003,11 @@ fn keyplane(
             // machine's speed drifts by 10-20 % over the minutes between the
             // baselines at the start and at the end of the suite, which alone moved
             // this ratio from 0.63 to 0.84 x over three runs of one binary.
-            let adjacent = id == "G1.many.c8";
-            if adjacent {
+            if target_run {
                 pgb.adjacent_txn(results);
             }
             // The CPU each write costs, and whose: beside B_txn's at 8 clients.
-            let metered = meter.filter(|_| id == "G1.many.c8");
+            let metered = meter.filter(|_| target_run);
             let cpu_before = metered.map(|m| (m, service_cpu(m, a.pid(), drive.proc.pid())));
             if let Err(e) = drive.run(&format!("write {c} {secs} {mode} {id}"), results) {
                 results.missing(&id, &e);
@@ -1032,13 +1034,13 @@ fn keyplane(
                     }
                     Err(e) => results.missing(&format!("{id}.cpu_ms"), &e),
                 }
-            } else if id == "G1.many.c8" {
+            } else if target_run {
                 results.missing(
                     &format!("{id}.cpu_ms"),
                     &anyhow::anyhow!("no CPU time per operation on this machine"),
                 );
             }
-            if adjacent {
+            if target_run {
                 pgb.adjacent_txn(results);
             }
             if let Some(mut p) = perf {
